@@ -1,0 +1,310 @@
+//! The record batch: the one format used from the producer, through replication and disk, to
+//! the consumer.
+//!
+//! # Byte layout (format version 1, all integers little-endian)
+//!
+//! ```text
+//! offset size field
+//!      0    8 base_offset        offset of the first record; stamped by the leader
+//!      8    4 batch_length       bytes that follow this field (total size - 12)
+//!     12    8 leader_epoch       Raft term of the leader that appended it; stamped
+//!     20    8 raft_index         index of the Raft entry that carries it; stamped
+//!     28    1 magic              format version, 1
+//!     29    4 crc                CRC-32 (crc32fast) of every byte from offset 33 to the end
+//!     33    2 attributes         bits 0-2 compression (0 none, 1 lz4, 2 zstd),
+//!                                bit 4 transactional, bit 5 control; other bits must be 0
+//!     35    4 last_offset_delta  last offset - base_offset
+//!     39    8 first_timestamp    timestamp (ms) of the first record; base for deltas
+//!     47    8 max_timestamp      largest record timestamp (ms)
+//!     55    8 producer_id        -1 when the producer is not idempotent
+//!     63    2 producer_epoch     -1 when absent
+//!     65    4 base_sequence      sequence of the first record, -1 when absent
+//!     69    4 record_count
+//!     73    . records            plain, or [uncompressed_len: u32][codec block]
+//! ```
+//!
+//! Each record in the records section:
+//!
+//! ```text
+//! length           varint      bytes of the rest of this record
+//! timestamp_delta  zigzag      record timestamp - first_timestamp
+//! offset_delta     varint      record offset - base_offset
+//! key_length       zigzag      -1 for a null key
+//! key              bytes
+//! value_length     zigzag      -1 for a null value (a tombstone)
+//! value            bytes
+//! header_count     varint
+//! headers          header_count × { key_length varint, key, value_length zigzag, value }
+//! ```
+//!
+//! # Invariants
+//! - The CRC covers everything after the CRC field. The fields before it (base offset,
+//!   length, leader epoch, Raft index, magic) can be stamped in place without recomputing it.
+//! - A batch occupies offsets `base_offset ..= base_offset + last_offset_delta`; a control
+//!   batch with no records still occupies one offset, so every batch has a distinct base
+//!   offset and offsets only grow.
+//! - Record offset deltas are strictly increasing and at most `last_offset_delta`
+//!   (compaction may drop records but never renumbers them).
+
+mod builder;
+mod compression;
+mod records;
+pub(crate) mod validate;
+pub(crate) mod varint;
+
+pub use builder::BatchBuilder;
+pub use builder::unix_millis;
+pub use compression::Compression;
+pub use records::{Header, Record, RecordIter, StoredRecord};
+pub use validate::validate;
+
+use bytes::Bytes;
+
+use crate::error::BatchError;
+
+/// Size of the fixed header in bytes.
+pub const HEADER_LEN: usize = 73;
+/// The format version this crate writes and reads.
+pub const MAGIC: u8 = 1;
+/// Bytes before the batch length field ends; `batch_length` counts the bytes after them.
+pub const LENGTH_PREFIX: usize = 12;
+
+pub(crate) const BASE_OFFSET_AT: usize = 0;
+pub(crate) const LENGTH_AT: usize = 8;
+pub(crate) const LEADER_EPOCH_AT: usize = 12;
+pub(crate) const RAFT_INDEX_AT: usize = 20;
+pub(crate) const MAGIC_AT: usize = 28;
+pub(crate) const CRC_AT: usize = 29;
+/// First byte covered by the CRC.
+pub(crate) const CRC_START: usize = 33;
+pub(crate) const ATTRIBUTES_AT: usize = 33;
+pub(crate) const LAST_OFFSET_DELTA_AT: usize = 35;
+pub(crate) const FIRST_TIMESTAMP_AT: usize = 39;
+pub(crate) const MAX_TIMESTAMP_AT: usize = 47;
+pub(crate) const PRODUCER_ID_AT: usize = 55;
+pub(crate) const PRODUCER_EPOCH_AT: usize = 63;
+pub(crate) const BASE_SEQUENCE_AT: usize = 65;
+pub(crate) const RECORD_COUNT_AT: usize = 69;
+
+const COMPRESSION_MASK: u16 = 0b111;
+const TRANSACTIONAL_BIT: u16 = 1 << 4;
+const CONTROL_BIT: u16 = 1 << 5;
+const KNOWN_ATTRIBUTES: u16 = COMPRESSION_MASK | TRANSACTIONAL_BIT | CONTROL_BIT;
+
+/// Producer identity carried by every batch, for idempotence and transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerInfo {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+}
+
+impl ProducerInfo {
+    /// The identity of a producer that is neither idempotent nor transactional.
+    pub const NONE: ProducerInfo = ProducerInfo {
+        producer_id: -1,
+        producer_epoch: -1,
+        base_sequence: -1,
+    };
+}
+
+impl Default for ProducerInfo {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+/// The decoded fixed header of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub base_offset: u64,
+    pub batch_length: u32,
+    pub leader_epoch: u64,
+    pub raft_index: u64,
+    pub magic: u8,
+    pub crc: u32,
+    pub attributes: u16,
+    pub last_offset_delta: u32,
+    pub first_timestamp: i64,
+    pub max_timestamp: i64,
+    pub producer: ProducerInfo,
+    pub record_count: u32,
+}
+
+#[inline]
+pub(crate) fn read_u64(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(fixed(buf, at))
+}
+#[inline]
+pub(crate) fn read_u32(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(fixed(buf, at))
+}
+#[inline]
+fn read_u16(buf: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(fixed(buf, at))
+}
+#[inline]
+fn fixed<const N: usize>(buf: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&buf[at..at + N]);
+    out
+}
+
+impl BatchHeader {
+    /// Decodes the header from the first [`HEADER_LEN`] bytes. Checks only that they exist.
+    pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
+        if buf.len() < HEADER_LEN {
+            return Err(BatchError::TooShort {
+                len: buf.len(),
+                min: HEADER_LEN,
+            });
+        }
+        Ok(BatchHeader {
+            base_offset: read_u64(buf, BASE_OFFSET_AT),
+            batch_length: read_u32(buf, LENGTH_AT),
+            leader_epoch: read_u64(buf, LEADER_EPOCH_AT),
+            raft_index: read_u64(buf, RAFT_INDEX_AT),
+            magic: buf[MAGIC_AT],
+            crc: read_u32(buf, CRC_AT),
+            attributes: read_u16(buf, ATTRIBUTES_AT),
+            last_offset_delta: read_u32(buf, LAST_OFFSET_DELTA_AT),
+            first_timestamp: read_u64(buf, FIRST_TIMESTAMP_AT) as i64,
+            max_timestamp: read_u64(buf, MAX_TIMESTAMP_AT) as i64,
+            producer: ProducerInfo {
+                producer_id: read_u64(buf, PRODUCER_ID_AT) as i64,
+                producer_epoch: read_u16(buf, PRODUCER_EPOCH_AT) as i16,
+                base_sequence: read_u32(buf, BASE_SEQUENCE_AT) as i32,
+            },
+            record_count: read_u32(buf, RECORD_COUNT_AT),
+        })
+    }
+
+    /// Total size of the batch on disk and on the wire.
+    pub fn size(&self) -> usize {
+        LENGTH_PREFIX + self.batch_length as usize
+    }
+
+    /// Offset of the last record (or of the control batch itself when it has none).
+    pub fn last_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.last_offset_delta)
+    }
+
+    /// The offset right after this batch.
+    pub fn next_offset(&self) -> u64 {
+        self.last_offset() + 1
+    }
+
+    /// Compression codec; errors on an unknown codec number.
+    pub fn compression(&self) -> Result<Compression, BatchError> {
+        Compression::from_id((self.attributes & COMPRESSION_MASK) as u8)
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & TRANSACTIONAL_BIT != 0
+    }
+
+    /// Control batches (transaction markers, Raft no-ops, membership changes) are skipped by
+    /// consumers.
+    pub fn is_control(&self) -> bool {
+        self.attributes & CONTROL_BIT != 0
+    }
+}
+
+/// Overwrites the stamped fields in place. The CRC stays valid because they sit before it.
+///
+/// # Panics
+/// When `batch` is shorter than the header; callers pass validated batches.
+pub fn stamp(batch: &mut [u8], base_offset: u64, leader_epoch: u64, raft_index: u64) {
+    batch[BASE_OFFSET_AT..BASE_OFFSET_AT + 8].copy_from_slice(&base_offset.to_le_bytes());
+    batch[LEADER_EPOCH_AT..LEADER_EPOCH_AT + 8].copy_from_slice(&leader_epoch.to_le_bytes());
+    batch[RAFT_INDEX_AT..RAFT_INDEX_AT + 8].copy_from_slice(&raft_index.to_le_bytes());
+}
+
+/// The stamped prefix (base offset, length, epoch, Raft index, magic) of `batch` with new
+/// stamp values; writing it followed by `batch[CRC_AT..]` writes the stamped batch without
+/// copying the body.
+pub(crate) fn stamped_prefix(batch: &[u8], base_offset: u64, leader_epoch: u64, raft_index: u64) -> [u8; CRC_AT] {
+    let mut prefix = [0u8; CRC_AT];
+    prefix.copy_from_slice(&batch[..CRC_AT]);
+    stamp(&mut prefix, base_offset, leader_epoch, raft_index);
+    prefix
+}
+
+/// A batch held in memory: its bytes and its decoded header.
+#[derive(Debug, Clone)]
+pub struct RecordBatch {
+    header: BatchHeader,
+    bytes: Bytes,
+}
+
+impl RecordBatch {
+    /// Wraps `bytes` after decoding the header and checking the length; the CRC is not checked
+    /// (use [`validate`] for untrusted input).
+    pub fn parse(bytes: Bytes) -> Result<RecordBatch, BatchError> {
+        let header = BatchHeader::parse(&bytes)?;
+        if header.size() != bytes.len() {
+            return Err(BatchError::LengthMismatch {
+                declared: u64::from(header.batch_length),
+                actual: (bytes.len().saturating_sub(LENGTH_PREFIX)) as u64,
+            });
+        }
+        Ok(RecordBatch { header, bytes })
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    /// Decodes the records, decompressing first when needed.
+    pub fn records(&self) -> Result<RecordIter, BatchError> {
+        RecordIter::new(&self.header, &self.bytes)
+    }
+}
+
+/// Splits a buffer of concatenated batches (what a read or a fetch returns) into batches.
+/// Stops with an error at the first truncated or inconsistent batch.
+#[derive(Debug, Clone)]
+pub struct BatchIter {
+    buf: Bytes,
+    failed: bool,
+}
+
+impl BatchIter {
+    pub fn new(buf: Bytes) -> BatchIter {
+        BatchIter { buf, failed: false }
+    }
+}
+
+impl Iterator for BatchIter {
+    type Item = Result<RecordBatch, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() || self.failed {
+            return None;
+        }
+        let header = match BatchHeader::parse(&self.buf) {
+            Ok(h) if h.size() <= self.buf.len() => h,
+            Ok(h) => {
+                self.failed = true;
+                return Some(Err(BatchError::LengthMismatch {
+                    declared: u64::from(h.batch_length),
+                    actual: (self.buf.len() - LENGTH_PREFIX) as u64,
+                }));
+            }
+            Err(e) => {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        };
+        let bytes = self.buf.split_to(header.size());
+        Some(Ok(RecordBatch { header, bytes }))
+    }
+}

@@ -1,0 +1,410 @@
+//! [`PartitionLog`]: the segmented, append-only log of one partition.
+//!
+//! # On-disk format
+//! A directory of segments (see [`crate::segment`]) named by base offset, plus two small
+//! files: `recovery-point` (offset below which every batch is known to be on disk) and
+//! `.clean_shutdown` (present only between a clean close and the next open).
+//!
+//! # Invariants
+//! - `log_start_offset` is the base offset of the first segment; `log_end_offset` is the
+//!   offset the next appended batch gets. Offsets are contiguous across segments.
+//! - Only the last segment (the active one) is appended to. Retention deletes whole segments
+//!   and never the active one.
+//! - Bad input is rejected before anything is written.
+//!
+//! # Crash behaviour
+//! Under [`FlushPolicy::Always`] an append returns only after an fsync covers it. On open
+//! after a crash, segments at or above the recovery point are scanned batch by batch and a
+//! torn or corrupt tail is truncated (see [`crate::recovery`]). After a failed write or fsync
+//! the log is poisoned and refuses appends until reopened.
+//!
+//! # Thread-safety
+//! `PartitionLog` is `Sync`: appends are serialised by an internal mutex (validation runs
+//! before it, in parallel), reads take no lock beyond a short segment-list read lock and run
+//! concurrently with appends.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bytes::Bytes;
+
+use crate::batch::{self, BatchHeader, RecordBatch};
+use crate::config::{FlushPolicy, LogConfig};
+use crate::error::{LogError, Result};
+use crate::segment::{IndexCursor, Segment};
+use crate::sync::GroupCommit;
+
+/// What an append produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    /// The log end offset right after this append.
+    pub next_offset: u64,
+    pub max_timestamp: i64,
+    pub record_count: u32,
+}
+
+/// Where the batch that holds an offset sits on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPosition {
+    pub segment_base_offset: u64,
+    pub position: u64,
+    pub batch_base_offset: u64,
+}
+
+/// State only the single writer touches.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub config: LogConfig,
+    pub cursor: IndexCursor,
+    pub recovery_point: u64,
+}
+
+/// The log of one partition. See the module documentation for its guarantees.
+#[derive(Debug)]
+pub struct PartitionLog {
+    pub(crate) dir: PathBuf,
+    pub(crate) segments: RwLock<Vec<Arc<Segment>>>,
+    pub(crate) writer: Mutex<Writer>,
+    pub(crate) log_start_offset: AtomicU64,
+    pub(crate) log_end_offset: AtomicU64,
+    pub(crate) max_batch_bytes: AtomicUsize,
+    pub(crate) commit: GroupCommit,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PartitionLog {
+    pub(crate) fn from_parts(
+        dir: PathBuf,
+        segments: Vec<Arc<Segment>>,
+        config: LogConfig,
+        recovery_point: u64,
+    ) -> Self {
+        let start = segments.first().map_or(0, |s| s.base_offset());
+        let end = segments.last().map_or(0, |s| s.next_offset());
+        let cursor = segments.last().map_or(
+            IndexCursor {
+                last_indexed_position: 0,
+                last_indexed_timestamp: i64::MIN,
+            },
+            |s| s.index_cursor(),
+        );
+        PartitionLog {
+            dir,
+            segments: RwLock::new(segments),
+            max_batch_bytes: AtomicUsize::new(config.max_batch_bytes),
+            writer: Mutex::new(Writer {
+                config,
+                cursor,
+                recovery_point,
+            }),
+            log_start_offset: AtomicU64::new(start),
+            log_end_offset: AtomicU64::new(end),
+            commit: GroupCommit::new(end),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        lock(&self.writer)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The first offset still in the log.
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start_offset.load(Ordering::Acquire)
+    }
+
+    /// The offset the next appended batch will get.
+    pub fn log_end_offset(&self) -> u64 {
+        self.log_end_offset.load(Ordering::Acquire)
+    }
+
+    /// Offset below which every batch has been fsynced.
+    pub fn durable_offset(&self) -> u64 {
+        self.commit.durable()
+    }
+
+    /// Bytes held by all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments_snapshot().iter().map(|s| s.size()).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.read_segments().len()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> LogConfig {
+        self.lock_writer().config.clone()
+    }
+
+    /// Replaces the configuration (for example after a topic config change). Takes effect
+    /// from the next append; existing segments are not rewritten.
+    pub fn set_config(&self, config: LogConfig) -> Result<()> {
+        config.validate()?;
+        self.max_batch_bytes.store(config.max_batch_bytes, Ordering::Release);
+        self.lock_writer().config = config;
+        Ok(())
+    }
+
+    pub(crate) fn read_segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn write_segments(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn segments_snapshot(&self) -> Vec<Arc<Segment>> {
+        self.read_segments().clone()
+    }
+
+    pub(crate) fn active(&self) -> Arc<Segment> {
+        let segments = self.read_segments();
+        Arc::clone(segments.last().expect("a log always has an active segment"))
+    }
+
+    /// Segments from the one that may hold `offset` onwards.
+    fn segments_from(&self, offset: u64) -> Vec<Arc<Segment>> {
+        let segments = self.read_segments();
+        let i = segments
+            .partition_point(|s| s.base_offset() <= offset)
+            .saturating_sub(1);
+        segments[i..].to_vec()
+    }
+
+    pub(crate) fn poison(&self, what: &str, err: &LogError) {
+        tracing::error!(dir = %self.dir.display(), error = %err, "partition log poisoned after a failed {what}");
+        *lock(&self.poison_reason) = Some(format!("{what}: {err}"));
+        self.poisoned.store(true, Ordering::Release);
+        self.commit.wake_all();
+    }
+
+    pub(crate) fn check_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            let reason = lock(&self.poison_reason).clone().unwrap_or_default();
+            return Err(LogError::Poisoned { reason });
+        }
+        Ok(())
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    fn out_of_range(&self, requested: u64) -> LogError {
+        LogError::OffsetOutOfRange {
+            requested,
+            log_start_offset: self.log_start_offset(),
+            log_end_offset: self.log_end_offset(),
+        }
+    }
+
+    /// Reads whole batches starting with the one that holds `from`, up to `max_bytes` (but at
+    /// least one batch), from a single segment. Returns stored bytes without decoding them.
+    /// Empty at the log end; `OffsetOutOfRange` outside `[log_start_offset, log_end_offset]`.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<Bytes> {
+        self.read_up_to(from, max_bytes, u64::MAX)
+    }
+
+    /// As [`read`](Self::read), returning no batch whose base offset is `max_offset` or above
+    /// (a replica passes its high watermark here).
+    pub fn read_up_to(&self, from: u64, max_bytes: usize, max_offset: u64) -> Result<Bytes> {
+        let end = self.log_end_offset();
+        if from < self.log_start_offset() || from > end {
+            return Err(self.out_of_range(from));
+        }
+        let max_offset = max_offset.min(end);
+        for segment in self.segments_from(from) {
+            let target = from.max(segment.base_offset());
+            if target >= max_offset {
+                break;
+            }
+            if let Some(found) = segment.locate(target)? {
+                return segment.read_from(found.position, max_bytes, max_offset);
+            }
+        }
+        Ok(Bytes::new())
+    }
+
+    /// Finds the batch holding `offset`: what a read starting there would look up.
+    pub fn locate(&self, offset: u64) -> Result<Option<BatchPosition>> {
+        for segment in self.segments_from(offset) {
+            if let Some(found) = segment.locate(offset.max(segment.base_offset()))? {
+                return Ok(Some(BatchPosition {
+                    segment_base_offset: segment.base_offset(),
+                    position: found.position,
+                    batch_base_offset: found.header.base_offset,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The offset of the first record whose timestamp is at or after `timestamp`, or `None`
+    /// when every record is older. Control batches are skipped.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        for segment in self.segments_snapshot() {
+            if segment.max_timestamp() < timestamp {
+                continue;
+            }
+            let start = match segment.time_index().last_before(timestamp) {
+                Some(e) => segment
+                    .locate(segment.base_offset() + u64::from(e.relative_offset))?
+                    .map_or(0, |l| l.position),
+                None => 0,
+            };
+            let mut candidate: Option<(u64, BatchHeader)> = None;
+            segment.scan_headers(start, segment.size(), |position, h| {
+                if h.max_timestamp >= timestamp && h.record_count > 0 && !h.is_control() {
+                    candidate = Some((position, *h));
+                    return false;
+                }
+                true
+            })?;
+            if let Some((position, header)) = candidate {
+                let bytes = segment.read_exact_at(position, header.size())?.freeze();
+                let batch = RecordBatch::parse(bytes)?;
+                for record in batch.records()? {
+                    let record = record?;
+                    if record.timestamp >= timestamp {
+                        return Ok(Some(record.offset));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Appends a batch as the leader: validates it, stamps the next offset (leader epoch and
+    /// Raft index 0) and writes it. Returns after the flush policy is met.
+    pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
+        self.append_inner(batch, Some((0, 0)))
+    }
+
+    /// As [`append`](Self::append), stamping the given leader epoch and Raft index.
+    pub fn append_as_leader(&self, batch: &[u8], leader_epoch: u64, raft_index: u64) -> Result<AppendInfo> {
+        self.append_inner(batch, Some((leader_epoch, raft_index)))
+    }
+
+    /// Appends a batch that already carries its offsets (follower path). Its base offset must
+    /// equal the log end offset.
+    pub fn append_replicated(&self, batch: &[u8]) -> Result<AppendInfo> {
+        self.append_inner(batch, None)
+    }
+
+    fn append_inner(&self, batch: &[u8], stamp: Option<(u64, u64)>) -> Result<AppendInfo> {
+        self.check_poisoned()?;
+        let header = batch::validate(batch, self.max_batch_bytes.load(Ordering::Acquire))?;
+        let (info, policy) = {
+            let mut writer = self.lock_writer();
+            self.check_poisoned()?;
+            let end = self.log_end_offset.load(Ordering::Acquire);
+            let (leader_epoch, raft_index) = match stamp {
+                Some(s) => s,
+                None if header.base_offset != end => {
+                    return Err(LogError::NonContiguous {
+                        expected: end,
+                        got: header.base_offset,
+                    });
+                }
+                None => (header.leader_epoch, header.raft_index),
+            };
+            let stamped = BatchHeader {
+                base_offset: end,
+                leader_epoch,
+                raft_index,
+                ..header
+            };
+            self.roll_if_needed(&mut writer, &stamped)?;
+            let prefix = batch::stamped_prefix(batch, end, leader_epoch, raft_index);
+            let active = self.active();
+            let interval = writer.config.index_interval_bytes;
+            if let Err(e) = active.append(&prefix, batch, &stamped, &mut writer.cursor, interval) {
+                self.poison("write", &e);
+                return Err(e);
+            }
+            self.log_end_offset.store(stamped.next_offset(), Ordering::Release);
+            let info = AppendInfo {
+                base_offset: end,
+                last_offset: stamped.last_offset(),
+                next_offset: stamped.next_offset(),
+                max_timestamp: stamped.max_timestamp,
+                record_count: stamped.record_count,
+            };
+            (info, writer.config.flush)
+        };
+        match policy {
+            FlushPolicy::Always => self.sync_to(info.next_offset)?,
+            FlushPolicy::Interval(every) => self.sync_if_older_than(every)?,
+            FlushPolicy::Os => {}
+        }
+        Ok(info)
+    }
+
+    fn roll_if_needed(&self, writer: &mut Writer, next: &BatchHeader) -> Result<()> {
+        let active = self.active();
+        let size = active.size();
+        if size == 0 {
+            return Ok(());
+        }
+        let age_ms = batch::unix_millis().saturating_sub(active.created_ms());
+        let full = size + next.size() as u64 > writer.config.segment_bytes
+            || age_ms >= writer.config.segment_ms.as_millis() as i64
+            || active.indexes_full()
+            || next.last_offset() - active.base_offset() > u64::from(u32::MAX);
+        if full {
+            self.roll(writer, next.base_offset)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one at `base_offset`.
+    fn roll(&self, writer: &mut Writer, base_offset: u64) -> Result<()> {
+        let old = self.active();
+        let durable = writer.config.flush != FlushPolicy::Os;
+        let result = (|| {
+            if durable {
+                old.sync_log()?;
+                old.flush_indexes()?;
+            }
+            old.seal()?;
+            let segment = Segment::open(&self.dir, base_offset, Some(writer.config.max_index_bytes))?;
+            if durable {
+                crate::sync::sync_dir(&self.dir)?;
+                crate::sync::write_recovery_point(&self.dir, base_offset)?;
+                writer.recovery_point = base_offset;
+            }
+            Ok(segment)
+        })();
+        let segment = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.poison("segment roll", &e);
+                return Err(e);
+            }
+        };
+        if durable {
+            self.commit.mark_durable(old.next_offset());
+        }
+        tracing::debug!(dir = %self.dir.display(), base_offset, "rolled segment");
+        self.write_segments().push(Arc::new(segment));
+        writer.cursor = IndexCursor {
+            last_indexed_position: 0,
+            last_indexed_timestamp: i64::MIN,
+        };
+        Ok(())
+    }
+}
