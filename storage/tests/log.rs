@@ -115,7 +115,11 @@ fn read_returns_whole_batches_within_max_bytes_but_at_least_one() {
     for i in 0..20 {
         log.append(&batch(i, 10, 1)).expect("append");
     }
-    assert_eq!(log.read(0, 1).expect("read").len(), size, "one batch even if over max_bytes");
+    assert_eq!(
+        log.read(0, 1).expect("read").len(),
+        size,
+        "one batch even if over max_bytes"
+    );
     assert_eq!(log.read(0, size * 3 + size / 2).expect("read").len(), size * 3);
     assert!(log.read(200, 1000).expect("read at end").is_empty());
     let bounded = log.read_up_to(0, 1 << 20, 30).expect("read up to");
@@ -170,7 +174,13 @@ fn truncate_to_drops_a_suffix_across_segments_and_appends_continue() {
         log.append(&batch(i, 10, 1)).expect("append");
     }
     let segments = log.segment_count();
-    assert!(matches!(log.truncate_to(305), Err(LogError::NotBatchBoundary { offset: 305, batch_start: 300 })));
+    assert!(matches!(
+        log.truncate_to(305),
+        Err(LogError::NotBatchBoundary {
+            offset: 305,
+            batch_start: 300
+        })
+    ));
     log.truncate_to(300).expect("truncate");
     assert_eq!(log.log_end_offset(), 300);
     assert!(log.segment_count() < segments);
@@ -206,10 +216,16 @@ fn append_replicated_requires_continuity_and_keeps_stamps() {
     let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("open");
     let mut b = batch(0, 3, 1).to_vec();
     stamp(&mut b, 5, 2, 9);
-    assert!(matches!(log.append_replicated(&b), Err(LogError::NonContiguous { expected: 0, got: 5 })));
+    assert!(matches!(
+        log.append_replicated(&b),
+        Err(LogError::NonContiguous { expected: 0, got: 5 })
+    ));
     stamp(&mut b, 0, 2, 9);
     log.append_replicated(&b).expect("contiguous");
-    let stored = BatchIter::new(log.read(0, 1 << 20).expect("read")).next().expect("batch").expect("whole");
+    let stored = BatchIter::new(log.read(0, 1 << 20).expect("read"))
+        .next()
+        .expect("batch")
+        .expect("whole");
     assert_eq!((stored.header().leader_epoch, stored.header().raft_index), (2, 9));
     let led = log.append_as_leader(&batch(1, 1, 1), 3, 10).expect("leader append");
     assert_eq!(led.base_offset, 3);
@@ -231,11 +247,18 @@ fn bad_batches_are_refused_and_nothing_is_written() {
     let too_big = batch(2, 100, 1);
     let mut bad_version = batch(3, 1, 1).to_vec();
     bad_version[28] = 7;
-    let cases: Vec<(&[u8], fn(&LogError) -> bool)> = vec![
-        (&corrupt, |e| matches!(e, LogError::Batch(BatchError::CrcMismatch { .. }))),
+    type IsExpected = fn(&LogError) -> bool;
+    let cases: Vec<(&[u8], IsExpected)> = vec![
+        (&corrupt, |e| {
+            matches!(e, LogError::Batch(BatchError::CrcMismatch { .. }))
+        }),
         (&too_big, |e| matches!(e, LogError::Batch(BatchError::TooLarge { .. }))),
-        (&bad_version, |e| matches!(e, LogError::Batch(BatchError::UnsupportedVersion(7)))),
-        (&[1, 2, 3], |e| matches!(e, LogError::Batch(BatchError::TooShort { .. }))),
+        (&bad_version, |e| {
+            matches!(e, LogError::Batch(BatchError::UnsupportedVersion(7)))
+        }),
+        (&[1, 2, 3], |e| {
+            matches!(e, LogError::Batch(BatchError::TooShort { .. }))
+        }),
     ];
     for (bytes, expected) in cases {
         let err = log.append(bytes).expect_err("must be refused");
@@ -264,9 +287,15 @@ fn retention_by_bytes_and_time_deletes_whole_old_segments_only() {
     let outcome = log.enforce_retention(now).expect("retention");
     assert!(outcome.segments_deleted > 0);
     assert_eq!(log.segment_count(), before - outcome.segments_deleted);
-    assert!(log.size_bytes() <= 40 * 1024 + 16 * 1024, "size limit honoured to a segment");
+    assert!(
+        log.size_bytes() <= 40 * 1024 + 16 * 1024,
+        "size limit honoured to a segment"
+    );
     let start = log.log_start_offset();
-    assert!(start >= 1000, "every segment with only old records is gone (start {start})");
+    assert!(
+        start >= 1000,
+        "every segment with only old records is gone (start {start})"
+    );
     assert!(matches!(log.read(0, 10), Err(LogError::OffsetOutOfRange { .. })));
     assert_eq!(batch_bases(&log).first().copied(), Some(start));
 
@@ -344,8 +373,11 @@ fn group_commit_shares_fsyncs_between_concurrent_appenders() {
 fn a_clean_close_skips_recovery_and_keeps_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Interval(Duration::from_millis(1))))
-            .expect("open");
+        let log = PartitionLog::open(
+            dir.path(),
+            small_config(FlushPolicy::Interval(Duration::from_millis(1))),
+        )
+        .expect("open");
         for i in 0..120 {
             log.append(&batch(i, 4, 1_000 + i as i64)).expect("append");
         }
@@ -353,7 +385,10 @@ fn a_clean_close_skips_recovery_and_keeps_everything() {
     }
     assert!(dir.path().join(".clean_shutdown").exists());
     let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("reopen");
-    assert!(!dir.path().join(".clean_shutdown").exists(), "marker is consumed at open");
+    assert!(
+        !dir.path().join(".clean_shutdown").exists(),
+        "marker is consumed at open"
+    );
     assert_eq!(log.log_end_offset(), 480);
     assert_eq!(read_all(&log, 4096).len(), 480);
     assert_eq!(log.offset_for_timestamp(1_100).expect("lookup"), Some(400));
@@ -386,6 +421,9 @@ fn a_missing_or_damaged_index_is_rebuilt_from_the_log() {
         assert_eq!(r.offset, i as u64);
     }
     for offset in (0..1000).step_by(37) {
-        assert_eq!(log.locate(offset).expect("locate").expect("found").batch_base_offset, offset / 10 * 10);
+        assert_eq!(
+            log.locate(offset).expect("locate").expect("found").batch_base_offset,
+            offset / 10 * 10
+        );
     }
 }
