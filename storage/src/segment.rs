@@ -32,6 +32,8 @@ use crate::index::{OffsetEntry, OffsetIndex, TimeEntry, TimeIndex};
 
 /// Bytes read per `pread` while walking batch headers.
 const SCAN_CHUNK: usize = 64 * 1024;
+/// First read of a header walk: enough for a few headers.
+const FIRST_SCAN_READ: usize = 1024;
 
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -229,7 +231,8 @@ impl Segment {
     }
 
     /// Walks batch headers from `position` up to `end`, calling `visit` for each until it
-    /// returns false. Headers are read in large chunks, not one `pread` per batch.
+    /// returns false. The first read is small (a lookup usually needs one header); later reads
+    /// double up to `SCAN_CHUNK`, so long walks do not cost one `pread` per batch.
     pub(crate) fn scan_headers(
         &self,
         mut position: u64,
@@ -238,10 +241,12 @@ impl Segment {
     ) -> Result<()> {
         let mut chunk = Vec::new();
         let mut chunk_start = position;
+        let mut next_read = FIRST_SCAN_READ;
         while position + HEADER_LEN as u64 <= end {
             let chunk_end = chunk_start + chunk.len() as u64;
             if position < chunk_start || position + HEADER_LEN as u64 > chunk_end {
-                let len = (end - position).min(SCAN_CHUNK as u64) as usize;
+                let len = (end - position).min(next_read as u64) as usize;
+                next_read = (next_read * 2).min(SCAN_CHUNK);
                 chunk.resize(len, 0);
                 self.log
                     .read_exact_at(&mut chunk, position)
@@ -276,28 +281,30 @@ impl Segment {
         }
         let end = self.size();
         let entry = self.offset_index().floor((offset - self.base_offset) as u32);
-        let mut start = 0;
         if let Some(e) = entry {
-            // A damaged index must not send a reader into the middle of a batch.
             let expected = self.base_offset + u64::from(e.relative_offset);
-            let mut ok = false;
-            self.scan_headers(u64::from(e.position), end, |_, h| {
-                ok = h.base_offset == expected;
-                false
-            })?;
-            if ok {
-                start = u64::from(e.position);
-            } else {
-                tracing::warn!(segment = %self.log_path.display(), "offset index entry does not match the log; scanning from the start");
+            match self.locate_from(u64::from(e.position), end, offset, Some(expected)) {
+                Err(LogError::Corrupt { .. }) | Ok(None) => {
+                    // A damaged index must not send a reader into the middle of a batch.
+                    tracing::warn!(segment = %self.log_path.display(), "offset index entry does not match the log; scanning from the start");
+                }
+                found => return found,
             }
         }
+        self.locate_from(0, end, offset, None)
+    }
+
+    /// Walks from `start` to the batch holding `offset`. With `first_base`, the batch at
+    /// `start` must have that base offset, or the walk gives up.
+    fn locate_from(&self, start: u64, end: u64, offset: u64, first_base: Option<u64>) -> Result<Option<Located>> {
         let mut found = None;
+        let mut first = first_base;
         self.scan_headers(start, end, |position, header| {
+            if first.take().is_some_and(|b| b != header.base_offset) {
+                return false;
+            }
             if header.last_offset() >= offset {
-                found = Some(Located {
-                    position,
-                    header: *header,
-                });
+                found = Some(Located { position, header: *header });
                 return false;
             }
             true
