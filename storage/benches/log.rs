@@ -147,7 +147,10 @@ fn sequential_read(c: &mut Criterion) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            black_box(log.offset_for_timestamp(1_700_000_000_000 + (x % 1000) as i64).expect("lookup"))
+            black_box(
+                log.offset_for_timestamp(1_700_000_000_000 + (x % 1000) as i64)
+                    .expect("lookup"),
+            )
         })
     });
     g.finish();

@@ -304,7 +304,10 @@ impl Segment {
                 return false;
             }
             if header.last_offset() >= offset {
-                found = Some(Located { position, header: *header });
+                found = Some(Located {
+                    position,
+                    header: *header,
+                });
                 return false;
             }
             true

@@ -133,3 +133,77 @@ fn sigkill_during_appends_loses_no_acknowledged_batch() {
     }
     assert!(acked.len() >= ACKS_BEFORE_KILL * ROUNDS as usize);
 }
+
+const POISON_CHILD_ENV: &str = "CONVEYOR_POISON_CHILD_DIR";
+/// Marker the poison child prints when every assertion in it held.
+const POISON_CHILD_OK: &str = "poison-child-ok";
+
+/// Child entry point: appends under a file-size limit until a write fails, then checks that
+/// the log stays poisoned.
+#[test]
+fn child_write_failure() {
+    let Ok(dir) = std::env::var(POISON_CHILD_ENV) else {
+        return;
+    };
+    let config = conveyor_storage::LogConfig {
+        segment_bytes: 64 << 20,
+        max_index_bytes: 64 << 10,
+        index_interval_bytes: 4096,
+        ..small_config(FlushPolicy::Always)
+    };
+    let log = PartitionLog::open(&dir, config).expect("open");
+    let mut acked = 0u64;
+    let failure = loop {
+        match log.append(&batch(acked, 10, 1)) {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 10_000, "the file size limit never hit");
+    };
+    assert!(
+        matches!(failure, conveyor_storage::LogError::Io { .. }),
+        "first failure is the I/O error: {failure}"
+    );
+    let again = log.append(&batch(0, 1, 1)).expect_err("a poisoned log refuses appends");
+    assert!(matches!(again, conveyor_storage::LogError::Poisoned { .. }), "{again}");
+    assert!(
+        again.to_string().contains("reopen"),
+        "the error says how to recover: {again}"
+    );
+    assert!(log.is_poisoned());
+    println!("acked {acked}");
+    println!("{POISON_CHILD_OK}");
+}
+
+#[test]
+fn a_failed_write_poisons_the_log_until_it_is_reopened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // RLIMIT_FSIZE makes a write fail part-way with EFBIG (SIGXFSZ ignored so the write
+    // returns the error instead of killing the process).
+    let script = "trap '' XFSZ; ulimit -f 1024; exec \"$0\" child_write_failure --exact --nocapture --test-threads=1";
+    let output = Command::new("sh")
+        .args(["-c", script])
+        .arg(std::env::current_exe().expect("test binary"))
+        .env(POISON_CHILD_ENV, dir.path())
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(POISON_CHILD_OK),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let acked: u64 = stdout
+        .lines()
+        .find_map(|l| l.split_once("acked ").map(|(_, n)| n.trim()))
+        .and_then(|n| n.parse().ok())
+        .expect("acked count");
+    assert!(acked > 0);
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Always)).expect("reopen heals the log");
+    assert_eq!(
+        log.log_end_offset(),
+        acked * 10,
+        "exactly the acknowledged batches, the torn one cut"
+    );
+    log.append(&batch(0, 1, 1)).expect("appends work again after reopening");
+}
