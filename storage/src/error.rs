@@ -59,6 +59,8 @@ pub enum LogError {
         "log is poisoned after a failed {reason}; reopen it to recover (no append is retried over a possibly lost write)"
     )]
     Poisoned { reason: String },
+    #[error("log is closed")]
+    Closed,
     #[error("log at {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("invalid log configuration: {0}")]

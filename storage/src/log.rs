@@ -73,6 +73,7 @@ pub struct PartitionLog {
     pub(crate) max_batch_bytes: AtomicUsize,
     pub(crate) commit: GroupCommit,
     poisoned: AtomicBool,
+    closed: AtomicBool,
     poison_reason: Mutex<Option<String>>,
 }
 
@@ -109,6 +110,7 @@ impl PartitionLog {
             log_end_offset: AtomicU64::new(end),
             commit: GroupCommit::new(end),
             poisoned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
         }
     }
@@ -192,7 +194,16 @@ impl PartitionLog {
         self.commit.wake_all();
     }
 
+    /// Refuses further appends after a clean close, without reporting a failure.
+    pub(crate) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.commit.wake_all();
+    }
+
     pub(crate) fn check_poisoned(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
         if self.poisoned.load(Ordering::Acquire) {
             let reason = lock(&self.poison_reason).clone().unwrap_or_default();
             return Err(LogError::Poisoned { reason });
@@ -291,66 +302,86 @@ impl PartitionLog {
     /// Appends a batch as the leader: validates it, stamps the next offset (leader epoch and
     /// Raft index 0) and writes it. Returns after the flush policy is met.
     pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
+        let info = self.append_inner(batch, Some((0, 0)))?;
+        self.apply_flush_policy(info.next_offset)?;
+        Ok(info)
+    }
+
+    /// As [`append`](Self::append) but returns once the batch is written, before the flush
+    /// policy is applied. A caller that appends several batches in a row then calls
+    /// [`apply_flush_policy`](Self::apply_flush_policy) once, so one fsync covers them all.
+    pub fn append_unsynced(&self, batch: &[u8]) -> Result<AppendInfo> {
         self.append_inner(batch, Some((0, 0)))
+    }
+
+    /// Makes everything below `next_offset` as durable as the flush policy requires: fsyncs
+    /// under `Always` (shared with concurrent callers), fsyncs if due under `Interval`.
+    pub fn apply_flush_policy(&self, next_offset: u64) -> Result<()> {
+        match self.flush_policy() {
+            FlushPolicy::Always => self.sync_to(next_offset),
+            FlushPolicy::Interval(every) => self.sync_if_older_than(every),
+            FlushPolicy::Os => Ok(()),
+        }
+    }
+
+    pub fn flush_policy(&self) -> FlushPolicy {
+        self.lock_writer().config.flush
     }
 
     /// As [`append`](Self::append), stamping the given leader epoch and Raft index.
     pub fn append_as_leader(&self, batch: &[u8], leader_epoch: u64, raft_index: u64) -> Result<AppendInfo> {
-        self.append_inner(batch, Some((leader_epoch, raft_index)))
+        let info = self.append_inner(batch, Some((leader_epoch, raft_index)))?;
+        self.apply_flush_policy(info.next_offset)?;
+        Ok(info)
     }
 
     /// Appends a batch that already carries its offsets (follower path). Its base offset must
     /// equal the log end offset.
     pub fn append_replicated(&self, batch: &[u8]) -> Result<AppendInfo> {
-        self.append_inner(batch, None)
+        let info = self.append_inner(batch, None)?;
+        self.apply_flush_policy(info.next_offset)?;
+        Ok(info)
     }
 
     fn append_inner(&self, batch: &[u8], stamp: Option<(u64, u64)>) -> Result<AppendInfo> {
         self.check_poisoned()?;
         let header = batch::validate(batch, self.max_batch_bytes.load(Ordering::Acquire))?;
-        let (info, policy) = {
-            let mut writer = self.lock_writer();
-            self.check_poisoned()?;
-            let end = self.log_end_offset.load(Ordering::Acquire);
-            let (leader_epoch, raft_index) = match stamp {
-                Some(s) => s,
-                None if header.base_offset != end => {
-                    return Err(LogError::NonContiguous {
-                        expected: end,
-                        got: header.base_offset,
-                    });
-                }
-                None => (header.leader_epoch, header.raft_index),
-            };
-            let stamped = BatchHeader {
-                base_offset: end,
-                leader_epoch,
-                raft_index,
-                ..header
-            };
-            self.roll_if_needed(&mut writer, &stamped)?;
-            let prefix = batch::stamped_prefix(batch, end, leader_epoch, raft_index);
-            let active = self.active();
-            let interval = writer.config.index_interval_bytes;
-            if let Err(e) = active.append(&prefix, batch, &stamped, &mut writer.cursor, interval) {
-                self.poison("write", &e);
-                return Err(e);
+        let mut writer = self.lock_writer();
+        self.check_poisoned()?;
+        let end = self.log_end_offset.load(Ordering::Acquire);
+        let (leader_epoch, raft_index) = match stamp {
+            Some(s) => s,
+            None if header.base_offset != end => {
+                return Err(LogError::NonContiguous {
+                    expected: end,
+                    got: header.base_offset,
+                });
             }
-            self.log_end_offset.store(stamped.next_offset(), Ordering::Release);
-            let info = AppendInfo {
-                base_offset: end,
-                last_offset: stamped.last_offset(),
-                next_offset: stamped.next_offset(),
-                max_timestamp: stamped.max_timestamp,
-                record_count: stamped.record_count,
-            };
-            (info, writer.config.flush)
+            None => (header.leader_epoch, header.raft_index),
         };
-        match policy {
-            FlushPolicy::Always => self.sync_to(info.next_offset)?,
-            FlushPolicy::Interval(every) => self.sync_if_older_than(every)?,
-            FlushPolicy::Os => {}
+        let stamped = BatchHeader {
+            base_offset: end,
+            leader_epoch,
+            raft_index,
+            ..header
+        };
+        self.roll_if_needed(&mut writer, &stamped)?;
+        let prefix = batch::stamped_prefix(batch, end, leader_epoch, raft_index);
+        let active = self.active();
+        let interval = writer.config.index_interval_bytes;
+        if let Err(e) = active.append(&prefix, batch, &stamped, &mut writer.cursor, interval) {
+            self.poison("write", &e);
+            return Err(e);
         }
+        self.log_end_offset.store(stamped.next_offset(), Ordering::Release);
+        let info = AppendInfo {
+            base_offset: end,
+            last_offset: stamped.last_offset(),
+            next_offset: stamped.next_offset(),
+            max_timestamp: stamped.max_timestamp,
+            record_count: stamped.record_count,
+        };
+        drop(writer);
         Ok(info)
     }
 

@@ -63,7 +63,7 @@ impl PartitionLog {
         } else {
             load_segments(&dir, &bases, &config, recovery_point)?
         };
-        if !clean {
+        if !clean && !bases.is_empty() {
             // What recovery kept may only be in the page cache; make it durable before the
             // log reports it as such.
             if let Some(last) = segments.last() {

@@ -152,9 +152,12 @@ impl PartitionLog {
     }
 
     /// Flushes, trims the active indexes and leaves the clean-shutdown marker, so the next
-    /// open skips recovery.
-    pub fn close(self) -> Result<()> {
+    /// open skips recovery. The log refuses appends afterwards.
+    pub fn close(&self) -> Result<()> {
         self.flush()?;
+        let _writer = self.lock_writer();
+        self.check_poisoned()?;
+        self.mark_closed();
         self.active().seal()?;
         let marker = self.dir.join(CLEAN_SHUTDOWN);
         File::create(&marker)

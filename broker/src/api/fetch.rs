@@ -1,0 +1,211 @@
+//! The `Fetch` service: long-polling fetch of stored batches and offset lookups.
+//!
+//! Fetch returns whole batches exactly as stored, up to each partition's high watermark. When
+//! fewer than `min_bytes` are available it waits on the partitions' high-watermark watches
+//! (no polling loop) until data arrives or `max_wait_ms` passes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use conveyor_proto::v1::fetch_server::Fetch;
+use conveyor_proto::v1::*;
+use conveyor_storage::batch::BatchIter;
+use futures::FutureExt;
+use tonic::{Request, Response, Status};
+
+use super::{Context, blocking};
+use crate::error::{BrokerError, Result};
+use crate::partition::Partition;
+
+const DEFAULT_MAX_BYTES: u32 = 16 << 20;
+const DEFAULT_PARTITION_MAX_BYTES: u32 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct FetchService {
+    pub ctx: Arc<Context>,
+}
+
+struct Wanted {
+    partition: Arc<Partition>,
+    offset: u64,
+    max_bytes: usize,
+}
+
+/// Reads every wanted partition once, within the request's byte budget. Blocking.
+fn read_once(wanted: &[Wanted], budget: usize) -> Result<Vec<(u64, u64, Bytes)>> {
+    let mut left = budget;
+    let mut out = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let p = &w.partition;
+        let hw = p.high_watermark();
+        let (start, end) = (p.log.log_start_offset(), p.log.log_end_offset());
+        if w.offset < start || w.offset > end {
+            return Err(BrokerError::OffsetOutOfRange {
+                topic: p.topic.clone(),
+                partition: p.index,
+                offset: w.offset,
+                log_start_offset: start,
+                log_end_offset: end,
+            });
+        }
+        let bytes = if left == 0 || w.offset >= hw {
+            Bytes::new()
+        } else {
+            p.log
+                .read_up_to(w.offset, w.max_bytes.min(left), hw)
+                .map_err(|e| BrokerError::from_log(&p.topic, p.index, e))?
+        };
+        left = left.saturating_sub(bytes.len());
+        out.push((hw, start, bytes));
+    }
+    Ok(out)
+}
+
+fn decode(bytes: &Bytes, from: u64) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    for batch in BatchIter::new(bytes.clone()) {
+        let batch = batch.map_err(|e| BrokerError::Internal(e.to_string()))?;
+        if batch.header().is_control() {
+            continue;
+        }
+        for r in batch.records().map_err(|e| BrokerError::Internal(e.to_string()))? {
+            let r = r.map_err(|e| BrokerError::Internal(e.to_string()))?;
+            if r.offset < from {
+                continue;
+            }
+            out.push(Record {
+                key: r.key,
+                value: r.value,
+                timestamp: r.timestamp,
+                offset: r.offset,
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|h| Header {
+                        key: String::from_utf8_lossy(&h.key).into_owned(),
+                        value: h.value,
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl FetchService {
+    fn resolve(&self, req: &FetchRequest) -> Result<Vec<Wanted>> {
+        if req.partitions.is_empty() {
+            return Err(BrokerError::InvalidRequest("a fetch needs at least one partition".into()));
+        }
+        req.partitions
+            .iter()
+            .map(|pf| {
+                let topic = self.ctx.registry.get(&pf.topic)?;
+                let partition = Arc::clone(topic.partition(pf.partition)?);
+                let max = if pf.max_bytes == 0 { DEFAULT_PARTITION_MAX_BYTES } else { pf.max_bytes };
+                Ok(Wanted {
+                    partition,
+                    offset: pf.offset,
+                    max_bytes: max as usize,
+                })
+            })
+            .collect()
+    }
+
+    async fn fetch_inner(&self, req: FetchRequest) -> Result<FetchResponse> {
+        let wanted = Arc::new(self.resolve(&req)?);
+        let budget = if req.max_bytes == 0 { DEFAULT_MAX_BYTES } else { req.max_bytes } as usize;
+        let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.ctx.max_fetch_wait_ms));
+        let deadline = Instant::now() + wait;
+        let mut watches: Vec<_> = wanted.iter().map(|w| w.partition.watch_high_watermark()).collect();
+        let results = loop {
+            for w in &mut watches {
+                w.borrow_and_update();
+            }
+            let job = Arc::clone(&wanted);
+            let results = blocking(move || read_once(&job, budget)).await?;
+            let total: usize = results.iter().map(|(_, _, b)| b.len()).sum();
+            let now = Instant::now();
+            if total >= (req.min_bytes.max(1) as usize) || now >= deadline {
+                break results;
+            }
+            let changed = futures::future::select_all(watches.iter_mut().map(|w| w.changed().boxed()));
+            if tokio::time::timeout(deadline - now, changed).await.is_err() {
+                break results;
+            }
+        };
+        let mut partitions = Vec::with_capacity(results.len());
+        for (w, (high_watermark, log_start_offset, batches)) in wanted.iter().zip(results) {
+            self.ctx.metrics.bytes_out.add(batches.len() as u64);
+            let records = if req.decode_records { decode(&batches, w.offset)? } else { Vec::new() };
+            partitions.push(PartitionData {
+                topic: w.partition.topic.clone(),
+                partition: w.partition.index,
+                high_watermark,
+                log_start_offset,
+                batches: if req.decode_records { Bytes::new() } else { batches },
+                records,
+                error: None,
+            });
+        }
+        Ok(FetchResponse { partitions })
+    }
+
+    async fn list_offsets_inner(&self, req: ListOffsetsRequest) -> Result<ListOffsetsResponse> {
+        let mut results = Vec::with_capacity(req.queries.len());
+        for q in req.queries {
+            let topic = self.ctx.registry.get(&q.topic)?;
+            let p = Arc::clone(topic.partition(q.partition)?);
+            let hw = p.high_watermark();
+            let (offset, found) = match q.spec {
+                Some(offset_query::Spec::Earliest(_)) | None => (p.log.log_start_offset(), true),
+                Some(offset_query::Spec::Latest(_)) => (hw, true),
+                Some(offset_query::Spec::Timestamp(ts)) => {
+                    let log = Arc::clone(&p.log);
+                    let (topic, index) = (p.topic.clone(), p.index);
+                    let found = blocking(move || log.offset_for_timestamp(ts).map_err(|e| BrokerError::from_log(&topic, index, e))).await?;
+                    match found {
+                        Some(o) if o < hw => (o, true),
+                        _ => (hw, false),
+                    }
+                }
+            };
+            results.push(OffsetResult {
+                topic: q.topic,
+                partition: q.partition,
+                offset,
+                found,
+                log_start_offset: p.log.log_start_offset(),
+                high_watermark: hw,
+                log_end_offset: p.log.log_end_offset(),
+            });
+        }
+        Ok(ListOffsetsResponse { results })
+    }
+}
+
+#[tonic::async_trait]
+impl Fetch for FetchService {
+    async fn fetch(&self, request: Request<FetchRequest>) -> std::result::Result<Response<FetchResponse>, Status> {
+        let started = Instant::now();
+        self.ctx.metrics.fetch_requests.add(1);
+        let result = self.fetch_inner(request.into_inner()).await;
+        self.ctx.metrics.fetch_latency.observe(started.elapsed());
+        result.map(Response::new).map_err(|e| {
+            self.ctx.metrics.request_errors.add(1);
+            e.into()
+        })
+    }
+
+    async fn list_offsets(&self, request: Request<ListOffsetsRequest>) -> std::result::Result<Response<ListOffsetsResponse>, Status> {
+        self.ctx.metrics.fetch_requests.add(1);
+        self.list_offsets_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| {
+                self.ctx.metrics.request_errors.add(1);
+                e.into()
+            })
+    }
+}

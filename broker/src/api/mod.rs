@@ -1,0 +1,32 @@
+//! gRPC services, one file each: [`admin`], [`produce`], [`fetch`]. They validate requests,
+//! route them to partitions and map errors; they hold no state of their own.
+
+pub mod admin;
+pub mod fetch;
+pub mod produce;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::error::{BrokerError, Result};
+use crate::metrics::Metrics;
+use crate::topics::Registry;
+
+/// What every service needs.
+#[derive(Debug)]
+pub struct Context {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub node_id: u32,
+    pub advertised: SocketAddr,
+    pub max_fetch_wait_ms: u64,
+    /// Serialises topic changes.
+    pub admin_lock: tokio::sync::Mutex<()>,
+}
+
+/// Runs blocking work (disk I/O) off the reactor.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
+}

@@ -1,0 +1,168 @@
+//! Broker errors and their mapping to gRPC: a status code plus a `conveyor.v1.ErrorDetail`
+//! in the status details, as ARCHITECTURE.md section 6 fixes.
+
+use conveyor_proto::v1::{ErrorCode, ErrorDetail};
+use conveyor_storage::{BatchError, LogError};
+use prost::Message;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    #[error("unknown topic '{0}'")]
+    UnknownTopic(String),
+    #[error("topic '{topic}' has no partition {partition} (it has {count})")]
+    UnknownPartition { topic: String, partition: i32, count: u32 },
+    #[error("topic '{0}' already exists")]
+    TopicExists(String),
+    #[error("invalid topic name '{name}': {reason}")]
+    InvalidTopicName { name: String, reason: String },
+    #[error("invalid partition count {0}: must be between 1 and {1}")]
+    InvalidPartitions(i32, u32),
+    #[error("invalid replication factor {0}: this cluster has {1} broker(s)")]
+    InvalidReplication(i32, u32),
+    #[error("invalid topic config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("topic '{topic}' partition {partition}: corrupt batch: {source}")]
+    CorruptBatch {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: BatchError,
+    },
+    #[error("topic '{topic}' partition {partition}: {source} (max.message.bytes)")]
+    RecordTooLarge {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: BatchError,
+    },
+    #[error("topic '{topic}' partition {partition}: offset {offset} is outside [{log_start_offset}, {log_end_offset}]")]
+    OffsetOutOfRange {
+        topic: String,
+        partition: i32,
+        offset: u64,
+        log_start_offset: u64,
+        log_end_offset: u64,
+    },
+    #[error("topic '{topic}' partition {partition} is busy: its append queue is full, retry later")]
+    Busy { topic: String, partition: i32 },
+    #[error("topic '{topic}' partition {partition}: storage failure: {source}")]
+    Storage {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: LogError,
+    },
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    pub fn from_batch(topic: &str, partition: i32, e: BatchError) -> BrokerError {
+        let (topic, source) = (topic.to_string(), e);
+        match source {
+            BatchError::TooLarge { .. } => BrokerError::RecordTooLarge {
+                topic,
+                partition,
+                source,
+            },
+            _ => BrokerError::CorruptBatch {
+                topic,
+                partition,
+                source,
+            },
+        }
+    }
+
+    pub fn from_log(topic: &str, partition: i32, e: LogError) -> BrokerError {
+        match e {
+            LogError::Batch(b) => Self::from_batch(topic, partition, b),
+            LogError::OffsetOutOfRange {
+                requested,
+                log_start_offset,
+                log_end_offset,
+            } => BrokerError::OffsetOutOfRange {
+                topic: topic.to_string(),
+                partition,
+                offset: requested,
+                log_start_offset,
+                log_end_offset,
+            },
+            source => BrokerError::Storage {
+                topic: topic.to_string(),
+                partition,
+                source,
+            },
+        }
+    }
+
+    fn code(&self) -> (Code, ErrorCode, bool) {
+        use BrokerError::*;
+        match self {
+            UnknownTopic(_) => (Code::NotFound, ErrorCode::UnknownTopic, false),
+            UnknownPartition { .. } => (Code::NotFound, ErrorCode::UnknownPartition, false),
+            TopicExists(_) => (Code::AlreadyExists, ErrorCode::TopicExists, false),
+            InvalidTopicName { .. } => (Code::InvalidArgument, ErrorCode::InvalidTopicName, false),
+            InvalidPartitions(..) => (Code::InvalidArgument, ErrorCode::InvalidPartitions, false),
+            InvalidReplication(..) | InvalidConfig(_) => (Code::InvalidArgument, ErrorCode::InvalidConfig, false),
+            InvalidRequest(_) => (Code::InvalidArgument, ErrorCode::InvalidRequest, false),
+            CorruptBatch { .. } => (Code::InvalidArgument, ErrorCode::CorruptBatch, false),
+            RecordTooLarge { .. } => (Code::InvalidArgument, ErrorCode::RecordTooLarge, false),
+            OffsetOutOfRange { .. } => (Code::OutOfRange, ErrorCode::OffsetOutOfRange, false),
+            Busy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
+            Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
+            ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
+        }
+    }
+
+    pub fn detail(&self) -> ErrorDetail {
+        let (_, code, retriable) = self.code();
+        let mut detail = ErrorDetail {
+            code: code as i32,
+            message: self.to_string(),
+            retriable,
+            ..ErrorDetail::default()
+        };
+        use BrokerError::*;
+        match self {
+            UnknownTopic(t) | TopicExists(t) => detail.topic = t.clone(),
+            UnknownPartition { topic, partition, .. }
+            | CorruptBatch { topic, partition, .. }
+            | RecordTooLarge { topic, partition, .. }
+            | Busy { topic, partition }
+            | Storage { topic, partition, .. } => {
+                detail.topic = topic.clone();
+                detail.partition = *partition;
+            }
+            OffsetOutOfRange {
+                topic,
+                partition,
+                log_start_offset,
+                log_end_offset,
+                ..
+            } => {
+                detail.topic = topic.clone();
+                detail.partition = *partition;
+                detail.log_start_offset = *log_start_offset;
+                detail.log_end_offset = *log_end_offset;
+            }
+            _ => {}
+        }
+        detail
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let (code, _, _) = e.code();
+        let detail = e.detail();
+        Status::with_details(code, detail.message.clone(), detail.encode_to_vec().into())
+    }
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

@@ -1,0 +1,79 @@
+//! `conveyor-broker`: starts one broker node. With no arguments: a single node with data in
+//! `./data`, gRPC on 127.0.0.1:9292 and metrics on 127.0.0.1:9293.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use conveyor_broker::BrokerConfig;
+
+/// The Conveyor event broker.
+///
+/// Settings come from flags, then CONVEYOR_* environment variables, then the config file,
+/// then built-in defaults (a single local node). See config/broker.toml for every setting.
+#[derive(Debug, Parser)]
+#[command(name = "conveyor-broker", version)]
+struct Args {
+    /// TOML config file (for example config/broker.toml).
+    #[arg(long, env = "CONVEYOR_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for topic data and metadata [default: ./data].
+    #[arg(long, env = "CONVEYOR_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:9292].
+    #[arg(long, env = "CONVEYOR_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address [default: 127.0.0.1:9293].
+    #[arg(long, env = "CONVEYOR_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// This broker's id [default: 1].
+    #[arg(long, env = "CONVEYOR_NODE_ID", value_name = "N")]
+    node_id: Option<u32>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let mut config = match &args.config {
+        Some(path) => BrokerConfig::load(path)?,
+        None => BrokerConfig::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.broker.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.broker.listen = l;
+    }
+    if let Some(m) = args.metrics_listen {
+        config.broker.metrics_listen = m;
+    }
+    if let Some(n) = args.node_id {
+        config.broker.node_id = n;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        // Installed before anything else, so a signal during startup is not lost.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("installing the SIGINT handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("received SIGTERM"),
+                _ = int.recv() => tracing::info!("received SIGINT"),
+            }
+        };
+        conveyor_broker::run(config, shutdown).await
+    })
+}

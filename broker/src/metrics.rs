@@ -1,0 +1,170 @@
+//! Prometheus text metrics, served on `metrics_listen` at `/metrics`.
+//!
+//! Counters and histograms are plain atomics, updated on the hot path without locks.
+//! Per-partition gauges (log end offset, high watermark, size) are read from the topic
+//! registry when scraped.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::topics::Registry;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// The broker's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub produce_requests: Counter,
+    pub fetch_requests: Counter,
+    pub admin_requests: Counter,
+    pub request_errors: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub records_in: Counter,
+    pub produce_latency: Histogram,
+    pub fetch_latency: Histogram,
+    pub fsync_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn render(&self, registry: &Registry) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("conveyor_produce_requests_total", "Produce requests received", &self.produce_requests),
+            ("conveyor_fetch_requests_total", "Fetch requests received", &self.fetch_requests),
+            ("conveyor_admin_requests_total", "Admin requests received", &self.admin_requests),
+            ("conveyor_request_errors_total", "Requests that failed", &self.request_errors),
+            ("conveyor_bytes_in_total", "Record batch bytes appended", &self.bytes_in),
+            ("conveyor_bytes_out_total", "Record batch bytes served by fetches", &self.bytes_out),
+            ("conveyor_records_in_total", "Records appended", &self.records_in),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+        }
+        let histograms = [
+            ("conveyor_produce_latency_seconds", "Produce request latency", &self.produce_latency),
+            ("conveyor_fetch_latency_seconds", "Fetch request latency (long-poll wait included)", &self.fetch_latency),
+            ("conveyor_fsync_latency_seconds", "Time to apply the flush policy per append round", &self.fsync_latency),
+        ];
+        for (name, help, h) in histograms {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            h.render(&mut out, name, "");
+        }
+        let gauges = [
+            ("conveyor_log_start_offset", "First offset in the partition log"),
+            ("conveyor_log_end_offset", "Offset the next append gets"),
+            ("conveyor_high_watermark", "Offset below which records are visible to consumers"),
+            ("conveyor_log_size_bytes", "Bytes on disk for the partition"),
+        ];
+        let partitions = registry.all_partitions();
+        for (i, (name, help)) in gauges.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for p in &partitions {
+                let value = match i {
+                    0 => p.log.log_start_offset(),
+                    1 => p.log.log_end_offset(),
+                    2 => p.high_watermark(),
+                    _ => p.log.size_bytes(),
+                };
+                let _ = writeln!(out, "{name}{{topic=\"{}\",partition=\"{}\"}} {value}", p.topic, p.index);
+            }
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` resolves. A deliberately small HTTP/1.0 responder:
+/// one request per connection, which is all a Prometheus scrape needs.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let (metrics, registry) = (Arc::clone(&metrics), Arc::clone(&registry));
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if request.starts_with("GET /metrics") {
+                ("200 OK", metrics.render(&registry))
+            } else {
+                ("404 Not Found", "try GET /metrics\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+

@@ -1,0 +1,178 @@
+//! Starting and stopping a broker node: bind, open the registry, serve gRPC and metrics, run
+//! background maintenance, and shut down gracefully when `shutdown` resolves.
+//!
+//! # Shutdown order
+//! Stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
+//! owners after they drain their queues, then close every log cleanly (fsync and the
+//! clean-shutdown marker, so the next start skips recovery).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor_proto::v1::admin_server::AdminServer;
+use conveyor_proto::v1::fetch_server::FetchServer;
+use conveyor_proto::v1::produce_server::ProduceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::admin::AdminService;
+use crate::api::fetch::FetchService;
+use crate::api::produce::ProduceService;
+use crate::api::{Context, blocking};
+use crate::config::BrokerConfig;
+use crate::metrics::{self, Metrics};
+use crate::topics::{Registry, RegistryOptions};
+
+/// How often partitions on the `interval` flush policy are checked.
+const FLUSH_TICK: Duration = Duration::from_millis(50);
+
+/// Runs a broker until `shutdown` resolves, then stops it cleanly.
+pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config.validate()?;
+    let node = &config.broker;
+    let listener = TcpListener::bind(node.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", node.listen))?;
+    let metrics_listener = TcpListener::bind(node.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", node.metrics_listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let metrics = Arc::new(Metrics::default());
+    let options = RegistryOptions {
+        data_dir: node.data_dir.clone(),
+        defaults: config.topic_defaults(),
+        queue_depth: config.limits.partition_queue_depth,
+        max_partitions: config.limits.max_partitions_per_topic,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let registry = {
+        let metrics = Arc::clone(&metrics);
+        tokio::task::spawn_blocking(move || Registry::open(options, metrics, runtime)).await??
+    };
+    let registry = Arc::new(registry);
+    let ctx = Arc::new(Context {
+        registry: Arc::clone(&registry),
+        metrics: Arc::clone(&metrics),
+        node_id: node.node_id,
+        advertised: grpc_addr,
+        max_fetch_wait_ms: config.limits.max_fetch_wait.0.as_millis() as u64,
+        admin_lock: tokio::sync::Mutex::new(()),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        Arc::clone(&metrics),
+        Arc::clone(&registry),
+        stopped(stop_rx.clone()),
+    ));
+    let maintenance = tokio::spawn(maintain(
+        Arc::clone(&registry),
+        config.log.retention_check_interval.0,
+        stopped(stop_rx.clone()),
+    ));
+
+    let max = config.limits.max_request_bytes.0 as usize;
+    let server = tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminService { ctx: Arc::clone(&ctx) }))
+        .add_service(
+            ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+    let server = tokio::spawn(server);
+    tracing::info!(
+        "conveyor-broker node {} listening on {grpc_addr} (metrics http://{metrics_addr}/metrics, data {})",
+        node.node_id,
+        node.data_dir.display()
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(node.shutdown_timeout.0, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+        Err(_) => tracing::warn!("in-flight requests did not finish in time; closing anyway"),
+    }
+    let _ = maintenance.await;
+    let _ = metrics_task.await;
+    close_all(&registry).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Retention every `retention_every`; interval flushes every tick.
+async fn maintain(registry: Arc<Registry>, retention_every: Duration, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut flush_tick = tokio::time::interval(FLUSH_TICK);
+    let mut retention_tick = tokio::time::interval(retention_every);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    retention_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = flush_tick.tick() => {
+                let partitions = registry.all_partitions();
+                let _ = blocking(move || {
+                    for p in partitions {
+                        if let Err(e) = p.log.flush_if_due() {
+                            tracing::error!(topic = %p.topic, partition = p.index, error = %e, "interval flush failed");
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            }
+            _ = retention_tick.tick() => {
+                let partitions = registry.all_partitions();
+                let _ = blocking(move || {
+                    let now = conveyor_storage::unix_millis();
+                    for p in partitions {
+                        match p.log.enforce_retention(now) {
+                            Ok(o) if o.segments_deleted > 0 => tracing::info!(
+                                topic = %p.topic, partition = p.index, segments = o.segments_deleted,
+                                bytes = o.bytes_deleted, "retention deleted segments"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed"),
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            }
+        }
+    }
+}
+
+async fn close_all(registry: &Arc<Registry>) -> anyhow::Result<()> {
+    let partitions = registry.all_partitions();
+    for p in &partitions {
+        p.stop().await;
+    }
+    let registry = Arc::clone(registry);
+    blocking(move || {
+        for p in partitions {
+            if let Err(e) = p.log.close() {
+                tracing::error!(topic = %p.topic, partition = p.index, error = %e, "closing log failed");
+            }
+        }
+        registry.close_metadata()
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Per-topic configuration: Kafka-style keys (`retention.ms`, `segment.bytes`, ...) over the
+//! broker's `[log]` defaults, validated as a whole before anything is stored.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use conveyor_storage::{FlushPolicy, LogConfig};
+use serde::Deserialize;
+
+use crate::config::LogSection;
+
+/// The flush policy as written in config files and topic configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushSetting {
+    Always,
+    Interval,
+    Os,
+}
+
+impl std::str::FromStr for FlushSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FlushSetting::Always),
+            "interval" => Ok(FlushSetting::Interval),
+            "os" => Ok(FlushSetting::Os),
+            other => Err(format!("'{other}' is not a flush policy (always, interval, os)")),
+        }
+    }
+}
+
+impl FlushSetting {
+    fn as_str(self) -> &'static str {
+        match self {
+            FlushSetting::Always => "always",
+            FlushSetting::Interval => "interval",
+            FlushSetting::Os => "os",
+        }
+    }
+}
+
+/// Every topic config key the broker understands, with a one-line meaning.
+pub const KEYS: &[(&str, &str)] = &[
+    ("retention.ms", "delete segments whose newest record is older than this; -1 keeps forever"),
+    ("retention.bytes", "delete oldest segments while the partition is larger; -1 for no limit"),
+    ("segment.bytes", "roll the active segment at this size"),
+    ("segment.ms", "roll the active segment at this age"),
+    ("flush.policy", "always (fsync before ack), interval, or os"),
+    ("flush.ms", "fsync interval for flush.policy=interval"),
+    ("max.message.bytes", "largest record batch accepted"),
+    ("index.interval.bytes", "bytes between sparse index entries"),
+    ("cleanup.policy", "delete (compact is reserved for key-based compaction)"),
+];
+
+/// The effective settings of a topic: defaults with its overrides applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDefaults {
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    pub flush: FlushSetting,
+    pub flush_ms: u64,
+    pub max_message_bytes: u64,
+    pub index_interval_bytes: u64,
+}
+
+impl TopicDefaults {
+    pub fn from_section(log: &LogSection) -> TopicDefaults {
+        TopicDefaults {
+            retention_ms: log.retention_ms.map(|m| m.0.as_millis() as u64),
+            retention_bytes: log.retention_bytes.map(|b| b.0),
+            segment_bytes: log.segment_bytes.0,
+            segment_ms: log.segment_ms.0.as_millis() as u64,
+            flush: log.flush,
+            flush_ms: log.flush_interval.0.as_millis() as u64,
+            max_message_bytes: log.max_message_bytes.0,
+            index_interval_bytes: log.index_interval_bytes.0,
+        }
+    }
+
+    /// Applies `overrides`; errors name the key and say what is accepted.
+    pub fn with_overrides(&self, overrides: &BTreeMap<String, String>) -> Result<TopicDefaults, String> {
+        let mut out = self.clone();
+        for (key, value) in overrides {
+            let int = || -> Result<i64, String> {
+                value
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("{key}={value}: expected an integer"))
+            };
+            let positive = || -> Result<u64, String> {
+                match int()? {
+                    n if n > 0 => Ok(n as u64),
+                    _ => Err(format!("{key}={value}: must be positive")),
+                }
+            };
+            let optional = || -> Result<Option<u64>, String> {
+                match int()? {
+                    -1 => Ok(None),
+                    n if n > 0 => Ok(Some(n as u64)),
+                    _ => Err(format!("{key}={value}: must be positive, or -1 for no limit")),
+                }
+            };
+            match key.as_str() {
+                "retention.ms" => out.retention_ms = optional()?,
+                "retention.bytes" => out.retention_bytes = optional()?,
+                "segment.bytes" => out.segment_bytes = positive()?,
+                "segment.ms" => out.segment_ms = positive()?,
+                "flush.policy" => out.flush = value.parse().map_err(|e| format!("flush.policy: {e}"))?,
+                "flush.ms" => out.flush_ms = positive()?,
+                "max.message.bytes" => out.max_message_bytes = positive()?,
+                "index.interval.bytes" => out.index_interval_bytes = positive()?,
+                "cleanup.policy" => match value.as_str() {
+                    "delete" => {}
+                    "compact" => return Err("cleanup.policy=compact: key-based compaction is not available yet".into()),
+                    other => return Err(format!("cleanup.policy={other}: expected delete")),
+                },
+                other => {
+                    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                    return Err(format!("unknown topic config key '{other}' (known: {})", known.join(", ")));
+                }
+            }
+        }
+        out.validate()?;
+        Ok(out)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.log_config().validate().map_err(|e| e.to_string())
+    }
+
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes: self.segment_bytes,
+            segment_ms: Duration::from_millis(self.segment_ms),
+            index_interval_bytes: self.index_interval_bytes,
+            retention_ms: self.retention_ms.map(Duration::from_millis),
+            retention_bytes: self.retention_bytes,
+            max_batch_bytes: self.max_message_bytes as usize,
+            flush: match self.flush {
+                FlushSetting::Always => FlushPolicy::Always,
+                FlushSetting::Interval => FlushPolicy::Interval(Duration::from_millis(self.flush_ms)),
+                FlushSetting::Os => FlushPolicy::Os,
+            },
+            ..LogConfig::default()
+        }
+    }
+
+    /// Every key with its effective value, for describe.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let opt = |v: Option<u64>| v.map_or("-1".to_string(), |v| v.to_string());
+        [
+            ("retention.ms", opt(self.retention_ms)),
+            ("retention.bytes", opt(self.retention_bytes)),
+            ("segment.bytes", self.segment_bytes.to_string()),
+            ("segment.ms", self.segment_ms.to_string()),
+            ("flush.policy", self.flush.as_str().to_string()),
+            ("flush.ms", self.flush_ms.to_string()),
+            ("max.message.bytes", self.max_message_bytes.to_string()),
+            ("index.interval.bytes", self.index_interval_bytes.to_string()),
+            ("cleanup.policy", "delete".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> TopicDefaults {
+        TopicDefaults::from_section(&LogSection::default())
+    }
+
+    #[test]
+    fn overrides_apply_and_bad_ones_name_the_key() {
+        let mut o = BTreeMap::new();
+        o.insert("retention.ms".to_string(), "-1".to_string());
+        o.insert("flush.policy".to_string(), "os".to_string());
+        let t = defaults().with_overrides(&o).expect("valid");
+        assert_eq!(t.retention_ms, None);
+        assert_eq!(t.log_config().flush, FlushPolicy::Os);
+
+        for (k, v, needle) in [
+            ("retention.msec", "1", "unknown topic config key 'retention.msec'"),
+            ("segment.bytes", "abc", "segment.bytes=abc"),
+            ("segment.bytes", "10", "segment_bytes"),
+            ("cleanup.policy", "compact", "compaction"),
+            ("flush.policy", "sometimes", "flush.policy"),
+        ] {
+            let mut o = BTreeMap::new();
+            o.insert(k.to_string(), v.to_string());
+            let err = defaults().with_overrides(&o).expect_err(k);
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}
