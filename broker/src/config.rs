@@ -119,8 +119,13 @@ impl BrokerConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.topic_defaults().validate().map_err(|e| anyhow::anyhow!("[log] {e}"))?;
-        anyhow::ensure!(self.log.default_partitions > 0, "[log] default_partitions must be positive");
+        self.topic_defaults()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[log] {e}"))?;
+        anyhow::ensure!(
+            self.log.default_partitions > 0,
+            "[log] default_partitions must be positive"
+        );
         anyhow::ensure!(
             self.limits.partition_queue_depth > 0,
             "[limits] partition_queue_depth must be positive"

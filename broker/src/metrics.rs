@@ -58,7 +58,11 @@ impl Histogram {
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {count}");
     }
@@ -83,21 +87,53 @@ impl Metrics {
     pub fn render(&self, registry: &Registry) -> String {
         let mut out = String::new();
         let counters = [
-            ("conveyor_produce_requests_total", "Produce requests received", &self.produce_requests),
-            ("conveyor_fetch_requests_total", "Fetch requests received", &self.fetch_requests),
-            ("conveyor_admin_requests_total", "Admin requests received", &self.admin_requests),
-            ("conveyor_request_errors_total", "Requests that failed", &self.request_errors),
+            (
+                "conveyor_produce_requests_total",
+                "Produce requests received",
+                &self.produce_requests,
+            ),
+            (
+                "conveyor_fetch_requests_total",
+                "Fetch requests received",
+                &self.fetch_requests,
+            ),
+            (
+                "conveyor_admin_requests_total",
+                "Admin requests received",
+                &self.admin_requests,
+            ),
+            (
+                "conveyor_request_errors_total",
+                "Requests that failed",
+                &self.request_errors,
+            ),
             ("conveyor_bytes_in_total", "Record batch bytes appended", &self.bytes_in),
-            ("conveyor_bytes_out_total", "Record batch bytes served by fetches", &self.bytes_out),
+            (
+                "conveyor_bytes_out_total",
+                "Record batch bytes served by fetches",
+                &self.bytes_out,
+            ),
             ("conveyor_records_in_total", "Records appended", &self.records_in),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
         }
         let histograms = [
-            ("conveyor_produce_latency_seconds", "Produce request latency", &self.produce_latency),
-            ("conveyor_fetch_latency_seconds", "Fetch request latency (long-poll wait included)", &self.fetch_latency),
-            ("conveyor_fsync_latency_seconds", "Time to apply the flush policy per append round", &self.fsync_latency),
+            (
+                "conveyor_produce_latency_seconds",
+                "Produce request latency",
+                &self.produce_latency,
+            ),
+            (
+                "conveyor_fetch_latency_seconds",
+                "Fetch request latency (long-poll wait included)",
+                &self.fetch_latency,
+            ),
+            (
+                "conveyor_fsync_latency_seconds",
+                "Time to apply the flush policy per append round",
+                &self.fsync_latency,
+            ),
         ];
         for (name, help, h) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -106,7 +142,10 @@ impl Metrics {
         let gauges = [
             ("conveyor_log_start_offset", "First offset in the partition log"),
             ("conveyor_log_end_offset", "Offset the next append gets"),
-            ("conveyor_high_watermark", "Offset below which records are visible to consumers"),
+            (
+                "conveyor_high_watermark",
+                "Offset below which records are visible to consumers",
+            ),
             ("conveyor_log_size_bytes", "Bytes on disk for the partition"),
         ];
         let partitions = registry.all_partitions();
@@ -167,4 +206,3 @@ pub async fn serve(
         });
     }
 }
-

@@ -116,8 +116,15 @@ impl Partition {
 
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.
     pub async fn stop(&self) {
-        self.mailbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        let handle = self.owner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        self.mailbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let handle = self
+            .owner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(handle) = handle
             && let Err(e) = handle.await
         {

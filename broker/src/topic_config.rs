@@ -42,15 +42,24 @@ impl FlushSetting {
 
 /// Every topic config key the broker understands, with a one-line meaning.
 pub const KEYS: &[(&str, &str)] = &[
-    ("retention.ms", "delete segments whose newest record is older than this; -1 keeps forever"),
-    ("retention.bytes", "delete oldest segments while the partition is larger; -1 for no limit"),
+    (
+        "retention.ms",
+        "delete segments whose newest record is older than this; -1 keeps forever",
+    ),
+    (
+        "retention.bytes",
+        "delete oldest segments while the partition is larger; -1 for no limit",
+    ),
     ("segment.bytes", "roll the active segment at this size"),
     ("segment.ms", "roll the active segment at this age"),
     ("flush.policy", "always (fsync before ack), interval, or os"),
     ("flush.ms", "fsync interval for flush.policy=interval"),
     ("max.message.bytes", "largest record batch accepted"),
     ("index.interval.bytes", "bytes between sparse index entries"),
-    ("cleanup.policy", "delete (compact is reserved for key-based compaction)"),
+    (
+        "cleanup.policy",
+        "delete (compact is reserved for key-based compaction)",
+    ),
 ];
 
 /// The effective settings of a topic: defaults with its overrides applied.
@@ -119,7 +128,10 @@ impl TopicDefaults {
                 },
                 other => {
                     let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-                    return Err(format!("unknown topic config key '{other}' (known: {})", known.join(", ")));
+                    return Err(format!(
+                        "unknown topic config key '{other}' (known: {})",
+                        known.join(", ")
+                    ));
                 }
             }
         }

@@ -30,6 +30,9 @@ const TOPICS_DIR: &str = "topics";
 const TRASH_DIR: &str = "trash";
 const MAX_TOPIC_NAME: usize = 249;
 
+/// A topic as the metadata log describes it: how it was created and its current overrides.
+type Replayed = (TopicCreated, BTreeMap<String, String>);
+
 #[derive(Debug)]
 pub struct Topic {
     pub name: String,
@@ -89,7 +92,10 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
     if name == "." || name == ".." {
         return fail("'.' and '..' are not allowed");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
         return fail("only ASCII letters, digits, '.', '_' and '-' are allowed");
     }
     if name.starts_with("__") {
@@ -109,7 +115,11 @@ fn metadata_config() -> LogConfig {
 
 impl Registry {
     /// Opens the metadata log, replays it and opens every topic's partitions. Blocking.
-    pub fn open(options: RegistryOptions, metrics: Arc<Metrics>, runtime: tokio::runtime::Handle) -> anyhow::Result<Registry> {
+    pub fn open(
+        options: RegistryOptions,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<Registry> {
         let meta_dir = options.data_dir.join(METADATA_DIR).join("0");
         let metadata = PartitionLog::open(&meta_dir, metadata_config())?;
         let registry = Registry {
@@ -128,7 +138,7 @@ impl Registry {
         Ok(registry)
     }
 
-    fn replay(&self) -> anyhow::Result<BTreeMap<String, (TopicCreated, BTreeMap<String, String>)>> {
+    fn replay(&self) -> anyhow::Result<BTreeMap<String, Replayed>> {
         let mut topics = BTreeMap::new();
         let mut next = self.metadata.log_start_offset();
         while next < self.metadata.log_end_offset() {
@@ -363,7 +373,9 @@ impl Registry {
 
     /// Flushes and closes the metadata log. Partition logs are closed by their owners' stop.
     pub fn close_metadata(&self) -> Result<()> {
-        self.metadata.flush().map_err(|e| BrokerError::from_log(METADATA_DIR, 0, e))
+        self.metadata
+            .flush()
+            .map_err(|e| BrokerError::from_log(METADATA_DIR, 0, e))
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -46,9 +46,15 @@ impl std::str::FromStr for ByteSize {
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
             "TiB" => 1 << 40,
-            other => return Err(format!("unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"
+                ));
+            }
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size '{s}' overflows"))
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size '{s}' overflows"))
     }
 }
 
@@ -107,6 +113,6 @@ mod tests {
         assert!("12 parsecs".parse::<ByteSize>().is_err());
         assert_eq!("7d".parse::<Millis>(), Ok(Millis(Duration::from_secs(7 * 86_400))));
         assert_eq!("250ms".parse::<Millis>(), Ok(Millis(Duration::from_millis(250))));
-        assert!("soon".parse::<Millis>().unwrap_err().contains("examples"));
+        assert!("soon".parse::<Millis>().is_err_and(|e| e.contains("examples")));
     }
 }

@@ -53,6 +53,11 @@ impl Default for LogConfig {
     }
 }
 
+/// Milliseconds of `d`, saturating, so "keep forever" never wraps negative.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Segment positions are stored as u32 in the offset index.
 const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
 

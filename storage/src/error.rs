@@ -61,6 +61,8 @@ pub enum LogError {
     Poisoned { reason: String },
     #[error("log is closed")]
     Closed,
+    #[error("offset {requested} was truncated away (the log now ends at {log_end_offset}) before it became durable")]
+    Truncated { requested: u64, log_end_offset: u64 },
     #[error("log at {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("invalid log configuration: {0}")]

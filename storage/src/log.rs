@@ -72,6 +72,8 @@ pub struct PartitionLog {
     pub(crate) log_end_offset: AtomicU64,
     pub(crate) max_batch_bytes: AtomicUsize,
     pub(crate) commit: GroupCommit,
+    /// A copy of `config.flush`, readable without waiting for the writer.
+    flush_policy: Mutex<FlushPolicy>,
     poisoned: AtomicBool,
     closed: AtomicBool,
     poison_reason: Mutex<Option<String>>,
@@ -101,6 +103,7 @@ impl PartitionLog {
             dir,
             segments: RwLock::new(segments),
             max_batch_bytes: AtomicUsize::new(config.max_batch_bytes),
+            flush_policy: Mutex::new(config.flush),
             writer: Mutex::new(Writer {
                 config,
                 cursor,
@@ -157,7 +160,9 @@ impl PartitionLog {
     pub fn set_config(&self, config: LogConfig) -> Result<()> {
         config.validate()?;
         self.max_batch_bytes.store(config.max_batch_bytes, Ordering::Release);
-        self.lock_writer().config = config;
+        let mut writer = self.lock_writer();
+        *lock(&self.flush_policy) = config.flush;
+        writer.config = config;
         Ok(())
     }
 
@@ -189,15 +194,20 @@ impl PartitionLog {
 
     pub(crate) fn poison(&self, what: &str, err: &LogError) {
         tracing::error!(dir = %self.dir.display(), error = %err, "partition log poisoned after a failed {what}");
-        *lock(&self.poison_reason) = Some(format!("{what}: {err}"));
+        let reason = format!("{what}: {err}");
+        *lock(&self.poison_reason) = Some(reason.clone());
         self.poisoned.store(true, Ordering::Release);
-        self.commit.wake_all();
+        self.commit.fail(reason);
     }
 
     /// Refuses further appends after a clean close, without reporting a failure.
     pub(crate) fn mark_closed(&self) {
         self.closed.store(true, Ordering::Release);
         self.commit.wake_all();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     pub(crate) fn check_poisoned(&self) -> Result<()> {
@@ -271,21 +281,24 @@ impl PartitionLog {
             if segment.max_timestamp() < timestamp {
                 continue;
             }
-            let start = match segment.time_index().last_before(timestamp) {
+            let entry = segment.time_index().last_before(timestamp);
+            let start = match entry {
                 Some(e) => segment
                     .locate(segment.base_offset() + u64::from(e.relative_offset))?
                     .map_or(0, |l| l.position),
                 None => 0,
             };
-            let mut candidate: Option<(u64, BatchHeader)> = None;
-            segment.scan_headers(start, segment.size(), |position, h| {
-                if h.max_timestamp >= timestamp && h.record_count > 0 && !h.is_control() {
-                    candidate = Some((position, *h));
-                    return false;
-                }
-                true
-            })?;
-            if let Some((position, header)) = candidate {
+            let mut from = start;
+            loop {
+                let mut candidate: Option<(u64, BatchHeader)> = None;
+                segment.scan_headers(from, segment.size(), |position, h| {
+                    if h.max_timestamp >= timestamp && h.record_count > 0 && !h.is_control() {
+                        candidate = Some((position, *h));
+                        return false;
+                    }
+                    true
+                })?;
+                let Some((position, header)) = candidate else { break };
                 let bytes = segment.read_exact_at(position, header.size())?.freeze();
                 let batch = RecordBatch::parse(bytes)?;
                 for record in batch.records()? {
@@ -294,6 +307,7 @@ impl PartitionLog {
                         return Ok(Some(record.offset));
                     }
                 }
+                from = position + header.size() as u64;
             }
         }
         Ok(None)
@@ -325,7 +339,7 @@ impl PartitionLog {
     }
 
     pub fn flush_policy(&self) -> FlushPolicy {
-        self.lock_writer().config.flush
+        *lock(&self.flush_policy)
     }
 
     /// As [`append`](Self::append), stamping the given leader epoch and Raft index.
@@ -393,7 +407,7 @@ impl PartitionLog {
         }
         let age_ms = batch::unix_millis().saturating_sub(active.created_ms());
         let full = size + next.size() as u64 > writer.config.segment_bytes
-            || age_ms >= writer.config.segment_ms.as_millis() as i64
+            || age_ms >= crate::config::millis(writer.config.segment_ms)
             || active.indexes_full()
             || next.last_offset() - active.base_offset() > u64::from(u32::MAX);
         if full {
@@ -406,11 +420,11 @@ impl PartitionLog {
     fn roll(&self, writer: &mut Writer, base_offset: u64) -> Result<()> {
         let old = self.active();
         let durable = writer.config.flush != FlushPolicy::Os;
+        if durable {
+            // Everything before the new segment is on disk before the recovery point moves.
+            self.sync_all(Some(writer.recovery_point), true)?;
+        }
         let result = (|| {
-            if durable {
-                old.sync_log()?;
-                old.flush_indexes()?;
-            }
             old.seal()?;
             let segment = Segment::open(&self.dir, base_offset, Some(writer.config.max_index_bytes))?;
             if durable {
@@ -427,9 +441,6 @@ impl PartitionLog {
                 return Err(e);
             }
         };
-        if durable {
-            self.commit.mark_durable(old.next_offset());
-        }
         tracing::debug!(dir = %self.dir.display(), base_offset, "rolled segment");
         self.write_segments().push(Arc::new(segment));
         writer.cursor = IndexCursor {

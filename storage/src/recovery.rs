@@ -27,7 +27,7 @@ use crate::error::{LogError, Result};
 use crate::file_names::{self, CLEAN_SHUTDOWN};
 use crate::log::PartitionLog;
 use crate::segment::Segment;
-use crate::sync::{read_recovery_point, sync_dir};
+use crate::sync::{read_recovery_point, sync_dir, write_recovery_point};
 
 /// Bytes read per `pread` while validating a segment.
 const RECOVERY_CHUNK: usize = 4 << 20;
@@ -43,7 +43,12 @@ impl PartitionLog {
     pub fn open_at(dir: impl AsRef<Path>, config: LogConfig, initial_offset: u64) -> Result<PartitionLog> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(LogError::io("create log directory", &dir))?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(LogError::io("create log directory", &dir))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         let bases = clean_directory(&dir)?;
         let marker = dir.join(CLEAN_SHUTDOWN);
         let clean = marker.exists();
@@ -63,13 +68,21 @@ impl PartitionLog {
         } else {
             load_segments(&dir, &bases, &config, recovery_point)?
         };
+        let mut recovery_point = recovery_point;
         if !clean && !bases.is_empty() {
-            // What recovery kept may only be in the page cache; make it durable before the
-            // log reports it as such.
-            if let Some(last) = segments.last() {
-                last.sync_log()?;
+            // What recovery kept may only be in the page cache: make it durable, then record
+            // that, so a second crash never trusts bytes this open did not check or sync.
+            let end = segments.last().map_or(0, |s| s.next_offset());
+            for segment in segments
+                .iter()
+                .filter(|s| s.next_offset() > recovery_point || s.size() == 0)
+            {
+                segment.sync_log()?;
+                segment.flush_indexes()?;
             }
-            tracing::info!(dir = %dir.display(), recovery_point, "recovered partition log after unclean shutdown");
+            write_recovery_point(&dir, end)?;
+            tracing::info!(dir = %dir.display(), recovery_point, log_end_offset = end, "recovered partition log after unclean shutdown");
+            recovery_point = end;
         }
         let rp = recovery_point.min(segments.last().map_or(0, |s| s.next_offset()));
         Ok(PartitionLog::from_parts(dir, segments, config, rp))
@@ -130,9 +143,11 @@ fn load_segments(dir: &Path, bases: &[u64], config: &LogConfig, recovery_point: 
         set_roll_time(&segment)?;
         segments.push(Arc::new(segment));
         if truncated {
-            for &later in &bases[i + 1..] {
+            // Newest first, so a crash part-way leaves a shorter but contiguous log.
+            for &later in bases[i + 1..].iter().rev() {
                 delete_segment_files(dir, later)?;
             }
+            sync_dir(dir)?;
             break;
         }
     }
@@ -183,7 +198,11 @@ fn set_roll_time(segment: &Segment) -> Result<()> {
 /// rebuilding the indexes if they disagree with the `.log`.
 fn load_trusted(segment: &Segment, config: &LogConfig) -> Result<()> {
     let file_len = segment.file_len()?;
-    if !indexes_consistent(segment, file_len) {
+    let last_entry_ok = match segment.offset_index().last() {
+        Some(e) => header_matches(segment, u64::from(e.position), segment.base_offset(), file_len)?,
+        None => true,
+    };
+    if !last_entry_ok || !indexes_consistent(segment, file_len) {
         tracing::warn!(segment = %segment.log_path().display(), "rebuilding inconsistent indexes");
         segment.offset_index_mut().truncate(0);
         segment.time_index_mut().truncate(0);
@@ -283,7 +302,10 @@ fn header_matches(segment: &Segment, position: u64, base: u64, file_len: u64) ->
 fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConfig) -> Result<u64> {
     let mut cursor = segment.index_cursor();
     let mut max_ts = segment.time_index().last().map_or(i64::MIN, |e| e.timestamp);
-    let mut expected: Option<u64> = (start == 0).then_some(segment.base_offset());
+    let mut expected: Option<u64> = Some(match segment.offset_index().last() {
+        Some(e) if start > 0 => segment.base_offset() + u64::from(e.relative_offset),
+        _ => segment.base_offset(),
+    });
     let mut position = start;
     let mut chunk = bytes::BytesMut::new();
     let mut chunk_start = start;

@@ -46,7 +46,7 @@ impl PartitionLog {
         let sealed = &segments[..segments.len() - 1];
         let mut count = 0;
         if let Some(limit) = writer.config.retention_ms {
-            let cutoff = now_ms.saturating_sub(limit.as_millis() as i64);
+            let cutoff = now_ms.saturating_sub(crate::config::millis(limit));
             count = sealed.iter().take_while(|s| s.max_timestamp() < cutoff).count();
         }
         if let Some(limit) = writer.config.retention_bytes {
@@ -70,6 +70,7 @@ impl PartitionLog {
         if count == 0 {
             return Ok(RetentionOutcome::default());
         }
+        self.check_poisoned()?;
         let removed: Vec<Arc<Segment>> = {
             let mut segments = self.write_segments();
             let count = count.min(segments.len() - 1);
@@ -98,6 +99,7 @@ impl PartitionLog {
     /// whole entries). A no-op at or past the log end.
     pub fn truncate_to(&self, offset: u64) -> Result<()> {
         let mut writer = self.lock_writer();
+        self.check_poisoned()?;
         let end = self.log_end_offset();
         if offset >= end {
             return Ok(());
@@ -147,19 +149,20 @@ impl PartitionLog {
         offset: u64,
         writer: &Writer,
     ) -> Result<()> {
+        // First, so that an fsync already running cannot publish the old end as durable.
+        self.commit.lower_durable(offset);
         for segment in later.iter().rev() {
             self.write_segments().pop();
             remove_segment_files(segment)?;
         }
-        let max_ts = target.recompute_max_timestamp(position)?;
-        target.truncate(position, offset, max_ts)?;
+        target.truncate(position, offset, i64::MIN)?;
+        target.set_max_timestamp(target.recompute_max_timestamp(position)?);
         target.unseal(writer.config.max_index_bytes)?;
+        self.log_end_offset.store(offset, std::sync::atomic::Ordering::Release);
         if writer.config.flush != FlushPolicy::Os {
-            target.sync_log()?;
+            self.sync_all(Some(offset), false)?;
             sync_dir(&self.dir)?;
         }
-        self.commit.lower_durable(offset);
-        self.log_end_offset.store(offset, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -175,6 +178,7 @@ impl PartitionLog {
     /// because the leader no longer has the entries it needs.
     pub fn truncate_fully_and_start_at(&self, offset: u64) -> Result<()> {
         let mut writer = self.lock_writer();
+        self.check_poisoned()?;
         write_recovery_point(&self.dir, 0)?;
         writer.recovery_point = 0;
         let result = {
@@ -204,8 +208,7 @@ impl PartitionLog {
             last_indexed_position: 0,
             last_indexed_timestamp: i64::MIN,
         };
-        self.commit.lower_durable(offset);
-        self.commit.mark_durable(offset);
+        self.commit.reset(offset);
         self.log_start_offset
             .store(offset, std::sync::atomic::Ordering::Release);
         self.log_end_offset.store(offset, std::sync::atomic::Ordering::Release);

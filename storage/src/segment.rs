@@ -156,9 +156,13 @@ impl Segment {
             .seek(SeekFrom::Start(size))
             .map_err(LogError::io("seek segment", &self.log_path))?;
         self.max_timestamp.store(max_timestamp, Ordering::Release);
-        self.next_offset.store(next_offset, Ordering::Release);
         self.size.store(size, Ordering::Release);
+        self.next_offset.store(next_offset, Ordering::Release);
         Ok(())
+    }
+
+    pub(crate) fn set_max_timestamp(&self, ms: i64) {
+        self.max_timestamp.store(ms, Ordering::Release);
     }
 
     pub(crate) fn set_created_ms(&self, ms: i64) {
@@ -192,9 +196,10 @@ impl Segment {
         if position == 0 {
             self.set_created_ms(crate::batch::unix_millis());
         }
+        // Size before end offset: a reader that sees the new end also sees the bytes.
         self.max_timestamp.store(max_timestamp, Ordering::Release);
-        self.next_offset.store(header.next_offset(), Ordering::Release);
         self.size.store(position + header.size() as u64, Ordering::Release);
+        self.next_offset.store(header.next_offset(), Ordering::Release);
         Ok(())
     }
 

@@ -25,8 +25,22 @@ use crate::log::PartitionLog;
 #[derive(Debug)]
 struct SyncState {
     durable: u64,
+    /// The fsync token: at most one fsync of this log runs at a time, so a failure is recorded
+    /// before anyone else can fsync (Linux reports a writeback error only once).
     syncing: bool,
     last_sync: Instant,
+    /// Sticky: after a failed write or fsync nothing more is ever marked durable.
+    failed: Option<String>,
+    /// Bumped whenever durability moves backwards (truncation), so an fsync that started
+    /// before cannot publish an end that now covers different bytes.
+    generation: u64,
+}
+
+/// Proof of holding the fsync token.
+#[derive(Debug)]
+pub(crate) struct SyncToken {
+    generation: u64,
+    durable: u64,
 }
 
 #[derive(Debug)]
@@ -42,6 +56,8 @@ impl GroupCommit {
                 durable,
                 syncing: false,
                 last_sync: Instant::now(),
+                failed: None,
+                generation: 0,
             }),
             done: Condvar::new(),
         }
@@ -55,21 +71,68 @@ impl GroupCommit {
         self.lock().durable
     }
 
-    pub(crate) fn mark_durable(&self, offset: u64) {
+    /// Truncation: nothing at or above `offset` is durable any more.
+    pub(crate) fn lower_durable(&self, offset: u64) {
         let mut st = self.lock();
-        st.durable = st.durable.max(offset);
-        st.last_sync = Instant::now();
+        st.durable = st.durable.min(offset);
+        st.generation += 1;
+    }
+
+    /// A reset log is empty at `offset`, so everything below it counts as durable.
+    pub(crate) fn reset(&self, offset: u64) {
+        let mut st = self.lock();
+        st.durable = offset;
+        st.generation += 1;
+    }
+
+    pub(crate) fn fail(&self, reason: String) {
+        let mut st = self.lock();
+        st.failed.get_or_insert(reason);
         drop(st);
         self.done.notify_all();
     }
 
-    /// After truncation nothing above the new end can be durable.
-    pub(crate) fn lower_durable(&self, offset: u64) {
-        let mut st = self.lock();
-        st.durable = st.durable.min(offset);
+    pub(crate) fn wake_all(&self) {
+        self.done.notify_all();
     }
 
-    pub(crate) fn wake_all(&self) {
+    /// Waits for the fsync token. With `target`, returns `None` instead once everything below
+    /// it is durable. `check` runs under the lock on every wake-up and may refuse.
+    fn acquire(&self, target: Option<u64>, check: impl Fn(u64) -> Result<()>) -> Result<Option<SyncToken>> {
+        let mut st = self.lock();
+        loop {
+            if target.is_some_and(|t| st.durable >= t) {
+                return Ok(None);
+            }
+            if let Some(reason) = &st.failed {
+                return Err(LogError::Poisoned { reason: reason.clone() });
+            }
+            check(st.durable)?;
+            if !st.syncing {
+                st.syncing = true;
+                return Ok(Some(SyncToken {
+                    generation: st.generation,
+                    durable: st.durable,
+                }));
+            }
+            st = self.done.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn release(&self, token: SyncToken, outcome: std::result::Result<u64, String>) {
+        let mut st = self.lock();
+        st.syncing = false;
+        match outcome {
+            Ok(covered) if st.generation == token.generation => {
+                st.durable = st.durable.max(covered);
+                st.last_sync = Instant::now();
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                st.failed.get_or_insert(reason);
+            }
+        }
+        drop(st);
         self.done.notify_all();
     }
 }
@@ -78,35 +141,66 @@ impl PartitionLog {
     /// Blocks until every offset below `target` is fsynced, sharing fsyncs with concurrent
     /// callers.
     pub(crate) fn sync_to(&self, target: u64) -> Result<()> {
-        let mut st = self.commit.lock();
         loop {
-            self.check_poisoned()?;
-            if st.durable >= target {
-                return Ok(());
+            let check = |_durable: u64| {
+                if self.is_closed() {
+                    return Err(LogError::Closed);
+                }
+                let end = self.log_end_offset();
+                if target > end {
+                    return Err(LogError::Truncated {
+                        requested: target,
+                        log_end_offset: end,
+                    });
+                }
+                Ok(())
+            };
+            match self.commit.acquire(Some(target), check)? {
+                None => return Ok(()),
+                Some(token) => {
+                    self.sync_with(token, None, false)?;
+                }
             }
-            if st.syncing {
-                st = self
-                    .commit
-                    .done
-                    .wait(st)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                continue;
+        }
+    }
+
+    /// Takes the fsync token unconditionally (roll, flush, close).
+    pub(crate) fn sync_all(&self, from: Option<u64>, indexes: bool) -> Result<u64> {
+        let token = self.commit.acquire(None, |_| Ok(()))?;
+        match token {
+            Some(token) => self.sync_with(token, from, indexes),
+            None => Ok(self.commit.durable()),
+        }
+    }
+
+    /// fsyncs every segment holding offsets at or above `from` (default: the durable offset),
+    /// and their indexes if asked, then releases the token, publishing the new durable end.
+    fn sync_with(&self, token: SyncToken, from: Option<u64>, indexes: bool) -> Result<u64> {
+        let from = from.map_or(token.durable, |f| f.min(token.durable));
+        let segments = self.segments_snapshot();
+        let covered = segments.last().map_or(from, |s| s.next_offset());
+        let result = segments
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.next_offset() > from || *i + 1 == segments.len())
+            .map(|(_, s)| s)
+            .try_for_each(|s| {
+                s.sync_log()?;
+                if indexes {
+                    s.flush_indexes()?;
+                }
+                Ok(())
+            });
+        match result {
+            Ok(()) => {
+                self.commit.release(token, Ok(covered));
+                Ok(covered)
             }
-            st.syncing = true;
-            drop(st);
-            let active = self.active();
-            let covered = active.next_offset();
-            let result = active.sync_log();
-            st = self.commit.lock();
-            st.syncing = false;
-            if let Err(e) = result {
-                drop(st);
+            Err(e) => {
+                self.commit.release(token, Err(format!("fsync: {e}")));
                 self.poison("fsync", &e);
-                return Err(e);
+                Err(e)
             }
-            st.durable = st.durable.max(covered);
-            st.last_sync = Instant::now();
-            self.commit.done.notify_all();
         }
     }
 
@@ -125,7 +219,8 @@ impl PartitionLog {
 
     /// Applies the `Interval` flush policy if that is the configured one.
     pub fn flush_if_due(&self) -> Result<()> {
-        if let crate::FlushPolicy::Interval(every) = self.lock_writer().config.flush {
+        let policy = self.flush_policy();
+        if let crate::FlushPolicy::Interval(every) = policy {
             self.sync_if_older_than(every)?;
         }
         Ok(())
@@ -135,28 +230,25 @@ impl PartitionLog {
     /// so that a later crash recovery scans only what came after.
     pub fn flush(&self) -> Result<()> {
         let mut writer = self.lock_writer();
+        self.flush_locked(&mut writer)
+    }
+
+    fn flush_locked(&self, writer: &mut crate::log::Writer) -> Result<()> {
         self.check_poisoned()?;
-        let end = self.log_end_offset();
-        let active = self.active();
-        let result = active
-            .sync_log()
-            .and_then(|()| active.flush_indexes())
-            .and_then(|()| write_recovery_point(&self.dir, end));
-        if let Err(e) = result {
-            self.poison("flush", &e);
+        let end = self.sync_all(Some(writer.recovery_point), true)?;
+        if let Err(e) = write_recovery_point(&self.dir, end) {
+            self.poison("recovery point write", &e);
             return Err(e);
         }
         writer.recovery_point = end;
-        self.commit.mark_durable(end);
         Ok(())
     }
 
     /// Flushes, trims the active indexes and leaves the clean-shutdown marker, so the next
-    /// open skips recovery. The log refuses appends afterwards.
+    /// open skips recovery. The log refuses appends and other changes afterwards.
     pub fn close(&self) -> Result<()> {
-        self.flush()?;
-        let _writer = self.lock_writer();
-        self.check_poisoned()?;
+        let mut writer = self.lock_writer();
+        self.flush_locked(&mut writer)?;
         self.mark_closed();
         self.active().seal()?;
         let marker = self.dir.join(CLEAN_SHUTDOWN);

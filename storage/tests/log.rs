@@ -427,3 +427,36 @@ fn a_missing_or_damaged_index_is_rebuilt_from_the_log() {
         );
     }
 }
+
+#[test]
+fn waiting_for_durability_of_truncated_offsets_fails_instead_of_spinning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Always)).expect("open");
+    let info = log.append_unsynced(&batch(0, 10, 1)).expect("append");
+    log.truncate_to(0).expect("truncate");
+    match log.apply_flush_policy(info.next_offset) {
+        Err(LogError::Truncated {
+            requested: 10,
+            log_end_offset: 0,
+        }) => {}
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_closed_log_refuses_changes_and_reopens_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("open");
+    log.append(&batch(0, 10, 1)).expect("append");
+    log.close().expect("close");
+    assert!(matches!(log.append(&batch(1, 1, 1)), Err(LogError::Closed)));
+    assert!(matches!(log.truncate_to(0), Err(LogError::Closed)));
+    assert_eq!(
+        log.read(0, 1 << 20).map(|b| b.is_empty()).ok(),
+        Some(false),
+        "reads still work"
+    );
+    drop(log);
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("reopen");
+    assert_eq!(log.log_end_offset(), 10);
+}

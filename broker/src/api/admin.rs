@@ -60,7 +60,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_topic(&self, request: Request<CreateTopicRequest>) -> Result<Response<CreateTopicResponse>, Status> {
+    async fn create_topic(
+        &self,
+        request: Request<CreateTopicRequest>,
+    ) -> Result<Response<CreateTopicResponse>, Status> {
         self.count();
         let req = request.into_inner();
         let _guard = self.ctx.admin_lock.lock().await;
@@ -75,7 +78,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn delete_topic(&self, request: Request<DeleteTopicRequest>) -> Result<Response<DeleteTopicResponse>, Status> {
+    async fn delete_topic(
+        &self,
+        request: Request<DeleteTopicRequest>,
+    ) -> Result<Response<DeleteTopicResponse>, Status> {
         self.count();
         let name = request.into_inner().name;
         let _guard = self.ctx.admin_lock.lock().await;
@@ -111,7 +117,10 @@ impl Admin for AdminService {
         Ok(Response::new(ListTopicsResponse { topics }))
     }
 
-    async fn describe_topic(&self, request: Request<DescribeTopicRequest>) -> Result<Response<TopicDescription>, Status> {
+    async fn describe_topic(
+        &self,
+        request: Request<DescribeTopicRequest>,
+    ) -> Result<Response<TopicDescription>, Status> {
         self.count();
         let topic = self
             .ctx
@@ -136,7 +145,10 @@ impl Admin for AdminService {
         Ok(Response::new(self.describe(&topic)))
     }
 
-    async fn describe_cluster(&self, _: Request<DescribeClusterRequest>) -> Result<Response<ClusterDescription>, Status> {
+    async fn describe_cluster(
+        &self,
+        _: Request<DescribeClusterRequest>,
+    ) -> Result<Response<ClusterDescription>, Status> {
         self.count();
         Ok(Response::new(ClusterDescription {
             cluster_id: format!("conveyor-{}", self.ctx.node_id),

@@ -96,14 +96,20 @@ fn decode(bytes: &Bytes, from: u64) -> Result<Vec<Record>> {
 impl FetchService {
     fn resolve(&self, req: &FetchRequest) -> Result<Vec<Wanted>> {
         if req.partitions.is_empty() {
-            return Err(BrokerError::InvalidRequest("a fetch needs at least one partition".into()));
+            return Err(BrokerError::InvalidRequest(
+                "a fetch needs at least one partition".into(),
+            ));
         }
         req.partitions
             .iter()
             .map(|pf| {
                 let topic = self.ctx.registry.get(&pf.topic)?;
                 let partition = Arc::clone(topic.partition(pf.partition)?);
-                let max = if pf.max_bytes == 0 { DEFAULT_PARTITION_MAX_BYTES } else { pf.max_bytes };
+                let max = if pf.max_bytes == 0 {
+                    DEFAULT_PARTITION_MAX_BYTES
+                } else {
+                    pf.max_bytes
+                };
                 Ok(Wanted {
                     partition,
                     offset: pf.offset,
@@ -115,7 +121,11 @@ impl FetchService {
 
     async fn fetch_inner(&self, req: FetchRequest) -> Result<FetchResponse> {
         let wanted = Arc::new(self.resolve(&req)?);
-        let budget = if req.max_bytes == 0 { DEFAULT_MAX_BYTES } else { req.max_bytes } as usize;
+        let budget = if req.max_bytes == 0 {
+            DEFAULT_MAX_BYTES
+        } else {
+            req.max_bytes
+        } as usize;
         let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.ctx.max_fetch_wait_ms));
         let deadline = Instant::now() + wait;
         let mut watches: Vec<_> = wanted.iter().map(|w| w.partition.watch_high_watermark()).collect();
@@ -138,7 +148,11 @@ impl FetchService {
         let mut partitions = Vec::with_capacity(results.len());
         for (w, (high_watermark, log_start_offset, batches)) in wanted.iter().zip(results) {
             self.ctx.metrics.bytes_out.add(batches.len() as u64);
-            let records = if req.decode_records { decode(&batches, w.offset)? } else { Vec::new() };
+            let records = if req.decode_records {
+                decode(&batches, w.offset)?
+            } else {
+                Vec::new()
+            };
             partitions.push(PartitionData {
                 topic: w.partition.topic.clone(),
                 partition: w.partition.index,
@@ -164,7 +178,11 @@ impl FetchService {
                 Some(offset_query::Spec::Timestamp(ts)) => {
                     let log = Arc::clone(&p.log);
                     let (topic, index) = (p.topic.clone(), p.index);
-                    let found = blocking(move || log.offset_for_timestamp(ts).map_err(|e| BrokerError::from_log(&topic, index, e))).await?;
+                    let found = blocking(move || {
+                        log.offset_for_timestamp(ts)
+                            .map_err(|e| BrokerError::from_log(&topic, index, e))
+                    })
+                    .await?;
                     match found {
                         Some(o) if o < hw => (o, true),
                         _ => (hw, false),
@@ -198,7 +216,10 @@ impl Fetch for FetchService {
         })
     }
 
-    async fn list_offsets(&self, request: Request<ListOffsetsRequest>) -> std::result::Result<Response<ListOffsetsResponse>, Status> {
+    async fn list_offsets(
+        &self,
+        request: Request<ListOffsetsRequest>,
+    ) -> std::result::Result<Response<ListOffsetsResponse>, Status> {
         self.ctx.metrics.fetch_requests.add(1);
         self.list_offsets_inner(request.into_inner())
             .await

@@ -31,6 +31,9 @@ pub struct ProduceService {
     pub ctx: Arc<Context>,
 }
 
+/// A queued part of a request and, unless acks=none, where its answer will arrive.
+type Queued = (Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>);
+
 /// A request after validation: what to queue where.
 struct Prepared {
     acks: Acks,
@@ -72,7 +75,9 @@ impl ProduceService {
     fn prepare(&self, req: ProduceRequest) -> Result<Prepared> {
         let acks = acks_of(req.acks)?;
         if req.partitions.is_empty() {
-            return Err(BrokerError::InvalidRequest("a produce request needs at least one partition".into()));
+            return Err(BrokerError::InvalidRequest(
+                "a produce request needs at least one partition".into(),
+            ));
         }
         let mut parts = Vec::with_capacity(req.partitions.len());
         for pp in req.partitions {
@@ -81,7 +86,8 @@ impl ProduceService {
             let limit = topic.effective.max_message_bytes as usize;
             let mut batches = pp.batches;
             if !pp.records.is_empty() {
-                batches.push(pack_records(pp.records).map_err(|e| BrokerError::from_batch(&pp.topic, pp.partition, e))?);
+                batches
+                    .push(pack_records(pp.records).map_err(|e| BrokerError::from_batch(&pp.topic, pp.partition, e))?);
             }
             if batches.is_empty() {
                 return Err(BrokerError::InvalidRequest(format!(
@@ -98,7 +104,7 @@ impl ProduceService {
     }
 
     /// Queues every part; returns receivers to await (none with acks=none).
-    async fn enqueue(prepared: Prepared) -> Result<Vec<(Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>)>> {
+    async fn enqueue(prepared: Prepared) -> Result<Vec<Queued>> {
         let mut waits = Vec::with_capacity(prepared.parts.len());
         for (partition, batches) in prepared.parts {
             let rx = partition.enqueue(batches, prepared.acks).await?;
@@ -108,10 +114,7 @@ impl ProduceService {
         Ok(waits)
     }
 
-    async fn collect(
-        request_id: u64,
-        waits: Vec<(Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>)>,
-    ) -> ProduceResponse {
+    async fn collect(request_id: u64, waits: Vec<Queued>) -> ProduceResponse {
         let mut partitions = Vec::with_capacity(waits.len());
         for (partition, rx) in waits {
             let mut result = pb::PartitionProduceResult {
@@ -154,7 +157,10 @@ type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<ProduceRespo
 
 #[tonic::async_trait]
 impl Produce for ProduceService {
-    async fn produce(&self, request: Request<ProduceRequest>) -> std::result::Result<Response<ProduceResponse>, Status> {
+    async fn produce(
+        &self,
+        request: Request<ProduceRequest>,
+    ) -> std::result::Result<Response<ProduceResponse>, Status> {
         let started = Instant::now();
         let metrics = &self.ctx.metrics;
         metrics.produce_requests.add(1);
@@ -222,7 +228,11 @@ impl Produce for ProduceService {
                     }
                     Err(e) => {
                         metrics.request_errors.add(1);
-                        if tx.send(Ok(ProduceService::error_response(request_id, &summary, &e))).await.is_err() {
+                        if tx
+                            .send(Ok(ProduceService::error_response(request_id, &summary, &e)))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }

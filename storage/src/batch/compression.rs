@@ -63,16 +63,18 @@ impl Compression {
         Ok(())
     }
 
-    /// Decompresses a compressed records section. Not called for `None`.
-    pub(crate) fn decompress(self, section: &[u8]) -> Result<Vec<u8>, BatchError> {
+    /// Decompresses a compressed records section, refusing one that declares more than
+    /// `limit` bytes. Not called for `None`.
+    pub(crate) fn decompress(self, section: &[u8], limit: usize) -> Result<Vec<u8>, BatchError> {
         if section.len() < 4 {
             return Err(BatchError::Decompress("missing uncompressed length".into()));
         }
         let (len, block) = section.split_at(4);
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        if len > MAX_UNCOMPRESSED_BYTES {
+        let limit = limit.min(MAX_UNCOMPRESSED_BYTES);
+        if len > limit {
             return Err(BatchError::Decompress(format!(
-                "declared uncompressed size {len} exceeds {MAX_UNCOMPRESSED_BYTES}"
+                "declared uncompressed size {len} exceeds the limit of {limit}"
             )));
         }
         let plain = match self {
@@ -128,7 +130,10 @@ mod tests {
             let mut out = Vec::new();
             codec.compress(&plain, &mut out).expect("compress");
             assert!(out.len() < plain.len(), "{codec} should shrink repetitive input");
-            assert_eq!(codec.decompress(&out).expect("decompress"), plain);
+            assert_eq!(
+                codec.decompress(&out, MAX_UNCOMPRESSED_BYTES).expect("decompress"),
+                plain
+            );
         }
     }
 
@@ -137,7 +142,10 @@ mod tests {
         let mut section = (u32::MAX).to_le_bytes().to_vec();
         section.extend_from_slice(&[0u8; 16]);
         for codec in [Compression::Lz4, Compression::Zstd] {
-            assert!(matches!(codec.decompress(&section), Err(BatchError::Decompress(_))));
+            assert!(matches!(
+                codec.decompress(&section, MAX_UNCOMPRESSED_BYTES),
+                Err(BatchError::Decompress(_))
+            ));
         }
     }
 }

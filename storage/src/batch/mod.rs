@@ -186,12 +186,12 @@ impl BatchHeader {
 
     /// Offset of the last record (or of the control batch itself when it has none).
     pub fn last_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.last_offset_delta)
+        self.base_offset.saturating_add(u64::from(self.last_offset_delta))
     }
 
     /// The offset right after this batch.
     pub fn next_offset(&self) -> u64 {
-        self.last_offset() + 1
+        self.last_offset().saturating_add(1)
     }
 
     /// Compression codec; errors on an unknown codec number.

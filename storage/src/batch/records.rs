@@ -138,33 +138,32 @@ fn parse_raw(buf: &[u8], pos: &mut usize, index: u32) -> Result<RawRecord, Batch
     })
 }
 
-/// Walks every record, checking structure, offset deltas and timestamps against the header.
-/// Returns the number of records found.
-pub(crate) fn walk(header: &BatchHeader, section: &[u8]) -> Result<u32, BatchError> {
+/// Walks every record of a producer-built batch, checking structure, that offset deltas run
+/// 0, 1, 2, ... and that timestamps stay within the header's maximum. Returns the number of
+/// records and their largest timestamp.
+pub(crate) fn walk(header: &BatchHeader, section: &[u8]) -> Result<(u32, i64), BatchError> {
     let mut pos = 0;
     let mut count: u32 = 0;
-    let mut previous_delta: Option<u64> = None;
+    let mut max_timestamp = i64::MIN;
     while pos < section.len() {
         let raw = parse_raw(section, &mut pos, count)?;
-        check_order(header, &raw, previous_delta, count)?;
-        previous_delta = Some(raw.offset_delta);
+        if raw.offset_delta != u64::from(count) {
+            return Err(invalid(
+                count,
+                "offset deltas must run 0, 1, 2, ... in a produced batch",
+            ));
+        }
+        let ts = header
+            .first_timestamp
+            .checked_add(raw.timestamp_delta)
+            .ok_or(invalid(count, "timestamp overflows"))?;
+        if ts > header.max_timestamp {
+            return Err(invalid(count, "timestamp is above the batch's max timestamp"));
+        }
+        max_timestamp = max_timestamp.max(ts);
         count = count.checked_add(1).ok_or(invalid(count, "too many records"))?;
     }
-    Ok(count)
-}
-
-fn check_order(header: &BatchHeader, raw: &RawRecord, previous: Option<u64>, index: u32) -> Result<(), BatchError> {
-    if previous.is_some_and(|p| raw.offset_delta <= p) {
-        return Err(invalid(index, "offset deltas must increase"));
-    }
-    if raw.offset_delta > u64::from(header.last_offset_delta) {
-        return Err(invalid(index, "offset delta exceeds the batch's last offset delta"));
-    }
-    let ts = header.first_timestamp.checked_add(raw.timestamp_delta);
-    if ts.is_none_or(|ts| ts > header.max_timestamp) {
-        return Err(invalid(index, "timestamp is above the batch's max timestamp"));
-    }
-    Ok(())
+    Ok((count, max_timestamp))
 }
 
 /// The plain records section of a batch, decompressed when needed.
@@ -172,7 +171,9 @@ pub(crate) fn plain_section(header: &BatchHeader, batch: &Bytes) -> Result<Bytes
     let section = batch.slice(HEADER_LEN..);
     match header.compression()? {
         Compression::None => Ok(section),
-        codec => Ok(Bytes::from(codec.decompress(&section)?)),
+        codec => Ok(Bytes::from(
+            codec.decompress(&section, super::compression::MAX_UNCOMPRESSED_BYTES)?,
+        )),
     }
 }
 

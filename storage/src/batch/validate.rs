@@ -4,6 +4,9 @@ use super::records;
 use super::*;
 use crate::error::BatchError;
 
+/// How far a compressed batch may expand relative to `max_batch_bytes`.
+const MAX_COMPRESSION_RATIO: usize = 64;
+
 /// Checks a batch received from a client or a peer and returns its header.
 ///
 /// Refuses: a buffer shorter than the header or over `max_batch_bytes`, a length field that
@@ -12,15 +15,27 @@ use crate::error::BatchError;
 /// offset deltas or timestamps inconsistent with the header.
 pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, BatchError> {
     let header = check_frame(batch, max_batch_bytes)?;
-    let count = match header.compression()? {
+    // Bounds what a small compressed batch may expand to in memory.
+    let inflate_limit = max_batch_bytes.saturating_mul(MAX_COMPRESSION_RATIO);
+    let (count, max_timestamp) = match header.compression()? {
         Compression::None => records::walk(&header, &batch[HEADER_LEN..])?,
-        codec => records::walk(&header, &codec.decompress(&batch[HEADER_LEN..])?)?,
+        codec => records::walk(&header, &codec.decompress(&batch[HEADER_LEN..], inflate_limit)?)?,
     };
     if count != header.record_count {
         return Err(BatchError::CountMismatch {
             declared: header.record_count,
             actual: count,
         });
+    }
+    if count > 0 && header.last_offset_delta != count - 1 {
+        return Err(BatchError::InvalidHeader(
+            "last offset delta must be the record count minus one",
+        ));
+    }
+    if count > 0 && header.max_timestamp != max_timestamp {
+        return Err(BatchError::InvalidHeader(
+            "max timestamp must be the largest record timestamp",
+        ));
     }
     Ok(header)
 }

@@ -81,8 +81,13 @@ impl<E: Entry> MmapIndex<E> {
         Ok(index)
     }
 
+    /// Replaces the mapping with one of `bytes`. On failure the index is left empty (never
+    /// with entries but no mapping), and the caller poisons the log.
     fn remap(&mut self, bytes: u64) -> Result<()> {
         let bytes = bytes / E::SIZE as u64 * E::SIZE as u64;
+        let len = self.len;
+        self.len = 0;
+        self.capacity = 0;
         if let Some(m) = self.mmap.take() {
             m.flush().map_err(LogError::io("flush index", &self.path))?;
         }
@@ -96,6 +101,8 @@ impl<E: Entry> MmapIndex<E> {
             let map = unsafe { MmapMut::map_mut(&self.file) }.map_err(LogError::io("map index", &self.path))?;
             self.mmap = Some(map);
         }
+        self.capacity = bytes as usize / E::SIZE;
+        self.len = len.min(self.capacity);
         Ok(())
     }
 
@@ -165,10 +172,7 @@ impl<E: Entry> MmapIndex<E> {
         if (self.capacity * E::SIZE) as u64 >= max_bytes {
             return Ok(());
         }
-        let len = self.len;
-        self.remap(max_bytes)?;
-        self.len = len;
-        Ok(())
+        self.remap(max_bytes)
     }
 
     pub(crate) fn flush(&self) -> Result<()> {
