@@ -1,0 +1,132 @@
+//! Topic, offset and cluster administration.
+
+use conveyor_proto::v1::admin_client::AdminClient;
+use conveyor_proto::v1::fetch_client::FetchClient;
+use conveyor_proto::v1::*;
+
+use crate::Client;
+use crate::error::Result;
+
+/// Where to look up an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    Earliest,
+    /// The high watermark: the offset the next visible record will get.
+    Latest,
+    /// The first record at or after this timestamp (ms since the Unix epoch).
+    Timestamp(i64),
+}
+
+/// Admin calls. Obtain one with [`Client::admin`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), conveyor_client::ClientError> {
+/// let client = conveyor_client::Client::connect("127.0.0.1:9292").await?;
+/// let admin = client.admin();
+/// admin.create_topic("deliveries", 6, [("retention.ms", "86400000")]).await?;
+/// for topic in admin.list_topics().await? {
+///     println!("{} ({} partitions)", topic.name, topic.partitions);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    pub(crate) fn new(client: Client) -> Admin {
+        Admin { client }
+    }
+
+    fn admin(&self) -> AdminClient<tonic::transport::Channel> {
+        AdminClient::new(self.client.channel())
+    }
+
+    /// Creates a topic with `partitions` partitions and per-topic config overrides.
+    pub async fn create_topic<K: Into<String>, V: Into<String>>(
+        &self,
+        name: &str,
+        partitions: i32,
+        configs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<TopicDescription> {
+        let request = CreateTopicRequest {
+            name: name.to_string(),
+            partitions,
+            replication_factor: 0,
+            configs: configs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        };
+        let response = self.admin().create_topic(request).await?.into_inner();
+        Ok(response.topic.unwrap_or_default())
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.admin()
+            .delete_topic(DeleteTopicRequest { name: name.to_string() })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<TopicSummary>> {
+        Ok(self
+            .admin()
+            .list_topics(ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics)
+    }
+
+    /// Partitions with their offsets, and the effective config (defaults included).
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        Ok(self
+            .admin()
+            .describe_topic(DescribeTopicRequest { name: name.to_string() })
+            .await?
+            .into_inner())
+    }
+
+    /// Sets config keys; an empty value resets a key to the broker default.
+    pub async fn alter_topic_config<K: Into<String>, V: Into<String>>(
+        &self,
+        name: &str,
+        configs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<TopicDescription> {
+        let request = AlterTopicConfigRequest {
+            name: name.to_string(),
+            configs: configs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        };
+        Ok(self.admin().alter_topic_config(request).await?.into_inner())
+    }
+
+    pub async fn describe_cluster(&self) -> Result<ClusterDescription> {
+        Ok(self
+            .admin()
+            .describe_cluster(DescribeClusterRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Looks up an offset of one partition.
+    pub async fn list_offset(&self, topic: &str, partition: i32, spec: OffsetSpec) -> Result<OffsetResult> {
+        let spec = match spec {
+            OffsetSpec::Earliest => offset_query::Spec::Earliest(true),
+            OffsetSpec::Latest => offset_query::Spec::Latest(true),
+            OffsetSpec::Timestamp(ts) => offset_query::Spec::Timestamp(ts),
+        };
+        let request = ListOffsetsRequest {
+            queries: vec![OffsetQuery {
+                topic: topic.to_string(),
+                partition,
+                spec: Some(spec),
+            }],
+        };
+        let mut results = FetchClient::new(self.client.channel())
+            .list_offsets(request)
+            .await?
+            .into_inner()
+            .results;
+        results
+            .pop()
+            .ok_or_else(|| crate::ClientError::InvalidArgument("the broker returned no offset".into()))
+    }
+}

@@ -1,0 +1,149 @@
+//! The fetch loop behind a consumer's stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor_proto::v1::fetch_client::FetchClient;
+use conveyor_proto::v1::{FetchRequest, PartitionFetch};
+use conveyor_storage::batch::BatchIter;
+use tokio::sync::mpsc;
+
+use super::{ConsumerConfig, ConsumerRecord, StartAt};
+use crate::admin::OffsetSpec;
+use crate::error::{ClientError, Result};
+use crate::{Client, MAX_MESSAGE_BYTES};
+
+/// Consecutive retriable failures tolerated before the stream gives up.
+const MAX_RETRIES: u32 = 20;
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+
+struct Position {
+    topic: Arc<str>,
+    partition: i32,
+    next: u64,
+}
+
+async fn resolve(client: &Client, topic: &str, partition: i32, start: StartAt) -> Result<u64> {
+    let spec = match start {
+        StartAt::Offset(o) => return Ok(o),
+        StartAt::Earliest => OffsetSpec::Earliest,
+        StartAt::Latest => OffsetSpec::Latest,
+        StartAt::Timestamp(ts) => OffsetSpec::Timestamp(ts),
+    };
+    Ok(client.admin().list_offset(topic, partition, spec).await?.offset)
+}
+
+/// Decodes whole batches into records at or after each partition's position, advancing it.
+fn decode(position: &mut Position, bytes: bytes::Bytes, out: &mut Vec<ConsumerRecord>) -> Result<()> {
+    for batch in BatchIter::new(bytes) {
+        let batch = batch?;
+        let header = *batch.header();
+        if !header.is_control() {
+            for record in batch.records()? {
+                let r = record?;
+                if r.offset < position.next {
+                    continue;
+                }
+                out.push(ConsumerRecord {
+                    topic: Arc::clone(&position.topic),
+                    partition: position.partition,
+                    offset: r.offset,
+                    timestamp: r.timestamp,
+                    key: r.key,
+                    value: r.value,
+                    headers: r
+                        .headers
+                        .into_iter()
+                        .map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.value))
+                        .collect(),
+                });
+            }
+        }
+        position.next = position.next.max(header.next_offset());
+    }
+    Ok(())
+}
+
+pub(super) async fn run(
+    client: Client,
+    config: ConsumerConfig,
+    assignments: Vec<(String, i32, StartAt)>,
+    tx: mpsc::Sender<Result<Vec<ConsumerRecord>>>,
+) {
+    let mut positions = Vec::with_capacity(assignments.len());
+    for (topic, partition, start) in assignments {
+        match resolve(&client, &topic, partition, start).await {
+            Ok(next) => positions.push(Position {
+                topic: Arc::from(topic.as_str()),
+                partition,
+                next,
+            }),
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+    if positions.is_empty() {
+        let _ = tx
+            .send(Err(ClientError::InvalidArgument(
+                "the consumer has no assigned partitions".into(),
+            )))
+            .await;
+        return;
+    }
+    let mut grpc = FetchClient::new(client.channel())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut failures = 0;
+    loop {
+        let request = FetchRequest {
+            partitions: positions
+                .iter()
+                .map(|p| PartitionFetch {
+                    topic: p.topic.to_string(),
+                    partition: p.partition,
+                    offset: p.next,
+                    max_bytes: config.partition_max_bytes,
+                })
+                .collect(),
+            max_wait_ms: config.max_wait.as_millis() as u32,
+            min_bytes: config.min_bytes,
+            max_bytes: config.max_bytes,
+            decode_records: false,
+        };
+        let response = match grpc.fetch(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let error = ClientError::from(status);
+                failures += 1;
+                if error.is_retriable() && failures <= MAX_RETRIES {
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    continue;
+                }
+                let _ = tx.send(Err(error)).await;
+                return;
+            }
+        };
+        failures = 0;
+        let mut records = Vec::new();
+        for data in response.partitions {
+            let Some(position) = positions
+                .iter_mut()
+                .find(|p| *p.topic == *data.topic && p.partition == data.partition)
+            else {
+                continue;
+            };
+            if let Err(e) = decode(position, data.batches, &mut records) {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+        if !records.is_empty() && tx.send(Ok(records)).await.is_err() {
+            return;
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The consumer: manual partition assignment, a start position per partition, and a
+//! `futures::Stream` of records. A background task keeps up to `prefetch` fetch responses
+//! ahead of the reader, so decoding and fetching overlap.
+
+mod fetcher;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::mpsc;
+
+use crate::Client;
+use crate::error::Result;
+
+/// Where a partition starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Earliest,
+    /// The high watermark: only records produced from now on.
+    Latest,
+    Offset(u64),
+    /// The first record at or after this timestamp (ms since the Unix epoch).
+    Timestamp(i64),
+}
+
+/// Consumer settings.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = conveyor_client::ConsumerConfig::default().max_wait(Duration::from_millis(100));
+/// assert_eq!(config.max_wait, Duration::from_millis(100));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// How long a fetch waits on the broker for new records.
+    pub max_wait: Duration,
+    /// Bytes a fetch waits for before returning (1: return as soon as anything is there).
+    pub min_bytes: u32,
+    /// Bytes per fetch across partitions.
+    pub max_bytes: u32,
+    /// Bytes per partition per fetch.
+    pub partition_max_bytes: u32,
+    /// Fetch responses buffered ahead of the reader.
+    pub prefetch: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            max_wait: Duration::from_millis(500),
+            min_bytes: 1,
+            max_bytes: 32 << 20,
+            partition_max_bytes: 8 << 20,
+            prefetch: 4,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+    pub fn prefetch(mut self, responses: usize) -> Self {
+        self.prefetch = responses;
+        self
+    }
+}
+
+/// A record read from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: u64,
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+/// Reads assigned partitions.
+///
+/// ```no_run
+/// use futures::StreamExt;
+/// use conveyor_client::{Client, ConsumerConfig, StartAt};
+/// # async fn run() -> Result<(), conveyor_client::ClientError> {
+/// let client = Client::connect("127.0.0.1:9292").await?;
+/// let mut consumer = client.consumer(ConsumerConfig::default());
+/// consumer.assign_all("orders", StartAt::Earliest).await?;
+/// let mut records = consumer.stream();
+/// while let Some(record) = records.next().await {
+///     let record = record?;
+///     println!("{}@{}: {:?}", record.partition, record.offset, record.value);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    assignments: Vec<(String, i32, StartAt)>,
+}
+
+impl Consumer {
+    pub(crate) fn new(client: Client, config: ConsumerConfig) -> Consumer {
+        Consumer {
+            client,
+            config,
+            assignments: Vec::new(),
+        }
+    }
+
+    /// Adds one partition, read from `start`.
+    pub fn assign(&mut self, topic: &str, partition: i32, start: StartAt) {
+        self.assignments.retain(|(t, p, _)| !(t == topic && *p == partition));
+        self.assignments.push((topic.to_string(), partition, start));
+    }
+
+    /// Adds every partition of `topic`, each read from `start`.
+    pub async fn assign_all(&mut self, topic: &str, start: StartAt) -> Result<()> {
+        let count = self.client.partition_count(topic).await?;
+        for p in 0..count as i32 {
+            self.assign(topic, p, start);
+        }
+        Ok(())
+    }
+
+    /// Moves a partition's start (before `stream`).
+    pub fn seek(&mut self, topic: &str, partition: i32, start: StartAt) {
+        self.assign(topic, partition, start);
+    }
+
+    /// Starts fetching and returns the records as a stream. The stream ends after an error it
+    /// cannot retry (which it yields first), or never when none occurs.
+    pub fn stream(self) -> RecordStream {
+        let (tx, rx) = mpsc::channel(self.config.prefetch.max(1));
+        let task = tokio::spawn(fetcher::run(self.client, self.config, self.assignments, tx));
+        RecordStream {
+            rx,
+            current: Vec::new().into_iter(),
+            _task: AbortOnDrop(task),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The records of a [`Consumer`], in offset order per partition.
+#[derive(Debug)]
+pub struct RecordStream {
+    rx: mpsc::Receiver<Result<Vec<ConsumerRecord>>>,
+    current: std::vec::IntoIter<ConsumerRecord>,
+    _task: AbortOnDrop,
+}
+
+impl Stream for RecordStream {
+    type Item = Result<ConsumerRecord>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(record) = self.current.next() {
+                return Poll::Ready(Some(Ok(record)));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.current = chunk.into_iter(),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

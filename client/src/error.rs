@@ -1,0 +1,84 @@
+//! Client errors. Broker errors keep the broker's `ErrorDetail` (code, topic, partition,
+//! offsets), so callers can act on them.
+
+use conveyor_proto::v1::{ErrorCode, ErrorDetail};
+use prost::Message;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot reach a Conveyor broker at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("{message}")]
+    Broker {
+        code: tonic::Code,
+        message: String,
+        detail: Option<ErrorDetail>,
+    },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("record batch error: {0}")]
+    Batch(#[from] conveyor_storage::BatchError),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the producer or consumer is closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The broker's error code, when the broker answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Broker { detail: Some(d), .. } => ErrorCode::try_from(d.code).ok(),
+            _ => None,
+        }
+    }
+
+    /// True when retrying the same request later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Timeout(_) => true,
+            ClientError::Broker { code, detail, .. } => {
+                detail.as_ref().is_some_and(|d| d.retriable)
+                    || matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn from_detail(detail: ErrorDetail) -> ClientError {
+        let code = match ErrorCode::try_from(detail.code) {
+            Ok(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition) => tonic::Code::NotFound,
+            Ok(ErrorCode::OffsetOutOfRange) => tonic::Code::OutOfRange,
+            Ok(ErrorCode::Busy) => tonic::Code::ResourceExhausted,
+            Ok(ErrorCode::ShuttingDown | ErrorCode::LeaderNotAvailable) => tonic::Code::Unavailable,
+            Ok(ErrorCode::NotLeader) => tonic::Code::FailedPrecondition,
+            Ok(ErrorCode::Storage) => tonic::Code::Internal,
+            _ => tonic::Code::InvalidArgument,
+        };
+        ClientError::Broker {
+            code,
+            message: detail.message.clone(),
+            detail: Some(detail),
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        let detail = ErrorDetail::decode(status.details()).ok().filter(|d| d.code != 0);
+        if detail.is_none() && status.code() == tonic::Code::Unavailable {
+            return ClientError::Unreachable {
+                address: "the broker".into(),
+                reason: status.message().to_string(),
+            };
+        }
+        ClientError::Broker {
+            code: status.code(),
+            message: status.message().to_string(),
+            detail,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

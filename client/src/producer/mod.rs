@@ -1,0 +1,290 @@
+//! The producer: records are grouped per partition into batches (by `batch_size` and
+//! `linger`), encoded once in Conveyor's batch format, and pipelined to the broker over one
+//! stream. In-flight bytes are bounded: `send` waits when the budget is used up.
+//!
+//! # Ordering
+//! Batches go out on a single stream in the order they were sealed, and the broker appends
+//! them in stream order, so records of one partition stay in send order. A retry after a lost
+//! connection resends in-flight batches in order, but may duplicate records whose
+//! acknowledgement was lost (idempotent producers will remove those duplicates).
+
+mod accumulator;
+pub mod partitioner;
+mod sender;
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use conveyor_storage::batch::{Compression, Header};
+use tokio::sync::Semaphore;
+
+use crate::Client;
+use crate::error::{ClientError, Result};
+pub(crate) use accumulator::Sealed;
+use accumulator::{Accumulator, Slot};
+
+/// When the broker acknowledges a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// Do not wait: offsets are unknown.
+    None,
+    /// After the leader wrote it.
+    Leader,
+    /// After it is committed and flushed as the topic's policy says.
+    #[default]
+    All,
+}
+
+/// Producer settings. Start from `ProducerConfig::default()` and adjust.
+///
+/// ```
+/// use std::time::Duration;
+/// use conveyor_client::{Acks, Compression, ProducerConfig};
+/// let config = ProducerConfig::default()
+///     .linger(Duration::from_millis(2))
+///     .batch_size(512 * 1024)
+///     .acks(Acks::All)
+///     .compression(Compression::Lz4);
+/// assert_eq!(config.batch_size, 512 * 1024);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records before it is sent.
+    pub linger: Duration,
+    /// A batch is sent as soon as it holds about this many bytes.
+    pub batch_size: usize,
+    /// Bytes of records sent or waiting to be sent; `send` waits beyond this.
+    pub max_in_flight_bytes: usize,
+    pub acks: Acks,
+    pub compression: Compression,
+    /// Attempts after the first for a batch that failed with a retriable error.
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    /// Produce requests awaiting an answer at once.
+    pub max_in_flight_requests: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            linger: Duration::from_millis(5),
+            batch_size: 256 * 1024,
+            max_in_flight_bytes: 64 << 20,
+            acks: Acks::All,
+            compression: Compression::None,
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
+            max_in_flight_requests: 64,
+        }
+    }
+}
+
+impl ProducerConfig {
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+    pub fn batch_size(mut self, bytes: usize) -> Self {
+        self.batch_size = bytes;
+        self
+    }
+    pub fn max_in_flight_bytes(mut self, bytes: usize) -> Self {
+        self.max_in_flight_bytes = bytes;
+        self
+    }
+    pub fn acks(mut self, acks: Acks) -> Self {
+        self.acks = acks;
+        self
+    }
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+}
+
+/// A record to send.
+///
+/// ```
+/// use conveyor_client::ProducerRecord;
+/// let record = ProducerRecord::new("orders", "placed").key("order-42").header("source", "web");
+/// assert_eq!(record.topic, "orders");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ProducerRecord {
+    pub topic: String,
+    /// `None`: chosen from the key (murmur2), or sticky per batch when there is no key.
+    pub partition: Option<i32>,
+    pub key: Option<Bytes>,
+    /// `None` is a tombstone.
+    pub value: Option<Bytes>,
+    pub headers: Vec<Header>,
+    /// Milliseconds since the Unix epoch; `None` means now.
+    pub timestamp: Option<i64>,
+}
+
+impl ProducerRecord {
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        ProducerRecord {
+            topic: topic.into(),
+            value: Some(value.into()),
+            ..ProducerRecord::default()
+        }
+    }
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    pub fn partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+    pub fn timestamp(mut self, ms: i64) -> Self {
+        self.timestamp = Some(ms);
+        self
+    }
+    pub fn header(mut self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        self.headers.push(Header {
+            key: key.into(),
+            value: Some(value.into()),
+        });
+        self
+    }
+
+    fn encoded_size_hint(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len) + 4)
+            .sum();
+        self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len) + headers + 24
+    }
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// `None` with [`Acks::None`].
+    pub offset: Option<u64>,
+}
+
+/// Resolves when the broker acknowledges the record's batch. Await it, or drop it to send
+/// without waiting.
+#[derive(Debug)]
+pub struct DeliveryFuture {
+    slot: Arc<Slot>,
+    index: u32,
+    topic: Arc<str>,
+    partition: i32,
+}
+
+impl IntoFuture for DeliveryFuture {
+    type Output = Result<RecordMetadata>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<RecordMetadata>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let base = self.slot.wait().await?;
+            Ok(RecordMetadata {
+                topic: self.topic,
+                partition: self.partition,
+                offset: base.map(|b| b + u64::from(self.index)),
+            })
+        })
+    }
+}
+
+/// Sends records in batches. Cheap to clone; clones share batches and the connection.
+///
+/// ```no_run
+/// use conveyor_client::{Client, ProducerConfig, ProducerRecord};
+/// # async fn run() -> Result<(), conveyor_client::ClientError> {
+/// let client = Client::connect("127.0.0.1:9292").await?;
+/// let producer = client.producer(ProducerConfig::default());
+/// let mut deliveries = Vec::new();
+/// for i in 0..1000 {
+///     deliveries.push(producer.send(ProducerRecord::new("events", format!("event {i}"))).await?);
+/// }
+/// producer.flush().await?;
+/// for d in deliveries {
+///     d.await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Producer {
+    inner: Arc<accumulator::Shared>,
+}
+
+impl Producer {
+    pub(crate) fn new(client: Client, config: ProducerConfig) -> Producer {
+        let (to_sender, from_producer) = tokio::sync::mpsc::channel(config.max_in_flight_requests.max(1) * 4);
+        let inner = Arc::new(accumulator::Shared {
+            budget: Arc::new(Semaphore::new(config.max_in_flight_bytes)),
+            accumulator: std::sync::Mutex::new(Accumulator::default()),
+            tracker: Default::default(),
+            to_sender,
+            client: client.clone(),
+            config: config.clone(),
+        });
+        tokio::spawn(sender::run(client, config, from_producer));
+        Producer { inner }
+    }
+
+    /// Adds a record to its partition's batch. Waits only when the in-flight byte budget is
+    /// used up (backpressure). The returned future resolves when the batch is acknowledged.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        let size = record.encoded_size_hint();
+        if size > self.inner.config.max_in_flight_bytes {
+            return Err(ClientError::InvalidArgument(format!(
+                "a record of {size} bytes exceeds max_in_flight_bytes ({})",
+                self.inner.config.max_in_flight_bytes
+            )));
+        }
+        let partition = match record.partition {
+            Some(p) => p,
+            None => {
+                let count = self.inner.client.partition_count(&record.topic).await?;
+                match &record.key {
+                    Some(key) => partitioner::partition_for_key(key, count),
+                    None => self.inner.sticky_partition(&record.topic, count),
+                }
+            }
+        };
+        let permit = Arc::clone(&self.inner.budget)
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let (future, sealed) = self.inner.append(record, partition, permit);
+        if let Some(sealed) = sealed {
+            self.inner.dispatch(sealed).await?;
+        }
+        Ok(future)
+    }
+
+    /// Sends every open batch now and waits until all sent records are acknowledged (or
+    /// failed).
+    pub async fn flush(&self) -> Result<()> {
+        for sealed in self.inner.seal_all() {
+            self.inner.dispatch(sealed).await?;
+        }
+        loop {
+            let idle = self.inner.tracker.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.inner.tracker.outstanding.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            idle.await;
+        }
+    }
+}
