@@ -50,10 +50,22 @@ impl Admin {
         partitions: i32,
         configs: impl IntoIterator<Item = (K, V)>,
     ) -> Result<TopicDescription> {
+        self.create_replicated_topic(name, partitions, 0, configs).await
+    }
+
+    /// As [`create_topic`](Self::create_topic) with `replication_factor` replicas per
+    /// partition (0: the broker default).
+    pub async fn create_replicated_topic<K: Into<String>, V: Into<String>>(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        configs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<TopicDescription> {
         let request = CreateTopicRequest {
             name: name.to_string(),
             partitions,
-            replication_factor: 0,
+            replication_factor,
             configs: configs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
         };
         let response = self.admin().create_topic(request).await?.into_inner();

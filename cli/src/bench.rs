@@ -1,0 +1,417 @@
+//! `conveyor bench produce|consume|e2e`: a load tool in the spirit of Kafka's perf-test tools.
+//!
+//! Latency goes into an HDR histogram. With `--rate`, each record has an intended send time
+//! on a fixed schedule and latency is measured from that time, so a stalled broker shows up
+//! as latency instead of hiding as a slower send rate (coordinated omission).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Args, Subcommand};
+use conveyor_client::{
+    Acks, Client, ClientError, Compression, ConsumerConfig, DeliveryFuture, OffsetSpec, ProducerConfig, ProducerRecord,
+    StartAt,
+};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::output::{self, Format};
+use crate::produce::AcksArg;
+
+/// Deliveries awaited behind each producer loop.
+const PENDING_PER_PRODUCER: usize = 200_000;
+/// Longest latency the histogram records, in microseconds.
+const MAX_LATENCY_MICROS: u64 = 600_000_000;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Produce records as fast as possible (or at --rate) and report throughput and ack latency.
+    Produce(BenchArgs),
+    /// Read records from the start of a topic and report throughput.
+    Consume(BenchArgs),
+    /// Produce and consume at once; report latency from send to receive.
+    E2e(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Topic to use; created with --partitions if it does not exist.
+    #[arg(long)]
+    pub topic: String,
+    /// Records to produce (or consume).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Target records per second across all producers (default: as fast as possible).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Concurrent producers, each with its own connection.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
+    /// Partitions when the topic is created.
+    #[arg(long, default_value_t = 1)]
+    pub partitions: i32,
+    /// Topic config when the topic is created, e.g. flush.policy=os.
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    pub configs: Vec<String>,
+    #[arg(long, value_enum, default_value = "all")]
+    pub acks: AcksArg,
+    /// Producer batch size in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub batch_size: usize,
+    /// Producer linger in milliseconds.
+    #[arg(long, default_value_t = 1)]
+    pub linger_ms: u64,
+    /// none, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    pub compression: Compression,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    records: u64,
+    bytes: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency: Option<Histogram<u64>>,
+    first_error: Option<String>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3).expect("static histogram bounds are valid")
+}
+
+fn progress(total: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{label} {{bar:40}} {{pos}}/{{len}} records ({{per_sec}}, eta {{eta}})"
+    )) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn ensure_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
+    match client.admin().describe_topic(&args.topic).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(conveyor_client::proto::ErrorCode::UnknownTopic) => {
+            let configs: Vec<(String, String)> = args
+                .configs
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--config '{kv}' is not KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            client
+                .admin()
+                .create_topic(&args.topic, args.partitions, configs)
+                .await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn run(client: &Client, cmd: BenchCommand, format: Format) -> anyhow::Result<()> {
+    let (mode, args) = match &cmd {
+        BenchCommand::Produce(a) => ("produce", a.clone()),
+        BenchCommand::Consume(a) => ("consume", a.clone()),
+        BenchCommand::E2e(a) => ("e2e", a.clone()),
+    };
+    let args = &args;
+    anyhow::ensure!(args.records > 0, "--records must be positive");
+    anyhow::ensure!(args.producers > 0, "--producers must be positive");
+    anyhow::ensure!(args.rate != Some(0), "--rate must be positive");
+    ensure_topic(client, args).await?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let work = async {
+        match cmd {
+            BenchCommand::Produce(a) => produce(client, &a, None).await,
+            BenchCommand::Consume(a) => consume(client, &a).await,
+            BenchCommand::E2e(a) => e2e(client, &a).await,
+        }
+    };
+    let outcome = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("bench did not finish within {}s (--timeout-secs)", args.timeout_secs))??;
+    report(mode, args, &outcome, format);
+    if let Some(e) = outcome.first_error {
+        anyhow::bail!("{} record(s) failed; first error: {e}", outcome.errors);
+    }
+    Ok(())
+}
+
+fn report(mode: &str, args: &BenchArgs, o: &Outcome, format: Format) {
+    let secs = o.elapsed.as_secs_f64().max(1e-9);
+    let rps = o.records as f64 / secs;
+    let mbps = o.bytes as f64 / secs / 1e6;
+    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    match format {
+        Format::Json => {
+            let latency = o.latency.as_ref().map(
+                |h| json!({"p50": q(h, 0.5), "p99": q(h, 0.99), "p999": q(h, 0.999), "max": h.max() as f64 / 1000.0}),
+            );
+            output::json(&json!({
+                "mode": mode, "topic": args.topic, "records": o.records, "errors": o.errors,
+                "record_size": args.record_size, "rate": args.rate, "producers": args.producers,
+                "seconds": secs, "records_per_sec": rps, "mb_per_sec": mbps, "latency_ms": latency,
+            }));
+        }
+        Format::Text => {
+            println!(
+                "{mode}: {} records in {secs:.2} s: {rps:.0} records/s, {mbps:.1} MB/s, {} errors",
+                o.records, o.errors
+            );
+            if let Some(h) = &o.latency {
+                let label = if args.rate.is_some() {
+                    "latency (from intended send time)"
+                } else {
+                    "latency"
+                };
+                println!(
+                    "{label}: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+                    q(h, 0.5),
+                    q(h, 0.99),
+                    q(h, 0.999),
+                    h.max() as f64 / 1000.0
+                );
+            }
+        }
+    }
+}
+
+fn producer_config(args: &BenchArgs) -> ProducerConfig {
+    ProducerConfig::default()
+        .acks(Acks::from(args.acks))
+        .batch_size(args.batch_size)
+        .linger(Duration::from_millis(args.linger_ms))
+        .compression(args.compression)
+        .max_in_flight_bytes(256 << 20)
+}
+
+/// Runs the producers. With `epoch`, each value starts with its (intended) send time in
+/// nanoseconds since `epoch`, for end-to-end latency.
+async fn produce(client: &Client, args: &BenchArgs, epoch: Option<Instant>) -> anyhow::Result<Outcome> {
+    let acked = Arc::new(AtomicU64::new(0));
+    let bar = if epoch.is_none() {
+        progress(args.records, "produce")
+    } else {
+        ProgressBar::hidden()
+    };
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..args.producers {
+        let share = args.records / u64::from(args.producers)
+            + u64::from(u64::from(i) < args.records % u64::from(args.producers));
+        let client = Client::connect(client.address()).await?;
+        let (args, acked) = (args.clone(), Arc::clone(&acked));
+        tasks.push(tokio::spawn(async move {
+            producer_loop(client, args, share, start, epoch, acked).await
+        }));
+    }
+    let ticker = {
+        let (bar, acked) = (bar.clone(), Arc::clone(&acked));
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(acked.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut total = Outcome {
+        records: 0,
+        bytes: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency: Some(histogram()),
+        first_error: None,
+    };
+    for t in tasks {
+        let o = t.await??;
+        total.records += o.records;
+        total.bytes += o.bytes;
+        total.errors += o.errors;
+        total.first_error = total.first_error.or(o.first_error);
+        if let (Some(h), Some(part)) = (total.latency.as_mut(), o.latency.as_ref()) {
+            h.add(part)?;
+        }
+    }
+    total.elapsed = start.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    if epoch.is_some() {
+        total.latency = None;
+    }
+    Ok(total)
+}
+
+async fn producer_loop(
+    client: Client,
+    args: BenchArgs,
+    records: u64,
+    start: Instant,
+    epoch: Option<Instant>,
+    acked: Arc<AtomicU64>,
+) -> anyhow::Result<Outcome> {
+    let producer = client.producer(producer_config(&args));
+    let per_producer_rate = args.rate.map(|r| r as f64 / f64::from(args.producers));
+    let template = Bytes::from(vec![b'x'; args.record_size]);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, DeliveryFuture)>(PENDING_PER_PRODUCER);
+    let record_size = args.record_size as u64;
+    let acker = tokio::spawn(async move {
+        let mut h = histogram();
+        let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None::<ClientError>);
+        while let Some((sent, delivery)) = rx.recv().await {
+            match delivery.await {
+                Ok(_) => {
+                    ok += 1;
+                    let _ = h.record((sent.elapsed().as_micros() as u64).clamp(1, MAX_LATENCY_MICROS));
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Outcome {
+            records: ok,
+            bytes: ok * record_size,
+            errors,
+            elapsed: Duration::ZERO,
+            latency: Some(h),
+            first_error: first_error.map(|e| e.to_string()),
+        }
+    });
+    for i in 0..records {
+        let intended = match per_producer_rate {
+            Some(rate) => {
+                let at = start + Duration::from_secs_f64(i as f64 / rate);
+                if at > Instant::now() {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                at
+            }
+            None => Instant::now(),
+        };
+        let value = match epoch {
+            Some(epoch) => {
+                let mut v = BytesMut::with_capacity(args.record_size.max(8));
+                v.put_u64(intended.saturating_duration_since(epoch).as_nanos() as u64);
+                v.extend_from_slice(&template[..args.record_size.saturating_sub(8)]);
+                v.freeze()
+            }
+            None => template.clone(),
+        };
+        let delivery = producer.send(ProducerRecord::new(&args.topic, value)).await?;
+        if tx.send((intended, delivery)).await.is_err() {
+            break;
+        }
+    }
+    producer.flush().await?;
+    drop(tx);
+    Ok(acker.await?)
+}
+
+async fn consume(client: &Client, args: &BenchArgs) -> anyhow::Result<Outcome> {
+    let count = client.partition_count(&args.topic).await?;
+    let mut available = 0;
+    for p in 0..count as i32 {
+        let r = client.admin().list_offset(&args.topic, p, OffsetSpec::Latest).await?;
+        available += r.high_watermark - r.log_start_offset;
+    }
+    let target = args.records.min(available);
+    anyhow::ensure!(
+        target > 0,
+        "topic '{}' has no records to consume; run bench produce first",
+        args.topic
+    );
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    consumer.assign_all(&args.topic, StartAt::Earliest).await?;
+    let bar = progress(target, "consume");
+    let start = Instant::now();
+    let mut stream = consumer.stream();
+    let (mut records, mut bytes) = (0u64, 0u64);
+    while records < target {
+        let Some(record) = stream.next().await else { break };
+        let record = record?;
+        records += 1;
+        bytes += record.value.as_ref().map_or(0, |v| v.len() as u64);
+        if records % 100_000 == 0 {
+            bar.set_position(records);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Outcome {
+        records,
+        bytes,
+        errors: 0,
+        elapsed: start.elapsed(),
+        latency: None,
+        first_error: None,
+    })
+}
+
+async fn e2e(client: &Client, args: &BenchArgs) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(
+        args.record_size >= 8,
+        "e2e needs --record-size of at least 8 (the send time)"
+    );
+    let count = client.partition_count(&args.topic).await?;
+    let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
+    for p in 0..count as i32 {
+        let latest = client
+            .admin()
+            .list_offset(&args.topic, p, OffsetSpec::Latest)
+            .await?
+            .offset;
+        consumer.assign(&args.topic, p, StartAt::Offset(latest));
+    }
+    let epoch = Instant::now();
+    let mut stream = consumer.stream();
+    let producing = {
+        let (client, args) = (client.clone(), args.clone());
+        tokio::spawn(async move { produce(&client, &args, Some(epoch)).await })
+    };
+    let bar = progress(args.records, "e2e");
+    let mut h = histogram();
+    let (mut records, mut bytes) = (0u64, 0u64);
+    let start = Instant::now();
+    while records < args.records {
+        let Some(record) = stream.next().await else { break };
+        let record = record?;
+        let Some(value) = record.value else { continue };
+        if value.len() < 8 {
+            continue;
+        }
+        let sent = u64::from_be_bytes(value[..8].try_into().unwrap_or_default());
+        let now = epoch.elapsed().as_nanos() as u64;
+        let _ = h.record((now.saturating_sub(sent) / 1000).clamp(1, MAX_LATENCY_MICROS));
+        records += 1;
+        bytes += value.len() as u64;
+        if records % 10_000 == 0 {
+            bar.set_position(records);
+        }
+    }
+    bar.finish_and_clear();
+    let produced = producing.await??;
+    Ok(Outcome {
+        records,
+        bytes,
+        errors: produced.errors,
+        elapsed: start.elapsed(),
+        latency: Some(h),
+        first_error: produced.first_error,
+    })
+}

@@ -1,0 +1,173 @@
+//! `conveyor consume TOPIC`: print records, then stop at the end of the log (or follow it).
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use base64::Engine;
+use bytes::Bytes;
+use clap::Args;
+use conveyor_client::{Client, ConsumerConfig, ConsumerRecord, OffsetSpec, StartAt};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::output::Format;
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    pub topic: String,
+    /// Read only this partition (default: all).
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// Start at the first record still in the log (default: only new records).
+    #[arg(long, conflicts_with_all = ["offset", "from_time"])]
+    pub from_beginning: bool,
+    /// Start at this offset (with --partition, or in every partition).
+    #[arg(long, conflicts_with = "from_time")]
+    pub offset: Option<u64>,
+    /// Start at the first record at or after TIME (ms since epoch, or 2026-11-21T08:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = crate::time::parse_time)]
+    pub from_time: Option<i64>,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub max_records: Option<u64>,
+    /// Keep waiting for new records instead of stopping at the end of the log.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print keys as well as values (text output).
+    #[arg(long)]
+    pub print_key: bool,
+}
+
+fn text_or_b64(name: &str, bytes: &Option<Bytes>, out: &mut serde_json::Map<String, Value>) {
+    match bytes {
+        None => {
+            out.insert(name.to_string(), Value::Null);
+        }
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => {
+                out.insert(name.to_string(), json!(s));
+            }
+            Err(_) => {
+                out.insert(
+                    format!("{name}_b64"),
+                    json!(base64::engine::general_purpose::STANDARD.encode(b)),
+                );
+            }
+        },
+    }
+}
+
+fn record_json(r: &ConsumerRecord) -> Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("partition".into(), json!(r.partition));
+    obj.insert("offset".into(), json!(r.offset));
+    obj.insert("timestamp".into(), json!(r.timestamp));
+    text_or_b64("key", &r.key, &mut obj);
+    text_or_b64("value", &r.value, &mut obj);
+    let headers: serde_json::Map<String, Value> = r
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            let v = v.as_ref().map_or(Value::Null, |b| json!(String::from_utf8_lossy(b)));
+            (k.clone(), v)
+        })
+        .collect();
+    obj.insert("headers".into(), Value::Object(headers));
+    Value::Object(obj)
+}
+
+pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::Result<()> {
+    let count = client.partition_count(&args.topic).await?;
+    let partitions: Vec<i32> = match args.partition {
+        Some(p) if p >= 0 && (p as u32) < count => vec![p],
+        Some(p) => anyhow::bail!("topic '{}' has no partition {p} (it has {count})", args.topic),
+        None => (0..count as i32).collect(),
+    };
+    let start = match (args.from_beginning, args.offset, args.from_time) {
+        (true, _, _) => StartAt::Earliest,
+        (_, Some(o), _) => StartAt::Offset(o),
+        (_, _, Some(t)) => StartAt::Timestamp(t),
+        _ => StartAt::Latest,
+    };
+    // Without --follow, stop at the high watermark each partition has now.
+    let mut remaining: HashMap<i32, u64> = HashMap::new();
+    if !args.follow {
+        for &p in &partitions {
+            let end = client
+                .admin()
+                .list_offset(&args.topic, p, OffsetSpec::Latest)
+                .await?
+                .offset;
+            let begin = match start {
+                StartAt::Offset(o) => o,
+                StartAt::Latest => end,
+                StartAt::Earliest => {
+                    client
+                        .admin()
+                        .list_offset(&args.topic, p, OffsetSpec::Earliest)
+                        .await?
+                        .offset
+                }
+                StartAt::Timestamp(t) => {
+                    client
+                        .admin()
+                        .list_offset(&args.topic, p, OffsetSpec::Timestamp(t))
+                        .await?
+                        .offset
+                }
+            };
+            if begin < end {
+                remaining.insert(p, end);
+            }
+        }
+        if remaining.is_empty() {
+            return Ok(());
+        }
+    }
+    let mut consumer = client.consumer(ConsumerConfig::default());
+    for &p in &partitions {
+        if args.follow || remaining.contains_key(&p) {
+            consumer.assign(&args.topic, p, start);
+        }
+    }
+    let mut stream = consumer.stream();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    while let Some(record) = stream.next().await {
+        let record = record?;
+        if !args.follow {
+            match remaining.get(&record.partition) {
+                Some(end) if record.offset < *end => {}
+                _ => continue,
+            }
+        }
+        match format {
+            Format::Json => writeln!(out, "{}", record_json(&record))?,
+            Format::Text => {
+                let value = record.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                if args.print_key {
+                    let key = record.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                    writeln!(out, "{key}\t{value}")?;
+                } else {
+                    writeln!(out, "{value}")?;
+                }
+            }
+        }
+        printed += 1;
+        if args.follow {
+            out.flush()?;
+        }
+        if args.max_records.is_some_and(|m| printed >= m) {
+            break;
+        }
+        if !args.follow && record.offset + 1 >= remaining[&record.partition] {
+            remaining.remove(&record.partition);
+            if remaining.is_empty() {
+                break;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

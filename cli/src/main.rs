@@ -1,0 +1,80 @@
+//! `conveyor`: administer topics, produce and consume records, and load-test a broker.
+
+mod bench;
+mod cluster;
+mod consume;
+mod output;
+mod produce;
+mod time;
+mod topic;
+
+use clap::{Parser, Subcommand};
+use conveyor_client::Client;
+
+use output::Format;
+
+/// Command-line tool for the Conveyor event broker.
+///
+/// Examples:
+///   conveyor topic create orders --partitions 6 --config retention.ms=86400000
+///   seq 1 10 | conveyor produce orders
+///   conveyor consume orders --from-beginning --max-records 10
+///   conveyor bench produce --topic bench --records 1000000 --record-size 100
+#[derive(Debug, Parser)]
+#[command(name = "conveyor", version, verbatim_doc_comment)]
+struct Cli {
+    /// Broker address(es), comma-separated HOST:PORT; the first that answers is used.
+    #[arg(long, global = true, env = "CONVEYOR_BROKER", default_value = "127.0.0.1:9292")]
+    broker: String,
+    /// Output format: text tables for people, json for scripts.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe, alter and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Produce one record per line of standard input.
+    Produce(produce::ProduceArgs),
+    /// Print records of a topic.
+    Consume(consume::ConsumeArgs),
+    /// Show start, end and high watermark offsets of every partition of a topic.
+    Offsets(cluster::OffsetsArgs),
+    /// Describe the cluster.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Load-test a broker: produce, consume or end-to-end throughput and latency.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::connect(&cli.broker).await?;
+    match cli.command {
+        Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
+        Command::Produce(args) => produce::run(&client, args, cli.output).await,
+        Command::Consume(args) => consume::run(&client, args, cli.output).await,
+        Command::Offsets(args) => cluster::offsets(&client, args, cli.output).await,
+        Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
+        Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
+    }
+}

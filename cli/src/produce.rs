@@ -1,0 +1,95 @@
+//! `conveyor produce TOPIC`: one record per line of standard input.
+
+use clap::{Args, ValueEnum};
+use conveyor_client::{Acks, Client, DeliveryFuture, ProducerConfig, ProducerRecord};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::output::{self, Format};
+
+/// Deliveries awaited behind the reader; bounds memory on large inputs.
+const PENDING_DELIVERIES: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AcksArg {
+    All,
+    Leader,
+    None,
+}
+
+impl From<AcksArg> for Acks {
+    fn from(a: AcksArg) -> Acks {
+        match a {
+            AcksArg::All => Acks::All,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::None => Acks::None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    pub topic: String,
+    /// Split each line at the first SEP into key and value (lines without SEP have no key).
+    #[arg(long, value_name = "SEP")]
+    pub key_separator: Option<String>,
+    /// Send every record to this partition instead of choosing by key.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// When the broker acknowledges.
+    #[arg(long, value_enum, default_value = "all")]
+    pub acks: AcksArg,
+}
+
+pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::Result<()> {
+    if let Some(p) = args.partition {
+        let count = client.partition_count(&args.topic).await?;
+        anyhow::ensure!(
+            p >= 0 && (p as u32) < count,
+            "topic '{}' has no partition {p} (it has {count})",
+            args.topic
+        );
+    }
+    let producer = client.producer(ProducerConfig::default().acks(args.acks.into()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<DeliveryFuture>(PENDING_DELIVERIES);
+    let acker = tokio::spawn(async move {
+        let (mut acked, mut first_error) = (0u64, None);
+        let mut failed = 0u64;
+        while let Some(delivery) = rx.recv().await {
+            match delivery.await {
+                Ok(_) => acked += 1,
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        (acked, failed, first_error)
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut record = match &args.key_separator {
+            Some(sep) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => ProducerRecord::new(&args.topic, v.to_string()).key(k.to_string()),
+                None => ProducerRecord::new(&args.topic, line),
+            },
+            None => ProducerRecord::new(&args.topic, line),
+        };
+        record.partition = args.partition;
+        let delivery = producer.send(record).await?;
+        if tx.send(delivery).await.is_err() {
+            break;
+        }
+    }
+    producer.flush().await?;
+    drop(tx);
+    let (acked, failed, first_error) = acker.await?;
+    match format {
+        Format::Json => output::json(&json!({"topic": args.topic, "acknowledged": acked, "failed": failed})),
+        Format::Text => println!("{acked} record(s) acknowledged by topic {}", args.topic),
+    }
+    if let Some(e) = first_error {
+        anyhow::bail!("{failed} record(s) failed; first error: {e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! `conveyor topic ...`
+
+use clap::Subcommand;
+use conveyor_client::Client;
+use conveyor_client::proto::TopicDescription;
+use serde_json::json;
+
+use crate::output::{self, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+        /// Replicas per partition (default: the broker's).
+        #[arg(long, default_value_t = 0)]
+        replication_factor: i32,
+        /// Topic config override KEY=VALUE (repeatable), e.g. retention.ms=86400000.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's partitions, offsets and effective config.
+    Describe { name: String },
+    /// Change topic config; an empty value resets a key to the broker default.
+    Alter {
+        name: String,
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value, required = true)]
+        configs: Vec<(String, String)>,
+    },
+    /// Delete a topic and all its data.
+    Delete { name: String },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+}
+
+fn description_json(d: &TopicDescription) -> serde_json::Value {
+    let configs: serde_json::Map<String, serde_json::Value> =
+        d.configs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    json!({
+        "name": d.name,
+        "config": configs,
+        "partitions": d.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "leader": p.leader,
+            "replicas": p.replicas,
+            "in_sync": p.in_sync,
+            "log_start_offset": p.log_start_offset,
+            "high_watermark": p.high_watermark,
+            "log_end_offset": p.log_end_offset,
+            "size_bytes": p.size_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_description(d: &TopicDescription, format: Format) {
+    if format == Format::Json {
+        output::json(&description_json(d));
+        return;
+    }
+    println!("topic {}  ({} partitions)", d.name, d.partitions.len());
+    let rows: Vec<Vec<String>> = d
+        .partitions
+        .iter()
+        .map(|p| {
+            vec![
+                p.partition.to_string(),
+                p.leader.to_string(),
+                format!("{:?}", p.replicas),
+                p.log_start_offset.to_string(),
+                p.high_watermark.to_string(),
+                p.log_end_offset.to_string(),
+                p.size_bytes.to_string(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "PARTITION",
+            "LEADER",
+            "REPLICAS",
+            "START",
+            "HIGH WATERMARK",
+            "END",
+            "BYTES",
+        ],
+        &rows,
+    );
+    println!();
+    let mut configs: Vec<_> = d.configs.iter().collect();
+    configs.sort();
+    let rows: Vec<Vec<String>> = configs.iter().map(|(k, v)| vec![(*k).clone(), (*v).clone()]).collect();
+    output::table(&["CONFIG", "VALUE"], &rows);
+}
+
+pub async fn run(client: &Client, cmd: TopicCommand, format: Format) -> anyhow::Result<()> {
+    let admin = client.admin();
+    match cmd {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            configs,
+        } => {
+            let d = admin
+                .create_replicated_topic(&name, partitions, replication_factor, configs)
+                .await?;
+            match format {
+                Format::Json => output::json(&description_json(&d)),
+                Format::Text => println!("created topic {name} with {partitions} partition(s)"),
+            }
+        }
+        TopicCommand::List => {
+            let topics = admin.list_topics().await?;
+            match format {
+                Format::Json => output::json(&json!(topics
+                    .iter()
+                    .map(|t| json!({"name": t.name, "partitions": t.partitions, "replication_factor": t.replication_factor}))
+                    .collect::<Vec<_>>())),
+                Format::Text => {
+                    let rows: Vec<Vec<String>> = topics
+                        .iter()
+                        .map(|t| vec![t.name.clone(), t.partitions.to_string(), t.replication_factor.to_string()])
+                        .collect();
+                    output::table(&["TOPIC", "PARTITIONS", "REPLICATION"], &rows);
+                }
+            }
+        }
+        TopicCommand::Describe { name } => print_description(&admin.describe_topic(&name).await?, format),
+        TopicCommand::Alter { name, configs } => {
+            let d = admin.alter_topic_config(&name, configs).await?;
+            match format {
+                Format::Json => output::json(&description_json(&d)),
+                Format::Text => println!("updated config of topic {name}"),
+            }
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            match format {
+                Format::Json => output::json(&json!({"deleted": name})),
+                Format::Text => println!("deleted topic {name}"),
+            }
+        }
+    }
+    Ok(())
+}
