@@ -371,10 +371,10 @@ impl Registry {
         self.get(name)
     }
 
-    /// Flushes and closes the metadata log. Partition logs are closed by their owners' stop.
+    /// Closes the metadata log cleanly. Partition logs are closed after their owners stop.
     pub fn close_metadata(&self) -> Result<()> {
         self.metadata
-            .flush()
+            .close()
             .map_err(|e| BrokerError::from_log(METADATA_DIR, 0, e))
     }
 

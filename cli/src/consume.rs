@@ -91,6 +91,18 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
     };
     // Without --follow, stop at the high watermark each partition has now.
     let mut remaining: HashMap<i32, u64> = HashMap::new();
+    if let StartAt::Offset(o) = start {
+        for &p in &partitions {
+            let r = client.admin().list_offset(&args.topic, p, OffsetSpec::Latest).await?;
+            anyhow::ensure!(
+                (r.log_start_offset..=r.log_end_offset).contains(&o),
+                "topic '{}' partition {p}: offset {o} is outside [{}, {}]",
+                args.topic,
+                r.log_start_offset,
+                r.log_end_offset
+            );
+        }
+    }
     if !args.follow {
         for &p in &partitions {
             let end = client

@@ -110,8 +110,9 @@ pub async fn run(client: &Client, cmd: TopicCommand, format: Format) -> anyhow::
             replication_factor,
             configs,
         } => {
+            let configs: Vec<(&str, &str)> = configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let d = admin
-                .create_replicated_topic(&name, partitions, replication_factor, configs)
+                .create_replicated_topic(&name, partitions, replication_factor, &configs)
                 .await?;
             match format {
                 Format::Json => output::json(&description_json(&d)),
@@ -136,7 +137,8 @@ pub async fn run(client: &Client, cmd: TopicCommand, format: Format) -> anyhow::
         }
         TopicCommand::Describe { name } => print_description(&admin.describe_topic(&name).await?, format),
         TopicCommand::Alter { name, configs } => {
-            let d = admin.alter_topic_config(&name, configs).await?;
+            let configs: Vec<(&str, &str)> = configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let d = admin.alter_topic_config(&name, &configs).await?;
             match format {
                 Format::Json => output::json(&description_json(&d)),
                 Format::Text => println!("updated config of topic {name}"),

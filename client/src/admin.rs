@@ -23,7 +23,7 @@ pub enum OffsetSpec {
 /// # async fn run() -> Result<(), conveyor_client::ClientError> {
 /// let client = conveyor_client::Client::connect("127.0.0.1:9292").await?;
 /// let admin = client.admin();
-/// admin.create_topic("deliveries", 6, [("retention.ms", "86400000")]).await?;
+/// admin.create_topic("deliveries", 6, &[("retention.ms", "86400000")]).await?;
 /// for topic in admin.list_topics().await? {
 ///     println!("{} ({} partitions)", topic.name, topic.partitions);
 /// }
@@ -44,29 +44,29 @@ impl Admin {
     }
 
     /// Creates a topic with `partitions` partitions and per-topic config overrides.
-    pub async fn create_topic<K: Into<String>, V: Into<String>>(
+    pub async fn create_topic(
         &self,
         name: &str,
         partitions: i32,
-        configs: impl IntoIterator<Item = (K, V)>,
+        configs: &[(&str, &str)],
     ) -> Result<TopicDescription> {
         self.create_replicated_topic(name, partitions, 0, configs).await
     }
 
     /// As [`create_topic`](Self::create_topic) with `replication_factor` replicas per
     /// partition (0: the broker default).
-    pub async fn create_replicated_topic<K: Into<String>, V: Into<String>>(
+    pub async fn create_replicated_topic(
         &self,
         name: &str,
         partitions: i32,
         replication_factor: i32,
-        configs: impl IntoIterator<Item = (K, V)>,
+        configs: &[(&str, &str)],
     ) -> Result<TopicDescription> {
         let request = CreateTopicRequest {
             name: name.to_string(),
             partitions,
             replication_factor,
-            configs: configs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let response = self.admin().create_topic(request).await?.into_inner();
         Ok(response.topic.unwrap_or_default())
@@ -98,14 +98,10 @@ impl Admin {
     }
 
     /// Sets config keys; an empty value resets a key to the broker default.
-    pub async fn alter_topic_config<K: Into<String>, V: Into<String>>(
-        &self,
-        name: &str,
-        configs: impl IntoIterator<Item = (K, V)>,
-    ) -> Result<TopicDescription> {
+    pub async fn alter_topic_config(&self, name: &str, configs: &[(&str, &str)]) -> Result<TopicDescription> {
         let request = AlterTopicConfigRequest {
             name: name.to_string(),
-            configs: configs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         Ok(self.admin().alter_topic_config(request).await?.into_inner())
     }

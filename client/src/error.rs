@@ -13,7 +13,7 @@ pub enum ClientError {
     Broker {
         code: tonic::Code,
         message: String,
-        detail: Option<ErrorDetail>,
+        detail: Option<Box<ErrorDetail>>,
     },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -59,14 +59,17 @@ impl ClientError {
         ClientError::Broker {
             code,
             message: detail.message.clone(),
-            detail: Some(detail),
+            detail: Some(Box::new(detail)),
         }
     }
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        let detail = ErrorDetail::decode(status.details()).ok().filter(|d| d.code != 0);
+        let detail = ErrorDetail::decode(status.details())
+            .ok()
+            .filter(|d| d.code != 0)
+            .map(Box::new);
         if detail.is_none() && status.code() == tonic::Code::Unavailable {
             return ClientError::Unreachable {
                 address: "the broker".into(),

@@ -7,7 +7,7 @@
 //!   bounded in-flight bytes (backpressure) and retries.
 //! - [`consumer`]: manually assigned consumer yielding records as a `futures::Stream`, with
 //!   pipelined fetches.
-//! - [`error`]: [`ClientError`].
+//! - [`error`]: the [`ClientError`] type.
 //!
 //! Records travel in Conveyor's batch format: the producer encodes batches, the broker stores
 //! them as they are, the consumer decodes them.
@@ -16,7 +16,7 @@
 //! use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 //! # async fn run() -> Result<(), conveyor_client::ClientError> {
 //! let client = Client::connect("127.0.0.1:9292").await?;
-//! client.admin().create_topic("orders", 3, []).await?;
+//! client.admin().create_topic("orders", 3, &[]).await?;
 //! let producer = client.producer(ProducerConfig::default());
 //! let delivery = producer.send(ProducerRecord::new("orders", "drone 7 dispatched").key("drone-7")).await?;
 //! let written = delivery.await?;

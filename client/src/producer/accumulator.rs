@@ -52,6 +52,8 @@ pub(crate) struct Sealed {
     pub partition: i32,
     pub bytes: Bytes,
     pub attempts: u32,
+    /// When the batch was sealed: it fails once `delivery_timeout` has passed since.
+    pub sealed_at: std::time::Instant,
     slot: Arc<Slot>,
     tracker: Arc<Tracker>,
     /// Returns the batch's bytes to the in-flight budget when dropped.
@@ -208,6 +210,7 @@ impl Shared {
             partition,
             bytes,
             attempts: 0,
+            sealed_at: std::time::Instant::now(),
             slot: Arc::clone(&open.slot),
             tracker: Arc::clone(&self.tracker),
             _permit: permit,

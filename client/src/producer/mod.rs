@@ -63,6 +63,8 @@ pub struct ProducerConfig {
     pub compression: Compression,
     /// Attempts after the first for a batch that failed with a retriable error.
     pub retries: u32,
+    /// A batch not acknowledged this long after it was sealed fails, whatever `retries` says.
+    pub delivery_timeout: Duration,
     pub retry_backoff: Duration,
     /// Produce requests awaiting an answer at once.
     pub max_in_flight_requests: usize,
@@ -76,7 +78,8 @@ impl Default for ProducerConfig {
             max_in_flight_bytes: 64 << 20,
             acks: Acks::All,
             compression: Compression::None,
-            retries: 10,
+            retries: u32::MAX,
+            delivery_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
             max_in_flight_requests: 64,
         }
@@ -106,6 +109,10 @@ impl ProducerConfig {
     }
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
+        self
+    }
+    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
         self
     }
 }

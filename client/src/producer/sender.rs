@@ -37,7 +37,8 @@ impl State {
     /// Counts an attempt; fails the batch if it has none left, else queues it for resending.
     fn retry_or_fail(&mut self, mut batch: Sealed, error: ClientError) {
         batch.attempts += 1;
-        if error.is_retriable() && batch.attempts <= self.config.retries {
+        let in_time = batch.sealed_at.elapsed() < self.config.delivery_timeout;
+        if error.is_retriable() && batch.attempts <= self.config.retries && in_time {
             tracing::debug!(topic = %batch.topic, partition = batch.partition, attempt = batch.attempts, %error, "retrying batch");
             self.retry.push_back(batch);
         } else {
@@ -120,7 +121,13 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
         let mut responses = match grpc.produce_stream(ReceiverStream::new(outgoing)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                state.requeue_inflight(&ClientError::from(status));
+                // No stream: batches waiting to be sent count an attempt too, so that they
+                // fail after `retries` or `delivery_timeout` instead of waiting forever.
+                let error = ClientError::from(status);
+                state.requeue_inflight(&error);
+                while let Ok(batch) = input.try_recv() {
+                    state.retry_or_fail(batch, error.clone());
+                }
                 tokio::time::sleep(backoff).await;
                 continue;
             }

@@ -1,0 +1,238 @@
+//! Test harness: real `conveyor-broker` processes on loopback, the `conveyor` CLI, and a
+//! checker for acknowledged writes.
+//!
+//! # Layout
+//! - [`BrokerProcess`]: spawn on ephemeral ports with a temp data dir, SIGKILL, SIGTERM,
+//!   restart on the same ports.
+//! - [`cli`]: run the `conveyor` binary against a broker.
+//! - [`checker`]: compare acknowledged writes with what was read back.
+//!
+//! Binaries are built once per test process with `cargo build --bins` (the same target
+//! directory), or taken from `CONVEYOR_BROKER_BIN` / `CONVEYOR_CLI_BIN`.
+
+pub mod checker;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to start listening.
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a broker may take to exit after SIGTERM.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// How often the harness polls for a condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+fn target_dir() -> PathBuf {
+    // current_exe: <target>/<profile>/deps/<test>; binaries live in <target>/debug.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    profile_dir.parent().expect("target dir").join("debug")
+}
+
+fn built_binaries() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--bins", "-p", "conveyor-broker", "-p", "conveyor-cli"])
+            .status()
+            .expect("run cargo build for the broker and CLI binaries");
+        assert!(status.success(), "building conveyor-broker and conveyor failed");
+        target_dir()
+    })
+}
+
+/// Path of the `conveyor-broker` binary under test.
+pub fn broker_bin() -> PathBuf {
+    std::env::var_os("CONVEYOR_BROKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| built_binaries().join("conveyor-broker"))
+}
+
+/// Path of the `conveyor` CLI binary under test.
+pub fn cli_bin() -> PathBuf {
+    std::env::var_os("CONVEYOR_CLI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| built_binaries().join("conveyor"))
+}
+
+/// Polls `condition` until it returns `Some` or `deadline` passes.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = condition() {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// A broker process with its own data directory and log file.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    listen: String,
+    metrics: String,
+    extra_args: Vec<String>,
+    starts: u32,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl BrokerProcess {
+    /// Starts a broker on ephemeral ports with a fresh temp data dir.
+    pub fn start() -> BrokerProcess {
+        Self::start_with(&[])
+    }
+
+    /// As [`start`](Self::start), passing extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> BrokerProcess {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut broker = BrokerProcess {
+            child: None,
+            data_dir: temp.path().join("data"),
+            log_path: temp.path().join("broker-0.log"),
+            listen: "127.0.0.1:0".into(),
+            metrics: "127.0.0.1:0".into(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+            _temp: Some(temp),
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        self.log_path = self.log_path.with_file_name(format!("broker-{}.log", self.starts));
+        self.starts += 1;
+        let log = std::fs::File::create(&self.log_path).expect("broker log file");
+        let child = Command::new(broker_bin())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen", &self.listen, "--metrics-listen", &self.metrics])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn conveyor-broker");
+        self.child = Some(child);
+        let (listen, metrics) = wait_for("the broker to listen", START_DEADLINE, || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("broker exited during startup with {status}:\n{}", self.log());
+            }
+            let log = self.log();
+            let listen = log
+                .split("listening on ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string();
+            let metrics = log.split("metrics http://").nth(1)?.split('/').next()?.to_string();
+            Some((listen, metrics))
+        });
+        // Restarts reuse the same ports so that clients can reconnect.
+        self.listen = listen;
+        self.metrics = metrics;
+    }
+
+    /// `HOST:PORT` of the gRPC API.
+    pub fn addr(&self) -> &str {
+        &self.listen
+    }
+
+    /// `HOST:PORT` of the metrics endpoint.
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Everything the current process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("broker is running")
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL broker");
+            child.wait().expect("reap broker");
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("broker is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("send SIGTERM");
+        assert!(status.success(), "kill -TERM failed");
+        wait_for("the broker to exit after SIGTERM", STOP_DEADLINE, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Starts the broker again on the same ports and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the broker before restarting it");
+        self.spawn();
+    }
+
+    /// Fetches the Prometheus metrics text.
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect(&self.metrics).expect("connect to metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("send metrics request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).expect("read metrics");
+        body
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the `conveyor` CLI against `broker` with `args`, feeding `stdin`.
+pub fn cli(broker: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(cli_bin())
+        .args(["--broker", broker])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn conveyor");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(data.as_bytes());
+    });
+    let output = child.wait_with_output().expect("run conveyor");
+    writer.join().expect("stdin writer");
+    output
+}

@@ -1,0 +1,173 @@
+//! Bad input gets a clear, typed error and changes nothing.
+
+use bytes::Bytes;
+use conveyor_client::proto::fetch_client::FetchClient;
+use conveyor_client::proto::produce_client::ProduceClient;
+use conveyor_client::proto::{ErrorCode, ErrorDetail, FetchRequest, PartitionFetch, PartitionProduce, ProduceRequest};
+use conveyor_client::{Client, ClientError, ProducerConfig, ProducerRecord};
+use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+use conveyor_tests::{BrokerProcess, cli};
+use prost_detail::decode_detail;
+
+mod prost_detail {
+    use super::*;
+    /// The ErrorDetail carried in a status, decoded through the client's error type.
+    pub fn decode_detail(status: tonic::Status) -> (tonic::Code, ErrorDetail) {
+        let code = status.code();
+        match ClientError::from(status) {
+            ClientError::Broker { detail: Some(d), .. } => (code, *d),
+            other => panic!("expected a broker error with detail, got {other}"),
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn broker_code(e: &ClientError) -> tonic::Code {
+    match e {
+        ClientError::Broker { code, .. } => *code,
+        other => panic!("expected a broker error, got {other}"),
+    }
+}
+
+const NO_CONFIG: &[(&str, &str)] = &[];
+
+#[test]
+fn given_bad_admin_requests_should_answer_with_typed_errors_naming_the_problem() {
+    let broker = BrokerProcess::start();
+    runtime().block_on(async {
+        let admin = Client::connect(broker.addr()).await.expect("connect").admin();
+        let e = admin.describe_topic("missing").await.expect_err("unknown topic");
+        assert_eq!(broker_code(&e), tonic::Code::NotFound);
+        assert!(e.to_string().contains("missing"), "{e}");
+        assert_eq!(e.code(), Some(ErrorCode::UnknownTopic));
+
+        type Case<'a> = (&'a str, i32, &'a [(&'a str, &'a str)], &'a str);
+        let cases: [Case<'_>; 5] = [
+            ("bad name", 1, &[], "bad name"),
+            ("ok", 0, &[], "partition count 0"),
+            ("ok", -3, &[], "partition count -3"),
+            ("ok", 1, &[("no.such.key", "1")], "no.such.key"),
+            ("ok", 1, &[("retention.ms", "soon")], "retention.ms=soon"),
+        ];
+        for (name, partitions, configs, needle) in cases {
+            let e = admin.create_topic(name, partitions, configs).await.expect_err(needle);
+            assert_eq!(broker_code(&e), tonic::Code::InvalidArgument, "{e}");
+            assert!(e.to_string().contains(needle), "{e} should mention {needle}");
+        }
+        assert!(
+            admin.list_topics().await.expect("list").is_empty(),
+            "nothing was created"
+        );
+
+        admin.create_topic("exists", 1, NO_CONFIG).await.expect("create");
+        let e = admin.create_topic("exists", 1, NO_CONFIG).await.expect_err("duplicate");
+        assert_eq!(broker_code(&e), tonic::Code::AlreadyExists);
+        assert!(e.to_string().contains("exists"));
+    });
+}
+
+#[test]
+fn given_a_corrupt_or_oversized_batch_should_refuse_it_and_append_nothing() {
+    let broker = BrokerProcess::start();
+    runtime().block_on(async {
+        let client = Client::connect(broker.addr()).await.expect("connect");
+        client
+            .admin()
+            .create_topic("strict", 1, &[("max.message.bytes", "2048")])
+            .await
+            .expect("create");
+        let mut builder = BatchBuilder::new(Compression::None);
+        builder.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from("payload")),
+            ..Record::default()
+        });
+        let mut corrupt = builder.build().expect("batch").to_vec();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        let mut produce = ProduceClient::connect(format!("http://{}", broker.addr()))
+            .await
+            .expect("grpc");
+        let request = ProduceRequest {
+            request_id: 1,
+            acks: 0,
+            partitions: vec![PartitionProduce {
+                topic: "strict".into(),
+                partition: 0,
+                batches: vec![Bytes::from(corrupt)],
+                records: vec![],
+            }],
+        };
+        let (code, detail) = decode_detail(produce.produce(request).await.expect_err("corrupt batch"));
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert_eq!(detail.code, ErrorCode::CorruptBatch as i32);
+        assert!(detail.message.contains("CRC"), "{}", detail.message);
+        assert_eq!((detail.topic.as_str(), detail.partition), ("strict", 0));
+
+        let producer = client.producer(ProducerConfig::default());
+        let big = producer
+            .send(ProducerRecord::new("strict", vec![b'x'; 4096]))
+            .await
+            .expect("queued");
+        let e = big.await.expect_err("over max.message.bytes");
+        assert_eq!(e.code(), Some(ErrorCode::RecordTooLarge));
+        assert!(e.to_string().contains("max.message.bytes"), "{e}");
+
+        let d = client.admin().describe_topic("strict").await.expect("describe");
+        assert_eq!(d.partitions[0].log_end_offset, 0, "nothing was appended");
+    });
+}
+
+#[test]
+fn given_an_offset_beyond_the_log_should_answer_out_of_range_with_the_bounds() {
+    let broker = BrokerProcess::start();
+    let out = cli(broker.addr(), &["topic", "create", "short"], "");
+    assert!(out.status.success());
+    let out = cli(broker.addr(), &["produce", "short"], "a\nb\n");
+    assert!(out.status.success());
+    runtime().block_on(async {
+        let mut fetch = FetchClient::connect(format!("http://{}", broker.addr()))
+            .await
+            .expect("grpc");
+        let request = FetchRequest {
+            partitions: vec![PartitionFetch {
+                topic: "short".into(),
+                partition: 0,
+                offset: 100,
+                max_bytes: 0,
+            }],
+            ..FetchRequest::default()
+        };
+        let (code, detail) = decode_detail(fetch.fetch(request).await.expect_err("out of range"));
+        assert_eq!(code, tonic::Code::OutOfRange);
+        assert_eq!(detail.code, ErrorCode::OffsetOutOfRange as i32);
+        assert_eq!((detail.log_start_offset, detail.log_end_offset), (0, 2));
+    });
+    let out = cli(
+        broker.addr(),
+        &["consume", "short", "--partition", "0", "--offset", "100"],
+        "",
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("offset 100") && stderr.contains("short"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+}
+
+#[test]
+fn given_no_broker_the_cli_should_say_it_cannot_reach_the_address() {
+    let out = cli("127.0.0.1:1", &["topic", "list"], "");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
+}

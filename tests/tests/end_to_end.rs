@@ -1,0 +1,221 @@
+//! A single broker end to end, through the Rust client and through the CLI.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use conveyor_client::producer::partitioner::partition_for_key;
+use conveyor_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
+use conveyor_tests::checker::{Acked, Observed, check};
+use conveyor_tests::{BrokerProcess, cli};
+use futures::StreamExt;
+use serde_json::Value;
+
+const RECORDS: u64 = 100_000;
+const PARTITIONS: i32 = 4;
+const CONSUME_DEADLINE: Duration = Duration::from_secs(120);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_in_order_per_partition() {
+    let broker = BrokerProcess::start();
+    runtime().block_on(async {
+        let client = Client::connect(broker.addr()).await.expect("connect");
+        client
+            .admin()
+            .create_topic("orders", PARTITIONS, &[])
+            .await
+            .expect("create topic");
+        let producer = client.producer(ProducerConfig::default());
+        let mut deliveries = Vec::with_capacity(RECORDS as usize);
+        for i in 0..RECORDS {
+            let key = format!("key-{}", i % 1000);
+            let record = ProducerRecord::new("orders", format!("p0-{i}")).key(key.clone());
+            deliveries.push((i, key, producer.send(record).await.expect("send")));
+        }
+        producer.flush().await.expect("flush");
+        let mut acked = Vec::with_capacity(deliveries.len());
+        let mut partition_of_key: HashMap<String, i32> = HashMap::new();
+        for (i, key, delivery) in deliveries {
+            let written = delivery.await.expect("acknowledged");
+            assert_eq!(
+                written.partition,
+                partition_for_key(key.as_bytes(), PARTITIONS as u32),
+                "murmur2 partitioner"
+            );
+            let first = *partition_of_key.entry(key.clone()).or_insert(written.partition);
+            assert_eq!(first, written.partition, "key {key} went to two partitions");
+            acked.push(Acked {
+                id: format!("p0-{i}"),
+                partition: written.partition,
+                offset: written.offset.expect("acks=all gives an offset"),
+            });
+        }
+
+        let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
+        consumer.assign_all("orders", StartAt::Earliest).await.expect("assign");
+        let mut stream = consumer.stream();
+        let mut observed = Vec::with_capacity(RECORDS as usize);
+        tokio::time::timeout(CONSUME_DEADLINE, async {
+            while (observed.len() as u64) < RECORDS {
+                let r = stream.next().await.expect("stream continues").expect("record");
+                observed.push(Observed {
+                    id: String::from_utf8(r.value.expect("value").to_vec()).expect("utf8"),
+                    partition: r.partition,
+                    offset: r.offset,
+                });
+            }
+        })
+        .await
+        .expect("consumed every record before the deadline");
+        let report = check(&acked, &observed);
+        assert!(
+            report.lost.is_empty() && report.duplicated.is_empty() && report.reordered.is_empty(),
+            "{report}"
+        );
+
+        let description = client.admin().describe_topic("orders").await.expect("describe");
+        let visible: u64 = description.partitions.iter().map(|p| p.high_watermark).sum();
+        assert_eq!(visible, RECORDS);
+        let used = description.partitions.iter().filter(|p| p.high_watermark > 0).count();
+        assert_eq!(used, PARTITIONS as usize, "1000 keys spread over every partition");
+    });
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "conveyor failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).expect("utf8 output")
+}
+
+#[test]
+fn given_a_broker_when_driven_by_the_cli_should_create_produce_consume_describe_and_delete() {
+    let broker = BrokerProcess::start();
+    let addr = broker.addr();
+    let out = stdout(&cli(
+        addr,
+        &[
+            "topic",
+            "create",
+            "cli-topic",
+            "--partitions",
+            "2",
+            "--config",
+            "retention.ms=3600000",
+        ],
+        "",
+    ));
+    assert!(out.contains("created topic cli-topic"), "{out}");
+
+    let out = stdout(&cli(
+        addr,
+        &["produce", "cli-topic", "--key-separator", ":"],
+        "a:1\nb:2\nc:3\nno-key-here\n",
+    ));
+    assert!(out.contains("4 record(s) acknowledged"), "{out}");
+
+    let out = stdout(&cli(
+        addr,
+        &["consume", "cli-topic", "--from-beginning", "--output", "json"],
+        "",
+    ));
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(records.len(), 4, "{out}");
+    let mut pairs: Vec<(Value, Value)> = records.iter().map(|r| (r["key"].clone(), r["value"].clone())).collect();
+    pairs.sort_by_key(|(_, v)| v.to_string());
+    assert_eq!(
+        pairs,
+        vec![
+            (Value::from("a"), Value::from("1")),
+            (Value::from("b"), Value::from("2")),
+            (Value::from("c"), Value::from("3")),
+            (Value::Null, Value::from("no-key-here")),
+        ]
+    );
+    for r in &records {
+        assert!(r["partition"].is_number() && r["offset"].is_number() && r["timestamp"].is_number());
+        assert!(r["headers"].is_object());
+    }
+
+    let out = stdout(&cli(
+        addr,
+        &["consume", "cli-topic", "--from-beginning", "--max-records", "1"],
+        "",
+    ));
+    assert_eq!(out.lines().count(), 1);
+
+    let out = stdout(&cli(addr, &["offsets", "cli-topic", "--output", "json"], ""));
+    let offsets: Value = serde_json::from_str(&out).expect("json");
+    let total: u64 = offsets["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["high_watermark"].as_u64().expect("hw"))
+        .sum();
+    assert_eq!(total, 4);
+
+    let out = stdout(&cli(
+        addr,
+        &["topic", "alter", "cli-topic", "--config", "retention.ms=60000"],
+        "",
+    ));
+    assert!(out.contains("updated"), "{out}");
+    let out = stdout(&cli(addr, &["topic", "describe", "cli-topic", "--output", "json"], ""));
+    let d: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(d["name"], "cli-topic");
+    assert_eq!(d["config"]["retention.ms"], "60000");
+    let partitions = d["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), 2);
+    for p in partitions {
+        for field in ["partition", "leader", "high_watermark", "log_end_offset"] {
+            assert!(p[field].is_number(), "{field} in {p}");
+        }
+        assert!(p["replicas"].is_array() && p["in_sync"].is_array());
+    }
+    let text = stdout(&cli(addr, &["topic", "describe", "cli-topic"], ""));
+    assert!(text.contains("PARTITION") && text.contains("retention.ms"), "{text}");
+
+    let info: Value =
+        serde_json::from_str(&stdout(&cli(addr, &["cluster", "info", "--output", "json"], ""))).expect("json");
+    assert_eq!(info["controller"], 1);
+    assert_eq!(info["brokers"][0]["address"], addr);
+    assert_eq!(info["brokers"][0]["alive"], true);
+
+    stdout(&cli(addr, &["topic", "delete", "cli-topic"], ""));
+    let list: Value =
+        serde_json::from_str(&stdout(&cli(addr, &["topic", "list", "--output", "json"], ""))).expect("json");
+    assert_eq!(list, Value::Array(vec![]));
+    assert!(
+        !broker.data_dir().join("topics").join("cli-topic").exists(),
+        "deleted topic data is gone"
+    );
+}
+
+#[test]
+fn given_produced_records_when_metrics_are_scraped_should_report_requests_and_offsets() {
+    let broker = BrokerProcess::start();
+    let out = stdout(&cli(broker.addr(), &["topic", "create", "m"], ""));
+    assert!(out.contains("created"));
+    stdout(&cli(broker.addr(), &["produce", "m"], "x\ny\nz\n"));
+    let metrics = broker.scrape_metrics();
+    assert!(metrics.starts_with("HTTP/1.0 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("conveyor_log_end_offset{topic=\"m\",partition=\"0\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("conveyor_records_in_total 3"), "{metrics}");
+    assert!(metrics.contains("conveyor_produce_latency_seconds_count"), "{metrics}");
+    assert!(metrics.contains("conveyor_fsync_latency_seconds_count"), "{metrics}");
+}

@@ -1,0 +1,96 @@
+//! Starting with and without a config file, graceful shutdown, restart.
+
+use std::process::Command;
+use std::time::Duration;
+
+use conveyor_client::proto::fetch_client::FetchClient;
+use conveyor_client::proto::{FetchRequest, PartitionFetch};
+use conveyor_tests::{BrokerProcess, broker_bin, cli, wait_for};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[test]
+fn given_sigterm_the_broker_should_exit_zero_and_restart_without_recovery() {
+    let mut broker = BrokerProcess::start();
+    assert!(
+        cli(broker.addr(), &["topic", "create", "t", "--partitions", "2"], "")
+            .status
+            .success()
+    );
+    assert!(cli(broker.addr(), &["produce", "t"], "1\n2\n3\n").status.success());
+    let status = broker.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(broker.log().contains("stopped cleanly"), "{}", broker.log());
+    broker.restart();
+    assert!(
+        !broker.log().contains("unclean shutdown"),
+        "a clean shutdown needs no recovery: {}",
+        broker.log()
+    );
+    let out = cli(broker.addr(), &["consume", "t", "--from-beginning"], "");
+    let mut values: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    values.sort();
+    assert_eq!(values, ["1", "2", "3"]);
+}
+
+#[test]
+fn given_an_in_flight_long_poll_when_sigterm_arrives_it_should_finish_and_the_broker_exit_zero() {
+    let mut broker = BrokerProcess::start();
+    assert!(cli(broker.addr(), &["topic", "create", "idle"], "").status.success());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let addr = broker.addr().to_string();
+    let fetch = runtime.spawn(async move {
+        let mut client = FetchClient::connect(format!("http://{addr}")).await.expect("grpc");
+        client
+            .fetch(FetchRequest {
+                partitions: vec![PartitionFetch {
+                    topic: "idle".into(),
+                    partition: 0,
+                    offset: 0,
+                    max_bytes: 0,
+                }],
+                max_wait_ms: 2_000,
+                min_bytes: 1,
+                ..FetchRequest::default()
+            })
+            .await
+    });
+    // The fetch is in flight once the broker has counted it.
+    wait_for("the long-poll fetch to reach the broker", DEADLINE, || {
+        broker
+            .scrape_metrics()
+            .lines()
+            .any(|l| l.starts_with("conveyor_fetch_requests_total") && !l.ends_with(" 0"))
+            .then_some(())
+    });
+    let status = broker.terminate();
+    let response = runtime.block_on(fetch).expect("task");
+    let response = response.expect("the in-flight fetch completes instead of failing");
+    assert_eq!(response.into_inner().partitions.len(), 1);
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn given_the_example_config_the_broker_should_start_and_a_bad_key_should_be_named() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/broker.toml");
+    let broker = BrokerProcess::start_with(&["--config", example]);
+    assert!(cli(broker.addr(), &["topic", "list"], "").status.success());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[broker]\nnode_id = 1\nlisten_adress = \"127.0.0.1:0\"\n").expect("write");
+    let out = Command::new(broker_bin())
+        .args(["--config"])
+        .arg(&bad)
+        .args(["--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run broker");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listen_adress"), "{stderr}");
+}
