@@ -104,18 +104,17 @@ async fn ensure_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     match client.admin().describe_topic(&args.topic).await {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(conveyor_client::proto::ErrorCode::UnknownTopic) => {
-            let configs: Vec<(String, String)> = args
+            let configs: Vec<(&str, &str)> = args
                 .configs
                 .iter()
                 .map(|kv| {
                     kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
                         .ok_or_else(|| anyhow::anyhow!("--config '{kv}' is not KEY=VALUE"))
                 })
                 .collect::<anyhow::Result<_>>()?;
             client
                 .admin()
-                .create_topic(&args.topic, args.partitions, configs)
+                .create_topic(&args.topic, args.partitions, &configs)
                 .await?;
             Ok(())
         }
