@@ -88,7 +88,6 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         // fraction of loopback bandwidth.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .tcp_nodelay(true)
         .add_service(AdminServer::new(AdminService { ctx: Arc::clone(&ctx) }))
         .add_service(
             ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
@@ -100,7 +99,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
     let server = tokio::spawn(server);
     tracing::info!(
         "conveyor-broker node {} listening on {grpc_addr} (metrics http://{metrics_addr}/metrics, data {})",
@@ -122,6 +121,20 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     close_all(&registry).await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: small acknowledgements must not wait for
+/// a delayed ACK (tonic's own `tcp_nodelay` applies only to listeners it binds itself).
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::warn!(error = %e, "cannot disable Nagle's algorithm on a connection");
+        }
+        accepted
+    })
 }
 
 /// Retention every `retention_every`; interval flushes every tick.

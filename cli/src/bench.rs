@@ -293,33 +293,50 @@ async fn producer_loop(
             first_error: first_error.map(|e| e.to_string()),
         }
     });
-    for i in 0..records {
-        let intended = match per_producer_rate {
-            Some(rate) => {
-                let at = start + Duration::from_secs_f64(i as f64 / rate);
-                if at > Instant::now() {
-                    tokio::time::sleep_until(at.into()).await;
+    let make_value = move |intended: Instant| match epoch {
+        Some(epoch) => {
+            let mut v = BytesMut::with_capacity(template.len().max(8));
+            v.put_u64(intended.saturating_duration_since(epoch).as_nanos() as u64);
+            v.extend_from_slice(&template[..template.len().saturating_sub(8)]);
+            v.freeze()
+        }
+        None => template.clone(),
+    };
+    match per_producer_rate {
+        None => {
+            for _ in 0..records {
+                let sent = Instant::now();
+                let delivery = producer
+                    .send(ProducerRecord::new(&args.topic, make_value(sent)))
+                    .await?;
+                if tx.send((sent, delivery)).await.is_err() {
+                    break;
                 }
-                at
             }
-            None => Instant::now(),
-        };
-        let value = match epoch {
-            Some(epoch) => {
-                let mut v = BytesMut::with_capacity(args.record_size.max(8));
-                v.put_u64(intended.saturating_duration_since(epoch).as_nanos() as u64);
-                v.extend_from_slice(&template[..args.record_size.saturating_sub(8)]);
-                v.freeze()
-            }
-            None => template.clone(),
-        };
-        let delivery = producer.send(ProducerRecord::new(&args.topic, value)).await?;
-        if tx.send((intended, delivery)).await.is_err() {
-            break;
+            drop(tx);
+        }
+        Some(rate) => {
+            // Paced on its own thread: the async timer ticks in whole milliseconds, which
+            // would add up to a millisecond of lateness to every record at these rates.
+            let (producer, topic, handle) = (producer.clone(), args.topic.clone(), tokio::runtime::Handle::current());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                for i in 0..records {
+                    let at = start + Duration::from_secs_f64(i as f64 / rate);
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    let delivery = handle.block_on(producer.send(ProducerRecord::new(&topic, make_value(at))))?;
+                    if tx.blocking_send((at, delivery)).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+            .await??;
         }
     }
     producer.flush().await?;
-    drop(tx);
     Ok(acker.await?)
 }
 

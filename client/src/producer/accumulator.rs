@@ -143,7 +143,9 @@ impl Shared {
                 .or_default()
                 .insert(partition, open);
             self.tracker.outstanding.fetch_add(1, Ordering::AcqRel);
-            self.start_linger(record.topic.clone(), partition, id);
+            if !self.config.linger.is_zero() {
+                self.start_linger(record.topic.clone(), partition, id);
+            }
         }
         let Some(open) = acc.open.get_mut(&record.topic).and_then(|m| m.get_mut(&partition)) else {
             unreachable!("the open batch was just inserted");
@@ -166,7 +168,8 @@ impl Shared {
             topic: Arc::clone(&open.topic),
             partition,
         };
-        let full = open.builder.estimated_size() >= self.config.batch_size;
+        // With no linger a batch goes out at once: a timer would add up to a tick of delay.
+        let full = open.builder.estimated_size() >= self.config.batch_size || self.config.linger.is_zero();
         let sealed = if full {
             self.take(&mut acc, &record.topic, partition)
         } else {
