@@ -8,7 +8,7 @@ use conveyor_proto::v1::{FetchRequest, PartitionFetch};
 use conveyor_storage::batch::BatchIter;
 use tokio::sync::mpsc;
 
-use super::{ConsumerConfig, ConsumerRecord, StartAt};
+use super::{Chunk, ConsumerConfig, StartAt};
 use crate::admin::OffsetSpec;
 use crate::error::{ClientError, Result};
 use crate::{Client, MAX_MESSAGE_BYTES};
@@ -33,33 +33,11 @@ async fn resolve(client: &Client, topic: &str, partition: i32, start: StartAt) -
     Ok(client.admin().list_offset(topic, partition, spec).await?.offset)
 }
 
-/// Decodes whole batches into records at or after each partition's position, advancing it.
-fn decode(position: &mut Position, bytes: bytes::Bytes, out: &mut Vec<ConsumerRecord>) -> Result<()> {
-    for batch in BatchIter::new(bytes) {
-        let batch = batch?;
-        let header = *batch.header();
-        if !header.is_control() {
-            for record in batch.records()? {
-                let r = record?;
-                if r.offset < position.next {
-                    continue;
-                }
-                out.push(ConsumerRecord {
-                    topic: Arc::clone(&position.topic),
-                    partition: position.partition,
-                    offset: r.offset,
-                    timestamp: r.timestamp,
-                    key: r.key,
-                    value: r.value,
-                    headers: r
-                        .headers
-                        .into_iter()
-                        .map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.value))
-                        .collect(),
-                });
-            }
-        }
-        position.next = position.next.max(header.next_offset());
+/// Advances a partition's position past the batches fetched, reading headers only; records
+/// are decoded later, on the reader's thread.
+fn advance(position: &mut Position, bytes: &bytes::Bytes) -> Result<()> {
+    for batch in BatchIter::new(bytes.clone()) {
+        position.next = position.next.max(batch?.header().next_offset());
     }
     Ok(())
 }
@@ -68,7 +46,7 @@ pub(super) async fn run(
     client: Client,
     config: ConsumerConfig,
     assignments: Vec<(String, i32, StartAt)>,
-    tx: mpsc::Sender<Result<Vec<ConsumerRecord>>>,
+    tx: mpsc::Sender<Result<Vec<Chunk>>>,
 ) {
     let mut positions = Vec::with_capacity(assignments.len());
     for (topic, partition, start) in assignments {
@@ -126,7 +104,7 @@ pub(super) async fn run(
             }
         };
         failures = 0;
-        let mut records = Vec::new();
+        let mut chunks = Vec::with_capacity(response.partitions.len());
         for data in response.partitions {
             let Some(position) = positions
                 .iter_mut()
@@ -134,12 +112,22 @@ pub(super) async fn run(
             else {
                 continue;
             };
-            if let Err(e) = decode(position, data.batches, &mut records) {
+            if data.batches.is_empty() {
+                continue;
+            }
+            let from = position.next;
+            if let Err(e) = advance(position, &data.batches) {
                 let _ = tx.send(Err(e)).await;
                 return;
             }
+            chunks.push(Chunk {
+                topic: Arc::clone(&position.topic),
+                partition: position.partition,
+                from,
+                batches: data.batches,
+            });
         }
-        if !records.is_empty() && tx.send(Ok(records)).await.is_err() {
+        if !chunks.is_empty() && tx.send(Ok(chunks)).await.is_err() {
             return;
         }
         if tx.is_closed() {

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use conveyor_storage::batch::{BatchIter, RecordIter};
 use futures::Stream;
 use tokio::sync::mpsc;
 
@@ -68,6 +69,66 @@ impl ConsumerConfig {
     pub fn prefetch(mut self, responses: usize) -> Self {
         self.prefetch = responses;
         self
+    }
+}
+
+/// Stored batches of one partition as fetched; decoded by the reader.
+#[derive(Debug)]
+struct Chunk {
+    topic: Arc<str>,
+    partition: i32,
+    /// Records below this offset were already delivered (a batch may start earlier).
+    from: u64,
+    batches: Bytes,
+}
+
+/// The batch being read: its records and where they belong.
+#[derive(Debug)]
+struct Reading {
+    topic: Arc<str>,
+    partition: i32,
+    from: u64,
+    batches: BatchIter,
+    records: Option<RecordIter>,
+}
+
+impl Reading {
+    fn next_record(&mut self) -> Option<Result<ConsumerRecord>> {
+        loop {
+            if let Some(records) = &mut self.records {
+                match records.next() {
+                    Some(Ok(r)) if r.offset < self.from => continue,
+                    Some(Ok(r)) => {
+                        return Some(Ok(ConsumerRecord {
+                            topic: Arc::clone(&self.topic),
+                            partition: self.partition,
+                            offset: r.offset,
+                            timestamp: r.timestamp,
+                            key: r.key,
+                            value: r.value,
+                            headers: r
+                                .headers
+                                .into_iter()
+                                .map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.value))
+                                .collect(),
+                        }));
+                    }
+                    Some(Err(e)) => return Some(Err(e.into())),
+                    None => self.records = None,
+                }
+            }
+            let batch = match self.batches.next()? {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e.into())),
+            };
+            if batch.header().is_control() {
+                continue;
+            }
+            match batch.records() {
+                Ok(r) => self.records = Some(r),
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
     }
 }
 
@@ -142,7 +203,8 @@ impl Consumer {
         let task = tokio::spawn(fetcher::run(self.client, self.config, self.assignments, tx));
         RecordStream {
             rx,
-            current: Vec::new().into_iter(),
+            chunks: Vec::new().into_iter(),
+            reading: None,
             _task: AbortOnDrop(task),
         }
     }
@@ -160,8 +222,9 @@ impl Drop for AbortOnDrop {
 /// The records of a [`Consumer`], in offset order per partition.
 #[derive(Debug)]
 pub struct RecordStream {
-    rx: mpsc::Receiver<Result<Vec<ConsumerRecord>>>,
-    current: std::vec::IntoIter<ConsumerRecord>,
+    rx: mpsc::Receiver<Result<Vec<Chunk>>>,
+    chunks: std::vec::IntoIter<Chunk>,
+    reading: Option<Reading>,
     _task: AbortOnDrop,
 }
 
@@ -170,11 +233,24 @@ impl Stream for RecordStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if let Some(record) = self.current.next() {
-                return Poll::Ready(Some(Ok(record)));
+            if let Some(reading) = &mut self.reading {
+                match reading.next_record() {
+                    Some(item) => return Poll::Ready(Some(item)),
+                    None => self.reading = None,
+                }
+            }
+            if let Some(chunk) = self.chunks.next() {
+                self.reading = Some(Reading {
+                    topic: chunk.topic,
+                    partition: chunk.partition,
+                    from: chunk.from,
+                    batches: BatchIter::new(chunk.batches),
+                    records: None,
+                });
+                continue;
             }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(chunk))) => self.current = chunk.into_iter(),
+                Poll::Ready(Some(Ok(chunks))) => self.chunks = chunks.into_iter(),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,

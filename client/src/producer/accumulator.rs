@@ -12,6 +12,7 @@ use bytes::Bytes;
 use conveyor_storage::batch::{BatchBuilder, Record};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
+use super::partitioner::partition_for_key;
 use super::{DeliveryFuture, ProducerConfig, ProducerRecord};
 use crate::Client;
 use crate::error::{ClientError, Result};
@@ -26,6 +27,9 @@ pub(crate) struct Slot {
 impl Slot {
     /// The batch's base offset (`None` with acks=none), or why it failed.
     pub(crate) async fn wait(&self) -> Result<Option<u64>> {
+        if let Some(r) = self.result.get() {
+            return r.clone();
+        }
         loop {
             let done = self.done.notified();
             tokio::pin!(done);
@@ -73,17 +77,24 @@ impl Sealed {
 #[derive(Debug)]
 struct Open {
     id: u64,
-    topic: Arc<str>,
     builder: BatchBuilder,
     slot: Arc<Slot>,
     permit: Option<OwnedSemaphorePermit>,
     count: u32,
 }
 
+/// Per-topic state: partition count, the sticky partition for keyless records, open batches.
+#[derive(Debug)]
+struct TopicState {
+    name: Arc<str>,
+    partitions: u32,
+    sticky: Option<i32>,
+    open: HashMap<i32, Open>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Accumulator {
-    open: HashMap<String, HashMap<i32, Open>>,
-    sticky: HashMap<String, i32>,
+    topics: HashMap<String, TopicState>,
     next_id: u64,
     round_robin: u32,
 }
@@ -105,51 +116,69 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keyless records stick to one partition until its batch is sealed, so they fill batches
-    /// instead of spreading one record per partition.
-    pub(crate) fn sticky_partition(&self, topic: &str, partitions: u32) -> i32 {
-        let mut acc = self.lock();
-        if let Some(p) = acc.sticky.get(topic) {
-            return *p;
-        }
-        acc.round_robin = acc.round_robin.wrapping_add(1);
-        let p = (acc.round_robin % partitions.max(1)) as i32;
-        acc.sticky.insert(topic.to_string(), p);
-        p
+    /// The partition count the producer knows for `topic`, if any.
+    pub(crate) fn known_partitions(&self, topic: &str) -> Option<u32> {
+        self.lock().topics.get(topic).map(|t| t.partitions).filter(|n| *n > 0)
     }
 
-    /// Adds a record; returns its delivery future and the batch if this record filled it.
+    pub(crate) fn learn_partitions(&self, topic: &str, partitions: u32) {
+        let mut acc = self.lock();
+        acc.topics
+            .entry(topic.to_string())
+            .or_insert_with(|| TopicState {
+                name: Arc::from(topic),
+                partitions,
+                sticky: None,
+                open: HashMap::new(),
+            })
+            .partitions = partitions;
+    }
+
+    /// Adds a record, choosing its partition (explicit, murmur2 of the key, or the sticky
+    /// partition for keyless records). Returns its delivery future and the batch if this
+    /// record filled it. One lock, one map lookup per record.
     pub(crate) fn append(
         self: &Arc<Self>,
         record: ProducerRecord,
-        partition: i32,
         permit: OwnedSemaphorePermit,
     ) -> (DeliveryFuture, Option<Sealed>) {
-        let mut acc = self.lock();
-        let is_new = !acc.open.get(&record.topic).is_some_and(|m| m.contains_key(&partition));
-        if is_new {
+        let mut guard = self.lock();
+        let acc = &mut *guard;
+        if !acc.topics.contains_key(&record.topic) {
+            acc.topics.insert(
+                record.topic.clone(),
+                TopicState {
+                    name: Arc::from(record.topic.as_str()),
+                    partitions: 0,
+                    sticky: None,
+                    open: HashMap::new(),
+                },
+            );
+        }
+        let Some(state) = acc.topics.get_mut(&record.topic) else {
+            unreachable!("the topic state was just inserted");
+        };
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) => p,
+            (None, Some(key)) => partition_for_key(key, state.partitions),
+            (None, None) => *state.sticky.get_or_insert_with(|| {
+                acc.round_robin = acc.round_robin.wrapping_add(1);
+                (acc.round_robin % state.partitions.max(1)) as i32
+            }),
+        };
+        let mut started = None;
+        let open = state.open.entry(partition).or_insert_with(|| {
             let id = acc.next_id;
             acc.next_id += 1;
-            let open = Open {
+            started = Some(id);
+            Open {
                 id,
-                topic: Arc::from(record.topic.as_str()),
                 builder: BatchBuilder::new(self.config.compression),
                 slot: Arc::new(Slot::default()),
                 permit: None,
                 count: 0,
-            };
-            acc.open
-                .entry(record.topic.clone())
-                .or_default()
-                .insert(partition, open);
-            self.tracker.outstanding.fetch_add(1, Ordering::AcqRel);
-            if !self.config.linger.is_zero() {
-                self.start_linger(record.topic.clone(), partition, id);
             }
-        }
-        let Some(open) = acc.open.get_mut(&record.topic).and_then(|m| m.get_mut(&partition)) else {
-            unreachable!("the open batch was just inserted");
-        };
+        });
         let index = open.count;
         open.count += 1;
         open.builder.push(&Record {
@@ -165,16 +194,18 @@ impl Shared {
         let future = DeliveryFuture {
             slot: Arc::clone(&open.slot),
             index,
-            topic: Arc::clone(&open.topic),
+            topic: Arc::clone(&state.name),
             partition,
         };
         // With no linger a batch goes out at once: a timer would add up to a tick of delay.
         let full = open.builder.estimated_size() >= self.config.batch_size || self.config.linger.is_zero();
-        let sealed = if full {
-            self.take(&mut acc, &record.topic, partition)
-        } else {
-            None
-        };
+        if let Some(id) = started {
+            self.tracker.outstanding.fetch_add(1, Ordering::AcqRel);
+            if !full {
+                self.start_linger(record.topic, partition, id);
+            }
+        }
+        let sealed = if full { self.take(state, partition) } else { None };
         (future, sealed)
     }
 
@@ -184,15 +215,11 @@ impl Shared {
             tokio::time::sleep(shared.config.linger).await;
             let sealed = {
                 let mut acc = shared.lock();
-                let same = acc
-                    .open
-                    .get(&topic)
-                    .and_then(|m| m.get(&partition))
-                    .is_some_and(|o| o.id == id);
-                if same {
-                    shared.take(&mut acc, &topic, partition)
-                } else {
-                    None
+                match acc.topics.get_mut(&topic) {
+                    Some(state) if state.open.get(&partition).is_some_and(|o| o.id == id) => {
+                        shared.take(state, partition)
+                    }
+                    _ => None,
                 }
             };
             if let Some(sealed) = sealed {
@@ -202,14 +229,14 @@ impl Shared {
     }
 
     /// Removes and encodes the open batch of a partition.
-    fn take(&self, acc: &mut Accumulator, topic: &str, partition: i32) -> Option<Sealed> {
-        let open = acc.open.get_mut(topic)?.remove(&partition)?;
-        if acc.sticky.get(topic) == Some(&partition) {
-            acc.sticky.remove(topic);
+    fn take(&self, state: &mut TopicState, partition: i32) -> Option<Sealed> {
+        let open = state.open.remove(&partition)?;
+        if state.sticky == Some(partition) {
+            state.sticky = None;
         }
         let permit = open.permit?;
         let sealed = |bytes: Bytes| Sealed {
-            topic: open.topic.clone(),
+            topic: Arc::clone(&state.name),
             partition,
             bytes,
             attempts: 0,
@@ -230,14 +257,12 @@ impl Shared {
     /// Seals every open batch, for `flush`.
     pub(crate) fn seal_all(&self) -> Vec<Sealed> {
         let mut acc = self.lock();
-        let keys: Vec<(String, i32)> = acc
-            .open
-            .iter()
-            .flat_map(|(t, m)| m.keys().map(move |p| (t.clone(), *p)))
-            .collect();
-        keys.into_iter()
-            .filter_map(|(t, p)| self.take(&mut acc, &t, p))
-            .collect()
+        let mut sealed = Vec::new();
+        for state in acc.topics.values_mut() {
+            let partitions: Vec<i32> = state.open.keys().copied().collect();
+            sealed.extend(partitions.into_iter().filter_map(|p| self.take(state, p)));
+        }
+        sealed
     }
 
     /// Hands a sealed batch to the sender, waiting if its queue is full.

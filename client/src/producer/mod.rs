@@ -257,21 +257,19 @@ impl Producer {
                 self.inner.config.max_in_flight_bytes
             )));
         }
-        let partition = match record.partition {
-            Some(p) => p,
-            None => {
-                let count = self.inner.client.partition_count(&record.topic).await?;
-                match &record.key {
-                    Some(key) => partitioner::partition_for_key(key, count),
-                    None => self.inner.sticky_partition(&record.topic, count),
-                }
-            }
+        if record.partition.is_none() && self.inner.known_partitions(&record.topic).is_none() {
+            let count = self.inner.client.partition_count(&record.topic).await?;
+            self.inner.learn_partitions(&record.topic, count);
+        }
+        let budget = Arc::clone(&self.inner.budget);
+        let permit = match budget.clone().try_acquire_many_owned(size as u32) {
+            Ok(p) => p,
+            Err(_) => budget
+                .acquire_many_owned(size as u32)
+                .await
+                .map_err(|_| ClientError::Closed)?,
         };
-        let permit = Arc::clone(&self.inner.budget)
-            .acquire_many_owned(size as u32)
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        let (future, sealed) = self.inner.append(record, partition, permit);
+        let (future, sealed) = self.inner.append(record, permit);
         if let Some(sealed) = sealed {
             self.inner.dispatch(sealed).await?;
         }
