@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
+use conveyor_storage::batch::ValidatedBatch;
 use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -41,7 +41,7 @@ pub struct AppendOutcome {
 #[derive(Debug)]
 pub struct AppendRequest {
     /// Validated batches, appended in order.
-    pub batches: Vec<Bytes>,
+    pub batches: Vec<ValidatedBatch>,
     pub acks: Acks,
     pub reply: oneshot::Sender<Result<AppendOutcome>>,
 }
@@ -105,7 +105,11 @@ impl Partition {
 
     /// Queues validated batches for appending, waiting while the mailbox is full. The returned
     /// receiver resolves when the append meets `acks`.
-    pub async fn enqueue(&self, batches: Vec<Bytes>, acks: Acks) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
+    pub async fn enqueue(
+        &self,
+        batches: Vec<ValidatedBatch>,
+        acks: Acks,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
         let (reply, rx) = oneshot::channel();
         self.sender()?
             .send(AppendRequest { batches, acks, reply })
@@ -212,14 +216,14 @@ impl Owner {
         }
     }
 
-    fn append_all(&self, batches: &[Bytes]) -> Result<AppendOutcome> {
+    fn append_all(&self, batches: &[ValidatedBatch]) -> Result<AppendOutcome> {
         let mut outcome: Option<AppendOutcome> = None;
         for batch in batches {
             let info = self
                 .log
-                .append_unsynced(batch)
+                .append_validated_unsynced(batch)
                 .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
-            self.metrics.bytes_in.add(batch.len() as u64);
+            self.metrics.bytes_in.add(batch.bytes().len() as u64);
             self.metrics.records_in.add(u64::from(info.record_count));
             outcome = Some(AppendOutcome {
                 base_offset: outcome.map_or(info.base_offset, |o| o.base_offset),

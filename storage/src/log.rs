@@ -357,9 +357,26 @@ impl PartitionLog {
         Ok(info)
     }
 
+    /// As [`append_unsynced`](Self::append_unsynced) for a batch validated already (the
+    /// broker validates a whole request before queueing any of it). It is validated again
+    /// only if this log's size limit is smaller than the one it passed.
+    pub fn append_validated_unsynced(&self, batch: &batch::ValidatedBatch) -> Result<AppendInfo> {
+        let limit = self.max_batch_bytes.load(Ordering::Acquire);
+        if batch.limit() > limit {
+            return self.append_unsynced(batch.bytes());
+        }
+        self.check_poisoned()?;
+        self.write_batch(batch.bytes(), *batch.header(), Some((0, 0)))
+    }
+
     fn append_inner(&self, batch: &[u8], stamp: Option<(u64, u64)>) -> Result<AppendInfo> {
         self.check_poisoned()?;
         let header = batch::validate(batch, self.max_batch_bytes.load(Ordering::Acquire))?;
+        self.write_batch(batch, header, stamp)
+    }
+
+    /// Stamps and writes a validated batch under the writer lock.
+    fn write_batch(&self, batch: &[u8], header: BatchHeader, stamp: Option<(u64, u64)>) -> Result<AppendInfo> {
         let mut writer = self.lock_writer();
         self.check_poisoned()?;
         let end = self.log_end_offset.load(Ordering::Acquire);

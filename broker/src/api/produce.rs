@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use conveyor_proto::v1::produce_server::Produce;
 use conveyor_proto::v1::{self as pb, ProduceRequest, ProduceResponse};
-use conveyor_storage::batch::{self, BatchBuilder, Compression, Record};
+use conveyor_storage::batch::{self, BatchBuilder, Compression, Record, ValidatedBatch};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
@@ -37,7 +37,7 @@ type Queued = (Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>)
 /// A request after validation: what to queue where.
 struct Prepared {
     acks: Acks,
-    parts: Vec<(Arc<Partition>, Vec<Bytes>)>,
+    parts: Vec<(Arc<Partition>, Vec<ValidatedBatch>)>,
 }
 
 fn acks_of(value: i32) -> Result<Acks> {
@@ -95,10 +95,12 @@ impl ProduceService {
                     pp.topic, pp.partition
                 )));
             }
-            for b in &batches {
-                batch::validate(b, limit).map_err(|e| BrokerError::from_batch(&pp.topic, pp.partition, e))?;
-            }
-            parts.push((partition, batches));
+            let validated = batches
+                .into_iter()
+                .map(|b| ValidatedBatch::new(b, limit))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| BrokerError::from_batch(&pp.topic, pp.partition, e))?;
+            parts.push((partition, validated));
         }
         Ok(Prepared { acks, parts })
     }

@@ -56,7 +56,7 @@ pub use builder::BatchBuilder;
 pub use builder::unix_millis;
 pub use compression::Compression;
 pub use records::{Header, Record, RecordIter, StoredRecord};
-pub use validate::validate;
+pub use validate::{ValidatedBatch, validate};
 
 use bytes::Bytes;
 

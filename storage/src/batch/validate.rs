@@ -40,6 +40,40 @@ pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, Bat
     Ok(header)
 }
 
+/// A batch that passed [`validate`]: the proof lets the log append it without checking it a
+/// second time.
+#[derive(Debug, Clone)]
+pub struct ValidatedBatch {
+    bytes: bytes::Bytes,
+    header: BatchHeader,
+    limit: usize,
+}
+
+impl ValidatedBatch {
+    /// Validates `bytes` against `max_batch_bytes`.
+    pub fn new(bytes: bytes::Bytes, max_batch_bytes: usize) -> Result<ValidatedBatch, BatchError> {
+        let header = validate(&bytes, max_batch_bytes)?;
+        Ok(ValidatedBatch {
+            bytes,
+            header,
+            limit: max_batch_bytes,
+        })
+    }
+
+    pub fn bytes(&self) -> &bytes::Bytes {
+        &self.bytes
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The size limit it was validated against.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
 /// The checks that need no record decoding: sizes, version, attributes, header consistency
 /// and CRC. Recovery uses this alone, since stored batches were fully validated on append.
 pub(crate) fn check_frame(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, BatchError> {
