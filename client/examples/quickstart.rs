@@ -15,7 +15,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let topic = "quickstart-deliveries";
     if client.admin().describe_topic(topic).await.is_err() {
-        client.admin().create_topic(topic, 3, &[("retention.ms", "86400000")]).await?;
+        client
+            .admin()
+            .create_topic(topic, 3, &[("retention.ms", "86400000")])
+            .await?;
     }
 
     let producer = client.producer(ProducerConfig::default());
@@ -27,7 +30,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     producer.flush().await?;
     for delivery in deliveries {
         let written = delivery.await?;
-        println!("written to partition {} at offset {:?}", written.partition, written.offset);
+        println!(
+            "written to partition {} at offset {:?}",
+            written.partition, written.offset
+        );
     }
 
     let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(200)));

@@ -219,3 +219,101 @@ fn given_produced_records_when_metrics_are_scraped_should_report_requests_and_of
     assert!(metrics.contains("conveyor_produce_latency_seconds_count"), "{metrics}");
     assert!(metrics.contains("conveyor_fsync_latency_seconds_count"), "{metrics}");
 }
+
+#[test]
+fn given_plain_protobuf_records_should_store_them_and_fetch_them_decoded() {
+    use bytes::Bytes;
+    use conveyor_client::proto::fetch_client::FetchClient;
+    use conveyor_client::proto::produce_client::ProduceClient;
+    use conveyor_client::proto::{
+        Acks, FetchRequest, Header, PartitionFetch, PartitionProduce, ProduceRequest, Record,
+    };
+
+    let broker = BrokerProcess::start();
+    assert!(cli(broker.addr(), &["topic", "create", "plain"], "").status.success());
+    runtime().block_on(async {
+        let url = format!("http://{}", broker.addr());
+        let mut produce = ProduceClient::connect(url.clone()).await.expect("grpc");
+        let records = (0..3)
+            .map(|i| Record {
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: (i != 2).then(|| Bytes::from(format!("v{i}"))),
+                headers: vec![Header {
+                    key: "trace".into(),
+                    value: Some(Bytes::from("abc")),
+                }],
+                timestamp: 1_700_000_000_000 + i,
+                offset: 0,
+            })
+            .collect();
+        let response = produce
+            .produce(ProduceRequest {
+                request_id: 7,
+                acks: Acks::All as i32,
+                partitions: vec![PartitionProduce {
+                    topic: "plain".into(),
+                    partition: 0,
+                    batches: vec![],
+                    records,
+                }],
+            })
+            .await
+            .expect("produce")
+            .into_inner();
+        assert_eq!(response.request_id, 7);
+        let result = &response.partitions[0];
+        assert!(result.error.is_none());
+        assert_eq!((result.base_offset, result.last_offset), (0, 2));
+
+        let mut fetch = FetchClient::connect(url).await.expect("grpc");
+        let data = fetch
+            .fetch(FetchRequest {
+                partitions: vec![PartitionFetch {
+                    topic: "plain".into(),
+                    partition: 0,
+                    offset: 1,
+                    max_bytes: 0,
+                }],
+                decode_records: true,
+                ..FetchRequest::default()
+            })
+            .await
+            .expect("fetch")
+            .into_inner();
+        let p = &data.partitions[0];
+        assert_eq!(p.high_watermark, 3);
+        let got: Vec<(u64, Option<Bytes>, Option<Bytes>, i64)> = p
+            .records
+            .iter()
+            .map(|r| (r.offset, r.key.clone(), r.value.clone(), r.timestamp))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, Some(Bytes::from("k1")), Some(Bytes::from("v1")), 1_700_000_000_001),
+                (2, Some(Bytes::from("k2")), None, 1_700_000_000_002),
+            ],
+            "records from the requested offset on, the tombstone kept as a null value"
+        );
+        assert_eq!(p.records[0].headers[0].key, "trace");
+        assert_eq!(p.records[0].headers[0].value, Some(Bytes::from("abc")));
+    });
+    let out = cli(broker.addr(), &["produce", "plain", "--acks", "none"], "x\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(broker.addr(), &["produce", "plain", "--acks", "leader"], "y\n");
+    assert!(out.status.success());
+    wait_for_visible(broker.addr(), 5);
+}
+
+/// acks=none answers before the append: wait for it to become visible.
+fn wait_for_visible(addr: &str, expected: u64) {
+    conveyor_tests::wait_for(
+        "records produced with acks=none to become visible",
+        Duration::from_secs(30),
+        || {
+            let out = cli(addr, &["offsets", "plain", "--output", "json"], "");
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["partitions"][0]["high_watermark"].as_u64()? == expected).then_some(())
+        },
+    );
+}

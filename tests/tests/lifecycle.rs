@@ -94,3 +94,48 @@ fn given_the_example_config_the_broker_should_start_and_a_bad_key_should_be_name
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listen_adress"), "{stderr}");
 }
+
+#[test]
+fn given_retention_limits_the_broker_should_delete_old_segments_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[log]\nretention_check_interval = \"100ms\"\n").expect("write config");
+    let broker = BrokerProcess::start_with(&["--config", config.to_str().expect("utf8 path")]);
+    let create = cli(
+        broker.addr(),
+        &[
+            "topic",
+            "create",
+            "short-lived",
+            "--config",
+            "segment.bytes=8192",
+            "--config",
+            "max.message.bytes=8192",
+            "--config",
+            "retention.bytes=8192",
+        ],
+        "",
+    );
+    assert!(create.status.success(), "{}", String::from_utf8_lossy(&create.stderr));
+    // Ten small produce runs: ten batches of about 3 KiB, several segments.
+    for run in 0..10 {
+        let lines: String = (run * 50..(run + 1) * 50)
+            .map(|i| format!("record-{i:04}-{}\n", "x".repeat(40)))
+            .collect();
+        let out = cli(broker.addr(), &["produce", "short-lived"], &lines);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let start = wait_for("retention to delete the oldest segments", DEADLINE, || {
+        let out = cli(broker.addr(), &["offsets", "short-lived", "--output", "json"], "");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let start = v["partitions"][0]["log_start_offset"].as_u64()?;
+        (start > 0).then_some(start)
+    });
+    let out = cli(broker.addr(), &["consume", "short-lived", "--from-beginning"], "");
+    let first = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string);
+    assert_eq!(
+        first,
+        Some(format!("record-{start:04}-{}", "x".repeat(40))),
+        "reads start at the new log start"
+    );
+}
