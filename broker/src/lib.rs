@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod partition;
+pub mod replica;
 pub mod server;
 pub mod topic_config;
 pub mod topics;

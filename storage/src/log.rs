@@ -361,12 +361,46 @@ impl PartitionLog {
     /// broker validates a whole request before queueing any of it). It is validated again
     /// only if this log's size limit is smaller than the one it passed.
     pub fn append_validated_unsynced(&self, batch: &batch::ValidatedBatch) -> Result<AppendInfo> {
+        self.append_validated_stamped_unsynced(batch, 0, 0)
+    }
+
+    /// As [`append_validated_unsynced`](Self::append_validated_unsynced), stamping the leader
+    /// epoch and Raft index of the entry that carries the batch. Every replica appends the same
+    /// entries in the same order, so every replica stamps the same offsets.
+    pub fn append_validated_stamped_unsynced(
+        &self,
+        batch: &batch::ValidatedBatch,
+        leader_epoch: u64,
+        raft_index: u64,
+    ) -> Result<AppendInfo> {
         let limit = self.max_batch_bytes.load(Ordering::Acquire);
         if batch.limit() > limit {
-            return self.append_unsynced(batch.bytes());
+            let header = batch::validate(batch.bytes(), limit)?;
+            self.check_poisoned()?;
+            return self.write_batch(batch.bytes(), header, Some((leader_epoch, raft_index)));
         }
         self.check_poisoned()?;
-        self.write_batch(batch.bytes(), *batch.header(), Some((0, 0)))
+        self.write_batch(batch.bytes(), *batch.header(), Some((leader_epoch, raft_index)))
+    }
+
+    /// Calls `visit` with the header of every batch from the one holding `from` to the end,
+    /// reading headers only, until it returns false.
+    pub fn for_each_batch_header(&self, from: u64, mut visit: impl FnMut(&BatchHeader) -> bool) -> Result<()> {
+        for segment in self.segments_from(from) {
+            let start = match segment.locate(from.max(segment.base_offset()))? {
+                Some(found) => found.position,
+                None => continue,
+            };
+            let mut go_on = true;
+            segment.scan_headers(start, segment.size(), |_, h| {
+                go_on = visit(h);
+                go_on
+            })?;
+            if !go_on {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn append_inner(&self, batch: &[u8], stamp: Option<(u64, u64)>) -> Result<AppendInfo> {

@@ -42,6 +42,21 @@ impl PartitionLog {
     /// log exceeds the size limit. Whole segments only; never the active one.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
         let writer = self.lock_writer();
+        let count = self.expired_segments(&writer, now_ms);
+        self.delete_prefix(count)
+    }
+
+    /// The log start offset that [`enforce_retention`](Self::enforce_retention) would leave at
+    /// `now_ms`, or `None` if it would delete nothing. Lets a replica record its snapshot point
+    /// before the segments go.
+    pub fn retention_cutoff(&self, now_ms: i64) -> Option<u64> {
+        let writer = self.lock_writer();
+        let count = self.expired_segments(&writer, now_ms);
+        (count > 0).then(|| self.read_segments()[count].base_offset())
+    }
+
+    /// How many of the oldest segments retention would delete.
+    fn expired_segments(&self, writer: &Writer, now_ms: i64) -> usize {
         let segments = self.segments_snapshot();
         let sealed = &segments[..segments.len() - 1];
         let mut count = 0;
@@ -62,7 +77,7 @@ impl PartitionLog {
             }
             count = count.max(by_size);
         }
-        self.delete_prefix(count)
+        count
     }
 
     /// Deletes the first `count` segments; the caller holds the writer lock.

@@ -75,6 +75,9 @@ pub(crate) const LEADER_EPOCH_AT: usize = 12;
 pub(crate) const RAFT_INDEX_AT: usize = 20;
 pub(crate) const MAGIC_AT: usize = 28;
 pub(crate) const CRC_AT: usize = 29;
+/// Bytes at the start of a batch that the log stamps (base offset, length, leader epoch, Raft
+/// index, magic): everything after them is stored exactly as received.
+pub const STAMPED_LEN: usize = CRC_AT;
 /// First byte covered by the CRC.
 pub(crate) const CRC_START: usize = 33;
 pub(crate) const ATTRIBUTES_AT: usize = 33;

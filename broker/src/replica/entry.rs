@@ -1,0 +1,121 @@
+//! Raft entries as record batches, so that the Raft log and the partition log are one.
+//!
+//! | Raft entry | batch stored |
+//! |---|---|
+//! | normal, with data | the data itself: a client batch, validated |
+//! | normal, empty (leader no-op) | control batch with no records |
+//! | `EntryConfChange` / `EntryConfChangeV2` | control batch with one record: key `raft.conf_change` or `raft.conf_change_v2`, value the change, header `raft.context` if any |
+//!
+//! Every replica appends the same entries in the same order, so every replica stamps the same
+//! offsets; the batch header carries the entry's term (as leader epoch) and Raft index.
+
+use bytes::Bytes;
+use conveyor_storage::BatchError;
+use conveyor_storage::batch::{BatchBuilder, Compression, Header, Record, RecordBatch, ValidatedBatch};
+use raft::eraftpb::{Entry, EntryType};
+
+const CONF_CHANGE_KEY: &str = "raft.conf_change";
+const CONF_CHANGE_V2_KEY: &str = "raft.conf_change_v2";
+const CONTEXT_HEADER: &str = "raft.context";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("raft entry {index} does not hold a valid record batch: {source}")]
+    NotABatch {
+        index: u64,
+        #[source]
+        source: BatchError,
+    },
+    #[error("raft entry {index}: a client batch must not be a control batch")]
+    ControlData { index: u64 },
+    #[error("raft entry {index}: normal entries carry no context")]
+    UnexpectedContext { index: u64 },
+    #[error("stored batch at raft index {index} is not a raft entry: {reason}")]
+    Malformed { index: u64, reason: String },
+}
+
+/// The batch that stores `entry`, validated against `max_batch_bytes`.
+pub fn to_batch(entry: &Entry, max_batch_bytes: usize) -> Result<ValidatedBatch, EntryError> {
+    let index = entry.index;
+    let bytes = match entry.get_entry_type() {
+        EntryType::EntryNormal if entry.data.is_empty() => control(None, &entry.context, index)?,
+        EntryType::EntryNormal => {
+            if !entry.context.is_empty() {
+                return Err(EntryError::UnexpectedContext { index });
+            }
+            entry.data.clone()
+        }
+        EntryType::EntryConfChange => control(Some((CONF_CHANGE_KEY, &entry.data)), &entry.context, index)?,
+        EntryType::EntryConfChangeV2 => control(Some((CONF_CHANGE_V2_KEY, &entry.data)), &entry.context, index)?,
+    };
+    let batch =
+        ValidatedBatch::new(bytes, max_batch_bytes).map_err(|source| EntryError::NotABatch { index, source })?;
+    if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() && batch.header().is_control() {
+        return Err(EntryError::ControlData { index });
+    }
+    Ok(batch)
+}
+
+fn control(change: Option<(&'static str, &Bytes)>, context: &Bytes, index: u64) -> Result<Bytes, EntryError> {
+    let mut builder = BatchBuilder::new(Compression::None).control(true);
+    if let Some((key, value)) = change {
+        let headers = if context.is_empty() {
+            vec![]
+        } else {
+            vec![Header {
+                key: Bytes::from_static(CONTEXT_HEADER.as_bytes()),
+                value: Some(context.clone()),
+            }]
+        };
+        builder.push(&Record {
+            // Every replica builds this batch itself: nothing in it may depend on local time.
+            timestamp: 0,
+            key: Some(Bytes::from_static(key.as_bytes())),
+            value: Some(value.clone()),
+            headers,
+        });
+    }
+    builder
+        .build_at(0)
+        .map_err(|source| EntryError::NotABatch { index, source })
+}
+
+/// The Raft entry a stored batch represents.
+pub fn from_batch(batch: &RecordBatch) -> Result<Entry, EntryError> {
+    let header = batch.header();
+    let index = header.raft_index;
+    let mut entry = Entry {
+        index,
+        term: header.leader_epoch,
+        ..Entry::default()
+    };
+    if !header.is_control() {
+        entry.set_entry_type(EntryType::EntryNormal);
+        entry.data = batch.bytes().clone();
+        return Ok(entry);
+    }
+    let malformed = |reason: String| EntryError::Malformed { index, reason };
+    let mut records = batch.records().map_err(|e| malformed(e.to_string()))?;
+    let Some(record) = records.next() else {
+        entry.set_entry_type(EntryType::EntryNormal);
+        return Ok(entry);
+    };
+    let record = record.map_err(|e| malformed(e.to_string()))?;
+    let key = record.key.unwrap_or_default();
+    let entry_type = match &key[..] {
+        k if k == CONF_CHANGE_KEY.as_bytes() => EntryType::EntryConfChange,
+        k if k == CONF_CHANGE_V2_KEY.as_bytes() => EntryType::EntryConfChangeV2,
+        other => {
+            return Err(malformed(format!(
+                "unknown control record {:?}",
+                String::from_utf8_lossy(other)
+            )));
+        }
+    };
+    entry.set_entry_type(entry_type);
+    entry.data = record.value.unwrap_or_default();
+    if let Some(h) = record.headers.iter().find(|h| &h.key[..] == CONTEXT_HEADER.as_bytes()) {
+        entry.context = h.value.clone().unwrap_or_default();
+    }
+    Ok(entry)
+}

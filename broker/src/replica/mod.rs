@@ -1,0 +1,16 @@
+//! Replication: one Raft group per partition, whose Raft log is the partition log.
+//!
+//! # Layout
+//! - [`entry`]: Raft entries as record batches (normal entries are client batches; no-ops
+//!   and membership changes are control batches).
+//! - [`raft_state`]: the small per-partition file holding HardState, ConfState and the
+//!   snapshot point.
+//! - [`raft_storage`]: raft-rs `Storage` over the segmented log: no second write-ahead log.
+//! - [`ready`]: processing a `RawNode` Ready in raft-rs's documented order.
+//!
+//! The RawNode driver, transport and controller come in the next steps of the Raft issue.
+
+pub mod entry;
+pub mod raft_state;
+pub mod raft_storage;
+pub mod ready;

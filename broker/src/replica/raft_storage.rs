@@ -1,0 +1,564 @@
+//! raft-rs `Storage` over the partition's segmented log.
+//!
+//! Each Raft entry is one batch in the partition log (see [`super::entry`]); its header
+//! carries the entry's index and term. Nothing is written twice: there is no separate Raft
+//! write-ahead log. HardState, ConfState and the snapshot point live in the small
+//! [`super::raft_state`] file.
+//!
+//! # Invariants
+//! - Entries `first_index ..= last_index` are the batches from the log's Raft start, with
+//!   contiguous Raft indexes; `first_index = snapshot_index + 1`.
+//! - The term of `snapshot_index` is kept (in the state file) for Raft's log matching.
+//! - Only committed entries are ever compacted; a snapshot says only where the log now starts.
+//!
+//! # Crash behaviour
+//! The snapshot point is recorded before retention deletes segments; on open, batches at or
+//! below it are skipped, so a crash in between loses nothing Raft needs.
+//!
+//! # Thread-safety
+//! The index of entries sits behind a `RwLock`; the owning partition task is the only writer.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use conveyor_storage::batch::BatchIter;
+use conveyor_storage::{LogError, PartitionLog};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use super::entry::{self, EntryError};
+use super::raft_state::{RaftStateFile, StateError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("raft log at {dir}: {reason}")]
+    Inconsistent { dir: PathBuf, reason: String },
+}
+
+fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: RaftStateFile,
+    /// Offset and term of each entry from `first_index` on.
+    entries: VecDeque<(u64, u64)>,
+}
+
+impl Inner {
+    fn first_index(&self) -> u64 {
+        self.state.snapshot_index + 1
+    }
+
+    fn last_index(&self) -> u64 {
+        self.state.snapshot_index + self.entries.len() as u64
+    }
+}
+
+/// The Raft log of one partition: raft-rs `Storage` plus the writes the Raft driver makes.
+#[derive(Debug)]
+pub struct RaftLog {
+    log: Arc<PartitionLog>,
+    dir: PathBuf,
+    inner: RwLock<Inner>,
+}
+
+impl RaftLog {
+    /// Loads the state file and indexes the entries already in `log`. Blocking.
+    pub fn open(log: Arc<PartitionLog>) -> Result<RaftLog, ReplicaError> {
+        let dir = log.dir().to_path_buf();
+        let state = RaftStateFile::load(&dir)?;
+        let mut entries = VecDeque::new();
+        let mut expected = state.snapshot_index + 1;
+        let mut problem = None;
+        let start = log
+            .log_start_offset()
+            .max(state.snapshot_offset.min(log.log_end_offset()));
+        log.for_each_batch_header(start, |h| {
+            if h.raft_index < expected {
+                return true; // below the snapshot point: compacted for Raft, not yet deleted
+            }
+            if h.raft_index != expected {
+                problem = Some(format!(
+                    "expected raft index {expected} at offset {}, found {}",
+                    h.base_offset, h.raft_index
+                ));
+                return false;
+            }
+            entries.push_back((h.base_offset, h.leader_epoch));
+            expected += 1;
+            true
+        })?;
+        if let Some(reason) = problem {
+            return Err(ReplicaError::Inconsistent { dir, reason });
+        }
+        Ok(RaftLog {
+            log,
+            dir,
+            inner: RwLock::new(Inner { state, entries }),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn partition_log(&self) -> &Arc<PartitionLog> {
+        &self.log
+    }
+
+    /// Appends entries from a Ready, replacing any conflicting suffix first (Raft only sends
+    /// entries that overwrite uncommitted ones). Written, not yet synced: call
+    /// [`persist`](Self::persist) before sending the messages that depend on them.
+    pub fn append(&self, entries: &[Entry]) -> Result<(), ReplicaError> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        let mut inner = self.write();
+        if first.index <= inner.state.snapshot_index {
+            return Err(ReplicaError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!(
+                    "entry {} is at or below the snapshot point {}",
+                    first.index, inner.state.snapshot_index
+                ),
+            });
+        }
+        if first.index > inner.last_index() + 1 {
+            return Err(ReplicaError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!("entry {} leaves a gap after {}", first.index, inner.last_index()),
+            });
+        }
+        if first.index <= inner.last_index() {
+            let keep = (first.index - inner.first_index()) as usize;
+            let (offset, _) = inner.entries[keep];
+            self.log.truncate_to(offset)?;
+            inner.entries.truncate(keep);
+        }
+        let limit = self.log.config().max_batch_bytes;
+        for e in entries {
+            let batch = entry::to_batch(e, limit)?;
+            let info = self.log.append_validated_stamped_unsynced(&batch, e.term, e.index)?;
+            inner.entries.push_back((info.base_offset, e.term));
+        }
+        Ok(())
+    }
+
+    /// Makes appended entries as durable as the topic's flush policy requires.
+    pub fn persist(&self) -> Result<(), ReplicaError> {
+        Ok(self.log.apply_flush_policy(self.log.log_end_offset())?)
+    }
+
+    pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), ReplicaError> {
+        let mut inner = self.write();
+        inner.state.hard_state = hard_state.clone();
+        inner.state.store(&self.dir)?;
+        Ok(())
+    }
+
+    pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), ReplicaError> {
+        let mut inner = self.write();
+        inner.state.conf_state = conf_state.clone();
+        inner.state.store(&self.dir)?;
+        Ok(())
+    }
+
+    /// Offset below which entries up to `index` lie: what a consumer may read once `index` is
+    /// committed.
+    pub fn offset_after(&self, index: u64) -> u64 {
+        let inner = self.read();
+        if index < inner.first_index() {
+            return inner.entries.front().map_or(self.log.log_end_offset(), |e| e.0);
+        }
+        let next = (index + 1 - inner.first_index()) as usize;
+        inner.entries.get(next).map_or(self.log.log_end_offset(), |e| e.0)
+    }
+
+    /// Applies retention without losing what Raft needs: only committed entries are removed,
+    /// and the snapshot point is recorded before segments are deleted. Returns the number of
+    /// entries compacted.
+    pub fn compact(&self, now_ms: i64) -> Result<usize, ReplicaError> {
+        let Some(cutoff) = self.log.retention_cutoff(now_ms) else {
+            return Ok(0);
+        };
+        let mut inner = self.write();
+        let committed = inner.state.hard_state.commit;
+        let removable = inner
+            .entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, (offset, _))| *offset < cutoff && inner.first_index() + (*i as u64) <= committed)
+            .count();
+        if removable == 0 {
+            return Ok(0);
+        }
+        let start_offset = inner.entries.get(removable).map_or(self.log.log_end_offset(), |e| e.0);
+        let (_, term) = inner.entries[removable - 1];
+        inner.state.snapshot_index += removable as u64;
+        inner.state.snapshot_term = term;
+        inner.state.snapshot_offset = start_offset;
+        inner.state.store(&self.dir)?;
+        inner.entries.drain(..removable);
+        drop(inner);
+        self.log.delete_segments_before(start_offset)?;
+        Ok(removable)
+    }
+
+    /// Installs a leader's snapshot: the log restarts, empty, where the leader's starts.
+    pub fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), ReplicaError> {
+        let meta = snapshot.get_metadata();
+        let offset = snapshot_offset(snapshot).ok_or_else(|| ReplicaError::Inconsistent {
+            dir: self.dir.clone(),
+            reason: "snapshot without a log start offset".into(),
+        })?;
+        let mut inner = self.write();
+        inner.state.snapshot_index = meta.index;
+        inner.state.snapshot_term = meta.term;
+        inner.state.snapshot_offset = offset;
+        inner.state.conf_state = meta.get_conf_state().clone();
+        inner.state.hard_state.commit = inner.state.hard_state.commit.max(meta.index);
+        inner.state.hard_state.term = inner.state.hard_state.term.max(meta.term);
+        // Recorded first: if the reset below is interrupted, open skips what is left.
+        inner.state.store(&self.dir)?;
+        self.log.truncate_fully_and_start_at(offset)?;
+        inner.entries.clear();
+        Ok(())
+    }
+}
+
+/// The log start offset a snapshot carries.
+pub fn snapshot_offset(snapshot: &Snapshot) -> Option<u64> {
+    let data: [u8; 8] = snapshot.data.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(data))
+}
+
+impl Storage for RaftLog {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let inner = self.read();
+        Ok(RaftState::new(
+            inner.state.hard_state.clone(),
+            inner.state.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let inner = self.read();
+        if low < inner.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > inner.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        let mut next = low;
+        while next < high {
+            let (offset, _) = inner.entries[(next - inner.first_index()) as usize];
+            let bytes = self.log.read(offset, 1 << 20).map_err(store_error)?;
+            for batch in BatchIter::new(bytes) {
+                let batch = batch.map_err(store_error)?;
+                let entry = entry::from_batch(&batch).map_err(store_error)?;
+                if entry.index != next {
+                    return Err(store_error(EntryError::Malformed {
+                        index: next,
+                        reason: format!("found raft index {} at offset {offset}", entry.index),
+                    }));
+                }
+                size += batch.bytes().len() as u64;
+                if !out.is_empty() && size > max_size {
+                    return Ok(out);
+                }
+                out.push(entry);
+                next += 1;
+                if next == high {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let inner = self.read();
+        if idx == inner.state.snapshot_index {
+            return Ok(inner.state.snapshot_term);
+        }
+        if idx < inner.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > inner.last_index() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(inner.entries[(idx - inner.first_index()) as usize].1)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.read().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.read().last_index())
+    }
+
+    /// A snapshot that only says where the log now starts: its index and term are the
+    /// snapshot point, its data the log start offset.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let inner = self.read();
+        if request_index > inner.state.snapshot_index {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let mut snapshot = Snapshot::default();
+        let start = inner.entries.front().map_or(self.log.log_end_offset(), |e| e.0);
+        snapshot.data = bytes::Bytes::copy_from_slice(&start.to_le_bytes());
+        let meta = snapshot.mut_metadata();
+        meta.index = inner.state.snapshot_index;
+        meta.term = inner.state.snapshot_term;
+        meta.set_conf_state(inner.state.conf_state.clone());
+        Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use conveyor_storage::batch::{BatchBuilder, Compression, Record, STAMPED_LEN};
+    use conveyor_storage::{FlushPolicy, LogConfig};
+    use raft::eraftpb::EntryType;
+
+    use super::*;
+
+    fn config() -> LogConfig {
+        LogConfig {
+            segment_bytes: 4096,
+            index_interval_bytes: 256,
+            max_index_bytes: 4096,
+            max_batch_bytes: 4096,
+            retention_ms: None,
+            retention_bytes: Some(8192),
+            flush: FlushPolicy::Os,
+            ..LogConfig::default()
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> RaftLog {
+        let log = PartitionLog::open(dir, config()).expect("partition log");
+        RaftLog::open(Arc::new(log)).expect("raft log")
+    }
+
+    /// Entry `index` of `term`: a client batch, a leader no-op every 10th, a conf change every 25th.
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry {
+            index,
+            term,
+            ..Entry::default()
+        };
+        if index.is_multiple_of(25) {
+            e.set_entry_type(EntryType::EntryConfChange);
+            e.data = Bytes::from(format!("conf-{index}"));
+            e.context = Bytes::from("ctx");
+        } else if !index.is_multiple_of(10) {
+            let mut b = BatchBuilder::new(Compression::None);
+            for r in 0..3 {
+                b.push(&Record {
+                    timestamp: 1_000 + index as i64,
+                    value: Some(Bytes::from(format!(
+                        "entry-{index}-term-{term}-record-{r}-{}",
+                        "x".repeat(40)
+                    ))),
+                    ..Record::default()
+                });
+            }
+            e.data = b.build().expect("batch");
+        }
+        e
+    }
+
+    fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+        range.map(|i| entry(i, term)).collect()
+    }
+
+    fn read_all(raft: &RaftLog) -> Vec<Entry> {
+        let (first, last) = (raft.first_index().expect("first"), raft.last_index().expect("last"));
+        raft.entries(first, last + 1, None, GetEntriesContext::empty(false))
+            .expect("entries")
+    }
+
+    /// Equal entries; a client batch is compared past the prefix the log stamps.
+    fn same(a: &Entry, b: &Entry) -> bool {
+        let body = |e: &Entry| match e.get_entry_type() {
+            EntryType::EntryNormal if !e.data.is_empty() => e.data.slice(STAMPED_LEN..),
+            _ => e.data.clone(),
+        };
+        a.index == b.index
+            && a.term == b.term
+            && a.get_entry_type() == b.get_entry_type()
+            && body(a) == body(b)
+            && a.context == b.context
+    }
+
+    #[test]
+    fn entries_terms_and_bounds_span_segment_boundaries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = open(dir.path());
+        let mut written = entries(1..=50, 1);
+        written.extend(entries(51..=100, 2));
+        raft.append(&written).expect("append");
+        raft.persist().expect("persist");
+        assert!(raft.partition_log().segment_count() > 3, "entries cross segments");
+        assert_eq!(
+            (raft.first_index().expect("f"), raft.last_index().expect("l")),
+            (1, 100)
+        );
+        assert_eq!(raft.term(0).expect("term 0"), 0);
+        assert_eq!(raft.term(50).expect("term"), 1);
+        assert_eq!(raft.term(51).expect("term"), 2);
+        assert!(matches!(
+            raft.term(101),
+            Err(raft::Error::Store(StorageError::Unavailable))
+        ));
+        let read = read_all(&raft);
+        assert_eq!(read.len(), 100);
+        assert!(
+            read.iter().zip(&written).all(|(a, b)| same(a, b)),
+            "entries round trip, types included"
+        );
+
+        let limited = raft
+            .entries(10, 60, 1, GetEntriesContext::empty(false))
+            .expect("limited");
+        assert_eq!(limited.len(), 1, "at least one entry even over max_size");
+        let some = raft
+            .entries(30, 40, 2_000, GetEntriesContext::empty(false))
+            .expect("some");
+        assert!(!some.is_empty() && some.len() < 10 && some[0].index == 30);
+    }
+
+    #[test]
+    fn a_conflicting_suffix_is_truncated_and_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = open(dir.path());
+        raft.append(&entries(1..=40, 1)).expect("append");
+        let end_before = raft.partition_log().log_end_offset();
+        raft.append(&entries(31..=33, 2)).expect("overwrite");
+        assert_eq!(raft.last_index().expect("last"), 33);
+        assert_eq!(raft.term(30).expect("term"), 1);
+        assert_eq!(raft.term(31).expect("term"), 2);
+        assert!(raft.partition_log().log_end_offset() < end_before);
+        let read = read_all(&raft);
+        assert_eq!(
+            read.iter().map(|e| e.index).collect::<Vec<_>>(),
+            (1..=33).collect::<Vec<_>>()
+        );
+        assert!(same(&read[31], &entry(32, 2)));
+        assert!(
+            matches!(
+                raft.append(&entries(40..=41, 2)),
+                Err(ReplicaError::Inconsistent { .. })
+            ),
+            "gaps are refused"
+        );
+    }
+
+    #[test]
+    fn reopening_rebuilds_entries_and_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let raft = open(dir.path());
+            raft.append(&entries(1..=30, 3)).expect("append");
+            raft.persist().expect("persist");
+            let hs = HardState {
+                term: 3,
+                vote: 2,
+                commit: 25,
+                ..HardState::default()
+            };
+            raft.set_hard_state(&hs).expect("hard state");
+            let cs = ConfState {
+                voters: vec![1, 2, 3],
+                ..ConfState::default()
+            };
+            raft.set_conf_state(&cs).expect("conf state");
+        }
+        let raft = open(dir.path());
+        let state = raft.initial_state().expect("state");
+        assert_eq!(
+            (state.hard_state.term, state.hard_state.vote, state.hard_state.commit),
+            (3, 2, 25)
+        );
+        assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(raft.last_index().expect("last"), 30);
+        assert!(read_all(&raft).iter().zip(&entries(1..=30, 3)).all(|(a, b)| same(a, b)));
+        assert_eq!(raft.offset_after(30), raft.partition_log().log_end_offset());
+    }
+
+    #[test]
+    fn only_committed_entries_are_compacted_and_a_snapshot_moves_a_follower() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let leader = open(&dir.path().join("leader"));
+        leader.append(&entries(1..=120, 1)).expect("append");
+        assert_eq!(
+            leader.compact(conveyor_storage::unix_millis()).expect("compact"),
+            0,
+            "nothing committed yet"
+        );
+        let hs = HardState {
+            term: 1,
+            commit: 120,
+            ..HardState::default()
+        };
+        leader.set_hard_state(&hs).expect("commit");
+        let removed = leader.compact(conveyor_storage::unix_millis()).expect("compact");
+        assert!(removed > 0);
+        let first = leader.first_index().expect("first");
+        assert_eq!(first, removed as u64 + 1);
+        assert_eq!(leader.term(first - 1).expect("term kept for matching"), 1);
+        assert!(matches!(
+            leader.entries(1, 3, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        let start = leader.partition_log().log_start_offset();
+        assert!(start > 0);
+
+        let snapshot = leader.snapshot(0, 2).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, first - 1);
+        assert_eq!(snapshot_offset(&snapshot), Some(start));
+
+        let follower = open(&dir.path().join("follower"));
+        follower.append(&entries(1..=5, 1)).expect("stale prefix");
+        follower.apply_snapshot(&snapshot).expect("apply snapshot");
+        assert_eq!(follower.first_index().expect("first"), first);
+        assert_eq!(follower.partition_log().log_start_offset(), start);
+        let rest = leader
+            .entries(first, 121, None, GetEntriesContext::empty(false))
+            .expect("rest");
+        follower.append(&rest).expect("catch up");
+        assert_eq!(
+            follower.partition_log().log_end_offset(),
+            leader.partition_log().log_end_offset(),
+            "same entries, same offsets"
+        );
+        drop(follower);
+        let reopened = open(&dir.path().join("follower"));
+        assert_eq!(reopened.first_index().expect("first"), first);
+        assert_eq!(reopened.last_index().expect("last"), 120);
+    }
+}
