@@ -43,6 +43,9 @@ pub enum ReplicaError {
     Inconsistent { dir: PathBuf, reason: String },
 }
 
+/// Entries kept in memory after appending, at most.
+const MAX_CACHED_ENTRIES: usize = 4096;
+
 fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
@@ -52,6 +55,9 @@ struct Inner {
     state: RaftStateFile,
     /// Offset and term of each entry from `first_index` on.
     entries: VecDeque<(u64, u64)>,
+    /// The most recent entries as appended, so that applying them (and sending them to
+    /// followers) does not read back from disk what is still in memory.
+    cache: VecDeque<Entry>,
 }
 
 impl Inner {
@@ -104,7 +110,11 @@ impl RaftLog {
         Ok(RaftLog {
             log,
             dir,
-            inner: RwLock::new(Inner { state, entries }),
+            inner: RwLock::new(Inner {
+                state,
+                entries,
+                cache: VecDeque::new(),
+            }),
         })
     }
 
@@ -146,12 +156,17 @@ impl RaftLog {
             let (offset, _) = inner.entries[keep];
             self.log.truncate_to(offset)?;
             inner.entries.truncate(keep);
+            inner.cache.retain(|e| e.index < first.index);
         }
         let limit = self.log.config().max_batch_bytes;
         for e in entries {
             let batch = entry::to_batch(e, limit)?;
             let info = self.log.append_validated_stamped_unsynced(&batch, e.term, e.index)?;
             inner.entries.push_back((info.base_offset, e.term));
+            inner.cache.push_back(e.clone());
+        }
+        while inner.cache.len() > MAX_CACHED_ENTRIES {
+            inner.cache.pop_front();
         }
         Ok(())
     }
@@ -161,11 +176,33 @@ impl RaftLog {
         Ok(self.log.apply_flush_policy(self.log.log_end_offset())?)
     }
 
+    /// Records the HardState. Term and vote are stored durably before this returns (a lost
+    /// vote could elect two leaders in one term); a commit-only change is kept in memory and
+    /// written with the next durable change, since a restarted replica relearns the commit
+    /// index from its leader (or, alone, by committing a new no-op).
     pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), ReplicaError> {
         let mut inner = self.write();
+        let durable = hard_state.term != inner.state.hard_state.term || hard_state.vote != inner.state.hard_state.vote;
         inner.state.hard_state = hard_state.clone();
-        inner.state.store(&self.dir)?;
+        if durable {
+            inner.state.store(&self.dir)?;
+        }
         Ok(())
+    }
+
+    /// Drops cached entries up to `index` once they are applied.
+    pub fn evict_cache_to(&self, index: u64) {
+        let mut inner = self.write();
+        while inner.cache.front().is_some_and(|e| e.index <= index) {
+            inner.cache.pop_front();
+        }
+    }
+
+    /// Offset of the batch that carries entry `index`, if it is in the log.
+    pub fn offset_of(&self, index: u64) -> Option<u64> {
+        let inner = self.read();
+        let i = index.checked_sub(inner.first_index())?;
+        inner.entries.get(i as usize).map(|e| e.0)
     }
 
     pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), ReplicaError> {
@@ -211,6 +248,8 @@ impl RaftLog {
         inner.state.snapshot_offset = start_offset;
         inner.state.store(&self.dir)?;
         inner.entries.drain(..removable);
+        let first = inner.first_index();
+        inner.cache.retain(|e| e.index >= first);
         drop(inner);
         self.log.delete_segments_before(start_offset)?;
         Ok(removable)
@@ -234,6 +273,7 @@ impl RaftLog {
         inner.state.store(&self.dir)?;
         self.log.truncate_fully_and_start_at(offset)?;
         inner.entries.clear();
+        inner.cache.clear();
         Ok(())
     }
 }
@@ -270,6 +310,19 @@ impl Storage for RaftLog {
         }
         let mut out = Vec::with_capacity((high - low) as usize);
         let mut size = 0u64;
+        if let Some(cached) = inner.cache.front()
+            && cached.index <= low
+        {
+            let skip = (low - cached.index) as usize;
+            for e in inner.cache.iter().skip(skip).take((high - low) as usize) {
+                size += e.data.len() as u64;
+                if !out.is_empty() && size > max_size {
+                    break;
+                }
+                out.push(e.clone());
+            }
+            return Ok(out);
+        }
         let mut next = low;
         while next < high {
             let (offset, _) = inner.entries[(next - inner.first_index()) as usize];

@@ -74,6 +74,7 @@ fn apply(
         };
         node.store().set_conf_state(&conf_state)?;
     }
+    node.store().evict_cache_to(last);
     handler.committed(last);
     Ok(())
 }
