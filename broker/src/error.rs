@@ -56,6 +56,8 @@ pub enum BrokerError {
         #[source]
         source: LogError,
     },
+    #[error("topic '{topic}' partition {partition} has no leader right now; retry shortly")]
+    LeaderNotAvailable { topic: String, partition: i32 },
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -117,6 +119,7 @@ impl BrokerError {
             Busy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
+            LeaderNotAvailable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
         }
     }
 
@@ -135,6 +138,7 @@ impl BrokerError {
             | CorruptBatch { topic, partition, .. }
             | RecordTooLarge { topic, partition, .. }
             | Busy { topic, partition }
+            | LeaderNotAvailable { topic, partition }
             | Storage { topic, partition, .. } => {
                 detail.topic = topic.clone();
                 detail.partition = *partition;

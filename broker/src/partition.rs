@@ -1,29 +1,40 @@
-//! One partition: its log, the task that owns appends to it, and its high watermark.
+//! One partition: its log, the Raft group that owns appends to it, and its high watermark.
 //!
 //! # Concurrency
-//! Appends reach the owner task over a bounded mailbox; when it is full, producers wait
-//! (the stream backs up to the client). The owner drains what is queued, writes it in one
-//! blocking job off the reactor, applies the flush policy once for the whole group (one fsync
-//! covers every request in it), then answers. Reads do not go through the owner: the log
-//! serves them concurrently, bounded by the high watermark.
+//! A partition is a Raft group (a group of one on a single node: the same code path). One
+//! owner task drives its `RawNode`: appends reach it over a bounded mailbox (producers wait
+//! when it is full), it proposes them, ticks the node, and processes each Ready off the
+//! reactor in raft-rs's order (see [`crate::replica::ready`]): one persist covers every
+//! proposal of the round. Reads do not go through the owner: the log serves them
+//! concurrently, bounded by the high watermark.
 //!
 //! # Invariants
-//! The high watermark only moves forward and never passes what the topic's flush policy has
-//! made durable, so a consumer never sees a record that a crash could take back.
+//! The high watermark is the offset after the last committed entry: it only moves forward,
+//! and a consumer never sees a record that is not committed (and, under flush policy
+//! `always`, fsynced).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use conveyor_storage::batch::ValidatedBatch;
-use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+use conveyor_storage::{LogConfig, PartitionLog};
+use raft::eraftpb::{ConfState, Entry, Message, MessageType};
+use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
+use crate::replica::raft_storage::RaftLog;
+use crate::replica::ready::{ReadyHandler, on_ready};
 
-/// Most requests one owner round writes before it fsyncs and answers.
+/// Most requests one owner round proposes before it processes a Ready.
 const MAX_REQUESTS_PER_ROUND: usize = 512;
+/// Raft logical clock: elections after 10 ticks without a leader, heartbeats every 3.
+const RAFT_TICK: Duration = Duration::from_millis(100);
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acks {
@@ -46,43 +57,91 @@ pub struct AppendRequest {
     pub reply: oneshot::Sender<Result<AppendOutcome>>,
 }
 
+/// What opening a partition needs besides its name and directory.
+#[derive(Debug, Clone)]
+pub struct OpenContext {
+    pub node_id: u64,
+    pub queue_depth: usize,
+    pub metrics: Arc<Metrics>,
+    pub runtime: tokio::runtime::Handle,
+}
+
 #[derive(Debug)]
 pub struct Partition {
     pub topic: String,
     pub index: i32,
     pub log: Arc<PartitionLog>,
+    raft: RaftLog,
     mailbox: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     high_watermark: watch::Receiver<u64>,
     owner: Mutex<Option<JoinHandle<()>>>,
 }
 
+fn raft_logger() -> slog::Logger {
+    slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!())
+}
+
 impl Partition {
-    /// Opens (or creates) the log and starts its owner task. Blocking: call off the reactor.
+    /// Opens (or creates) the log, starts its Raft group and the owner task. Blocking: call
+    /// off the reactor.
     pub fn open(
+        ctx: &OpenContext,
         topic: &str,
         index: i32,
         dir: &std::path::Path,
         config: LogConfig,
-        queue_depth: usize,
-        metrics: Arc<Metrics>,
-        runtime: &tokio::runtime::Handle,
     ) -> Result<Arc<Partition>> {
-        let log = PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?;
-        let log = Arc::new(log);
-        let (hw_tx, hw_rx) = watch::channel(log.log_end_offset());
-        let (tx, rx) = mpsc::channel(queue_depth);
+        let storage_error = |e: crate::replica::raft_storage::ReplicaError| {
+            BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
+        };
+        let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
+        let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
+        if raft.voters().is_empty() {
+            // A new partition on a single node: a group of one.
+            let conf = ConfState {
+                voters: vec![ctx.node_id],
+                ..ConfState::default()
+            };
+            raft.set_conf_state(&conf).map_err(storage_error)?;
+        }
+        let state = raft::Storage::initial_state(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let last = raft::Storage::last_index(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let config = raft::Config {
+            id: ctx.node_id,
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            applied: state.hard_state.commit.min(last),
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        config
+            .validate()
+            .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))?;
+        let mut node =
+            RawNode::new(&config, raft.clone(), &raft_logger()).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        if raft.voters() == [ctx.node_id] {
+            // Alone in its group: no reason to wait for an election timeout.
+            node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
+        }
+        let (hw_tx, hw_rx) = watch::channel(raft.offset_after(state.hard_state.commit));
+        let (tx, rx) = mpsc::channel(ctx.queue_depth);
         let owner = Owner {
             topic: topic.to_string(),
             index,
-            log: Arc::clone(&log),
+            raft: raft.clone(),
             high_watermark: hw_tx,
-            metrics,
+            metrics: Arc::clone(&ctx.metrics),
+            pending: VecDeque::new(),
         };
-        let handle = runtime.spawn(owner.run(rx));
+        let handle = ctx.runtime.spawn(owner.run(rx, node));
         Ok(Arc::new(Partition {
             topic: topic.to_string(),
             index,
             log,
+            raft,
             mailbox: Mutex::new(Some(tx)),
             high_watermark: hw_rx,
             owner: Mutex::new(Some(handle)),
@@ -118,6 +177,17 @@ impl Partition {
         Ok(rx)
     }
 
+    /// Applies retention without losing what Raft needs (only committed entries go).
+    /// Blocking.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
+        self.raft.compact(now_ms).map_err(|e| {
+            BrokerError::Internal(format!(
+                "topic '{}' partition {}: retention: {e}",
+                self.topic, self.index
+            ))
+        })
+    }
+
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.
     pub async fn stop(&self) {
         self.mailbox
@@ -135,101 +205,208 @@ impl Partition {
             tracing::error!(topic = %self.topic, partition = self.index, error = %e, "partition owner task failed");
         }
     }
+
+    /// Stores the Raft state and closes the log cleanly. Blocking; after [`stop`](Self::stop).
+    pub fn close(&self) -> Result<()> {
+        self.raft
+            .flush_state()
+            .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))?;
+        self.log
+            .close()
+            .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))
+    }
+}
+
+/// A proposed request waiting for its entries to be persisted or committed.
+#[derive(Debug)]
+struct Pending {
+    first: u64,
+    last: u64,
+    last_offset_delta: u32,
+    acks: Acks,
+    reply: oneshot::Sender<Result<AppendOutcome>>,
 }
 
 struct Owner {
     topic: String,
     index: i32,
-    log: Arc<PartitionLog>,
+    raft: RaftLog,
     high_watermark: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    pending: VecDeque<Pending>,
 }
 
-/// A request after its batches were written: what to answer once the round is durable.
-struct Written {
-    reply: oneshot::Sender<Result<AppendOutcome>>,
-    outcome: Result<AppendOutcome>,
+/// Collects what a Ready produced. Peers arrive with the transport; a group of one sends
+/// nothing.
+#[derive(Debug, Default)]
+struct Collected {
+    messages: Vec<Message>,
+    committed: u64,
+}
+
+impl ReadyHandler for Collected {
+    fn send(&mut self, messages: Vec<Message>) {
+        self.messages.extend(messages);
+    }
+    fn committed(&mut self, index: u64) {
+        self.committed = self.committed.max(index);
+    }
 }
 
 impl Owner {
-    async fn run(self, mut rx: mpsc::Receiver<AppendRequest>) {
-        let this = Arc::new(self);
-        while let Some(first) = rx.recv().await {
-            let mut round = vec![first];
-            while round.len() < MAX_REQUESTS_PER_ROUND {
-                match rx.try_recv() {
-                    Ok(r) => round.push(r),
-                    Err(_) => break,
+    async fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>, mut node: RawNode<RaftLog>) {
+        let mut ticker = tokio::time::interval(RAFT_TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        while open || node.has_ready() {
+            let mut requests = Vec::new();
+            let mut tick = false;
+            if open {
+                tokio::select! {
+                    biased;
+                    next = rx.recv() => match next {
+                        Some(r) => requests.push(r),
+                        None => open = false,
+                    },
+                    _ = ticker.tick() => tick = true,
+                }
+                while open && requests.len() < MAX_REQUESTS_PER_ROUND {
+                    match rx.try_recv() {
+                        Ok(r) => requests.push(r),
+                        Err(_) => break,
+                    }
                 }
             }
-            let owner = Arc::clone(&this);
-            let result = tokio::task::spawn_blocking(move || owner.write_round(round)).await;
-            if let Err(e) = result {
-                tracing::error!(topic = %this.topic, partition = this.index, error = %e, "append round panicked");
+            for request in requests {
+                self.propose(&mut node, request);
             }
-        }
-        tracing::debug!(topic = %this.topic, partition = this.index, "partition owner stopped");
-    }
-
-    /// Writes every request of the round, answers `acks=leader` at once, applies the flush
-    /// policy once, then answers `acks=all` and advances the high watermark.
-    fn write_round(&self, round: Vec<AppendRequest>) {
-        let mut pending = Vec::with_capacity(round.len());
-        for request in round {
-            let outcome = self.append_all(&request.batches);
-            match request.acks {
-                Acks::All => pending.push(Written {
-                    reply: request.reply,
-                    outcome,
-                }),
-                Acks::Leader | Acks::None => drop(request.reply.send(outcome)),
+            if tick {
+                node.tick();
             }
-        }
-        let end = self.log.log_end_offset();
-        let started = Instant::now();
-        let flushed = self.log.apply_flush_policy(end);
-        if self.log.flush_policy() != FlushPolicy::Os {
-            self.metrics.fsync_latency.observe(started.elapsed());
-        }
-        match flushed {
-            Ok(()) => {
-                self.high_watermark.send_if_modified(|hw| {
-                    let moved = end > *hw;
-                    *hw = (*hw).max(end);
-                    moved
-                });
-                for w in pending {
-                    drop(w.reply.send(w.outcome));
-                }
+            if !node.has_ready() {
+                continue;
             }
-            Err(e) => {
-                tracing::error!(topic = %self.topic, partition = self.index, error = %e, "flush failed");
-                for w in pending {
-                    let err = BrokerError::Storage {
-                        topic: self.topic.clone(),
-                        partition: self.index,
-                        source: conveyor_storage::LogError::Poisoned { reason: e.to_string() },
-                    };
-                    drop(w.reply.send(Err(err)));
-                }
-            }
-        }
-    }
-
-    fn append_all(&self, batches: &[ValidatedBatch]) -> Result<AppendOutcome> {
-        let mut outcome: Option<AppendOutcome> = None;
-        for batch in batches {
-            let info = self
-                .log
-                .append_validated_unsynced(batch)
-                .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
-            self.metrics.bytes_in.add(batch.bytes().len() as u64);
-            self.metrics.records_in.add(u64::from(info.record_count));
-            outcome = Some(AppendOutcome {
-                base_offset: outcome.map_or(info.base_offset, |o| o.base_offset),
-                last_offset: info.last_offset,
+            let started = Instant::now();
+            let job = tokio::task::spawn_blocking(move || {
+                let mut collected = Collected::default();
+                let result = (|| {
+                    while on_ready(&mut node, &mut collected)? {}
+                    Ok::<_, crate::replica::raft_storage::ReplicaError>(())
+                })();
+                (node, collected, result)
             });
+            let (returned, collected, result) = match job.await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft ready processing panicked");
+                    return;
+                }
+            };
+            node = returned;
+            self.metrics.fsync_latency.observe(started.elapsed());
+            if !collected.messages.is_empty() {
+                tracing::debug!(
+                    count = collected.messages.len(),
+                    "raft messages without a transport dropped"
+                );
+            }
+            match result {
+                Ok(()) => self.finish(&node),
+                Err(e) => {
+                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft log write failed");
+                    self.fail_all(|| BrokerError::Internal(format!("raft log write failed: {e}")));
+                }
+            }
         }
-        outcome.ok_or_else(|| BrokerError::InvalidRequest("no batch to append".into()))
+        tracing::debug!(topic = %self.topic, partition = self.index, "partition owner stopped");
+    }
+
+    /// Proposes every batch of a request as one entry each.
+    fn propose(&mut self, node: &mut RawNode<RaftLog>, request: AppendRequest) {
+        if node.raft.state != StateRole::Leader {
+            let err = BrokerError::LeaderNotAvailable {
+                topic: self.topic.clone(),
+                partition: self.index,
+            };
+            drop(request.reply.send(Err(err)));
+            return;
+        }
+        let first = node.raft.raft_log.last_index() + 1;
+        let last_offset_delta = request.batches.last().map_or(0, |b| b.header().last_offset_delta);
+        for batch in &request.batches {
+            let entry = Entry {
+                data: batch.bytes().clone(),
+                ..Entry::default()
+            };
+            let mut message = Message::default();
+            message.set_msg_type(MessageType::MsgPropose);
+            message.from = node.raft.id;
+            message.set_entries(vec![entry].into());
+            if let Err(e) = node.raft.step(message) {
+                drop(
+                    request
+                        .reply
+                        .send(Err(BrokerError::Internal(format!("proposal refused: {e}")))),
+                );
+                return;
+            }
+            self.metrics.bytes_in.add(batch.bytes().len() as u64);
+            self.metrics.records_in.add(u64::from(batch.header().record_count));
+        }
+        let last = node.raft.raft_log.last_index();
+        self.pending.push_back(Pending {
+            first,
+            last,
+            last_offset_delta,
+            acks: request.acks,
+            reply: request.reply,
+        });
+    }
+
+    /// Answers requests whose entries are persisted (acks=leader) or committed (acks=all),
+    /// and moves the high watermark to the end of what is committed.
+    fn finish(&mut self, node: &RawNode<RaftLog>) {
+        let persisted = node.raft.raft_log.persisted;
+        let committed = node.raft.raft_log.committed;
+        let leader = node.raft.state == StateRole::Leader;
+        let mut still = VecDeque::with_capacity(self.pending.len());
+        while let Some(p) = self.pending.pop_front() {
+            let done = match p.acks {
+                Acks::All => committed >= p.last,
+                Acks::Leader | Acks::None => persisted >= p.last,
+            };
+            if done {
+                let outcome = match (self.raft.offset_of(p.first), self.raft.offset_of(p.last)) {
+                    (Some(base), Some(last_base)) => Ok(AppendOutcome {
+                        base_offset: base,
+                        last_offset: last_base + u64::from(p.last_offset_delta),
+                    }),
+                    _ => Err(BrokerError::Internal(
+                        "appended entries are missing from the log".into(),
+                    )),
+                };
+                drop(p.reply.send(outcome));
+            } else if !leader {
+                drop(p.reply.send(Err(BrokerError::LeaderNotAvailable {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                })));
+            } else {
+                still.push_back(p);
+            }
+        }
+        self.pending = still;
+        let hw = self.raft.offset_after(committed);
+        self.high_watermark.send_if_modified(|current| {
+            let moved = hw > *current;
+            *current = (*current).max(hw);
+            moved
+        });
+    }
+
+    fn fail_all(&mut self, error: impl Fn() -> BrokerError) {
+        for p in self.pending.drain(..) {
+            drop(p.reply.send(Err(error())));
+        }
     }
 }

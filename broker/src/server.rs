@@ -46,6 +46,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
 
     let metrics = Arc::new(Metrics::default());
     let options = RegistryOptions {
+        node_id: node.node_id,
         data_dir: node.data_dir.clone(),
         defaults: config.topic_defaults(),
         queue_depth: config.limits.partition_queue_depth,
@@ -164,10 +165,10 @@ async fn maintain(registry: Arc<Registry>, retention_every: Duration, stop: impl
                 let _ = blocking(move || {
                     let now = conveyor_storage::unix_millis();
                     for p in partitions {
-                        match p.log.enforce_retention(now) {
-                            Ok(o) if o.segments_deleted > 0 => tracing::info!(
-                                topic = %p.topic, partition = p.index, segments = o.segments_deleted,
-                                bytes = o.bytes_deleted, "retention deleted segments"),
+                        match p.enforce_retention(now) {
+                            Ok(entries) if entries > 0 => tracing::info!(
+                                topic = %p.topic, partition = p.index, entries,
+                                log_start_offset = p.log.log_start_offset(), "retention deleted segments"),
                             Ok(_) => {}
                             Err(e) => tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed"),
                         }
@@ -188,7 +189,7 @@ async fn close_all(registry: &Arc<Registry>) -> anyhow::Result<()> {
     let registry = Arc::clone(registry);
     blocking(move || {
         for p in partitions {
-            if let Err(e) = p.log.close() {
+            if let Err(e) = p.close() {
                 tracing::error!(topic = %p.topic, partition = p.index, error = %e, "closing log failed");
             }
         }

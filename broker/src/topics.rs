@@ -22,7 +22,7 @@ use prost::Message;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::Partition;
+use crate::partition::{OpenContext, Partition};
 use crate::topic_config::TopicDefaults;
 
 const METADATA_DIR: &str = "__cluster_metadata";
@@ -60,6 +60,7 @@ impl Topic {
 /// What the registry needs to open partitions.
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
+    pub node_id: u32,
     pub data_dir: PathBuf,
     pub defaults: TopicDefaults,
     pub queue_depth: usize,
@@ -196,18 +197,16 @@ impl Registry {
             .defaults
             .with_overrides(&overrides)
             .map_err(BrokerError::InvalidConfig)?;
+        let ctx = OpenContext {
+            node_id: u64::from(self.options.node_id),
+            queue_depth: self.options.queue_depth,
+            metrics: Arc::clone(&self.metrics),
+            runtime: self.runtime.clone(),
+        };
         let mut partitions = Vec::with_capacity(created.partitions as usize);
         for p in 0..created.partitions {
             let dir = self.topics_dir().join(&created.name).join(p.to_string());
-            partitions.push(Partition::open(
-                &created.name,
-                p,
-                &dir,
-                effective.log_config(),
-                self.options.queue_depth,
-                Arc::clone(&self.metrics),
-                &self.runtime,
-            )?);
+            partitions.push(Partition::open(&ctx, &created.name, p, &dir, effective.log_config())?);
         }
         Ok(Topic {
             name: created.name.clone(),

@@ -90,19 +90,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
         _ => StartAt::Latest,
     };
     // Without --follow, stop at the high watermark each partition has now.
-    let mut remaining: HashMap<i32, u64> = HashMap::new();
-    if let StartAt::Offset(o) = start {
-        for &p in &partitions {
-            let r = client.admin().list_offset(&args.topic, p, OffsetSpec::Latest).await?;
-            anyhow::ensure!(
-                (r.log_start_offset..=r.log_end_offset).contains(&o),
-                "topic '{}' partition {p}: offset {o} is outside [{}, {}]",
-                args.topic,
-                r.log_start_offset,
-                r.log_end_offset
-            );
-        }
-    }
+    let mut ends: HashMap<(String, i32), u64> = HashMap::new();
     if !args.follow {
         for &p in &partitions {
             let end = client
@@ -110,49 +98,30 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
                 .list_offset(&args.topic, p, OffsetSpec::Latest)
                 .await?
                 .offset;
-            let begin = match start {
-                StartAt::Offset(o) => o,
-                StartAt::Latest => end,
-                StartAt::Earliest => {
-                    client
-                        .admin()
-                        .list_offset(&args.topic, p, OffsetSpec::Earliest)
-                        .await?
-                        .offset
-                }
-                StartAt::Timestamp(t) => {
-                    client
-                        .admin()
-                        .list_offset(&args.topic, p, OffsetSpec::Timestamp(t))
-                        .await?
-                        .offset
-                }
-            };
-            if begin < end {
-                remaining.insert(p, end);
-            }
-        }
-        if remaining.is_empty() {
-            return Ok(());
+            ends.insert((args.topic.clone(), p), end);
         }
     }
     let mut consumer = client.consumer(ConsumerConfig::default());
     for &p in &partitions {
-        if args.follow || remaining.contains_key(&p) {
-            consumer.assign(&args.topic, p, start);
-        }
+        consumer.assign(&args.topic, p, start);
     }
     let mut stream = consumer.stream();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
-    while let Some(record) = stream.next().await {
+    loop {
+        let next = if args.follow {
+            stream.next().await
+        } else {
+            stream.next_until(&ends).await
+        };
+        let Some(record) = next else { break };
         let record = record?;
-        if !args.follow {
-            match remaining.get(&record.partition) {
-                Some(end) if record.offset < *end => {}
-                _ => continue,
-            }
+        if ends
+            .get(&(args.topic.clone(), record.partition))
+            .is_some_and(|end| record.offset >= *end)
+        {
+            continue;
         }
         match format {
             Format::Json => writeln!(out, "{}", record_json(&record))?,
@@ -172,12 +141,6 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
         }
         if args.max_records.is_some_and(|m| printed >= m) {
             break;
-        }
-        if !args.follow && record.offset + 1 >= remaining[&record.partition] {
-            remaining.remove(&record.partition);
-            if remaining.is_empty() {
-                break;
-            }
         }
     }
     out.flush()?;

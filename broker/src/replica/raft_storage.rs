@@ -71,11 +71,13 @@ impl Inner {
 }
 
 /// The Raft log of one partition: raft-rs `Storage` plus the writes the Raft driver makes.
-#[derive(Debug)]
+/// Clones share the same state: the Raft node owns one, the partition keeps one for
+/// retention and offset lookups.
+#[derive(Debug, Clone)]
 pub struct RaftLog {
     log: Arc<PartitionLog>,
     dir: PathBuf,
-    inner: RwLock<Inner>,
+    inner: Arc<RwLock<Inner>>,
 }
 
 impl RaftLog {
@@ -110,11 +112,11 @@ impl RaftLog {
         Ok(RaftLog {
             log,
             dir,
-            inner: RwLock::new(Inner {
+            inner: Arc::new(RwLock::new(Inner {
                 state,
                 entries,
                 cache: VecDeque::new(),
-            }),
+            })),
         })
     }
 
@@ -188,6 +190,16 @@ impl RaftLog {
             inner.state.store(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// Stores the state file durably, commit index included (clean shutdown).
+    pub fn flush_state(&self) -> Result<(), ReplicaError> {
+        Ok(self.read().state.store(&self.dir)?)
+    }
+
+    /// Voters of the group, as last applied.
+    pub fn voters(&self) -> Vec<u64> {
+        self.read().state.conf_state.voters.clone()
     }
 
     /// Drops cached entries up to `index` once they are applied.

@@ -70,6 +70,20 @@ pub(super) async fn run(
             .await;
         return;
     }
+    // Starting positions, so the reader knows them before the first record arrives.
+    let start: Vec<Chunk> = positions
+        .iter()
+        .map(|p| Chunk {
+            topic: Arc::clone(&p.topic),
+            partition: p.partition,
+            from: p.next,
+            next: p.next,
+            batches: bytes::Bytes::new(),
+        })
+        .collect();
+    if tx.send(Ok(start)).await.is_err() {
+        return;
+    }
     let mut grpc = FetchClient::new(client.channel())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -124,6 +138,7 @@ pub(super) async fn run(
                 topic: Arc::clone(&position.topic),
                 partition: position.partition,
                 from,
+                next: position.next,
                 batches: data.batches,
             });
         }

@@ -4,6 +4,7 @@
 
 mod fetcher;
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -79,6 +80,8 @@ struct Chunk {
     partition: i32,
     /// Records below this offset were already delivered (a batch may start earlier).
     from: u64,
+    /// The partition's position once this chunk is read (control batches included).
+    next: u64,
     batches: Bytes,
 }
 
@@ -88,6 +91,7 @@ struct Reading {
     topic: Arc<str>,
     partition: i32,
     from: u64,
+    next: u64,
     batches: BatchIter,
     records: Option<RecordIter>,
 }
@@ -205,6 +209,7 @@ impl Consumer {
             rx,
             chunks: Vec::new().into_iter(),
             reading: None,
+            positions: HashMap::new(),
             _task: AbortOnDrop(task),
         }
     }
@@ -225,7 +230,41 @@ pub struct RecordStream {
     rx: mpsc::Receiver<Result<Vec<Chunk>>>,
     chunks: std::vec::IntoIter<Chunk>,
     reading: Option<Reading>,
+    positions: HashMap<(Arc<str>, i32), u64>,
     _task: AbortOnDrop,
+}
+
+/// How often [`RecordStream::next_until`] re-checks positions while no record arrives:
+/// control batches (Raft no-ops, markers) advance a position without yielding a record.
+const END_CHECK: Duration = Duration::from_millis(20);
+
+impl RecordStream {
+    /// The next offset to read in a partition: after every record returned so far and after
+    /// any control batch read past. `None` before anything was read from it.
+    pub fn position(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.positions
+            .iter()
+            .find(|((t, p), _)| **t == *topic && *p == partition)
+            .map(|(_, o)| *o)
+    }
+
+    /// The next record, or `None` once every partition in `ends` is read up to its end offset
+    /// (for example the high watermarks when reading started).
+    pub async fn next_until(&mut self, ends: &HashMap<(String, i32), u64>) -> Option<Result<ConsumerRecord>> {
+        use futures::StreamExt;
+        loop {
+            let done = ends
+                .iter()
+                .all(|((t, p), end)| self.position(t, *p).is_some_and(|pos| pos >= *end));
+            if done {
+                return None;
+            }
+            tokio::select! {
+                next = self.next() => return next,
+                _ = tokio::time::sleep(END_CHECK) => {}
+            }
+        }
+    }
 }
 
 impl Stream for RecordStream {
@@ -235,8 +274,19 @@ impl Stream for RecordStream {
         loop {
             if let Some(reading) = &mut self.reading {
                 match reading.next_record() {
-                    Some(item) => return Poll::Ready(Some(item)),
-                    None => self.reading = None,
+                    Some(Ok(record)) => {
+                        let key = (Arc::clone(&record.topic), record.partition);
+                        self.positions.insert(key, record.offset + 1);
+                        return Poll::Ready(Some(Ok(record)));
+                    }
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    None => {
+                        // Past the chunk, control batches included.
+                        let key = (Arc::clone(&reading.topic), reading.partition);
+                        let next = reading.next;
+                        self.positions.insert(key, next);
+                        self.reading = None;
+                    }
                 }
             }
             if let Some(chunk) = self.chunks.next() {
@@ -244,6 +294,7 @@ impl Stream for RecordStream {
                     topic: chunk.topic,
                     partition: chunk.partition,
                     from: chunk.from,
+                    next: chunk.next,
                     batches: BatchIter::new(chunk.batches),
                     records: None,
                 });
