@@ -34,8 +34,18 @@ pub enum EntryError {
     Malformed { index: u64, reason: String },
 }
 
-/// The batch that stores `entry`, validated against `max_batch_bytes`.
-pub fn to_batch(entry: &Entry, max_batch_bytes: usize) -> Result<ValidatedBatch, EntryError> {
+/// Where an entry comes from, which decides how much to check before storing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Appended by the leader of this term: entries of this term are its own proposals,
+    /// validated by the produce path and unchanged since. Older entries are checked.
+    LeaderOf(u64),
+    /// Replicated from the leader: frame and CRC are checked.
+    Peer,
+}
+
+/// The batch that stores `entry`, checked against `max_batch_bytes`.
+pub fn to_batch(entry: &Entry, max_batch_bytes: usize, origin: Origin) -> Result<ValidatedBatch, EntryError> {
     let index = entry.index;
     let bytes = match entry.get_entry_type() {
         EntryType::EntryNormal if entry.data.is_empty() => control(None, &entry.context, index)?,
@@ -48,8 +58,16 @@ pub fn to_batch(entry: &Entry, max_batch_bytes: usize) -> Result<ValidatedBatch,
         EntryType::EntryConfChange => control(Some((CONF_CHANGE_KEY, &entry.data)), &entry.context, index)?,
         EntryType::EntryConfChangeV2 => control(Some((CONF_CHANGE_V2_KEY, &entry.data)), &entry.context, index)?,
     };
-    let batch =
-        ValidatedBatch::new(bytes, max_batch_bytes).map_err(|source| EntryError::NotABatch { index, source })?;
+    // The leader validated its client batches fully before proposing them and appends them
+    // unchanged; everything else (replicated entries, older terms) gets frame and CRC checks,
+    // which catch corruption in transit or at rest.
+    let own = origin == Origin::LeaderOf(entry.term);
+    let batch = if own {
+        ValidatedBatch::already_validated(bytes, max_batch_bytes)
+    } else {
+        ValidatedBatch::frame_checked(bytes, max_batch_bytes)
+    }
+    .map_err(|source| EntryError::NotABatch { index, source })?;
     if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() && batch.header().is_control() {
         return Err(EntryError::ControlData { index });
     }

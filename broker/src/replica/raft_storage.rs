@@ -135,7 +135,7 @@ impl RaftLog {
     /// Appends entries from a Ready, replacing any conflicting suffix first (Raft only sends
     /// entries that overwrite uncommitted ones). Written, not yet synced: call
     /// [`persist`](Self::persist) before sending the messages that depend on them.
-    pub fn append(&self, entries: &[Entry]) -> Result<(), ReplicaError> {
+    pub fn append(&self, entries: &[Entry], origin: entry::Origin) -> Result<(), ReplicaError> {
         let Some(first) = entries.first() else { return Ok(()) };
         let mut inner = self.write();
         if first.index <= inner.state.snapshot_index {
@@ -162,7 +162,7 @@ impl RaftLog {
         }
         let limit = self.log.config().max_batch_bytes;
         for e in entries {
-            let batch = entry::to_batch(e, limit)?;
+            let batch = entry::to_batch(e, limit, origin)?;
             let info = self.log.append_validated_stamped_unsynced(&batch, e.term, e.index)?;
             inner.entries.push_back((info.base_offset, e.term));
             inner.cache.push_back(e.clone());
@@ -486,7 +486,7 @@ mod tests {
         let raft = open(dir.path());
         let mut written = entries(1..=50, 1);
         written.extend(entries(51..=100, 2));
-        raft.append(&written).expect("append");
+        raft.append(&written, entry::Origin::Peer).expect("append");
         raft.persist().expect("persist");
         assert!(raft.partition_log().segment_count() > 3, "entries cross segments");
         assert_eq!(
@@ -521,9 +521,10 @@ mod tests {
     fn a_conflicting_suffix_is_truncated_and_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let raft = open(dir.path());
-        raft.append(&entries(1..=40, 1)).expect("append");
+        raft.append(&entries(1..=40, 1), entry::Origin::Peer).expect("append");
         let end_before = raft.partition_log().log_end_offset();
-        raft.append(&entries(31..=33, 2)).expect("overwrite");
+        raft.append(&entries(31..=33, 2), entry::Origin::Peer)
+            .expect("overwrite");
         assert_eq!(raft.last_index().expect("last"), 33);
         assert_eq!(raft.term(30).expect("term"), 1);
         assert_eq!(raft.term(31).expect("term"), 2);
@@ -536,7 +537,7 @@ mod tests {
         assert!(same(&read[31], &entry(32, 2)));
         assert!(
             matches!(
-                raft.append(&entries(40..=41, 2)),
+                raft.append(&entries(40..=41, 2), entry::Origin::Peer),
                 Err(ReplicaError::Inconsistent { .. })
             ),
             "gaps are refused"
@@ -548,7 +549,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let raft = open(dir.path());
-            raft.append(&entries(1..=30, 3)).expect("append");
+            raft.append(&entries(1..=30, 3), entry::Origin::Peer).expect("append");
             raft.persist().expect("persist");
             let hs = HardState {
                 term: 3,
@@ -579,7 +580,9 @@ mod tests {
     fn only_committed_entries_are_compacted_and_a_snapshot_moves_a_follower() {
         let dir = tempfile::tempdir().expect("tempdir");
         let leader = open(&dir.path().join("leader"));
-        leader.append(&entries(1..=120, 1)).expect("append");
+        leader
+            .append(&entries(1..=120, 1), entry::Origin::Peer)
+            .expect("append");
         assert_eq!(
             leader.compact(conveyor_storage::unix_millis()).expect("compact"),
             0,
@@ -608,14 +611,16 @@ mod tests {
         assert_eq!(snapshot_offset(&snapshot), Some(start));
 
         let follower = open(&dir.path().join("follower"));
-        follower.append(&entries(1..=5, 1)).expect("stale prefix");
+        follower
+            .append(&entries(1..=5, 1), entry::Origin::Peer)
+            .expect("stale prefix");
         follower.apply_snapshot(&snapshot).expect("apply snapshot");
         assert_eq!(follower.first_index().expect("first"), first);
         assert_eq!(follower.partition_log().log_start_offset(), start);
         let rest = leader
             .entries(first, 121, None, GetEntriesContext::empty(false))
             .expect("rest");
-        follower.append(&rest).expect("catch up");
+        follower.append(&rest, entry::Origin::Peer).expect("catch up");
         assert_eq!(
             follower.partition_log().log_end_offset(),
             leader.partition_log().log_end_offset(),

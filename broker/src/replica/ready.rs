@@ -32,7 +32,12 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
         node.store().apply_snapshot(ready.snapshot())?;
     }
     apply(node, ready.take_committed_entries(), handler)?;
-    node.store().append(ready.entries())?;
+    let origin = if node.raft.state == raft::StateRole::Leader {
+        super::entry::Origin::LeaderOf(node.raft.term)
+    } else {
+        super::entry::Origin::Peer
+    };
+    node.store().append(ready.entries(), origin)?;
     if let Some(hs) = ready.hs() {
         node.store().set_hard_state(hs)?;
     }

@@ -259,6 +259,10 @@ impl RecordStream {
             if done {
                 return None;
             }
+            // Most calls find a record ready: only arm a timer when there is none.
+            if let Some(next) = futures::FutureExt::now_or_never(self.next()) {
+                return next;
+            }
             tokio::select! {
                 next = self.next() => return next,
                 _ = tokio::time::sleep(END_CHECK) => {}

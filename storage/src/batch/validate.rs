@@ -60,6 +60,28 @@ impl ValidatedBatch {
         })
     }
 
+    /// Checks only the frame (lengths, version, attributes, CRC): for a batch that a leader
+    /// fully validated before replicating it. Corruption in transit or at rest is still caught.
+    pub fn frame_checked(bytes: bytes::Bytes, max_batch_bytes: usize) -> Result<ValidatedBatch, BatchError> {
+        let header = check_frame(&bytes, max_batch_bytes)?;
+        Ok(ValidatedBatch {
+            bytes,
+            header,
+            limit: max_batch_bytes,
+        })
+    }
+
+    /// Wraps a batch this process validated earlier and kept unchanged (a Raft leader
+    /// appending its own proposals): only the header is decoded.
+    pub fn already_validated(bytes: bytes::Bytes, max_batch_bytes: usize) -> Result<ValidatedBatch, BatchError> {
+        let header = BatchHeader::parse(&bytes)?;
+        Ok(ValidatedBatch {
+            bytes,
+            header,
+            limit: max_batch_bytes,
+        })
+    }
+
     pub fn bytes(&self) -> &bytes::Bytes {
         &self.bytes
     }
