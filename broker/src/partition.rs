@@ -75,6 +75,9 @@ pub struct Partition {
     mailbox: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     high_watermark: watch::Receiver<u64>,
     owner: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the Raft log could not be written: the partition takes no more appends
+    /// until the broker restarts and recovers it.
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 fn raft_logger() -> slog::Logger {
@@ -128,7 +131,9 @@ impl Partition {
         }
         let (hw_tx, hw_rx) = watch::channel(raft.offset_after(state.hard_state.commit));
         let (tx, rx) = mpsc::channel(ctx.queue_depth);
+        let failed = Arc::new(Mutex::new(None));
         let owner = Owner {
+            failed: Arc::clone(&failed),
             topic: topic.to_string(),
             index,
             raft: raft.clone(),
@@ -145,6 +150,7 @@ impl Partition {
             mailbox: Mutex::new(Some(tx)),
             high_watermark: hw_rx,
             owner: Mutex::new(Some(handle)),
+            failed,
         }))
     }
 
@@ -170,11 +176,23 @@ impl Partition {
         acks: Acks,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
         let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(AppendRequest { batches, acks, reply })
-            .await
-            .map_err(|_| BrokerError::ShuttingDown)?;
+        if let Err(_closed) = self.sender()?.send(AppendRequest { batches, acks, reply }).await {
+            return Err(self.failure().unwrap_or(BrokerError::ShuttingDown));
+        }
         Ok(rx)
+    }
+
+    /// Why the partition stopped taking appends, if it failed.
+    fn failure(&self) -> Option<BrokerError> {
+        let reason = self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        Some(BrokerError::Internal(format!(
+            "topic '{}' partition {} stopped after a storage failure ({reason}); restart the broker to recover it",
+            self.topic, self.index
+        )))
     }
 
     /// Applies retention without losing what Raft needs (only committed entries go).
@@ -222,12 +240,16 @@ impl Partition {
 struct Pending {
     first: u64,
     last: u64,
+    /// The term the entries were proposed in: if the entry at `last` has another term, a new
+    /// leader overwrote them and they are not this request's.
+    term: u64,
     last_offset_delta: u32,
     acks: Acks,
     reply: oneshot::Sender<Result<AppendOutcome>>,
 }
 
 struct Owner {
+    failed: Arc<Mutex<Option<String>>>,
     topic: String,
     index: i32,
     raft: RaftLog,
@@ -313,8 +335,18 @@ impl Owner {
             match result {
                 Ok(()) => self.finish(&node),
                 Err(e) => {
-                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft log write failed");
-                    self.fail_all(|| BrokerError::Internal(format!("raft log write failed: {e}")));
+                    // A Ready that could not be persisted leaves the node unusable: stop here
+                    // rather than retry over a log in an unknown state.
+                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft log write failed; partition stopped");
+                    let reason = e.to_string();
+                    *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+                    let error = || BrokerError::Internal(format!("raft log write failed: {reason}"));
+                    self.fail_all(error);
+                    rx.close();
+                    while let Some(r) = rx.recv().await {
+                        drop(r.reply.send(Err(error())));
+                    }
+                    return;
                 }
             }
         }
@@ -357,6 +389,7 @@ impl Owner {
         self.pending.push_back(Pending {
             first,
             last,
+            term: node.raft.term,
             last_offset_delta,
             acks: request.acks,
             reply: request.reply,
@@ -375,7 +408,13 @@ impl Owner {
                 Acks::All => committed >= p.last,
                 Acks::Leader | Acks::None => persisted >= p.last,
             };
-            if done {
+            let ours = node.raft.raft_log.term(p.last).is_ok_and(|t| t == p.term);
+            if done && !ours {
+                drop(p.reply.send(Err(BrokerError::LeaderNotAvailable {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                })));
+            } else if done {
                 let outcome = match (self.raft.offset_of(p.first), self.raft.offset_of(p.last)) {
                     (Some(base), Some(last_base)) => Ok(AppendOutcome {
                         base_offset: base,

@@ -58,6 +58,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         tokio::task::spawn_blocking(move || Registry::open(options, metrics, runtime)).await??
     };
     let registry = Arc::new(registry);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Context {
         registry: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
@@ -65,9 +66,9 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         advertised: grpc_addr,
         max_fetch_wait_ms: config.limits.max_fetch_wait.0.as_millis() as u64,
         admin_lock: tokio::sync::Mutex::new(()),
+        stopping: stop_rx.clone(),
     });
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };

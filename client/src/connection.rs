@@ -8,6 +8,8 @@ use crate::error::{ClientError, Result};
 
 /// How long connecting to one bootstrap address may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connects to the first address of `bootstrap` (comma-separated `HOST:PORT`) that answers.
 pub(crate) async fn connect(bootstrap: &str) -> Result<(Channel, String)> {
@@ -24,7 +26,11 @@ pub(crate) async fn connect(bootstrap: &str) -> Result<(Channel, String)> {
             .tcp_nodelay(true)
             // The default 64 KiB HTTP/2 window would cap batch streams far below loopback speed.
             .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(64 << 20);
+            .initial_connection_window_size(64 << 20)
+            // A stopped or unreachable broker must surface as an error, not a silent hang.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         match endpoint.connect().await {
             Ok(channel) => return Ok((channel, address.to_string())),
             Err(e) => {

@@ -185,3 +185,80 @@ fn given_no_broker_the_cli_should_say_it_cannot_reach_the_address() {
         "{stderr}"
     );
 }
+
+#[test]
+fn given_a_bad_part_in_a_multi_partition_request_only_that_part_should_fail() {
+    let broker = BrokerProcess::start();
+    assert!(
+        cli(broker.addr(), &["topic", "create", "mixed", "--partitions", "2"], "")
+            .status
+            .success()
+    );
+    runtime().block_on(async {
+        let mut good = BatchBuilder::new(Compression::None);
+        good.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from("fine")),
+            ..Record::default()
+        });
+        let good = good.build().expect("batch");
+        let control = BatchBuilder::new(Compression::None)
+            .control(true)
+            .build_at(1)
+            .expect("control batch");
+        let mut produce = ProduceClient::connect(format!("http://{}", broker.addr()))
+            .await
+            .expect("grpc");
+        let part = |partition: i32, batch: &Bytes| PartitionProduce {
+            topic: "mixed".into(),
+            partition,
+            batches: vec![batch.clone()],
+            records: vec![],
+        };
+        let response = produce
+            .produce(ProduceRequest {
+                request_id: 9,
+                acks: 0,
+                partitions: vec![part(0, &good), part(1, &control)],
+            })
+            .await
+            .expect("a request with one bad part is answered per partition")
+            .into_inner();
+        assert!(response.partitions[0].error.is_none(), "the good part is appended");
+        let bad = response.partitions[1]
+            .error
+            .as_ref()
+            .expect("the control batch is refused");
+        assert_eq!(bad.code, ErrorCode::InvalidRequest as i32);
+        assert!(bad.message.contains("control batches"), "{}", bad.message);
+
+        let (code, _) = decode_detail(
+            produce
+                .produce(ProduceRequest {
+                    request_id: 10,
+                    acks: 0,
+                    partitions: vec![part(1, &control)],
+                })
+                .await
+                .expect_err("alone, the bad part is the request's status"),
+        );
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        // The partition that refused the control batch still takes data.
+        let ok = produce
+            .produce(ProduceRequest {
+                request_id: 11,
+                acks: 0,
+                partitions: vec![part(1, &good)],
+            })
+            .await
+            .expect("still writable")
+            .into_inner();
+        assert!(ok.partitions[0].error.is_none());
+    });
+    let out = cli(broker.addr(), &["consume", "mixed", "--from-beginning"], "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        2,
+        "both good batches, nothing else"
+    );
+}

@@ -20,6 +20,8 @@ use crate::partition::Partition;
 
 const DEFAULT_MAX_BYTES: u32 = 16 << 20;
 const DEFAULT_PARTITION_MAX_BYTES: u32 = 1 << 20;
+/// Largest response, below the broker's gRPC message limit with room for framing.
+const MAX_RESPONSE_BYTES: u32 = 48 << 20;
 
 #[derive(Debug, Clone)]
 pub struct FetchService {
@@ -121,11 +123,13 @@ impl FetchService {
 
     async fn fetch_inner(&self, req: FetchRequest) -> Result<FetchResponse> {
         let wanted = Arc::new(self.resolve(&req)?);
-        let budget = if req.max_bytes == 0 {
+        let requested = if req.max_bytes == 0 {
             DEFAULT_MAX_BYTES
         } else {
             req.max_bytes
-        } as usize;
+        };
+        // A response must fit in one gRPC message.
+        let budget = requested.min(MAX_RESPONSE_BYTES) as usize;
         let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.ctx.max_fetch_wait_ms));
         let deadline = Instant::now() + wait;
         let mut watches: Vec<_> = wanted.iter().map(|w| w.partition.watch_high_watermark()).collect();
@@ -141,8 +145,10 @@ impl FetchService {
                 break results;
             }
             let changed = futures::future::select_all(watches.iter_mut().map(|w| w.changed().boxed()));
-            if tokio::time::timeout(deadline - now, changed).await.is_err() {
-                break results;
+            match tokio::time::timeout(deadline - now, changed).await {
+                Ok((Ok(()), _, _)) => {}
+                // Timed out, or a partition stopped (deleted, shutting down): answer now.
+                _ => break results,
             }
         };
         let mut partitions = Vec::with_capacity(results.len());

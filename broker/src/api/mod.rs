@@ -22,6 +22,8 @@ pub struct Context {
     pub max_fetch_wait_ms: u64,
     /// Serialises topic changes.
     pub admin_lock: tokio::sync::Mutex<()>,
+    /// Turns true when the broker starts shutting down: streams stop taking requests.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Runs blocking work (disk I/O) off the reactor.

@@ -31,13 +31,15 @@ pub struct ProduceService {
     pub ctx: Arc<Context>,
 }
 
-/// A queued part of a request and, unless acks=none, where its answer will arrive.
-type Queued = (Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>);
-
-/// A request after validation: what to queue where.
-struct Prepared {
-    acks: Acks,
-    parts: Vec<(Arc<Partition>, Vec<ValidatedBatch>)>,
+/// One partition's part of a request, as it moves from validation to an answer.
+enum Part {
+    Ready(Arc<Partition>, Vec<ValidatedBatch>),
+    Queued(Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>),
+    Failed {
+        topic: String,
+        partition: i32,
+        error: BrokerError,
+    },
 }
 
 fn acks_of(value: i32) -> Result<Acks> {
@@ -72,66 +74,118 @@ fn pack_records(records: Vec<pb::Record>) -> std::result::Result<Bytes, conveyor
 }
 
 impl ProduceService {
-    fn prepare(&self, req: ProduceRequest) -> Result<Prepared> {
+    /// Validates one partition's batches; nothing of it is queued if any is bad.
+    fn prepare_part(&self, pp: pb::PartitionProduce) -> Result<(Arc<Partition>, Vec<ValidatedBatch>)> {
+        let topic = self.ctx.registry.get(&pp.topic)?;
+        let partition = Arc::clone(topic.partition(pp.partition)?);
+        let limit = topic.effective.max_message_bytes as usize;
+        let (name, index) = (pp.topic.clone(), pp.partition);
+        let bad = |e| BrokerError::from_batch(&name, index, e);
+        let mut batches = pp.batches;
+        if !pp.records.is_empty() {
+            batches.push(pack_records(pp.records).map_err(bad)?);
+        }
+        if batches.is_empty() {
+            return Err(BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: no batches or records"
+            )));
+        }
+        let mut validated = Vec::with_capacity(batches.len());
+        for b in batches {
+            let v = ValidatedBatch::new(b, limit).map_err(bad)?;
+            if v.header().is_control() {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "topic '{name}' partition {index}: control batches are written by the broker only"
+                )));
+            }
+            if v.header().is_transactional() {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "topic '{name}' partition {index}: transactional batches need a transaction coordinator, which this broker does not have yet"
+                )));
+            }
+            validated.push(v);
+        }
+        Ok((partition, validated))
+    }
+
+    /// Request-level checks, then each partition's part on its own: a bad part fails alone.
+    fn prepare(&self, req: ProduceRequest) -> Result<(Acks, Vec<Part>)> {
         let acks = acks_of(req.acks)?;
         if req.partitions.is_empty() {
             return Err(BrokerError::InvalidRequest(
                 "a produce request needs at least one partition".into(),
             ));
         }
-        let mut parts = Vec::with_capacity(req.partitions.len());
-        for pp in req.partitions {
-            let topic = self.ctx.registry.get(&pp.topic)?;
-            let partition = Arc::clone(topic.partition(pp.partition)?);
-            let limit = topic.effective.max_message_bytes as usize;
-            let mut batches = pp.batches;
-            if !pp.records.is_empty() {
-                batches
-                    .push(pack_records(pp.records).map_err(|e| BrokerError::from_batch(&pp.topic, pp.partition, e))?);
-            }
-            if batches.is_empty() {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "topic '{}' partition {}: no batches or records",
-                    pp.topic, pp.partition
-                )));
-            }
-            let validated = batches
-                .into_iter()
-                .map(|b| ValidatedBatch::new(b, limit))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| BrokerError::from_batch(&pp.topic, pp.partition, e))?;
-            parts.push((partition, validated));
-        }
-        Ok(Prepared { acks, parts })
+        let parts = req
+            .partitions
+            .into_iter()
+            .map(|pp| {
+                let (topic, partition) = (pp.topic.clone(), pp.partition);
+                match self.prepare_part(pp) {
+                    Ok((p, batches)) => Part::Ready(p, batches),
+                    Err(error) => Part::Failed {
+                        topic,
+                        partition,
+                        error,
+                    },
+                }
+            })
+            .collect();
+        Ok((acks, parts))
     }
 
-    /// Queues every part; returns receivers to await (none with acks=none).
-    async fn enqueue(prepared: Prepared) -> Result<Vec<Queued>> {
-        let mut waits = Vec::with_capacity(prepared.parts.len());
-        for (partition, batches) in prepared.parts {
-            let rx = partition.enqueue(batches, prepared.acks).await?;
-            let rx = (prepared.acks != Acks::None).then_some(rx);
-            waits.push((partition, rx));
+    /// Queues every valid part, in order, waiting while a partition's mailbox is full.
+    async fn enqueue(acks: Acks, parts: Vec<Part>) -> Vec<Part> {
+        let mut out = Vec::with_capacity(parts.len());
+        for part in parts {
+            out.push(match part {
+                Part::Ready(partition, batches) => match partition.enqueue(batches, acks).await {
+                    Ok(rx) => Part::Queued(partition, (acks != Acks::None).then_some(rx)),
+                    Err(error) => Part::Failed {
+                        topic: partition.topic.clone(),
+                        partition: partition.index,
+                        error,
+                    },
+                },
+                other => other,
+            });
         }
-        Ok(waits)
+        out
     }
 
-    async fn collect(request_id: u64, waits: Vec<Queued>) -> ProduceResponse {
-        let mut partitions = Vec::with_capacity(waits.len());
-        for (partition, rx) in waits {
+    async fn collect(request_id: u64, parts: Vec<Part>) -> ProduceResponse {
+        let mut partitions = Vec::with_capacity(parts.len());
+        for part in parts {
+            let (topic, partition, outcome) = match part {
+                Part::Queued(p, Some(rx)) => (
+                    p.topic.clone(),
+                    p.index,
+                    rx.await.unwrap_or(Err(BrokerError::ShuttingDown)).map(Some),
+                ),
+                Part::Queued(p, None) => (p.topic.clone(), p.index, Ok(None)),
+                Part::Failed {
+                    topic,
+                    partition,
+                    error,
+                } => (topic, partition, Err(error)),
+                Part::Ready(p, _) => (
+                    p.topic.clone(),
+                    p.index,
+                    Err(BrokerError::Internal("part was never queued".into())),
+                ),
+            };
             let mut result = pb::PartitionProduceResult {
-                topic: partition.topic.clone(),
-                partition: partition.index,
+                topic,
+                partition,
                 ..Default::default()
             };
-            if let Some(rx) = rx {
-                match rx.await.unwrap_or(Err(BrokerError::ShuttingDown)) {
-                    Ok(o) => {
-                        result.base_offset = o.base_offset;
-                        result.last_offset = o.last_offset;
-                    }
-                    Err(e) => result.error = Some(e.detail()),
+            match outcome {
+                Ok(Some(o)) => {
+                    result.base_offset = o.base_offset;
+                    result.last_offset = o.last_offset;
                 }
+                Ok(None) => {}
+                Err(e) => result.error = Some(e.detail()),
             }
             partitions.push(result);
         }
@@ -168,15 +222,20 @@ impl Produce for ProduceService {
         metrics.produce_requests.add(1);
         let req = request.into_inner();
         let request_id = req.request_id;
-        let waits = match self.prepare(req) {
-            Ok(p) => Self::enqueue(p).await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| {
+        let (acks, mut parts) = self.prepare(req).map_err(|e| {
             metrics.request_errors.add(1);
             Status::from(e)
         })?;
-        let response = Self::collect(request_id, waits).await;
+        // A request for one partition whose part is bad gets that error as its status.
+        if parts.len() == 1
+            && matches!(parts[0], Part::Failed { .. })
+            && let Some(Part::Failed { error, .. }) = parts.pop()
+        {
+            metrics.request_errors.add(1);
+            return Err(error.into());
+        }
+        let parts = Self::enqueue(acks, parts).await;
+        let response = Self::collect(request_id, parts).await;
         metrics.produce_latency.observe(started.elapsed());
         Ok(Response::new(response))
     }
@@ -190,14 +249,26 @@ impl Produce for ProduceService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_RESPONSE_BUFFER);
         let service = self.clone();
+        let mut stopping = self.ctx.stopping.clone();
+        // Bounds the requests of one stream that wait for their answers.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(STREAM_RESPONSE_BUFFER));
         tokio::spawn(async move {
-            while let Some(next) = inbound.next().await {
+            loop {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    // Shutting down: take no more requests; answers in flight still go out.
+                    _ = stopping.wait_for(|s| *s) => break,
+                };
                 let req = match next {
-                    Ok(r) => r,
-                    Err(status) => {
+                    Some(Ok(r)) => r,
+                    Some(Err(status)) => {
                         tracing::debug!(%status, "produce stream ended by the client");
                         break;
                     }
+                    None => break,
+                };
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                    break;
                 };
                 let started = Instant::now();
                 let metrics = Arc::clone(&service.ctx.metrics);
@@ -215,17 +286,15 @@ impl Produce for ProduceService {
                         .collect(),
                     ..Default::default()
                 };
-                let queued = match service.prepare(req) {
-                    Ok(p) => ProduceService::enqueue(p).await,
-                    Err(e) => Err(e),
-                };
-                match queued {
-                    Ok(waits) => {
+                match service.prepare(req) {
+                    Ok((acks, parts)) => {
+                        let parts = ProduceService::enqueue(acks, parts).await;
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let response = ProduceService::collect(request_id, waits).await;
+                            let response = ProduceService::collect(request_id, parts).await;
                             metrics.produce_latency.observe(started.elapsed());
                             let _ = tx.send(Ok(response)).await;
+                            drop(permit);
                         });
                     }
                     Err(e) => {

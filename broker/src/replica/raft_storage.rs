@@ -52,6 +52,8 @@ fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error
 
 #[derive(Debug)]
 struct Inner {
+    /// Highest entry applied; only applied entries are compacted.
+    applied: u64,
     state: RaftStateFile,
     /// Offset and term of each entry from `first_index` on.
     entries: VecDeque<(u64, u64)>,
@@ -84,7 +86,7 @@ impl RaftLog {
     /// Loads the state file and indexes the entries already in `log`. Blocking.
     pub fn open(log: Arc<PartitionLog>) -> Result<RaftLog, ReplicaError> {
         let dir = log.dir().to_path_buf();
-        let state = RaftStateFile::load(&dir)?;
+        let mut state = RaftStateFile::load(&dir)?;
         let mut entries = VecDeque::new();
         let mut expected = state.snapshot_index + 1;
         let mut problem = None;
@@ -109,10 +111,18 @@ impl RaftLog {
         if let Some(reason) = problem {
             return Err(ReplicaError::Inconsistent { dir, reason });
         }
+        // A commit stored ahead of what survived (flush policy `os`, or a cut torn tail) cannot
+        // be honoured; Raft must not be told about entries it does not have.
+        let last = state.snapshot_index + entries.len() as u64;
+        if state.hard_state.commit > last {
+            tracing::warn!(dir = %dir.display(), stored = state.hard_state.commit, last, "stored commit index is past the log; lowering it");
+            state.hard_state.commit = last;
+        }
         Ok(RaftLog {
             log,
             dir,
             inner: Arc::new(RwLock::new(Inner {
+                applied: 0,
                 state,
                 entries,
                 cache: VecDeque::new(),
@@ -202,9 +212,10 @@ impl RaftLog {
         self.read().state.conf_state.voters.clone()
     }
 
-    /// Drops cached entries up to `index` once they are applied.
+    /// Records that entries up to `index` are applied and drops them from the cache.
     pub fn evict_cache_to(&self, index: u64) {
         let mut inner = self.write();
+        inner.applied = inner.applied.max(index);
         while inner.cache.front().is_some_and(|e| e.index <= index) {
             inner.cache.pop_front();
         }
@@ -243,7 +254,7 @@ impl RaftLog {
             return Ok(0);
         };
         let mut inner = self.write();
-        let committed = inner.state.hard_state.commit;
+        let committed = inner.state.hard_state.commit.min(inner.applied);
         let removable = inner
             .entries
             .iter()
@@ -594,6 +605,12 @@ mod tests {
             ..HardState::default()
         };
         leader.set_hard_state(&hs).expect("commit");
+        assert_eq!(
+            leader.compact(conveyor_storage::unix_millis()).expect("compact"),
+            0,
+            "committed but not applied yet"
+        );
+        leader.evict_cache_to(120);
         let removed = leader.compact(conveyor_storage::unix_millis()).expect("compact");
         assert!(removed > 0);
         let first = leader.first_index().expect("first");

@@ -16,6 +16,7 @@ use crate::{Client, MAX_MESSAGE_BYTES};
 /// Consecutive retriable failures tolerated before the stream gives up.
 const MAX_RETRIES: u32 = 20;
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+const FETCH_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
 
 struct Position {
     topic: Arc<str>,
@@ -104,6 +105,9 @@ pub(super) async fn run(
             max_bytes: config.max_bytes,
             decode_records: false,
         };
+        // The broker answers within max_wait; past it with a margin, the connection is dead.
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(config.max_wait + FETCH_TIMEOUT_MARGIN);
         let response = match grpc.fetch(request).await {
             Ok(r) => r.into_inner(),
             Err(status) => {

@@ -210,6 +210,7 @@ impl Consumer {
             chunks: Vec::new().into_iter(),
             reading: None,
             positions: HashMap::new(),
+            ended: false,
             _task: AbortOnDrop(task),
         }
     }
@@ -231,6 +232,8 @@ pub struct RecordStream {
     chunks: std::vec::IntoIter<Chunk>,
     reading: Option<Reading>,
     positions: HashMap<(Arc<str>, i32), u64>,
+    /// After an error the stream ends: continuing could skip records silently.
+    ended: bool,
     _task: AbortOnDrop,
 }
 
@@ -275,6 +278,9 @@ impl Stream for RecordStream {
     type Item = Result<ConsumerRecord>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         loop {
             if let Some(reading) = &mut self.reading {
                 match reading.next_record() {
@@ -283,7 +289,10 @@ impl Stream for RecordStream {
                         self.positions.insert(key, record.offset + 1);
                         return Poll::Ready(Some(Ok(record)));
                     }
-                    Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    Some(Err(e)) => {
+                        self.ended = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
                     None => {
                         // Past the chunk, control batches included.
                         let key = (Arc::clone(&reading.topic), reading.partition);
@@ -306,7 +315,10 @@ impl Stream for RecordStream {
             }
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(chunks))) => self.chunks = chunks.into_iter(),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Err(e))) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }

@@ -60,17 +60,33 @@ pub(crate) struct Sealed {
     pub sealed_at: std::time::Instant,
     slot: Arc<Slot>,
     tracker: Arc<Tracker>,
+    completed: bool,
     /// Returns the batch's bytes to the in-flight budget when dropped.
     _permit: OwnedSemaphorePermit,
 }
 
 impl Sealed {
-    pub(crate) fn complete(self, result: Result<Option<u64>>) {
+    pub(crate) fn complete(mut self, result: Result<Option<u64>>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Result<Option<u64>>) {
+        if std::mem::replace(&mut self.completed, true) {
+            return;
+        }
         let _ = self.slot.result.set(result);
         self.slot.done.notify_waiters();
         if self.tracker.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.tracker.idle.notify_waiters();
         }
+    }
+}
+
+impl Drop for Sealed {
+    /// A batch dropped unanswered (its `send` was cancelled while the queue was full, or the
+    /// sender stopped) fails its records instead of leaving their futures and `flush` hanging.
+    fn drop(&mut self) {
+        self.finish(Err(ClientError::Closed));
     }
 }
 
@@ -243,6 +259,7 @@ impl Shared {
             sealed_at: std::time::Instant::now(),
             slot: Arc::clone(&open.slot),
             tracker: Arc::clone(&self.tracker),
+            completed: false,
             _permit: permit,
         };
         match open.builder.build() {
@@ -268,7 +285,7 @@ impl Shared {
     /// Hands a sealed batch to the sender, waiting if its queue is full.
     pub(crate) async fn dispatch(&self, sealed: Sealed) -> Result<()> {
         if let Err(mpsc::error::SendError(sealed)) = self.to_sender.send(sealed).await {
-            sealed.complete(Err(ClientError::Closed));
+            drop(sealed);
             return Err(ClientError::Closed);
         }
         Ok(())

@@ -17,6 +17,10 @@ use crate::{Client, MAX_MESSAGE_BYTES};
 
 /// Batches packed into one produce request at most.
 const MAX_BATCHES_PER_REQUEST: usize = 32;
+/// Bytes packed into one produce request at most (the broker accepts 64 MiB messages).
+const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// How often in-flight batches are checked against `delivery_timeout`.
+const TIMEOUT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct State {
     config: ProducerConfig,
@@ -153,10 +157,14 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                 },
                 next = input.recv(), if can_send => match next {
                     Some(first) => {
+                        let mut bytes = first.bytes.len();
                         let mut batch = vec![first];
-                        while batch.len() < MAX_BATCHES_PER_REQUEST {
+                        while batch.len() < MAX_BATCHES_PER_REQUEST && bytes < MAX_REQUEST_BYTES {
                             match input.try_recv() {
-                                Ok(b) => batch.push(b),
+                                Ok(b) => {
+                                    bytes += b.bytes.len();
+                                    batch.push(b);
+                                }
                                 Err(_) => break,
                             }
                         }
@@ -167,6 +175,15 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                     }
                     None => input_open = false,
                 },
+                // A stream that stopped answering (a stopped broker, a dead link) must not hold
+                // batches forever: past their delivery timeout they fail.
+                _ = tokio::time::sleep(TIMEOUT_CHECK), if !state.inflight.is_empty() => {
+                    let timeout = state.config.delivery_timeout;
+                    let expired = state.inflight.values().flatten().any(|b| b.sealed_at.elapsed() >= timeout);
+                    if expired {
+                        break ClientError::Timeout(timeout);
+                    }
+                }
             }
             if !state.retry.is_empty() {
                 tokio::time::sleep(backoff).await;
