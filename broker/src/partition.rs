@@ -321,6 +321,8 @@ impl Owner {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft ready processing panicked");
+                    *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(format!("internal panic: {e}"));
                     return;
                 }
             };

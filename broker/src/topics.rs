@@ -203,10 +203,20 @@ impl Registry {
             metrics: Arc::clone(&self.metrics),
             runtime: self.runtime.clone(),
         };
-        let mut partitions = Vec::with_capacity(created.partitions as usize);
+        let mut partitions: Vec<Arc<Partition>> = Vec::with_capacity(created.partitions as usize);
         for p in 0..created.partitions {
             let dir = self.topics_dir().join(&created.name).join(p.to_string());
-            partitions.push(Partition::open(&ctx, &created.name, p, &dir, effective.log_config())?);
+            match Partition::open(&ctx, &created.name, p, &dir, effective.log_config()) {
+                Ok(partition) => partitions.push(partition),
+                Err(e) => {
+                    // Leave no owner running for a topic that failed to open: a retry would
+                    // otherwise put two writers on one directory.
+                    for opened in &partitions {
+                        self.runtime.block_on(opened.stop());
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(Topic {
             name: created.name.clone(),
