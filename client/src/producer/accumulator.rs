@@ -5,7 +5,6 @@
 //! never across an await.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -42,11 +41,25 @@ impl Slot {
     }
 }
 
-/// Counts batches not yet acknowledged, for `flush`.
+/// Sealed batches not yet answered, by sequence number (the order they were sealed), so
+/// that `flush` waits for what was sent before it and not for later sends.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
-    pub outstanding: AtomicUsize,
+    outstanding: Mutex<std::collections::BTreeSet<u64>>,
     pub idle: Notify,
+}
+
+impl Tracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// True once every batch sealed with a sequence up to `seq` is answered.
+    pub(crate) fn done_through(&self, seq: u64) -> bool {
+        self.lock().first().is_none_or(|first| *first > seq)
+    }
 }
 
 /// A batch ready to send.
@@ -60,6 +73,7 @@ pub(crate) struct Sealed {
     pub sealed_at: std::time::Instant,
     slot: Arc<Slot>,
     tracker: Arc<Tracker>,
+    seq: u64,
     completed: bool,
     /// Returns the batch's bytes to the in-flight budget when dropped.
     _permit: OwnedSemaphorePermit,
@@ -76,9 +90,8 @@ impl Sealed {
         }
         let _ = self.slot.result.set(result);
         self.slot.done.notify_waiters();
-        if self.tracker.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.tracker.idle.notify_waiters();
-        }
+        self.tracker.lock().remove(&self.seq);
+        self.tracker.idle.notify_waiters();
     }
 }
 
@@ -113,6 +126,10 @@ pub(crate) struct Accumulator {
     topics: HashMap<String, TopicState>,
     next_id: u64,
     round_robin: u32,
+    /// Sequence number of the next sealed batch.
+    next_seq: u64,
+    /// Sealed batches in the order they were sealed, waiting to go to the sender.
+    ready: std::collections::VecDeque<Sealed>,
 }
 
 #[derive(Debug)]
@@ -121,6 +138,9 @@ pub(crate) struct Shared {
     pub accumulator: Mutex<Accumulator>,
     pub tracker: Arc<Tracker>,
     pub to_sender: mpsc::Sender<Sealed>,
+    /// One dispatcher at a time moves sealed batches to the sender, so they reach it in the
+    /// order they were sealed (per-partition order).
+    pub dispatching: tokio::sync::Mutex<()>,
     pub client: Client,
     pub config: ProducerConfig,
 }
@@ -157,7 +177,7 @@ impl Shared {
         self: &Arc<Self>,
         record: ProducerRecord,
         permit: OwnedSemaphorePermit,
-    ) -> (DeliveryFuture, Option<Sealed>) {
+    ) -> (DeliveryFuture, bool) {
         let mut guard = self.lock();
         let acc = &mut *guard;
         if !acc.topics.contains_key(&record.topic) {
@@ -215,14 +235,27 @@ impl Shared {
         };
         // With no linger a batch goes out at once: a timer would add up to a tick of delay.
         let full = open.builder.estimated_size() >= self.config.batch_size || self.config.linger.is_zero();
-        if let Some(id) = started {
-            self.tracker.outstanding.fetch_add(1, Ordering::AcqRel);
-            if !full {
-                self.start_linger(record.topic, partition, id);
-            }
+        let sealed = full && self.seal(acc, &record.topic, partition);
+        if let Some(id) = started
+            && !full
+        {
+            self.start_linger(record.topic, partition, id);
         }
-        let sealed = if full { self.take(state, partition) } else { None };
         (future, sealed)
+    }
+
+    /// Seals a partition's open batch into the ready queue; true if there was one.
+    fn seal(&self, acc: &mut Accumulator, topic: &str, partition: i32) -> bool {
+        let seq = acc.next_seq;
+        let Some(state) = acc.topics.get_mut(topic) else {
+            return false;
+        };
+        let Some(sealed) = self.take(state, partition, seq) else {
+            return false;
+        };
+        acc.next_seq += 1;
+        acc.ready.push_back(sealed);
+        true
     }
 
     fn start_linger(self: &Arc<Self>, topic: String, partition: i32, id: u64) {
@@ -231,21 +264,21 @@ impl Shared {
             tokio::time::sleep(shared.config.linger).await;
             let sealed = {
                 let mut acc = shared.lock();
-                match acc.topics.get_mut(&topic) {
-                    Some(state) if state.open.get(&partition).is_some_and(|o| o.id == id) => {
-                        shared.take(state, partition)
-                    }
-                    _ => None,
-                }
+                let same = acc
+                    .topics
+                    .get(&topic)
+                    .and_then(|s| s.open.get(&partition))
+                    .is_some_and(|o| o.id == id);
+                same && shared.seal(&mut acc, &topic, partition)
             };
-            if let Some(sealed) = sealed {
-                let _ = shared.dispatch(sealed).await;
+            if sealed {
+                let _ = shared.dispatch().await;
             }
         });
     }
 
     /// Removes and encodes the open batch of a partition.
-    fn take(&self, state: &mut TopicState, partition: i32) -> Option<Sealed> {
+    fn take(&self, state: &mut TopicState, partition: i32, seq: u64) -> Option<Sealed> {
         let open = state.open.remove(&partition)?;
         if state.sticky == Some(partition) {
             state.sticky = None;
@@ -259,9 +292,11 @@ impl Shared {
             sealed_at: std::time::Instant::now(),
             slot: Arc::clone(&open.slot),
             tracker: Arc::clone(&self.tracker),
+            seq,
             completed: false,
             _permit: permit,
         };
+        self.tracker.lock().insert(seq);
         match open.builder.build() {
             Ok(bytes) => Some(sealed(bytes)),
             Err(e) => {
@@ -271,23 +306,32 @@ impl Shared {
         }
     }
 
-    /// Seals every open batch, for `flush`.
-    pub(crate) fn seal_all(&self) -> Vec<Sealed> {
+    /// Seals every open batch, for `flush`; returns the sequence of the last batch sealed so
+    /// far (everything sent before the call is at or below it).
+    pub(crate) fn seal_all(&self) -> Option<u64> {
         let mut acc = self.lock();
-        let mut sealed = Vec::new();
-        for state in acc.topics.values_mut() {
-            let partitions: Vec<i32> = state.open.keys().copied().collect();
-            sealed.extend(partitions.into_iter().filter_map(|p| self.take(state, p)));
+        let open: Vec<(String, i32)> = acc
+            .topics
+            .iter()
+            .flat_map(|(t, s)| s.open.keys().map(move |p| (t.clone(), *p)))
+            .collect();
+        for (topic, partition) in open {
+            self.seal(&mut acc, &topic, partition);
         }
-        sealed
+        acc.next_seq.checked_sub(1)
     }
 
-    /// Hands a sealed batch to the sender, waiting if its queue is full.
-    pub(crate) async fn dispatch(&self, sealed: Sealed) -> Result<()> {
-        if let Err(mpsc::error::SendError(sealed)) = self.to_sender.send(sealed).await {
-            drop(sealed);
-            return Err(ClientError::Closed);
+    /// Moves every ready batch to the sender in sealing order, waiting if its queue is full.
+    pub(crate) async fn dispatch(&self) -> Result<()> {
+        let _one_at_a_time = self.dispatching.lock().await;
+        loop {
+            let Some(sealed) = self.lock().ready.pop_front() else {
+                return Ok(());
+            };
+            if let Err(mpsc::error::SendError(sealed)) = self.to_sender.send(sealed).await {
+                drop(sealed);
+                return Err(ClientError::Closed);
+            }
         }
-        Ok(())
     }
 }

@@ -15,7 +15,6 @@ mod sender;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -239,6 +238,7 @@ impl Producer {
             budget: Arc::new(Semaphore::new(config.max_in_flight_bytes)),
             accumulator: std::sync::Mutex::new(Accumulator::default()),
             tracker: Default::default(),
+            dispatching: tokio::sync::Mutex::new(()),
             to_sender,
             client: client.clone(),
             config: config.clone(),
@@ -270,23 +270,24 @@ impl Producer {
                 .map_err(|_| ClientError::Closed)?,
         };
         let (future, sealed) = self.inner.append(record, permit);
-        if let Some(sealed) = sealed {
-            self.inner.dispatch(sealed).await?;
+        if sealed {
+            self.inner.dispatch().await?;
         }
         Ok(future)
     }
 
-    /// Sends every open batch now and waits until all sent records are acknowledged (or
-    /// failed).
+    /// Sends every open batch now and waits until every record sent before this call is
+    /// acknowledged (or failed). Records sent concurrently by other tasks are not waited for.
     pub async fn flush(&self) -> Result<()> {
-        for sealed in self.inner.seal_all() {
-            self.inner.dispatch(sealed).await?;
-        }
+        let Some(target) = self.inner.seal_all() else {
+            return Ok(());
+        };
+        self.inner.dispatch().await?;
         loop {
             let idle = self.inner.tracker.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if self.inner.tracker.outstanding.load(Ordering::Acquire) == 0 {
+            if self.inner.tracker.done_through(target) {
                 return Ok(());
             }
             idle.await;
