@@ -13,6 +13,14 @@ enum Raw {
     Str(String),
 }
 
+/// Splits `"64MiB"` into 64 and `"MiB"`; `example` names the accepted forms in the error.
+fn number_and_unit<'a>(s: &'a str, example: &str) -> Result<(u64, &'a str), String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n = num.parse().map_err(|_| format!("'{s}' is not {example}"))?;
+    Ok((n, unit.trim()))
+}
+
 /// A size in bytes; written as an integer or with a unit (B, KB, MB, GB, KiB, MiB, GiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "Raw")]
@@ -32,12 +40,8 @@ impl std::str::FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("'{s}' is not a size (examples: 1048576, 512KiB, 64MiB, 1GiB)"))?;
-        let mult: u64 = match unit.trim() {
+        let (n, unit) = number_and_unit(s, "a size (examples: 1048576, 512KiB, 64MiB, 1GiB)")?;
+        let mult: u64 = match unit {
             "" | "B" => 1,
             "KB" => 1_000,
             "MB" => 1_000_000,
@@ -83,12 +87,8 @@ impl std::str::FromStr for Millis {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("'{s}' is not a duration (examples: 500ms, 30s, 5m, 1h, 7d)"))?;
-        let ms: u64 = match unit.trim() {
+        let (n, unit) = number_and_unit(s, "a duration (examples: 500ms, 30s, 5m, 1h, 7d)")?;
+        let ms: u64 = match unit {
             "" | "ms" => 1,
             "s" => 1_000,
             "m" => 60_000,

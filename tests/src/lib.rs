@@ -59,6 +59,15 @@ pub fn cli_bin() -> PathBuf {
         .unwrap_or_else(|| built_binaries().join("conveyor"))
 }
 
+/// A two-worker runtime for tests that drive the async client.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Polls `condition` until it returns `Some` or `deadline` passes.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
     let until = Instant::now() + deadline;

@@ -6,7 +6,7 @@ use conveyor_client::proto::produce_client::ProduceClient;
 use conveyor_client::proto::{ErrorCode, ErrorDetail, FetchRequest, PartitionFetch, PartitionProduce, ProduceRequest};
 use conveyor_client::{Client, ClientError, ProducerConfig, ProducerRecord};
 use conveyor_storage::batch::{BatchBuilder, Compression, Record};
-use conveyor_tests::{BrokerProcess, cli};
+use conveyor_tests::{BrokerProcess, cli, runtime};
 use prost_detail::decode_detail;
 
 mod prost_detail {
@@ -19,14 +19,6 @@ mod prost_detail {
             other => panic!("expected a broker error with detail, got {other}"),
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 fn broker_code(e: &ClientError) -> tonic::Code {

@@ -15,11 +15,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 #[test]
 fn given_a_broker_when_sigkilled_during_produce_should_keep_every_acknowledged_record_after_restart() {
     let mut broker = BrokerProcess::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = conveyor_tests::runtime();
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let failed = Arc::new(Mutex::new(0u64));
 

@@ -6,21 +6,13 @@ use std::time::Duration;
 use conveyor_client::producer::partitioner::partition_for_key;
 use conveyor_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
 use conveyor_tests::checker::{Acked, Observed, check};
-use conveyor_tests::{BrokerProcess, cli};
+use conveyor_tests::{BrokerProcess, cli, runtime};
 use futures::StreamExt;
 use serde_json::Value;
 
 const RECORDS: u64 = 100_000;
 const PARTITIONS: i32 = 4;
 const CONSUME_DEADLINE: Duration = Duration::from_secs(120);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 #[test]
 fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_in_order_per_partition() {

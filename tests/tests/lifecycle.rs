@@ -37,11 +37,7 @@ fn given_sigterm_the_broker_should_exit_zero_and_restart_without_recovery() {
 fn given_an_in_flight_long_poll_when_sigterm_arrives_it_should_finish_and_the_broker_exit_zero() {
     let mut broker = BrokerProcess::start();
     assert!(cli(broker.addr(), &["topic", "create", "idle"], "").status.success());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = conveyor_tests::runtime();
     let addr = broker.addr().to_string();
     let fetch = runtime.spawn(async move {
         let mut client = FetchClient::connect(format!("http://{addr}")).await.expect("grpc");

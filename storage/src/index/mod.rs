@@ -162,6 +162,12 @@ impl<E: Entry> MmapIndex<E> {
         self.len = len;
     }
 
+    /// Drops entries for batches at or above `relative_offset`.
+    pub(crate) fn truncate_to_offset(&mut self, relative_offset: u32) {
+        let keep = self.partition_point(|e| e.relative_offset() < relative_offset);
+        self.truncate(keep);
+    }
+
     /// Shrinks the file to its entries, for a sealed segment or a clean close.
     pub(crate) fn trim(&mut self) -> Result<()> {
         self.remap((self.len * E::SIZE) as u64)

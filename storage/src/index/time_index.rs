@@ -41,12 +41,6 @@ impl TimeIndex {
         let i = self.partition_point(|e| e.timestamp < timestamp);
         i.checked_sub(1).map(|i| self.entry(i))
     }
-
-    /// Drops entries for batches at or above `relative_offset`.
-    pub(crate) fn truncate_to_offset(&mut self, relative_offset: u32) {
-        let keep = self.partition_point(|e| e.relative_offset < relative_offset);
-        self.truncate(keep);
-    }
 }
 
 #[cfg(test)]
