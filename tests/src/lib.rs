@@ -198,6 +198,16 @@ impl BrokerProcess {
         })
     }
 
+    /// SIGSTOP: the process freezes with its connections open, like a hung machine.
+    pub fn pause(&self) {
+        signal(self.pid(), "-STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
     /// Starts the broker again on the same ports and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the broker before restarting it");
@@ -217,9 +227,19 @@ impl BrokerProcess {
     }
 }
 
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}
+
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused process must be resumed to die on SIGKILL promptly everywhere.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
             let _ = child.kill();
             let _ = child.wait();
         }
