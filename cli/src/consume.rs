@@ -101,7 +101,13 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
             ends.insert((args.topic.clone(), p), end);
         }
     }
-    let mut consumer = client.consumer(ConsumerConfig::default());
+    // Retention may move the log start while reading; an explicit --offset is not moved.
+    let reset = match start {
+        StartAt::Offset(_) => None,
+        StartAt::Latest => Some(StartAt::Latest),
+        StartAt::Earliest | StartAt::Timestamp(_) => Some(StartAt::Earliest),
+    };
+    let mut consumer = client.consumer(ConsumerConfig::default().offset_reset(reset));
     for &p in &partitions {
         consumer.assign(&args.topic, p, start);
     }

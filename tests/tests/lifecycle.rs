@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use conveyor_client::proto::fetch_client::FetchClient;
 use conveyor_client::proto::{FetchRequest, PartitionFetch};
-use conveyor_tests::{BrokerProcess, broker_bin, cli, wait_for};
+use conveyor_tests::{BrokerProcess, broker_bin, cli, runtime, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -149,4 +149,31 @@ fn given_retention_limits_the_broker_should_delete_old_segments_in_the_backgroun
         Some(start),
         "reads start at the new log start"
     );
+
+    // A consumer whose position was deleted: an error without a reset policy, the new log
+    // start with one.
+    runtime().block_on(async {
+        use conveyor_client::{Client, ConsumerConfig, StartAt};
+        use futures::StreamExt;
+        let client = Client::connect(broker.addr()).await.expect("connect");
+        let mut strict = client.consumer(ConsumerConfig::default());
+        strict.assign("short-lived", 0, StartAt::Offset(0));
+        let first = strict.stream().next().await.expect("an item");
+        let error = first.expect_err("offset 0 was deleted");
+        assert_eq!(
+            error.code(),
+            Some(conveyor_client::proto::ErrorCode::OffsetOutOfRange),
+            "{error}"
+        );
+
+        let mut lenient = client.consumer(ConsumerConfig::default().offset_reset(Some(StartAt::Earliest)));
+        lenient.assign("short-lived", 0, StartAt::Offset(0));
+        let record = lenient
+            .stream()
+            .next()
+            .await
+            .expect("an item")
+            .expect("a record after the reset");
+        assert_eq!(record.offset, start);
+    });
 }

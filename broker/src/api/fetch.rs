@@ -35,31 +35,45 @@ struct Wanted {
 }
 
 /// Reads every wanted partition once, within the request's byte budget. Blocking.
-fn read_once(wanted: &[Wanted], budget: usize) -> Result<Vec<(u64, u64, Bytes)>> {
+/// What one read of one partition produced.
+struct Read {
+    high_watermark: u64,
+    log_start_offset: u64,
+    batches: Bytes,
+    /// A partition-level failure (its offset left the log): other partitions go on.
+    error: Option<BrokerError>,
+}
+
+/// Reads every wanted partition once, within the request's byte budget. Blocking.
+fn read_once(wanted: &[Wanted], budget: usize) -> Result<Vec<Read>> {
     let mut left = budget;
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
         let p = &w.partition;
         let hw = p.high_watermark();
         let (start, end) = (p.log.log_start_offset(), p.log.log_end_offset());
+        let mut read = Read {
+            high_watermark: hw,
+            log_start_offset: start,
+            batches: Bytes::new(),
+            error: None,
+        };
         if w.offset < start || w.offset > end {
-            return Err(BrokerError::OffsetOutOfRange {
+            read.error = Some(BrokerError::OffsetOutOfRange {
                 topic: p.topic.clone(),
                 partition: p.index,
                 offset: w.offset,
                 log_start_offset: start,
                 log_end_offset: end,
             });
-        }
-        let bytes = if left == 0 || w.offset >= hw {
-            Bytes::new()
-        } else {
-            p.log
+        } else if left > 0 && w.offset < hw {
+            read.batches = p
+                .log
                 .read_up_to(w.offset, w.max_bytes.min(left), hw)
-                .map_err(|e| BrokerError::from_log(&p.topic, p.index, e))?
-        };
-        left = left.saturating_sub(bytes.len());
-        out.push((hw, start, bytes));
+                .map_err(|e| BrokerError::from_log(&p.topic, p.index, e))?;
+        }
+        left = left.saturating_sub(read.batches.len());
+        out.push(read);
     }
     Ok(out)
 }
@@ -138,10 +152,18 @@ impl FetchService {
                 w.borrow_and_update();
             }
             let job = Arc::clone(&wanted);
-            let results = blocking(move || read_once(&job, budget)).await?;
-            let total: usize = results.iter().map(|(_, _, b)| b.len()).sum();
+            let mut results = blocking(move || read_once(&job, budget)).await?;
+            // A fetch of one partition whose offset left the log fails as a whole, with the
+            // bounds in its status; with several partitions, each answers for itself.
+            if results.len() == 1
+                && let Some(error) = results[0].error.take()
+            {
+                return Err(error);
+            }
+            let total: usize = results.iter().map(|r| r.batches.len()).sum();
+            let failed = results.iter().any(|r| r.error.is_some());
             let now = Instant::now();
-            if total >= (req.min_bytes.max(1) as usize) || now >= deadline {
+            if total >= (req.min_bytes.max(1) as usize) || failed || now >= deadline {
                 break results;
             }
             let changed = futures::future::select_all(watches.iter_mut().map(|w| w.changed().boxed()));
@@ -152,7 +174,13 @@ impl FetchService {
             }
         };
         let mut partitions = Vec::with_capacity(results.len());
-        for (w, (high_watermark, log_start_offset, batches)) in wanted.iter().zip(results) {
+        for (w, read) in wanted.iter().zip(results) {
+            let Read {
+                high_watermark,
+                log_start_offset,
+                batches,
+                error,
+            } = read;
             self.ctx.metrics.bytes_out.add(batches.len() as u64);
             let records = if req.decode_records {
                 decode(&batches, w.offset)?
@@ -166,7 +194,7 @@ impl FetchService {
                 log_start_offset,
                 batches: if req.decode_records { Bytes::new() } else { batches },
                 records,
-                error: None,
+                error: error.map(|e| e.detail()),
             });
         }
         Ok(FetchResponse { partitions })

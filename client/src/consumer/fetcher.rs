@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor_proto::v1::fetch_client::FetchClient;
-use conveyor_proto::v1::{FetchRequest, PartitionFetch};
+use conveyor_proto::v1::{ErrorCode, ErrorDetail, FetchRequest, PartitionFetch};
 use conveyor_storage::batch::BatchIter;
 use tokio::sync::mpsc;
 
@@ -41,6 +41,33 @@ fn advance(position: &mut Position, bytes: &bytes::Bytes) -> Result<()> {
         position.next = position.next.max(batch?.header().next_offset());
     }
     Ok(())
+}
+
+/// Restarts a partition whose position left the log, if the consumer has a reset policy.
+/// Returns the chunk that tells the reader its new position.
+async fn reset(
+    client: &Client,
+    config: &ConsumerConfig,
+    positions: &mut [Position],
+    detail: &ErrorDetail,
+) -> Option<Chunk> {
+    let start = config.offset_reset?;
+    if ErrorCode::try_from(detail.code) != Ok(ErrorCode::OffsetOutOfRange) {
+        return None;
+    }
+    let position = positions
+        .iter_mut()
+        .find(|p| *p.topic == *detail.topic && p.partition == detail.partition)?;
+    let next = resolve(client, &detail.topic, detail.partition, start).await.ok()?;
+    tracing::info!(topic = %detail.topic, partition = detail.partition, from = position.next, to = next, "offset left the log; reset");
+    position.next = next;
+    Some(Chunk {
+        topic: Arc::clone(&position.topic),
+        partition: position.partition,
+        from: next,
+        next,
+        batches: bytes::Bytes::new(),
+    })
 }
 
 pub(super) async fn run(
@@ -112,6 +139,16 @@ pub(super) async fn run(
             Ok(r) => r.into_inner(),
             Err(status) => {
                 let error = ClientError::from(status);
+                if let ClientError::Broker {
+                    detail: Some(detail), ..
+                } = &error
+                    && let Some(chunk) = reset(&client, &config, &mut positions, detail).await
+                {
+                    if tx.send(Ok(vec![chunk])).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 failures += 1;
                 if error.is_retriable() && failures <= MAX_RETRIES {
                     tokio::time::sleep(RETRY_BACKOFF).await;
@@ -130,6 +167,16 @@ pub(super) async fn run(
             else {
                 continue;
             };
+            if let Some(detail) = data.error {
+                match reset(&client, &config, &mut positions, &detail).await {
+                    Some(chunk) => chunks.push(chunk),
+                    None => {
+                        let _ = tx.send(Err(ClientError::from_detail(detail))).await;
+                        return;
+                    }
+                }
+                continue;
+            }
             if data.batches.is_empty() {
                 continue;
             }

@@ -48,6 +48,10 @@ pub struct ConsumerConfig {
     pub partition_max_bytes: u32,
     /// Fetch responses buffered ahead of the reader.
     pub prefetch: usize,
+    /// Where to restart a partition whose position left the log (retention deleted it, or a
+    /// seek went past the end), like Kafka's `auto.offset.reset`. `None`: the stream yields
+    /// the OUT_OF_RANGE error and ends.
+    pub offset_reset: Option<StartAt>,
 }
 
 impl Default for ConsumerConfig {
@@ -58,6 +62,7 @@ impl Default for ConsumerConfig {
             max_bytes: 32 << 20,
             partition_max_bytes: 8 << 20,
             prefetch: 4,
+            offset_reset: None,
         }
     }
 }
@@ -69,6 +74,10 @@ impl ConsumerConfig {
     }
     pub fn prefetch(mut self, responses: usize) -> Self {
         self.prefetch = responses;
+        self
+    }
+    pub fn offset_reset(mut self, reset: Option<StartAt>) -> Self {
+        self.offset_reset = reset;
         self
     }
 }
