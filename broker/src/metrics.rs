@@ -131,7 +131,7 @@ impl Metrics {
             ),
             (
                 "conveyor_fsync_latency_seconds",
-                "Time to apply the flush policy per append round",
+                "Time to write, flush and commit one append round (Raft Ready processing)",
                 &self.fsync_latency,
             ),
         ];

@@ -8,6 +8,14 @@ use crate::Client;
 use crate::error::Result;
 
 /// Where to look up an offset.
+///
+/// ```no_run
+/// # async fn run(client: conveyor_client::Client) -> Result<(), conveyor_client::ClientError> {
+/// use conveyor_client::OffsetSpec;
+/// let end = client.admin().list_offset("orders", 0, OffsetSpec::Latest).await?;
+/// println!("high watermark {}, log end {}", end.high_watermark, end.log_end_offset);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetSpec {
     Earliest,

@@ -4,6 +4,19 @@
 use conveyor_proto::v1::{ErrorCode, ErrorDetail};
 use prost::Message;
 
+/// What went wrong, with the broker's detail when it answered.
+///
+/// ```no_run
+/// # async fn run(client: conveyor_client::Client) {
+/// use conveyor_client::proto::ErrorCode;
+/// match client.admin().describe_topic("orders").await {
+///     Ok(topic) => println!("{} partitions", topic.partitions.len()),
+///     Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => println!("no such topic"),
+///     Err(e) if e.is_retriable() => println!("try again later: {e}"),
+///     Err(e) => println!("error: {e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {

@@ -19,6 +19,15 @@ use crate::Client;
 use crate::error::Result;
 
 /// Where a partition starts.
+///
+/// ```
+/// use conveyor_client::{ConsumerConfig, StartAt};
+/// // Replay the last hour, and restart from the oldest record if retention overtakes us.
+/// let an_hour_ago = conveyor_storage::unix_millis() - 3_600_000;
+/// let start = StartAt::Timestamp(an_hour_ago);
+/// let config = ConsumerConfig::default().offset_reset(Some(StartAt::Earliest));
+/// # let _ = (start, config);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartAt {
     Earliest,
@@ -146,6 +155,17 @@ impl Reading {
 }
 
 /// A record read from a partition.
+///
+/// ```no_run
+/// # async fn run(mut records: conveyor_client::consumer::RecordStream) -> Result<(), conveyor_client::ClientError> {
+/// use futures::StreamExt;
+/// while let Some(record) = records.next().await {
+///     let record = record?;
+///     let key = record.key.as_deref().map(String::from_utf8_lossy);
+///     println!("{}[{}]@{} {:?}", record.topic, record.partition, record.offset, key);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
     pub topic: Arc<str>,
@@ -235,6 +255,22 @@ impl Drop for AbortOnDrop {
 }
 
 /// The records of a [`Consumer`], in offset order per partition.
+///
+/// ```no_run
+/// use std::collections::HashMap;
+/// # async fn run(client: conveyor_client::Client) -> Result<(), conveyor_client::ClientError> {
+/// use conveyor_client::{ConsumerConfig, OffsetSpec, StartAt};
+/// // Read partition 0 from the start up to its current end, then stop.
+/// let end = client.admin().list_offset("orders", 0, OffsetSpec::Latest).await?.offset;
+/// let mut consumer = client.consumer(ConsumerConfig::default());
+/// consumer.assign("orders", 0, StartAt::Earliest);
+/// let mut records = consumer.stream();
+/// let ends = HashMap::from([(("orders".to_string(), 0), end)]);
+/// while let Some(record) = records.next_until(&ends).await {
+///     println!("{:?}", record?.value);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct RecordStream {
     rx: mpsc::Receiver<Result<Vec<Chunk>>>,

@@ -27,6 +27,13 @@ pub(crate) use accumulator::Sealed;
 use accumulator::{Accumulator, Slot};
 
 /// When the broker acknowledges a batch.
+///
+/// ```
+/// use conveyor_client::{Acks, ProducerConfig};
+/// let fire_and_forget = ProducerConfig::default().acks(Acks::None);
+/// assert_eq!(fire_and_forget.acks, Acks::None);
+/// assert_eq!(Acks::default(), Acks::All);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Acks {
     /// Do not wait: offsets are unknown.
@@ -174,7 +181,14 @@ impl ProducerRecord {
     }
 }
 
-/// Where a record was written.
+/// Where a record was written: what a [`DeliveryFuture`] resolves to.
+///
+/// ```no_run
+/// # async fn run(producer: conveyor_client::Producer) -> Result<(), conveyor_client::ClientError> {
+/// let written = producer.send(conveyor_client::ProducerRecord::new("orders", "x")).await?.await?;
+/// println!("{}[{}] at {:?}", written.topic, written.partition, written.offset);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMetadata {
     pub topic: Arc<str>,
@@ -185,6 +199,17 @@ pub struct RecordMetadata {
 
 /// Resolves when the broker acknowledges the record's batch. Await it, or drop it to send
 /// without waiting.
+///
+/// ```no_run
+/// # async fn run(producer: conveyor_client::Producer) -> Result<(), conveyor_client::ClientError> {
+/// let delivery = producer.send(conveyor_client::ProducerRecord::new("orders", "x")).await?;
+/// match delivery.await {
+///     Ok(written) => println!("stored at offset {:?}", written.offset),
+///     Err(e) if e.is_retriable() => println!("not stored yet, safe to retry: {e}"),
+///     Err(e) => println!("refused: {e}"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct DeliveryFuture {
     slot: Arc<Slot>,
