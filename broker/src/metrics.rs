@@ -81,6 +81,10 @@ pub struct Metrics {
     pub produce_latency: Histogram,
     pub fetch_latency: Histogram,
     pub fsync_latency: Histogram,
+    /// Times a partition's Raft node became or stopped being leader.
+    pub leader_changes: Counter,
+    /// From proposing a request's entries to their commit.
+    pub commit_latency: Histogram,
 }
 
 impl Metrics {
@@ -114,6 +118,11 @@ impl Metrics {
                 &self.bytes_out,
             ),
             ("conveyor_records_in_total", "Records appended", &self.records_in),
+            (
+                "conveyor_raft_leader_changes_total",
+                "Raft leadership changes over all partitions",
+                &self.leader_changes,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());

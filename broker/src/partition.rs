@@ -140,6 +140,7 @@ impl Partition {
             high_watermark: hw_tx,
             metrics: Arc::clone(&ctx.metrics),
             pending: VecDeque::new(),
+            was_leader: false,
         };
         let handle = ctx.runtime.spawn(owner.run(rx, node));
         Ok(Arc::new(Partition {
@@ -243,6 +244,7 @@ struct Pending {
     /// The term the entries were proposed in: if the entry at `last` has another term, a new
     /// leader overwrote them and they are not this request's.
     term: u64,
+    proposed_at: Instant,
     last_offset_delta: u32,
     acks: Acks,
     reply: oneshot::Sender<Result<AppendOutcome>>,
@@ -256,6 +258,7 @@ struct Owner {
     high_watermark: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     pending: VecDeque<Pending>,
+    was_leader: bool,
 }
 
 /// Collects what a Ready produced. Peers arrive with the transport; a group of one sends
@@ -392,6 +395,7 @@ impl Owner {
             first,
             last,
             term: node.raft.term,
+            proposed_at: Instant::now(),
             last_offset_delta,
             acks: request.acks,
             reply: request.reply,
@@ -404,6 +408,11 @@ impl Owner {
         let persisted = node.raft.raft_log.persisted;
         let committed = node.raft.raft_log.committed;
         let leader = node.raft.state == StateRole::Leader;
+        if leader != self.was_leader {
+            self.was_leader = leader;
+            self.metrics.leader_changes.add(1);
+            tracing::info!(topic = %self.topic, partition = self.index, leader, term = node.raft.term, "raft leadership changed");
+        }
         let mut still = VecDeque::with_capacity(self.pending.len());
         while let Some(p) = self.pending.pop_front() {
             let done = match p.acks {
@@ -417,6 +426,9 @@ impl Owner {
                     partition: self.index,
                 })));
             } else if done {
+                if p.acks == Acks::All {
+                    self.metrics.commit_latency.observe(p.proposed_at.elapsed());
+                }
                 let outcome = match (self.raft.offset_of(p.first), self.raft.offset_of(p.last)) {
                     (Some(base), Some(last_base)) => Ok(AppendOutcome {
                         base_offset: base,
