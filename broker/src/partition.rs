@@ -225,14 +225,15 @@ impl Partition {
         }
     }
 
-    /// Stores the Raft state and closes the log cleanly. Blocking; after [`stop`](Self::stop).
+    /// Closes the log cleanly, then stores the Raft state: the stored commit never covers
+    /// entries that are not on disk. Blocking; after [`stop`](Self::stop).
     pub fn close(&self) -> Result<()> {
-        self.raft
-            .flush_state()
-            .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))?;
         self.log
             .close()
-            .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))
+            .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
+        self.raft
+            .flush_state()
+            .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))
     }
 }
 
@@ -261,21 +262,18 @@ struct Owner {
     was_leader: bool,
 }
 
-/// Collects what a Ready produced. Peers arrive with the transport; a group of one sends
-/// nothing.
+/// Collects the messages a Ready produced. Peers arrive with the transport; a group of one
+/// sends nothing. Commits are read from the node itself in [`Owner::finish`].
 #[derive(Debug, Default)]
 struct Collected {
     messages: Vec<Message>,
-    committed: u64,
 }
 
 impl ReadyHandler for Collected {
     fn send(&mut self, messages: Vec<Message>) {
         self.messages.extend(messages);
     }
-    fn committed(&mut self, index: u64) {
-        self.committed = self.committed.max(index);
-    }
+    fn committed(&mut self, _index: u64) {}
 }
 
 impl Owner {
@@ -358,48 +356,51 @@ impl Owner {
         tracing::debug!(topic = %self.topic, partition = self.index, "partition owner stopped");
     }
 
-    /// Proposes every batch of a request as one entry each.
+    /// Proposes a request's batches, one entry each, in one step: all of them or none.
     fn propose(&mut self, node: &mut RawNode<RaftLog>, request: AppendRequest) {
         if node.raft.state != StateRole::Leader {
-            let err = BrokerError::LeaderNotAvailable {
-                topic: self.topic.clone(),
-                partition: self.index,
-            };
-            drop(request.reply.send(Err(err)));
+            drop(request.reply.send(Err(self.not_leader())));
             return;
         }
         let first = node.raft.raft_log.last_index() + 1;
         let last_offset_delta = request.batches.last().map_or(0, |b| b.header().last_offset_delta);
-        for batch in &request.batches {
-            let entry = Entry {
+        let entries: Vec<Entry> = request
+            .batches
+            .iter()
+            .map(|batch| Entry {
                 data: batch.bytes().clone(),
                 ..Entry::default()
-            };
-            let mut message = Message::default();
-            message.set_msg_type(MessageType::MsgPropose);
-            message.from = node.raft.id;
-            message.set_entries(vec![entry].into());
-            if let Err(e) = node.raft.step(message) {
-                drop(
-                    request
-                        .reply
-                        .send(Err(BrokerError::Internal(format!("proposal refused: {e}")))),
-                );
-                return;
-            }
+            })
+            .collect();
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = node.raft.id;
+        message.set_entries(entries.into());
+        if let Err(e) = node.raft.step(message) {
+            let error = BrokerError::Internal(format!("proposal refused: {e}"));
+            drop(request.reply.send(Err(error)));
+            return;
+        }
+        for batch in &request.batches {
             self.metrics.bytes_in.add(batch.bytes().len() as u64);
             self.metrics.records_in.add(u64::from(batch.header().record_count));
         }
-        let last = node.raft.raft_log.last_index();
         self.pending.push_back(Pending {
             first,
-            last,
+            last: node.raft.raft_log.last_index(),
             term: node.raft.term,
             proposed_at: Instant::now(),
             last_offset_delta,
             acks: request.acks,
             reply: request.reply,
         });
+    }
+
+    fn not_leader(&self) -> BrokerError {
+        BrokerError::LeaderNotAvailable {
+            topic: self.topic.clone(),
+            partition: self.index,
+        }
     }
 
     /// Answers requests whose entries are persisted (acks=leader) or committed (acks=all),
@@ -413,7 +414,7 @@ impl Owner {
             self.metrics.leader_changes.add(1);
             tracing::info!(topic = %self.topic, partition = self.index, leader, term = node.raft.term, "raft leadership changed");
         }
-        let mut still = VecDeque::with_capacity(self.pending.len());
+        let mut still = VecDeque::new();
         while let Some(p) = self.pending.pop_front() {
             let done = match p.acks {
                 Acks::All => committed >= p.last,
@@ -421,10 +422,7 @@ impl Owner {
             };
             let ours = node.raft.raft_log.term(p.last).is_ok_and(|t| t == p.term);
             if done && !ours {
-                drop(p.reply.send(Err(BrokerError::LeaderNotAvailable {
-                    topic: self.topic.clone(),
-                    partition: self.index,
-                })));
+                drop(p.reply.send(Err(self.not_leader())));
             } else if done {
                 if p.acks == Acks::All {
                     self.metrics.commit_latency.observe(p.proposed_at.elapsed());
@@ -440,10 +438,7 @@ impl Owner {
                 };
                 drop(p.reply.send(outcome));
             } else if !leader {
-                drop(p.reply.send(Err(BrokerError::LeaderNotAvailable {
-                    topic: self.topic.clone(),
-                    partition: self.index,
-                })));
+                drop(p.reply.send(Err(self.not_leader())));
             } else {
                 still.push_back(p);
             }

@@ -89,6 +89,19 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
         (_, _, Some(t)) => StartAt::Timestamp(t),
         _ => StartAt::Latest,
     };
+    // An explicit offset outside the log is an error up front, naming it.
+    if let StartAt::Offset(o) = start {
+        for &p in &partitions {
+            let r = client.admin().list_offset(&args.topic, p, OffsetSpec::Latest).await?;
+            anyhow::ensure!(
+                (r.log_start_offset..=r.log_end_offset).contains(&o),
+                "topic '{}' partition {p}: offset {o} is outside [{}, {}]",
+                args.topic,
+                r.log_start_offset,
+                r.log_end_offset
+            );
+        }
+    }
     // Without --follow, stop at the high watermark each partition has now.
     let mut ends: HashMap<(String, i32), u64> = HashMap::new();
     if !args.follow {

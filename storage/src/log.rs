@@ -357,16 +357,11 @@ impl PartitionLog {
         Ok(info)
     }
 
-    /// As [`append_unsynced`](Self::append_unsynced) for a batch validated already (the
-    /// broker validates a whole request before queueing any of it). It is validated again
-    /// only if this log's size limit is smaller than the one it passed.
-    pub fn append_validated_unsynced(&self, batch: &batch::ValidatedBatch) -> Result<AppendInfo> {
-        self.append_validated_stamped_unsynced(batch, 0, 0)
-    }
-
-    /// As [`append_validated_unsynced`](Self::append_validated_unsynced), stamping the leader
-    /// epoch and Raft index of the entry that carries the batch. Every replica appends the same
-    /// entries in the same order, so every replica stamps the same offsets.
+    /// Appends a batch validated already (the broker validates a whole request before
+    /// proposing any of it), written but not yet synced, stamping the leader epoch and Raft
+    /// index of the entry that carries it. Every replica appends the same entries in the same
+    /// order, so every replica stamps the same offsets. The batch is validated again only if
+    /// this log's size limit is smaller than the one it passed.
     pub fn append_validated_stamped_unsynced(
         &self,
         batch: &batch::ValidatedBatch,
@@ -374,13 +369,12 @@ impl PartitionLog {
         raft_index: u64,
     ) -> Result<AppendInfo> {
         let limit = self.max_batch_bytes.load(Ordering::Acquire);
-        if batch.limit() > limit {
-            let header = batch::validate(batch.bytes(), limit)?;
-            self.check_poisoned()?;
-            return self.write_batch(batch.bytes(), header, Some((leader_epoch, raft_index)));
-        }
-        self.check_poisoned()?;
-        self.write_batch(batch.bytes(), *batch.header(), Some((leader_epoch, raft_index)))
+        let header = if batch.limit() > limit {
+            batch::validate(batch.bytes(), limit)?
+        } else {
+            *batch.header()
+        };
+        self.write_batch(batch.bytes(), header, Some((leader_epoch, raft_index)))
     }
 
     /// Calls `visit` with the header of every batch from the one holding `from` to the end,
@@ -446,7 +440,6 @@ impl PartitionLog {
             max_timestamp: stamped.max_timestamp,
             record_count: stamped.record_count,
         };
-        drop(writer);
         Ok(info)
     }
 

@@ -98,7 +98,7 @@ impl GroupCommit {
 
     /// Waits for the fsync token. With `target`, returns `None` instead once everything below
     /// it is durable. `check` runs under the lock on every wake-up and may refuse.
-    fn acquire(&self, target: Option<u64>, check: impl Fn(u64) -> Result<()>) -> Result<Option<SyncToken>> {
+    fn acquire(&self, target: Option<u64>, check: impl Fn() -> Result<()>) -> Result<Option<SyncToken>> {
         let mut st = self.lock();
         loop {
             if target.is_some_and(|t| st.durable >= t) {
@@ -107,7 +107,7 @@ impl GroupCommit {
             if let Some(reason) = &st.failed {
                 return Err(LogError::Poisoned { reason: reason.clone() });
             }
-            check(st.durable)?;
+            check()?;
             if !st.syncing {
                 st.syncing = true;
                 return Ok(Some(SyncToken {
@@ -142,7 +142,7 @@ impl PartitionLog {
     /// callers.
     pub(crate) fn sync_to(&self, target: u64) -> Result<()> {
         loop {
-            let check = |_durable: u64| {
+            let check = || {
                 if self.is_closed() {
                     return Err(LogError::Closed);
                 }
@@ -166,7 +166,7 @@ impl PartitionLog {
 
     /// Takes the fsync token unconditionally (roll, flush, close).
     pub(crate) fn sync_all(&self, from: Option<u64>, indexes: bool) -> Result<u64> {
-        let token = self.commit.acquire(None, |_| Ok(()))?;
+        let token = self.commit.acquire(None, || Ok(()))?;
         match token {
             Some(token) => self.sync_with(token, from, indexes),
             None => Ok(self.commit.durable()),

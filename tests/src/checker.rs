@@ -22,6 +22,18 @@ pub struct Observed {
     pub offset: u64,
 }
 
+impl Observed {
+    /// A consumed record whose value is its id.
+    pub fn of(record: &conveyor_client::ConsumerRecord) -> Observed {
+        let value = record.value.as_deref().expect("records in checked tests carry an id");
+        Observed {
+            id: String::from_utf8(value.to_vec()).expect("ids are UTF-8"),
+            partition: record.partition,
+            offset: record.offset,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
     pub acknowledged: usize,

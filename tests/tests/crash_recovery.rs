@@ -103,11 +103,7 @@ fn given_a_broker_when_sigkilled_during_produce_should_keep_every_acknowledged_r
                 if r.offset >= ends[&("durable".to_string(), r.partition)] {
                     continue;
                 }
-                observed.push(Observed {
-                    id: String::from_utf8(r.value.expect("value").to_vec()).expect("utf8"),
-                    partition: r.partition,
-                    offset: r.offset,
-                });
+                observed.push(Observed::of(&r));
             }
         })
         .await

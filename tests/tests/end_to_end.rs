@@ -57,11 +57,7 @@ fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_i
         tokio::time::timeout(CONSUME_DEADLINE, async {
             while (observed.len() as u64) < RECORDS {
                 let r = stream.next().await.expect("stream continues").expect("record");
-                observed.push(Observed {
-                    id: String::from_utf8(r.value.expect("value").to_vec()).expect("utf8"),
-                    partition: r.partition,
-                    offset: r.offset,
-                });
+                observed.push(Observed::of(&r));
             }
         })
         .await

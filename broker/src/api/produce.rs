@@ -108,16 +108,20 @@ impl ProduceService {
         Ok((partition, validated))
     }
 
-    /// Request-level checks, then each partition's part on its own: a bad part fails alone.
-    fn prepare(&self, req: ProduceRequest) -> Result<(Acks, Vec<Part>)> {
+    /// Request-level checks, before anything else is looked at.
+    fn check_request(req: &ProduceRequest) -> Result<Acks> {
         let acks = acks_of(req.acks)?;
         if req.partitions.is_empty() {
             return Err(BrokerError::InvalidRequest(
                 "a produce request needs at least one partition".into(),
             ));
         }
-        let parts = req
-            .partitions
+        Ok(acks)
+    }
+
+    /// Validates each partition's part on its own: a bad part fails alone.
+    fn prepare(&self, req: ProduceRequest) -> Vec<Part> {
+        req.partitions
             .into_iter()
             .map(|pp| {
                 let (topic, partition) = (pp.topic.clone(), pp.partition);
@@ -130,8 +134,7 @@ impl ProduceService {
                     },
                 }
             })
-            .collect();
-        Ok((acks, parts))
+            .collect()
     }
 
     /// Queues every valid part, in order, waiting while a partition's mailbox is full.
@@ -222,10 +225,11 @@ impl Produce for ProduceService {
         metrics.produce_requests.add(1);
         let req = request.into_inner();
         let request_id = req.request_id;
-        let (acks, mut parts) = self.prepare(req).map_err(|e| {
+        let acks = Self::check_request(&req).map_err(|e| {
             metrics.request_errors.add(1);
             Status::from(e)
         })?;
+        let mut parts = self.prepare(req);
         // A request for one partition whose part is bad gets that error as its status.
         if parts.len() == 1
             && matches!(parts[0], Part::Failed { .. })
@@ -274,21 +278,9 @@ impl Produce for ProduceService {
                 let metrics = Arc::clone(&service.ctx.metrics);
                 metrics.produce_requests.add(1);
                 let request_id = req.request_id;
-                let summary = ProduceRequest {
-                    partitions: req
-                        .partitions
-                        .iter()
-                        .map(|p| pb::PartitionProduce {
-                            topic: p.topic.clone(),
-                            partition: p.partition,
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                };
-                match service.prepare(req) {
-                    Ok((acks, parts)) => {
-                        let parts = ProduceService::enqueue(acks, parts).await;
+                match Self::check_request(&req) {
+                    Ok(acks) => {
+                        let parts = ProduceService::enqueue(acks, service.prepare(req)).await;
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let response = ProduceService::collect(request_id, parts).await;
@@ -299,11 +291,8 @@ impl Produce for ProduceService {
                     }
                     Err(e) => {
                         metrics.request_errors.add(1);
-                        if tx
-                            .send(Ok(ProduceService::error_response(request_id, &summary, &e)))
-                            .await
-                            .is_err()
-                        {
+                        let response = ProduceService::error_response(request_id, &req, &e);
+                        if tx.send(Ok(response)).await.is_err() {
                             break;
                         }
                     }

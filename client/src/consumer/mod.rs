@@ -110,6 +110,8 @@ struct Reading {
     partition: i32,
     from: u64,
     next: u64,
+    /// Offset after the last record returned from this chunk.
+    returned: Option<u64>,
     batches: BatchIter,
     records: Option<RecordIter>,
 }
@@ -282,14 +284,17 @@ pub struct RecordStream {
     _task: AbortOnDrop,
 }
 
-/// How often [`RecordStream::next_until`] re-checks positions while no record arrives:
-/// control batches (Raft no-ops, markers) advance a position without yielding a record.
-const END_CHECK: Duration = Duration::from_millis(20);
-
 impl RecordStream {
     /// The next offset to read in a partition: after every record returned so far and after
     /// any control batch read past. `None` before anything was read from it.
     pub fn position(&self, topic: &str, partition: i32) -> Option<u64> {
+        if let Some(reading) = &self.reading
+            && *reading.topic == *topic
+            && reading.partition == partition
+            && let Some(returned) = reading.returned
+        {
+            return Some(returned);
+        }
         self.positions
             .iter()
             .find(|((t, p), _)| **t == *topic && *p == partition)
@@ -297,41 +302,35 @@ impl RecordStream {
     }
 
     /// The next record, or `None` once every partition in `ends` is read up to its end offset
-    /// (for example the high watermarks when reading started).
+    /// (for example the high watermarks when reading started). Control batches count as read,
+    /// so a partition ending in one (a Raft no-op) still ends.
     pub async fn next_until(&mut self, ends: &HashMap<(String, i32), u64>) -> Option<Result<ConsumerRecord>> {
-        use futures::StreamExt;
-        loop {
-            let done = ends
-                .iter()
-                .all(|((t, p), end)| self.position(t, *p).is_some_and(|pos| pos >= *end));
-            if done {
-                return None;
-            }
-            // Most calls find a record ready: only arm a timer when there is none.
-            if let Some(next) = futures::FutureExt::now_or_never(self.next()) {
-                return next;
-            }
-            tokio::select! {
-                next = self.next() => return next,
-                _ = tokio::time::sleep(END_CHECK) => {}
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_record(cx, Some(ends))).await
     }
-}
 
-impl Stream for RecordStream {
-    type Item = Result<ConsumerRecord>;
+    fn reached(&self, ends: &HashMap<(String, i32), u64>) -> bool {
+        ends.iter()
+            .all(|((t, p), end)| self.position(t, *p).is_some_and(|pos| pos >= *end))
+    }
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    /// The next record; with `ends`, `None` as soon as they are reached, checked whenever a
+    /// position moves (a record returned or a chunk read past).
+    fn poll_record(
+        &mut self,
+        cx: &mut Context<'_>,
+        ends: Option<&HashMap<(String, i32), u64>>,
+    ) -> Poll<Option<Result<ConsumerRecord>>> {
         if self.ended {
             return Poll::Ready(None);
         }
         loop {
+            if ends.is_some_and(|ends| self.reached(ends)) {
+                return Poll::Ready(None);
+            }
             if let Some(reading) = &mut self.reading {
                 match reading.next_record() {
                     Some(Ok(record)) => {
-                        let key = (Arc::clone(&record.topic), record.partition);
-                        self.positions.insert(key, record.offset + 1);
+                        reading.returned = Some(record.offset + 1);
                         return Poll::Ready(Some(Ok(record)));
                     }
                     Some(Err(e)) => {
@@ -344,6 +343,7 @@ impl Stream for RecordStream {
                         let next = reading.next;
                         self.positions.insert(key, next);
                         self.reading = None;
+                        continue;
                     }
                 }
             }
@@ -353,6 +353,7 @@ impl Stream for RecordStream {
                     partition: chunk.partition,
                     from: chunk.from,
                     next: chunk.next,
+                    returned: None,
                     batches: BatchIter::new(chunk.batches),
                     records: None,
                 });
@@ -368,5 +369,13 @@ impl Stream for RecordStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+impl Stream for RecordStream {
+    type Item = Result<ConsumerRecord>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_record(cx, None)
     }
 }

@@ -132,6 +132,15 @@ pub(crate) struct Accumulator {
     ready: std::collections::VecDeque<Sealed>,
 }
 
+/// What [`Shared::append`] did with a record.
+#[derive(Debug)]
+pub(crate) enum Appended {
+    /// Added; `sealed` when this record filled its batch and it waits in the ready queue.
+    Done { future: DeliveryFuture, sealed: bool },
+    /// The topic's partition count is not known yet: learn it and append again.
+    NeedsPartitionCount(ProducerRecord, OwnedSemaphorePermit),
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub budget: Arc<Semaphore>,
@@ -152,11 +161,6 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The partition count the producer knows for `topic`, if any.
-    pub(crate) fn known_partitions(&self, topic: &str) -> Option<u32> {
-        self.lock().topics.get(topic).map(|t| t.partitions).filter(|n| *n > 0)
-    }
-
     pub(crate) fn learn_partitions(&self, topic: &str, partitions: u32) {
         let mut acc = self.lock();
         acc.topics
@@ -171,28 +175,13 @@ impl Shared {
     }
 
     /// Adds a record, choosing its partition (explicit, murmur2 of the key, or the sticky
-    /// partition for keyless records). Returns its delivery future and the batch if this
-    /// record filled it. One lock, one map lookup per record.
-    pub(crate) fn append(
-        self: &Arc<Self>,
-        record: ProducerRecord,
-        permit: OwnedSemaphorePermit,
-    ) -> (DeliveryFuture, bool) {
+    /// partition for keyless records). One lock, one map lookup per record; the first record
+    /// of a topic comes back once so that the caller can learn the partition count.
+    pub(crate) fn append(self: &Arc<Self>, record: ProducerRecord, permit: OwnedSemaphorePermit) -> Appended {
         let mut guard = self.lock();
         let acc = &mut *guard;
-        if !acc.topics.contains_key(&record.topic) {
-            acc.topics.insert(
-                record.topic.clone(),
-                TopicState {
-                    name: Arc::from(record.topic.as_str()),
-                    partitions: 0,
-                    sticky: None,
-                    open: HashMap::new(),
-                },
-            );
-        }
-        let Some(state) = acc.topics.get_mut(&record.topic) else {
-            unreachable!("the topic state was just inserted");
+        let Some(state) = acc.topics.get_mut(&record.topic).filter(|s| s.partitions > 0) else {
+            return Appended::NeedsPartitionCount(record, permit);
         };
         let partition = match (record.partition, &record.key) {
             (Some(p), _) => p,
@@ -241,7 +230,7 @@ impl Shared {
         {
             self.start_linger(record.topic, partition, id);
         }
-        (future, sealed)
+        Appended::Done { future, sealed }
     }
 
     /// Seals a partition's open batch into the ready queue; true if there was one.

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use crate::Client;
 use crate::error::{ClientError, Result};
 pub(crate) use accumulator::Sealed;
-use accumulator::{Accumulator, Slot};
+use accumulator::{Accumulator, Appended, Slot};
 
 /// When the broker acknowledges a batch.
 ///
@@ -282,23 +282,36 @@ impl Producer {
                 self.inner.config.max_in_flight_bytes
             )));
         }
-        if record.partition.is_none() && self.inner.known_partitions(&record.topic).is_none() {
-            let count = self.inner.client.partition_count(&record.topic).await?;
-            self.inner.learn_partitions(&record.topic, count);
-        }
         let budget = Arc::clone(&self.inner.budget);
-        let permit = match budget.clone().try_acquire_many_owned(size as u32) {
+        let mut permit = match budget.clone().try_acquire_many_owned(size as u32) {
             Ok(p) => p,
             Err(_) => budget
                 .acquire_many_owned(size as u32)
                 .await
                 .map_err(|_| ClientError::Closed)?,
         };
-        let (future, sealed) = self.inner.append(record, permit);
-        if sealed {
-            self.inner.dispatch().await?;
+        let mut record = record;
+        loop {
+            match self.inner.append(record, permit) {
+                Appended::Done { future, sealed } => {
+                    if sealed {
+                        self.inner.dispatch().await?;
+                    }
+                    return Ok(future);
+                }
+                Appended::NeedsPartitionCount(r, p) => {
+                    let count = self.inner.client.partition_count(&r.topic).await?;
+                    if count == 0 {
+                        return Err(ClientError::InvalidArgument(format!(
+                            "topic '{}' has no partitions",
+                            r.topic
+                        )));
+                    }
+                    self.inner.learn_partitions(&r.topic, count);
+                    (record, permit) = (r, p);
+                }
+            }
         }
-        Ok(future)
     }
 
     /// Sends every open batch now and waits until every record sent before this call is
