@@ -3,7 +3,11 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(
-        ["conveyor/v1/broker.proto", "conveyor/internal/v1/metadata.proto"],
+        [
+            "conveyor/v1/broker.proto",
+            "conveyor/internal/v1/metadata.proto",
+            "conveyor/internal/v1/raft.proto",
+        ],
         ["proto"],
     )?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;

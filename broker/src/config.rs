@@ -4,6 +4,7 @@
 //! Precedence: command-line flag, then `CONVEYOR_*` environment variable, then the config
 //! file, then the defaults here.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,8 +18,64 @@ use crate::units::{ByteSize, Millis};
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     pub broker: NodeSection,
+    pub cluster: ClusterSection,
     pub log: LogSection,
     pub limits: LimitsSection,
+}
+
+/// The brokers of the cluster. Empty `peers`: a cluster of this node alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Every broker as `ID=HOST:PORT`, this one included; the address is where the broker's
+    /// gRPC port is reached from the other brokers.
+    pub peers: Vec<String>,
+    /// Where clients reach this broker; defaults to the bound listen address.
+    pub advertised_address: Option<String>,
+    /// Raft messages queued per peer; when full, more are dropped (Raft resends).
+    pub raft_queue_depth: usize,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            peers: Vec::new(),
+            advertised_address: None,
+            raft_queue_depth: 8192,
+        }
+    }
+}
+
+/// Parses `ID=HOST:PORT` entries (also comma-separated within one entry).
+pub fn parse_peers(entries: &[String]) -> anyhow::Result<BTreeMap<u32, String>> {
+    let mut peers = BTreeMap::new();
+    for item in entries
+        .iter()
+        .flat_map(|e| e.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (id, address) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("peer '{item}' must look like ID=HOST:PORT"))?;
+        let id: u32 = id
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("peer '{item}': '{id}' is not a broker id"))?;
+        anyhow::ensure!(id > 0, "peer '{item}': broker ids start at 1");
+        let address = address.trim();
+        anyhow::ensure!(
+            address
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+            "peer '{item}': '{address}' is not HOST:PORT"
+        );
+        anyhow::ensure!(
+            peers.insert(id, address.to_string()).is_none(),
+            "peer id {id} appears twice"
+        );
+    }
+    Ok(peers)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,7 +195,23 @@ impl BrokerConfig {
             self.broker.listen != self.broker.metrics_listen || self.broker.listen.port() == 0,
             "[broker] listen and metrics_listen must differ"
         );
+        anyhow::ensure!(self.broker.node_id > 0, "[broker] node_id must be at least 1");
+        anyhow::ensure!(
+            self.cluster.raft_queue_depth > 0,
+            "[cluster] raft_queue_depth must be positive"
+        );
+        let peers = self.peers().map_err(|e| anyhow::anyhow!("[cluster] peers: {e}"))?;
+        anyhow::ensure!(
+            peers.is_empty() || peers.contains_key(&self.broker.node_id),
+            "[cluster] peers must include this broker (node_id {})",
+            self.broker.node_id
+        );
         Ok(())
+    }
+
+    /// Every broker of the cluster by id; empty for a single node.
+    pub fn peers(&self) -> anyhow::Result<BTreeMap<u32, String>> {
+        parse_peers(&self.cluster.peers)
     }
 
     pub fn topic_defaults(&self) -> TopicDefaults {
@@ -159,6 +232,27 @@ mod tests {
         assert_eq!(parsed.broker.data_dir, defaults.broker.data_dir);
         assert_eq!(parsed.log.segment_bytes, defaults.log.segment_bytes);
         assert_eq!(parsed.log.flush, defaults.log.flush);
+    }
+
+    #[test]
+    fn the_cluster_example_parses() {
+        let text = include_str!("../../config/cluster-3.toml");
+        let parsed = BrokerConfig::parse(text).expect("config/cluster-3.toml is valid");
+        let peers = parsed.peers().expect("peers");
+        assert_eq!(peers.len(), 3);
+        assert!(peers.contains_key(&parsed.broker.node_id));
+    }
+
+    #[test]
+    fn peers_are_checked() {
+        let ok = parse_peers(&["1=127.0.0.1:9292,2=localhost:9392".into(), "3=h:1".into()]).expect("valid");
+        assert_eq!(ok.len(), 3);
+        for bad in ["1", "x=h:1", "0=h:1", "1=h", "1=h:1,1=h:2"] {
+            assert!(parse_peers(&[bad.into()]).is_err(), "{bad}");
+        }
+        let err =
+            BrokerConfig::parse("[broker]\nnode_id = 4\n[cluster]\npeers = [\"1=h:1\"]\n").expect_err("self missing");
+        assert!(err.to_string().contains("node_id 4"), "{err}");
     }
 
     #[test]

@@ -58,6 +58,17 @@ pub enum BrokerError {
     },
     #[error("topic '{topic}' partition {partition} has no leader right now; retry shortly")]
     LeaderNotAvailable { topic: String, partition: i32 },
+    #[error("topic '{topic}' partition {partition} is led by broker {leader} at {address}; send the request there")]
+    NotLeader {
+        topic: String,
+        partition: i32,
+        leader: u32,
+        address: String,
+    },
+    #[error("the cluster has no controller right now; retry shortly")]
+    NoController,
+    #[error("cannot reach broker {id} at {address}: {reason}")]
+    BrokerUnreachable { id: u32, address: String, reason: String },
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -119,7 +130,9 @@ impl BrokerError {
             Busy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
-            LeaderNotAvailable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
+            LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
+            BrokerUnreachable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
+            NotLeader { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
         }
     }
 
@@ -142,6 +155,17 @@ impl BrokerError {
             | Storage { topic, partition, .. } => {
                 detail.topic = topic.clone();
                 detail.partition = *partition;
+            }
+            NotLeader {
+                topic,
+                partition,
+                leader,
+                address,
+            } => {
+                detail.topic = topic.clone();
+                detail.partition = *partition;
+                detail.leader_id = *leader as i32;
+                detail.leader_address = address.clone();
             }
             OffsetOutOfRange {
                 topic,

@@ -7,8 +7,10 @@
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
 //! - [`api`]: one gRPC service per file (admin, produce, fetch).
-//! - [`topics`]: the topic registry and the cluster metadata log.
-//! - [`partition`]: a partition's owner task, mailbox and high watermark.
+//! - [`topics`]: the topic registry, the controller group and replica placement.
+//! - [`partition`]: a partition's Raft group: owner task, mailbox, high watermark, status.
+//! - [`replica`]: the Raft log over the segmented log, and Ready processing.
+//! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
 //! - [`metrics`]: Prometheus text metrics.
 //! - [`error`]: `BrokerError` and its mapping to gRPC status codes.
 //!
@@ -25,6 +27,7 @@ pub mod replica;
 pub mod server;
 pub mod topic_config;
 pub mod topics;
+pub mod transport;
 pub mod units;
 
 pub use config::BrokerConfig;

@@ -30,6 +30,13 @@ struct Args {
     /// This broker's id [default: 1].
     #[arg(long, env = "CONVEYOR_NODE_ID", value_name = "N")]
     node_id: Option<u32>,
+    /// Every broker of the cluster, this one included: 1=HOST:PORT,2=HOST:PORT,...
+    /// [default: none, a cluster of one].
+    #[arg(long, env = "CONVEYOR_PEERS", value_name = "ID=ADDR,...")]
+    peers: Option<String>,
+    /// Where clients reach this broker [default: the listen address].
+    #[arg(long, env = "CONVEYOR_ADVERTISED_ADDRESS", value_name = "HOST:PORT")]
+    advertised_address: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +64,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.node_id {
         config.broker.node_id = n;
+    }
+    if let Some(p) = args.peers {
+        config.cluster.peers = vec![p];
+    }
+    if let Some(a) = args.advertised_address {
+        config.cluster.advertised_address = Some(a);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

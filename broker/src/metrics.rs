@@ -85,6 +85,8 @@ pub struct Metrics {
     pub leader_changes: Counter,
     /// From proposing a request's entries to their commit.
     pub commit_latency: Histogram,
+    /// Raft messages dropped because a peer's send queue was full.
+    pub raft_messages_dropped: Counter,
 }
 
 impl Metrics {
@@ -122,6 +124,16 @@ impl Metrics {
                 "conveyor_raft_leader_changes_total",
                 "Raft leadership changes over all partitions",
                 &self.leader_changes,
+            ),
+            (
+                "conveyor_raft_messages_dropped_total",
+                "Raft messages dropped because a peer's send queue was full",
+                &self.raft_messages_dropped,
+            ),
+            (
+                "conveyor_raft_messages_dropped_inbound_total",
+                "Raft messages from peers dropped because their group was busy or not open here",
+                &registry.transport().dropped_inbound,
             ),
         ];
         for (name, help, c) in counters {
@@ -169,6 +181,37 @@ impl Metrics {
                 };
                 let _ = writeln!(out, "{name}{{topic=\"{}\",partition=\"{}\"}} {value}", p.topic, p.index);
             }
+        }
+        let name = "conveyor_replication_lag_offsets";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Offsets a follower's log is behind its leader's (reported by the leader)\n# TYPE {name} gauge"
+        );
+        for p in &partitions {
+            for f in p.status().followers {
+                let _ = writeln!(
+                    out,
+                    "{name}{{topic=\"{}\",partition=\"{}\",follower=\"{}\"}} {}",
+                    p.topic, p.index, f.id, f.lag
+                );
+            }
+        }
+        let name = "conveyor_raft_send_queue_depth";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Raft messages waiting to be sent to a peer\n# TYPE {name} gauge"
+        );
+        let peers = registry.transport().peer_states();
+        for peer in peers.iter().filter(|s| s.id != registry.transport().node_id()) {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.id, peer.queue_depth);
+        }
+        let name = "conveyor_broker_alive";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 while this broker hears from the peer\n# TYPE {name} gauge"
+        );
+        for peer in &peers {
+            let _ = writeln!(out, "{name}{{broker=\"{}\"}} {}", peer.id, u8::from(peer.alive));
         }
         out
     }

@@ -8,12 +8,16 @@
 //! proposal of the round. Reads do not go through the owner: the log serves them
 //! concurrently, bounded by the high watermark.
 //!
+//! Raft messages from peers arrive in a bounded inbox the transport routes to; messages to
+//! peers go to the transport, which never blocks the owner. The owner publishes a
+//! [`GroupStatus`] (leader, in-sync replicas, follower lag) after every round.
+//!
 //! # Invariants
 //! The high watermark is the offset after the last committed entry: it only moves forward,
 //! and a consumer never sees a record that is not committed (and, under flush policy
 //! `always`, fsynced).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,13 +32,23 @@ use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
+use crate::transport::{GroupKey, Transport};
 
 /// Most requests one owner round proposes before it processes a Ready.
 const MAX_REQUESTS_PER_ROUND: usize = 512;
-/// Raft logical clock: elections after 10 ticks without a leader, heartbeats every 3.
-const RAFT_TICK: Duration = Duration::from_millis(100);
+/// Raft logical clock: a follower campaigns after 10 to 20 ticks (0.5 to 1 s) without hearing
+/// from its leader, so a new leader serves writes well within 2 s; heartbeats every 3.
+const RAFT_TICK: Duration = Duration::from_millis(50);
 const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 3;
+/// Raft messages from peers waiting for the owner; more are dropped (Raft resends).
+const INBOX_DEPTH: usize = 4096;
+/// A follower that has not caught up with the leader's log for this long is out of sync
+/// (as Kafka's `replica.lag.time.max.ms`).
+const REPLICA_LAG_TIME: Duration = Duration::from_secs(10);
+/// How often a leader that is not its partition's preferred replica checks whether it can
+/// hand leadership back, which keeps leaders spread across brokers after failovers.
+const PREFERRED_LEADER_CHECK_TICKS: u64 = 600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acks {
@@ -64,6 +78,43 @@ pub struct OpenContext {
     pub queue_depth: usize,
     pub metrics: Arc<Metrics>,
     pub runtime: tokio::runtime::Handle,
+    pub transport: Arc<Transport>,
+}
+
+/// A follower's replication state, as its leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowerState {
+    pub id: u32,
+    /// Offsets the follower's log is behind the leader's.
+    pub lag: u64,
+    pub in_sync: bool,
+}
+
+/// What a partition's Raft group looks like from this replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The leader this replica knows of; 0 when there is none.
+    pub leader: u32,
+    pub term: u64,
+    /// Set on the leader only.
+    pub followers: Vec<FollowerState>,
+}
+
+impl GroupStatus {
+    /// Replicas in sync with the leader, the leader first; empty unless this replica leads.
+    pub fn in_sync(&self) -> Vec<u32> {
+        if self.leader == 0 {
+            return Vec::new();
+        }
+        let mut ids = vec![self.leader];
+        ids.extend(self.followers.iter().filter(|f| f.in_sync).map(|f| f.id));
+        ids
+    }
+}
+
+#[derive(Debug)]
+enum Control {
+    TransferLeader(u64),
 }
 
 #[derive(Debug)]
@@ -71,9 +122,16 @@ pub struct Partition {
     pub topic: String,
     pub index: i32,
     pub log: Arc<PartitionLog>,
+    /// Brokers holding a replica, the preferred leader first.
+    pub replicas: Vec<u32>,
+    node_id: u32,
+    key: GroupKey,
     raft: RaftLog,
+    transport: Arc<Transport>,
     mailbox: Mutex<Option<mpsc::Sender<AppendRequest>>>,
+    control: mpsc::Sender<Control>,
     high_watermark: watch::Receiver<u64>,
+    status: watch::Receiver<GroupStatus>,
     owner: Mutex<Option<JoinHandle<()>>>,
     /// Set when the Raft log could not be written: the partition takes no more appends
     /// until the broker restarts and recovers it.
@@ -85,24 +143,26 @@ fn raft_logger() -> slog::Logger {
 }
 
 impl Partition {
-    /// Opens (or creates) the log, starts its Raft group and the owner task. Blocking: call
-    /// off the reactor.
+    /// Opens (or creates) the log, starts its Raft group over `replicas` (used when the group
+    /// is new; a restarted group keeps the membership it stored) and the owner task.
+    /// Blocking: call off the reactor.
     pub fn open(
         ctx: &OpenContext,
         topic: &str,
         index: i32,
         dir: &std::path::Path,
         config: LogConfig,
+        replicas: &[u32],
     ) -> Result<Arc<Partition>> {
         let storage_error = |e: crate::replica::raft_storage::ReplicaError| {
             BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
         };
         let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
         let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
-        if raft.voters().is_empty() {
-            // A new partition on a single node: a group of one.
+        let new_group = raft.voters().is_empty();
+        if new_group {
             let conf = ConfState {
-                voters: vec![ctx.node_id],
+                voters: replicas.iter().map(|&r| u64::from(r)).collect(),
                 ..ConfState::default()
             };
             raft.set_conf_state(&conf).map_err(storage_error)?;
@@ -125,34 +185,93 @@ impl Partition {
             .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))?;
         let mut node =
             RawNode::new(&config, raft.clone(), &raft_logger()).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        if raft.voters() == [ctx.node_id] {
-            // Alone in its group: no reason to wait for an election timeout.
+        let preferred = replicas.first().map_or(ctx.node_id, |&r| u64::from(r));
+        // Alone in its group there is no reason to wait for an election timeout; a new group's
+        // preferred leader campaigns at once too, so a new topic is writable quickly.
+        if raft.voters() == [ctx.node_id] || (new_group && preferred == ctx.node_id) {
             node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
         }
+        let key = GroupKey::new(topic, index);
         let (hw_tx, hw_rx) = watch::channel(raft.offset_after(state.hard_state.commit));
+        let (status_tx, status_rx) = watch::channel(GroupStatus {
+            leader: u32::try_from(node.raft.leader_id).unwrap_or(0),
+            term: node.raft.term,
+            followers: Vec::new(),
+        });
         let (tx, rx) = mpsc::channel(ctx.queue_depth);
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_DEPTH);
+        let (control_tx, control_rx) = mpsc::channel(16);
         let failed = Arc::new(Mutex::new(None));
         let owner = Owner {
             failed: Arc::clone(&failed),
             topic: topic.to_string(),
             index,
+            key: key.clone(),
             raft: raft.clone(),
+            transport: Arc::clone(&ctx.transport),
             high_watermark: hw_tx,
+            status: status_tx,
             metrics: Arc::clone(&ctx.metrics),
             pending: VecDeque::new(),
             was_leader: false,
+            preferred,
+            ticks: 0,
+            caught_up: HashMap::new(),
         };
-        let handle = ctx.runtime.spawn(owner.run(rx, node));
+        ctx.transport.register(key.clone(), inbox_tx);
+        let handle = ctx.runtime.spawn(owner.run(rx, inbox_rx, control_rx, node));
         Ok(Arc::new(Partition {
             topic: topic.to_string(),
             index,
             log,
+            replicas: replicas.to_vec(),
+            node_id: ctx.node_id as u32,
+            key,
             raft,
+            transport: Arc::clone(&ctx.transport),
             mailbox: Mutex::new(Some(tx)),
+            control: control_tx,
             high_watermark: hw_rx,
+            status: status_rx,
             owner: Mutex::new(Some(handle)),
             failed,
         }))
+    }
+
+    pub fn status(&self) -> GroupStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that wakes when leadership or replication state changes.
+    pub fn watch_status(&self) -> watch::Receiver<GroupStatus> {
+        self.status.clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.status.borrow().leader == self.node_id
+    }
+
+    /// The error for a request this replica cannot serve because it does not lead.
+    pub fn not_leader(&self) -> BrokerError {
+        not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
+    }
+
+    /// Fails unless this replica leads the partition.
+    pub fn ensure_leader(&self) -> Result<()> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+
+    /// Asks the Raft group to hand leadership to replica `to`. Returns at once; watch
+    /// [`watch_status`](Self::watch_status) to see it happen.
+    pub async fn transfer_leader(&self, to: u32) -> Result<()> {
+        self.control
+            .send(Control::TransferLeader(u64::from(to)))
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)
     }
 
     pub fn high_watermark(&self) -> u64 {
@@ -209,6 +328,7 @@ impl Partition {
 
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.
     pub async fn stop(&self) {
+        self.transport.deregister(&self.key);
         self.mailbox
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -251,47 +371,88 @@ struct Pending {
     reply: oneshot::Sender<Result<AppendOutcome>>,
 }
 
+/// The error for a request a replica cannot serve because `leader` (0: none known) leads.
+pub fn not_leader_error(transport: &Transport, topic: &str, partition: i32, leader: u32) -> BrokerError {
+    match transport.client_address(leader).filter(|_| leader != 0) {
+        Some(address) if leader != transport.node_id() => BrokerError::NotLeader {
+            topic: topic.to_string(),
+            partition,
+            leader,
+            address,
+        },
+        _ => BrokerError::LeaderNotAvailable {
+            topic: topic.to_string(),
+            partition,
+        },
+    }
+}
+
 struct Owner {
     failed: Arc<Mutex<Option<String>>>,
     topic: String,
     index: i32,
+    key: GroupKey,
     raft: RaftLog,
+    transport: Arc<Transport>,
     high_watermark: watch::Sender<u64>,
+    status: watch::Sender<GroupStatus>,
     metrics: Arc<Metrics>,
     pending: VecDeque<Pending>,
     was_leader: bool,
+    preferred: u64,
+    ticks: u64,
+    /// When each follower last matched the leader's whole log.
+    caught_up: HashMap<u64, Instant>,
 }
 
-/// Collects the messages a Ready produced. Peers arrive with the transport; a group of one
-/// sends nothing. Commits are read from the node itself in [`Owner::finish`].
-#[derive(Debug, Default)]
-struct Collected {
-    messages: Vec<Message>,
+/// Sends the messages a Ready produced through the transport as soon as the Ready's order
+/// allows (the processing thread never waits on the network). Commits are read from the
+/// node itself in [`Owner::finish`].
+struct Outbox<'a> {
+    transport: &'a Transport,
+    key: &'a GroupKey,
 }
 
-impl ReadyHandler for Collected {
+impl ReadyHandler for Outbox<'_> {
     fn send(&mut self, messages: Vec<Message>) {
-        self.messages.extend(messages);
+        for m in messages {
+            self.transport.send(self.key, m);
+        }
     }
     fn committed(&mut self, _index: u64) {}
 }
 
 impl Owner {
-    async fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>, mut node: RawNode<RaftLog>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<AppendRequest>,
+        mut inbox: mpsc::Receiver<Message>,
+        mut control: mpsc::Receiver<Control>,
+        mut node: RawNode<RaftLog>,
+    ) {
         let mut ticker = tokio::time::interval(RAFT_TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
         while open || node.has_ready() {
             let mut requests = Vec::new();
+            let mut messages = Vec::new();
             let mut tick = false;
             if open {
                 tokio::select! {
                     biased;
+                    Some(m) = inbox.recv() => messages.push(m),
                     next = rx.recv() => match next {
                         Some(r) => requests.push(r),
                         None => open = false,
                     },
+                    Some(c) = control.recv() => self.control(&mut node, c),
                     _ = ticker.tick() => tick = true,
+                }
+                while messages.len() < INBOX_DEPTH {
+                    match inbox.try_recv() {
+                        Ok(m) => messages.push(m),
+                        Err(_) => break,
+                    }
                 }
                 while open && requests.len() < MAX_REQUESTS_PER_ROUND {
                     match rx.try_recv() {
@@ -300,25 +461,42 @@ impl Owner {
                     }
                 }
             }
+            for m in messages {
+                // A message from a stale term or an unknown peer is refused by Raft itself;
+                // nothing here depends on it.
+                if let Err(e) = node.step(m) {
+                    tracing::debug!(topic = %self.topic, partition = self.index, error = %e, "raft message refused");
+                }
+            }
             for request in requests {
                 self.propose(&mut node, request);
             }
             if tick {
                 node.tick();
+                self.ticks += 1;
+                if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {
+                    self.restore_preferred_leader(&mut node);
+                }
             }
             if !node.has_ready() {
+                self.publish_status(&node);
                 continue;
             }
             let started = Instant::now();
+            let transport = Arc::clone(&self.transport);
+            let key = self.key.clone();
             let job = tokio::task::spawn_blocking(move || {
-                let mut collected = Collected::default();
+                let mut outbox = Outbox {
+                    transport: &transport,
+                    key: &key,
+                };
                 let result = (|| {
-                    while on_ready(&mut node, &mut collected)? {}
+                    while on_ready(&mut node, &mut outbox)? {}
                     Ok::<_, crate::replica::raft_storage::ReplicaError>(())
                 })();
-                (node, collected, result)
+                (node, result)
             });
-            let (returned, collected, result) = match job.await {
+            let (returned, result) = match job.await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft ready processing panicked");
@@ -329,14 +507,11 @@ impl Owner {
             };
             node = returned;
             self.metrics.fsync_latency.observe(started.elapsed());
-            if !collected.messages.is_empty() {
-                tracing::debug!(
-                    count = collected.messages.len(),
-                    "raft messages without a transport dropped"
-                );
-            }
             match result {
-                Ok(()) => self.finish(&node),
+                Ok(()) => {
+                    self.finish(&node);
+                    self.publish_status(&node);
+                }
                 Err(e) => {
                     // A Ready that could not be persisted leaves the node unusable: stop here
                     // rather than retry over a log in an unknown state.
@@ -381,9 +556,12 @@ impl Owner {
             drop(request.reply.send(Err(error)));
             return;
         }
-        for batch in &request.batches {
-            self.metrics.bytes_in.add(batch.bytes().len() as u64);
-            self.metrics.records_in.add(u64::from(batch.header().record_count));
+        // Traffic counters are about clients' data; the controller's records are not.
+        if self.key.topic != crate::transport::CONTROLLER_TOPIC {
+            for batch in &request.batches {
+                self.metrics.bytes_in.add(batch.bytes().len() as u64);
+                self.metrics.records_in.add(u64::from(batch.header().record_count));
+            }
         }
         self.pending.push_back(Pending {
             first,
@@ -397,10 +575,76 @@ impl Owner {
     }
 
     fn not_leader(&self) -> BrokerError {
-        BrokerError::LeaderNotAvailable {
-            topic: self.topic.clone(),
-            partition: self.index,
+        not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
+    }
+
+    fn control(&mut self, node: &mut RawNode<RaftLog>, command: Control) {
+        match command {
+            Control::TransferLeader(to) => {
+                tracing::info!(topic = %self.topic, partition = self.index, to, "transferring leadership");
+                node.transfer_leader(to);
+            }
         }
+    }
+
+    /// Hands leadership to the preferred replica when it is fully caught up.
+    fn restore_preferred_leader(&self, node: &mut RawNode<RaftLog>) {
+        if node.raft.state != StateRole::Leader || node.raft.id == self.preferred {
+            return;
+        }
+        let last = node.raft.raft_log.last_index();
+        let ready = node
+            .raft
+            .prs()
+            .get(self.preferred)
+            .is_some_and(|p| p.matched == last && p.recent_active);
+        if ready {
+            tracing::info!(topic = %self.topic, partition = self.index, to = self.preferred, "handing leadership back to the preferred replica");
+            node.transfer_leader(self.preferred);
+        }
+    }
+
+    /// Publishes leader, term and, on the leader, each follower's lag and sync state.
+    fn publish_status(&mut self, node: &RawNode<RaftLog>) {
+        let leader = u32::try_from(node.raft.leader_id).unwrap_or(0);
+        let mut followers = Vec::new();
+        if node.raft.state == StateRole::Leader {
+            let last = node.raft.raft_log.last_index();
+            let end = self.raft.offset_after(last);
+            let now = Instant::now();
+            for (&id, progress) in node.raft.prs().iter() {
+                if id == node.raft.id {
+                    continue;
+                }
+                if progress.matched >= last {
+                    self.caught_up.insert(id, now);
+                }
+                let in_sync = self
+                    .caught_up
+                    .get(&id)
+                    .is_some_and(|t| now.duration_since(*t) < REPLICA_LAG_TIME);
+                followers.push(FollowerState {
+                    id: u32::try_from(id).unwrap_or(0),
+                    lag: end.saturating_sub(self.raft.offset_after(progress.matched)),
+                    in_sync,
+                });
+            }
+            followers.sort_by_key(|f| f.id);
+        } else {
+            self.caught_up.clear();
+        }
+        let status = GroupStatus {
+            leader,
+            term: node.raft.term,
+            followers,
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            if changed {
+                *current = status;
+            }
+            changed
+        });
     }
 
     /// Answers requests whose entries are persisted (acks=leader) or committed (acks=all),

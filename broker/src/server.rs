@@ -24,6 +24,8 @@ use crate::api::{Context, blocking};
 use crate::config::BrokerConfig;
 use crate::metrics::{self, Metrics};
 use crate::topics::{Registry, RegistryOptions};
+use crate::transport::{RaftService, Transport};
+use conveyor_proto::internal::v1::raft_server::RaftServer;
 
 const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
 const HTTP2_CONNECTION_WINDOW: u32 = 64 << 20;
@@ -45,6 +47,18 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     let metrics_addr = metrics_listener.local_addr()?;
 
     let metrics = Arc::new(Metrics::default());
+    let advertised = config
+        .cluster
+        .advertised_address
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    let transport = Transport::start(
+        node.node_id,
+        advertised.clone(),
+        &config.peers()?,
+        config.cluster.raft_queue_depth,
+        Arc::clone(&metrics),
+    )?;
     let options = RegistryOptions {
         node_id: node.node_id,
         data_dir: node.data_dir.clone(),
@@ -55,7 +69,8 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     let runtime = tokio::runtime::Handle::current();
     let registry = {
         let metrics = Arc::clone(&metrics);
-        tokio::task::spawn_blocking(move || Registry::open(options, metrics, runtime)).await??
+        let transport = Arc::clone(&transport);
+        tokio::task::spawn_blocking(move || Registry::open(options, metrics, runtime, transport)).await??
     };
     let registry = Arc::new(registry);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -63,7 +78,6 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         registry: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
         node_id: node.node_id,
-        advertised: grpc_addr,
         max_fetch_wait_ms: config.limits.max_fetch_wait.0.as_millis() as u64,
         admin_lock: tokio::sync::Mutex::new(()),
         stopping: stop_rx.clone(),
@@ -78,6 +92,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         Arc::clone(&registry),
         stopped(stop_rx.clone()),
     ));
+    let applier = tokio::spawn(Arc::clone(&registry).run_applier(stopped(stop_rx.clone())));
     let maintenance = tokio::spawn(maintain(
         Arc::clone(&registry),
         config.log.retention_check_interval.0,
@@ -91,6 +106,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .add_service(AdminServer::new(AdminService { ctx: Arc::clone(&ctx) }))
+        .add_service(
+            RaftServer::new(RaftService {
+                transport: Arc::clone(&transport),
+            })
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        )
         .add_service(
             ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
                 .max_decoding_message_size(max)
@@ -118,6 +140,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
         Err(_) => tracing::warn!("in-flight requests did not finish in time; closing anyway"),
     }
+    let _ = applier.await;
     let _ = maintenance.await;
     let _ = metrics_task.await;
     close_all(&registry).await?;
@@ -187,14 +210,13 @@ async fn close_all(registry: &Arc<Registry>) -> anyhow::Result<()> {
     for p in &partitions {
         p.stop().await;
     }
-    let registry = Arc::clone(registry);
     blocking(move || {
         for p in partitions {
             if let Err(e) = p.close() {
                 tracing::error!(topic = %p.topic, partition = p.index, error = %e, "closing log failed");
             }
         }
-        registry.close_metadata()
+        Ok(())
     })
     .await?;
     Ok(())

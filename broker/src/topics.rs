@@ -1,37 +1,46 @@
-//! The topic registry: which topics exist, their configs and their partitions.
+//! The topic registry: which topics exist, their configs, replica placement, and the
+//! partitions this broker holds a replica of.
 //!
-//! # Persistence
-//! Every change is first appended, fsynced, to the cluster metadata log
-//! (`DATA/__cluster_metadata/0`, records are `conveyor.internal.v1.MetadataRecord`), then
-//! applied in memory. On start the log is replayed; directories of topics the log does not
-//! know (a crash mid-delete) are removed. Partition logs live in `DATA/topics/NAME/P`.
+//! # The controller
+//! Cluster metadata lives in the controller group: a Raft group over every broker whose log
+//! (`DATA/__cluster_metadata/0`) holds `conveyor.internal.v1.MetadataRecord`s. Its leader is
+//! the controller. A change is proposed there, committed by a quorum, and then applied by
+//! every broker in log order by the applier task ([`Registry::run_applier`]), which opens the
+//! replicas placed on this broker and stops and removes those of deleted topics. On start the
+//! committed part of the log is replayed before anything is served; the rest is applied as
+//! it commits. State is never changed in any other way, so all brokers agree.
 //!
 //! # Thread-safety
-//! Lookups take a short read lock. Changes are serialised by the admin service; the blocking
-//! parts (metadata append, opening logs, deleting directories) run off the reactor.
+//! Lookups take a short read lock. Changes are serialised by the admin service on the
+//! controller; the blocking parts (opening logs, deleting directories) run off the reactor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use conveyor_proto::internal::v1::{MetadataRecord, TopicConfigChanged, TopicCreated, TopicDeleted, metadata_record};
-use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record};
-use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+use conveyor_proto::internal::v1::{
+    MetadataRecord, PartitionAssignment, TopicConfigChanged, TopicCreated, TopicDeleted, metadata_record,
+};
+use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, ValidatedBatch};
+use conveyor_storage::{FlushPolicy, LogConfig};
 use prost::Message;
+use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{OpenContext, Partition};
+use crate::partition::{Acks, OpenContext, Partition, not_leader_error};
 use crate::topic_config::TopicDefaults;
+use crate::transport::{CONTROLLER_TOPIC, Transport};
 
-const METADATA_DIR: &str = "__cluster_metadata";
 const TOPICS_DIR: &str = "topics";
 const TRASH_DIR: &str = "trash";
+/// Marks which incarnation of a topic name a directory holds.
+const TOPIC_ID_FILE: &str = "topic-id";
 const MAX_TOPIC_NAME: usize = 249;
-
-/// A topic as the metadata log describes it: how it was created and its current overrides.
-type Replayed = (TopicCreated, BTreeMap<String, String>);
+/// How long a change waits for a controller to be elected before it fails.
+const CONTROLLER_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Topic {
@@ -41,19 +50,27 @@ pub struct Topic {
     /// Explicit overrides; `effective` applies them to the broker defaults.
     pub overrides: BTreeMap<String, String>,
     pub effective: TopicDefaults,
-    pub partitions: Vec<Arc<Partition>>,
+    /// Replicas of each partition, the preferred leader first.
+    pub assignments: Vec<Vec<u32>>,
+    /// The partitions with a replica on this broker.
+    pub local: BTreeMap<i32, Arc<Partition>>,
 }
 
 impl Topic {
-    pub fn partition(&self, index: i32) -> Result<&Arc<Partition>> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| self.partitions.get(i))
-            .ok_or_else(|| BrokerError::UnknownPartition {
+    pub fn partition_count(&self) -> usize {
+        self.assignments.len()
+    }
+
+    fn check_index(&self, index: i32) -> Result<()> {
+        if usize::try_from(index).is_ok_and(|i| i < self.assignments.len()) {
+            Ok(())
+        } else {
+            Err(BrokerError::UnknownPartition {
                 topic: self.name.clone(),
                 partition: index,
-                count: self.partitions.len() as u32,
+                count: self.assignments.len() as u32,
             })
+        }
     }
 }
 
@@ -72,8 +89,12 @@ pub struct Registry {
     options: RegistryOptions,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
-    metadata: PartitionLog,
+    transport: Arc<Transport>,
+    /// The controller group's replica on this broker.
+    metadata: Arc<Partition>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// The offset after the last metadata record applied here.
+    applied: watch::Sender<u64>,
 }
 
 /// Checks a topic name against Kafka's rules; `__` names are reserved for internal topics.
@@ -114,66 +135,244 @@ fn metadata_config() -> LogConfig {
     }
 }
 
+/// Spreads replicas over `brokers`: partition `p` is led by broker `start + p` (mod n) and
+/// followed by the next `rf - 1`, so leaders and replicas are even across brokers.
+pub fn place(brokers: &[u32], partitions: usize, rf: usize, start: usize) -> Vec<Vec<u32>> {
+    let n = brokers.len().max(1);
+    (0..partitions)
+        .map(|p| (0..rf).map(|r| brokers[(start + p + r) % n]).collect())
+        .collect()
+}
+
+/// The metadata records in `bytes` (control batches, such as Raft no-ops, carry none), and
+/// the offset after the last batch.
+fn records_in(bytes: Bytes) -> anyhow::Result<(Vec<metadata_record::Change>, Option<u64>)> {
+    let mut changes = Vec::new();
+    let mut next = None;
+    for batch in BatchIter::new(bytes) {
+        let batch = batch?;
+        next = Some(batch.header().next_offset());
+        if batch.header().is_control() {
+            continue;
+        }
+        for record in batch.records()? {
+            let value = record?.value.unwrap_or_default();
+            if let Some(change) = MetadataRecord::decode(value)?.change {
+                changes.push(change);
+            }
+        }
+    }
+    Ok((changes, next))
+}
+
 impl Registry {
-    /// Opens the metadata log, replays it and opens every topic's partitions. Blocking.
+    /// Opens the controller group's replica, replays its committed records and opens this
+    /// broker's replicas. Blocking.
     pub fn open(
         options: RegistryOptions,
         metrics: Arc<Metrics>,
         runtime: tokio::runtime::Handle,
+        transport: Arc<Transport>,
     ) -> anyhow::Result<Registry> {
-        let meta_dir = options.data_dir.join(METADATA_DIR).join("0");
-        let metadata = PartitionLog::open(&meta_dir, metadata_config())?;
+        let ctx = OpenContext {
+            node_id: u64::from(options.node_id),
+            queue_depth: options.queue_depth,
+            metrics: Arc::clone(&metrics),
+            runtime: runtime.clone(),
+            transport: Arc::clone(&transport),
+        };
+        let meta_dir = options.data_dir.join(CONTROLLER_TOPIC).join("0");
+        let voters = transport.broker_ids();
+        let metadata = Partition::open(&ctx, CONTROLLER_TOPIC, 0, &meta_dir, metadata_config(), &voters)?;
+        let (applied, _) = watch::channel(metadata.log.log_start_offset());
         let registry = Registry {
             options,
             metrics,
             runtime,
+            transport,
             metadata,
             topics: RwLock::new(BTreeMap::new()),
+            applied,
         };
-        let created = registry.replay()?;
-        registry.remove_unknown_dirs(&created)?;
-        for (created, overrides) in created.into_values() {
-            let topic = registry.open_topic(&created, overrides)?;
+        let committed = registry.replay()?;
+        let mut keep: BTreeSet<String> = committed.keys().cloned().collect();
+        keep.extend(registry.created_after_commit()?);
+        registry.remove_unknown_dirs(&keep)?;
+        for created in committed.into_values() {
+            let topic = registry.open_topic(created)?;
             registry.insert(topic);
         }
         Ok(registry)
     }
 
-    fn replay(&self) -> anyhow::Result<BTreeMap<String, Replayed>> {
+    /// The committed topics, as the metadata log describes them.
+    fn replay(&self) -> anyhow::Result<BTreeMap<String, TopicCreated>> {
         let mut topics = BTreeMap::new();
-        let mut next = self.metadata.log_start_offset();
-        while next < self.metadata.log_end_offset() {
-            for batch in BatchIter::new(self.metadata.read(next, 1 << 20)?) {
-                let batch = batch?;
-                next = batch.header().next_offset();
-                for record in batch.records()? {
-                    let value = record?.value.unwrap_or_default();
-                    match MetadataRecord::decode(value)?.change {
-                        Some(metadata_record::Change::TopicCreated(t)) => {
-                            let overrides: BTreeMap<String, String> = t.configs.clone().into_iter().collect();
-                            topics.insert(t.name.clone(), (t, overrides));
+        let log = &self.metadata.log;
+        let mut next = log.log_start_offset();
+        let end = self.metadata.high_watermark();
+        while next < end {
+            let (changes, after) = records_in(log.read_up_to(next, 1 << 20, end)?)?;
+            for change in changes {
+                match change {
+                    metadata_record::Change::TopicCreated(t) => {
+                        topics.entry(t.name.clone()).or_insert(t);
+                    }
+                    metadata_record::Change::TopicDeleted(d) => {
+                        if topics.get(&d.name).is_some_and(|t| t.topic_id == d.topic_id) {
+                            topics.remove(&d.name);
                         }
-                        Some(metadata_record::Change::TopicDeleted(t)) => {
-                            topics.remove(&t.name);
+                    }
+                    metadata_record::Change::TopicConfigChanged(c) => {
+                        if let Some(t) = topics.get_mut(&c.name) {
+                            t.configs = c.configs;
                         }
-                        Some(metadata_record::Change::TopicConfigChanged(c)) => {
-                            if let Some(entry) = topics.get_mut(&c.name) {
-                                entry.1 = c.configs.into_iter().collect();
-                            }
-                        }
-                        None => {}
                     }
                 }
             }
+            match after {
+                Some(after) if after > next => next = after,
+                _ => break,
+            }
         }
+        self.applied.send_replace(next);
         Ok(topics)
+    }
+
+    /// Topics created in the part of the metadata log that is not known to be committed yet:
+    /// their data must stay until the log says what became of them.
+    fn created_after_commit(&self) -> anyhow::Result<Vec<String>> {
+        let log = &self.metadata.log;
+        let mut names = Vec::new();
+        let mut next = self.metadata.high_watermark();
+        while next < log.log_end_offset() {
+            let (changes, after) = records_in(log.read(next, 1 << 20)?)?;
+            for change in changes {
+                if let metadata_record::Change::TopicCreated(t) = change {
+                    names.push(t.name);
+                }
+            }
+            match after {
+                Some(after) if after > next => next = after,
+                _ => break,
+            }
+        }
+        Ok(names)
+    }
+
+    /// Applies metadata records as they commit, until `stop` resolves.
+    pub async fn run_applier(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut hw = self.metadata.watch_high_watermark();
+        loop {
+            let end = *hw.borrow_and_update();
+            let from = *self.applied.borrow();
+            if from < end {
+                let log = Arc::clone(&self.metadata.log);
+                let read = tokio::task::spawn_blocking(move || log.read_up_to(from, 1 << 20, end)).await;
+                let parsed = match read {
+                    Ok(Ok(bytes)) => records_in(bytes),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(e.into()),
+                };
+                match parsed {
+                    Ok((changes, after)) => {
+                        for change in changes {
+                            self.apply(change).await;
+                        }
+                        if let Some(after) = after {
+                            self.applied.send_replace(after.max(from));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        // The log below the commit point is unreadable: this broker cannot
+                        // follow the cluster's metadata. Say so loudly and retry later.
+                        tracing::error!(error = %e, offset = from, "cannot read the metadata log");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                changed = hw.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)), if from < end => {}
+            }
+        }
+    }
+
+    async fn apply(self: &Arc<Self>, change: metadata_record::Change) {
+        match change {
+            metadata_record::Change::TopicCreated(t) => {
+                if self.get(&t.name).is_ok() {
+                    tracing::debug!(topic = %t.name, "topic already exists; later creation ignored");
+                    return;
+                }
+                let name = t.name.clone();
+                let registry = Arc::clone(self);
+                let opened = tokio::task::spawn_blocking(move || registry.open_topic(t)).await;
+                match opened {
+                    Ok(Ok(topic)) => {
+                        tracing::info!(topic = %name, partitions = topic.partition_count(), local = topic.local.len(), "created topic");
+                        self.insert(topic);
+                    }
+                    Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "cannot open the replicas of a new topic"),
+                    Err(e) => tracing::error!(topic = %name, error = %e, "opening a new topic failed"),
+                }
+            }
+            metadata_record::Change::TopicDeleted(d) => {
+                let removed = {
+                    let mut topics = self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match topics.get(&d.name) {
+                        Some(t) if t.id == d.topic_id => topics.remove(&d.name),
+                        _ => None,
+                    }
+                };
+                let Some(topic) = removed else { return };
+                for p in topic.local.values() {
+                    p.stop().await;
+                }
+                let data_dir = self.options.data_dir.clone();
+                let name = topic.name.clone();
+                let removed = tokio::task::spawn_blocking(move || remove_topic_data(&data_dir, &topic)).await;
+                match removed {
+                    Ok(Ok(())) => tracing::info!(topic = %name, "deleted topic"),
+                    Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "removing a deleted topic's data failed"),
+                    Err(e) => tracing::error!(topic = %name, error = %e, "removing a deleted topic's data failed"),
+                }
+            }
+            metadata_record::Change::TopicConfigChanged(c) => {
+                let Ok(topic) = self.get(&c.name) else { return };
+                let overrides: BTreeMap<String, String> = c.configs.into_iter().collect();
+                let effective = match self.options.defaults.with_overrides(&overrides) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(topic = %c.name, error = %e, "committed config does not apply here");
+                        return;
+                    }
+                };
+                for p in topic.local.values() {
+                    if let Err(e) = p.log.set_config(effective.log_config()) {
+                        tracing::error!(topic = %c.name, partition = p.index, error = %e, "cannot apply config");
+                    }
+                }
+                self.insert(Topic {
+                    name: topic.name.clone(),
+                    id: topic.id.clone(),
+                    replication_factor: topic.replication_factor,
+                    overrides,
+                    effective,
+                    assignments: topic.assignments.clone(),
+                    local: topic.local.clone(),
+                });
+            }
+        }
     }
 
     fn topics_dir(&self) -> PathBuf {
         self.options.data_dir.join(TOPICS_DIR)
     }
 
-    fn remove_unknown_dirs<T>(&self, known: &BTreeMap<String, T>) -> anyhow::Result<()> {
+    fn remove_unknown_dirs(&self, known: &BTreeSet<String>) -> anyhow::Result<()> {
         let trash = self.options.data_dir.join(TRASH_DIR);
         if trash.exists() {
             std::fs::remove_dir_all(&trash)?;
@@ -183,7 +382,7 @@ impl Registry {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !known.contains_key(&name) {
+            if !known.contains(&name) {
                 tracing::warn!(topic = %name, "removing data of a topic the metadata log does not know");
                 std::fs::remove_dir_all(entry.path())?;
             }
@@ -191,28 +390,50 @@ impl Registry {
         Ok(())
     }
 
-    fn open_topic(&self, created: &TopicCreated, overrides: BTreeMap<String, String>) -> Result<Topic> {
+    /// Builds a topic from its creation record and opens the replicas placed here.
+    /// Blocking.
+    fn open_topic(&self, created: TopicCreated) -> Result<Topic> {
+        let overrides: BTreeMap<String, String> = created.configs.clone().into_iter().collect();
         let effective = self
             .options
             .defaults
             .with_overrides(&overrides)
             .map_err(BrokerError::InvalidConfig)?;
+        let me = self.options.node_id;
+        let assignments: Vec<Vec<u32>> = if created.assignments.is_empty() {
+            vec![vec![me]; created.partitions.max(0) as usize]
+        } else {
+            created.assignments.iter().map(|a| a.replicas.clone()).collect()
+        };
+        let topic_dir = self.topics_dir().join(&created.name);
+        let local_wanted = assignments.iter().any(|r| r.contains(&me));
+        if local_wanted {
+            prepare_topic_dir(&topic_dir, &created.topic_id)
+                .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
+        }
         let ctx = OpenContext {
-            node_id: u64::from(self.options.node_id),
+            node_id: u64::from(me),
             queue_depth: self.options.queue_depth,
             metrics: Arc::clone(&self.metrics),
             runtime: self.runtime.clone(),
+            transport: Arc::clone(&self.transport),
         };
-        let mut partitions: Vec<Arc<Partition>> = Vec::with_capacity(created.partitions as usize);
-        for p in 0..created.partitions {
-            let dir = self.topics_dir().join(&created.name).join(p.to_string());
-            match Partition::open(&ctx, &created.name, p, &dir, effective.log_config()) {
-                Ok(partition) => partitions.push(partition),
+        let mut local = BTreeMap::new();
+        for (p, replicas) in assignments.iter().enumerate() {
+            if !replicas.contains(&me) {
+                continue;
+            }
+            let p = p as i32;
+            let dir = topic_dir.join(p.to_string());
+            match Partition::open(&ctx, &created.name, p, &dir, effective.log_config(), replicas) {
+                Ok(partition) => {
+                    local.insert(p, partition);
+                }
                 Err(e) => {
                     // Leave no owner running for a topic that failed to open: a retry would
                     // otherwise put two writers on one directory.
-                    for opened in &partitions {
-                        self.runtime.block_on(opened.stop());
+                    for opened in local.values() {
+                        self.runtime.block_on(Partition::stop(opened));
                     }
                     return Err(e);
                 }
@@ -224,7 +445,8 @@ impl Registry {
             replication_factor: created.replication_factor.max(1),
             overrides,
             effective,
-            partitions,
+            assignments,
+            local,
         })
     }
 
@@ -244,6 +466,26 @@ impl Registry {
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
     }
 
+    /// This broker's replica of a partition, or an error naming where to go instead.
+    pub fn replica(&self, topic: &Topic, index: i32) -> Result<Arc<Partition>> {
+        topic.check_index(index)?;
+        match topic.local.get(&index) {
+            Some(p) => Ok(Arc::clone(p)),
+            None => {
+                // Not a replica here: the preferred leader is the best guess at the leader.
+                let preferred = topic.assignments[index as usize].first().copied().unwrap_or(0);
+                Err(not_leader_error(&self.transport, &topic.name, index, preferred))
+            }
+        }
+    }
+
+    /// The partition if this broker leads it, or an error naming the leader.
+    pub fn leader(&self, topic: &Topic, index: i32) -> Result<Arc<Partition>> {
+        let p = self.replica(topic, index)?;
+        p.ensure_leader()?;
+        Ok(p)
+    }
+
     pub fn list(&self) -> Vec<Arc<Topic>> {
         self.topics
             .read()
@@ -253,15 +495,43 @@ impl Registry {
             .collect()
     }
 
+    /// Every partition replica on this broker, the controller group's included.
     pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
-        self.list().iter().flat_map(|t| t.partitions.iter().cloned()).collect()
+        let mut all: Vec<Arc<Partition>> = self.list().iter().flat_map(|t| t.local.values().cloned()).collect();
+        all.push(Arc::clone(&self.metadata));
+        all
+    }
+
+    /// Replicas of user topics on this broker.
+    pub fn topic_partitions(&self) -> Vec<Arc<Partition>> {
+        self.list().iter().flat_map(|t| t.local.values().cloned()).collect()
     }
 
     pub fn defaults(&self) -> &TopicDefaults {
         &self.options.defaults
     }
 
-    fn append_metadata(&self, change: metadata_record::Change) -> Result<()> {
+    pub fn transport(&self) -> &Arc<Transport> {
+        &self.transport
+    }
+
+    pub fn metadata_partition(&self) -> &Arc<Partition> {
+        &self.metadata
+    }
+
+    /// The controller's broker id, waiting up to [`CONTROLLER_WAIT`] for one to be elected.
+    pub async fn controller(&self) -> Result<u32> {
+        let mut status = self.metadata.watch_status();
+        let found = tokio::time::timeout(CONTROLLER_WAIT, status.wait_for(|s| s.leader != 0)).await;
+        match found {
+            Ok(Ok(s)) => Ok(s.leader),
+            _ => Err(BrokerError::NoController),
+        }
+    }
+
+    /// Proposes a metadata change and waits until this broker has applied it. Only the
+    /// controller may call this; elsewhere the proposal fails with a leader error.
+    async fn propose(&self, change: metadata_record::Change) -> Result<()> {
         let value = MetadataRecord { change: Some(change) }.encode_to_vec();
         let mut builder = BatchBuilder::new(Compression::None);
         builder.push(&Record {
@@ -270,17 +540,21 @@ impl Registry {
             value: Some(Bytes::from(value)),
             headers: vec![],
         });
-        let batch = builder
-            .build()
-            .map_err(|e| BrokerError::Internal(format!("metadata record: {e}")))?;
-        self.metadata
-            .append(&batch)
-            .map_err(|e| BrokerError::from_log(METADATA_DIR, 0, e))?;
+        let internal = |e: &dyn std::fmt::Display| BrokerError::Internal(format!("metadata record: {e}"));
+        let bytes = builder.build().map_err(|e| internal(&e))?;
+        let batch = ValidatedBatch::new(bytes, metadata_config().max_batch_bytes).map_err(|e| internal(&e))?;
+        let reply = self.metadata.enqueue(vec![batch], Acks::All).await?;
+        let outcome = reply.await.map_err(|_| BrokerError::ShuttingDown)??;
+        let mut applied = self.applied.subscribe();
+        applied
+            .wait_for(|a| *a > outcome.last_offset)
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
         Ok(())
     }
 
-    /// Validates, records and opens a new topic. Blocking; the caller serialises changes.
-    pub fn create_topic(
+    /// Validates, places and records a new topic (controller only).
+    pub async fn create_topic(
         &self,
         name: &str,
         partitions: i32,
@@ -292,8 +566,15 @@ impl Registry {
         if partitions <= 0 || partitions as u32 > max {
             return Err(BrokerError::InvalidPartitions(partitions, max));
         }
-        if !(0..=1).contains(&replication_factor) {
-            return Err(BrokerError::InvalidReplication(replication_factor, 1));
+        let rf = if replication_factor == 0 { 1 } else { replication_factor };
+        let alive: Vec<u32> = self
+            .transport
+            .broker_ids()
+            .into_iter()
+            .filter(|&id| self.transport.is_alive(id))
+            .collect();
+        if rf < 1 || rf as usize > alive.len() {
+            return Err(BrokerError::InvalidReplication(rf, alive.len() as u32));
         }
         self.options
             .defaults
@@ -302,50 +583,42 @@ impl Registry {
         if self.get(name).is_ok() {
             return Err(BrokerError::TopicExists(name.to_string()));
         }
+        let start: usize = self.list().iter().map(|t| t.partition_count()).sum();
+        let assignments = place(&alive, partitions as usize, rf as usize, start)
+            .into_iter()
+            .map(|replicas| PartitionAssignment { replicas })
+            .collect();
         let created = TopicCreated {
             name: name.to_string(),
             partitions,
-            replication_factor: 1,
-            configs: overrides.clone().into_iter().collect(),
+            replication_factor: rf,
+            configs: overrides.into_iter().collect(),
             topic_id: new_topic_id(),
+            assignments,
         };
-        self.append_metadata(metadata_record::Change::TopicCreated(created.clone()))?;
-        let topic = self.open_topic(&created, overrides)?;
-        self.insert(topic);
-        self.get(name)
-    }
-
-    /// Records the deletion and forgets the topic; the caller stops its partitions and then
-    /// calls [`remove_topic_data`](Self::remove_topic_data). Blocking.
-    pub fn delete_topic(&self, name: &str) -> Result<Arc<Topic>> {
+        let id = created.topic_id.clone();
+        self.propose(metadata_record::Change::TopicCreated(created)).await?;
         let topic = self.get(name)?;
-        self.append_metadata(metadata_record::Change::TopicDeleted(TopicDeleted {
-            name: name.to_string(),
-            topic_id: topic.id.clone(),
-        }))?;
-        self.topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name);
+        if topic.id != id {
+            // Another creation of the same name committed first.
+            return Err(BrokerError::TopicExists(name.to_string()));
+        }
         Ok(topic)
     }
 
-    /// Moves a deleted topic's directory to the trash and removes it. Blocking.
-    pub fn remove_topic_data(&self, topic: &Topic) -> Result<()> {
-        let trash = self.options.data_dir.join(TRASH_DIR);
-        let io = |e: std::io::Error| BrokerError::Internal(format!("removing data of topic '{}': {e}", topic.name));
-        std::fs::create_dir_all(&trash).map_err(io)?;
-        let target = trash.join(format!("{}-{}", topic.name, topic.id));
-        let source = self.topics_dir().join(&topic.name);
-        if source.exists() {
-            std::fs::rename(&source, &target).map_err(io)?;
-            std::fs::remove_dir_all(&target).map_err(io)?;
-        }
-        Ok(())
+    /// Records a topic's deletion (controller only); every broker then stops and removes
+    /// its replicas.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let topic = self.get(name)?;
+        self.propose(metadata_record::Change::TopicDeleted(TopicDeleted {
+            name: name.to_string(),
+            topic_id: topic.id.clone(),
+        }))
+        .await
     }
 
-    /// Applies config changes (an empty value resets a key). Blocking.
-    pub fn alter_topic_config(&self, name: &str, changes: BTreeMap<String, String>) -> Result<Arc<Topic>> {
+    /// Applies config changes (an empty value resets a key); controller only.
+    pub async fn alter_topic_config(&self, name: &str, changes: BTreeMap<String, String>) -> Result<Arc<Topic>> {
         let topic = self.get(name)?;
         let mut overrides = topic.overrides.clone();
         for (k, v) in changes {
@@ -355,41 +628,56 @@ impl Registry {
                 overrides.insert(k, v);
             }
         }
-        let effective = self
-            .options
+        self.options
             .defaults
             .with_overrides(&overrides)
             .map_err(BrokerError::InvalidConfig)?;
-        self.append_metadata(metadata_record::Change::TopicConfigChanged(TopicConfigChanged {
+        self.propose(metadata_record::Change::TopicConfigChanged(TopicConfigChanged {
             name: name.to_string(),
-            configs: overrides.clone().into_iter().collect(),
-        }))?;
-        for p in &topic.partitions {
-            p.log
-                .set_config(effective.log_config())
-                .map_err(|e| BrokerError::from_log(name, p.index, e))?;
-        }
-        self.insert(Topic {
-            name: topic.name.clone(),
-            id: topic.id.clone(),
-            replication_factor: topic.replication_factor,
-            overrides,
-            effective,
-            partitions: topic.partitions.clone(),
-        });
+            configs: overrides.into_iter().collect(),
+        }))
+        .await?;
         self.get(name)
-    }
-
-    /// Closes the metadata log cleanly. Partition logs are closed after their owners stop.
-    pub fn close_metadata(&self) -> Result<()> {
-        self.metadata
-            .close()
-            .map_err(|e| BrokerError::from_log(METADATA_DIR, 0, e))
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.options.data_dir
     }
+}
+
+/// Makes sure `dir` holds the topic incarnation `id`: data left by an earlier topic of the
+/// same name (deleted while this broker was down) is removed first. Blocking.
+fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<()> {
+    let marker = dir.join(TOPIC_ID_FILE);
+    match std::fs::read_to_string(&marker) {
+        Ok(found) if found.trim() == id => return Ok(()),
+        Ok(_) => {
+            tracing::warn!(dir = %dir.display(), "removing data of an earlier topic with the same name");
+            std::fs::remove_dir_all(dir)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{TOPIC_ID_FILE}.tmp"));
+    std::fs::write(&tmp, id)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &marker)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Moves a deleted topic's directory to the trash and removes it. Blocking.
+fn remove_topic_data(data_dir: &Path, topic: &Topic) -> Result<()> {
+    let trash = data_dir.join(TRASH_DIR);
+    let io = |e: std::io::Error| BrokerError::Internal(format!("removing data of topic '{}': {e}", topic.name));
+    std::fs::create_dir_all(&trash).map_err(io)?;
+    let target = trash.join(format!("{}-{}", topic.name, topic.id));
+    let source = data_dir.join(TOPICS_DIR).join(&topic.name);
+    if source.exists() {
+        std::fs::rename(&source, &target).map_err(io)?;
+        std::fs::remove_dir_all(&target).map_err(io)?;
+    }
+    Ok(())
 }
 
 fn new_topic_id() -> String {
@@ -402,6 +690,31 @@ fn new_topic_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_spreads_leaders_and_replicas_evenly() {
+        let placed = place(&[1, 2, 3], 6, 3, 0);
+        let mut leaders = [0; 4];
+        let mut replicas = [0; 4];
+        for r in &placed {
+            assert_eq!(r.len(), 3);
+            let mut distinct = r.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3, "{r:?}");
+            leaders[r[0] as usize] += 1;
+            for b in r {
+                replicas[*b as usize] += 1;
+            }
+        }
+        assert_eq!(&leaders[1..], &[2, 2, 2]);
+        assert_eq!(&replicas[1..], &[6, 6, 6]);
+        assert_eq!(
+            place(&[1, 2, 3], 1, 1, 4),
+            vec![vec![2]],
+            "the start offset rotates leaders across topics"
+        );
+    }
 
     #[test]
     fn topic_names_follow_kafka_rules() {

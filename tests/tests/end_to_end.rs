@@ -220,8 +220,8 @@ fn given_produced_records_when_metrics_are_scraped_should_report_requests_and_of
     assert!(metrics.contains("conveyor_produce_latency_seconds_count"), "{metrics}");
     assert!(metrics.contains("conveyor_fsync_latency_seconds_count"), "{metrics}");
     assert!(
-        metrics.contains("conveyor_raft_leader_changes_total 1"),
-        "one partition became leader once: {metrics}"
+        metrics.contains("conveyor_raft_leader_changes_total 2"),
+        "the controller group and the partition each became leader once: {metrics}"
     );
     assert!(
         !metrics.contains("conveyor_raft_commit_latency_seconds_count 0"),

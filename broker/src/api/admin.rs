@@ -1,60 +1,192 @@
-//! The `Admin` service: topics and cluster description.
+//! The `Admin` service: topics, cluster description and leadership.
+//!
+//! Any broker takes any admin request. Topic changes go to the controller: a broker that is
+//! not the controller forwards the request there (once: a forwarded request is never
+//! forwarded again, so a stale view cannot make a loop). Descriptions answer from this
+//! broker's view and ask each partition's leader for what only the leader knows (in-sync
+//! replicas, log end offset).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
+use conveyor_proto::v1::admin_client::AdminClient;
 use conveyor_proto::v1::admin_server::Admin;
 use conveyor_proto::v1::*;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use super::{Context, blocking};
+use super::Context;
+use crate::error::BrokerError;
+use crate::partition::Partition;
 use crate::topics::Topic;
+
+/// Marks a request one broker forwarded to another.
+const FORWARDED: &str = "x-conveyor-forwarded";
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a leader transfer may take before the request fails.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
     pub ctx: Arc<Context>,
 }
 
+fn forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED)
+}
+
+fn forward<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+fn to_i32(ids: &[u32]) -> Vec<i32> {
+    ids.iter().map(|&i| i as i32).collect()
+}
+
 impl AdminService {
-    fn describe(&self, topic: &Topic) -> TopicDescription {
-        let node = self.ctx.node_id as i32;
-        TopicDescription {
-            name: topic.name.clone(),
-            configs: topic.effective.to_map().into_iter().collect(),
-            replication_factor: topic.replication_factor,
-            partitions: topic
-                .partitions
-                .iter()
-                .map(|p| PartitionDescription {
-                    partition: p.index,
-                    leader: node,
-                    replicas: vec![node],
-                    in_sync: vec![node],
+    /// This broker's view of one partition: complete where it leads, partial elsewhere.
+    fn describe_partition(&self, topic: &Topic, index: i32) -> PartitionDescription {
+        let replicas = to_i32(&topic.assignments[index as usize]);
+        match topic.local.get(&index) {
+            Some(p) => {
+                let status = p.status();
+                PartitionDescription {
+                    partition: index,
+                    leader: status.leader as i32,
+                    replicas,
+                    in_sync: to_i32(&status.in_sync()),
                     log_start_offset: p.log.log_start_offset(),
                     high_watermark: p.high_watermark(),
                     log_end_offset: p.log.log_end_offset(),
                     size_bytes: p.log.size_bytes(),
-                })
+                }
+            }
+            None => PartitionDescription {
+                partition: index,
+                leader: 0,
+                replicas,
+                ..PartitionDescription::default()
+            },
+        }
+    }
+
+    fn describe_local(&self, topic: &Topic) -> TopicDescription {
+        TopicDescription {
+            name: topic.name.clone(),
+            configs: topic.effective.to_map().into_iter().collect(),
+            replication_factor: topic.replication_factor,
+            partitions: (0..topic.partition_count() as i32)
+                .map(|i| self.describe_partition(topic, i))
                 .collect(),
         }
     }
 
+    /// The description with every partition as its leader sees it, where the leader answers.
+    async fn describe(&self, topic: &Topic, local_only: bool) -> TopicDescription {
+        let me = self.ctx.node_id as i32;
+        let mut description = self.describe_local(topic);
+        if local_only {
+            return description;
+        }
+        // Where this broker does not lead, ask the leader it knows of, or the preferred one.
+        let mut ask: BTreeSet<u32> = BTreeSet::new();
+        for p in &description.partitions {
+            if p.leader != me {
+                let guess = if p.leader > 0 {
+                    p.leader
+                } else {
+                    p.replicas.first().copied().unwrap_or(0)
+                };
+                if guess > 0 && guess != me {
+                    ask.insert(guess as u32);
+                }
+            }
+        }
+        for broker in ask {
+            let Ok(mut client) = self.client_for(broker).await else {
+                continue;
+            };
+            let Ok(theirs) = client
+                .describe_topic(forward(DescribeTopicRequest {
+                    name: topic.name.clone(),
+                }))
+                .await
+            else {
+                continue;
+            };
+            for p in theirs.into_inner().partitions {
+                if p.leader == broker as i32
+                    && let Some(slot) = description.partitions.get_mut(p.partition as usize)
+                {
+                    *slot = p;
+                }
+            }
+        }
+        description
+    }
+
     fn brokers(&self) -> Vec<BrokerInfo> {
-        vec![BrokerInfo {
-            id: self.ctx.node_id as i32,
-            address: self.ctx.advertised.to_string(),
-            alive: true,
-        }]
+        self.ctx
+            .registry
+            .transport()
+            .peer_states()
+            .into_iter()
+            .map(|s| BrokerInfo {
+                id: s.id as i32,
+                address: s.address,
+                alive: s.alive,
+            })
+            .collect()
     }
 
     fn count(&self) {
         self.ctx.metrics.admin_requests.add(1);
     }
 
-    fn fail(&self, e: crate::error::BrokerError) -> Status {
+    fn fail(&self, e: BrokerError) -> Status {
         self.ctx.metrics.request_errors.add(1);
         tracing::info!(error = %e, "admin request refused");
         e.into()
+    }
+
+    async fn client_for(&self, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {
+        let address = self
+            .ctx
+            .registry
+            .transport()
+            .client_address(broker)
+            .ok_or(BrokerError::NoController)?;
+        let unreachable = |reason: String| BrokerError::BrokerUnreachable {
+            id: broker,
+            address: address.clone(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(AdminClient::new(channel))
+    }
+
+    /// `None` when this broker is the controller; else a client for the controller.
+    async fn controller_client(&self, already_forwarded: bool) -> Result<Option<AdminClient<Channel>>, Status> {
+        let controller = self.ctx.registry.controller().await.map_err(|e| self.fail(e))?;
+        if controller == self.ctx.node_id {
+            return Ok(None);
+        }
+        if already_forwarded {
+            // The sender thought this broker was the controller; its view is stale.
+            return Err(self.fail(BrokerError::NoController));
+        }
+        self.client_for(controller).await.map(Some).map_err(|e| self.fail(e))
     }
 }
 
@@ -65,16 +197,21 @@ impl Admin for AdminService {
         request: Request<CreateTopicRequest>,
     ) -> Result<Response<CreateTopicResponse>, Status> {
         self.count();
+        let was_forwarded = forwarded(&request);
         let req = request.into_inner();
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.create_topic(forward(req)).await;
+        }
         let _guard = self.ctx.admin_lock.lock().await;
-        let registry = Arc::clone(&self.ctx.registry);
         let configs: BTreeMap<String, String> = req.configs.into_iter().collect();
-        let topic = blocking(move || registry.create_topic(&req.name, req.partitions, req.replication_factor, configs))
+        let topic = self
+            .ctx
+            .registry
+            .create_topic(&req.name, req.partitions, req.replication_factor, configs)
             .await
             .map_err(|e| self.fail(e))?;
-        tracing::info!(topic = %topic.name, partitions = topic.partitions.len(), "created topic");
         Ok(Response::new(CreateTopicResponse {
-            topic: Some(self.describe(&topic)),
+            topic: Some(self.describe_local(&topic)),
         }))
     }
 
@@ -83,21 +220,17 @@ impl Admin for AdminService {
         request: Request<DeleteTopicRequest>,
     ) -> Result<Response<DeleteTopicResponse>, Status> {
         self.count();
-        let name = request.into_inner().name;
-        let _guard = self.ctx.admin_lock.lock().await;
-        let registry = Arc::clone(&self.ctx.registry);
-        let topic = blocking(move || registry.delete_topic(&name))
-            .await
-            .map_err(|e| self.fail(e))?;
-        for p in &topic.partitions {
-            p.stop().await;
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.delete_topic(forward(req)).await;
         }
-        let registry = Arc::clone(&self.ctx.registry);
-        let removed = Arc::clone(&topic);
-        blocking(move || registry.remove_topic_data(&removed))
+        let _guard = self.ctx.admin_lock.lock().await;
+        self.ctx
+            .registry
+            .delete_topic(&req.name)
             .await
             .map_err(|e| self.fail(e))?;
-        tracing::info!(topic = %topic.name, "deleted topic");
         Ok(Response::new(DeleteTopicResponse {}))
     }
 
@@ -110,7 +243,7 @@ impl Admin for AdminService {
             .iter()
             .map(|t| TopicSummary {
                 name: t.name.clone(),
-                partitions: t.partitions.len() as i32,
+                partitions: t.partition_count() as i32,
                 replication_factor: t.replication_factor,
             })
             .collect();
@@ -122,12 +255,13 @@ impl Admin for AdminService {
         request: Request<DescribeTopicRequest>,
     ) -> Result<Response<TopicDescription>, Status> {
         self.count();
+        let local_only = forwarded(&request);
         let topic = self
             .ctx
             .registry
             .get(&request.into_inner().name)
             .map_err(|e| self.fail(e))?;
-        Ok(Response::new(self.describe(&topic)))
+        Ok(Response::new(self.describe(&topic, local_only).await))
     }
 
     async fn alter_topic_config(
@@ -135,14 +269,20 @@ impl Admin for AdminService {
         request: Request<AlterTopicConfigRequest>,
     ) -> Result<Response<TopicDescription>, Status> {
         self.count();
+        let was_forwarded = forwarded(&request);
         let req = request.into_inner();
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.alter_topic_config(forward(req)).await;
+        }
         let _guard = self.ctx.admin_lock.lock().await;
-        let registry = Arc::clone(&self.ctx.registry);
         let changes: BTreeMap<String, String> = req.configs.into_iter().collect();
-        let topic = blocking(move || registry.alter_topic_config(&req.name, changes))
+        let topic = self
+            .ctx
+            .registry
+            .alter_topic_config(&req.name, changes)
             .await
             .map_err(|e| self.fail(e))?;
-        Ok(Response::new(self.describe(&topic)))
+        Ok(Response::new(self.describe_local(&topic)))
     }
 
     async fn describe_cluster(
@@ -150,9 +290,10 @@ impl Admin for AdminService {
         _: Request<DescribeClusterRequest>,
     ) -> Result<Response<ClusterDescription>, Status> {
         self.count();
+        let controller = self.ctx.registry.metadata_partition().status().leader;
         Ok(Response::new(ClusterDescription {
-            cluster_id: format!("conveyor-{}", self.ctx.node_id),
-            controller: self.ctx.node_id as i32,
+            cluster_id: "conveyor".into(),
+            controller: controller as i32,
             brokers: self.brokers(),
         }))
     }
@@ -169,7 +310,6 @@ impl Admin for AdminService {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| self.fail(e))?
         };
-        let node = self.ctx.node_id as i32;
         Ok(Response::new(MetadataResponse {
             brokers: self.brokers(),
             topics: topics
@@ -177,16 +317,64 @@ impl Admin for AdminService {
                 .map(|t| TopicMetadata {
                     name: t.name.clone(),
                     partitions: t
-                        .partitions
+                        .assignments
                         .iter()
-                        .map(|p| PartitionMetadata {
-                            partition: p.index,
-                            leader: node,
-                            replicas: vec![node],
+                        .enumerate()
+                        .map(|(i, replicas)| PartitionMetadata {
+                            partition: i as i32,
+                            // 0: not known here; clients try the replicas, preferred first.
+                            leader: t.local.get(&(i as i32)).map_or(0, |p| p.status().leader as i32),
+                            replicas: to_i32(replicas),
                         })
                         .collect(),
                 })
                 .collect(),
         }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.count();
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
+        let replica = self.ctx.registry.replica(&topic, req.partition);
+        let leader_here = replica.as_ref().is_ok_and(|p| p.is_leader());
+        let replicas = &topic.assignments[req.partition.max(0) as usize];
+        if req.to <= 0 || !replicas.contains(&(req.to as u32)) {
+            return Err(self.fail(BrokerError::InvalidRequest(format!(
+                "broker {} holds no replica of topic '{}' partition {} (replicas: {replicas:?})",
+                req.to, req.topic, req.partition
+            ))));
+        }
+        if !leader_here {
+            let leader = match &replica {
+                Ok(p) => p.status().leader,
+                Err(_) => replicas.first().copied().unwrap_or(0),
+            };
+            if was_forwarded || leader == 0 || leader == self.ctx.node_id {
+                let e = match replica {
+                    Ok(p) => p.not_leader(),
+                    Err(e) => e,
+                };
+                return Err(self.fail(e));
+            }
+            let mut client = self.client_for(leader).await.map_err(|e| self.fail(e))?;
+            return client.transfer_leader(forward(req)).await;
+        }
+        let partition: Arc<Partition> = replica.map_err(|e| self.fail(e))?;
+        let to = req.to as u32;
+        let mut status = partition.watch_status();
+        partition.transfer_leader(to).await.map_err(|e| self.fail(e))?;
+        let moved = tokio::time::timeout(TRANSFER_TIMEOUT, status.wait_for(|s| s.leader == to)).await;
+        match moved {
+            Ok(Ok(_)) => Ok(Response::new(TransferLeaderResponse { leader: to as i32 })),
+            _ => Err(self.fail(BrokerError::LeaderNotAvailable {
+                topic: req.topic,
+                partition: req.partition,
+            })),
+        }
     }
 }

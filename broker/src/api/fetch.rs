@@ -120,7 +120,7 @@ impl FetchService {
             .iter()
             .map(|pf| {
                 let topic = self.ctx.registry.get(&pf.topic)?;
-                let partition = Arc::clone(topic.partition(pf.partition)?);
+                let partition = self.ctx.registry.leader(&topic, pf.partition)?;
                 let max = if pf.max_bytes == 0 {
                     DEFAULT_PARTITION_MAX_BYTES
                 } else {
@@ -204,7 +204,7 @@ impl FetchService {
         let mut results = Vec::with_capacity(req.queries.len());
         for q in req.queries {
             let topic = self.ctx.registry.get(&q.topic)?;
-            let p = Arc::clone(topic.partition(q.partition)?);
+            let p = self.ctx.registry.leader(&topic, q.partition)?;
             let hw = p.high_watermark();
             let (offset, found) = match q.spec {
                 Some(offset_query::Spec::Earliest(_)) | None => (p.log.log_start_offset(), true),

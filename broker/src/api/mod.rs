@@ -5,7 +5,6 @@ pub mod admin;
 pub mod fetch;
 pub mod produce;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::error::{BrokerError, Result};
@@ -18,7 +17,6 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub node_id: u32,
-    pub advertised: SocketAddr,
     pub max_fetch_wait_ms: u64,
     /// Serialises topic changes.
     pub admin_lock: tokio::sync::Mutex<()>,

@@ -77,7 +77,8 @@ impl ProduceService {
     /// Validates one partition's batches; nothing of it is queued if any is bad.
     fn prepare_part(&self, pp: pb::PartitionProduce) -> Result<(Arc<Partition>, Vec<ValidatedBatch>)> {
         let topic = self.ctx.registry.get(&pp.topic)?;
-        let partition = Arc::clone(topic.partition(pp.partition)?);
+        // The owner answers a request that reached a follower with the leader's address.
+        let partition = self.ctx.registry.replica(&topic, pp.partition)?;
         let limit = topic.effective.max_message_bytes as usize;
         let (name, index) = (pp.topic.clone(), pp.partition);
         let bad = |e| BrokerError::from_batch(&name, index, e);

@@ -1,0 +1,368 @@
+//! Raft messages between brokers, over `conveyor.internal.v1.Raft`.
+//!
+//! # Design
+//! Every peer has one bounded queue and one sender task. Groups hand messages to
+//! [`Transport::send`], which never waits: when a peer's queue is full the message is dropped
+//! and counted, which Raft tolerates (heartbeats and appends are retried on its own
+//! schedule), and which keeps a slow or dead peer from stalling the groups that talk to it.
+//! The sender task drains whatever has queued up into one `Send` call, so messages for many
+//! groups travel to a peer in one batch, one call in flight per peer (keeping each group's
+//! messages in order).
+//!
+//! On the receiving side every group registers a bounded inbox in the router; a message for
+//! a group that is full or not (yet) open here is dropped the same way.
+//!
+//! # Liveness
+//! A peer is alive while this broker has heard from it (any `Send` it made here) within
+//! [`ALIVE_WITHIN`]. Peers also tell their client-facing address in every batch, so any
+//! broker can point clients at any other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use conveyor_proto::internal::v1::raft_client::RaftClient;
+use conveyor_proto::internal::v1::raft_server::Raft;
+use conveyor_proto::internal::v1::{GroupMessage, RaftAck, RaftBatch};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::{Counter, Metrics};
+
+/// A peer counts as alive while it was heard from this recently.
+pub const ALIVE_WITHIN: Duration = Duration::from_secs(3);
+/// Most messages one `Send` call carries.
+const MAX_MESSAGES_PER_CALL: usize = 4096;
+/// Most bytes one `Send` call carries (the receiver accepts 64 MiB messages).
+const MAX_BYTES_PER_CALL: usize = 16 << 20;
+/// How long one `Send` call may take before the peer counts as unreachable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause after a failed call, so that a dead peer costs one connection attempt per backoff.
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// An idle link sends an empty batch this often, well within [`ALIVE_WITHIN`].
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// The group key of the controller (cluster metadata) group.
+pub const CONTROLLER_TOPIC: &str = "__cluster_metadata";
+
+/// Which Raft group a message belongs to: a topic's partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl GroupKey {
+    pub fn new(topic: &str, partition: i32) -> GroupKey {
+        GroupKey {
+            topic: topic.to_string(),
+            partition,
+        }
+    }
+
+    pub fn controller() -> GroupKey {
+        GroupKey::new(CONTROLLER_TOPIC, 0)
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    address: String,
+    queue: mpsc::Sender<(GroupKey, Message)>,
+    /// Where clients reach this peer, as it last said.
+    client_address: Mutex<Option<String>>,
+    last_heard: Mutex<Option<Instant>>,
+    dropped: Counter,
+}
+
+/// Peers, their queues, and the router from group keys to local group inboxes.
+#[derive(Debug)]
+pub struct Transport {
+    node_id: u32,
+    client_address: String,
+    peers: BTreeMap<u32, Arc<Peer>>,
+    router: RwLock<HashMap<GroupKey, mpsc::Sender<Message>>>,
+    /// Messages that arrived for a group that is full or not open here.
+    pub dropped_inbound: Counter,
+    metrics: Arc<Metrics>,
+}
+
+/// What [`Transport::peer_states`] reports per broker.
+#[derive(Debug, Clone)]
+pub struct PeerState {
+    pub id: u32,
+    pub address: String,
+    pub alive: bool,
+    pub queue_depth: usize,
+    pub dropped: u64,
+}
+
+impl Transport {
+    /// `peers` maps every other broker's id to the address its Raft service listens on.
+    /// Sender tasks start on the current runtime and end when the transport is dropped.
+    pub fn start(
+        node_id: u32,
+        client_address: String,
+        peers: &BTreeMap<u32, String>,
+        queue_depth: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Transport>> {
+        let mut map = BTreeMap::new();
+        let mut receivers = Vec::new();
+        for (&id, address) in peers.iter().filter(|(id, _)| **id != node_id) {
+            let (tx, rx) = mpsc::channel(queue_depth.max(1));
+            let peer = Arc::new(Peer {
+                address: address.clone(),
+                queue: tx,
+                client_address: Mutex::new(None),
+                last_heard: Mutex::new(None),
+                dropped: Counter::default(),
+            });
+            let uri = format!("http://{address}");
+            let endpoint = Endpoint::from_shared(uri)
+                .map_err(|e| anyhow::anyhow!("bad address '{address}' for broker {id}: {e}"))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .initial_stream_window_size(16 << 20)
+                .initial_connection_window_size(64 << 20);
+            receivers.push((id, Arc::clone(&peer), endpoint, rx));
+            map.insert(id, peer);
+        }
+        let transport = Arc::new(Transport {
+            node_id,
+            client_address,
+            peers: map,
+            router: RwLock::new(HashMap::new()),
+            dropped_inbound: Counter::default(),
+            metrics,
+        });
+        for (id, peer, endpoint, rx) in receivers {
+            tokio::spawn(send_loop(
+                node_id,
+                transport.client_address.clone(),
+                id,
+                peer,
+                endpoint,
+                rx,
+            ));
+        }
+        Ok(transport)
+    }
+
+    pub fn node_id(&self) -> u32 {
+        self.node_id
+    }
+
+    /// Queues a message for its peer without waiting; drops it if the queue is full.
+    pub fn send(&self, key: &GroupKey, message: Message) {
+        let Ok(to) = u32::try_from(message.to) else { return };
+        let Some(peer) = self.peers.get(&to) else {
+            tracing::debug!(to, "raft message for an unknown broker dropped");
+            return;
+        };
+        if peer.queue.try_send((key.clone(), message)).is_err() {
+            peer.dropped.add(1);
+            self.metrics.raft_messages_dropped.add(1);
+        }
+    }
+
+    /// Registers a local group's inbox; messages for it are routed there from now on.
+    pub fn register(&self, key: GroupKey, inbox: mpsc::Sender<Message>) {
+        self.router
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, inbox);
+    }
+
+    pub fn deregister(&self, key: &GroupKey) {
+        self.router
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    fn deliver(&self, from: u32, from_address: String, messages: Vec<GroupMessage>) -> u32 {
+        if let Some(peer) = self.peers.get(&from) {
+            *peer
+                .last_heard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+            if !from_address.is_empty() {
+                *peer
+                    .client_address
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(from_address);
+            }
+        }
+        let router = self.router.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut dropped = 0;
+        let mut key = GroupKey::new("", 0);
+        for m in messages {
+            let message = match Message::parse_from_carllerche_bytes(&m.message) {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(from, topic = %m.topic, partition = m.partition, error = %e, "undecodable raft message dropped");
+                    dropped += 1;
+                    continue;
+                }
+            };
+            key.topic = m.topic;
+            key.partition = m.partition;
+            match router.get(&key) {
+                Some(inbox) if inbox.try_send(message).is_ok() => {}
+                _ => dropped += 1,
+            }
+        }
+        if dropped > 0 {
+            self.dropped_inbound.add(u64::from(dropped));
+        }
+        dropped
+    }
+
+    /// The client-facing address of broker `id`, if known: this broker's own, or what the
+    /// peer said, or its configured Raft address (the same port unless a proxy sits between).
+    pub fn client_address(&self, id: u32) -> Option<String> {
+        if id == self.node_id {
+            return Some(self.client_address.clone());
+        }
+        let peer = self.peers.get(&id)?;
+        let said = peer
+            .client_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Some(said.unwrap_or_else(|| peer.address.clone()))
+    }
+
+    /// Every broker of the cluster, this one included, with liveness as this broker sees it.
+    pub fn peer_states(&self) -> Vec<PeerState> {
+        let mut states = vec![PeerState {
+            id: self.node_id,
+            address: self.client_address.clone(),
+            alive: true,
+            queue_depth: 0,
+            dropped: 0,
+        }];
+        for (&id, peer) in &self.peers {
+            let heard = *peer
+                .last_heard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            states.push(PeerState {
+                id,
+                address: self.client_address(id).unwrap_or_default(),
+                alive: heard.is_some_and(|t| t.elapsed() < ALIVE_WITHIN),
+                queue_depth: peer.queue.max_capacity() - peer.queue.capacity(),
+                dropped: peer.dropped.get(),
+            });
+        }
+        states.sort_by_key(|s| s.id);
+        states
+    }
+
+    /// Ids of every broker in the cluster, this one included, ascending.
+    pub fn broker_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.peers.keys().copied().collect();
+        ids.push(self.node_id);
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn is_alive(&self, id: u32) -> bool {
+        id == self.node_id
+            || self.peers.get(&id).is_some_and(|p| {
+                p.last_heard
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_some_and(|t| t.elapsed() < ALIVE_WITHIN)
+            })
+    }
+}
+
+async fn send_loop(
+    me: u32,
+    client_address: String,
+    to: u32,
+    peer: Arc<Peer>,
+    endpoint: Endpoint,
+    mut queue: mpsc::Receiver<(GroupKey, Message)>,
+) {
+    let mut client = RaftClient::new(endpoint.connect_lazy())
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    let mut failing = false;
+    loop {
+        // An idle peer still gets an empty batch now and then: that is how brokers that share
+        // no busy group know each other alive.
+        let first = match tokio::time::timeout(PING_EVERY, queue.recv()).await {
+            Ok(Some(first)) => Some(first),
+            Ok(None) => return,
+            Err(_) => None,
+        };
+        let mut messages = Vec::new();
+        let mut bytes = 0;
+        let mut next = first;
+        while let Some((key, message)) = next.take() {
+            match message.write_to_bytes() {
+                Ok(encoded) => {
+                    bytes += encoded.len();
+                    messages.push(GroupMessage {
+                        topic: key.topic,
+                        partition: key.partition,
+                        message: Bytes::from(encoded),
+                    });
+                }
+                Err(e) => tracing::error!(to, error = %e, "cannot encode a raft message"),
+            }
+            if messages.len() < MAX_MESSAGES_PER_CALL && bytes < MAX_BYTES_PER_CALL {
+                next = queue.try_recv().ok();
+            }
+        }
+        let batch = RaftBatch {
+            from: me,
+            from_address: client_address.clone(),
+            messages,
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, client.send(batch)).await {
+            Ok(Ok(_)) => {
+                if failing {
+                    tracing::info!(peer = to, address = %peer.address, "reaching broker again");
+                    failing = false;
+                }
+            }
+            Ok(Err(status)) => {
+                if !failing {
+                    tracing::warn!(peer = to, address = %peer.address, error = %status.message(), "cannot reach broker; raft messages to it are dropped until it answers");
+                    failing = true;
+                }
+                tokio::time::sleep(RETRY_BACKOFF).await;
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!(peer = to, address = %peer.address, "broker did not answer in time; raft messages to it are dropped until it answers");
+                    failing = true;
+                }
+                tokio::time::sleep(RETRY_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// The receiving side: `conveyor.internal.v1.Raft`.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    pub transport: Arc<Transport>,
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = request.into_inner();
+        let dropped = self.transport.deliver(batch.from, batch.from_address, batch.messages);
+        Ok(Response::new(RaftAck { dropped }))
+    }
+}
