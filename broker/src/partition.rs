@@ -616,7 +616,7 @@ impl Owner {
                 if id == node.raft.id {
                     continue;
                 }
-                if progress.matched >= last {
+                if progress.matched >= last && progress.recent_active {
                     self.caught_up.insert(id, now);
                 }
                 let in_sync = self

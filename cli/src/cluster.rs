@@ -12,6 +12,31 @@ pub enum ClusterCommand {
     Info,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PartitionCommand {
+    /// Move a partition's leadership to another of its replicas and wait until it has moved.
+    TransferLeader {
+        topic: String,
+        partition: i32,
+        /// The broker that should lead (one of the partition's replicas).
+        #[arg(long, value_name = "BROKER")]
+        to: i32,
+    },
+}
+
+pub async fn partition(client: &Client, cmd: PartitionCommand, format: Format) -> anyhow::Result<()> {
+    match cmd {
+        PartitionCommand::TransferLeader { topic, partition, to } => {
+            let leader = client.admin().transfer_leader(&topic, partition, to).await?;
+            match format {
+                Format::Json => output::json(&json!({"topic": topic, "partition": partition, "leader": leader})),
+                Format::Text => println!("topic {topic} partition {partition} is now led by broker {leader}"),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 pub struct OffsetsArgs {
     pub topic: String,

@@ -20,10 +20,12 @@ use output::Format;
 ///   seq 1 10 | conveyor produce orders
 ///   conveyor consume orders --from-beginning --max-records 10
 ///   conveyor bench produce --topic bench --records 1000000 --record-size 100
+///   conveyor --broker 127.0.0.1:9292,127.0.0.1:9392 cluster info
 #[derive(Debug, Parser)]
 #[command(name = "conveyor", version, verbatim_doc_comment)]
 struct Cli {
-    /// Broker address(es), comma-separated HOST:PORT; the first that answers is used.
+    /// Broker address(es), comma-separated HOST:PORT. Any one that answers is enough: the
+    /// client learns the rest of the cluster from it and follows partition leaders.
     #[arg(long, global = true, env = "CONVEYOR_BROKER", default_value = "127.0.0.1:9292")]
     broker: String,
     /// Output format: text tables for people, json for scripts.
@@ -47,6 +49,9 @@ enum Command {
     /// Describe the cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Partition leadership.
+    #[command(subcommand)]
+    Partition(cluster::PartitionCommand),
     /// Load-test a broker: produce, consume or end-to-end throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -75,6 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
         Command::Offsets(args) => cluster::offsets(&client, args, cli.output).await,
         Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
+        Command::Partition(cmd) => cluster::partition(&client, cmd, cli.output).await,
         Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
     }
 }

@@ -73,8 +73,13 @@ fn print_description(d: &TopicDescription, format: Format) {
         .map(|p| {
             vec![
                 p.partition.to_string(),
-                p.leader.to_string(),
+                if p.leader > 0 {
+                    p.leader.to_string()
+                } else {
+                    "none".into()
+                },
                 format!("{:?}", p.replicas),
+                format!("{:?}", p.in_sync),
                 p.log_start_offset.to_string(),
                 p.high_watermark.to_string(),
                 p.log_end_offset.to_string(),
@@ -87,6 +92,7 @@ fn print_description(d: &TopicDescription, format: Format) {
             "PARTITION",
             "LEADER",
             "REPLICAS",
+            "IN SYNC",
             "START",
             "HIGH WATERMARK",
             "END",

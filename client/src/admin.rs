@@ -4,6 +4,8 @@ use conveyor_proto::v1::admin_client::AdminClient;
 use conveyor_proto::v1::fetch_client::FetchClient;
 use conveyor_proto::v1::*;
 
+use tonic::transport::Channel;
+
 use crate::Client;
 use crate::error::Result;
 
@@ -47,8 +49,20 @@ impl Admin {
         Admin { client }
     }
 
-    fn admin(&self) -> AdminClient<tonic::transport::Channel> {
-        AdminClient::new(self.client.channel())
+    /// Runs an admin call on any broker that answers.
+    async fn call<Req, T, F, Fut>(&self, request: Req, f: F) -> Result<T>
+    where
+        Req: Clone,
+        F: Fn(AdminClient<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.client
+            .cluster()
+            .any(|channel| {
+                let fut = f(AdminClient::new(channel), request.clone());
+                async move { Ok(fut.await?.into_inner()) }
+            })
+            .await
     }
 
     /// Creates a topic with `partitions` partitions and per-topic config overrides.
@@ -76,33 +90,31 @@ impl Admin {
             replication_factor,
             configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
-        let response = self.admin().create_topic(request).await?.into_inner();
+        let response = self
+            .call(request, |mut c, r| async move { c.create_topic(r).await })
+            .await?;
         Ok(response.topic.unwrap_or_default())
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        self.admin()
-            .delete_topic(DeleteTopicRequest { name: name.to_string() })
+        let request = DeleteTopicRequest { name: name.to_string() };
+        self.call(request, |mut c, r| async move { c.delete_topic(r).await })
             .await?;
         Ok(())
     }
 
     pub async fn list_topics(&self) -> Result<Vec<TopicSummary>> {
-        Ok(self
-            .admin()
-            .list_topics(ListTopicsRequest {})
-            .await?
-            .into_inner()
-            .topics)
+        let response = self
+            .call(ListTopicsRequest {}, |mut c, r| async move { c.list_topics(r).await })
+            .await?;
+        Ok(response.topics)
     }
 
     /// Partitions with their offsets, and the effective config (defaults included).
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        Ok(self
-            .admin()
-            .describe_topic(DescribeTopicRequest { name: name.to_string() })
-            .await?
-            .into_inner())
+        let request = DescribeTopicRequest { name: name.to_string() };
+        self.call(request, |mut c, r| async move { c.describe_topic(r).await })
+            .await
     }
 
     /// Sets config keys; an empty value resets a key to the broker default.
@@ -111,15 +123,29 @@ impl Admin {
             name: name.to_string(),
             configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
-        Ok(self.admin().alter_topic_config(request).await?.into_inner())
+        self.call(request, |mut c, r| async move { c.alter_topic_config(r).await })
+            .await
     }
 
     pub async fn describe_cluster(&self) -> Result<ClusterDescription> {
-        Ok(self
-            .admin()
-            .describe_cluster(DescribeClusterRequest {})
-            .await?
-            .into_inner())
+        self.call(DescribeClusterRequest {}, |mut c, r| async move {
+            c.describe_cluster(r).await
+        })
+        .await
+    }
+
+    /// Moves a partition's leadership to broker `to` (one of its replicas) and waits until
+    /// it has moved.
+    pub async fn transfer_leader(&self, topic: &str, partition: i32, to: i32) -> Result<i32> {
+        let request = TransferLeaderRequest {
+            topic: topic.to_string(),
+            partition,
+            to,
+        };
+        let response = self
+            .call(request, |mut c, r| async move { c.transfer_leader(r).await })
+            .await?;
+        Ok(response.leader)
     }
 
     /// Looks up an offset of one partition.
@@ -136,10 +162,14 @@ impl Admin {
                 spec: Some(spec),
             }],
         };
-        let mut results = FetchClient::new(self.client.channel())
-            .list_offsets(request)
+        let mut results = self
+            .client
+            .cluster()
+            .with_leader(topic, partition, |channel| {
+                let request = request.clone();
+                async move { Ok(FetchClient::new(channel).list_offsets(request).await?.into_inner()) }
+            })
             .await?
-            .into_inner()
             .results;
         results
             .pop()

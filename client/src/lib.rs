@@ -25,13 +25,13 @@
 //! ```
 
 pub mod admin;
+mod cluster;
 mod connection;
 pub mod consumer;
 pub mod error;
 pub mod producer;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub use admin::{Admin, OffsetSpec};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartAt};
@@ -40,12 +40,14 @@ pub use conveyor_storage::batch::Compression;
 pub use error::{ClientError, Result};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 
-use tonic::transport::Channel;
-
 /// Largest gRPC message the client sends or accepts.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// A connection to a Conveyor broker. Cheap to clone; clones share the connection.
+/// A connection to a Conveyor cluster. Cheap to clone; clones share the connections.
+///
+/// Produce and fetch requests go to each partition's leader; the client learns leaders from
+/// metadata and from the broker's "not leader" answers, and retries there. Admin calls go to
+/// any broker and fail over along the bootstrap list and the brokers learned since.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -53,13 +55,13 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    channel: Channel,
     address: String,
-    partition_counts: Mutex<HashMap<String, u32>>,
+    cluster: cluster::Cluster,
 }
 
 impl Client {
-    /// Connects to the first broker in `bootstrap` (comma-separated `HOST:PORT`) that answers.
+    /// Connects to the first broker in `bootstrap` (comma-separated `HOST:PORT`) that answers;
+    /// the others are used when it fails.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), conveyor_client::ClientError> {
@@ -71,20 +73,19 @@ impl Client {
         let (channel, address) = connection::connect(bootstrap).await?;
         Ok(Client {
             inner: Arc::new(Inner {
-                channel,
+                cluster: cluster::Cluster::new(connection::addresses(bootstrap), address.clone(), channel),
                 address,
-                partition_counts: Mutex::new(HashMap::new()),
             }),
         })
     }
 
-    /// The address of the broker this client talks to.
+    /// The address of the broker this client first connected to.
     pub fn address(&self) -> &str {
         &self.inner.address
     }
 
-    pub(crate) fn channel(&self) -> Channel {
-        self.inner.channel.clone()
+    pub(crate) fn cluster(&self) -> &cluster::Cluster {
+        &self.inner.cluster
     }
 
     /// Topic and cluster administration.
@@ -104,25 +105,13 @@ impl Client {
 
     /// The number of partitions of `topic`, cached after the first call.
     pub async fn partition_count(&self, topic: &str) -> Result<u32> {
-        if let Some(n) = self.cached_count(topic) {
+        if let Some(n) = self.inner.cluster.cached_partition_count(topic) {
             return Ok(n);
         }
-        let description = self.admin().describe_topic(topic).await?;
-        let n = description.partitions.len() as u32;
+        self.inner.cluster.refresh(topic).await?;
         self.inner
-            .partition_counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(topic.to_string(), n);
-        Ok(n)
-    }
-
-    fn cached_count(&self, topic: &str) -> Option<u32> {
-        self.inner
-            .partition_counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(topic)
-            .copied()
+            .cluster
+            .cached_partition_count(topic)
+            .ok_or_else(|| ClientError::InvalidArgument(format!("the broker did not describe topic '{topic}'")))
     }
 }

@@ -13,8 +13,9 @@ use crate::admin::OffsetSpec;
 use crate::error::{ClientError, Result};
 use crate::{Client, MAX_MESSAGE_BYTES};
 
-/// Consecutive retriable failures tolerated before the stream gives up.
-const MAX_RETRIES: u32 = 20;
+/// Consecutive retriable failures tolerated before the stream gives up (about 10 s: long
+/// enough to ride out a leader election).
+const MAX_RETRIES: u32 = 50;
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 const FETCH_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
 
@@ -112,21 +113,29 @@ pub(super) async fn run(
     if tx.send(Ok(start)).await.is_err() {
         return;
     }
-    let mut grpc = FetchClient::new(client.channel())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // One fetch loop per partition: each follows its own leader, and a long poll on a quiet
+    // partition never holds back the records of a busy one.
+    let loops = positions
+        .into_iter()
+        .map(|position| fetch_partition(client.clone(), config.clone(), position, tx.clone()));
+    futures::future::join_all(loops).await;
+}
+
+async fn fetch_partition(
+    client: Client,
+    config: ConsumerConfig,
+    mut position: Position,
+    tx: mpsc::Sender<Result<Vec<Chunk>>>,
+) {
     let mut failures = 0;
     loop {
         let request = FetchRequest {
-            partitions: positions
-                .iter()
-                .map(|p| PartitionFetch {
-                    topic: p.topic.to_string(),
-                    partition: p.partition,
-                    offset: p.next,
-                    max_bytes: config.partition_max_bytes,
-                })
-                .collect(),
+            partitions: vec![PartitionFetch {
+                topic: position.topic.to_string(),
+                partition: position.partition,
+                offset: position.next,
+                max_bytes: config.partition_max_bytes,
+            }],
             max_wait_ms: config.max_wait.as_millis() as u32,
             min_bytes: config.min_bytes,
             max_bytes: config.max_bytes,
@@ -135,20 +144,30 @@ pub(super) async fn run(
         // The broker answers within max_wait; past it with a margin, the connection is dead.
         let mut request = tonic::Request::new(request);
         request.set_timeout(config.max_wait + FETCH_TIMEOUT_MARGIN);
-        let response = match grpc.fetch(request).await {
+        let cluster = client.cluster();
+        let answer = match cluster.route(&position.topic, position.partition).await {
+            Ok(route) => FetchClient::new(route.channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                .fetch(request)
+                .await
+                .map_err(ClientError::from),
+            Err(e) => Err(e),
+        };
+        let response = match answer {
             Ok(r) => r.into_inner(),
-            Err(status) => {
-                let error = ClientError::from(status);
+            Err(error) => {
                 if let ClientError::Broker {
                     detail: Some(detail), ..
                 } = &error
-                    && let Some(chunk) = reset(&client, &config, &mut positions, detail).await
+                    && let Some(chunk) = reset(&client, &config, std::slice::from_mut(&mut position), detail).await
                 {
                     if tx.send(Ok(vec![chunk])).await.is_err() {
                         return;
                     }
                     continue;
                 }
+                cluster.on_error(&position.topic, position.partition, &error);
                 failures += 1;
                 if error.is_retriable() && failures <= MAX_RETRIES {
                     tokio::time::sleep(RETRY_BACKOFF).await;
@@ -159,16 +178,13 @@ pub(super) async fn run(
             }
         };
         failures = 0;
-        let mut chunks = Vec::with_capacity(response.partitions.len());
+        let mut chunks = Vec::with_capacity(1);
         for data in response.partitions {
-            let Some(position) = positions
-                .iter_mut()
-                .find(|p| *p.topic == *data.topic && p.partition == data.partition)
-            else {
+            if *position.topic != *data.topic || position.partition != data.partition {
                 continue;
-            };
+            }
             if let Some(detail) = data.error {
-                match reset(&client, &config, &mut positions, &detail).await {
+                match reset(&client, &config, std::slice::from_mut(&mut position), &detail).await {
                     Some(chunk) => chunks.push(chunk),
                     None => {
                         let _ = tx.send(Err(ClientError::from_detail(detail))).await;
@@ -181,7 +197,7 @@ pub(super) async fn run(
                 continue;
             }
             let from = position.next;
-            if let Err(e) = advance(position, &data.batches) {
+            if let Err(e) = advance(&mut position, &data.batches) {
                 let _ = tx.send(Err(e)).await;
                 return;
             }

@@ -73,7 +73,7 @@ pub(crate) struct Sealed {
     pub sealed_at: std::time::Instant,
     slot: Arc<Slot>,
     tracker: Arc<Tracker>,
-    seq: u64,
+    pub(crate) seq: u64,
     completed: bool,
     /// Returns the batch's bytes to the in-flight budget when dropped.
     _permit: OwnedSemaphorePermit,

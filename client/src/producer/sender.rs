@@ -1,15 +1,19 @@
-//! Sends sealed batches over one `ProduceStream` and resolves their deliveries.
+//! Sends sealed batches to their partitions' leaders and resolves their deliveries.
 //!
-//! Requests go out in the order batches were sealed; several may be in flight. Batches that
-//! fail with a retriable error, or that were in flight when the stream broke, are resent in
-//! their original order after `retry_backoff`, up to `retries` times.
+//! Each leader gets one `ProduceStream` (a link); batches go out in the order they were
+//! sealed, several requests in flight per link. A batch that fails with a retriable error
+//! (the broker is not the leader, an election is under way, the link broke) teaches the
+//! client where the leader is, waits `retry_backoff`, and is resent ahead of newer batches,
+//! up to `retries` times or until `delivery_timeout`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use conveyor_proto::v1::produce_client::ProduceClient;
 use conveyor_proto::v1::{self as pb, ProduceRequest, ProduceResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, StreamMap};
+use tonic::Streaming;
 
 use super::{Acks, ProducerConfig, Sealed};
 use crate::error::ClientError;
@@ -22,11 +26,23 @@ const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// How often in-flight batches are checked against `delivery_timeout`.
 const TIMEOUT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// One produce stream to one broker.
+struct Link {
+    requests: mpsc::Sender<ProduceRequest>,
+    inflight: usize,
+}
+
 struct State {
+    client: Client,
     config: ProducerConfig,
-    inflight: BTreeMap<u64, Vec<Sealed>>,
-    retry: VecDeque<Sealed>,
+    /// Request id → the link's address and the request's batches.
+    inflight: BTreeMap<u64, (String, Vec<Sealed>)>,
+    /// Batches to send, in sealing order (retries go back in by their sequence).
+    queue: VecDeque<Sealed>,
+    links: HashMap<String, Link>,
     next_id: u64,
+    /// A retry was queued since the last pause.
+    backoff: bool,
 }
 
 impl State {
@@ -38,54 +54,48 @@ impl State {
         }
     }
 
-    /// Counts an attempt; fails the batch if it has none left, else queues it for resending.
+    /// Counts an attempt; fails the batch if it has none left, else queues it for resending
+    /// in its place by sealing order.
     fn retry_or_fail(&mut self, mut batch: Sealed, error: ClientError) {
+        self.client.cluster().on_error(&batch.topic, batch.partition, &error);
         batch.attempts += 1;
         let in_time = batch.sealed_at.elapsed() < self.config.delivery_timeout;
         if error.is_retriable() && batch.attempts <= self.config.retries && in_time {
             tracing::debug!(topic = %batch.topic, partition = batch.partition, attempt = batch.attempts, %error, "retrying batch");
-            self.retry.push_back(batch);
+            let at = self.queue.partition_point(|b| b.seq < batch.seq);
+            self.queue.insert(at, batch);
+            self.backoff = true;
         } else {
             batch.complete(Err(error));
         }
     }
 
-    /// Everything in flight goes back to the front of the retry queue, oldest first.
-    fn requeue_inflight(&mut self, error: &ClientError) {
-        let inflight = std::mem::take(&mut self.inflight);
-        let mut retry = std::mem::take(&mut self.retry);
-        for batch in inflight.into_values().flatten().rev() {
-            retry.push_front(batch);
+    /// A link failed: everything in flight on it is retried.
+    fn link_broke(&mut self, address: &str, error: &ClientError) {
+        self.links.remove(address);
+        let ids: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, (a, _))| a == address)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some((_, batches)) = self.inflight.remove(&id) {
+                for batch in batches {
+                    self.retry_or_fail(batch, error.clone());
+                }
+            }
         }
-        for batch in retry {
-            self.retry_or_fail(batch, error.clone());
-        }
-    }
-
-    fn request(&mut self, batches: Vec<Sealed>) -> ProduceRequest {
-        self.next_id += 1;
-        let request = ProduceRequest {
-            request_id: self.next_id,
-            acks: self.acks(),
-            partitions: batches
-                .iter()
-                .map(|b| pb::PartitionProduce {
-                    topic: b.topic.to_string(),
-                    partition: b.partition,
-                    batches: vec![b.bytes.clone()],
-                    records: vec![],
-                })
-                .collect(),
-        };
-        self.inflight.insert(self.next_id, batches);
-        request
     }
 
     fn on_response(&mut self, response: ProduceResponse) {
-        let Some(batches) = self.inflight.remove(&response.request_id) else {
+        let Some((address, batches)) = self.inflight.remove(&response.request_id) else {
             tracing::warn!(request_id = response.request_id, "answer to an unknown produce request");
             return;
         };
+        if let Some(link) = self.links.get_mut(&address) {
+            link.inflight = link.inflight.saturating_sub(1);
+        }
         let mut results = response.partitions.into_iter();
         for batch in batches {
             match results.next() {
@@ -101,96 +111,196 @@ impl State {
             }
         }
     }
+
+    /// Sends queued batches to their leaders while links have room.
+    async fn dispatch(&mut self, responses: &mut StreamMap<String, Streaming<ProduceResponse>>) {
+        let max_inflight = self.config.max_in_flight_requests.max(1);
+        while let Some(front) = self.queue.front() {
+            let (topic, partition) = (front.topic.clone(), front.partition);
+            let route = match self.client.cluster().route(&topic, partition).await {
+                Ok(route) => route,
+                Err(e) => {
+                    if let Some(batch) = self.queue.pop_front() {
+                        self.retry_or_fail(batch, e);
+                    }
+                    return;
+                }
+            };
+            if !self.links.contains_key(&route.address) {
+                match open_link(route.channel.clone(), max_inflight).await {
+                    Ok((requests, stream)) => {
+                        responses.insert(route.address.clone(), stream);
+                        self.links.insert(route.address.clone(), Link { requests, inflight: 0 });
+                    }
+                    Err(e) => {
+                        let e = match e {
+                            ClientError::Unreachable { reason, .. } => ClientError::Unreachable {
+                                address: route.address.clone(),
+                                reason,
+                            },
+                            e => e,
+                        };
+                        if let Some(batch) = self.queue.pop_front() {
+                            self.retry_or_fail(batch, e);
+                        }
+                        return;
+                    }
+                }
+            }
+            if self
+                .links
+                .get(&route.address)
+                .is_some_and(|l| l.inflight >= max_inflight)
+            {
+                return;
+            }
+            // Pack the batches at the front that go to the same leader.
+            let mut batches: Vec<Sealed> = self.queue.pop_front().into_iter().collect();
+            let mut bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
+            while batches.len() < MAX_BATCHES_PER_REQUEST && bytes < MAX_REQUEST_BYTES {
+                let same = self.queue.front().is_some_and(|b| {
+                    self.client.cluster().cached_address(&b.topic, b.partition).as_ref() == Some(&route.address)
+                });
+                match self.queue.pop_front() {
+                    Some(b) if same => {
+                        bytes += b.bytes.len();
+                        batches.push(b);
+                    }
+                    Some(b) => {
+                        self.queue.push_front(b);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.next_id += 1;
+            let request = ProduceRequest {
+                request_id: self.next_id,
+                acks: self.acks(),
+                partitions: batches
+                    .iter()
+                    .map(|b| pb::PartitionProduce {
+                        topic: b.topic.to_string(),
+                        partition: b.partition,
+                        batches: vec![b.bytes.clone()],
+                        records: vec![],
+                    })
+                    .collect(),
+            };
+            self.inflight.insert(self.next_id, (route.address.clone(), batches));
+            let sent = match self.links.get_mut(&route.address) {
+                Some(link) => {
+                    link.inflight += 1;
+                    link.requests.send(request).await.is_ok()
+                }
+                None => false,
+            };
+            if !sent {
+                let error = ClientError::Unreachable {
+                    address: route.address.clone(),
+                    reason: "the produce stream closed".into(),
+                };
+                self.link_broke(&route.address, &error);
+                return;
+            }
+        }
+    }
+
+    /// Links whose batches passed their delivery timeout without an answer (a stopped
+    /// broker, a dead link) are given up on, so their batches fail or move on in time.
+    fn expire(&mut self) {
+        let timeout = self.config.delivery_timeout;
+        let expired: Vec<String> = self
+            .inflight
+            .values()
+            .filter(|(_, batches)| batches.iter().any(|b| b.sealed_at.elapsed() >= timeout))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for address in expired {
+            self.link_broke(&address, &ClientError::Timeout(timeout));
+        }
+    }
+}
+
+async fn open_link(
+    channel: tonic::transport::Channel,
+    depth: usize,
+) -> Result<(mpsc::Sender<ProduceRequest>, Streaming<ProduceResponse>), ClientError> {
+    let (requests, outgoing) = mpsc::channel::<ProduceRequest>(depth);
+    let mut grpc = ProduceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let responses = grpc.produce_stream(ReceiverStream::new(outgoing)).await?.into_inner();
+    Ok((requests, responses))
 }
 
 /// The sender task: runs until the producer is dropped and everything sent is answered.
 pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc::Receiver<Sealed>) {
-    let max_inflight = config.max_in_flight_requests.max(1);
     let backoff = config.retry_backoff;
     let mut state = State {
+        client,
         config,
         inflight: BTreeMap::new(),
-        retry: VecDeque::new(),
+        queue: VecDeque::new(),
+        links: HashMap::new(),
         next_id: 0,
+        backoff: false,
     };
+    let mut responses: StreamMap<String, Streaming<ProduceResponse>> = StreamMap::new();
     let mut input_open = true;
     loop {
-        if !input_open && state.inflight.is_empty() && state.retry.is_empty() {
+        if std::mem::take(&mut state.backoff) {
+            tokio::time::sleep(backoff).await;
+        }
+        state.dispatch(&mut responses).await;
+        if !input_open && state.inflight.is_empty() && state.queue.is_empty() {
             return;
         }
-        let (requests, outgoing) = mpsc::channel::<ProduceRequest>(max_inflight);
-        let mut grpc = ProduceClient::new(client.channel())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut responses = match grpc.produce_stream(ReceiverStream::new(outgoing)).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                // No stream: batches waiting to be sent count an attempt too, so that they
-                // fail after `retries` or `delivery_timeout` instead of waiting forever.
-                let error = ClientError::from(status);
-                state.requeue_inflight(&error);
-                while let Ok(batch) = input.try_recv() {
-                    state.retry_or_fail(batch, error.clone());
+        let can_read = input_open && state.queue.is_empty();
+        tokio::select! {
+            biased;
+            Some((address, message)) = responses.next(), if !responses.is_empty() => match message {
+                Ok(response) => state.on_response(response),
+                Err(status) => {
+                    responses.remove(&address);
+                    state.link_broke(&address, &ClientError::from(status));
                 }
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        };
-        let broken = loop {
-            while state.inflight.len() < max_inflight && !state.retry.is_empty() {
-                let batch = state.retry.pop_front().into_iter().collect();
-                let request = state.request(batch);
-                if requests.send(request).await.is_err() {
-                    break;
-                }
-            }
-            if !input_open && state.inflight.is_empty() && state.retry.is_empty() {
-                return;
-            }
-            let can_send = input_open && state.inflight.len() < max_inflight && state.retry.is_empty();
-            tokio::select! {
-                biased;
-                message = responses.message() => match message {
-                    Ok(Some(response)) => state.on_response(response),
-                    Ok(None) => break ClientError::Unreachable { address: client.address().to_string(), reason: "the produce stream closed".into() },
-                    Err(status) => break ClientError::from(status),
-                },
-                next = input.recv(), if can_send => match next {
-                    Some(first) => {
-                        let mut bytes = first.bytes.len();
-                        let mut batch = vec![first];
-                        while batch.len() < MAX_BATCHES_PER_REQUEST && bytes < MAX_REQUEST_BYTES {
-                            match input.try_recv() {
-                                Ok(b) => {
-                                    bytes += b.bytes.len();
-                                    batch.push(b);
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        let request = state.request(batch);
-                        if requests.send(request).await.is_err() {
-                            break ClientError::Unreachable { address: client.address().to_string(), reason: "the produce stream closed".into() };
+            },
+            next = input.recv(), if can_read => match next {
+                Some(first) => {
+                    state.queue.push_back(first);
+                    while state.queue.len() < MAX_BATCHES_PER_REQUEST {
+                        match input.try_recv() {
+                            Ok(b) => state.queue.push_back(b),
+                            Err(_) => break,
                         }
                     }
-                    None => input_open = false,
-                },
-                // A stream that stopped answering (a stopped broker, a dead link) must not hold
-                // batches forever: past their delivery timeout they fail.
-                _ = tokio::time::sleep(TIMEOUT_CHECK), if !state.inflight.is_empty() => {
-                    let timeout = state.config.delivery_timeout;
-                    let expired = state.inflight.values().flatten().any(|b| b.sealed_at.elapsed() >= timeout);
-                    if expired {
-                        break ClientError::Timeout(timeout);
-                    }
                 }
-            }
-            if !state.retry.is_empty() {
-                tokio::time::sleep(backoff).await;
-            }
-        };
-        tracing::debug!(error = %broken, "produce stream broke; resending in-flight batches");
-        state.requeue_inflight(&broken);
-        tokio::time::sleep(backoff).await;
+                None => input_open = false,
+            },
+            _ = tokio::time::sleep(TIMEOUT_CHECK), if !state.inflight.is_empty() || !state.queue.is_empty() => state.expire(),
+        }
+        // A stream that ended without an error leaves its link without answers.
+        let ended: Vec<String> = state
+            .links
+            .keys()
+            .filter(|a| !responses.contains_key(*a))
+            .cloned()
+            .collect();
+        let orphaned: Vec<String> = responses
+            .keys()
+            .filter(|a| !state.links.contains_key(*a))
+            .cloned()
+            .collect();
+        for address in orphaned {
+            responses.remove(&address);
+        }
+        for address in ended {
+            let error = ClientError::Unreachable {
+                address: address.clone(),
+                reason: "the produce stream closed".into(),
+            };
+            state.link_broke(&address, &error);
+        }
     }
 }

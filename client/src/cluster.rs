@@ -1,0 +1,269 @@
+//! What the client knows of the cluster: broker addresses, partition leaders, and one
+//! channel per broker.
+//!
+//! Leaders are learned from `Metadata` and from the leader hints in `NOT_LEADER` errors; a
+//! retriable failure forgets the partition's leader, so the next request looks it up again.
+//! Calls that any broker can answer fail over along the bootstrap list and every broker
+//! learned since.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use conveyor_proto::v1::admin_client::AdminClient;
+use conveyor_proto::v1::{ErrorCode, MetadataRequest};
+use tonic::transport::Channel;
+
+use crate::connection::{self, endpoint};
+use crate::error::{ClientError, Result};
+
+/// Attempts a leader-routed call makes (refreshing the leader in between) before failing.
+pub(crate) const LEADER_ATTEMPTS: u32 = 40;
+pub(crate) const LEADER_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Default)]
+struct State {
+    /// The broker `any` calls go to.
+    current: Option<(String, Channel)>,
+    /// Every address known: bootstrap first, then brokers learned from metadata.
+    addresses: Vec<String>,
+    channels: HashMap<String, Channel>,
+    brokers: HashMap<i32, String>,
+    leaders: HashMap<(String, i32), i32>,
+    replicas: HashMap<(String, i32), Vec<i32>>,
+    partition_counts: HashMap<String, u32>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    state: Mutex<State>,
+}
+
+/// A partition's leader as the client believes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub address: String,
+    pub channel: Channel,
+}
+
+impl Cluster {
+    pub(crate) fn new(bootstrap: Vec<String>, address: String, channel: Channel) -> Cluster {
+        let mut state = State {
+            addresses: bootstrap,
+            ..State::default()
+        };
+        state.channels.insert(address.clone(), channel.clone());
+        state.current = Some((address, channel));
+        Cluster {
+            state: Mutex::new(state),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn current(&self) -> (String, Channel) {
+        let state = self.state();
+        state.current.clone().unwrap_or_else(|| {
+            // Unreachable in practice: `current` is set at construction and only replaced.
+            let address = state.addresses.first().cloned().unwrap_or_default();
+            let channel = lazy_channel(&address);
+            (address, channel)
+        })
+    }
+
+    fn channel_to(&self, address: &str) -> Channel {
+        let mut state = self.state();
+        state
+            .channels
+            .entry(address.to_string())
+            .or_insert_with(|| lazy_channel(address))
+            .clone()
+    }
+
+    /// Runs `call` against the current broker; if it cannot be reached, against the next
+    /// reachable one, until every known address was tried.
+    pub(crate) async fn any<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let (address, channel) = self.current();
+        let mut last = match call(channel).await {
+            Err(e @ ClientError::Unreachable { .. }) => e,
+            other => return other,
+        };
+        let candidates: Vec<String> = self
+            .state()
+            .addresses
+            .iter()
+            .filter(|a| **a != address)
+            .cloned()
+            .collect();
+        for candidate in candidates {
+            let channel = match connection::connect(&candidate).await {
+                Ok((channel, _)) => channel,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            {
+                let mut state = self.state();
+                state.channels.insert(candidate.clone(), channel.clone());
+                state.current = Some((candidate.clone(), channel.clone()));
+            }
+            match call(channel).await {
+                Err(e @ ClientError::Unreachable { .. }) => last = e,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Refreshes brokers and the leaders of `topic`'s partitions.
+    pub(crate) async fn refresh(&self, topic: &str) -> Result<()> {
+        let request = MetadataRequest {
+            topics: vec![topic.to_string()],
+        };
+        let response = self
+            .any(|channel| {
+                let request = request.clone();
+                async move { Ok(AdminClient::new(channel).metadata(request).await?.into_inner()) }
+            })
+            .await?;
+        let mut state = self.state();
+        for b in response.brokers {
+            if !state.addresses.contains(&b.address) {
+                state.addresses.push(b.address.clone());
+            }
+            state.brokers.insert(b.id, b.address);
+        }
+        for t in response.topics {
+            state.partition_counts.insert(t.name.clone(), t.partitions.len() as u32);
+            for p in t.partitions {
+                let key = (t.name.clone(), p.partition);
+                if p.leader > 0 {
+                    state.leaders.insert(key.clone(), p.leader);
+                } else {
+                    state.leaders.remove(&key);
+                }
+                state.replicas.insert(key, p.replicas);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn cached_partition_count(&self, topic: &str) -> Option<u32> {
+        self.state().partition_counts.get(topic).copied()
+    }
+
+    /// The leader of a partition, looked up if not known. When no broker knows the leader
+    /// (an election is under way) the preferred replica is the best guess: it answers with
+    /// a hint or a retriable error.
+    pub(crate) async fn route(&self, topic: &str, partition: i32) -> Result<Route> {
+        let key = (topic.to_string(), partition);
+        if let Some(route) = self.cached_route(&key) {
+            return Ok(route);
+        }
+        self.refresh(topic).await?;
+        if let Some(route) = self.cached_route(&key) {
+            return Ok(route);
+        }
+        let guess = {
+            let state = self.state();
+            let count = state.partition_counts.get(topic).copied();
+            if count.is_some_and(|n| partition < 0 || partition as u32 >= n) {
+                return Err(ClientError::InvalidArgument(format!(
+                    "topic '{topic}' has no partition {partition}"
+                )));
+            }
+            state
+                .replicas
+                .get(&key)
+                .and_then(|r| r.first())
+                .and_then(|id| state.brokers.get(id).map(|a| (*id, a.clone())))
+        };
+        match guess {
+            Some((_, address)) => Ok(Route {
+                channel: self.channel_to(&address),
+                address,
+            }),
+            None => {
+                let (address, channel) = self.current();
+                Ok(Route { address, channel })
+            }
+        }
+    }
+
+    /// The address of a partition's leader, if known, without looking it up.
+    pub(crate) fn cached_address(&self, topic: &str, partition: i32) -> Option<String> {
+        let state = self.state();
+        let broker = state.leaders.get(&(topic.to_string(), partition))?;
+        state.brokers.get(broker).cloned()
+    }
+
+    fn cached_route(&self, key: &(String, i32)) -> Option<Route> {
+        let address = self.cached_address(&key.0, key.1)?;
+        Some(Route {
+            channel: self.channel_to(&address),
+            address,
+        })
+    }
+
+    /// Runs `call` against a partition's leader, following leader changes: a retriable
+    /// failure updates the route and tries again, up to [`LEADER_ATTEMPTS`] times.
+    pub(crate) async fn with_leader<T, F, Fut>(&self, topic: &str, partition: i32, call: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match self.route(topic, partition).await {
+                Ok(route) => call(route.channel).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_retriable() && attempt < LEADER_ATTEMPTS => {
+                    self.on_error(topic, partition, &e);
+                    tokio::time::sleep(LEADER_BACKOFF).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Learns from a failed partition request: a leader hint moves the route there; any
+    /// other retriable failure forgets the route.
+    pub(crate) fn on_error(&self, topic: &str, partition: i32, error: &ClientError) {
+        let key = (topic.to_string(), partition);
+        let mut state = self.state();
+        if let ClientError::Broker { detail: Some(d), .. } = error
+            && ErrorCode::try_from(d.code) == Ok(ErrorCode::NotLeader)
+            && d.leader_id > 0
+            && !d.leader_address.is_empty()
+        {
+            state.brokers.insert(d.leader_id, d.leader_address.clone());
+            if !state.addresses.contains(&d.leader_address) {
+                state.addresses.push(d.leader_address.clone());
+            }
+            state.leaders.insert(key, d.leader_id);
+            return;
+        }
+        if error.is_retriable() {
+            state.leaders.remove(&key);
+        }
+    }
+}
+
+fn lazy_channel(address: &str) -> Channel {
+    match endpoint(address) {
+        Ok(e) => e.connect_lazy(),
+        // A malformed address from a broker: a channel whose every call fails as unreachable.
+        Err(_) => tonic::transport::Endpoint::from_static("http://0.0.0.0:1").connect_lazy(),
+    }
+}
