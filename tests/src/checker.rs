@@ -103,7 +103,10 @@ pub fn check(acked: &[Acked], observed: &[Observed]) -> Report {
     }
     let mut last_offset: BTreeMap<i32, u64> = BTreeMap::new();
     let mut last_seq: HashMap<(i32, &str), u64> = HashMap::new();
+    let mut first_copies: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for o in observed {
+        // A duplicate (a retried batch) is judged once, at its first copy.
+        let first = first_copies.insert(o.id.as_str());
         if let Some(prev) = last_offset.insert(o.partition, o.offset)
             && o.offset <= prev
         {
@@ -111,7 +114,8 @@ pub fn check(acked: &[Acked], observed: &[Observed]) -> Report {
                 .reordered
                 .push(format!("partition {} offset {} after {prev}", o.partition, o.offset));
         }
-        if let Some((producer, seq)) = split_id(&o.id)
+        if first
+            && let Some((producer, seq)) = split_id(&o.id)
             && let Some(prev) = last_seq.insert((o.partition, producer), seq)
             && seq < prev
         {

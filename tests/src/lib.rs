@@ -6,11 +6,13 @@
 //!   restart on the same ports.
 //! - [`cli`]: run the `conveyor` binary against a broker.
 //! - [`checker`]: compare acknowledged writes with what was read back.
+//! - [`cluster`]: N brokers with a fault proxy on every link between them.
 //!
 //! Binaries are built once per test process with `cargo build --bins` (the same target
 //! directory), or taken from `CONVEYOR_BROKER_BIN` / `CONVEYOR_CLI_BIN`.
 
 pub mod checker;
+pub mod cluster;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -110,6 +112,24 @@ impl BrokerProcess {
             data_dir: temp.path().join("data"),
             log_path: temp.path().join("broker-0.log"),
             listen: "127.0.0.1:0".into(),
+            metrics: "127.0.0.1:0".into(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+            _temp: Some(temp),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Starts a broker listening on `listen` (metrics on an ephemeral port) with a fresh temp
+    /// data dir.
+    pub fn start_on(listen: &str, extra: &[&str]) -> BrokerProcess {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut broker = BrokerProcess {
+            child: None,
+            data_dir: temp.path().join("data"),
+            log_path: temp.path().join("broker-0.log"),
+            listen: listen.to_string(),
             metrics: "127.0.0.1:0".into(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             starts: 0,

@@ -263,7 +263,13 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                 Ok(response) => state.on_response(response),
                 Err(status) => {
                     responses.remove(&address);
-                    state.link_broke(&address, &ClientError::from(status));
+                    // A stream that fails without the broker's own error detail is a broken
+                    // connection (the broker died or the link dropped): retriable.
+                    let error = match ClientError::from(status) {
+                        e @ ClientError::Broker { detail: Some(_), .. } => e,
+                        e => ClientError::Unreachable { address: address.clone(), reason: e.to_string() },
+                    };
+                    state.link_broke(&address, &error);
                 }
             },
             next = input.recv(), if can_read => match next {

@@ -1,0 +1,270 @@
+//! An N-broker cluster of real `conveyor-broker` processes on loopback, with a fault proxy on
+//! every link between brokers.
+//!
+//! Each broker reaches each other broker through its own proxy (one per direction), so a
+//! test can cut any link, or isolate a broker, while clients still reach every broker
+//! directly. Brokers can also be SIGKILLed, paused and restarted (see [`BrokerProcess`]).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{BrokerProcess, START_DEADLINE, wait_for};
+
+/// A TCP forwarder that can drop its link: while cut, it closes every open connection and
+/// every new one at once, as a network partition would (from the broker's point of view the
+/// peer stops answering).
+#[derive(Debug)]
+pub struct LinkProxy {
+    address: String,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl LinkProxy {
+    /// Listens on an ephemeral port and forwards to `target`.
+    pub fn start(target: String) -> LinkProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address").to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (c, o, s) = (Arc::clone(&cut), Arc::clone(&open), Arc::clone(&stopped));
+        std::thread::spawn(move || {
+            for incoming in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = incoming else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect(&target) else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                {
+                    let mut open = o.lock().expect("proxy lock");
+                    open.retain(|s| s.peer_addr().is_ok());
+                    for s in [&client, &upstream] {
+                        if let Ok(clone) = s.try_clone() {
+                            open.push(clone);
+                        }
+                    }
+                }
+                pipe(&client, &upstream);
+                pipe(&upstream, &client);
+            }
+        });
+        LinkProxy {
+            address,
+            cut,
+            open,
+            stopped,
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Drops every connection and refuses new ones until [`heal`](Self::heal).
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.open.lock().expect("proxy lock").drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.cut();
+        // Wakes the accept loop so that it sees `stopped`.
+        let _ = TcpStream::connect(&self.address);
+    }
+}
+
+fn pipe(from: &TcpStream, to: &TcpStream) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// A free loopback port below the kernel's ephemeral range (32768 and up on Linux), so that
+/// no outgoing connection takes it while its broker is down between a kill and a restart.
+fn free_port() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(13)) % 12_000) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            drop(listener);
+            return format!("127.0.0.1:{port}");
+        }
+    }
+}
+
+/// N brokers forming one cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    brokers: BTreeMap<u32, BrokerProcess>,
+    /// (from, to) → the proxy `from` uses to reach `to`.
+    links: BTreeMap<(u32, u32), LinkProxy>,
+}
+
+impl Cluster {
+    /// Starts brokers 1..=n with `extra` arguments each, and waits for a controller.
+    pub fn start(n: u32, extra: &[&str]) -> Cluster {
+        let listen: BTreeMap<u32, String> = (1..=n).map(|id| (id, free_port())).collect();
+        let mut links = BTreeMap::new();
+        for from in 1..=n {
+            for to in (1..=n).filter(|t| *t != from) {
+                links.insert((from, to), LinkProxy::start(listen[&to].clone()));
+            }
+        }
+        let mut brokers = BTreeMap::new();
+        for id in 1..=n {
+            let peers: Vec<String> = (1..=n)
+                .map(|to| {
+                    let address = if to == id {
+                        listen[&to].clone()
+                    } else {
+                        links[&(id, to)].address().to_string()
+                    };
+                    format!("{to}={address}")
+                })
+                .collect();
+            let mut args = vec![
+                "--node-id".to_string(),
+                id.to_string(),
+                "--peers".to_string(),
+                peers.join(","),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            brokers.insert(id, BrokerProcess::start_on(&listen[&id], &args));
+        }
+        let cluster = Cluster { brokers, links };
+        cluster.wait_for_controller(None);
+        cluster
+    }
+
+    /// Every broker's client address, comma-separated: a bootstrap list.
+    pub fn bootstrap(&self) -> String {
+        self.brokers
+            .values()
+            .map(|b| b.addr().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Client addresses of every broker but `id`.
+    pub fn bootstrap_without(&self, id: u32) -> String {
+        self.brokers
+            .iter()
+            .filter(|(i, _)| **i != id)
+            .map(|(_, b)| b.addr().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn broker(&self, id: u32) -> &BrokerProcess {
+        &self.brokers[&id]
+    }
+
+    pub fn broker_mut(&mut self, id: u32) -> &mut BrokerProcess {
+        self.brokers.get_mut(&id).expect("no such broker")
+    }
+
+    pub fn ids(&self) -> Vec<u32> {
+        self.brokers.keys().copied().collect()
+    }
+
+    /// Cuts the links between `a` and `b`, both directions.
+    pub fn cut(&self, a: u32, b: u32) {
+        self.links[&(a, b)].cut();
+        self.links[&(b, a)].cut();
+    }
+
+    /// Cuts every link of broker `id`: it still runs and clients reach it, but it cannot
+    /// talk to the other brokers.
+    pub fn isolate(&self, id: u32) {
+        for other in self.ids().into_iter().filter(|o| *o != id) {
+            self.cut(id, other);
+        }
+    }
+
+    pub fn heal_all(&self) {
+        for link in self.links.values() {
+            link.heal();
+        }
+    }
+
+    /// `conveyor cluster info --output json` through the brokers other than `skip`.
+    pub fn info(&self, skip: Option<u32>) -> Option<serde_json::Value> {
+        let bootstrap = match skip {
+            Some(id) => self.bootstrap_without(id),
+            None => self.bootstrap(),
+        };
+        let out = crate::cli(&bootstrap, &["cluster", "info", "--output", "json"], "");
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the brokers other than `skip` report a controller (not `skip`), and
+    /// returns its id.
+    pub fn wait_for_controller(&self, skip: Option<u32>) -> u32 {
+        wait_for("a controller", START_DEADLINE, || {
+            let info = self.info(skip)?;
+            let id = info["controller"].as_u64()? as u32;
+            (id > 0 && Some(id) != skip).then_some(id)
+        })
+    }
+
+    /// `conveyor topic describe NAME --output json`, asked of the brokers other than `skip`.
+    pub fn describe(&self, topic: &str, skip: Option<u32>) -> Option<serde_json::Value> {
+        let bootstrap = match skip {
+            Some(id) => self.bootstrap_without(id),
+            None => self.bootstrap(),
+        };
+        let out = crate::cli(&bootstrap, &["topic", "describe", topic, "--output", "json"], "");
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The leader of a partition once one is known and is not `not`.
+    pub fn wait_for_leader(&self, topic: &str, partition: usize, not: Option<u32>, deadline: Duration) -> u32 {
+        wait_for("a partition leader", deadline, || {
+            let d = self.describe(topic, not)?;
+            let leader = d["partitions"][partition]["leader"].as_u64()? as u32;
+            (leader > 0 && Some(leader) != not).then_some(leader)
+        })
+    }
+}

@@ -1,0 +1,354 @@
+//! A three-broker cluster under faults: leader SIGKILL during produce, an isolated leader,
+//! restart of every broker at once, a follower that needs a snapshot, controller failover.
+//! Every acknowledged record must be read back, in order; a duplicate may only come from a
+//! batch retried after its acknowledgement was lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use conveyor_client::proto::produce_client::ProduceClient;
+use conveyor_client::proto::{Acks as WireAcks, PartitionProduce, ProduceRequest, Record};
+use conveyor_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
+use conveyor_tests::checker::{Acked, Observed, check};
+use conveyor_tests::cluster::Cluster;
+use conveyor_tests::{cli, wait_for};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// The acknowledged writes of some producers, as they arrive.
+#[derive(Clone, Default)]
+struct History {
+    acked: Arc<Mutex<Vec<Acked>>>,
+    failed: Arc<Mutex<u64>>,
+    first_error: Arc<Mutex<Option<String>>>,
+}
+
+impl History {
+    fn acked(&self) -> Vec<Acked> {
+        self.acked.lock().expect("lock").clone()
+    }
+    fn count(&self) -> usize {
+        self.acked.lock().expect("lock").len()
+    }
+    fn failed(&self) -> u64 {
+        *self.failed.lock().expect("lock")
+    }
+}
+
+/// Sends `count` records `NAME-i` to `topic` through one producer with retries, recording
+/// every acknowledgement.
+async fn produce(client: Client, topic: &'static str, name: String, count: u64, history: History) {
+    let producer = client.producer(
+        ProducerConfig::default()
+            .linger(Duration::from_millis(2))
+            .retries(1_000)
+            .delivery_timeout(Duration::from_secs(60)),
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4_096);
+    let acker = tokio::spawn(async move {
+        while let Some((id, delivery)) = rx.recv().await {
+            let delivery: conveyor_client::DeliveryFuture = delivery;
+            match delivery.await {
+                Ok(m) => history.acked.lock().expect("lock").push(Acked {
+                    id,
+                    partition: m.partition,
+                    offset: m.offset.expect("acks=all returns offsets"),
+                }),
+                Err(e) => {
+                    *history.failed.lock().expect("lock") += 1;
+                    history.first_error.lock().expect("lock").get_or_insert(e.to_string());
+                }
+            }
+        }
+    });
+    for i in 0..count {
+        let id = format!("{name}-{i}");
+        let Ok(delivery) = producer.send(ProducerRecord::new(topic, id.clone())).await else {
+            break;
+        };
+        if tx.send((id, delivery)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    acker.await.expect("acker");
+}
+
+/// Reads every partition of `topic` from its start to its high watermark, asking `bootstrap`.
+async fn read_all(bootstrap: &str, topic: &str) -> Vec<Observed> {
+    let client = Client::connect(bootstrap).await.expect("connect");
+    let description = client.admin().describe_topic(topic).await.expect("describe");
+    let ends: HashMap<(String, i32), u64> = description
+        .partitions
+        .iter()
+        .map(|p| ((topic.to_string(), p.partition), p.high_watermark))
+        .collect();
+    let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
+    consumer.assign_all(topic, StartAt::Earliest).await.expect("assign");
+    let mut stream = consumer.stream();
+    let mut observed = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(r) = stream.next_until(&ends).await {
+            let r = r.expect("read");
+            if r.offset < ends[&(topic.to_string(), r.partition)] {
+                observed.push(Observed::of(&r));
+            }
+        }
+    })
+    .await
+    .expect("read back to the high watermark");
+    observed
+}
+
+/// Waits until every replica of every partition is in sync, so that a read sees the end.
+fn wait_in_sync(cluster: &Cluster, topic: &str, replicas: usize) {
+    wait_for("every replica in sync", DEADLINE, || {
+        let d = cluster.describe(topic, None)?;
+        d["partitions"]
+            .as_array()?
+            .iter()
+            .all(|p| p["in_sync"].as_array().is_some_and(|s| s.len() == replicas))
+            .then_some(())
+    });
+}
+
+fn create(bootstrap: &str, topic: &str, partitions: &str, extra: &[&str]) {
+    let mut args = vec![
+        "topic",
+        "create",
+        topic,
+        "--partitions",
+        partitions,
+        "--replication-factor",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    let out = cli(bootstrap, &args, "");
+    assert!(
+        out.status.success(),
+        "create {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_every_acknowledged_record() {
+    let mut cluster = Cluster::start(3, &[]);
+    create(&cluster.bootstrap(), "failover", "1", &[]);
+    let leader = cluster.wait_for_leader("failover", 0, None, DEADLINE);
+    let runtime = conveyor_tests::runtime();
+    let history = History::default();
+    let producers: Vec<_> = (0..3)
+        .map(|n| {
+            let (bootstrap, history) = (cluster.bootstrap(), history.clone());
+            runtime.spawn(async move {
+                let client = Client::connect(&bootstrap).await.expect("connect");
+                produce(client, "failover", format!("p{n}"), 33_334, history).await;
+            })
+        })
+        .collect();
+    wait_for("acknowledged records before the kill", DEADLINE, || {
+        (history.count() >= 20_000).then_some(())
+    });
+    cluster.broker_mut(leader).kill();
+    let killed_at = Instant::now();
+    // A probe measures how soon the cluster takes writes again.
+    let probe = runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap_without(leader))
+            .await
+            .expect("connect");
+        let producer = client.producer(ProducerConfig::default().linger(Duration::ZERO).retries(1_000));
+        let delivery = producer
+            .send(ProducerRecord::new("failover", "probe-0"))
+            .await
+            .expect("send probe");
+        let written = delivery.await.expect("the probe is acknowledged by a new leader");
+        Acked {
+            id: "probe-0".into(),
+            partition: written.partition,
+            offset: written.offset.expect("offset"),
+        }
+    });
+    let failover = killed_at.elapsed();
+    let new_leader = cluster.wait_for_leader("failover", 0, Some(leader), DEADLINE);
+    println!("leader {leader} killed; broker {new_leader} took writes after {failover:?}");
+    runtime.block_on(async {
+        for p in producers {
+            tokio::time::timeout(DEADLINE, p)
+                .await
+                .expect("producers finish")
+                .expect("producer task");
+        }
+    });
+    cluster.broker_mut(leader).restart();
+    wait_in_sync(&cluster, "failover", 3);
+    let mut acked = history.acked();
+    acked.push(probe);
+    let observed = runtime.block_on(read_all(&cluster.bootstrap(), "failover"));
+    let report = check(&acked, &observed);
+    println!(
+        "{report}; failed deliveries {}; duplicates come from batches retried after a lost acknowledgement",
+        history.failed()
+    );
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.reordered.is_empty(), "{report}");
+    assert_eq!(
+        history.failed(),
+        0,
+        "with retries every record is delivered; first error: {:?}",
+        history.first_error.lock().expect("lock")
+    );
+    assert_eq!(acked.len(), 100_003, "every record and the probe were acknowledged");
+    assert!(failover < Duration::from_secs(10), "failover took {failover:?}");
+}
+
+#[test]
+fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledged_suffix() {
+    let cluster = Cluster::start(3, &[]);
+    create(&cluster.bootstrap(), "split", "1", &[]);
+    let old = cluster.wait_for_leader("split", 0, None, DEADLINE);
+    let runtime = conveyor_tests::runtime();
+    let history = History::default();
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
+        produce(client, "split", "before".into(), 1_000, history.clone()).await;
+    });
+    cluster.isolate(old);
+    // Writes sent straight to the isolated leader: none may be acknowledged.
+    let stranded: Vec<String> = runtime.block_on(async {
+        let mut grpc = ProduceClient::connect(format!("http://{}", cluster.broker(old).addr()))
+            .await
+            .expect("connect to the isolated leader");
+        let mut stranded = Vec::new();
+        for i in 0..20 {
+            let id = format!("stranded-{i}");
+            let request = ProduceRequest {
+                request_id: i,
+                acks: WireAcks::All as i32,
+                partitions: vec![PartitionProduce {
+                    topic: "split".into(),
+                    partition: 0,
+                    batches: vec![],
+                    records: vec![Record {
+                        value: Some(id.clone().into()),
+                        ..Record::default()
+                    }],
+                }],
+            };
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(Duration::from_secs(5));
+            let answer = grpc.produce(request).await;
+            let acknowledged = answer.is_ok_and(|r| r.into_inner().partitions.iter().all(|p| p.error.is_none()));
+            assert!(!acknowledged, "an isolated leader acknowledged {id}");
+            stranded.push(id);
+        }
+        stranded
+    });
+    let new = cluster.wait_for_leader("split", 0, Some(old), DEADLINE);
+    assert_ne!(new, old);
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap_without(old)).await.expect("connect");
+        produce(client, "split", "after".into(), 1_000, history.clone()).await;
+    });
+    cluster.heal_all();
+    wait_in_sync(&cluster, "split", 3);
+    // Read from the old leader once it leads again: its own log must have lost the suffix.
+    let out = cli(
+        &cluster.bootstrap(),
+        &["partition", "transfer-leader", "split", "0", "--to", &old.to_string()],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "transfer back: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let observed = runtime.block_on(read_all(&cluster.broker(old).addr().to_string(), "split"));
+    let ids: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
+    for id in &stranded {
+        assert!(
+            !ids.contains(id.as_str()),
+            "{id} was never acknowledged but is readable"
+        );
+    }
+    let report = check(&history.acked(), &observed);
+    println!("{report}");
+    assert_eq!(history.count(), 2_000);
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.reordered.is_empty(), "{report}");
+}
+
+#[test]
+fn given_three_brokers_when_all_are_sigkilled_and_restarted_should_keep_every_acknowledged_record() {
+    let mut cluster = Cluster::start(3, &[]);
+    create(&cluster.bootstrap(), "restart", "3", &[]);
+    let runtime = conveyor_tests::runtime();
+    let history = History::default();
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
+        produce(client, "restart", "p0".into(), 20_000, history.clone()).await;
+    });
+    assert_eq!(history.count(), 20_000);
+    for id in cluster.ids() {
+        cluster.broker_mut(id).kill();
+    }
+    for id in cluster.ids() {
+        cluster.broker_mut(id).restart();
+    }
+    cluster.wait_for_controller(None);
+    wait_in_sync(&cluster, "restart", 3);
+    let observed = runtime.block_on(read_all(&cluster.bootstrap(), "restart"));
+    let report = check(&history.acked(), &observed);
+    println!("{report}");
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.reordered.is_empty(), "{report}");
+    assert!(report.duplicated.is_empty(), "no failures, so no retries: {report}");
+}
+
+#[test]
+fn given_the_controller_is_sigkilled_topic_creation_should_still_work() {
+    let mut cluster = Cluster::start(3, &[]);
+    let controller = cluster.wait_for_controller(None);
+    cluster.broker_mut(controller).kill();
+    let next = cluster.wait_for_controller(Some(controller));
+    assert_ne!(next, controller);
+    let bootstrap = cluster.bootstrap_without(controller);
+    let out = cli(
+        &bootstrap,
+        &[
+            "topic",
+            "create",
+            "after-failover",
+            "--partitions",
+            "2",
+            "--replication-factor",
+            "2",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Every surviving broker applied it.
+    for id in cluster.ids().into_iter().filter(|i| *i != controller) {
+        let out = cli(cluster.broker(id).addr(), &["topic", "list", "--output", "json"], "");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("after-failover"), "broker {id}: {text}");
+    }
+    // Replication factor 3 needs three live brokers: refused with a clear error once the
+    // dead one is seen as down.
+    wait_for("the killed controller to be seen as down", DEADLINE, || {
+        let info = cluster.info(Some(controller))?;
+        let brokers = info["brokers"].as_array()?;
+        brokers
+            .iter()
+            .any(|b| b["id"].as_u64() == Some(u64::from(controller)) && b["alive"] == false)
+            .then_some(())
+    });
+    let out = cli(
+        &bootstrap,
+        &["topic", "create", "too-wide", "--replication-factor", "3"],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replication factor"));
+}
