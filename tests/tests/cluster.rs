@@ -264,7 +264,7 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
         "transfer back: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let observed = runtime.block_on(read_all(&cluster.broker(old).addr().to_string(), "split"));
+    let observed = runtime.block_on(read_all(cluster.broker(old).addr(), "split"));
     let ids: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
     for id in &stranded {
         assert!(
@@ -351,4 +351,94 @@ fn given_the_controller_is_sigkilled_topic_creation_should_still_work() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("replication factor"));
+}
+
+#[test]
+fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_from_a_snapshot() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[log]\nretention_check_interval = \"100ms\"\n").expect("write config");
+    let config = config.to_string_lossy().into_owned();
+    let mut cluster = Cluster::start(3, &["--config", &config]);
+    create(
+        &cluster.bootstrap(),
+        "compacted-away",
+        "1",
+        &[
+            "--config",
+            "segment.bytes=4096",
+            "--config",
+            "max.message.bytes=2048",
+            "--config",
+            "retention.bytes=16384",
+        ],
+    );
+    let leader = cluster.wait_for_leader("compacted-away", 0, None, DEADLINE);
+    let follower = cluster.ids().into_iter().find(|i| *i != leader).expect("a follower");
+    let runtime = conveyor_tests::runtime();
+    let history = History::default();
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
+        produce(client, "compacted-away", "early".into(), 200, history.clone()).await;
+    });
+    cluster.broker_mut(follower).kill();
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap_without(follower))
+            .await
+            .expect("connect");
+        // Single-record batches, so that segments roll and retention deletes many of them.
+        let producer = client.producer(ProducerConfig::default().linger(Duration::ZERO));
+        for i in 0..2_000 {
+            let id = format!("late-{i}");
+            let written = producer
+                .send(ProducerRecord::new("compacted-away", id.clone()))
+                .await
+                .expect("send")
+                .await
+                .expect("acknowledged by the two live replicas");
+            history.acked.lock().expect("lock").push(Acked {
+                id,
+                partition: written.partition,
+                offset: written.offset.expect("offset"),
+            });
+        }
+    });
+    let start = wait_for("retention to move the leader's log start", DEADLINE, || {
+        let d = cluster.describe("compacted-away", Some(follower))?;
+        let start = d["partitions"][0]["log_start_offset"].as_u64()?;
+        (start > 300).then_some(start)
+    });
+    cluster.broker_mut(follower).restart();
+    wait_in_sync(&cluster, "compacted-away", 3);
+    // Make the restarted follower the leader and read from it: it holds the tail from the
+    // snapshot point on, byte for byte what the others hold.
+    let out = cli(
+        &cluster.bootstrap(),
+        &[
+            "partition",
+            "transfer-leader",
+            "compacted-away",
+            "0",
+            "--to",
+            &follower.to_string(),
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let observed = runtime.block_on(read_all(cluster.broker(follower).addr(), "compacted-away"));
+    let first = observed
+        .first()
+        .map(|o| o.offset)
+        .expect("records after the snapshot point");
+    assert!(
+        first >= start,
+        "the follower serves from its new log start {first} >= {start}"
+    );
+    let kept: Vec<Acked> = history.acked().into_iter().filter(|a| a.offset >= first).collect();
+    let report = check(&kept, &observed);
+    println!("follower {follower} restarted at log start {first}; {report}");
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.reordered.is_empty(), "{report}");
+    assert!(report.duplicated.is_empty(), "{report}");
+    assert!(kept.len() >= 100, "retention keeps the newest records: {}", kept.len());
 }
