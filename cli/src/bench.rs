@@ -60,6 +60,9 @@ pub struct BenchArgs {
     /// Partitions when the topic is created.
     #[arg(long, default_value_t = 1)]
     pub partitions: i32,
+    /// Replicas per partition when the topic is created.
+    #[arg(long, default_value_t = 1)]
+    pub replication_factor: i32,
     /// Topic config when the topic is created, e.g. flush.policy=os.
     #[arg(long = "config", value_name = "KEY=VALUE")]
     pub configs: Vec<String>,
@@ -117,7 +120,7 @@ async fn ensure_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?;
             client
                 .admin()
-                .create_topic(&args.topic, args.partitions, &configs)
+                .create_replicated_topic(&args.topic, args.partitions, args.replication_factor, &configs)
                 .await?;
             Ok(())
         }
