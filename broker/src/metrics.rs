@@ -171,7 +171,7 @@ impl Metrics {
         ];
         let partitions = registry.all_partitions();
         for (i, (name, help)) in gauges.iter().enumerate() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            gauge_header(&mut out, name, help);
             for p in &partitions {
                 let value = match i {
                     0 => p.log.log_start_offset(),
@@ -183,9 +183,10 @@ impl Metrics {
             }
         }
         let name = "conveyor_replication_lag_offsets";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Offsets a follower's log is behind its leader's (reported by the leader)\n# TYPE {name} gauge"
+        gauge_header(
+            &mut out,
+            name,
+            "Offsets a follower's log is behind its leader's (reported by the leader)",
         );
         for p in &partitions {
             for f in p.status().followers {
@@ -197,24 +198,22 @@ impl Metrics {
             }
         }
         let name = "conveyor_raft_send_queue_depth";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Raft messages waiting to be sent to a peer\n# TYPE {name} gauge"
-        );
+        gauge_header(&mut out, name, "Raft messages waiting to be sent to a peer");
         let peers = registry.transport().peer_states();
         for peer in peers.iter().filter(|s| s.id != registry.transport().node_id()) {
             let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.id, peer.queue_depth);
         }
         let name = "conveyor_broker_alive";
-        let _ = writeln!(
-            out,
-            "# HELP {name} 1 while this broker hears from the peer\n# TYPE {name} gauge"
-        );
+        gauge_header(&mut out, name, "1 while this broker hears from the peer");
         for peer in &peers {
             let _ = writeln!(out, "{name}{{broker=\"{}\"}} {}", peer.id, u8::from(peer.alive));
         }
         out
     }
+}
+
+fn gauge_header(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
 }
 
 /// Serves `GET /metrics` until `shutdown` resolves. A deliberately small HTTP/1.0 responder:

@@ -122,10 +122,8 @@ pub struct Partition {
     pub topic: String,
     pub index: i32,
     pub log: Arc<PartitionLog>,
-    /// Brokers holding a replica, the preferred leader first.
-    pub replicas: Vec<u32>,
     node_id: u32,
-    key: GroupKey,
+    key: Arc<GroupKey>,
     raft: RaftLog,
     transport: Arc<Transport>,
     mailbox: Mutex<Option<mpsc::Sender<AppendRequest>>>,
@@ -191,7 +189,7 @@ impl Partition {
         if raft.voters() == [ctx.node_id] || (new_group && preferred == ctx.node_id) {
             node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
         }
-        let key = GroupKey::new(topic, index);
+        let key = Arc::new(GroupKey::new(topic, index));
         let (hw_tx, hw_rx) = watch::channel(raft.offset_after(state.hard_state.commit));
         let (status_tx, status_rx) = watch::channel(GroupStatus {
             leader: u32::try_from(node.raft.leader_id).unwrap_or(0),
@@ -206,7 +204,7 @@ impl Partition {
             failed: Arc::clone(&failed),
             topic: topic.to_string(),
             index,
-            key: key.clone(),
+            key: Arc::clone(&key),
             raft: raft.clone(),
             transport: Arc::clone(&ctx.transport),
             high_watermark: hw_tx,
@@ -218,13 +216,12 @@ impl Partition {
             ticks: 0,
             caught_up: HashMap::new(),
         };
-        ctx.transport.register(key.clone(), inbox_tx);
+        ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let handle = ctx.runtime.spawn(owner.run(rx, inbox_rx, control_rx, node));
         Ok(Arc::new(Partition {
             topic: topic.to_string(),
             index,
             log,
-            replicas: replicas.to_vec(),
             node_id: ctx.node_id as u32,
             key,
             raft,
@@ -391,7 +388,7 @@ struct Owner {
     failed: Arc<Mutex<Option<String>>>,
     topic: String,
     index: i32,
-    key: GroupKey,
+    key: Arc<GroupKey>,
     raft: RaftLog,
     transport: Arc<Transport>,
     high_watermark: watch::Sender<u64>,
@@ -410,7 +407,7 @@ struct Owner {
 /// node itself in [`Owner::finish`].
 struct Outbox<'a> {
     transport: &'a Transport,
-    key: &'a GroupKey,
+    key: &'a Arc<GroupKey>,
 }
 
 impl ReadyHandler for Outbox<'_> {
@@ -484,7 +481,7 @@ impl Owner {
             }
             let started = Instant::now();
             let transport = Arc::clone(&self.transport);
-            let key = self.key.clone();
+            let key = Arc::clone(&self.key);
             let job = tokio::task::spawn_blocking(move || {
                 let mut outbox = Outbox {
                     transport: &transport,

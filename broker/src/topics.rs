@@ -502,15 +502,6 @@ impl Registry {
         all
     }
 
-    /// Replicas of user topics on this broker.
-    pub fn topic_partitions(&self) -> Vec<Arc<Partition>> {
-        self.list().iter().flat_map(|t| t.local.values().cloned()).collect()
-    }
-
-    pub fn defaults(&self) -> &TopicDefaults {
-        &self.options.defaults
-    }
-
     pub fn transport(&self) -> &Arc<Transport> {
         &self.transport
     }
@@ -638,10 +629,6 @@ impl Registry {
         }))
         .await?;
         self.get(name)
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.options.data_dir
     }
 }
 

@@ -63,16 +63,12 @@ impl GroupKey {
             partition,
         }
     }
-
-    pub fn controller() -> GroupKey {
-        GroupKey::new(CONTROLLER_TOPIC, 0)
-    }
 }
 
 #[derive(Debug)]
 struct Peer {
     address: String,
-    queue: mpsc::Sender<(GroupKey, Message)>,
+    queue: mpsc::Sender<(Arc<GroupKey>, Message)>,
     /// Where clients reach this peer, as it last said.
     client_address: Mutex<Option<String>>,
     last_heard: Mutex<Option<Instant>>,
@@ -158,13 +154,13 @@ impl Transport {
     }
 
     /// Queues a message for its peer without waiting; drops it if the queue is full.
-    pub fn send(&self, key: &GroupKey, message: Message) {
+    pub fn send(&self, key: &Arc<GroupKey>, message: Message) {
         let Ok(to) = u32::try_from(message.to) else { return };
         let Some(peer) = self.peers.get(&to) else {
             tracing::debug!(to, "raft message for an unknown broker dropped");
             return;
         };
-        if peer.queue.try_send((key.clone(), message)).is_err() {
+        if peer.queue.try_send((Arc::clone(key), message)).is_err() {
             peer.dropped.add(1);
             self.metrics.raft_messages_dropped.add(1);
         }
@@ -289,7 +285,7 @@ async fn send_loop(
     to: u32,
     peer: Arc<Peer>,
     endpoint: Endpoint,
-    mut queue: mpsc::Receiver<(GroupKey, Message)>,
+    mut queue: mpsc::Receiver<(Arc<GroupKey>, Message)>,
 ) {
     let mut client = RaftClient::new(endpoint.connect_lazy())
         .max_encoding_message_size(64 << 20)
@@ -311,7 +307,7 @@ async fn send_loop(
                 Ok(encoded) => {
                     bytes += encoded.len();
                     messages.push(GroupMessage {
-                        topic: key.topic,
+                        topic: key.topic.clone(),
                         partition: key.partition,
                         message: Bytes::from(encoded),
                     });

@@ -22,10 +22,10 @@ use crate::error::{ClientError, Result};
 pub(crate) const LEADER_ATTEMPTS: u32 = 40;
 pub(crate) const LEADER_BACKOFF: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// The broker `any` calls go to.
-    current: Option<(String, Channel)>,
+    current: (String, Channel),
     /// Every address known: bootstrap first, then brokers learned from metadata.
     addresses: Vec<String>,
     channels: HashMap<String, Channel>,
@@ -49,12 +49,15 @@ pub(crate) struct Route {
 
 impl Cluster {
     pub(crate) fn new(bootstrap: Vec<String>, address: String, channel: Channel) -> Cluster {
-        let mut state = State {
+        let state = State {
+            current: (address.clone(), channel.clone()),
             addresses: bootstrap,
-            ..State::default()
+            channels: HashMap::from([(address, channel)]),
+            brokers: HashMap::new(),
+            leaders: HashMap::new(),
+            replicas: HashMap::new(),
+            partition_counts: HashMap::new(),
         };
-        state.channels.insert(address.clone(), channel.clone());
-        state.current = Some((address, channel));
         Cluster {
             state: Mutex::new(state),
         }
@@ -65,13 +68,7 @@ impl Cluster {
     }
 
     pub(crate) fn current(&self) -> (String, Channel) {
-        let state = self.state();
-        state.current.clone().unwrap_or_else(|| {
-            // Unreachable in practice: `current` is set at construction and only replaced.
-            let address = state.addresses.first().cloned().unwrap_or_default();
-            let channel = lazy_channel(&address);
-            (address, channel)
-        })
+        self.state().current.clone()
     }
 
     fn channel_to(&self, address: &str) -> Channel {
@@ -113,7 +110,7 @@ impl Cluster {
             {
                 let mut state = self.state();
                 state.channels.insert(candidate.clone(), channel.clone());
-                state.current = Some((candidate.clone(), channel.clone()));
+                state.current = (candidate.clone(), channel.clone());
             }
             match call(channel).await {
                 Err(e @ ClientError::Unreachable { .. }) => last = e,

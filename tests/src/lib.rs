@@ -106,23 +106,11 @@ impl BrokerProcess {
 
     /// As [`start`](Self::start), passing extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> BrokerProcess {
-        let temp = tempfile::tempdir().expect("temp dir");
-        let mut broker = BrokerProcess {
-            child: None,
-            data_dir: temp.path().join("data"),
-            log_path: temp.path().join("broker-0.log"),
-            listen: "127.0.0.1:0".into(),
-            metrics: "127.0.0.1:0".into(),
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
-            starts: 0,
-            _temp: Some(temp),
-        };
-        broker.spawn();
-        broker
+        Self::start_on("127.0.0.1:0", extra)
     }
 
-    /// Starts a broker listening on `listen` (metrics on an ephemeral port) with a fresh temp
-    /// data dir.
+    /// Starts a broker listening on `listen` (port 0: an ephemeral one, kept across restarts),
+    /// metrics on an ephemeral port, with a fresh temp data dir.
     pub fn start_on(listen: &str, extra: &[&str]) -> BrokerProcess {
         let temp = tempfile::tempdir().expect("temp dir");
         let mut broker = BrokerProcess {

@@ -59,6 +59,12 @@ fn given_bad_admin_requests_should_answer_with_typed_errors_naming_the_problem()
         );
 
         admin.create_topic("exists", 1, NO_CONFIG).await.expect("create");
+        let e = admin
+            .transfer_leader("exists", 7, 1)
+            .await
+            .expect_err("no such partition");
+        assert_eq!(broker_code(&e), tonic::Code::NotFound);
+        assert!(e.to_string().contains("no partition 7"), "{e}");
         let e = admin.create_topic("exists", 1, NO_CONFIG).await.expect_err("duplicate");
         assert_eq!(broker_code(&e), tonic::Code::AlreadyExists);
         assert!(e.to_string().contains("exists"));

@@ -340,9 +340,18 @@ impl Admin for AdminService {
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
         let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
+        let replicas = usize::try_from(req.partition)
+            .ok()
+            .and_then(|i| topic.assignments.get(i))
+            .ok_or_else(|| {
+                self.fail(BrokerError::UnknownPartition {
+                    topic: topic.name.clone(),
+                    partition: req.partition,
+                    count: topic.partition_count() as u32,
+                })
+            })?;
         let replica = self.ctx.registry.replica(&topic, req.partition);
         let leader_here = replica.as_ref().is_ok_and(|p| p.is_leader());
-        let replicas = &topic.assignments[req.partition.max(0) as usize];
         if req.to <= 0 || !replicas.contains(&(req.to as u32)) {
             return Err(self.fail(BrokerError::InvalidRequest(format!(
                 "broker {} holds no replica of topic '{}' partition {} (replicas: {replicas:?})",

@@ -49,18 +49,15 @@ fn advance(position: &mut Position, bytes: &bytes::Bytes) -> Result<()> {
 async fn reset(
     client: &Client,
     config: &ConsumerConfig,
-    positions: &mut [Position],
+    position: &mut Position,
     detail: &ErrorDetail,
 ) -> Option<Chunk> {
     let start = config.offset_reset?;
     if ErrorCode::try_from(detail.code) != Ok(ErrorCode::OffsetOutOfRange) {
         return None;
     }
-    let position = positions
-        .iter_mut()
-        .find(|p| *p.topic == *detail.topic && p.partition == detail.partition)?;
-    let next = resolve(client, &detail.topic, detail.partition, start).await.ok()?;
-    tracing::info!(topic = %detail.topic, partition = detail.partition, from = position.next, to = next, "offset left the log; reset");
+    let next = resolve(client, &position.topic, position.partition, start).await.ok()?;
+    tracing::info!(topic = %position.topic, partition = position.partition, from = position.next, to = next, "offset left the log; reset");
     position.next = next;
     Some(Chunk {
         topic: Arc::clone(&position.topic),
@@ -160,7 +157,7 @@ async fn fetch_partition(
                 if let ClientError::Broker {
                     detail: Some(detail), ..
                 } = &error
-                    && let Some(chunk) = reset(&client, &config, std::slice::from_mut(&mut position), detail).await
+                    && let Some(chunk) = reset(&client, &config, &mut position, detail).await
                 {
                     if tx.send(Ok(vec![chunk])).await.is_err() {
                         return;
@@ -184,7 +181,7 @@ async fn fetch_partition(
                 continue;
             }
             if let Some(detail) = data.error {
-                match reset(&client, &config, std::slice::from_mut(&mut position), &detail).await {
+                match reset(&client, &config, &mut position, &detail).await {
                     Some(chunk) => chunks.push(chunk),
                     None => {
                         let _ = tx.send(Err(ClientError::from_detail(detail))).await;
