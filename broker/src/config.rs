@@ -34,6 +34,10 @@ pub struct ClusterSection {
     pub advertised_address: Option<String>,
     /// Raft messages queued per peer; when full, more are dropped (Raft resends).
     pub raft_queue_depth: usize,
+    /// Join a running cluster instead of founding one: `peers` names brokers already in
+    /// it, and this broker waits until `conveyor cluster add-node` adds it. Only read on the
+    /// first start; afterwards the broker knows its cluster from its own data.
+    pub join: bool,
 }
 
 impl Default for ClusterSection {
@@ -42,6 +46,7 @@ impl Default for ClusterSection {
             peers: Vec::new(),
             advertised_address: None,
             raft_queue_depth: 8192,
+            join: false,
         }
     }
 }

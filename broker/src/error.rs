@@ -65,6 +65,16 @@ pub enum BrokerError {
         leader: u32,
         address: String,
     },
+    #[error("topic '{topic}' partition {partition}: membership change under way: {reason}; retry shortly")]
+    MembershipChanging {
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
+    #[error("broker {0} is not a member of this cluster")]
+    UnknownBroker(u32),
+    #[error("cannot remove broker {id}: {reason}")]
+    CannotRemoveBroker { id: u32, reason: String },
     #[error("the cluster has no controller right now; retry shortly")]
     NoController,
     #[error("cannot reach broker {id} at {address}: {reason}")]
@@ -133,6 +143,9 @@ impl BrokerError {
             LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             BrokerUnreachable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             NotLeader { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
+            MembershipChanging { .. } => (Code::Unavailable, ErrorCode::MembershipChanging, true),
+            UnknownBroker(_) => (Code::NotFound, ErrorCode::UnknownBroker, false),
+            CannotRemoveBroker { .. } => (Code::FailedPrecondition, ErrorCode::InvalidRequest, false),
         }
     }
 
@@ -152,6 +165,7 @@ impl BrokerError {
             | RecordTooLarge { topic, partition, .. }
             | Busy { topic, partition }
             | LeaderNotAvailable { topic, partition }
+            | MembershipChanging { topic, partition, .. }
             | Storage { topic, partition, .. } => {
                 detail.topic = topic.clone();
                 detail.partition = *partition;

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod membership;
 pub mod metrics;
 pub mod partition;
 pub mod replica;

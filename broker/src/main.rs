@@ -37,6 +37,10 @@ struct Args {
     /// Where clients reach this broker [default: the listen address].
     #[arg(long, env = "CONVEYOR_ADVERTISED_ADDRESS", value_name = "HOST:PORT")]
     advertised_address: Option<String>,
+    /// Join a running cluster instead of founding a new one: --peers names brokers already
+    /// in it (and this one), and the broker waits until `conveyor cluster add-node` adds it.
+    #[arg(long, env = "CONVEYOR_JOIN")]
+    join: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +74,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(a) = args.advertised_address {
         config.cluster.advertised_address = Some(a);
+    }
+    if args.join {
+        config.cluster.join = true;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -112,10 +112,27 @@ impl GroupStatus {
     }
 }
 
+/// One step of a Raft group membership change. Changes are made one at a time, each
+/// committed before the next is accepted, so two majorities can never disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Joins as a learner: it receives the log but does not vote.
+    AddLearner(u64),
+    /// A learner that has caught up becomes a voter.
+    Promote(u64),
+    Remove(u64),
+}
+
 #[derive(Debug)]
 enum Control {
     TransferLeader(u64),
+    SetPreferred(u64),
+    Membership(MemberChange, oneshot::Sender<Result<()>>),
 }
+
+/// A learner this many entries or fewer behind the commit index may be promoted: close
+/// enough that it cannot hold back commits for long once it votes.
+const PROMOTE_MAX_LAG: u64 = 64;
 
 #[derive(Debug)]
 pub struct Partition {
@@ -141,8 +158,11 @@ fn raft_logger() -> slog::Logger {
 }
 
 impl Partition {
-    /// Opens (or creates) the log, starts its Raft group over `replicas` (used when the group
-    /// is new; a restarted group keeps the membership it stored) and the owner task.
+    /// Opens (or creates) the log, starts its Raft group and the owner task. A new group's
+    /// membership starts as `initial_voters` (the partition's replicas when it was created;
+    /// a replica added later replays the membership changes since from its leader). An empty
+    /// set starts a replica that only waits to be told by a leader. A restarted group keeps
+    /// the membership it stored. `preferred` is the replica that should lead.
     /// Blocking: call off the reactor.
     pub fn open(
         ctx: &OpenContext,
@@ -150,7 +170,8 @@ impl Partition {
         index: i32,
         dir: &std::path::Path,
         config: LogConfig,
-        replicas: &[u32],
+        initial_voters: &[u32],
+        preferred: u32,
     ) -> Result<Arc<Partition>> {
         let storage_error = |e: crate::replica::raft_storage::ReplicaError| {
             BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
@@ -158,9 +179,9 @@ impl Partition {
         let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
         let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
         let new_group = raft.voters().is_empty();
-        if new_group {
+        if new_group && !initial_voters.is_empty() {
             let conf = ConfState {
-                voters: replicas.iter().map(|&r| u64::from(r)).collect(),
+                voters: initial_voters.iter().map(|&r| u64::from(r)).collect(),
                 ..ConfState::default()
             };
             raft.set_conf_state(&conf).map_err(storage_error)?;
@@ -183,10 +204,11 @@ impl Partition {
             .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))?;
         let mut node =
             RawNode::new(&config, raft.clone(), &raft_logger()).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let preferred = replicas.first().map_or(ctx.node_id, |&r| u64::from(r));
+        let preferred = u64::from(preferred);
         // Alone in its group there is no reason to wait for an election timeout; a new group's
         // preferred leader campaigns at once too, so a new topic is writable quickly.
-        if raft.voters() == [ctx.node_id] || (new_group && preferred == ctx.node_id) {
+        let voter = raft.voters().contains(&ctx.node_id);
+        if raft.voters() == [ctx.node_id] || (new_group && voter && preferred == ctx.node_id) {
             node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
         }
         let key = Arc::new(GroupKey::new(topic, index));
@@ -215,6 +237,7 @@ impl Partition {
             preferred,
             ticks: 0,
             caught_up: HashMap::new(),
+            pending_changes: Vec::new(),
         };
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let handle = ctx.runtime.spawn(owner.run(rx, inbox_rx, control_rx, node));
@@ -269,6 +292,30 @@ impl Partition {
             .send(Control::TransferLeader(u64::from(to)))
             .await
             .map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Makes `id` the replica that should lead (after a reassignment).
+    pub async fn set_preferred(&self, id: u32) {
+        // A stopped owner has nothing to prefer.
+        let _ = self.control.send(Control::SetPreferred(u64::from(id))).await;
+    }
+
+    /// Applies one membership change step on this replica, which must lead the group.
+    /// Returns once the change is committed, or at once if it is already in effect.
+    pub async fn change_membership(&self, change: MemberChange) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::Membership(change, reply))
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        rx.await.map_err(|_| BrokerError::ShuttingDown)?
+    }
+
+    /// Voters and learners of the group, as last applied here.
+    pub fn members(&self) -> (Vec<u32>, Vec<u32>) {
+        let conf = self.raft.conf_state();
+        let ids = |v: &[u64]| v.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        (ids(&conf.voters), ids(&conf.learners))
     }
 
     pub fn high_watermark(&self) -> u64 {
@@ -400,6 +447,15 @@ struct Owner {
     ticks: u64,
     /// When each follower last matched the leader's whole log.
     caught_up: HashMap<u64, Instant>,
+    /// Membership changes proposed here, waiting to commit.
+    pending_changes: Vec<PendingChange>,
+}
+
+#[derive(Debug)]
+struct PendingChange {
+    index: u64,
+    term: u64,
+    reply: oneshot::Sender<Result<()>>,
 }
 
 /// Sends the messages a Ready produced through the transport as soon as the Ready's order
@@ -581,7 +637,101 @@ impl Owner {
                 tracing::info!(topic = %self.topic, partition = self.index, to, "transferring leadership");
                 node.transfer_leader(to);
             }
+            Control::SetPreferred(id) => self.preferred = id,
+            Control::Membership(change, reply) => match self.membership(node, change) {
+                Ok(Some(index)) => self.pending_changes.push(PendingChange {
+                    index,
+                    term: node.raft.term,
+                    reply,
+                }),
+                Ok(None) => drop(reply.send(Ok(()))),
+                Err(e) => drop(reply.send(Err(e))),
+            },
         }
+    }
+
+    /// Proposes a membership change step; `None` when it is already in effect.
+    fn membership(&mut self, node: &mut RawNode<RaftLog>, change: MemberChange) -> Result<Option<u64>> {
+        use raft::eraftpb::{ConfChange, ConfChangeType};
+        if node.raft.state != StateRole::Leader {
+            return Err(self.not_leader());
+        }
+        let conf = self.raft.conf_state();
+        let pending = |reason: String| BrokerError::MembershipChanging {
+            topic: self.topic.clone(),
+            partition: self.index,
+            reason,
+        };
+        let (kind, id) = match change {
+            MemberChange::AddLearner(id) => {
+                if conf.voters.contains(&id) || conf.learners.contains(&id) {
+                    return Ok(None);
+                }
+                (ConfChangeType::AddLearnerNode, id)
+            }
+            MemberChange::Promote(id) => {
+                if conf.voters.contains(&id) {
+                    return Ok(None);
+                }
+                if !conf.learners.contains(&id) {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "broker {id} is not a learner of topic '{}' partition {}; add it first",
+                        self.topic, self.index
+                    )));
+                }
+                let matched = node.raft.prs().get(id).map_or(0, |p| p.matched);
+                let committed = node.raft.raft_log.committed;
+                if matched + PROMOTE_MAX_LAG < committed {
+                    return Err(pending(format!(
+                        "broker {id} is catching up (entry {matched} of {committed})"
+                    )));
+                }
+                (ConfChangeType::AddNode, id)
+            }
+            MemberChange::Remove(id) => {
+                if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
+                    return Ok(None);
+                }
+                if id == node.raft.id {
+                    // A leader that removed itself would go on leading a group it is not in:
+                    // hand leadership to the most caught-up voter first.
+                    let successor = node
+                        .raft
+                        .prs()
+                        .iter()
+                        .filter(|(other, _)| **other != id && conf.voters.contains(other))
+                        .max_by_key(|(_, p)| p.matched)
+                        .map(|(other, _)| *other);
+                    let Some(successor) = successor else {
+                        return Err(BrokerError::InvalidRequest(format!(
+                            "broker {id} is the only voter of topic '{}' partition {}",
+                            self.topic, self.index
+                        )));
+                    };
+                    node.transfer_leader(successor);
+                    return Err(pending(format!(
+                        "leadership is moving to broker {successor} before broker {id} leaves"
+                    )));
+                }
+                if conf.voters.contains(&id) && conf.voters.len() == 1 {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "broker {id} is the only voter of topic '{}' partition {}",
+                        self.topic, self.index
+                    )));
+                }
+                (ConfChangeType::RemoveNode, id)
+            }
+        };
+        if node.raft.has_pending_conf() {
+            return Err(pending("another membership change is being committed".into()));
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = id;
+        node.propose_conf_change(Vec::new(), cc)
+            .map_err(|e| pending(format!("proposal refused: {e}")))?;
+        tracing::info!(topic = %self.topic, partition = self.index, ?change, "membership change proposed");
+        Ok(Some(node.raft.raft_log.last_index()))
     }
 
     /// Hands leadership to the preferred replica when it is fully caught up.
@@ -685,6 +835,16 @@ impl Owner {
             }
         }
         self.pending = still;
+        for p in std::mem::take(&mut self.pending_changes) {
+            if committed >= p.index {
+                let ours = node.raft.raft_log.term(p.index).is_ok_and(|t| t == p.term);
+                drop(p.reply.send(if ours { Ok(()) } else { Err(self.not_leader()) }));
+            } else if !leader {
+                drop(p.reply.send(Err(self.not_leader())));
+            } else {
+                self.pending_changes.push(p);
+            }
+        }
         let hw = self.raft.offset_after(committed);
         self.high_watermark.send_if_modified(|current| {
             let moved = hw > *current;

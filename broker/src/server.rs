@@ -65,6 +65,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         defaults: config.topic_defaults(),
         queue_depth: config.limits.partition_queue_depth,
         max_partitions: config.limits.max_partitions_per_topic,
+        join: config.cluster.join,
     };
     let runtime = tokio::runtime::Handle::current();
     let registry = {
@@ -109,6 +110,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         .add_service(
             RaftServer::new(RaftService {
                 transport: Arc::clone(&transport),
+                registry: Arc::clone(&registry),
             })
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),

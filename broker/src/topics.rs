@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use conveyor_proto::internal::v1::{
-    MetadataRecord, PartitionAssignment, TopicConfigChanged, TopicCreated, TopicDeleted, metadata_record,
+    BrokerDraining, BrokerRegistered, BrokerRemoved, MetadataRecord, PartitionAssignment, PartitionReassigned,
+    TopicConfigChanged, TopicCreated, TopicDeleted, metadata_record,
 };
 use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, ValidatedBatch};
 use conveyor_storage::{FlushPolicy, LogConfig};
@@ -52,6 +53,9 @@ pub struct Topic {
     pub effective: TopicDefaults,
     /// Replicas of each partition, the preferred leader first.
     pub assignments: Vec<Vec<u32>>,
+    /// Replicas of each partition when the topic was created: the initial voters of its
+    /// Raft group, from which every later membership change starts.
+    pub initial: Vec<Vec<u32>>,
     /// The partitions with a replica on this broker.
     pub local: BTreeMap<i32, Arc<Partition>>,
 }
@@ -82,6 +86,9 @@ pub struct RegistryOptions {
     pub defaults: TopicDefaults,
     pub queue_depth: usize,
     pub max_partitions: u32,
+    /// Started to join a running cluster: the controller group is not bootstrapped here but
+    /// learned from its leader once `conveyor cluster add-node` adds this broker.
+    pub join: bool,
 }
 
 #[derive(Debug)]
@@ -95,6 +102,76 @@ pub struct Registry {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// The offset after the last metadata record applied here.
     applied: watch::Sender<u64>,
+    /// Brokers being removed: no new replicas go there.
+    draining: RwLock<BTreeSet<u32>>,
+}
+
+/// A topic as the committed metadata log describes it.
+#[derive(Debug, Clone)]
+struct Replayed {
+    created: TopicCreated,
+    /// Replicas of each partition after every reassignment.
+    current: Vec<Vec<u32>>,
+}
+
+/// The replicas of each partition a creation record places.
+fn created_assignments(created: &TopicCreated, me: u32) -> Vec<Vec<u32>> {
+    if created.assignments.is_empty() {
+        vec![vec![me]; created.partitions.max(0) as usize]
+    } else {
+        created.assignments.iter().map(|a| a.replicas.clone()).collect()
+    }
+}
+
+/// Marks a controller replica that joined a running cluster: it must never bootstrap one.
+const JOINED_FILE: &str = "joined";
+
+/// Writes the controller group's first entries on a broker that starts a new cluster: one
+/// membership change per initial voter, committed in term 1, the same bytes on every
+/// founding broker. A broker that joins later replays them from the leader and so starts
+/// from the same membership as everyone else. Blocking.
+fn bootstrap_metadata(dir: &Path, voters: &[u32]) -> anyhow::Result<()> {
+    use protobuf::Message as _;
+    use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
+
+    use crate::replica::entry::Origin;
+    use crate::replica::raft_storage::RaftLog;
+
+    let log = Arc::new(conveyor_storage::PartitionLog::open(dir, metadata_config())?);
+    let raft = RaftLog::open(Arc::clone(&log))?;
+    if raft.voters().is_empty() {
+        if raft::Storage::last_index(&raft)? == 0 {
+            let mut entries = Vec::new();
+            for (i, &voter) in voters.iter().enumerate() {
+                let mut cc = ConfChange::default();
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = u64::from(voter);
+                let mut entry = Entry {
+                    index: i as u64 + 1,
+                    term: 1,
+                    data: Bytes::from(cc.write_to_bytes()?),
+                    ..Entry::default()
+                };
+                entry.set_entry_type(EntryType::EntryConfChange);
+                entries.push(entry);
+            }
+            raft.append(&entries, Origin::Peer)?;
+            raft.persist()?;
+        }
+        let hard_state = HardState {
+            term: 1,
+            commit: voters.len() as u64,
+            ..HardState::default()
+        };
+        raft.set_hard_state(&hard_state)?;
+        raft.set_conf_state(&ConfState {
+            voters: voters.iter().map(|&v| u64::from(v)).collect(),
+            ..ConfState::default()
+        })?;
+        raft.flush_state()?;
+    }
+    log.close()?;
+    Ok(())
 }
 
 /// Checks a topic name against Kafka's rules; `__` names are reserved for internal topics.
@@ -182,8 +259,19 @@ impl Registry {
             transport: Arc::clone(&transport),
         };
         let meta_dir = options.data_dir.join(CONTROLLER_TOPIC).join("0");
-        let voters = transport.broker_ids();
-        let metadata = Partition::open(&ctx, CONTROLLER_TOPIC, 0, &meta_dir, metadata_config(), &voters)?;
+        let joined = meta_dir.join(JOINED_FILE);
+        if options.join && !joined.exists() {
+            std::fs::create_dir_all(&meta_dir)?;
+            std::fs::write(&joined, b"")?;
+            std::fs::File::open(&meta_dir)?.sync_all()?;
+        }
+        if !joined.exists() {
+            bootstrap_metadata(&meta_dir, &transport.broker_ids())?;
+        } else if options.join {
+            tracing::info!("joining a running cluster: waiting for `conveyor cluster add-node` to add this broker");
+        }
+        let preferred = transport.broker_ids().first().copied().unwrap_or(options.node_id);
+        let metadata = Partition::open(&ctx, CONTROLLER_TOPIC, 0, &meta_dir, metadata_config(), &[], preferred)?;
         let (applied, _) = watch::channel(metadata.log.log_start_offset());
         let registry = Registry {
             options,
@@ -193,20 +281,23 @@ impl Registry {
             metadata,
             topics: RwLock::new(BTreeMap::new()),
             applied,
+            draining: RwLock::new(BTreeSet::new()),
         };
         let committed = registry.replay()?;
         let mut keep: BTreeSet<String> = committed.keys().cloned().collect();
         keep.extend(registry.created_after_commit()?);
         registry.remove_unknown_dirs(&keep)?;
-        for created in committed.into_values() {
-            let topic = registry.open_topic(created)?;
+        for replayed in committed.into_values() {
+            let topic = registry.open_topic(replayed.created, Some(replayed.current))?;
             registry.insert(topic);
         }
         Ok(registry)
     }
 
-    /// The committed topics, as the metadata log describes them.
-    fn replay(&self) -> anyhow::Result<BTreeMap<String, TopicCreated>> {
+    /// The committed topics, as the metadata log describes them; broker changes are applied
+    /// on the way.
+    fn replay(&self) -> anyhow::Result<BTreeMap<String, Replayed>> {
+        let me = self.options.node_id;
         let mut topics = BTreeMap::new();
         let log = &self.metadata.log;
         let mut next = log.log_start_offset();
@@ -216,18 +307,28 @@ impl Registry {
             for change in changes {
                 match change {
                     metadata_record::Change::TopicCreated(t) => {
-                        topics.entry(t.name.clone()).or_insert(t);
+                        let current = created_assignments(&t, me);
+                        topics.entry(t.name.clone()).or_insert(Replayed { created: t, current });
                     }
                     metadata_record::Change::TopicDeleted(d) => {
-                        if topics.get(&d.name).is_some_and(|t| t.topic_id == d.topic_id) {
+                        if topics.get(&d.name).is_some_and(|t| t.created.topic_id == d.topic_id) {
                             topics.remove(&d.name);
                         }
                     }
                     metadata_record::Change::TopicConfigChanged(c) => {
                         if let Some(t) = topics.get_mut(&c.name) {
-                            t.configs = c.configs;
+                            t.created.configs = c.configs;
                         }
                     }
+                    metadata_record::Change::PartitionReassigned(r) => {
+                        if let Some(t) = topics.get_mut(&r.topic)
+                            && t.created.topic_id == r.topic_id
+                            && let Some(slot) = usize::try_from(r.partition).ok().and_then(|p| t.current.get_mut(p))
+                        {
+                            *slot = r.replicas;
+                        }
+                    }
+                    broker => self.apply_broker_change(broker),
                 }
             }
             match after {
@@ -309,7 +410,7 @@ impl Registry {
                 }
                 let name = t.name.clone();
                 let registry = Arc::clone(self);
-                let opened = tokio::task::spawn_blocking(move || registry.open_topic(t)).await;
+                let opened = tokio::task::spawn_blocking(move || registry.open_topic(t, None)).await;
                 match opened {
                     Ok(Ok(topic)) => {
                         tracing::info!(topic = %name, partitions = topic.partition_count(), local = topic.local.len(), "created topic");
@@ -362,9 +463,166 @@ impl Registry {
                     overrides,
                     effective,
                     assignments: topic.assignments.clone(),
+                    initial: topic.initial.clone(),
                     local: topic.local.clone(),
                 });
             }
+            metadata_record::Change::PartitionReassigned(r) => self.apply_reassignment(r).await,
+            broker => self.apply_broker_change(broker),
+        }
+    }
+
+    /// Follows a broker joining, draining or leaving.
+    fn apply_broker_change(&self, change: metadata_record::Change) {
+        match change {
+            metadata_record::Change::BrokerRegistered(BrokerRegistered { id, address }) => {
+                if let Err(e) = self.transport.add_peer(id, &address) {
+                    tracing::error!(broker = id, %address, error = %e, "cannot add a registered broker");
+                }
+            }
+            metadata_record::Change::BrokerDraining(BrokerDraining { id }) => {
+                self.write_draining().insert(id);
+            }
+            metadata_record::Change::BrokerRemoved(BrokerRemoved { id }) => {
+                self.write_draining().remove(&id);
+                if id == self.options.node_id {
+                    tracing::warn!("this broker was removed from the cluster; it holds no replicas and may be stopped");
+                } else {
+                    self.transport.remove_peer(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn write_draining(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<u32>> {
+        self.draining.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Brokers being removed.
+    pub fn draining(&self) -> BTreeSet<u32> {
+        self.draining
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The brokers of the cluster: the controller group's voters and learners (before this
+    /// broker has learned them, the brokers it was configured with).
+    pub fn members(&self) -> Vec<u32> {
+        let (mut members, learners) = self.metadata.members();
+        members.extend(learners);
+        if members.is_empty() {
+            return self.transport.broker_ids();
+        }
+        members.sort_unstable();
+        members.dedup();
+        members
+    }
+
+    /// Live brokers that can take new replicas.
+    pub fn placeable_brokers(&self) -> Vec<u32> {
+        let draining = self.draining();
+        self.members()
+            .into_iter()
+            .filter(|id| !draining.contains(id) && self.transport.is_alive(*id))
+            .collect()
+    }
+
+    /// Opens or removes this broker's replica of a reassigned partition.
+    async fn apply_reassignment(self: &Arc<Self>, r: PartitionReassigned) {
+        let Ok(topic) = self.get(&r.topic) else { return };
+        let Some(index) = usize::try_from(r.partition)
+            .ok()
+            .filter(|&p| p < topic.partition_count())
+        else {
+            return;
+        };
+        if topic.id != r.topic_id {
+            return;
+        }
+        let me = self.options.node_id;
+        let p = r.partition;
+        let mut local = topic.local.clone();
+        let wanted = r.replicas.contains(&me);
+        let preferred = r.replicas.first().copied().unwrap_or(me);
+        match (local.get(&p).cloned(), wanted) {
+            (None, true) => {
+                let registry = Arc::clone(self);
+                let (topic2, initial) = (Arc::clone(&topic), topic.initial[index].clone());
+                let opened = tokio::task::spawn_blocking(move || {
+                    let dir = registry.topics_dir().join(&topic2.name);
+                    prepare_topic_dir(&dir, &topic2.id)
+                        .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))?;
+                    Partition::open(
+                        &registry.open_context(),
+                        &topic2.name,
+                        p,
+                        &dir.join(p.to_string()),
+                        topic2.effective.log_config(),
+                        &initial,
+                        preferred,
+                    )
+                })
+                .await;
+                match opened {
+                    Ok(Ok(partition)) => {
+                        tracing::info!(topic = %r.topic, partition = p, "new replica opened here; catching up from the leader");
+                        local.insert(p, partition);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(topic = %r.topic, partition = p, error = %e, "cannot open a reassigned replica")
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %r.topic, partition = p, error = %e, "cannot open a reassigned replica")
+                    }
+                }
+            }
+            (Some(partition), false) => {
+                local.remove(&p);
+                partition.stop().await;
+                let dir = self.topics_dir().join(&topic.name).join(p.to_string());
+                let removed = tokio::task::spawn_blocking(move || {
+                    partition.close()?;
+                    std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::Internal(format!("{}: {e}", dir.display())))
+                })
+                .await;
+                match removed {
+                    Ok(Ok(())) => {
+                        tracing::info!(topic = %r.topic, partition = p, "replica moved off this broker; data removed")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(topic = %r.topic, partition = p, error = %e, "removing a moved replica failed")
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %r.topic, partition = p, error = %e, "removing a moved replica failed")
+                    }
+                }
+            }
+            (Some(partition), true) => partition.set_preferred(preferred).await,
+            (None, false) => {}
+        }
+        let mut assignments = topic.assignments.clone();
+        assignments[index] = r.replicas;
+        self.insert(Topic {
+            name: topic.name.clone(),
+            id: topic.id.clone(),
+            replication_factor: topic.replication_factor,
+            overrides: topic.overrides.clone(),
+            effective: topic.effective.clone(),
+            assignments,
+            initial: topic.initial.clone(),
+            local,
+        });
+    }
+
+    fn open_context(&self) -> OpenContext {
+        OpenContext {
+            node_id: u64::from(self.options.node_id),
+            queue_depth: self.options.queue_depth,
+            metrics: Arc::clone(&self.metrics),
+            runtime: self.runtime.clone(),
+            transport: Arc::clone(&self.transport),
         }
     }
 
@@ -390,9 +648,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Builds a topic from its creation record and opens the replicas placed here.
-    /// Blocking.
-    fn open_topic(&self, created: TopicCreated) -> Result<Topic> {
+    /// Builds a topic from its creation record (and, on replay, its partitions' replicas
+    /// after reassignments) and opens the replicas placed here. Blocking.
+    fn open_topic(&self, created: TopicCreated, current: Option<Vec<Vec<u32>>>) -> Result<Topic> {
         let overrides: BTreeMap<String, String> = created.configs.clone().into_iter().collect();
         let effective = self
             .options
@@ -400,32 +658,34 @@ impl Registry {
             .with_overrides(&overrides)
             .map_err(BrokerError::InvalidConfig)?;
         let me = self.options.node_id;
-        let assignments: Vec<Vec<u32>> = if created.assignments.is_empty() {
-            vec![vec![me]; created.partitions.max(0) as usize]
-        } else {
-            created.assignments.iter().map(|a| a.replicas.clone()).collect()
-        };
+        let initial = created_assignments(&created, me);
+        let assignments = current.unwrap_or_else(|| initial.clone());
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
         if local_wanted {
             prepare_topic_dir(&topic_dir, &created.topic_id)
                 .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
         }
-        let ctx = OpenContext {
-            node_id: u64::from(me),
-            queue_depth: self.options.queue_depth,
-            metrics: Arc::clone(&self.metrics),
-            runtime: self.runtime.clone(),
-            transport: Arc::clone(&self.transport),
-        };
+        remove_moved_replicas(&topic_dir, &assignments, me)
+            .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
+        let ctx = self.open_context();
         let mut local = BTreeMap::new();
         for (p, replicas) in assignments.iter().enumerate() {
             if !replicas.contains(&me) {
                 continue;
             }
+            let preferred = replicas.first().copied().unwrap_or(me);
             let p = p as i32;
             let dir = topic_dir.join(p.to_string());
-            match Partition::open(&ctx, &created.name, p, &dir, effective.log_config(), replicas) {
+            match Partition::open(
+                &ctx,
+                &created.name,
+                p,
+                &dir,
+                effective.log_config(),
+                &initial[p as usize],
+                preferred,
+            ) {
                 Ok(partition) => {
                     local.insert(p, partition);
                 }
@@ -446,6 +706,7 @@ impl Registry {
             overrides,
             effective,
             assignments,
+            initial,
             local,
         })
     }
@@ -522,7 +783,7 @@ impl Registry {
 
     /// Proposes a metadata change and waits until this broker has applied it. Only the
     /// controller may call this; elsewhere the proposal fails with a leader error.
-    async fn propose(&self, change: metadata_record::Change) -> Result<()> {
+    pub(crate) async fn propose(&self, change: metadata_record::Change) -> Result<()> {
         let value = MetadataRecord { change: Some(change) }.encode_to_vec();
         let mut builder = BatchBuilder::new(Compression::None);
         builder.push(&Record {
@@ -558,12 +819,7 @@ impl Registry {
             return Err(BrokerError::InvalidPartitions(partitions, max));
         }
         let rf = if replication_factor == 0 { 1 } else { replication_factor };
-        let alive: Vec<u32> = self
-            .transport
-            .broker_ids()
-            .into_iter()
-            .filter(|&id| self.transport.is_alive(id))
-            .collect();
+        let alive = self.placeable_brokers();
         if rf < 1 || rf as usize > alive.len() {
             return Err(BrokerError::InvalidReplication(rf, alive.len() as u32));
         }
@@ -651,6 +907,27 @@ fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<()> {
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, &marker)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes partition directories of `topic_dir` whose replica is no longer placed on `me`
+/// (moved away while this broker was down). Blocking.
+fn remove_moved_replicas(topic_dir: &Path, assignments: &[Vec<u32>], me: u32) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(topic_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        if !assignments.get(p).is_some_and(|r| r.contains(&me)) {
+            tracing::info!(dir = %entry.path().display(), "removing a replica that moved to other brokers");
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Moves a deleted topic's directory to the trash and removes it. Blocking.

@@ -17,14 +17,15 @@
 //! [`ALIVE_WITHIN`]. Peers also tell their client-facing address in every batch, so any
 //! broker can point clients at any other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use conveyor_proto::internal::v1::raft_client::RaftClient;
 use conveyor_proto::internal::v1::raft_server::Raft;
-use conveyor_proto::internal::v1::{GroupMessage, RaftAck, RaftBatch};
+use conveyor_proto::internal::v1::{GroupMessage, MembershipChange, MembershipChanged, RaftAck, RaftBatch};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
@@ -73,6 +74,20 @@ struct Peer {
     client_address: Mutex<Option<String>>,
     last_heard: Mutex<Option<Instant>>,
     dropped: Counter,
+    /// Set when the broker left the cluster: the sender task ends.
+    removed: AtomicBool,
+}
+
+impl Peer {
+    /// What the peer said its client address is, else its Raft address.
+    fn client_address(&self) -> String {
+        let said = self
+            .client_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        said.unwrap_or_else(|| self.address.clone())
+    }
 }
 
 /// Peers, their queues, and the router from group keys to local group inboxes.
@@ -80,7 +95,11 @@ struct Peer {
 pub struct Transport {
     node_id: u32,
     client_address: String,
-    peers: BTreeMap<u32, Arc<Peer>>,
+    peers: RwLock<BTreeMap<u32, Arc<Peer>>>,
+    /// The brokers named in this broker's own `peers`.
+    configured: BTreeSet<u32>,
+    queue_depth: usize,
+    runtime: tokio::runtime::Handle,
     router: RwLock<HashMap<GroupKey, mpsc::Sender<Message>>>,
     /// Messages that arrived for a group that is full or not open here.
     pub dropped_inbound: Counter,
@@ -99,7 +118,7 @@ pub struct PeerState {
 
 impl Transport {
     /// `peers` maps every other broker's id to the address its Raft service listens on.
-    /// Sender tasks start on the current runtime and end when the transport is dropped.
+    /// Sender tasks run on the current runtime and end when their peer is removed.
     pub fn start(
         node_id: u32,
         client_address: String,
@@ -107,46 +126,85 @@ impl Transport {
         queue_depth: usize,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Transport>> {
-        let mut map = BTreeMap::new();
-        let mut receivers = Vec::new();
-        for (&id, address) in peers.iter().filter(|(id, _)| **id != node_id) {
-            let (tx, rx) = mpsc::channel(queue_depth.max(1));
-            let peer = Arc::new(Peer {
-                address: address.clone(),
-                queue: tx,
-                client_address: Mutex::new(None),
-                last_heard: Mutex::new(None),
-                dropped: Counter::default(),
-            });
-            let uri = format!("http://{address}");
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| anyhow::anyhow!("bad address '{address}' for broker {id}: {e}"))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .initial_stream_window_size(16 << 20)
-                .initial_connection_window_size(64 << 20);
-            receivers.push((id, Arc::clone(&peer), endpoint, rx));
-            map.insert(id, peer);
-        }
         let transport = Arc::new(Transport {
             node_id,
             client_address,
-            peers: map,
+            peers: RwLock::new(BTreeMap::new()),
+            configured: peers.keys().copied().collect(),
+            queue_depth: queue_depth.max(1),
+            runtime: tokio::runtime::Handle::current(),
             router: RwLock::new(HashMap::new()),
             dropped_inbound: Counter::default(),
             metrics,
         });
-        for (id, peer, endpoint, rx) in receivers {
-            tokio::spawn(send_loop(
-                node_id,
-                transport.client_address.clone(),
-                id,
-                peer,
-                endpoint,
-                rx,
-            ));
+        for (&id, address) in peers.iter().filter(|(id, _)| **id != node_id) {
+            transport.add_peer(id, address)?;
         }
         Ok(transport)
+    }
+
+    /// Starts talking to broker `id` at `address`. A broker this one already knows keeps its
+    /// address: one named in this broker's own `peers` is reached the way the operator said.
+    pub fn add_peer(&self, id: u32, address: &str) -> anyhow::Result<()> {
+        if id == self.node_id || self.read_peers().contains_key(&id) {
+            return Ok(());
+        }
+        let uri = format!("http://{address}");
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| anyhow::anyhow!("bad address '{address}' for broker {id}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(64 << 20);
+        let (tx, rx) = mpsc::channel(self.queue_depth);
+        let peer = Arc::new(Peer {
+            address: address.to_string(),
+            queue: tx,
+            client_address: Mutex::new(None),
+            last_heard: Mutex::new(None),
+            dropped: Counter::default(),
+            removed: AtomicBool::new(false),
+        });
+        self.write_peers().insert(id, Arc::clone(&peer));
+        self.runtime.spawn(send_loop(
+            self.node_id,
+            self.client_address.clone(),
+            id,
+            peer,
+            endpoint,
+            rx,
+        ));
+        tracing::info!(peer = id, %address, "raft peer added");
+        Ok(())
+    }
+
+    /// Stops talking to broker `id` (it left the cluster).
+    pub fn remove_peer(&self, id: u32) {
+        if let Some(peer) = self.write_peers().remove(&id) {
+            peer.removed.store(true, Ordering::Relaxed);
+            tracing::info!(peer = id, "raft peer removed");
+        }
+    }
+
+    /// Whether `id` is named in this broker's own `peers` (or is this broker).
+    pub fn is_configured(&self, id: u32) -> bool {
+        id == self.node_id || self.configured.contains(&id)
+    }
+
+    /// The address this broker sends Raft messages for broker `id` to.
+    pub fn raft_address(&self, id: u32) -> Option<String> {
+        if id == self.node_id {
+            return Some(self.client_address.clone());
+        }
+        self.read_peers().get(&id).map(|p| p.address.clone())
+    }
+
+    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u32, Arc<Peer>>> {
+        self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_peers(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u32, Arc<Peer>>> {
+        self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn node_id(&self) -> u32 {
@@ -156,7 +214,8 @@ impl Transport {
     /// Queues a message for its peer without waiting; drops it if the queue is full.
     pub fn send(&self, key: &Arc<GroupKey>, message: Message) {
         let Ok(to) = u32::try_from(message.to) else { return };
-        let Some(peer) = self.peers.get(&to) else {
+        let peers = self.read_peers();
+        let Some(peer) = peers.get(&to) else {
             tracing::debug!(to, "raft message for an unknown broker dropped");
             return;
         };
@@ -182,7 +241,7 @@ impl Transport {
     }
 
     fn deliver(&self, from: u32, from_address: String, messages: Vec<GroupMessage>) -> u32 {
-        if let Some(peer) = self.peers.get(&from) {
+        if let Some(peer) = self.read_peers().get(&from) {
             *peer
                 .last_heard
                 .lock()
@@ -225,13 +284,7 @@ impl Transport {
         if id == self.node_id {
             return Some(self.client_address.clone());
         }
-        let peer = self.peers.get(&id)?;
-        let said = peer
-            .client_address
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        Some(said.unwrap_or_else(|| peer.address.clone()))
+        self.read_peers().get(&id).map(|p| p.client_address())
     }
 
     /// Every broker of the cluster, this one included, with liveness as this broker sees it.
@@ -243,14 +296,14 @@ impl Transport {
             queue_depth: 0,
             dropped: 0,
         }];
-        for (&id, peer) in &self.peers {
+        for (&id, peer) in self.read_peers().iter() {
             let heard = *peer
                 .last_heard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             states.push(PeerState {
                 id,
-                address: self.client_address(id).unwrap_or_default(),
+                address: peer.client_address(),
                 alive: heard.is_some_and(|t| t.elapsed() < ALIVE_WITHIN),
                 queue_depth: peer.queue.max_capacity() - peer.queue.capacity(),
                 dropped: peer.dropped.get(),
@@ -262,7 +315,7 @@ impl Transport {
 
     /// Ids of every broker in the cluster, this one included, ascending.
     pub fn broker_ids(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self.peers.keys().copied().collect();
+        let mut ids: Vec<u32> = self.read_peers().keys().copied().collect();
         ids.push(self.node_id);
         ids.sort_unstable();
         ids
@@ -270,7 +323,7 @@ impl Transport {
 
     pub fn is_alive(&self, id: u32) -> bool {
         id == self.node_id
-            || self.peers.get(&id).is_some_and(|p| {
+            || self.read_peers().get(&id).is_some_and(|p| {
                 p.last_heard
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -291,7 +344,7 @@ async fn send_loop(
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
     let mut failing = false;
-    loop {
+    while !peer.removed.load(Ordering::Relaxed) {
         // An idle peer still gets an empty batch now and then: that is how brokers that share
         // no busy group know each other alive.
         let first = match tokio::time::timeout(PING_EVERY, queue.recv()).await {
@@ -352,6 +405,7 @@ async fn send_loop(
 #[derive(Debug, Clone)]
 pub struct RaftService {
     pub transport: Arc<Transport>,
+    pub registry: Arc<crate::topics::Registry>,
 }
 
 #[tonic::async_trait]
@@ -360,5 +414,16 @@ impl Raft for RaftService {
         let batch = request.into_inner();
         let dropped = self.transport.deliver(batch.from, batch.from_address, batch.messages);
         Ok(Response::new(RaftAck { dropped }))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<MembershipChange>,
+    ) -> Result<Response<MembershipChanged>, Status> {
+        let change = request.into_inner();
+        crate::membership::change_local(&self.registry, &change)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(MembershipChanged {}))
     }
 }

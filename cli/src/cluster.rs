@@ -1,4 +1,4 @@
-//! `conveyor cluster info` and `conveyor offsets TOPIC`.
+//! `conveyor cluster info|add-node|remove-node`, `conveyor partition` and `conveyor offsets TOPIC`.
 
 use clap::{Args, Subcommand};
 use conveyor_client::{Client, OffsetSpec};
@@ -10,6 +10,22 @@ use crate::output::{self, Format};
 pub enum ClusterCommand {
     /// Brokers, their addresses and liveness, and the controller.
     Info,
+    /// Add a broker to a running cluster. Start it first with `conveyor-broker --node-id ID
+    /// --listen ADDRESS --peers <existing brokers> --join`; this waits until it has caught up
+    /// with the cluster metadata and votes.
+    AddNode {
+        /// The new broker's id.
+        id: i32,
+        /// Where the other brokers reach it (HOST:PORT).
+        address: String,
+    },
+    /// Remove a broker: each of its replicas moves to another live broker (a new replica
+    /// joins and catches up before the old one leaves), then it leaves the controller group.
+    /// Safe to repeat if it was interrupted.
+    RemoveNode {
+        /// The broker to remove.
+        id: i32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,37 +58,103 @@ pub struct OffsetsArgs {
     pub topic: String,
 }
 
+/// Runs `work` while showing, on a terminal, how long it has been going.
+async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    tokio::pin!(work);
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            out = &mut work => {
+                eprint!("\r\x1b[2K");
+                return out;
+            }
+            _ = tick.tick() => {
+                eprint!("\r{what}... {}s", started.elapsed().as_secs());
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+}
+
 pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Info => {
             let c = client.admin().describe_cluster().await?;
+            print_cluster(&c, format);
+        }
+        ClusterCommand::AddNode { id, address } => {
+            let what = format!("adding broker {id} (waiting for it to catch up)");
+            let c = with_progress(&what, client.admin().add_broker(id, &address)).await?;
+            if format == Format::Text {
+                println!("broker {id} joined the cluster");
+            }
+            print_cluster(&c, format);
+        }
+        ClusterCommand::RemoveNode { id } => {
+            let what = format!("removing broker {id} (moving its replicas)");
+            let r = with_progress(&what, client.admin().remove_broker(id)).await?;
+            let moves: Vec<_> = r
+                .moves
+                .iter()
+                .map(|m| json!({"topic": m.topic, "partition": m.partition, "from": m.from, "to": m.to}))
+                .collect();
             match format {
-                Format::Json => output::json(&json!({
-                    "cluster_id": c.cluster_id,
-                    "controller": c.controller,
-                    "brokers": c.brokers.iter().map(|b| json!({"id": b.id, "address": b.address, "alive": b.alive})).collect::<Vec<_>>(),
-                })),
+                Format::Json => output::json(&json!({"removed": id, "moves": moves})),
                 Format::Text => {
-                    println!("cluster {}  controller: broker {}", c.cluster_id, c.controller);
-                    let rows: Vec<Vec<String>> = c
-                        .brokers
+                    println!("broker {id} left the cluster; {} replica(s) moved", r.moves.len());
+                    let rows: Vec<Vec<String>> = r
+                        .moves
                         .iter()
-                        .map(|b| {
-                            let role = if b.id == c.controller { "controller" } else { "" };
+                        .map(|m| {
                             vec![
-                                b.id.to_string(),
-                                b.address.clone(),
-                                if b.alive { "up" } else { "down" }.into(),
-                                role.into(),
+                                m.topic.clone(),
+                                m.partition.to_string(),
+                                m.from.to_string(),
+                                m.to.to_string(),
                             ]
                         })
                         .collect();
-                    output::table(&["BROKER", "ADDRESS", "STATUS", "ROLE"], &rows);
+                    if !rows.is_empty() {
+                        output::table(&["TOPIC", "PARTITION", "FROM", "TO"], &rows);
+                    }
+                    print_cluster(&r.cluster.unwrap_or_default(), format);
                 }
             }
         }
     }
     Ok(())
+}
+
+fn print_cluster(c: &conveyor_client::proto::ClusterDescription, format: Format) {
+    match format {
+        Format::Json => output::json(&json!({
+            "cluster_id": c.cluster_id,
+            "controller": c.controller,
+            "brokers": c.brokers.iter().map(|b| json!({"id": b.id, "address": b.address, "alive": b.alive})).collect::<Vec<_>>(),
+        })),
+        Format::Text => {
+            println!("cluster {}  controller: broker {}", c.cluster_id, c.controller);
+            let rows: Vec<Vec<String>> = c
+                .brokers
+                .iter()
+                .map(|b| {
+                    let role = if b.id == c.controller { "controller" } else { "" };
+                    vec![
+                        b.id.to_string(),
+                        b.address.clone(),
+                        if b.alive { "up" } else { "down" }.into(),
+                        role.into(),
+                    ]
+                })
+                .collect();
+            output::table(&["BROKER", "ADDRESS", "STATUS", "ROLE"], &rows);
+        }
+    }
 }
 
 pub async fn offsets(client: &Client, args: OffsetsArgs, format: Format) -> anyhow::Result<()> {

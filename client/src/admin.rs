@@ -148,6 +148,28 @@ impl Admin {
         Ok(response.leader)
     }
 
+    /// Adds broker `id`, reachable at `address`, to the cluster. The broker must be running
+    /// with `--join`. Returns once it votes in the controller group; idempotent.
+    pub async fn add_broker(&self, id: i32, address: &str) -> Result<ClusterDescription> {
+        let request = AddBrokerRequest {
+            id,
+            address: address.to_string(),
+        };
+        let response = self
+            .call(request, |mut c, r| async move { c.add_broker(r).await })
+            .await?;
+        Ok(response.cluster.unwrap_or_default())
+    }
+
+    /// Removes broker `id` from the cluster: its replicas move to other live brokers first.
+    /// Returns the moves made; idempotent, so a removal that failed half-way can be repeated.
+    pub async fn remove_broker(&self, id: i32) -> Result<RemoveBrokerResponse> {
+        self.call(RemoveBrokerRequest { id }, |mut c, r| async move {
+            c.remove_broker(r).await
+        })
+        .await
+    }
+
     /// Looks up an offset of one partition.
     pub async fn list_offset(&self, topic: &str, partition: i32, spec: OffsetSpec) -> Result<OffsetResult> {
         let spec = match spec {

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::Context;
 use crate::error::BrokerError;
+use crate::membership;
 use crate::partition::Partition;
 use crate::topics::Topic;
 
@@ -130,18 +131,55 @@ impl AdminService {
         description
     }
 
+    /// The members of the cluster, with liveness as this broker sees it.
     fn brokers(&self) -> Vec<BrokerInfo> {
+        let members = self.ctx.registry.members();
         self.ctx
             .registry
             .transport()
             .peer_states()
             .into_iter()
+            .filter(|s| members.contains(&s.id))
             .map(|s| BrokerInfo {
                 id: s.id as i32,
                 address: s.address,
                 alive: s.alive,
             })
             .collect()
+    }
+
+    fn cluster(&self) -> ClusterDescription {
+        let controller = self.ctx.registry.metadata_partition().status().leader;
+        ClusterDescription {
+            cluster_id: "conveyor".into(),
+            controller: controller as i32,
+            brokers: self.brokers(),
+        }
+    }
+
+    /// Hands the controller role to another live broker (before this one is removed) and
+    /// returns the new controller.
+    async fn move_controller(&self) -> Result<u32, BrokerError> {
+        let me = self.ctx.node_id;
+        let registry = &self.ctx.registry;
+        let (voters, _) = registry.metadata_partition().members();
+        let Some(to) = voters
+            .into_iter()
+            .find(|&v| v != me && registry.transport().is_alive(v))
+        else {
+            return Err(BrokerError::CannotRemoveBroker {
+                id: me,
+                reason: "no other live broker can take over as controller".into(),
+            });
+        };
+        let metadata = registry.metadata_partition();
+        let mut status = metadata.watch_status();
+        metadata.transfer_leader(to).await?;
+        let moved = tokio::time::timeout(TRANSFER_TIMEOUT, status.wait_for(|s| s.leader != 0 && s.leader != me)).await;
+        match moved {
+            Ok(Ok(s)) => Ok(s.leader),
+            _ => Err(BrokerError::NoController),
+        }
     }
 
     fn count(&self) {
@@ -290,11 +328,64 @@ impl Admin for AdminService {
         _: Request<DescribeClusterRequest>,
     ) -> Result<Response<ClusterDescription>, Status> {
         self.count();
-        let controller = self.ctx.registry.metadata_partition().status().leader;
-        Ok(Response::new(ClusterDescription {
-            cluster_id: "conveyor".into(),
-            controller: controller as i32,
-            brokers: self.brokers(),
+        Ok(Response::new(self.cluster()))
+    }
+
+    async fn add_broker(&self, request: Request<AddBrokerRequest>) -> Result<Response<AddBrokerResponse>, Status> {
+        self.count();
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.add_broker(forward(req)).await;
+        }
+        let id = u32::try_from(req.id)
+            .map_err(|_| self.fail(BrokerError::InvalidRequest(format!("invalid broker id {}", req.id))))?;
+        let _guard = self.ctx.admin_lock.lock().await;
+        membership::add_broker(&self.ctx.registry, id, &req.address)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(AddBrokerResponse {
+            cluster: Some(self.cluster()),
+        }))
+    }
+
+    async fn remove_broker(
+        &self,
+        request: Request<RemoveBrokerRequest>,
+    ) -> Result<Response<RemoveBrokerResponse>, Status> {
+        self.count();
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        let id = u32::try_from(req.id)
+            .map_err(|_| self.fail(BrokerError::InvalidRequest(format!("invalid broker id {}", req.id))))?;
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.remove_broker(forward(req)).await;
+        }
+        if id == self.ctx.node_id {
+            // The controller is the broker to remove: another broker runs the removal.
+            if !self.ctx.registry.members().contains(&id) {
+                return Err(self.fail(BrokerError::UnknownBroker(id)));
+            }
+            let next = self.move_controller().await.map_err(|e| self.fail(e))?;
+            tracing::info!(controller = next, "controller moved off the broker being removed");
+            let mut client = self.client_for(next).await.map_err(|e| self.fail(e))?;
+            return client.remove_broker(forward(req)).await;
+        }
+        let _guard = self.ctx.admin_lock.lock().await;
+        let moves = membership::remove_broker(&self.ctx.registry, id)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(RemoveBrokerResponse {
+            moves: moves
+                .into_iter()
+                .map(|m| ReplicaMove {
+                    topic: m.topic,
+                    partition: m.partition,
+                    from: m.from as i32,
+                    to: m.to as i32,
+                })
+                .collect(),
+            cluster: Some(self.cluster()),
         }))
     }
 

@@ -212,6 +212,11 @@ impl RaftLog {
         self.read().state.conf_state.voters.clone()
     }
 
+    /// Voters and learners, as last applied.
+    pub fn conf_state(&self) -> ConfState {
+        self.read().state.conf_state.clone()
+    }
+
     /// Records that entries up to `index` are applied and drops them from the cache.
     pub fn evict_cache_to(&self, index: u64) {
         let mut inner = self.write();

@@ -1,0 +1,415 @@
+//! Cluster membership: adding and removing brokers, and moving a partition's replica from
+//! one broker to another.
+//!
+//! # Design
+//! The controller drives every change as a sequence of steps, each durable on its own:
+//! metadata records in the controller log, and single-step Raft membership changes made by
+//! the leader of the group concerned (reached over `conveyor.internal.v1.Raft/
+//! ChangeMembership`). A step already in effect succeeds at once, so a change that failed
+//! half-way (a controller failover, a timeout) is finished by asking for it again.
+//!
+//! Moving a replica from `from` to `to`: record the replica set with `to` added (so `to`
+//! opens an empty replica), add `to` to the group as a learner, promote it once it has caught
+//! up, remove `from` (a leader being removed first hands leadership to the most caught-up
+//! voter), and record the replica set without `from` (so `from` stops and deletes its copy).
+//! The group keeps its replication factor or more throughout, so a crash at any point loses
+//! no acknowledged write.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use conveyor_proto::internal::v1::raft_client::RaftClient;
+use conveyor_proto::internal::v1::{
+    BrokerDraining, BrokerRegistered, BrokerRemoved, MembershipChange, MembershipChangeKind, PartitionReassigned,
+    metadata_record,
+};
+use conveyor_proto::v1::ErrorDetail;
+use prost::Message as _;
+use tonic::transport::Endpoint;
+
+use crate::error::{BrokerError, Result};
+use crate::partition::{MemberChange, Partition};
+use crate::topics::Registry;
+use crate::transport::CONTROLLER_TOPIC;
+
+/// Pause between attempts of a step that is not possible yet (an election, a learner
+/// catching up): a retry backoff, not a synchronisation.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// How long adding, or removing, a member may wait for its group to accept it.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new replica may take to catch up before promotion gives up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One replica moved off a broker being removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaMove {
+    pub topic: String,
+    pub partition: i32,
+    pub from: u32,
+    pub to: u32,
+}
+
+fn to_member_change(change: &MembershipChange) -> Result<MemberChange> {
+    let id = u64::from(change.node_id);
+    match MembershipChangeKind::try_from(change.kind) {
+        Ok(MembershipChangeKind::AddLearner) => Ok(MemberChange::AddLearner(id)),
+        Ok(MembershipChangeKind::Promote) => Ok(MemberChange::Promote(id)),
+        Ok(MembershipChangeKind::Remove) => Ok(MemberChange::Remove(id)),
+        _ => Err(BrokerError::InvalidRequest(format!(
+            "unknown membership change kind {}",
+            change.kind
+        ))),
+    }
+}
+
+fn to_request(topic: &str, partition: i32, change: MemberChange) -> MembershipChange {
+    let (kind, id) = match change {
+        MemberChange::AddLearner(id) => (MembershipChangeKind::AddLearner, id),
+        MemberChange::Promote(id) => (MembershipChangeKind::Promote, id),
+        MemberChange::Remove(id) => (MembershipChangeKind::Remove, id),
+    };
+    MembershipChange {
+        topic: topic.to_string(),
+        partition,
+        kind: kind as i32,
+        node_id: u32::try_from(id).unwrap_or(0),
+    }
+}
+
+/// This broker's replica of a group: the controller group or a topic partition.
+fn local_group(registry: &Registry, topic: &str, partition: i32) -> Result<std::sync::Arc<Partition>> {
+    if topic == CONTROLLER_TOPIC && partition == 0 {
+        return Ok(std::sync::Arc::clone(registry.metadata_partition()));
+    }
+    let t = registry.get(topic)?;
+    registry.replica(&t, partition)
+}
+
+/// Serves a membership change on this broker's replica, which must lead its group.
+pub async fn change_local(registry: &Registry, change: &MembershipChange) -> Result<()> {
+    let step = to_member_change(change)?;
+    local_group(registry, &change.topic, change.partition)?
+        .change_membership(step)
+        .await
+}
+
+/// What one attempt at a step on some broker came to.
+enum Attempt {
+    Done,
+    /// Not possible yet; `leader` is where to ask next, when the answer said.
+    Retry {
+        leader: Option<u32>,
+        why: String,
+    },
+    Failed(BrokerError),
+}
+
+fn classify(result: Result<()>) -> Attempt {
+    match result {
+        Ok(()) => Attempt::Done,
+        Err(BrokerError::NotLeader { leader, .. }) => Attempt::Retry {
+            leader: Some(leader),
+            why: "the leader moved".into(),
+        },
+        Err(
+            e @ (BrokerError::LeaderNotAvailable { .. }
+            | BrokerError::MembershipChanging { .. }
+            | BrokerError::BrokerUnreachable { .. }
+            | BrokerError::ShuttingDown),
+        ) => Attempt::Retry {
+            leader: None,
+            why: e.to_string(),
+        },
+        Err(e) => Attempt::Failed(e),
+    }
+}
+
+fn classify_status(broker: u32, status: &tonic::Status) -> Attempt {
+    let detail = ErrorDetail::decode(status.details()).ok();
+    let retriable = detail.as_ref().is_some_and(|d| d.retriable)
+        || matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded);
+    let why = format!("broker {broker}: {}", status.message());
+    if retriable {
+        let leader = detail.and_then(|d| u32::try_from(d.leader_id).ok()).filter(|&l| l != 0);
+        Attempt::Retry { leader, why }
+    } else {
+        Attempt::Failed(BrokerError::InvalidRequest(why))
+    }
+}
+
+async fn change_remote(registry: &Registry, broker: u32, request: MembershipChange) -> Attempt {
+    let Some(address) = registry.transport().raft_address(broker) else {
+        return Attempt::Retry {
+            leader: None,
+            why: format!("no address known for broker {broker}"),
+        };
+    };
+    let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
+        Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
+        Err(e) => return Attempt::Failed(BrokerError::Internal(format!("broker {broker} address: {e}"))),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            return Attempt::Retry {
+                leader: None,
+                why: format!("cannot reach broker {broker} at {address}: {e}"),
+            };
+        }
+    };
+    match RaftClient::new(channel).change_membership(request).await {
+        Ok(_) => Attempt::Done,
+        Err(status) => classify_status(broker, &status),
+    }
+}
+
+/// Makes one membership change step in a group, on whichever replica leads it, retrying
+/// until it is done or `timeout` passes.
+async fn change_group(
+    registry: &Registry,
+    topic: &str,
+    partition: i32,
+    replicas: &[u32],
+    step: MemberChange,
+    timeout: Duration,
+) -> Result<()> {
+    let me = registry.transport().node_id();
+    let deadline = Instant::now() + timeout;
+    let known_leader = local_group(registry, topic, partition)
+        .ok()
+        .map(|p| p.status().leader)
+        .filter(|&l| l != 0);
+    let mut target = known_leader.or_else(|| replicas.first().copied()).unwrap_or(me);
+    let mut guess = 0usize;
+    loop {
+        let attempt = if target == me {
+            match local_group(registry, topic, partition) {
+                Ok(p) => classify(p.change_membership(step).await),
+                Err(e) => classify(Err(e)),
+            }
+        } else {
+            change_remote(registry, target, to_request(topic, partition, step)).await
+        };
+        match attempt {
+            Attempt::Done => return Ok(()),
+            Attempt::Failed(e) => return Err(e),
+            Attempt::Retry { leader, why } => {
+                if Instant::now() >= deadline {
+                    return Err(BrokerError::MembershipChanging {
+                        topic: topic.to_string(),
+                        partition,
+                        reason: format!("{step:?} did not complete within {timeout:?}: {why}"),
+                    });
+                }
+                tracing::debug!(topic, partition, ?step, %why, "membership step not done yet");
+                target = match leader {
+                    Some(l) => l,
+                    None if !replicas.is_empty() => {
+                        // Nobody named a leader: ask each replica in turn.
+                        guess += 1;
+                        replicas[guess % replicas.len()]
+                    }
+                    None => target,
+                };
+                tokio::time::sleep(RETRY_EVERY).await;
+            }
+        }
+    }
+}
+
+/// Adds broker `id` at `address` to the cluster (controller only): registers its address,
+/// adds it to the controller group as a learner, and promotes it once it has caught up.
+pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<()> {
+    if id == 0 {
+        return Err(BrokerError::InvalidRequest("broker ids start at 1".into()));
+    }
+    let parsed = address
+        .rsplit_once(':')
+        .and_then(|(host, port)| port.parse::<u16>().ok().filter(|_| !host.is_empty()));
+    if parsed.is_none() {
+        return Err(BrokerError::InvalidRequest(format!(
+            "broker address '{address}' is not HOST:PORT"
+        )));
+    }
+    let members = registry.members();
+    let (voters, _) = registry.metadata_partition().members();
+    if voters.contains(&id) {
+        return Ok(());
+    }
+    if !members.contains(&id) || registry.transport().raft_address(id).is_none() {
+        registry
+            .propose(metadata_record::Change::BrokerRegistered(BrokerRegistered {
+                id,
+                address: address.to_string(),
+            }))
+            .await?;
+    }
+    let controller = registry.members();
+    change_group(
+        registry,
+        CONTROLLER_TOPIC,
+        0,
+        &controller,
+        MemberChange::AddLearner(u64::from(id)),
+        STEP_TIMEOUT,
+    )
+    .await?;
+    change_group(
+        registry,
+        CONTROLLER_TOPIC,
+        0,
+        &controller,
+        MemberChange::Promote(u64::from(id)),
+        STEP_TIMEOUT,
+    )
+    .await
+    .map_err(|e| match e {
+        BrokerError::MembershipChanging { .. } => BrokerError::MembershipChanging {
+            topic: CONTROLLER_TOPIC.into(),
+            partition: 0,
+            reason: format!(
+                "broker {id} was added as a learner but has not caught up with the cluster metadata; \
+                 make sure it is running with --join and reachable at {address}, then run add-node again"
+            ),
+        },
+        other => other,
+    })
+}
+
+/// The moves that take every replica off broker `id`, onto the least loaded live brokers
+/// that hold no replica of the partition yet.
+fn plan_moves(registry: &Registry, id: u32) -> Result<Vec<ReplicaMove>> {
+    let candidates: Vec<u32> = registry.placeable_brokers().into_iter().filter(|&b| b != id).collect();
+    let topics = registry.list();
+    let mut load: BTreeMap<u32, usize> = candidates.iter().map(|&b| (b, 0)).collect();
+    for t in &topics {
+        for replicas in &t.assignments {
+            for b in replicas {
+                if let Some(n) = load.get_mut(b) {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    let mut moves = Vec::new();
+    for t in &topics {
+        for (p, replicas) in t.assignments.iter().enumerate() {
+            if !replicas.contains(&id) {
+                continue;
+            }
+            // A move that stopped half-way left its new replica last: finish that one.
+            let resumed = (replicas.len() > t.replication_factor as usize)
+                .then(|| replicas.last().copied())
+                .flatten()
+                .filter(|&b| b != id);
+            let to = match resumed {
+                Some(to) => to,
+                None => {
+                    let best = load
+                        .iter()
+                        .filter(|(b, _)| !replicas.contains(b))
+                        .min_by_key(|(b, n)| (**n, **b))
+                        .map(|(b, _)| *b);
+                    let Some(to) = best else {
+                        return Err(BrokerError::CannotRemoveBroker {
+                            id,
+                            reason: format!(
+                                "topic '{}' partition {p} has {} replica(s) and no other live broker can take the one on broker {id}; add a broker first",
+                                t.name,
+                                replicas.len()
+                            ),
+                        });
+                    };
+                    to
+                }
+            };
+            if let Some(n) = load.get_mut(&to) {
+                *n += 1;
+            }
+            moves.push(ReplicaMove {
+                topic: t.name.clone(),
+                partition: p as i32,
+                from: id,
+                to,
+            });
+        }
+    }
+    Ok(moves)
+}
+
+/// Moves one replica of a partition from one broker to another (controller only).
+pub async fn move_replica(registry: &Registry, m: &ReplicaMove) -> Result<()> {
+    let topic = registry.get(&m.topic)?;
+    let index = m.partition as usize;
+    let current = topic.assignments.get(index).cloned().unwrap_or_default();
+    let record = |replicas: Vec<u32>| {
+        metadata_record::Change::PartitionReassigned(PartitionReassigned {
+            topic: topic.name.clone(),
+            topic_id: topic.id.clone(),
+            partition: m.partition,
+            replicas,
+        })
+    };
+    let mut widened = current.clone();
+    if !widened.contains(&m.to) {
+        widened.push(m.to);
+        registry.propose(record(widened.clone())).await?;
+    }
+    tracing::info!(topic = %m.topic, partition = m.partition, from = m.from, to = m.to, "moving replica");
+    let (to, from) = (u64::from(m.to), u64::from(m.from));
+    let steps = [
+        (MemberChange::AddLearner(to), STEP_TIMEOUT),
+        (MemberChange::Promote(to), CATCH_UP_TIMEOUT),
+        (MemberChange::Remove(from), STEP_TIMEOUT),
+    ];
+    for (step, timeout) in steps {
+        change_group(registry, &m.topic, m.partition, &widened, step, timeout).await?;
+    }
+    let narrowed: Vec<u32> = widened.into_iter().filter(|&b| b != m.from).collect();
+    registry.propose(record(narrowed)).await?;
+    Ok(())
+}
+
+/// Removes broker `id` from the cluster (controller only, and not the controller itself):
+/// moves its replicas away, then takes it out of the controller group.
+pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMove>> {
+    let members = registry.members();
+    if !members.contains(&id) {
+        return Err(BrokerError::UnknownBroker(id));
+    }
+    if members.len() == 1 {
+        return Err(BrokerError::CannotRemoveBroker {
+            id,
+            reason: "it is the only broker of the cluster".into(),
+        });
+    }
+    if id == registry.transport().node_id() {
+        return Err(BrokerError::Internal(
+            "the controller cannot remove itself; move the controller first".into(),
+        ));
+    }
+    let moves = plan_moves(registry, id)?;
+    if !registry.draining().contains(&id) {
+        registry
+            .propose(metadata_record::Change::BrokerDraining(BrokerDraining { id }))
+            .await?;
+    }
+    for m in &moves {
+        move_replica(registry, m).await?;
+    }
+    change_group(
+        registry,
+        CONTROLLER_TOPIC,
+        0,
+        &members,
+        MemberChange::Remove(u64::from(id)),
+        STEP_TIMEOUT,
+    )
+    .await?;
+    registry
+        .propose(metadata_record::Change::BrokerRemoved(BrokerRemoved { id }))
+        .await?;
+    tracing::info!(broker = id, moved = moves.len(), "broker removed from the cluster");
+    Ok(moves)
+}
