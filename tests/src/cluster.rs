@@ -137,6 +137,8 @@ fn free_port() -> String {
 #[derive(Debug)]
 pub struct Cluster {
     brokers: BTreeMap<u32, BrokerProcess>,
+    /// Arguments every broker was started with.
+    extra: Vec<String>,
     /// (from, to) → the proxy `from` uses to reach `to`.
     links: BTreeMap<(u32, u32), LinkProxy>,
 }
@@ -173,9 +175,37 @@ impl Cluster {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             brokers.insert(id, BrokerProcess::start_on(&listen[&id], &args));
         }
-        let cluster = Cluster { brokers, links };
+        let cluster = Cluster {
+            brokers,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            links,
+        };
         cluster.wait_for_controller(None);
         cluster
+    }
+
+    /// Starts broker `id` with `--join`, talking straight to the brokers already running
+    /// (links to and from a joined broker have no fault proxy). Returns the address the
+    /// other brokers reach it at, for `conveyor cluster add-node`.
+    pub fn join(&mut self, id: u32) -> String {
+        let listen = free_port();
+        let mut peers: Vec<String> = self
+            .brokers
+            .iter()
+            .map(|(other, b)| format!("{other}={}", b.addr()))
+            .collect();
+        peers.push(format!("{id}={listen}"));
+        let mut args = vec![
+            "--node-id".to_string(),
+            id.to_string(),
+            "--peers".to_string(),
+            peers.join(","),
+            "--join".to_string(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.brokers.insert(id, BrokerProcess::start_on(&listen, &args));
+        listen
     }
 
     /// Every broker's client address, comma-separated: a bootstrap list.

@@ -1,5 +1,6 @@
 //! A three-broker cluster under faults: leader SIGKILL during produce, an isolated leader,
-//! restart of every broker at once, a follower that needs a snapshot, controller failover.
+//! restart of every broker at once, a follower that needs a snapshot, controller failover,
+//! a broker joining and another leaving while producers run.
 //! Every acknowledged record must be read back, in order; a duplicate may only come from a
 //! batch retried after its acknowledgement was lost.
 
@@ -441,4 +442,137 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
     assert!(report.reordered.is_empty(), "{report}");
     assert!(report.duplicated.is_empty(), "{report}");
     assert!(kept.len() >= 100, "retention keeps the newest records: {}", kept.len());
+}
+
+/// `conveyor ... --output json` against `bootstrap`, which must succeed.
+fn cli_json(bootstrap: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--output", "json"]);
+    let out = cli(bootstrap, &all, "");
+    assert!(
+        out.status.success(),
+        "conveyor {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}
+
+fn replicas_of(description: &serde_json::Value) -> Vec<Vec<u64>> {
+    description["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| {
+            p["replicas"]
+                .as_array()
+                .expect("replicas")
+                .iter()
+                .map(|r| r.as_u64().expect("id"))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_every_acknowledged_record() {
+    let mut cluster = Cluster::start(3, &[]);
+    create(&cluster.bootstrap(), "moving", "3", &[]);
+    let runtime = conveyor_tests::runtime();
+    let history = History::default();
+    let producers: Vec<_> = (0..2)
+        .map(|n| {
+            let (bootstrap, history) = (cluster.bootstrap(), history.clone());
+            runtime.spawn(async move {
+                let client = Client::connect(&bootstrap).await.expect("connect");
+                produce(client, "moving", format!("p{n}"), 30_000, history).await;
+            })
+        })
+        .collect();
+    wait_for("acknowledged records before the change", DEADLINE, || {
+        (history.count() >= 2_000).then_some(())
+    });
+
+    // A fourth broker joins while the producers run.
+    let address = cluster.join(4);
+    let started = Instant::now();
+    let info = cli_json(&cluster.bootstrap(), &["cluster", "add-node", "4", &address]);
+    println!("broker 4 added in {:?}", started.elapsed());
+    let ids: Vec<u64> = info["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4], "{info}");
+    wait_for("broker 4 seen alive by the cluster and knowing the controller", DEADLINE, || {
+        let seen = cli_json(cluster.broker(4).addr(), &["cluster", "info"]);
+        let all_alive = seen["brokers"].as_array()?.iter().filter(|b| b["alive"] == true).count() == 4;
+        (all_alive && seen["controller"].as_u64()? > 0).then_some(())
+    });
+    // New topics are placed on it, and it learned the topics created before it joined.
+    create(&cluster.bootstrap(), "after-add", "4", &[]);
+    let placed = replicas_of(&cli_json(cluster.broker(4).addr(), &["topic", "describe", "after-add"]));
+    assert!(placed.iter().any(|r| r.contains(&4)), "{placed:?}");
+    let known = cli_json(cluster.broker(4).addr(), &["topic", "describe", "moving"]);
+    assert_eq!(replicas_of(&known).len(), 3);
+
+    // Broker 1 leaves: every replica it holds moves, the producers keep going.
+    let started = Instant::now();
+    let removed = cli_json(&cluster.bootstrap(), &["cluster", "remove-node", "1"]);
+    println!("broker 1 removed in {:?}: {removed}", started.elapsed());
+    let moves = removed["moves"].as_array().expect("moves");
+    // Every partition of "moving" had a replica on broker 1, and so had some of "after-add".
+    let expected = 3 + placed.iter().filter(|r| r.contains(&1)).count();
+    assert_eq!(moves.len(), expected, "{removed}");
+    assert!(moves.iter().all(|m| m["from"] == 1 && m["to"] != 1), "{removed}");
+    for topic in ["moving", "after-add"] {
+        let d = cluster.describe(topic, None).expect("describe");
+        for r in replicas_of(&d) {
+            assert!(!r.contains(&1) && r.len() == 3, "{topic}: {r:?}");
+        }
+        wait_in_sync(&cluster, topic, 3);
+    }
+    let info = cli_json(&cluster.bootstrap_without(1), &["cluster", "info"]);
+    let ids: Vec<u64> = info["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(ids, vec![2, 3, 4], "{info}");
+    assert_ne!(info["controller"], 1, "{info}");
+    let moved_away = cluster.broker(1).data_dir().join("topics").join("moving");
+    wait_for("broker 1 to delete the replicas it gave away", DEADLINE, || {
+        (0..3).all(|p| !moved_away.join(p.to_string()).exists()).then_some(())
+    });
+
+    cluster.broker_mut(1).kill();
+    runtime.block_on(async {
+        for p in producers {
+            tokio::time::timeout(DEADLINE, p)
+                .await
+                .expect("producers finish")
+                .expect("producer task");
+        }
+    });
+    assert_eq!(
+        history.failed(),
+        0,
+        "no delivery failed while brokers came and went; first error: {:?}",
+        history.first_error.lock().expect("lock")
+    );
+    // The controller group no longer counts broker 1: with it and broker 2 down, brokers 3
+    // and 4 are a majority of {2, 3, 4} (they would not be of {1, 2, 3, 4}).
+    cluster.broker_mut(2).kill();
+    let survivors = format!("{},{}", cluster.broker(3).addr(), cluster.broker(4).addr());
+    wait_for("a topic created by the two remaining voters", DEADLINE, || {
+        let out = cli(&survivors, &["topic", "create", "proof", "--partitions", "1"], "");
+        out.status.success().then_some(())
+    });
+    let observed = runtime.block_on(read_all(&survivors, "moving"));
+    let report = check(&history.acked(), &observed);
+    println!("{report}");
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.reordered.is_empty(), "{report}");
+    assert_eq!(history.count(), 60_000, "every record was acknowledged");
 }
