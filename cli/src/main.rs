@@ -58,6 +58,13 @@ enum Command {
 }
 
 fn main() {
+    // Like other command-line tools, end quietly when the reader of our output goes away
+    // (`conveyor topic list | head`) instead of failing on a broken pipe.
+    // SAFETY: called before any thread starts; restores the default disposition of SIGPIPE,
+    // which the Rust runtime sets to ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

@@ -2,13 +2,14 @@
 //! every link between brokers.
 //!
 //! Each broker reaches each other broker through its own proxy (one per direction), so a
-//! test can cut any link, or isolate a broker, while clients still reach every broker
-//! directly. Brokers can also be SIGKILLed, paused and restarted (see [`BrokerProcess`]).
+//! test can cut any link, isolate a broker or slow its links down, while clients still
+//! reach every broker directly. Brokers can also be SIGKILLed, paused (SIGSTOP)
+//! and restarted (see [`BrokerProcess`]).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use crate::{BrokerProcess, START_DEADLINE, wait_for};
 pub struct LinkProxy {
     address: String,
     cut: Arc<AtomicBool>,
+    /// Milliseconds every chunk waits before it is passed on.
+    delay_ms: Arc<AtomicU64>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     stopped: Arc<AtomicBool>,
 }
@@ -31,9 +34,11 @@ impl LinkProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let address = listener.local_addr().expect("proxy address").to_string();
         let cut = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stopped = Arc::new(AtomicBool::new(false));
         let (c, o, s) = (Arc::clone(&cut), Arc::clone(&open), Arc::clone(&stopped));
+        let d = Arc::clone(&delay_ms);
         std::thread::spawn(move || {
             for incoming in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -59,13 +64,14 @@ impl LinkProxy {
                         }
                     }
                 }
-                pipe(&client, &upstream);
-                pipe(&upstream, &client);
+                pipe(&client, &upstream, Arc::clone(&d));
+                pipe(&upstream, &client, Arc::clone(&d));
             }
         });
         LinkProxy {
             address,
             cut,
+            delay_ms,
             open,
             stopped,
         }
@@ -83,8 +89,14 @@ impl LinkProxy {
         }
     }
 
+    /// Holds every chunk for `delay` before passing it on: a slow link.
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.delay_ms.store(0, Ordering::SeqCst);
     }
 }
 
@@ -97,7 +109,7 @@ impl Drop for LinkProxy {
     }
 }
 
-fn pipe(from: &TcpStream, to: &TcpStream) {
+fn pipe(from: &TcpStream, to: &TcpStream, delay_ms: Arc<AtomicU64>) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
@@ -107,6 +119,10 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    let delay = delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        std::thread::sleep(Duration::from_millis(delay));
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -250,6 +266,15 @@ impl Cluster {
     pub fn isolate(&self, id: u32) {
         for other in self.ids().into_iter().filter(|o| *o != id) {
             self.cut(id, other);
+        }
+    }
+
+    /// Slows every link of broker `id`, both directions, by `delay` per chunk.
+    pub fn slow_down(&self, id: u32, delay: Duration) {
+        for ((from, to), link) in &self.links {
+            if *from == id || *to == id {
+                link.delay(delay);
+            }
         }
     }
 

@@ -68,6 +68,22 @@ fn given_bad_admin_requests_should_answer_with_typed_errors_naming_the_problem()
         let e = admin.create_topic("exists", 1, NO_CONFIG).await.expect_err("duplicate");
         assert_eq!(broker_code(&e), tonic::Code::AlreadyExists);
         assert!(e.to_string().contains("exists"));
+
+        // Membership: nothing changes on a bad request.
+        let e = admin.add_broker(2, "no-port").await.expect_err("bad address");
+        assert_eq!(broker_code(&e), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        let e = admin.add_broker(0, "127.0.0.1:1").await.expect_err("id 0");
+        assert_eq!(broker_code(&e), tonic::Code::InvalidArgument);
+        let e = admin.remove_broker(7).await.expect_err("unknown broker");
+        assert_eq!(broker_code(&e), tonic::Code::NotFound);
+        assert!(e.to_string().contains("broker 7"), "{e}");
+        let e = admin.remove_broker(1).await.expect_err("the only broker");
+        assert_eq!(broker_code(&e), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("cannot remove broker 1"), "{e}");
+        let cluster = admin.describe_cluster().await.expect("cluster");
+        assert_eq!(cluster.brokers.len(), 1, "{cluster:?}");
+        assert_eq!(cluster.controller, 1);
     });
 }
 

@@ -504,11 +504,20 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         .map(|b| b["id"].as_u64().expect("id"))
         .collect();
     assert_eq!(ids, vec![1, 2, 3, 4], "{info}");
-    wait_for("broker 4 seen alive by the cluster and knowing the controller", DEADLINE, || {
-        let seen = cli_json(cluster.broker(4).addr(), &["cluster", "info"]);
-        let all_alive = seen["brokers"].as_array()?.iter().filter(|b| b["alive"] == true).count() == 4;
-        (all_alive && seen["controller"].as_u64()? > 0).then_some(())
-    });
+    wait_for(
+        "broker 4 seen alive by the cluster and knowing the controller",
+        DEADLINE,
+        || {
+            let seen = cli_json(cluster.broker(4).addr(), &["cluster", "info"]);
+            let all_alive = seen["brokers"]
+                .as_array()?
+                .iter()
+                .filter(|b| b["alive"] == true)
+                .count()
+                == 4;
+            (all_alive && seen["controller"].as_u64()? > 0).then_some(())
+        },
+    );
     // New topics are placed on it, and it learned the topics created before it joined.
     create(&cluster.bootstrap(), "after-add", "4", &[]);
     let placed = replicas_of(&cli_json(cluster.broker(4).addr(), &["topic", "describe", "after-add"]));
@@ -575,4 +584,70 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.reordered.is_empty(), "{report}");
     assert_eq!(history.count(), 60_000, "every record was acknowledged");
+}
+
+#[test]
+fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_without_loss() {
+    let cluster = Cluster::start(3, &[]);
+    create(&cluster.bootstrap(), "frozen", "1", &[]);
+    let paused = cluster.wait_for_leader("frozen", 0, None, DEADLINE);
+    let runtime = conveyor_tests::runtime();
+    let history = History::default();
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
+        produce(client, "frozen", "before".into(), 2_000, history.clone()).await;
+    });
+
+    // SIGSTOP: the leader freezes with its connections open, as a hung machine would.
+    cluster.broker(paused).pause();
+    let next = cluster.wait_for_leader("frozen", 0, Some(paused), DEADLINE);
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap_without(paused))
+            .await
+            .expect("connect");
+        produce(client, "frozen", "paused".into(), 2_000, history.clone()).await;
+    });
+    // A slow link to the third broker: writes still commit through the other majority.
+    let slow = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != paused && *id != next)
+        .expect("a third broker");
+    cluster.broker(paused).resume();
+    cluster.slow_down(slow, Duration::from_millis(20));
+    runtime.block_on(async {
+        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
+        produce(client, "frozen", "slow".into(), 2_000, history.clone()).await;
+    });
+    cluster.heal_all();
+    wait_in_sync(&cluster, "frozen", 3);
+    assert_eq!(history.count(), 6_000, "every record was acknowledged");
+    assert_eq!(history.failed(), 0);
+
+    // The broker that was paused and the one that was slow each hold every acknowledged
+    // record, in order, when they lead.
+    for reader in [paused, slow] {
+        let out = cli(
+            &cluster.bootstrap(),
+            &[
+                "partition",
+                "transfer-leader",
+                "frozen",
+                "0",
+                "--to",
+                &reader.to_string(),
+            ],
+            "",
+        );
+        assert!(
+            out.status.success(),
+            "transfer to {reader}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let observed = runtime.block_on(read_all(cluster.broker(reader).addr(), "frozen"));
+        let report = check(&history.acked(), &observed);
+        println!("read from broker {reader}: {report}");
+        assert!(report.lost.is_empty(), "{report}");
+        assert!(report.reordered.is_empty(), "{report}");
+    }
 }

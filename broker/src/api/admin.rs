@@ -25,6 +25,8 @@ use crate::topics::Topic;
 /// Marks a request one broker forwarded to another.
 const FORWARDED: &str = "x-conveyor-forwarded";
 const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a description waits for a partition leader's own view.
+const DESCRIBE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a leader transfer may take before the request fails.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -112,12 +114,12 @@ impl AdminService {
             let Ok(mut client) = self.client_for(broker).await else {
                 continue;
             };
-            let Ok(theirs) = client
-                .describe_topic(forward(DescribeTopicRequest {
-                    name: topic.name.clone(),
-                }))
-                .await
-            else {
+            // A leader that stopped answering (paused, partitioned) must not hang the
+            // description: its partitions keep this broker's view.
+            let asked = client.describe_topic(forward(DescribeTopicRequest {
+                name: topic.name.clone(),
+            }));
+            let Ok(Ok(theirs)) = tokio::time::timeout(DESCRIBE_ASK_TIMEOUT, asked).await else {
                 continue;
             };
             for p in theirs.into_inner().partitions {
@@ -363,8 +365,15 @@ impl Admin for AdminService {
         }
         if id == self.ctx.node_id {
             // The controller is the broker to remove: another broker runs the removal.
-            if !self.ctx.registry.members().contains(&id) {
+            let members = self.ctx.registry.members();
+            if !members.contains(&id) {
                 return Err(self.fail(BrokerError::UnknownBroker(id)));
+            }
+            if members.len() == 1 {
+                return Err(self.fail(BrokerError::CannotRemoveBroker {
+                    id,
+                    reason: "it is the only broker of the cluster".into(),
+                }));
             }
             let next = self.move_controller().await.map_err(|e| self.fail(e))?;
             tracing::info!(controller = next, "controller moved off the broker being removed");
