@@ -218,6 +218,11 @@ async fn change_group(
     }
 }
 
+/// Makes one membership change step in the controller group, whose voters are `members`.
+async fn change_controller_group(registry: &Registry, members: &[u32], step: MemberChange) -> Result<()> {
+    change_group(registry, CONTROLLER_TOPIC, 0, members, step, STEP_TIMEOUT).await
+}
+
 /// Adds broker `id` at `address` to the cluster (controller only): registers its address,
 /// adds it to the controller group as a learner, and promotes it once it has caught up.
 pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<()> {
@@ -245,36 +250,21 @@ pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<(
             }))
             .await?;
     }
-    let controller = registry.members();
-    change_group(
-        registry,
-        CONTROLLER_TOPIC,
-        0,
-        &controller,
-        MemberChange::AddLearner(u64::from(id)),
-        STEP_TIMEOUT,
-    )
-    .await?;
-    change_group(
-        registry,
-        CONTROLLER_TOPIC,
-        0,
-        &controller,
-        MemberChange::Promote(u64::from(id)),
-        STEP_TIMEOUT,
-    )
-    .await
-    .map_err(|e| match e {
-        BrokerError::MembershipChanging { .. } => BrokerError::MembershipChanging {
-            topic: CONTROLLER_TOPIC.into(),
-            partition: 0,
-            reason: format!(
-                "broker {id} was added as a learner but has not caught up with the cluster metadata; \
+    let members = registry.members();
+    change_controller_group(registry, &members, MemberChange::AddLearner(u64::from(id))).await?;
+    change_controller_group(registry, &members, MemberChange::Promote(u64::from(id)))
+        .await
+        .map_err(|e| match e {
+            BrokerError::MembershipChanging { .. } => BrokerError::MembershipChanging {
+                topic: CONTROLLER_TOPIC.into(),
+                partition: 0,
+                reason: format!(
+                    "broker {id} was added as a learner but has not caught up with the cluster metadata; \
                  make sure it is running with --join and reachable at {address}, then run add-node again"
-            ),
-        },
-        other => other,
-    })
+                ),
+            },
+            other => other,
+        })
 }
 
 /// The moves that take every replica off broker `id`, onto the least loaded live brokers
@@ -398,15 +388,7 @@ pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMo
     for m in &moves {
         move_replica(registry, m).await?;
     }
-    change_group(
-        registry,
-        CONTROLLER_TOPIC,
-        0,
-        &members,
-        MemberChange::Remove(u64::from(id)),
-        STEP_TIMEOUT,
-    )
-    .await?;
+    change_controller_group(registry, &members, MemberChange::Remove(u64::from(id))).await?;
     registry
         .propose(metadata_record::Change::BrokerRemoved(BrokerRemoved { id }))
         .await?;

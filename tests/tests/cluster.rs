@@ -76,6 +76,51 @@ async fn produce(client: Client, topic: &'static str, name: String, count: u64, 
     acker.await.expect("acker");
 }
 
+/// Starts `n` producers `p0..` sending `each` records to `topic` in the background.
+fn spawn_producers(
+    runtime: &tokio::runtime::Runtime,
+    bootstrap: &str,
+    topic: &'static str,
+    n: u64,
+    each: u64,
+    history: &History,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let (bootstrap, history) = (bootstrap.to_string(), history.clone());
+            runtime.spawn(async move {
+                let client = Client::connect(&bootstrap).await.expect("connect");
+                produce(client, topic, format!("p{i}"), each, history).await;
+            })
+        })
+        .collect()
+}
+
+fn wait_producers(runtime: &tokio::runtime::Runtime, producers: Vec<tokio::task::JoinHandle<()>>) {
+    runtime.block_on(async {
+        for p in producers {
+            tokio::time::timeout(DEADLINE, p)
+                .await
+                .expect("producers finish")
+                .expect("producer task");
+        }
+    });
+}
+
+/// Moves leadership of partition 0 of `topic` to broker `to`.
+fn transfer_leader(cluster: &Cluster, topic: &str, to: u32) {
+    let out = cli(
+        &cluster.bootstrap(),
+        &["partition", "transfer-leader", topic, "0", "--to", &to.to_string()],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "transfer to {to}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Reads every partition of `topic` from its start to its high watermark, asking `bootstrap`.
 async fn read_all(bootstrap: &str, topic: &str) -> Vec<Observed> {
     let client = Client::connect(bootstrap).await.expect("connect");
@@ -140,15 +185,7 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
     let leader = cluster.wait_for_leader("failover", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
-    let producers: Vec<_> = (0..3)
-        .map(|n| {
-            let (bootstrap, history) = (cluster.bootstrap(), history.clone());
-            runtime.spawn(async move {
-                let client = Client::connect(&bootstrap).await.expect("connect");
-                produce(client, "failover", format!("p{n}"), 33_334, history).await;
-            })
-        })
-        .collect();
+    let producers = spawn_producers(&runtime, &cluster.bootstrap(), "failover", 3, 33_334, &history);
     wait_for("acknowledged records before the kill", DEADLINE, || {
         (history.count() >= 20_000).then_some(())
     });
@@ -174,14 +211,7 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
     let failover = killed_at.elapsed();
     let new_leader = cluster.wait_for_leader("failover", 0, Some(leader), DEADLINE);
     println!("leader {leader} killed; broker {new_leader} took writes after {failover:?}");
-    runtime.block_on(async {
-        for p in producers {
-            tokio::time::timeout(DEADLINE, p)
-                .await
-                .expect("producers finish")
-                .expect("producer task");
-        }
-    });
+    wait_producers(&runtime, producers);
     cluster.broker_mut(leader).restart();
     wait_in_sync(&cluster, "failover", 3);
     let mut acked = history.acked();
@@ -255,16 +285,7 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
     cluster.heal_all();
     wait_in_sync(&cluster, "split", 3);
     // Read from the old leader once it leads again: its own log must have lost the suffix.
-    let out = cli(
-        &cluster.bootstrap(),
-        &["partition", "transfer-leader", "split", "0", "--to", &old.to_string()],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "transfer back: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    transfer_leader(&cluster, "split", old);
     let observed = runtime.block_on(read_all(cluster.broker(old).addr(), "split"));
     let ids: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
     for id in &stranded {
@@ -413,19 +434,7 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
     wait_in_sync(&cluster, "compacted-away", 3);
     // Make the restarted follower the leader and read from it: it holds the tail from the
     // snapshot point on, byte for byte what the others hold.
-    let out = cli(
-        &cluster.bootstrap(),
-        &[
-            "partition",
-            "transfer-leader",
-            "compacted-away",
-            "0",
-            "--to",
-            &follower.to_string(),
-        ],
-        "",
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    transfer_leader(&cluster, "compacted-away", follower);
     let observed = runtime.block_on(read_all(cluster.broker(follower).addr(), "compacted-away"));
     let first = observed
         .first()
@@ -457,6 +466,15 @@ fn cli_json(bootstrap: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("json output")
 }
 
+fn broker_ids(info: &serde_json::Value) -> Vec<u64> {
+    info["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect()
+}
+
 fn replicas_of(description: &serde_json::Value) -> Vec<Vec<u64>> {
     description["partitions"]
         .as_array()
@@ -479,15 +497,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     create(&cluster.bootstrap(), "moving", "3", &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
-    let producers: Vec<_> = (0..2)
-        .map(|n| {
-            let (bootstrap, history) = (cluster.bootstrap(), history.clone());
-            runtime.spawn(async move {
-                let client = Client::connect(&bootstrap).await.expect("connect");
-                produce(client, "moving", format!("p{n}"), 30_000, history).await;
-            })
-        })
-        .collect();
+    let producers = spawn_producers(&runtime, &cluster.bootstrap(), "moving", 2, 30_000, &history);
     wait_for("acknowledged records before the change", DEADLINE, || {
         (history.count() >= 2_000).then_some(())
     });
@@ -497,13 +507,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     let started = Instant::now();
     let info = cli_json(&cluster.bootstrap(), &["cluster", "add-node", "4", &address]);
     println!("broker 4 added in {:?}", started.elapsed());
-    let ids: Vec<u64> = info["brokers"]
-        .as_array()
-        .expect("brokers")
-        .iter()
-        .map(|b| b["id"].as_u64().expect("id"))
-        .collect();
-    assert_eq!(ids, vec![1, 2, 3, 4], "{info}");
+    assert_eq!(broker_ids(&info), vec![1, 2, 3, 4], "{info}");
     wait_for(
         "broker 4 seen alive by the cluster and knowing the controller",
         DEADLINE,
@@ -542,13 +546,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         wait_in_sync(&cluster, topic, 3);
     }
     let info = cli_json(&cluster.bootstrap_without(1), &["cluster", "info"]);
-    let ids: Vec<u64> = info["brokers"]
-        .as_array()
-        .expect("brokers")
-        .iter()
-        .map(|b| b["id"].as_u64().expect("id"))
-        .collect();
-    assert_eq!(ids, vec![2, 3, 4], "{info}");
+    assert_eq!(broker_ids(&info), vec![2, 3, 4], "{info}");
     assert_ne!(info["controller"], 1, "{info}");
     let moved_away = cluster.broker(1).data_dir().join("topics").join("moving");
     wait_for("broker 1 to delete the replicas it gave away", DEADLINE, || {
@@ -556,14 +554,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     });
 
     cluster.broker_mut(1).kill();
-    runtime.block_on(async {
-        for p in producers {
-            tokio::time::timeout(DEADLINE, p)
-                .await
-                .expect("producers finish")
-                .expect("producer task");
-        }
-    });
+    wait_producers(&runtime, producers);
     assert_eq!(
         history.failed(),
         0,
@@ -627,23 +618,7 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     // The broker that was paused and the one that was slow each hold every acknowledged
     // record, in order, when they lead.
     for reader in [paused, slow] {
-        let out = cli(
-            &cluster.bootstrap(),
-            &[
-                "partition",
-                "transfer-leader",
-                "frozen",
-                "0",
-                "--to",
-                &reader.to_string(),
-            ],
-            "",
-        );
-        assert!(
-            out.status.success(),
-            "transfer to {reader}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        transfer_leader(&cluster, "frozen", reader);
         let observed = runtime.block_on(read_all(cluster.broker(reader).addr(), "frozen"));
         let report = check(&history.acked(), &observed);
         println!("read from broker {reader}: {report}");
