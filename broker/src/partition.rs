@@ -130,6 +130,10 @@ enum Control {
     Membership(MemberChange, oneshot::Sender<Result<()>>),
 }
 
+/// Appends held while an election runs, at most, and for how long.
+const MAX_WAITING: usize = 1024;
+const MAX_WAIT_FOR_LEADER: Duration = Duration::from_secs(2);
+
 /// A learner this many entries or fewer behind the commit index may be promoted: close
 /// enough that it cannot hold back commits for long once it votes.
 const PROMOTE_MAX_LAG: u64 = 64;
@@ -238,6 +242,7 @@ impl Partition {
             ticks: 0,
             caught_up: HashMap::new(),
             pending_changes: Vec::new(),
+            waiting: VecDeque::new(),
         };
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let handle = ctx.runtime.spawn(owner.run(rx, inbox_rx, control_rx, node));
@@ -449,6 +454,8 @@ struct Owner {
     caught_up: HashMap<u64, Instant>,
     /// Membership changes proposed here, waiting to commit.
     pending_changes: Vec<PendingChange>,
+    /// Appends that arrived while no leader was known, in arrival order.
+    waiting: VecDeque<(Instant, AppendRequest)>,
 }
 
 #[derive(Debug)]
@@ -521,6 +528,7 @@ impl Owner {
                     tracing::debug!(topic = %self.topic, partition = self.index, error = %e, "raft message refused");
                 }
             }
+            self.release_waiting(&mut node);
             for request in requests {
                 self.propose(&mut node, request);
             }
@@ -587,6 +595,13 @@ impl Owner {
     /// Proposes a request's batches, one entry each, in one step: all of them or none.
     fn propose(&mut self, node: &mut RawNode<RaftLog>, request: AppendRequest) {
         if node.raft.state != StateRole::Leader {
+            // No leader known (an election is running): hold the request rather than refuse
+            // it. Refusing one request and accepting the next, once this replica has won,
+            // would let a client's retry land after later records of the same partition.
+            if node.raft.leader_id == 0 && self.waiting.len() < MAX_WAITING {
+                self.waiting.push_back((Instant::now(), request));
+                return;
+            }
             drop(request.reply.send(Err(self.not_leader())));
             return;
         }
@@ -625,6 +640,30 @@ impl Owner {
             acks: request.acks,
             reply: request.reply,
         });
+    }
+
+    /// Proposes, in order, the appends held for a leader once one is known (refusing them
+    /// with its name if it is another replica), and refuses those held too long.
+    fn release_waiting(&mut self, node: &mut RawNode<RaftLog>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        if node.raft.leader_id != 0 {
+            let held: Vec<_> = self.waiting.drain(..).collect();
+            for (_, request) in held {
+                self.propose(node, request);
+            }
+            return;
+        }
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(since, _)| since.elapsed() >= MAX_WAIT_FOR_LEADER)
+        {
+            if let Some((_, request)) = self.waiting.pop_front() {
+                drop(request.reply.send(Err(self.not_leader())));
+            }
+        }
     }
 
     fn not_leader(&self) -> BrokerError {

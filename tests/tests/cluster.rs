@@ -176,6 +176,23 @@ fn create(bootstrap: &str, topic: &str, partitions: &str, extra: &[&str]) {
         "create {topic}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    wait_for_leaders(bootstrap, topic);
+}
+
+/// Waits until every partition of `topic` has a leader, as the first broker of `bootstrap`
+/// that answers sees it. Producing before that can have a batch refused during the election
+/// and retried after later ones: without idempotent producers (a later issue) the client
+/// cannot keep order across that retry.
+fn wait_for_leaders(bootstrap: &str, topic: &str) {
+    wait_for("a leader for every partition", DEADLINE, || {
+        let out = cli(bootstrap, &["topic", "describe", topic, "--output", "json"], "");
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        d["partitions"]
+            .as_array()?
+            .iter()
+            .all(|p| p["leader"].as_u64().is_some_and(|l| l > 0))
+            .then_some(())
+    });
 }
 
 #[test]
@@ -605,6 +622,18 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
         .find(|id| *id != paused && *id != next)
         .expect("a third broker");
     cluster.broker(paused).resume();
+    // The resumed broker believes it still leads until it hears the new term; a client that
+    // asked it first would send there (see wait_for_leaders).
+    wait_for("the resumed broker to follow the new leader", DEADLINE, || {
+        let out = cli(
+            cluster.broker(paused).addr(),
+            &["topic", "describe", "frozen", "--output", "json"],
+            "",
+        );
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let leader = d["partitions"][0]["leader"].as_u64()?;
+        (leader > 0 && leader != u64::from(paused)).then_some(())
+    });
     cluster.slow_down(slow, Duration::from_millis(20));
     runtime.block_on(async {
         let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
