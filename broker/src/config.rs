@@ -51,6 +51,13 @@ impl Default for ClusterSection {
     }
 }
 
+/// Whether `address` looks like `HOST:PORT`.
+pub fn is_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
 /// Parses `ID=HOST:PORT` entries (also comma-separated within one entry).
 pub fn parse_peers(entries: &[String]) -> anyhow::Result<BTreeMap<u32, String>> {
     let mut peers = BTreeMap::new();
@@ -69,12 +76,7 @@ pub fn parse_peers(entries: &[String]) -> anyhow::Result<BTreeMap<u32, String>> 
             .map_err(|_| anyhow::anyhow!("peer '{item}': '{id}' is not a broker id"))?;
         anyhow::ensure!(id > 0, "peer '{item}': broker ids start at 1");
         let address = address.trim();
-        anyhow::ensure!(
-            address
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
-            "peer '{item}': '{address}' is not HOST:PORT"
-        );
+        anyhow::ensure!(is_host_port(address), "peer '{item}': '{address}' is not HOST:PORT");
         anyhow::ensure!(
             peers.insert(id, address.to_string()).is_none(),
             "peer id {id} appears twice"
@@ -167,13 +169,16 @@ impl Default for LimitsSection {
 }
 
 impl BrokerConfig {
-    /// Reads and validates a TOML file; unknown keys are errors that name the key.
+    /// Reads a TOML file; unknown keys are errors that name the key. Not validated yet:
+    /// command-line flags and `CONVEYOR_*` variables may still override it, so call
+    /// [`validate`](Self::validate) once they are applied.
     pub fn load(path: &Path) -> anyhow::Result<BrokerConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
+    /// Parses and validates a complete configuration.
     pub fn parse(text: &str) -> anyhow::Result<BrokerConfig> {
         let config: BrokerConfig = toml::from_str(text)?;
         config.validate()?;

@@ -47,8 +47,6 @@ pub enum BrokerError {
         log_start_offset: u64,
         log_end_offset: u64,
     },
-    #[error("topic '{topic}' partition {partition} is busy: its append queue is full, retry later")]
-    Busy { topic: String, partition: i32 },
     #[error("topic '{topic}' partition {partition}: storage failure: {source}")]
     Storage {
         topic: String,
@@ -137,7 +135,6 @@ impl BrokerError {
             CorruptBatch { .. } => (Code::InvalidArgument, ErrorCode::CorruptBatch, false),
             RecordTooLarge { .. } => (Code::InvalidArgument, ErrorCode::RecordTooLarge, false),
             OffsetOutOfRange { .. } => (Code::OutOfRange, ErrorCode::OffsetOutOfRange, false),
-            Busy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
             LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
@@ -163,7 +160,6 @@ impl BrokerError {
             UnknownPartition { topic, partition, .. }
             | CorruptBatch { topic, partition, .. }
             | RecordTooLarge { topic, partition, .. }
-            | Busy { topic, partition }
             | LeaderNotAvailable { topic, partition }
             | MembershipChanging { topic, partition, .. }
             | Storage { topic, partition, .. } => {

@@ -78,6 +78,8 @@ fn main() -> anyhow::Result<()> {
     if args.join {
         config.cluster.join = true;
     }
+    // Checked after the overrides: a file may leave to a flag what it does not say itself.
+    config.validate().context("invalid configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

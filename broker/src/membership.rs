@@ -15,7 +15,8 @@
 //! The group keeps its replication factor or more throughout, so a crash at any point loses
 //! no acknowledged write.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use conveyor_proto::internal::v1::raft_client::RaftClient;
@@ -25,7 +26,7 @@ use conveyor_proto::internal::v1::{
 };
 use conveyor_proto::v1::ErrorDetail;
 use prost::Message as _;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{BrokerError, Result};
 use crate::partition::{MemberChange, Partition};
@@ -105,62 +106,77 @@ enum Attempt {
     Failed(BrokerError),
 }
 
-fn classify(result: Result<()>) -> Attempt {
+/// What an error's detail says to do: retry (where its leader hint points, if any) when it
+/// is retriable, else give up.
+fn classify(detail: &ErrorDetail, error: impl FnOnce() -> BrokerError) -> Attempt {
+    if detail.retriable {
+        let leader = u32::try_from(detail.leader_id).ok().filter(|&l| l != 0);
+        Attempt::Retry {
+            leader,
+            why: detail.message.clone(),
+        }
+    } else {
+        Attempt::Failed(error())
+    }
+}
+
+fn classify_local(result: Result<()>) -> Attempt {
     match result {
         Ok(()) => Attempt::Done,
-        Err(BrokerError::NotLeader { leader, .. }) => Attempt::Retry {
-            leader: Some(leader),
-            why: "the leader moved".into(),
-        },
-        Err(
-            e @ (BrokerError::LeaderNotAvailable { .. }
-            | BrokerError::MembershipChanging { .. }
-            | BrokerError::BrokerUnreachable { .. }
-            | BrokerError::ShuttingDown),
-        ) => Attempt::Retry {
-            leader: None,
-            why: e.to_string(),
-        },
-        Err(e) => Attempt::Failed(e),
+        Err(e) => classify(&e.detail(), || e),
     }
 }
 
 fn classify_status(broker: u32, status: &tonic::Status) -> Attempt {
-    let detail = ErrorDetail::decode(status.details()).ok();
-    let retriable = detail.as_ref().is_some_and(|d| d.retriable)
-        || matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded);
-    let why = format!("broker {broker}: {}", status.message());
-    if retriable {
-        let leader = detail.and_then(|d| u32::try_from(d.leader_id).ok()).filter(|&l| l != 0);
-        Attempt::Retry { leader, why }
-    } else {
-        Attempt::Failed(BrokerError::InvalidRequest(why))
-    }
+    let mut detail = ErrorDetail::decode(status.details()).unwrap_or_default();
+    // Without the broker's own detail (a dropped connection, a timeout) the code decides.
+    detail.retriable |= matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded);
+    detail.message = format!("broker {broker}: {}", status.message());
+    let message = detail.message.clone();
+    classify(&detail, || BrokerError::InvalidRequest(message))
 }
 
-async fn change_remote(registry: &Registry, broker: u32, request: MembershipChange) -> Attempt {
+/// A client for broker `broker`'s internal service, connected once per step and reused
+/// across its attempts.
+async fn connect(registry: &Registry, broker: u32) -> Result<RaftClient<Channel>, Attempt> {
     let Some(address) = registry.transport().raft_address(broker) else {
-        return Attempt::Retry {
+        return Err(Attempt::Retry {
             leader: None,
             why: format!("no address known for broker {broker}"),
-        };
+        });
     };
-    let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
-        Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
-        Err(e) => return Attempt::Failed(BrokerError::Internal(format!("broker {broker} address: {e}"))),
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Attempt::Failed(BrokerError::Internal(format!("broker {broker} address: {e}"))))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| Attempt::Retry {
+        leader: None,
+        why: format!("cannot reach broker {broker} at {address}: {e}"),
+    })?;
+    Ok(RaftClient::new(channel))
+}
+
+async fn change_remote(
+    registry: &Registry,
+    clients: &mut HashMap<u32, RaftClient<Channel>>,
+    broker: u32,
+    request: MembershipChange,
+) -> Attempt {
+    let client = match clients.entry(broker) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => match connect(registry, broker).await {
+            Ok(client) => e.insert(client),
+            Err(attempt) => return attempt,
+        },
     };
-    let channel = match endpoint.connect().await {
-        Ok(c) => c,
-        Err(e) => {
-            return Attempt::Retry {
-                leader: None,
-                why: format!("cannot reach broker {broker} at {address}: {e}"),
-            };
-        }
-    };
-    match RaftClient::new(channel).change_membership(request).await {
+    match client.change_membership(request).await {
         Ok(_) => Attempt::Done,
-        Err(status) => classify_status(broker, &status),
+        Err(status) => {
+            // A broken connection is made again on the next attempt.
+            if status.details().is_empty() {
+                clients.remove(&broker);
+            }
+            classify_status(broker, &status)
+        }
     }
 }
 
@@ -178,18 +194,19 @@ async fn change_group(
     let deadline = Instant::now() + timeout;
     let known_leader = local_group(registry, topic, partition)
         .ok()
-        .map(|p| p.status().leader)
+        .map(|p| p.leader())
         .filter(|&l| l != 0);
     let mut target = known_leader.or_else(|| replicas.first().copied()).unwrap_or(me);
     let mut guess = 0usize;
+    let mut clients = HashMap::new();
     loop {
         let attempt = if target == me {
             match local_group(registry, topic, partition) {
-                Ok(p) => classify(p.change_membership(step).await),
-                Err(e) => classify(Err(e)),
+                Ok(p) => classify_local(p.change_membership(step).await),
+                Err(e) => classify_local(Err(e)),
             }
         } else {
-            change_remote(registry, target, to_request(topic, partition, step)).await
+            change_remote(registry, &mut clients, target, to_request(topic, partition, step)).await
         };
         match attempt {
             Attempt::Done => return Ok(()),
@@ -229,10 +246,7 @@ pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<(
     if id == 0 {
         return Err(BrokerError::InvalidRequest("broker ids start at 1".into()));
     }
-    let parsed = address
-        .rsplit_once(':')
-        .and_then(|(host, port)| port.parse::<u16>().ok().filter(|_| !host.is_empty()));
-    if parsed.is_none() {
+    if !crate::config::is_host_port(address) {
         return Err(BrokerError::InvalidRequest(format!(
             "broker address '{address}' is not HOST:PORT"
         )));
@@ -250,7 +264,6 @@ pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<(
             }))
             .await?;
     }
-    let members = registry.members();
     change_controller_group(registry, &members, MemberChange::AddLearner(u64::from(id))).await?;
     change_controller_group(registry, &members, MemberChange::Promote(u64::from(id)))
         .await

@@ -273,7 +273,12 @@ impl Partition {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.status.borrow().leader == self.node_id
+        self.leader() == self.node_id
+    }
+
+    /// The leader this replica knows of; 0 when there is none.
+    pub fn leader(&self) -> u32 {
+        self.status.borrow().leader
     }
 
     /// The error for a request this replica cannot serve because it does not lead.
@@ -475,11 +480,8 @@ struct Outbox<'a> {
 
 impl ReadyHandler for Outbox<'_> {
     fn send(&mut self, messages: Vec<Message>) {
-        for m in messages {
-            self.transport.send(self.key, m);
-        }
+        self.transport.send(self.key, messages);
     }
-    fn committed(&mut self, _index: u64) {}
 }
 
 impl Owner {

@@ -175,7 +175,14 @@ async fn maintain(registry: Arc<Registry>, retention_every: Duration, stop: impl
         tokio::select! {
             _ = &mut stop => return,
             _ = flush_tick.tick() => {
-                let partitions = registry.all_partitions();
+                let partitions: Vec<_> = registry
+                    .all_partitions()
+                    .into_iter()
+                    .filter(|p| matches!(p.log.flush_policy(), conveyor_storage::FlushPolicy::Interval(_)))
+                    .collect();
+                if partitions.is_empty() {
+                    continue;
+                }
                 let _ = blocking(move || {
                     for p in partitions {
                         if let Err(e) = p.log.flush_if_due() {

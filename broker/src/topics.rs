@@ -43,7 +43,9 @@ const MAX_TOPIC_NAME: usize = 249;
 /// How long a change waits for a controller to be elected before it fails.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
+/// A topic as this broker knows it. A change replaces the whole value (readers hold an
+/// `Arc` to the one they looked up), so it is cloned and modified.
+#[derive(Debug, Clone)]
 pub struct Topic {
     pub name: String,
     pub id: String,
@@ -65,7 +67,7 @@ impl Topic {
         self.assignments.len()
     }
 
-    fn check_index(&self, index: i32) -> Result<()> {
+    pub(crate) fn check_index(&self, index: i32) -> Result<()> {
         if usize::try_from(index).is_ok_and(|i| i < self.assignments.len()) {
             Ok(())
         } else {
@@ -262,8 +264,7 @@ impl Registry {
         let joined = meta_dir.join(JOINED_FILE);
         if options.join && !joined.exists() {
             std::fs::create_dir_all(&meta_dir)?;
-            std::fs::write(&joined, b"")?;
-            std::fs::File::open(&meta_dir)?.sync_all()?;
+            conveyor_storage::replace_file_durably(&meta_dir, JOINED_FILE, b"")?;
         }
         if !joined.exists() {
             bootstrap_metadata(&meta_dir, &transport.broker_ids())?;
@@ -457,14 +458,9 @@ impl Registry {
                     }
                 }
                 self.insert(Topic {
-                    name: topic.name.clone(),
-                    id: topic.id.clone(),
-                    replication_factor: topic.replication_factor,
                     overrides,
                     effective,
-                    assignments: topic.assignments.clone(),
-                    initial: topic.initial.clone(),
-                    local: topic.local.clone(),
+                    ..Topic::clone(&topic)
                 });
             }
             metadata_record::Change::PartitionReassigned(r) => self.apply_reassignment(r).await,
@@ -602,18 +598,12 @@ impl Registry {
             (Some(partition), true) => partition.set_preferred(preferred).await,
             (None, false) => {}
         }
-        let mut assignments = topic.assignments.clone();
-        assignments[index] = r.replicas;
-        self.insert(Topic {
-            name: topic.name.clone(),
-            id: topic.id.clone(),
-            replication_factor: topic.replication_factor,
-            overrides: topic.overrides.clone(),
-            effective: topic.effective.clone(),
-            assignments,
-            initial: topic.initial.clone(),
+        let mut updated = Topic {
             local,
-        });
+            ..Topic::clone(&topic)
+        };
+        updated.assignments[index] = r.replicas;
+        self.insert(updated);
     }
 
     fn open_context(&self) -> OpenContext {
@@ -902,11 +892,7 @@ fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<()> {
         Err(e) => return Err(e),
     }
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{TOPIC_ID_FILE}.tmp"));
-    std::fs::write(&tmp, id)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &marker)?;
-    std::fs::File::open(dir)?.sync_all()
+    conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)
 }
 
 /// Removes partition directories of `topic_dir` whose replica is no longer placed on `me`

@@ -211,17 +211,21 @@ impl Transport {
         self.node_id
     }
 
-    /// Queues a message for its peer without waiting; drops it if the queue is full.
-    pub fn send(&self, key: &Arc<GroupKey>, message: Message) {
-        let Ok(to) = u32::try_from(message.to) else { return };
-        let peers = self.read_peers();
-        let Some(peer) = peers.get(&to) else {
-            tracing::debug!(to, "raft message for an unknown broker dropped");
+    /// Queues each message for its peer without waiting; drops it if the queue is full.
+    pub fn send(&self, key: &Arc<GroupKey>, messages: Vec<Message>) {
+        if messages.is_empty() {
             return;
-        };
-        if peer.queue.try_send((Arc::clone(key), message)).is_err() {
-            peer.dropped.add(1);
-            self.metrics.raft_messages_dropped.add(1);
+        }
+        let peers = self.read_peers();
+        for message in messages {
+            let Some(peer) = u32::try_from(message.to).ok().and_then(|to| peers.get(&to)) else {
+                tracing::debug!(to = message.to, "raft message for an unknown broker dropped");
+                continue;
+            };
+            if peer.queue.try_send((Arc::clone(key), message)).is_err() {
+                peer.dropped.add(1);
+                self.metrics.raft_messages_dropped.add(1);
+            }
         }
     }
 

@@ -1,7 +1,6 @@
 //! Config values with units: [`ByteSize`] ("64MiB", "4KiB", 1024) and [`Millis`] ("7d",
 //! "500ms", "30s"). Parsing errors name the accepted forms.
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -21,7 +20,7 @@ fn number_and_unit<'a>(s: &'a str, example: &str) -> Result<(u64, &'a str), Stri
     Ok((n, unit.trim()))
 }
 
-/// A size in bytes; written as an integer or with a unit (B, KB, MB, GB, KiB, MiB, GiB).
+/// A size in bytes; written as an integer or with a unit (B, KB, MB, GB, KiB, MiB, GiB, TiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "Raw")]
 pub struct ByteSize(pub u64);
@@ -52,19 +51,13 @@ impl std::str::FromStr for ByteSize {
             "TiB" => 1 << 40,
             other => {
                 return Err(format!(
-                    "unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"
+                    "unknown size unit '{other}' in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB, TiB)"
                 ));
             }
         };
         n.checked_mul(mult)
             .map(ByteSize)
             .ok_or_else(|| format!("size '{s}' overflows"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
     }
 }
 

@@ -64,8 +64,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub replication_factor: i32,
     /// Topic config when the topic is created, e.g. flush.policy=os.
-    #[arg(long = "config", value_name = "KEY=VALUE")]
-    pub configs: Vec<String>,
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = crate::topic::parse_key_value)]
+    pub configs: Vec<(String, String)>,
     #[arg(long, value_enum, default_value = "all")]
     pub acks: AcksArg,
     /// Producer batch size in bytes.
@@ -110,14 +110,7 @@ async fn ensure_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     match client.admin().describe_topic(&args.topic).await {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(conveyor_client::proto::ErrorCode::UnknownTopic) => {
-            let configs: Vec<(&str, &str)> = args
-                .configs
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .ok_or_else(|| anyhow::anyhow!("--config '{kv}' is not KEY=VALUE"))
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let configs: Vec<(&str, &str)> = args.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             client
                 .admin()
                 .create_replicated_topic(&args.topic, args.partitions, args.replication_factor, &configs)

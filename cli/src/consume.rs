@@ -89,29 +89,30 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
         (_, _, Some(t)) => StartAt::Timestamp(t),
         _ => StartAt::Latest,
     };
-    // An explicit offset outside the log is an error up front, naming it.
-    if let StartAt::Offset(o) = start {
+    // An explicit offset outside the log is an error up front, naming it; without --follow,
+    // reading stops at the high watermark each partition has now. One lookup serves both.
+    let explicit = match start {
+        StartAt::Offset(o) => Some(o),
+        _ => None,
+    };
+    let mut ends: HashMap<(String, i32), u64> = HashMap::new();
+    let mut end_of: HashMap<i32, u64> = HashMap::new();
+    if explicit.is_some() || !args.follow {
         for &p in &partitions {
             let r = client.admin().list_offset(&args.topic, p, OffsetSpec::Latest).await?;
-            anyhow::ensure!(
-                (r.log_start_offset..=r.log_end_offset).contains(&o),
-                "topic '{}' partition {p}: offset {o} is outside [{}, {}]",
-                args.topic,
-                r.log_start_offset,
-                r.log_end_offset
-            );
-        }
-    }
-    // Without --follow, stop at the high watermark each partition has now.
-    let mut ends: HashMap<(String, i32), u64> = HashMap::new();
-    if !args.follow {
-        for &p in &partitions {
-            let end = client
-                .admin()
-                .list_offset(&args.topic, p, OffsetSpec::Latest)
-                .await?
-                .offset;
-            ends.insert((args.topic.clone(), p), end);
+            if let Some(o) = explicit {
+                anyhow::ensure!(
+                    (r.log_start_offset..=r.log_end_offset).contains(&o),
+                    "topic '{}' partition {p}: offset {o} is outside [{}, {}]",
+                    args.topic,
+                    r.log_start_offset,
+                    r.log_end_offset
+                );
+            }
+            if !args.follow {
+                ends.insert((args.topic.clone(), p), r.offset);
+                end_of.insert(p, r.offset);
+            }
         }
     }
     // Retention may move the log start while reading; an explicit --offset is not moved.
@@ -136,10 +137,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
         };
         let Some(record) = next else { break };
         let record = record?;
-        if ends
-            .get(&(args.topic.clone(), record.partition))
-            .is_some_and(|end| record.offset >= *end)
-        {
+        if end_of.get(&record.partition).is_some_and(|end| record.offset >= *end) {
             continue;
         }
         match format {

@@ -69,8 +69,12 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let mut record = match &args.key_separator {
-            Some(sep) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => ProducerRecord::new(&args.topic, v.to_string()).key(k.to_string()),
+            Some(sep) => match line.find(sep.as_str()) {
+                // Key and value share the line's buffer.
+                Some(at) => {
+                    let line = bytes::Bytes::from(line);
+                    ProducerRecord::new(&args.topic, line.slice(at + sep.len()..)).key(line.slice(..at))
+                }
                 None => ProducerRecord::new(&args.topic, line),
             },
             None => ProducerRecord::new(&args.topic, line),

@@ -30,8 +30,10 @@ struct State {
     addresses: Vec<String>,
     channels: HashMap<String, Channel>,
     brokers: HashMap<i32, String>,
-    leaders: HashMap<(String, i32), i32>,
-    replicas: HashMap<(String, i32), Vec<i32>>,
+    /// Topic → partition → leader id; looked up by `&str`, so routing a batch allocates
+    /// nothing.
+    leaders: HashMap<String, HashMap<i32, i32>>,
+    replicas: HashMap<String, HashMap<i32, Vec<i32>>>,
     partition_counts: HashMap<String, u32>,
 }
 
@@ -131,7 +133,8 @@ impl Cluster {
                 async move { Ok(AdminClient::new(channel).metadata(request).await?.into_inner()) }
             })
             .await?;
-        let mut state = self.state();
+        let mut guard = self.state();
+        let state = &mut *guard;
         for b in response.brokers {
             if !state.addresses.contains(&b.address) {
                 state.addresses.push(b.address.clone());
@@ -140,14 +143,15 @@ impl Cluster {
         }
         for t in response.topics {
             state.partition_counts.insert(t.name.clone(), t.partitions.len() as u32);
+            let leaders = state.leaders.entry(t.name.clone()).or_default();
+            let replicas = state.replicas.entry(t.name.clone()).or_default();
             for p in t.partitions {
-                let key = (t.name.clone(), p.partition);
                 if p.leader > 0 {
-                    state.leaders.insert(key.clone(), p.leader);
+                    leaders.insert(p.partition, p.leader);
                 } else {
-                    state.leaders.remove(&key);
+                    leaders.remove(&p.partition);
                 }
-                state.replicas.insert(key, p.replicas);
+                replicas.insert(p.partition, p.replicas);
             }
         }
         Ok(())
@@ -161,12 +165,11 @@ impl Cluster {
     /// (an election is under way) the preferred replica is the best guess: it answers with
     /// a hint or a retriable error.
     pub(crate) async fn route(&self, topic: &str, partition: i32) -> Result<Route> {
-        let key = (topic.to_string(), partition);
-        if let Some(route) = self.cached_route(&key) {
+        if let Some(route) = self.cached_route(topic, partition) {
             return Ok(route);
         }
         self.refresh(topic).await?;
-        if let Some(route) = self.cached_route(&key) {
+        if let Some(route) = self.cached_route(topic, partition) {
             return Ok(route);
         }
         let guess = {
@@ -179,12 +182,13 @@ impl Cluster {
             }
             state
                 .replicas
-                .get(&key)
+                .get(topic)
+                .and_then(|t| t.get(&partition))
                 .and_then(|r| r.first())
-                .and_then(|id| state.brokers.get(id).map(|a| (*id, a.clone())))
+                .and_then(|id| state.brokers.get(id).cloned())
         };
         match guess {
-            Some((_, address)) => Ok(Route {
+            Some(address) => Ok(Route {
                 channel: self.channel_to(&address),
                 address,
             }),
@@ -196,14 +200,25 @@ impl Cluster {
     }
 
     /// The address of a partition's leader, if known, without looking it up.
-    pub(crate) fn cached_address(&self, topic: &str, partition: i32) -> Option<String> {
+    fn cached_address(&self, topic: &str, partition: i32) -> Option<String> {
         let state = self.state();
-        let broker = state.leaders.get(&(topic.to_string(), partition))?;
+        let broker = state.leaders.get(topic)?.get(&partition)?;
         state.brokers.get(broker).cloned()
     }
 
-    fn cached_route(&self, key: &(String, i32)) -> Option<Route> {
-        let address = self.cached_address(&key.0, key.1)?;
+    /// Whether the leader of a partition is known to be at `address`.
+    pub(crate) fn leader_is(&self, topic: &str, partition: i32, address: &str) -> bool {
+        let state = self.state();
+        state
+            .leaders
+            .get(topic)
+            .and_then(|t| t.get(&partition))
+            .and_then(|broker| state.brokers.get(broker))
+            .is_some_and(|a| a == address)
+    }
+
+    fn cached_route(&self, topic: &str, partition: i32) -> Option<Route> {
+        let address = self.cached_address(topic, partition)?;
         Some(Route {
             channel: self.channel_to(&address),
             address,
@@ -237,7 +252,6 @@ impl Cluster {
     /// Learns from a failed partition request: a leader hint moves the route there; any
     /// other retriable failure forgets the route.
     pub(crate) fn on_error(&self, topic: &str, partition: i32, error: &ClientError) {
-        let key = (topic.to_string(), partition);
         let mut state = self.state();
         if let ClientError::Broker { detail: Some(d), .. } = error
             && ErrorCode::try_from(d.code) == Ok(ErrorCode::NotLeader)
@@ -248,11 +262,17 @@ impl Cluster {
             if !state.addresses.contains(&d.leader_address) {
                 state.addresses.push(d.leader_address.clone());
             }
-            state.leaders.insert(key, d.leader_id);
+            state
+                .leaders
+                .entry(topic.to_string())
+                .or_default()
+                .insert(partition, d.leader_id);
             return;
         }
-        if error.is_retriable() {
-            state.leaders.remove(&key);
+        if error.is_retriable()
+            && let Some(leaders) = state.leaders.get_mut(topic)
+        {
+            leaders.remove(&partition);
         }
     }
 }

@@ -59,12 +59,28 @@ impl ClientError {
         }
     }
 
+    /// The same error, naming `address` where it says which broker could not be reached
+    /// (a status converts with a placeholder; the caller knows the address).
+    pub(crate) fn at(self, address: &str) -> ClientError {
+        match self {
+            ClientError::Unreachable { reason, .. } => ClientError::Unreachable {
+                address: address.to_string(),
+                reason,
+            },
+            e => e,
+        }
+    }
+
     pub(crate) fn from_detail(detail: ErrorDetail) -> ClientError {
         let code = match ErrorCode::try_from(detail.code) {
-            Ok(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition) => tonic::Code::NotFound,
+            Ok(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownBroker) => {
+                tonic::Code::NotFound
+            }
             Ok(ErrorCode::OffsetOutOfRange) => tonic::Code::OutOfRange,
             Ok(ErrorCode::Busy) => tonic::Code::ResourceExhausted,
-            Ok(ErrorCode::ShuttingDown | ErrorCode::LeaderNotAvailable) => tonic::Code::Unavailable,
+            Ok(ErrorCode::ShuttingDown | ErrorCode::LeaderNotAvailable | ErrorCode::MembershipChanging) => {
+                tonic::Code::Unavailable
+            }
             Ok(ErrorCode::NotLeader) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
             _ => tonic::Code::InvalidArgument,

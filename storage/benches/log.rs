@@ -102,11 +102,14 @@ fn append_always_group_commit(c: &mut Criterion) {
     g.finish();
 }
 
-/// A log of about 512 MiB, appended with flush `os` and left in the page cache.
+/// How much the read benchmarks read from: about 512 MiB.
+const FILLED_BYTES: u64 = 512 << 20;
+
+/// A log of about [`FILLED_BYTES`], appended with flush `os` and left in the page cache.
 fn filled_log(dir: &tempfile::TempDir) -> PartitionLog {
     let batch = make_batch();
     let log = PartitionLog::open(dir.path(), config(FlushPolicy::Os)).expect("open");
-    while log.size_bytes() < 512 << 20 {
+    while log.size_bytes() < FILLED_BYTES {
         log.append(&batch).expect("fill");
     }
     log

@@ -53,3 +53,4 @@ pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};
 pub use log::{AppendInfo, BatchPosition, PartitionLog};
 pub use retention::RetentionOutcome;
+pub use sync::replace_file_durably;

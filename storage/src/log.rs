@@ -76,7 +76,6 @@ pub struct PartitionLog {
     flush_policy: Mutex<FlushPolicy>,
     poisoned: AtomicBool,
     closed: AtomicBool,
-    poison_reason: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,7 +113,6 @@ impl PartitionLog {
             commit: GroupCommit::new(end),
             poisoned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            poison_reason: Mutex::new(None),
         }
     }
 
@@ -195,7 +193,6 @@ impl PartitionLog {
     pub(crate) fn poison(&self, what: &str, err: &LogError) {
         tracing::error!(dir = %self.dir.display(), error = %err, "partition log poisoned after a failed {what}");
         let reason = format!("{what}: {err}");
-        *lock(&self.poison_reason) = Some(reason.clone());
         self.poisoned.store(true, Ordering::Release);
         self.commit.fail(reason);
     }
@@ -215,7 +212,7 @@ impl PartitionLog {
             return Err(LogError::Closed);
         }
         if self.poisoned.load(Ordering::Acquire) {
-            let reason = lock(&self.poison_reason).clone().unwrap_or_default();
+            let reason = self.commit.failure().unwrap_or_default();
             return Err(LogError::Poisoned { reason });
         }
         Ok(())
@@ -336,6 +333,11 @@ impl PartitionLog {
             FlushPolicy::Interval(every) => self.sync_if_older_than(every),
             FlushPolicy::Os => Ok(()),
         }
+    }
+
+    /// The largest batch the log takes, as configured now.
+    pub fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes.load(Ordering::Acquire)
     }
 
     pub fn flush_policy(&self) -> FlushPolicy {

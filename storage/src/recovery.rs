@@ -278,7 +278,7 @@ fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result
             valid_bytes = valid_end,
             "truncating torn or corrupt tail of segment"
         );
-        segment.truncate(valid_end, segment.next_offset(), segment.max_timestamp())?;
+        segment.truncate(valid_end, segment.next_offset(), Some(segment.max_timestamp()))?;
         segment.sync_log()?;
         return Ok(true);
     }
@@ -302,10 +302,11 @@ fn header_matches(segment: &Segment, position: u64, base: u64, file_len: u64) ->
 fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConfig) -> Result<u64> {
     let mut cursor = segment.index_cursor();
     let mut max_ts = segment.time_index().last().map_or(i64::MIN, |e| e.timestamp);
-    let mut expected: Option<u64> = Some(match segment.offset_index().last() {
+    // The offset the next batch must start at: batches are contiguous.
+    let mut expected = match segment.offset_index().last() {
         Some(e) if start > 0 => segment.base_offset() + u64::from(e.relative_offset),
         _ => segment.base_offset(),
-    });
+    };
     let mut position = start;
     let mut chunk = bytes::BytesMut::new();
     let mut chunk_start = start;
@@ -326,7 +327,7 @@ fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConf
         if size < HEADER_LEN as u64 || position + size > file_len {
             break;
         }
-        if expected.is_some_and(|e| e != header.base_offset) {
+        if header.base_offset != expected {
             break;
         }
         let frame_ok = if at as u64 + size <= chunk.len() as u64 {
@@ -343,10 +344,9 @@ fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConf
         if position > 0 && index_room && position - cursor.last_indexed_position >= config.index_interval_bytes {
             segment.add_index_entries(position, header.base_offset, max_ts, &mut cursor);
         }
-        expected = Some(header.next_offset());
+        expected = header.next_offset();
         position += size;
     }
-    let next_offset = expected.unwrap_or(segment.base_offset());
-    segment.publish_state(position, next_offset, max_ts)?;
+    segment.publish_state(position, expected, max_ts)?;
     Ok(position)
 }

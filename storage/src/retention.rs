@@ -170,8 +170,7 @@ impl PartitionLog {
             self.write_segments().pop();
             remove_segment_files(segment)?;
         }
-        target.truncate(position, offset, i64::MIN)?;
-        target.set_max_timestamp(target.recompute_max_timestamp(position)?);
+        target.truncate(position, offset, None)?;
         target.unseal(writer.config.max_index_bytes)?;
         self.log_end_offset.store(offset, std::sync::atomic::Ordering::Release);
         if writer.config.flush != FlushPolicy::Os {

@@ -161,10 +161,6 @@ impl Segment {
         Ok(())
     }
 
-    pub(crate) fn set_max_timestamp(&self, ms: i64) {
-        self.max_timestamp.store(ms, Ordering::Release);
-    }
-
     pub(crate) fn set_created_ms(&self, ms: i64) {
         self.created_ms.store(ms, Ordering::Relaxed);
     }
@@ -353,7 +349,10 @@ impl Segment {
     }
 
     /// Cuts the `.log` file to `position` and drops index entries at or above `next_offset`.
-    pub(crate) fn truncate(&self, position: u64, next_offset: u64, max_timestamp: i64) -> Result<()> {
+    /// Cuts the segment at `position`, where `next_offset` starts. `max_timestamp: None`
+    /// recomputes it from what is left, after the indexes are cut (it reads them), and is
+    /// published together with the new end: readers never see a lowered placeholder.
+    pub(crate) fn truncate(&self, position: u64, next_offset: u64, max_timestamp: Option<i64>) -> Result<()> {
         let relative = (next_offset - self.base_offset) as u32;
         self.offset_index_mut().truncate_to_offset(relative);
         self.time_index_mut().truncate_to_offset(relative);
@@ -361,6 +360,10 @@ impl Segment {
         self.log
             .set_len(position)
             .map_err(LogError::io("truncate segment", &self.log_path))?;
+        let max_timestamp = match max_timestamp {
+            Some(ms) => ms,
+            None => self.recompute_max_timestamp(position)?,
+        };
         self.publish_state(position, next_offset, max_timestamp)
     }
 

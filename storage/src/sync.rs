@@ -85,6 +85,11 @@ impl GroupCommit {
         st.generation += 1;
     }
 
+    /// Why the log failed, if it did: the first failure recorded.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
     pub(crate) fn fail(&self, reason: String) {
         let mut st = self.lock();
         st.failed.get_or_insert(reason);
@@ -177,20 +182,22 @@ impl PartitionLog {
     /// and their indexes if asked, then releases the token, publishing the new durable end.
     fn sync_with(&self, token: SyncToken, from: Option<u64>, indexes: bool) -> Result<u64> {
         let from = from.map_or(token.durable, |f| f.min(token.durable));
-        let segments = self.segments_snapshot();
+        // The active segment and any before it still holding offsets at or above `from` (a
+        // suffix of the list, usually the active segment alone), taken without copying the
+        // whole list: fsync runs with no lock held.
+        let segments: Vec<_> = {
+            let all = self.read_segments();
+            let older = all.iter().rev().skip(1).take_while(|s| s.next_offset() > from).count();
+            all[all.len().saturating_sub(older + 1)..].to_vec()
+        };
         let covered = segments.last().map_or(from, |s| s.next_offset());
-        let result = segments
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| s.next_offset() > from || *i + 1 == segments.len())
-            .map(|(_, s)| s)
-            .try_for_each(|s| {
-                s.sync_log()?;
-                if indexes {
-                    s.flush_indexes()?;
-                }
-                Ok(())
-            });
+        let result = segments.iter().try_for_each(|s| {
+            s.sync_log()?;
+            if indexes {
+                s.flush_indexes()?;
+            }
+            Ok(())
+        });
         match result {
             Ok(()) => {
                 self.commit.release(token, Ok(covered));
@@ -266,18 +273,24 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(LogError::io("fsync directory", dir))
 }
 
-/// Durably replaces the recovery-point file: `[offset: u64 LE][crc32 of those 8 bytes]`.
-pub(crate) fn write_recovery_point(dir: &Path, offset: u64) -> Result<()> {
-    let path = dir.join(RECOVERY_POINT);
-    let tmp = dir.join(format!("{RECOVERY_POINT}.tmp"));
-    let mut content = offset.to_le_bytes().to_vec();
-    content.extend_from_slice(&crc32fast::hash(&offset.to_le_bytes()).to_le_bytes());
+/// Replaces `dir/name` with `content` so that a crash leaves either the old file or the new
+/// one, whole: written to `name.tmp`, fsynced, renamed over, directory fsynced.
+pub fn replace_file_durably(dir: &Path, name: &str, content: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut file = File::create(&tmp).map_err(LogError::io("create", &tmp))?;
-    file.write_all(&content)
+    file.write_all(content)
         .and_then(|()| file.sync_all())
         .map_err(LogError::io("write", &tmp))?;
     fs::rename(&tmp, &path).map_err(LogError::io("rename", &path))?;
     sync_dir(dir)
+}
+
+/// Durably replaces the recovery-point file: `[offset: u64 LE][crc32 of those 8 bytes]`.
+pub(crate) fn write_recovery_point(dir: &Path, offset: u64) -> Result<()> {
+    let mut content = offset.to_le_bytes().to_vec();
+    content.extend_from_slice(&crc32fast::hash(&offset.to_le_bytes()).to_le_bytes());
+    replace_file_durably(dir, RECOVERY_POINT, &content)
 }
 
 /// The recorded recovery point, or `None` when absent or damaged.

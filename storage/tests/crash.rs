@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use common::small_config;
-use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record};
+use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, STAMPED_LEN};
 use conveyor_storage::{FlushPolicy, PartitionLog};
 use proptest::prelude::*;
 
@@ -35,7 +35,7 @@ fn stored_batches(log: &PartitionLog) -> Vec<(u64, Bytes)> {
         for b in BatchIter::new(log.read(next, 1 << 20).expect("read")) {
             let b = b.expect("whole batch");
             next = b.header().next_offset();
-            out.push((b.header().base_offset, b.bytes().slice(29..)));
+            out.push((b.header().base_offset, b.bytes().slice(STAMPED_LEN..)));
         }
     }
     out
@@ -88,7 +88,7 @@ proptest! {
                 let b = make_batch(seed as u64, *count, *len, codec);
                 let info = log.append(&b).expect("append");
                 prop_assert!(log.durable_offset() >= info.next_offset);
-                appended.push((info.base_offset, b.slice(29..), b.len() as u64));
+                appended.push((info.base_offset, b.slice(STAMPED_LEN..), b.len() as u64, info.next_offset));
             }
             // Dropped without close: the next open sees a crash.
         }
@@ -98,7 +98,7 @@ proptest! {
         // Byte positions of the batches in the last segment.
         let mut spans = Vec::new();
         let mut pos = 0u64;
-        for (base, _, size) in &appended {
+        for (base, _, size, _) in &appended {
             if *base >= last_base {
                 spans.push((pos, pos + size));
                 pos += size;
@@ -106,7 +106,7 @@ proptest! {
         }
         let file_len = fs::metadata(&last).expect("stat").len();
         prop_assert_eq!(file_len, pos);
-        let first_in_last = appended.iter().position(|(b, _, _)| *b >= last_base).expect("batches in last");
+        let first_in_last = appended.iter().position(|(b, _, _, _)| *b >= last_base).expect("batches in last");
         let expected_kept = match &damage {
             Damage::Cut(at) => {
                 let cut = at.index(file_len as usize + 1) as u64;
@@ -140,11 +140,12 @@ proptest! {
         let log = PartitionLog::open(dir.path(), config).expect("reopen after damage");
         let stored = stored_batches(&log);
         prop_assert_eq!(stored.len(), expected_kept, "damage {:?}", damage);
-        for ((base, body), (abase, abody, _)) in stored.iter().zip(&appended) {
+        for ((base, body), (abase, abody, _, _)) in stored.iter().zip(&appended) {
             prop_assert_eq!(base, abase);
             prop_assert_eq!(body, abody);
         }
-        let end = appended.get(expected_kept).map_or_else(|| log.log_end_offset(), |(b, _, _)| *b);
+        // The end is where the last kept batch ended, as its append reported it.
+        let end = appended[..expected_kept].last().map_or(0, |(_, _, _, next)| *next);
         prop_assert_eq!(log.log_end_offset(), end);
         // The recovered log takes appends at its end.
         let info = log.append(&make_batch(999, 1, 1, Compression::None)).expect("append after recovery");

@@ -131,7 +131,6 @@ fn sigkill_during_appends_loses_no_acknowledged_batch() {
         assert_eq!(tags.len(), found.len(), "no batch stored twice");
         drop(log);
     }
-    assert!(acked.len() >= ACKS_BEFORE_KILL * ROUNDS as usize);
 }
 
 const POISON_CHILD_ENV: &str = "CONVEYOR_POISON_CHILD_DIR";

@@ -263,7 +263,6 @@ fn bad_batches_are_refused_and_nothing_is_written() {
     for (bytes, expected) in cases {
         let err = log.append(bytes).expect_err("must be refused");
         assert!(expected(&err), "unexpected error {err}");
-        assert!(!err.to_string().is_empty());
     }
     assert_eq!(log.log_end_offset(), 1);
     assert_eq!(log.size_bytes(), size_before);

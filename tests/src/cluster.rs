@@ -310,8 +310,18 @@ impl Cluster {
             Some(id) => self.bootstrap_without(id),
             None => self.bootstrap(),
         };
-        let out = crate::cli(&bootstrap, &["topic", "describe", topic, "--output", "json"], "");
-        serde_json::from_slice(&out.stdout).ok()
+        describe_at(&bootstrap, topic)
+    }
+
+    /// Waits until every partition of `topic` has a leader.
+    pub fn wait_for_leaders(&self, topic: &str) {
+        wait_for("a leader for every partition", START_DEADLINE, || {
+            self.describe(topic, None)?["partitions"]
+                .as_array()?
+                .iter()
+                .all(|p| p["leader"].as_u64().is_some_and(|l| l > 0))
+                .then_some(())
+        });
     }
 
     /// The leader of a partition once one is known and is not `not`.
@@ -322,4 +332,11 @@ impl Cluster {
             (leader > 0 && Some(leader) != not).then_some(leader)
         })
     }
+}
+
+/// `conveyor topic describe NAME --output json` asked of `brokers` (a bootstrap list); `None`
+/// when it fails (the topic is not known there yet, say).
+pub fn describe_at(brokers: &str, topic: &str) -> Option<serde_json::Value> {
+    let out = crate::cli(brokers, &["topic", "describe", topic, "--output", "json"], "");
+    serde_json::from_slice(&out.stdout).ok()
 }

@@ -196,11 +196,7 @@ impl BrokerProcess {
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("broker is running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("send SIGTERM");
-        assert!(status.success(), "kill -TERM failed");
+        signal(child.id(), "-TERM");
         wait_for("the broker to exit after SIGTERM", STOP_DEADLINE, || {
             child.try_wait().ok().flatten()
         })

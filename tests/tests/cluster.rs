@@ -12,7 +12,7 @@ use conveyor_client::proto::produce_client::ProduceClient;
 use conveyor_client::proto::{Acks as WireAcks, PartitionProduce, ProduceRequest, Record};
 use conveyor_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
 use conveyor_tests::checker::{Acked, Observed, check};
-use conveyor_tests::cluster::Cluster;
+use conveyor_tests::cluster::{Cluster, describe_at};
 use conveyor_tests::{cli, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -159,7 +159,7 @@ fn wait_in_sync(cluster: &Cluster, topic: &str, replicas: usize) {
     });
 }
 
-fn create(bootstrap: &str, topic: &str, partitions: &str, extra: &[&str]) {
+fn create(cluster: &Cluster, topic: &str, partitions: &str, extra: &[&str]) {
     let mut args = vec![
         "topic",
         "create",
@@ -170,35 +170,22 @@ fn create(bootstrap: &str, topic: &str, partitions: &str, extra: &[&str]) {
         "3",
     ];
     args.extend_from_slice(extra);
-    let out = cli(bootstrap, &args, "");
+    let out = cli(&cluster.bootstrap(), &args, "");
     assert!(
         out.status.success(),
         "create {topic}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for_leaders(bootstrap, topic);
-}
-
-/// Waits until every partition of `topic` has a leader, as the first broker of `bootstrap`
-/// that answers sees it. Producing before that can have a batch refused during the election
-/// and retried after later ones: without idempotent producers (a later issue) the client
-/// cannot keep order across that retry.
-fn wait_for_leaders(bootstrap: &str, topic: &str) {
-    wait_for("a leader for every partition", DEADLINE, || {
-        let out = cli(bootstrap, &["topic", "describe", topic, "--output", "json"], "");
-        let d: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        d["partitions"]
-            .as_array()?
-            .iter()
-            .all(|p| p["leader"].as_u64().is_some_and(|l| l > 0))
-            .then_some(())
-    });
+    // Producing before every partition has a leader can have a batch refused during the
+    // election and retried after later ones: without idempotent producers (a later issue)
+    // the client cannot keep order across that retry.
+    cluster.wait_for_leaders(topic);
 }
 
 #[test]
 fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_every_acknowledged_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster.bootstrap(), "failover", "1", &[]);
+    create(&cluster, "failover", "1", &[]);
     let leader = cluster.wait_for_leader("failover", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
@@ -254,7 +241,7 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
 #[test]
 fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledged_suffix() {
     let cluster = Cluster::start(3, &[]);
-    create(&cluster.bootstrap(), "split", "1", &[]);
+    create(&cluster, "split", "1", &[]);
     let old = cluster.wait_for_leader("split", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
@@ -321,7 +308,7 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
 #[test]
 fn given_three_brokers_when_all_are_sigkilled_and_restarted_should_keep_every_acknowledged_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster.bootstrap(), "restart", "3", &[]);
+    create(&cluster, "restart", "3", &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
     runtime.block_on(async {
@@ -367,11 +354,11 @@ fn given_the_controller_is_sigkilled_topic_creation_should_still_work() {
         "",
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Every surviving broker applied it.
+    // Every surviving broker applies it (once it hears the entry is committed).
     for id in cluster.ids().into_iter().filter(|i| *i != controller) {
-        let out = cli(cluster.broker(id).addr(), &["topic", "list", "--output", "json"], "");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("after-failover"), "broker {id}: {text}");
+        wait_for("a surviving broker to apply the creation", DEADLINE, || {
+            describe_at(cluster.broker(id).addr(), "after-failover").map(|_| ())
+        });
     }
     // Replication factor 3 needs three live brokers: refused with a clear error once the
     // dead one is seen as down.
@@ -400,7 +387,7 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
     let config = config.to_string_lossy().into_owned();
     let mut cluster = Cluster::start(3, &["--config", &config]);
     create(
-        &cluster.bootstrap(),
+        &cluster,
         "compacted-away",
         "1",
         &[
@@ -461,9 +448,15 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
         first >= start,
         "the follower serves from its new log start {first} >= {start}"
     );
-    let kept: Vec<Acked> = history.acked().into_iter().filter(|a| a.offset >= first).collect();
+    // Every acknowledged record from the follower's log start on (as it reports it after the
+    // read, now that it leads; retention may still move it) must have been read: a gap
+    // between its log start and its first record would be a loss.
+    let log_start = cluster.describe("compacted-away", None).expect("describe")["partitions"][0]["log_start_offset"]
+        .as_u64()
+        .expect("log start");
+    let kept: Vec<Acked> = history.acked().into_iter().filter(|a| a.offset >= log_start).collect();
     let report = check(&kept, &observed);
-    println!("follower {follower} restarted at log start {first}; {report}");
+    println!("follower {follower} restarted at log start {log_start}; {report}");
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.reordered.is_empty(), "{report}");
     assert!(report.duplicated.is_empty(), "{report}");
@@ -511,7 +504,7 @@ fn replicas_of(description: &serde_json::Value) -> Vec<Vec<u64>> {
 #[test]
 fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_every_acknowledged_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster.bootstrap(), "moving", "3", &[]);
+    create(&cluster, "moving", "3", &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
     let producers = spawn_producers(&runtime, &cluster.bootstrap(), "moving", 2, 30_000, &history);
@@ -540,8 +533,10 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         },
     );
     // New topics are placed on it, and it learned the topics created before it joined.
-    create(&cluster.bootstrap(), "after-add", "4", &[]);
-    let placed = replicas_of(&cli_json(cluster.broker(4).addr(), &["topic", "describe", "after-add"]));
+    create(&cluster, "after-add", "4", &[]);
+    let placed = replicas_of(&wait_for("broker 4 to apply the creation", DEADLINE, || {
+        describe_at(cluster.broker(4).addr(), "after-add")
+    }));
     assert!(placed.iter().any(|r| r.contains(&4)), "{placed:?}");
     let known = cli_json(cluster.broker(4).addr(), &["topic", "describe", "moving"]);
     assert_eq!(replicas_of(&known).len(), 3);
@@ -597,7 +592,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
 #[test]
 fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_without_loss() {
     let cluster = Cluster::start(3, &[]);
-    create(&cluster.bootstrap(), "frozen", "1", &[]);
+    create(&cluster, "frozen", "1", &[]);
     let paused = cluster.wait_for_leader("frozen", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
@@ -623,14 +618,9 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
         .expect("a third broker");
     cluster.broker(paused).resume();
     // The resumed broker believes it still leads until it hears the new term; a client that
-    // asked it first would send there (see wait_for_leaders).
+    // asked it first would send there (see `create`).
     wait_for("the resumed broker to follow the new leader", DEADLINE, || {
-        let out = cli(
-            cluster.broker(paused).addr(),
-            &["topic", "describe", "frozen", "--output", "json"],
-            "",
-        );
-        let d: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let d = describe_at(cluster.broker(paused).addr(), "frozen")?;
         let leader = d["partitions"][0]["leader"].as_u64()?;
         (leader > 0 && leader != u64::from(paused)).then_some(())
     });

@@ -151,7 +151,7 @@ impl AdminService {
     }
 
     fn cluster(&self) -> ClusterDescription {
-        let controller = self.ctx.registry.metadata_partition().status().leader;
+        let controller = self.ctx.registry.metadata_partition().leader();
         ClusterDescription {
             cluster_id: "conveyor".into(),
             controller: controller as i32,
@@ -200,7 +200,7 @@ impl AdminService {
             .registry
             .transport()
             .client_address(broker)
-            .ok_or(BrokerError::NoController)?;
+            .ok_or(BrokerError::UnknownBroker(broker))?;
         let unreachable = |reason: String| BrokerError::BrokerUnreachable {
             id: broker,
             address: address.clone(),
@@ -423,7 +423,7 @@ impl Admin for AdminService {
                         .map(|(i, replicas)| PartitionMetadata {
                             partition: i as i32,
                             // 0: not known here; clients try the replicas, preferred first.
-                            leader: t.local.get(&(i as i32)).map_or(0, |p| p.status().leader as i32),
+                            leader: t.local.get(&(i as i32)).map_or(0, |p| p.leader() as i32),
                             replicas: to_i32(replicas),
                         })
                         .collect(),
@@ -440,16 +440,8 @@ impl Admin for AdminService {
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
         let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
-        let replicas = usize::try_from(req.partition)
-            .ok()
-            .and_then(|i| topic.assignments.get(i))
-            .ok_or_else(|| {
-                self.fail(BrokerError::UnknownPartition {
-                    topic: topic.name.clone(),
-                    partition: req.partition,
-                    count: topic.partition_count() as u32,
-                })
-            })?;
+        topic.check_index(req.partition).map_err(|e| self.fail(e))?;
+        let replicas = &topic.assignments[req.partition as usize];
         let replica = self.ctx.registry.replica(&topic, req.partition);
         let leader_here = replica.as_ref().is_ok_and(|p| p.is_leader());
         if req.to <= 0 || !replicas.contains(&(req.to as u32)) {
@@ -460,7 +452,7 @@ impl Admin for AdminService {
         }
         if !leader_here {
             let leader = match &replica {
-                Ok(p) => p.status().leader,
+                Ok(p) => p.leader(),
                 Err(_) => replicas.first().copied().unwrap_or(0),
             };
             if was_forwarded || leader == 0 || leader == self.ctx.node_id {

@@ -34,7 +34,6 @@ struct Wanted {
     max_bytes: usize,
 }
 
-/// Reads every wanted partition once, within the request's byte budget. Blocking.
 /// What one read of one partition produced.
 struct Read {
     high_watermark: u64,
@@ -44,8 +43,9 @@ struct Read {
     error: Option<BrokerError>,
 }
 
-/// Reads every wanted partition once, within the request's byte budget. Blocking.
-fn read_once(wanted: &[Wanted], budget: usize) -> Result<Vec<Read>> {
+/// Reads every wanted partition once, within the request's byte budget. Blocking unless
+/// `disk` is false, when only bounds and errors are filled in.
+fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> {
     let mut left = budget;
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
@@ -66,7 +66,7 @@ fn read_once(wanted: &[Wanted], budget: usize) -> Result<Vec<Read>> {
                 log_start_offset: start,
                 log_end_offset: end,
             });
-        } else if left > 0 && w.offset < hw {
+        } else if disk && left > 0 && w.offset < hw {
             read.batches = p
                 .log
                 .read_up_to(w.offset, w.max_bytes.min(left), hw)
@@ -147,12 +147,19 @@ impl FetchService {
         let wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.ctx.max_fetch_wait_ms));
         let deadline = Instant::now() + wait;
         let mut watches: Vec<_> = wanted.iter().map(|w| w.partition.watch_high_watermark()).collect();
+        let mut stopping = self.ctx.stopping.clone();
         let results = loop {
             for w in &mut watches {
                 w.borrow_and_update();
             }
-            let job = Arc::clone(&wanted);
-            let mut results = blocking(move || read_once(&job, budget)).await?;
+            // A consumer waiting at the tail has nothing to read: answer its bounds without
+            // a hop to the blocking pool. Data committed after this check wakes the watch.
+            let mut results = if wanted.iter().any(|w| w.offset < w.partition.high_watermark()) {
+                let job = Arc::clone(&wanted);
+                blocking(move || read_once(&job, budget, true)).await?
+            } else {
+                read_once(&wanted, budget, false)?
+            };
             // A fetch of one partition whose offset left the log fails as a whole, with the
             // bounds in its status; with several partitions, each answers for itself.
             if results.len() == 1
@@ -167,10 +174,14 @@ impl FetchService {
                 break results;
             }
             let changed = futures::future::select_all(watches.iter_mut().map(|w| w.changed().boxed()));
-            match tokio::time::timeout(deadline - now, changed).await {
-                Ok((Ok(()), _, _)) => {}
-                // Timed out, or a partition stopped (deleted, shutting down): answer now.
-                _ => break results,
+            tokio::select! {
+                woke = tokio::time::timeout(deadline - now, changed) => match woke {
+                    Ok((Ok(()), _, _)) => {}
+                    // Timed out, or a partition stopped (deleted, shutting down): answer now.
+                    _ => break results,
+                },
+                // A shutting-down broker answers waiting consumers instead of holding them.
+                _ = stopping.wait_for(|s| *s) => break results,
             }
         };
         let mut partitions = Vec::with_capacity(results.len());
@@ -182,17 +193,17 @@ impl FetchService {
                 error,
             } = read;
             self.ctx.metrics.bytes_out.add(batches.len() as u64);
-            let records = if req.decode_records {
-                decode(&batches, w.offset)?
+            let (batches, records) = if req.decode_records {
+                (Bytes::new(), decode(&batches, w.offset)?)
             } else {
-                Vec::new()
+                (batches, Vec::new())
             };
             partitions.push(PartitionData {
                 topic: w.partition.topic.clone(),
                 partition: w.partition.index,
                 high_watermark,
                 log_start_offset,
-                batches: if req.decode_records { Bytes::new() } else { batches },
+                batches,
                 records,
                 error: error.map(|e| e.detail()),
             });

@@ -31,16 +31,17 @@ pub struct ProduceService {
     pub ctx: Arc<Context>,
 }
 
-/// One partition's part of a request, as it moves from validation to an answer.
-enum Part {
-    Ready(Arc<Partition>, Vec<ValidatedBatch>),
-    Queued(Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>),
-    Failed {
-        topic: String,
-        partition: i32,
-        error: BrokerError,
-    },
+/// A partition's part of a request that failed before it was queued; it answers alone.
+struct Failed {
+    topic: String,
+    partition: i32,
+    error: BrokerError,
 }
+
+/// A part validated and ready to queue.
+type Prepared = std::result::Result<(Arc<Partition>, Vec<ValidatedBatch>), Failed>;
+/// A part queued on its partition (with a receiver unless acks=none).
+type Queued = std::result::Result<(Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>), Failed>;
 
 fn acks_of(value: i32) -> Result<Acks> {
     match pb::Acks::try_from(value) {
@@ -76,15 +77,19 @@ fn pack_records(records: Vec<pb::Record>) -> std::result::Result<Bytes, conveyor
 impl ProduceService {
     /// Validates one partition's batches; nothing of it is queued if any is bad.
     fn prepare_part(&self, pp: pb::PartitionProduce) -> Result<(Arc<Partition>, Vec<ValidatedBatch>)> {
-        let topic = self.ctx.registry.get(&pp.topic)?;
+        let pb::PartitionProduce {
+            topic: name,
+            partition: index,
+            mut batches,
+            records,
+        } = pp;
+        let topic = self.ctx.registry.get(&name)?;
         // The owner answers a request that reached a follower with the leader's address.
-        let partition = self.ctx.registry.replica(&topic, pp.partition)?;
+        let partition = self.ctx.registry.replica(&topic, index)?;
         let limit = topic.effective.max_message_bytes as usize;
-        let (name, index) = (pp.topic.clone(), pp.partition);
         let bad = |e| BrokerError::from_batch(&name, index, e);
-        let mut batches = pp.batches;
-        if !pp.records.is_empty() {
-            batches.push(pack_records(pp.records).map_err(bad)?);
+        if !records.is_empty() {
+            batches.push(pack_records(records).map_err(bad)?);
         }
         if batches.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
@@ -121,62 +126,54 @@ impl ProduceService {
     }
 
     /// Validates each partition's part on its own: a bad part fails alone.
-    fn prepare(&self, req: ProduceRequest) -> Vec<Part> {
+    fn prepare(&self, req: ProduceRequest) -> Vec<Prepared> {
         req.partitions
             .into_iter()
             .map(|pp| {
                 let (topic, partition) = (pp.topic.clone(), pp.partition);
-                match self.prepare_part(pp) {
-                    Ok((p, batches)) => Part::Ready(p, batches),
-                    Err(error) => Part::Failed {
-                        topic,
-                        partition,
-                        error,
-                    },
-                }
+                self.prepare_part(pp).map_err(|error| Failed {
+                    topic,
+                    partition,
+                    error,
+                })
             })
             .collect()
     }
 
     /// Queues every valid part, in order, waiting while a partition's mailbox is full.
-    async fn enqueue(acks: Acks, parts: Vec<Part>) -> Vec<Part> {
+    async fn enqueue(acks: Acks, parts: Vec<Prepared>) -> Vec<Queued> {
         let mut out = Vec::with_capacity(parts.len());
         for part in parts {
             out.push(match part {
-                Part::Ready(partition, batches) => match partition.enqueue(batches, acks).await {
-                    Ok(rx) => Part::Queued(partition, (acks != Acks::None).then_some(rx)),
-                    Err(error) => Part::Failed {
+                Ok((partition, batches)) => match partition.enqueue(batches, acks).await {
+                    Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
+                    Err(error) => Err(Failed {
                         topic: partition.topic.clone(),
                         partition: partition.index,
                         error,
-                    },
+                    }),
                 },
-                other => other,
+                Err(failed) => Err(failed),
             });
         }
         out
     }
 
-    async fn collect(request_id: u64, parts: Vec<Part>) -> ProduceResponse {
+    async fn collect(request_id: u64, parts: Vec<Queued>) -> ProduceResponse {
         let mut partitions = Vec::with_capacity(parts.len());
         for part in parts {
             let (topic, partition, outcome) = match part {
-                Part::Queued(p, Some(rx)) => (
+                Ok((p, Some(rx))) => (
                     p.topic.clone(),
                     p.index,
                     rx.await.unwrap_or(Err(BrokerError::ShuttingDown)).map(Some),
                 ),
-                Part::Queued(p, None) => (p.topic.clone(), p.index, Ok(None)),
-                Part::Failed {
+                Ok((p, None)) => (p.topic.clone(), p.index, Ok(None)),
+                Err(Failed {
                     topic,
                     partition,
                     error,
-                } => (topic, partition, Err(error)),
-                Part::Ready(p, _) => (
-                    p.topic.clone(),
-                    p.index,
-                    Err(BrokerError::Internal("part was never queued".into())),
-                ),
+                }) => (topic, partition, Err(error)),
             };
             let mut result = pb::PartitionProduceResult {
                 topic,
@@ -233,8 +230,8 @@ impl Produce for ProduceService {
         let mut parts = self.prepare(req);
         // A request for one partition whose part is bad gets that error as its status.
         if parts.len() == 1
-            && matches!(parts[0], Part::Failed { .. })
-            && let Some(Part::Failed { error, .. }) = parts.pop()
+            && parts[0].is_err()
+            && let Some(Err(Failed { error, .. })) = parts.pop()
         {
             metrics.request_errors.add(1);
             return Err(error.into());

@@ -7,12 +7,11 @@
 //! the CRC covers everything before it).
 //!
 //! # Crash behaviour
-//! Replaced atomically: written to `raft-state.tmp`, fsynced, renamed, directory fsynced. A
+//! Replaced atomically (`conveyor_storage::replace_file_durably`). A
 //! torn or damaged file is an error, never silently reset: losing a vote could elect two
 //! leaders in one term.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message;
@@ -44,6 +43,8 @@ pub enum StateError {
     },
     #[error("{path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Write(#[from] conveyor_storage::LogError),
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
@@ -110,19 +111,11 @@ impl RaftStateFile {
 
     /// Durably replaces the file in `dir`.
     pub fn store(&self, dir: &Path) -> Result<(), StateError> {
-        let path = dir.join(FILE_NAME);
-        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
         let bytes = self.encode().map_err(|e| StateError::Damaged {
-            path: path.clone(),
+            path: dir.join(FILE_NAME),
             reason: e.to_string(),
         })?;
-        let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&bytes).map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("fsync", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync directory", dir))
+        Ok(conveyor_storage::replace_file_durably(dir, FILE_NAME, &bytes)?)
     }
 }
 

@@ -170,7 +170,7 @@ impl RaftLog {
             inner.entries.truncate(keep);
             inner.cache.retain(|e| e.index < first.index);
         }
-        let limit = self.log.config().max_batch_bytes;
+        let limit = self.log.max_batch_bytes();
         for e in entries {
             let batch = entry::to_batch(e, limit, origin)?;
             let info = self.log.append_validated_stamped_unsynced(&batch, e.term, e.index)?;

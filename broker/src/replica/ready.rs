@@ -14,9 +14,6 @@ use super::raft_storage::{RaftLog, ReplicaError};
 pub trait ReadyHandler {
     /// Sends Raft messages to peers (the transport batches them per peer).
     fn send(&mut self, messages: Vec<Message>);
-    /// Entries up to `index` are committed and applied: the partition's high watermark may
-    /// move to the offset after it.
-    fn committed(&mut self, index: u64);
 }
 
 /// Handles one Ready, if there is one. Returns whether there was.
@@ -31,7 +28,7 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
     if !ready.snapshot().is_empty() {
         node.store().apply_snapshot(ready.snapshot())?;
     }
-    apply(node, ready.take_committed_entries(), handler)?;
+    apply(node, ready.take_committed_entries())?;
     let origin = if node.raft.state == raft::StateRole::Leader {
         super::entry::Origin::LeaderOf(node.raft.term)
     } else {
@@ -52,16 +49,13 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
         node.store().set_hard_state(&hs)?;
     }
     handler.send(light.take_messages());
-    apply(node, light.take_committed_entries(), handler)?;
+    apply(node, light.take_committed_entries())?;
     node.advance_apply();
     Ok(true)
 }
 
-fn apply(
-    node: &mut RawNode<RaftLog>,
-    entries: Vec<Entry>,
-    handler: &mut impl ReadyHandler,
-) -> Result<(), ReplicaError> {
+/// Applies committed membership changes; the owner reads the commit index from the node.
+fn apply(node: &mut RawNode<RaftLog>, entries: Vec<Entry>) -> Result<(), ReplicaError> {
     let Some(last) = entries.last().map(|e| e.index) else {
         return Ok(());
     };
@@ -80,7 +74,6 @@ fn apply(
         node.store().set_conf_state(&conf_state)?;
     }
     node.store().evict_cache_to(last);
-    handler.committed(last);
     Ok(())
 }
 
@@ -110,20 +103,15 @@ mod tests {
     struct Node {
         raw: RawNode<RaftLog>,
         outbox: Vec<Message>,
-        committed: u64,
     }
 
     struct Collect<'a> {
         outbox: &'a mut Vec<Message>,
-        committed: &'a mut u64,
     }
 
     impl ReadyHandler for Collect<'_> {
         fn send(&mut self, messages: Vec<Message>) {
             self.outbox.extend(messages);
-        }
-        fn committed(&mut self, index: u64) {
-            *self.committed = (*self.committed).max(index);
         }
     }
 
@@ -153,7 +141,6 @@ mod tests {
         Node {
             raw: RawNode::new(&cfg, storage, &logger).expect("raw node"),
             outbox: Vec::new(),
-            committed: 0,
         }
     }
 
@@ -174,10 +161,7 @@ mod tests {
             if tick {
                 n.raw.tick();
             }
-            let mut handler = Collect {
-                outbox: &mut n.outbox,
-                committed: &mut n.committed,
-            };
+            let mut handler = Collect { outbox: &mut n.outbox };
             while on_ready(&mut n.raw, &mut handler).expect("ready") {}
             mail.extend(n.outbox.drain(..));
         }
@@ -204,7 +188,7 @@ mod tests {
             nodes[leader].raw.propose(vec![], batch(i).to_vec()).expect("propose");
         }
         let target = nodes[leader].raw.raft.raft_log.last_index();
-        while nodes.iter().any(|n| n.committed < target) {
+        while nodes.iter().any(|n| n.raw.raft.raft_log.applied < target) {
             round(&mut nodes, false);
             rounds += 1;
             assert!(rounds < MAX_ROUNDS, "proposals not committed everywhere");

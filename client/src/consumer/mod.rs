@@ -278,7 +278,8 @@ pub struct RecordStream {
     rx: mpsc::Receiver<Result<Vec<Chunk>>>,
     chunks: std::vec::IntoIter<Chunk>,
     reading: Option<Reading>,
-    positions: HashMap<(Arc<str>, i32), u64>,
+    /// Topic → partition → next offset, looked up by `&str` with no scan or allocation.
+    positions: HashMap<Arc<str>, HashMap<i32, u64>>,
     /// After an error the stream ends: continuing could skip records silently.
     ended: bool,
     _task: AbortOnDrop,
@@ -295,10 +296,7 @@ impl RecordStream {
         {
             return Some(returned);
         }
-        self.positions
-            .iter()
-            .find(|((t, p), _)| **t == *topic && *p == partition)
-            .map(|(_, o)| *o)
+        self.positions.get(topic)?.get(&partition).copied()
     }
 
     /// The next record, or `None` once every partition in `ends` is read up to its end offset
@@ -339,9 +337,10 @@ impl RecordStream {
                     }
                     None => {
                         // Past the chunk, control batches included.
-                        let key = (Arc::clone(&reading.topic), reading.partition);
-                        let next = reading.next;
-                        self.positions.insert(key, next);
+                        self.positions
+                            .entry(Arc::clone(&reading.topic))
+                            .or_default()
+                            .insert(reading.partition, reading.next);
                         self.reading = None;
                         continue;
                     }

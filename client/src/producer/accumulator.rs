@@ -108,8 +108,8 @@ struct Open {
     id: u64,
     builder: BatchBuilder,
     slot: Arc<Slot>,
-    permit: Option<OwnedSemaphorePermit>,
-    count: u32,
+    /// The buffer memory of every record in the batch, released when it is answered.
+    permit: OwnedSemaphorePermit,
 }
 
 /// Per-topic state: partition count, the sticky partition for keyless records, open batches.
@@ -192,30 +192,31 @@ impl Shared {
             }),
         };
         let mut started = None;
-        let open = state.open.entry(partition).or_insert_with(|| {
-            let id = acc.next_id;
-            acc.next_id += 1;
-            started = Some(id);
-            Open {
-                id,
-                builder: BatchBuilder::new(self.config.compression),
-                slot: Arc::new(Slot::default()),
-                permit: None,
-                count: 0,
+        let open = match state.open.entry(partition) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let open = e.into_mut();
+                open.permit.merge(permit);
+                open
             }
-        });
-        let index = open.count;
-        open.count += 1;
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let id = acc.next_id;
+                acc.next_id += 1;
+                started = Some(id);
+                e.insert(Open {
+                    id,
+                    builder: BatchBuilder::new(self.config.compression),
+                    slot: Arc::new(Slot::default()),
+                    permit,
+                })
+            }
+        };
+        let index = open.builder.len();
         open.builder.push(&Record {
             timestamp: record.timestamp.unwrap_or_else(conveyor_storage::unix_millis),
             key: record.key,
             value: record.value,
             headers: record.headers,
         });
-        match &mut open.permit {
-            Some(p) => p.merge(permit),
-            None => open.permit = Some(permit),
-        }
         let future = DeliveryFuture {
             slot: Arc::clone(&open.slot),
             index,
@@ -272,7 +273,7 @@ impl Shared {
         if state.sticky == Some(partition) {
             state.sticky = None;
         }
-        let permit = open.permit?;
+        let permit = open.permit;
         let sealed = |bytes: Bytes| Sealed {
             topic: Arc::clone(&state.name),
             partition,

@@ -282,14 +282,11 @@ impl Producer {
                 self.inner.config.max_in_flight_bytes
             )));
         }
-        let budget = Arc::clone(&self.inner.budget);
-        let mut permit = match budget.clone().try_acquire_many_owned(size as u32) {
-            Ok(p) => p,
-            Err(_) => budget
-                .acquire_many_owned(size as u32)
-                .await
-                .map_err(|_| ClientError::Closed)?,
-        };
+        // Ready at the first poll when the budget has room; waits (backpressure) otherwise.
+        let mut permit = Arc::clone(&self.inner.budget)
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| ClientError::Closed)?;
         let mut record = record;
         loop {
             match self.inner.append(record, permit) {

@@ -55,11 +55,11 @@ mod tests {
     }
 
     #[test]
-    fn the_same_key_always_maps_to_the_same_partition() {
-        for key in ["a", "drone-7", "order-123456"] {
-            let p = partition_for_key(key.as_bytes(), 12);
-            assert!((0..12).contains(&p));
-            assert_eq!(p, partition_for_key(key.as_bytes(), 12));
-        }
+    fn keys_map_to_the_partitions_kafka_would_choose() {
+        // (murmur2 & 0x7fffffff) % partitions, from the reference hashes above: a negative
+        // hash must be masked, not negated or taken as unsigned.
+        assert_eq!(partition_for_key(b"21", 7), 3);
+        assert_eq!(partition_for_key(b"foobar", 12), 6);
+        assert_eq!(partition_for_key(b"abc", 7), 4);
     }
 }

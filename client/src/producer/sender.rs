@@ -133,13 +133,7 @@ impl State {
                         self.links.insert(route.address.clone(), Link { requests, inflight: 0 });
                     }
                     Err(e) => {
-                        let e = match e {
-                            ClientError::Unreachable { reason, .. } => ClientError::Unreachable {
-                                address: route.address.clone(),
-                                reason,
-                            },
-                            e => e,
-                        };
+                        let e = e.at(&route.address);
                         if let Some(batch) = self.queue.pop_front() {
                             self.retry_or_fail(batch, e);
                         }
@@ -158,9 +152,10 @@ impl State {
             let mut batches: Vec<Sealed> = self.queue.pop_front().into_iter().collect();
             let mut bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
             while batches.len() < MAX_BATCHES_PER_REQUEST && bytes < MAX_REQUEST_BYTES {
-                let same = self.queue.front().is_some_and(|b| {
-                    self.client.cluster().cached_address(&b.topic, b.partition).as_ref() == Some(&route.address)
-                });
+                let same = self
+                    .queue
+                    .front()
+                    .is_some_and(|b| self.client.cluster().leader_is(&b.topic, b.partition, &route.address));
                 match self.queue.pop_front() {
                     Some(b) if same => {
                         bytes += b.bytes.len();
@@ -248,6 +243,8 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
     };
     let mut responses: StreamMap<String, Streaming<ProduceResponse>> = StreamMap::new();
     let mut input_open = true;
+    let mut expiry = tokio::time::interval(TIMEOUT_CHECK);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if std::mem::take(&mut state.backoff) {
             tokio::time::sleep(backoff).await;
@@ -267,7 +264,8 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                     // connection (the broker died or the link dropped): retriable.
                     let error = match ClientError::from(status) {
                         e @ ClientError::Broker { detail: Some(_), .. } => e,
-                        e => ClientError::Unreachable { address: address.clone(), reason: e.to_string() },
+                        ClientError::Broker { message, .. } => ClientError::Unreachable { address: address.clone(), reason: message },
+                        e => e.at(&address),
                     };
                     state.link_broke(&address, &error);
                 }
@@ -284,7 +282,8 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                 }
                 None => input_open = false,
             },
-            _ = tokio::time::sleep(TIMEOUT_CHECK), if !state.inflight.is_empty() || !state.queue.is_empty() => state.expire(),
+            // An interval, not a fresh sleep per pass: steady traffic must not postpone it.
+            _ = expiry.tick(), if !state.inflight.is_empty() || !state.queue.is_empty() => state.expire(),
         }
         // A stream that ended without an error leaves its link without answers.
         let ended: Vec<String> = state

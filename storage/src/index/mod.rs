@@ -94,7 +94,6 @@ impl<E: Entry> MmapIndex<E> {
         self.file
             .set_len(bytes)
             .map_err(LogError::io("resize index", &self.path))?;
-        self.capacity = bytes as usize / E::SIZE;
         if bytes > 0 {
             // SAFETY: the file is private to this partition directory and only this process
             // resizes it, always after dropping the previous mapping.
