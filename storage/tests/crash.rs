@@ -9,36 +9,19 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use common::small_config;
-use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, STAMPED_LEN};
+use common::{batches, files_with, small_config};
+use conveyor_storage::batch::{BatchBuilder, Compression, Record, STAMPED_LEN};
 use conveyor_storage::{FlushPolicy, PartitionLog};
 use proptest::prelude::*;
 
-fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == ext))
-        .collect();
-    v.sort();
-    v
-}
-
 /// All batches in the log, as (base offset, bytes after the stamped prefix).
 fn stored_batches(log: &PartitionLog) -> Vec<(u64, Bytes)> {
-    let mut out = Vec::new();
-    let mut next = log.log_start_offset();
-    while next < log.log_end_offset() {
-        for b in BatchIter::new(log.read(next, 1 << 20).expect("read")) {
-            let b = b.expect("whole batch");
-            next = b.header().next_offset();
-            out.push((b.header().base_offset, b.bytes().slice(STAMPED_LEN..)));
-        }
-    }
-    out
+    batches(log)
+        .into_iter()
+        .map(|b| (b.header().base_offset, b.bytes().slice(STAMPED_LEN..)))
+        .collect()
 }
 
 #[derive(Debug, Clone)]

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{batch, small_config};
-use conveyor_storage::batch::BatchIter;
+use common::{batch, batches, small_config};
 use conveyor_storage::{FlushPolicy, PartitionLog};
 
 const CHILD_DIR_ENV: &str = "CONVEYOR_CRASH_CHILD_DIR";
@@ -107,16 +106,13 @@ fn sigkill_during_appends_loses_no_acknowledged_batch() {
         let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Always)).expect("reopen after SIGKILL");
         let mut next = 0;
         let mut found: BTreeMap<u64, u64> = BTreeMap::new();
-        while next < log.log_end_offset() {
-            for b in BatchIter::new(log.read(next, 1 << 16).expect("read")) {
-                let b = b.expect("whole batch");
-                assert_eq!(b.header().base_offset, next, "no gap, no overlap");
-                let first = b.records().expect("records").next().expect("a record").expect("decode");
-                let value = String::from_utf8(first.value.expect("value").to_vec()).expect("utf8");
-                let tag: u64 = value.split('-').nth(1).expect("tag").parse().expect("tag number");
-                found.insert(next, tag);
-                next = b.header().next_offset();
-            }
+        for b in batches(&log) {
+            assert_eq!(b.header().base_offset, next, "no gap, no overlap");
+            let first = b.records().expect("records").next().expect("a record").expect("decode");
+            let value = String::from_utf8(first.value.expect("value").to_vec()).expect("utf8");
+            let tag: u64 = value.split('-').nth(1).expect("tag").parse().expect("tag number");
+            found.insert(next, tag);
+            next = b.header().next_offset();
         }
         for (offset, tag) in &acked {
             assert_eq!(

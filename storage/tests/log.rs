@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{batch, batch_bases, read_all, small_config};
+use common::{batch, batch_bases, files_with, read_all, small_config};
 use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, stamp};
 use conveyor_storage::{BatchError, FlushPolicy, LogConfig, LogError, PartitionLog, unix_millis};
 
@@ -39,12 +39,10 @@ fn segments_roll_at_segment_bytes_and_reads_cross_them() {
     }
     let per_segment = 16 * 1024 / one;
     assert_eq!(log.segment_count() as u64, 100_u64.div_ceil(per_segment));
-    let mut names: Vec<String> = std::fs::read_dir(dir.path())
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".log"))
+    let names: Vec<String> = files_with(dir.path(), "log")
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
         .collect();
-    names.sort();
     assert_eq!(names[0], "00000000000000000000.log");
     assert_eq!(names[1], format!("{:020}.log", per_segment * 10));
     assert_eq!(read_all(&log, 1000).len(), 1000);
@@ -404,11 +402,9 @@ fn a_missing_or_damaged_index_is_rebuilt_from_the_log() {
         log.close().expect("close");
     }
     std::fs::remove_file(dir.path().join("00000000000000000000.index")).expect("remove index");
-    let second = std::fs::read_dir(dir.path())
-        .expect("list")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "index"))
-        .min()
+    let second = files_with(dir.path(), "index")
+        .into_iter()
+        .next()
         .expect("another index");
     let mut bytes = std::fs::read(&second).expect("read index");
     bytes[5] ^= 0x40;

@@ -269,3 +269,47 @@ pub fn cli(broker: &str, args: &[&str], stdin: &str) -> Output {
     writer.join().expect("stdin writer");
     output
 }
+
+/// How long reading a topic back may take before a test fails.
+const READ_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Reads every partition of `topic` from its start to the high watermark it has when the
+/// read starts, asking `bootstrap`. Records past that point are left out.
+pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<checker::Observed> {
+    use conveyor_client::{Client, ConsumerConfig, StartAt};
+    let client = Client::connect(bootstrap).await.expect("connect");
+    let description = client.admin().describe_topic(topic).await.expect("describe");
+    let ends: std::collections::HashMap<(String, i32), u64> = description
+        .partitions
+        .iter()
+        .map(|p| ((topic.to_string(), p.partition), p.high_watermark))
+        .collect();
+    let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
+    consumer.assign_all(topic, StartAt::Earliest).await.expect("assign");
+    let mut stream = consumer.stream();
+    let mut observed = Vec::new();
+    tokio::time::timeout(READ_DEADLINE, async {
+        while let Some(r) = stream.next_until(&ends).await {
+            let r = r.expect("every stored batch decodes");
+            if r.offset < ends[&(topic.to_string(), r.partition)] {
+                observed.push(checker::Observed::of(&r));
+            }
+        }
+    })
+    .await
+    .expect("read back to the high watermark");
+    observed
+}
+
+/// `conveyor ARGS --output json` against `broker`, which must succeed.
+pub fn cli_json(broker: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--output", "json"]);
+    let out = cli(broker, &all, "");
+    assert!(
+        out.status.success(),
+        "conveyor {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}

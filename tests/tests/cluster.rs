@@ -4,16 +4,16 @@
 //! Every acknowledged record must be read back, in order; a duplicate may only come from a
 //! batch retried after its acknowledgement was lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use conveyor_client::proto::produce_client::ProduceClient;
 use conveyor_client::proto::{Acks as WireAcks, PartitionProduce, ProduceRequest, Record};
-use conveyor_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
-use conveyor_tests::checker::{Acked, Observed, check};
+use conveyor_client::{Client, ProducerConfig, ProducerRecord};
+use conveyor_tests::checker::{Acked, check};
 use conveyor_tests::cluster::{Cluster, describe_at};
-use conveyor_tests::{cli, wait_for};
+use conveyor_tests::{cli, cli_json, read_all, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -96,6 +96,21 @@ fn spawn_producers(
         .collect()
 }
 
+/// Sends `count` records `NAME-i` to `topic` through `bootstrap` and waits for them all.
+fn produce_now(
+    runtime: &tokio::runtime::Runtime,
+    bootstrap: &str,
+    topic: &'static str,
+    name: &str,
+    count: u64,
+    history: &History,
+) {
+    runtime.block_on(async {
+        let client = Client::connect(bootstrap).await.expect("connect");
+        produce(client, topic, name.to_string(), count, history.clone()).await;
+    });
+}
+
 fn wait_producers(runtime: &tokio::runtime::Runtime, producers: Vec<tokio::task::JoinHandle<()>>) {
     runtime.block_on(async {
         for p in producers {
@@ -119,32 +134,6 @@ fn transfer_leader(cluster: &Cluster, topic: &str, to: u32) {
         "transfer to {to}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Reads every partition of `topic` from its start to its high watermark, asking `bootstrap`.
-async fn read_all(bootstrap: &str, topic: &str) -> Vec<Observed> {
-    let client = Client::connect(bootstrap).await.expect("connect");
-    let description = client.admin().describe_topic(topic).await.expect("describe");
-    let ends: HashMap<(String, i32), u64> = description
-        .partitions
-        .iter()
-        .map(|p| ((topic.to_string(), p.partition), p.high_watermark))
-        .collect();
-    let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
-    consumer.assign_all(topic, StartAt::Earliest).await.expect("assign");
-    let mut stream = consumer.stream();
-    let mut observed = Vec::new();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(r) = stream.next_until(&ends).await {
-            let r = r.expect("read");
-            if r.offset < ends[&(topic.to_string(), r.partition)] {
-                observed.push(Observed::of(&r));
-            }
-        }
-    })
-    .await
-    .expect("read back to the high watermark");
-    observed
 }
 
 /// Waits until every replica of every partition is in sync, so that a read sees the end.
@@ -245,10 +234,7 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
     let old = cluster.wait_for_leader("split", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
-        produce(client, "split", "before".into(), 1_000, history.clone()).await;
-    });
+    produce_now(&runtime, &cluster.bootstrap(), "split", "before", 1_000, &history);
     cluster.isolate(old);
     // Writes sent straight to the isolated leader: none may be acknowledged.
     let stranded: Vec<String> = runtime.block_on(async {
@@ -282,10 +268,14 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
     });
     let new = cluster.wait_for_leader("split", 0, Some(old), DEADLINE);
     assert_ne!(new, old);
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap_without(old)).await.expect("connect");
-        produce(client, "split", "after".into(), 1_000, history.clone()).await;
-    });
+    produce_now(
+        &runtime,
+        &cluster.bootstrap_without(old),
+        "split",
+        "after",
+        1_000,
+        &history,
+    );
     cluster.heal_all();
     wait_in_sync(&cluster, "split", 3);
     // Read from the old leader once it leads again: its own log must have lost the suffix.
@@ -311,10 +301,7 @@ fn given_three_brokers_when_all_are_sigkilled_and_restarted_should_keep_every_ac
     create(&cluster, "restart", "3", &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
-        produce(client, "restart", "p0".into(), 20_000, history.clone()).await;
-    });
+    produce_now(&runtime, &cluster.bootstrap(), "restart", "p0", 20_000, &history);
     assert_eq!(history.count(), 20_000);
     for id in cluster.ids() {
         cluster.broker_mut(id).kill();
@@ -403,10 +390,7 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
     let follower = cluster.ids().into_iter().find(|i| *i != leader).expect("a follower");
     let runtime = conveyor_tests::runtime();
     let history = History::default();
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
-        produce(client, "compacted-away", "early".into(), 200, history.clone()).await;
-    });
+    produce_now(&runtime, &cluster.bootstrap(), "compacted-away", "early", 200, &history);
     cluster.broker_mut(follower).kill();
     runtime.block_on(async {
         let client = Client::connect(&cluster.bootstrap_without(follower))
@@ -461,19 +445,6 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
     assert!(report.reordered.is_empty(), "{report}");
     assert!(report.duplicated.is_empty(), "{report}");
     assert!(kept.len() >= 100, "retention keeps the newest records: {}", kept.len());
-}
-
-/// `conveyor ... --output json` against `bootstrap`, which must succeed.
-fn cli_json(bootstrap: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--output", "json"]);
-    let out = cli(bootstrap, &all, "");
-    assert!(
-        out.status.success(),
-        "conveyor {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json output")
 }
 
 fn broker_ids(info: &serde_json::Value) -> Vec<u64> {
@@ -596,20 +567,19 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     let paused = cluster.wait_for_leader("frozen", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
-        produce(client, "frozen", "before".into(), 2_000, history.clone()).await;
-    });
+    produce_now(&runtime, &cluster.bootstrap(), "frozen", "before", 2_000, &history);
 
     // SIGSTOP: the leader freezes with its connections open, as a hung machine would.
     cluster.broker(paused).pause();
     let next = cluster.wait_for_leader("frozen", 0, Some(paused), DEADLINE);
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap_without(paused))
-            .await
-            .expect("connect");
-        produce(client, "frozen", "paused".into(), 2_000, history.clone()).await;
-    });
+    produce_now(
+        &runtime,
+        &cluster.bootstrap_without(paused),
+        "frozen",
+        "paused",
+        2_000,
+        &history,
+    );
     // A slow link to the third broker: writes still commit through the other majority.
     let slow = cluster
         .ids()
@@ -625,10 +595,7 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
         (leader > 0 && leader != u64::from(paused)).then_some(())
     });
     cluster.slow_down(slow, Duration::from_millis(20));
-    runtime.block_on(async {
-        let client = Client::connect(&cluster.bootstrap()).await.expect("connect");
-        produce(client, "frozen", "slow".into(), 2_000, history.clone()).await;
-    });
+    produce_now(&runtime, &cluster.bootstrap(), "frozen", "slow", 2_000, &history);
     cluster.heal_all();
     wait_in_sync(&cluster, "frozen", 3);
     assert_eq!(history.count(), 6_000, "every record was acknowledged");

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, StoredRecord};
+use std::path::{Path, PathBuf};
+
+use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, RecordBatch, StoredRecord};
 use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
 
 /// A batch of `count` records whose values encode `tag` and the record's index.
@@ -50,16 +52,32 @@ pub fn read_all(log: &PartitionLog, chunk: usize) -> Vec<StoredRecord> {
     out
 }
 
-/// Base offsets of every batch in the log, in order.
-pub fn batch_bases(log: &PartitionLog) -> Vec<u64> {
+/// Every batch in the log from its start, in order.
+pub fn batches(log: &PartitionLog) -> Vec<RecordBatch> {
     let mut out = Vec::new();
     let mut next = log.log_start_offset();
     while next < log.log_end_offset() {
         for batch in BatchIter::new(log.read(next, 1 << 20).expect("read")) {
             let batch = batch.expect("whole batch");
-            out.push(batch.header().base_offset);
             next = batch.header().next_offset();
+            out.push(batch);
         }
     }
     out
+}
+
+/// Base offsets of every batch in the log, in order.
+pub fn batch_bases(log: &PartitionLog) -> Vec<u64> {
+    batches(log).iter().map(|b| b.header().base_offset).collect()
+}
+
+/// The files in `dir` with extension `ext`, sorted (segment files sort by base offset).
+pub fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    v.sort();
+    v
 }
