@@ -69,6 +69,15 @@ pub enum BrokerError {
         partition: i32,
         reason: String,
     },
+    #[error(
+        "topic '{topic}' partition {partition}: produce stream part {got} refused because part {expected} before it was not appended; resend from the first refused part, in order"
+    )]
+    OutOfSequence {
+        topic: String,
+        partition: i32,
+        expected: u64,
+        got: u64,
+    },
     #[error("broker {0} is not a member of this cluster")]
     UnknownBroker(u32),
     #[error("cannot remove broker {id}: {reason}")]
@@ -140,6 +149,7 @@ impl BrokerError {
             LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             BrokerUnreachable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             NotLeader { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
+            OutOfSequence { .. } => (Code::FailedPrecondition, ErrorCode::OutOfSequence, true),
             MembershipChanging { .. } => (Code::Unavailable, ErrorCode::MembershipChanging, true),
             UnknownBroker(_) => (Code::NotFound, ErrorCode::UnknownBroker, false),
             CannotRemoveBroker { .. } => (Code::FailedPrecondition, ErrorCode::InvalidRequest, false),
@@ -162,6 +172,7 @@ impl BrokerError {
             | RecordTooLarge { topic, partition, .. }
             | LeaderNotAvailable { topic, partition }
             | MembershipChanging { topic, partition, .. }
+            | OutOfSequence { topic, partition, .. }
             | Storage { topic, partition, .. } => {
                 detail.topic = topic.clone();
                 detail.partition = *partition;

@@ -18,6 +18,7 @@
 //! `always`, fsynced).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,7 +69,34 @@ pub struct AppendRequest {
     /// Validated batches, appended in order.
     pub batches: Vec<ValidatedBatch>,
     pub acks: Acks,
+    /// Set for a numbered part of a produce stream.
+    pub order: Option<StreamOrder>,
     pub reply: oneshot::Sender<Result<AppendOutcome>>,
+}
+
+/// Where a numbered produce-stream part stands in its partition's sequence on that stream.
+///
+/// A stream's parts for one partition are refused or appended one by one in stream order by
+/// the owner; if one is refused (no leader, a stale view, a dropped proposal), every later
+/// part of the run must be refused too, or the client's resend of the first would land after
+/// them. `next` is the stream's shared counter for the partition: only the owner moves it,
+/// when it appends a part.
+#[derive(Debug, Clone)]
+pub struct StreamOrder {
+    pub next: Arc<AtomicU64>,
+    pub sequence: u64,
+    /// The client had nothing of this partition awaiting an answer: a new run starts here.
+    pub restart: bool,
+}
+
+impl StreamOrder {
+    fn expected(&self) -> u64 {
+        if self.restart {
+            self.sequence
+        } else {
+            self.next.load(Ordering::Acquire)
+        }
+    }
 }
 
 /// What opening a partition needs besides its name and directory.
@@ -133,6 +161,8 @@ enum Control {
 /// Appends held while an election runs, at most, and for how long.
 const MAX_WAITING: usize = 1024;
 const MAX_WAIT_FOR_LEADER: Duration = Duration::from_secs(2);
+/// How long a replica that stopped leading waits to learn whether its proposals committed.
+const MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN: Duration = Duration::from_secs(2);
 
 /// A learner this many entries or fewer behind the commit index may be promoted: close
 /// enough that it cannot hold back commits for long once it votes.
@@ -238,6 +268,7 @@ impl Partition {
             metrics: Arc::clone(&ctx.metrics),
             pending: VecDeque::new(),
             was_leader: false,
+            stepped_down: None,
             preferred,
             ticks: 0,
             caught_up: HashMap::new(),
@@ -348,9 +379,16 @@ impl Partition {
         &self,
         batches: Vec<ValidatedBatch>,
         acks: Acks,
+        order: Option<StreamOrder>,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
         let (reply, rx) = oneshot::channel();
-        if let Err(_closed) = self.sender()?.send(AppendRequest { batches, acks, reply }).await {
+        let request = AppendRequest {
+            batches,
+            acks,
+            order,
+            reply,
+        };
+        if let Err(_closed) = self.sender()?.send(request).await {
             return Err(self.failure().unwrap_or(BrokerError::ShuttingDown));
         }
         Ok(rx)
@@ -453,6 +491,8 @@ struct Owner {
     metrics: Arc<Metrics>,
     pending: VecDeque<Pending>,
     was_leader: bool,
+    /// When this replica last stopped leading; see [`Owner::finish`].
+    stepped_down: Option<Instant>,
     preferred: u64,
     ticks: u64,
     /// When each follower last matched the leader's whole log.
@@ -542,6 +582,10 @@ impl Owner {
                 }
             }
             if !node.has_ready() {
+                // A former leader's proposals waiting to learn their fate time out on ticks.
+                if tick && !self.pending.is_empty() && !self.was_leader {
+                    self.finish(&node);
+                }
                 self.publish_status(&node);
                 continue;
             }
@@ -594,18 +638,39 @@ impl Owner {
         tracing::debug!(topic = %self.topic, partition = self.index, "partition owner stopped");
     }
 
+    /// Whether appends must wait rather than be answered now: while an election runs (no
+    /// leader known) or while this leader hands leadership over (raft-rs drops proposals
+    /// then). Refusing one request and accepting the next once things settle would let a
+    /// client's retry land after later records of the same partition.
+    fn must_hold(node: &RawNode<RaftLog>) -> bool {
+        match node.raft.state {
+            StateRole::Leader => node.raft.lead_transferee.is_some(),
+            _ => node.raft.leader_id == 0,
+        }
+    }
+
     /// Proposes a request's batches, one entry each, in one step: all of them or none.
     fn propose(&mut self, node: &mut RawNode<RaftLog>, request: AppendRequest) {
-        if node.raft.state != StateRole::Leader {
-            // No leader known (an election is running): hold the request rather than refuse
-            // it. Refusing one request and accepting the next, once this replica has won,
-            // would let a client's retry land after later records of the same partition.
-            if node.raft.leader_id == 0 && self.waiting.len() < MAX_WAITING {
-                self.waiting.push_back((Instant::now(), request));
-                return;
-            }
+        if Self::must_hold(node) && self.waiting.len() < MAX_WAITING {
+            self.waiting.push_back((Instant::now(), request));
+            return;
+        }
+        if node.raft.state != StateRole::Leader || node.raft.lead_transferee.is_some() {
             drop(request.reply.send(Err(self.not_leader())));
             return;
+        }
+        if let Some(order) = &request.order {
+            let expected = order.expected();
+            if order.sequence != expected {
+                let error = BrokerError::OutOfSequence {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                    expected,
+                    got: order.sequence,
+                };
+                drop(request.reply.send(Err(error)));
+                return;
+            }
         }
         let first = node.raft.raft_log.last_index() + 1;
         let last_offset_delta = request.batches.last().map_or(0, |b| b.header().last_offset_delta);
@@ -622,9 +687,18 @@ impl Owner {
         message.from = node.raft.id;
         message.set_entries(entries.into());
         if let Err(e) = node.raft.step(message) {
-            let error = BrokerError::Internal(format!("proposal refused: {e}"));
+            // A leader drops proposals only while it hands leadership over, which is held
+            // above; whatever the reason, the client can retry.
+            tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "proposal dropped");
+            let error = BrokerError::LeaderNotAvailable {
+                topic: self.topic.clone(),
+                partition: self.index,
+            };
             drop(request.reply.send(Err(error)));
             return;
+        }
+        if let Some(order) = &request.order {
+            order.next.store(order.sequence + 1, Ordering::Release);
         }
         // Traffic counters are about clients' data; the controller's records are not.
         if self.key.topic != crate::transport::CONTROLLER_TOPIC {
@@ -650,7 +724,7 @@ impl Owner {
         if self.waiting.is_empty() {
             return;
         }
-        if node.raft.leader_id != 0 {
+        if !Self::must_hold(node) {
             let held: Vec<_> = self.waiting.drain(..).collect();
             for (_, request) in held {
                 self.propose(node, request);
@@ -843,6 +917,7 @@ impl Owner {
         let leader = node.raft.state == StateRole::Leader;
         if leader != self.was_leader {
             self.was_leader = leader;
+            self.stepped_down = (!leader).then(Instant::now);
             self.metrics.leader_changes.add(1);
             tracing::info!(topic = %self.topic, partition = self.index, leader, term = node.raft.term, "raft leadership changed");
         }
@@ -869,7 +944,7 @@ impl Owner {
                     )),
                 };
                 drop(p.reply.send(outcome));
-            } else if !leader {
+            } else if !(leader || ours && self.learning_commit()) {
                 drop(p.reply.send(Err(self.not_leader())));
             } else {
                 still.push_back(p);
@@ -892,6 +967,16 @@ impl Owner {
             *current = (*current).max(hw);
             moved
         });
+    }
+
+    /// Whether a former leader should keep waiting to learn if the entries it proposed
+    /// commit. A new leader often commits them (a transfer hands over a caught-up log), and
+    /// answering "not leader" at once would make the client resend records about to be
+    /// committed: duplicates. A follower learns the commit index within a heartbeat of the
+    /// new leader's election; one that learns nothing (cut off, say) answers after a while.
+    fn learning_commit(&self) -> bool {
+        self.stepped_down
+            .is_some_and(|at| at.elapsed() < MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN)
     }
 
     fn fail_all(&mut self, error: impl Fn() -> BrokerError) {

@@ -785,7 +785,7 @@ impl Registry {
         let internal = |e: &dyn std::fmt::Display| BrokerError::Internal(format!("metadata record: {e}"));
         let bytes = builder.build().map_err(|e| internal(&e))?;
         let batch = ValidatedBatch::new(bytes, metadata_config().max_batch_bytes).map_err(|e| internal(&e))?;
-        let reply = self.metadata.enqueue(vec![batch], Acks::All).await?;
+        let reply = self.metadata.enqueue(vec![batch], Acks::All, None).await?;
         let outcome = reply.await.map_err(|_| BrokerError::ShuttingDown)??;
         let mut applied = self.applied.subscribe();
         applied

@@ -206,17 +206,6 @@ impl Cluster {
         state.brokers.get(broker).cloned()
     }
 
-    /// Whether the leader of a partition is known to be at `address`.
-    pub(crate) fn leader_is(&self, topic: &str, partition: i32, address: &str) -> bool {
-        let state = self.state();
-        state
-            .leaders
-            .get(topic)
-            .and_then(|t| t.get(&partition))
-            .and_then(|broker| state.brokers.get(broker))
-            .is_some_and(|a| a == address)
-    }
-
     fn cached_route(&self, topic: &str, partition: i32) -> Option<Route> {
         let address = self.cached_address(topic, partition)?;
         Some(Route {

@@ -81,7 +81,7 @@ impl ClientError {
             Ok(ErrorCode::ShuttingDown | ErrorCode::LeaderNotAvailable | ErrorCode::MembershipChanging) => {
                 tonic::Code::Unavailable
             }
-            Ok(ErrorCode::NotLeader) => tonic::Code::FailedPrecondition,
+            Ok(ErrorCode::NotLeader | ErrorCode::OutOfSequence) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
             _ => tonic::Code::InvalidArgument,
         };

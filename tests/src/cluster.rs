@@ -313,17 +313,6 @@ impl Cluster {
         describe_at(&bootstrap, topic)
     }
 
-    /// Waits until every partition of `topic` has a leader.
-    pub fn wait_for_leaders(&self, topic: &str) {
-        wait_for("a leader for every partition", START_DEADLINE, || {
-            self.describe(topic, None)?["partitions"]
-                .as_array()?
-                .iter()
-                .all(|p| p["leader"].as_u64().is_some_and(|l| l > 0))
-                .then_some(())
-        });
-    }
-
     /// The leader of a partition once one is known and is not `not`.
     pub fn wait_for_leader(&self, topic: &str, partition: usize, not: Option<u32>, deadline: Duration) -> u32 {
         wait_for("a partition leader", deadline, || {

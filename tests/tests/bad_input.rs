@@ -116,7 +116,7 @@ fn given_a_corrupt_or_oversized_batch_should_refuse_it_and_append_nothing() {
                 topic: "strict".into(),
                 partition: 0,
                 batches: vec![Bytes::from(corrupt)],
-                records: vec![],
+                ..PartitionProduce::default()
             }],
         };
         let (code, detail) = decode_detail(produce.produce(request).await.expect_err("corrupt batch"));
@@ -227,7 +227,7 @@ fn given_a_bad_part_in_a_multi_partition_request_only_that_part_should_fail() {
             topic: "mixed".into(),
             partition,
             batches: vec![batch.clone()],
-            records: vec![],
+            ..PartitionProduce::default()
         };
         let response = produce
             .produce(ProduceRequest {

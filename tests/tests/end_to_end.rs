@@ -258,8 +258,8 @@ fn given_plain_protobuf_records_should_store_them_and_fetch_them_decoded() {
                 partitions: vec![PartitionProduce {
                     topic: "plain".into(),
                     partition: 0,
-                    batches: vec![],
                     records,
+                    ..PartitionProduce::default()
                 }],
             })
             .await
@@ -329,4 +329,101 @@ fn wait_for_visible(addr: &str, expected: u64) {
             (v["partitions"][0]["high_watermark"].as_u64()? > 0 && lines == expected).then_some(())
         },
     );
+}
+
+#[test]
+fn given_a_refused_part_on_a_produce_stream_should_refuse_later_parts_of_its_partition_until_resent() {
+    use conveyor_client::proto::produce_client::ProduceClient;
+    use conveyor_client::proto::{Acks, ErrorCode, PartitionProduce, ProduceRequest};
+    use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+
+    let broker = BrokerProcess::start();
+    assert!(
+        cli(broker.addr(), &["topic", "create", "ordered", "--partitions", "2"], "")
+            .status
+            .success()
+    );
+    let values: Vec<String> = runtime().block_on(async {
+        let batch = |value: &str| {
+            let mut builder = BatchBuilder::new(Compression::None);
+            builder.push(&Record {
+                timestamp: 1,
+                value: Some(bytes::Bytes::from(value.to_string())),
+                ..Record::default()
+            });
+            builder.build().expect("batch")
+        };
+        let control = BatchBuilder::new(Compression::None)
+            .control(true)
+            .build_at(1)
+            .expect("control batch");
+        let part = |partition: i32, batch: bytes::Bytes, sequence: u64, restart: bool| PartitionProduce {
+            topic: "ordered".into(),
+            partition,
+            batches: vec![batch],
+            sequence,
+            restart,
+            ..PartitionProduce::default()
+        };
+        // (request id, parts): sent back to back on one stream, as a pipelining client would.
+        let requests = vec![
+            (1, vec![part(0, batch("a"), 1, true)]),
+            // Refused (a control batch): part 2 of partition 0 is never appended.
+            (2, vec![part(0, control, 2, false), part(1, batch("x"), 1, true)]),
+            // So part 3 must not be appended either, or a resend of part 2 would land after it.
+            (3, vec![part(0, batch("b"), 3, false)]),
+            // The client resends from the first refused part, starting a new run.
+            (4, vec![part(0, batch("c"), 4, true)]),
+            (5, vec![part(0, batch("d"), 5, false), part(1, batch("y"), 2, false)]),
+            // A gap: part 6 never arrived, so 7 waits for it.
+            (6, vec![part(0, batch("e"), 7, false)]),
+            // Unnumbered parts are not checked.
+            (7, vec![part(0, batch("f"), 0, false)]),
+        ];
+        let mut produce = ProduceClient::connect(format!("http://{}", broker.addr()))
+            .await
+            .expect("grpc");
+        let requests: Vec<ProduceRequest> = requests
+            .into_iter()
+            .map(|(request_id, partitions)| ProduceRequest {
+                request_id,
+                acks: Acks::All as i32,
+                partitions,
+            })
+            .collect();
+        let mut answers = produce
+            .produce_stream(futures::stream::iter(requests))
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut errors = std::collections::BTreeMap::new();
+        while let Some(answer) = answers.next().await {
+            let answer = answer.expect("answer");
+            for (i, result) in answer.partitions.into_iter().enumerate() {
+                errors.insert((answer.request_id, i), result.error);
+            }
+        }
+        assert_eq!(errors.len(), 9, "every part is answered: {errors:?}");
+        let code = |request: u64, i: usize| errors[&(request, i)].as_ref().map(|e| e.code);
+        assert_eq!(code(1, 0), None);
+        assert_eq!(code(2, 0), Some(ErrorCode::InvalidRequest as i32));
+        assert_eq!(code(2, 1), None, "another partition is not held back");
+        let held = errors[&(3, 0)].as_ref().expect("part 3 is refused");
+        assert_eq!(held.code, ErrorCode::OutOfSequence as i32);
+        assert!(held.retriable, "the client resends it");
+        assert!(held.message.contains("part 2"), "{}", held.message);
+        assert_eq!(code(4, 0), None);
+        assert_eq!(code(5, 0), None);
+        assert_eq!(code(5, 1), None);
+        assert_eq!(code(6, 0), Some(ErrorCode::OutOfSequence as i32));
+        assert_eq!(code(7, 0), None);
+        conveyor_tests::read_all(broker.addr(), "ordered")
+            .await
+            .into_iter()
+            .map(|o| format!("{}:{}", o.partition, o.id))
+            .collect()
+    });
+    let mut values = values;
+    values.sort_by_key(|v| v.starts_with('1'));
+    assert_eq!(values, ["0:a", "0:c", "0:d", "0:f", "1:x", "1:y"]);
 }

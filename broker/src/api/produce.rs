@@ -5,8 +5,10 @@
 //! partitions in the order they arrive, which keeps per-partition order across pipelined
 //! requests; answers go back as each request meets its acks.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -21,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
 use crate::error::{BrokerError, Result};
-use crate::partition::{Acks, AppendOutcome, Partition};
+use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
 /// Responses buffered per produce stream before the stream handler waits for the client.
 const STREAM_RESPONSE_BUFFER: usize = 256;
@@ -39,7 +41,11 @@ struct Failed {
 }
 
 /// A part validated and ready to queue.
-type Prepared = std::result::Result<(Arc<Partition>, Vec<ValidatedBatch>), Failed>;
+type Prepared = std::result::Result<(Arc<Partition>, Vec<ValidatedBatch>, Option<StreamOrder>), Failed>;
+
+/// A produce stream's counters for its numbered parts, per topic and partition (see
+/// [`StreamOrder`]); they live as long as the stream.
+type StreamSequences = HashMap<(String, i32), Arc<AtomicU64>>;
 /// A part queued on its partition (with a receiver unless acks=none).
 type Queued = std::result::Result<(Arc<Partition>, Option<oneshot::Receiver<Result<AppendOutcome>>>), Failed>;
 
@@ -82,6 +88,7 @@ impl ProduceService {
             partition: index,
             mut batches,
             records,
+            ..
         } = pp;
         let topic = self.ctx.registry.get(&name)?;
         // The owner answers a request that reached a follower with the leader's address.
@@ -125,17 +132,30 @@ impl ProduceService {
         Ok(acks)
     }
 
-    /// Validates each partition's part on its own: a bad part fails alone.
-    fn prepare(&self, req: ProduceRequest) -> Vec<Prepared> {
+    /// Validates each partition's part on its own: a bad part fails alone. On a stream,
+    /// numbered parts carry their place in their partition's sequence; a part that fails
+    /// here is never appended, so it holds back the rest of its run as the owner would.
+    fn prepare(&self, req: ProduceRequest, mut sequences: Option<&mut StreamSequences>) -> Vec<Prepared> {
         req.partitions
             .into_iter()
             .map(|pp| {
-                let (topic, partition) = (pp.topic.clone(), pp.partition);
-                self.prepare_part(pp).map_err(|error| Failed {
-                    topic,
-                    partition,
-                    error,
-                })
+                let (topic, partition, sequence, restart) = (pp.topic.clone(), pp.partition, pp.sequence, pp.restart);
+                let order = match sequences.as_deref_mut() {
+                    Some(sequences) if sequence != 0 => Some(StreamOrder {
+                        next: Arc::clone(sequences.entry((topic.clone(), partition)).or_default()),
+                        sequence,
+                        restart,
+                    }),
+                    _ => None,
+                };
+                match self.prepare_part(pp) {
+                    Ok((p, batches)) => Ok((p, batches, order)),
+                    Err(error) => Err(Failed {
+                        topic,
+                        partition,
+                        error,
+                    }),
+                }
             })
             .collect()
     }
@@ -145,7 +165,7 @@ impl ProduceService {
         let mut out = Vec::with_capacity(parts.len());
         for part in parts {
             out.push(match part {
-                Ok((partition, batches)) => match partition.enqueue(batches, acks).await {
+                Ok((partition, batches, order)) => match partition.enqueue(batches, acks, order).await {
                     Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
                     Err(error) => Err(Failed {
                         topic: partition.topic.clone(),
@@ -227,7 +247,7 @@ impl Produce for ProduceService {
             metrics.request_errors.add(1);
             Status::from(e)
         })?;
-        let mut parts = self.prepare(req);
+        let mut parts = self.prepare(req, None);
         // A request for one partition whose part is bad gets that error as its status.
         if parts.len() == 1
             && parts[0].is_err()
@@ -255,6 +275,7 @@ impl Produce for ProduceService {
         // Bounds the requests of one stream that wait for their answers.
         let in_flight = Arc::new(tokio::sync::Semaphore::new(STREAM_RESPONSE_BUFFER));
         tokio::spawn(async move {
+            let mut sequences = StreamSequences::new();
             loop {
                 let next = tokio::select! {
                     next = inbound.next() => next,
@@ -278,7 +299,7 @@ impl Produce for ProduceService {
                 let request_id = req.request_id;
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let parts = ProduceService::enqueue(acks, service.prepare(req)).await;
+                        let parts = ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences))).await;
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let response = ProduceService::collect(request_id, parts).await;

@@ -3,9 +3,9 @@
 //! stream. In-flight bytes are bounded: `send` waits when the budget is used up.
 //!
 //! # Ordering
-//! Batches go out on a single stream in the order they were sealed, and the broker appends
-//! them in stream order, so records of one partition stay in send order. A retry after a lost
-//! connection resends in-flight batches in order, but may duplicate records whose
+//! Records of one partition are appended in the order they were sent, retries included: a
+//! batch that fails and is resent never lands behind a later batch of its partition (see
+//! the sender's "Order across failures"). A retry may duplicate records whose
 //! acknowledgement was lost (idempotent producers will remove those duplicates).
 
 mod accumulator;

@@ -5,17 +5,30 @@
 //! (the broker is not the leader, an election is under way, the link broke) teaches the
 //! client where the leader is, waits `retry_backoff`, and is resent ahead of newer batches,
 //! up to `retries` times or until `delivery_timeout`.
+//!
+//! # Order across failures
+//! A retried batch must not land behind a later batch of its partition. Two rules keep it:
+//! - A partition's batches are in flight on one link at a time. When its leader moves, its
+//!   batches wait until everything sent to the old leader is answered, so nothing still on
+//!   its way there can be appended after what goes to the new one.
+//! - On a link, a partition's batches are numbered (`PartitionProduce.sequence`). The broker
+//!   appends a numbered batch only if the one before it was appended, so when one is refused
+//!   the rest of its run is refused too. The partition then sends nothing until every batch
+//!   of the run is answered, and resends from the first refused batch as a new run
+//!   (`restart`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use conveyor_proto::v1::produce_client::ProduceClient;
-use conveyor_proto::v1::{self as pb, ProduceRequest, ProduceResponse};
+use conveyor_proto::v1::{self as pb, ErrorCode, ProduceRequest, ProduceResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::Streaming;
 
 use super::{Acks, ProducerConfig, Sealed};
+use crate::cluster::Route;
 use crate::error::ClientError;
 use crate::{Client, MAX_MESSAGE_BYTES};
 
@@ -23,13 +36,49 @@ use crate::{Client, MAX_MESSAGE_BYTES};
 const MAX_BATCHES_PER_REQUEST: usize = 32;
 /// Bytes packed into one produce request at most (the broker accepts 64 MiB messages).
 const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// Batches queued in the sender at most; beyond this it stops taking sealed batches, and
+/// the producer's in-flight budget makes `send` wait.
+const MAX_QUEUED: usize = 256;
 /// How often in-flight batches are checked against `delivery_timeout`.
 const TIMEOUT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+type PartitionKey = (Arc<str>, i32);
 
 /// One produce stream to one broker.
 struct Link {
     requests: mpsc::Sender<ProduceRequest>,
     inflight: usize,
+}
+
+/// Where a partition's batches are in flight, and how its parts are numbered.
+struct Flight {
+    /// Batches sent and not answered yet, all on the link to `address`.
+    inflight: usize,
+    address: String,
+    /// The number the next part of this partition gets. Numbers are never reused, so a
+    /// broker's counter from an earlier run can never match a later part by chance.
+    next_sequence: u64,
+    /// A batch of this run was refused: the broker refuses the rest of the run, so nothing
+    /// more is sent until every batch of it is answered and a new run can start.
+    broken: bool,
+}
+
+impl Default for Flight {
+    fn default() -> Self {
+        Flight {
+            inflight: 0,
+            address: String::new(),
+            next_sequence: 1,
+            broken: false,
+        }
+    }
+}
+
+/// A request being packed for one link.
+struct Packing {
+    request: ProduceRequest,
+    batches: Vec<Sealed>,
+    bytes: usize,
 }
 
 struct State {
@@ -40,9 +89,14 @@ struct State {
     /// Batches to send, in sealing order (retries go back in by their sequence).
     queue: VecDeque<Sealed>,
     links: HashMap<String, Link>,
+    flights: HashMap<PartitionKey, Flight>,
     next_id: u64,
     /// A retry was queued since the last pause.
     backoff: bool,
+}
+
+fn key_of(batch: &Sealed) -> PartitionKey {
+    (Arc::clone(&batch.topic), batch.partition)
 }
 
 impl State {
@@ -54,19 +108,40 @@ impl State {
         }
     }
 
+    /// Puts a batch back in its place by sealing order.
+    fn requeue(&mut self, batch: Sealed) {
+        let at = self.queue.partition_point(|b| b.seq < batch.seq);
+        self.queue.insert(at, batch);
+    }
+
     /// Counts an attempt; fails the batch if it has none left, else queues it for resending
     /// in its place by sealing order.
     fn retry_or_fail(&mut self, mut batch: Sealed, error: ClientError) {
+        if let Some(flight) = self.flights.get_mut(&key_of(&batch)) {
+            flight.broken = true;
+        }
+        // Refused only because an earlier batch of its run was: not this batch's attempt,
+        // and nothing to learn about the leader.
+        if error.code() == Some(ErrorCode::OutOfSequence) && batch.sealed_at.elapsed() < self.config.delivery_timeout {
+            self.requeue(batch);
+            return;
+        }
         self.client.cluster().on_error(&batch.topic, batch.partition, &error);
         batch.attempts += 1;
         let in_time = batch.sealed_at.elapsed() < self.config.delivery_timeout;
         if error.is_retriable() && batch.attempts <= self.config.retries && in_time {
             tracing::debug!(topic = %batch.topic, partition = batch.partition, attempt = batch.attempts, %error, "retrying batch");
-            let at = self.queue.partition_point(|b| b.seq < batch.seq);
-            self.queue.insert(at, batch);
+            self.requeue(batch);
             self.backoff = true;
         } else {
             batch.complete(Err(error));
+        }
+    }
+
+    /// A batch's request was answered (or will never be).
+    fn landed(&mut self, batch: &Sealed) {
+        if let Some(flight) = self.flights.get_mut(&key_of(batch)) {
+            flight.inflight = flight.inflight.saturating_sub(1);
         }
     }
 
@@ -82,6 +157,7 @@ impl State {
         for id in ids {
             if let Some((_, batches)) = self.inflight.remove(&id) {
                 for batch in batches {
+                    self.landed(&batch);
                     self.retry_or_fail(batch, error.clone());
                 }
             }
@@ -98,6 +174,7 @@ impl State {
         }
         let mut results = response.partitions.into_iter();
         for batch in batches {
+            self.landed(&batch);
             match results.next() {
                 Some(r) if r.error.is_none() => {
                     let base = (self.config.acks != Acks::None).then_some(r.base_offset);
@@ -112,93 +189,146 @@ impl State {
         }
     }
 
-    /// Sends queued batches to their leaders while links have room.
+    /// Opens a link to `route` unless there is one.
+    async fn ensure_link(
+        &mut self,
+        route: &Route,
+        responses: &mut StreamMap<String, Streaming<ProduceResponse>>,
+    ) -> Result<(), ClientError> {
+        if self.links.contains_key(&route.address) {
+            return Ok(());
+        }
+        let depth = self.config.max_in_flight_requests.max(1);
+        let (requests, stream) = open_link(route.channel.clone(), depth)
+            .await
+            .map_err(|e| e.at(&route.address))?;
+        responses.insert(route.address.clone(), stream);
+        self.links.insert(route.address.clone(), Link { requests, inflight: 0 });
+        Ok(())
+    }
+
+    /// Sends a packed request on its link.
+    async fn send(&mut self, address: String, packing: Packing) {
+        let Packing {
+            mut request, batches, ..
+        } = packing;
+        self.next_id += 1;
+        request.request_id = self.next_id;
+        self.inflight.insert(request.request_id, (address.clone(), batches));
+        let sent = match self.links.get_mut(&address) {
+            Some(link) => {
+                link.inflight += 1;
+                link.requests.send(request).await.is_ok()
+            }
+            None => false,
+        };
+        if !sent {
+            let error = ClientError::Unreachable {
+                address: address.clone(),
+                reason: "the produce stream closed".into(),
+            };
+            self.link_broke(&address, &error);
+        }
+    }
+
+    /// Sends queued batches to their leaders while links have room, packing the batches for
+    /// one leader into shared requests. A batch stays queued, with every later batch of its
+    /// partition, while the link it needs is full or while its partition's earlier batches
+    /// are awaiting answers from another link (see the module's "Order across failures").
     async fn dispatch(&mut self, responses: &mut StreamMap<String, Streaming<ProduceResponse>>) {
         let max_inflight = self.config.max_in_flight_requests.max(1);
-        while let Some(front) = self.queue.front() {
-            let (topic, partition) = (front.topic.clone(), front.partition);
-            let route = match self.client.cluster().route(&topic, partition).await {
-                Ok(route) => route,
-                Err(e) => {
-                    if let Some(batch) = self.queue.pop_front() {
-                        self.retry_or_fail(batch, e);
-                    }
-                    return;
+        let queued = std::mem::take(&mut self.queue);
+        let mut held: VecDeque<Sealed> = VecDeque::new();
+        let mut blocked: HashSet<PartitionKey> = HashSet::new();
+        let mut routes: HashMap<PartitionKey, Route> = HashMap::new();
+        let mut packing: HashMap<String, Packing> = HashMap::new();
+        // After a failure to route or connect, only partitions already routed this pass go on:
+        // one metadata refresh per pass, not one per partition.
+        let mut stalled = false;
+        for batch in queued {
+            let key = key_of(&batch);
+            if blocked.contains(&key) {
+                held.push_back(batch);
+                continue;
+            }
+            let route = match routes.get(&key) {
+                Some(route) => route.clone(),
+                None if stalled => {
+                    blocked.insert(key);
+                    held.push_back(batch);
+                    continue;
                 }
-            };
-            if !self.links.contains_key(&route.address) {
-                match open_link(route.channel.clone(), max_inflight).await {
-                    Ok((requests, stream)) => {
-                        responses.insert(route.address.clone(), stream);
-                        self.links.insert(route.address.clone(), Link { requests, inflight: 0 });
-                    }
-                    Err(e) => {
-                        let e = e.at(&route.address);
-                        if let Some(batch) = self.queue.pop_front() {
-                            self.retry_or_fail(batch, e);
+                None => {
+                    let routed = match self.client.cluster().route(&batch.topic, batch.partition).await {
+                        Ok(route) => self.ensure_link(&route, responses).await.map(|()| route),
+                        Err(e) => Err(e),
+                    };
+                    match routed {
+                        Ok(route) => {
+                            routes.insert(key.clone(), route.clone());
+                            route
                         }
-                        return;
+                        Err(e) => {
+                            stalled = true;
+                            blocked.insert(key);
+                            self.retry_or_fail(batch, e);
+                            continue;
+                        }
                     }
                 }
+            };
+            let flight = self.flights.entry(key.clone()).or_default();
+            let wait = flight.inflight > 0 && (flight.broken || flight.address != route.address);
+            let room = packing.contains_key(&route.address)
+                || self
+                    .links
+                    .get(&route.address)
+                    .is_some_and(|l| l.inflight < max_inflight);
+            if wait || !room {
+                blocked.insert(key);
+                held.push_back(batch);
+                continue;
             }
-            if self
-                .links
-                .get(&route.address)
-                .is_some_and(|l| l.inflight >= max_inflight)
+            let restart = flight.inflight == 0;
+            if restart {
+                flight.broken = false;
+            }
+            flight.inflight += 1;
+            flight.address.clone_from(&route.address);
+            let sequence = flight.next_sequence;
+            flight.next_sequence += 1;
+            let acks = self.acks();
+            let pack = packing.entry(route.address.clone()).or_insert_with(|| Packing {
+                request: ProduceRequest {
+                    request_id: 0,
+                    acks,
+                    partitions: Vec::new(),
+                },
+                batches: Vec::new(),
+                bytes: 0,
+            });
+            pack.request.partitions.push(pb::PartitionProduce {
+                topic: batch.topic.to_string(),
+                partition: batch.partition,
+                batches: vec![batch.bytes.clone()],
+                records: vec![],
+                sequence,
+                restart,
+            });
+            pack.bytes += batch.bytes.len();
+            pack.batches.push(batch);
+            if (pack.batches.len() >= MAX_BATCHES_PER_REQUEST || pack.bytes >= MAX_REQUEST_BYTES)
+                && let Some(full) = packing.remove(&route.address)
             {
-                return;
-            }
-            // Pack the batches at the front that go to the same leader.
-            let mut batches: Vec<Sealed> = self.queue.pop_front().into_iter().collect();
-            let mut bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
-            while batches.len() < MAX_BATCHES_PER_REQUEST && bytes < MAX_REQUEST_BYTES {
-                let same = self
-                    .queue
-                    .front()
-                    .is_some_and(|b| self.client.cluster().leader_is(&b.topic, b.partition, &route.address));
-                match self.queue.pop_front() {
-                    Some(b) if same => {
-                        bytes += b.bytes.len();
-                        batches.push(b);
-                    }
-                    Some(b) => {
-                        self.queue.push_front(b);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            self.next_id += 1;
-            let request = ProduceRequest {
-                request_id: self.next_id,
-                acks: self.acks(),
-                partitions: batches
-                    .iter()
-                    .map(|b| pb::PartitionProduce {
-                        topic: b.topic.to_string(),
-                        partition: b.partition,
-                        batches: vec![b.bytes.clone()],
-                        records: vec![],
-                    })
-                    .collect(),
-            };
-            self.inflight.insert(self.next_id, (route.address.clone(), batches));
-            let sent = match self.links.get_mut(&route.address) {
-                Some(link) => {
-                    link.inflight += 1;
-                    link.requests.send(request).await.is_ok()
-                }
-                None => false,
-            };
-            if !sent {
-                let error = ClientError::Unreachable {
-                    address: route.address.clone(),
-                    reason: "the produce stream closed".into(),
-                };
-                self.link_broke(&route.address, &error);
-                return;
+                self.send(route.address.clone(), full).await;
             }
         }
+        for (address, pack) in packing {
+            self.send(address, pack).await;
+        }
+        // Retries queued during this pass merge with the held batches by sealing order.
+        let retried = std::mem::take(&mut self.queue);
+        self.queue = merge_by_seq(held, retried);
     }
 
     /// Links whose batches passed their delivery timeout without an answer (a stopped
@@ -214,6 +344,24 @@ impl State {
         for address in expired {
             self.link_broke(&address, &ClientError::Timeout(timeout));
         }
+    }
+}
+
+/// Two queues, each in sealing order, as one.
+fn merge_by_seq(a: VecDeque<Sealed>, b: VecDeque<Sealed>) -> VecDeque<Sealed> {
+    if b.is_empty() {
+        return a;
+    }
+    let mut merged = VecDeque::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.seq < y.seq,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return merged,
+        };
+        merged.extend(if take_a { a.next() } else { b.next() });
     }
 }
 
@@ -238,6 +386,7 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
         inflight: BTreeMap::new(),
         queue: VecDeque::new(),
         links: HashMap::new(),
+        flights: HashMap::new(),
         next_id: 0,
         backoff: false,
     };
@@ -253,7 +402,7 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
         if !input_open && state.inflight.is_empty() && state.queue.is_empty() {
             return;
         }
-        let can_read = input_open && state.queue.is_empty();
+        let can_read = input_open && state.queue.len() < MAX_QUEUED;
         tokio::select! {
             biased;
             Some((address, message)) = responses.next(), if !responses.is_empty() => match message {
@@ -273,7 +422,7 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
             next = input.recv(), if can_read => match next {
                 Some(first) => {
                     state.queue.push_back(first);
-                    while state.queue.len() < MAX_BATCHES_PER_REQUEST {
+                    while state.queue.len() < MAX_QUEUED {
                         match input.try_recv() {
                             Ok(b) => state.queue.push_back(b),
                             Err(_) => break,
