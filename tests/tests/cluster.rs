@@ -138,6 +138,21 @@ fn wait_producers(runtime: &tokio::runtime::Runtime, producers: Vec<tokio::task:
     });
 }
 
+/// Each partition's leader (0: unknown) and replicas in `broker`'s Metadata answer.
+fn metadata_of(runtime: &tokio::runtime::Runtime, broker: &str, topic: &str) -> Option<Vec<(i32, Vec<i32>)>> {
+    use conveyor_client::proto::MetadataRequest;
+    use conveyor_client::proto::admin_client::AdminClient;
+    runtime.block_on(async {
+        let mut admin = AdminClient::connect(format!("http://{broker}")).await.ok()?;
+        let request = MetadataRequest {
+            topics: vec![topic.to_string()],
+        };
+        let answer = admin.metadata(request).await.ok()?.into_inner();
+        let t = answer.topics.into_iter().find(|t| t.name == topic)?;
+        Some(t.partitions.into_iter().map(|p| (p.leader, p.replicas)).collect())
+    })
+}
+
 /// Moves leadership of partition 0 of `topic` to broker `to`.
 fn transfer_leader(cluster: &Cluster, topic: &str, to: u32) {
     let out = cli(
@@ -523,6 +538,18 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     assert!(placed.iter().any(|r| r.contains(&4)), "{placed:?}");
     let known = cli_json(cluster.broker(4).addr(), &["topic", "describe", "moving"]);
     assert_eq!(replicas_of(&known).len(), 3);
+    // With four brokers and three replicas, each broker lacks some partition; its metadata
+    // still names that partition's leader, so clients go straight there.
+    for id in cluster.ids() {
+        assert!(placed.iter().any(|r| !r.contains(&u64::from(id))), "{placed:?}");
+        wait_for("every leader named in the metadata", DEADLINE, || {
+            let partitions = metadata_of(&runtime, cluster.broker(id).addr(), "after-add")?;
+            partitions
+                .iter()
+                .all(|(leader, replicas)| replicas.contains(leader))
+                .then_some(())
+        });
+    }
 
     // Broker 1 leaves: every replica it holds moves, the producers keep going.
     let started = Instant::now();

@@ -6,7 +6,7 @@
 //! broker's view and ask each partition's leader for what only the leader knows (in-sync
 //! replicas, log end offset).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ const FORWARDED: &str = "x-conveyor-forwarded";
 const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a description waits for a partition leader's own view.
 const DESCRIBE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long metadata waits for another broker's view of the partitions it has no replica of.
+const METADATA_ASK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a leader transfer may take before the request fails.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -131,6 +133,59 @@ impl AdminService {
             }
         }
         description
+    }
+
+    /// Fills in the leaders of partitions this broker holds no replica of (in a cluster with
+    /// more brokers than a topic's replication factor), as their preferred replicas see
+    /// them. A replica that does not answer in time leaves its partitions at 0 (unknown):
+    /// clients then try the replicas, preferred first, and follow the leader they name.
+    async fn fill_remote_leaders(&self, topics: &mut [TopicMetadata]) {
+        let mut ask: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+        for t in topics.iter() {
+            for p in t.partitions.iter().filter(|p| p.leader == 0) {
+                let preferred = p.replicas.first().copied().unwrap_or(0) as u32;
+                if preferred != 0 && preferred != self.ctx.node_id && self.ctx.registry.transport().is_alive(preferred)
+                {
+                    ask.entry(preferred).or_default().insert(t.name.clone());
+                }
+            }
+        }
+        if ask.is_empty() {
+            return;
+        }
+        let answers = futures::future::join_all(ask.into_iter().map(|(broker, names)| async move {
+            let asked = async {
+                let mut client = self.client_for(broker).await.ok()?;
+                let request = forward(MetadataRequest {
+                    topics: names.into_iter().collect(),
+                });
+                client.metadata(request).await.ok()
+            };
+            tokio::time::timeout(METADATA_ASK_TIMEOUT, asked).await.ok().flatten()
+        }))
+        .await;
+        let mut leaders: HashMap<String, HashMap<i32, i32>> = HashMap::new();
+        for answer in answers.into_iter().flatten() {
+            for t in answer.into_inner().topics {
+                let known = leaders.entry(t.name).or_default();
+                known.extend(
+                    t.partitions
+                        .iter()
+                        .filter(|p| p.leader > 0)
+                        .map(|p| (p.partition, p.leader)),
+                );
+            }
+        }
+        for t in topics.iter_mut() {
+            let Some(known) = leaders.get(&t.name) else {
+                continue;
+            };
+            for p in t.partitions.iter_mut().filter(|p| p.leader == 0) {
+                if let Some(leader) = known.get(&p.partition) {
+                    p.leader = *leader;
+                }
+            }
+        }
     }
 
     /// The members of the cluster, with liveness as this broker sees it.
@@ -400,6 +455,7 @@ impl Admin for AdminService {
 
     async fn metadata(&self, request: Request<MetadataRequest>) -> Result<Response<MetadataResponse>, Status> {
         self.count();
+        let was_forwarded = forwarded(&request);
         let wanted = request.into_inner().topics;
         let topics = if wanted.is_empty() {
             self.ctx.registry.list()
@@ -410,25 +466,28 @@ impl Admin for AdminService {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| self.fail(e))?
         };
+        let mut topics: Vec<TopicMetadata> = topics
+            .iter()
+            .map(|t| TopicMetadata {
+                name: t.name.clone(),
+                partitions: t
+                    .assignments
+                    .iter()
+                    .enumerate()
+                    .map(|(i, replicas)| PartitionMetadata {
+                        partition: i as i32,
+                        leader: t.local.get(&(i as i32)).map_or(0, |p| p.leader() as i32),
+                        replicas: to_i32(replicas),
+                    })
+                    .collect(),
+            })
+            .collect();
+        if !was_forwarded {
+            self.fill_remote_leaders(&mut topics).await;
+        }
         Ok(Response::new(MetadataResponse {
             brokers: self.brokers(),
-            topics: topics
-                .iter()
-                .map(|t| TopicMetadata {
-                    name: t.name.clone(),
-                    partitions: t
-                        .assignments
-                        .iter()
-                        .enumerate()
-                        .map(|(i, replicas)| PartitionMetadata {
-                            partition: i as i32,
-                            // 0: not known here; clients try the replicas, preferred first.
-                            leader: t.local.get(&(i as i32)).map_or(0, |p| p.leader() as i32),
-                            replicas: to_i32(replicas),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            topics,
         }))
     }
 
