@@ -78,6 +78,10 @@ pub enum BrokerError {
         expected: u64,
         got: u64,
     },
+    #[error(
+        "broker {0} was removed from the cluster and serves nothing; ask another broker (to use this one again, wipe its data directory and add it with --join and cluster add-node)"
+    )]
+    RemovedFromCluster(u32),
     #[error("broker {0} is not a member of this cluster")]
     UnknownBroker(u32),
     #[error("cannot remove broker {id}: {reason}")]
@@ -152,6 +156,7 @@ impl BrokerError {
             OutOfSequence { .. } => (Code::FailedPrecondition, ErrorCode::OutOfSequence, true),
             MembershipChanging { .. } => (Code::Unavailable, ErrorCode::MembershipChanging, true),
             UnknownBroker(_) => (Code::NotFound, ErrorCode::UnknownBroker, false),
+            RemovedFromCluster(_) => (Code::Unavailable, ErrorCode::BrokerRemoved, true),
             CannotRemoveBroker { .. } => (Code::FailedPrecondition, ErrorCode::InvalidRequest, false),
         }
     }

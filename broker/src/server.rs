@@ -16,12 +16,14 @@ use conveyor_proto::v1::produce_server::ProduceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::api::admin::AdminService;
 use crate::api::fetch::FetchService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
 use crate::config::BrokerConfig;
+use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
 use crate::topics::{Registry, RegistryOptions};
 use crate::transport::{RaftService, Transport};
@@ -101,12 +103,18 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     ));
 
     let max = config.limits.max_request_bytes.0 as usize;
+    let serving = Serving {
+        transport: Arc::clone(&transport),
+    };
     let server = tonic::transport::Server::builder()
         // Large HTTP/2 windows: the default 64 KiB window caps a stream of record batches at a
         // fraction of loopback bandwidth.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .add_service(AdminServer::new(AdminService { ctx: Arc::clone(&ctx) }))
+        .add_service(InterceptedService::new(
+            AdminServer::new(AdminService { ctx: Arc::clone(&ctx) }),
+            serving.clone(),
+        ))
         .add_service(
             RaftServer::new(RaftService {
                 transport: Arc::clone(&transport),
@@ -115,16 +123,18 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
         )
-        .add_service(
+        .add_service(InterceptedService::new(
             ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(
+            serving.clone(),
+        ))
+        .add_service(InterceptedService::new(
             FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
+            serving,
+        ))
         .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone()));
     let server = tokio::spawn(server);
     tracing::info!(
@@ -229,4 +239,20 @@ async fn close_all(registry: &Arc<Registry>) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// Refuses client requests once this broker was removed from the cluster: its view of topics
+/// and leaders is frozen at the removal, and clients should ask a member instead.
+#[derive(Clone)]
+struct Serving {
+    transport: Arc<Transport>,
+}
+
+impl tonic::service::Interceptor for Serving {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.transport.removed_from_cluster() {
+            return Err(BrokerError::RemovedFromCluster(self.transport.node_id()).into());
+        }
+        Ok(request)
+    }
 }

@@ -481,11 +481,7 @@ impl Registry {
             }
             metadata_record::Change::BrokerRemoved(BrokerRemoved { id }) => {
                 self.write_draining().remove(&id);
-                if id == self.options.node_id {
-                    tracing::warn!("this broker was removed from the cluster; it holds no replicas and may be stopped");
-                } else {
-                    self.transport.remove_peer(id);
-                }
+                self.transport.mark_removed(id);
             }
             _ => {}
         }

@@ -104,6 +104,10 @@ pub struct Transport {
     /// Messages that arrived for a group that is full or not open here.
     pub dropped_inbound: Counter,
     metrics: Arc<Metrics>,
+    /// Brokers removed from the cluster: what they send is not delivered, and they are told.
+    removed: RwLock<BTreeSet<u32>>,
+    /// Set once this broker learns that it was removed from the cluster.
+    self_removed: Arc<AtomicBool>,
 }
 
 /// What [`Transport::peer_states`] reports per broker.
@@ -136,6 +140,8 @@ impl Transport {
             router: RwLock::new(HashMap::new()),
             dropped_inbound: Counter::default(),
             metrics,
+            removed: RwLock::new(BTreeSet::new()),
+            self_removed: Arc::new(AtomicBool::new(false)),
         });
         for (&id, address) in peers.iter().filter(|(id, _)| **id != node_id) {
             transport.add_peer(id, address)?;
@@ -167,10 +173,13 @@ impl Transport {
         });
         self.write_peers().insert(id, Arc::clone(&peer));
         self.runtime.spawn(send_loop(
-            self.node_id,
-            self.client_address.clone(),
-            id,
-            peer,
+            Sender {
+                me: self.node_id,
+                client_address: self.client_address.clone(),
+                to: id,
+                peer,
+                removed: Arc::clone(&self.self_removed),
+            },
             endpoint,
             rx,
         ));
@@ -184,6 +193,32 @@ impl Transport {
             peer.removed.store(true, Ordering::Relaxed);
             tracing::info!(peer = id, "raft peer removed");
         }
+    }
+
+    /// Records that broker `id` left the cluster: this broker stops talking to it and tells
+    /// it so if it speaks; if `id` is this broker, it stops serving.
+    pub fn mark_removed(&self, id: u32) {
+        if id == self.node_id {
+            note_self_removed(&self.self_removed, id);
+            return;
+        }
+        self.removed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id);
+        self.remove_peer(id);
+    }
+
+    fn is_removed(&self, id: u32) -> bool {
+        self.removed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&id)
+    }
+
+    /// Whether this broker was removed from the cluster.
+    pub fn removed_from_cluster(&self) -> bool {
+        self.self_removed.load(Ordering::Relaxed)
     }
 
     /// Whether `id` is named in this broker's own `peers` (or is this broker).
@@ -336,14 +371,33 @@ impl Transport {
     }
 }
 
-async fn send_loop(
+fn note_self_removed(flag: &AtomicBool, me: u32) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        tracing::error!(
+            broker = me,
+            "this broker was removed from the cluster (cluster remove-node); it holds no replicas and refuses requests: stop it"
+        );
+    }
+}
+
+/// Who a send loop sends for and to.
+struct Sender {
     me: u32,
     client_address: String,
     to: u32,
     peer: Arc<Peer>,
-    endpoint: Endpoint,
-    mut queue: mpsc::Receiver<(Arc<GroupKey>, Message)>,
-) {
+    /// This broker's "removed from the cluster" flag, which a peer's answer can set.
+    removed: Arc<AtomicBool>,
+}
+
+async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver<(Arc<GroupKey>, Message)>) {
+    let Sender {
+        me,
+        client_address,
+        to,
+        peer,
+        removed,
+    } = sender;
     let mut client = RaftClient::new(endpoint.connect_lazy())
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
@@ -381,7 +435,10 @@ async fn send_loop(
             messages,
         };
         match tokio::time::timeout(CALL_TIMEOUT, client.send(batch)).await {
-            Ok(Ok(_)) => {
+            Ok(Ok(ack)) => {
+                if ack.into_inner().sender_removed {
+                    note_self_removed(&removed, me);
+                }
                 if failing {
                     tracing::info!(peer = to, address = %peer.address, "reaching broker again");
                     failing = false;
@@ -416,8 +473,17 @@ pub struct RaftService {
 impl Raft for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let batch = request.into_inner();
+        if self.transport.is_removed(batch.from) {
+            return Ok(Response::new(RaftAck {
+                dropped: batch.messages.len() as u32,
+                sender_removed: true,
+            }));
+        }
         let dropped = self.transport.deliver(batch.from, batch.from_address, batch.messages);
-        Ok(Response::new(RaftAck { dropped }))
+        Ok(Response::new(RaftAck {
+            dropped,
+            sender_removed: false,
+        }))
     }
 
     async fn change_membership(

@@ -82,8 +82,8 @@ impl Cluster {
             .clone()
     }
 
-    /// Runs `call` against the current broker; if it cannot be reached, against the next
-    /// reachable one, until every known address was tried.
+    /// Runs `call` against the current broker; if it cannot be reached (or was removed from
+    /// the cluster), against the next reachable one, until every known address was tried.
     pub(crate) async fn any<T, F, Fut>(&self, call: F) -> Result<T>
     where
         F: Fn(Channel) -> Fut,
@@ -91,7 +91,7 @@ impl Cluster {
     {
         let (address, channel) = self.current();
         let mut last = match call(channel).await {
-            Err(e @ ClientError::Unreachable { .. }) => e,
+            Err(e) if ask_another(&e) => e,
             other => return other,
         };
         let candidates: Vec<String> = self
@@ -115,7 +115,7 @@ impl Cluster {
                 state.current = (candidate.clone(), channel.clone());
             }
             match call(channel).await {
-                Err(e @ ClientError::Unreachable { .. }) => last = e,
+                Err(e) if ask_another(&e) => last = e,
                 other => return other,
             }
         }
@@ -264,6 +264,11 @@ impl Cluster {
             leaders.remove(&partition);
         }
     }
+}
+
+/// Whether a call that failed this way is worth making again on another broker.
+fn ask_another(e: &ClientError) -> bool {
+    matches!(e, ClientError::Unreachable { .. }) || e.code() == Some(ErrorCode::BrokerRemoved)
 }
 
 fn lazy_channel(address: &str) -> Channel {

@@ -78,9 +78,12 @@ impl ClientError {
             }
             Ok(ErrorCode::OffsetOutOfRange) => tonic::Code::OutOfRange,
             Ok(ErrorCode::Busy) => tonic::Code::ResourceExhausted,
-            Ok(ErrorCode::ShuttingDown | ErrorCode::LeaderNotAvailable | ErrorCode::MembershipChanging) => {
-                tonic::Code::Unavailable
-            }
+            Ok(
+                ErrorCode::ShuttingDown
+                | ErrorCode::LeaderNotAvailable
+                | ErrorCode::MembershipChanging
+                | ErrorCode::BrokerRemoved,
+            ) => tonic::Code::Unavailable,
             Ok(ErrorCode::NotLeader | ErrorCode::OutOfSequence) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
             _ => tonic::Code::InvalidArgument,

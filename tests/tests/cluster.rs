@@ -574,6 +574,16 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     wait_for("broker 1 to delete the replicas it gave away", DEADLINE, || {
         (0..3).all(|p| !moved_away.join(p.to_string()).exists()).then_some(())
     });
+    // Broker 1 learns that it was removed and sends clients to the others: a bootstrap list
+    // that names it first still works.
+    wait_for("broker 1 to refuse requests as removed", DEADLINE, || {
+        let out = cli(cluster.broker(1).addr(), &["cluster", "info"], "");
+        let said = String::from_utf8_lossy(&out.stderr);
+        (!out.status.success() && said.contains("broker 1 was removed from the cluster")).then_some(())
+    });
+    assert!(cluster.bootstrap().starts_with(cluster.broker(1).addr()));
+    let info = cli_json(&cluster.bootstrap(), &["cluster", "info"]);
+    assert_eq!(broker_ids(&info), vec![2, 3, 4], "{info}");
 
     cluster.broker_mut(1).kill();
     wait_producers(&runtime, producers);
