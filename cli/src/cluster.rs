@@ -1,6 +1,8 @@
-//! `conveyor cluster info|add-node|remove-node`, `conveyor partition` and `conveyor offsets TOPIC`.
+//! `conveyor cluster info|add-node|remove-node|rebalance`, `conveyor partition
+//! transfer-leader|reassign` and `conveyor offsets TOPIC`.
 
 use clap::{Args, Subcommand};
+use conveyor_client::proto::ReplicaMove;
 use conveyor_client::{Client, OffsetSpec};
 use serde_json::json;
 
@@ -26,6 +28,13 @@ pub enum ClusterCommand {
         /// The broker to remove.
         id: i32,
     },
+    /// Even out replicas across live brokers, after add-node say: replicas move one at a
+    /// time from the most to the least loaded brokers, with no downtime.
+    Rebalance {
+        /// Show the moves without making them.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -38,6 +47,16 @@ pub enum PartitionCommand {
         #[arg(long, value_name = "BROKER")]
         to: i32,
     },
+    /// Move a partition's replicas onto other brokers, one at a time with no downtime (a new
+    /// replica joins and catches up before an old one leaves). Safe to repeat if interrupted.
+    Reassign {
+        topic: String,
+        partition: i32,
+        /// The brokers that should hold it, as many as it has replicas; the first is the
+        /// preferred leader.
+        #[arg(long, value_name = "BROKER,...", value_delimiter = ',', required = true)]
+        replicas: Vec<i32>,
+    },
 }
 
 pub async fn partition(client: &Client, cmd: PartitionCommand, format: Format) -> anyhow::Result<()> {
@@ -49,8 +68,55 @@ pub async fn partition(client: &Client, cmd: PartitionCommand, format: Format) -
                 Format::Text => println!("topic {topic} partition {partition} is now led by broker {leader}"),
             }
         }
+        PartitionCommand::Reassign {
+            topic,
+            partition,
+            replicas,
+        } => {
+            let what = format!("reassigning topic {topic} partition {partition} to {replicas:?}");
+            let moves = with_progress(&what, client.admin().reassign_partition(&topic, partition, &replicas)).await?;
+            match format {
+                Format::Json => output::json(&json!({
+                    "topic": topic,
+                    "partition": partition,
+                    "replicas": replicas,
+                    "moves": moves_json(&moves),
+                })),
+                Format::Text => {
+                    println!(
+                        "topic {topic} partition {partition} is on brokers {replicas:?}; {} replica(s) moved",
+                        moves.len()
+                    );
+                    print_moves(&moves);
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn moves_json(moves: &[ReplicaMove]) -> Vec<serde_json::Value> {
+    moves
+        .iter()
+        .map(|m| json!({"topic": m.topic, "partition": m.partition, "from": m.from, "to": m.to}))
+        .collect()
+}
+
+fn print_moves(moves: &[ReplicaMove]) {
+    let rows: Vec<Vec<String>> = moves
+        .iter()
+        .map(|m| {
+            vec![
+                m.topic.clone(),
+                m.partition.to_string(),
+                m.from.to_string(),
+                m.to.to_string(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        output::table(&["TOPIC", "PARTITION", "FROM", "TO"], &rows);
+    }
 }
 
 #[derive(Debug, Args)]
@@ -98,31 +164,30 @@ pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow
         ClusterCommand::RemoveNode { id } => {
             let what = format!("removing broker {id} (moving its replicas)");
             let r = with_progress(&what, client.admin().remove_broker(id)).await?;
-            let moves: Vec<_> = r
-                .moves
-                .iter()
-                .map(|m| json!({"topic": m.topic, "partition": m.partition, "from": m.from, "to": m.to}))
-                .collect();
             match format {
-                Format::Json => output::json(&json!({"removed": id, "moves": moves})),
+                Format::Json => output::json(&json!({"removed": id, "moves": moves_json(&r.moves)})),
                 Format::Text => {
                     println!("broker {id} left the cluster; {} replica(s) moved", r.moves.len());
-                    let rows: Vec<Vec<String>> = r
-                        .moves
-                        .iter()
-                        .map(|m| {
-                            vec![
-                                m.topic.clone(),
-                                m.partition.to_string(),
-                                m.from.to_string(),
-                                m.to.to_string(),
-                            ]
-                        })
-                        .collect();
-                    if !rows.is_empty() {
-                        output::table(&["TOPIC", "PARTITION", "FROM", "TO"], &rows);
-                    }
+                    print_moves(&r.moves);
                     print_cluster(&r.cluster.unwrap_or_default(), format);
+                }
+            }
+        }
+        ClusterCommand::Rebalance { dry_run } => {
+            let moves = if dry_run {
+                client.admin().rebalance(true).await?
+            } else {
+                with_progress("rebalancing (moving replicas)", client.admin().rebalance(false)).await?
+            };
+            match format {
+                Format::Json => output::json(&json!({"dry_run": dry_run, "moves": moves_json(&moves)})),
+                Format::Text => {
+                    match (moves.len(), dry_run) {
+                        (0, _) => println!("replicas are already spread evenly; nothing to move"),
+                        (n, true) => println!("{n} replica(s) would move (dry run; nothing changed)"),
+                        (n, false) => println!("{n} replica(s) moved"),
+                    }
+                    print_moves(&moves);
                 }
             }
         }

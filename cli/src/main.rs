@@ -46,10 +46,10 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Show start, end and high watermark offsets of every partition of a topic.
     Offsets(cluster::OffsetsArgs),
-    /// Describe the cluster.
+    /// Describe the cluster, add and remove brokers, spread replicas.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
-    /// Partition leadership.
+    /// Move a partition's leadership or its replicas.
     #[command(subcommand)]
     Partition(cluster::PartitionCommand),
     /// Load-test a broker: produce, consume or end-to-end throughput and latency.

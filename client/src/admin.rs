@@ -170,6 +170,33 @@ impl Admin {
         .await
     }
 
+    /// Moves a partition's replicas onto exactly `replicas` (as many as it has), one replica
+    /// at a time with no downtime; the first becomes the preferred leader. Returns the moves
+    /// made once they are done; repeating it finishes a move that stopped half-way.
+    pub async fn reassign_partition(&self, topic: &str, partition: i32, replicas: &[i32]) -> Result<Vec<ReplicaMove>> {
+        let request = ReassignPartitionRequest {
+            topic: topic.to_string(),
+            partition,
+            replicas: replicas.to_vec(),
+        };
+        let response = self
+            .call(request, |mut c, r| async move { c.reassign_partition(r).await })
+            .await?;
+        Ok(response.moves)
+    }
+
+    /// Evens out replicas per live broker (after adding a broker, say); with `dry_run`, only
+    /// says which replicas would move. Returns the moves.
+    pub async fn rebalance(&self, dry_run: bool) -> Result<Vec<ReplicaMove>> {
+        let response = self
+            .call(
+                RebalanceRequest { dry_run },
+                |mut c, r| async move { c.rebalance(r).await },
+            )
+            .await?;
+        Ok(response.moves)
+    }
+
     /// Looks up an offset of one partition.
     pub async fn list_offset(&self, topic: &str, partition: i32, spec: OffsetSpec) -> Result<OffsetResult> {
         let spec = match spec {

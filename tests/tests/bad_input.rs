@@ -84,6 +84,40 @@ fn given_bad_admin_requests_should_answer_with_typed_errors_naming_the_problem()
         let cluster = admin.describe_cluster().await.expect("cluster");
         assert_eq!(cluster.brokers.len(), 1, "{cluster:?}");
         assert_eq!(cluster.controller, 1);
+
+        // Reassignment: refused before anything moves.
+        type Reassign<'a> = (i32, &'a [i32], tonic::Code, &'a str);
+        let cases: [Reassign<'_>; 5] = [
+            (0, &[1, 1], tonic::Code::InvalidArgument, "replication factor 1"),
+            (
+                0,
+                &[7],
+                tonic::Code::InvalidArgument,
+                "broker 7 cannot take a new replica",
+            ),
+            (0, &[0], tonic::Code::InvalidArgument, "broker ids are positive"),
+            (0, &[], tonic::Code::InvalidArgument, "replication factor 1"),
+            (3, &[1], tonic::Code::NotFound, "no partition 3"),
+        ];
+        for (partition, replicas, code, needle) in cases {
+            let e = admin
+                .reassign_partition("exists", partition, replicas)
+                .await
+                .expect_err(needle);
+            assert_eq!(broker_code(&e), code, "{e}");
+            assert!(e.to_string().contains(needle), "{e} should mention {needle}");
+        }
+        let e = admin
+            .reassign_partition("missing", 0, &[1])
+            .await
+            .expect_err("unknown topic");
+        assert_eq!(broker_code(&e), tonic::Code::NotFound);
+        // Already there: nothing to move, and nothing to rebalance on one broker.
+        let moves = admin.reassign_partition("exists", 0, &[1]).await.expect("no-op");
+        assert!(moves.is_empty(), "{moves:?}");
+        assert!(admin.rebalance(false).await.expect("rebalance").is_empty());
+        let d = admin.describe_topic("exists").await.expect("describe");
+        assert_eq!(d.partitions[0].replicas, vec![1]);
     });
 }
 

@@ -551,13 +551,55 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         });
     }
 
+    // Replicas spread onto broker 4 while the producers run. A dry run only plans.
+    let all_replicas = |cluster: &Cluster| -> Vec<Vec<u64>> {
+        ["moving", "after-add"]
+            .iter()
+            .flat_map(|t| replicas_of(&cluster.describe(t, None).expect("describe")))
+            .collect()
+    };
+    let before = all_replicas(&cluster);
+    let planned = cli_json(&cluster.bootstrap(), &["cluster", "rebalance", "--dry-run"]);
+    assert_eq!(all_replicas(&cluster), before, "a dry run changes nothing");
+    // Brokers 1-3 hold 6 replicas each, broker 4 holds 3: two move to broker 4.
+    let planned_moves = planned["moves"].as_array().expect("moves").clone();
+    assert_eq!(planned_moves.len(), 2, "{planned}");
+    assert!(planned_moves.iter().all(|m| m["to"] == 4), "{planned}");
+    let started = Instant::now();
+    let rebalanced = cli_json(&cluster.bootstrap(), &["cluster", "rebalance"]);
+    println!("rebalanced in {:?}: {rebalanced}", started.elapsed());
+    assert_eq!(rebalanced["moves"].as_array(), Some(&planned_moves), "{rebalanced}");
+    let load: Vec<usize> = (1..=4)
+        .map(|b| all_replicas(&cluster).iter().filter(|r| r.contains(&b)).count())
+        .collect();
+    assert!(
+        load.iter().max() <= Some(&(load.iter().min().expect("brokers") + 1)),
+        "{load:?}"
+    );
+    // A partition's replicas move on demand, in the order given.
+    let current = replicas_of(&cluster.describe("moving", None).expect("describe"))[0].clone();
+    let newcomer = (1..=4).find(|b| !current.contains(b)).expect("a broker without it");
+    let target = [newcomer, current[1], current[2]];
+    let list = target.map(|b| b.to_string()).join(",");
+    let reassigned = cli_json(
+        &cluster.bootstrap(),
+        &["partition", "reassign", "moving", "0", "--replicas", &list],
+    );
+    assert_eq!(reassigned["moves"].as_array().map(Vec::len), Some(1), "{reassigned}");
+    assert_eq!(
+        replicas_of(&cluster.describe("moving", None).expect("describe"))[0],
+        target
+    );
+    for topic in ["moving", "after-add"] {
+        wait_in_sync(&cluster, topic, 3);
+    }
+
     // Broker 1 leaves: every replica it holds moves, the producers keep going.
+    let expected = all_replicas(&cluster).iter().filter(|r| r.contains(&1)).count();
     let started = Instant::now();
     let removed = cli_json(&cluster.bootstrap(), &["cluster", "remove-node", "1"]);
     println!("broker 1 removed in {:?}: {removed}", started.elapsed());
     let moves = removed["moves"].as_array().expect("moves");
-    // Every partition of "moving" had a replica on broker 1, and so had some of "after-add".
-    let expected = 3 + placed.iter().filter(|r| r.contains(&1)).count();
     assert_eq!(moves.len(), expected, "{removed}");
     assert!(moves.iter().all(|m| m["from"] == 1 && m["to"] != 1), "{removed}");
     for topic in ["moving", "after-add"] {

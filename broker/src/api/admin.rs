@@ -49,6 +49,18 @@ fn forward<T>(message: T) -> Request<T> {
     request
 }
 
+fn to_wire_moves(moves: Vec<membership::ReplicaMove>) -> Vec<ReplicaMove> {
+    moves
+        .into_iter()
+        .map(|m| ReplicaMove {
+            topic: m.topic,
+            partition: m.partition,
+            from: m.from as i32,
+            to: m.to as i32,
+        })
+        .collect()
+}
+
 fn to_i32(ids: &[u32]) -> Vec<i32> {
     ids.iter().map(|&i| i as i32).collect()
 }
@@ -440,16 +452,54 @@ impl Admin for AdminService {
             .await
             .map_err(|e| self.fail(e))?;
         Ok(Response::new(RemoveBrokerResponse {
-            moves: moves
-                .into_iter()
-                .map(|m| ReplicaMove {
-                    topic: m.topic,
-                    partition: m.partition,
-                    from: m.from as i32,
-                    to: m.to as i32,
-                })
-                .collect(),
+            moves: to_wire_moves(moves),
             cluster: Some(self.cluster()),
+        }))
+    }
+
+    async fn reassign_partition(
+        &self,
+        request: Request<ReassignPartitionRequest>,
+    ) -> Result<Response<ReassignPartitionResponse>, Status> {
+        self.count();
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        let target = req
+            .replicas
+            .iter()
+            .map(|&id| u32::try_from(id).ok().filter(|&id| id > 0))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| {
+                self.fail(BrokerError::InvalidRequest(format!(
+                    "broker ids are positive; got {:?}",
+                    req.replicas
+                )))
+            })?;
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.reassign_partition(forward(req)).await;
+        }
+        let _guard = self.ctx.admin_lock.lock().await;
+        let moves = membership::reassign(&self.ctx.registry, &req.topic, req.partition, &target)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(ReassignPartitionResponse {
+            moves: to_wire_moves(moves),
+        }))
+    }
+
+    async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
+        self.count();
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
+            return controller.rebalance(forward(req)).await;
+        }
+        let _guard = self.ctx.admin_lock.lock().await;
+        let moves = membership::rebalance(&self.ctx.registry, req.dry_run)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(RebalanceResponse {
+            moves: to_wire_moves(moves),
         }))
     }
 
