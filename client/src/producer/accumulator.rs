@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use conveyor_storage::batch::{BatchBuilder, Record};
@@ -20,23 +21,34 @@ use crate::error::{ClientError, Result};
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     result: OnceLock<Result<Option<u64>>>,
-    done: Notify,
+    /// Tasks waiting for the outcome. Polled by hand rather than through an async block, so
+    /// a delivery future costs no allocation of its own.
+    waiting: Mutex<Vec<Waker>>,
 }
 
 impl Slot {
-    /// The batch's base offset (`None` with acks=none), or why it failed.
-    pub(crate) async fn wait(&self) -> Result<Option<u64>> {
+    /// The batch's base offset (`None` with acks=none), or why it failed, once known.
+    pub(crate) fn poll_result(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u64>>> {
         if let Some(r) = self.result.get() {
-            return r.clone();
+            return Poll::Ready(r.clone());
         }
-        loop {
-            let done = self.done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if let Some(r) = self.result.get() {
-                return r.clone();
-            }
-            done.await;
+        let mut waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Checked again under the lock: `set` publishes the result before it takes the lock
+        // to wake, so a waker added after this check is always woken.
+        if let Some(r) = self.result.get() {
+            return Poll::Ready(r.clone());
+        }
+        if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+            waiting.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn set(&self, result: Result<Option<u64>>) {
+        let _ = self.result.set(result);
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for waker in waiting {
+            waker.wake();
         }
     }
 }
@@ -88,8 +100,7 @@ impl Sealed {
         if std::mem::replace(&mut self.completed, true) {
             return;
         }
-        let _ = self.slot.result.set(result);
-        self.slot.done.notify_waiters();
+        self.slot.set(result);
         self.tracker.lock().remove(&self.seq);
         self.tracker.idle.notify_waiters();
     }

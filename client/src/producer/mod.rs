@@ -12,7 +12,7 @@ mod accumulator;
 pub mod partitioner;
 mod sender;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -218,19 +218,16 @@ pub struct DeliveryFuture {
     partition: i32,
 }
 
-impl IntoFuture for DeliveryFuture {
+impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<RecordMetadata>> + Send>>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let base = self.slot.wait().await?;
-            Ok(RecordMetadata {
-                topic: self.topic,
-                partition: self.partition,
-                offset: base.map(|b| b + u64::from(self.index)),
-            })
-        })
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let base = std::task::ready!(self.slot.poll_result(cx))?;
+        std::task::Poll::Ready(Ok(RecordMetadata {
+            topic: Arc::clone(&self.topic),
+            partition: self.partition,
+            offset: base.map(|b| b + u64::from(self.index)),
+        }))
     }
 }
 

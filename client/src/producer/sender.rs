@@ -122,8 +122,12 @@ impl State {
         }
         // Refused only because an earlier batch of its run was: not this batch's attempt,
         // and nothing to learn about the leader.
-        if error.code() == Some(ErrorCode::OutOfSequence) && batch.sealed_at.elapsed() < self.config.delivery_timeout {
-            self.requeue(batch);
+        if error.code() == Some(ErrorCode::OutOfSequence) {
+            if batch.sealed_at.elapsed() < self.config.delivery_timeout {
+                self.requeue(batch);
+            } else {
+                batch.complete(Err(ClientError::Timeout(self.config.delivery_timeout)));
+            }
             return;
         }
         self.client.cluster().on_error(&batch.topic, batch.partition, &error);
