@@ -153,6 +153,22 @@ fn metadata_of(runtime: &tokio::runtime::Runtime, broker: &str, topic: &str) -> 
     })
 }
 
+/// Reads `topic` back through `from` and checks it against `acked`: nothing lost, nothing
+/// out of order. Returns the report for further checks.
+fn check_read_back(
+    runtime: &tokio::runtime::Runtime,
+    from: &str,
+    topic: &str,
+    acked: &[Acked],
+) -> conveyor_tests::checker::Report {
+    let observed = runtime.block_on(read_all(from, topic));
+    let report = check(acked, &observed);
+    println!("read {topic} from {from}: {report}");
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.reordered.is_empty(), "{report}");
+    report
+}
+
 /// Moves leadership of partition 0 of `topic` to broker `to`.
 fn transfer_leader(cluster: &Cluster, topic: &str, to: u32) {
     let out = cli(
@@ -338,11 +354,7 @@ fn given_three_brokers_when_all_are_sigkilled_and_restarted_should_keep_every_ac
     }
     cluster.wait_for_controller(None);
     wait_in_sync(&cluster, "restart", 3);
-    let observed = runtime.block_on(read_all(&cluster.bootstrap(), "restart"));
-    let report = check(&history.acked(), &observed);
-    println!("{report}");
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.reordered.is_empty(), "{report}");
+    let report = check_read_back(&runtime, &cluster.bootstrap(), "restart", &history.acked());
     assert!(report.duplicated.is_empty(), "no failures, so no retries: {report}");
 }
 
@@ -643,11 +655,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         let out = cli(&survivors, &["topic", "create", "proof", "--partitions", "1"], "");
         out.status.success().then_some(())
     });
-    let observed = runtime.block_on(read_all(&survivors, "moving"));
-    let report = check(&history.acked(), &observed);
-    println!("{report}");
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.reordered.is_empty(), "{report}");
+    check_read_back(&runtime, &survivors, "moving", &history.acked());
     assert_eq!(history.count(), 60_000, "every record was acknowledged");
 }
 
@@ -692,11 +700,7 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     // record, in order, when they lead.
     for reader in [paused, slow] {
         transfer_leader(&cluster, "frozen", reader);
-        let observed = runtime.block_on(read_all(cluster.broker(reader).addr(), "frozen"));
-        let report = check(&history.acked(), &observed);
-        println!("read from broker {reader}: {report}");
-        assert!(report.lost.is_empty(), "{report}");
-        assert!(report.reordered.is_empty(), "{report}");
+        check_read_back(&runtime, cluster.broker(reader).addr(), "frozen", &history.acked());
     }
 }
 
@@ -747,9 +751,7 @@ fn given_leadership_moving_repeatedly_during_pipelined_produce_should_keep_every
     assert_eq!(history.failed(), 0, "{:?}", history.first_error.lock().expect("lock"));
 
     wait_in_sync(&cluster, "moving", 3);
-    let observed = runtime.block_on(read_all(&cluster.bootstrap(), "moving"));
-    let report = check(&history.acked(), &observed);
-    println!("{report}");
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.reordered.is_empty(), "{report}");
+    // Duplicates are allowed (a verdict a former leader could not learn within its wait is
+    // resent), and printed: they are expected to be rare.
+    check_read_back(&runtime, &cluster.bootstrap(), "moving", &history.acked());
 }
