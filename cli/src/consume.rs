@@ -67,9 +67,12 @@ fn record_json(r: &ConsumerRecord) -> Value {
     let headers: serde_json::Map<String, Value> = r
         .headers
         .iter()
-        .map(|(k, v)| {
-            let v = v.as_ref().map_or(Value::Null, |b| json!(String::from_utf8_lossy(b)));
-            (k.clone(), v)
+        .map(|h| {
+            let v = h
+                .value
+                .as_ref()
+                .map_or(Value::Null, |b| json!(String::from_utf8_lossy(b)));
+            (String::from_utf8_lossy(&h.key).into_owned(), v)
         })
         .collect();
     obj.insert("headers".into(), Value::Object(headers));

@@ -36,7 +36,7 @@ use std::sync::Arc;
 pub use admin::{Admin, OffsetSpec};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartAt};
 pub use conveyor_proto::v1 as proto;
-pub use conveyor_storage::batch::Compression;
+pub use conveyor_storage::batch::{Compression, Header};
 pub use error::{ClientError, Result};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use conveyor_client::producer::partitioner::partition_for_key;
-use conveyor_client::{Client, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
+use conveyor_client::{Client, ConsumerConfig, Header, ProducerConfig, ProducerRecord, StartAt};
 use conveyor_tests::checker::{Acked, Observed, check};
 use conveyor_tests::{BrokerProcess, cli, runtime};
 use futures::StreamExt;
@@ -27,7 +28,10 @@ fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_i
         let mut deliveries = Vec::with_capacity(RECORDS as usize);
         for i in 0..RECORDS {
             let key = format!("key-{}", i % 1000);
-            let record = ProducerRecord::new("orders", format!("p0-{i}")).key(key.clone());
+            let mut record = ProducerRecord::new("orders", format!("p0-{i}")).key(key.clone());
+            if i.is_multiple_of(1000) {
+                record = record.header("n", i.to_string());
+            }
             deliveries.push((i, key, producer.send(record).await.expect("send")));
         }
         producer.flush().await.expect("flush");
@@ -53,7 +57,14 @@ fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_i
         tokio::time::timeout(CONSUME_DEADLINE, async {
             while (observed.len() as u64) < RECORDS {
                 let r = stream.next().await.expect("stream continues").expect("record");
-                observed.push(Observed::of(&r));
+                let o = Observed::of(&r);
+                let i: u64 = o.id.trim_start_matches("p0-").parse().expect("id");
+                let header = i.is_multiple_of(1000).then(|| Header {
+                    key: Bytes::from("n"),
+                    value: Some(Bytes::from(i.to_string())),
+                });
+                assert_eq!(r.headers, Vec::from_iter(header), "headers of {}", o.id);
+                observed.push(o);
             }
         })
         .await

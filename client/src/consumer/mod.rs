@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use conveyor_storage::batch::{BatchIter, RecordIter};
+use conveyor_storage::batch::{BatchIter, Header, RecordIter};
 use futures::Stream;
 use tokio::sync::mpsc;
 
@@ -130,11 +130,7 @@ impl Reading {
                             timestamp: r.timestamp,
                             key: r.key,
                             value: r.value,
-                            headers: r
-                                .headers
-                                .into_iter()
-                                .map(|h| (String::from_utf8_lossy(&h.key).into_owned(), h.value))
-                                .collect(),
+                            headers: r.headers,
                         }));
                     }
                     Some(Err(e)) => return Some(Err(e.into())),
@@ -176,7 +172,8 @@ pub struct ConsumerRecord {
     pub timestamp: i64,
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
-    pub headers: Vec<(String, Option<Bytes>)>,
+    /// As the producer sent them (keys are bytes, as in `ProducerRecord`).
+    pub headers: Vec<Header>,
 }
 
 /// Reads assigned partitions.
