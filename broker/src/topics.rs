@@ -472,6 +472,7 @@ impl Registry {
     fn apply_broker_change(&self, change: metadata_record::Change) {
         match change {
             metadata_record::Change::BrokerRegistered(BrokerRegistered { id, address }) => {
+                self.transport.mark_registered(id);
                 if let Err(e) = self.transport.add_peer(id, &address) {
                     tracing::error!(broker = id, %address, error = %e, "cannot add a registered broker");
                 }

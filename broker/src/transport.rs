@@ -209,6 +209,19 @@ impl Transport {
         self.remove_peer(id);
     }
 
+    /// Records that broker `id` is (again) a member: a broker removed earlier may come back
+    /// under its id, with its data wiped, through `--join` and add-node.
+    pub fn mark_registered(&self, id: u32) {
+        if id == self.node_id {
+            note_member(&self.self_removed, id);
+            return;
+        }
+        self.removed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+    }
+
     fn is_removed(&self, id: u32) -> bool {
         self.removed
             .read()
@@ -380,6 +393,15 @@ fn note_self_removed(flag: &AtomicBool, me: u32) {
     }
 }
 
+/// A peer delivered this broker's messages: it counts this broker as a member. That is how a
+/// broker removed and then added again under its id (through `--join` and add-node) learns
+/// it is back, even if a peer that had not yet applied the new registration said otherwise.
+fn note_member(flag: &AtomicBool, me: u32) {
+    if flag.swap(false, Ordering::Relaxed) {
+        tracing::info!(broker = me, "this broker is a member of the cluster again");
+    }
+}
+
 /// Who a send loop sends for and to.
 struct Sender {
     me: u32,
@@ -438,6 +460,8 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
             Ok(Ok(ack)) => {
                 if ack.into_inner().sender_removed {
                     note_self_removed(&removed, me);
+                } else {
+                    note_member(&removed, me);
                 }
                 if failing {
                     tracing::info!(peer = to, address = %peer.address, "reaching broker again");

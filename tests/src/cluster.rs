@@ -205,9 +205,11 @@ impl Cluster {
     /// other brokers reach it at, for `conveyor cluster add-node`.
     pub fn join(&mut self, id: u32) -> String {
         let listen = free_port();
+        // A broker coming back under its id replaces its old process.
         let mut peers: Vec<String> = self
             .brokers
             .iter()
+            .filter(|(other, _)| **other != id)
             .map(|(other, b)| format!("{other}={}", b.addr()))
             .collect();
         peers.push(format!("{id}={listen}"));

@@ -657,6 +657,16 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
     });
     check_read_back(&runtime, &survivors, "moving", &history.acked());
     assert_eq!(history.count(), 60_000, "every record was acknowledged");
+
+    // Broker 1 comes back under its id, with no data, as a new member: it is not held to its
+    // removal, and serves again.
+    let address = cluster.join(1);
+    cli_json(&survivors, &["cluster", "add-node", "1", &address]);
+    wait_for("broker 1 serving again as a member", DEADLINE, || {
+        let out = cli(cluster.broker(1).addr(), &["cluster", "info", "--output", "json"], "");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (out.status.success() && broker_ids(&info) == vec![1, 2, 3, 4]).then_some(())
+    });
 }
 
 #[test]
