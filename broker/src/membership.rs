@@ -422,6 +422,32 @@ pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: 
     t.check_index(partition)?;
     let current = t.assignments[partition as usize].clone();
     check_target(registry, &t, partition, &current, target)?;
+    // A move that stopped half-way may have left a listed replica outside the group (never
+    // added, or already removed): every replica that stays is made a voter before any other
+    // leaves. Each step is a no-op for a replica that already votes.
+    if current.len() > t.replication_factor as usize {
+        for &b in current.iter().filter(|b| target.contains(b)) {
+            let id = u64::from(b);
+            change_group(
+                registry,
+                topic,
+                partition,
+                &current,
+                MemberChange::AddLearner(id),
+                STEP_TIMEOUT,
+            )
+            .await?;
+            change_group(
+                registry,
+                topic,
+                partition,
+                &current,
+                MemberChange::Promote(id),
+                CATCH_UP_TIMEOUT,
+            )
+            .await?;
+        }
+    }
     let leaving: Vec<u32> = current.iter().copied().filter(|b| !target.contains(b)).collect();
     let arriving: Vec<u32> = target.iter().copied().filter(|b| !current.contains(b)).collect();
     let moves: Vec<ReplicaMove> = leaving

@@ -460,7 +460,21 @@ struct Pending {
     proposed_at: Instant,
     last_offset_delta: u32,
     acks: Acks,
+    /// The produce stream's counter, for a numbered part (see [`StreamOrder`]).
+    order: Option<Arc<AtomicU64>>,
     reply: oneshot::Sender<Result<AppendOutcome>>,
+}
+
+impl Pending {
+    /// Answers with an error. The stream's later parts were admitted on the strength of this
+    /// one; from now on only a part that starts a new run is, so the client's resend of this
+    /// part cannot land after a later one that was admitted.
+    fn fail(self, error: BrokerError) {
+        if let Some(next) = &self.order {
+            next.store(u64::MAX, Ordering::Release);
+        }
+        drop(self.reply.send(Err(error)));
+    }
 }
 
 /// The error for a request a replica cannot serve because `leader` (0: none known) leads.
@@ -714,6 +728,7 @@ impl Owner {
             proposed_at: Instant::now(),
             last_offset_delta,
             acks: request.acks,
+            order: request.order.map(|o| o.next),
             reply: request.reply,
         });
     }
@@ -929,7 +944,7 @@ impl Owner {
             };
             let ours = node.raft.raft_log.term(p.last).is_ok_and(|t| t == p.term);
             if done && !ours {
-                drop(p.reply.send(Err(self.not_leader())));
+                p.fail(self.not_leader());
             } else if done {
                 if p.acks == Acks::All {
                     self.metrics.commit_latency.observe(p.proposed_at.elapsed());
@@ -945,7 +960,7 @@ impl Owner {
                 };
                 drop(p.reply.send(outcome));
             } else if !(leader || ours && self.learning_commit()) {
-                drop(p.reply.send(Err(self.not_leader())));
+                p.fail(self.not_leader());
             } else {
                 still.push_back(p);
             }
@@ -981,7 +996,7 @@ impl Owner {
 
     fn fail_all(&mut self, error: impl Fn() -> BrokerError) {
         for p in self.pending.drain(..) {
-            drop(p.reply.send(Err(error())));
+            p.fail(error());
         }
     }
 }

@@ -84,6 +84,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         max_fetch_wait_ms: config.limits.max_fetch_wait.0.as_millis() as u64,
         admin_lock: tokio::sync::Mutex::new(()),
         stopping: stop_rx.clone(),
+        peer_channels: Default::default(),
     });
 
     let stopped = |mut rx: watch::Receiver<bool>| async move {

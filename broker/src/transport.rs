@@ -106,8 +106,8 @@ pub struct Transport {
     metrics: Arc<Metrics>,
     /// Brokers removed from the cluster: what they send is not delivered, and they are told.
     removed: RwLock<BTreeSet<u32>>,
-    /// Set once this broker learns that it was removed from the cluster.
-    self_removed: Arc<AtomicBool>,
+    /// Whether this broker was removed from the cluster, as it has learned.
+    standing: Arc<Standing>,
 }
 
 /// What [`Transport::peer_states`] reports per broker.
@@ -141,7 +141,7 @@ impl Transport {
             dropped_inbound: Counter::default(),
             metrics,
             removed: RwLock::new(BTreeSet::new()),
-            self_removed: Arc::new(AtomicBool::new(false)),
+            standing: Arc::default(),
         });
         for (&id, address) in peers.iter().filter(|(id, _)| **id != node_id) {
             transport.add_peer(id, address)?;
@@ -178,7 +178,7 @@ impl Transport {
                 client_address: self.client_address.clone(),
                 to: id,
                 peer,
-                removed: Arc::clone(&self.self_removed),
+                standing: Arc::clone(&self.standing),
             },
             endpoint,
             rx,
@@ -189,6 +189,7 @@ impl Transport {
 
     /// Stops talking to broker `id` (it left the cluster).
     pub fn remove_peer(&self, id: u32) {
+        self.standing.forget_peer(self.node_id, id);
         if let Some(peer) = self.write_peers().remove(&id) {
             peer.removed.store(true, Ordering::Relaxed);
             tracing::info!(peer = id, "raft peer removed");
@@ -199,7 +200,7 @@ impl Transport {
     /// it so if it speaks; if `id` is this broker, it stops serving.
     pub fn mark_removed(&self, id: u32) {
         if id == self.node_id {
-            note_self_removed(&self.self_removed, id);
+            self.standing.log_said(id, true);
             return;
         }
         self.removed
@@ -213,7 +214,7 @@ impl Transport {
     /// under its id, with its data wiped, through `--join` and add-node.
     pub fn mark_registered(&self, id: u32) {
         if id == self.node_id {
-            note_member(&self.self_removed, id);
+            self.standing.log_said(id, false);
             return;
         }
         self.removed
@@ -231,7 +232,7 @@ impl Transport {
 
     /// Whether this broker was removed from the cluster.
     pub fn removed_from_cluster(&self) -> bool {
-        self.self_removed.load(Ordering::Relaxed)
+        self.standing.removed.load(Ordering::Relaxed)
     }
 
     /// Whether `id` is named in this broker's own `peers` (or is this broker).
@@ -384,21 +385,62 @@ impl Transport {
     }
 }
 
-fn note_self_removed(flag: &AtomicBool, me: u32) {
-    if !flag.swap(true, Ordering::Relaxed) {
-        tracing::error!(
-            broker = me,
-            "this broker was removed from the cluster (cluster remove-node); it holds no replicas and refuses requests: stop it"
-        );
-    }
+/// Whether this broker counts as removed from the cluster. A removed broker rarely sees its
+/// own `BrokerRemoved` (the controller stops replicating to it), so its peers tell it, in
+/// their answers to its Raft traffic. A peer behind on the metadata log may answer
+/// otherwise for a while, so peers decide by majority of those that answered; this broker's
+/// own log, when it says "removed", decides alone. A broker removed and then added again
+/// under its id (data wiped, `--join`, add-node) is a member again once its peers and its
+/// log say so.
+#[derive(Debug, Default)]
+struct Standing {
+    said: Mutex<Said>,
+    removed: AtomicBool,
 }
 
-/// A peer delivered this broker's messages: it counts this broker as a member. That is how a
-/// broker removed and then added again under its id (through `--join` and add-node) learns
-/// it is back, even if a peer that had not yet applied the new registration said otherwise.
-fn note_member(flag: &AtomicBool, me: u32) {
-    if flag.swap(false, Ordering::Relaxed) {
-        tracing::info!(broker = me, "this broker is a member of the cluster again");
+#[derive(Debug, Default)]
+struct Said {
+    /// Each peer's latest answer: does it count this broker as removed?
+    peers: HashMap<u32, bool>,
+    /// What this broker's own metadata log said about it last: removed (true) or registered.
+    log: Option<bool>,
+}
+
+impl Standing {
+    fn peer_said(&self, me: u32, peer: u32, removed: bool) {
+        let mut said = self.said.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if said.peers.insert(peer, removed) != Some(removed) {
+            self.settle(me, &said);
+        }
+    }
+
+    fn log_said(&self, me: u32, removed: bool) {
+        let mut said = self.said.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        said.log = Some(removed);
+        self.settle(me, &said);
+    }
+
+    fn forget_peer(&self, me: u32, peer: u32) {
+        let mut said = self.said.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if said.peers.remove(&peer).is_some() {
+            self.settle(me, &said);
+        }
+    }
+
+    fn settle(&self, me: u32, said: &Said) {
+        let saying = said.peers.values().filter(|r| **r).count();
+        let removed = said.log == Some(true) || saying * 2 > said.peers.len();
+        if self.removed.swap(removed, Ordering::Relaxed) == removed {
+            return;
+        }
+        if removed {
+            tracing::error!(
+                broker = me,
+                "this broker was removed from the cluster (cluster remove-node); it holds no replicas and refuses requests: stop it"
+            );
+        } else {
+            tracing::info!(broker = me, "this broker is a member of the cluster");
+        }
     }
 }
 
@@ -408,8 +450,8 @@ struct Sender {
     client_address: String,
     to: u32,
     peer: Arc<Peer>,
-    /// This broker's "removed from the cluster" flag, which a peer's answer can set.
-    removed: Arc<AtomicBool>,
+    /// What this broker knows of its own membership, which peers' answers update.
+    standing: Arc<Standing>,
 }
 
 async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver<(Arc<GroupKey>, Message)>) {
@@ -418,7 +460,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
         client_address,
         to,
         peer,
-        removed,
+        standing,
     } = sender;
     let mut client = RaftClient::new(endpoint.connect_lazy())
         .max_encoding_message_size(64 << 20)
@@ -458,11 +500,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
         };
         match tokio::time::timeout(CALL_TIMEOUT, client.send(batch)).await {
             Ok(Ok(ack)) => {
-                if ack.into_inner().sender_removed {
-                    note_self_removed(&removed, me);
-                } else {
-                    note_member(&removed, me);
-                }
+                standing.peer_said(me, to, ack.into_inner().sender_removed);
                 if failing {
                     tracing::info!(peer = to, address = %peer.address, "reaching broker again");
                     failing = false;

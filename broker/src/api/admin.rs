@@ -166,14 +166,14 @@ impl AdminService {
             return;
         }
         let answers = futures::future::join_all(ask.into_iter().map(|(broker, names)| async move {
-            let asked = async {
-                let mut client = self.client_for(broker).await.ok()?;
-                let request = forward(MetadataRequest {
-                    topics: names.into_iter().collect(),
-                });
-                client.metadata(request).await.ok()
-            };
-            tokio::time::timeout(METADATA_ASK_TIMEOUT, asked).await.ok().flatten()
+            let mut client = self.kept_client_for(broker)?;
+            let request = forward(MetadataRequest {
+                topics: names.into_iter().collect(),
+            });
+            tokio::time::timeout(METADATA_ASK_TIMEOUT, client.metadata(request))
+                .await
+                .ok()?
+                .ok()
         }))
         .await;
         let mut leaders: HashMap<String, HashMap<i32, i32>> = HashMap::new();
@@ -259,6 +259,28 @@ impl AdminService {
         self.ctx.metrics.request_errors.add(1);
         tracing::info!(error = %e, "admin request refused");
         e.into()
+    }
+
+    /// A client for broker `broker` over a connection kept for repeated use (it connects on
+    /// first use and reconnects by itself); `None` if its address is unknown or malformed.
+    fn kept_client_for(&self, broker: u32) -> Option<AdminClient<Channel>> {
+        let address = self.ctx.registry.transport().client_address(broker)?;
+        let mut kept = self
+            .ctx
+            .peer_channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let channel = match kept.entry((broker, address)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let endpoint = Endpoint::from_shared(format!("http://{}", e.key().1))
+                    .ok()?
+                    .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+                    .tcp_nodelay(true);
+                e.insert(endpoint.connect_lazy()).clone()
+            }
+        };
+        Some(AdminClient::new(channel))
     }
 
     async fn client_for(&self, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {
@@ -509,6 +531,10 @@ impl Admin for AdminService {
         let wanted = request.into_inner().topics;
         let topics = if wanted.is_empty() {
             self.ctx.registry.list()
+        } else if was_forwarded {
+            // Another broker asking for leaders: a topic this broker has not applied yet must
+            // not cost the asker the answers for the others.
+            wanted.iter().filter_map(|n| self.ctx.registry.get(n).ok()).collect()
         } else {
             wanted
                 .iter()

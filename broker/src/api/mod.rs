@@ -22,6 +22,9 @@ pub struct Context {
     pub admin_lock: tokio::sync::Mutex<()>,
     /// Turns true when the broker starts shutting down: streams stop taking requests.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Connections to other brokers' client services, by id and address, kept for the calls
+    /// a broker makes often (metadata lookups); they reconnect on their own.
+    pub peer_channels: std::sync::Mutex<std::collections::HashMap<(u32, String), tonic::transport::Channel>>,
 }
 
 /// Runs blocking work (disk I/O) off the reactor.

@@ -38,7 +38,9 @@ impl Slot {
         if let Some(r) = self.result.get() {
             return Poll::Ready(r.clone());
         }
-        if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+        // Only the last entry is compared: many futures of one batch (in a JoinSet, say)
+        // each register once, and a scan would make that quadratic.
+        if !waiting.last().is_some_and(|w| w.will_wake(cx.waker())) {
             waiting.push(cx.waker().clone());
         }
         Poll::Pending

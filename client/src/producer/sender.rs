@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use conveyor_proto::v1::produce_client::ProduceClient;
 use conveyor_proto::v1::{self as pb, ErrorCode, ProduceRequest, ProduceResponse};
@@ -84,8 +85,11 @@ struct Packing {
 struct State {
     client: Client,
     config: ProducerConfig,
-    /// Request id → the link's address and the request's batches.
-    inflight: BTreeMap<u64, (String, Vec<Sealed>)>,
+    /// Request id → the link's address, the request's batches and when it was sent.
+    inflight: BTreeMap<u64, (String, Vec<Sealed>, Instant)>,
+    /// Partitions with a batch put back in the queue since the current dispatch pass began:
+    /// their later batches must not go out before it.
+    requeued: HashSet<PartitionKey>,
     /// Batches to send, in sealing order (retries go back in by their sequence).
     queue: VecDeque<Sealed>,
     links: HashMap<String, Link>,
@@ -110,6 +114,7 @@ impl State {
 
     /// Puts a batch back in its place by sealing order.
     fn requeue(&mut self, batch: Sealed) {
+        self.requeued.insert(key_of(&batch));
         let at = self.queue.partition_point(|b| b.seq < batch.seq);
         self.queue.insert(at, batch);
     }
@@ -155,11 +160,11 @@ impl State {
         let ids: Vec<u64> = self
             .inflight
             .iter()
-            .filter(|(_, (a, _))| a == address)
+            .filter(|(_, (a, _, _))| a == address)
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            if let Some((_, batches)) = self.inflight.remove(&id) {
+            if let Some((_, batches, _)) = self.inflight.remove(&id) {
                 for batch in batches {
                     self.landed(&batch);
                     self.retry_or_fail(batch, error.clone());
@@ -169,7 +174,7 @@ impl State {
     }
 
     fn on_response(&mut self, response: ProduceResponse) {
-        let Some((address, batches)) = self.inflight.remove(&response.request_id) else {
+        let Some((address, batches, _)) = self.inflight.remove(&response.request_id) else {
             tracing::warn!(request_id = response.request_id, "answer to an unknown produce request");
             return;
         };
@@ -218,7 +223,8 @@ impl State {
         } = packing;
         self.next_id += 1;
         request.request_id = self.next_id;
-        self.inflight.insert(request.request_id, (address.clone(), batches));
+        self.inflight
+            .insert(request.request_id, (address.clone(), batches, Instant::now()));
         let sent = match self.links.get_mut(&address) {
             Some(link) => {
                 link.inflight += 1;
@@ -242,6 +248,7 @@ impl State {
     async fn dispatch(&mut self, responses: &mut StreamMap<String, Streaming<ProduceResponse>>) {
         let max_inflight = self.config.max_in_flight_requests.max(1);
         let queued = std::mem::take(&mut self.queue);
+        self.requeued.clear();
         let mut held: VecDeque<Sealed> = VecDeque::new();
         let mut blocked: HashSet<PartitionKey> = HashSet::new();
         let mut routes: HashMap<PartitionKey, Route> = HashMap::new();
@@ -251,7 +258,9 @@ impl State {
         let mut stalled = false;
         for batch in queued {
             let key = key_of(&batch);
-            if blocked.contains(&key) {
+            // An earlier batch of the partition went back to the queue during this pass (its
+            // link broke): it goes first, next pass.
+            if blocked.contains(&key) || self.requeued.contains(&key) {
                 held.push_back(batch);
                 continue;
             }
@@ -299,8 +308,14 @@ impl State {
             }
             flight.inflight += 1;
             flight.address.clone_from(&route.address);
-            let sequence = flight.next_sequence;
-            flight.next_sequence += 1;
+            // Without answers (acks=none) a refused part cannot be resent, so numbering would
+            // only make the broker drop the rest of its run unseen.
+            let sequence = if self.config.acks == Acks::None {
+                0
+            } else {
+                flight.next_sequence += 1;
+                flight.next_sequence - 1
+            };
             let acks = self.acks();
             let pack = packing.entry(route.address.clone()).or_insert_with(|| Packing {
                 request: ProduceRequest {
@@ -335,15 +350,16 @@ impl State {
         self.queue = merge_by_seq(held, retried);
     }
 
-    /// Links whose batches passed their delivery timeout without an answer (a stopped
-    /// broker, a dead link) are given up on, so their batches fail or move on in time.
+    /// Links with a request unanswered for the delivery timeout (a stopped broker, a dead
+    /// link) are given up on, so their batches fail or move on. Counted from sending, not
+    /// sealing: a batch that waited in the queue must not tear down a link that answers.
     fn expire(&mut self) {
         let timeout = self.config.delivery_timeout;
         let expired: Vec<String> = self
             .inflight
             .values()
-            .filter(|(_, batches)| batches.iter().any(|b| b.sealed_at.elapsed() >= timeout))
-            .map(|(a, _)| a.clone())
+            .filter(|(_, _, sent)| sent.elapsed() >= timeout)
+            .map(|(a, _, _)| a.clone())
             .collect();
         for address in expired {
             self.link_broke(&address, &ClientError::Timeout(timeout));
@@ -388,6 +404,7 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
         client,
         config,
         inflight: BTreeMap::new(),
+        requeued: HashSet::new(),
         queue: VecDeque::new(),
         links: HashMap::new(),
         flights: HashMap::new(),
