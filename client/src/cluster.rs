@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use conveyor_proto::v1::admin_client::AdminClient;
-use conveyor_proto::v1::{ErrorCode, MetadataRequest};
+use conveyor_proto::v1::{BrokerInfo, ErrorCode, MetadataRequest};
 use tonic::transport::Channel;
 
 use crate::connection::{self, endpoint};
@@ -94,6 +94,7 @@ impl Cluster {
             Err(e) if ask_another(&e) => e,
             other => return other,
         };
+        self.forget_if_removed(&address, &last);
         let candidates: Vec<String> = self
             .state()
             .addresses
@@ -109,17 +110,32 @@ impl Cluster {
                     continue;
                 }
             };
-            {
-                let mut state = self.state();
-                state.channels.insert(candidate.clone(), channel.clone());
-                state.current = (candidate.clone(), channel.clone());
-            }
-            match call(channel).await {
-                Err(e) if ask_another(&e) => last = e,
-                other => return other,
+            self.state().channels.insert(candidate.clone(), channel.clone());
+            match call(channel.clone()).await {
+                Err(e) if ask_another(&e) => {
+                    self.forget_if_removed(&candidate, &e);
+                    last = e;
+                }
+                other => {
+                    // The broker that answered is the one to ask first from now on.
+                    self.state().current = (candidate, channel);
+                    return other;
+                }
             }
         }
         Err(last)
+    }
+
+    /// A broker removed from the cluster stays out of the addresses tried, as long as
+    /// another one is left to try.
+    fn forget_if_removed(&self, address: &str, error: &ClientError) {
+        if error.code() != Some(ErrorCode::BrokerRemoved) {
+            return;
+        }
+        let mut state = self.state();
+        if state.addresses.len() > 1 {
+            state.addresses.retain(|a| a != address);
+        }
     }
 
     /// Refreshes brokers and the leaders of `topic`'s partitions.
@@ -133,14 +149,9 @@ impl Cluster {
                 async move { Ok(AdminClient::new(channel).metadata(request).await?.into_inner()) }
             })
             .await?;
+        self.learn_brokers(response.brokers);
         let mut guard = self.state();
         let state = &mut *guard;
-        for b in response.brokers {
-            if !state.addresses.contains(&b.address) {
-                state.addresses.push(b.address.clone());
-            }
-            state.brokers.insert(b.id, b.address);
-        }
         for t in response.topics {
             state.partition_counts.insert(t.name.clone(), t.partitions.len() as u32);
             let leaders = state.leaders.entry(t.name.clone()).or_default();
@@ -155,6 +166,22 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Brokers of the cluster known so far (from metadata), at least one.
+    pub(crate) fn broker_count(&self) -> usize {
+        self.state().brokers.len().max(1)
+    }
+
+    /// Records the members of the cluster and where they are.
+    pub(crate) fn learn_brokers(&self, brokers: Vec<BrokerInfo>) {
+        let mut state = self.state();
+        for b in brokers {
+            if !state.addresses.contains(&b.address) {
+                state.addresses.push(b.address.clone());
+            }
+            state.brokers.insert(b.id, b.address);
+        }
     }
 
     pub(crate) fn cached_partition_count(&self, topic: &str) -> Option<u32> {

@@ -42,6 +42,10 @@ pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecor
 
 /// Largest gRPC message the client sends or accepts.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How long a topic unknown to the broker asked is looked for again, in a cluster: creation
+/// reaches every broker within moments of being acknowledged.
+pub(crate) const UNKNOWN_TOPIC_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const UNKNOWN_TOPIC_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A connection to a Conveyor cluster. Cheap to clone; clones share the connections.
 ///
@@ -103,12 +107,37 @@ impl Client {
         Consumer::new(self.clone(), config)
     }
 
+    /// Whether there is more than one broker (asked once if no metadata told yet).
+    async fn is_cluster(&self) -> bool {
+        if self.inner.cluster.broker_count() <= 1
+            && let Ok(c) = self.admin().describe_cluster().await
+        {
+            self.inner.cluster.learn_brokers(c.brokers);
+        }
+        self.inner.cluster.broker_count() > 1
+    }
+
     /// The number of partitions of `topic`, cached after the first call.
+    ///
+    /// In a cluster, a topic just created through one broker reaches the others a moment
+    /// later: an unknown topic is asked for again for up to `UNKNOWN_TOPIC_WAIT` before the
+    /// error stands. A single broker's answer stands at once.
     pub async fn partition_count(&self, topic: &str) -> Result<u32> {
         if let Some(n) = self.inner.cluster.cached_partition_count(topic) {
             return Ok(n);
         }
-        self.inner.cluster.refresh(topic).await?;
+        let started = std::time::Instant::now();
+        loop {
+            match self.inner.cluster.refresh(topic).await {
+                Err(e) if e.code() == Some(proto::ErrorCode::UnknownTopic) => {
+                    if started.elapsed() >= UNKNOWN_TOPIC_WAIT || !self.is_cluster().await {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(UNKNOWN_TOPIC_RETRY).await;
+                }
+                other => break other?,
+            }
+        }
         self.inner
             .cluster
             .cached_partition_count(topic)

@@ -31,7 +31,7 @@ use tonic::Streaming;
 use super::{Acks, ProducerConfig, Sealed};
 use crate::cluster::Route;
 use crate::error::ClientError;
-use crate::{Client, MAX_MESSAGE_BYTES};
+use crate::{Client, MAX_MESSAGE_BYTES, UNKNOWN_TOPIC_WAIT};
 
 /// Batches packed into one produce request at most.
 const MAX_BATCHES_PER_REQUEST: usize = 32;
@@ -138,7 +138,13 @@ impl State {
         self.client.cluster().on_error(&batch.topic, batch.partition, &error);
         batch.attempts += 1;
         let in_time = batch.sealed_at.elapsed() < self.config.delivery_timeout;
-        if error.is_retriable() && batch.attempts <= self.config.retries && in_time {
+        // The topic existed when the batch was made: a broker that does not know it yet has
+        // not applied its creation (Kafka's producer retries this too), for a short while.
+        let not_yet_known = matches!(
+            error.code(),
+            Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+        ) && batch.sealed_at.elapsed() < UNKNOWN_TOPIC_WAIT;
+        if (error.is_retriable() || not_yet_known) && batch.attempts <= self.config.retries && in_time {
             tracing::debug!(topic = %batch.topic, partition = batch.partition, attempt = batch.attempts, %error, "retrying batch");
             self.requeue(batch);
             self.backoff = true;
