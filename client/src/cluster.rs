@@ -16,6 +16,9 @@ use conveyor_proto::v1::{BrokerInfo, ErrorCode, MetadataRequest};
 use tonic::transport::Channel;
 
 use crate::connection::{self, endpoint};
+
+/// How long a metadata lookup waits for one broker before asking the next.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::error::{ClientError, Result};
 
 /// Attempts a leader-routed call makes (refreshing the leader in between) before failing.
@@ -91,7 +94,7 @@ impl Cluster {
     {
         let (address, channel) = self.current();
         let mut last = match call(channel).await {
-            Err(e) if ask_another(&e) => e,
+            Err(e) if ask_another(&e) => e.at(&address),
             other => return other,
         };
         self.forget_if_removed(&address, &last);
@@ -114,7 +117,7 @@ impl Cluster {
             match call(channel.clone()).await {
                 Err(e) if ask_another(&e) => {
                     self.forget_if_removed(&candidate, &e);
-                    last = e;
+                    last = e.at(&candidate);
                 }
                 other => {
                     // The broker that answered is the one to ask first from now on.
@@ -146,7 +149,17 @@ impl Cluster {
         let response = self
             .any(|channel| {
                 let request = request.clone();
-                async move { Ok(AdminClient::new(channel).metadata(request).await?.into_inner()) }
+                // A broker that is stopped (SIGSTOP, a frozen VM) keeps its connection open:
+                // without a deadline the lookup would wait for the keep-alive to give up.
+                async move {
+                    match tokio::time::timeout(METADATA_TIMEOUT, AdminClient::new(channel).metadata(request)).await {
+                        Ok(answer) => Ok(answer?.into_inner()),
+                        Err(_) => Err(ClientError::Unreachable {
+                            address: String::new(),
+                            reason: format!("no answer to a metadata request within {METADATA_TIMEOUT:?}"),
+                        }),
+                    }
+                }
             })
             .await?;
         self.learn_brokers(response.brokers);

@@ -55,6 +55,14 @@ async fn produce(client: Client, topic: &'static str, name: String, count: u64, 
     produce_until(client, topic, name, count, history, Arc::default()).await;
 }
 
+/// The producer settings of these tests: retries, and time enough to ride out failovers.
+fn producer_config() -> ProducerConfig {
+    ProducerConfig::default()
+        .linger(Duration::from_millis(2))
+        .retries(1_000)
+        .delivery_timeout(Duration::from_secs(60))
+}
+
 /// As [`produce`], stopping early once `stop` is set.
 async fn produce_until(
     client: Client,
@@ -64,12 +72,18 @@ async fn produce_until(
     history: History,
     stop: Arc<AtomicBool>,
 ) {
-    let producer = client.producer(
-        ProducerConfig::default()
-            .linger(Duration::from_millis(2))
-            .retries(1_000)
-            .delivery_timeout(Duration::from_secs(60)),
-    );
+    produce_with(client.producer(producer_config()), topic, name, count, history, stop).await;
+}
+
+/// Sends through `producer` as [`produce_until`] does.
+async fn produce_with(
+    producer: conveyor_client::Producer,
+    topic: &'static str,
+    name: String,
+    count: u64,
+    history: History,
+    stop: Arc<AtomicBool>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(4_096);
     let sender_history = history.clone();
     let acker = tokio::spawn(async move {
@@ -701,9 +715,30 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     let history = History::default();
     produce_now(&runtime, &cluster.bootstrap(), "frozen", "before", 2_000, &history);
 
+    // A producer runs across the pause: its requests to the frozen leader time out, and it
+    // moves to the new leader without failing a record.
+    let stop = Arc::new(AtomicBool::new(false));
+    let across = {
+        let (bootstrap, history, stop) = (cluster.bootstrap(), history.clone(), Arc::clone(&stop));
+        runtime.spawn(async move {
+            let client = Client::connect(&bootstrap).await.expect("connect");
+            let producer = client.producer(producer_config().request_timeout(Duration::from_secs(2)));
+            produce_with(producer, "frozen", "across".into(), 1_000_000, history, stop).await;
+        })
+    };
+    wait_for("the producer under way", DEADLINE, || {
+        (history.count() >= 2_500).then_some(())
+    });
+
     // SIGSTOP: the leader freezes with its connections open, as a hung machine would.
     cluster.broker(paused).pause();
     let next = cluster.wait_for_leader("frozen", 0, Some(paused), DEADLINE);
+    let acked = history.count();
+    wait_for("the running producer writing through the new leader", DEADLINE, || {
+        (history.count() >= acked + 2_000).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    wait_producers(&runtime, vec![across]);
     produce_now(
         &runtime,
         &cluster.bootstrap_without(paused),
@@ -726,8 +761,14 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     produce_now(&runtime, &cluster.bootstrap(), "frozen", "slow", 2_000, &history);
     cluster.heal_all();
     wait_in_sync(&cluster, "frozen", 3);
-    history.assert_all_acked(6_000);
-    assert_eq!(history.failed(), 0);
+    assert_eq!(
+        history.failed(),
+        0,
+        "first error: {:?}",
+        history.first_error.lock().expect("lock")
+    );
+    // 2,000 before, at least 2,500 across the pause, 2,000 while paused, 2,000 with a slow link.
+    assert!(history.count() >= 8_500, "{}", history.count());
 
     // The broker that was paused and the one that was slow each hold every acknowledged
     // record, in order, when they lead.

@@ -72,6 +72,9 @@ pub struct ProducerConfig {
     /// A batch not acknowledged this long after it was sealed fails, whatever `retries` says.
     pub delivery_timeout: Duration,
     pub retry_backoff: Duration,
+    /// A produce request unanswered this long (a stopped or unreachable leader) is given up
+    /// on with its whole link, and its batches are retried elsewhere if they still have time.
+    pub request_timeout: Duration,
     /// Produce requests awaiting an answer at once.
     pub max_in_flight_requests: usize,
 }
@@ -87,6 +90,7 @@ impl Default for ProducerConfig {
             retries: u32::MAX,
             delivery_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(10),
             max_in_flight_requests: 64,
         }
     }
@@ -119,6 +123,10 @@ impl ProducerConfig {
     }
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;
+        self
+    }
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
         self
     }
 }

@@ -356,11 +356,12 @@ impl State {
         self.queue = merge_by_seq(held, retried);
     }
 
-    /// Links with a request unanswered for the delivery timeout (a stopped broker, a dead
-    /// link) are given up on, so their batches fail or move on. Counted from sending, not
-    /// sealing: a batch that waited in the queue must not tear down a link that answers.
+    /// Links with a request unanswered for the request timeout (a stopped broker, a dead
+    /// link) are given up on, so their batches move on, or fail if their delivery timeout has
+    /// passed. Counted from sending, not sealing: a batch that waited in the queue must not
+    /// tear down a link that answers.
     fn expire(&mut self) {
-        let timeout = self.config.delivery_timeout;
+        let timeout = self.config.request_timeout.min(self.config.delivery_timeout);
         let expired: Vec<String> = self
             .inflight
             .values()
