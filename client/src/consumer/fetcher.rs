@@ -138,17 +138,20 @@ async fn fetch_partition(
             max_bytes: config.max_bytes,
             decode_records: false,
         };
-        // The broker answers within max_wait; past it with a margin, the connection is dead.
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(config.max_wait + FETCH_TIMEOUT_MARGIN);
+        // The broker answers within max_wait; past it with a margin, the broker is stopped or
+        // the connection dead: a retriable timeout, after which the leader is looked up again.
+        let limit = config.max_wait + FETCH_TIMEOUT_MARGIN;
         let cluster = client.cluster();
         let answer = match cluster.route(&position.topic, position.partition).await {
-            Ok(route) => FetchClient::new(route.channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                .fetch(request)
-                .await
-                .map_err(ClientError::from),
+            Ok(route) => {
+                let mut fetcher = FetchClient::new(route.channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                match tokio::time::timeout(limit, fetcher.fetch(request)).await {
+                    Ok(answer) => answer.map_err(ClientError::from),
+                    Err(_) => Err(ClientError::Timeout(limit)),
+                }
+            }
             Err(e) => Err(e),
         };
         let response = match answer {
