@@ -41,6 +41,11 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new replica may take to catch up before promotion gives up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a broker being removed may take to catch up with the controller log.
+const METADATA_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A follower with the whole log learns that it is committed with the leader's next message
+/// (a heartbeat every 150 ms at most).
+const COMMIT_HEARD_WITHIN: Duration = Duration::from_millis(500);
 
 /// One replica moved off a broker being removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,6 +382,31 @@ pub async fn move_replica(registry: &Registry, m: &ReplicaMove) -> Result<()> {
     Ok(())
 }
 
+/// Waits, at most [`METADATA_CATCH_UP_TIMEOUT`], until broker `id` has the whole controller
+/// log and has had time to hear that it is committed. Once out of the controller group it
+/// hears nothing more, and it must first apply the records that took its replicas away, or
+/// it keeps their data. A broker that is down is not waited for.
+async fn wait_for_metadata(registry: &Registry, id: u32) {
+    let deadline = Instant::now() + METADATA_CATCH_UP_TIMEOUT;
+    let mut caught_up_since: Option<Instant> = None;
+    while Instant::now() < deadline && registry.transport().is_alive(id) {
+        let status = registry.metadata_partition().status();
+        let lag = status.followers.iter().find(|f| f.id == id).map(|f| f.lag);
+        if lag == Some(0) {
+            if caught_up_since.get_or_insert_with(Instant::now).elapsed() >= COMMIT_HEARD_WITHIN {
+                return;
+            }
+        } else {
+            caught_up_since = None;
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+    tracing::warn!(
+        broker = id,
+        "broker being removed did not catch up with the cluster metadata; it may keep data of replicas moved away"
+    );
+}
+
 /// Removes broker `id` from the cluster (controller only, and not the controller itself):
 /// moves its replicas away, then takes it out of the controller group.
 pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMove>> {
@@ -404,6 +434,7 @@ pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMo
     for m in &moves {
         move_replica(registry, m).await?;
     }
+    wait_for_metadata(registry, id).await;
     change_controller_group(registry, &members, MemberChange::Remove(u64::from(id))).await?;
     registry
         .propose(metadata_record::Change::BrokerRemoved(BrokerRemoved { id }))
