@@ -284,7 +284,12 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<checker::Observed> {
         .iter()
         .map(|p| ((topic.to_string(), p.partition), p.high_watermark))
         .collect();
-    let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
+    // Retention may move the log start while the read goes on: the read then goes on from
+    // the new start, and the checker reports whatever acknowledged record it never saw.
+    let config = ConsumerConfig::default()
+        .max_wait(Duration::from_millis(100))
+        .offset_reset(Some(StartAt::Earliest));
+    let mut consumer = client.consumer(config);
     consumer.assign_all(topic, StartAt::Earliest).await.expect("assign");
     let mut stream = consumer.stream();
     let mut observed = Vec::new();
