@@ -449,9 +449,7 @@ pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMo
 /// and is removed otherwise. Finally the list takes `target`'s order, whose first replica is
 /// the preferred leader.
 pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: &[u32]) -> Result<Vec<ReplicaMove>> {
-    let t = registry.get(topic)?;
-    t.check_index(partition)?;
-    let current = t.assignments[partition as usize].clone();
+    let (t, current) = replicas_now(registry, topic, partition)?;
     check_target(registry, &t, partition, &current, target)?;
     // A move that stopped half-way may have left a listed replica outside the group (never
     // added, or already removed): every replica that stays is made a voter before any other
@@ -496,8 +494,7 @@ pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: 
     }
     // Left over when a half-done move's extra replica is not wanted.
     for &from in leaving.iter().skip(arriving.len()) {
-        let t = registry.get(topic)?;
-        let replicas = t.assignments[partition as usize].clone();
+        let (t, replicas) = replicas_now(registry, topic, partition)?;
         change_group(
             registry,
             topic,
@@ -510,14 +507,23 @@ pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: 
         let narrowed = replicas.into_iter().filter(|&b| b != from).collect();
         registry.propose(reassigned(&t, partition, narrowed)).await?;
     }
-    let t = registry.get(topic)?;
-    if t.assignments[partition as usize] != target {
+    let (t, replicas) = replicas_now(registry, topic, partition)?;
+    if replicas != target {
         registry.propose(reassigned(&t, partition, target.to_vec())).await?;
     }
     if !moves.is_empty() {
         tracing::info!(topic, partition, ?target, moved = moves.len(), "partition reassigned");
     }
     Ok(moves)
+}
+
+/// A partition's topic and replica list as they stand now: a topic may be deleted, or
+/// recreated with fewer partitions, while a reassignment waits on its steps.
+fn replicas_now(registry: &Registry, topic: &str, partition: i32) -> Result<(std::sync::Arc<Topic>, Vec<u32>)> {
+    let t = registry.get(topic)?;
+    t.check_index(partition)?;
+    let replicas = t.assignments[partition as usize].clone();
+    Ok((t, replicas))
 }
 
 /// Refuses a target replica list that the partition cannot take, before anything changes.

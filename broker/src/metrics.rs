@@ -145,6 +145,11 @@ impl Metrics {
                 &self.fetch_latency,
             ),
             (
+                "conveyor_raft_commit_latency_seconds",
+                "Time from proposing an acks=all append to its Raft commit",
+                &self.commit_latency,
+            ),
+            (
                 "conveyor_fsync_latency_seconds",
                 "Time to write, flush and commit one append round (Raft Ready processing)",
                 &self.fsync_latency,
@@ -196,6 +201,14 @@ impl Metrics {
         let peers = registry.transport().peer_states();
         for peer in peers.iter().filter(|s| s.id != registry.transport().node_id()) {
             let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.id, peer.queue_depth);
+        }
+        let name = "conveyor_raft_messages_dropped_to_peer_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Raft messages to a peer dropped because its send queue was full\n# TYPE {name} counter"
+        );
+        for peer in peers.iter().filter(|s| s.id != registry.transport().node_id()) {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.id, peer.dropped);
         }
         let name = "conveyor_broker_alive";
         gauge_header(&mut out, name, "1 while this broker hears from the peer");

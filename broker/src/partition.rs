@@ -600,7 +600,11 @@ impl Owner {
                 if tick && !self.pending.is_empty() && !self.was_leader {
                     self.finish(&node);
                 }
-                self.publish_status(&node);
+                // Leader and term change only with a Ready; follower progress without one is
+                // published on the next tick rather than after every message round.
+                if tick {
+                    self.publish_status(&node);
+                }
                 continue;
             }
             let started = Instant::now();
@@ -740,8 +744,8 @@ impl Owner {
             return;
         }
         if !Self::must_hold(node) {
-            let held: Vec<_> = self.waiting.drain(..).collect();
-            for (_, request) in held {
+            // Nothing is held again on the way: `must_hold` is false here.
+            for (_, request) in std::mem::take(&mut self.waiting) {
                 self.propose(node, request);
             }
             return;
@@ -936,7 +940,7 @@ impl Owner {
             self.metrics.leader_changes.add(1);
             tracing::info!(topic = %self.topic, partition = self.index, leader, term = node.raft.term, "raft leadership changed");
         }
-        let mut still = VecDeque::new();
+        let mut still = VecDeque::with_capacity(self.pending.len());
         while let Some(p) = self.pending.pop_front() {
             let done = match p.acks {
                 Acks::All => committed >= p.last,

@@ -96,8 +96,6 @@ pub struct Transport {
     node_id: u32,
     client_address: String,
     peers: RwLock<BTreeMap<u32, Arc<Peer>>>,
-    /// The brokers named in this broker's own `peers`.
-    configured: BTreeSet<u32>,
     queue_depth: usize,
     runtime: tokio::runtime::Handle,
     router: RwLock<HashMap<GroupKey, mpsc::Sender<Message>>>,
@@ -134,7 +132,6 @@ impl Transport {
             node_id,
             client_address,
             peers: RwLock::new(BTreeMap::new()),
-            configured: peers.keys().copied().collect(),
             queue_depth: queue_depth.max(1),
             runtime: tokio::runtime::Handle::current(),
             router: RwLock::new(HashMap::new()),
@@ -233,11 +230,6 @@ impl Transport {
     /// Whether this broker was removed from the cluster.
     pub fn removed_from_cluster(&self) -> bool {
         self.standing.removed.load(Ordering::Relaxed)
-    }
-
-    /// Whether `id` is named in this broker's own `peers` (or is this broker).
-    pub fn is_configured(&self, id: u32) -> bool {
-        id == self.node_id || self.configured.contains(&id)
     }
 
     /// The address this broker sends Raft messages for broker `id` to.

@@ -78,11 +78,13 @@ impl Cluster {
 
     fn channel_to(&self, address: &str) -> Channel {
         let mut state = self.state();
-        state
-            .channels
-            .entry(address.to_string())
-            .or_insert_with(|| lazy_channel(address))
-            .clone()
+        // Looked up on every route: the key is only allocated for a new address.
+        if let Some(channel) = state.channels.get(address) {
+            return channel.clone();
+        }
+        let channel = lazy_channel(address);
+        state.channels.insert(address.to_string(), channel.clone());
+        channel
     }
 
     /// Runs `call` against the current broker; if it cannot be reached (or was removed from

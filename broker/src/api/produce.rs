@@ -82,19 +82,18 @@ fn pack_records(records: Vec<pb::Record>) -> std::result::Result<Bytes, conveyor
 
 impl ProduceService {
     /// Validates one partition's batches; nothing of it is queued if any is bad.
-    fn prepare_part(&self, pp: pb::PartitionProduce) -> Result<(Arc<Partition>, Vec<ValidatedBatch>)> {
-        let pb::PartitionProduce {
-            topic: name,
-            partition: index,
-            mut batches,
-            records,
-            ..
-        } = pp;
-        let topic = self.ctx.registry.get(&name)?;
+    fn prepare_part(
+        &self,
+        name: &str,
+        index: i32,
+        mut batches: Vec<Bytes>,
+        records: Vec<pb::Record>,
+    ) -> Result<(Arc<Partition>, Vec<ValidatedBatch>)> {
+        let topic = self.ctx.registry.get(name)?;
         // The owner answers a request that reached a follower with the leader's address.
         let partition = self.ctx.registry.replica(&topic, index)?;
         let limit = topic.effective.max_message_bytes as usize;
-        let bad = |e| BrokerError::from_batch(&name, index, e);
+        let bad = |e| BrokerError::from_batch(name, index, e);
         if !records.is_empty() {
             batches.push(pack_records(records).map_err(bad)?);
         }
@@ -139,17 +138,26 @@ impl ProduceService {
         req.partitions
             .into_iter()
             .map(|pp| {
-                let (topic, partition, sequence, restart) = (pp.topic.clone(), pp.partition, pp.sequence, pp.restart);
-                let order = match sequences.as_deref_mut() {
-                    Some(sequences) if sequence != 0 => Some(StreamOrder {
-                        next: Arc::clone(sequences.entry((topic.clone(), partition)).or_default()),
-                        sequence,
-                        restart,
-                    }),
-                    _ => None,
-                };
-                match self.prepare_part(pp) {
-                    Ok((p, batches)) => Ok((p, batches, order)),
+                let pb::PartitionProduce {
+                    topic,
+                    partition,
+                    batches,
+                    records,
+                    sequence,
+                    restart,
+                } = pp;
+                match self.prepare_part(&topic, partition, batches, records) {
+                    Ok((p, batches)) => {
+                        let order = match sequences.as_deref_mut() {
+                            Some(sequences) if sequence != 0 => Some(StreamOrder {
+                                next: Arc::clone(sequences.entry((topic, partition)).or_default()),
+                                sequence,
+                                restart,
+                            }),
+                            _ => None,
+                        };
+                        Ok((p, batches, order))
+                    }
                     Err(error) => Err(Failed {
                         topic,
                         partition,
