@@ -80,6 +80,12 @@ fn main() -> anyhow::Result<()> {
     }
     // Checked after the overrides: a file may leave to a flag what it does not say itself.
     config.validate().context("invalid configuration")?;
+    // A write past the file size limit must fail with an error the storage handles (as a full
+    // disk does), not kill the process with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

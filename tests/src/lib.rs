@@ -212,6 +212,18 @@ impl BrokerProcess {
         signal(self.pid(), "-CONT");
     }
 
+    /// Simulates a full disk: from now on the broker cannot grow any file (writes fail as
+    /// they would with ENOSPC; a file's size limit is what the kernel lets us change from
+    /// outside a running process). [`disk_has_space`](Self::disk_has_space) undoes it.
+    pub fn disk_full(&self) {
+        set_file_size_limit(self.pid(), "0:");
+    }
+
+    /// Ends [`disk_full`](Self::disk_full): writes succeed again.
+    pub fn disk_has_space(&self) {
+        set_file_size_limit(self.pid(), "unlimited:");
+    }
+
     /// Starts the broker again on the same ports and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the broker before restarting it");
@@ -229,6 +241,15 @@ impl BrokerProcess {
         stream.read_to_string(&mut body).expect("read metrics");
         body
     }
+}
+
+/// Sets the soft RLIMIT_FSIZE of process `pid` (`SOFT:` leaves the hard limit alone).
+fn set_file_size_limit(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={soft}")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit --fsize={soft} on {pid} failed");
 }
 
 fn signal(pid: u32, sig: &str) {
