@@ -9,6 +9,9 @@
 //! - `sync`: group commit, flushes, recovery point, clean-shutdown marker.
 //! - `recovery`: opening a log and repairing it after a crash.
 //! - `retention`: deleting old segments, truncating suffixes.
+//! - [`scrub`]: verifying sealed segments in the background and quarantining damage.
+//! - `crash_sim`: test hooks that keep written and durable bytes apart (feature
+//!   `crash-sim`, on for this crate's own tests; empty otherwise).
 //! - [`config`]: [`LogConfig`] and [`FlushPolicy`].
 //! - [`error`]: [`BatchError`], [`LogError`].
 //! - [`file_names`]: how files in a partition directory are named.
@@ -39,12 +42,17 @@
 
 pub mod batch;
 pub mod config;
+#[cfg(feature = "crash-sim")]
+pub mod crash_sim;
+#[cfg(not(feature = "crash-sim"))]
+mod crash_sim;
 pub mod error;
 pub mod file_names;
 pub(crate) mod index;
 pub mod log;
 mod recovery;
 mod retention;
+pub mod scrub;
 mod segment;
 mod sync;
 
@@ -53,4 +61,5 @@ pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};
 pub use log::{AppendInfo, BatchPosition, PartitionLog};
 pub use retention::RetentionOutcome;
+pub use scrub::{CorruptBatch, ScrubCursor, ScrubStep};
 pub use sync::replace_file_durably;

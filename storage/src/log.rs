@@ -25,13 +25,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use bytes::Bytes;
 
 use crate::batch::{self, BatchHeader, RecordBatch};
 use crate::config::{FlushPolicy, LogConfig};
 use crate::error::{LogError, Result};
+use crate::scrub::CorruptBatch;
 use crate::segment::{IndexCursor, Segment};
 use crate::sync::GroupCommit;
 
@@ -75,6 +76,8 @@ pub struct PartitionLog {
     /// A copy of `config.flush`, readable without waiting for the writer.
     flush_policy: Mutex<FlushPolicy>,
     poisoned: AtomicBool,
+    /// The first corrupt batch found at rest; reads are refused once set.
+    quarantined: OnceLock<CorruptBatch>,
     closed: AtomicBool,
 }
 
@@ -112,6 +115,7 @@ impl PartitionLog {
             log_end_offset: AtomicU64::new(end),
             commit: GroupCommit::new(end),
             poisoned: AtomicBool::new(false),
+            quarantined: OnceLock::new(),
             closed: AtomicBool::new(false),
         }
     }
@@ -197,6 +201,36 @@ impl PartitionLog {
         self.commit.fail(reason);
     }
 
+    /// Poisons the log because stored data is corrupt: reads fail from now on, not only
+    /// appends.
+    pub(crate) fn set_quarantined(&self, corrupt: CorruptBatch) {
+        let reason = format!("scrub: {corrupt}");
+        let _ = self.quarantined.set(corrupt);
+        self.poisoned.store(true, Ordering::Release);
+        self.commit.fail(reason);
+    }
+
+    /// The corrupt batch that quarantined this log, if any.
+    pub fn quarantined(&self) -> Option<&CorruptBatch> {
+        self.quarantined.get()
+    }
+
+    /// Refuses reads of a quarantined or poisoned log: its stored bytes may be damaged, or
+    /// may include a write whose outcome is unknown.
+    pub(crate) fn check_readable(&self) -> Result<()> {
+        if let Some(c) = self.quarantined.get() {
+            return Err(LogError::Corrupt {
+                path: crate::file_names::segment_file(&self.dir, c.segment_base_offset, crate::file_names::LOG_SUFFIX),
+                detail: format!("{c}; reads are refused until the log is reopened and repaired"),
+            });
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            let reason = self.commit.failure().unwrap_or_default();
+            return Err(LogError::Poisoned { reason });
+        }
+        Ok(())
+    }
+
     /// Refuses further appends after a clean close, without reporting a failure.
     pub(crate) fn mark_closed(&self) {
         self.closed.store(true, Ordering::Release);
@@ -240,6 +274,7 @@ impl PartitionLog {
     /// As [`read`](Self::read), returning no batch whose base offset is `max_offset` or above
     /// (a replica passes its high watermark here).
     pub fn read_up_to(&self, from: u64, max_bytes: usize, max_offset: u64) -> Result<Bytes> {
+        self.check_readable()?;
         let end = self.log_end_offset();
         if from < self.log_start_offset() || from > end {
             return Err(self.out_of_range(from));
@@ -274,6 +309,7 @@ impl PartitionLog {
     /// The offset of the first record whose timestamp is at or after `timestamp`, or `None`
     /// when every record is older. Control batches are skipped.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        self.check_readable()?;
         for segment in self.segments_snapshot() {
             if segment.max_timestamp() < timestamp {
                 continue;

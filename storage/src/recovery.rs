@@ -26,8 +26,66 @@ use crate::config::LogConfig;
 use crate::error::{LogError, Result};
 use crate::file_names::{self, CLEAN_SHUTDOWN};
 use crate::log::PartitionLog;
+use crate::scrub::{self, CorruptBatch};
 use crate::segment::Segment;
 use crate::sync::{read_recovery_point, sync_dir, write_recovery_point};
+
+/// Honours a corruption marker left by the scrub: cuts the log at the corrupt batch, dropping
+/// it and everything after it, and removes the marker once the cut is durable. Returns the
+/// segment base offsets left. Idempotent, so a crash part-way cuts again on the next open.
+fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> Result<Vec<u64>> {
+    let base = corrupt.segment_base_offset;
+    let mut bases = bases;
+    if bases.binary_search(&base).is_ok() {
+        // Recovery must rescan and reindex the cut segment: lower the recovery point to it and
+        // drop the clean-shutdown marker before touching anything.
+        if read_recovery_point(dir).is_none_or(|rp| rp > base) {
+            write_recovery_point(dir, base)?;
+        }
+        let clean = dir.join(CLEAN_SHUTDOWN);
+        if clean.exists() {
+            fs::remove_file(&clean).map_err(LogError::io("remove clean-shutdown marker", &clean))?;
+            sync_dir(dir)?;
+        }
+        let mut dropped_bytes = 0u64;
+        let later: Vec<u64> = bases.iter().copied().filter(|&b| b > base).collect();
+        for &b in later.iter().rev() {
+            let path = file_names::segment_file(dir, b, file_names::LOG_SUFFIX);
+            dropped_bytes += fs::metadata(&path).map_or(0, |m| m.len());
+            delete_segment_files(dir, b)?;
+        }
+        let path = file_names::segment_file(dir, base, file_names::LOG_SUFFIX);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(LogError::io("open segment", &path))?;
+        let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
+        if len > corrupt.position {
+            dropped_bytes += len - corrupt.position;
+            file.set_len(corrupt.position)
+                .map_err(LogError::io("truncate segment", &path))?;
+            crate::crash_sim::truncated(&path, corrupt.position);
+        }
+        file.sync_all().map_err(LogError::io("fsync segment", &path))?;
+        crate::crash_sim::file_synced(&path, &file);
+        sync_dir(dir)?;
+        tracing::warn!(
+            dir = %dir.display(),
+            offset = corrupt.offset,
+            segment = base,
+            position = corrupt.position,
+            dropped_bytes,
+            dropped_segments = later.len(),
+            detail = %corrupt.detail,
+            "cut the log at a corrupt batch found by the scrub; the replica catches up from its leader"
+        );
+        bases.retain(|&b| b <= base);
+    } else {
+        tracing::warn!(dir = %dir.display(), offset = corrupt.offset, "the segment named by the corruption marker is gone; nothing to cut");
+    }
+    scrub::remove_marker(dir)?;
+    Ok(bases)
+}
 
 /// Bytes read per `pread` while validating a segment.
 const RECOVERY_CHUNK: usize = 4 << 20;
@@ -49,7 +107,10 @@ impl PartitionLog {
                 sync_dir(parent)?;
             }
         }
-        let bases = clean_directory(&dir)?;
+        let mut bases = clean_directory(&dir)?;
+        if let Some(corrupt) = scrub::read_marker(&dir)? {
+            bases = cut_at_corrupt_batch(&dir, bases, &corrupt)?;
+        }
         let marker = dir.join(CLEAN_SHUTDOWN);
         let clean = marker.exists();
         if clean {

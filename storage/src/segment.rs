@@ -34,6 +34,8 @@ use crate::index::{OffsetEntry, OffsetIndex, TimeEntry, TimeIndex};
 const SCAN_CHUNK: usize = 64 * 1024;
 /// First read of a header walk: enough for a few headers.
 const FIRST_SCAN_READ: usize = 1024;
+/// `ENOSPC` on Linux: the error a simulated full disk reports (crash-sim tests only).
+const ENOSPC: i32 = 28;
 
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -184,6 +186,13 @@ impl Segment {
     ) -> Result<()> {
         let position = self.size.load(Ordering::Relaxed);
         let mut slices = [IoSlice::new(prefix), IoSlice::new(&batch[CRC_AT..])];
+        if crate::crash_sim::take_write_failure(&self.log_path) {
+            // A simulated full disk: part of the batch reaches the file, then the write fails.
+            let _ = (&self.log).write_all(prefix);
+            return Err(LogError::io("write segment", &self.log_path)(
+                std::io::Error::from_raw_os_error(ENOSPC),
+            ));
+        }
         write_all_vectored(&self.log, &mut slices).map_err(LogError::io("write segment", &self.log_path))?;
         let max_timestamp = self.max_timestamp().max(header.max_timestamp);
         if position > 0 && position - cursor.last_indexed_position >= index_interval_bytes {
@@ -360,6 +369,7 @@ impl Segment {
         self.log
             .set_len(position)
             .map_err(LogError::io("truncate segment", &self.log_path))?;
+        crate::crash_sim::truncated(&self.log_path, position);
         let max_timestamp = match max_timestamp {
             Some(ms) => ms,
             None => self.recompute_max_timestamp(position)?,
@@ -381,9 +391,12 @@ impl Segment {
 
     /// fsyncs the `.log` file's data.
     pub(crate) fn sync_log(&self) -> Result<()> {
+        crate::crash_sim::before_segment_fsync(&self.log_path);
         self.log
             .sync_data()
-            .map_err(LogError::io("fsync segment", &self.log_path))
+            .map_err(LogError::io("fsync segment", &self.log_path))?;
+        crate::crash_sim::file_synced(&self.log_path, &self.log);
+        Ok(())
     }
 
     /// Flushes both mapped indexes to disk.

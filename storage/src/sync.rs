@@ -259,9 +259,10 @@ impl PartitionLog {
         self.mark_closed();
         self.active().seal()?;
         let marker = self.dir.join(CLEAN_SHUTDOWN);
-        File::create(&marker)
-            .and_then(|f| f.sync_all())
+        let file = File::create(&marker)
+            .and_then(|f| f.sync_all().map(|()| f))
             .map_err(LogError::io("write clean-shutdown marker", &marker))?;
+        crate::crash_sim::file_synced(&marker, &file);
         sync_dir(&self.dir)
     }
 }
@@ -270,7 +271,9 @@ impl PartitionLog {
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(LogError::io("fsync directory", dir))
+        .map_err(LogError::io("fsync directory", dir))?;
+    crate::crash_sim::dir_synced(dir);
+    Ok(())
 }
 
 /// Replaces `dir/name` with `content` so that a crash leaves either the old file or the new
@@ -282,7 +285,9 @@ pub fn replace_file_durably(dir: &Path, name: &str, content: &[u8]) -> Result<()
     file.write_all(content)
         .and_then(|()| file.sync_all())
         .map_err(LogError::io("write", &tmp))?;
+    crate::crash_sim::file_synced(&tmp, &file);
     fs::rename(&tmp, &path).map_err(LogError::io("rename", &path))?;
+    crate::crash_sim::renamed(&tmp, &path);
     sync_dir(dir)
 }
 

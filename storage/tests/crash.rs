@@ -152,11 +152,55 @@ fn an_unclean_open_truncates_a_half_written_batch_and_logs_it() {
     let mut bytes = fs::read(&seg).expect("read");
     bytes.extend_from_slice(&make_batch(9, 5, 50, Compression::None)[..100]);
     fs::write(&seg, bytes).expect("write");
-    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    let logged = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logged.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let log = tracing::subscriber::with_default(subscriber, || PartitionLog::open(dir.path(), config)).expect("reopen");
     assert_eq!(log.log_end_offset(), 15);
     assert_eq!(
         fs::metadata(&seg).expect("stat").len(),
         full,
         "torn tail removed from disk"
     );
+    let logged = logged.text();
+    let truncation = logged
+        .lines()
+        .find(|l| l.contains("truncating torn or corrupt tail of segment"))
+        .unwrap_or_else(|| panic!("the truncation is logged; the log was:\n{logged}"));
+    assert!(truncation.contains("WARN"), "{truncation}");
+    assert!(truncation.contains("dropped_bytes=100"), "{truncation}");
+    assert!(truncation.contains(&format!("valid_bytes={full}")), "{truncation}");
+    assert!(truncation.contains("00000000000000000000.log"), "{truncation}");
+}
+
+/// Collects formatted tracing output in memory.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+
+    fn make_writer(&'a self) -> LogCapture {
+        self.clone()
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{batch, batch_bases, files_with, read_all, small_config};
 use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, stamp};
-use conveyor_storage::{BatchError, FlushPolicy, LogConfig, LogError, PartitionLog, unix_millis};
+use conveyor_storage::{BatchError, FlushPolicy, LogConfig, LogError, PartitionLog, crash_sim, unix_millis};
 
 #[test]
 fn appends_get_contiguous_offsets_and_read_back_in_order() {
@@ -346,24 +346,46 @@ fn reads_run_concurrently_with_appends_and_see_only_whole_batches() {
 
 #[test]
 fn group_commit_shares_fsyncs_between_concurrent_appenders() {
+    const APPENDERS: u64 = 16;
+    const RECORDS: u64 = 2;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = Arc::new(PartitionLog::open(dir.path(), small_config(FlushPolicy::Always)).expect("open"));
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for i in 0..100 {
-                    let info = log.append(&batch(t * 1000 + i, 2, 1)).expect("append");
-                    assert!(log.durable_offset() >= info.next_offset, "acknowledged means fsynced");
-                }
-            })
+    let fsyncs_before = crash_sim::segment_fsyncs(dir.path());
+    // The first appender's fsync is held, so the others line up behind it; no timing involved.
+    crash_sim::hold_fsyncs(dir.path());
+    let append = |t: u64| {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let info = log.append(&batch(t, RECORDS as u32, 1)).expect("append");
+            assert!(log.durable_offset() >= info.next_offset, "acknowledged means fsynced");
         })
-        .collect();
+    };
+    let mut threads = vec![append(0)];
+    wait_until("the first fsync to start", || crash_sim::fsyncs_waiting(dir.path()) == 1);
+    threads.extend((1..APPENDERS).map(append));
+    wait_until("every appender to write its batch", || {
+        log.log_end_offset() == APPENDERS * RECORDS
+    });
+    crash_sim::release_fsyncs(dir.path());
     for t in threads {
         t.join().expect("appender");
     }
-    assert_eq!(log.log_end_offset(), 800);
-    assert_eq!(log.durable_offset(), 800);
+    assert_eq!(log.durable_offset(), APPENDERS * RECORDS);
+    let fsyncs = crash_sim::segment_fsyncs(dir.path()) - fsyncs_before;
+    assert!(
+        fsyncs <= 2,
+        "{APPENDERS} concurrent appenders used {fsyncs} fsyncs; the ones waiting behind a running fsync should share one"
+    );
+}
+
+/// Polls `done` until it holds, failing the test after `POLL_DEADLINE`.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    const POLL_DEADLINE: Duration = Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < POLL_DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 #[test]

@@ -90,10 +90,12 @@ impl<E: Entry> MmapIndex<E> {
         self.capacity = 0;
         if let Some(m) = self.mmap.take() {
             m.flush().map_err(LogError::io("flush index", &self.path))?;
+            crate::crash_sim::file_synced(&self.path, &self.file);
         }
         self.file
             .set_len(bytes)
             .map_err(LogError::io("resize index", &self.path))?;
+        crate::crash_sim::truncated(&self.path, bytes);
         if bytes > 0 {
             // SAFETY: the file is private to this partition directory and only this process
             // resizes it, always after dropping the previous mapping.
@@ -183,6 +185,7 @@ impl<E: Entry> MmapIndex<E> {
     pub(crate) fn flush(&self) -> Result<()> {
         if let Some(m) = &self.mmap {
             m.flush().map_err(LogError::io("flush index", &self.path))?;
+            crate::crash_sim::file_synced(&self.path, &self.file);
         }
         Ok(())
     }

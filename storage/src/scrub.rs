@@ -1,0 +1,353 @@
+//! Scrubbing: verifying stored batches before they are served, and quarantining damage.
+//!
+//! [`PartitionLog::scrub_step`] verifies a bounded chunk of the *sealed* segments (never the
+//! active one) and returns where to resume, so that a caller can rate-limit a pass over a log
+//! and spread it over time. Each batch's frame is checked: its length fits the segment, its
+//! base offset continues the previous batch, and its CRC matches. The stamped leader epoch and
+//! Raft index sit outside the CRC and cannot be checked here (see [`crate::recovery`]).
+//!
+//! # Locks
+//! Reads go through the segment file with `pread` and hold no lock; the segment list is read
+//! under its lock only long enough to clone it. Only when damage is found is the writer lock
+//! taken, to check the finding against a log that cannot change underneath (a truncation can
+//! cut a sealed segment while it is read), so appends are never blocked on a healthy log.
+//!
+//! # Quarantine
+//! A corrupt batch is first recorded durably in the partition directory (the marker file
+//! [`CORRUPTION_MARKER`]: its offset, segment and byte position), then the log is poisoned:
+//! reads fail with [`LogError::Corrupt`] and appends with [`LogError::Poisoned`], so the bad
+//! bytes are never served. The next [`PartitionLog::open`] of the directory honours the marker:
+//! it cuts the log at the corrupt batch (everything from it on is dropped) and removes the
+//! marker only once that cut is durable, so a crash between marking and cutting cuts on the
+//! following open. The replica then catches up from its leader.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::batch::{BatchHeader, CRC_START, HEADER_LEN, MAGIC, validate::check_frame};
+use crate::error::{LogError, Result};
+use crate::log::PartitionLog;
+use crate::segment::Segment;
+use crate::sync::{replace_file_durably, sync_dir};
+
+/// Marker file naming the first corrupt batch found; present until open cuts the log there.
+pub const CORRUPTION_MARKER: &str = "corrupt-batch";
+
+/// Largest read the scrub makes at once for a batch that does not fit the caller's chunk;
+/// such a batch's CRC is computed over reads of this size.
+const LARGE_BATCH_READ: usize = 1 << 20;
+
+/// Where a scrub pass resumes: a byte position in a sealed segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScrubCursor {
+    segment_base_offset: u64,
+    position: u64,
+    /// The base offset the batch at `position` must have.
+    next_offset: u64,
+}
+
+impl ScrubCursor {
+    /// The start of a pass: the first sealed segment.
+    pub fn start() -> ScrubCursor {
+        ScrubCursor::default()
+    }
+
+    /// Base offset of the segment the scrub resumes in (or the first one after it).
+    pub fn segment_base_offset(&self) -> u64 {
+        self.segment_base_offset
+    }
+
+    /// The byte position within that segment.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+}
+
+/// A batch that failed verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptBatch {
+    /// The offset the batch should start at.
+    pub offset: u64,
+    pub segment_base_offset: u64,
+    /// Byte position of the batch in its segment's `.log` file.
+    pub position: u64,
+    /// What is wrong with it.
+    pub detail: String,
+}
+
+impl std::fmt::Display for CorruptBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "batch at offset {} (byte {} of segment {}) is corrupt: {}",
+            self.offset, self.position, self.segment_base_offset, self.detail
+        )
+    }
+}
+
+/// What one [`PartitionLog::scrub_step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScrubStep {
+    /// `bytes` bytes verified intact; call again with `next`.
+    Verified { bytes: u64, next: ScrubCursor },
+    /// Every sealed segment from the cursor on is verified: the pass is complete.
+    PassComplete,
+    /// A corrupt batch was found. It is recorded durably and the log is quarantined.
+    Corrupt(CorruptBatch),
+}
+
+impl PartitionLog {
+    /// Verifies about `max_bytes` (at least one batch) of the sealed segments from `cursor`.
+    /// On damage the log is quarantined (see the module docs) before this returns. Fails on a
+    /// log that is poisoned or closed.
+    pub fn scrub_step(&self, cursor: ScrubCursor, max_bytes: u64) -> Result<ScrubStep> {
+        self.check_readable()?;
+        self.check_poisoned()?;
+        let segment = {
+            let segments = self.read_segments();
+            let sealed = &segments[..segments.len() - 1];
+            match sealed.iter().find(|s| s.base_offset() >= cursor.segment_base_offset) {
+                Some(s) => Arc::clone(s),
+                None => return Ok(ScrubStep::PassComplete),
+            }
+        };
+        let base = segment.base_offset();
+        let (start, expected) = if base == cursor.segment_base_offset {
+            (cursor.position, cursor.next_offset.max(base))
+        } else {
+            (0, base)
+        };
+        let end = segment.size();
+        match verify_range(&segment, start, expected, end, max_bytes.max(HEADER_LEN as u64)) {
+            Ok(Progress { position, next_offset }) if position >= end => Ok(ScrubStep::Verified {
+                bytes: position - start,
+                next: ScrubCursor {
+                    segment_base_offset: next_offset.max(base + 1),
+                    position: 0,
+                    next_offset,
+                },
+            }),
+            Ok(Progress { position, next_offset }) => Ok(ScrubStep::Verified {
+                bytes: position - start,
+                next: ScrubCursor {
+                    segment_base_offset: base,
+                    position,
+                    next_offset,
+                },
+            }),
+            Err(found) => self.confirm_and_quarantine(&segment, found, cursor),
+        }
+    }
+
+    /// Re-checks a finding under the writer lock, so that a segment cut by a concurrent
+    /// truncation is not mistaken for damage, then quarantines the log.
+    fn confirm_and_quarantine(&self, segment: &Arc<Segment>, found: Found, cursor: ScrubCursor) -> Result<ScrubStep> {
+        let _writer = self.lock_writer();
+        let still_sealed = {
+            let segments = self.read_segments();
+            segments[..segments.len() - 1].iter().any(|s| Arc::ptr_eq(s, segment))
+        };
+        let end = segment.size();
+        if !still_sealed || found.position >= end {
+            // The segment changed under the scrub: start it again.
+            return Ok(ScrubStep::Verified {
+                bytes: 0,
+                next: ScrubCursor {
+                    segment_base_offset: cursor.segment_base_offset,
+                    ..ScrubCursor::default()
+                },
+            });
+        }
+        let detail = match verify_range(segment, found.position, found.offset, end, HEADER_LEN as u64) {
+            Err(again) if again.position == found.position => again.detail,
+            // Fine on a second look: not damage at rest.
+            _ => {
+                return Ok(ScrubStep::Verified {
+                    bytes: 0,
+                    next: cursor,
+                });
+            }
+        };
+        let corrupt = CorruptBatch {
+            offset: found.offset,
+            segment_base_offset: segment.base_offset(),
+            position: found.position,
+            detail,
+        };
+        self.quarantine(&corrupt)?;
+        Ok(ScrubStep::Corrupt(corrupt))
+    }
+
+    /// Records `corrupt` durably in the partition directory and poisons the log, so that
+    /// nothing more is served or appended until it is reopened (and cut there).
+    pub fn quarantine(&self, corrupt: &CorruptBatch) -> Result<()> {
+        tracing::error!(
+            dir = %self.dir().display(),
+            offset = corrupt.offset,
+            segment = corrupt.segment_base_offset,
+            position = corrupt.position,
+            detail = %corrupt.detail,
+            "corrupt batch found; the log is quarantined and will be cut there when reopened"
+        );
+        self.set_quarantined(corrupt.clone());
+        write_marker(self.dir(), corrupt)
+    }
+}
+
+struct Progress {
+    position: u64,
+    next_offset: u64,
+}
+
+struct Found {
+    position: u64,
+    offset: u64,
+    detail: String,
+}
+
+/// Verifies batches from `position` (which must start at `expected`) towards `end`, reading
+/// about `budget` bytes. Stops at a batch boundary.
+fn verify_range(
+    segment: &Segment,
+    mut position: u64,
+    mut expected: u64,
+    end: u64,
+    budget: u64,
+) -> std::result::Result<Progress, Found> {
+    let start = position;
+    let found = |position: u64, offset: u64, detail: String| Found {
+        position,
+        offset,
+        detail,
+    };
+    while position < end && (position == start || position - start < budget) {
+        if end - position < HEADER_LEN as u64 {
+            return Err(found(position, expected, "a partial batch header ends the segment".into()));
+        }
+        let want = (end - position).min(budget.max(HEADER_LEN as u64)) as usize;
+        let chunk = segment
+            .read_exact_at(position, want)
+            .map_err(|e| found(position, expected, format!("unreadable: {e}")))?;
+        let mut at = 0usize;
+        while at + HEADER_LEN <= chunk.len() {
+            let here = position + at as u64;
+            let header = BatchHeader::parse(&chunk[at..]).map_err(|e| found(here, expected, e.to_string()))?;
+            let size = header.size() as u64;
+            if size < HEADER_LEN as u64 || here + size > end {
+                return Err(found(
+                    here,
+                    expected,
+                    format!("batch length {size} runs past the segment end (byte {end})"),
+                ));
+            }
+            if header.base_offset != expected {
+                return Err(found(
+                    here,
+                    expected,
+                    format!("base offset {} does not continue the log", header.base_offset),
+                ));
+            }
+            if at as u64 + size <= chunk.len() as u64 {
+                check_frame(&chunk[at..at + size as usize], usize::MAX)
+                    .map_err(|e| found(here, expected, e.to_string()))?;
+            } else if at == 0 {
+                verify_large(segment, here, &header).map_err(|d| found(here, expected, d))?;
+            } else {
+                break;
+            }
+            at += size as usize;
+            expected = header.next_offset();
+            if at as u64 >= budget {
+                break;
+            }
+        }
+        if at == 0 {
+            break;
+        }
+        position += at as u64;
+    }
+    Ok(Progress {
+        position,
+        next_offset: expected,
+    })
+}
+
+/// Checks a batch too large for one read: its version and its CRC, computed over bounded reads.
+fn verify_large(segment: &Segment, position: u64, header: &BatchHeader) -> std::result::Result<(), String> {
+    if header.magic != MAGIC {
+        return Err(format!("batch format version {} is not supported", header.magic));
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let end = position + header.size() as u64;
+    let mut at = position + CRC_START as u64;
+    while at < end {
+        let len = (end - at).min(LARGE_BATCH_READ as u64) as usize;
+        let buf = segment.read_exact_at(at, len).map_err(|e| format!("unreadable: {e}"))?;
+        hasher.update(&buf);
+        at += len as u64;
+    }
+    let actual = hasher.finalize();
+    if actual != header.crc {
+        return Err(format!(
+            "batch CRC mismatch: header says {:#010x}, content hashes to {actual:#010x}",
+            header.crc
+        ));
+    }
+    Ok(())
+}
+
+/// `[offset u64][segment base u64][position u64][crc32 of the 24 bytes + detail][detail]`.
+fn write_marker(dir: &Path, corrupt: &CorruptBatch) -> Result<()> {
+    let mut content = Vec::with_capacity(28 + corrupt.detail.len());
+    content.extend_from_slice(&corrupt.offset.to_le_bytes());
+    content.extend_from_slice(&corrupt.segment_base_offset.to_le_bytes());
+    content.extend_from_slice(&corrupt.position.to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&content);
+    hasher.update(corrupt.detail.as_bytes());
+    content.extend_from_slice(&hasher.finalize().to_le_bytes());
+    content.extend_from_slice(corrupt.detail.as_bytes());
+    replace_file_durably(dir, CORRUPTION_MARKER, &content)
+}
+
+/// The recorded corrupt batch, if a marker is present. A damaged marker cannot be trusted to
+/// name the right place; it reads as `Err` so that the caller decides.
+pub(crate) fn read_marker(dir: &Path) -> Result<Option<CorruptBatch>> {
+    let path = dir.join(CORRUPTION_MARKER);
+    let content = match fs::read(&path) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io("read corruption marker", &path)(e)),
+    };
+    let damaged = || LogError::Corrupt {
+        path: path.clone(),
+        detail: "the corruption marker is damaged".into(),
+    };
+    if content.len() < 28 {
+        return Err(damaged());
+    }
+    let u64_at = |at: usize| content[at..at + 8].try_into().map(u64::from_le_bytes).map_err(|_| damaged());
+    let crc = content[24..28].try_into().map(u32::from_le_bytes).map_err(|_| damaged())?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&content[..24]);
+    hasher.update(&content[28..]);
+    if hasher.finalize() != crc {
+        return Err(damaged());
+    }
+    Ok(Some(CorruptBatch {
+        offset: u64_at(0)?,
+        segment_base_offset: u64_at(8)?,
+        position: u64_at(16)?,
+        detail: String::from_utf8_lossy(&content[28..]).into_owned(),
+    }))
+}
+
+/// Removes the marker durably; the caller has made the cut it names durable.
+pub(crate) fn remove_marker(dir: &Path) -> Result<()> {
+    let path = dir.join(CORRUPTION_MARKER);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LogError::io("remove corruption marker", &path)(e)),
+        _ => sync_dir(dir),
+    }
+}
