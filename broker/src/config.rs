@@ -126,6 +126,8 @@ pub struct LogSection {
     /// How often retention runs.
     pub retention_check_interval: Millis,
     pub default_partitions: u32,
+    /// Read rate of the background scrub of sealed segments, per second; 0 disables it.
+    pub scrub_bytes_per_second: ByteSize,
 }
 
 impl Default for LogSection {
@@ -141,6 +143,7 @@ impl Default for LogSection {
             index_interval_bytes: ByteSize(4096),
             retention_check_interval: Millis(Duration::from_secs(60)),
             default_partitions: 1,
+            scrub_bytes_per_second: ByteSize(16 << 20),
         }
     }
 }
@@ -242,6 +245,7 @@ mod tests {
         assert_eq!(parsed.broker.data_dir, defaults.broker.data_dir);
         assert_eq!(parsed.log.segment_bytes, defaults.log.segment_bytes);
         assert_eq!(parsed.log.flush, defaults.log.flush);
+        assert_eq!(parsed.log.scrub_bytes_per_second, defaults.log.scrub_bytes_per_second);
     }
 
     #[test]

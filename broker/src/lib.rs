@@ -12,6 +12,7 @@
 //! - [`replica`]: the Raft log over the segmented log, and Ready processing.
 //! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
 //! - [`metrics`]: Prometheus text metrics.
+//! - [`scrub`]: the background scrub of sealed segments.
 //! - [`error`]: `BrokerError` and its mapping to gRPC status codes.
 //!
 //! # Invariants
@@ -25,6 +26,7 @@ pub mod membership;
 pub mod metrics;
 pub mod partition;
 pub mod replica;
+pub mod scrub;
 pub mod server;
 pub mod topic_config;
 pub mod topics;

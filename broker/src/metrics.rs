@@ -81,6 +81,10 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Raft messages dropped because a peer's send queue was full.
     pub raft_messages_dropped: Counter,
+    /// Bytes of sealed segments the background scrub verified.
+    pub scrub_bytes: Counter,
+    /// Corrupt batches the background scrub found.
+    pub corrupt_batches: Counter,
 }
 
 impl Metrics {
@@ -128,6 +132,16 @@ impl Metrics {
                 "conveyor_raft_messages_dropped_inbound_total",
                 "Raft messages from peers dropped because their group was busy or not open here",
                 &registry.transport().dropped_inbound,
+            ),
+            (
+                "conveyor_scrub_bytes_total",
+                "Bytes of sealed segments verified by the background scrub",
+                &self.scrub_bytes,
+            ),
+            (
+                "conveyor_corrupt_batches_total",
+                "Corrupt batches found at rest by the background scrub",
+                &self.corrupt_batches,
             ),
         ];
         for (name, help, c) in counters {

@@ -97,6 +97,12 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         stopped(stop_rx.clone()),
     ));
     let applier = tokio::spawn(Arc::clone(&registry).run_applier(stopped(stop_rx.clone())));
+    let scrub = tokio::spawn(crate::scrub::run(
+        Arc::clone(&registry),
+        Arc::clone(&metrics),
+        config.log.scrub_bytes_per_second.0,
+        stopped(stop_rx.clone()),
+    ));
     let maintenance = tokio::spawn(maintain(
         Arc::clone(&registry),
         config.log.retention_check_interval.0,
@@ -155,6 +161,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     }
     let _ = applier.await;
     let _ = maintenance.await;
+    let _ = scrub.await;
     let _ = metrics_task.await;
     close_all(&registry).await?;
     tracing::info!("stopped cleanly");
