@@ -16,7 +16,8 @@
 //! Under [`FlushPolicy::Always`] an append returns only after an fsync covers it. On open
 //! after a crash, segments at or above the recovery point are scanned batch by batch and a
 //! torn or corrupt tail is truncated (see [`crate::recovery`]). After a failed write or fsync
-//! the log is poisoned and refuses appends until reopened.
+//! the log is poisoned and refuses appends and reads until reopened. A log in which the scrub
+//! found a corrupt batch is quarantined the same way (see [`crate::scrub`]).
 //!
 //! # Thread-safety
 //! `PartitionLog` is `Sync`: appends are serialised by an internal mutex (validation runs

@@ -2,7 +2,9 @@
 //!
 //! # What open does
 //! 1. Removes leftovers of interrupted operations (`*.deleted`, `*.tmp`, index files without a
-//!    `.log`).
+//!    `.log`). If the scrub left a corruption marker, cuts the log at the corrupt batch it
+//!    names (later segments deleted, the recovery point lowered so the cut segment is rescanned
+//!    below) and removes the marker once the cut is durable.
 //! 2. After a clean close (marker present) trusts every segment, checking only that the
 //!    indexes are consistent with the `.log` files (rebuilding any that are not).
 //! 3. After a crash, trusts segments that lie wholly below the recovery point and scans the
