@@ -48,7 +48,12 @@ pub enum Outcome {
 
 /// Scrubs every local partition at `bytes_per_second` until `stop` resolves. Returns at once
 /// when the rate is 0.
-pub async fn run(registry: Arc<Registry>, metrics: Arc<Metrics>, bytes_per_second: u64, stop: impl Future<Output = ()>) {
+pub async fn run(
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    bytes_per_second: u64,
+    stop: impl Future<Output = ()>,
+) {
     if bytes_per_second == 0 {
         tracing::info!("background scrub disabled ([log] scrub_bytes_per_second = 0)");
         return;
@@ -172,8 +177,11 @@ mod tests {
         let at = log.locate(2).expect("locate").expect("in the first segment");
         assert_eq!(at.segment_base_offset, 0);
         let file = std::fs::OpenOptions::new().write(true).open(&first).expect("open");
-        file.write_all_at(b"\xff\xff", at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4)
-            .expect("flip");
+        file.write_all_at(
+            b"\xff\xff",
+            at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+        )
+        .expect("flip");
         let outcome = scrub_log(Arc::clone(&log), "t", 0, &metrics, RATE, never.as_mut()).await;
         assert_eq!(outcome, Outcome::Corrupt(2));
         assert_eq!(metrics.corrupt_batches.get(), 1);

@@ -57,7 +57,6 @@ mod imp {
     use std::path::{Path, PathBuf};
     use std::sync::{Condvar, Mutex, MutexGuard};
 
-
     #[derive(Default)]
     struct State {
         /// Durable length of each file, as of its last fsync.
@@ -108,7 +107,9 @@ mod imp {
             return;
         }
         while held.as_ref().is_some_and(|h| h.contains_key(&dir)) {
-            held = GATE_CHANGED.wait(held).unwrap_or_else(std::sync::PoisonError::into_inner);
+            held = GATE_CHANGED
+                .wait(held)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
@@ -215,7 +216,9 @@ mod imp {
             }
             cut.removed.sort();
             cut.truncated.sort();
-            let survivors = fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+            let survivors = fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
             s.durable_names.insert(dir.to_path_buf(), survivors);
             Ok(cut)
         })

@@ -163,10 +163,7 @@ impl PartitionLog {
             Err(again) if again.position == found.position => again.detail,
             // Fine on a second look: not damage at rest.
             _ => {
-                return Ok(ScrubStep::Verified {
-                    bytes: 0,
-                    next: cursor,
-                });
+                return Ok(ScrubStep::Verified { bytes: 0, next: cursor });
             }
         };
         let corrupt = CorruptBatch {
@@ -223,7 +220,11 @@ fn verify_range(
     };
     while position < end && (position == start || position - start < budget) {
         if end - position < HEADER_LEN as u64 {
-            return Err(found(position, expected, "a partial batch header ends the segment".into()));
+            return Err(found(
+                position,
+                expected,
+                "a partial batch header ends the segment".into(),
+            ));
         }
         let want = (end - position).min(budget.max(HEADER_LEN as u64)) as usize;
         let chunk = segment
@@ -327,8 +328,16 @@ pub(crate) fn read_marker(dir: &Path) -> Result<Option<CorruptBatch>> {
     if content.len() < 28 {
         return Err(damaged());
     }
-    let u64_at = |at: usize| content[at..at + 8].try_into().map(u64::from_le_bytes).map_err(|_| damaged());
-    let crc = content[24..28].try_into().map(u32::from_le_bytes).map_err(|_| damaged())?;
+    let u64_at = |at: usize| {
+        content[at..at + 8]
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| damaged())
+    };
+    let crc = content[24..28]
+        .try_into()
+        .map(u32::from_le_bytes)
+        .map_err(|_| damaged())?;
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&content[..24]);
     hasher.update(&content[28..]);

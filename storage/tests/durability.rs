@@ -96,7 +96,11 @@ fn after_a_power_cut_under_flush_os_the_log_is_a_prefix_without_what_was_never_f
     // Guaranteed: what survives is whole batches, byte-identical, from the start without a
     // gap; the last write was never fsynced, so it is gone.
     assert!(kept.len() < appended.len(), "unsynced batches survived the power cut");
-    assert_eq!(kept[..], appended[..kept.len()], "the survivors are a prefix of what was appended");
+    assert_eq!(
+        kept[..],
+        appended[..kept.len()],
+        "the survivors are a prefix of what was appended"
+    );
     let info = log.append(&batch(7, 1, 1)).expect("append after recovery");
     assert_eq!(info.base_offset, appended.get(kept.len()).map_or(0, |(base, _)| *base));
 }
@@ -114,17 +118,25 @@ fn a_log_poisoned_by_a_failed_write_reopens_consistent_and_takes_appends_again()
     }
     let end = log.log_end_offset();
     fail_next_write(dir.path());
-    let err = log.append(&batch(100, 3, 1)).expect_err("the write fails like a full disk");
+    let err = log
+        .append(&batch(100, 3, 1))
+        .expect_err("the write fails like a full disk");
     assert!(matches!(err, LogError::Io { .. }), "{err}");
     assert!(log.is_poisoned());
-    let again = log.append(&batch(101, 3, 1)).expect_err("a poisoned log refuses appends");
+    let again = log
+        .append(&batch(101, 3, 1))
+        .expect_err("a poisoned log refuses appends");
     assert!(matches!(again, LogError::Poisoned { .. }), "{again}");
     let read = log.read(0, 1 << 20).expect_err("a poisoned log refuses reads");
     assert!(matches!(read, LogError::Poisoned { .. }), "{read}");
     drop(log);
 
     let log = PartitionLog::open(dir.path(), config).expect("reopen through recovery");
-    assert_eq!(log.log_end_offset(), end, "the partial write is cut, nothing acknowledged is lost");
+    assert_eq!(
+        log.log_end_offset(),
+        end,
+        "the partial write is cut, nothing acknowledged is lost"
+    );
     let stored = stored(&log);
     assert_eq!(stored.len(), acked.len());
     for (base, body) in &acked {

@@ -361,7 +361,9 @@ fn group_commit_shares_fsyncs_between_concurrent_appenders() {
         })
     };
     let mut threads = vec![append(0)];
-    wait_until("the first fsync to start", || crash_sim::fsyncs_waiting(dir.path()) == 1);
+    wait_until("the first fsync to start", || {
+        crash_sim::fsyncs_waiting(dir.path()) == 1
+    });
     threads.extend((1..APPENDERS).map(append));
     wait_until("every appender to write its batch", || {
         log.log_end_offset() == APPENDERS * RECORDS

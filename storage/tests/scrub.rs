@@ -68,7 +68,10 @@ fn a_scrub_of_an_intact_log_verifies_every_sealed_byte_and_not_the_active_segmen
         .sum();
     let (verified, corrupt) = scrub_pass(&log);
     assert_eq!(corrupt, None);
-    assert_eq!(verified, sealed, "every sealed byte verified once, the active segment never");
+    assert_eq!(
+        verified, sealed,
+        "every sealed byte verified once, the active segment never"
+    );
     assert!(!log.is_poisoned());
     log.append(&batch(9999, 1, 1)).expect("appends go on");
 }
@@ -121,7 +124,9 @@ fn corrupt_a_sealed_batch(damage: Damage) -> (tempfile::TempDir, Vec<(u64, Bytes
     let read = log.read(0, 1 << 20).expect_err("a quarantined log serves nothing");
     assert!(matches!(read, LogError::Corrupt { .. }), "{read}");
     assert!(read.to_string().contains(&format!("offset {target}")), "{read}");
-    let append = log.append(&batch(9999, 1, 1)).expect_err("a quarantined log takes no appends");
+    let append = log
+        .append(&batch(9999, 1, 1))
+        .expect_err("a quarantined log takes no appends");
     assert!(matches!(append, LogError::Poisoned { .. }), "{append}");
     (dir, appended, found)
 }
@@ -129,12 +134,19 @@ fn corrupt_a_sealed_batch(damage: Damage) -> (tempfile::TempDir, Vec<(u64, Bytes
 fn assert_reopen_cuts_at(dir: &Path, appended: &[(u64, Bytes)], found: &CorruptBatch) {
     let log = PartitionLog::open(dir, small_config(FlushPolicy::Always)).expect("reopen");
     assert_eq!(log.log_end_offset(), found.offset, "cut at the corrupt batch");
-    assert!(!dir.join(CORRUPTION_MARKER).exists(), "the marker goes once the cut is durable");
+    assert!(
+        !dir.join(CORRUPTION_MARKER).exists(),
+        "the marker goes once the cut is durable"
+    );
     let kept: Vec<(u64, Bytes)> = batches(&log)
         .into_iter()
         .map(|b| (b.header().base_offset, b.bytes().slice(STAMPED_LEN..)))
         .collect();
-    let expected: Vec<_> = appended.iter().take_while(|(b, _)| *b < found.offset).cloned().collect();
+    let expected: Vec<_> = appended
+        .iter()
+        .take_while(|(b, _)| *b < found.offset)
+        .cloned()
+        .collect();
     assert_eq!(kept, expected, "everything before the corrupt batch is intact");
     let info = log.append(&batch(4242, 2, 1)).expect("appends go on at the cut");
     assert_eq!(info.base_offset, found.offset);

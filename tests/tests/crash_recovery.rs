@@ -125,7 +125,10 @@ fn given_a_broker_when_sigkilled_during_produce_should_keep_every_acknowledged_r
     assert!(report.duplicated.is_empty(), "no retries, so no duplicates: {report}");
     assert_nothing_unacknowledged_is_half_visible(&acked, &observed, sent.load(Ordering::SeqCst));
     let again = runtime.block_on(read_all(broker.addr(), "durable"));
-    assert_eq!(again, observed, "a second read returns exactly the records the first one did");
+    assert_eq!(
+        again, observed,
+        "a second read returns exactly the records the first one did"
+    );
 }
 
 /// The sequence number of a record id `p0-N`, panicking on anything the producer never sent.
@@ -146,7 +149,11 @@ fn assert_nothing_unacknowledged_is_half_visible(acked: &[Acked], observed: &[Ob
     for a in acked {
         partition_of_key.insert(sequence(&a.id, sent) % KEYS, a.partition);
     }
-    assert_eq!(partition_of_key.len() as u64, KEYS, "every key was acknowledged at least once");
+    assert_eq!(
+        partition_of_key.len() as u64,
+        KEYS,
+        "every key was acknowledged at least once"
+    );
     for p in 0..PARTITIONS {
         let seen: Vec<u64> = observed
             .iter()
@@ -154,7 +161,11 @@ fn assert_nothing_unacknowledged_is_half_visible(acked: &[Acked], observed: &[Ob
             .map(|o| sequence(&o.id, sent))
             .collect();
         for n in &seen {
-            assert_eq!(partition_of_key[&(n % KEYS)], p, "record p0-{n} read back from the wrong partition");
+            assert_eq!(
+                partition_of_key[&(n % KEYS)],
+                p,
+                "record p0-{n} read back from the wrong partition"
+            );
         }
         let sent_here: Vec<u64> = (0..sent).filter(|n| partition_of_key[&(n % KEYS)] == p).collect();
         let kept = seen.len().min(sent_here.len());
@@ -164,7 +175,10 @@ fn assert_nothing_unacknowledged_is_half_visible(acked: &[Acked], observed: &[Ob
                 seen[i], sent_here[i]
             );
         }
-        assert!(seen.len() <= sent_here.len(), "partition {p}: more records than were sent");
+        assert!(
+            seen.len() <= sent_here.len(),
+            "partition {p}: more records than were sent"
+        );
     }
 }
 
