@@ -85,7 +85,10 @@ fn given_flipped_bytes_in_a_sealed_segment_when_the_broker_runs_should_find_them
         .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("the log names the corrupt batch's offset: {report}"));
-    assert!(offset <= 3, "the batch holding record 3 starts at or before it: {report}");
+    assert!(
+        offset <= 3,
+        "the batch holding record 3 starts at or before it: {report}"
+    );
 
     // Whatever a reader gets now (records, or errors while the replica is repaired), it is
     // never the altered value or anything that was not produced.
