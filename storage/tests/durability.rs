@@ -147,3 +147,68 @@ fn a_log_poisoned_by_a_failed_write_reopens_consistent_and_takes_appends_again()
     assert_eq!(info.base_offset, end);
     assert_eq!(self::stored(&log).get(&end), Some(&b.slice(STAMPED_LEN..)));
 }
+
+#[test]
+fn after_a_power_cut_a_truncated_log_under_flush_always_is_exactly_what_was_kept_and_appended_since() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_config(FlushPolicy::Always);
+    let expected = {
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        let mut kept = Vec::new();
+        for i in 0..200 {
+            let b = batch(i, 3, 1_700_000_000_000);
+            let info = log.append(&b).expect("append");
+            kept.push((info.base_offset, b.slice(STAMPED_LEN..)));
+        }
+        assert!(log.segment_count() > 3);
+        // A Raft conflict: the suffix from batch 70 on is replaced.
+        let cut_at = kept[70].0;
+        log.truncate_to(cut_at).expect("truncate");
+        kept.truncate(70);
+        for i in 0..50 {
+            let b = batch(1000 + i, 2, 1_700_000_000_000);
+            let info = log.append(&b).expect("append after truncation");
+            kept.push((info.base_offset, b.slice(STAMPED_LEN..)));
+        }
+        kept
+    };
+    let cut = power_cut(dir.path()).expect("power cut");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen after the power cut");
+    let stored: Vec<(u64, Bytes)> = batches(&log)
+        .into_iter()
+        .map(|b| (b.header().base_offset, b.bytes().slice(STAMPED_LEN..)))
+        .collect();
+    assert_eq!(
+        stored, expected,
+        "the log holds what truncation kept and what was acknowledged since, nothing cut comes back ({cut:?})"
+    );
+}
+
+#[test]
+fn after_a_power_cut_a_log_reset_to_a_snapshot_offset_keeps_its_new_start_and_acknowledged_appends() {
+    const SNAPSHOT_OFFSET: u64 = 5000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_config(FlushPolicy::Always);
+    let expected = {
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        for i in 0..100 {
+            log.append(&batch(i, 3, 1_700_000_000_000)).expect("append");
+        }
+        log.truncate_fully_and_start_at(SNAPSHOT_OFFSET).expect("reset");
+        (0..30)
+            .map(|i| {
+                let b = batch(2000 + i, 2, 1_700_000_000_000);
+                let info = log.append(&b).expect("append after reset");
+                (info.base_offset, b.slice(STAMPED_LEN..))
+            })
+            .collect::<Vec<_>>()
+    };
+    power_cut(dir.path()).expect("power cut");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen after the power cut");
+    assert_eq!(log.log_start_offset(), SNAPSHOT_OFFSET);
+    let stored: Vec<(u64, Bytes)> = batches(&log)
+        .into_iter()
+        .map(|b| (b.header().base_offset, b.bytes().slice(STAMPED_LEN..)))
+        .collect();
+    assert_eq!(stored, expected);
+}
