@@ -323,7 +323,9 @@ pub(crate) fn read_marker(dir: &Path) -> Result<Option<CorruptBatch>> {
     };
     let damaged = || LogError::Corrupt {
         path: path.clone(),
-        detail: "the corruption marker is damaged".into(),
+        detail: "the corruption marker is damaged, so where to cut the log is unknown; remove the file to \
+                 open the log as it is (the scrub will find the damage again)"
+            .into(),
     };
     if content.len() < 28 {
         return Err(damaged());
