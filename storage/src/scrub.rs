@@ -362,3 +362,96 @@ pub(crate) fn remove_marker(dir: &Path) -> Result<()> {
         _ => sync_dir(dir),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, Compression, Record};
+    use crate::config::{FlushPolicy, LogConfig};
+
+    fn log_with_sealed_segments(dir: &Path) -> PartitionLog {
+        let config = LogConfig {
+            segment_bytes: 4096,
+            max_batch_bytes: 2048,
+            index_interval_bytes: 512,
+            max_index_bytes: 4096,
+            flush: FlushPolicy::Os,
+            ..LogConfig::default()
+        };
+        let log = PartitionLog::open(dir, config).expect("open");
+        let mut i = 0u32;
+        while log.segment_count() < 3 {
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(&Record {
+                timestamp: 1,
+                key: None,
+                value: Some(bytes::Bytes::from(format!("value-{i}-{}", "v".repeat(200)))),
+                headers: vec![],
+            });
+            log.append(&b.build().expect("batch")).expect("append");
+            i += 1;
+        }
+        log
+    }
+
+    fn found_in(segment: &Segment) -> Found {
+        let position = segment.size() / 2;
+        Found {
+            position,
+            offset: segment.base_offset(),
+            detail: "unreadable".into(),
+        }
+    }
+
+    #[test]
+    fn a_finding_in_a_segment_truncated_meanwhile_is_not_reported_and_the_segment_is_scrubbed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_with_sealed_segments(dir.path());
+        let second = Arc::clone(&log.read_segments()[1]);
+        let found = found_in(&second);
+        // A Raft conflict cuts the log back into the segment the scrub was reading.
+        log.truncate_to(second.base_offset()).expect("truncate");
+        let cursor = ScrubCursor {
+            segment_base_offset: second.base_offset(),
+            position: found.position,
+            next_offset: found.offset,
+        };
+        let step = log.confirm_and_quarantine(&second, found, cursor).expect("step");
+        assert_eq!(
+            step,
+            ScrubStep::Verified {
+                bytes: 0,
+                next: ScrubCursor {
+                    segment_base_offset: second.base_offset(),
+                    ..ScrubCursor::default()
+                }
+            }
+        );
+        assert!(!log.is_poisoned());
+        assert!(!dir.path().join(CORRUPTION_MARKER).exists());
+    }
+
+    #[test]
+    fn a_finding_that_a_second_look_does_not_confirm_is_not_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_with_sealed_segments(dir.path());
+        let first = Arc::clone(&log.read_segments()[0]);
+        // The batch at byte 0 of the first segment is intact.
+        let found = Found {
+            position: 0,
+            offset: first.base_offset(),
+            detail: "unreadable".into(),
+        };
+        let step = log
+            .confirm_and_quarantine(&first, found, ScrubCursor::start())
+            .expect("step");
+        assert_eq!(
+            step,
+            ScrubStep::Verified {
+                bytes: 0,
+                next: ScrubCursor::start()
+            }
+        );
+        assert!(!log.is_poisoned());
+    }
+}

@@ -177,3 +177,50 @@ fn a_clean_close_does_not_skip_the_cut_a_marker_asks_for() {
     fs::write(dir.path().join(".clean_shutdown"), b"").expect("marker");
     assert_reopen_cuts_at(dir.path(), &appended, &found);
 }
+
+#[test]
+fn a_damaged_corruption_marker_stops_open_with_a_message_that_says_what_to_do() {
+    let (dir, _, _) = corrupt_a_sealed_batch(Damage::Record);
+    let marker = dir.path().join(CORRUPTION_MARKER);
+    xor_byte(&marker, 2, 0xff);
+    let err = PartitionLog::open(dir.path(), small_config(FlushPolicy::Always)).expect_err("damaged marker");
+    assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("remove the file"), "{err}");
+}
+
+#[test]
+fn a_scrub_running_alongside_appends_truncations_and_retention_reports_no_false_corruption() {
+    const ROUNDS: u64 = 60;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("open");
+    fill(&log);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for round in 0..ROUNDS {
+                for i in 0..20 {
+                    log.append(&batch(round * 100 + i, 4, 1_700_000_000_000))
+                        .expect("append");
+                }
+                // Cut back into an older (sealed) segment at a batch boundary, as a Raft
+                // conflict does, and let retention drop the oldest segment now and then.
+                let back = log.log_end_offset().saturating_sub(150).max(log.log_start_offset());
+                if let Some(at) = log.locate(back).expect("locate") {
+                    log.truncate_to(at.batch_base_offset).expect("truncate");
+                }
+                if round % 10 == 9 {
+                    log.delete_segments_before(log.log_start_offset() + 1)
+                        .expect("retention");
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        });
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            let (_, corrupt) = scrub_pass(&log);
+            assert_eq!(corrupt, None, "a healthy log changing under the scrub is not damage");
+        }
+    });
+    assert!(!log.is_poisoned());
+    let (_, corrupt) = scrub_pass(&log);
+    assert_eq!(corrupt, None);
+}
