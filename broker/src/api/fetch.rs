@@ -341,3 +341,72 @@ impl Fetch for FetchService {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use conveyor_storage::batch::{self, BatchBuilder, Compression};
+
+    use super::*;
+
+    const VALUE: usize = 1000;
+
+    /// `count` stored batches of one `VALUE`-byte record each, compressed, at offsets 0...
+    fn stored(count: u64) -> Vec<u8> {
+        let mut all = Vec::new();
+        for i in 0..count {
+            let mut b = BatchBuilder::new(Compression::Zstd);
+            b.push(&batch::Record {
+                timestamp: 1,
+                value: Some(Bytes::from(vec![b'a' + i as u8; VALUE])),
+                ..batch::Record::default()
+            });
+            let mut bytes = b.build().expect("batch").to_vec();
+            batch::stamp(&mut bytes, i, 1, i + 1);
+            all.extend_from_slice(&bytes);
+        }
+        all
+    }
+
+    fn job(max_uncompressed: usize) -> DecodeJob<'static> {
+        DecodeJob {
+            topic: "t",
+            partition: 0,
+            from: 0,
+            max_uncompressed,
+        }
+    }
+
+    #[test]
+    fn a_decoding_fetch_counts_its_budget_in_decoded_bytes_and_returns_at_least_one_record() {
+        let bytes = Bytes::from(stored(10));
+        assert!(bytes.len() < 10 * VALUE / 4, "the batches compress well");
+        // The stored bytes fit the budget three times over; decoded, only about three do.
+        let mut budget = 3 * VALUE + 100;
+        let records = decode(&job(1 << 20), &bytes, &mut budget).expect("decode");
+        assert_eq!(records.len(), 3, "decoded bytes are what the budget counts");
+        let mut budget = 1;
+        let records = decode(&job(1 << 20), &bytes, &mut budget).expect("decode");
+        assert_eq!(records.len(), 1, "one record even over the budget");
+        assert_eq!(budget, 0);
+    }
+
+    #[test]
+    fn a_stored_batch_with_a_flipped_byte_is_refused_not_decoded() {
+        let mut bytes = stored(3);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        let mut budget = usize::MAX;
+        let e = decode(&job(1 << 20), &Bytes::from(bytes), &mut budget).expect_err("damaged");
+        assert!(matches!(e, BrokerError::DamagedOnDisk { offset: 2, .. }), "{e}");
+        assert!(e.to_string().contains("CRC"), "{e}");
+        let status = Status::from(e);
+        assert_eq!(status.code(), tonic::Code::DataLoss);
+    }
+
+    #[test]
+    fn a_stored_batch_inflating_past_the_limit_is_not_decompressed() {
+        let mut budget = usize::MAX;
+        let e = decode(&job(VALUE - 1), &Bytes::from(stored(1)), &mut budget).expect_err("too large");
+        assert!(e.to_string().contains("max_uncompressed_batch_bytes"), "{e}");
+    }
+}

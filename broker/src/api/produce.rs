@@ -33,6 +33,11 @@ use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 const STREAM_RESPONSE_BUFFER: usize = 256;
 /// Above this many bytes in a request, validation runs off the reactor.
 const INLINE_VALIDATION_BYTES: usize = 64 << 10;
+/// Decompressed bytes that produce validation may hold at once across all requests, in KiB.
+/// Each compressed batch may inflate to `max_uncompressed_batch_bytes`; without a bound, many
+/// small concurrent requests could make the broker hold that many times over.
+const MAX_INFLATING_KIB: u32 = 256 << 10;
+static INFLATING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_INFLATING_KIB as usize);
 
 #[derive(Debug, Clone)]
 pub struct ProduceService {
@@ -132,6 +137,22 @@ fn heavy(batches: &[Bytes]) -> bool {
     batches.iter().map(Bytes::len).sum::<usize>() > INLINE_VALIDATION_BYTES || batches.iter().any(compressed)
 }
 
+/// KiB that validating `batches` may decompress: what their compressed batches declare,
+/// each within `limit` (a batch declaring more is refused before it is decompressed).
+fn inflating_kib(batches: &[Bytes], limit: usize) -> u32 {
+    let declared = |b: &Bytes| -> usize {
+        let compressed = batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
+        match b.get(batch::HEADER_LEN..batch::HEADER_LEN + 4) {
+            Some(len) if compressed => {
+                (u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize).min(limit)
+            }
+            _ => 0,
+        }
+    };
+    let total: usize = batches.iter().map(declared).sum();
+    u32::try_from(total.div_ceil(1024)).unwrap_or(u32::MAX).min(MAX_INFLATING_KIB)
+}
+
 impl ProduceService {
     /// Looks up one part's partition and packs its plain records; its batches are checked
     /// later, by [`validate_part`].
@@ -202,6 +223,14 @@ impl ProduceService {
             .iter()
             .any(|p| p.work.as_ref().is_ok_and(|(_, _, batches)| heavy(batches)));
         let checked = if off_reactor {
+            let inflating = parts
+                .iter()
+                .filter_map(|p| p.work.as_ref().ok())
+                .map(|(_, _, batches)| inflating_kib(batches, max_uncompressed))
+                .fold(0u32, u32::saturating_add)
+                .min(MAX_INFLATING_KIB);
+            // Waits while other requests hold decompressed data; the static is never closed.
+            let _inflating = INFLATING.acquire_many(inflating).await;
             let names: Vec<(String, i32)> = parts.iter().map(|p| (p.topic.clone(), p.index)).collect();
             match blocking(move || Ok(check(parts))).await {
                 Ok(checked) => checked,
@@ -405,5 +434,31 @@ impl Produce for ProduceService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_of(compression: Compression, value: usize) -> Bytes {
+        let mut b = BatchBuilder::new(compression);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(vec![0u8; value])),
+            ..Record::default()
+        });
+        b.build().expect("batch")
+    }
+
+    #[test]
+    fn compressed_batches_reserve_what_they_declare_within_the_limit() {
+        let zstd = batch_of(Compression::Zstd, 4 << 20);
+        let plain = batch_of(Compression::None, 4 << 10);
+        assert!(inflating_kib(&[zstd.clone()], 32 << 20) >= 4 << 10);
+        assert_eq!(inflating_kib(&[zstd.clone()], 1 << 20), 1 << 10, "capped at the limit");
+        assert_eq!(inflating_kib(&[plain.clone()], 32 << 20), 0, "already in memory");
+        assert!(heavy(&[zstd]), "a compressed batch is checked off the reactor");
+        assert!(!heavy(&[plain]), "a small plain one in place");
     }
 }
