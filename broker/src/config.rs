@@ -287,8 +287,7 @@ mod tests {
         let parsed = BrokerConfig::parse("").expect("defaults");
         assert_eq!(parsed.limits.max_uncompressed_batch_bytes.0, 32 << 20);
         for bad in ["\"100MiB\"", "\"512KiB\""] {
-            let err = BrokerConfig::parse(&format!("[limits]\nmax_uncompressed_batch_bytes = {bad}\n"))
-                .expect_err(bad);
+            let err = BrokerConfig::parse(&format!("[limits]\nmax_uncompressed_batch_bytes = {bad}\n")).expect_err(bad);
             assert!(err.to_string().contains("max_uncompressed_batch_bytes"), "{err}");
         }
     }

@@ -170,7 +170,9 @@ impl BrokerError {
             InvalidReplication(..) | InvalidConfig(_) => (Code::InvalidArgument, ErrorCode::InvalidConfig, false),
             InvalidRequest(_) => (Code::InvalidArgument, ErrorCode::InvalidRequest, false),
             CorruptBatch { .. } => (Code::InvalidArgument, ErrorCode::CorruptBatch, false),
-            RecordTooLarge { .. } | InflatesTooLarge { .. } => (Code::InvalidArgument, ErrorCode::RecordTooLarge, false),
+            RecordTooLarge { .. } | InflatesTooLarge { .. } => {
+                (Code::InvalidArgument, ErrorCode::RecordTooLarge, false)
+            }
             // Retriable: leadership may move to a healthy replica, or this one repair itself.
             DamagedOnDisk { .. } => (Code::DataLoss, ErrorCode::Storage, true),
             OffsetOutOfRange { .. } => (Code::OutOfRange, ErrorCode::OffsetOutOfRange, false),
@@ -287,6 +289,16 @@ pub fn check_topic_name_length(name: &str) -> Result<()> {
     Ok(())
 }
 
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let (code, _, _) = e.code();
+        let detail = e.detail();
+        Status::with_details(code, detail.message.clone(), detail.encode_to_vec().into())
+    }
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +312,11 @@ mod tests {
         };
         let detail = e.detail();
         assert!(detail.message.len() <= MAX_MESSAGE_BYTES, "{}", detail.message.len());
-        assert!(detail.message.ends_with("longer than 249 characters"), "{}", detail.message);
+        assert!(
+            detail.message.ends_with("longer than 249 characters"),
+            "{}",
+            detail.message
+        );
         let e = BrokerError::UnknownTopic(name);
         assert!(e.detail().topic.len() <= MAX_TOPIC_NAME_LEN);
         let status = Status::from(e);
@@ -322,13 +338,3 @@ mod tests {
         check_topic_name_length(&"t".repeat(249)).expect("249 is fine");
     }
 }
-
-impl From<BrokerError> for Status {
-    fn from(e: BrokerError) -> Status {
-        let (code, _, _) = e.code();
-        let detail = e.detail();
-        Status::with_details(code, detail.message.clone(), detail.encode_to_vec().into())
-    }
-}
-
-pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

@@ -72,7 +72,9 @@ fn detail_of(status: tonic::Status) -> (tonic::Code, String, i32) {
     let code = status.code();
     match ClientError::from(status) {
         ClientError::Broker {
-            detail: Some(d), message, ..
+            detail: Some(d),
+            message,
+            ..
         } => (code, message, d.code),
         other => panic!("expected the broker's own error with its detail, got {other:?}"),
     }
@@ -273,7 +275,10 @@ async fn wait_until_led(client: &Client, topic: &str, records: u64) {
         {
             return;
         }
-        assert!(started.elapsed() < RESTART_DEADLINE, "{topic} has no leader after the restart");
+        assert!(
+            started.elapsed() < RESTART_DEADLINE,
+            "{topic} has no leader after the restart"
+        );
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
@@ -338,7 +343,8 @@ fn given_a_flipped_byte_in_a_sealed_segment_neither_the_client_nor_a_decoding_fe
         let mut stream = consumer.stream();
         let mut altered = Vec::new();
         let stored: Vec<Bytes> = (0..RECORDS).map(|i| Bytes::from(stored_value(i))).collect();
-        let ends = std::collections::HashMap::from([(("damaged".to_string(), 0), high_watermark(&client, "damaged").await)]);
+        let ends =
+            std::collections::HashMap::from([(("damaged".to_string(), 0), high_watermark(&client, "damaged").await)]);
         let consumed = tokio::time::timeout(CONSUME_DEADLINE, async {
             loop {
                 match stream.next_until(&ends).await {
@@ -355,7 +361,10 @@ fn given_a_flipped_byte_in_a_sealed_segment_neither_the_client_nor_a_decoding_fe
         let (code, message, _) = detail_of(status);
         assert_eq!(code, tonic::Code::DataLoss, "{message}");
         assert!(message.contains("CRC") && message.contains("damaged"), "{message}");
-        assert!(altered.is_empty(), "the consumer was handed altered values: {altered:?}");
+        assert!(
+            altered.is_empty(),
+            "the consumer was handed altered values: {altered:?}"
+        );
         let error = consumed.expect_err("the consumer reports the damage");
         assert!(
             matches!(error, ClientError::CorruptBatch { .. }),
@@ -363,6 +372,5 @@ fn given_a_flipped_byte_in_a_sealed_segment_neither_the_client_nor_a_decoding_fe
         );
         assert!(error.to_string().contains("CRC"), "{error}");
         assert!(error.is_retriable(), "another replica may serve it: {error}");
-
     });
 }

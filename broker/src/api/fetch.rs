@@ -16,8 +16,8 @@ use bytes::Bytes;
 use conveyor_proto::v1::fetch_server::Fetch;
 use conveyor_proto::v1::*;
 use conveyor_storage::batch::BatchIter;
-use prost::Message;
 use futures::FutureExt;
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{Context, blocking};
@@ -280,6 +280,7 @@ impl FetchService {
     async fn list_offsets_inner(&self, req: ListOffsetsRequest) -> Result<ListOffsetsResponse> {
         let mut results = Vec::with_capacity(req.queries.len());
         for q in req.queries {
+            check_topic_name_length(&q.topic)?;
             let topic = self.ctx.registry.get(&q.topic)?;
             let p = self.ctx.registry.leader(&topic, q.partition)?;
             let hw = p.high_watermark();

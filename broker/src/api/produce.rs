@@ -101,6 +101,9 @@ struct Part {
     work: Result<(Arc<Partition>, usize, Vec<Bytes>)>,
 }
 
+/// A part's partition and its validated batches.
+type Checked = (Arc<Partition>, Vec<ValidatedBatch>);
+
 /// Checks one partition's batches; nothing of it is queued if any is bad.
 fn validate_part(
     name: &str,
@@ -131,9 +134,8 @@ fn validate_part(
 /// Whether checking `batches` is heavy enough for the blocking pool: many bytes, or a
 /// compressed batch (a few KiB may decompress to `max_uncompressed_batch_bytes`).
 fn heavy(batches: &[Bytes]) -> bool {
-    let compressed = |b: &Bytes| {
-        batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)))
-    };
+    let compressed =
+        |b: &Bytes| batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
     batches.iter().map(Bytes::len).sum::<usize>() > INLINE_VALIDATION_BYTES || batches.iter().any(compressed)
 }
 
@@ -143,20 +145,27 @@ fn inflating_kib(batches: &[Bytes], limit: usize) -> u32 {
     let declared = |b: &Bytes| -> usize {
         let compressed = batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
         match b.get(batch::HEADER_LEN..batch::HEADER_LEN + 4) {
-            Some(len) if compressed => {
-                (u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize).min(limit)
-            }
+            Some(len) if compressed => (u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize).min(limit),
             _ => 0,
         }
     };
     let total: usize = batches.iter().map(declared).sum();
-    u32::try_from(total.div_ceil(1024)).unwrap_or(u32::MAX).min(MAX_INFLATING_KIB)
+    u32::try_from(total.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .min(MAX_INFLATING_KIB)
 }
 
 impl ProduceService {
     /// Looks up one part's partition and packs its plain records; its batches are checked
     /// later, by [`validate_part`].
-    fn look_up(&self, name: &str, index: i32, sequence: u64, mut batches: Vec<Bytes>, records: Vec<pb::Record>) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
+    fn look_up(
+        &self,
+        name: &str,
+        index: i32,
+        sequence: u64,
+        mut batches: Vec<Bytes>,
+        records: Vec<pb::Record>,
+    ) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
         check_topic_name_length(name)?;
         // The last number would leave nothing to follow it, and the owner's counter uses it
         // to mean "the run is broken".
@@ -207,7 +216,7 @@ impl ProduceService {
             })
             .collect();
         let max_uncompressed = self.ctx.max_uncompressed_batch_bytes;
-        let check = move |parts: Vec<Part>| -> Vec<(Part, Result<(Arc<Partition>, Vec<ValidatedBatch>)>)> {
+        let check = move |parts: Vec<Part>| -> Vec<(Part, Result<Checked>)> {
             parts
                 .into_iter()
                 .map(|mut part| {
@@ -414,7 +423,8 @@ impl Produce for ProduceService {
                 let request_id = req.request_id;
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let parts = ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences)).await).await;
+                        let parts =
+                            ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences)).await).await;
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let response = ProduceService::collect(request_id, parts).await;
@@ -455,9 +465,17 @@ mod tests {
     fn compressed_batches_reserve_what_they_declare_within_the_limit() {
         let zstd = batch_of(Compression::Zstd, 4 << 20);
         let plain = batch_of(Compression::None, 4 << 10);
-        assert!(inflating_kib(&[zstd.clone()], 32 << 20) >= 4 << 10);
-        assert_eq!(inflating_kib(&[zstd.clone()], 1 << 20), 1 << 10, "capped at the limit");
-        assert_eq!(inflating_kib(&[plain.clone()], 32 << 20), 0, "already in memory");
+        assert!(inflating_kib(std::slice::from_ref(&zstd), 32 << 20) >= 4 << 10);
+        assert_eq!(
+            inflating_kib(std::slice::from_ref(&zstd), 1 << 20),
+            1 << 10,
+            "capped at the limit"
+        );
+        assert_eq!(
+            inflating_kib(std::slice::from_ref(&plain), 32 << 20),
+            0,
+            "already in memory"
+        );
         assert!(heavy(&[zstd]), "a compressed batch is checked off the reactor");
         assert!(!heavy(&[plain]), "a small plain one in place");
     }

@@ -182,11 +182,15 @@ mod tests {
         // Claim 4 MiB: decoding must stop right after it, not produce 8 MiB.
         let claim = 4u32 << 20;
         out[..4].copy_from_slice(&claim.to_le_bytes());
-        let e = Compression::Zstd.decompress(&out, MAX_UNCOMPRESSED_BYTES).expect_err("lies");
+        let e = Compression::Zstd
+            .decompress(&out, MAX_UNCOMPRESSED_BYTES)
+            .expect_err("lies");
         assert!(e.to_string().contains(&format!("decompressed to {}", claim + 1)), "{e}");
         // Claim 1 KiB: the frame's window alone is larger than that, refused before decoding.
         out[..4].copy_from_slice(&1024u32.to_le_bytes());
-        let e = Compression::Zstd.decompress(&out, MAX_UNCOMPRESSED_BYTES).expect_err("lies");
+        let e = Compression::Zstd
+            .decompress(&out, MAX_UNCOMPRESSED_BYTES)
+            .expect_err("lies");
         assert!(matches!(e, BatchError::Decompress(_)), "{e}");
     }
 
@@ -198,7 +202,10 @@ mod tests {
             codec.compress(&plain, &mut out).expect("compress");
             assert_eq!(
                 codec.decompress(&out, 4095),
-                Err(BatchError::InflatesTooLarge { size: 4096, limit: 4095 })
+                Err(BatchError::InflatesTooLarge {
+                    size: 4096,
+                    limit: 4095
+                })
             );
             assert_eq!(codec.decompress(&out, 4096).expect("at the limit"), plain);
         }
@@ -208,7 +215,9 @@ mod tests {
     fn an_lz4_block_claiming_more_than_it_can_hold_is_refused() {
         let mut section = (1u32 << 20).to_le_bytes().to_vec();
         section.extend_from_slice(&[0u8; 16]);
-        let e = Compression::Lz4.decompress(&section, MAX_UNCOMPRESSED_BYTES).expect_err("lies");
+        let e = Compression::Lz4
+            .decompress(&section, MAX_UNCOMPRESSED_BYTES)
+            .expect_err("lies");
         assert!(e.to_string().contains("lz4 block"), "{e}");
     }
 
