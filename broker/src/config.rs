@@ -148,6 +148,12 @@ impl Default for LogSection {
     }
 }
 
+/// 32 MiB: 32 times the default `max.message.bytes`, room for well-compressed text, and
+/// small enough that a batch decoded for a fetch fits in one response.
+const DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES: u64 = 32 << 20;
+/// The largest a decoded batch may be and still fit in one fetch response with its framing.
+const MAX_UNCOMPRESSED_BATCH_BYTES: u64 = 40 << 20;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {
@@ -158,6 +164,10 @@ pub struct LimitsSection {
     pub max_partitions_per_topic: u32,
     /// Longest `max_wait_ms` a fetch may ask for.
     pub max_fetch_wait: Millis,
+    /// Most bytes a compressed batch's records may decompress to. Produce refuses a batch
+    /// above it, and a fetch with `decode_records` never decompresses more than it for one
+    /// batch; it must fit in one fetch response.
+    pub max_uncompressed_batch_bytes: ByteSize,
 }
 
 impl Default for LimitsSection {
@@ -167,6 +177,7 @@ impl Default for LimitsSection {
             max_request_bytes: ByteSize(64 << 20),
             max_partitions_per_topic: 10_000,
             max_fetch_wait: Millis(Duration::from_secs(30)),
+            max_uncompressed_batch_bytes: ByteSize(DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES),
         }
     }
 }
@@ -203,6 +214,12 @@ impl BrokerConfig {
         anyhow::ensure!(
             self.limits.max_request_bytes.0 > self.log.max_message_bytes.0,
             "[limits] max_request_bytes must exceed [log] max_message_bytes"
+        );
+        let inflated = self.limits.max_uncompressed_batch_bytes.0;
+        anyhow::ensure!(
+            inflated >= self.log.max_message_bytes.0 && inflated <= MAX_UNCOMPRESSED_BATCH_BYTES,
+            "[limits] max_uncompressed_batch_bytes must be between [log] max_message_bytes and {} MiB",
+            MAX_UNCOMPRESSED_BATCH_BYTES >> 20
         );
         anyhow::ensure!(
             self.broker.listen != self.broker.metrics_listen || self.broker.listen.port() == 0,
@@ -267,6 +284,16 @@ mod tests {
         let err =
             BrokerConfig::parse("[broker]\nnode_id = 4\n[cluster]\npeers = [\"1=h:1\"]\n").expect_err("self missing");
         assert!(err.to_string().contains("node_id 4"), "{err}");
+    }
+
+    #[test]
+    fn the_uncompressed_batch_limit_is_bounded() {
+        let parsed = BrokerConfig::parse("").expect("defaults");
+        assert_eq!(parsed.limits.max_uncompressed_batch_bytes.0, 32 << 20);
+        for bad in ["\"100MiB\"", "\"512KiB\""] {
+            let err = BrokerConfig::parse(&format!("[limits]\nmax_uncompressed_batch_bytes = {bad}\n")).expect_err(bad);
+            assert!(err.to_string().contains("max_uncompressed_batch_bytes"), "{err}");
+        }
     }
 
     #[test]

@@ -39,6 +39,25 @@ pub enum BrokerError {
         #[source]
         source: BatchError,
     },
+    #[error("topic '{topic}' partition {partition}: {source} ([limits] max_uncompressed_batch_bytes)")]
+    InflatesTooLarge {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: BatchError,
+    },
+    /// A stored batch failed its check (CRC, frame) when the broker decoded it: its bytes
+    /// changed on disk after they were acknowledged. Nothing of it is served.
+    #[error(
+        "topic '{topic}' partition {partition}: the stored batch at offset {offset} is damaged ({source}) and was not served; retry later, or read from another replica"
+    )]
+    DamagedOnDisk {
+        topic: String,
+        partition: i32,
+        offset: u64,
+        #[source]
+        source: BatchError,
+    },
     #[error("topic '{topic}' partition {partition}: offset {offset} is outside [{log_start_offset}, {log_end_offset}]")]
     OffsetOutOfRange {
         topic: String,
@@ -105,6 +124,11 @@ impl BrokerError {
                 partition,
                 source,
             },
+            BatchError::InflatesTooLarge { .. } => BrokerError::InflatesTooLarge {
+                topic,
+                partition,
+                source,
+            },
             _ => BrokerError::CorruptBatch {
                 topic,
                 partition,
@@ -146,7 +170,11 @@ impl BrokerError {
             InvalidReplication(..) | InvalidConfig(_) => (Code::InvalidArgument, ErrorCode::InvalidConfig, false),
             InvalidRequest(_) => (Code::InvalidArgument, ErrorCode::InvalidRequest, false),
             CorruptBatch { .. } => (Code::InvalidArgument, ErrorCode::CorruptBatch, false),
-            RecordTooLarge { .. } => (Code::InvalidArgument, ErrorCode::RecordTooLarge, false),
+            RecordTooLarge { .. } | InflatesTooLarge { .. } => {
+                (Code::InvalidArgument, ErrorCode::RecordTooLarge, false)
+            }
+            // Retriable: leadership may move to a healthy replica, or this one repair itself.
+            DamagedOnDisk { .. } => (Code::DataLoss, ErrorCode::Storage, true),
             OffsetOutOfRange { .. } => (Code::OutOfRange, ErrorCode::OffsetOutOfRange, false),
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
@@ -165,7 +193,7 @@ impl BrokerError {
         let (_, code, retriable) = self.code();
         let mut detail = ErrorDetail {
             code: code as i32,
-            message: self.to_string(),
+            message: shorten(&self.to_string(), MAX_MESSAGE_BYTES),
             retriable,
             ..ErrorDetail::default()
         };
@@ -175,6 +203,8 @@ impl BrokerError {
             UnknownPartition { topic, partition, .. }
             | CorruptBatch { topic, partition, .. }
             | RecordTooLarge { topic, partition, .. }
+            | InflatesTooLarge { topic, partition, .. }
+            | DamagedOnDisk { topic, partition, .. }
             | LeaderNotAvailable { topic, partition }
             | MembershipChanging { topic, partition, .. }
             | OutOfSequence { topic, partition, .. }
@@ -207,8 +237,56 @@ impl BrokerError {
             }
             _ => {}
         }
+        // Names come from the client: echo no more of one than a valid name can hold.
+        detail.topic = shorten(&detail.topic, MAX_TOPIC_NAME_LEN);
         detail
     }
+}
+
+/// Longest topic name accepted (Kafka's rule); also the most of a name an error echoes.
+pub const MAX_TOPIC_NAME_LEN: usize = 249;
+/// Longest error message sent. Messages travel in HTTP/2 headers twice (the status message
+/// and the encoded detail), and a client drops a response whose headers pass its limit
+/// (16 KiB by default) with a protocol error instead of the broker's message.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// `text` cut to at most `max` bytes (on character boundaries): its start and its end, which
+/// usually says what was wrong, around a note of how much was left out.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let floor = |mut at: usize| {
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    };
+    let ceil = |mut at: usize| {
+        while !text.is_char_boundary(at) {
+            at += 1;
+        }
+        at
+    };
+    let keep = max.saturating_sub(48);
+    let head = floor(keep * 2 / 3);
+    let tail = ceil(text.len() - (keep - head));
+    format!("{}…[{} bytes left out]…{}", &text[..head], tail - head, &text[tail..])
+}
+
+/// Refuses a topic name too long to exist before it is looked up or echoed: an unknown name
+/// of any length would otherwise come back whole in the error.
+pub fn check_topic_name_length(name: &str) -> Result<()> {
+    if name.len() > MAX_TOPIC_NAME_LEN {
+        return Err(BrokerError::InvalidTopicName {
+            name: shorten(name, 64),
+            reason: format!(
+                "it is {} bytes long, longer than {MAX_TOPIC_NAME_LEN} characters",
+                name.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl From<BrokerError> for Status {
@@ -220,3 +298,43 @@ impl From<BrokerError> for Status {
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_echoing_a_huge_name_is_cut_but_keeps_its_reason() {
+        let name = "n".repeat(10_000);
+        let e = BrokerError::InvalidTopicName {
+            name: name.clone(),
+            reason: "it is longer than 249 characters".into(),
+        };
+        let detail = e.detail();
+        assert!(detail.message.len() <= MAX_MESSAGE_BYTES, "{}", detail.message.len());
+        assert!(
+            detail.message.ends_with("longer than 249 characters"),
+            "{}",
+            detail.message
+        );
+        let e = BrokerError::UnknownTopic(name);
+        assert!(e.detail().topic.len() <= MAX_TOPIC_NAME_LEN);
+        let status = Status::from(e);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn shortening_respects_character_boundaries() {
+        let text = "é".repeat(3000);
+        for max in [0, 1, 49, 50, 51, 100, 1001] {
+            let cut = shorten(&text, max);
+            assert!(cut.len() <= max.max(48 + 40), "{max}: {}", cut.len());
+        }
+        assert_eq!(shorten("short", 100), "short");
+        let long_name = "t".repeat(10_000);
+        let e = check_topic_name_length(&long_name).expect_err("too long");
+        assert!(e.to_string().contains("longer than 249"), "{e}");
+        assert!(e.to_string().len() < 300, "{e}");
+        check_topic_name_length(&"t".repeat(249)).expect("249 is fine");
+    }
+}

@@ -716,7 +716,7 @@ impl Owner {
             return;
         }
         if let Some(order) = &request.order {
-            order.next.store(order.sequence + 1, Ordering::Release);
+            order.next.store(order.sequence.saturating_add(1), Ordering::Release);
         }
         // Traffic counters are about clients' data; the controller's records are not.
         if self.key.topic != crate::transport::CONTROLLER_TOPIC {

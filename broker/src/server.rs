@@ -82,6 +82,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         metrics: Arc::clone(&metrics),
         node_id: node.node_id,
         max_fetch_wait_ms: config.limits.max_fetch_wait.0.as_millis() as u64,
+        max_uncompressed_batch_bytes: config.limits.max_uncompressed_batch_bytes.0 as usize,
         admin_lock: tokio::sync::Mutex::new(()),
         stopping: stop_rx.clone(),
         peer_channels: Default::default(),

@@ -32,6 +32,19 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("record batch error: {0}")]
     Batch(#[from] conveyor_storage::BatchError),
+    /// A fetched batch failed its CRC check (as Kafka's `check.crcs`): its bytes were altered
+    /// on disk or in transit, and none of its records were delivered. Retriable: the
+    /// partition's leader may change, or the broker may repair its copy.
+    #[error(
+        "topic '{topic}' partition {partition}: fetched batch at offset {offset} failed its CRC check (header says {expected:#010x}, content hashes to {actual:#010x}); none of its records were delivered"
+    )]
+    CorruptBatch {
+        topic: String,
+        partition: i32,
+        offset: u64,
+        expected: u32,
+        actual: u32,
+    },
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
     #[error("the producer or consumer is closed")]
@@ -50,7 +63,7 @@ impl ClientError {
     /// True when retrying the same request later may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } | ClientError::Timeout(_) => true,
+            ClientError::Unreachable { .. } | ClientError::Timeout(_) | ClientError::CorruptBatch { .. } => true,
             ClientError::Broker { code, detail, .. } => {
                 detail.as_ref().is_some_and(|d| d.retriable)
                     || matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)

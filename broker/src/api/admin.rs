@@ -328,6 +328,7 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
+        crate::error::check_topic_name_length(&req.name).map_err(|e| self.fail(e))?;
         if let Some(mut controller) = self.controller_client(was_forwarded).await? {
             return controller.create_topic(forward(req)).await;
         }
@@ -385,11 +386,9 @@ impl Admin for AdminService {
     ) -> Result<Response<TopicDescription>, Status> {
         self.count();
         let local_only = forwarded(&request);
-        let topic = self
-            .ctx
-            .registry
-            .get(&request.into_inner().name)
-            .map_err(|e| self.fail(e))?;
+        let name = request.into_inner().name;
+        crate::error::check_topic_name_length(&name).map_err(|e| self.fail(e))?;
+        let topic = self.ctx.registry.get(&name).map_err(|e| self.fail(e))?;
         Ok(Response::new(self.describe(&topic, local_only).await))
     }
 

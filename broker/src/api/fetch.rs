@@ -3,6 +3,11 @@
 //! Fetch returns whole batches exactly as stored, up to each partition's high watermark. When
 //! fewer than `min_bytes` are available it waits on the partitions' high-watermark watches
 //! (no polling loop) until data arrives or `max_wait_ms` passes.
+//!
+//! With `decode_records` the broker decodes the batches itself (see [`decode`]): it checks
+//! each batch's CRC first and answers DATA_LOSS rather than serve altered bytes, decompresses
+//! one batch at a time within `[limits] max_uncompressed_batch_bytes`, counts the response
+//! budget in decoded bytes, and does all of it on the blocking pool.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,10 +17,11 @@ use conveyor_proto::v1::fetch_server::Fetch;
 use conveyor_proto::v1::*;
 use conveyor_storage::batch::BatchIter;
 use futures::FutureExt;
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{Context, blocking};
-use crate::error::{BrokerError, Result};
+use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::Partition;
 
 const DEFAULT_MAX_BYTES: u32 = 16 << 20;
@@ -78,19 +84,51 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
     Ok(out)
 }
 
-fn decode(bytes: &Bytes, from: u64) -> Result<Vec<Record>> {
+/// Where a partition's stored batches are decoded, and the bounds on doing it.
+struct DecodeJob<'a> {
+    topic: &'a str,
+    partition: i32,
+    /// Records below this offset are skipped (the first batch may start earlier).
+    from: u64,
+    /// What one batch may decompress to.
+    max_uncompressed: usize,
+}
+
+/// Decodes stored batches into records, skipping control batches, within `budget` decoded
+/// bytes (protobuf size) of which it takes its share; at least one record is returned when
+/// there is one, so a consumer always moves on.
+///
+/// Every batch's CRC is checked before it is decoded: bytes altered on disk after they were
+/// acknowledged are refused with [`BrokerError::DamagedOnDisk`], never served.
+fn decode(job: &DecodeJob<'_>, bytes: &Bytes, budget: &mut usize) -> Result<Vec<Record>> {
+    let damaged = |offset: u64, source| BrokerError::DamagedOnDisk {
+        topic: job.topic.to_string(),
+        partition: job.partition,
+        offset,
+        source,
+    };
     let mut out = Vec::new();
+    let mut at = job.from;
     for batch in BatchIter::new(bytes.clone()) {
-        let batch = batch.map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let batch = batch.map_err(|e| damaged(at, e))?;
+        at = batch.header().base_offset;
+        batch.verify_crc().map_err(|e| damaged(at, e))?;
         if batch.header().is_control() {
             continue;
         }
-        for r in batch.records().map_err(|e| BrokerError::Internal(e.to_string()))? {
-            let r = r.map_err(|e| BrokerError::Internal(e.to_string()))?;
-            if r.offset < from {
+        let records = batch.records_within(job.max_uncompressed).map_err(|e| match e {
+            e @ conveyor_storage::BatchError::InflatesTooLarge { .. } => BrokerError::InvalidRequest(format!(
+                "topic '{}' partition {}: the stored batch at offset {at} cannot be decoded here: {e} ([limits] max_uncompressed_batch_bytes); fetch it without decode_records",
+                job.topic, job.partition
+            )),
+            e => damaged(at, e),
+        })?;
+        for r in records {
+            let r = r.map_err(|e| damaged(at, e))?;
+            if r.offset < job.from {
                 continue;
             }
-            out.push(Record {
+            let record = Record {
                 key: r.key,
                 value: r.value,
                 timestamp: r.timestamp,
@@ -103,7 +141,14 @@ fn decode(bytes: &Bytes, from: u64) -> Result<Vec<Record>> {
                         value: h.value,
                     })
                     .collect(),
-            });
+            };
+            let size = record.encoded_len();
+            if size > *budget && !out.is_empty() {
+                *budget = 0;
+                return Ok(out);
+            }
+            *budget = budget.saturating_sub(size);
+            out.push(record);
         }
     }
     Ok(out)
@@ -119,6 +164,7 @@ impl FetchService {
         req.partitions
             .iter()
             .map(|pf| {
+                check_topic_name_length(&pf.topic)?;
                 let topic = self.ctx.registry.get(&pf.topic)?;
                 let partition = self.ctx.registry.leader(&topic, pf.partition)?;
                 let max = if pf.max_bytes == 0 {
@@ -184,8 +230,32 @@ impl FetchService {
                 _ = stopping.wait_for(|s| *s) => break results,
             }
         };
+        let records = if req.decode_records {
+            let batches: Vec<Bytes> = results.iter().map(|r| r.batches.clone()).collect();
+            let (job_wanted, max_uncompressed) = (Arc::clone(&wanted), self.ctx.max_uncompressed_batch_bytes);
+            // Hashing and decompressing may take a while: off the reactor, one batch at a time.
+            blocking(move || {
+                let mut budget = budget;
+                job_wanted
+                    .iter()
+                    .zip(&batches)
+                    .map(|(w, bytes)| {
+                        let job = DecodeJob {
+                            topic: &w.partition.topic,
+                            partition: w.partition.index,
+                            from: w.offset,
+                            max_uncompressed,
+                        };
+                        decode(&job, bytes, &mut budget)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?
+        } else {
+            vec![Vec::new(); results.len()]
+        };
         let mut partitions = Vec::with_capacity(results.len());
-        for (w, read) in wanted.iter().zip(results) {
+        for ((w, read), records) in wanted.iter().zip(results).zip(records) {
             let Read {
                 high_watermark,
                 log_start_offset,
@@ -193,11 +263,7 @@ impl FetchService {
                 error,
             } = read;
             self.ctx.metrics.bytes_out.add(batches.len() as u64);
-            let (batches, records) = if req.decode_records {
-                (Bytes::new(), decode(&batches, w.offset)?)
-            } else {
-                (batches, Vec::new())
-            };
+            let batches = if req.decode_records { Bytes::new() } else { batches };
             partitions.push(PartitionData {
                 topic: w.partition.topic.clone(),
                 partition: w.partition.index,
@@ -214,6 +280,7 @@ impl FetchService {
     async fn list_offsets_inner(&self, req: ListOffsetsRequest) -> Result<ListOffsetsResponse> {
         let mut results = Vec::with_capacity(req.queries.len());
         for q in req.queries {
+            check_topic_name_length(&q.topic)?;
             let topic = self.ctx.registry.get(&q.topic)?;
             let p = self.ctx.registry.leader(&topic, q.partition)?;
             let hw = p.high_watermark();
@@ -273,5 +340,74 @@ impl Fetch for FetchService {
                 self.ctx.metrics.request_errors.add(1);
                 e.into()
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conveyor_storage::batch::{self, BatchBuilder, Compression};
+
+    use super::*;
+
+    const VALUE: usize = 1000;
+
+    /// `count` stored batches of one `VALUE`-byte record each, compressed, at offsets 0...
+    fn stored(count: u64) -> Vec<u8> {
+        let mut all = Vec::new();
+        for i in 0..count {
+            let mut b = BatchBuilder::new(Compression::Zstd);
+            b.push(&batch::Record {
+                timestamp: 1,
+                value: Some(Bytes::from(vec![b'a' + i as u8; VALUE])),
+                ..batch::Record::default()
+            });
+            let mut bytes = b.build().expect("batch").to_vec();
+            batch::stamp(&mut bytes, i, 1, i + 1);
+            all.extend_from_slice(&bytes);
+        }
+        all
+    }
+
+    fn job(max_uncompressed: usize) -> DecodeJob<'static> {
+        DecodeJob {
+            topic: "t",
+            partition: 0,
+            from: 0,
+            max_uncompressed,
+        }
+    }
+
+    #[test]
+    fn a_decoding_fetch_counts_its_budget_in_decoded_bytes_and_returns_at_least_one_record() {
+        let bytes = Bytes::from(stored(10));
+        assert!(bytes.len() < 10 * VALUE / 4, "the batches compress well");
+        // The stored bytes fit the budget three times over; decoded, only about three do.
+        let mut budget = 3 * VALUE + 100;
+        let records = decode(&job(1 << 20), &bytes, &mut budget).expect("decode");
+        assert_eq!(records.len(), 3, "decoded bytes are what the budget counts");
+        let mut budget = 1;
+        let records = decode(&job(1 << 20), &bytes, &mut budget).expect("decode");
+        assert_eq!(records.len(), 1, "one record even over the budget");
+        assert_eq!(budget, 0);
+    }
+
+    #[test]
+    fn a_stored_batch_with_a_flipped_byte_is_refused_not_decoded() {
+        let mut bytes = stored(3);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        let mut budget = usize::MAX;
+        let e = decode(&job(1 << 20), &Bytes::from(bytes), &mut budget).expect_err("damaged");
+        assert!(matches!(e, BrokerError::DamagedOnDisk { offset: 2, .. }), "{e}");
+        assert!(e.to_string().contains("CRC"), "{e}");
+        let status = Status::from(e);
+        assert_eq!(status.code(), tonic::Code::DataLoss);
+    }
+
+    #[test]
+    fn a_stored_batch_inflating_past_the_limit_is_not_decompressed() {
+        let mut budget = usize::MAX;
+        let e = decode(&job(VALUE - 1), &Bytes::from(stored(1)), &mut budget).expect_err("too large");
+        assert!(e.to_string().contains("max_uncompressed_batch_bytes"), "{e}");
     }
 }

@@ -18,6 +18,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub node_id: u32,
     pub max_fetch_wait_ms: u64,
+    /// `[limits] max_uncompressed_batch_bytes`: what one batch may decompress to.
+    pub max_uncompressed_batch_bytes: usize,
     /// Serialises topic changes.
     pub admin_lock: tokio::sync::Mutex<()>,
     /// Turns true when the broker starts shutting down: streams stop taking requests.

@@ -1,9 +1,13 @@
 //! The `Produce` service: unary and pipelined (bidirectional stream) produce.
 //!
-//! Every batch of a request is validated (CRC, lengths, counts, `max.message.bytes`) before
-//! any is queued, so a bad request changes nothing. On a stream, requests are queued to their
-//! partitions in the order they arrive, which keeps per-partition order across pipelined
-//! requests; answers go back as each request meets its acks.
+//! Every batch of a request is validated (CRC, lengths, counts, `max.message.bytes`, and what
+//! its records decompress to against `[limits] max_uncompressed_batch_bytes`) before any is
+//! queued, so a bad request changes nothing. Validation of a large or compressed request
+//! (hashing, decompression) runs on the blocking pool, not the reactor; a small plain one is
+//! validated in place, where a thread hop would cost more than the work. On a stream,
+//! requests are queued to their partitions in the order they arrive, which keeps
+//! per-partition order across pipelined requests; answers go back as each request meets its
+//! acks.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,12 +25,19 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Context;
-use crate::error::{BrokerError, Result};
+use super::{Context, blocking};
+use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
 /// Responses buffered per produce stream before the stream handler waits for the client.
 const STREAM_RESPONSE_BUFFER: usize = 256;
+/// Above this many bytes in a request, validation runs off the reactor.
+const INLINE_VALIDATION_BYTES: usize = 64 << 10;
+/// Decompressed bytes that produce validation may hold at once across all requests, in KiB.
+/// Each compressed batch may inflate to `max_uncompressed_batch_bytes`; without a bound, many
+/// small concurrent requests could make the broker hold that many times over.
+const MAX_INFLATING_KIB: u32 = 256 << 10;
+static INFLATING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_INFLATING_KIB as usize);
 
 #[derive(Debug, Clone)]
 pub struct ProduceService {
@@ -80,44 +91,102 @@ fn pack_records(records: Vec<pb::Record>) -> std::result::Result<Bytes, conveyor
     builder.build()
 }
 
+/// One partition's part of a request, looked up and waiting for its batches to be checked.
+struct Part {
+    topic: String,
+    index: i32,
+    sequence: u64,
+    restart: bool,
+    /// The partition and the batches to validate against its limit, or why it failed.
+    work: Result<(Arc<Partition>, usize, Vec<Bytes>)>,
+}
+
+/// A part's partition and its validated batches.
+type Checked = (Arc<Partition>, Vec<ValidatedBatch>);
+
+/// Checks one partition's batches; nothing of it is queued if any is bad.
+fn validate_part(
+    name: &str,
+    index: i32,
+    batches: Vec<Bytes>,
+    limit: usize,
+    max_uncompressed: usize,
+) -> Result<Vec<ValidatedBatch>> {
+    let bad = |e| BrokerError::from_batch(name, index, e);
+    let mut validated = Vec::with_capacity(batches.len());
+    for b in batches {
+        let v = ValidatedBatch::within(b, limit, max_uncompressed).map_err(bad)?;
+        if v.header().is_control() {
+            return Err(BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: control batches are written by the broker only"
+            )));
+        }
+        if v.header().is_transactional() {
+            return Err(BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: transactional batches need a transaction coordinator, which this broker does not have yet"
+            )));
+        }
+        validated.push(v);
+    }
+    Ok(validated)
+}
+
+/// Whether checking `batches` is heavy enough for the blocking pool: many bytes, or a
+/// compressed batch (a few KiB may decompress to `max_uncompressed_batch_bytes`).
+fn heavy(batches: &[Bytes]) -> bool {
+    let compressed =
+        |b: &Bytes| batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
+    batches.iter().map(Bytes::len).sum::<usize>() > INLINE_VALIDATION_BYTES || batches.iter().any(compressed)
+}
+
+/// KiB that validating `batches` may decompress: what their compressed batches declare,
+/// each within `limit` (a batch declaring more is refused before it is decompressed).
+fn inflating_kib(batches: &[Bytes], limit: usize) -> u32 {
+    let declared = |b: &Bytes| -> usize {
+        let compressed = batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
+        match b.get(batch::HEADER_LEN..batch::HEADER_LEN + 4) {
+            Some(len) if compressed => (u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize).min(limit),
+            _ => 0,
+        }
+    };
+    let total: usize = batches.iter().map(declared).sum();
+    u32::try_from(total.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .min(MAX_INFLATING_KIB)
+}
+
 impl ProduceService {
-    /// Validates one partition's batches; nothing of it is queued if any is bad.
-    fn prepare_part(
+    /// Looks up one part's partition and packs its plain records; its batches are checked
+    /// later, by [`validate_part`].
+    fn look_up(
         &self,
         name: &str,
         index: i32,
+        sequence: u64,
         mut batches: Vec<Bytes>,
         records: Vec<pb::Record>,
-    ) -> Result<(Arc<Partition>, Vec<ValidatedBatch>)> {
+    ) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
+        check_topic_name_length(name)?;
+        // The last number would leave nothing to follow it, and the owner's counter uses it
+        // to mean "the run is broken".
+        if sequence == u64::MAX {
+            return Err(BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: part sequence {sequence} is out of range (parts are numbered from 1 up to 2^64 - 2)"
+            )));
+        }
         let topic = self.ctx.registry.get(name)?;
         // The owner answers a request that reached a follower with the leader's address.
         let partition = self.ctx.registry.replica(&topic, index)?;
         let limit = topic.effective.max_message_bytes as usize;
-        let bad = |e| BrokerError::from_batch(name, index, e);
         if !records.is_empty() {
-            batches.push(pack_records(records).map_err(bad)?);
+            batches.push(pack_records(records).map_err(|e| BrokerError::from_batch(name, index, e))?);
         }
         if batches.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
                 "topic '{name}' partition {index}: no batches or records"
             )));
         }
-        let mut validated = Vec::with_capacity(batches.len());
-        for b in batches {
-            let v = ValidatedBatch::new(b, limit).map_err(bad)?;
-            if v.header().is_control() {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "topic '{name}' partition {index}: control batches are written by the broker only"
-                )));
-            }
-            if v.header().is_transactional() {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "topic '{name}' partition {index}: transactional batches need a transaction coordinator, which this broker does not have yet"
-                )));
-            }
-            validated.push(v);
-        }
-        Ok((partition, validated))
+        Ok((partition, limit, batches))
     }
 
     /// Request-level checks, before anything else is looked at.
@@ -134,36 +203,83 @@ impl ProduceService {
     /// Validates each partition's part on its own: a bad part fails alone. On a stream,
     /// numbered parts carry their place in their partition's sequence; a part that fails
     /// here is never appended, so it holds back the rest of its run as the owner would.
-    fn prepare(&self, req: ProduceRequest, mut sequences: Option<&mut StreamSequences>) -> Vec<Prepared> {
-        req.partitions
+    async fn prepare(&self, req: ProduceRequest, mut sequences: Option<&mut StreamSequences>) -> Vec<Prepared> {
+        let parts: Vec<Part> = req
+            .partitions
             .into_iter()
-            .map(|pp| {
-                let pb::PartitionProduce {
-                    topic,
-                    partition,
-                    batches,
-                    records,
-                    sequence,
-                    restart,
-                } = pp;
-                match self.prepare_part(&topic, partition, batches, records) {
-                    Ok((p, batches)) => {
-                        let order = match sequences.as_deref_mut() {
-                            Some(sequences) if sequence != 0 => Some(StreamOrder {
-                                next: Arc::clone(sequences.entry((topic, partition)).or_default()),
-                                sequence,
-                                restart,
-                            }),
-                            _ => None,
-                        };
-                        Ok((p, batches, order))
-                    }
-                    Err(error) => Err(Failed {
-                        topic,
-                        partition,
-                        error,
-                    }),
+            .map(|pp| Part {
+                work: self.look_up(&pp.topic, pp.partition, pp.sequence, pp.batches, pp.records),
+                topic: pp.topic,
+                index: pp.partition,
+                sequence: pp.sequence,
+                restart: pp.restart,
+            })
+            .collect();
+        let max_uncompressed = self.ctx.max_uncompressed_batch_bytes;
+        let check = move |parts: Vec<Part>| -> Vec<(Part, Result<Checked>)> {
+            parts
+                .into_iter()
+                .map(|mut part| {
+                    let work = std::mem::replace(&mut part.work, Err(BrokerError::ShuttingDown));
+                    let checked = work.and_then(|(p, limit, batches)| {
+                        validate_part(&part.topic, part.index, batches, limit, max_uncompressed).map(|v| (p, v))
+                    });
+                    (part, checked)
+                })
+                .collect()
+        };
+        let off_reactor = parts
+            .iter()
+            .any(|p| p.work.as_ref().is_ok_and(|(_, _, batches)| heavy(batches)));
+        let checked = if off_reactor {
+            let inflating = parts
+                .iter()
+                .filter_map(|p| p.work.as_ref().ok())
+                .map(|(_, _, batches)| inflating_kib(batches, max_uncompressed))
+                .fold(0u32, u32::saturating_add)
+                .min(MAX_INFLATING_KIB);
+            // Waits while other requests hold decompressed data; the static is never closed.
+            let _inflating = INFLATING.acquire_many(inflating).await;
+            let names: Vec<(String, i32)> = parts.iter().map(|p| (p.topic.clone(), p.index)).collect();
+            match blocking(move || Ok(check(parts))).await {
+                Ok(checked) => checked,
+                // The job panicked: every part answers with the reason, none is queued.
+                Err(error) => {
+                    let reason = error.to_string();
+                    return names
+                        .into_iter()
+                        .map(|(topic, partition)| {
+                            Err(Failed {
+                                topic,
+                                partition,
+                                error: BrokerError::Internal(reason.clone()),
+                            })
+                        })
+                        .collect();
                 }
+            }
+        } else {
+            check(parts)
+        };
+        checked
+            .into_iter()
+            .map(|(part, result)| match result {
+                Ok((p, batches)) => {
+                    let order = match sequences.as_deref_mut() {
+                        Some(sequences) if part.sequence != 0 => Some(StreamOrder {
+                            next: Arc::clone(sequences.entry((part.topic, part.index)).or_default()),
+                            sequence: part.sequence,
+                            restart: part.restart,
+                        }),
+                        _ => None,
+                    };
+                    Ok((p, batches, order))
+                }
+                Err(error) => Err(Failed {
+                    topic: part.topic,
+                    partition: part.index,
+                    error,
+                }),
             })
             .collect()
     }
@@ -255,7 +371,7 @@ impl Produce for ProduceService {
             metrics.request_errors.add(1);
             Status::from(e)
         })?;
-        let mut parts = self.prepare(req, None);
+        let mut parts = self.prepare(req, None).await;
         // A request for one partition whose part is bad gets that error as its status.
         if parts.len() == 1
             && parts[0].is_err()
@@ -307,7 +423,8 @@ impl Produce for ProduceService {
                 let request_id = req.request_id;
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let parts = ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences))).await;
+                        let parts =
+                            ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences)).await).await;
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let response = ProduceService::collect(request_id, parts).await;
@@ -327,5 +444,39 @@ impl Produce for ProduceService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_of(compression: Compression, value: usize) -> Bytes {
+        let mut b = BatchBuilder::new(compression);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(vec![0u8; value])),
+            ..Record::default()
+        });
+        b.build().expect("batch")
+    }
+
+    #[test]
+    fn compressed_batches_reserve_what_they_declare_within_the_limit() {
+        let zstd = batch_of(Compression::Zstd, 4 << 20);
+        let plain = batch_of(Compression::None, 4 << 10);
+        assert!(inflating_kib(std::slice::from_ref(&zstd), 32 << 20) >= 4 << 10);
+        assert_eq!(
+            inflating_kib(std::slice::from_ref(&zstd), 1 << 20),
+            1 << 10,
+            "capped at the limit"
+        );
+        assert_eq!(
+            inflating_kib(std::slice::from_ref(&plain), 32 << 20),
+            0,
+            "already in memory"
+        );
+        assert!(heavy(&[zstd]), "a compressed batch is checked off the reactor");
+        assert!(!heavy(&[plain]), "a small plain one in place");
     }
 }

@@ -1,10 +1,15 @@
 //! The fetch loop behind a consumer's stream.
+//!
+//! Fetched batches are checked (frame, and CRC unless `check_crcs` is off) before the
+//! position moves past them or any of their records reaches the reader: a batch altered on
+//! the broker's disk or in transit is never delivered.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor_proto::v1::fetch_client::FetchClient;
 use conveyor_proto::v1::{ErrorCode, ErrorDetail, FetchRequest, PartitionFetch};
+use conveyor_storage::BatchError;
 use conveyor_storage::batch::BatchIter;
 use tokio::sync::mpsc;
 
@@ -18,6 +23,9 @@ use crate::{Client, MAX_MESSAGE_BYTES};
 const MAX_RETRIES: u32 = 50;
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 const FETCH_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
+/// Refetches of a batch that failed its CRC check before the stream reports it: enough for a
+/// leader change to route around a damaged replica, few enough to report damage promptly.
+const MAX_CORRUPT_REFETCHES: u32 = 3;
 
 struct Position {
     topic: Arc<str>,
@@ -35,12 +43,25 @@ async fn resolve(client: &Client, topic: &str, partition: i32, start: StartAt) -
     Ok(client.admin().list_offset(topic, partition, spec).await?.offset)
 }
 
-/// Advances a partition's position past the batches fetched, reading headers only; records
-/// are decoded later, on the reader's thread.
-fn advance(position: &mut Position, bytes: &bytes::Bytes) -> Result<()> {
+/// Advances a partition's position past the batches fetched, reading headers and checking
+/// CRCs when `check_crcs`; records are decoded later, on the reader's thread. On an error the
+/// position stays where it was.
+fn advance(position: &mut Position, bytes: &bytes::Bytes, check_crcs: bool) -> Result<()> {
+    let mut next = position.next;
     for batch in BatchIter::new(bytes.clone()) {
-        position.next = position.next.max(batch?.header().next_offset());
+        let batch = batch?;
+        if check_crcs && let Err(BatchError::CrcMismatch { expected, actual }) = batch.verify_crc() {
+            return Err(ClientError::CorruptBatch {
+                topic: position.topic.to_string(),
+                partition: position.partition,
+                offset: batch.header().base_offset,
+                expected,
+                actual,
+            });
+        }
+        next = next.max(batch.header().next_offset());
     }
+    position.next = next;
     Ok(())
 }
 
@@ -125,7 +146,8 @@ async fn fetch_partition(
     tx: mpsc::Sender<Result<Vec<Chunk>>>,
 ) {
     let mut failures = 0;
-    loop {
+    let mut corrupt_refetches = 0;
+    'fetch: loop {
         let request = FetchRequest {
             partitions: vec![PartitionFetch {
                 topic: position.topic.to_string(),
@@ -197,10 +219,18 @@ async fn fetch_partition(
                 continue;
             }
             let from = position.next;
-            if let Err(e) = advance(&mut position, &data.batches) {
+            if let Err(e) = advance(&mut position, &data.batches, config.check_crcs) {
+                if matches!(e, ClientError::CorruptBatch { .. }) && corrupt_refetches < MAX_CORRUPT_REFETCHES {
+                    corrupt_refetches += 1;
+                    tracing::warn!(error = %e, "fetched batch failed its CRC check; fetching it again");
+                    cluster.on_error(&position.topic, position.partition, &e);
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    continue 'fetch;
+                }
                 let _ = tx.send(Err(e)).await;
                 return;
             }
+            corrupt_refetches = 0;
             chunks.push(Chunk {
                 topic: Arc::clone(&position.topic),
                 partition: position.partition,
@@ -215,5 +245,59 @@ async fn fetch_partition(
         if tx.is_closed() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+
+    use super::*;
+
+    fn batches(count: u64) -> Vec<u8> {
+        let mut all = Vec::new();
+        for i in 0..count {
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(&Record {
+                timestamp: 1,
+                value: Some(Bytes::from(format!("value-{i}"))),
+                ..Record::default()
+            });
+            let mut bytes = b.build().expect("batch").to_vec();
+            conveyor_storage::batch::stamp(&mut bytes, i, 1, i + 1);
+            all.extend_from_slice(&bytes);
+        }
+        all
+    }
+
+    fn position() -> Position {
+        Position {
+            topic: Arc::from("t"),
+            partition: 0,
+            next: 0,
+        }
+    }
+
+    #[test]
+    fn a_fetched_batch_with_a_flipped_byte_is_a_retriable_crc_error_and_the_position_stays() {
+        let mut bytes = batches(3);
+        let at = bytes.windows(7).rposition(|w| w == b"value-2").expect("third value");
+        bytes[at] ^= 0x20;
+        let mut p = position();
+        let e = advance(&mut p, &Bytes::from(bytes.clone()), true).expect_err("damaged");
+        assert!(
+            matches!(e, ClientError::CorruptBatch { offset: 2, ref topic, .. } if topic == "t"),
+            "{e:?}"
+        );
+        assert!(e.is_retriable(), "{e}");
+        assert!(e.to_string().contains("CRC"), "{e}");
+        assert_eq!(p.next, 0, "nothing of the response was taken");
+
+        advance(&mut p, &Bytes::from(bytes), false).expect("check_crcs off");
+        assert_eq!(p.next, 3);
+        let mut p = position();
+        advance(&mut p, &Bytes::from(batches(3)), true).expect("intact");
+        assert_eq!(p.next, 3);
     }
 }

@@ -61,6 +61,11 @@ pub struct ConsumerConfig {
     /// seek went past the end), like Kafka's `auto.offset.reset`. `None`: the stream yields
     /// the OUT_OF_RANGE error and ends.
     pub offset_reset: Option<StartAt>,
+    /// Verify each fetched batch's CRC before delivering any of its records, like Kafka's
+    /// `check.crcs` (on by default). A mismatch is refetched a few times, since another
+    /// replica may lead by then; if it persists the stream yields
+    /// [`ClientError::CorruptBatch`](crate::ClientError::CorruptBatch), which is retriable.
+    pub check_crcs: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -72,6 +77,7 @@ impl Default for ConsumerConfig {
             partition_max_bytes: 8 << 20,
             prefetch: 4,
             offset_reset: None,
+            check_crcs: true,
         }
     }
 }
@@ -87,6 +93,10 @@ impl ConsumerConfig {
     }
     pub fn offset_reset(mut self, reset: Option<StartAt>) -> Self {
         self.offset_reset = reset;
+        self
+    }
+    pub fn check_crcs(mut self, check: bool) -> Self {
+        self.check_crcs = check;
         self
     }
 }

@@ -1,8 +1,12 @@
 //! Per-batch compression of the records section.
 //!
-//! A compressed records section is `[uncompressed_len: u32 LE][codec block]`. The declared
-//! length bounds the allocation before decompressing, so a small hostile batch cannot claim
-//! gigabytes.
+//! A compressed records section is `[uncompressed_len: u32 LE][codec block]`.
+//!
+//! # Invariants
+//! - The declared length is checked against the caller's limit before anything is
+//!   decompressed, and the output never grows more than one byte past the declared length:
+//!   a small hostile batch can neither claim nor produce more than the limit.
+//! - No output buffer is allocated from the claim alone (see [`Compression::decompress`]).
 
 use crate::error::BatchError;
 
@@ -64,7 +68,11 @@ impl Compression {
     }
 
     /// Decompresses a compressed records section, refusing one that declares more than
-    /// `limit` bytes. Not called for `None`.
+    /// `limit` bytes or that inflates past what it declared. Not called for `None`.
+    ///
+    /// Memory stays bounded by what the section really holds: zstd is decoded as a stream
+    /// that stops one byte past the declared size, and lz4 (a block format that must know
+    /// its output size) only gets an output buffer the block could actually fill.
     pub(crate) fn decompress(self, section: &[u8], limit: usize) -> Result<Vec<u8>, BatchError> {
         if section.len() < 4 {
             return Err(BatchError::Decompress("missing uncompressed length".into()));
@@ -73,18 +81,20 @@ impl Compression {
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
         let limit = limit.min(MAX_UNCOMPRESSED_BYTES);
         if len > limit {
-            return Err(BatchError::Decompress(format!(
-                "declared uncompressed size {len} exceeds the limit of {limit}"
-            )));
+            return Err(BatchError::InflatesTooLarge { size: len, limit });
         }
         let plain = match self {
             Compression::None => return Ok(section.to_vec()),
             Compression::Lz4 => {
+                if len > block.len().saturating_mul(LZ4_MAX_RATIO).saturating_add(LZ4_SLACK) {
+                    return Err(BatchError::Decompress(format!(
+                        "declared uncompressed size {len} is more than a {}-byte lz4 block can hold",
+                        block.len()
+                    )));
+                }
                 lz4_flex::block::decompress(block, len).map_err(|e| BatchError::Decompress(e.to_string()))?
             }
-            Compression::Zstd => {
-                zstd::bulk::decompress(block, len).map_err(|e| BatchError::Decompress(e.to_string()))?
-            }
+            Compression::Zstd => zstd_bounded(block, len)?,
         };
         if plain.len() != len {
             return Err(BatchError::Decompress(format!(
@@ -94,6 +104,33 @@ impl Compression {
         }
         Ok(plain)
     }
+}
+
+/// Most output one byte of an lz4 block can produce (a match length byte adds 255), and the
+/// fixed slack of a block's shortest encodings.
+const LZ4_MAX_RATIO: usize = 255;
+const LZ4_SLACK: usize = 64;
+/// First allocation for decompressed output; it grows with what the stream really yields.
+const INITIAL_OUTPUT: usize = 256 << 10;
+/// Smallest and largest zstd window the decoder accepts (2^10 .. 2^27, zstd's own default).
+const ZSTD_MIN_WINDOW_LOG: u32 = 10;
+const ZSTD_MAX_WINDOW_LOG: u32 = 27;
+
+/// Decodes a zstd block as a stream, stopping one byte past `declared`: a block that
+/// inflates beyond its declared size is caught without producing the rest, and the output
+/// buffer grows with the data instead of being allocated from the claim. The window is
+/// capped to the declared size too, so a hostile frame cannot make the decoder reserve more.
+fn zstd_bounded(block: &[u8], declared: usize) -> Result<Vec<u8>, BatchError> {
+    use std::io::Read;
+    let fail = |e: std::io::Error| BatchError::Decompress(e.to_string());
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(block).map_err(fail)?;
+    let window_log = usize::BITS - declared.max(1).leading_zeros();
+    decoder
+        .window_log_max(window_log.clamp(ZSTD_MIN_WINDOW_LOG, ZSTD_MAX_WINDOW_LOG))
+        .map_err(fail)?;
+    let mut out = Vec::with_capacity(declared.min(INITIAL_OUTPUT));
+    decoder.take(declared as u64 + 1).read_to_end(&mut out).map_err(fail)?;
+    Ok(out)
 }
 
 impl std::fmt::Display for Compression {
@@ -138,13 +175,60 @@ mod tests {
     }
 
     #[test]
+    fn a_block_that_inflates_past_its_declared_size_stops_one_byte_past_it() {
+        let plain = vec![0u8; 8 << 20];
+        let mut out = Vec::new();
+        Compression::Zstd.compress(&plain, &mut out).expect("compress");
+        // Claim 4 MiB: decoding must stop right after it, not produce 8 MiB.
+        let claim = 4u32 << 20;
+        out[..4].copy_from_slice(&claim.to_le_bytes());
+        let e = Compression::Zstd
+            .decompress(&out, MAX_UNCOMPRESSED_BYTES)
+            .expect_err("lies");
+        assert!(e.to_string().contains(&format!("decompressed to {}", claim + 1)), "{e}");
+        // Claim 1 KiB: the frame's window alone is larger than that, refused before decoding.
+        out[..4].copy_from_slice(&1024u32.to_le_bytes());
+        let e = Compression::Zstd
+            .decompress(&out, MAX_UNCOMPRESSED_BYTES)
+            .expect_err("lies");
+        assert!(matches!(e, BatchError::Decompress(_)), "{e}");
+    }
+
+    #[test]
+    fn a_section_declaring_more_than_the_limit_is_refused_as_too_large() {
+        let plain = vec![7u8; 4096];
+        for codec in [Compression::Lz4, Compression::Zstd] {
+            let mut out = Vec::new();
+            codec.compress(&plain, &mut out).expect("compress");
+            assert_eq!(
+                codec.decompress(&out, 4095),
+                Err(BatchError::InflatesTooLarge {
+                    size: 4096,
+                    limit: 4095
+                })
+            );
+            assert_eq!(codec.decompress(&out, 4096).expect("at the limit"), plain);
+        }
+    }
+
+    #[test]
+    fn an_lz4_block_claiming_more_than_it_can_hold_is_refused() {
+        let mut section = (1u32 << 20).to_le_bytes().to_vec();
+        section.extend_from_slice(&[0u8; 16]);
+        let e = Compression::Lz4
+            .decompress(&section, MAX_UNCOMPRESSED_BYTES)
+            .expect_err("lies");
+        assert!(e.to_string().contains("lz4 block"), "{e}");
+    }
+
+    #[test]
     fn a_lying_length_is_refused_before_allocating() {
         let mut section = (u32::MAX).to_le_bytes().to_vec();
         section.extend_from_slice(&[0u8; 16]);
         for codec in [Compression::Lz4, Compression::Zstd] {
             assert!(matches!(
                 codec.decompress(&section, MAX_UNCOMPRESSED_BYTES),
-                Err(BatchError::Decompress(_))
+                Err(BatchError::InflatesTooLarge { .. })
             ));
         }
     }

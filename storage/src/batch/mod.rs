@@ -56,7 +56,7 @@ pub use builder::BatchBuilder;
 pub use builder::unix_millis;
 pub use compression::Compression;
 pub use records::{Header, Record, RecordIter, StoredRecord};
-pub use validate::{ValidatedBatch, validate};
+pub use validate::{ValidatedBatch, validate, validate_within};
 
 use bytes::Bytes;
 
@@ -245,6 +245,7 @@ impl RecordBatch {
     /// (use [`validate`] for untrusted input).
     pub fn parse(bytes: Bytes) -> Result<RecordBatch, BatchError> {
         let header = BatchHeader::parse(&bytes)?;
+        check_declared_length(&header)?;
         if header.size() != bytes.len() {
             return Err(BatchError::LengthMismatch {
                 declared: u64::from(header.batch_length),
@@ -268,8 +269,39 @@ impl RecordBatch {
 
     /// Decodes the records, decompressing first when needed.
     pub fn records(&self) -> Result<RecordIter, BatchError> {
-        RecordIter::new(&self.header, &self.bytes)
+        self.records_within(compression::MAX_UNCOMPRESSED_BYTES)
     }
+
+    /// As [`records`](Self::records), refusing a compressed batch whose records would
+    /// decompress to more than `max_uncompressed_bytes` ([`BatchError::InflatesTooLarge`]).
+    pub fn records_within(&self, max_uncompressed_bytes: usize) -> Result<RecordIter, BatchError> {
+        RecordIter::new(&self.header, &self.bytes, max_uncompressed_bytes)
+    }
+
+    /// Checks the CRC, which covers everything after the CRC field: bytes altered on disk
+    /// or in transit since the producer built the batch fail it.
+    pub fn verify_crc(&self) -> Result<(), BatchError> {
+        let actual = crc32fast::hash(&self.bytes[CRC_START..]);
+        if actual != self.header.crc {
+            return Err(BatchError::CrcMismatch {
+                expected: self.header.crc,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a length field too small to cover the header it sits in: such a batch would end
+/// before its own fixed fields.
+fn check_declared_length(header: &BatchHeader) -> Result<(), BatchError> {
+    if header.size() < HEADER_LEN {
+        return Err(BatchError::TooShort {
+            len: header.size(),
+            min: HEADER_LEN,
+        });
+    }
+    Ok(())
 }
 
 /// Splits a buffer of concatenated batches (what a read or a fetch returns) into batches.
@@ -293,7 +325,7 @@ impl Iterator for BatchIter {
         if self.buf.is_empty() || self.failed {
             return None;
         }
-        let header = match BatchHeader::parse(&self.buf) {
+        let header = match BatchHeader::parse(&self.buf).and_then(|h| check_declared_length(&h).map(|()| h)) {
             Ok(h) if h.size() <= self.buf.len() => h,
             Ok(h) => {
                 self.failed = true;
@@ -309,5 +341,115 @@ impl Iterator for BatchIter {
         };
         let bytes = self.buf.split_to(header.size());
         Some(Ok(RecordBatch { header, bytes }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn sample(compression: Compression) -> Vec<u8> {
+        let mut b = BatchBuilder::new(compression);
+        for i in 0..4 {
+            b.push(&Record {
+                timestamp: 10 + i,
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: Some(Bytes::from(vec![b'v'; 40])),
+                headers: vec![Header {
+                    key: Bytes::from("h"),
+                    value: Some(Bytes::from("x")),
+                }],
+            });
+        }
+        b.build().expect("build").to_vec()
+    }
+
+    /// Splits `buf` into batches and decodes every record, as a consumer does, checking CRCs
+    /// on the way; returns how many records decoded. Must never panic.
+    fn read_everything(buf: &[u8]) -> usize {
+        let mut decoded = 0;
+        for batch in BatchIter::new(Bytes::copy_from_slice(buf)).flatten() {
+            let _ = batch.verify_crc();
+            let _ = batch.header().compression();
+            if let Ok(records) = batch.records_within(1 << 20) {
+                decoded += records.flatten().count();
+            }
+        }
+        if let Ok(batch) = RecordBatch::parse(Bytes::copy_from_slice(buf)) {
+            let _ = batch.verify_crc();
+            decoded += batch.records().map_or(0, |r| r.flatten().count());
+        }
+        decoded
+    }
+
+    #[test]
+    fn a_length_field_below_the_header_size_is_an_error_not_a_panic() {
+        let mut bytes = sample(Compression::None);
+        bytes[LENGTH_AT..LENGTH_AT + 4].copy_from_slice(&0u32.to_le_bytes());
+        let first = BatchIter::new(Bytes::from(bytes.clone())).next().expect("an item");
+        assert!(matches!(first, Err(BatchError::TooShort { len: 12, .. })), "{first:?}");
+        assert!(matches!(
+            RecordBatch::parse(Bytes::from(bytes)),
+            Err(BatchError::TooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_the_crc_check_of_a_fetched_batch() {
+        let mut bytes = sample(Compression::Zstd);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        let batch = RecordBatch::parse(Bytes::from(bytes)).expect("the frame still parses");
+        assert!(matches!(batch.verify_crc(), Err(BatchError::CrcMismatch { .. })));
+        let good = RecordBatch::parse(Bytes::from(sample(Compression::Zstd))).expect("parse");
+        good.verify_crc().expect("an intact batch passes");
+    }
+
+    #[test]
+    fn records_of_a_batch_inflating_past_the_limit_are_refused() {
+        let batch = RecordBatch::parse(Bytes::from(sample(Compression::Lz4))).expect("parse");
+        assert!(matches!(
+            batch.records_within(16),
+            Err(BatchError::InflatesTooLarge { limit: 16, .. })
+        ));
+        assert_eq!(batch.records_within(1 << 20).expect("records").count(), 4);
+    }
+
+    fn arb_codec() -> impl Strategy<Value = Compression> {
+        prop_oneof![Just(Compression::None), Just(Compression::Lz4), Just(Compression::Zstd)]
+    }
+
+    proptest! {
+        #[test]
+        fn no_byte_string_makes_batch_parsing_or_record_iteration_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            read_everything(&bytes);
+        }
+
+        #[test]
+        fn no_damage_to_a_real_batch_makes_parsing_panic_even_with_a_fixed_crc(
+            codec in arb_codec(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in any::<prop::sample::Index>(),
+            fix_crc in any::<bool>(),
+        ) {
+            let mut bytes = sample(codec);
+            for (at, value) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            if fix_crc && bytes.len() >= HEADER_LEN {
+                let crc = crc32fast::hash(&bytes[CRC_START..]);
+                bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            }
+            read_everything(&bytes);
+            // Truncated anywhere, and followed by a second copy of itself.
+            read_everything(&bytes[..cut.index(bytes.len() + 1)]);
+            let twice = [bytes.as_slice(), bytes.as_slice()].concat();
+            read_everything(&twice);
+        }
     }
 }

@@ -166,14 +166,18 @@ pub(crate) fn walk(header: &BatchHeader, section: &[u8]) -> Result<(u32, i64), B
     Ok((count, max_timestamp))
 }
 
-/// The plain records section of a batch, decompressed when needed.
-pub(crate) fn plain_section(header: &BatchHeader, batch: &Bytes) -> Result<Bytes, BatchError> {
+/// The plain records section of a batch, decompressed (to at most `limit` bytes) when needed.
+pub(crate) fn plain_section(header: &BatchHeader, batch: &Bytes, limit: usize) -> Result<Bytes, BatchError> {
+    if batch.len() < HEADER_LEN {
+        return Err(BatchError::TooShort {
+            len: batch.len(),
+            min: HEADER_LEN,
+        });
+    }
     let section = batch.slice(HEADER_LEN..);
     match header.compression()? {
         Compression::None => Ok(section),
-        codec => Ok(Bytes::from(
-            codec.decompress(&section, super::compression::MAX_UNCOMPRESSED_BYTES)?,
-        )),
+        codec => Ok(Bytes::from(codec.decompress(&section, limit)?)),
     }
 }
 
@@ -190,9 +194,9 @@ pub struct RecordIter {
 }
 
 impl RecordIter {
-    pub(crate) fn new(header: &BatchHeader, batch: &Bytes) -> Result<RecordIter, BatchError> {
+    pub(crate) fn new(header: &BatchHeader, batch: &Bytes, limit: usize) -> Result<RecordIter, BatchError> {
         Ok(RecordIter {
-            section: plain_section(header, batch)?,
+            section: plain_section(header, batch, limit)?,
             pos: 0,
             index: 0,
             base_offset: header.base_offset,
@@ -216,8 +220,12 @@ impl RecordIter {
                 value: slice(value),
             });
         }
+        let offset = self
+            .base_offset
+            .checked_add(raw.offset_delta)
+            .ok_or(invalid(self.index, "offset overflows"))?;
         Ok(StoredRecord {
-            offset: self.base_offset + raw.offset_delta,
+            offset,
             timestamp: self.first_timestamp.wrapping_add(raw.timestamp_delta),
             key: slice(raw.key),
             value: slice(raw.value),

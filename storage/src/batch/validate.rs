@@ -14,9 +14,22 @@ const MAX_COMPRESSION_RATIO: usize = 64;
 /// mismatch, a record count that disagrees with the records present, malformed records, and
 /// offset deltas or timestamps inconsistent with the header.
 pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, BatchError> {
-    let header = check_frame(batch, max_batch_bytes)?;
     // Bounds what a small compressed batch may expand to in memory.
     let inflate_limit = max_batch_bytes.saturating_mul(MAX_COMPRESSION_RATIO);
+    validate_within(batch, max_batch_bytes, inflate_limit)
+}
+
+/// As [`validate`], with an explicit limit on the size the records section may decompress
+/// to: a compressed batch declaring more is refused with [`BatchError::InflatesTooLarge`]
+/// before it is decompressed, and decompression stops as soon as the output passes what
+/// the batch declared.
+pub fn validate_within(
+    batch: &[u8],
+    max_batch_bytes: usize,
+    max_uncompressed_bytes: usize,
+) -> Result<BatchHeader, BatchError> {
+    let header = check_frame(batch, max_batch_bytes)?;
+    let inflate_limit = max_uncompressed_bytes;
     let (count, max_timestamp) = match header.compression()? {
         Compression::None => records::walk(&header, &batch[HEADER_LEN..])?,
         codec => records::walk(&header, &codec.decompress(&batch[HEADER_LEN..], inflate_limit)?)?,
@@ -53,6 +66,21 @@ impl ValidatedBatch {
     /// Validates `bytes` against `max_batch_bytes`.
     pub fn new(bytes: bytes::Bytes, max_batch_bytes: usize) -> Result<ValidatedBatch, BatchError> {
         let header = validate(&bytes, max_batch_bytes)?;
+        Ok(ValidatedBatch {
+            bytes,
+            header,
+            limit: max_batch_bytes,
+        })
+    }
+
+    /// Validates `bytes` against `max_batch_bytes`, and a compressed batch's records against
+    /// `max_uncompressed_bytes` (see [`validate_within`]).
+    pub fn within(
+        bytes: bytes::Bytes,
+        max_batch_bytes: usize,
+        max_uncompressed_bytes: usize,
+    ) -> Result<ValidatedBatch, BatchError> {
+        let header = validate_within(&bytes, max_batch_bytes, max_uncompressed_bytes)?;
         Ok(ValidatedBatch {
             bytes,
             header,
@@ -252,6 +280,23 @@ mod tests {
             validate(&with_crc_fixed(v), LIMIT),
             Err(BatchError::InvalidHeader(_))
         ));
+    }
+
+    #[test]
+    fn a_compressed_batch_inflating_past_the_limit_is_refused_whatever_its_wire_size() {
+        let mut b = BatchBuilder::new(Compression::Zstd);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(vec![0u8; 4 << 20])),
+            ..Record::default()
+        });
+        let bomb = b.build().expect("build");
+        assert!(bomb.len() < 4096, "zeros compress well: {}", bomb.len());
+        assert!(matches!(
+            validate_within(&bomb, LIMIT, 1 << 20),
+            Err(BatchError::InflatesTooLarge { limit, .. }) if limit == 1 << 20
+        ));
+        validate_within(&bomb, LIMIT, 8 << 20).expect("within a larger limit");
     }
 
     #[test]
