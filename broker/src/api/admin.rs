@@ -77,10 +77,10 @@ impl AdminService {
                     leader: status.leader as i32,
                     replicas,
                     in_sync: to_i32(&status.in_sync()),
-                    log_start_offset: p.log.log_start_offset(),
+                    log_start_offset: p.log().log_start_offset(),
                     high_watermark: p.high_watermark(),
-                    log_end_offset: p.log.log_end_offset(),
-                    size_bytes: p.log.size_bytes(),
+                    log_end_offset: p.log().log_end_offset(),
+                    size_bytes: p.log().size_bytes(),
                 }
             }
             None => PartitionDescription {
