@@ -101,7 +101,12 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
     }
     let described = cli_json(broker.addr(), &["topic", "describe", "full"]);
     let partition = &described["partitions"][0];
-    assert_eq!(partition["leader"], 0, "a stopped replica is not reported as leader: {partition}");
+    assert_eq!(
+        partition["leader"],
+        0,
+        "a stopped replica is not reported as leader: {partition}\n{}",
+        broker.log()
+    );
     let state = partition["replica_state"].as_str().unwrap_or_default();
     assert!(state.starts_with("stopped"), "describe shows the stopped replica: {partition}");
     let metrics = broker.scrape_metrics();
