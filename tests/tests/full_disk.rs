@@ -49,7 +49,9 @@ async fn produce(bootstrap: &str, topic: &str, name: &str, count: u64) -> Vec<Ac
 /// One acks=all produce request of one record straight to `address`: the partition's error,
 /// or `None` when it was acknowledged.
 async fn produce_one(address: &str, topic: &str, id: &str) -> Option<ErrorDetail> {
-    let mut grpc = ProduceClient::connect(format!("http://{address}")).await.expect("connect");
+    let mut grpc = ProduceClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect");
     let mut request = tonic::Request::new(ProduceRequest {
         request_id: 1,
         acks: WireAcks::All as i32,
@@ -64,8 +66,16 @@ async fn produce_one(address: &str, topic: &str, id: &str) -> Option<ErrorDetail
         }],
     });
     request.set_timeout(REQUEST_TIMEOUT);
-    let answer = grpc.produce(request).await.expect("a produce answer, not a transport failure");
-    let part = answer.into_inner().partitions.into_iter().next().expect("one partition result");
+    let answer = grpc
+        .produce(request)
+        .await
+        .expect("a produce answer, not a transport failure");
+    let part = answer
+        .into_inner()
+        .partitions
+        .into_iter()
+        .next()
+        .expect("one partition result");
     part.error
 }
 
@@ -92,7 +102,11 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
         ErrorCode::LeaderNotAvailable as i32,
         "it sends the client elsewhere, not INTERNAL or SHUTTING_DOWN: {error:?}"
     );
-    assert!(error.message.contains("stopped"), "the message says what happened: {}", error.message);
+    assert!(
+        error.message.contains("stopped"),
+        "the message says what happened: {}",
+        error.message
+    );
     // Until space returns, appends keep being refused, never acknowledged.
     for i in 1..5 {
         let answer = runtime.block_on(produce_one(broker.addr(), "full", &format!("during-{i}")));
@@ -108,22 +122,32 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
         broker.log()
     );
     let state = partition["replica_state"].as_str().unwrap_or_default();
-    assert!(state.starts_with("stopped"), "describe shows the stopped replica: {partition}");
+    assert!(
+        state.starts_with("stopped"),
+        "describe shows the stopped replica: {partition}"
+    );
     let metrics = broker.scrape_metrics();
     assert!(metric(&metrics, "conveyor_partition_failures_total").is_some_and(|v| v >= 1.0));
     assert_eq!(metric(&metrics, "conveyor_partitions_stopped"), Some(1.0));
 
     broker.disk_has_space();
-    wait_for("the partition to be reopened and take appends", RECOVERY_DEADLINE, || {
-        runtime
-            .block_on(produce_one(broker.addr(), "full", "probe-0"))
-            .is_none()
-            .then_some(())
-    });
+    wait_for(
+        "the partition to be reopened and take appends",
+        RECOVERY_DEADLINE,
+        || {
+            runtime
+                .block_on(produce_one(broker.addr(), "full", "probe-0"))
+                .is_none()
+                .then_some(())
+        },
+    );
     acked.extend(runtime.block_on(produce(broker.addr(), "full", "after", RECORDS)));
     let described = cli_json(broker.addr(), &["topic", "describe", "full"]);
     assert_eq!(described["partitions"][0]["replica_state"], "running");
-    assert_eq!(metric(&broker.scrape_metrics(), "conveyor_partitions_stopped"), Some(0.0));
+    assert_eq!(
+        metric(&broker.scrape_metrics(), "conveyor_partitions_stopped"),
+        Some(0.0)
+    );
     assert!(broker.log().contains("reopened from its log"), "the recovery is logged");
 
     let observed = runtime.block_on(read_all(broker.addr(), "full"));

@@ -29,9 +29,21 @@ const FLOOD_RECORDS_PER_REQUEST: usize = 50;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn create(cluster: &Cluster, topic: &str) {
-    let args = ["topic", "create", topic, "--partitions", "1", "--replication-factor", "3"];
+    let args = [
+        "topic",
+        "create",
+        topic,
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+    ];
     let out = cli(&cluster.bootstrap(), &args, "");
-    assert!(out.status.success(), "create {topic}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "create {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Sends acks=leader requests to `address` as fast as it answers until `stop`; counts answers.
@@ -112,8 +124,7 @@ async fn leader_seen_by(address: &str, topic: &str) -> Option<i32> {
 }
 
 #[test]
-fn given_a_leader_under_full_produce_load_when_cut_off_from_its_peers_should_step_down_and_lose_nothing_acknowledged()
-{
+fn given_a_leader_under_full_produce_load_when_cut_off_from_its_peers_should_step_down_and_lose_nothing_acknowledged() {
     let cluster = Cluster::start(3, &[]);
     create(&cluster, "isolated");
     let old = cluster.wait_for_leader("isolated", 0, None, DEADLINE);
@@ -138,16 +149,20 @@ fn given_a_leader_under_full_produce_load_when_cut_off_from_its_peers_should_ste
         Arc::clone(&acked),
     )));
     wait_for("the load to run", DEADLINE, || {
-        let running = acked.lock().expect("lock").len() >= WARM_UP_RECORDS
-            && answered.load(Ordering::Relaxed) >= WARM_UP_FLOOD;
+        let running =
+            acked.lock().expect("lock").len() >= WARM_UP_RECORDS && answered.load(Ordering::Relaxed) >= WARM_UP_FLOOD;
         running.then_some(())
     });
 
     cluster.isolate(old);
-    wait_for("the isolated leader to stop naming itself leader", STEP_DOWN_DEADLINE, || {
-        let leader = runtime.block_on(leader_seen_by(&old_address, "isolated"))?;
-        (leader != old as i32).then_some(())
-    });
+    wait_for(
+        "the isolated leader to stop naming itself leader",
+        STEP_DOWN_DEADLINE,
+        || {
+            let leader = runtime.block_on(leader_seen_by(&old_address, "isolated"))?;
+            (leader != old as i32).then_some(())
+        },
+    );
     let new = cluster.wait_for_leader("isolated", 0, Some(old), DEADLINE);
     assert_ne!(new, old);
 

@@ -299,7 +299,10 @@ mod tests {
         }
     }
 
-    fn scripted(runs: Vec<Box<dyn FnOnce() -> Exit + Send>>, restarts_failing: u32) -> (Scripted, Arc<Mutex<Vec<String>>>) {
+    fn scripted(
+        runs: Vec<Box<dyn FnOnce() -> Exit + Send>>,
+        restarts_failing: u32,
+    ) -> (Scripted, Arc<Mutex<Vec<String>>>) {
         let events = Arc::new(Mutex::new(Vec::new()));
         let replica = Scripted {
             runs,

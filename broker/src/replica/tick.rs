@@ -106,7 +106,11 @@ mod tests {
         let mut schedule = TickSchedule::new(PERIOD, MAX_PER_ROUND, start);
         let resumed = start + Duration::from_secs(10);
         assert_eq!(schedule.due(resumed), MAX_PER_ROUND);
-        assert_eq!(schedule.due(resumed + Duration::from_millis(1)), 0, "missed ticks are not replayed");
+        assert_eq!(
+            schedule.due(resumed + Duration::from_millis(1)),
+            0,
+            "missed ticks are not replayed"
+        );
         assert_eq!(schedule.due(resumed + PERIOD), 1);
     }
 
