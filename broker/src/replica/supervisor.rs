@@ -8,15 +8,17 @@
 //!   `topic describe` stop naming this replica (a stopped owner sends no heartbeats either,
 //!   so the other replicas elect a new leader);
 //! - counts the failure (`conveyor_partition_failures_total`) and logs it as an error;
-//! - answers appends and membership changes with [`BrokerError::ReplicaStopped`], a retriable
-//!   error that sends clients to another replica, and drops peers' Raft messages;
+//! - answers appends and membership changes with a retriable error that sends clients to
+//!   another replica: `NOT_LEADER` naming the leader once a peer's append or heartbeat
+//!   reveals one, else [`BrokerError::ReplicaStopped`]; peers' Raft messages are dropped;
 //! - after a backoff (1 s, doubling to 30 s while restarts keep failing or the reopened
 //!   replica fails again soon) reopens the replica the way the broker opens it at start:
 //!   a new [`PartitionLog`] on the same directory, through recovery, and a new Raft node over
 //!   it. Nothing is retried over a write that may have been lost.
 //!
 //! # Invariants
-//! - While stopped, the published status names no leader and `failure` is set.
+//! - While stopped, the published status never names this replica as leader (only a peer
+//!   whose messages show it leads), and `failure` is set.
 //! - Readers see the reopened log as soon as the owner over it starts: [`ReplicaFiles`] is
 //!   swapped before the new owner runs. A read that started on the old log finishes on it;
 //!   below the high watermark both hold the same bytes (recovery only drops an unsynced tail,
@@ -41,7 +43,9 @@ use tokio::time::Instant;
 
 use super::raft_storage::RaftLog;
 use crate::error::BrokerError;
-use crate::partition::{AppendRequest, Control, OpenContext, Opened, Owner, OwnerContext, open_replica};
+use crate::partition::{
+    AppendRequest, Control, OpenContext, Opened, Owner, OwnerContext, not_leader_error, open_replica,
+};
 
 /// Wait before the first restart of a failed replica.
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -173,8 +177,36 @@ impl PartitionReplica {
         }
     }
 
+    /// The answer for a request to the stopped replica: where the leader is, once this
+    /// replica has heard from one, so that clients go there.
     fn error(&self, reason: &str) -> BrokerError {
-        replica_stopped(&self.owner_cx.topic, self.owner_cx.index, reason)
+        let cx = &self.owner_cx;
+        let leader = cx.status.borrow().leader;
+        if leader != 0 && leader != cx.transport.node_id() {
+            return not_leader_error(&cx.transport, &cx.topic, cx.index, leader);
+        }
+        replica_stopped(&cx.topic, cx.index, reason)
+    }
+
+    /// Notes the leader a peer's message reveals: only a leader sends appends, heartbeats
+    /// and snapshots, and a newer term overrides an older one. The message itself is dropped
+    /// (Raft resends what matters once the replica is back).
+    fn learn_leader(&self, message: &Message) {
+        use raft::eraftpb::MessageType::{MsgAppend, MsgHeartbeat, MsgSnapshot};
+        if !matches!(message.get_msg_type(), MsgAppend | MsgHeartbeat | MsgSnapshot) {
+            return;
+        }
+        let Ok(from) = u32::try_from(message.from) else {
+            return;
+        };
+        self.owner_cx.status.send_if_modified(|status| {
+            let newer = message.term > status.term || (message.term == status.term && status.leader == 0);
+            if newer {
+                status.leader = from;
+                status.term = message.term;
+            }
+            newer
+        });
     }
 
     fn current_log(&self) -> Arc<PartitionLog> {
@@ -211,8 +243,7 @@ impl Replica for PartitionReplica {
                     Some(request) => drop(request.reply.send(Err(self.error(&reason)))),
                     None => return false,
                 },
-                // Raft resends whatever matters once the replica is back.
-                Some(_) = self.channels.inbox.recv() => {}
+                Some(message) = self.channels.inbox.recv() => self.learn_leader(&message),
                 Some(command) = self.channels.control.recv() => match command {
                     Control::SetPreferred(id) => {
                         self.restart.preferred = u32::try_from(id).unwrap_or(self.restart.preferred);
