@@ -10,7 +10,9 @@
 //!
 //! Raft messages from peers arrive in a bounded inbox the transport routes to; messages to
 //! peers go to the transport, which never blocks the owner. The owner publishes a
-//! [`GroupStatus`] (leader, in-sync replicas, follower lag) after every round.
+//! [`GroupStatus`] (leader, in-sync replicas, follower lag) after every round. Ticks follow
+//! the clock whatever wakes the owner ([`crate::replica::tick`]); an owner that fails or
+//! panics is reported and reopened from its log ([`crate::replica::supervisor`]).
 //!
 //! # Invariants
 //! The high watermark is the offset after the last committed entry: it only moves forward,
@@ -131,7 +133,8 @@ pub struct GroupStatus {
     pub term: u64,
     /// Set on the leader only.
     pub followers: Vec<FollowerState>,
-    /// Set while this replica is stopped after a failure (it then names no leader).
+    /// Set while this replica is stopped after a failure; `leader` is then never this
+    /// replica (0, or a peer whose heartbeats show it leads).
     pub failure: Option<String>,
 }
 

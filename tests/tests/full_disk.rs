@@ -159,7 +159,15 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
 #[test]
 fn given_three_brokers_when_the_leaders_disk_fills_should_move_leadership_and_rejoin_once_space_returns() {
     let cluster = Cluster::start(3, &[]);
-    let args = ["topic", "create", "full", "--partitions", "1", "--replication-factor", "3"];
+    let args = [
+        "topic",
+        "create",
+        "full",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+    ];
     let out = cli(&cluster.bootstrap(), &args, "");
     assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
     let old = cluster.wait_for_leader("full", 0, None, DEADLINE);
@@ -173,8 +181,14 @@ fn given_three_brokers_when_the_leaders_disk_fills_should_move_leadership_and_re
     let new = cluster.wait_for_leader("full", 0, Some(old), DEADLINE);
     assert_ne!(new, old);
     let described = cli_json(cluster.broker(old).addr(), &["topic", "describe", "full"]);
-    let state = described["partitions"][0]["replica_state"].as_str().unwrap_or_default().to_string();
-    assert!(state.starts_with("stopped"), "the full broker's replica is stopped: {described}");
+    let state = described["partitions"][0]["replica_state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        state.starts_with("stopped"),
+        "the full broker's replica is stopped: {described}"
+    );
 
     cluster.broker(old).disk_has_space();
     wait_for("the stopped replica to be reopened", RECOVERY_DEADLINE, || {
@@ -182,11 +196,15 @@ fn given_three_brokers_when_the_leaders_disk_fills_should_move_leadership_and_re
         (described["partitions"][0]["replica_state"] == "running").then_some(())
     });
     acked.extend(runtime.block_on(produce(&cluster.bootstrap(), "full", "after", RECORDS)));
-    wait_for("the reopened replica to catch up and be in sync", RECOVERY_DEADLINE, || {
-        let described = cluster.describe("full", None)?;
-        let in_sync = described["partitions"][0]["in_sync"].as_array()?.len();
-        (in_sync == 3).then_some(())
-    });
+    wait_for(
+        "the reopened replica to catch up and be in sync",
+        RECOVERY_DEADLINE,
+        || {
+            let described = cluster.describe("full", None)?;
+            let in_sync = described["partitions"][0]["in_sync"].as_array()?.len();
+            (in_sync == 3).then_some(())
+        },
+    );
     let observed = runtime.block_on(read_all(&cluster.bootstrap(), "full"));
     let report = check(&acked, &observed);
     assert!(report.lost.is_empty() && report.reordered.is_empty(), "{report}");
