@@ -109,6 +109,14 @@ pub enum BrokerError {
     NoController,
     #[error("cannot reach broker {id} at {address}: {reason}")]
     BrokerUnreachable { id: u32, address: String, reason: String },
+    #[error(
+        "topic '{topic}' partition {partition}: this broker's replica stopped after a failure ({reason}); it is reopened from its log by itself and another replica takes over leadership: retry"
+    )]
+    ReplicaStopped {
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -179,6 +187,8 @@ impl BrokerError {
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
             LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
+            // Sends the client to the replica that takes over, like a lost leader.
+            ReplicaStopped { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             BrokerUnreachable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             NotLeader { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
             OutOfSequence { .. } => (Code::FailedPrecondition, ErrorCode::OutOfSequence, true),
@@ -207,6 +217,7 @@ impl BrokerError {
             | DamagedOnDisk { topic, partition, .. }
             | LeaderNotAvailable { topic, partition }
             | MembershipChanging { topic, partition, .. }
+            | ReplicaStopped { topic, partition, .. }
             | OutOfSequence { topic, partition, .. }
             | Storage { topic, partition, .. } => {
                 detail.topic = topic.clone();

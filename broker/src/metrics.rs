@@ -85,6 +85,8 @@ pub struct Metrics {
     pub scrub_bytes: Counter,
     /// Corrupt batches the background scrub found.
     pub corrupt_batches: Counter,
+    /// Partition replicas stopped by a failure or a panic (each is reopened from its log).
+    pub partition_failures: Counter,
 }
 
 impl Metrics {
@@ -127,6 +129,11 @@ impl Metrics {
                 "conveyor_raft_messages_dropped_total",
                 "Raft messages dropped because a peer's send queue was full",
                 &self.raft_messages_dropped,
+            ),
+            (
+                "conveyor_partition_failures_total",
+                "Partition replicas stopped by a storage failure or a panic (each is reopened from its log)",
+                &self.partition_failures,
             ),
             (
                 "conveyor_raft_messages_dropped_inbound_total",
@@ -187,10 +194,10 @@ impl Metrics {
             gauge_header(&mut out, name, help);
             for p in &partitions {
                 let value = match i {
-                    0 => p.log.log_start_offset(),
-                    1 => p.log.log_end_offset(),
+                    0 => p.log().log_start_offset(),
+                    1 => p.log().log_end_offset(),
                     2 => p.high_watermark(),
-                    _ => p.log.size_bytes(),
+                    _ => p.log().size_bytes(),
                 };
                 let _ = writeln!(out, "{name}{{topic=\"{}\",partition=\"{}\"}} {value}", p.topic, p.index);
             }
@@ -210,6 +217,14 @@ impl Metrics {
                 );
             }
         }
+        let name = "conveyor_partitions_stopped";
+        gauge_header(
+            &mut out,
+            name,
+            "Partition replicas on this broker stopped after a failure and waiting to be reopened",
+        );
+        let stopped = partitions.iter().filter(|p| p.status().failure.is_some()).count();
+        let _ = writeln!(out, "{name} {stopped}");
         let name = "conveyor_raft_send_queue_depth";
         gauge_header(&mut out, name, "Raft messages waiting to be sent to a peer");
         let peers = registry.transport().peer_states();

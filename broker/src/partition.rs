@@ -10,7 +10,9 @@
 //!
 //! Raft messages from peers arrive in a bounded inbox the transport routes to; messages to
 //! peers go to the transport, which never blocks the owner. The owner publishes a
-//! [`GroupStatus`] (leader, in-sync replicas, follower lag) after every round.
+//! [`GroupStatus`] (leader, in-sync replicas, follower lag) after every round. Ticks follow
+//! the clock whatever wakes the owner ([`crate::replica::tick`]); an owner that fails or
+//! panics is reported and reopened from its log ([`crate::replica::supervisor`]).
 //!
 //! # Invariants
 //! The high watermark is the offset after the last committed entry: it only moves forward,
@@ -19,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use conveyor_storage::batch::ValidatedBatch;
@@ -33,6 +35,8 @@ use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
+use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles};
+use crate::replica::tick::TickSchedule;
 use crate::transport::{GroupKey, Transport};
 
 /// Most requests one owner round proposes before it processes a Ready.
@@ -42,6 +46,9 @@ const MAX_REQUESTS_PER_ROUND: usize = 512;
 const RAFT_TICK: Duration = Duration::from_millis(50);
 const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 3;
+/// Most ticks one owner round takes after a stall; see [`crate::replica::tick`]. Below
+/// `ELECTION_TICKS`, so one round never runs two check-quorum rounds with no messages between.
+const MAX_TICKS_PER_ROUND: u32 = 5;
 /// Raft messages from peers waiting for the owner; more are dropped (Raft resends).
 const INBOX_DEPTH: usize = 4096;
 /// A follower that has not caught up with the leader's log for this long is out of sync
@@ -126,6 +133,9 @@ pub struct GroupStatus {
     pub term: u64,
     /// Set on the leader only.
     pub followers: Vec<FollowerState>,
+    /// Set while this replica is stopped after a failure; `leader` is then never this
+    /// replica (0, or a peer whose heartbeats show it leads).
+    pub failure: Option<String>,
 }
 
 impl GroupStatus {
@@ -152,7 +162,7 @@ pub enum MemberChange {
 }
 
 #[derive(Debug)]
-enum Control {
+pub(crate) enum Control {
     TransferLeader(u64),
     SetPreferred(u64),
     Membership(MemberChange, oneshot::Sender<Result<()>>),
@@ -172,19 +182,92 @@ const PROMOTE_MAX_LAG: u64 = 64;
 pub struct Partition {
     pub topic: String,
     pub index: i32,
-    pub log: Arc<PartitionLog>,
+    /// The log and its Raft view; a restart after a failure swaps in reopened ones.
+    files: Arc<RwLock<ReplicaFiles>>,
     node_id: u32,
     key: Arc<GroupKey>,
-    raft: RaftLog,
     transport: Arc<Transport>,
     mailbox: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     control: mpsc::Sender<Control>,
     high_watermark: watch::Receiver<u64>,
     status: watch::Receiver<GroupStatus>,
     owner: Mutex<Option<JoinHandle<()>>>,
-    /// Set when the Raft log could not be written: the partition takes no more appends
-    /// until the broker restarts and recovers it.
+    /// Why the replica is stopped, while it is: appends are refused with a retriable error
+    /// until the supervisor has reopened it from its log.
     failed: Arc<Mutex<Option<String>>>,
+}
+
+/// A replica opened from its directory: the log, its Raft view, and the node over them.
+pub(crate) struct Opened {
+    pub log: Arc<PartitionLog>,
+    pub raft: RaftLog,
+    pub node: RawNode<RaftLog>,
+}
+
+/// Opens (or creates) a replica's log and Raft node, as [`Partition::open`] describes; a
+/// restart after a failure reopens through here too, so the log goes through recovery.
+/// Blocking.
+pub(crate) fn open_replica(
+    ctx: &OpenContext,
+    topic: &str,
+    index: i32,
+    dir: &std::path::Path,
+    config: LogConfig,
+    initial_voters: &[u32],
+    preferred: u32,
+) -> Result<Opened> {
+    let storage_error = |e: crate::replica::raft_storage::ReplicaError| {
+        BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
+    };
+    let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
+    let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
+    let new_group = raft.voters().is_empty();
+    if new_group && !initial_voters.is_empty() {
+        let conf = ConfState {
+            voters: initial_voters.iter().map(|&r| u64::from(r)).collect(),
+            ..ConfState::default()
+        };
+        raft.set_conf_state(&conf).map_err(storage_error)?;
+    }
+    let state = raft::Storage::initial_state(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let last = raft::Storage::last_index(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let config = raft::Config {
+        id: ctx.node_id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        applied: state.hard_state.commit.min(last),
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..raft::Config::default()
+    };
+    config
+        .validate()
+        .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))?;
+    let mut node =
+        RawNode::new(&config, raft.clone(), &raft_logger()).map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let preferred = u64::from(preferred);
+    // Alone in its group there is no reason to wait for an election timeout; a new group's
+    // preferred leader campaigns at once too, so a new topic is writable quickly.
+    let voter = raft.voters().contains(&ctx.node_id);
+    if raft.voters() == [ctx.node_id] || (new_group && voter && preferred == ctx.node_id) {
+        node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
+    }
+    Ok(Opened { log, raft, node })
+}
+
+/// What every incarnation of a partition's owner shares with the partition.
+#[derive(Clone)]
+pub(crate) struct OwnerContext {
+    pub failed: Arc<Mutex<Option<String>>>,
+    pub topic: String,
+    pub index: i32,
+    pub key: Arc<GroupKey>,
+    pub transport: Arc<Transport>,
+    pub high_watermark: watch::Sender<u64>,
+    pub status: watch::Sender<GroupStatus>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn raft_logger() -> slog::Logger {
@@ -207,83 +290,56 @@ impl Partition {
         initial_voters: &[u32],
         preferred: u32,
     ) -> Result<Arc<Partition>> {
-        let storage_error = |e: crate::replica::raft_storage::ReplicaError| {
-            BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
-        };
-        let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
-        let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
-        let new_group = raft.voters().is_empty();
-        if new_group && !initial_voters.is_empty() {
-            let conf = ConfState {
-                voters: initial_voters.iter().map(|&r| u64::from(r)).collect(),
-                ..ConfState::default()
-            };
-            raft.set_conf_state(&conf).map_err(storage_error)?;
-        }
-        let state = raft::Storage::initial_state(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let last = raft::Storage::last_index(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let config = raft::Config {
-            id: ctx.node_id,
-            election_tick: ELECTION_TICKS,
-            heartbeat_tick: HEARTBEAT_TICKS,
-            applied: state.hard_state.commit.min(last),
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            ..raft::Config::default()
-        };
-        config
-            .validate()
-            .map_err(|e| BrokerError::Internal(format!("raft config: {e}")))?;
-        let mut node =
-            RawNode::new(&config, raft.clone(), &raft_logger()).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let preferred = u64::from(preferred);
-        // Alone in its group there is no reason to wait for an election timeout; a new group's
-        // preferred leader campaigns at once too, so a new topic is writable quickly.
-        let voter = raft.voters().contains(&ctx.node_id);
-        if raft.voters() == [ctx.node_id] || (new_group && voter && preferred == ctx.node_id) {
-            node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
-        }
+        let Opened { log, raft, node } = open_replica(ctx, topic, index, dir, config, initial_voters, preferred)?;
         let key = Arc::new(GroupKey::new(topic, index));
-        let (hw_tx, hw_rx) = watch::channel(raft.offset_after(state.hard_state.commit));
+        let (hw_tx, hw_rx) = watch::channel(raft.offset_after(node.raft.raft_log.committed));
         let (status_tx, status_rx) = watch::channel(GroupStatus {
             leader: u32::try_from(node.raft.leader_id).unwrap_or(0),
             term: node.raft.term,
             followers: Vec::new(),
+            failure: None,
         });
         let (tx, rx) = mpsc::channel(ctx.queue_depth);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_DEPTH);
         let (control_tx, control_rx) = mpsc::channel(16);
         let failed = Arc::new(Mutex::new(None));
-        let owner = Owner {
+        let owner_cx = OwnerContext {
             failed: Arc::clone(&failed),
             topic: topic.to_string(),
             index,
             key: Arc::clone(&key),
-            raft: raft.clone(),
             transport: Arc::clone(&ctx.transport),
             high_watermark: hw_tx,
             status: status_tx,
             metrics: Arc::clone(&ctx.metrics),
-            pending: VecDeque::new(),
-            was_leader: false,
-            stepped_down: None,
-            preferred,
-            ticks: 0,
-            caught_up: HashMap::new(),
-            pending_changes: Vec::new(),
-            waiting: VecDeque::new(),
         };
+        let owner = Owner::new(&owner_cx, raft.clone(), u64::from(preferred));
+        let files = Arc::new(RwLock::new(ReplicaFiles { log, raft }));
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
-        let handle = ctx.runtime.spawn(owner.run(rx, inbox_rx, control_rx, node));
+        let channels = Channels {
+            requests: rx,
+            inbox: inbox_rx,
+            control: control_rx,
+        };
+        let replica = supervisor::PartitionReplica::new(
+            ctx.clone(),
+            owner_cx,
+            Arc::clone(&files),
+            channels,
+            supervisor::Restart {
+                initial_voters: initial_voters.to_vec(),
+                preferred,
+            },
+            owner,
+            node,
+        );
+        let handle = ctx.runtime.spawn(supervisor::supervise(replica));
         Ok(Arc::new(Partition {
             topic: topic.to_string(),
             index,
-            log,
+            files,
             node_id: ctx.node_id as u32,
             key,
-            raft,
             transport: Arc::clone(&ctx.transport),
             mailbox: Mutex::new(Some(tx)),
             control: control_tx,
@@ -296,6 +352,19 @@ impl Partition {
 
     pub fn status(&self) -> GroupStatus {
         self.status.borrow().clone()
+    }
+
+    /// The partition log readers use: after a restart, the reopened one.
+    pub fn log(&self) -> Arc<PartitionLog> {
+        Arc::clone(&self.files.read().unwrap_or_else(std::sync::PoisonError::into_inner).log)
+    }
+
+    fn raft(&self) -> RaftLog {
+        self.files
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .raft
+            .clone()
     }
 
     /// A receiver that wakes when leadership or replication state changes.
@@ -314,6 +383,9 @@ impl Partition {
 
     /// The error for a request this replica cannot serve because it does not lead.
     pub fn not_leader(&self) -> BrokerError {
+        if let Some(error) = self.failure() {
+            return error;
+        }
         not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
     }
 
@@ -354,7 +426,7 @@ impl Partition {
 
     /// Voters and learners of the group, as last applied here.
     pub fn members(&self) -> (Vec<u32>, Vec<u32>) {
-        let conf = self.raft.conf_state();
+        let conf = self.raft().conf_state();
         let ids = |v: &[u64]| v.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         (ids(&conf.voters), ids(&conf.learners))
     }
@@ -401,16 +473,13 @@ impl Partition {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()?;
-        Some(BrokerError::Internal(format!(
-            "topic '{}' partition {} stopped after a storage failure ({reason}); restart the broker to recover it",
-            self.topic, self.index
-        )))
+        Some(supervisor::replica_stopped(&self.topic, self.index, &reason))
     }
 
     /// Applies retention without losing what Raft needs (only committed entries go).
     /// Blocking.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
-        self.raft.compact(now_ms).map_err(|e| {
+        self.raft().compact(now_ms).map_err(|e| {
             BrokerError::Internal(format!(
                 "topic '{}' partition {}: retention: {e}",
                 self.topic, self.index
@@ -440,10 +509,10 @@ impl Partition {
     /// Closes the log cleanly, then stores the Raft state: the stored commit never covers
     /// entries that are not on disk. Blocking; after [`stop`](Self::stop).
     pub fn close(&self) -> Result<()> {
-        self.log
+        self.log()
             .close()
             .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
-        self.raft
+        self.raft()
             .flush_state()
             .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))
     }
@@ -493,8 +562,7 @@ pub fn not_leader_error(transport: &Transport, topic: &str, partition: i32, lead
     }
 }
 
-struct Owner {
-    failed: Arc<Mutex<Option<String>>>,
+pub(crate) struct Owner {
     topic: String,
     index: i32,
     key: Arc<GroupKey>,
@@ -539,20 +607,41 @@ impl ReadyHandler for Outbox<'_> {
 }
 
 impl Owner {
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<AppendRequest>,
-        mut inbox: mpsc::Receiver<Message>,
-        mut control: mpsc::Receiver<Control>,
-        mut node: RawNode<RaftLog>,
-    ) {
-        let mut ticker = tokio::time::interval(RAFT_TICK);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pub(crate) fn new(cx: &OwnerContext, raft: RaftLog, preferred: u64) -> Owner {
+        Owner {
+            topic: cx.topic.clone(),
+            index: cx.index,
+            key: Arc::clone(&cx.key),
+            raft,
+            transport: Arc::clone(&cx.transport),
+            high_watermark: cx.high_watermark.clone(),
+            status: cx.status.clone(),
+            metrics: Arc::clone(&cx.metrics),
+            pending: VecDeque::new(),
+            was_leader: false,
+            stepped_down: None,
+            preferred,
+            ticks: 0,
+            caught_up: HashMap::new(),
+            pending_changes: Vec::new(),
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Drives the node until the mailbox closes ([`Exit::Stopped`]) or the replica cannot go
+    /// on ([`Exit::Failed`]); the channels outlive it, for the supervisor and the next owner.
+    pub(crate) async fn run(mut self, channels: &mut Channels, mut node: RawNode<RaftLog>) -> Exit {
+        let Channels {
+            requests: rx,
+            inbox,
+            control,
+        } = channels;
+        // Ticks follow the clock whatever wakes the loop (see `replica::tick`).
+        let mut schedule = TickSchedule::new(RAFT_TICK, MAX_TICKS_PER_ROUND, tokio::time::Instant::now());
         let mut open = true;
         while open || node.has_ready() {
             let mut requests = Vec::new();
             let mut messages = Vec::new();
-            let mut tick = false;
             if open {
                 tokio::select! {
                     biased;
@@ -562,7 +651,7 @@ impl Owner {
                         None => open = false,
                     },
                     Some(c) = control.recv() => self.control(&mut node, c),
-                    _ = ticker.tick() => tick = true,
+                    () = tokio::time::sleep_until(schedule.deadline()) => {}
                 }
                 while messages.len() < INBOX_DEPTH {
                     match inbox.try_recv() {
@@ -588,12 +677,22 @@ impl Owner {
             for request in requests {
                 self.propose(&mut node, request);
             }
-            if tick {
+            let due = schedule.due(tokio::time::Instant::now());
+            let tick = due > 0;
+            for _ in 0..due {
                 node.tick();
                 self.ticks += 1;
                 if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {
                     self.restore_preferred_leader(&mut node);
                 }
+            }
+            if tick && self.raft.partition_log().is_poisoned() {
+                // A failed flush or a scrub that found damage poisoned the log while no
+                // Ready failed here: the replica cannot write safely, so it stops and is
+                // reopened through recovery.
+                let reason = "the partition log refuses writes (poisoned by a failed write or found damaged)";
+                self.fail_everything(reason);
+                return Exit::Failed(reason.into());
             }
             if !node.has_ready() {
                 // A former leader's proposals waiting to learn their fate time out on ticks.
@@ -624,10 +723,10 @@ impl Owner {
             let (returned, result) = match job.await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft ready processing panicked");
-                    *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(format!("internal panic: {e}"));
-                    return;
+                    // The node went down with the job: the supervisor reopens the replica.
+                    let reason = format!("raft ready processing panicked: {e}");
+                    self.fail_everything(&reason);
+                    return Exit::Failed(reason);
                 }
             };
             node = returned;
@@ -639,21 +738,29 @@ impl Owner {
                 }
                 Err(e) => {
                     // A Ready that could not be persisted leaves the node unusable: stop here
-                    // rather than retry over a log in an unknown state.
-                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "raft log write failed; partition stopped");
-                    let reason = e.to_string();
-                    *self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
-                    let error = || BrokerError::Internal(format!("raft log write failed: {reason}"));
-                    self.fail_all(error);
-                    rx.close();
-                    while let Some(r) = rx.recv().await {
-                        drop(r.reply.send(Err(error())));
-                    }
-                    return;
+                    // rather than retry over a log in an unknown state; the supervisor reopens
+                    // it through recovery.
+                    let reason = format!("raft log write failed: {e}");
+                    self.fail_everything(&reason);
+                    return Exit::Failed(reason);
                 }
             }
         }
         tracing::debug!(topic = %self.topic, partition = self.index, "partition owner stopped");
+        Exit::Stopped
+    }
+
+    /// Answers everything this owner holds with the retriable error of a stopped replica.
+    fn fail_everything(&mut self, reason: &str) {
+        let (topic, index) = (self.topic.clone(), self.index);
+        let error = || supervisor::replica_stopped(&topic, index, reason);
+        self.fail_all(error);
+        for (_, request) in std::mem::take(&mut self.waiting) {
+            drop(request.reply.send(Err(error())));
+        }
+        for change in std::mem::take(&mut self.pending_changes) {
+            drop(change.reply.send(Err(error())));
+        }
     }
 
     /// Whether appends must wait rather than be answered now: while an election runs (no
@@ -918,6 +1025,7 @@ impl Owner {
             leader,
             term: node.raft.term,
             followers,
+            failure: None,
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

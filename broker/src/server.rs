@@ -197,14 +197,14 @@ async fn maintain(registry: Arc<Registry>, retention_every: Duration, stop: impl
                 let partitions: Vec<_> = registry
                     .all_partitions()
                     .into_iter()
-                    .filter(|p| matches!(p.log.flush_policy(), conveyor_storage::FlushPolicy::Interval(_)))
+                    .filter(|p| matches!(p.log().flush_policy(), conveyor_storage::FlushPolicy::Interval(_)))
                     .collect();
                 if partitions.is_empty() {
                     continue;
                 }
                 let _ = blocking(move || {
                     for p in partitions {
-                        if let Err(e) = p.log.flush_if_due() {
+                        if let Err(e) = p.log().flush_if_due() {
                             tracing::error!(topic = %p.topic, partition = p.index, error = %e, "interval flush failed");
                         }
                     }
@@ -220,7 +220,7 @@ async fn maintain(registry: Arc<Registry>, retention_every: Duration, stop: impl
                         match p.enforce_retention(now) {
                             Ok(entries) if entries > 0 => tracing::info!(
                                 topic = %p.topic, partition = p.index, entries,
-                                log_start_offset = p.log.log_start_offset(), "retention deleted segments"),
+                                log_start_offset = p.log().log_start_offset(), "retention deleted segments"),
                             Ok(_) => {}
                             Err(e) => tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed"),
                         }

@@ -273,7 +273,7 @@ impl Registry {
         }
         let preferred = transport.broker_ids().first().copied().unwrap_or(options.node_id);
         let metadata = Partition::open(&ctx, CONTROLLER_TOPIC, 0, &meta_dir, metadata_config(), &[], preferred)?;
-        let (applied, _) = watch::channel(metadata.log.log_start_offset());
+        let (applied, _) = watch::channel(metadata.log().log_start_offset());
         let registry = Registry {
             options,
             metrics,
@@ -300,7 +300,7 @@ impl Registry {
     fn replay(&self) -> anyhow::Result<BTreeMap<String, Replayed>> {
         let me = self.options.node_id;
         let mut topics = BTreeMap::new();
-        let log = &self.metadata.log;
+        let log = &self.metadata.log();
         let mut next = log.log_start_offset();
         let end = self.metadata.high_watermark();
         while next < end {
@@ -344,7 +344,7 @@ impl Registry {
     /// Topics created in the part of the metadata log that is not known to be committed yet:
     /// their data must stay until the log says what became of them.
     fn created_after_commit(&self) -> anyhow::Result<Vec<String>> {
-        let log = &self.metadata.log;
+        let log = &self.metadata.log();
         let mut names = Vec::new();
         let mut next = self.metadata.high_watermark();
         while next < log.log_end_offset() {
@@ -370,7 +370,7 @@ impl Registry {
             let end = *hw.borrow_and_update();
             let from = *self.applied.borrow();
             if from < end {
-                let log = Arc::clone(&self.metadata.log);
+                let log = self.metadata.log();
                 let read = tokio::task::spawn_blocking(move || log.read_up_to(from, 1 << 20, end)).await;
                 let parsed = match read {
                     Ok(Ok(bytes)) => records_in(bytes),
@@ -453,7 +453,7 @@ impl Registry {
                     }
                 };
                 for p in topic.local.values() {
-                    if let Err(e) = p.log.set_config(effective.log_config()) {
+                    if let Err(e) = p.log().set_config(effective.log_config()) {
                         tracing::error!(topic = %c.name, partition = p.index, error = %e, "cannot apply config");
                     }
                 }

@@ -57,6 +57,7 @@ fn description_json(d: &TopicDescription) -> serde_json::Value {
             "high_watermark": p.high_watermark,
             "log_end_offset": p.log_end_offset,
             "size_bytes": p.size_bytes,
+            "replica_state": p.replica_state,
         })).collect::<Vec<_>>(),
     })
 }
@@ -84,6 +85,11 @@ fn print_description(d: &TopicDescription, format: Format) {
                 p.high_watermark.to_string(),
                 p.log_end_offset.to_string(),
                 p.size_bytes.to_string(),
+                if p.replica_state.is_empty() {
+                    "-".into()
+                } else {
+                    p.replica_state.clone()
+                },
             ]
         })
         .collect();
@@ -97,6 +103,7 @@ fn print_description(d: &TopicDescription, format: Format) {
             "HIGH WATERMARK",
             "END",
             "BYTES",
+            "REPLICA HERE",
         ],
         &rows,
     );

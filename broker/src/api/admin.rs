@@ -77,10 +77,14 @@ impl AdminService {
                     leader: status.leader as i32,
                     replicas,
                     in_sync: to_i32(&status.in_sync()),
-                    log_start_offset: p.log.log_start_offset(),
+                    log_start_offset: p.log().log_start_offset(),
                     high_watermark: p.high_watermark(),
-                    log_end_offset: p.log.log_end_offset(),
-                    size_bytes: p.log.size_bytes(),
+                    log_end_offset: p.log().log_end_offset(),
+                    size_bytes: p.log().size_bytes(),
+                    replica_state: match status.failure {
+                        Some(reason) => format!("stopped: {reason}"),
+                        None => "running".into(),
+                    },
                 }
             }
             None => PartitionDescription {
@@ -140,7 +144,9 @@ impl AdminService {
                 if p.leader == broker as i32
                     && let Some(slot) = description.partitions.get_mut(p.partition as usize)
                 {
+                    let ours = std::mem::take(&mut slot.replica_state);
                     *slot = p;
+                    slot.replica_state = ours;
                 }
             }
         }

@@ -57,7 +57,7 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
     for w in wanted {
         let p = &w.partition;
         let hw = p.high_watermark();
-        let (start, end) = (p.log.log_start_offset(), p.log.log_end_offset());
+        let (start, end) = (p.log().log_start_offset(), p.log().log_end_offset());
         let mut read = Read {
             high_watermark: hw,
             log_start_offset: start,
@@ -74,7 +74,7 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
             });
         } else if disk && left > 0 && w.offset < hw {
             read.batches = p
-                .log
+                .log()
                 .read_up_to(w.offset, w.max_bytes.min(left), hw)
                 .map_err(|e| BrokerError::from_log(&p.topic, p.index, e))?;
         }
@@ -285,10 +285,10 @@ impl FetchService {
             let p = self.ctx.registry.leader(&topic, q.partition)?;
             let hw = p.high_watermark();
             let (offset, found) = match q.spec {
-                Some(offset_query::Spec::Earliest(_)) | None => (p.log.log_start_offset(), true),
+                Some(offset_query::Spec::Earliest(_)) | None => (p.log().log_start_offset(), true),
                 Some(offset_query::Spec::Latest(_)) => (hw, true),
                 Some(offset_query::Spec::Timestamp(ts)) => {
-                    let log = Arc::clone(&p.log);
+                    let log = p.log();
                     let (topic, index) = (p.topic.clone(), p.index);
                     let found = blocking(move || {
                         log.offset_for_timestamp(ts)
@@ -306,9 +306,9 @@ impl FetchService {
                 partition: q.partition,
                 offset,
                 found,
-                log_start_offset: p.log.log_start_offset(),
+                log_start_offset: p.log().log_start_offset(),
                 high_watermark: hw,
-                log_end_offset: p.log.log_end_offset(),
+                log_end_offset: p.log().log_end_offset(),
             });
         }
         Ok(ListOffsetsResponse { results })

@@ -7,6 +7,9 @@
 //!   snapshot point.
 //! - [`raft_storage`]: raft-rs `Storage` over the segmented log: no second write-ahead log.
 //! - [`ready`]: processing a `RawNode` Ready in raft-rs's documented order.
+//! - [`tick`]: when a Raft node ticks (by the clock, whatever woke its owner).
+//! - [`supervisor`]: a partition owner that fails or panics is reported, stops claiming
+//!   leadership, and is restarted from its log with backoff.
 //!
 //! The RawNode driver, transport and controller come in the next steps of the Raft issue.
 
@@ -14,3 +17,5 @@ pub mod entry;
 pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;
+pub mod supervisor;
+pub mod tick;
