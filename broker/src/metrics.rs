@@ -81,6 +81,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Raft messages dropped because a peer's send queue was full.
     pub raft_messages_dropped: Counter,
+    /// Attempts to apply a committed metadata record that failed.
+    pub metadata_apply_failures: Counter,
 }
 
 impl Metrics {
@@ -128,6 +130,11 @@ impl Metrics {
                 "conveyor_raft_messages_dropped_inbound_total",
                 "Raft messages from peers dropped because their group was busy or not open here",
                 &registry.transport().dropped_inbound,
+            ),
+            (
+                "conveyor_metadata_apply_failures_total",
+                "Attempts to apply a committed cluster metadata record that failed (each is retried)",
+                &self.metadata_apply_failures,
             ),
         ];
         for (name, help, c) in counters {
@@ -210,6 +217,20 @@ impl Metrics {
         for peer in peers.iter().filter(|s| s.id != registry.transport().node_id()) {
             let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.id, peer.dropped);
         }
+        let name = "conveyor_metadata_apply_failing";
+        gauge_header(
+            &mut out,
+            name,
+            "1 while this broker cannot apply a committed cluster metadata record (it retries)",
+        );
+        let _ = writeln!(out, "{name} {}", u8::from(registry.apply_failure().is_some()));
+        let name = "conveyor_metadata_applied_offset";
+        gauge_header(
+            &mut out,
+            name,
+            "Offset after the last cluster metadata record this broker applied",
+        );
+        let _ = writeln!(out, "{name} {}", registry.applied_offset());
         let name = "conveyor_broker_alive";
         gauge_header(&mut out, name, "1 while this broker hears from the peer");
         for peer in &peers {
