@@ -479,12 +479,18 @@ impl Registry {
                 }
                 Err(e) => {
                     self.metrics.metadata_apply_failures.add(1);
-                    tracing::error!(offset = located.base, change = %what, error = %e, "cannot apply a metadata record; retrying");
-                    self.apply_failure.send_replace(Some(ApplyFailure {
+                    let failure = ApplyFailure {
                         offset: located.base,
                         change: what,
                         error: e.to_string(),
-                    }));
+                    };
+                    // Logged as an error when it starts or changes; each retry is counted.
+                    if self.apply_failure.borrow().as_ref() != Some(&failure) {
+                        tracing::error!(offset = failure.offset, change = %failure.change, error = %failure.error, "cannot apply a committed metadata record; retrying every second until it applies");
+                    } else {
+                        tracing::debug!(offset = failure.offset, error = %failure.error, "metadata record still not applied");
+                    }
+                    self.apply_failure.send_replace(Some(failure));
                     return false;
                 }
             }

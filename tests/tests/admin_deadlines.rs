@@ -72,7 +72,7 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
         assert!(
             status.message().contains("reassignment of topic 'moving' partition 0")
                 && status.message().contains("is in progress")
-                && status.message().contains(&format!("broker {target}")),
+                && status.message().contains("step "),
             "names what is in progress: {}",
             status.message()
         );

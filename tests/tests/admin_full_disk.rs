@@ -14,9 +14,10 @@ use futures::StreamExt;
 /// How long the topic may take to open once the disk has space again (the broker retries
 /// applying the record every second).
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
-/// A file size limit that lets small appends to existing files through (the controller log)
-/// but not the preallocation of a new partition's index: a disk with a few blocks left.
-const NEARLY_FULL_FILE_LIMIT: u64 = 64 * 1024;
+/// A file size limit that lets small appends to existing files through (the controller log,
+/// whose index is already preallocated) but not the preallocation of a new partition's
+/// index (10 MiB): a disk with a few blocks left.
+const NEARLY_FULL_FILE_LIMIT: u64 = 1 << 20;
 
 /// Sets the broker's soft file size limit (see `BrokerProcess::disk_full`).
 fn limit_file_size(broker: &BrokerProcess, bytes: u64) {
@@ -106,6 +107,8 @@ fn given_a_nearly_full_disk_a_committed_topic_create_should_say_so_and_the_topic
     let rt = runtime();
     let client = rt.block_on(Client::connect(broker.addr())).expect("connect");
 
+    // The controller log's active segment preallocates its index on its first append.
+    rt.block_on(client.admin().create_topic("first", 1, &[])).expect("create with space");
     limit_file_size(&broker, NEARLY_FULL_FILE_LIMIT);
     let created = rt.block_on(client.admin().create_topic("orders", 1, &[]));
     let error = created.expect_err("the replica cannot be opened");
