@@ -94,9 +94,16 @@ impl ChangeContext<'_> {
 /// A membership operation, as a request names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
-    AddBroker { id: u32, address: String },
+    AddBroker {
+        id: u32,
+        address: String,
+    },
     RemoveBroker(u32),
-    Reassign { topic: String, partition: i32, target: Vec<u32> },
+    Reassign {
+        topic: String,
+        partition: i32,
+        target: Vec<u32>,
+    },
     Rebalance,
 }
 
@@ -152,9 +159,7 @@ impl Jobs {
                     .into());
                 }
                 Some((job, None)) => (Arc::clone(&job.progress), job.done.clone()),
-                Some((job, Some((at, Ok(moves)))))
-                    if job.operation == operation && at.elapsed() < KEEP_FINISHED =>
-                {
+                Some((job, Some((at, Ok(moves))))) if job.operation == operation && at.elapsed() < KEEP_FINISHED => {
                     return Ok(moves);
                 }
                 _ => {
@@ -164,9 +169,9 @@ impl Jobs {
                     // Spawned apart from the call: a caller that gives up (deadline, dropped
                     // connection) does not stop the job, and a job that panics still ends.
                     tokio::spawn(async move {
-                        let outcome = work
-                            .await
-                            .unwrap_or_else(|e| Err(BrokerError::Internal(format!("the operation failed: {e}")).into()));
+                        let outcome = work.await.unwrap_or_else(|e| {
+                            Err(BrokerError::Internal(format!("the operation failed: {e}")).into())
+                        });
                         tx.send_replace(Some((Instant::now(), outcome)));
                     });
                     *current = Some(Job {
@@ -220,7 +225,9 @@ mod tests {
         let status = first.expect_err("still running after the wait");
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert!(
-            status.message().contains("reassignment of topic 'orders' partition 0 to [4, 2, 3] is in progress")
+            status
+                .message()
+                .contains("reassignment of topic 'orders' partition 0 to [4, 2, 3] is in progress")
                 && status.message().contains("promoting broker 4"),
             "{}",
             status.message()
@@ -229,7 +236,11 @@ mod tests {
         let other = jobs.run(Operation::Rebalance, WAIT, |_| async { Ok(vec![]) }).await;
         let status = other.expect_err("refused while another runs");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("another membership change is running"), "{}", status.message());
+        assert!(
+            status.message().contains("another membership change is running"),
+            "{}",
+            status.message()
+        );
 
         release.send(()).expect("job waiting");
         let again = jobs

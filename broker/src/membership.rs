@@ -14,6 +14,12 @@
 //! voter), and record the replica set without `from` (so `from` stops and deletes its copy).
 //! The group keeps its replication factor or more throughout, so a crash at any point loses
 //! no acknowledged write.
+//!
+//! # Locking and deadlines
+//! An operation runs as a background job on the controller ([`crate::admin_ops`]) and takes
+//! the metadata change lock only around each record it proposes ([`ChangeContext::propose`]),
+//! never across a step that waits on another broker, so topic changes go on meanwhile. It
+//! reports each step to its progress, which a call that reaches its deadline answers with.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -271,7 +277,9 @@ pub async fn add_broker(cx: &ChangeContext<'_>, id: u32, address: &str) -> Resul
         }))
         .await?;
     }
-    cx.progress.step(format!("step 2 of 3 (adding broker {id} to the controller group as a learner)"));
+    cx.progress.step(format!(
+        "step 2 of 3 (adding broker {id} to the controller group as a learner)"
+    ));
     change_controller_group(registry, &members, MemberChange::AddLearner(u64::from(id))).await?;
     cx.progress.step(format!(
         "step 3 of 3 (promoting broker {id} once it has caught up with the cluster metadata)"
@@ -385,13 +393,21 @@ pub async fn move_replica(cx: &ChangeContext<'_>, m: &ReplicaMove, which: &str) 
     tracing::info!(topic = %m.topic, partition = m.partition, from = m.from, to = m.to, "moving replica");
     let (to, from) = (u64::from(m.to), u64::from(m.from));
     let steps = [
-        (MemberChange::AddLearner(to), STEP_TIMEOUT, format!("adding broker {} as a learner", m.to)),
+        (
+            MemberChange::AddLearner(to),
+            STEP_TIMEOUT,
+            format!("adding broker {} as a learner", m.to),
+        ),
         (
             MemberChange::Promote(to),
             CATCH_UP_TIMEOUT,
             format!("promoting broker {} once it has caught up", m.to),
         ),
-        (MemberChange::Remove(from), STEP_TIMEOUT, format!("removing broker {} from the group", m.from)),
+        (
+            MemberChange::Remove(from),
+            STEP_TIMEOUT,
+            format!("removing broker {} from the group", m.from),
+        ),
     ];
     for (n, (change, timeout, doing)) in steps.into_iter().enumerate() {
         step(n + 2, doing);
@@ -460,9 +476,11 @@ pub async fn remove_broker(cx: &ChangeContext<'_>, id: u32) -> Result<Vec<Replic
     for (i, m) in moves.iter().enumerate() {
         move_replica(cx, m, &format!("move {} of {}", i + 1, moves.len())).await?;
     }
-    cx.progress.step(format!("waiting for broker {id} to apply the cluster metadata"));
+    cx.progress
+        .step(format!("waiting for broker {id} to apply the cluster metadata"));
     wait_for_metadata(registry, id).await;
-    cx.progress.step(format!("taking broker {id} out of the controller group"));
+    cx.progress
+        .step(format!("taking broker {id} out of the controller group"));
     change_controller_group(registry, &members, MemberChange::Remove(u64::from(id))).await?;
     cx.progress.step(format!("recording the removal of broker {id}"));
     cx.propose(metadata_record::Change::BrokerRemoved(BrokerRemoved { id }))
@@ -476,12 +494,7 @@ pub async fn remove_broker(cx: &ChangeContext<'_>, id: u32) -> Result<Vec<Replic
 /// half-way (an extra replica last) is finished: its extra replica stays if `target` names it
 /// and is removed otherwise. Finally the list takes `target`'s order, whose first replica is
 /// the preferred leader.
-pub async fn reassign(
-    cx: &ChangeContext<'_>,
-    topic: &str,
-    partition: i32,
-    target: &[u32],
-) -> Result<Vec<ReplicaMove>> {
+pub async fn reassign(cx: &ChangeContext<'_>, topic: &str, partition: i32, target: &[u32]) -> Result<Vec<ReplicaMove>> {
     let registry = cx.registry;
     let (t, current) = replicas_now(registry, topic, partition)?;
     check_target(registry, &t, partition, &current, target)?;

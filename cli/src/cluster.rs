@@ -75,7 +75,10 @@ pub async fn partition(client: &Client, cmd: PartitionCommand, format: Format) -
             replicas,
         } => {
             let what = format!("reassigning topic {topic} partition {partition} to {replicas:?}");
-            let moves = follow(&what, || async { admin.reassign_partition(&topic, partition, &replicas).await }).await?;
+            let moves = follow(&what, || async {
+                admin.reassign_partition(&topic, partition, &replicas).await
+            })
+            .await?;
             match format {
                 Format::Json => output::json(&json!({
                     "topic": topic,
@@ -206,7 +209,10 @@ pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow
             let moves = if dry_run {
                 client.admin().rebalance(true).await?
             } else {
-                follow("rebalancing (moving replicas)", || async { admin.rebalance(false).await }).await?
+                follow("rebalancing (moving replicas)", || async {
+                    admin.rebalance(false).await
+                })
+                .await?
             };
             match format {
                 Format::Json => output::json(&json!({"dry_run": dry_run, "moves": moves_json(&moves)})),

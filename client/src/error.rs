@@ -62,8 +62,13 @@ impl ClientError {
     /// True when the call's deadline passed while the operation it started goes on at the
     /// broker (a membership change catching up, say): the same call again follows it.
     pub fn is_in_progress(&self) -> bool {
-        matches!(self, ClientError::Broker { code: tonic::Code::DeadlineExceeded, .. })
-            && self.code() == Some(ErrorCode::MembershipChanging)
+        matches!(
+            self,
+            ClientError::Broker {
+                code: tonic::Code::DeadlineExceeded,
+                ..
+            }
+        ) && self.code() == Some(ErrorCode::MembershipChanging)
     }
 
     /// The same error, naming `address` where it says which broker could not be reached

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use conveyor_client::proto::admin_client::AdminClient;
-use conveyor_client::proto::{CreateTopicRequest, ErrorCode, ErrorDetail, RebalanceRequest, ReassignPartitionRequest};
+use conveyor_client::proto::{CreateTopicRequest, ErrorCode, ErrorDetail, ReassignPartitionRequest, RebalanceRequest};
 use conveyor_tests::cluster::Cluster;
 use conveyor_tests::{cli_json, runtime};
 use prost::Message;
@@ -19,7 +19,9 @@ const TOPIC_CHANGE_DEADLINE: Duration = Duration::from_secs(15);
 const FINISH_DEADLINE: Duration = Duration::from_secs(120);
 
 async fn admin(address: &str) -> AdminClient<tonic::transport::Channel> {
-    AdminClient::connect(format!("http://{address}")).await.expect("connect")
+    AdminClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect")
 }
 
 fn reassign_request(topic: &str, replicas: &[i32]) -> tonic::Request<ReassignPartitionRequest> {
@@ -58,7 +60,9 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
     rt.block_on(async {
         let mut client = admin(&address).await;
         let started = Instant::now();
-        let answer = client.reassign_partition(reassign_request("moving", &[target as i32])).await;
+        let answer = client
+            .reassign_partition(reassign_request("moving", &[target as i32]))
+            .await;
         let status = answer.expect_err("the new replica cannot catch up while its broker is stopped");
         assert!(
             started.elapsed() < CALL_DEADLINE,
@@ -98,7 +102,10 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
         // A different membership change is refused at once, naming the one running.
         let mut rebalance = tonic::Request::new(RebalanceRequest { dry_run: false });
         rebalance.set_timeout(CALL_DEADLINE);
-        let refused = client.rebalance(rebalance).await.expect_err("another change is running");
+        let refused = client
+            .rebalance(rebalance)
+            .await
+            .expect_err("another change is running");
         assert_eq!(detail(&refused).code, ErrorCode::Busy as i32, "{refused:?}");
         assert!(
             refused.message().contains("reassignment of topic 'moving' partition 0"),
@@ -113,7 +120,10 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
         let mut client = admin(&address).await;
         let until = Instant::now() + FINISH_DEADLINE;
         loop {
-            match client.reassign_partition(reassign_request("moving", &[target as i32])).await {
+            match client
+                .reassign_partition(reassign_request("moving", &[target as i32]))
+                .await
+            {
                 Ok(done) => {
                     assert_eq!(done.into_inner().moves.len(), 1, "one replica moved");
                     break;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use conveyor_client::proto::ErrorCode;
 use conveyor_client::{Client, ClientError, ConsumerConfig, ProducerConfig, ProducerRecord, StartAt};
-use conveyor_tests::{BrokerProcess, runtime, wait_for};
+use conveyor_tests::{BrokerProcess, cli_json, runtime, wait_for};
 use futures::StreamExt;
 
 /// How long the topic may take to open once the disk has space again (the broker retries
@@ -90,7 +90,10 @@ fn given_a_full_disk_a_failed_topic_create_should_leave_no_topic_behind_before_o
         error.to_string().contains("could not be written"),
         "says the change was not recorded: {error}"
     );
-    assert!(!rt.block_on(exists(&client, "orders")), "no topic after the failed create");
+    assert!(
+        !rt.block_on(exists(&client, "orders")),
+        "no topic after the failed create"
+    );
 
     broker.terminate();
     broker.restart();
@@ -108,7 +111,8 @@ fn given_a_nearly_full_disk_a_committed_topic_create_should_say_so_and_the_topic
     let client = rt.block_on(Client::connect(broker.addr())).expect("connect");
 
     // The controller log's active segment preallocates its index on its first append.
-    rt.block_on(client.admin().create_topic("first", 1, &[])).expect("create with space");
+    rt.block_on(client.admin().create_topic("first", 1, &[]))
+        .expect("create with space");
     limit_file_size(&broker, NEARLY_FULL_FILE_LIMIT);
     let created = rt.block_on(client.admin().create_topic("orders", 1, &[]));
     let error = created.expect_err("the replica cannot be opened");
@@ -122,12 +126,25 @@ fn given_a_nearly_full_disk_a_committed_topic_create_should_say_so_and_the_topic
         metrics.contains("conveyor_metadata_apply_failing 1"),
         "the failure shows in the metrics:\n{metrics}"
     );
+    let info = cli_json(broker.addr(), &["cluster", "info"]);
+    let reported = info["brokers"][0]["metadata"]["apply_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reported.contains("creation of topic 'orders'"),
+        "cluster info names the record the broker cannot apply: {info}"
+    );
 
     broker.disk_has_space();
     wait_for("the committed topic to open", RECOVERY_DEADLINE, || {
         rt.block_on(exists(&client, "orders")).then_some(())
     });
     rt.block_on(round_trip(&client, "orders", "before restart"));
+    let info = cli_json(broker.addr(), &["cluster", "info"]);
+    assert!(
+        info["brokers"][0]["metadata"]["apply_error"].is_null(),
+        "cluster info clears the failure once the record applied: {info}"
+    );
 
     broker.terminate();
     broker.restart();
