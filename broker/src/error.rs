@@ -119,6 +119,26 @@ pub enum BrokerError {
     },
     #[error("the broker is shutting down")]
     ShuttingDown,
+    #[error("{what} did not finish within {after:?}: {state}")]
+    TimedOut {
+        what: String,
+        after: std::time::Duration,
+        state: String,
+    },
+    #[error(
+        "the {what} could not be written to the cluster metadata log on broker {broker}: {reason}; free disk space there; if the record reached other brokers first it may still take effect, so look (topic list, cluster info) before repeating the call"
+    )]
+    MetadataNotWritten { what: String, broker: u32, reason: String },
+    #[error(
+        "the {what} was committed, but broker {broker} has not applied it yet: {reason}; the broker retries until it succeeds (see `conveyor cluster info`), and the change takes effect there then"
+    )]
+    MetadataNotApplied { what: String, broker: u32, reason: String },
+    #[error("{progress}; it goes on in the background: repeat the same command to wait for it")]
+    MembershipInProgress { progress: String },
+    #[error(
+        "another membership change is running: {progress}; wait for it to finish (repeat that command to follow it), then retry"
+    )]
+    MembershipBusy { progress: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -186,6 +206,10 @@ impl BrokerError {
             OffsetOutOfRange { .. } => (Code::OutOfRange, ErrorCode::OffsetOutOfRange, false),
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
+            TimedOut { .. } => (Code::DeadlineExceeded, ErrorCode::TimedOut, true),
+            MetadataNotWritten { .. } | MetadataNotApplied { .. } => (Code::Unavailable, ErrorCode::Storage, true),
+            MembershipInProgress { .. } => (Code::DeadlineExceeded, ErrorCode::MembershipChanging, true),
+            MembershipBusy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
             LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             // Sends the client to the replica that takes over, like a lost leader.
             ReplicaStopped { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),

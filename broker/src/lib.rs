@@ -7,6 +7,8 @@
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
 //! - [`api`]: one gRPC service per file (admin, produce, fetch).
+//! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
+//!   change lock.
 //! - [`topics`]: the topic registry, the controller group and replica placement.
 //! - [`partition`]: a partition's Raft group: owner task, mailbox, high watermark, status.
 //! - [`replica`]: the Raft log over the segmented log, and Ready processing.
@@ -19,6 +21,7 @@
 //! - Batches travel as opaque bytes: validated, stamped and stored, never re-encoded.
 //! - All disk I/O runs off the async reactor; every queue is bounded.
 
+pub mod admin_ops;
 pub mod api;
 pub mod config;
 pub mod error;

@@ -14,6 +14,12 @@
 //! voter), and record the replica set without `from` (so `from` stops and deletes its copy).
 //! The group keeps its replication factor or more throughout, so a crash at any point loses
 //! no acknowledged write.
+//!
+//! # Locking and deadlines
+//! An operation runs as a background job on the controller ([`crate::admin_ops`]) and takes
+//! the metadata change lock only around each record it proposes ([`ChangeContext::propose`]),
+//! never across a step that waits on another broker, so topic changes go on meanwhile. It
+//! reports each step to its progress, which a call that reaches its deadline answers with.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,6 +34,7 @@ use conveyor_proto::v1::ErrorDetail;
 use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::admin_ops::ChangeContext;
 use crate::error::{BrokerError, Result};
 use crate::partition::{MemberChange, Partition};
 use crate::topics::{Registry, Topic};
@@ -247,7 +254,8 @@ async fn change_controller_group(registry: &Registry, members: &[u32], step: Mem
 
 /// Adds broker `id` at `address` to the cluster (controller only): registers its address,
 /// adds it to the controller group as a learner, and promotes it once it has caught up.
-pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<()> {
+pub async fn add_broker(cx: &ChangeContext<'_>, id: u32, address: &str) -> Result<()> {
+    let registry = cx.registry;
     if id == 0 {
         return Err(BrokerError::InvalidRequest("broker ids start at 1".into()));
     }
@@ -262,14 +270,20 @@ pub async fn add_broker(registry: &Registry, id: u32, address: &str) -> Result<(
         return Ok(());
     }
     if !members.contains(&id) || registry.transport().raft_address(id).is_none() {
-        registry
-            .propose(metadata_record::Change::BrokerRegistered(BrokerRegistered {
-                id,
-                address: address.to_string(),
-            }))
-            .await?;
+        cx.progress.step("step 1 of 3 (registering its address)");
+        cx.propose(metadata_record::Change::BrokerRegistered(BrokerRegistered {
+            id,
+            address: address.to_string(),
+        }))
+        .await?;
     }
+    cx.progress.step(format!(
+        "step 2 of 3 (adding broker {id} to the controller group as a learner)"
+    ));
     change_controller_group(registry, &members, MemberChange::AddLearner(u64::from(id))).await?;
+    cx.progress.step(format!(
+        "step 3 of 3 (promoting broker {id} once it has caught up with the cluster metadata)"
+    ));
     change_controller_group(registry, &members, MemberChange::Promote(u64::from(id)))
         .await
         .map_err(|e| match e {
@@ -356,29 +370,52 @@ fn reassigned(topic: &Topic, partition: i32, replicas: Vec<u32>) -> metadata_rec
     })
 }
 
-/// Moves one replica of a partition from one broker to another (controller only).
-pub async fn move_replica(registry: &Registry, m: &ReplicaMove) -> Result<()> {
+/// Moves one replica of a partition from one broker to another (controller only); `which`
+/// says which move of the operation this is ("move 1 of 3"), for its progress.
+pub async fn move_replica(cx: &ChangeContext<'_>, m: &ReplicaMove, which: &str) -> Result<()> {
+    let registry = cx.registry;
     let topic = registry.get(&m.topic)?;
     let index = m.partition as usize;
     let current = topic.assignments.get(index).cloned().unwrap_or_default();
     let record = |replicas: Vec<u32>| reassigned(&topic, m.partition, replicas);
+    let step = |n: usize, doing: String| {
+        cx.progress.step(format!(
+            "{which} (topic '{}' partition {} from broker {} to {}), step {n} of 5 ({doing})",
+            m.topic, m.partition, m.from, m.to
+        ));
+    };
     let mut widened = current.clone();
     if !widened.contains(&m.to) {
         widened.push(m.to);
-        registry.propose(record(widened.clone())).await?;
+        step(1, format!("recording broker {} as a new replica", m.to));
+        cx.propose(record(widened.clone())).await?;
     }
     tracing::info!(topic = %m.topic, partition = m.partition, from = m.from, to = m.to, "moving replica");
     let (to, from) = (u64::from(m.to), u64::from(m.from));
     let steps = [
-        (MemberChange::AddLearner(to), STEP_TIMEOUT),
-        (MemberChange::Promote(to), CATCH_UP_TIMEOUT),
-        (MemberChange::Remove(from), STEP_TIMEOUT),
+        (
+            MemberChange::AddLearner(to),
+            STEP_TIMEOUT,
+            format!("adding broker {} as a learner", m.to),
+        ),
+        (
+            MemberChange::Promote(to),
+            CATCH_UP_TIMEOUT,
+            format!("promoting broker {} once it has caught up", m.to),
+        ),
+        (
+            MemberChange::Remove(from),
+            STEP_TIMEOUT,
+            format!("removing broker {} from the group", m.from),
+        ),
     ];
-    for (step, timeout) in steps {
-        change_group(registry, &m.topic, m.partition, &widened, step, timeout).await?;
+    for (n, (change, timeout, doing)) in steps.into_iter().enumerate() {
+        step(n + 2, doing);
+        change_group(registry, &m.topic, m.partition, &widened, change, timeout).await?;
     }
     let narrowed: Vec<u32> = widened.into_iter().filter(|&b| b != m.from).collect();
-    registry.propose(record(narrowed)).await?;
+    step(5, format!("recording the replica list without broker {}", m.from));
+    cx.propose(record(narrowed)).await?;
     Ok(())
 }
 
@@ -409,7 +446,8 @@ async fn wait_for_metadata(registry: &Registry, id: u32) {
 
 /// Removes broker `id` from the cluster (controller only, and not the controller itself):
 /// moves its replicas away, then takes it out of the controller group.
-pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMove>> {
+pub async fn remove_broker(cx: &ChangeContext<'_>, id: u32) -> Result<Vec<ReplicaMove>> {
+    let registry = cx.registry;
     let members = registry.members();
     if !members.contains(&id) {
         return Err(BrokerError::UnknownBroker(id));
@@ -425,19 +463,27 @@ pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMo
             "the controller cannot remove itself; move the controller first".into(),
         ));
     }
-    let moves = plan_moves(registry, id)?;
+    // Refused before anything changes when a replica has nowhere to go.
+    plan_moves(registry, id)?;
     if !registry.draining().contains(&id) {
-        registry
-            .propose(metadata_record::Change::BrokerDraining(BrokerDraining { id }))
+        cx.progress.step(format!("recording that broker {id} is draining"));
+        cx.propose(metadata_record::Change::BrokerDraining(BrokerDraining { id }))
             .await?;
     }
-    for m in &moves {
-        move_replica(registry, m).await?;
+    // Planned once the broker is draining: a topic created meanwhile places nothing on it,
+    // and one created before the record is in this plan.
+    let moves = plan_moves(registry, id)?;
+    for (i, m) in moves.iter().enumerate() {
+        move_replica(cx, m, &format!("move {} of {}", i + 1, moves.len())).await?;
     }
+    cx.progress
+        .step(format!("waiting for broker {id} to apply the cluster metadata"));
     wait_for_metadata(registry, id).await;
+    cx.progress
+        .step(format!("taking broker {id} out of the controller group"));
     change_controller_group(registry, &members, MemberChange::Remove(u64::from(id))).await?;
-    registry
-        .propose(metadata_record::Change::BrokerRemoved(BrokerRemoved { id }))
+    cx.progress.step(format!("recording the removal of broker {id}"));
+    cx.propose(metadata_record::Change::BrokerRemoved(BrokerRemoved { id }))
         .await?;
     tracing::info!(broker = id, moved = moves.len(), "broker removed from the cluster");
     Ok(moves)
@@ -448,7 +494,8 @@ pub async fn remove_broker(registry: &Registry, id: u32) -> Result<Vec<ReplicaMo
 /// half-way (an extra replica last) is finished: its extra replica stays if `target` names it
 /// and is removed otherwise. Finally the list takes `target`'s order, whose first replica is
 /// the preferred leader.
-pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: &[u32]) -> Result<Vec<ReplicaMove>> {
+pub async fn reassign(cx: &ChangeContext<'_>, topic: &str, partition: i32, target: &[u32]) -> Result<Vec<ReplicaMove>> {
+    let registry = cx.registry;
     let (t, current) = replicas_now(registry, topic, partition)?;
     check_target(registry, &t, partition, &current, target)?;
     // A move that stopped half-way may have left a listed replica outside the group (never
@@ -457,6 +504,9 @@ pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: 
     if current.len() > t.replication_factor as usize {
         for &b in current.iter().filter(|b| target.contains(b)) {
             let id = u64::from(b);
+            cx.progress.step(format!(
+                "finishing an interrupted move: making broker {b} a voter once it has caught up"
+            ));
             change_group(
                 registry,
                 topic,
@@ -489,11 +539,12 @@ pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: 
             to,
         })
         .collect();
-    for m in &moves {
-        move_replica(registry, m).await?;
+    for (i, m) in moves.iter().enumerate() {
+        move_replica(cx, m, &format!("move {} of {}", i + 1, moves.len())).await?;
     }
     // Left over when a half-done move's extra replica is not wanted.
     for &from in leaving.iter().skip(arriving.len()) {
+        cx.progress.step(format!("removing the extra replica on broker {from}"));
         let (t, replicas) = replicas_now(registry, topic, partition)?;
         change_group(
             registry,
@@ -505,11 +556,12 @@ pub async fn reassign(registry: &Registry, topic: &str, partition: i32, target: 
         )
         .await?;
         let narrowed = replicas.into_iter().filter(|&b| b != from).collect();
-        registry.propose(reassigned(&t, partition, narrowed)).await?;
+        cx.propose(reassigned(&t, partition, narrowed)).await?;
     }
     let (t, replicas) = replicas_now(registry, topic, partition)?;
     if replicas != target {
-        registry.propose(reassigned(&t, partition, target.to_vec())).await?;
+        cx.progress.step("recording the final replica order");
+        cx.propose(reassigned(&t, partition, target.to_vec())).await?;
     }
     if !moves.is_empty() {
         tracing::info!(topic, partition, ?target, moved = moves.len(), "partition reassigned");
@@ -633,8 +685,8 @@ fn even_out(brokers: &[u32], mut lists: Vec<PartitionReplicas>) -> Vec<(Partitio
 
 /// Evens out replicas across live brokers (controller only); see [`plan_rebalance`]. Each
 /// partition is reassigned once, to its final list.
-pub async fn rebalance(registry: &Registry, dry_run: bool) -> Result<Vec<ReplicaMove>> {
-    let plan = plan_rebalance(registry);
+pub async fn rebalance(cx: &ChangeContext<'_>, dry_run: bool) -> Result<Vec<ReplicaMove>> {
+    let plan = plan_rebalance(cx.registry);
     let moves: Vec<ReplicaMove> = plan.iter().map(|(_, m)| m.clone()).collect();
     if dry_run {
         return Ok(moves);
@@ -643,8 +695,9 @@ pub async fn rebalance(registry: &Registry, dry_run: bool) -> Result<Vec<Replica
     for ((topic, partition, target), _) in plan {
         finals.insert((topic, partition), target);
     }
+    // Each partition's steps name it; the progress shows the current one.
     for ((topic, partition), target) in finals {
-        reassign(registry, &topic, partition, &target).await?;
+        reassign(cx, &topic, partition, &target).await?;
     }
     tracing::info!(moved = moves.len(), "cluster rebalanced");
     Ok(moves)

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub corrupt_batches: Counter,
     /// Partition replicas stopped by a failure or a panic (each is reopened from its log).
     pub partition_failures: Counter,
+    /// Attempts to apply a committed metadata record that failed.
+    pub metadata_apply_failures: Counter,
 }
 
 impl Metrics {
@@ -149,6 +151,9 @@ impl Metrics {
                 "conveyor_corrupt_batches_total",
                 "Corrupt batches found at rest by the background scrub",
                 &self.corrupt_batches,
+                "conveyor_metadata_apply_failures_total",
+                "Attempts to apply a committed cluster metadata record that failed (each is retried)",
+                &self.metadata_apply_failures,
             ),
         ];
         for (name, help, c) in counters {
@@ -239,6 +244,20 @@ impl Metrics {
         for peer in peers.iter().filter(|s| s.id != registry.transport().node_id()) {
             let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.id, peer.dropped);
         }
+        let name = "conveyor_metadata_apply_failing";
+        gauge_header(
+            &mut out,
+            name,
+            "1 while this broker cannot apply a committed cluster metadata record (it retries)",
+        );
+        let _ = writeln!(out, "{name} {}", u8::from(registry.apply_failure().is_some()));
+        let name = "conveyor_metadata_applied_offset";
+        gauge_header(
+            &mut out,
+            name,
+            "Offset after the last cluster metadata record this broker applied",
+        );
+        let _ = writeln!(out, "{name} {}", registry.applied_offset());
         let name = "conveyor_broker_alive";
         gauge_header(&mut out, name, "1 while this broker hears from the peer");
         for peer in &peers {

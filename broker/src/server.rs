@@ -120,7 +120,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .add_service(InterceptedService::new(
-            AdminServer::new(AdminService { ctx: Arc::clone(&ctx) }),
+            AdminServer::new(AdminService::new(Arc::clone(&ctx))),
             serving.clone(),
         ))
         .add_service(

@@ -42,6 +42,45 @@ const TOPIC_ID_FILE: &str = "topic-id";
 const MAX_TOPIC_NAME: usize = 249;
 /// How long a change waits for a controller to be elected before it fails.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(5);
+/// How long a metadata change may take to commit and be applied on the controller before
+/// the call that made it fails (it may still take effect after that).
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before applying again a metadata record that failed: a retry backoff.
+const APPLY_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// A committed metadata record this broker failed to apply; it keeps trying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyFailure {
+    /// Where the record sits in the controller log.
+    pub offset: u64,
+    /// What the record changes, for people.
+    pub change: String,
+    pub error: String,
+}
+
+/// A metadata change in a few words, for errors and logs.
+pub(crate) fn describe_change(change: &metadata_record::Change) -> String {
+    use metadata_record::Change::*;
+    match change {
+        TopicCreated(t) => format!("creation of topic '{}'", t.name),
+        TopicDeleted(d) => format!("deletion of topic '{}'", d.name),
+        TopicConfigChanged(c) => format!("config change of topic '{}'", c.name),
+        PartitionReassigned(r) => format!(
+            "replica list {:?} of topic '{}' partition {}",
+            r.replicas, r.topic, r.partition
+        ),
+        BrokerRegistered(b) => format!("registration of broker {}", b.id),
+        BrokerDraining(b) => format!("draining of broker {}", b.id),
+        BrokerRemoved(b) => format!("removal of broker {}", b.id),
+    }
+}
+
+/// Runs blocking work (disk I/O) off the reactor.
+async fn off_reactor<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
+}
 
 /// A topic as this broker knows it. A change replaces the whole value (readers hold an
 /// `Arc` to the one they looked up), so it is cloned and modified.
@@ -104,6 +143,8 @@ pub struct Registry {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// The offset after the last metadata record applied here.
     applied: watch::Sender<u64>,
+    /// The record this broker is failing to apply, while it retries it.
+    apply_failure: watch::Sender<Option<ApplyFailure>>,
     /// Brokers being removed: no new replicas go there.
     draining: RwLock<BTreeSet<u32>>,
 }
@@ -223,25 +264,45 @@ pub fn place(brokers: &[u32], partitions: usize, rf: usize, start: usize) -> Vec
         .collect()
 }
 
+/// A metadata record and where it sits in the controller log.
+#[derive(Debug, Clone)]
+struct Located {
+    /// The base offset of its batch, and the offset after it.
+    base: u64,
+    next: u64,
+    change: metadata_record::Change,
+}
+
 /// The metadata records in `bytes` (control batches, such as Raft no-ops, carry none), and
 /// the offset after the last batch.
-fn records_in(bytes: Bytes) -> anyhow::Result<(Vec<metadata_record::Change>, Option<u64>)> {
+fn located_records_in(bytes: Bytes) -> anyhow::Result<(Vec<Located>, Option<u64>)> {
     let mut changes = Vec::new();
     let mut next = None;
     for batch in BatchIter::new(bytes) {
         let batch = batch?;
-        next = Some(batch.header().next_offset());
+        let (base, after) = (batch.header().base_offset, batch.header().next_offset());
+        next = Some(after);
         if batch.header().is_control() {
             continue;
         }
         for record in batch.records()? {
             let value = record?.value.unwrap_or_default();
             if let Some(change) = MetadataRecord::decode(value)?.change {
-                changes.push(change);
+                changes.push(Located {
+                    base,
+                    next: after,
+                    change,
+                });
             }
         }
     }
     Ok((changes, next))
+}
+
+/// As [`located_records_in`], the records alone.
+fn records_in(bytes: Bytes) -> anyhow::Result<(Vec<metadata_record::Change>, Option<u64>)> {
+    let (located, next) = located_records_in(bytes)?;
+    Ok((located.into_iter().map(|l| l.change).collect(), next))
 }
 
 impl Registry {
@@ -282,6 +343,7 @@ impl Registry {
             metadata,
             topics: RwLock::new(BTreeMap::new()),
             applied,
+            apply_failure: watch::channel(None).0,
             draining: RwLock::new(BTreeSet::new()),
         };
         let committed = registry.replay()?;
@@ -373,19 +435,18 @@ impl Registry {
                 let log = self.metadata.log();
                 let read = tokio::task::spawn_blocking(move || log.read_up_to(from, 1 << 20, end)).await;
                 let parsed = match read {
-                    Ok(Ok(bytes)) => records_in(bytes),
+                    Ok(Ok(bytes)) => located_records_in(bytes),
                     Ok(Err(e)) => Err(e.into()),
                     Err(e) => Err(e.into()),
                 };
                 match parsed {
                     Ok((changes, after)) => {
-                        for change in changes {
-                            self.apply(change).await;
+                        if self.apply_in_order(changes).await {
+                            if let Some(after) = after {
+                                self.applied.send_replace(after.max(from));
+                            }
+                            continue;
                         }
-                        if let Some(after) = after {
-                            self.applied.send_replace(after.max(from));
-                        }
-                        continue;
                     }
                     Err(e) => {
                         // The log below the commit point is unreadable: this broker cannot
@@ -397,29 +458,73 @@ impl Registry {
             tokio::select! {
                 _ = &mut stop => return,
                 changed = hw.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(1)), if from < end => {}
+                _ = tokio::time::sleep(APPLY_RETRY_EVERY), if from < end => {}
             }
         }
     }
 
-    async fn apply(self: &Arc<Self>, change: metadata_record::Change) {
+    /// Applies `changes` in log order, advancing `applied` past each one that succeeds. At
+    /// the first that fails it stops, reports the failure and returns false: the same record
+    /// is tried again on the next round, so no later record is applied before it.
+    async fn apply_in_order(self: &Arc<Self>, changes: Vec<Located>) -> bool {
+        for located in changes {
+            let what = describe_change(&located.change);
+            match self.apply(located.change).await {
+                Ok(()) => {
+                    self.applied.send_replace(located.next);
+                    if self.apply_failure.borrow().is_some() {
+                        tracing::info!(offset = located.base, change = %what, "metadata record applied after earlier failures");
+                        self.apply_failure.send_replace(None);
+                    }
+                }
+                Err(e) => {
+                    self.metrics.metadata_apply_failures.add(1);
+                    let failure = ApplyFailure {
+                        offset: located.base,
+                        change: what,
+                        error: e.to_string(),
+                    };
+                    // Logged as an error when it starts or changes; each retry is counted.
+                    if self.apply_failure.borrow().as_ref() != Some(&failure) {
+                        tracing::error!(offset = failure.offset, change = %failure.change, error = %failure.error, "cannot apply a committed metadata record; retrying every second until it applies");
+                    } else {
+                        tracing::debug!(offset = failure.offset, error = %failure.error, "metadata record still not applied");
+                    }
+                    self.apply_failure.send_replace(Some(failure));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The metadata record this broker cannot apply (it keeps trying), if any.
+    pub fn apply_failure(&self) -> Option<ApplyFailure> {
+        self.apply_failure.borrow().clone()
+    }
+
+    /// The offset after the last metadata record this broker applied.
+    pub fn applied_offset(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Applies one record. Applying is idempotent, so a record that failed half-way is applied
+    /// again from the start: a topic opens only once it opened whole, a deleted topic's data
+    /// is removed by its incarnation's id, a reassigned replica opens only if it is not open.
+    async fn apply(self: &Arc<Self>, change: metadata_record::Change) -> Result<()> {
         match change {
             metadata_record::Change::TopicCreated(t) => {
                 if self.get(&t.name).is_ok() {
                     tracing::debug!(topic = %t.name, "topic already exists; later creation ignored");
-                    return;
+                    return Ok(());
                 }
                 let name = t.name.clone();
                 let registry = Arc::clone(self);
-                let opened = tokio::task::spawn_blocking(move || registry.open_topic(t, None)).await;
-                match opened {
-                    Ok(Ok(topic)) => {
-                        tracing::info!(topic = %name, partitions = topic.partition_count(), local = topic.local.len(), "created topic");
-                        self.insert(topic);
-                    }
-                    Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "cannot open the replicas of a new topic"),
-                    Err(e) => tracing::error!(topic = %name, error = %e, "opening a new topic failed"),
-                }
+                let topic = off_reactor(move || registry.open_topic(t, None))
+                    .await
+                    .map_err(|e| BrokerError::Internal(format!("cannot open the replicas of topic '{name}': {e}")))?;
+                tracing::info!(topic = %name, partitions = topic.partition_count(), local = topic.local.len(), "created topic");
+                self.insert(topic);
             }
             metadata_record::Change::TopicDeleted(d) => {
                 let removed = {
@@ -429,27 +534,31 @@ impl Registry {
                         _ => None,
                     }
                 };
-                let Some(topic) = removed else { return };
-                for p in topic.local.values() {
-                    p.stop().await;
+                if let Some(topic) = &removed {
+                    for p in topic.local.values() {
+                        p.stop().await;
+                    }
                 }
+                // Also on a retry, when the topic already left the registry: its directory is
+                // recognised by the incarnation's id.
                 let data_dir = self.options.data_dir.clone();
-                let name = topic.name.clone();
-                let removed = tokio::task::spawn_blocking(move || remove_topic_data(&data_dir, &topic)).await;
-                match removed {
-                    Ok(Ok(())) => tracing::info!(topic = %name, "deleted topic"),
-                    Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "removing a deleted topic's data failed"),
-                    Err(e) => tracing::error!(topic = %name, error = %e, "removing a deleted topic's data failed"),
+                let (name, id) = (d.name.clone(), d.topic_id.clone());
+                off_reactor(move || remove_topic_data(&data_dir, &name, &id)).await?;
+                if removed.is_some() {
+                    tracing::info!(topic = %d.name, "deleted topic");
                 }
             }
             metadata_record::Change::TopicConfigChanged(c) => {
-                let Ok(topic) = self.get(&c.name) else { return };
+                let Ok(topic) = self.get(&c.name) else { return Ok(()) };
                 let overrides: BTreeMap<String, String> = c.configs.into_iter().collect();
                 let effective = match self.options.defaults.with_overrides(&overrides) {
                     Ok(e) => e,
                     Err(e) => {
+                        // Retrying cannot help: this broker's defaults reject the committed
+                        // overrides. Counted and logged, then skipped.
+                        self.metrics.metadata_apply_failures.add(1);
                         tracing::error!(topic = %c.name, error = %e, "committed config does not apply here");
-                        return;
+                        return Ok(());
                     }
                 };
                 for p in topic.local.values() {
@@ -463,9 +572,10 @@ impl Registry {
                     ..Topic::clone(&topic)
                 });
             }
-            metadata_record::Change::PartitionReassigned(r) => self.apply_reassignment(r).await,
+            metadata_record::Change::PartitionReassigned(r) => self.apply_reassignment(r).await?,
             broker => self.apply_broker_change(broker),
         }
+        Ok(())
     }
 
     /// Follows a broker joining, draining or leaving.
@@ -522,17 +632,18 @@ impl Registry {
             .collect()
     }
 
-    /// Opens or removes this broker's replica of a reassigned partition.
-    async fn apply_reassignment(self: &Arc<Self>, r: PartitionReassigned) {
-        let Ok(topic) = self.get(&r.topic) else { return };
+    /// Opens or removes this broker's replica of a reassigned partition. A replica that
+    /// cannot be opened fails the record, which is then applied again.
+    async fn apply_reassignment(self: &Arc<Self>, r: PartitionReassigned) -> Result<()> {
+        let Ok(topic) = self.get(&r.topic) else { return Ok(()) };
         let Some(index) = usize::try_from(r.partition)
             .ok()
             .filter(|&p| p < topic.partition_count())
         else {
-            return;
+            return Ok(());
         };
         if topic.id != r.topic_id {
-            return;
+            return Ok(());
         }
         let me = self.options.node_id;
         let p = r.partition;
@@ -564,10 +675,16 @@ impl Registry {
                         local.insert(p, partition);
                     }
                     Ok(Err(e)) => {
-                        tracing::error!(topic = %r.topic, partition = p, error = %e, "cannot open a reassigned replica")
+                        return Err(BrokerError::Internal(format!(
+                            "cannot open the new replica of topic '{}' partition {p}: {e}",
+                            r.topic
+                        )));
                     }
                     Err(e) => {
-                        tracing::error!(topic = %r.topic, partition = p, error = %e, "cannot open a reassigned replica")
+                        return Err(BrokerError::Internal(format!(
+                            "opening the new replica of topic '{}' partition {p} failed: {e}",
+                            r.topic
+                        )));
                     }
                 }
             }
@@ -601,6 +718,7 @@ impl Registry {
         };
         updated.assignments[index] = r.replicas;
         self.insert(updated);
+        Ok(())
     }
 
     fn open_context(&self) -> OpenContext {
@@ -768,9 +886,13 @@ impl Registry {
         }
     }
 
-    /// Proposes a metadata change and waits until this broker has applied it. Only the
-    /// controller may call this; elsewhere the proposal fails with a leader error.
+    /// Proposes a metadata change and waits, at most [`PROPOSE_TIMEOUT`], until this broker
+    /// has applied it. Only the controller may call this; elsewhere the proposal fails with a
+    /// leader error. A change that is not committed in time may still be (the error says
+    /// so); one committed but not applied here is reported with what blocks it.
     pub(crate) async fn propose(&self, change: metadata_record::Change) -> Result<()> {
+        let what = describe_change(&change);
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         let value = MetadataRecord { change: Some(change) }.encode_to_vec();
         let mut builder = BatchBuilder::new(Compression::None);
         builder.push(&Record {
@@ -782,14 +904,61 @@ impl Registry {
         let internal = |e: &dyn std::fmt::Display| BrokerError::Internal(format!("metadata record: {e}"));
         let bytes = builder.build().map_err(|e| internal(&e))?;
         let batch = ValidatedBatch::new(bytes, metadata_config().max_batch_bytes).map_err(|e| internal(&e))?;
-        let reply = self.metadata.enqueue(vec![batch], Acks::All, None).await?;
-        let outcome = reply.await.map_err(|_| BrokerError::ShuttingDown)??;
+        let committed = tokio::time::timeout_at(deadline, async {
+            let reply = self.metadata.enqueue(vec![batch], Acks::All, None).await?;
+            reply.await.map_err(|_| BrokerError::ShuttingDown)?
+        })
+        .await;
+        let outcome = match committed {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => return Err(self.not_written(what, e)),
+            Err(_) => {
+                return Err(BrokerError::TimedOut {
+                    what,
+                    after: PROPOSE_TIMEOUT,
+                    state: "not committed by a quorum of the controller group yet (are a majority of brokers up?); \
+                            it may still take effect, so look before repeating it"
+                        .into(),
+                });
+            }
+        };
         let mut applied = self.applied.subscribe();
-        applied
-            .wait_for(|a| *a > outcome.last_offset)
-            .await
-            .map_err(|_| BrokerError::ShuttingDown)?;
-        Ok(())
+        let mut failures = self.apply_failure.subscribe();
+        let blocked = |f: &Option<ApplyFailure>| f.as_ref().is_some_and(|f| f.offset <= outcome.last_offset);
+        tokio::select! {
+            done = applied.wait_for(|a| *a > outcome.last_offset) => {
+                done.map_err(|_| BrokerError::ShuttingDown)?;
+                Ok(())
+            }
+            failed = failures.wait_for(blocked) => {
+                let reason = match failed.as_deref() {
+                    Ok(Some(f)) => format!("{} failed: {}", f.change, f.error),
+                    _ => "the broker is shutting down".into(),
+                };
+                Err(BrokerError::MetadataNotApplied { what, broker: self.options.node_id, reason })
+            }
+            _ = tokio::time::sleep_until(deadline) => Err(BrokerError::MetadataNotApplied {
+                what,
+                broker: self.options.node_id,
+                reason: format!("it is still applying earlier records after {PROPOSE_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// The error for a change whose record could not be appended to the controller log.
+    fn not_written(&self, what: String, e: BrokerError) -> BrokerError {
+        match e {
+            // Answers that say where to go or when to retry keep their meaning.
+            BrokerError::NotLeader { .. }
+            | BrokerError::LeaderNotAvailable { .. }
+            | BrokerError::NoController
+            | BrokerError::ShuttingDown => e,
+            other => BrokerError::MetadataNotWritten {
+                what,
+                broker: self.options.node_id,
+                reason: other.to_string(),
+            },
+        }
     }
 
     /// Validates, places and records a new topic (controller only).
@@ -913,18 +1082,28 @@ fn remove_moved_replicas(topic_dir: &Path, assignments: &[Vec<u32>], me: u32) ->
     Ok(())
 }
 
-/// Moves a deleted topic's directory to the trash and removes it. Blocking.
-fn remove_topic_data(data_dir: &Path, topic: &Topic) -> Result<()> {
+/// Moves a deleted topic's directory to the trash and removes it, if it holds incarnation
+/// `id` of the topic (or no data at all). Blocking; idempotent.
+fn remove_topic_data(data_dir: &Path, name: &str, id: &str) -> Result<()> {
+    let io = |e: std::io::Error| BrokerError::Internal(format!("removing data of topic '{name}': {e}"));
+    let source = data_dir.join(TOPICS_DIR).join(name);
+    match std::fs::read_to_string(source.join(TOPIC_ID_FILE)) {
+        Ok(found) if found.trim() != id => return Ok(()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    if !source.exists() {
+        return Ok(());
+    }
     let trash = data_dir.join(TRASH_DIR);
-    let io = |e: std::io::Error| BrokerError::Internal(format!("removing data of topic '{}': {e}", topic.name));
     std::fs::create_dir_all(&trash).map_err(io)?;
-    let target = trash.join(format!("{}-{}", topic.name, topic.id));
-    let source = data_dir.join(TOPICS_DIR).join(&topic.name);
-    if source.exists() {
-        std::fs::rename(&source, &target).map_err(io)?;
+    let target = trash.join(format!("{name}-{id}"));
+    if target.exists() {
         std::fs::remove_dir_all(&target).map_err(io)?;
     }
-    Ok(())
+    std::fs::rename(&source, &target).map_err(io)?;
+    std::fs::remove_dir_all(&target).map_err(io)
 }
 
 fn new_topic_id() -> String {

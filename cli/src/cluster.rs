@@ -60,6 +60,7 @@ pub enum PartitionCommand {
 }
 
 pub async fn partition(client: &Client, cmd: PartitionCommand, format: Format) -> anyhow::Result<()> {
+    let admin = client.admin();
     match cmd {
         PartitionCommand::TransferLeader { topic, partition, to } => {
             let leader = client.admin().transfer_leader(&topic, partition, to).await?;
@@ -74,7 +75,10 @@ pub async fn partition(client: &Client, cmd: PartitionCommand, format: Format) -
             replicas,
         } => {
             let what = format!("reassigning topic {topic} partition {partition} to {replicas:?}");
-            let moves = with_progress(&what, client.admin().reassign_partition(&topic, partition, &replicas)).await?;
+            let moves = follow(&what, || async {
+                admin.reassign_partition(&topic, partition, &replicas).await
+            })
+            .await?;
             match format {
                 Format::Json => output::json(&json!({
                     "topic": topic,
@@ -124,6 +128,33 @@ pub struct OffsetsArgs {
     pub topic: String,
 }
 
+/// Calls `call` until its operation is done: an answer that it is still in progress (the
+/// broker answers within a deadline; the operation goes on) is followed by the same call
+/// again, which waits for the same operation. The latest progress shows on a terminal.
+async fn follow<T, Fut>(what: &str, call: impl Fn() -> Fut) -> Result<T, conveyor_client::ClientError>
+where
+    Fut: std::future::Future<Output = Result<T, conveyor_client::ClientError>>,
+{
+    let mut shown = what.to_string();
+    loop {
+        match with_progress(&shown, call()).await {
+            Err(e) if e.is_in_progress() => {
+                note_in_progress(&e);
+                shown = format!("{what}: {e}");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Says on stderr, when it is a terminal, that an operation is still going on.
+fn note_in_progress(e: &conveyor_client::ClientError) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{e}");
+    }
+}
+
 /// Runs `work` while showing, on a terminal, how long it has been going.
 async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
     use std::io::{IsTerminal, Write};
@@ -148,6 +179,7 @@ async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>
 }
 
 pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow::Result<()> {
+    let admin = client.admin();
     match cmd {
         ClusterCommand::Info => {
             let c = client.admin().describe_cluster().await?;
@@ -155,7 +187,7 @@ pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow
         }
         ClusterCommand::AddNode { id, address } => {
             let what = format!("adding broker {id} (waiting for it to catch up)");
-            let c = with_progress(&what, client.admin().add_broker(id, &address)).await?;
+            let c = follow(&what, || async { admin.add_broker(id, &address).await }).await?;
             if format == Format::Text {
                 println!("broker {id} joined the cluster");
             }
@@ -163,7 +195,7 @@ pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow
         }
         ClusterCommand::RemoveNode { id } => {
             let what = format!("removing broker {id} (moving its replicas)");
-            let r = with_progress(&what, client.admin().remove_broker(id)).await?;
+            let r = follow(&what, || async { admin.remove_broker(id).await }).await?;
             match format {
                 Format::Json => output::json(&json!({"removed": id, "moves": moves_json(&r.moves)})),
                 Format::Text => {
@@ -177,7 +209,10 @@ pub async fn run(client: &Client, cmd: ClusterCommand, format: Format) -> anyhow
             let moves = if dry_run {
                 client.admin().rebalance(true).await?
             } else {
-                with_progress("rebalancing (moving replicas)", client.admin().rebalance(false)).await?
+                follow("rebalancing (moving replicas)", || async {
+                    admin.rebalance(false).await
+                })
+                .await?
             };
             match format {
                 Format::Json => output::json(&json!({"dry_run": dry_run, "moves": moves_json(&moves)})),
@@ -200,7 +235,12 @@ fn print_cluster(c: &conveyor_client::proto::ClusterDescription, format: Format)
         Format::Json => output::json(&json!({
             "cluster_id": c.cluster_id,
             "controller": c.controller,
-            "brokers": c.brokers.iter().map(|b| json!({"id": b.id, "address": b.address, "alive": b.alive})).collect::<Vec<_>>(),
+            "brokers": c.brokers.iter().map(|b| json!({
+                "id": b.id,
+                "address": b.address,
+                "alive": b.alive,
+                "metadata": metadata_json(b),
+            })).collect::<Vec<_>>(),
         })),
         Format::Text => {
             println!("cluster {}  controller: broker {}", c.cluster_id, c.controller);
@@ -214,11 +254,32 @@ fn print_cluster(c: &conveyor_client::proto::ClusterDescription, format: Format)
                         b.address.clone(),
                         if b.alive { "up" } else { "down" }.into(),
                         role.into(),
+                        metadata_text(b),
                     ]
                 })
                 .collect();
-            output::table(&["BROKER", "ADDRESS", "STATUS", "ROLE"], &rows);
+            output::table(&["BROKER", "ADDRESS", "STATUS", "ROLE", "METADATA"], &rows);
         }
+    }
+}
+
+/// A broker's progress through the cluster metadata, for the JSON output: `null` when it did
+/// not report it.
+fn metadata_json(b: &conveyor_client::proto::BrokerInfo) -> serde_json::Value {
+    if !b.metadata_reported {
+        return serde_json::Value::Null;
+    }
+    json!({
+        "applied_offset": b.metadata_applied_offset,
+        "apply_error": (!b.metadata_apply_error.is_empty()).then_some(&b.metadata_apply_error),
+    })
+}
+
+fn metadata_text(b: &conveyor_client::proto::BrokerInfo) -> String {
+    match (b.metadata_reported, b.metadata_apply_error.as_str()) {
+        (false, _) => "unknown".into(),
+        (true, "") => format!("applied up to {}", b.metadata_applied_offset),
+        (true, error) => format!("FAILING to apply: {error}"),
     }
 }
 

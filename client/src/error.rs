@@ -72,6 +72,18 @@ impl ClientError {
         }
     }
 
+    /// True when the call's deadline passed while the operation it started goes on at the
+    /// broker (a membership change catching up, say): the same call again follows it.
+    pub fn is_in_progress(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Broker {
+                code: tonic::Code::DeadlineExceeded,
+                ..
+            }
+        ) && self.code() == Some(ErrorCode::MembershipChanging)
+    }
+
     /// The same error, naming `address` where it says which broker could not be reached
     /// (a status converts with a placeholder; the caller knows the address).
     pub(crate) fn at(self, address: &str) -> ClientError {
@@ -99,6 +111,7 @@ impl ClientError {
             ) => tonic::Code::Unavailable,
             Ok(ErrorCode::NotLeader | ErrorCode::OutOfSequence) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
+            Ok(ErrorCode::TimedOut) => tonic::Code::DeadlineExceeded,
             _ => tonic::Code::InvalidArgument,
         };
         ClientError::Broker {

@@ -5,6 +5,14 @@
 //! forwarded again, so a stale view cannot make a loop). Descriptions answer from this
 //! broker's view and ask each partition's leader for what only the leader knows (in-sync
 //! replicas, log end offset).
+//!
+//! # Deadlines
+//! Every call answers in bounded time. Topic changes hold the metadata change lock only to
+//! check and propose one record (each bounded, see [`crate::admin_ops`]); membership calls
+//! run their operation as a background job and answer within [`MEMBERSHIP_CALL_WAIT`] (or
+//! the caller's shorter `grpc-timeout`) with the outcome, or with a retriable error naming
+//! the step under way; a forwarded call waits for the controller at most
+//! [`FORWARD_TIMEOUT`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -17,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use crate::admin_ops::{self, ChangeContext, Jobs, Operation};
 use crate::error::BrokerError;
 use crate::membership;
 use crate::partition::Partition;
@@ -31,10 +40,69 @@ const DESCRIBE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 const METADATA_ASK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a leader transfer may take before the request fails.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a membership call waits for its operation before answering with its progress.
+pub const MEMBERSHIP_CALL_WAIT: Duration = Duration::from_secs(20);
+/// How long a call forwarded to the controller may take: above everything the controller
+/// itself waits for (a membership call's wait, a topic change's lock and proposal).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The share of a caller's `grpc-timeout` a membership call waits, leaving the rest for the
+/// answer to travel back before the caller gives up.
+const CALLER_DEADLINE_SHARE: f64 = 0.8;
+/// How long `cluster info` waits for another broker's own report.
+const CLUSTER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
     pub ctx: Arc<Context>,
+    /// The membership operation running on this broker (as the controller).
+    jobs: Arc<Jobs>,
+}
+
+/// How long a membership call may wait for its operation: [`MEMBERSHIP_CALL_WAIT`], or less
+/// when the caller's deadline (the `grpc-timeout` header) is shorter.
+fn membership_wait<T>(request: &Request<T>) -> Duration {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(MEMBERSHIP_CALL_WAIT, |d| {
+            MEMBERSHIP_CALL_WAIT.min(d.mul_f64(CALLER_DEADLINE_SHARE))
+        })
+}
+
+/// A `grpc-timeout` value: an integer of at most 8 digits and a unit (H M S m u n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at_checked(split)?;
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Waits at most [`FORWARD_TIMEOUT`] for a call forwarded to the controller.
+async fn forwarded_call<T>(
+    controller: u32,
+    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    tokio::time::timeout(FORWARD_TIMEOUT, call).await.unwrap_or_else(|_| {
+        Err(BrokerError::TimedOut {
+            what: format!("the call forwarded to the controller (broker {controller})"),
+            after: FORWARD_TIMEOUT,
+            state: "the controller did not answer; it may be stopped or overloaded, and what the call asked may still take effect".into(),
+        }
+        .into())
+    })
 }
 
 fn forwarded<T>(request: &Request<T>) -> bool {
@@ -66,6 +134,32 @@ fn to_i32(ids: &[u32]) -> Vec<i32> {
 }
 
 impl AdminService {
+    pub fn new(ctx: Arc<Context>) -> AdminService {
+        AdminService {
+            ctx,
+            jobs: Arc::default(),
+        }
+    }
+
+    /// Runs a membership operation as a background job (see [`Jobs::run`]); `work` gets the
+    /// change context.
+    async fn membership_job<F, Fut>(&self, operation: Operation, wait: Duration, work: F) -> admin_ops::Outcome
+    where
+        F: FnOnce(Arc<Context>, Arc<admin_ops::Progress>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = admin_ops::Outcome> + Send + 'static,
+    {
+        let ctx = Arc::clone(&self.ctx);
+        let outcome = self
+            .jobs
+            .run(operation, wait, move |progress| work(ctx, progress))
+            .await;
+        if let Err(status) = &outcome {
+            self.ctx.metrics.request_errors.add(1);
+            tracing::info!(error = %status.message(), "membership request not done");
+        }
+        outcome
+    }
+
     /// This broker's view of one partition: complete where it leads, partial elsewhere.
     fn describe_partition(&self, topic: &Topic, index: i32) -> PartitionDescription {
         let replicas = to_i32(&topic.assignments[index as usize]);
@@ -219,6 +313,7 @@ impl AdminService {
                 id: s.id as i32,
                 address: s.address,
                 alive: s.alive,
+                ..BrokerInfo::default()
             })
             .collect()
     }
@@ -311,8 +406,8 @@ impl AdminService {
         Ok(AdminClient::new(channel))
     }
 
-    /// `None` when this broker is the controller; else a client for the controller.
-    async fn controller_client(&self, already_forwarded: bool) -> Result<Option<AdminClient<Channel>>, Status> {
+    /// `None` when this broker is the controller; else the controller and a client for it.
+    async fn controller_client(&self, already_forwarded: bool) -> Result<Option<(u32, AdminClient<Channel>)>, Status> {
         let controller = self.ctx.registry.controller().await.map_err(|e| self.fail(e))?;
         if controller == self.ctx.node_id {
             return Ok(None);
@@ -321,7 +416,60 @@ impl AdminService {
             // The sender thought this broker was the controller; its view is stale.
             return Err(self.fail(BrokerError::NoController));
         }
-        self.client_for(controller).await.map(Some).map_err(|e| self.fail(e))
+        let client = self.client_for(controller).await.map_err(|e| self.fail(e))?;
+        Ok(Some((controller, client)))
+    }
+
+    /// Waits, bounded, for the lock that serialises metadata changes.
+    async fn lock_changes(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
+        admin_ops::lock_changes(&self.ctx.admin_lock)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// This broker's own entry for `cluster info`, with its metadata apply state.
+    fn own_metadata_state(&self, info: &mut BrokerInfo) {
+        let registry = &self.ctx.registry;
+        info.metadata_applied_offset = registry.applied_offset();
+        info.metadata_apply_error = registry
+            .apply_failure()
+            .map(|f| format!("{} (offset {}): {}", f.change, f.offset, f.error))
+            .unwrap_or_default();
+        info.metadata_reported = true;
+    }
+
+    /// Fills in each other live broker's metadata apply state as it reports it; a broker
+    /// that does not answer in time is left unreported.
+    async fn ask_metadata_states(&self, brokers: &mut [BrokerInfo]) {
+        let me = self.ctx.node_id as i32;
+        let asked = brokers
+            .iter()
+            .filter(|b| b.id != me && b.alive)
+            .map(|b| b.id as u32)
+            .collect::<Vec<_>>();
+        let answers = futures::future::join_all(asked.into_iter().map(|broker| async move {
+            let mut client = self.kept_client_for(broker)?;
+            let theirs = tokio::time::timeout(
+                CLUSTER_ASK_TIMEOUT,
+                client.describe_cluster(forward(DescribeClusterRequest {})),
+            )
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+            theirs
+                .brokers
+                .into_iter()
+                .find(|b| b.id == broker as i32 && b.metadata_reported)
+        }))
+        .await;
+        for theirs in answers.into_iter().flatten() {
+            if let Some(slot) = brokers.iter_mut().find(|b| b.id == theirs.id) {
+                slot.metadata_applied_offset = theirs.metadata_applied_offset;
+                slot.metadata_apply_error = theirs.metadata_apply_error;
+                slot.metadata_reported = true;
+            }
+        }
     }
 }
 
@@ -335,10 +483,10 @@ impl Admin for AdminService {
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
         crate::error::check_topic_name_length(&req.name).map_err(|e| self.fail(e))?;
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.create_topic(forward(req)).await;
+        if let Some((id, mut controller)) = self.controller_client(was_forwarded).await? {
+            return forwarded_call(id, controller.create_topic(forward(req))).await;
         }
-        let _guard = self.ctx.admin_lock.lock().await;
+        let _guard = self.lock_changes().await?;
         let configs: BTreeMap<String, String> = req.configs.into_iter().collect();
         let topic = self
             .ctx
@@ -358,10 +506,10 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.delete_topic(forward(req)).await;
+        if let Some((id, mut controller)) = self.controller_client(was_forwarded).await? {
+            return forwarded_call(id, controller.delete_topic(forward(req))).await;
         }
-        let _guard = self.ctx.admin_lock.lock().await;
+        let _guard = self.lock_changes().await?;
         self.ctx
             .registry
             .delete_topic(&req.name)
@@ -405,10 +553,10 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.alter_topic_config(forward(req)).await;
+        if let Some((id, mut controller)) = self.controller_client(was_forwarded).await? {
+            return forwarded_call(id, controller.alter_topic_config(forward(req))).await;
         }
-        let _guard = self.ctx.admin_lock.lock().await;
+        let _guard = self.lock_changes().await?;
         let changes: BTreeMap<String, String> = req.configs.into_iter().collect();
         let topic = self
             .ctx
@@ -421,25 +569,46 @@ impl Admin for AdminService {
 
     async fn describe_cluster(
         &self,
-        _: Request<DescribeClusterRequest>,
+        request: Request<DescribeClusterRequest>,
     ) -> Result<Response<ClusterDescription>, Status> {
         self.count();
-        Ok(Response::new(self.cluster()))
+        let mut cluster = self.cluster();
+        let me = self.ctx.node_id as i32;
+        if let Some(own) = cluster.brokers.iter_mut().find(|b| b.id == me) {
+            self.own_metadata_state(own);
+        }
+        if !forwarded(&request) {
+            self.ask_metadata_states(&mut cluster.brokers).await;
+        }
+        Ok(Response::new(cluster))
     }
 
     async fn add_broker(&self, request: Request<AddBrokerRequest>) -> Result<Response<AddBrokerResponse>, Status> {
         self.count();
         let was_forwarded = forwarded(&request);
+        let wait = membership_wait(&request);
         let req = request.into_inner();
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.add_broker(forward(req)).await;
+        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
+            let mut forwarded = forward(req);
+            forwarded.set_timeout(wait);
+            return forwarded_call(controller_id, controller.add_broker(forwarded)).await;
         }
         let id = u32::try_from(req.id)
             .map_err(|_| self.fail(BrokerError::InvalidRequest(format!("invalid broker id {}", req.id))))?;
-        let _guard = self.ctx.admin_lock.lock().await;
-        membership::add_broker(&self.ctx.registry, id, &req.address)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let operation = Operation::AddBroker {
+            id,
+            address: req.address.clone(),
+        };
+        self.membership_job(operation, wait, move |ctx, progress| async move {
+            let cx = ChangeContext {
+                registry: &ctx.registry,
+                lock: &ctx.admin_lock,
+                progress: &progress,
+            };
+            membership::add_broker(&cx, id, &req.address).await?;
+            Ok(vec![])
+        })
+        .await?;
         Ok(Response::new(AddBrokerResponse {
             cluster: Some(self.cluster()),
         }))
@@ -451,11 +620,14 @@ impl Admin for AdminService {
     ) -> Result<Response<RemoveBrokerResponse>, Status> {
         self.count();
         let was_forwarded = forwarded(&request);
+        let wait = membership_wait(&request);
         let req = request.into_inner();
         let id = u32::try_from(req.id)
             .map_err(|_| self.fail(BrokerError::InvalidRequest(format!("invalid broker id {}", req.id))))?;
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.remove_broker(forward(req)).await;
+        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
+            let mut forwarded = forward(req);
+            forwarded.set_timeout(wait);
+            return forwarded_call(controller_id, controller.remove_broker(forwarded)).await;
         }
         if id == self.ctx.node_id {
             // The controller is the broker to remove: another broker runs the removal.
@@ -472,12 +644,20 @@ impl Admin for AdminService {
             let next = self.move_controller().await.map_err(|e| self.fail(e))?;
             tracing::info!(controller = next, "controller moved off the broker being removed");
             let mut client = self.client_for(next).await.map_err(|e| self.fail(e))?;
-            return client.remove_broker(forward(req)).await;
+            let mut forwarded = forward(req);
+            forwarded.set_timeout(wait);
+            return forwarded_call(next, client.remove_broker(forwarded)).await;
         }
-        let _guard = self.ctx.admin_lock.lock().await;
-        let moves = membership::remove_broker(&self.ctx.registry, id)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let moves = self
+            .membership_job(Operation::RemoveBroker(id), wait, move |ctx, progress| async move {
+                let cx = ChangeContext {
+                    registry: &ctx.registry,
+                    lock: &ctx.admin_lock,
+                    progress: &progress,
+                };
+                Ok(membership::remove_broker(&cx, id).await?)
+            })
+            .await?;
         Ok(Response::new(RemoveBrokerResponse {
             moves: to_wire_moves(moves),
             cluster: Some(self.cluster()),
@@ -490,6 +670,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ReassignPartitionResponse>, Status> {
         self.count();
         let was_forwarded = forwarded(&request);
+        let wait = membership_wait(&request);
         let req = request.into_inner();
         let target = req
             .replicas
@@ -502,13 +683,26 @@ impl Admin for AdminService {
                     req.replicas
                 )))
             })?;
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.reassign_partition(forward(req)).await;
+        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
+            let mut forwarded = forward(req);
+            forwarded.set_timeout(wait);
+            return forwarded_call(controller_id, controller.reassign_partition(forwarded)).await;
         }
-        let _guard = self.ctx.admin_lock.lock().await;
-        let moves = membership::reassign(&self.ctx.registry, &req.topic, req.partition, &target)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let operation = Operation::Reassign {
+            topic: req.topic.clone(),
+            partition: req.partition,
+            target: target.clone(),
+        };
+        let moves = self
+            .membership_job(operation, wait, move |ctx, progress| async move {
+                let cx = ChangeContext {
+                    registry: &ctx.registry,
+                    lock: &ctx.admin_lock,
+                    progress: &progress,
+                };
+                Ok(membership::reassign(&cx, &req.topic, req.partition, &target).await?)
+            })
+            .await?;
         Ok(Response::new(ReassignPartitionResponse {
             moves: to_wire_moves(moves),
         }))
@@ -517,14 +711,29 @@ impl Admin for AdminService {
     async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
         self.count();
         let was_forwarded = forwarded(&request);
+        let wait = membership_wait(&request);
         let req = request.into_inner();
-        if let Some(mut controller) = self.controller_client(was_forwarded).await? {
-            return controller.rebalance(forward(req)).await;
+        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
+            let mut forwarded = forward(req);
+            forwarded.set_timeout(wait);
+            return forwarded_call(controller_id, controller.rebalance(forwarded)).await;
         }
-        let _guard = self.ctx.admin_lock.lock().await;
-        let moves = membership::rebalance(&self.ctx.registry, req.dry_run)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let moves = if req.dry_run {
+            membership::plan_rebalance(&self.ctx.registry)
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect()
+        } else {
+            self.membership_job(Operation::Rebalance, wait, move |ctx, progress| async move {
+                let cx = ChangeContext {
+                    registry: &ctx.registry,
+                    lock: &ctx.admin_lock,
+                    progress: &progress,
+                };
+                Ok(membership::rebalance(&cx, false).await?)
+            })
+            .await?
+        };
         Ok(Response::new(RebalanceResponse {
             moves: to_wire_moves(moves),
         }))
@@ -617,5 +826,33 @@ impl Admin for AdminService {
                 partition: req.partition,
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_bad_ones_are_ignored() {
+        assert_eq!(parse_grpc_timeout("4S"), Some(Duration::from_secs(4)));
+        assert_eq!(parse_grpc_timeout("3999m"), Some(Duration::from_millis(3999)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "4", "4s", "123456789S", "-1S", "4€"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_membership_call_waits_for_the_shorter_of_its_default_and_the_callers_deadline() {
+        let mut request = Request::new(());
+        assert_eq!(membership_wait(&request), MEMBERSHIP_CALL_WAIT);
+        request.set_timeout(Duration::from_secs(5));
+        assert_eq!(membership_wait(&request), Duration::from_secs(4));
+        request.set_timeout(Duration::from_secs(3600));
+        assert_eq!(membership_wait(&request), MEMBERSHIP_CALL_WAIT);
     }
 }
