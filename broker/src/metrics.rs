@@ -151,6 +151,8 @@ impl Metrics {
                 "conveyor_corrupt_batches_total",
                 "Corrupt batches found at rest by the background scrub",
                 &self.corrupt_batches,
+            ),
+            (
                 "conveyor_metadata_apply_failures_total",
                 "Attempts to apply a committed cluster metadata record that failed (each is retried)",
                 &self.metadata_apply_failures,

@@ -61,7 +61,7 @@ pub async fn run(
     tokio::pin!(stop);
     loop {
         for p in registry.all_partitions() {
-            let log = Arc::clone(&p.log);
+            let log = p.log();
             let outcome = scrub_log(log, &p.topic, p.index, &metrics, bytes_per_second, stop.as_mut()).await;
             if outcome == Outcome::Stopped {
                 return;
