@@ -236,7 +236,7 @@ impl FetchService {
             // Hashing and decompressing may take a while: off the reactor, one batch at a time.
             blocking(move || {
                 let mut budget = budget;
-                job_wanted
+                let decoded = job_wanted
                     .iter()
                     .zip(&batches)
                     .map(|(w, bytes)| {
@@ -248,20 +248,32 @@ impl FetchService {
                         };
                         decode(&job, bytes, &mut budget)
                     })
-                    .collect::<Result<Vec<_>>>()
+                    .collect::<Vec<_>>();
+                Ok(decoded)
             })
             .await?
         } else {
-            vec![Vec::new(); results.len()]
+            results.iter().map(|_| Ok(Vec::new())).collect()
         };
+        let single = results.len() == 1;
         let mut partitions = Vec::with_capacity(results.len());
         for ((w, read), records) in wanted.iter().zip(results).zip(records) {
             let Read {
                 high_watermark,
                 log_start_offset,
                 batches,
-                error,
+                mut error,
             } = read;
+            // As with an offset out of range: alone it fails the fetch, among others it is
+            // that partition's answer.
+            let records = match records {
+                Ok(records) => records,
+                Err(e) if single => return Err(e),
+                Err(e) => {
+                    error = Some(e);
+                    Vec::new()
+                }
+            };
             self.ctx.metrics.bytes_out.add(batches.len() as u64);
             let batches = if req.decode_records { Bytes::new() } else { batches };
             partitions.push(PartitionData {

@@ -31,8 +31,11 @@ use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
 /// Responses buffered per produce stream before the stream handler waits for the client.
 const STREAM_RESPONSE_BUFFER: usize = 256;
-/// Above this many bytes in a request, validation runs off the reactor.
-const INLINE_VALIDATION_BYTES: usize = 64 << 10;
+/// Above this many bytes in a request, validation runs off the reactor. Below it, plain
+/// batches are checked in place as they always were: hashing and walking a default-sized
+/// batch takes about as long as the hop to the blocking pool, which a stream's strictly
+/// ordered loop would pay on every request.
+const INLINE_VALIDATION_BYTES: usize = 1 << 20;
 /// Decompressed bytes that produce validation may hold at once across all requests, in KiB.
 /// Each compressed batch may inflate to `max_uncompressed_batch_bytes`; without a bound, many
 /// small concurrent requests could make the broker hold that many times over.

@@ -397,6 +397,17 @@ mod tests {
     }
 
     #[test]
+    fn record_offsets_past_u64_max_are_an_error_not_an_overflow() {
+        let mut bytes = sample(Compression::None);
+        stamp(&mut bytes, u64::MAX - 1, 1, 1);
+        let batch = RecordBatch::parse(Bytes::from(bytes)).expect("parse");
+        let records: Vec<_> = batch.records().expect("records").collect();
+        assert_eq!(records.len(), 3, "two fit below u64::MAX, the third fails and ends it");
+        assert_eq!(records[1].as_ref().expect("second").offset, u64::MAX);
+        assert!(matches!(records[2], Err(BatchError::InvalidRecord { index: 2, .. })));
+    }
+
+    #[test]
     fn a_flipped_byte_fails_the_crc_check_of_a_fetched_batch() {
         let mut bytes = sample(Compression::Zstd);
         let last = bytes.len() - 1;
