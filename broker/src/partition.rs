@@ -31,6 +31,8 @@ use tokio::task::JoinHandle;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
+use crate::replica::inbound;
+use crate::replica::lost_entries::LostEntries;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::transport::{GroupKey, Transport};
@@ -274,6 +276,7 @@ impl Partition {
             caught_up: HashMap::new(),
             pending_changes: Vec::new(),
             waiting: VecDeque::new(),
+            lost_entries: LostEntries::new(topic, index, &raft),
         };
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let handle = ctx.runtime.spawn(owner.run(rx, inbox_rx, control_rx, node));
@@ -515,6 +518,8 @@ struct Owner {
     pending_changes: Vec<PendingChange>,
     /// Appends that arrived while no leader was known, in arrival order.
     waiting: VecDeque<(Instant, AppendRequest)>,
+    /// Whether this replica lost entries it acknowledged (see `replica::lost_entries`).
+    lost_entries: LostEntries,
 }
 
 #[derive(Debug)]
@@ -579,8 +584,9 @@ impl Owner {
             }
             for m in messages {
                 // A message from a stale term or an unknown peer is refused by Raft itself;
-                // nothing here depends on it.
-                if let Err(e) = node.step(m) {
+                // nothing here depends on it. Transport reports and lost entries: see
+                // `replica::inbound`.
+                if let Err(e) = inbound::step(&mut node, &mut self.lost_entries, m) {
                     tracing::debug!(topic = %self.topic, partition = self.index, error = %e, "raft message refused");
                 }
             }
@@ -589,6 +595,8 @@ impl Owner {
                 self.propose(&mut node, request);
             }
             if tick {
+                // A replica recovering lost entries must not campaign.
+                self.lost_entries.before_tick(&mut node);
                 node.tick();
                 self.ticks += 1;
                 if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {

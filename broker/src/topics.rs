@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::partition::{Acks, OpenContext, Partition, not_leader_error};
+use crate::replica::departure::{self, Undecided};
 use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
 
@@ -106,6 +107,9 @@ pub struct Registry {
     applied: watch::Sender<u64>,
     /// Brokers being removed: no new replicas go there.
     draining: RwLock<BTreeSet<u32>>,
+    /// Replicas kept here although the metadata places them elsewhere, waiting for a
+    /// decision (see [`crate::replica::departure`]).
+    undecided: Undecided,
 }
 
 /// A topic as the committed metadata log describes it.
@@ -283,12 +287,22 @@ impl Registry {
             topics: RwLock::new(BTreeMap::new()),
             applied,
             draining: RwLock::new(BTreeSet::new()),
+            undecided: Undecided::default(),
         };
         let committed = registry.replay()?;
         let mut keep: BTreeSet<String> = committed.keys().cloned().collect();
-        keep.extend(registry.created_after_commit()?);
+        let newer = registry.created_after_commit()?;
+        keep.extend(newer.iter().map(|(name, _)| name.clone()));
         registry.remove_unknown_dirs(&keep)?;
         for replayed in committed.into_values() {
+            let dir = registry.topics_dir().join(&replayed.created.name);
+            let held = std::fs::read_to_string(dir.join(TOPIC_ID_FILE)).unwrap_or_default();
+            if held.trim() != replayed.created.topic_id && newer.iter().any(|(_, id)| id == held.trim()) {
+                // The directory holds a later incarnation of the name, created past the
+                // stored commit: the records that replace this one are still to be applied.
+                tracing::info!(topic = %replayed.created.name, "keeping a topic's newer data until its creation is applied");
+                continue;
+            }
             let topic = registry.open_topic(replayed.created, Some(replayed.current))?;
             registry.insert(topic);
         }
@@ -341,9 +355,9 @@ impl Registry {
         Ok(topics)
     }
 
-    /// Topics created in the part of the metadata log that is not known to be committed yet:
-    /// their data must stay until the log says what became of them.
-    fn created_after_commit(&self) -> anyhow::Result<Vec<String>> {
+    /// Topics (name, id) created in the part of the metadata log that is not known to be
+    /// committed yet: their data must stay until the log says what became of them.
+    fn created_after_commit(&self) -> anyhow::Result<Vec<(String, String)>> {
         let log = &self.metadata.log;
         let mut names = Vec::new();
         let mut next = self.metadata.high_watermark();
@@ -351,7 +365,7 @@ impl Registry {
             let (changes, after) = records_in(log.read(next, 1 << 20)?)?;
             for change in changes {
                 if let metadata_record::Change::TopicCreated(t) = change {
-                    names.push(t.name);
+                    names.push((t.name, t.topic_id));
                 }
             }
             match after {
@@ -385,6 +399,7 @@ impl Registry {
                         if let Some(after) = after {
                             self.applied.send_replace(after.max(from));
                         }
+                        self.decide_kept_replicas().await;
                         continue;
                     }
                     Err(e) => {
@@ -398,6 +413,10 @@ impl Registry {
                 _ = &mut stop => return,
                 changed = hw.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_secs(1)), if from < end => {}
+                // Kept replicas are decided again as their groups apply their removal.
+                _ = tokio::time::sleep(Duration::from_secs(1)), if !self.undecided.is_empty() => {
+                    self.decide_kept_replicas().await;
+                }
             }
         }
     }
@@ -430,6 +449,7 @@ impl Registry {
                     }
                 };
                 let Some(topic) = removed else { return };
+                self.undecided.remove_topic(&topic.name);
                 for p in topic.local.values() {
                     p.stop().await;
                 }
@@ -522,7 +542,8 @@ impl Registry {
             .collect()
     }
 
-    /// Opens or removes this broker's replica of a reassigned partition.
+    /// Opens this broker's replica of a reassigned partition, or removes it (see
+    /// [`Self::remove_departed_replica`]).
     async fn apply_reassignment(self: &Arc<Self>, r: PartitionReassigned) {
         let Ok(topic) = self.get(&r.topic) else { return };
         let Some(index) = usize::try_from(r.partition)
@@ -571,29 +592,11 @@ impl Registry {
                     }
                 }
             }
-            (Some(partition), false) => {
-                local.remove(&p);
-                partition.stop().await;
-                let dir = self.topics_dir().join(&topic.name).join(p.to_string());
-                let removed = tokio::task::spawn_blocking(move || {
-                    partition.close()?;
-                    std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::Internal(format!("{}: {e}", dir.display())))
-                })
-                .await;
-                match removed {
-                    Ok(Ok(())) => {
-                        tracing::info!(topic = %r.topic, partition = p, "replica moved off this broker; data removed")
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(topic = %r.topic, partition = p, error = %e, "removing a moved replica failed")
-                    }
-                    Err(e) => {
-                        tracing::error!(topic = %r.topic, partition = p, error = %e, "removing a moved replica failed")
-                    }
-                }
-            }
             (Some(partition), true) => partition.set_preferred(preferred).await,
-            (None, false) => {}
+            (_, false) => {}
+        }
+        if wanted {
+            self.undecided.remove(&topic.name, p);
         }
         let mut updated = Topic {
             local,
@@ -601,6 +604,15 @@ impl Registry {
         };
         updated.assignments[index] = r.replicas;
         self.insert(updated);
+        // A committed record applied from the live log placed the replica elsewhere: its data
+        // goes once its group no longer lists this broker.
+        let dir = self.topics_dir().join(&r.topic).join(p.to_string());
+        if !wanted
+            && let Ok(topic) = self.get(&r.topic)
+            && (topic.local.contains_key(&p) || dir.exists())
+        {
+            self.remove_departed_replica(&topic, p).await;
+        }
     }
 
     fn open_context(&self) -> OpenContext {
@@ -636,7 +648,9 @@ impl Registry {
     }
 
     /// Builds a topic from its creation record (and, on replay, its partitions' replicas
-    /// after reassignments) and opens the replicas placed here. Blocking.
+    /// after reassignments) and opens the replicas placed here, and those whose own Raft
+    /// configuration still lists this broker. Nothing is deleted here: the view may be stale
+    /// (see [`Self::kept_replicas`]). Blocking.
     fn open_topic(&self, created: TopicCreated, current: Option<Vec<Vec<u32>>>) -> Result<Topic> {
         let overrides: BTreeMap<String, String> = created.configs.clone().into_iter().collect();
         let effective = self
@@ -649,16 +663,15 @@ impl Registry {
         let assignments = current.unwrap_or_else(|| initial.clone());
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
-        if local_wanted {
-            prepare_topic_dir(&topic_dir, &created.topic_id)
-                .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
+        let dir_error = |e: std::io::Error| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name));
+        if local_wanted || topic_dir.exists() {
+            prepare_topic_dir(&topic_dir, &created.topic_id).map_err(dir_error)?;
         }
-        remove_moved_replicas(&topic_dir, &assignments, me)
-            .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
+        let kept = self.kept_replicas(&created.name, &topic_dir, &assignments).map_err(dir_error)?;
         let ctx = self.open_context();
         let mut local = BTreeMap::new();
         for (p, replicas) in assignments.iter().enumerate() {
-            if !replicas.contains(&me) {
+            if !replicas.contains(&me) && !kept.contains(&(p as i32)) {
                 continue;
             }
             let preferred = replicas.first().copied().unwrap_or(me);
@@ -696,6 +709,124 @@ impl Registry {
             initial,
             local,
         })
+    }
+
+    /// The replica directories of a topic that the metadata known here places elsewhere.
+    /// Their data is kept, never deleted from this view: it may be stale (replayed only up
+    /// to a stored commit index, or a creation applied before the reassignments that
+    /// followed it). Returns those whose own Raft configuration lists this broker, to be
+    /// opened (the group counts on them); the others wait for a decision. Blocking.
+    fn kept_replicas(&self, topic: &str, topic_dir: &Path, assignments: &[Vec<u32>]) -> std::io::Result<Vec<i32>> {
+        let me = self.options.node_id;
+        let mut open = Vec::new();
+        for p in departure::partition_dirs(topic_dir)? {
+            let placed = usize::try_from(p).ok().and_then(|i| assignments.get(i));
+            if placed.is_some_and(|r| r.contains(&me)) {
+                continue;
+            }
+            let dir = topic_dir.join(p.to_string());
+            let member = departure::stored_config_lists(&dir, u64::from(me));
+            tracing::info!(
+                topic,
+                partition = p,
+                member,
+                "keeping a replica the metadata known so far places elsewhere; deciding once the metadata is current"
+            );
+            if member && placed.is_some() {
+                open.push(p);
+            }
+            self.undecided.insert(topic, p);
+        }
+        Ok(open)
+    }
+
+    /// Whether this broker's view of the metadata is current: its whole local metadata log
+    /// is applied and a controller is known, so no record it holds is still to come.
+    fn view_is_current(&self) -> bool {
+        self.metadata.leader() != 0 && *self.applied.borrow() >= self.metadata.log.log_end_offset()
+    }
+
+    /// Decides the replicas kept for later (see [`Self::kept_replicas`]), once the view is
+    /// current: a replica placed here is kept; one placed elsewhere is deleted once its own
+    /// Raft configuration no longer lists this broker, and kept (retried) until then.
+    async fn decide_kept_replicas(self: &Arc<Self>) {
+        if self.undecided.is_empty() || !self.view_is_current() {
+            return;
+        }
+        let me = self.options.node_id;
+        for (name, p) in self.undecided.snapshot() {
+            let Ok(topic) = self.get(&name) else {
+                // Deleted: its whole directory went with it.
+                self.undecided.remove(&name, p);
+                continue;
+            };
+            let placed = usize::try_from(p).ok().and_then(|i| topic.assignments.get(i));
+            if placed.is_some_and(|r| r.contains(&me)) {
+                self.undecided.remove(&name, p);
+                continue;
+            }
+            self.remove_departed_replica(&topic, p).await;
+        }
+    }
+
+    /// Removes this broker's replica of a partition that a committed, applied record placed
+    /// elsewhere, if the partition's own Raft configuration no longer lists this broker;
+    /// otherwise keeps it (running, if it is open) and decides again later.
+    async fn remove_departed_replica(self: &Arc<Self>, topic: &Arc<Topic>, p: i32) {
+        let me = u64::from(self.options.node_id);
+        let dir = self.topics_dir().join(&topic.name).join(p.to_string());
+        let open = topic.local.get(&p).cloned();
+        let listed = match &open {
+            Some(partition) => {
+                let (voters, learners) = partition.members();
+                voters.contains(&(me as u32)) || learners.contains(&(me as u32))
+            }
+            None => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || departure::stored_config_lists(&dir, me))
+                    .await
+                    .unwrap_or(true)
+            }
+        };
+        if listed {
+            if self.undecided.insert_new(&topic.name, p) {
+                tracing::warn!(topic = %topic.name, partition = p, "replica placed elsewhere but its group still lists this broker; keeping it until the group applies its removal");
+            }
+            return;
+        }
+        if let Some(partition) = &open {
+            partition.stop().await;
+            let mut local = topic.local.clone();
+            local.remove(&p);
+            self.insert(Topic {
+                local,
+                ..Topic::clone(topic)
+            });
+        }
+        let removed = tokio::task::spawn_blocking(move || {
+            if let Some(partition) = open {
+                partition.close()?;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(BrokerError::Internal(format!("{}: {e}", dir.display())))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {
+                self.undecided.remove(&topic.name, p);
+                tracing::info!(topic = %topic.name, partition = p, "replica moved off this broker; data removed");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(topic = %topic.name, partition = p, error = %e, "removing a moved replica failed")
+            }
+            Err(e) => {
+                tracing::error!(topic = %topic.name, partition = p, error = %e, "removing a moved replica failed")
+            }
+        }
     }
 
     fn insert(&self, topic: Topic) {
@@ -890,27 +1021,6 @@ fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)
-}
-
-/// Removes partition directories of `topic_dir` whose replica is no longer placed on `me`
-/// (moved away while this broker was down). Blocking.
-fn remove_moved_replicas(topic_dir: &Path, assignments: &[Vec<u32>], me: u32) -> std::io::Result<()> {
-    let entries = match std::fs::read_dir(topic_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<usize>().ok()) else {
-            continue;
-        };
-        if !assignments.get(p).is_some_and(|r| r.contains(&me)) {
-            tracing::info!(dir = %entry.path().display(), "removing a replica that moved to other brokers");
-            std::fs::remove_dir_all(entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 /// Moves a deleted topic's directory to the trash and removes it. Blocking.
