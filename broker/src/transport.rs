@@ -620,3 +620,100 @@ impl Raft for RaftService {
         Ok(Response::new(MembershipChanged {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::MessageType;
+
+    use super::*;
+
+    /// A loopback port nothing listens on: calls to it fail at once.
+    const UNREACHABLE: &str = "127.0.0.1:1";
+    /// Bounds the wait for a report that arrives within one failed call.
+    const REPORT_WITHIN: Duration = Duration::from_secs(10);
+
+    fn message(kind: MessageType, to: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = 1;
+        m.to = to;
+        m
+    }
+
+    fn transport(queue_depth: usize) -> Arc<Transport> {
+        let peers = BTreeMap::from([(2, UNREACHABLE.to_string())]);
+        Transport::start(1, "127.0.0.1:0".into(), &peers, queue_depth, Arc::default()).expect("transport")
+    }
+
+    /// The next message in `inbox` of `kind`, skipping others.
+    async fn next_of(inbox: &mut mpsc::Receiver<Message>, kind: MessageType) -> Message {
+        tokio::time::timeout(REPORT_WITHIN, async {
+            loop {
+                let m = inbox.recv().await.expect("inbox open");
+                if m.get_msg_type() == kind {
+                    return m;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind:?} report"))
+    }
+
+    #[tokio::test]
+    async fn given_a_snapshot_lost_in_a_failed_call_should_tell_the_sending_group_and_that_the_peer_is_unreachable() {
+        let transport = transport(64);
+        let key = Arc::new(GroupKey::new("t", 0));
+        let (inbox_tx, mut inbox) = mpsc::channel(16);
+        transport.register(GroupKey::clone(&key), inbox_tx);
+        transport.send(&key, vec![message(MessageType::MsgSnapshot, 2)]);
+        let report = next_of(&mut inbox, MessageType::MsgSnapStatus).await;
+        assert_eq!((report.from, report.reject), (2, true), "a failed snapshot to broker 2");
+        let report = next_of(&mut inbox, MessageType::MsgUnreachable).await;
+        assert_eq!(report.from, 2);
+    }
+
+    #[tokio::test]
+    async fn given_a_full_peer_queue_a_dropped_snapshot_should_be_reported_at_once() {
+        // One slot, and the sender task cannot run before this test yields: the second
+        // message finds the queue full.
+        let transport = transport(1);
+        let key = Arc::new(GroupKey::new("t", 0));
+        let (inbox_tx, mut inbox) = mpsc::channel(16);
+        transport.register(GroupKey::clone(&key), inbox_tx);
+        transport.send(
+            &key,
+            vec![message(MessageType::MsgAppend, 2), message(MessageType::MsgSnapshot, 2)],
+        );
+        let report = inbox.try_recv().expect("reported before send returned");
+        assert_eq!(report.get_msg_type(), MessageType::MsgSnapStatus);
+        assert_eq!((report.from, report.reject), (2, true));
+    }
+
+    #[test]
+    fn local_message_types_from_the_wire_are_not_delivered() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        let transport = transport(64);
+        let (inbox_tx, mut inbox) = mpsc::channel(16);
+        transport.register(GroupKey::new("t", 0), inbox_tx);
+        let wire = |kind| GroupMessage {
+            topic: "t".into(),
+            partition: 0,
+            message: Bytes::from(message(kind, 1).write_to_bytes().expect("encode")),
+        };
+        let dropped = transport.deliver(
+            2,
+            String::new(),
+            vec![wire(MessageType::MsgSnapStatus), wire(MessageType::MsgHeartbeat)],
+        );
+        assert_eq!(dropped, 1);
+        assert_eq!(
+            inbox.try_recv().expect("heartbeat").get_msg_type(),
+            MessageType::MsgHeartbeat
+        );
+        assert!(inbox.try_recv().is_err());
+    }
+}
