@@ -173,3 +173,218 @@ fn where_my_log_ends(node: &RawNode<RaftLog>, leader: u64, promised: u64) -> Mes
     m.commit = node.raft.raft_log.committed;
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+    use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+    use raft::eraftpb::{ConfState, HardState};
+    use raft::{Config, GetEntriesContext, ProgressState, Storage};
+
+    use super::super::entry::Origin;
+    use super::super::inbound;
+    use super::super::ready::{ReadyHandler, on_ready};
+    use super::*;
+
+    /// Bounds the simulation; a healthy group needs far fewer rounds.
+    const MAX_ROUNDS: usize = 2_000;
+
+    struct Node {
+        raw: RawNode<RaftLog>,
+        lost: LostEntries,
+        outbox: Vec<Message>,
+    }
+
+    struct Collect<'a>(&'a mut Vec<Message>);
+
+    impl ReadyHandler for Collect<'_> {
+        fn send(&mut self, messages: Vec<Message>) {
+            self.0.extend(messages);
+        }
+    }
+
+    fn storage(dir: &std::path::Path) -> RaftLog {
+        let config = LogConfig {
+            segment_bytes: 16 * 1024,
+            max_batch_bytes: 8 * 1024,
+            flush: FlushPolicy::Os,
+            retention_ms: None,
+            ..LogConfig::default()
+        };
+        RaftLog::open(Arc::new(PartitionLog::open(dir, config).expect("log"))).expect("raft log")
+    }
+
+    fn node(id: u64, raft: RaftLog) -> Node {
+        if raft.voters().is_empty() {
+            let cs = ConfState {
+                voters: vec![1, 2, 3],
+                ..ConfState::default()
+            };
+            raft.set_conf_state(&cs).expect("conf state");
+        }
+        let state = raft.initial_state().expect("state");
+        let cfg = Config {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 3,
+            applied: state.hard_state.commit,
+            pre_vote: true,
+            check_quorum: true,
+            ..Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        Node {
+            lost: LostEntries::new("t", 0, &raft),
+            raw: RawNode::new(&cfg, raft, &logger).expect("raw node"),
+            outbox: Vec::new(),
+        }
+    }
+
+    fn batch(i: u64) -> Vec<u8> {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(format!("proposal-{i}"))),
+            ..Record::default()
+        });
+        b.build().expect("batch").to_vec()
+    }
+
+    /// One round: tick (through the lost-entries rule), process Readies, deliver every
+    /// message through the owner's inbound path.
+    fn round(nodes: &mut [Node], tick: bool) {
+        let mut mail: VecDeque<Message> = VecDeque::new();
+        for n in nodes.iter_mut() {
+            if tick {
+                n.lost.before_tick(&mut n.raw);
+                n.raw.tick();
+            }
+            while on_ready(&mut n.raw, &mut Collect(&mut n.outbox)).expect("ready") {}
+            mail.extend(n.outbox.drain(..));
+        }
+        while let Some(m) = mail.pop_front() {
+            let n = &mut nodes[(m.to - 1) as usize];
+            // Refusals (stale terms and the like) are Raft's business here as in the owner.
+            let _ = inbound::step(&mut n.raw, &mut n.lost, m);
+        }
+    }
+
+    fn leader(nodes: &[Node]) -> Option<usize> {
+        nodes.iter().position(|n| n.raw.raft.state == StateRole::Leader)
+    }
+
+    #[test]
+    fn given_a_follower_that_lost_acknowledged_entries_it_should_not_vote_and_should_recover_from_its_leader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes: Vec<Node> = (1..=3u64)
+            .map(|id| node(id, storage(&dir.path().join(id.to_string()))))
+            .collect();
+        let mut rounds = 0;
+        let l = loop {
+            round(&mut nodes, true);
+            rounds += 1;
+            assert!(rounds < MAX_ROUNDS, "no leader elected");
+            if let Some(l) = leader(&nodes) {
+                break l;
+            }
+        };
+        for i in 0..40 {
+            nodes[l].raw.propose(vec![], batch(i)).expect("propose");
+        }
+        let target = nodes[l].raw.raft.raft_log.last_index();
+        while nodes.iter().any(|n| n.raw.raft.raft_log.applied < target) {
+            round(&mut nodes, false);
+            rounds += 1;
+            assert!(rounds < MAX_ROUNDS, "proposals not committed everywhere");
+        }
+
+        // Follower `f` restarts with only a prefix of what it acknowledged, and a stored
+        // commit inside that prefix: only its leader's heartbeat can reveal the loss.
+        let f = (l + 1) % 3;
+        let f_id = f as u64 + 1;
+        let kept = target - 10;
+        let copy = storage(&dir.path().join("lost"));
+        let prefix = nodes[l]
+            .raw
+            .store()
+            .entries(1, kept + 1, None, GetEntriesContext::empty(false))
+            .expect("prefix");
+        copy.append(&prefix, Origin::Peer).expect("append prefix");
+        let before = nodes[f].raw.raft.hard_state();
+        copy.set_hard_state(&HardState {
+            commit: kept - 5,
+            ..before
+        })
+        .expect("hard state");
+        copy.set_conf_state(&nodes[f].raw.store().conf_state()).expect("conf state");
+        nodes[f] = node(f_id, copy);
+        assert!(!nodes[f].lost.is_recovering());
+
+        // Heartbeats only: no new proposals would otherwise send the entries again.
+        let mut seen_recovering = false;
+        while nodes[f].raw.raft.raft_log.committed < target {
+            round(&mut nodes, true);
+            rounds += 1;
+            assert!(rounds < MAX_ROUNDS, "the follower never caught up");
+            if nodes[f].lost.is_recovering() && !seen_recovering {
+                seen_recovering = true;
+                // A vote request to a recovering replica goes unanswered.
+                let other = (f + 1) % 3;
+                let mut vote = Message::default();
+                vote.set_msg_type(MessageType::MsgRequestVote);
+                vote.from = other as u64 + 1;
+                vote.to = f_id;
+                vote.term = nodes[f].raw.raft.term + 1;
+                vote.index = target;
+                vote.log_term = nodes[f].raw.raft.term;
+                let term = nodes[f].raw.raft.term;
+                let n = &mut nodes[f];
+                inbound::step(&mut n.raw, &mut n.lost, vote).expect("step");
+                let answered = n.raw.raft.msgs.iter().any(|m| m.get_msg_type() == MessageType::MsgRequestVoteResponse);
+                assert!(!answered, "no vote granted or refused");
+                assert_eq!(nodes[f].raw.raft.term, term, "the request changed nothing");
+            }
+        }
+        assert!(seen_recovering, "the heartbeat revealed the loss");
+        assert_eq!(nodes[f].raw.raft.raft_log.last_index(), target);
+        round(&mut nodes, false);
+        assert!(!nodes[f].lost.is_recovering(), "caught up: it votes again");
+        assert_eq!(leader(&nodes), Some(l), "no leader change on the way");
+    }
+
+    #[test]
+    fn a_dropped_snapshot_reported_by_the_transport_unpauses_its_follower() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes: Vec<Node> = (1..=3u64)
+            .map(|id| node(id, storage(&dir.path().join(id.to_string()))))
+            .collect();
+        let mut rounds = 0;
+        let l = loop {
+            round(&mut nodes, true);
+            rounds += 1;
+            assert!(rounds < MAX_ROUNDS, "no leader elected");
+            if let Some(l) = leader(&nodes) {
+                break l;
+            }
+        };
+        let f_id = ((l + 1) % 3) as u64 + 1;
+        let n = &mut nodes[l];
+        n.raw.raft.mut_prs().get_mut(f_id).expect("progress").become_snapshot(5);
+        assert!(n.raw.raft.prs().get(f_id).expect("progress").is_paused());
+        inbound::step(&mut n.raw, &mut n.lost, inbound::snapshot_dropped(f_id)).expect("report");
+        let progress = n.raw.raft.prs().get(f_id).expect("progress");
+        assert_eq!(progress.state, ProgressState::Probe, "no longer waiting for the snapshot");
+        // raft-rs probes again after the follower's next heartbeat response.
+        nodes[l].raw.propose(vec![], batch(0)).expect("propose");
+        let last = nodes[l].raw.raft.raft_log.last_index();
+        while nodes[l].raw.raft.prs().get(f_id).expect("progress").matched < last {
+            round(&mut nodes, true);
+            rounds += 1;
+            assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
+        }
+    }
+}
