@@ -72,7 +72,15 @@ fn create(cluster: &Cluster, topic: &str, extra: &[&str]) {
         let alive = brokers.iter().filter(|b| b["alive"] == true).count();
         (alive == cluster.ids().len()).then_some(())
     });
-    let mut args = vec!["topic", "create", topic, "--partitions", "1", "--replication-factor", "3"];
+    let mut args = vec![
+        "topic",
+        "create",
+        topic,
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+    ];
     args.extend_from_slice(extra);
     let out = cli(&cluster.bootstrap(), &args, "");
     assert!(
@@ -149,12 +157,17 @@ fn given_a_broker_sigkilled_right_after_a_replica_moved_onto_it_should_keep_that
     let mut cluster = Cluster::start(4, &[]);
     create(&cluster, "rk", &[]);
     let before = replicas(&cluster, "rk");
-    let newcomer = (1..=4).find(|b| !before.contains(b)).expect("a broker without a replica");
+    let newcomer = (1..=4)
+        .find(|b| !before.contains(b))
+        .expect("a broker without a replica");
     let mut acked = produce(&cluster.bootstrap(), "rk", "early", 300);
 
     let target = [newcomer, before[1], before[2]];
     let list = target.map(|b| b.to_string()).join(",");
-    cli_json(&cluster.bootstrap(), &["partition", "reassign", "rk", "0", "--replicas", &list]);
+    cli_json(
+        &cluster.bootstrap(),
+        &["partition", "reassign", "rk", "0", "--replicas", &list],
+    );
     // At once: the newcomer's stored metadata commit predates the reassignment (and even
     // the topic), so a restart replays a stale view of where the replica belongs.
     cluster.broker_mut(newcomer).kill();
@@ -207,8 +220,7 @@ fn record_byte_of_batch_from_end(segment: &[u8], nth: usize) -> usize {
 }
 
 #[test]
-fn given_a_follower_whose_log_lost_committed_entries_to_corruption_should_recover_from_the_leader_without_panicking()
-{
+fn given_a_follower_whose_log_lost_committed_entries_to_corruption_should_recover_from_the_leader_without_panicking() {
     let mut cluster = Cluster::start(3, &[]);
     create(
         &cluster,
@@ -245,10 +257,21 @@ fn given_a_follower_whose_log_lost_committed_entries_to_corruption_should_recove
     // The repaired follower leads and serves everything acknowledged.
     let out = cli(
         &cluster.bootstrap(),
-        &["partition", "transfer-leader", "lost", "0", "--to", &follower.to_string()],
+        &[
+            "partition",
+            "transfer-leader",
+            "lost",
+            "0",
+            "--to",
+            &follower.to_string(),
+        ],
         "",
     );
-    assert!(out.status.success(), "transfer: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_for("the repaired follower to lead", DEADLINE, || {
         let d = cluster.describe("lost", None)?;
         (d["partitions"][0]["leader"].as_u64()? == u64::from(follower)).then_some(())

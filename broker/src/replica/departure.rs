@@ -127,7 +127,10 @@ mod tests {
     #[test]
     fn a_replica_without_state_is_not_listed_and_a_damaged_one_is_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(!stored_config_lists(dir.path(), 4), "no state: a replica that never joined");
+        assert!(
+            !stored_config_lists(dir.path(), 4),
+            "no state: a replica that never joined"
+        );
         let state = RaftStateFile {
             conf_state: ConfState {
                 voters: vec![2, 3, 4],

@@ -48,7 +48,13 @@ impl LostEntries {
         let promised = raft.commit_promised_at_open();
         let recovering_to = (promised > last).then_some(promised);
         if recovering_to.is_some() {
-            tracing::warn!(topic, partition, promised, last, "replica lost committed entries; it will not vote until it has caught up from its leader");
+            tracing::warn!(
+                topic,
+                partition,
+                promised,
+                last,
+                "replica lost committed entries; it will not vote until it has caught up from its leader"
+            );
         }
         LostEntries {
             topic: topic.to_string(),
@@ -135,7 +141,9 @@ impl LostEntries {
         if !m.reject || m.term != node.raft.term {
             return;
         }
-        let Some(progress) = node.raft.mut_prs().get_mut(m.from) else { return };
+        let Some(progress) = node.raft.mut_prs().get_mut(m.from) else {
+            return;
+        };
         if m.reject_hint >= progress.matched {
             return;
         }
@@ -320,7 +328,8 @@ mod tests {
             ..before
         })
         .expect("hard state");
-        copy.set_conf_state(&nodes[f].raw.store().conf_state()).expect("conf state");
+        copy.set_conf_state(&nodes[f].raw.store().conf_state())
+            .expect("conf state");
         nodes[f] = node(f_id, copy);
         assert!(!nodes[f].lost.is_recovering());
 
@@ -344,7 +353,12 @@ mod tests {
                 let term = nodes[f].raw.raft.term;
                 let n = &mut nodes[f];
                 inbound::step(&mut n.raw, &mut n.lost, vote).expect("step");
-                let answered = n.raw.raft.msgs.iter().any(|m| m.get_msg_type() == MessageType::MsgRequestVoteResponse);
+                let answered = n
+                    .raw
+                    .raft
+                    .msgs
+                    .iter()
+                    .any(|m| m.get_msg_type() == MessageType::MsgRequestVoteResponse);
                 assert!(!answered, "no vote granted or refused");
                 assert_eq!(nodes[f].raw.raft.term, term, "the request changed nothing");
             }
@@ -377,7 +391,11 @@ mod tests {
         assert!(n.raw.raft.prs().get(f_id).expect("progress").is_paused());
         inbound::step(&mut n.raw, &mut n.lost, inbound::snapshot_dropped(f_id)).expect("report");
         let progress = n.raw.raft.prs().get(f_id).expect("progress");
-        assert_eq!(progress.state, ProgressState::Probe, "no longer waiting for the snapshot");
+        assert_eq!(
+            progress.state,
+            ProgressState::Probe,
+            "no longer waiting for the snapshot"
+        );
         // raft-rs probes again after the follower's next heartbeat response.
         nodes[l].raw.propose(vec![], batch(0)).expect("propose");
         let last = nodes[l].raw.raft.raft_log.last_index();
