@@ -278,3 +278,46 @@ fn given_a_follower_whose_log_lost_committed_entries_to_corruption_should_recove
     });
     assert_all_read_back(cluster.broker(follower).addr(), "lost", &acked);
 }
+
+#[test]
+fn given_batches_larger_than_a_since_lowered_max_message_bytes_a_new_replica_should_replay_them() {
+    let mut cluster = Cluster::start(4, &[]);
+    create(&cluster, "shrunk", &[]);
+    let before = replicas(&cluster, "shrunk");
+    let newcomer = (1..=4)
+        .find(|b| !before.contains(b))
+        .expect("a broker without a replica");
+    // Records of about 3 KB, many to a batch: batches well over the limit set below.
+    let name = "x".repeat(3_000);
+    let mut acked = produce(&cluster.bootstrap(), "shrunk", &name, 60);
+    cli_json(
+        &cluster.bootstrap(),
+        &["topic", "alter", "shrunk", "--config", "max.message.bytes=4096"],
+    );
+    acked.extend(produce(&cluster.bootstrap(), "shrunk", "small", 50));
+
+    // The new replica opens under today's limit and must store the old batches as they are.
+    let target = [newcomer, before[1], before[2]];
+    let list = target.map(|b| b.to_string()).join(",");
+    let bootstrap = cluster.bootstrap();
+    let reassign = std::thread::spawn(move || {
+        cli_json(
+            &bootstrap,
+            &["partition", "reassign", "shrunk", "0", "--replicas", &list],
+        );
+    });
+    wait_for("the new replica to open", DEADLINE, || {
+        gauge(&cluster, newcomer, "conveyor_log_end_offset", "shrunk")
+    });
+    wait_caught_up(&cluster, newcomer, "shrunk");
+    reassign.join().expect("reassignment finished");
+    // The partition's leader describes it, and may apply the last record a moment later.
+    wait_for("the new replica list", DEADLINE, || {
+        (replicas(&cluster, "shrunk") == target).then_some(())
+    });
+
+    let other = target[1];
+    cluster.broker_mut(other).kill();
+    cluster.wait_for_leader("shrunk", 0, Some(other), DEADLINE);
+    assert_all_read_back(&cluster.bootstrap_without(other), "shrunk", &acked);
+}
