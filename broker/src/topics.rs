@@ -33,10 +33,10 @@ use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::partition::{Acks, OpenContext, Partition, not_leader_error};
 use crate::replica::departure::Undecided;
-
-mod departures;
 use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
+
+mod departures;
 
 const TOPICS_DIR: &str = "topics";
 const TRASH_DIR: &str = "trash";
@@ -608,11 +608,7 @@ impl Registry {
         self.insert(updated);
         // A committed record applied from the live log placed the replica elsewhere: its data
         // goes once its group no longer lists this broker.
-        let dir = self.topics_dir().join(&r.topic).join(p.to_string());
-        if !wanted
-            && let Ok(topic) = self.get(&r.topic)
-            && (topic.local.contains_key(&p) || dir.exists())
-        {
+        if !wanted && let Ok(topic) = self.get(&r.topic) {
             self.remove_departed_replica(&topic, p).await;
         }
     }

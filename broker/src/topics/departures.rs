@@ -90,9 +90,18 @@ impl Registry {
             }
             None => {
                 let dir = dir.clone();
-                tokio::task::spawn_blocking(move || departure::stored_config_lists(&dir, me))
-                    .await
-                    .unwrap_or(true)
+                let found =
+                    tokio::task::spawn_blocking(move || dir.exists().then(|| departure::stored_config_lists(&dir, me)))
+                        .await;
+                match found {
+                    Ok(Some(listed)) => listed,
+                    Ok(None) => {
+                        // No replica here: nothing to decide.
+                        self.undecided.remove(&topic.name, p);
+                        return;
+                    }
+                    Err(_) => true,
+                }
             }
         };
         if listed {
