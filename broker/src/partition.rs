@@ -33,6 +33,8 @@ use tokio::task::JoinHandle;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
+use crate::replica::inbound;
+use crate::replica::lost_entries::LostEntries;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles};
@@ -583,6 +585,8 @@ pub(crate) struct Owner {
     pending_changes: Vec<PendingChange>,
     /// Appends that arrived while no leader was known, in arrival order.
     waiting: VecDeque<(Instant, AppendRequest)>,
+    /// Whether this replica lost entries it acknowledged (see `replica::lost_entries`).
+    lost_entries: LostEntries,
 }
 
 #[derive(Debug)]
@@ -608,6 +612,7 @@ impl ReadyHandler for Outbox<'_> {
 
 impl Owner {
     pub(crate) fn new(cx: &OwnerContext, raft: RaftLog, preferred: u64) -> Owner {
+        let lost_entries = LostEntries::new(&cx.topic, cx.index, &raft);
         Owner {
             topic: cx.topic.clone(),
             index: cx.index,
@@ -625,6 +630,7 @@ impl Owner {
             caught_up: HashMap::new(),
             pending_changes: Vec::new(),
             waiting: VecDeque::new(),
+            lost_entries,
         }
     }
 
@@ -668,8 +674,9 @@ impl Owner {
             }
             for m in messages {
                 // A message from a stale term or an unknown peer is refused by Raft itself;
-                // nothing here depends on it.
-                if let Err(e) = node.step(m) {
+                // nothing here depends on it. Transport reports and lost entries: see
+                // `replica::inbound`.
+                if let Err(e) = inbound::step(&mut node, &mut self.lost_entries, m) {
                     tracing::debug!(topic = %self.topic, partition = self.index, error = %e, "raft message refused");
                 }
             }
@@ -680,6 +687,8 @@ impl Owner {
             let due = schedule.due(tokio::time::Instant::now());
             let tick = due > 0;
             for _ in 0..due {
+                // A replica recovering lost entries must not campaign.
+                self.lost_entries.before_tick(&mut node);
                 node.tick();
                 self.ticks += 1;
                 if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {

@@ -32,8 +32,11 @@ use tokio::sync::watch;
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::partition::{Acks, OpenContext, Partition, not_leader_error};
+use crate::replica::departure::Undecided;
 use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
+
+mod departures;
 
 const TOPICS_DIR: &str = "topics";
 const TRASH_DIR: &str = "trash";
@@ -147,6 +150,9 @@ pub struct Registry {
     apply_failure: watch::Sender<Option<ApplyFailure>>,
     /// Brokers being removed: no new replicas go there.
     draining: RwLock<BTreeSet<u32>>,
+    /// Replicas kept here although the metadata places them elsewhere, waiting for a
+    /// decision (see [`crate::replica::departure`]).
+    undecided: Undecided,
 }
 
 /// A topic as the committed metadata log describes it.
@@ -345,12 +351,22 @@ impl Registry {
             applied,
             apply_failure: watch::channel(None).0,
             draining: RwLock::new(BTreeSet::new()),
+            undecided: Undecided::default(),
         };
         let committed = registry.replay()?;
         let mut keep: BTreeSet<String> = committed.keys().cloned().collect();
-        keep.extend(registry.created_after_commit()?);
+        let newer = registry.created_after_commit()?;
+        keep.extend(newer.iter().map(|(name, _)| name.clone()));
         registry.remove_unknown_dirs(&keep)?;
         for replayed in committed.into_values() {
+            let dir = registry.topics_dir().join(&replayed.created.name);
+            let held = std::fs::read_to_string(dir.join(TOPIC_ID_FILE)).unwrap_or_default();
+            if held.trim() != replayed.created.topic_id && newer.iter().any(|(_, id)| id == held.trim()) {
+                // The directory holds a later incarnation of the name, created past the
+                // stored commit: the records that replace this one are still to be applied.
+                tracing::info!(topic = %replayed.created.name, "keeping a topic's newer data until its creation is applied");
+                continue;
+            }
             let topic = registry.open_topic(replayed.created, Some(replayed.current))?;
             registry.insert(topic);
         }
@@ -403,9 +419,9 @@ impl Registry {
         Ok(topics)
     }
 
-    /// Topics created in the part of the metadata log that is not known to be committed yet:
-    /// their data must stay until the log says what became of them.
-    fn created_after_commit(&self) -> anyhow::Result<Vec<String>> {
+    /// Topics (name, id) created in the part of the metadata log that is not known to be
+    /// committed yet: their data must stay until the log says what became of them.
+    fn created_after_commit(&self) -> anyhow::Result<Vec<(String, String)>> {
         let log = &self.metadata.log();
         let mut names = Vec::new();
         let mut next = self.metadata.high_watermark();
@@ -413,7 +429,7 @@ impl Registry {
             let (changes, after) = records_in(log.read(next, 1 << 20)?)?;
             for change in changes {
                 if let metadata_record::Change::TopicCreated(t) = change {
-                    names.push(t.name);
+                    names.push((t.name, t.topic_id));
                 }
             }
             match after {
@@ -445,6 +461,7 @@ impl Registry {
                             if let Some(after) = after {
                                 self.applied.send_replace(after.max(from));
                             }
+                            self.decide_kept_replicas().await;
                             continue;
                         }
                     }
@@ -459,6 +476,10 @@ impl Registry {
                 _ = &mut stop => return,
                 changed = hw.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(APPLY_RETRY_EVERY), if from < end => {}
+                // Kept replicas are decided again as their groups apply their removal.
+                _ = tokio::time::sleep(Duration::from_secs(1)), if !self.undecided.is_empty() => {
+                    self.decide_kept_replicas().await;
+                }
             }
         }
     }
@@ -534,6 +555,7 @@ impl Registry {
                         _ => None,
                     }
                 };
+                self.undecided.remove_topic(&d.name);
                 if let Some(topic) = &removed {
                     for p in topic.local.values() {
                         p.stop().await;
@@ -688,29 +710,11 @@ impl Registry {
                     }
                 }
             }
-            (Some(partition), false) => {
-                local.remove(&p);
-                partition.stop().await;
-                let dir = self.topics_dir().join(&topic.name).join(p.to_string());
-                let removed = tokio::task::spawn_blocking(move || {
-                    partition.close()?;
-                    std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::Internal(format!("{}: {e}", dir.display())))
-                })
-                .await;
-                match removed {
-                    Ok(Ok(())) => {
-                        tracing::info!(topic = %r.topic, partition = p, "replica moved off this broker; data removed")
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(topic = %r.topic, partition = p, error = %e, "removing a moved replica failed")
-                    }
-                    Err(e) => {
-                        tracing::error!(topic = %r.topic, partition = p, error = %e, "removing a moved replica failed")
-                    }
-                }
-            }
             (Some(partition), true) => partition.set_preferred(preferred).await,
-            (None, false) => {}
+            (_, false) => {}
+        }
+        if wanted {
+            self.undecided.remove(&topic.name, p);
         }
         let mut updated = Topic {
             local,
@@ -718,6 +722,11 @@ impl Registry {
         };
         updated.assignments[index] = r.replicas;
         self.insert(updated);
+        // A committed record applied from the live log placed the replica elsewhere: its data
+        // goes once its group no longer lists this broker.
+        if !wanted && let Ok(topic) = self.get(&r.topic) {
+            self.remove_departed_replica(&topic, p).await;
+        }
         Ok(())
     }
 
@@ -754,7 +763,9 @@ impl Registry {
     }
 
     /// Builds a topic from its creation record (and, on replay, its partitions' replicas
-    /// after reassignments) and opens the replicas placed here. Blocking.
+    /// after reassignments) and opens the replicas placed here, and those whose own Raft
+    /// configuration still lists this broker. Nothing is deleted here: the view may be stale
+    /// (see [`Self::kept_replicas`]). Blocking.
     fn open_topic(&self, created: TopicCreated, current: Option<Vec<Vec<u32>>>) -> Result<Topic> {
         let overrides: BTreeMap<String, String> = created.configs.clone().into_iter().collect();
         let effective = self
@@ -767,16 +778,17 @@ impl Registry {
         let assignments = current.unwrap_or_else(|| initial.clone());
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
-        if local_wanted {
-            prepare_topic_dir(&topic_dir, &created.topic_id)
-                .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
+        let dir_error = |e: std::io::Error| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name));
+        if local_wanted || topic_dir.exists() {
+            prepare_topic_dir(&topic_dir, &created.topic_id).map_err(dir_error)?;
         }
-        remove_moved_replicas(&topic_dir, &assignments, me)
-            .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name)))?;
+        let kept = self
+            .kept_replicas(&created.name, &topic_dir, &assignments)
+            .map_err(dir_error)?;
         let ctx = self.open_context();
         let mut local = BTreeMap::new();
         for (p, replicas) in assignments.iter().enumerate() {
-            if !replicas.contains(&me) {
+            if !replicas.contains(&me) && !kept.contains(&(p as i32)) {
                 continue;
             }
             let preferred = replicas.first().copied().unwrap_or(me);
@@ -1059,27 +1071,6 @@ fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)
-}
-
-/// Removes partition directories of `topic_dir` whose replica is no longer placed on `me`
-/// (moved away while this broker was down). Blocking.
-fn remove_moved_replicas(topic_dir: &Path, assignments: &[Vec<u32>], me: u32) -> std::io::Result<()> {
-    let entries = match std::fs::read_dir(topic_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<usize>().ok()) else {
-            continue;
-        };
-        if !assignments.get(p).is_some_and(|r| r.contains(&me)) {
-            tracing::info!(dir = %entry.path().display(), "removing a replica that moved to other brokers");
-            std::fs::remove_dir_all(entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 /// Moves a deleted topic's directory to the trash and removes it, if it holds incarnation

@@ -12,6 +12,14 @@
 //! On the receiving side every group registers a bounded inbox in the router; a message for
 //! a group that is full or not (yet) open here is dropped the same way.
 //!
+//! # Reports back to the groups
+//! Raft tolerates lost messages except one: a leader that sent a snapshot keeps that
+//! follower paused until told how it went. So when a `MsgSnapshot` is dropped (its peer's
+//! queue full, or the call that carried it failed), the sending group is told through its
+//! own inbox, and told too that the peer was unreachable when a call fails (see
+//! [`crate::replica::inbound`]). A report that finds the inbox full is dropped like any
+//! message: the group then learns at its next leader change, as before.
+//!
 //! # Liveness
 //! A peer is alive while this broker has heard from it (any `Send` it made here) within
 //! [`ALIVE_WITHIN`]. Peers also tell their client-facing address in every batch, so any
@@ -27,7 +35,7 @@ use conveyor_proto::internal::v1::raft_client::RaftClient;
 use conveyor_proto::internal::v1::raft_server::Raft;
 use conveyor_proto::internal::v1::{GroupMessage, MembershipChange, MembershipChanged, RaftAck, RaftBatch};
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
@@ -98,7 +106,7 @@ pub struct Transport {
     peers: RwLock<BTreeMap<u32, Arc<Peer>>>,
     queue_depth: usize,
     runtime: tokio::runtime::Handle,
-    router: RwLock<HashMap<GroupKey, mpsc::Sender<Message>>>,
+    router: Arc<Router>,
     /// Messages that arrived for a group that is full or not open here.
     pub dropped_inbound: Counter,
     metrics: Arc<Metrics>,
@@ -106,6 +114,36 @@ pub struct Transport {
     removed: RwLock<BTreeSet<u32>>,
     /// Whether this broker was removed from the cluster, as it has learned.
     standing: Arc<Standing>,
+}
+
+/// Local groups' inboxes, by group key.
+#[derive(Debug, Default)]
+struct Router {
+    inboxes: RwLock<HashMap<GroupKey, mpsc::Sender<Message>>>,
+}
+
+impl Router {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<GroupKey, mpsc::Sender<Message>>> {
+        self.inboxes.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<GroupKey, mpsc::Sender<Message>>> {
+        self.inboxes.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tells a local group that messages it sent to `peer` were lost: a snapshot among them
+    /// (`snapshot`), and whether the peer could not be reached at all (`unreachable`).
+    fn report_undelivered(&self, key: &GroupKey, peer: u64, snapshot: bool, unreachable: bool) {
+        let router = self.read();
+        let Some(inbox) = router.get(key) else { return };
+        if snapshot && inbox.try_send(crate::replica::inbound::snapshot_dropped(peer)).is_err() {
+            tracing::debug!(topic = %key.topic, partition = key.partition, peer, "snapshot failure report dropped: inbox full");
+        }
+        if unreachable {
+            // Best effort: Raft's own probing recovers without it.
+            let _ = inbox.try_send(crate::replica::inbound::peer_unreachable(peer));
+        }
+    }
 }
 
 /// What [`Transport::peer_states`] reports per broker.
@@ -134,7 +172,7 @@ impl Transport {
             peers: RwLock::new(BTreeMap::new()),
             queue_depth: queue_depth.max(1),
             runtime: tokio::runtime::Handle::current(),
-            router: RwLock::new(HashMap::new()),
+            router: Arc::default(),
             dropped_inbound: Counter::default(),
             metrics,
             removed: RwLock::new(BTreeSet::new()),
@@ -176,6 +214,7 @@ impl Transport {
                 to: id,
                 peer,
                 standing: Arc::clone(&self.standing),
+                router: Arc::clone(&self.router),
             },
             endpoint,
             rx,
@@ -263,26 +302,24 @@ impl Transport {
                 tracing::debug!(to = message.to, "raft message for an unknown broker dropped");
                 continue;
             };
+            let (to, snapshot) = (message.to, message.get_msg_type() == MessageType::MsgSnapshot);
             if peer.queue.try_send((Arc::clone(key), message)).is_err() {
                 peer.dropped.add(1);
                 self.metrics.raft_messages_dropped.add(1);
+                if snapshot {
+                    self.router.report_undelivered(key, to, true, false);
+                }
             }
         }
     }
 
     /// Registers a local group's inbox; messages for it are routed there from now on.
     pub fn register(&self, key: GroupKey, inbox: mpsc::Sender<Message>) {
-        self.router
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, inbox);
+        self.router.write().insert(key, inbox);
     }
 
     pub fn deregister(&self, key: &GroupKey) {
-        self.router
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
+        self.router.write().remove(key);
     }
 
     fn deliver(&self, from: u32, from_address: String, messages: Vec<GroupMessage>) -> u32 {
@@ -298,7 +335,7 @@ impl Transport {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(from_address);
             }
         }
-        let router = self.router.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let router = self.router.read();
         let mut dropped = 0;
         let mut key = GroupKey::new("", 0);
         for m in messages {
@@ -310,6 +347,11 @@ impl Transport {
                     continue;
                 }
             };
+            if crate::replica::inbound::is_local(message.get_msg_type()) {
+                // Only this process reports on its own deliveries.
+                dropped += 1;
+                continue;
+            }
             key.topic = m.topic;
             key.partition = m.partition;
             match router.get(&key) {
@@ -444,6 +486,28 @@ struct Sender {
     peer: Arc<Peer>,
     /// What this broker knows of its own membership, which peers' answers update.
     standing: Arc<Standing>,
+    /// Where to report messages a failed call lost.
+    router: Arc<Router>,
+}
+
+/// The groups one call carries messages for, and whether a snapshot is among them.
+#[derive(Default)]
+struct Sent {
+    groups: HashMap<Arc<GroupKey>, bool>,
+}
+
+impl Sent {
+    fn add(&mut self, key: &Arc<GroupKey>, snapshot: bool) {
+        *self.groups.entry(Arc::clone(key)).or_default() |= snapshot;
+    }
+
+    /// The call failed: each group learns that the peer was unreachable, and which of its
+    /// snapshots were lost.
+    fn report_lost(&self, router: &Router, peer: u64) {
+        for (key, &snapshot) in &self.groups {
+            router.report_undelivered(key, peer, snapshot, true);
+        }
+    }
 }
 
 async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver<(Arc<GroupKey>, Message)>) {
@@ -453,6 +517,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
         to,
         peer,
         standing,
+        router,
     } = sender;
     let mut client = RaftClient::new(endpoint.connect_lazy())
         .max_encoding_message_size(64 << 20)
@@ -467,9 +532,11 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
             Err(_) => None,
         };
         let mut messages = Vec::new();
+        let mut sent_for = Sent::default();
         let mut bytes = 0;
         let mut next = first;
         while let Some((key, message)) = next.take() {
+            sent_for.add(&key, message.get_msg_type() == MessageType::MsgSnapshot);
             match message.write_to_bytes() {
                 Ok(encoded) => {
                     bytes += encoded.len();
@@ -499,6 +566,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
                 }
             }
             Ok(Err(status)) => {
+                sent_for.report_lost(&router, u64::from(to));
                 if !failing {
                     tracing::warn!(peer = to, address = %peer.address, error = %status.message(), "cannot reach broker; raft messages to it are dropped until it answers");
                     failing = true;
@@ -506,6 +574,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
                 tokio::time::sleep(RETRY_BACKOFF).await;
             }
             Err(_) => {
+                sent_for.report_lost(&router, u64::from(to));
                 if !failing {
                     tracing::warn!(peer = to, address = %peer.address, "broker did not answer in time; raft messages to it are dropped until it answers");
                     failing = true;
@@ -549,5 +618,102 @@ impl Raft for RaftService {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(MembershipChanged {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::MessageType;
+
+    use super::*;
+
+    /// A loopback port nothing listens on: calls to it fail at once.
+    const UNREACHABLE: &str = "127.0.0.1:1";
+    /// Bounds the wait for a report that arrives within one failed call.
+    const REPORT_WITHIN: Duration = Duration::from_secs(10);
+
+    fn message(kind: MessageType, to: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = 1;
+        m.to = to;
+        m
+    }
+
+    fn transport(queue_depth: usize) -> Arc<Transport> {
+        let peers = BTreeMap::from([(2, UNREACHABLE.to_string())]);
+        Transport::start(1, "127.0.0.1:0".into(), &peers, queue_depth, Arc::default()).expect("transport")
+    }
+
+    /// The next message in `inbox` of `kind`, skipping others.
+    async fn next_of(inbox: &mut mpsc::Receiver<Message>, kind: MessageType) -> Message {
+        tokio::time::timeout(REPORT_WITHIN, async {
+            loop {
+                let m = inbox.recv().await.expect("inbox open");
+                if m.get_msg_type() == kind {
+                    return m;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind:?} report"))
+    }
+
+    #[tokio::test]
+    async fn given_a_snapshot_lost_in_a_failed_call_should_tell_the_sending_group_and_that_the_peer_is_unreachable() {
+        let transport = transport(64);
+        let key = Arc::new(GroupKey::new("t", 0));
+        let (inbox_tx, mut inbox) = mpsc::channel(16);
+        transport.register(GroupKey::clone(&key), inbox_tx);
+        transport.send(&key, vec![message(MessageType::MsgSnapshot, 2)]);
+        let report = next_of(&mut inbox, MessageType::MsgSnapStatus).await;
+        assert_eq!((report.from, report.reject), (2, true), "a failed snapshot to broker 2");
+        let report = next_of(&mut inbox, MessageType::MsgUnreachable).await;
+        assert_eq!(report.from, 2);
+    }
+
+    #[tokio::test]
+    async fn given_a_full_peer_queue_a_dropped_snapshot_should_be_reported_at_once() {
+        // One slot, and the sender task cannot run before this test yields: the second
+        // message finds the queue full.
+        let transport = transport(1);
+        let key = Arc::new(GroupKey::new("t", 0));
+        let (inbox_tx, mut inbox) = mpsc::channel(16);
+        transport.register(GroupKey::clone(&key), inbox_tx);
+        transport.send(
+            &key,
+            vec![message(MessageType::MsgAppend, 2), message(MessageType::MsgSnapshot, 2)],
+        );
+        let report = inbox.try_recv().expect("reported before send returned");
+        assert_eq!(report.get_msg_type(), MessageType::MsgSnapStatus);
+        assert_eq!((report.from, report.reject), (2, true));
+    }
+
+    #[test]
+    fn local_message_types_from_the_wire_are_not_delivered() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        let transport = transport(64);
+        let (inbox_tx, mut inbox) = mpsc::channel(16);
+        transport.register(GroupKey::new("t", 0), inbox_tx);
+        let wire = |kind| GroupMessage {
+            topic: "t".into(),
+            partition: 0,
+            message: Bytes::from(message(kind, 1).write_to_bytes().expect("encode")),
+        };
+        let dropped = transport.deliver(
+            2,
+            String::new(),
+            vec![wire(MessageType::MsgSnapStatus), wire(MessageType::MsgHeartbeat)],
+        );
+        assert_eq!(dropped, 1);
+        assert_eq!(
+            inbox.try_recv().expect("heartbeat").get_msg_type(),
+            MessageType::MsgHeartbeat
+        );
+        assert!(inbox.try_recv().is_err());
     }
 }

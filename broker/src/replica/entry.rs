@@ -44,7 +44,13 @@ pub enum Origin {
     Peer,
 }
 
-/// The batch that stores `entry`, checked against `max_batch_bytes`.
+/// The batch that stores `entry`, to be appended to a log whose size limit is
+/// `max_batch_bytes`.
+///
+/// A replicated entry is checked for integrity only (frame, CRC), never against the topic's
+/// limits of today: its leader accepted it under the limits in force then, every replica must
+/// store the same entries, and a replica that refused one (after `max.message.bytes` was
+/// lowered, say) would stop replicating for good.
 pub fn to_batch(entry: &Entry, max_batch_bytes: usize, origin: Origin) -> Result<ValidatedBatch, EntryError> {
     let index = entry.index;
     let bytes = match entry.get_entry_type() {
@@ -62,12 +68,14 @@ pub fn to_batch(entry: &Entry, max_batch_bytes: usize, origin: Origin) -> Result
     // unchanged; everything else (replicated entries, older terms) gets frame and CRC checks,
     // which catch corruption in transit or at rest.
     let own = origin == Origin::LeaderOf(entry.term);
-    let batch = if own {
-        ValidatedBatch::already_validated(bytes, max_batch_bytes)
-    } else {
-        ValidatedBatch::frame_checked(bytes, max_batch_bytes)
+    let not_a_batch = |source| EntryError::NotABatch { index, source };
+    if !own {
+        // The size bound is the batch itself: only its integrity is in question here.
+        ValidatedBatch::frame_checked(bytes.clone(), bytes.len()).map_err(not_a_batch)?;
     }
-    .map_err(|source| EntryError::NotABatch { index, source })?;
+    // Wrapped at the log's own limit, so that appending does not validate it again against
+    // today's limits.
+    let batch = ValidatedBatch::already_validated(bytes, max_batch_bytes).map_err(not_a_batch)?;
     if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() && batch.header().is_control() {
         return Err(EntryError::ControlData { index });
     }

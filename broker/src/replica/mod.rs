@@ -10,10 +10,18 @@
 //! - [`tick`]: when a Raft node ticks (by the clock, whatever woke its owner).
 //! - [`supervisor`]: a partition owner that fails or panics is reported, stops claiming
 //!   leadership, and is restarted from its log with backoff.
+//! - [`inbound`]: what the owner does with each message from its inbox: the transport's
+//!   reports on messages it could not deliver, and peers' messages.
+//! - [`lost_entries`]: a replica whose log lost entries it acknowledged recovers from its
+//!   leader and does not vote meanwhile.
+//! - [`departure`]: when a replica's data may be deleted.
 //!
 //! The RawNode driver, transport and controller come in the next steps of the Raft issue.
 
+pub mod departure;
 pub mod entry;
+pub mod inbound;
+pub mod lost_entries;
 pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;

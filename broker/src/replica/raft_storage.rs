@@ -79,6 +79,9 @@ impl Inner {
 pub struct RaftLog {
     log: Arc<PartitionLog>,
     dir: PathBuf,
+    /// The commit index stored before the crash: past the log's end after recovery, it
+    /// says that this replica lost entries it had acknowledged.
+    promised_commit: u64,
     inner: Arc<RwLock<Inner>>,
 }
 
@@ -114,6 +117,7 @@ impl RaftLog {
         // A commit stored ahead of what survived (flush policy `os`, or a cut torn tail) cannot
         // be honoured; Raft must not be told about entries it does not have.
         let last = state.snapshot_index + entries.len() as u64;
+        let promised_commit = state.hard_state.commit;
         if state.hard_state.commit > last {
             tracing::warn!(dir = %dir.display(), stored = state.hard_state.commit, last, "stored commit index is past the log; lowering it");
             state.hard_state.commit = last;
@@ -121,6 +125,7 @@ impl RaftLog {
         Ok(RaftLog {
             log,
             dir,
+            promised_commit,
             inner: Arc::new(RwLock::new(Inner {
                 applied: 0,
                 state,
@@ -136,6 +141,12 @@ impl RaftLog {
 
     fn write(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The commit index the state file held when the log was opened, before it was
+    /// lowered to the log's end (see [`super::lost_entries`]).
+    pub fn commit_promised_at_open(&self) -> u64 {
+        self.promised_commit
     }
 
     pub fn partition_log(&self) -> &Arc<PartitionLog> {
@@ -590,6 +601,47 @@ mod tests {
         assert_eq!(raft.last_index().expect("last"), 30);
         assert!(read_all(&raft).iter().zip(&entries(1..=30, 3)).all(|(a, b)| same(a, b)));
         assert_eq!(raft.offset_after(30), raft.partition_log().log_end_offset());
+    }
+
+    #[test]
+    fn given_a_lowered_size_limit_replicated_batches_accepted_before_are_stored_and_corrupt_ones_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = open(dir.path());
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(&Record {
+            value: Some(Bytes::from(vec![b'x'; 3_000])),
+            ..Record::default()
+        });
+        let big = Entry {
+            index: 1,
+            term: 1,
+            data: b.build().expect("batch"),
+            ..Entry::default()
+        };
+        assert!(big.data.len() > 2_048);
+        raft.partition_log()
+            .set_config(LogConfig {
+                max_batch_bytes: 1_024,
+                ..config()
+            })
+            .expect("lower the limit");
+        raft.append(std::slice::from_ref(&big), entry::Origin::Peer)
+            .expect("a batch its leader accepted under the old limit is replicated");
+        assert_eq!(raft.last_index().expect("last"), 1);
+
+        let mut damaged = big.clone();
+        damaged.index = 2;
+        let mut bytes = damaged.data.to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        damaged.data = Bytes::from(bytes);
+        assert!(
+            matches!(
+                raft.append(&[damaged], entry::Origin::Peer),
+                Err(ReplicaError::Entry(EntryError::NotABatch { index: 2, .. }))
+            ),
+            "integrity is still checked"
+        );
     }
 
     #[test]

@@ -1,0 +1,147 @@
+//! When a replica's data may be deleted.
+//!
+//! A replica's directory holds its Raft state (term, vote, configuration) as well as its
+//! log: deleting it while the group still counts on it is vote amnesia, a full
+//! re-replication, and, with one more replica lost, acknowledged writes gone. So the data
+//! goes only when both of these hold (ARCHITECTURE.md section 9):
+//! 1. a committed metadata record, applied here from the live log, places the partition's
+//!    replicas elsewhere; and
+//! 2. the partition's own Raft configuration, as stored with the replica, lists this broker
+//!    neither as voter nor as learner.
+//!
+//! A view of the metadata replayed at start only up to the locally stored commit index may
+//! be stale, so nothing is deleted from it: such replicas are kept, opened if their own
+//! configuration lists this broker, and decided later, once the applier has applied the
+//! whole local metadata log with a leader known (see [`Undecided`]).
+//!
+//! # Crash behaviour
+//! Deciding reads only; a crash before or during a deletion leaves a replica that the next
+//! start keeps and decides again.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+use raft::eraftpb::ConfState;
+
+use super::raft_state::RaftStateFile;
+
+/// Whether a Raft configuration names `me` as voter or learner, joint halves included.
+pub fn config_lists(conf: &ConfState, me: u64) -> bool {
+    [&conf.voters, &conf.learners, &conf.voters_outgoing, &conf.learners_next]
+        .iter()
+        .any(|ids| ids.contains(&me))
+}
+
+/// Whether the configuration stored with the replica in `dir` names `me`. A state file that
+/// cannot be read counts as naming it: damage is never a reason to delete.
+pub fn stored_config_lists(dir: &Path, me: u64) -> bool {
+    match RaftStateFile::load(dir) {
+        Ok(state) => config_lists(&state.conf_state, me),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot read a replica's raft state; keeping its data");
+            true
+        }
+    }
+}
+
+/// The partition indexes of the replica directories under a topic's directory.
+pub fn partition_dirs(topic_dir: &Path) -> std::io::Result<Vec<i32>> {
+    let entries = match std::fs::read_dir(topic_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        if let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+            found.push(p);
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Replicas whose data is kept although the metadata known here places them elsewhere,
+/// waiting for a decision: (topic, partition).
+#[derive(Debug, Default)]
+pub struct Undecided {
+    replicas: Mutex<BTreeSet<(String, i32)>>,
+}
+
+impl Undecided {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, i32)>> {
+        self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn insert(&self, topic: &str, partition: i32) {
+        self.lock().insert((topic.to_string(), partition));
+    }
+
+    /// Inserts; whether it was not there yet.
+    pub fn insert_new(&self, topic: &str, partition: i32) -> bool {
+        self.lock().insert((topic.to_string(), partition))
+    }
+
+    pub fn remove(&self, topic: &str, partition: i32) {
+        self.lock().remove(&(topic.to_string(), partition));
+    }
+
+    /// Forgets every replica of `topic` (deleted: its whole directory goes).
+    pub fn remove_topic(&self, topic: &str) {
+        self.lock().retain(|(t, _)| t != topic);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, i32)> {
+        self.lock().iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configuration_lists_voters_learners_and_both_joint_halves() {
+        let conf = ConfState {
+            voters: vec![1],
+            learners: vec![2],
+            voters_outgoing: vec![3],
+            learners_next: vec![4],
+            ..ConfState::default()
+        };
+        for id in 1..=4 {
+            assert!(config_lists(&conf, id), "{id}");
+        }
+        assert!(!config_lists(&conf, 5));
+    }
+
+    #[test]
+    fn a_replica_without_state_is_not_listed_and_a_damaged_one_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(
+            !stored_config_lists(dir.path(), 4),
+            "no state: a replica that never joined"
+        );
+        let state = RaftStateFile {
+            conf_state: ConfState {
+                voters: vec![2, 3, 4],
+                ..ConfState::default()
+            },
+            ..RaftStateFile::default()
+        };
+        state.store(dir.path()).expect("store");
+        assert!(stored_config_lists(dir.path(), 4));
+        assert!(!stored_config_lists(dir.path(), 1));
+        std::fs::write(dir.path().join(super::super::raft_state::FILE_NAME), b"damaged").expect("damage");
+        assert!(stored_config_lists(dir.path(), 1), "damage is never a reason to delete");
+    }
+}

@@ -1,0 +1,147 @@
+//! Deciding what becomes of replicas the metadata places elsewhere (the rule is in
+//! [`crate::replica::departure`]): which to keep and open at start, and when to delete one.
+//!
+//! # Crash behaviour
+//! A replica's directory is removed only after its owner stopped and its log closed; a crash
+//! part-way leaves a directory that the next start keeps and decides again.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Registry, Topic};
+use crate::error::BrokerError;
+use crate::replica::departure;
+
+impl Registry {
+    /// The replica directories of a topic that the metadata known here places elsewhere.
+    /// Their data is kept, never deleted from this view: it may be stale (replayed only up
+    /// to a stored commit index, or a creation applied before the reassignments that
+    /// followed it). Returns those whose own Raft configuration lists this broker, to be
+    /// opened (the group counts on them); the others wait for a decision. Blocking.
+    pub(super) fn kept_replicas(
+        &self,
+        topic: &str,
+        topic_dir: &Path,
+        assignments: &[Vec<u32>],
+    ) -> std::io::Result<Vec<i32>> {
+        let me = self.options.node_id;
+        let mut open = Vec::new();
+        for p in departure::partition_dirs(topic_dir)? {
+            let placed = usize::try_from(p).ok().and_then(|i| assignments.get(i));
+            if placed.is_some_and(|r| r.contains(&me)) {
+                continue;
+            }
+            let dir = topic_dir.join(p.to_string());
+            let member = departure::stored_config_lists(&dir, u64::from(me));
+            tracing::info!(
+                topic,
+                partition = p,
+                member,
+                "keeping a replica the metadata known so far places elsewhere; deciding once the metadata is current"
+            );
+            if member && placed.is_some() {
+                open.push(p);
+            }
+            self.undecided.insert(topic, p);
+        }
+        Ok(open)
+    }
+
+    /// Whether this broker's view of the metadata is current: its whole local metadata log
+    /// is applied and a controller is known, so no record it holds is still to come.
+    fn view_is_current(&self) -> bool {
+        self.metadata.leader() != 0 && *self.applied.borrow() >= self.metadata.log().log_end_offset()
+    }
+
+    /// Decides the replicas kept for later (see [`Self::kept_replicas`]), once the view is
+    /// current: a replica placed here is kept; one placed elsewhere is deleted once its own
+    /// Raft configuration no longer lists this broker, and kept (retried) until then.
+    pub(super) async fn decide_kept_replicas(self: &Arc<Self>) {
+        if self.undecided.is_empty() || !self.view_is_current() {
+            return;
+        }
+        let me = self.options.node_id;
+        for (name, p) in self.undecided.snapshot() {
+            let Ok(topic) = self.get(&name) else {
+                // Deleted: its whole directory went with it.
+                self.undecided.remove(&name, p);
+                continue;
+            };
+            let placed = usize::try_from(p).ok().and_then(|i| topic.assignments.get(i));
+            if placed.is_some_and(|r| r.contains(&me)) {
+                self.undecided.remove(&name, p);
+                continue;
+            }
+            self.remove_departed_replica(&topic, p).await;
+        }
+    }
+
+    /// Removes this broker's replica of a partition that a committed, applied record placed
+    /// elsewhere, if the partition's own Raft configuration no longer lists this broker;
+    /// otherwise keeps it (running, if it is open) and decides again later.
+    pub(super) async fn remove_departed_replica(self: &Arc<Self>, topic: &Arc<Topic>, p: i32) {
+        let me = u64::from(self.options.node_id);
+        let dir = self.topics_dir().join(&topic.name).join(p.to_string());
+        let open = topic.local.get(&p).cloned();
+        let listed = match &open {
+            Some(partition) => {
+                let (voters, learners) = partition.members();
+                voters.contains(&(me as u32)) || learners.contains(&(me as u32))
+            }
+            None => {
+                let dir = dir.clone();
+                let found =
+                    tokio::task::spawn_blocking(move || dir.exists().then(|| departure::stored_config_lists(&dir, me)))
+                        .await;
+                match found {
+                    Ok(Some(listed)) => listed,
+                    Ok(None) => {
+                        // No replica here: nothing to decide.
+                        self.undecided.remove(&topic.name, p);
+                        return;
+                    }
+                    Err(_) => true,
+                }
+            }
+        };
+        if listed {
+            if self.undecided.insert_new(&topic.name, p) {
+                tracing::warn!(topic = %topic.name, partition = p, "replica placed elsewhere but its group still lists this broker; keeping it until the group applies its removal");
+            }
+            return;
+        }
+        if let Some(partition) = &open {
+            partition.stop().await;
+            let mut local = topic.local.clone();
+            local.remove(&p);
+            self.insert(Topic {
+                local,
+                ..Topic::clone(topic)
+            });
+        }
+        let removed = tokio::task::spawn_blocking(move || {
+            if let Some(partition) = open {
+                partition.close()?;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(BrokerError::Internal(format!("{}: {e}", dir.display())))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {
+                self.undecided.remove(&topic.name, p);
+                tracing::info!(topic = %topic.name, partition = p, "replica moved off this broker; data removed");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(topic = %topic.name, partition = p, error = %e, "removing a moved replica failed")
+            }
+            Err(e) => {
+                tracing::error!(topic = %topic.name, partition = p, error = %e, "removing a moved replica failed")
+            }
+        }
+    }
+}
