@@ -555,8 +555,8 @@ impl Registry {
                         _ => None,
                     }
                 };
-                self.undecided.remove_topic(&d.name);
                 if let Some(topic) = &removed {
+                    self.undecided.remove_topic(&topic.name);
                     for p in topic.local.values() {
                         p.stop().await;
                     }
