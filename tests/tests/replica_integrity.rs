@@ -199,6 +199,14 @@ fn given_a_broker_sigkilled_right_after_a_replica_moved_onto_it_should_keep_that
     assert!(dir.join("raft-state").exists(), "the new replica stored its raft state");
     std::fs::write(dir.join(MARKER), b"").expect("write marker");
     cluster.broker_mut(newcomer).restart();
+    wait_for("the replica open again", DEADLINE, || {
+        gauge(&cluster, newcomer, "conveyor_log_end_offset", "rk")
+    });
+    assert!(
+        dir.join(MARKER).exists(),
+        "broker {newcomer} deleted its replica on restart; log:\n{}",
+        cluster.broker(newcomer).log()
+    );
     wait_caught_up(&cluster, newcomer, "rk", &target);
 
     acked.extend(produce(&cluster.bootstrap(), "rk", "late", 300));
