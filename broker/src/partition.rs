@@ -585,6 +585,16 @@ pub(crate) struct Owner {
     waiting: VecDeque<(Instant, AppendRequest)>,
 }
 
+impl Drop for Owner {
+    fn drop(&mut self) {
+        // A panic unwinds through the owner: its waiting clients get the stopped replica's
+        // retriable error rather than a closed channel (which reads as a shutdown).
+        if std::thread::panicking() {
+            self.fail_everything("the partition task panicked");
+        }
+    }
+}
+
 #[derive(Debug)]
 struct PendingChange {
     index: u64,
