@@ -589,6 +589,16 @@ pub(crate) struct Owner {
     lost_entries: LostEntries,
 }
 
+impl Drop for Owner {
+    fn drop(&mut self) {
+        // A panic unwinds through the owner: its waiting clients get the stopped replica's
+        // retriable error rather than a closed channel (which reads as a shutdown).
+        if std::thread::panicking() {
+            self.fail_everything("the partition task panicked");
+        }
+    }
+}
+
 #[derive(Debug)]
 struct PendingChange {
     index: u64,
@@ -1119,5 +1129,50 @@ impl Owner {
         for p in self.pending.drain(..) {
             p.fail(error());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::panic::AssertUnwindSafe;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_owner_unwinding_from_a_panic_answers_its_waiting_clients_with_a_retriable_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Arc::new(Metrics::default());
+        let transport =
+            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
+        let log = Arc::new(PartitionLog::open(dir.path(), LogConfig::default()).expect("log"));
+        let raft = RaftLog::open(log).expect("raft log");
+        let cx = OwnerContext {
+            failed: Arc::default(),
+            topic: "t".into(),
+            index: 0,
+            key: Arc::new(GroupKey::new("t", 0)),
+            transport,
+            high_watermark: watch::channel(0).0,
+            status: watch::channel(GroupStatus::default()).0,
+            metrics,
+        };
+        let mut owner = Owner::new(&cx, raft, 1);
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            batches: Vec::new(),
+            acks: Acks::All,
+            order: None,
+            reply,
+        };
+        owner.waiting.push_back((Instant::now(), request));
+        let unwound = std::panic::catch_unwind(AssertUnwindSafe(move || {
+            let _owner = owner;
+            panic!("injected fault in the owner");
+        }));
+        assert!(unwound.is_err());
+        let error = answer.await.expect("answered, not dropped").expect_err("refused");
+        assert!(matches!(error, BrokerError::ReplicaStopped { .. }), "{error}");
+        assert!(error.detail().retriable);
     }
 }
