@@ -137,10 +137,10 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
                 .reassign_partition(reassign_request("moving", &[target as i32]))
                 .await
             {
-                Ok(done) => {
-                    assert_eq!(done.into_inner().moves.len(), 1, "one replica moved");
-                    break;
-                }
+                // A job that failed on a slow machine (a step past its own timeout) is
+                // finished by the next call, which then reports no move of its own: the
+                // replica list below is what counts.
+                Ok(_) => break,
                 Err(status) if detail(&status).retriable && Instant::now() < until => {}
                 Err(status) => panic!("the reassignment did not finish: {status:?}"),
             }
