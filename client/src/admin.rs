@@ -149,7 +149,10 @@ impl Admin {
     }
 
     /// Adds broker `id`, reachable at `address`, to the cluster. The broker must be running
-    /// with `--join`. Returns once it votes in the controller group; idempotent.
+    /// with `--join`. Returns once it votes in the controller group; idempotent. Like every
+    /// membership call it answers within the broker's deadline (20 s): if not done by then,
+    /// the error's [`is_in_progress`](crate::ClientError::is_in_progress) is true and its
+    /// message names the step under way; the same call again follows the operation.
     pub async fn add_broker(&self, id: i32, address: &str) -> Result<ClusterDescription> {
         let request = AddBrokerRequest {
             id,
@@ -163,6 +166,8 @@ impl Admin {
 
     /// Removes broker `id` from the cluster: its replicas move to other live brokers first.
     /// Returns the moves made; idempotent, so a removal that failed half-way can be repeated.
+    /// Answers within the broker's deadline, as [`add_broker`](Self::add_broker) says; while
+    /// it runs, another membership call fails with `BUSY`.
     pub async fn remove_broker(&self, id: i32) -> Result<RemoveBrokerResponse> {
         self.call(RemoveBrokerRequest { id }, |mut c, r| async move {
             c.remove_broker(r).await
@@ -172,7 +177,8 @@ impl Admin {
 
     /// Moves a partition's replicas onto exactly `replicas` (as many as it has), one replica
     /// at a time with no downtime; the first becomes the preferred leader. Returns the moves
-    /// made once they are done; repeating it finishes a move that stopped half-way.
+    /// made once they are done; repeating it finishes a move that stopped half-way. Answers
+    /// within the broker's deadline, as [`add_broker`](Self::add_broker) says.
     pub async fn reassign_partition(&self, topic: &str, partition: i32, replicas: &[i32]) -> Result<Vec<ReplicaMove>> {
         let request = ReassignPartitionRequest {
             topic: topic.to_string(),
@@ -186,7 +192,8 @@ impl Admin {
     }
 
     /// Evens out replicas per live broker (after adding a broker, say); with `dry_run`, only
-    /// says which replicas would move. Returns the moves.
+    /// says which replicas would move. Returns the moves. Answers within the broker's
+    /// deadline, as [`add_broker`](Self::add_broker) says.
     pub async fn rebalance(&self, dry_run: bool) -> Result<Vec<ReplicaMove>> {
         let response = self
             .call(

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 use conveyor_client::proto::admin_client::AdminClient;
 use conveyor_client::proto::{CreateTopicRequest, ErrorCode, ErrorDetail, ReassignPartitionRequest, RebalanceRequest};
 use conveyor_tests::cluster::Cluster;
-use conveyor_tests::{cli_json, runtime};
+use conveyor_tests::{cli_json, runtime, wait_for};
 use prost::Message;
 
 /// The caller's deadline for a membership call: the broker must answer before it.
 const CALL_DEADLINE: Duration = Duration::from_secs(4);
 /// What a topic change may take while a membership change waits on a stopped broker.
 const TOPIC_CHANGE_DEADLINE: Duration = Duration::from_secs(15);
+/// How long every broker may take to report its metadata state in `cluster info`.
+const REPORT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the reassignment may take to finish once the stopped broker runs again.
 const FINISH_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -55,6 +57,17 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
         .expect("a third broker");
     let address = cluster.broker(controller).addr().to_string();
     let rt = runtime();
+    // Every broker reports how far it applied the cluster metadata, and no failure.
+    wait_for("every broker's metadata state in cluster info", REPORT_DEADLINE, || {
+        let info = cli_json(&cluster.bootstrap(), &["cluster", "info"]);
+        let brokers = info["brokers"].as_array()?.clone();
+        let reported = brokers
+            .iter()
+            .filter(|b| b["metadata"]["applied_offset"].as_u64().is_some_and(|o| o > 0))
+            .inspect(|b| assert!(b["metadata"]["apply_error"].is_null(), "{info}"))
+            .count();
+        (brokers.len() == 3 && reported == 3).then_some(())
+    });
 
     cluster.broker(target).pause();
     rt.block_on(async {
@@ -124,10 +137,10 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
                 .reassign_partition(reassign_request("moving", &[target as i32]))
                 .await
             {
-                Ok(done) => {
-                    assert_eq!(done.into_inner().moves.len(), 1, "one replica moved");
-                    break;
-                }
+                // A job that failed on a slow machine (a step past its own timeout) is
+                // finished by the next call, which then reports no move of its own: the
+                // replica list below is what counts.
+                Ok(_) => break,
                 Err(status) if detail(&status).retriable && Instant::now() < until => {}
                 Err(status) => panic!("the reassignment did not finish: {status:?}"),
             }
