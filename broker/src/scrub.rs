@@ -7,11 +7,16 @@
 //! After a pass over every partition it rests for [`PASS_INTERVAL`] and starts again, picking
 //! up partitions created or moved here in the meantime. `0` disables it.
 //!
-//! When a corrupt batch is found the storage layer records it durably in the partition
-//! directory and quarantines the log (reads and appends refused; see
-//! `conveyor_storage::scrub`); this task counts it (`conveyor_corrupt_batches_total`) and
-//! logs its topic, partition and offset. The partition owner then reopens the log, which cuts
-//! it at the corrupt batch, and the replica catches up from its leader.
+//! When a corrupt batch is found this task counts it (`conveyor_corrupt_batches_total`) and
+//! logs its topic, partition and offset. If the partition's group has another voter, the
+//! storage layer records the damage durably in the partition directory and quarantines the
+//! log (reads and appends refused; see `conveyor_storage::scrub`); the partition owner then
+//! reopens the log, which cuts it at the corrupt batch, and the replica catches up from its
+//! leader. A replica with no other voter (a single node, replication factor 1) has no one to
+//! repair from, and cutting would destroy the intact, acknowledged data after the damage: its
+//! log is left as it is, the damage is reported on every pass until an operator acts, and
+//! reads that reach the bad batch fail their CRC checks (broker and client) instead of
+//! serving it.
 //!
 //! # Crash behaviour
 //! Nothing is kept: after a restart the scrub starts a new pass. The corruption marker, not
@@ -21,7 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_storage::{PartitionLog, ScrubCursor, ScrubStep};
+use conveyor_storage::{OnDamage, PartitionLog, ScrubCursor, ScrubStep};
 
 use crate::api::blocking;
 use crate::error::BrokerError;
@@ -38,7 +43,7 @@ pub const PASS_INTERVAL: Duration = Duration::from_secs(60);
 pub enum Outcome {
     /// Every sealed segment verified.
     Clean,
-    /// A corrupt batch at this offset; the log is quarantined.
+    /// A corrupt batch at this offset; the log is quarantined if a peer can repair it.
     Corrupt(u64),
     /// The log could not be scrubbed (poisoned, closed, an I/O error); skipped this pass.
     Skipped,
@@ -60,9 +65,24 @@ pub async fn run(
     }
     tokio::pin!(stop);
     loop {
+        let me = registry.transport().node_id();
         for p in registry.all_partitions() {
             let log = p.log();
-            let outcome = scrub_log(log, &p.topic, p.index, &metrics, bytes_per_second, stop.as_mut()).await;
+            let on_damage = if p.members().0.iter().any(|&voter| voter != me) {
+                OnDamage::Quarantine
+            } else {
+                OnDamage::Report
+            };
+            let outcome = scrub_log(
+                log,
+                &p.topic,
+                p.index,
+                &metrics,
+                bytes_per_second,
+                on_damage,
+                stop.as_mut(),
+            )
+            .await;
             if outcome == Outcome::Stopped {
                 return;
             }
@@ -81,6 +101,7 @@ pub async fn scrub_log(
     partition: i32,
     metrics: &Metrics,
     bytes_per_second: u64,
+    on_damage: OnDamage,
     mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Outcome {
     let chunk = SCRUB_CHUNK.min(bytes_per_second.max(1));
@@ -89,7 +110,7 @@ pub async fn scrub_log(
         let step = {
             let log = Arc::clone(&log);
             blocking(move || {
-                log.scrub_step(cursor, chunk)
+                log.scrub_step_with(cursor, chunk, on_damage)
                     .map_err(|e| BrokerError::Internal(e.to_string()))
             })
         };
@@ -112,10 +133,19 @@ pub async fn scrub_log(
             Ok(ScrubStep::PassComplete) => return Outcome::Clean,
             Ok(ScrubStep::Corrupt(c)) => {
                 metrics.corrupt_batches.add(1);
+                let action = match on_damage {
+                    OnDamage::Quarantine => {
+                        "scrub found a corrupt batch: this replica stops serving the partition and repairs it from the leader"
+                    }
+                    OnDamage::Report => {
+                        "scrub found a corrupt batch in a replica that has no peer to repair it from: reads of that batch \
+                         fail; restore the partition from a backup or re-produce its data"
+                    }
+                };
                 tracing::error!(
                     topic, partition, offset = c.offset, segment = c.segment_base_offset, position = c.position,
                     detail = %c.detail,
-                    "scrub found a corrupt batch: this replica stops serving the partition and repairs it from the leader"
+                    "{action}"
                 );
                 return Outcome::Corrupt(c.offset);
             }
@@ -166,7 +196,16 @@ mod tests {
         let metrics = Metrics::default();
         let never = std::future::pending::<()>();
         tokio::pin!(never);
-        let outcome = scrub_log(Arc::clone(&log), "t", 0, &metrics, RATE, never.as_mut()).await;
+        let outcome = scrub_log(
+            Arc::clone(&log),
+            "t",
+            0,
+            &metrics,
+            RATE,
+            OnDamage::Quarantine,
+            never.as_mut(),
+        )
+        .await;
         assert_eq!(outcome, Outcome::Clean);
         let first = conveyor_storage::file_names::segment_file(dir.path(), 0, "log");
         let first_len = std::fs::metadata(&first).expect("stat").len();
@@ -182,13 +221,86 @@ mod tests {
             at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
         )
         .expect("flip");
-        let outcome = scrub_log(Arc::clone(&log), "t", 0, &metrics, RATE, never.as_mut()).await;
+        let outcome = scrub_log(
+            Arc::clone(&log),
+            "t",
+            0,
+            &metrics,
+            RATE,
+            OnDamage::Quarantine,
+            never.as_mut(),
+        )
+        .await;
         assert_eq!(outcome, Outcome::Corrupt(2));
         assert_eq!(metrics.corrupt_batches.get(), 1);
         assert!(log.is_poisoned());
         assert!(log.read(0, 1 << 20).is_err(), "a quarantined log serves nothing");
-        let again = scrub_log(Arc::clone(&log), "t", 0, &metrics, RATE, never.as_mut()).await;
+        let again = scrub_log(
+            Arc::clone(&log),
+            "t",
+            0,
+            &metrics,
+            RATE,
+            OnDamage::Quarantine,
+            never.as_mut(),
+        )
+        .await;
         assert_eq!(again, Outcome::Skipped, "a quarantined log is not scrubbed again");
         assert_eq!(metrics.corrupt_batches.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_scrub_with_no_peer_to_repair_from_reports_damage_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = filled_log(dir.path());
+        let end = log.log_end_offset();
+        let metrics = Metrics::default();
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let first = conveyor_storage::file_names::segment_file(dir.path(), 0, "log");
+        let at = log.locate(2).expect("locate").expect("in the first segment");
+        let file = std::fs::OpenOptions::new().write(true).open(&first).expect("open");
+        file.write_all_at(
+            b"\xff\xff",
+            at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+        )
+        .expect("flip");
+        for pass in 1..=2 {
+            let outcome = scrub_log(
+                Arc::clone(&log),
+                "t",
+                0,
+                &metrics,
+                RATE,
+                OnDamage::Report,
+                never.as_mut(),
+            )
+            .await;
+            assert_eq!(outcome, Outcome::Corrupt(2), "reported on every pass");
+            assert_eq!(metrics.corrupt_batches.get(), pass);
+        }
+        assert!(
+            !log.is_poisoned(),
+            "the log stays open: the data after the damage is intact"
+        );
+        assert!(log.read(0, 1 << 20).is_ok());
+        assert!(
+            !dir.path().join(conveyor_storage::scrub::CORRUPTION_MARKER).exists(),
+            "no marker: a reopen must not cut the log"
+        );
+        // Closed cleanly: recovery does not rescan what was flushed, so only a marker could cut.
+        log.close().expect("close");
+        drop(log);
+        let reopened = PartitionLog::open(
+            dir.path(),
+            LogConfig {
+                segment_bytes: 8 * 1024,
+                max_batch_bytes: 4 * 1024,
+                flush: FlushPolicy::Os,
+                ..LogConfig::default()
+            },
+        )
+        .expect("reopen");
+        assert_eq!(reopened.log_end_offset(), end, "nothing was cut");
     }
 }

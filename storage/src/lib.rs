@@ -61,5 +61,5 @@ pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};
 pub use log::{AppendInfo, BatchPosition, PartitionLog};
 pub use retention::RetentionOutcome;
-pub use scrub::{CorruptBatch, ScrubCursor, ScrubStep};
+pub use scrub::{CorruptBatch, OnDamage, ScrubCursor, ScrubStep};
 pub use sync::replace_file_durably;

@@ -20,6 +20,14 @@
 //! it cuts the log at the corrupt batch (everything from it on is dropped) and removes the
 //! marker only once that cut is durable, so a crash between marking and cutting cuts on the
 //! following open. The replica then catches up from its leader.
+//!
+//! Cutting is only right where a peer holds the data again: the caller says so with
+//! [`OnDamage`]. A replica with no other voter (a single node, replication factor 1) must
+//! not cut acknowledged data that is mostly intact; its damage is only reported
+//! ([`OnDamage::Report`]), reads that reach the bad batch fail their CRC checks, and the
+//! repair is an operator's.
+//!
+//! An I/O error while reading is not damage: the step fails and the pass is retried later.
 
 use std::fs;
 use std::path::Path;
@@ -86,6 +94,16 @@ impl std::fmt::Display for CorruptBatch {
     }
 }
 
+/// What a scrub does with a corrupt batch it found and confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDamage {
+    /// Record it durably and poison the log, so that it is reopened and cut there and then
+    /// repaired from a peer.
+    Quarantine,
+    /// Only report it: nothing is changed (there is no peer to repair from).
+    Report,
+}
+
 /// What one [`PartitionLog::scrub_step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScrubStep {
@@ -93,7 +111,8 @@ pub enum ScrubStep {
     Verified { bytes: u64, next: ScrubCursor },
     /// Every sealed segment from the cursor on is verified: the pass is complete.
     PassComplete,
-    /// A corrupt batch was found. It is recorded durably and the log is quarantined.
+    /// A corrupt batch was found. Under [`OnDamage::Quarantine`] it is recorded durably and
+    /// the log is quarantined.
     Corrupt(CorruptBatch),
 }
 
@@ -102,6 +121,11 @@ impl PartitionLog {
     /// On damage the log is quarantined (see the module docs) before this returns. Fails on a
     /// log that is poisoned or closed.
     pub fn scrub_step(&self, cursor: ScrubCursor, max_bytes: u64) -> Result<ScrubStep> {
+        self.scrub_step_with(cursor, max_bytes, OnDamage::Quarantine)
+    }
+
+    /// As [`scrub_step`](Self::scrub_step), doing `on_damage` with a corrupt batch.
+    pub fn scrub_step_with(&self, cursor: ScrubCursor, max_bytes: u64, on_damage: OnDamage) -> Result<ScrubStep> {
         self.check_readable()?;
         self.check_poisoned()?;
         let segment = {
@@ -136,13 +160,20 @@ impl PartitionLog {
                     next_offset,
                 },
             }),
-            Err(found) => self.confirm_and_quarantine(&segment, found, cursor),
+            Err(Found { io: Some(e), .. }) => Err(e),
+            Err(found) => self.confirm_and_quarantine(&segment, found, cursor, on_damage),
         }
     }
 
     /// Re-checks a finding under the writer lock, so that a segment cut by a concurrent
     /// truncation is not mistaken for damage, then quarantines the log.
-    fn confirm_and_quarantine(&self, segment: &Arc<Segment>, found: Found, cursor: ScrubCursor) -> Result<ScrubStep> {
+    fn confirm_and_quarantine(
+        &self,
+        segment: &Arc<Segment>,
+        found: Found,
+        cursor: ScrubCursor,
+        on_damage: OnDamage,
+    ) -> Result<ScrubStep> {
         let _writer = self.lock_writer();
         let still_sealed = {
             let segments = self.read_segments();
@@ -160,6 +191,7 @@ impl PartitionLog {
             });
         }
         let detail = match verify_range(segment, found.position, found.offset, end, HEADER_LEN as u64) {
+            Err(Found { io: Some(e), .. }) => return Err(e),
             Err(again) if again.position == found.position => again.detail,
             // Fine on a second look: not damage at rest.
             _ => {
@@ -172,7 +204,9 @@ impl PartitionLog {
             position: found.position,
             detail,
         };
-        self.quarantine(&corrupt)?;
+        if on_damage == OnDamage::Quarantine {
+            self.quarantine(&corrupt)?;
+        }
         Ok(ScrubStep::Corrupt(corrupt))
     }
 
@@ -201,6 +235,14 @@ struct Found {
     position: u64,
     offset: u64,
     detail: String,
+    /// Set when the bytes could not be read at all: an I/O error, not damage.
+    io: Option<LogError>,
+}
+
+/// Whether a failed read means the bytes are missing (the file is shorter than the segment
+/// says: damage) rather than that reading failed (an I/O error, retried later).
+fn missing_bytes(e: &LogError) -> bool {
+    matches!(e, LogError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof)
 }
 
 /// Verifies batches from `position` (which must start at `expected`) towards `end`, reading
@@ -217,6 +259,7 @@ fn verify_range(
         position,
         offset,
         detail,
+        io: None,
     };
     while position < end && (position == start || position - start < budget) {
         if end - position < HEADER_LEN as u64 {
@@ -227,9 +270,16 @@ fn verify_range(
             ));
         }
         let want = (end - position).min(budget.max(HEADER_LEN as u64)) as usize;
-        let chunk = segment
-            .read_exact_at(position, want)
-            .map_err(|e| found(position, expected, format!("unreadable: {e}")))?;
+        let chunk = segment.read_exact_at(position, want).map_err(|e| {
+            if missing_bytes(&e) {
+                found(position, expected, format!("unreadable: {e}"))
+            } else {
+                Found {
+                    io: Some(e),
+                    ..found(position, expected, String::new())
+                }
+            }
+        })?;
         let mut at = 0usize;
         while at + HEADER_LEN <= chunk.len() {
             let here = position + at as u64;
@@ -400,6 +450,7 @@ mod tests {
             position,
             offset: segment.base_offset(),
             detail: "unreadable".into(),
+            io: None,
         }
     }
 
@@ -416,7 +467,9 @@ mod tests {
             position: found.position,
             next_offset: found.offset,
         };
-        let step = log.confirm_and_quarantine(&second, found, cursor).expect("step");
+        let step = log
+            .confirm_and_quarantine(&second, found, cursor, OnDamage::Quarantine)
+            .expect("step");
         assert_eq!(
             step,
             ScrubStep::Verified {
@@ -441,9 +494,10 @@ mod tests {
             position: 0,
             offset: first.base_offset(),
             detail: "unreadable".into(),
+            io: None,
         };
         let step = log
-            .confirm_and_quarantine(&first, found, ScrubCursor::start())
+            .confirm_and_quarantine(&first, found, ScrubCursor::start(), OnDamage::Quarantine)
             .expect("step");
         assert_eq!(
             step,

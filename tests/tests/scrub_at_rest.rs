@@ -1,5 +1,6 @@
-//! Corruption at rest: bytes flipped in a sealed segment are found by the background scrub,
-//! reported (metric and a log line naming topic, partition and offset), and never served.
+//! Corruption at rest on a single broker: bytes flipped in a sealed segment are found by the
+//! background scrub, reported (metric and a log line naming topic, partition and offset), and
+//! never served; with no peer to repair from, nothing else of the log is lost.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use conveyor_client::{Client, ConsumerConfig, StartAt};
 use conveyor_tests::{BrokerProcess, cli, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-/// How long the read-back may run; it may end early on errors or at the log end.
+/// How long a reader may take to reach the damaged batch.
 const READ_WINDOW: Duration = Duration::from_secs(10);
 const TOPIC: &str = "scrubbed";
 
@@ -90,24 +91,59 @@ fn given_flipped_bytes_in_a_sealed_segment_when_the_broker_runs_should_find_them
         "the batch holding record 3 starts at or before it: {report}"
     );
 
-    // Whatever a reader gets now (records, or errors while the replica is repaired), it is
-    // never the altered value or anything that was not produced.
+    // A single broker has no peer to repair from: the log is kept whole (cutting it at the
+    // damage would destroy the intact, acknowledged records after it), and the damaged batch
+    // is refused, never served. A reader from the start gets the records before it, then a
+    // retriable CRC error, never the altered value.
     let runtime = conveyor_tests::runtime();
     runtime.block_on(async {
         let client = Client::connect(broker.addr()).await.expect("connect");
         let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
-        if consumer.assign_all(TOPIC, StartAt::Earliest).await.is_err() {
-            return;
-        }
+        consumer.assign_all(TOPIC, StartAt::Earliest).await.expect("assign");
         let mut stream = consumer.stream();
-        let _ = tokio::time::timeout(READ_WINDOW, async {
+        let error = tokio::time::timeout(READ_WINDOW, async {
             while let Some(r) = futures::StreamExt::next(&mut stream).await {
-                let Ok(r) = r else { break };
-                let value = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
-                assert_ne!(value, altered, "the altered value was served");
-                assert!(produced.contains(&value), "served a value never produced: {value:?}");
+                match r {
+                    Ok(r) => {
+                        let value = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
+                        assert_ne!(value, altered, "the altered value was served");
+                        assert!(produced.contains(&value), "served a value never produced: {value:?}");
+                    }
+                    Err(e) => return e,
+                }
+            }
+            panic!("the stream ended without reaching the damaged batch");
+        })
+        .await
+        .expect("the reader reaches the damaged batch within the read window");
+        assert!(error.is_retriable(), "damage is a retriable error: {error}");
+    });
+
+    // Everything produced after the damaged batch (the first produce run) is still there.
+    let after: Vec<String> = runtime.block_on(async {
+        let client = Client::connect(broker.addr()).await.expect("connect");
+        let description = client.admin().describe_topic(TOPIC).await.expect("describe");
+        let ends: std::collections::HashMap<(String, i32), u64> =
+            [((TOPIC.to_string(), 0), description.partitions[0].high_watermark)].into();
+        let mut consumer = client.consumer(ConsumerConfig::default().max_wait(Duration::from_millis(100)));
+        consumer.assign_all(TOPIC, StartAt::Offset(100)).await.expect("assign");
+        let mut stream = consumer.stream();
+        let mut values = Vec::new();
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(r) = stream.next_until(&ends).await {
+                let r = r.expect("the batches after the damage decode");
+                values.push(String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned());
             }
         })
-        .await;
+        .await
+        .expect("read to the high watermark");
+        values
     });
+    for i in 100..500 {
+        let value = format!("record-{i:04}-{}", "x".repeat(40));
+        assert!(
+            after.contains(&value),
+            "acknowledged record {i} is gone after the scrub"
+        );
+    }
 }
