@@ -639,10 +639,12 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         &["partition", "reassign", "moving", "0", "--replicas", &list],
     );
     assert_eq!(reassigned["moves"].as_array().map(Vec::len), Some(1), "{reassigned}");
-    assert_eq!(
-        replicas_of(&cluster.describe("moving", None).expect("describe"))[0],
-        target
-    );
+    // Describe reads the list from the partition's leader, which may apply the last
+    // reassignment record a moment after the controller answered.
+    wait_for("the new replica list in describe", DEADLINE, || {
+        let d = cluster.describe("moving", None)?;
+        (replicas_of(&d)[0] == target).then_some(())
+    });
     for topic in ["moving", "after-add"] {
         wait_in_sync(&cluster, topic, 3);
     }
