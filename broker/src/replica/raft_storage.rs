@@ -337,7 +337,7 @@ impl Storage for RaftLog {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let inner = self.read();
@@ -365,7 +365,16 @@ impl Storage for RaftLog {
         let mut next = low;
         while next < high {
             let (offset, _) = inner.entries[(next - inner.first_index()) as usize];
-            let bytes = self.log.read(offset, 1 << 20).map_err(store_error)?;
+            let bytes = self.log.read(offset, 1 << 20).map_err(|e| {
+                // A leader whose log was quarantined or poisoned meanwhile sends nothing
+                // rather than fail: raft-rs treats any other storage error as fatal, and the
+                // owner stops the replica at its next round (see `Owner::run`).
+                if context.can_async() && self.log.is_poisoned() {
+                    raft::Error::Store(StorageError::LogTemporarilyUnavailable)
+                } else {
+                    store_error(e)
+                }
+            })?;
             for batch in BatchIter::new(bytes) {
                 let batch = batch.map_err(store_error)?;
                 let entry = entry::from_batch(&batch).map_err(store_error)?;
