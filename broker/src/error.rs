@@ -383,9 +383,7 @@ mod tests {
             path: "/data/topics/t/0/00000000000000000061.log".into(),
             detail: "batch at offset 101 is corrupt: batch CRC mismatch; reads are refused until the log is reopened and repaired".into(),
         };
-        let poisoned = LogError::Poisoned {
-            reason: "write".into(),
-        };
+        let poisoned = LogError::Poisoned { reason: "write".into() };
         for e in [quarantined, poisoned] {
             let status = Status::from(BrokerError::from_log("t", 0, e));
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");

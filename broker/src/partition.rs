@@ -678,9 +678,14 @@ impl Owner {
                 // log it cannot read (a leader sending entries from a quarantined segment)
                 // as fatal. The replica stops, drops the messages (Raft resends), and is
                 // reopened through recovery, which cuts a damaged log at the bad batch.
-                let reason = "the partition log refuses reads and writes (poisoned by a failed write or found damaged at rest)";
+                let reason =
+                    "the partition log refuses reads and writes (poisoned by a failed write or found damaged at rest)";
                 for request in requests {
-                    drop(request.reply.send(Err(supervisor::replica_stopped(&self.topic, self.index, reason))));
+                    drop(
+                        request
+                            .reply
+                            .send(Err(supervisor::replica_stopped(&self.topic, self.index, reason))),
+                    );
                 }
                 self.fail_everything(reason);
                 return Exit::Failed(reason.into());

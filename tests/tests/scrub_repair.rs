@@ -45,7 +45,11 @@ fn start(topic: &str) -> (tempfile::TempDir, Cluster) {
     // Replicas are placed only on brokers the controller has heard from.
     wait_for("every broker seen alive", DEADLINE, || {
         let info = cluster.info(None)?;
-        let alive = info["brokers"].as_array()?.iter().filter(|b| b["alive"] == true).count();
+        let alive = info["brokers"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["alive"] == true)
+            .count();
         (alive == 3).then_some(())
     });
     let out = cli(
@@ -192,7 +196,10 @@ fn damage_a_sealed_segment(cluster: &Cluster, broker: u32, topic: &str, acked: &
     assert!(segments.len() >= 4, "several sealed segments: {segments:?}");
     let (base, segment) = segments[1].clone();
     let next_base = segments[2].0;
-    let inside: Vec<&Acked> = acked.iter().filter(|a| a.offset >= base && a.offset < next_base).collect();
+    let inside: Vec<&Acked> = acked
+        .iter()
+        .filter(|a| a.offset >= base && a.offset < next_base)
+        .collect();
     assert!(!inside.is_empty(), "segment {segment:?} holds acknowledged records");
     let record = inside[inside.len() / 2].clone();
     let bytes = std::fs::read(&segment).expect("read segment");
@@ -204,7 +211,10 @@ fn damage_a_sealed_segment(cluster: &Cluster, broker: u32, topic: &str, acked: &
         + 16;
     let original = bytes[at..at + FLIPPED].to_vec();
     let flipped: Vec<u8> = original.iter().map(|b| b ^ 0x40).collect();
-    let file = std::fs::OpenOptions::new().write(true).open(&segment).expect("open segment");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open segment");
     file.write_all_at(&flipped, at as u64).expect("flip bytes");
     file.sync_all().expect("sync segment");
     Damage {
@@ -218,7 +228,13 @@ fn damage_a_sealed_segment(cluster: &Cluster, broker: u32, topic: &str, acked: &
 /// A decoding fetch of the damaged record's offset from `broker`: it must answer with a
 /// retriable error or with the acknowledged values, never an altered one. Returns whether
 /// it answered with records.
-fn fetch_never_serves_damage(cluster: &Cluster, broker: u32, topic: &str, damage: &Damage, ids: &HashMap<u64, String>) -> bool {
+fn fetch_never_serves_damage(
+    cluster: &Cluster,
+    broker: u32,
+    topic: &str,
+    damage: &Damage,
+    ids: &HashMap<u64, String>,
+) -> bool {
     let url = format!("http://{}", cluster.broker(broker).addr());
     conveyor_tests::runtime().block_on(async {
         let mut client = FetchClient::connect(url).await.expect("grpc");
@@ -237,19 +253,29 @@ fn fetch_never_serves_damage(cluster: &Cluster, broker: u32, topic: &str, damage
         match answer {
             Err(status) => {
                 let error = ClientError::from(status);
-                assert!(error.is_retriable(), "a replica that found damage answers retriably: {error}");
+                assert!(
+                    error.is_retriable(),
+                    "a replica that found damage answers retriably: {error}"
+                );
                 false
             }
             Ok(response) => {
                 let partition = &response.get_ref().partitions[0];
                 if let Some(error) = &partition.error {
-                    assert!(error.retriable, "a replica that found damage answers retriably: {error:?}");
+                    assert!(
+                        error.retriable,
+                        "a replica that found damage answers retriably: {error:?}"
+                    );
                     return false;
                 }
                 for r in &partition.records {
                     let value = String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
                     if let Some(id) = ids.get(&r.offset) {
-                        assert_eq!(&value, id, "broker {broker} served an altered value at offset {}", r.offset);
+                        assert_eq!(
+                            &value, id,
+                            "broker {broker} served an altered value at offset {}",
+                            r.offset
+                        );
                     }
                 }
                 !partition.records.is_empty()
@@ -288,7 +314,11 @@ fn transfer_leadership(cluster: &Cluster, topic: &str, to: u32) {
         &["partition", "transfer-leader", topic, "0", "--to", &to.to_string()],
         "",
     );
-    assert!(out.status.success(), "transfer: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_for("the repaired replica to lead", DEADLINE, || {
         let d = cluster.describe(topic, None)?;
         (d["partitions"][0]["leader"].as_u64()? == u64::from(to)).then_some(())
@@ -296,14 +326,19 @@ fn transfer_leadership(cluster: &Cluster, topic: &str, to: u32) {
 }
 
 #[test]
-fn given_a_corrupt_batch_in_a_followers_sealed_segment_the_follower_should_report_it_and_repair_itself_from_the_leader() {
+fn given_a_corrupt_batch_in_a_followers_sealed_segment_the_follower_should_report_it_and_repair_itself_from_the_leader()
+{
     let topic = "follower-damage";
     let (_config, cluster) = start(topic);
     let leader = cluster.wait_for_leader(topic, 0, None, DEADLINE);
     let follower = cluster.ids().into_iter().find(|b| *b != leader).expect("a follower");
     let mut acked = produce(&cluster.bootstrap(), topic, "early", RECORDS);
     wait_all_in_sync(&cluster, topic);
-    assert_eq!(corrupt_batches(&cluster, follower), Some(0), "an intact replica has no corrupt batch");
+    assert_eq!(
+        corrupt_batches(&cluster, follower),
+        Some(0),
+        "an intact replica has no corrupt batch"
+    );
 
     let damage = damage_a_sealed_segment(&cluster, follower, topic, &acked);
     wait_repaired(&cluster, follower, topic, &damage);
