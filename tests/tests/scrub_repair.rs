@@ -307,6 +307,16 @@ fn wait_repaired(cluster: &Cluster, broker: u32, topic: &str, damage: &Damage) {
     assert!(!log.contains("panicked"), "broker {broker} panicked:\n{log}");
 }
 
+/// Asserts that the repaired segment file is `other`'s copy of it, byte for byte.
+fn assert_same_as_copy_on(cluster: &Cluster, other: u32, topic: &str, damage: &Damage) {
+    let name = damage.segment.file_name().expect("segment name");
+    let copy = partition_dir(cluster, other, topic).join(name);
+    assert!(
+        std::fs::read(&damage.segment).expect("repaired segment") == std::fs::read(&copy).expect("the other copy"),
+        "the repaired segment {name:?} is broker {other}'s copy byte for byte"
+    );
+}
+
 /// Moves leadership of partition 0 to `to` and waits until it leads.
 fn transfer_leadership(cluster: &Cluster, topic: &str, to: u32) {
     let out = cli(
@@ -342,13 +352,7 @@ fn given_a_corrupt_batch_in_a_followers_sealed_segment_the_follower_should_repor
 
     let damage = damage_a_sealed_segment(&cluster, follower, topic, &acked);
     wait_repaired(&cluster, follower, topic, &damage);
-    let name = damage.segment.file_name().expect("segment name");
-    let leaders_copy = partition_dir(&cluster, leader, topic).join(name);
-    assert!(
-        std::fs::read(&damage.segment).expect("repaired segment")
-            == std::fs::read(&leaders_copy).expect("leader's segment"),
-        "the repaired segment {name:?} is the leader's copy byte for byte"
-    );
+    assert_same_as_copy_on(&cluster, leader, topic, &damage);
 
     // The repaired replica takes writes and leads, serving everything acknowledged.
     acked.extend(produce(&cluster.bootstrap(), topic, "late", 100));
@@ -369,15 +373,16 @@ fn given_a_corrupt_batch_in_the_leaders_sealed_segment_the_leader_should_stop_se
     let damage = damage_a_sealed_segment(&cluster, leader, topic, &acked);
     // From the damage until another replica leads, the damaged leader never serves the
     // altered value and answers with errors a client retries elsewhere.
-    wait_for("another replica to lead", DEADLINE, || {
+    let new_leader = wait_for("another replica to lead", DEADLINE, || {
         fetch_never_serves_damage(&cluster, leader, topic, &damage, &ids);
         let d = cluster.describe(topic, Some(leader))?;
         let now = d["partitions"][0]["leader"].as_u64()? as u32;
-        (now != 0 && now != leader).then_some(())
+        (now != 0 && now != leader).then_some(now)
     });
     // Writes go on through the new leader while the old one repairs itself.
     acked.extend(produce(&cluster.bootstrap(), topic, "during", 100));
     wait_repaired(&cluster, leader, topic, &damage);
+    assert_same_as_copy_on(&cluster, new_leader, topic, &damage);
 
     transfer_leadership(&cluster, topic, leader);
     assert!(
