@@ -128,6 +128,8 @@ pub struct LogSection {
     pub default_partitions: u32,
     /// Read rate of the background scrub of sealed segments, per second; 0 disables it.
     pub scrub_bytes_per_second: ByteSize,
+    /// Rest between two scrub passes over every local partition.
+    pub scrub_interval: Millis,
 }
 
 impl Default for LogSection {
@@ -144,6 +146,7 @@ impl Default for LogSection {
             retention_check_interval: Millis(Duration::from_secs(60)),
             default_partitions: 1,
             scrub_bytes_per_second: ByteSize(16 << 20),
+            scrub_interval: Millis(Duration::from_secs(60)),
         }
     }
 }
@@ -263,6 +266,7 @@ mod tests {
         assert_eq!(parsed.log.segment_bytes, defaults.log.segment_bytes);
         assert_eq!(parsed.log.flush, defaults.log.flush);
         assert_eq!(parsed.log.scrub_bytes_per_second, defaults.log.scrub_bytes_per_second);
+        assert_eq!(parsed.log.scrub_interval, defaults.log.scrub_interval);
     }
 
     #[test]

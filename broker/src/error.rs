@@ -66,6 +66,18 @@ pub enum BrokerError {
         log_start_offset: u64,
         log_end_offset: u64,
     },
+    /// A read met a log that is quarantined or poisoned (damage found at rest, a failed
+    /// write): this replica serves nothing of it until it is reopened and repaired, while
+    /// another replica takes over. Retriable, like a lost leader.
+    #[error(
+        "topic '{topic}' partition {partition}: this replica cannot serve it ({source}); it repairs itself from its leader and another replica takes over: retry"
+    )]
+    ReplicaUnreadable {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: LogError,
+    },
     #[error("topic '{topic}' partition {partition}: storage failure: {source}")]
     Storage {
         topic: String,
@@ -179,6 +191,11 @@ impl BrokerError {
                 log_start_offset,
                 log_end_offset,
             },
+            source @ (LogError::Corrupt { .. } | LogError::Poisoned { .. }) => BrokerError::ReplicaUnreadable {
+                topic: topic.to_string(),
+                partition,
+                source,
+            },
             source => BrokerError::Storage {
                 topic: topic.to_string(),
                 partition,
@@ -203,6 +220,7 @@ impl BrokerError {
             }
             // Retriable: leadership may move to a healthy replica, or this one repair itself.
             DamagedOnDisk { .. } => (Code::DataLoss, ErrorCode::Storage, true),
+            ReplicaUnreadable { .. } => (Code::Unavailable, ErrorCode::Storage, true),
             OffsetOutOfRange { .. } => (Code::OutOfRange, ErrorCode::OffsetOutOfRange, false),
             Storage { .. } | Internal(_) => (Code::Internal, ErrorCode::Storage, false),
             ShuttingDown => (Code::Unavailable, ErrorCode::ShuttingDown, true),
@@ -239,6 +257,7 @@ impl BrokerError {
             | RecordTooLarge { topic, partition, .. }
             | InflatesTooLarge { topic, partition, .. }
             | DamagedOnDisk { topic, partition, .. }
+            | ReplicaUnreadable { topic, partition, .. }
             | LeaderNotAvailable { topic, partition }
             | MembershipChanging { topic, partition, .. }
             | ReplicaStopped { topic, partition, .. }
@@ -356,6 +375,23 @@ mod tests {
         assert!(e.detail().topic.len() <= MAX_TOPIC_NAME_LEN);
         let status = Status::from(e);
         assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn reading_a_quarantined_or_poisoned_log_is_a_retriable_error_not_internal() {
+        let quarantined = LogError::Corrupt {
+            path: "/data/topics/t/0/00000000000000000061.log".into(),
+            detail: "batch at offset 101 is corrupt: batch CRC mismatch; reads are refused until the log is reopened and repaired".into(),
+        };
+        let poisoned = LogError::Poisoned { reason: "write".into() };
+        for e in [quarantined, poisoned] {
+            let status = Status::from(BrokerError::from_log("t", 0, e));
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            let detail = ErrorDetail::decode(status.details()).expect("detail");
+            assert!(detail.retriable, "{detail:?}");
+            assert_eq!(detail.code, ErrorCode::Storage as i32);
+            assert!(detail.message.contains("repairs itself"), "{}", detail.message);
+        }
     }
 
     #[test]

@@ -682,6 +682,24 @@ impl Owner {
                     }
                 }
             }
+            if self.raft.partition_log().is_poisoned() {
+                // A failed flush or a scrub that found damage poisoned the log while no
+                // Ready failed here. Checked before anything is stepped: raft-rs treats a
+                // log it cannot read (a leader sending entries from a quarantined segment)
+                // as fatal. The replica stops, drops the messages (Raft resends), and is
+                // reopened through recovery, which cuts a damaged log at the bad batch.
+                let reason =
+                    "the partition log refuses reads and writes (poisoned by a failed write or found damaged at rest)";
+                for request in requests {
+                    drop(
+                        request
+                            .reply
+                            .send(Err(supervisor::replica_stopped(&self.topic, self.index, reason))),
+                    );
+                }
+                self.fail_everything(reason);
+                return Exit::Failed(reason.into());
+            }
             for m in messages {
                 // A message from a stale term or an unknown peer is refused by Raft itself;
                 // nothing here depends on it. Transport reports and lost entries: see
@@ -704,14 +722,6 @@ impl Owner {
                 if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {
                     self.restore_preferred_leader(&mut node);
                 }
-            }
-            if tick && self.raft.partition_log().is_poisoned() {
-                // A failed flush or a scrub that found damage poisoned the log while no
-                // Ready failed here: the replica cannot write safely, so it stops and is
-                // reopened through recovery.
-                let reason = "the partition log refuses writes (poisoned by a failed write or found damaged)";
-                self.fail_everything(reason);
-                return Exit::Failed(reason.into());
             }
             if !node.has_ready() {
                 // A former leader's proposals waiting to learn their fate time out on ticks.

@@ -4,7 +4,7 @@
 //! One task walks the partitions one after another, each from its first sealed segment to its
 //! active one, in chunks of at most [`SCRUB_CHUNK`] bytes read off the reactor, sleeping
 //! between chunks so that it reads no more than `[log] scrub_bytes_per_second` on average.
-//! After a pass over every partition it rests for [`PASS_INTERVAL`] and starts again, picking
+//! After a pass over every partition it rests for `[log] scrub_interval` and starts again, picking
 //! up partitions created or moved here in the meantime. `0` disables it.
 //!
 //! When a corrupt batch is found this task counts it (`conveyor_corrupt_batches_total`) and
@@ -35,8 +35,6 @@ use crate::topics::Registry;
 
 /// Most bytes verified per blocking step.
 pub const SCRUB_CHUNK: u64 = 1 << 20;
-/// Rest between two passes over every partition.
-pub const PASS_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How one partition's scrub ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,12 +49,13 @@ pub enum Outcome {
     Stopped,
 }
 
-/// Scrubs every local partition at `bytes_per_second` until `stop` resolves. Returns at once
-/// when the rate is 0.
+/// Scrubs every local partition at `bytes_per_second`, resting `pass_interval` between
+/// passes, until `stop` resolves. Returns at once when the rate is 0.
 pub async fn run(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     bytes_per_second: u64,
+    pass_interval: Duration,
     stop: impl Future<Output = ()>,
 ) {
     if bytes_per_second == 0 {
@@ -89,7 +88,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut stop => return,
-            _ = tokio::time::sleep(PASS_INTERVAL) => {}
+            _ = tokio::time::sleep(pass_interval) => {}
         }
     }
 }

@@ -102,6 +102,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         Arc::clone(&registry),
         Arc::clone(&metrics),
         config.log.scrub_bytes_per_second.0,
+        config.log.scrub_interval.0,
         stopped(stop_rx.clone()),
     ));
     let maintenance = tokio::spawn(maintain(

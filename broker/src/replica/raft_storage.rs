@@ -337,7 +337,7 @@ impl Storage for RaftLog {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let inner = self.read();
@@ -365,7 +365,16 @@ impl Storage for RaftLog {
         let mut next = low;
         while next < high {
             let (offset, _) = inner.entries[(next - inner.first_index()) as usize];
-            let bytes = self.log.read(offset, 1 << 20).map_err(store_error)?;
+            let bytes = self.log.read(offset, 1 << 20).map_err(|e| {
+                // A leader whose log was quarantined or poisoned meanwhile sends nothing
+                // rather than fail: raft-rs treats any other storage error as fatal, and the
+                // owner stops the replica at its next round (see `Owner::run`).
+                if context.can_async() && self.log.is_poisoned() {
+                    raft::Error::Store(StorageError::LogTemporarilyUnavailable)
+                } else {
+                    store_error(e)
+                }
+            })?;
             for batch in BatchIter::new(bytes) {
                 let batch = batch.map_err(store_error)?;
                 let entry = entry::from_batch(&batch).map_err(store_error)?;
@@ -542,6 +551,52 @@ mod tests {
             .entries(30, 40, 2_000, GetEntriesContext::empty(false))
             .expect("some");
         assert!(!some.is_empty() && some.len() < 10 && some[0].index == 30);
+    }
+
+    #[test]
+    fn a_leader_reading_entries_from_a_quarantined_log_is_told_to_wait_rather_than_given_a_fatal_error() {
+        use conveyor_storage::{ScrubCursor, ScrubStep};
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        open(dir.path())
+            .append(&entries(1..=60, 1), entry::Origin::Peer)
+            .expect("append");
+        // Reopened, nothing is cached: entries are read from the segments.
+        let raft = open(dir.path());
+        let log = Arc::clone(raft.partition_log());
+        assert!(log.segment_count() > 2, "entries cross segments");
+        let at = log.locate(0).expect("locate").expect("in the first segment");
+        let first = conveyor_storage::file_names::segment_file(dir.path(), 0, "log");
+        let file = std::fs::OpenOptions::new().write(true).open(first).expect("open");
+        file.write_all_at(
+            b"\xff\xff",
+            at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+        )
+        .expect("flip");
+        let mut cursor = ScrubCursor::start();
+        loop {
+            match log.scrub_step(cursor, 1 << 20).expect("scrub") {
+                ScrubStep::Verified { next, .. } => cursor = next,
+                ScrubStep::Corrupt(_) => break,
+                ScrubStep::PassComplete => panic!("the scrub finds the flipped bytes"),
+            }
+        }
+        assert!(log.is_poisoned(), "quarantined");
+
+        // Sending appends may wait (raft-rs then sends nothing); anything else fails.
+        let sending = raft.entries(1, 10, None, GetEntriesContext::empty(true));
+        assert!(
+            matches!(
+                sending,
+                Err(raft::Error::Store(StorageError::LogTemporarilyUnavailable))
+            ),
+            "{sending:?}"
+        );
+        let applying = raft.entries(1, 10, None, GetEntriesContext::empty(false));
+        assert!(
+            matches!(applying, Err(raft::Error::Store(StorageError::Other(_)))),
+            "{applying:?}"
+        );
     }
 
     #[test]
