@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use conveyor_storage::batch::ValidatedBatch;
@@ -37,7 +37,7 @@ use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
-use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles};
+use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles, SharedFiles};
 use crate::replica::tick::TickSchedule;
 use crate::transport::{GroupKey, Transport};
 
@@ -185,7 +185,7 @@ pub struct Partition {
     pub topic: String,
     pub index: i32,
     /// The log and its Raft view; a restart after a failure swaps in reopened ones.
-    files: Arc<RwLock<ReplicaFiles>>,
+    files: Arc<SharedFiles>,
     node_id: u32,
     key: Arc<GroupKey>,
     transport: Arc<Transport>,
@@ -316,7 +316,7 @@ impl Partition {
             metrics: Arc::clone(&ctx.metrics),
         };
         let owner = Owner::new(&owner_cx, raft.clone(), u64::from(preferred));
-        let files = Arc::new(RwLock::new(ReplicaFiles { log, raft }));
+        let files = Arc::new(SharedFiles::new(ReplicaFiles { log, raft }));
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let channels = Channels {
             requests: rx,
@@ -358,15 +358,40 @@ impl Partition {
 
     /// The partition log readers use: after a restart, the reopened one.
     pub fn log(&self) -> Arc<PartitionLog> {
-        Arc::clone(&self.files.read().unwrap_or_else(std::sync::PoisonError::into_inner).log)
+        self.files.current().log
     }
 
     fn raft(&self) -> RaftLog {
+        self.files.current().raft
+    }
+
+    /// Replaces the log's config. Waits for a reopening under way, so the change lands on
+    /// the log that stays. Blocking.
+    pub fn set_log_config(&self, config: LogConfig) -> Result<()> {
         self.files
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .raft
-            .clone()
+            .maintain(|files| files.log.set_config(config))
+            .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))
+    }
+
+    /// One scrub step on the log, unless the partition was reopened since `log` was its
+    /// log (`None`: that pass is over, its cursor means nothing to the new log). No
+    /// reopening starts while the step runs. Blocking.
+    pub fn scrub_step(
+        &self,
+        log: &Arc<PartitionLog>,
+        cursor: conveyor_storage::ScrubCursor,
+        max_bytes: u64,
+    ) -> Option<std::result::Result<conveyor_storage::ScrubStep, conveyor_storage::LogError>> {
+        self.files
+            .maintain(|files| Arc::ptr_eq(&files.log, log).then(|| log.scrub_step(cursor, max_bytes)))
+    }
+
+    /// Retires the log and its Raft view for good, after [`stop`](Self::stop), when the
+    /// partition's directory is removed: a task still holding this partition can no longer
+    /// write `raft-state` or delete segment files there (a topic recreated under the same
+    /// name uses the same path). Waits for a retention pass or scrub step under way. Blocking.
+    pub fn retire(&self) {
+        self.files.retire();
     }
 
     /// A receiver that wakes when leadership or replication state changes.
@@ -385,10 +410,13 @@ impl Partition {
 
     /// The error for a request this replica cannot serve because it does not lead.
     pub fn not_leader(&self) -> BrokerError {
-        if let Some(error) = self.failure() {
-            return error;
-        }
-        not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
+        let failure = self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let leader = self.status.borrow().leader;
+        supervisor::refusal(&self.transport, &self.topic, self.index, leader, failure.as_deref())
     }
 
     /// Fails unless this replica leads the partition.
@@ -463,25 +491,26 @@ impl Partition {
             reply,
         };
         if let Err(_closed) = self.sender()?.send(request).await {
-            return Err(self.failure().unwrap_or(BrokerError::ShuttingDown));
+            let failed = self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some();
+            return Err(if failed {
+                self.not_leader()
+            } else {
+                BrokerError::ShuttingDown
+            });
         }
         Ok(rx)
-    }
-
-    /// Why the partition stopped taking appends, if it failed.
-    fn failure(&self) -> Option<BrokerError> {
-        let reason = self
-            .failed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()?;
-        Some(supervisor::replica_stopped(&self.topic, self.index, &reason))
     }
 
     /// Applies retention without losing what Raft needs (only committed entries go).
     /// Blocking.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
-        self.raft().compact(now_ms).map_err(|e| {
+        // Under the generation lock: a restart cannot retire and reopen the files while
+        // this pass stores `raft-state` and deletes segments through them.
+        self.files.maintain(|files| files.raft.compact(now_ms)).map_err(|e| {
             BrokerError::Internal(format!(
                 "topic '{}' partition {}: retention: {e}",
                 self.topic, self.index
@@ -511,10 +540,13 @@ impl Partition {
     /// Closes the log cleanly, then stores the Raft state: the stored commit never covers
     /// entries that are not on disk. Blocking; after [`stop`](Self::stop).
     pub fn close(&self) -> Result<()> {
-        self.log()
+        let files = self.files.current();
+        files
+            .log
             .close()
             .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
-        self.raft()
+        files
+            .raft
             .flush_state()
             .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))
     }

@@ -21,7 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_storage::{PartitionLog, ScrubCursor, ScrubStep};
+use conveyor_storage::{LogError, PartitionLog, ScrubCursor, ScrubStep};
 
 use crate::api::blocking;
 use crate::error::BrokerError;
@@ -61,8 +61,13 @@ pub async fn run(
     tokio::pin!(stop);
     loop {
         for p in registry.all_partitions() {
+            let (topic, index) = (p.topic.clone(), p.index);
+            // Each step re-checks that the partition still serves from the log this pass
+            // started on, and no reopening runs during a step: a pass never reads, or
+            // quarantines, a log the partition retired.
             let log = p.log();
-            let outcome = scrub_log(log, &p.topic, p.index, &metrics, bytes_per_second, stop.as_mut()).await;
+            let step = move |cursor, max_bytes| p.scrub_step(&log, cursor, max_bytes);
+            let outcome = scrub_steps(step, &topic, index, &metrics, bytes_per_second, stop.as_mut()).await;
             if outcome == Outcome::Stopped {
                 return;
             }
@@ -81,15 +86,31 @@ pub async fn scrub_log(
     partition: i32,
     metrics: &Metrics,
     bytes_per_second: u64,
+    stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Outcome {
+    let step = move |cursor, max_bytes| Some(log.scrub_step(cursor, max_bytes));
+    scrub_steps(step, topic, partition, metrics, bytes_per_second, stop).await
+}
+
+/// One pass made of `step`s (blocking; `None` when the log was replaced, which ends the
+/// pass as skipped).
+async fn scrub_steps(
+    step: impl Fn(ScrubCursor, u64) -> Option<Result<ScrubStep, LogError>> + Send + Sync + 'static,
+    topic: &str,
+    partition: i32,
+    metrics: &Metrics,
+    bytes_per_second: u64,
     mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Outcome {
     let chunk = SCRUB_CHUNK.min(bytes_per_second.max(1));
     let mut cursor = ScrubCursor::start();
+    let step = Arc::new(step);
     loop {
         let step = {
-            let log = Arc::clone(&log);
+            let step = Arc::clone(&step);
             blocking(move || {
-                log.scrub_step(cursor, chunk)
+                step(cursor, chunk)
+                    .ok_or_else(|| BrokerError::Internal("the partition was reopened during the pass".into()))?
                     .map_err(|e| BrokerError::Internal(e.to_string()))
             })
         };

@@ -560,6 +560,14 @@ impl Registry {
                     for p in topic.local.values() {
                         p.stop().await;
                     }
+                    // A retention pass or scrub still holding these partitions must not
+                    // write into a topic recreated at the same path.
+                    let partitions: Vec<_> = topic.local.values().cloned().collect();
+                    off_reactor(move || {
+                        partitions.iter().for_each(|p| p.retire());
+                        Ok(())
+                    })
+                    .await?;
                 }
                 // Also on a retry, when the topic already left the registry: its directory is
                 // recognised by the incarnation's id.
@@ -583,11 +591,19 @@ impl Registry {
                         return Ok(());
                     }
                 };
-                for p in topic.local.values() {
-                    if let Err(e) = p.log().set_config(effective.log_config()) {
-                        tracing::error!(topic = %c.name, partition = p.index, error = %e, "cannot apply config");
+                let (partitions, config) = (
+                    topic.local.values().cloned().collect::<Vec<_>>(),
+                    effective.log_config(),
+                );
+                off_reactor(move || {
+                    for p in partitions {
+                        if let Err(e) = p.set_log_config(config.clone()) {
+                            tracing::error!(topic = %p.topic, partition = p.index, error = %e, "cannot apply config");
+                        }
                     }
-                }
+                    Ok(())
+                })
+                .await?;
                 self.insert(Topic {
                     overrides,
                     effective,
