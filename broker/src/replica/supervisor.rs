@@ -23,6 +23,10 @@
 //!   swapped before the new owner runs. A read that started on the old log finishes on it;
 //!   below the high watermark both hold the same bytes (recovery only drops an unsynced tail,
 //!   which was never committed).
+//! - Nothing changes the directory through retired objects: a reopening retires the old
+//!   [`PartitionLog`] and [`RaftLog`] (they refuse appends, deletions, scrub steps and
+//!   `raft-state` writes) under the exclusive generation lock of [`SharedFiles`] before it
+//!   opens the new ones; retention, scrub steps and config changes run under it shared.
 //!
 //! # Crash behaviour
 //! Nothing here writes to disk; a broker that dies while a replica is stopped recovers it at
