@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{Acks, OpenContext, Partition, not_leader_error};
+use crate::partition::{Acks, OpenContext, Partition};
 use crate::replica::departure::Undecided;
 use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
@@ -877,7 +877,14 @@ impl Registry {
             None => {
                 // Not a replica here: the preferred leader is the best guess at the leader.
                 let preferred = topic.assignments[index as usize].first().copied().unwrap_or(0);
-                Err(not_leader_error(&self.transport, &topic.name, index, preferred))
+                let unopened = topic.unopened.get(&index).map(|u| u.reason.as_str());
+                Err(crate::replica::supervisor::refusal(
+                    &self.transport,
+                    &topic.name,
+                    index,
+                    preferred,
+                    unopened,
+                ))
             }
         }
     }
