@@ -1171,6 +1171,69 @@ mod tests {
 
     use super::*;
 
+    /// A single-replica partition on `dir`, with its owner running.
+    fn open_single(dir: &std::path::Path) -> Arc<Partition> {
+        let metrics = Arc::new(Metrics::default());
+        let transport =
+            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
+        let ctx = OpenContext {
+            node_id: 1,
+            queue_depth: 16,
+            metrics,
+            runtime: tokio::runtime::Handle::current(),
+            transport,
+        };
+        Partition::open(&ctx, "t", 0, dir, LogConfig::default(), &[1], 1).expect("open")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrub_pass_begun_on_a_log_the_partition_reopened_ends_instead_of_reading_the_retired_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_single(dir.path());
+        p.stop().await;
+        let scrubbed = p.log();
+        let cursor = conveyor_storage::ScrubCursor::start();
+        assert!(
+            p.scrub_step(&scrubbed, cursor, 1 << 20).is_some(),
+            "steps run while the log is current"
+        );
+        let reopened = {
+            let p = Arc::clone(&p);
+            tokio::task::spawn_blocking(move || {
+                p.files.reopen(|old| {
+                    let log = Arc::new(PartitionLog::open(old.log.dir(), old.log.config()).map_err(|e| e.to_string())?);
+                    let raft = RaftLog::open(Arc::clone(&log)).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((ReplicaFiles { log, raft }, ()))
+                })
+            })
+        };
+        reopened.await.expect("join").expect("reopened");
+        assert!(scrubbed.is_closed(), "the old log was retired");
+        assert!(
+            p.scrub_step(&scrubbed, cursor, 1 << 20).is_none(),
+            "the pass ends: its cursor belongs to the retired log"
+        );
+        assert!(p.scrub_step(&p.log(), cursor, 1 << 20).is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retired_partition_of_a_deleted_topic_neither_stores_raft_state_nor_deletes_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_single(dir.path());
+        p.stop().await;
+        let state_file = dir.path().join("raft-state");
+        let before = std::fs::read(&state_file).expect("raft-state exists");
+        let retired = Arc::clone(&p);
+        tokio::task::spawn_blocking(move || retired.retire())
+            .await
+            .expect("join");
+        // What a retention pass that still holds the old partition does after the deletion.
+        assert!(p.raft().flush_state().is_err(), "the retired Raft view stores nothing");
+        assert!(p.log().is_closed(), "the retired log refuses deletions and appends");
+        assert!(p.log().append(&[0; 64]).is_err());
+        assert_eq!(std::fs::read(&state_file).expect("raft-state"), before);
+    }
+
     #[tokio::test]
     async fn an_owner_unwinding_from_a_panic_answers_its_waiting_clients_with_a_retriable_error() {
         let dir = tempfile::tempdir().expect("tempdir");
