@@ -510,12 +510,20 @@ impl Partition {
     pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
         // Under the generation lock: a restart cannot retire and reopen the files while
         // this pass stores `raft-state` and deletes segments through them.
-        self.files.maintain(|files| files.raft.compact(now_ms)).map_err(|e| {
-            BrokerError::Internal(format!(
-                "topic '{}' partition {}: retention: {e}",
-                self.topic, self.index
-            ))
-        })
+        // A retired log (its reopening failed and is retried) has nothing to give back.
+        self.files
+            .maintain(|files| {
+                if files.log.is_closed() {
+                    return Ok(0);
+                }
+                files.raft.compact(now_ms)
+            })
+            .map_err(|e| {
+                BrokerError::Internal(format!(
+                    "topic '{}' partition {}: retention: {e}",
+                    self.topic, self.index
+                ))
+            })
     }
 
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.
