@@ -230,7 +230,8 @@ impl Metrics {
             name,
             "Partition replicas on this broker stopped after a failure and waiting to be reopened",
         );
-        let stopped = partitions.iter().filter(|p| p.status().failure.is_some()).count();
+        let unopened: usize = registry.list().iter().map(|t| t.unopened.len()).sum();
+        let stopped = partitions.iter().filter(|p| p.status().failure.is_some()).count() + unopened;
         let _ = writeln!(out, "{name} {stopped}");
         let name = "conveyor_raft_send_queue_depth";
         gauge_header(&mut out, name, "Raft messages waiting to be sent to a peer");

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use conveyor_storage::batch::ValidatedBatch;
@@ -37,7 +37,7 @@ use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
-use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles};
+use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles, SharedFiles};
 use crate::replica::tick::TickSchedule;
 use crate::transport::{GroupKey, Transport};
 
@@ -185,7 +185,7 @@ pub struct Partition {
     pub topic: String,
     pub index: i32,
     /// The log and its Raft view; a restart after a failure swaps in reopened ones.
-    files: Arc<RwLock<ReplicaFiles>>,
+    files: Arc<SharedFiles>,
     node_id: u32,
     key: Arc<GroupKey>,
     transport: Arc<Transport>,
@@ -316,7 +316,7 @@ impl Partition {
             metrics: Arc::clone(&ctx.metrics),
         };
         let owner = Owner::new(&owner_cx, raft.clone(), u64::from(preferred));
-        let files = Arc::new(RwLock::new(ReplicaFiles { log, raft }));
+        let files = Arc::new(SharedFiles::new(ReplicaFiles { log, raft }));
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let channels = Channels {
             requests: rx,
@@ -358,15 +358,42 @@ impl Partition {
 
     /// The partition log readers use: after a restart, the reopened one.
     pub fn log(&self) -> Arc<PartitionLog> {
-        Arc::clone(&self.files.read().unwrap_or_else(std::sync::PoisonError::into_inner).log)
+        self.files.current().log
     }
 
     fn raft(&self) -> RaftLog {
+        self.files.current().raft
+    }
+
+    /// Replaces the log's config. Waits for a reopening under way, so the change lands on
+    /// the log that stays. Blocking.
+    pub fn set_log_config(&self, config: LogConfig) -> Result<()> {
         self.files
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .raft
-            .clone()
+            .maintain(|files| files.log.set_config(config))
+            .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))
+    }
+
+    /// One scrub step on the log, unless the partition was reopened since `log` was its
+    /// log (`None`: that pass is over, its cursor means nothing to the new log). No
+    /// reopening starts while the step runs. Blocking.
+    pub fn scrub_step(
+        &self,
+        log: &Arc<PartitionLog>,
+        cursor: conveyor_storage::ScrubCursor,
+        max_bytes: u64,
+        on_damage: conveyor_storage::OnDamage,
+    ) -> Option<std::result::Result<conveyor_storage::ScrubStep, conveyor_storage::LogError>> {
+        self.files.maintain(|files| {
+            Arc::ptr_eq(&files.log, log).then(|| log.scrub_step_with(cursor, max_bytes, on_damage))
+        })
+    }
+
+    /// Retires the log and its Raft view for good, after [`stop`](Self::stop), when the
+    /// partition's directory is removed: a task still holding this partition can no longer
+    /// write `raft-state` or delete segment files there (a topic recreated under the same
+    /// name uses the same path). Waits for a retention pass or scrub step under way. Blocking.
+    pub fn retire(&self) {
+        self.files.retire();
     }
 
     /// A receiver that wakes when leadership or replication state changes.
@@ -385,10 +412,13 @@ impl Partition {
 
     /// The error for a request this replica cannot serve because it does not lead.
     pub fn not_leader(&self) -> BrokerError {
-        if let Some(error) = self.failure() {
-            return error;
-        }
-        not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
+        let failure = self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let leader = self.status.borrow().leader;
+        supervisor::refusal(&self.transport, &self.topic, self.index, leader, failure.as_deref())
     }
 
     /// Fails unless this replica leads the partition.
@@ -463,30 +493,39 @@ impl Partition {
             reply,
         };
         if let Err(_closed) = self.sender()?.send(request).await {
-            return Err(self.failure().unwrap_or(BrokerError::ShuttingDown));
+            let failed = self
+                .failed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some();
+            return Err(if failed {
+                self.not_leader()
+            } else {
+                BrokerError::ShuttingDown
+            });
         }
         Ok(rx)
-    }
-
-    /// Why the partition stopped taking appends, if it failed.
-    fn failure(&self) -> Option<BrokerError> {
-        let reason = self
-            .failed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()?;
-        Some(supervisor::replica_stopped(&self.topic, self.index, &reason))
     }
 
     /// Applies retention without losing what Raft needs (only committed entries go).
     /// Blocking.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
-        self.raft().compact(now_ms).map_err(|e| {
-            BrokerError::Internal(format!(
-                "topic '{}' partition {}: retention: {e}",
-                self.topic, self.index
-            ))
-        })
+        // Under the generation lock: a restart cannot retire and reopen the files while
+        // this pass stores `raft-state` and deletes segments through them.
+        // A retired log (its reopening failed and is retried) has nothing to give back.
+        self.files
+            .maintain(|files| {
+                if files.log.is_closed() {
+                    return Ok(0);
+                }
+                files.raft.compact(now_ms)
+            })
+            .map_err(|e| {
+                BrokerError::Internal(format!(
+                    "topic '{}' partition {}: retention: {e}",
+                    self.topic, self.index
+                ))
+            })
     }
 
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.
@@ -511,10 +550,13 @@ impl Partition {
     /// Closes the log cleanly, then stores the Raft state: the stored commit never covers
     /// entries that are not on disk. Blocking; after [`stop`](Self::stop).
     pub fn close(&self) -> Result<()> {
-        self.log()
+        let files = self.files.current();
+        files
+            .log
             .close()
             .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
-        self.raft()
+        files
+            .raft
             .flush_state()
             .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))
     }
@@ -1148,6 +1190,69 @@ mod tests {
     use std::panic::AssertUnwindSafe;
 
     use super::*;
+
+    /// A single-replica partition on `dir`, with its owner running.
+    fn open_single(dir: &std::path::Path) -> Arc<Partition> {
+        let metrics = Arc::new(Metrics::default());
+        let transport =
+            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
+        let ctx = OpenContext {
+            node_id: 1,
+            queue_depth: 16,
+            metrics,
+            runtime: tokio::runtime::Handle::current(),
+            transport,
+        };
+        Partition::open(&ctx, "t", 0, dir, LogConfig::default(), &[1], 1).expect("open")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrub_pass_begun_on_a_log_the_partition_reopened_ends_instead_of_reading_the_retired_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_single(dir.path());
+        p.stop().await;
+        let scrubbed = p.log();
+        let cursor = conveyor_storage::ScrubCursor::start();
+        assert!(
+            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine).is_some(),
+            "steps run while the log is current"
+        );
+        let reopened = {
+            let p = Arc::clone(&p);
+            tokio::task::spawn_blocking(move || {
+                p.files.reopen(|old| {
+                    let log = Arc::new(PartitionLog::open(old.log.dir(), old.log.config()).map_err(|e| e.to_string())?);
+                    let raft = RaftLog::open(Arc::clone(&log)).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((ReplicaFiles { log, raft }, ()))
+                })
+            })
+        };
+        reopened.await.expect("join").expect("reopened");
+        assert!(scrubbed.is_closed(), "the old log was retired");
+        assert!(
+            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine).is_none(),
+            "the pass ends: its cursor belongs to the retired log"
+        );
+        assert!(p.scrub_step(&p.log(), cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine).is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retired_partition_of_a_deleted_topic_neither_stores_raft_state_nor_deletes_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_single(dir.path());
+        p.stop().await;
+        let state_file = dir.path().join("raft-state");
+        let before = std::fs::read(&state_file).expect("raft-state exists");
+        let retired = Arc::clone(&p);
+        tokio::task::spawn_blocking(move || retired.retire())
+            .await
+            .expect("join");
+        // What a retention pass that still holds the old partition does after the deletion.
+        assert!(p.raft().flush_state().is_err(), "the retired Raft view stores nothing");
+        assert!(p.log().is_closed(), "the retired log refuses deletions and appends");
+        assert!(p.log().append(&[0; 64]).is_err());
+        assert_eq!(std::fs::read(&state_file).expect("raft-state"), before);
+    }
 
     #[tokio::test]
     async fn an_owner_unwinding_from_a_panic_answers_its_waiting_clients_with_a_retriable_error() {

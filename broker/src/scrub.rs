@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_storage::{OnDamage, PartitionLog, ScrubCursor, ScrubStep};
+use conveyor_storage::{LogError, OnDamage, PartitionLog, ScrubCursor, ScrubStep};
 
 use crate::api::blocking;
 use crate::error::BrokerError;
@@ -66,22 +66,19 @@ pub async fn run(
     loop {
         let me = registry.transport().node_id();
         for p in registry.all_partitions() {
+            let (topic, index) = (p.topic.clone(), p.index);
+            // Each step re-checks that the partition still serves from the log this pass
+            // started on, and no reopening runs during a step: a pass never reads, or
+            // quarantines, a log the partition retired.
             let log = p.log();
             let on_damage = if p.members().0.iter().any(|&voter| voter != me) {
                 OnDamage::Quarantine
             } else {
                 OnDamage::Report
             };
-            let outcome = scrub_log(
-                log,
-                &p.topic,
-                p.index,
-                &metrics,
-                bytes_per_second,
-                on_damage,
-                stop.as_mut(),
-            )
-            .await;
+            let step = move |cursor, max_bytes| p.scrub_step(&log, cursor, max_bytes, on_damage);
+            let outcome =
+                scrub_steps(step, &topic, index, &metrics, bytes_per_second, on_damage, stop.as_mut()).await;
             if outcome == Outcome::Stopped {
                 return;
             }
@@ -101,15 +98,32 @@ pub async fn scrub_log(
     metrics: &Metrics,
     bytes_per_second: u64,
     on_damage: OnDamage,
+    stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Outcome {
+    let step = move |cursor, max_bytes| Some(log.scrub_step_with(cursor, max_bytes, on_damage));
+    scrub_steps(step, topic, partition, metrics, bytes_per_second, on_damage, stop).await
+}
+
+/// One pass made of `step`s (blocking; `None` when the log was replaced, which ends the
+/// pass as skipped).
+async fn scrub_steps(
+    step: impl Fn(ScrubCursor, u64) -> Option<Result<ScrubStep, LogError>> + Send + Sync + 'static,
+    topic: &str,
+    partition: i32,
+    metrics: &Metrics,
+    bytes_per_second: u64,
+    on_damage: OnDamage,
     mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Outcome {
     let chunk = SCRUB_CHUNK.min(bytes_per_second.max(1));
     let mut cursor = ScrubCursor::start();
+    let step = Arc::new(step);
     loop {
         let step = {
-            let log = Arc::clone(&log);
+            let step = Arc::clone(&step);
             blocking(move || {
-                log.scrub_step_with(cursor, chunk, on_damage)
+                step(cursor, chunk)
+                    .ok_or_else(|| BrokerError::Internal("the partition was reopened during the pass".into()))?
                     .map_err(|e| BrokerError::Internal(e.to_string()))
             })
         };

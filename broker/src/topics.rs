@@ -31,12 +31,15 @@ use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{Acks, OpenContext, Partition, not_leader_error};
+use crate::partition::{Acks, OpenContext, Partition};
 use crate::replica::departure::Undecided;
 use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
 
 mod departures;
+mod unopened;
+
+pub use unopened::Unopened;
 
 const TOPICS_DIR: &str = "topics";
 const TRASH_DIR: &str = "trash";
@@ -102,6 +105,9 @@ pub struct Topic {
     pub initial: Vec<Vec<u32>>,
     /// The partitions with a replica on this broker.
     pub local: BTreeMap<i32, Arc<Partition>>,
+    /// Replicas placed here that could not be opened, retried by the applier (see
+    /// [`unopened`]); never also in `local`.
+    pub unopened: BTreeMap<i32, Unopened>,
 }
 
 impl Topic {
@@ -480,6 +486,9 @@ impl Registry {
                 _ = tokio::time::sleep(Duration::from_secs(1)), if !self.undecided.is_empty() => {
                     self.decide_kept_replicas().await;
                 }
+                _ = tokio::time::sleep(unopened::RETRY_CHECK_EVERY), if self.has_unopened() => {
+                    self.retry_unopened().await;
+                }
             }
         }
     }
@@ -560,6 +569,14 @@ impl Registry {
                     for p in topic.local.values() {
                         p.stop().await;
                     }
+                    // A retention pass or scrub still holding these partitions must not
+                    // write into a topic recreated at the same path.
+                    let partitions: Vec<_> = topic.local.values().cloned().collect();
+                    off_reactor(move || {
+                        partitions.iter().for_each(|p| p.retire());
+                        Ok(())
+                    })
+                    .await?;
                 }
                 // Also on a retry, when the topic already left the registry: its directory is
                 // recognised by the incarnation's id.
@@ -583,11 +600,19 @@ impl Registry {
                         return Ok(());
                     }
                 };
-                for p in topic.local.values() {
-                    if let Err(e) = p.log().set_config(effective.log_config()) {
-                        tracing::error!(topic = %c.name, partition = p.index, error = %e, "cannot apply config");
+                let (partitions, config) = (
+                    topic.local.values().cloned().collect::<Vec<_>>(),
+                    effective.log_config(),
+                );
+                off_reactor(move || {
+                    for p in partitions {
+                        if let Err(e) = p.set_log_config(config.clone()) {
+                            tracing::error!(topic = %p.topic, partition = p.index, error = %e, "cannot apply config");
+                        }
                     }
-                }
+                    Ok(())
+                })
+                .await?;
                 self.insert(Topic {
                     overrides,
                     effective,
@@ -672,52 +697,52 @@ impl Registry {
         let mut local = topic.local.clone();
         let wanted = r.replicas.contains(&me);
         let preferred = r.replicas.first().copied().unwrap_or(me);
+        let mut unopened = topic.unopened.clone();
         match (local.get(&p).cloned(), wanted) {
             (None, true) => {
                 let registry = Arc::clone(self);
-                let (topic2, initial) = (Arc::clone(&topic), topic.initial[index].clone());
-                let opened = tokio::task::spawn_blocking(move || {
-                    let dir = registry.topics_dir().join(&topic2.name);
-                    prepare_topic_dir(&dir, &topic2.id)
-                        .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))?;
-                    Partition::open(
-                        &registry.open_context(),
-                        &topic2.name,
-                        p,
-                        &dir.join(p.to_string()),
-                        topic2.effective.log_config(),
-                        &initial,
-                        preferred,
-                    )
+                let topic2 = Arc::clone(&topic);
+                // A directory that cannot be prepared fails the record (it is retried); a
+                // replica that cannot be opened is this partition's failure only.
+                tokio::task::spawn_blocking(move || {
+                    prepare_topic_dir(&registry.topics_dir().join(&topic2.name), &topic2.id)
+                        .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))
                 })
-                .await;
-                match opened {
-                    Ok(Ok(partition)) => {
+                .await
+                .map_err(|e| {
+                    BrokerError::Internal(format!("preparing the directory of topic '{}' failed: {e}", r.topic))
+                })??;
+                let placed = Arc::new(Topic {
+                    assignments: {
+                        let mut a = topic.assignments.clone();
+                        a[index] = r.replicas.clone();
+                        a
+                    },
+                    ..Topic::clone(&topic)
+                });
+                match self.open_local_replica(&placed, p).await {
+                    Ok(partition) => {
                         tracing::info!(topic = %r.topic, partition = p, "new replica opened here; catching up from the leader");
+                        unopened.remove(&p);
                         local.insert(p, partition);
                     }
-                    Ok(Err(e)) => {
-                        return Err(BrokerError::Internal(format!(
-                            "cannot open the new replica of topic '{}' partition {p}: {e}",
-                            r.topic
-                        )));
-                    }
-                    Err(e) => {
-                        return Err(BrokerError::Internal(format!(
-                            "opening the new replica of topic '{}' partition {p} failed: {e}",
-                            r.topic
-                        )));
+                    Err(reason) => {
+                        tracing::error!(topic = %r.topic, partition = p, %reason, "cannot open the new replica placed here; it is reported stopped and retried");
+                        unopened.insert(p, Unopened::new(reason));
                     }
                 }
             }
             (Some(partition), true) => partition.set_preferred(preferred).await,
-            (_, false) => {}
+            (_, false) => {
+                unopened.remove(&p);
+            }
         }
         if wanted {
             self.undecided.remove(&topic.name, p);
         }
         let mut updated = Topic {
             local,
+            unopened,
             ..Topic::clone(&topic)
         };
         updated.assignments[index] = r.replicas;
@@ -787,6 +812,7 @@ impl Registry {
             .map_err(dir_error)?;
         let ctx = self.open_context();
         let mut local = BTreeMap::new();
+        let mut unopened = BTreeMap::new();
         for (p, replicas) in assignments.iter().enumerate() {
             if !replicas.contains(&me) && !kept.contains(&(p as i32)) {
                 continue;
@@ -807,12 +833,10 @@ impl Registry {
                     local.insert(p, partition);
                 }
                 Err(e) => {
-                    // Leave no owner running for a topic that failed to open: a retry would
-                    // otherwise put two writers on one directory.
-                    for opened in local.values() {
-                        self.runtime.block_on(Partition::stop(opened));
-                    }
-                    return Err(e);
+                    // Local to this partition: the topic is registered all the same and
+                    // the applier retries the replica (see [`unopened`]).
+                    tracing::error!(topic = %created.name, partition = p, error = %e, "cannot open a replica placed here; it is reported stopped and retried");
+                    unopened.insert(p, Unopened::new(e.to_string()));
                 }
             }
         }
@@ -825,6 +849,7 @@ impl Registry {
             assignments,
             initial,
             local,
+            unopened,
         })
     }
 
@@ -852,7 +877,14 @@ impl Registry {
             None => {
                 // Not a replica here: the preferred leader is the best guess at the leader.
                 let preferred = topic.assignments[index as usize].first().copied().unwrap_or(0);
-                Err(not_leader_error(&self.transport, &topic.name, index, preferred))
+                let unopened = topic.unopened.get(&index).map(|u| u.reason.as_str());
+                Err(crate::replica::supervisor::refusal(
+                    &self.transport,
+                    &topic.name,
+                    index,
+                    preferred,
+                    unopened,
+                ))
             }
         }
     }
@@ -1017,6 +1049,17 @@ impl Registry {
         if topic.id != id {
             // Another creation of the same name committed first.
             return Err(BrokerError::TopicExists(name.to_string()));
+        }
+        if let Some((p, u)) = topic.unopened.first_key_value() {
+            // The topic exists (and will after a restart); say that it does not work here yet.
+            return Err(BrokerError::MetadataNotApplied {
+                what: format!("creation of topic '{name}'"),
+                broker: self.options.node_id,
+                reason: format!(
+                    "its replica of partition {p} cannot be opened here ({}); `topic describe` shows it stopped until a retry opens it",
+                    u.reason
+                ),
+            });
         }
         Ok(topic)
     }

@@ -238,7 +238,17 @@ impl PartitionLog {
         self.commit.wake_all();
     }
 
-    pub(crate) fn is_closed(&self) -> bool {
+    /// Retires this object because the partition is being reopened on the same directory
+    /// (or its directory is going away): from now on it refuses appends, truncations,
+    /// segment deletions and scrub steps, as after [`close`](Self::close), but flushes and
+    /// writes nothing. Waits for a change already under way to finish first.
+    pub fn retire(&self) {
+        let _writer = self.lock_writer();
+        self.mark_closed();
+    }
+
+    /// True once closed or retired: the object refuses every change to the directory.
+    pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 

@@ -185,6 +185,12 @@ impl AdminService {
                 partition: index,
                 leader: 0,
                 replicas,
+                // A replica placed here that could not be opened (retried by the applier).
+                replica_state: topic
+                    .unopened
+                    .get(&index)
+                    .map(|u| format!("stopped: {}", u.reason))
+                    .unwrap_or_default(),
                 ..PartitionDescription::default()
             },
         }

@@ -60,6 +60,9 @@ struct Inner {
     /// The most recent entries as appended, so that applying them (and sending them to
     /// followers) does not read back from disk what is still in memory.
     cache: VecDeque<Entry>,
+    /// Set when the partition is reopened over the same directory (or deleted): the state
+    /// this object holds is stale and must never be written over `raft-state` again.
+    retired: bool,
 }
 
 impl Inner {
@@ -131,6 +134,7 @@ impl RaftLog {
                 state,
                 entries,
                 cache: VecDeque::new(),
+                retired: false,
             })),
         })
     }
@@ -208,14 +212,30 @@ impl RaftLog {
         let durable = hard_state.term != inner.state.hard_state.term || hard_state.vote != inner.state.hard_state.vote;
         inner.state.hard_state = hard_state.clone();
         if durable {
-            inner.state.store(&self.dir)?;
+            self.store_state(&inner)?;
         }
         Ok(())
     }
 
     /// Stores the state file durably, commit index included (clean shutdown).
     pub fn flush_state(&self) -> Result<(), ReplicaError> {
-        Ok(self.read().state.store(&self.dir)?)
+        self.store_state(&self.read())
+    }
+
+    /// Stores `inner`'s state durably, unless this object was retired.
+    fn store_state(&self, inner: &Inner) -> Result<(), ReplicaError> {
+        if inner.retired {
+            return Err(LogError::Closed.into());
+        }
+        Ok(inner.state.store(&self.dir)?)
+    }
+
+    /// Retires this view and its partition log before the replica is reopened over the same
+    /// directory: neither writes `raft-state` nor changes the log's files again. Waits for a
+    /// write in progress on this view to finish.
+    pub fn retire(&self) {
+        self.write().retired = true;
+        self.log.retire();
     }
 
     /// Voters of the group, as last applied.
@@ -247,7 +267,7 @@ impl RaftLog {
     pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), ReplicaError> {
         let mut inner = self.write();
         inner.state.conf_state = conf_state.clone();
-        inner.state.store(&self.dir)?;
+        self.store_state(&inner)?;
         Ok(())
     }
 
@@ -285,7 +305,7 @@ impl RaftLog {
         inner.state.snapshot_index += removable as u64;
         inner.state.snapshot_term = term;
         inner.state.snapshot_offset = start_offset;
-        inner.state.store(&self.dir)?;
+        self.store_state(&inner)?;
         inner.entries.drain(..removable);
         let first = inner.first_index();
         inner.cache.retain(|e| e.index >= first);
@@ -309,7 +329,7 @@ impl RaftLog {
         inner.state.hard_state.commit = inner.state.hard_state.commit.max(meta.index);
         inner.state.hard_state.term = inner.state.hard_state.term.max(meta.term);
         // Recorded first: if the reset below is interrupted, open skips what is left.
-        inner.state.store(&self.dir)?;
+        self.store_state(&inner)?;
         self.log.truncate_fully_and_start_at(offset)?;
         inner.entries.clear();
         inner.cache.clear();

@@ -23,6 +23,10 @@
 //!   swapped before the new owner runs. A read that started on the old log finishes on it;
 //!   below the high watermark both hold the same bytes (recovery only drops an unsynced tail,
 //!   which was never committed).
+//! - Nothing changes the directory through retired objects: a reopening retires the old
+//!   [`PartitionLog`] and [`RaftLog`] (they refuse appends, deletions, scrub steps and
+//!   `raft-state` writes) under the exclusive generation lock of [`SharedFiles`] before it
+//!   opens the new ones; retention, scrub steps and config changes run under it shared.
 //!
 //! # Crash behaviour
 //! Nothing here writes to disk; a broker that dies while a replica is stopped recovers it at
@@ -31,7 +35,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use conveyor_storage::PartitionLog;
@@ -46,6 +50,7 @@ use crate::error::BrokerError;
 use crate::partition::{
     AppendRequest, Control, OpenContext, Opened, Owner, OwnerContext, not_leader_error, open_replica,
 };
+use crate::transport::Transport;
 
 /// Wait before the first restart of a failed replica.
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -55,10 +60,65 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 /// The log and Raft view a partition serves from; a restart swaps in reopened ones.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReplicaFiles {
     pub log: Arc<PartitionLog>,
     pub raft: RaftLog,
+}
+
+/// A partition's current [`ReplicaFiles`] and the lock that orders every change to its
+/// directory made outside the owner against a reopening.
+///
+/// A task that changes the directory through the files it took (retention, a scrub step, a
+/// config change) does so inside [`maintain`](Self::maintain), which holds the generation
+/// lock shared; [`reopen`](Self::reopen) holds it exclusively while it retires the old
+/// objects, opens the new ones and swaps them in. So no such task runs on the old objects
+/// once a reopening started, and each that runs after it sees the new ones. Readers take
+/// [`current`](Self::current) and need no generation lock: a retired log still reads.
+#[derive(Debug)]
+pub struct SharedFiles {
+    current: RwLock<ReplicaFiles>,
+    generation: RwLock<()>,
+}
+
+impl SharedFiles {
+    pub fn new(files: ReplicaFiles) -> SharedFiles {
+        SharedFiles {
+            current: RwLock::new(files),
+            generation: RwLock::new(()),
+        }
+    }
+
+    /// The files in use now.
+    pub fn current(&self) -> ReplicaFiles {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Runs `f` on the current files, with no reopening or retirement under way until it
+    /// returns. Blocking: waits for a reopening to finish.
+    pub fn maintain<T>(&self, f: impl FnOnce(&ReplicaFiles) -> T) -> T {
+        let _generation = self.generation.read().unwrap_or_else(PoisonError::into_inner);
+        f(&self.current())
+    }
+
+    /// Retires the current files, then swaps in what `open` makes of the directory (it gets
+    /// the retired files, to read their directory and config). A failed `open` leaves the
+    /// retired files current; they are reopened by the next try. Blocking.
+    pub fn reopen<T, E>(&self, open: impl FnOnce(&ReplicaFiles) -> Result<(ReplicaFiles, T), E>) -> Result<T, E> {
+        let _generation = self.generation.write().unwrap_or_else(PoisonError::into_inner);
+        let old = self.current();
+        old.raft.retire();
+        let (new, made) = open(&old)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = new;
+        Ok(made)
+    }
+
+    /// Retires the current files for good (the partition's directory is going away).
+    /// Blocking.
+    pub fn retire(&self) {
+        let _generation = self.generation.write().unwrap_or_else(PoisonError::into_inner);
+        self.current().raft.retire();
+    }
 }
 
 /// Where the owner's inputs arrive; they outlive each owner so that a restart loses none of
@@ -93,6 +153,19 @@ pub fn replica_stopped(topic: &str, partition: i32, reason: &str) -> BrokerError
         topic: topic.to_string(),
         partition,
         reason: reason.to_string(),
+    }
+}
+
+/// The error for a request that this replica cannot serve because it does not lead, or is
+/// stopped after a failure (`failure`): `NOT_LEADER` naming the leader whenever one other than
+/// this replica is known (a stopped replica learns it from peers' messages), so that clients
+/// go there; else the stopped-replica error; else `LEADER_NOT_AVAILABLE`. The one rule for
+/// both the partition and its stopped owner.
+pub fn refusal(transport: &Transport, topic: &str, partition: i32, leader: u32, failure: Option<&str>) -> BrokerError {
+    let elsewhere = leader != 0 && leader != transport.node_id();
+    match failure {
+        Some(reason) if !elsewhere => replica_stopped(topic, partition, reason),
+        _ => not_leader_error(transport, topic, partition, leader),
     }
 }
 
@@ -151,7 +224,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 pub(crate) struct PartitionReplica {
     ctx: OpenContext,
     owner_cx: OwnerContext,
-    files: Arc<RwLock<ReplicaFiles>>,
+    files: Arc<SharedFiles>,
     channels: Channels,
     restart: Restart,
     next: Option<(Owner, RawNode<RaftLog>)>,
@@ -161,7 +234,7 @@ impl PartitionReplica {
     pub fn new(
         ctx: OpenContext,
         owner_cx: OwnerContext,
-        files: Arc<RwLock<ReplicaFiles>>,
+        files: Arc<SharedFiles>,
         channels: Channels,
         restart: Restart,
         owner: Owner,
@@ -182,10 +255,7 @@ impl PartitionReplica {
     fn error(&self, reason: &str) -> BrokerError {
         let cx = &self.owner_cx;
         let leader = cx.status.borrow().leader;
-        if leader != 0 && leader != cx.transport.node_id() {
-            return not_leader_error(&cx.transport, &cx.topic, cx.index, leader);
-        }
-        replica_stopped(&cx.topic, cx.index, reason)
+        refusal(&cx.transport, &cx.topic, cx.index, leader, Some(reason))
     }
 
     /// Notes the leader a peer's message reveals: only a leader sends appends, heartbeats
@@ -208,10 +278,6 @@ impl PartitionReplica {
             newer
         });
     }
-
-    fn current_log(&self) -> Arc<PartitionLog> {
-        Arc::clone(&self.files.read().unwrap_or_else(std::sync::PoisonError::into_inner).log)
-    }
 }
 
 impl Replica for PartitionReplica {
@@ -226,7 +292,7 @@ impl Replica for PartitionReplica {
         let cx = &self.owner_cx;
         tracing::error!(topic = %cx.topic, partition = cx.index, reason, "partition replica stopped; it no longer leads or votes here and is reopened from its log");
         cx.metrics.partition_failures.add(1);
-        *cx.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_string());
+        *cx.failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.to_string());
         cx.status.send_modify(|status| {
             status.leader = 0;
             status.followers.clear();
@@ -257,30 +323,33 @@ impl Replica for PartitionReplica {
     }
 
     async fn restart(&mut self) -> Result<(), String> {
-        let old = self.current_log();
-        let (config, dir) = (old.config(), old.dir().to_path_buf());
         let (ctx, restart) = (self.ctx.clone(), self.restart.clone());
         let (topic, index) = (self.owner_cx.topic.clone(), self.owner_cx.index);
-        let opened = tokio::task::spawn_blocking(move || {
-            open_replica(
-                &ctx,
-                &topic,
-                index,
-                &dir,
-                config,
-                &restart.initial_voters,
-                restart.preferred,
-            )
+        let files = Arc::clone(&self.files);
+        // The config is read from the retired log inside the reopening: a config change
+        // waits for the reopening, or landed on the old log before it began.
+        let node = tokio::task::spawn_blocking(move || {
+            files.reopen(|old| {
+                let Opened { log, raft, node } = open_replica(
+                    &ctx,
+                    &topic,
+                    index,
+                    old.log.dir(),
+                    old.log.config(),
+                    &restart.initial_voters,
+                    restart.preferred,
+                )?;
+                Ok::<_, BrokerError>((ReplicaFiles { log, raft }, node))
+            })
         })
         .await
         .map_err(|e| format!("reopening panicked: {e}"))?
         .map_err(|e| e.to_string())?;
-        let Opened { log, raft, node } = opened;
-        let owner = Owner::new(&self.owner_cx, raft.clone(), u64::from(self.restart.preferred));
-        *self.files.write().unwrap_or_else(std::sync::PoisonError::into_inner) = ReplicaFiles { log, raft };
+        let raft = self.files.current().raft;
+        let owner = Owner::new(&self.owner_cx, raft, u64::from(self.restart.preferred));
         self.next = Some((owner, node));
         let cx = &self.owner_cx;
-        *cx.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *cx.failed.lock().unwrap_or_else(PoisonError::into_inner) = None;
         cx.status.send_modify(|status| status.failure = None);
         tracing::info!(topic = %cx.topic, partition = cx.index, "partition replica reopened from its log after a failure");
         Ok(())
@@ -389,6 +458,171 @@ mod tests {
                 "run",
             ]
         );
+    }
+
+    fn small_segments() -> conveyor_storage::LogConfig {
+        conveyor_storage::LogConfig {
+            segment_bytes: 4096,
+            index_interval_bytes: 256,
+            max_index_bytes: 4096,
+            max_batch_bytes: 4096,
+            retention_ms: None,
+            retention_bytes: Some(4096),
+            flush: conveyor_storage::FlushPolicy::Os,
+            ..conveyor_storage::LogConfig::default()
+        }
+    }
+
+    fn open_files(dir: &std::path::Path, config: conveyor_storage::LogConfig) -> ReplicaFiles {
+        let log = Arc::new(PartitionLog::open(dir, config).expect("partition log"));
+        let raft = RaftLog::open(Arc::clone(&log)).expect("raft log");
+        ReplicaFiles { log, raft }
+    }
+
+    /// A log with `count` committed and applied entries of term 1, over several segments.
+    fn filled(dir: &std::path::Path, count: u64) -> ReplicaFiles {
+        use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+        let files = open_files(dir, small_segments());
+        let entries: Vec<raft::eraftpb::Entry> = (1..=count)
+            .map(|index| {
+                let mut b = BatchBuilder::new(Compression::None);
+                b.push(&Record {
+                    timestamp: 1_000,
+                    value: Some(bytes::Bytes::from(vec![b'x'; 400])),
+                    ..Record::default()
+                });
+                raft::eraftpb::Entry {
+                    index,
+                    term: 1,
+                    data: b.build().expect("batch"),
+                    ..raft::eraftpb::Entry::default()
+                }
+            })
+            .collect();
+        files
+            .raft
+            .append(&entries, super::super::entry::Origin::Peer)
+            .expect("append");
+        files.raft.persist().expect("persist");
+        files
+            .raft
+            .set_hard_state(&raft::eraftpb::HardState {
+                term: 1,
+                vote: 1,
+                commit: count,
+                ..raft::eraftpb::HardState::default()
+            })
+            .expect("hard state");
+        files.raft.evict_cache_to(count);
+        files
+    }
+
+    fn hard_state_on_disk(dir: &std::path::Path) -> raft::eraftpb::HardState {
+        let raft = open_files(dir, small_segments()).raft;
+        raft::Storage::initial_state(&raft).expect("state").hard_state
+    }
+
+    #[test]
+    fn after_a_reopening_the_old_log_and_raft_view_can_neither_store_raft_state_nor_delete_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = SharedFiles::new(filled(dir.path(), 60));
+        // What a retention pass (or any task) took just before the restart began.
+        let stale = shared.current();
+        let segments = stale.log.segment_count();
+        assert!(segments > 3, "entries span segments");
+        shared
+            .reopen(|old| Ok::<_, String>((open_files(old.log.dir(), old.log.config()), ())))
+            .expect("reopened");
+        let new = shared.current();
+        assert!(!Arc::ptr_eq(&new.log, &stale.log));
+        new.raft
+            .set_hard_state(&raft::eraftpb::HardState {
+                term: 7,
+                vote: 2,
+                commit: 60,
+                ..raft::eraftpb::HardState::default()
+            })
+            .expect("the new owner votes");
+
+        assert!(
+            stale.raft.compact(i64::MAX).is_err(),
+            "retention through the old view is refused"
+        );
+        assert!(
+            stale
+                .raft
+                .set_hard_state(&raft::eraftpb::HardState {
+                    term: 8,
+                    vote: 1,
+                    commit: 60,
+                    ..raft::eraftpb::HardState::default()
+                })
+                .is_err(),
+            "the old view stores no vote"
+        );
+        assert!(stale.raft.flush_state().is_err());
+        assert!(stale.log.delete_segments_before(u64::MAX).is_err());
+        assert!(stale.log.append(&[0; 64]).is_err());
+        assert_eq!(
+            new.log.segment_count(),
+            segments,
+            "no segment of the new log was deleted"
+        );
+        let on_disk = hard_state_on_disk(dir.path());
+        assert_eq!(
+            (on_disk.term, on_disk.vote),
+            (7, 2),
+            "the old view wrote raft-state after the reopening"
+        );
+    }
+
+    #[test]
+    fn a_config_change_made_while_a_reopening_runs_lands_on_the_reopened_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = Arc::new(SharedFiles::new(open_files(dir.path(), small_segments())));
+        let (opening, opened) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let reopening = {
+            let shared = Arc::clone(&shared);
+            let (tell, wait) = (opening.0, opened.1);
+            std::thread::spawn(move || {
+                shared.reopen(|old| {
+                    let config = old.log.config();
+                    tell.send(()).expect("tell");
+                    wait.recv().expect("go on");
+                    Ok::<_, String>((open_files(old.log.dir(), config), ()))
+                })
+            })
+        };
+        opening.1.recv().expect("reopening under way");
+        let changing = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                shared.maintain(|files| {
+                    files.log.set_config(conveyor_storage::LogConfig {
+                        max_batch_bytes: 1234,
+                        ..files.log.config()
+                    })
+                })
+            })
+        };
+        opened.0.send(()).expect("release");
+        reopening.join().expect("reopen thread").expect("reopened");
+        changing.join().expect("config thread").expect("config set");
+        assert_eq!(shared.current().log.config().max_batch_bytes, 1234);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_replica_and_its_partition_both_send_clients_to_a_leader_they_learned() {
+        let mut peers = std::collections::BTreeMap::new();
+        peers.insert(2, "127.0.0.1:2".to_string());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let transport = Transport::start(1, "127.0.0.1:1".into(), &peers, 16, metrics).expect("transport");
+        let learned = refusal(&transport, "t", 0, 2, Some("raft log write failed"));
+        assert!(matches!(learned, BrokerError::NotLeader { leader: 2, .. }), "{learned}");
+        let unknown = refusal(&transport, "t", 0, 0, Some("raft log write failed"));
+        assert!(matches!(unknown, BrokerError::ReplicaStopped { .. }), "{unknown}");
+        let running = refusal(&transport, "t", 0, 0, None);
+        assert!(matches!(running, BrokerError::LeaderNotAvailable { .. }), "{running}");
     }
 
     #[test]
