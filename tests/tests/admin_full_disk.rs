@@ -121,10 +121,10 @@ fn given_a_nearly_full_disk_a_committed_topic_create_should_say_so_and_the_topic
         error.to_string().contains("was committed"),
         "says the topic was recorded: {error}"
     );
-    let metrics = broker.scrape_metrics();
-    assert!(
-        metrics.contains("conveyor_metadata_apply_failing 1"),
-        "the failure shows in the metrics:\n{metrics}"
+    assert_eq!(
+        broker.metric("conveyor_metadata_apply_failing"),
+        Some(1.0),
+        "the failure shows in the metrics"
     );
     let info = cli_json(broker.addr(), &["cluster", "info"]);
     let reported = info["brokers"][0]["metadata"]["apply_error"]

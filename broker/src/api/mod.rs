@@ -7,7 +7,6 @@ pub mod produce;
 
 use std::sync::Arc;
 
-use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::topics::Registry;
 
@@ -29,9 +28,4 @@ pub struct Context {
     pub peer_channels: std::sync::Mutex<std::collections::HashMap<(u32, String), tonic::transport::Channel>>,
 }
 
-/// Runs blocking work (disk I/O) off the reactor.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
-}
+pub use crate::blocking::blocking;
