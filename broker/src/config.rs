@@ -303,11 +303,14 @@ mod tests {
 
     #[test]
     fn a_max_message_bytes_above_the_uncompressed_ceiling_still_boots() {
-        let parsed = BrokerConfig::parse("[log]\nmax_message_bytes = \"50MiB\"\n[limits]\nmax_request_bytes = \"128MiB\"\n")
-            .expect("a config written before the uncompressed limit existed boots");
+        let parsed =
+            BrokerConfig::parse("[log]\nmax_message_bytes = \"50MiB\"\n[limits]\nmax_request_bytes = \"128MiB\"\n")
+                .expect("a config written before the uncompressed limit existed boots");
         assert_eq!(parsed.limits.max_uncompressed_batch_bytes.0, 32 << 20);
-        let err = BrokerConfig::parse("[log]\nmax_message_bytes = \"2MiB\"\n[limits]\nmax_uncompressed_batch_bytes = \"1MiB\"\n")
-            .expect_err("below max_message_bytes and below the default");
+        let err = BrokerConfig::parse(
+            "[log]\nmax_message_bytes = \"2MiB\"\n[limits]\nmax_uncompressed_batch_bytes = \"1MiB\"\n",
+        )
+        .expect_err("below max_message_bytes and below the default");
         assert!(err.to_string().contains("whichever is smaller"), "{err}");
     }
 

@@ -220,8 +220,13 @@ mod tests {
         let limited = defaults().with_uncompressed_limit(32 << 20);
         let big = BTreeMap::from([("max.message.bytes".to_string(), (33u64 << 20).to_string())]);
         let err = limited.accept_overrides(&big).expect_err("above the limit");
-        assert!(err.contains("max.message.bytes") && err.contains("max_uncompressed_batch_bytes"), "{err}");
-        limited.with_overrides(&big).expect("a committed override still applies");
+        assert!(
+            err.contains("max.message.bytes") && err.contains("max_uncompressed_batch_bytes"),
+            "{err}"
+        );
+        limited
+            .with_overrides(&big)
+            .expect("a committed override still applies");
         let fits = BTreeMap::from([("max.message.bytes".to_string(), (32u64 << 20).to_string())]);
         limited.accept_overrides(&fits).expect("at the limit");
     }

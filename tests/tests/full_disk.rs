@@ -122,7 +122,11 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
         state.starts_with("stopped"),
         "describe shows the stopped replica: {partition}"
     );
-    assert!(broker.metric("conveyor_partition_failures_total").is_some_and(|v| v >= 1.0));
+    assert!(
+        broker
+            .metric("conveyor_partition_failures_total")
+            .is_some_and(|v| v >= 1.0)
+    );
     assert_eq!(broker.metric("conveyor_partitions_stopped"), Some(1.0));
 
     broker.disk_has_space();

@@ -3,9 +3,12 @@
 
 pub mod admin;
 pub mod fetch;
+pub mod inflate_budget;
 pub mod produce;
 
 use std::sync::Arc;
+
+pub use crate::blocking::blocking;
 
 use crate::metrics::Metrics;
 use crate::topics::Registry;
@@ -27,5 +30,3 @@ pub struct Context {
     /// a broker makes often (metadata lookups); they reconnect on their own.
     pub peer_channels: std::sync::Mutex<std::collections::HashMap<(u32, String), tonic::transport::Channel>>,
 }
-
-pub use crate::blocking::blocking;
