@@ -241,6 +241,8 @@ impl FetchService {
                 _ = stopping.wait_for(|s| *s) => break results,
             }
         };
+        // Held until the response is built: the decoded records are the memory it stands for.
+        let mut _decoding = None;
         let records = if req.decode_records {
             let batches: Vec<Bytes> = results.iter().map(|r| r.batches.clone()).collect();
             let (job_wanted, max_uncompressed) = (Arc::clone(&wanted), self.ctx.max_uncompressed_batch_bytes);
@@ -254,7 +256,7 @@ impl FetchService {
                 ),
                 None => "a decoding fetch".to_string(),
             };
-            let _decoding = InflateBudget::shared().reserve(holds, what).await?;
+            _decoding = Some(InflateBudget::shared().reserve(holds, what).await?);
             // Hashing and decompressing may take a while: off the reactor, one batch at a time.
             blocking(move || {
                 let mut budget = budget;
