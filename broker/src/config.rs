@@ -218,10 +218,15 @@ impl BrokerConfig {
             self.limits.max_request_bytes.0 > self.log.max_message_bytes.0,
             "[limits] max_request_bytes must exceed [log] max_message_bytes"
         );
+        // The lower bound is capped at the default so that a config written before this limit
+        // existed, with a `max_message_bytes` above what a fetch response can hold decoded,
+        // still boots: its large batches are stored and fetched raw (see config/broker.toml).
         let inflated = self.limits.max_uncompressed_batch_bytes.0;
+        let at_least = self.log.max_message_bytes.0.min(DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES);
         anyhow::ensure!(
-            inflated >= self.log.max_message_bytes.0 && inflated <= MAX_UNCOMPRESSED_BATCH_BYTES,
-            "[limits] max_uncompressed_batch_bytes must be between [log] max_message_bytes and {} MiB",
+            inflated >= at_least && inflated <= MAX_UNCOMPRESSED_BATCH_BYTES,
+            "[limits] max_uncompressed_batch_bytes must be at least [log] max_message_bytes or {} MiB, whichever is smaller, and at most {} MiB (a decoded batch must fit in one fetch response)",
+            DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES >> 20,
             MAX_UNCOMPRESSED_BATCH_BYTES >> 20
         );
         anyhow::ensure!(
@@ -248,7 +253,7 @@ impl BrokerConfig {
     }
 
     pub fn topic_defaults(&self) -> TopicDefaults {
-        TopicDefaults::from_section(&self.log)
+        TopicDefaults::from_section(&self.log).with_uncompressed_limit(self.limits.max_uncompressed_batch_bytes.0)
     }
 }
 
@@ -298,6 +303,19 @@ mod tests {
             let err = BrokerConfig::parse(&format!("[limits]\nmax_uncompressed_batch_bytes = {bad}\n")).expect_err(bad);
             assert!(err.to_string().contains("max_uncompressed_batch_bytes"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_max_message_bytes_above_the_uncompressed_ceiling_still_boots() {
+        let parsed =
+            BrokerConfig::parse("[log]\nmax_message_bytes = \"50MiB\"\n[limits]\nmax_request_bytes = \"128MiB\"\n")
+                .expect("a config written before the uncompressed limit existed boots");
+        assert_eq!(parsed.limits.max_uncompressed_batch_bytes.0, 32 << 20);
+        let err = BrokerConfig::parse(
+            "[log]\nmax_message_bytes = \"2MiB\"\n[limits]\nmax_uncompressed_batch_bytes = \"1MiB\"\n",
+        )
+        .expect_err("below max_message_bytes and below the default");
+        assert!(err.to_string().contains("whichever is smaller"), "{err}");
     }
 
     #[test]

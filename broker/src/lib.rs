@@ -7,6 +7,7 @@
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
 //! - [`api`]: one gRPC service per file (admin, produce, fetch).
+//! - [`blocking`]: running blocking work off the reactor.
 //! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
 //!   change lock.
 //! - [`topics`]: the topic registry, the controller group and replica placement.
@@ -23,6 +24,7 @@
 
 pub mod admin_ops;
 pub mod api;
+pub mod blocking;
 pub mod config;
 pub mod error;
 pub mod membership;

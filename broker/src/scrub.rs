@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use conveyor_storage::{LogError, OnDamage, PartitionLog, ScrubCursor, ScrubStep};
 
-use crate::api::blocking;
+use crate::blocking::blocking;
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::topics::Registry;

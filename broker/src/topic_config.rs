@@ -73,6 +73,9 @@ pub struct TopicDefaults {
     pub flush_ms: u64,
     pub max_message_bytes: u64,
     pub index_interval_bytes: u64,
+    /// `[limits] max_uncompressed_batch_bytes`: the most a new `max.message.bytes` override
+    /// may be (see [`TopicDefaults::accept_overrides`]). `None`: no such check.
+    pub uncompressed_limit: Option<u64>,
 }
 
 impl TopicDefaults {
@@ -86,7 +89,31 @@ impl TopicDefaults {
             flush_ms: log.flush_interval.0.as_millis() as u64,
             max_message_bytes: log.max_message_bytes.0,
             index_interval_bytes: log.index_interval_bytes.0,
+            uncompressed_limit: None,
         }
+    }
+
+    /// These defaults with new overrides refused above `limit` (see [`Self::accept_overrides`]).
+    pub fn with_uncompressed_limit(mut self, limit: u64) -> TopicDefaults {
+        self.uncompressed_limit = Some(limit);
+        self
+    }
+
+    /// Checks overrides a client asks for (topic create and alter): [`Self::with_overrides`],
+    /// and a `max.message.bytes` no larger than the broker's uncompressed batch limit, since a
+    /// stored batch above it can be neither accepted compressed nor decoded for a fetch.
+    /// Committed overrides are applied with `with_overrides` alone, so topics created before
+    /// this check still open.
+    pub fn accept_overrides(&self, overrides: &BTreeMap<String, String>) -> Result<TopicDefaults, String> {
+        let out = self.with_overrides(overrides)?;
+        if let (Some(limit), Some(value)) = (self.uncompressed_limit, overrides.get("max.message.bytes"))
+            && out.max_message_bytes > limit
+        {
+            return Err(format!(
+                "max.message.bytes={value}: above this broker's [limits] max_uncompressed_batch_bytes ({limit} bytes); a larger batch could not be decoded for fetches"
+            ));
+        }
+        Ok(out)
     }
 
     /// Applies `overrides`; errors name the key and say what is accepted.
@@ -186,6 +213,22 @@ mod tests {
 
     fn defaults() -> TopicDefaults {
         TopicDefaults::from_section(&LogSection::default())
+    }
+
+    #[test]
+    fn a_max_message_bytes_override_above_the_uncompressed_limit_is_refused() {
+        let limited = defaults().with_uncompressed_limit(32 << 20);
+        let big = BTreeMap::from([("max.message.bytes".to_string(), (33u64 << 20).to_string())]);
+        let err = limited.accept_overrides(&big).expect_err("above the limit");
+        assert!(
+            err.contains("max.message.bytes") && err.contains("max_uncompressed_batch_bytes"),
+            "{err}"
+        );
+        limited
+            .with_overrides(&big)
+            .expect("a committed override still applies");
+        let fits = BTreeMap::from([("max.message.bytes".to_string(), (32u64 << 20).to_string())]);
+        limited.accept_overrides(&fits).expect("at the limit");
     }
 
     #[test]

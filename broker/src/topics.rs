@@ -81,13 +81,6 @@ pub(crate) fn describe_change(change: &metadata_record::Change) -> String {
     }
 }
 
-/// Runs blocking work (disk I/O) off the reactor.
-async fn off_reactor<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
-}
-
 /// A topic as this broker knows it. A change replaces the whole value (readers hold an
 /// `Arc` to the one they looked up), so it is cloned and modified.
 #[derive(Debug, Clone)]
@@ -550,7 +543,7 @@ impl Registry {
                 }
                 let name = t.name.clone();
                 let registry = Arc::clone(self);
-                let topic = off_reactor(move || registry.open_topic(t, None))
+                let topic = crate::blocking::blocking(move || registry.open_topic(t, None))
                     .await
                     .map_err(|e| BrokerError::Internal(format!("cannot open the replicas of topic '{name}': {e}")))?;
                 tracing::info!(topic = %name, partitions = topic.partition_count(), local = topic.local.len(), "created topic");
@@ -572,7 +565,7 @@ impl Registry {
                     // A retention pass or scrub still holding these partitions must not
                     // write into a topic recreated at the same path.
                     let partitions: Vec<_> = topic.local.values().cloned().collect();
-                    off_reactor(move || {
+                    crate::blocking::blocking(move || {
                         partitions.iter().for_each(|p| p.retire());
                         Ok(())
                     })
@@ -582,7 +575,7 @@ impl Registry {
                 // recognised by the incarnation's id.
                 let data_dir = self.options.data_dir.clone();
                 let (name, id) = (d.name.clone(), d.topic_id.clone());
-                off_reactor(move || remove_topic_data(&data_dir, &name, &id)).await?;
+                crate::blocking::blocking(move || remove_topic_data(&data_dir, &name, &id)).await?;
                 if removed.is_some() {
                     tracing::info!(topic = %d.name, "deleted topic");
                 }
@@ -604,7 +597,7 @@ impl Registry {
                     topic.local.values().cloned().collect::<Vec<_>>(),
                     effective.log_config(),
                 );
-                off_reactor(move || {
+                crate::blocking::blocking(move || {
                     for p in partitions {
                         if let Err(e) = p.set_log_config(config.clone()) {
                             tracing::error!(topic = %p.topic, partition = p.index, error = %e, "cannot apply config");
@@ -1025,7 +1018,7 @@ impl Registry {
         }
         self.options
             .defaults
-            .with_overrides(&overrides)
+            .accept_overrides(&overrides)
             .map_err(BrokerError::InvalidConfig)?;
         if self.get(name).is_ok() {
             return Err(BrokerError::TopicExists(name.to_string()));
@@ -1088,7 +1081,7 @@ impl Registry {
         }
         self.options
             .defaults
-            .with_overrides(&overrides)
+            .accept_overrides(&overrides)
             .map_err(BrokerError::InvalidConfig)?;
         self.propose(metadata_record::Change::TopicConfigChanged(TopicConfigChanged {
             name: name.to_string(),

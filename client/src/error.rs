@@ -32,18 +32,19 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("record batch error: {0}")]
     Batch(#[from] conveyor_storage::BatchError),
-    /// A fetched batch failed its CRC check (as Kafka's `check.crcs`): its bytes were altered
-    /// on disk or in transit, and none of its records were delivered. Retriable: the
-    /// partition's leader may change, or the broker may repair its copy.
+    /// A fetched batch is damaged (as Kafka's `check.crcs`): it failed its CRC check, or a
+    /// header field the CRC does not cover (its base offset) does not follow from the offset
+    /// asked for or the batch before it. Its bytes were altered on disk or in transit, and
+    /// none of its records were delivered. Retriable: the partition's leader may change, or
+    /// the broker may repair its copy.
     #[error(
-        "topic '{topic}' partition {partition}: fetched batch at offset {offset} failed its CRC check (header says {expected:#010x}, content hashes to {actual:#010x}); none of its records were delivered"
+        "topic '{topic}' partition {partition}: fetched batch at offset {offset} is corrupt: {problem}; none of its records were delivered"
     )]
     CorruptBatch {
         topic: String,
         partition: i32,
         offset: u64,
-        expected: u32,
-        actual: u32,
+        problem: String,
     },
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),

@@ -112,7 +112,21 @@ impl BrokerProcess {
     /// Starts a broker listening on `listen` (port 0: an ephemeral one, kept across restarts),
     /// metrics on an ephemeral port, with a fresh temp data dir.
     pub fn start_on(listen: &str, extra: &[&str]) -> BrokerProcess {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), listen, extra)
+    }
+
+    /// As [`start`](Self::start), with `toml` as its config file (`--config`), for settings
+    /// that have no flag, e.g. `"[log]\nscrub_bytes_per_second = 0\n"`. Flags the harness
+    /// passes (data dir, listen addresses) override the file.
+    pub fn start_with_config(toml: &str) -> BrokerProcess {
         let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("broker.toml");
+        std::fs::write(&path, toml).expect("write broker config");
+        let path = path.to_str().expect("utf-8 temp path").to_string();
+        Self::start_in(temp, "127.0.0.1:0", &["--config", &path])
+    }
+
+    fn start_in(temp: tempfile::TempDir, listen: &str, extra: &[&str]) -> BrokerProcess {
         let mut broker = BrokerProcess {
             child: None,
             data_dir: temp.path().join("data"),
@@ -241,6 +255,20 @@ impl BrokerProcess {
         stream.read_to_string(&mut body).expect("read metrics");
         body
     }
+
+    /// The value of one metric series from a fresh scrape: `name` is the series as the text
+    /// format spells it before its value, labels included
+    /// (`conveyor_log_end_offset{topic="t",partition="0"}`). `None` when the broker does not
+    /// export that series or its value does not parse.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        metric_value(&self.scrape_metrics(), name)
+    }
+}
+
+/// The value of series `name` in Prometheus text `text` (see [`BrokerProcess::metric`]).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Sets the soft RLIMIT_FSIZE of process `pid` (`SOFT:` leaves the hard limit alone).

@@ -19,6 +19,9 @@ const TOPIC_CHANGE_DEADLINE: Duration = Duration::from_secs(15);
 const REPORT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the reassignment may take to finish once the stopped broker runs again.
 const FINISH_DEADLINE: Duration = Duration::from_secs(120);
+/// Pause between attempts of a call answered with a retriable error (BUSY, NOT_LEADER), so
+/// the retry loop does not spin against the brokers.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 async fn admin(address: &str) -> AdminClient<tonic::transport::Channel> {
     AdminClient::connect(format!("http://{address}"))
@@ -141,7 +144,9 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
                 // finished by the next call, which then reports no move of its own: the
                 // replica list below is what counts.
                 Ok(_) => break,
-                Err(status) if detail(&status).retriable && Instant::now() < until => {}
+                Err(status) if detail(&status).retriable && Instant::now() < until => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
                 Err(status) => panic!("the reassignment did not finish: {status:?}"),
             }
         }

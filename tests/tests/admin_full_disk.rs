@@ -135,10 +135,10 @@ fn given_a_nearly_full_disk_a_committed_topic_create_should_say_so_and_the_topic
     rt.block_on(client.admin().delete_topic("first"))
         .expect("a later record applies although a replica could not be opened");
     assert!(!rt.block_on(exists(&client, "first")), "the later deletion took effect");
-    let metrics = broker.scrape_metrics();
-    assert!(
-        metrics.contains("conveyor_metadata_apply_failing 0"),
-        "no metadata record is stuck:\n{metrics}"
+    assert_eq!(
+        broker.metric("conveyor_metadata_apply_failing"),
+        Some(0.0),
+        "no metadata record is stuck"
     );
 
     broker.disk_has_space();

@@ -80,11 +80,6 @@ async fn produce_one(address: &str, topic: &str, id: &str) -> Option<ErrorDetail
     part.error
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[test]
 fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_and_lose_nothing_acknowledged() {
     let broker = BrokerProcess::start();
@@ -127,9 +122,12 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
         state.starts_with("stopped"),
         "describe shows the stopped replica: {partition}"
     );
-    let metrics = broker.scrape_metrics();
-    assert!(metric(&metrics, "conveyor_partition_failures_total").is_some_and(|v| v >= 1.0));
-    assert_eq!(metric(&metrics, "conveyor_partitions_stopped"), Some(1.0));
+    assert!(
+        broker
+            .metric("conveyor_partition_failures_total")
+            .is_some_and(|v| v >= 1.0)
+    );
+    assert_eq!(broker.metric("conveyor_partitions_stopped"), Some(1.0));
 
     broker.disk_has_space();
     wait_for(
@@ -145,10 +143,7 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
     acked.extend(runtime.block_on(produce(broker.addr(), "full", "after", RECORDS)));
     let described = cli_json(broker.addr(), &["topic", "describe", "full"]);
     assert_eq!(described["partitions"][0]["replica_state"], "running");
-    assert_eq!(
-        metric(&broker.scrape_metrics(), "conveyor_partitions_stopped"),
-        Some(0.0)
-    );
+    assert_eq!(broker.metric("conveyor_partitions_stopped"), Some(0.0));
     assert!(broker.log().contains("reopened from its log"), "the recovery is logged");
 
     let observed = runtime.block_on(read_all(broker.addr(), "full"));

@@ -131,10 +131,8 @@ fn wait_in_sync(cluster: &Cluster, topic: &str, want: &[u32]) {
 
 /// A per-partition gauge of `broker`'s metrics for partition 0 of `topic`.
 fn gauge(cluster: &Cluster, broker: u32, name: &str, topic: &str) -> Option<u64> {
-    let metrics = cluster.broker(broker).scrape_metrics();
-    let series = format!("{name}{{topic=\"{topic}\",partition=\"0\"}} ");
-    let line = metrics.lines().find(|l| l.starts_with(&series))?;
-    line[series.len()..].trim().parse().ok()
+    let series = format!("{name}{{topic=\"{topic}\",partition=\"0\"}}");
+    cluster.broker(broker).metric(&series).map(|v| v as u64)
 }
 
 /// Waits until `broker`'s replica of partition 0 of `topic` holds, and knows committed,

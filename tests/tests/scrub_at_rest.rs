@@ -15,11 +15,7 @@ const TOPIC: &str = "scrubbed";
 
 /// The value of `conveyor_corrupt_batches_total`, if the scrape has it.
 fn corrupt_batches(broker: &BrokerProcess) -> Option<u64> {
-    broker
-        .scrape_metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("conveyor_corrupt_batches_total "))
-        .and_then(|v| v.trim().parse().ok())
+    broker.metric("conveyor_corrupt_batches_total").map(|v| v as u64)
 }
 
 #[test]

@@ -7,7 +7,14 @@
 //! With `decode_records` the broker decodes the batches itself (see [`decode`]): it checks
 //! each batch's CRC first and answers DATA_LOSS rather than serve altered bytes, decompresses
 //! one batch at a time within `[limits] max_uncompressed_batch_bytes`, counts the response
-//! budget in decoded bytes, and does all of it on the blocking pool.
+//! budget in decoded bytes, and does all of it on the blocking pool. What it decodes is
+//! reserved first from the broker-wide decompression budget it shares with produce
+//! validation ([`super::inflate_budget`]); a fetch that cannot get its share within a bounded
+//! wait is answered BUSY (retriable).
+//!
+//! A partition's `log_start_offset` is read after its batches: when retention deleted the
+//! segment holding the requested offset between the bounds check and the read, the batches
+//! start at the new log start, and the client can tell that from a damaged base offset.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +27,7 @@ use futures::FutureExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use super::inflate_budget::{InflateBudget, decoding_bytes};
 use super::{Context, blocking};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::Partition;
@@ -77,6 +85,9 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
                 .log()
                 .read_up_to(w.offset, w.max_bytes.min(left), hw)
                 .map_err(|e| BrokerError::from_log(&p.topic, p.index, e))?;
+            // After the read: a retention pass that ran meanwhile may have moved the start
+            // past the offset asked for, and the batches then start there.
+            read.log_start_offset = p.log().log_start_offset();
         }
         left = left.saturating_sub(read.batches.len());
         out.push(read);
@@ -230,9 +241,22 @@ impl FetchService {
                 _ = stopping.wait_for(|s| *s) => break results,
             }
         };
+        // Held until the response is built: the decoded records are the memory it stands for.
+        let mut _decoding = None;
         let records = if req.decode_records {
             let batches: Vec<Bytes> = results.iter().map(|r| r.batches.clone()).collect();
             let (job_wanted, max_uncompressed) = (Arc::clone(&wanted), self.ctx.max_uncompressed_batch_bytes);
+            // Decoded records count against the broker-wide decompression budget shared with
+            // produce validation; past a bounded wait the fetch is answered BUSY (retriable).
+            let holds = decoding_bytes(&batches, max_uncompressed, budget);
+            let what = || match wanted.first() {
+                Some(w) => format!(
+                    "a decoding fetch of topic '{}' partition {}",
+                    w.partition.topic, w.partition.index
+                ),
+                None => "a decoding fetch".to_string(),
+            };
+            _decoding = Some(InflateBudget::shared().reserve(holds, what).await?);
             // Hashing and decompressing may take a while: off the reactor, one batch at a time.
             blocking(move || {
                 let mut budget = budget;

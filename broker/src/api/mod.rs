@@ -3,11 +3,13 @@
 
 pub mod admin;
 pub mod fetch;
+pub mod inflate_budget;
 pub mod produce;
 
 use std::sync::Arc;
 
-use crate::error::{BrokerError, Result};
+pub use crate::blocking::blocking;
+
 use crate::metrics::Metrics;
 use crate::topics::Registry;
 
@@ -27,11 +29,4 @@ pub struct Context {
     /// Connections to other brokers' client services, by id and address, kept for the calls
     /// a broker makes often (metadata lookups); they reconnect on their own.
     pub peer_channels: std::sync::Mutex<std::collections::HashMap<(u32, String), tonic::transport::Channel>>,
-}
-
-/// Runs blocking work (disk I/O) off the reactor.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
 }

@@ -25,6 +25,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::inflate_budget::{self, InflateBudget};
 use super::{Context, blocking};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
@@ -36,11 +37,6 @@ const STREAM_RESPONSE_BUFFER: usize = 256;
 /// batch takes about as long as the hop to the blocking pool, which a stream's strictly
 /// ordered loop would pay on every request.
 const INLINE_VALIDATION_BYTES: usize = 1 << 20;
-/// Decompressed bytes that produce validation may hold at once across all requests, in KiB.
-/// Each compressed batch may inflate to `max_uncompressed_batch_bytes`; without a bound, many
-/// small concurrent requests could make the broker hold that many times over.
-const MAX_INFLATING_KIB: u32 = 256 << 10;
-static INFLATING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_INFLATING_KIB as usize);
 
 #[derive(Debug, Clone)]
 pub struct ProduceService {
@@ -142,20 +138,16 @@ fn heavy(batches: &[Bytes]) -> bool {
     batches.iter().map(Bytes::len).sum::<usize>() > INLINE_VALIDATION_BYTES || batches.iter().any(compressed)
 }
 
-/// KiB that validating `batches` may decompress: what their compressed batches declare,
-/// each within `limit` (a batch declaring more is refused before it is decompressed).
-fn inflating_kib(batches: &[Bytes], limit: usize) -> u32 {
-    let declared = |b: &Bytes| -> usize {
-        let compressed = batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
-        match b.get(batch::HEADER_LEN..batch::HEADER_LEN + 4) {
-            Some(len) if compressed => (u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize).min(limit),
-            _ => 0,
-        }
-    };
-    let total: usize = batches.iter().map(declared).sum();
-    u32::try_from(total.div_ceil(1024))
-        .unwrap_or(u32::MAX)
-        .min(MAX_INFLATING_KIB)
+/// Bytes that validating `batches` holds decompressed at once: batches are inflated one at a
+/// time, each stopping at what it declares, so the largest declaration of a compressed batch,
+/// within `limit` (a batch declaring more is refused before it is decompressed). Not the sum:
+/// a client declaring many large batches holds no more of the shared budget than one.
+fn inflating_bytes(batches: &[Bytes], limit: usize) -> usize {
+    batches
+        .iter()
+        .filter_map(|b| inflate_budget::inflates_to(b, limit))
+        .max()
+        .unwrap_or(0)
 }
 
 impl ProduceService {
@@ -235,27 +227,42 @@ impl ProduceService {
             .iter()
             .any(|p| p.work.as_ref().is_ok_and(|(_, _, batches)| heavy(batches)));
         let checked = if off_reactor {
+            // Parts are checked one after another, so the request holds its largest batch.
             let inflating = parts
                 .iter()
                 .filter_map(|p| p.work.as_ref().ok())
-                .map(|(_, _, batches)| inflating_kib(batches, max_uncompressed))
-                .fold(0u32, u32::saturating_add)
-                .min(MAX_INFLATING_KIB);
-            // Waits while other requests hold decompressed data; the static is never closed.
-            let _inflating = INFLATING.acquire_many(inflating).await;
+                .map(|(_, _, batches)| inflating_bytes(batches, max_uncompressed))
+                .max()
+                .unwrap_or(0);
             let names: Vec<(String, i32)> = parts.iter().map(|p| (p.topic.clone(), p.index)).collect();
-            match blocking(move || Ok(check(parts))).await {
+            let what = || match names.first() {
+                Some((topic, partition)) => format!("a produce request to topic '{topic}' partition {partition}"),
+                None => "a produce request".to_string(),
+            };
+            let checked = match InflateBudget::shared().reserve(inflating, what).await {
+                Ok(_inflating) => blocking(move || Ok(check(parts))).await,
+                Err(busy) => Err(busy),
+            };
+            match checked {
                 Ok(checked) => checked,
-                // The job panicked: every part answers with the reason, none is queued.
+                // No budget in time (BUSY, retriable), or the job panicked: every part answers
+                // with the reason, none is queued.
                 Err(error) => {
                     let reason = error.to_string();
+                    let again = move || match &error {
+                        BrokerError::DecompressionBusy { what, waited_ms } => BrokerError::DecompressionBusy {
+                            what: what.clone(),
+                            waited_ms: *waited_ms,
+                        },
+                        _ => BrokerError::Internal(reason.clone()),
+                    };
                     return names
                         .into_iter()
                         .map(|(topic, partition)| {
                             Err(Failed {
                                 topic,
                                 partition,
-                                error: BrokerError::Internal(reason.clone()),
+                                error: again(),
                             })
                         })
                         .collect();
@@ -468,18 +475,29 @@ mod tests {
     fn compressed_batches_reserve_what_they_declare_within_the_limit() {
         let zstd = batch_of(Compression::Zstd, 4 << 20);
         let plain = batch_of(Compression::None, 4 << 10);
-        assert!(inflating_kib(std::slice::from_ref(&zstd), 32 << 20) >= 4 << 10);
+        assert!(inflating_bytes(std::slice::from_ref(&zstd), 32 << 20) >= 4 << 20);
         assert_eq!(
-            inflating_kib(std::slice::from_ref(&zstd), 1 << 20),
-            1 << 10,
+            inflating_bytes(std::slice::from_ref(&zstd), 1 << 20),
+            1 << 20,
             "capped at the limit"
         );
         assert_eq!(
-            inflating_kib(std::slice::from_ref(&plain), 32 << 20),
+            inflating_bytes(std::slice::from_ref(&plain), 32 << 20),
             0,
             "already in memory"
         );
         assert!(heavy(&[zstd]), "a compressed batch is checked off the reactor");
         assert!(!heavy(&[plain]), "a small plain one in place");
+    }
+
+    #[test]
+    fn a_request_of_many_compressed_batches_reserves_only_its_largest_one() {
+        let batches: Vec<Bytes> = (0..16).map(|_| batch_of(Compression::Zstd, 2 << 20)).collect();
+        let one = inflating_bytes(&batches[..1], 32 << 20);
+        assert_eq!(
+            inflating_bytes(&batches, 32 << 20),
+            one,
+            "batches are inflated one at a time, so sixteen hold no more than one"
+        );
     }
 }

@@ -46,22 +46,63 @@ async fn resolve(client: &Client, topic: &str, partition: i32, start: StartAt) -
 /// Advances a partition's position past the batches fetched, reading headers and checking
 /// CRCs when `check_crcs`; records are decoded later, on the reader's thread. On an error the
 /// position stays where it was.
-fn advance(position: &mut Position, bytes: &bytes::Bytes, check_crcs: bool) -> Result<()> {
-    let mut next = position.next;
+///
+/// The base offset sits outside the CRC, so the offsets are checked too (always: it costs
+/// nothing): the first batch must hold the offset asked for, and each next batch must start
+/// where the one before it ends. The broker reads from the batch holding the offset, and
+/// offsets have no gaps (no compaction yet), so a healthy log always passes. One gap is
+/// legitimate: retention may delete the segment holding the offset between the broker's
+/// bounds check and its read; the read then starts at the new log start, which the broker
+/// reports (`log_start_offset`, read after the batches), so a first batch starting after
+/// the offset is accepted when it starts no later than that.
+fn advance(position: &mut Position, bytes: &bytes::Bytes, check_crcs: bool, log_start_offset: u64) -> Result<()> {
+    let corrupt = |offset: u64, problem: String| ClientError::CorruptBatch {
+        topic: position.topic.to_string(),
+        partition: position.partition,
+        offset,
+        problem,
+    };
+    let mut next: Option<u64> = None;
     for batch in BatchIter::new(bytes.clone()) {
         let batch = batch?;
+        let header = batch.header();
+        let base = header.base_offset;
         if check_crcs && let Err(BatchError::CrcMismatch { expected, actual }) = batch.verify_crc() {
-            return Err(ClientError::CorruptBatch {
-                topic: position.topic.to_string(),
-                partition: position.partition,
-                offset: batch.header().base_offset,
-                expected,
-                actual,
-            });
+            return Err(corrupt(
+                base,
+                format!("it failed its CRC check (header says {expected:#010x}, content hashes to {actual:#010x})"),
+            ));
         }
-        next = next.max(batch.header().next_offset());
+        let end = header.next_offset();
+        match next {
+            None => {
+                let holds_it = base <= position.next && position.next < end;
+                let log_start_moved = base > position.next && base <= log_start_offset;
+                if !holds_it && !log_start_moved {
+                    return Err(corrupt(
+                        base,
+                        format!(
+                            "it covers offsets {base}..{end}, which do not hold the offset {} asked for (its base offset, outside the CRC, was altered)",
+                            position.next
+                        ),
+                    ));
+                }
+            }
+            Some(expected) if base != expected => {
+                return Err(corrupt(
+                    base,
+                    format!(
+                        "it starts at offset {base}, but the batch before it ends at {expected} (its base offset, outside the CRC, was altered)"
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        next = Some(end);
     }
-    position.next = next;
+    if let Some(next) = next {
+        position.next = next;
+    }
     Ok(())
 }
 
@@ -219,10 +260,10 @@ async fn fetch_partition(
                 continue;
             }
             let from = position.next;
-            if let Err(e) = advance(&mut position, &data.batches, config.check_crcs) {
+            if let Err(e) = advance(&mut position, &data.batches, config.check_crcs, data.log_start_offset) {
                 if matches!(e, ClientError::CorruptBatch { .. }) && corrupt_refetches < MAX_CORRUPT_REFETCHES {
                     corrupt_refetches += 1;
-                    tracing::warn!(error = %e, "fetched batch failed its CRC check; fetching it again");
+                    tracing::warn!(error = %e, "fetched batch is corrupt; fetching it again");
                     cluster.on_error(&position.topic, position.partition, &e);
                     tokio::time::sleep(RETRY_BACKOFF).await;
                     continue 'fetch;
@@ -285,7 +326,7 @@ mod tests {
         let at = bytes.windows(7).rposition(|w| w == b"value-2").expect("third value");
         bytes[at] ^= 0x20;
         let mut p = position();
-        let e = advance(&mut p, &Bytes::from(bytes.clone()), true).expect_err("damaged");
+        let e = advance(&mut p, &Bytes::from(bytes.clone()), true, 0).expect_err("damaged");
         assert!(
             matches!(e, ClientError::CorruptBatch { offset: 2, ref topic, .. } if topic == "t"),
             "{e:?}"
@@ -294,10 +335,80 @@ mod tests {
         assert!(e.to_string().contains("CRC"), "{e}");
         assert_eq!(p.next, 0, "nothing of the response was taken");
 
-        advance(&mut p, &Bytes::from(bytes), false).expect("check_crcs off");
+        advance(&mut p, &Bytes::from(bytes), false, 0).expect("check_crcs off");
         assert_eq!(p.next, 3);
         let mut p = position();
-        advance(&mut p, &Bytes::from(batches(3)), true).expect("intact");
+        advance(&mut p, &Bytes::from(batches(3)), true, 0).expect("intact");
         assert_eq!(p.next, 3);
+    }
+
+    /// Overwrites the base offset (the first 8 bytes, outside the CRC) of the batch at `index`.
+    fn set_base_offset(bytes: &mut [u8], index: usize, base: u64) {
+        let mut at = 0;
+        for (i, batch) in BatchIter::new(Bytes::from(bytes.to_vec())).enumerate() {
+            let len = batch.expect("frame").bytes().len();
+            if i == index {
+                conveyor_storage::batch::stamp(&mut bytes[at..at + len], base, 1, i as u64 + 1);
+                return;
+            }
+            at += len;
+        }
+        panic!("no batch {index}");
+    }
+
+    #[test]
+    fn a_base_offset_that_does_not_follow_on_is_a_retriable_corrupt_batch_and_the_position_stays() {
+        for (index, base, from) in [(1, 7, 0), (2, 1, 0), (0, 2, 1), (0, 5, 0)] {
+            let mut bytes = batches(3);
+            set_base_offset(&mut bytes, index, base);
+            let mut p = position();
+            p.next = from;
+            let e = advance(&mut p, &Bytes::from(bytes), true, 0).expect_err("offsets out of sequence");
+            assert!(
+                matches!(e, ClientError::CorruptBatch { offset, .. } if offset == base),
+                "batch {index} moved to {base}: {e:?}"
+            );
+            assert!(e.is_retriable(), "{e}");
+            assert_eq!(p.next, from, "nothing of the response was taken");
+        }
+    }
+
+    #[test]
+    fn healthy_responses_pass_the_offset_checks() {
+        // The first batch holds the offset asked for, from its start or its middle.
+        let mut p = position();
+        p.next = 1;
+        advance(&mut p, &Bytes::from(batches(3).split_off(batch_len())), true, 0).expect("starts at it");
+        assert_eq!(p.next, 3);
+        let mut p = position();
+        p.next = 0;
+        let mut wide = BatchBuilder::new(Compression::None);
+        for i in 0..4 {
+            wide.push(&Record {
+                timestamp: 1,
+                value: Some(Bytes::from(format!("v{i}"))),
+                ..Record::default()
+            });
+        }
+        let mut wide = wide.build().expect("batch").to_vec();
+        conveyor_storage::batch::stamp(&mut wide, 0, 1, 1);
+        p.next = 2;
+        advance(&mut p, &Bytes::from(wide), true, 0).expect("holds it in its middle");
+        assert_eq!(p.next, 4);
+        // Retention deleted the segment holding the offset before the broker read: the read
+        // starts at the new log start, which the response reports.
+        let mut p = position();
+        let later = batches(3).split_off(2 * batch_len());
+        advance(&mut p, &Bytes::from(later), true, 2).expect("the log start moved past it");
+        assert_eq!(p.next, 3);
+    }
+
+    fn batch_len() -> usize {
+        BatchIter::new(Bytes::from(batches(1)))
+            .next()
+            .expect("one")
+            .expect("frame")
+            .bytes()
+            .len()
     }
 }

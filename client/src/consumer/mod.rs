@@ -62,7 +62,9 @@ pub struct ConsumerConfig {
     /// the OUT_OF_RANGE error and ends.
     pub offset_reset: Option<StartAt>,
     /// Verify each fetched batch's CRC before delivering any of its records, like Kafka's
-    /// `check.crcs` (on by default). A mismatch is refetched a few times, since another
+    /// `check.crcs` (on by default). Batch offsets, which the CRC does not cover, are checked
+    /// whatever this says: the first batch must hold the offset asked for and each next one
+    /// start where the one before ends. A mismatch is refetched a few times, since another
     /// replica may lead by then; if it persists the stream yields
     /// [`ClientError::CorruptBatch`](crate::ClientError::CorruptBatch), which is retriable.
     pub check_crcs: bool,
