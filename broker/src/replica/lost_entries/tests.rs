@@ -403,3 +403,42 @@ fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds
         assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
     }
 }
+
+#[test]
+fn a_snapshot_lost_without_a_report_resumes_its_follower_after_a_few_election_timeouts() {
+    use super::super::stalled_snapshots::{STALL_ELECTION_TIMEOUTS, StalledSnapshots};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (mut nodes, l) = committed_group(dir.path(), 5, &mut rounds);
+    let f_id = ((l + 1) % 3) as u64 + 1;
+    // The snapshot went out and was lost at the receiver: nobody reports it.
+    nodes[l]
+        .raw
+        .raft
+        .mut_prs()
+        .get_mut(f_id)
+        .expect("progress")
+        .become_snapshot(5);
+    let mut stalled = StalledSnapshots::default();
+    let limit = STALL_ELECTION_TIMEOUTS * nodes[l].raw.raft.election_timeout();
+    for tick in 1..=limit {
+        round(&mut nodes, true);
+        let reported = stalled.on_tick(&mut nodes[l].raw);
+        let state = nodes[l].raw.raft.prs().get(f_id).expect("progress").state;
+        if tick < limit {
+            assert!(reported.is_empty(), "reported too early, at tick {tick}");
+            assert_eq!(state, ProgressState::Snapshot, "heartbeats do not resume it");
+        } else {
+            assert_eq!(reported, vec![f_id]);
+            assert_eq!(state, ProgressState::Probe, "no longer waiting for the snapshot");
+        }
+    }
+    nodes[l].raw.propose(vec![], batch(99)).expect("propose");
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    while nodes[l].raw.raft.prs().get(f_id).expect("progress").matched < last {
+        round(&mut nodes, true);
+        stalled.on_tick(&mut nodes[l].raw);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
+    }
+}
