@@ -1125,7 +1125,11 @@ fn quarantine_dir_exclusive(data_dir: &Path, name: &str, source: &Path) -> std::
     std::fs::create_dir_all(&quarantine)?;
     let id = std::fs::read_to_string(source.join(TOPIC_ID_FILE)).unwrap_or_default();
     let id = id.trim();
-    let base = if id.is_empty() { name.to_string() } else { format!("{name}.{id}") };
+    let base = if id.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}.{id}")
+    };
     let mut target = quarantine.join(&base);
     let mut n = 1;
     while target.exists() {
@@ -1217,7 +1221,10 @@ mod tests {
             prepare_topic_dir(&topic, "id1").expect("other"),
             TopicDir::Other("id2".into())
         );
-        assert_eq!(std::fs::read(topic.join("0").join("raft-state")).expect("kept"), b"state");
+        assert_eq!(
+            std::fs::read(topic.join("0").join("raft-state")).expect("kept"),
+            b"state"
+        );
         assert_eq!(prepare_topic_dir(&topic, "id2").expect("same"), TopicDir::Ready);
         // Only its own deletion removes it.
         remove_topic_data(dir.path(), "a", "id1").expect("no-op");

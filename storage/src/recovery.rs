@@ -73,7 +73,9 @@ fn marked_batch_still_damaged(file: &fs::File, path: &Path, len: u64, corrupt: &
     }
     file.read_exact_at(&mut header, corrupt.position)
         .map_err(LogError::io("read marked batch", path))?;
-    let Ok(h) = BatchHeader::parse(&header) else { return Ok(true) };
+    let Ok(h) = BatchHeader::parse(&header) else {
+        return Ok(true);
+    };
     let size = h.size() as u64;
     if h.base_offset != corrupt.offset || size < HEADER_LEN as u64 || corrupt.position + size > len {
         return Ok(true);
@@ -616,7 +618,10 @@ mod tests {
         assert_eq!(log.log_end_offset(), end, "nothing cut");
         assert_eq!(log.segment_count(), 4);
         assert_eq!(log.recovery_report().cut, None);
-        assert!(scrub::read_marker(dir.path()).expect("read").is_none(), "marker removed");
+        assert!(
+            scrub::read_marker(dir.path()).expect("read").is_none(),
+            "marker removed"
+        );
     }
 
     #[test]

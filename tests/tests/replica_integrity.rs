@@ -355,16 +355,13 @@ fn given_batches_larger_than_a_since_lowered_max_message_bytes_a_new_replica_sho
 }
 
 #[test]
-fn given_a_topic_deleted_and_created_again_a_follower_sigkilled_and_restarted_should_keep_its_replica_of_the_new_topic() {
+fn given_a_topic_deleted_and_created_again_a_follower_sigkilled_and_restarted_should_keep_its_replica_of_the_new_topic()
+{
     let mut cluster = Cluster::start(3, &[]);
     let ids = cluster.ids();
     create(&cluster, "again", &[]);
     let out = cli(&cluster.bootstrap(), &["topic", "delete", "again"], "");
-    assert!(
-        out.status.success(),
-        "delete: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "delete: {}", String::from_utf8_lossy(&out.stderr));
     create(&cluster, "again", &[]);
     let mut acked = produce(&cluster.bootstrap(), "again", "early", 200);
     let leader = wait_leader(&cluster, "again", &ids);

@@ -188,7 +188,10 @@ mod tests {
         };
         let old_bytes = plain.encode().expect("encode");
         // The format before the flag: three words after the sections, then the CRC.
-        assert_eq!(old_bytes.len(), 4 + 4 + plain.hard_state.write_to_bytes().expect("hs").len() + 4 + 24 + 4);
+        assert_eq!(
+            old_bytes.len(),
+            4 + 4 + plain.hard_state.write_to_bytes().expect("hs").len() + 4 + 24 + 4
+        );
         for target in [0, 42] {
             let state = RaftStateFile {
                 recovering: Some(target),

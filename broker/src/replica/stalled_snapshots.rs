@@ -59,7 +59,11 @@ impl StalledSnapshots {
         }
         self.waiting = still;
         for &id in &stalled {
-            tracing::warn!(follower = id, ticks = limit, "a follower waited too long for a snapshot; it is probed again");
+            tracing::warn!(
+                follower = id,
+                ticks = limit,
+                "a follower waited too long for a snapshot; it is probed again"
+            );
             node.report_snapshot(id, SnapshotStatus::Failure);
         }
         stalled
