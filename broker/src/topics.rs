@@ -360,7 +360,11 @@ impl Registry {
         for (name, id) in &deleted {
             // A committed, applied deletion: that incarnation's data goes (matched by id, so
             // a later incarnation of the name is never touched).
-            remove_topic_data(&registry.options.data_dir, name, id)?;
+            let held =
+                std::fs::read_to_string(registry.topics_dir().join(name).join(TOPIC_ID_FILE)).unwrap_or_default();
+            if held.trim() == id {
+                remove_topic_data(&registry.options.data_dir, name, id)?;
+            }
         }
         let mut keep: BTreeSet<String> = committed.keys().cloned().collect();
         let newer = registry.created_after_commit()?;
