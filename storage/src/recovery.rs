@@ -2,9 +2,10 @@
 //!
 //! # What open does
 //! 1. Removes leftovers of interrupted operations (`*.deleted`, `*.tmp`, index files without a
-//!    `.log`). If the scrub left a corruption marker, cuts the log at the corrupt batch it
-//!    names (later segments deleted, the recovery point lowered so the cut segment is rescanned
-//!    below) and removes the marker once the cut is durable.
+//!    `.log`). If the scrub left a corruption marker, re-verifies the batch it names (frame,
+//!    CRC, base offset): if it is intact or already gone nothing is cut; otherwise cuts the log
+//!    there (later segments deleted, the recovery point lowered so the cut segment is rescanned
+//!    below). The marker is removed once that is durable.
 //! 2. After a clean close (marker present) trusts every segment, checking only that the
 //!    indexes are consistent with the `.log` files (rebuilding any that are not).
 //! 3. After a crash, trusts segments that lie wholly below the recovery point and scans the
@@ -13,6 +14,10 @@
 //!    continuity is checked. At the first bad batch (short read, impossible length, CRC
 //!    mismatch, offset gap) the segment is truncated there, later segments are deleted, and
 //!    the number of bytes dropped is logged. A torn tail is never served.
+//!
+//! Every cut is reported (`PartitionLog::recovery_report`: where, how many bytes, torn tail
+//! or damaged batch), so the replication layer can tell that entries it may have
+//! acknowledged are gone.
 //!
 //! # Limits
 //! The stamped fields (base offset, leader epoch, Raft index) sit outside the CRC by design.
