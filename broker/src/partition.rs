@@ -37,6 +37,7 @@ use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
+use crate::replica::stalled_snapshots::StalledSnapshots;
 use crate::replica::supervisor::{self, Channels, Exit, ReplicaFiles, SharedFiles};
 use crate::replica::tick::TickSchedule;
 use crate::transport::{GroupKey, Transport};
@@ -629,6 +630,8 @@ pub(crate) struct Owner {
     waiting: VecDeque<(Instant, AppendRequest)>,
     /// Whether this replica lost entries it acknowledged (see `replica::lost_entries`).
     lost_entries: LostEntries,
+    /// Followers waiting for a snapshot that may have been lost (see `replica::stalled_snapshots`).
+    stalled_snapshots: StalledSnapshots,
 }
 
 impl Drop for Owner {
@@ -683,6 +686,7 @@ impl Owner {
             pending_changes: Vec::new(),
             waiting: VecDeque::new(),
             lost_entries,
+            stalled_snapshots: StalledSnapshots::default(),
         }
     }
 
@@ -760,6 +764,7 @@ impl Owner {
                 // A replica recovering lost entries must not campaign.
                 self.lost_entries.before_tick(&mut node);
                 node.tick();
+                self.stalled_snapshots.on_tick(&mut node);
                 self.ticks += 1;
                 if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {
                     self.restore_preferred_leader(&mut node);

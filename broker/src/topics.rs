@@ -43,6 +43,9 @@ pub use unopened::Unopened;
 
 const TOPICS_DIR: &str = "topics";
 const TRASH_DIR: &str = "trash";
+/// Where topic directories the local metadata log does not know are moved at start (never
+/// deleted: the log may lack their creation only because it lost its tail).
+const QUARANTINE_DIR: &str = "quarantine";
 /// Marks which incarnation of a topic name a directory holds.
 const TOPIC_ID_FILE: &str = "topic-id";
 const MAX_TOPIC_NAME: usize = 249;
@@ -352,7 +355,16 @@ impl Registry {
             draining: RwLock::new(BTreeSet::new()),
             undecided: Undecided::default(),
         };
-        let committed = registry.replay()?;
+        let (committed, deleted) = registry.replay()?;
+        for (name, id) in &deleted {
+            // A committed, applied deletion: that incarnation's data goes (matched by id, so
+            // a later incarnation of the name is never touched).
+            let held =
+                std::fs::read_to_string(registry.topics_dir().join(name).join(TOPIC_ID_FILE)).unwrap_or_default();
+            if held.trim() == id {
+                remove_topic_data(&registry.options.data_dir, name, id)?;
+            }
+        }
         let mut keep: BTreeSet<String> = committed.keys().cloned().collect();
         let newer = registry.created_after_commit()?;
         keep.extend(newer.iter().map(|(name, _)| name.clone()));
@@ -372,11 +384,13 @@ impl Registry {
         Ok(registry)
     }
 
-    /// The committed topics, as the metadata log describes them; broker changes are applied
-    /// on the way.
-    fn replay(&self) -> anyhow::Result<BTreeMap<String, Replayed>> {
+    /// The committed topics, as the metadata log describes them, and the incarnations
+    /// (name, id) it deleted; broker changes are applied on the way.
+    #[allow(clippy::type_complexity)]
+    fn replay(&self) -> anyhow::Result<(BTreeMap<String, Replayed>, Vec<(String, String)>)> {
         let me = self.options.node_id;
         let mut topics = BTreeMap::new();
+        let mut deleted = Vec::new();
         let log = &self.metadata.log();
         let mut next = log.log_start_offset();
         let end = self.metadata.high_watermark();
@@ -392,6 +406,7 @@ impl Registry {
                         if topics.get(&d.name).is_some_and(|t| t.created.topic_id == d.topic_id) {
                             topics.remove(&d.name);
                         }
+                        deleted.push((d.name, d.topic_id));
                     }
                     metadata_record::Change::TopicConfigChanged(c) => {
                         if let Some(t) = topics.get_mut(&c.name) {
@@ -415,7 +430,7 @@ impl Registry {
             }
         }
         self.applied.send_replace(next);
-        Ok(topics)
+        Ok((topics, deleted))
     }
 
     /// Topics (name, id) created in the part of the metadata log that is not known to be
@@ -697,7 +712,7 @@ impl Registry {
                 let topic2 = Arc::clone(&topic);
                 // A directory that cannot be prepared fails the record (it is retried); a
                 // replica that cannot be opened is this partition's failure only.
-                tokio::task::spawn_blocking(move || {
+                let prepared = tokio::task::spawn_blocking(move || {
                     prepare_topic_dir(&registry.topics_dir().join(&topic2.name), &topic2.id)
                         .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))
                 })
@@ -705,23 +720,27 @@ impl Registry {
                 .map_err(|e| {
                     BrokerError::Internal(format!("preparing the directory of topic '{}' failed: {e}", r.topic))
                 })??;
-                let placed = Arc::new(Topic {
-                    assignments: {
-                        let mut a = topic.assignments.clone();
-                        a[index] = r.replicas.clone();
-                        a
-                    },
-                    ..Topic::clone(&topic)
-                });
-                match self.open_local_replica(&placed, p).await {
-                    Ok(partition) => {
-                        tracing::info!(topic = %r.topic, partition = p, "new replica opened here; catching up from the leader");
-                        unopened.remove(&p);
-                        local.insert(p, partition);
-                    }
-                    Err(reason) => {
-                        tracing::error!(topic = %r.topic, partition = p, %reason, "cannot open the new replica placed here; it is reported stopped and retried");
-                        unopened.insert(p, Unopened::new(reason));
+                if let TopicDir::Other(held) = prepared {
+                    tracing::warn!(topic = %topic.name, id = %topic.id, held = %held, partition = p, "the topic's directory holds another incarnation of the name; not opening the new replica here");
+                } else {
+                    let placed = Arc::new(Topic {
+                        assignments: {
+                            let mut a = topic.assignments.clone();
+                            a[index] = r.replicas.clone();
+                            a
+                        },
+                        ..Topic::clone(&topic)
+                    });
+                    match self.open_local_replica(&placed, p).await {
+                        Ok(partition) => {
+                            tracing::info!(topic = %r.topic, partition = p, "new replica opened here; catching up from the leader");
+                            unopened.remove(&p);
+                            local.insert(p, partition);
+                        }
+                        Err(reason) => {
+                            tracing::error!(topic = %r.topic, partition = p, %reason, "cannot open the new replica placed here; it is reported stopped and retried");
+                            unopened.insert(p, Unopened::new(reason));
+                        }
                     }
                 }
             }
@@ -762,6 +781,10 @@ impl Registry {
         self.options.data_dir.join(TOPICS_DIR)
     }
 
+    /// Moves aside the topic directories whose creation the local metadata log does not
+    /// hold. They are never deleted here: this view is not current at start (the local log
+    /// may have lost its tail to recovery, and with it creations the cluster committed), so
+    /// they go to `quarantine/<name>.<topic id>` for an operator to restore or remove.
     fn remove_unknown_dirs(&self, known: &BTreeSet<String>) -> anyhow::Result<()> {
         let trash = self.options.data_dir.join(TRASH_DIR);
         if trash.exists() {
@@ -773,8 +796,9 @@ impl Registry {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {
-                tracing::warn!(topic = %name, "removing data of a topic the metadata log does not know");
-                std::fs::remove_dir_all(entry.path())?;
+                let target = quarantine_dir_exclusive(&self.options.data_dir, &name, &entry.path())?;
+                tracing::warn!(topic = %name, to = %target.display(), "the metadata log here does not know this topic; moving its data to quarantine (not deleted)");
+                std::fs::rename(entry.path(), &target)?;
             }
         }
         Ok(())
@@ -797,8 +821,23 @@ impl Registry {
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
         let dir_error = |e: std::io::Error| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name));
-        if local_wanted || topic_dir.exists() {
-            prepare_topic_dir(&topic_dir, &created.topic_id).map_err(dir_error)?;
+        if (local_wanted || topic_dir.exists())
+            && let TopicDir::Other(held) = prepare_topic_dir(&topic_dir, &created.topic_id).map_err(dir_error)?
+        {
+            // Another incarnation of the name is there: this record is not what the data
+            // belongs to, and it goes only through that incarnation's own `TopicDeleted`.
+            tracing::info!(topic = %created.name, id = %created.topic_id, held = %held, "the topic's directory holds another incarnation of the name; opening no replica of this one here");
+            return Ok(Topic {
+                name: created.name.clone(),
+                id: created.topic_id.clone(),
+                replication_factor: created.replication_factor.max(1),
+                overrides,
+                effective,
+                assignments,
+                initial,
+                local: BTreeMap::new(),
+                unopened: BTreeMap::new(),
+            });
         }
         let kept = self
             .kept_replicas(&created.name, &topic_dir, &assignments)
@@ -1092,21 +1131,51 @@ impl Registry {
     }
 }
 
-/// Makes sure `dir` holds the topic incarnation `id`: data left by an earlier topic of the
-/// same name (deleted while this broker was down) is removed first. Blocking.
-fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<()> {
+/// What a topic directory holds, as far as opening incarnation `id` is concerned.
+#[derive(Debug, PartialEq, Eq)]
+enum TopicDir {
+    /// It holds `id` (now marked, if it was new).
+    Ready,
+    /// It holds another incarnation of the name, whose id this is: left untouched.
+    Other(String),
+}
+
+/// Makes sure `dir` holds the topic incarnation `id`, creating and marking it if it holds
+/// nothing. A directory holding another incarnation is never deleted here, whether that one
+/// is earlier or later than `id`, or unknown to this broker: the view applying `id` may be
+/// stale, and data goes only through its own incarnation's `TopicDeleted` (see
+/// [`remove_topic_data`]). Blocking.
+fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<TopicDir> {
     let marker = dir.join(TOPIC_ID_FILE);
     match std::fs::read_to_string(&marker) {
-        Ok(found) if found.trim() == id => return Ok(()),
-        Ok(_) => {
-            tracing::warn!(dir = %dir.display(), "removing data of an earlier topic with the same name");
-            std::fs::remove_dir_all(dir)?;
-        }
+        Ok(found) if found.trim() == id => return Ok(TopicDir::Ready),
+        Ok(found) => return Ok(TopicDir::Other(found.trim().to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     std::fs::create_dir_all(dir)?;
-    conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)
+    conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)?;
+    Ok(TopicDir::Ready)
+}
+
+/// A free path in the quarantine folder for the directory of topic `name` at `source`.
+fn quarantine_dir_exclusive(data_dir: &Path, name: &str, source: &Path) -> std::io::Result<PathBuf> {
+    let quarantine = data_dir.join(QUARANTINE_DIR);
+    std::fs::create_dir_all(&quarantine)?;
+    let id = std::fs::read_to_string(source.join(TOPIC_ID_FILE)).unwrap_or_default();
+    let id = id.trim();
+    let base = if id.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}.{id}")
+    };
+    let mut target = quarantine.join(&base);
+    let mut n = 1;
+    while target.exists() {
+        target = quarantine.join(format!("{base}.{n}"));
+        n += 1;
+    }
+    Ok(target)
 }
 
 /// Moves a deleted topic's directory to the trash and removes it, if it holds incarnation
@@ -1177,5 +1246,29 @@ mod tests {
         for bad in ["", ".", "..", "has space", "emoji🚀", "__internal", &"x".repeat(250)] {
             assert!(validate_topic_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn preparing_a_directory_that_holds_another_incarnation_of_the_name_leaves_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topic = dir.path().join(TOPICS_DIR).join("a");
+        assert_eq!(prepare_topic_dir(&topic, "id2").expect("new"), TopicDir::Ready);
+        std::fs::create_dir_all(topic.join("0")).expect("partition");
+        std::fs::write(topic.join("0").join("raft-state"), b"state").expect("state");
+        // The earlier incarnation's creation, applied again after an unclean restart.
+        assert_eq!(
+            prepare_topic_dir(&topic, "id1").expect("other"),
+            TopicDir::Other("id2".into())
+        );
+        assert_eq!(
+            std::fs::read(topic.join("0").join("raft-state")).expect("kept"),
+            b"state"
+        );
+        assert_eq!(prepare_topic_dir(&topic, "id2").expect("same"), TopicDir::Ready);
+        // Only its own deletion removes it.
+        remove_topic_data(dir.path(), "a", "id1").expect("no-op");
+        assert!(topic.join("0").join("raft-state").exists());
+        remove_topic_data(dir.path(), "a", "id2").expect("removed");
+        assert!(!topic.exists());
     }
 }

@@ -60,6 +60,7 @@ pub use batch::unix_millis;
 pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};
 pub use log::{AppendInfo, BatchPosition, PartitionLog};
+pub use recovery::{CutCause, LogCut, RecoveryReport};
 pub use retention::RetentionOutcome;
 pub use scrub::{CorruptBatch, OnDamage, ScrubCursor, ScrubStep};
 pub use sync::replace_file_durably;

@@ -80,6 +80,8 @@ pub struct PartitionLog {
     /// The first corrupt batch found at rest; reads are refused once set.
     quarantined: OnceLock<CorruptBatch>,
     closed: AtomicBool,
+    /// What the open that produced this object cut (see [`crate::recovery`]).
+    pub(crate) recovery: OnceLock<crate::recovery::RecoveryReport>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,6 +120,7 @@ impl PartitionLog {
             poisoned: AtomicBool::new(false),
             quarantined: OnceLock::new(),
             closed: AtomicBool::new(false),
+            recovery: OnceLock::new(),
         }
     }
 

@@ -2,9 +2,10 @@
 //!
 //! # What open does
 //! 1. Removes leftovers of interrupted operations (`*.deleted`, `*.tmp`, index files without a
-//!    `.log`). If the scrub left a corruption marker, cuts the log at the corrupt batch it
-//!    names (later segments deleted, the recovery point lowered so the cut segment is rescanned
-//!    below) and removes the marker once the cut is durable.
+//!    `.log`). If the scrub left a corruption marker, re-verifies the batch it names (frame,
+//!    CRC, base offset): if it is intact or already gone nothing is cut; otherwise cuts the log
+//!    there (later segments deleted, the recovery point lowered so the cut segment is rescanned
+//!    below). The marker is removed once that is durable.
 //! 2. After a clean close (marker present) trusts every segment, checking only that the
 //!    indexes are consistent with the `.log` files (rebuilding any that are not).
 //! 3. After a crash, trusts segments that lie wholly below the recovery point and scans the
@@ -13,6 +14,10 @@
 //!    continuity is checked. At the first bad batch (short read, impossible length, CRC
 //!    mismatch, offset gap) the segment is truncated there, later segments are deleted, and
 //!    the number of bytes dropped is logged. A torn tail is never served.
+//!
+//! Every cut is reported (`PartitionLog::recovery_report`: where, how many bytes, torn tail
+//! or damaged batch), so the replication layer can tell that entries it may have
+//! acknowledged are gone.
 //!
 //! # Limits
 //! The stamped fields (base offset, leader epoch, Raft index) sit outside the CRC by design.
@@ -32,13 +37,81 @@ use crate::scrub::{self, CorruptBatch};
 use crate::segment::Segment;
 use crate::sync::{read_recovery_point, sync_dir, write_recovery_point};
 
-/// Honours a corruption marker left by the scrub: cuts the log at the corrupt batch, dropping
-/// it and everything after it, and removes the marker once the cut is durable. Returns the
-/// segment base offsets left. Idempotent, so a crash part-way cuts again on the next open.
-fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> Result<Vec<u64>> {
+/// What opening a log cut from it, so the replication layer can tell that entries it may
+/// have acknowledged are gone (see `PartitionLog::recovery_report`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The first cut made, if any: everything from its offset on was dropped.
+    pub cut: Option<LogCut>,
+}
+
+/// One cut made while opening a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogCut {
+    /// The log ends here after the cut: the first offset dropped.
+    pub offset: u64,
+    /// Bytes dropped, later segments included.
+    pub dropped_bytes: u64,
+    /// Why.
+    pub cause: CutCause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutCause {
+    /// Crash recovery found a torn or corrupt tail (bytes that were never synced, or damage).
+    TornTail,
+    /// The scrub's corruption marker named a damaged batch, which was still there.
+    CorruptBatch,
+}
+
+/// Whether the batch the marker names is still in the segment as it was found: gone (the
+/// segment ends at or before it) or intact (it parses, starts at the named offset and its
+/// frame and CRC check out) both mean there is nothing to cut.
+fn marked_batch_still_damaged(file: &fs::File, path: &Path, len: u64, corrupt: &CorruptBatch) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if len <= corrupt.position {
+        return Ok(false);
+    }
+    let mut header = vec![0u8; HEADER_LEN];
+    if corrupt.position + HEADER_LEN as u64 > len {
+        return Ok(true);
+    }
+    file.read_exact_at(&mut header, corrupt.position)
+        .map_err(LogError::io("read marked batch", path))?;
+    let Ok(h) = BatchHeader::parse(&header) else {
+        return Ok(true);
+    };
+    let size = h.size() as u64;
+    if h.base_offset != corrupt.offset || size < HEADER_LEN as u64 || corrupt.position + size > len {
+        return Ok(true);
+    }
+    let mut whole = vec![0u8; size as usize];
+    file.read_exact_at(&mut whole, corrupt.position)
+        .map_err(LogError::io("read marked batch", path))?;
+    Ok(check_frame(&whole, usize::MAX).is_err())
+}
+
+/// Honours a corruption marker left by the scrub: re-verifies the batch it names and, if it
+/// is still there and still damaged, cuts the log at it, dropping it and everything after it;
+/// then removes the marker once the cut is durable. Returns the segment base offsets left
+/// and the cut made, if any. Idempotent, so a crash part-way cuts again on the next open.
+fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> Result<(Vec<u64>, Option<LogCut>)> {
     let base = corrupt.segment_base_offset;
     let mut bases = bases;
-    if bases.binary_search(&base).is_ok() {
+    let mut cut = None;
+    let path = file_names::segment_file(dir, base, file_names::LOG_SUFFIX);
+    let damaged = if bases.binary_search(&base).is_ok() {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(LogError::io("open segment", &path))?;
+        let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
+        marked_batch_still_damaged(&file, &path, len, corrupt)?.then_some((file, len))
+    } else {
+        None
+    };
+    if let Some((file, len)) = damaged {
         // Recovery must rescan and reindex the cut segment: lower the recovery point to it and
         // drop the clean-shutdown marker before touching anything.
         if read_recovery_point(dir).is_none_or(|rp| rp > base) {
@@ -56,18 +129,10 @@ fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> 
             dropped_bytes += fs::metadata(&path).map_or(0, |m| m.len());
             delete_segment_files(dir, b)?;
         }
-        let path = file_names::segment_file(dir, base, file_names::LOG_SUFFIX);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(LogError::io("open segment", &path))?;
-        let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
-        if len > corrupt.position {
-            dropped_bytes += len - corrupt.position;
-            file.set_len(corrupt.position)
-                .map_err(LogError::io("truncate segment", &path))?;
-            crate::crash_sim::truncated(&path, corrupt.position);
-        }
+        dropped_bytes += len - corrupt.position;
+        file.set_len(corrupt.position)
+            .map_err(LogError::io("truncate segment", &path))?;
+        crate::crash_sim::truncated(&path, corrupt.position);
         file.sync_all().map_err(LogError::io("fsync segment", &path))?;
         crate::crash_sim::file_synced(&path, &file);
         sync_dir(dir)?;
@@ -82,11 +147,16 @@ fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> 
             "cut the log at a corrupt batch found by the scrub; the replica catches up from its leader"
         );
         bases.retain(|&b| b <= base);
+        cut = Some(LogCut {
+            offset: corrupt.offset,
+            dropped_bytes,
+            cause: CutCause::CorruptBatch,
+        });
     } else {
-        tracing::warn!(dir = %dir.display(), offset = corrupt.offset, "the segment named by the corruption marker is gone; nothing to cut");
+        tracing::warn!(dir = %dir.display(), offset = corrupt.offset, segment = base, "the batch named by the corruption marker is intact or gone; nothing to cut");
     }
     scrub::remove_marker(dir)?;
-    Ok(bases)
+    Ok((bases, cut))
 }
 
 /// Bytes read per `pread` while validating a segment.
@@ -110,8 +180,9 @@ impl PartitionLog {
             }
         }
         let mut bases = clean_directory(&dir)?;
+        let mut report = RecoveryReport::default();
         if let Some(corrupt) = scrub::read_marker(&dir)? {
-            bases = cut_at_corrupt_batch(&dir, bases, &corrupt)?;
+            (bases, report.cut) = cut_at_corrupt_batch(&dir, bases, &corrupt)?;
         }
         let marker = dir.join(CLEAN_SHUTDOWN);
         let clean = marker.exists();
@@ -129,7 +200,9 @@ impl PartitionLog {
             sync_dir(&dir)?;
             vec![Arc::new(segment)]
         } else {
-            load_segments(&dir, &bases, &config, recovery_point)?
+            let (segments, tail_cut) = load_segments(&dir, &bases, &config, recovery_point)?;
+            report.cut = report.cut.or(tail_cut);
+            segments
         };
         let mut recovery_point = recovery_point;
         if !clean && !bases.is_empty() {
@@ -148,7 +221,15 @@ impl PartitionLog {
             recovery_point = end;
         }
         let rp = recovery_point.min(segments.last().map_or(0, |s| s.next_offset()));
-        Ok(PartitionLog::from_parts(dir, segments, config, rp))
+        let log = PartitionLog::from_parts(dir, segments, config, rp);
+        let _ = log.recovery.set(report);
+        Ok(log)
+    }
+
+    /// What the open that produced this log cut from it, if anything: a replica uses it to
+    /// tell that entries it may have acknowledged are gone.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.recovery.get().cloned().unwrap_or_default()
     }
 }
 
@@ -179,7 +260,15 @@ fn clean_directory(dir: &Path) -> Result<Vec<u64>> {
     Ok(bases)
 }
 
-fn load_segments(dir: &Path, bases: &[u64], config: &LogConfig, recovery_point: u64) -> Result<Vec<Arc<Segment>>> {
+/// Loads the segments, recovering those at or above the recovery point; returns them and the
+/// torn tail cut, if one was.
+fn load_segments(
+    dir: &Path,
+    bases: &[u64],
+    config: &LogConfig,
+    recovery_point: u64,
+) -> Result<(Vec<Arc<Segment>>, Option<LogCut>)> {
+    let mut cut = None;
     let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len());
     for (i, &base) in bases.iter().enumerate() {
         let next_base = bases.get(i + 1).copied();
@@ -199,17 +288,25 @@ fn load_segments(dir: &Path, bases: &[u64], config: &LogConfig, recovery_point: 
         }
         let truncated = if trusted {
             load_trusted(&segment, config)?;
-            false
+            None
         } else {
             recover(&segment, recovery_point, config)?
         };
         set_roll_time(&segment)?;
+        let end = segment.next_offset();
         segments.push(Arc::new(segment));
-        if truncated {
+        if let Some(mut dropped_bytes) = truncated {
             // Newest first, so a crash part-way leaves a shorter but contiguous log.
             for &later in bases[i + 1..].iter().rev() {
+                let path = file_names::segment_file(dir, later, file_names::LOG_SUFFIX);
+                dropped_bytes += fs::metadata(&path).map_or(0, |m| m.len());
                 delete_segment_files(dir, later)?;
             }
+            cut = Some(LogCut {
+                offset: end,
+                dropped_bytes,
+                cause: CutCause::TornTail,
+            });
             sync_dir(dir)?;
             break;
         }
@@ -222,7 +319,7 @@ fn load_segments(dir: &Path, bases: &[u64], config: &LogConfig, recovery_point: 
             segment.unseal(config.max_index_bytes)?;
         }
     }
-    Ok(segments)
+    Ok((segments, cut))
 }
 
 fn delete_segment_files(dir: &Path, base: u64) -> Result<()> {
@@ -314,8 +411,9 @@ fn indexes_consistent(segment: &Segment, file_len: u64) -> bool {
     true
 }
 
-/// Recovers a segment at or above the recovery point. Returns true if it was truncated.
-fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result<bool> {
+/// Recovers a segment at or above the recovery point. Returns the bytes dropped if it was
+/// truncated.
+fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result<Option<u64>> {
     let file_len = segment.file_len()?;
     let base = segment.base_offset();
     // Index entries below the recovery point were flushed before it was recorded.
@@ -343,9 +441,9 @@ fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result
         );
         segment.truncate(valid_end, segment.next_offset(), Some(segment.max_timestamp()))?;
         segment.sync_log()?;
-        return Ok(true);
+        return Ok(Some(file_len - valid_end));
     }
-    Ok(false)
+    Ok(None)
 }
 
 fn header_matches(segment: &Segment, position: u64, base: u64, file_len: u64) -> Result<bool> {
@@ -412,4 +510,154 @@ fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConf
     }
     segment.publish_state(position, expected, max_ts)?;
     Ok(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::FlushPolicy;
+    use crate::batch::{BatchBuilder, Compression, Record};
+
+    fn config() -> LogConfig {
+        LogConfig {
+            segment_bytes: 4 * 1024,
+            index_interval_bytes: 512,
+            max_index_bytes: 4096,
+            max_batch_bytes: 2 * 1024,
+            retention_ms: None,
+            flush: FlushPolicy::Always,
+            ..LogConfig::default()
+        }
+    }
+
+    fn batch(tag: u64) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(format!("record-{tag}-{}", "x".repeat(200)))),
+            ..Record::default()
+        });
+        b.build().expect("batch")
+    }
+
+    /// A log of several segments, left without a clean close; returns its end offset.
+    fn fill(dir: &Path) -> u64 {
+        let log = PartitionLog::open(dir, config()).expect("open");
+        let mut tag = 0;
+        while log.segment_count() < 4 {
+            log.append(&batch(tag)).expect("append");
+            tag += 1;
+        }
+        log.log_end_offset()
+    }
+
+    fn marker_for_second_batch_of_first_segment(dir: &Path) -> CorruptBatch {
+        let log = PartitionLog::open(dir, config()).expect("open");
+        let first = log.read_segments()[0].clone();
+        let mut second = None;
+        first
+            .scan_headers(0, first.size(), |position, h| {
+                if position > 0 {
+                    second = Some((position, h.base_offset));
+                    return false;
+                }
+                true
+            })
+            .expect("scan");
+        let (position, offset) = second.expect("two batches in the first segment");
+        CorruptBatch {
+            offset,
+            segment_base_offset: first.base_offset(),
+            position,
+            detail: "test".into(),
+        }
+    }
+
+    /// What the scrub does on finding damage: record the marker (and poison the log).
+    fn quarantine(dir: &Path, corrupt: &CorruptBatch) {
+        let log = PartitionLog::open(dir, config()).expect("open");
+        log.quarantine(corrupt).expect("marker");
+    }
+
+    #[test]
+    fn an_open_without_damage_reports_no_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = fill(dir.path());
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), end);
+        assert_eq!(log.recovery_report(), RecoveryReport::default());
+    }
+
+    #[test]
+    fn an_open_that_cuts_a_torn_tail_reports_where_and_how_much() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = fill(dir.path());
+        let log = PartitionLog::open(dir.path(), config()).expect("open");
+        let last = log.read_segments().last().expect("segment").log_path().to_path_buf();
+        drop(log);
+        let file = fs::OpenOptions::new().append(true).open(&last).expect("open segment");
+        std::io::Write::write_all(&mut &file, &[0xAB; 100]).expect("torn tail");
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), end);
+        assert_eq!(
+            log.recovery_report().cut,
+            Some(LogCut {
+                offset: end,
+                dropped_bytes: 100,
+                cause: CutCause::TornTail,
+            })
+        );
+    }
+
+    #[test]
+    fn a_marker_naming_a_batch_that_is_intact_cuts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = fill(dir.path());
+        let corrupt = marker_for_second_batch_of_first_segment(dir.path());
+        quarantine(dir.path(), &corrupt);
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), end, "nothing cut");
+        assert_eq!(log.segment_count(), 4);
+        assert_eq!(log.recovery_report().cut, None);
+        assert!(
+            scrub::read_marker(dir.path()).expect("read").is_none(),
+            "marker removed"
+        );
+    }
+
+    #[test]
+    fn a_marker_naming_a_batch_past_the_segment_end_cuts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let end = fill(dir.path());
+        let mut corrupt = marker_for_second_batch_of_first_segment(dir.path());
+        corrupt.position = 1 << 30;
+        quarantine(dir.path(), &corrupt);
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), end, "nothing cut");
+        assert_eq!(log.recovery_report().cut, None);
+    }
+
+    #[test]
+    fn a_marker_naming_a_damaged_batch_cuts_there_and_reports_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fill(dir.path());
+        let corrupt = marker_for_second_batch_of_first_segment(dir.path());
+        let path = file_names::segment_file(dir.path(), corrupt.segment_base_offset, file_names::LOG_SUFFIX);
+        let file = fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+        let at = corrupt.position + HEADER_LEN as u64 + 3;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).expect("read");
+        file.write_all_at(&[byte[0] ^ 0x10], at).expect("flip");
+        quarantine(dir.path(), &corrupt);
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), corrupt.offset);
+        let cut = log.recovery_report().cut.expect("a cut");
+        assert_eq!(cut.offset, corrupt.offset);
+        assert_eq!(cut.cause, CutCause::CorruptBatch);
+        assert!(cut.dropped_bytes > 0);
+    }
 }

@@ -351,3 +351,55 @@ fn given_batches_larger_than_a_since_lowered_max_message_bytes_a_new_replica_sho
     wait_leader(&cluster, "shrunk", &[newcomer, target[2]]);
     assert_all_read_back(&addresses(&cluster, &[newcomer, target[2]]), "shrunk", &acked);
 }
+
+#[test]
+fn given_a_topic_deleted_and_created_again_a_follower_sigkilled_and_restarted_should_keep_its_replica_of_the_new_topic()
+{
+    let mut cluster = Cluster::start(3, &[]);
+    let ids = cluster.ids();
+    create(&cluster, "again", &[]);
+    let out = cli(&cluster.bootstrap(), &["topic", "delete", "again"], "");
+    assert!(out.status.success(), "delete: {}", String::from_utf8_lossy(&out.stderr));
+    create(&cluster, "again", &[]);
+    let mut acked = produce(&cluster.bootstrap(), "again", "early", 200);
+    let leader = wait_leader(&cluster, "again", &ids);
+    let follower = *ids.iter().find(|b| **b != leader).expect("a follower");
+    wait_caught_up(&cluster, follower, "again", &ids);
+
+    // The follower's stored metadata commit predates all three records, so a restart
+    // applies "create (first id)" again over the directory of the second incarnation.
+    cluster.broker_mut(follower).kill();
+    let dir = partition_dir(&cluster, follower, "again");
+    let topic_id = std::fs::read_to_string(dir.join("..").join("topic-id")).expect("topic-id");
+    assert!(dir.join("raft-state").exists(), "the replica stored its raft state");
+    std::fs::write(dir.join(MARKER), b"").expect("write marker");
+    cluster.broker_mut(follower).restart();
+    wait_for("the replica open again", DEADLINE, || {
+        gauge(&cluster, follower, "conveyor_log_end_offset", "again")
+    });
+    let kept = |what: &str| {
+        assert!(
+            dir.join(MARKER).exists() && dir.join("raft-state").exists(),
+            "{what}: broker {follower} deleted its replica of the new topic; log:\n{}",
+            cluster.broker(follower).log()
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("..").join("topic-id")).expect("topic-id"),
+            topic_id,
+            "{what}: the directory holds the same incarnation"
+        );
+    };
+    kept("reopened");
+    wait_caught_up(&cluster, follower, "again", &ids);
+    acked.extend(produce(&cluster.bootstrap(), "again", "late", 200));
+    wait_in_sync(&cluster, "again", &ids);
+    kept("in sync");
+
+    // With the leader gone, the follower is one of the two replicas left: they elect a
+    // leader and hold every acknowledged record.
+    let leader = wait_leader(&cluster, "again", &ids);
+    let left: Vec<u32> = ids.iter().copied().filter(|b| *b != leader).collect();
+    cluster.broker_mut(leader).kill();
+    wait_leader(&cluster, "again", &left);
+    assert_all_read_back(&addresses(&cluster, &left), "again", &acked);
+}

@@ -12,18 +12,33 @@
 //!
 //! # The rule
 //! Such a replica is *recovering* from the moment the loss is known (at open, or when a
-//! heartbeat promises more than its log holds) until its commit index reaches the highest
-//! commit its leader sent it since. While recovering it neither votes (vote and pre-vote
-//! requests are dropped, as is a leadership transfer to it) nor campaigns (its election
-//! clock is held at zero). A heartbeat's commit is clamped to its last index, and it answers
-//! with an append rejection naming where its log really ends. A leader that gets a
-//! rejection whose hint is below the follower's matched index knows the follower lost
+//! heartbeat promises more than its log holds) until its commit index reaches a target: the
+//! commit its stored state promised, or, when open only knows that something was cut (see
+//! `RaftLog::open`), the commit carried by the first append or heartbeat from a leader of a
+//! term at least the replica's own. A heartbeat's commit is clamped to its last index, and
+//! it answers with an append rejection naming where its log really ends. A leader that gets
+//! a rejection whose hint is below the follower's matched index knows the follower lost
 //! entries: it lowers the follower's progress to the hint and probes from there, so the
 //! entries are sent again. A group of one has no one to recover from and is exempt.
 //!
+//! While recovering, a replica grants a vote (or pre-vote) only to a candidate whose last
+//! entry has a term at least the replica's stored term (the term it had when the loss was
+//! found) and an index at least the commit it promised (its target, or the stored commit):
+//! every entry this replica acknowledged has a term no higher than its stored term, so such
+//! a candidate's log holds everything committed with this replica's help, and Raft's own
+//! up-to-date check still applies on top. Other vote requests, and a leadership transfer to
+//! it, are dropped. It campaigns only when its own log passes the same test; otherwise its
+//! election clock is held at zero. Without the relaxed vote rule a group whose replicas are
+//! all recovering (a power cut under `always` that tore every tail) would never elect a
+//! leader.
+//!
 //! # Crash behaviour
-//! Nothing here is stored: a replica that crashes while recovering detects the loss again on
-//! its next start or on its leader's next heartbeat.
+//! The recovering state and its target are stored in `raft-state` (see
+//! [`super::raft_state`]) when they start, when the target is learned and when they end, so
+//! a crash or a supervisor restart while recovering does not forget them. These writes are
+//! rare (once per loss) and small; a failed write is logged and the state stays as it was
+//! in memory: a replica that cannot record that it recovered simply recovers again after a
+//! restart.
 
 use raft::RawNode;
 use raft::StateRole;
@@ -36,34 +51,45 @@ use super::raft_storage::RaftLog;
 pub struct LostEntries {
     topic: String,
     partition: i32,
-    /// While recovering: the commit index to reach before voting again.
+    /// While recovering: the commit index to reach before voting freely again; 0 while it is
+    /// still to be learned from a leader.
     recovering_to: Option<u64>,
+    /// The term stored when the replica was opened: no entry it acknowledged is newer.
+    stored_term: u64,
+    /// The commit index the stored state promised at open.
+    promised: u64,
 }
 
 impl LostEntries {
-    /// Starts recovering at once if the stored commit index promised more than the log
-    /// holds after recovery.
+    /// Starts recovering at once if the stored state says so (`RaftLog::open` records it
+    /// when recovery cut anything this replica may have acknowledged), or if the stored
+    /// commit index promised more than the log holds.
     pub fn new(topic: &str, partition: i32, raft: &RaftLog) -> LostEntries {
         let last = raft::Storage::last_index(raft).unwrap_or(0);
         let promised = raft.commit_promised_at_open();
-        let recovering_to = (promised > last).then_some(promised);
-        if recovering_to.is_some() {
+        let stored_term = raft::Storage::initial_state(raft).map_or(0, |s| s.hard_state.term);
+        let recovering_to = raft.recovering();
+        if let Some(target) = recovering_to {
             tracing::warn!(
                 topic,
                 partition,
                 promised,
+                target,
                 last,
-                "replica lost committed entries; it will not vote until it has caught up from its leader"
+                "replica lost entries it may have acknowledged; it votes only for candidates that hold them until it has caught up from its leader"
             );
         }
         LostEntries {
             topic: topic.to_string(),
             partition,
             recovering_to,
+            stored_term,
+            promised,
         }
     }
 
-    /// Whether this replica is recovering lost entries (and so must not vote or campaign).
+    /// Whether this replica is recovering lost entries (and so votes and campaigns only
+    /// under the rule above).
     pub fn is_recovering(&self) -> bool {
         self.recovering_to.is_some()
     }
@@ -76,7 +102,12 @@ impl LostEntries {
                 self.reprobe_if_lost(node, &m);
                 node.step(m)
             }
+            MessageType::MsgAppend => {
+                self.learn_target(node, &m);
+                node.step(m)
+            }
             MessageType::MsgHeartbeat => {
+                self.learn_target(node, &m);
                 let last = node.raft.raft_log.last_index();
                 let promised = m.commit;
                 if promised <= last || sole_voter(node) {
@@ -93,6 +124,11 @@ impl LostEntries {
                 }
                 Ok(())
             }
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                if self.is_recovering() && self.holds_what_i_promised(m.log_term, m.index) =>
+            {
+                node.step(m)
+            }
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow
                 if self.is_recovering() =>
             {
@@ -103,12 +139,36 @@ impl LostEntries {
         }
     }
 
-    /// Call before each tick: a recovering replica never reaches its election timeout.
+    /// Call before each tick: a recovering replica whose own log lacks what it promised
+    /// never reaches its election timeout.
     pub fn before_tick(&mut self, node: &mut RawNode<RaftLog>) {
         self.check_caught_up(node);
-        if self.is_recovering() && node.raft.state != StateRole::Leader {
+        if !self.is_recovering() || node.raft.state == StateRole::Leader {
+            return;
+        }
+        let last = node.raft.raft_log.last_index();
+        let last_term = node.raft.raft_log.term(last).unwrap_or(0);
+        if !self.holds_what_i_promised(last_term, last) {
             node.raft.election_elapsed = 0;
         }
+    }
+
+    /// The vote rule of a recovering replica: whether a log ending at (`term`, `index`)
+    /// holds every entry this replica acknowledged and may have helped commit.
+    fn holds_what_i_promised(&self, term: u64, index: u64) -> bool {
+        let promised = self.promised.max(self.recovering_to.unwrap_or(0));
+        term >= self.stored_term && index >= promised
+    }
+
+    /// A recovering replica that knows only that something was cut takes its target from
+    /// the first leader that speaks to it in a term at least its stored one.
+    fn learn_target(&mut self, node: &RawNode<RaftLog>, m: &Message) {
+        if self.recovering_to != Some(0) || m.term < self.stored_term.max(node.raft.term) {
+            return;
+        }
+        let target = m.commit.max(self.promised).max(1);
+        tracing::info!(topic = %self.topic, partition = self.partition, leader = m.from, target, "recovering replica learned the commit index to catch up to");
+        self.record(node, Some(target));
     }
 
     fn start_recovering(&mut self, node: &RawNode<RaftLog>, promised: u64, last: u64) {
@@ -119,17 +179,33 @@ impl LostEntries {
                 leader = node.raft.leader_id,
                 promised,
                 last,
-                "replica lacks entries it acknowledged; catching up from the leader, and not voting until then"
+                "replica lacks entries it acknowledged; catching up from the leader, and voting only for candidates that hold them until then"
             );
         }
-        self.recovering_to = Some(self.recovering_to.unwrap_or(0).max(promised));
+        let target = self.recovering_to.unwrap_or(0).max(promised);
+        self.record(node, Some(target));
     }
 
     fn check_caught_up(&mut self, node: &RawNode<RaftLog>) {
-        let Some(target) = self.recovering_to else { return };
-        if node.raft.raft_log.committed >= target || sole_voter(node) {
+        let Some(mut target) = self.recovering_to else { return };
+        if target == 0 && node.raft.state == StateRole::Leader {
+            // Elected under the rule above, so its log holds what it promised; it has
+            // caught up once that is committed in its own term.
+            target = self.promised.max(1);
+            self.record(node, Some(target));
+        }
+        let reached = target > 0 && node.raft.raft_log.committed >= target;
+        if reached || sole_voter(node) {
             tracing::info!(topic = %self.topic, partition = self.partition, target, "replica recovered its lost entries; it votes again");
-            self.recovering_to = None;
+            self.record(node, None);
+        }
+    }
+
+    /// Moves to `recovering_to` in memory and in `raft-state`.
+    fn record(&mut self, node: &RawNode<RaftLog>, recovering_to: Option<u64>) {
+        self.recovering_to = recovering_to;
+        if let Err(e) = node.store().set_recovering(recovering_to) {
+            tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, recovering_to, "could not record the recovering state; it is kept in memory");
         }
     }
 
@@ -183,226 +259,4 @@ fn where_my_log_ends(node: &RawNode<RaftLog>, leader: u64, promised: u64) -> Mes
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-    use conveyor_storage::batch::{BatchBuilder, Compression, Record};
-    use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
-    use raft::eraftpb::{ConfState, HardState};
-    use raft::{Config, GetEntriesContext, ProgressState, Storage};
-
-    use super::super::entry::Origin;
-    use super::super::inbound;
-    use super::super::ready::{ReadyHandler, on_ready};
-    use super::*;
-
-    /// Bounds the simulation; a healthy group needs far fewer rounds.
-    const MAX_ROUNDS: usize = 2_000;
-
-    struct Node {
-        raw: RawNode<RaftLog>,
-        lost: LostEntries,
-        outbox: Vec<Message>,
-    }
-
-    struct Collect<'a>(&'a mut Vec<Message>);
-
-    impl ReadyHandler for Collect<'_> {
-        fn send(&mut self, messages: Vec<Message>) {
-            self.0.extend(messages);
-        }
-    }
-
-    fn storage(dir: &std::path::Path) -> RaftLog {
-        let config = LogConfig {
-            segment_bytes: 16 * 1024,
-            max_batch_bytes: 8 * 1024,
-            flush: FlushPolicy::Os,
-            retention_ms: None,
-            ..LogConfig::default()
-        };
-        RaftLog::open(Arc::new(PartitionLog::open(dir, config).expect("log"))).expect("raft log")
-    }
-
-    fn node(id: u64, raft: RaftLog) -> Node {
-        if raft.voters().is_empty() {
-            let cs = ConfState {
-                voters: vec![1, 2, 3],
-                ..ConfState::default()
-            };
-            raft.set_conf_state(&cs).expect("conf state");
-        }
-        let state = raft.initial_state().expect("state");
-        let cfg = Config {
-            id,
-            election_tick: 10,
-            heartbeat_tick: 3,
-            applied: state.hard_state.commit,
-            pre_vote: true,
-            check_quorum: true,
-            ..Config::default()
-        };
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        Node {
-            lost: LostEntries::new("t", 0, &raft),
-            raw: RawNode::new(&cfg, raft, &logger).expect("raw node"),
-            outbox: Vec::new(),
-        }
-    }
-
-    fn batch(i: u64) -> Vec<u8> {
-        let mut b = BatchBuilder::new(Compression::None);
-        b.push(&Record {
-            timestamp: 1,
-            value: Some(Bytes::from(format!("proposal-{i}"))),
-            ..Record::default()
-        });
-        b.build().expect("batch").to_vec()
-    }
-
-    /// One round: tick (through the lost-entries rule), process Readies, deliver every
-    /// message through the owner's inbound path.
-    fn round(nodes: &mut [Node], tick: bool) {
-        let mut mail: VecDeque<Message> = VecDeque::new();
-        for n in nodes.iter_mut() {
-            if tick {
-                n.lost.before_tick(&mut n.raw);
-                n.raw.tick();
-            }
-            while on_ready(&mut n.raw, &mut Collect(&mut n.outbox)).expect("ready") {}
-            mail.extend(n.outbox.drain(..));
-        }
-        while let Some(m) = mail.pop_front() {
-            let n = &mut nodes[(m.to - 1) as usize];
-            // Refusals (stale terms and the like) are Raft's business here as in the owner.
-            let _ = inbound::step(&mut n.raw, &mut n.lost, m);
-        }
-    }
-
-    fn leader(nodes: &[Node]) -> Option<usize> {
-        nodes.iter().position(|n| n.raw.raft.state == StateRole::Leader)
-    }
-
-    #[test]
-    fn given_a_follower_that_lost_acknowledged_entries_it_should_not_vote_and_should_recover_from_its_leader() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut nodes: Vec<Node> = (1..=3u64)
-            .map(|id| node(id, storage(&dir.path().join(id.to_string()))))
-            .collect();
-        let mut rounds = 0;
-        let l = loop {
-            round(&mut nodes, true);
-            rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "no leader elected");
-            if let Some(l) = leader(&nodes) {
-                break l;
-            }
-        };
-        for i in 0..40 {
-            nodes[l].raw.propose(vec![], batch(i)).expect("propose");
-        }
-        let target = nodes[l].raw.raft.raft_log.last_index();
-        while nodes.iter().any(|n| n.raw.raft.raft_log.applied < target) {
-            round(&mut nodes, false);
-            rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "proposals not committed everywhere");
-        }
-
-        // Follower `f` restarts with only a prefix of what it acknowledged, and a stored
-        // commit inside that prefix: only its leader's heartbeat can reveal the loss.
-        let f = (l + 1) % 3;
-        let f_id = f as u64 + 1;
-        let kept = target - 10;
-        let copy = storage(&dir.path().join("lost"));
-        let prefix = nodes[l]
-            .raw
-            .store()
-            .entries(1, kept + 1, None, GetEntriesContext::empty(false))
-            .expect("prefix");
-        copy.append(&prefix, Origin::Peer).expect("append prefix");
-        let before = nodes[f].raw.raft.hard_state();
-        copy.set_hard_state(&HardState {
-            commit: kept - 5,
-            ..before
-        })
-        .expect("hard state");
-        copy.set_conf_state(&nodes[f].raw.store().conf_state())
-            .expect("conf state");
-        nodes[f] = node(f_id, copy);
-        assert!(!nodes[f].lost.is_recovering());
-
-        // Heartbeats only: no new proposals would otherwise send the entries again.
-        let mut seen_recovering = false;
-        while nodes[f].raw.raft.raft_log.committed < target {
-            round(&mut nodes, true);
-            rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "the follower never caught up");
-            if nodes[f].lost.is_recovering() && !seen_recovering {
-                seen_recovering = true;
-                // A vote request to a recovering replica goes unanswered.
-                let other = (f + 1) % 3;
-                let mut vote = Message::default();
-                vote.set_msg_type(MessageType::MsgRequestVote);
-                vote.from = other as u64 + 1;
-                vote.to = f_id;
-                vote.term = nodes[f].raw.raft.term + 1;
-                vote.index = target;
-                vote.log_term = nodes[f].raw.raft.term;
-                let term = nodes[f].raw.raft.term;
-                let n = &mut nodes[f];
-                inbound::step(&mut n.raw, &mut n.lost, vote).expect("step");
-                let answered = n
-                    .raw
-                    .raft
-                    .msgs
-                    .iter()
-                    .any(|m| m.get_msg_type() == MessageType::MsgRequestVoteResponse);
-                assert!(!answered, "no vote granted or refused");
-                assert_eq!(nodes[f].raw.raft.term, term, "the request changed nothing");
-            }
-        }
-        assert!(seen_recovering, "the heartbeat revealed the loss");
-        assert_eq!(nodes[f].raw.raft.raft_log.last_index(), target);
-        round(&mut nodes, false);
-        assert!(!nodes[f].lost.is_recovering(), "caught up: it votes again");
-        assert_eq!(leader(&nodes), Some(l), "no leader change on the way");
-    }
-
-    #[test]
-    fn a_dropped_snapshot_reported_by_the_transport_unpauses_its_follower() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut nodes: Vec<Node> = (1..=3u64)
-            .map(|id| node(id, storage(&dir.path().join(id.to_string()))))
-            .collect();
-        let mut rounds = 0;
-        let l = loop {
-            round(&mut nodes, true);
-            rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "no leader elected");
-            if let Some(l) = leader(&nodes) {
-                break l;
-            }
-        };
-        let f_id = ((l + 1) % 3) as u64 + 1;
-        let n = &mut nodes[l];
-        n.raw.raft.mut_prs().get_mut(f_id).expect("progress").become_snapshot(5);
-        assert!(n.raw.raft.prs().get(f_id).expect("progress").is_paused());
-        inbound::step(&mut n.raw, &mut n.lost, inbound::snapshot_dropped(f_id)).expect("report");
-        let progress = n.raw.raft.prs().get(f_id).expect("progress");
-        assert_eq!(
-            progress.state,
-            ProgressState::Probe,
-            "no longer waiting for the snapshot"
-        );
-        // raft-rs probes again after the follower's next heartbeat response.
-        nodes[l].raw.propose(vec![], batch(0)).expect("propose");
-        let last = nodes[l].raw.raft.raft_log.last_index();
-        while nodes[l].raw.raft.prs().get(f_id).expect("progress").matched < last {
-            round(&mut nodes, true);
-            rounds += 1;
-            assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
-        }
-    }
-}
+mod tests;

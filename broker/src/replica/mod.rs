@@ -15,6 +15,7 @@
 //! - [`lost_entries`]: a replica whose log lost entries it acknowledged recovers from its
 //!   leader and does not vote meanwhile.
 //! - [`departure`]: when a replica's data may be deleted.
+//! - [`stalled_snapshots`]: a leader resumes followers whose snapshot was lost unreported.
 //!
 //! The RawNode driver, transport and controller come in the next steps of the Raft issue.
 
@@ -25,5 +26,6 @@ pub mod lost_entries;
 pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;
+pub mod stalled_snapshots;
 pub mod supervisor;
 pub mod tick;

@@ -3,8 +3,11 @@
 //!
 //! # On-disk format
 //! `"CRS1" | u32 len | HardState (protobuf) | u32 len | ConfState (protobuf) |
-//! u64 snapshot_index | u64 snapshot_term | u64 snapshot_offset | u32 crc32` (little-endian;
-//! the CRC covers everything before it).
+//! u64 snapshot_index | u64 snapshot_term | u64 snapshot_offset | [u8 1 | u64 recovering_to] |
+//! u32 crc32` (little-endian; the CRC covers everything before it). The bracketed part is
+//! present only while the replica is recovering lost entries (see
+//! [`super::lost_entries`]): files written before it existed, and files of replicas not
+//! recovering, have the same bytes as before, and a reader that does not know it ignores it.
 //!
 //! # Crash behaviour
 //! Replaced atomically (`conveyor_storage::replace_file_durably`). A
@@ -30,6 +33,9 @@ pub struct RaftStateFile {
     pub snapshot_term: u64,
     /// Offset at which the log starts right after the snapshot point.
     pub snapshot_offset: u64,
+    /// Set while the replica is recovering entries it lost: the commit index to reach before
+    /// it votes again, 0 while not yet learned from a leader.
+    pub recovering: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +92,20 @@ impl RaftStateFile {
         let conf_state = ConfState::parse_from_bytes(section()?).map_err(|e| e.to_string())?;
         let tail = body.get(pos..pos + 24).ok_or("truncated")?;
         let word = |i: usize| u64::from_le_bytes(tail[i * 8..(i + 1) * 8].try_into().unwrap_or_default());
+        let recovering = match body.get(pos + 24..) {
+            None | Some([]) => None,
+            Some([1, target @ ..]) if target.len() == 8 => {
+                Some(u64::from_le_bytes(target.try_into().map_err(|_| "truncated")?))
+            }
+            Some(_) => return Err("unknown trailing fields".into()),
+        };
         Ok(RaftStateFile {
             hard_state,
             conf_state,
             snapshot_index: word(0),
             snapshot_term: word(1),
             snapshot_offset: word(2),
+            recovering,
         })
     }
 
@@ -103,6 +117,10 @@ impl RaftStateFile {
         }
         for word in [self.snapshot_index, self.snapshot_term, self.snapshot_offset] {
             out.extend_from_slice(&word.to_le_bytes());
+        }
+        if let Some(target) = self.recovering {
+            out.push(1);
+            out.extend_from_slice(&target.to_le_bytes());
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -144,6 +162,7 @@ mod tests {
             snapshot_index: 10,
             snapshot_term: 3,
             snapshot_offset: 1234,
+            recovering: None,
         };
         state.store(dir.path()).expect("store");
         assert_eq!(RaftStateFile::load(dir.path()).expect("load"), state);
@@ -155,5 +174,34 @@ mod tests {
             RaftStateFile::load(dir.path()),
             Err(StateError::Damaged { .. })
         ));
+    }
+
+    #[test]
+    fn the_recovering_flag_survives_a_reload_and_files_without_it_read_as_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = RaftStateFile {
+            hard_state: HardState {
+                term: 3,
+                ..HardState::default()
+            },
+            ..RaftStateFile::default()
+        };
+        let old_bytes = plain.encode().expect("encode");
+        // The format before the flag: three words after the sections, then the CRC.
+        assert_eq!(
+            old_bytes.len(),
+            4 + 4 + plain.hard_state.write_to_bytes().expect("hs").len() + 4 + 24 + 4
+        );
+        for target in [0, 42] {
+            let state = RaftStateFile {
+                recovering: Some(target),
+                ..plain.clone()
+            };
+            state.store(dir.path()).expect("store");
+            assert_eq!(RaftStateFile::load(dir.path()).expect("load"), state);
+        }
+        plain.store(dir.path()).expect("store cleared");
+        assert_eq!(RaftStateFile::load(dir.path()).expect("load").recovering, None);
+        assert_eq!(fs::read(dir.path().join(FILE_NAME)).expect("read"), old_bytes);
     }
 }

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use conveyor_storage::batch::BatchIter;
-use conveyor_storage::{LogError, PartitionLog};
+use conveyor_storage::{CutCause, FlushPolicy, LogError, PartitionLog};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
@@ -125,6 +125,12 @@ impl RaftLog {
             tracing::warn!(dir = %dir.display(), stored = state.hard_state.commit, last, "stored commit index is past the log; lowering it");
             state.hard_state.commit = last;
         }
+        if state.recovering.is_none() && lost_acknowledged_entries(&log, promised_commit, last) {
+            // Recorded before the owner runs, so that a crash or a restart while recovering
+            // does not forget it (the lowered commit above is stored with it).
+            state.recovering = Some(if promised_commit > last { promised_commit } else { 0 });
+            state.store(&dir)?;
+        }
         Ok(RaftLog {
             log,
             dir,
@@ -151,6 +157,27 @@ impl RaftLog {
     /// lowered to the log's end (see [`super::lost_entries`]).
     pub fn commit_promised_at_open(&self) -> u64 {
         self.promised_commit
+    }
+
+    /// Whether the replica is recovering lost entries, as stored: `Some(target)`, the commit
+    /// index to reach (0 while not yet learned from a leader). See [`super::lost_entries`].
+    pub fn recovering(&self) -> Option<u64> {
+        self.read().state.recovering
+    }
+
+    /// Records durably that the replica is recovering (to `target`), or no longer is.
+    pub fn set_recovering(&self, recovering: Option<u64>) -> Result<(), ReplicaError> {
+        let mut inner = self.write();
+        if inner.state.recovering == recovering {
+            return Ok(());
+        }
+        let before = inner.state.recovering;
+        inner.state.recovering = recovering;
+        if let Err(e) = inner.state.store(&self.dir) {
+            inner.state.recovering = before;
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     pub fn partition_log(&self) -> &Arc<PartitionLog> {
@@ -334,6 +361,22 @@ impl RaftLog {
         inner.entries.clear();
         inner.cache.clear();
         Ok(())
+    }
+}
+
+/// Whether opening `log` lost entries this replica may have acknowledged: the log was cut at
+/// a damaged batch the scrub found (damage at rest, whatever the flush policy), or, under
+/// flush policy `always` (every acknowledged entry was synced), recovery cut a torn or
+/// corrupt tail or the stored commit index is past the log's end. Under `os` and `interval`
+/// an acknowledged but unsynced tail may be lost at a power cut by contract; such a loss is
+/// not treated as recovering at open (a leader's heartbeat still reveals it, see
+/// [`super::lost_entries`]).
+fn lost_acknowledged_entries(log: &PartitionLog, promised_commit: u64, last: u64) -> bool {
+    let synced_acks = log.flush_policy() == FlushPolicy::Always;
+    match log.recovery_report().cut {
+        Some(cut) if cut.cause == CutCause::CorruptBatch => true,
+        Some(_) => synced_acks,
+        None => synced_acks && promised_commit > last,
     }
 }
 

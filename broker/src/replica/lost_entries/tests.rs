@@ -1,0 +1,444 @@
+//! The lost-entries rule in simulated groups of real replicas (logs on disk).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+use raft::eraftpb::{ConfState, HardState};
+use raft::{Config, GetEntriesContext, ProgressState, Storage};
+
+use super::super::entry::Origin;
+use super::super::inbound;
+use super::super::ready::{ReadyHandler, on_ready};
+use super::*;
+
+/// Bounds the simulation; a healthy group needs far fewer rounds.
+const MAX_ROUNDS: usize = 2_000;
+
+struct Node {
+    raw: RawNode<RaftLog>,
+    lost: LostEntries,
+    outbox: Vec<Message>,
+}
+
+struct Collect<'a>(&'a mut Vec<Message>);
+
+impl ReadyHandler for Collect<'_> {
+    fn send(&mut self, messages: Vec<Message>) {
+        self.0.extend(messages);
+    }
+}
+
+fn storage(dir: &std::path::Path) -> RaftLog {
+    storage_with(dir, FlushPolicy::Os)
+}
+
+fn storage_with(dir: &std::path::Path, flush: FlushPolicy) -> RaftLog {
+    let config = LogConfig {
+        segment_bytes: 16 * 1024,
+        max_batch_bytes: 8 * 1024,
+        flush,
+        retention_ms: None,
+        ..LogConfig::default()
+    };
+    RaftLog::open(Arc::new(PartitionLog::open(dir, config).expect("log"))).expect("raft log")
+}
+
+fn node(id: u64, raft: RaftLog) -> Node {
+    if raft.voters().is_empty() {
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            ..ConfState::default()
+        };
+        raft.set_conf_state(&cs).expect("conf state");
+    }
+    let state = raft.initial_state().expect("state");
+    let cfg = Config {
+        id,
+        election_tick: 10,
+        heartbeat_tick: 3,
+        applied: state.hard_state.commit,
+        pre_vote: true,
+        check_quorum: true,
+        ..Config::default()
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    Node {
+        lost: LostEntries::new("t", 0, &raft),
+        raw: RawNode::new(&cfg, raft, &logger).expect("raw node"),
+        outbox: Vec::new(),
+    }
+}
+
+fn batch(i: u64) -> Vec<u8> {
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(&Record {
+        timestamp: 1,
+        value: Some(Bytes::from(format!("proposal-{i}"))),
+        ..Record::default()
+    });
+    b.build().expect("batch").to_vec()
+}
+
+/// One round: tick (through the lost-entries rule), process Readies, deliver every
+/// message through the owner's inbound path.
+fn round(nodes: &mut [Node], tick: bool) {
+    let mut mail: VecDeque<Message> = VecDeque::new();
+    for n in nodes.iter_mut() {
+        if tick {
+            n.lost.before_tick(&mut n.raw);
+            n.raw.tick();
+        }
+        while on_ready(&mut n.raw, &mut Collect(&mut n.outbox)).expect("ready") {}
+        mail.extend(n.outbox.drain(..));
+    }
+    while let Some(m) = mail.pop_front() {
+        let n = &mut nodes[(m.to - 1) as usize];
+        // Refusals (stale terms and the like) are Raft's business here as in the owner.
+        let _ = inbound::step(&mut n.raw, &mut n.lost, m);
+    }
+}
+
+fn leader(nodes: &[Node]) -> Option<usize> {
+    nodes.iter().position(|n| n.raw.raft.state == StateRole::Leader)
+}
+
+#[test]
+fn given_a_follower_that_lost_acknowledged_entries_it_should_not_vote_and_should_recover_from_its_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<Node> = (1..=3u64)
+        .map(|id| node(id, storage(&dir.path().join(id.to_string()))))
+        .collect();
+    let mut rounds = 0;
+    let l = loop {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "no leader elected");
+        if let Some(l) = leader(&nodes) {
+            break l;
+        }
+    };
+    for i in 0..40 {
+        nodes[l].raw.propose(vec![], batch(i)).expect("propose");
+    }
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes.iter().any(|n| n.raw.raft.raft_log.applied < target) {
+        round(&mut nodes, false);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "proposals not committed everywhere");
+    }
+
+    // Follower `f` restarts with only a prefix of what it acknowledged, and a stored
+    // commit inside that prefix: only its leader's heartbeat can reveal the loss.
+    let f = (l + 1) % 3;
+    let f_id = f as u64 + 1;
+    let kept = target - 10;
+    let copy = storage(&dir.path().join("lost"));
+    let prefix = nodes[l]
+        .raw
+        .store()
+        .entries(1, kept + 1, None, GetEntriesContext::empty(false))
+        .expect("prefix");
+    copy.append(&prefix, Origin::Peer).expect("append prefix");
+    let before = nodes[f].raw.raft.hard_state();
+    copy.set_hard_state(&HardState {
+        commit: kept - 5,
+        ..before
+    })
+    .expect("hard state");
+    copy.set_conf_state(&nodes[f].raw.store().conf_state())
+        .expect("conf state");
+    nodes[f] = node(f_id, copy);
+    assert!(!nodes[f].lost.is_recovering());
+
+    // Heartbeats only: no new proposals would otherwise send the entries again.
+    let mut seen_recovering = false;
+    while nodes[f].raw.raft.raft_log.committed < target {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the follower never caught up");
+        if nodes[f].lost.is_recovering() && !seen_recovering {
+            seen_recovering = true;
+            // A vote request from a candidate lacking what it promised goes unanswered.
+            let other = (f + 1) % 3;
+            let mut vote = Message::default();
+            vote.set_msg_type(MessageType::MsgRequestVote);
+            vote.from = other as u64 + 1;
+            vote.to = f_id;
+            vote.term = nodes[f].raw.raft.term + 1;
+            vote.index = target - 1;
+            vote.log_term = nodes[f].raw.raft.term;
+            let term = nodes[f].raw.raft.term;
+            let n = &mut nodes[f];
+            inbound::step(&mut n.raw, &mut n.lost, vote).expect("step");
+            let answered = n
+                .raw
+                .raft
+                .msgs
+                .iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgRequestVoteResponse);
+            assert!(!answered, "no vote granted or refused");
+            assert_eq!(nodes[f].raw.raft.term, term, "the request changed nothing");
+        }
+    }
+    assert!(seen_recovering, "the heartbeat revealed the loss");
+    assert_eq!(nodes[f].raw.raft.raft_log.last_index(), target);
+    round(&mut nodes, false);
+    assert!(!nodes[f].lost.is_recovering(), "caught up: it votes again");
+    assert_eq!(leader(&nodes), Some(l), "no leader change on the way");
+}
+
+#[test]
+fn a_dropped_snapshot_reported_by_the_transport_unpauses_its_follower() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<Node> = (1..=3u64)
+        .map(|id| node(id, storage(&dir.path().join(id.to_string()))))
+        .collect();
+    let mut rounds = 0;
+    let l = loop {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "no leader elected");
+        if let Some(l) = leader(&nodes) {
+            break l;
+        }
+    };
+    let f_id = ((l + 1) % 3) as u64 + 1;
+    let n = &mut nodes[l];
+    n.raw.raft.mut_prs().get_mut(f_id).expect("progress").become_snapshot(5);
+    assert!(n.raw.raft.prs().get(f_id).expect("progress").is_paused());
+    inbound::step(&mut n.raw, &mut n.lost, inbound::snapshot_dropped(f_id)).expect("report");
+    let progress = n.raw.raft.prs().get(f_id).expect("progress");
+    assert_eq!(
+        progress.state,
+        ProgressState::Probe,
+        "no longer waiting for the snapshot"
+    );
+    // raft-rs probes again after the follower's next heartbeat response.
+    nodes[l].raw.propose(vec![], batch(0)).expect("propose");
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    while nodes[l].raw.raft.prs().get(f_id).expect("progress").matched < last {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
+    }
+}
+
+fn elect(nodes: &mut [Node], rounds: &mut usize) -> usize {
+    loop {
+        round(nodes, true);
+        *rounds += 1;
+        assert!(*rounds < MAX_ROUNDS, "no leader elected");
+        if let Some(l) = leader(nodes) {
+            return l;
+        }
+    }
+}
+
+/// A group of three that committed `count` proposals; returns its nodes and the leader.
+fn committed_group(dir: &std::path::Path, count: u64, rounds: &mut usize) -> (Vec<Node>, usize) {
+    let mut nodes: Vec<Node> = (1..=3u64)
+        .map(|id| node(id, storage(&dir.join(id.to_string()))))
+        .collect();
+    let l = elect(&mut nodes, rounds);
+    for i in 0..count {
+        nodes[l].raw.propose(vec![], batch(i)).expect("propose");
+    }
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes.iter().any(|n| n.raw.raft.raft_log.applied < target) {
+        round(&mut nodes, false);
+        *rounds += 1;
+        assert!(*rounds < MAX_ROUNDS, "proposals not committed everywhere");
+    }
+    (nodes, l)
+}
+
+/// The newest segment file of the log in `dir`.
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().expect("a segment")
+}
+
+/// Leaves the log in `dir` as a crash with a torn last write would.
+fn tear_tail(dir: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(last_segment(dir))
+        .expect("open segment");
+    file.write_all(&[0x5A; 64]).expect("torn bytes");
+}
+
+#[test]
+fn given_recovery_cut_a_torn_tail_under_flush_always_the_replica_reopens_recovering_and_a_restart_does_not_forget_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (flush, expected) in [(FlushPolicy::Always, Some(0)), (FlushPolicy::Os, None)] {
+        let path = dir.path().join(format!("{flush:?}"));
+        let raft = storage_with(&path, flush);
+        raft.append(&[entry_at(1, 1), entry_at(2, 1), entry_at(3, 1)], Origin::Peer)
+            .expect("append");
+        raft.persist().expect("persist");
+        raft.set_hard_state(&HardState {
+            term: 1,
+            vote: 1,
+            commit: 2,
+            ..HardState::default()
+        })
+        .expect("hard state");
+        drop(raft);
+        tear_tail(&path);
+        let raft = storage_with(&path, flush);
+        assert_eq!(raft.recovering(), expected, "{flush:?}: recovering after the cut");
+        assert_eq!(
+            LostEntries::new("t", 0, &raft).is_recovering(),
+            expected.is_some(),
+            "{flush:?}"
+        );
+        drop(raft);
+        // The second open cuts nothing, and still knows.
+        let raft = storage_with(&path, flush);
+        assert_eq!(raft.recovering(), expected, "{flush:?}: remembered across a restart");
+    }
+}
+
+fn entry_at(index: u64, term: u64) -> raft::eraftpb::Entry {
+    raft::eraftpb::Entry {
+        index,
+        term,
+        data: Bytes::from(batch(index)),
+        ..raft::eraftpb::Entry::default()
+    }
+}
+
+#[test]
+fn a_recovering_replica_learns_its_target_from_its_leader_and_stops_recovering_durably_once_caught_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (mut nodes, l) = committed_group(dir.path(), 20, &mut rounds);
+    let f = (l + 1) % 3;
+    let f_dir = dir.path().join((f + 1).to_string());
+    // What `RaftLog::open` records after a cut: recovering, target still unknown.
+    nodes[f].raw.store().set_recovering(Some(0)).expect("record");
+    nodes[f].raw.store().flush_state().expect("flush state");
+    drop(nodes.remove(f));
+    let reopened = storage(&f_dir);
+    assert_eq!(reopened.recovering(), Some(0));
+    nodes.insert(f, node(f as u64 + 1, reopened));
+    assert!(nodes[f].lost.is_recovering());
+    for i in 0..5 {
+        nodes[l].raw.propose(vec![], batch(100 + i)).expect("propose");
+    }
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes[f].lost.is_recovering() || nodes[f].raw.raft.raft_log.committed < target {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replica never stopped recovering");
+    }
+    assert_eq!(nodes[f].raw.store().recovering(), None, "cleared in the stored state");
+    assert_eq!(leader(&nodes), Some(l), "no leader change on the way");
+    drop(nodes);
+    assert_eq!(storage(&f_dir).recovering(), None, "cleared on disk");
+}
+
+#[test]
+fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds_what_they_promised() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(dir.path(), 40, &mut rounds);
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let committed = nodes[l].raw.raft.raft_log.committed;
+    let term = nodes[l].raw.raft.term;
+    let conf = nodes[l].raw.store().conf_state();
+    // Every replica lost a different part of its tail (say a power cut under `always`),
+    // each keeping at least the stored commit: all reopen recovering, target unknown.
+    let stored_commit = committed - 15;
+    let kept = [last, last - 5, last - 10];
+    let mut reopened = Vec::new();
+    for (i, keep) in kept.iter().enumerate() {
+        let copy = storage(&dir.path().join(format!("reopened-{i}")));
+        let prefix = nodes[l]
+            .raw
+            .store()
+            .entries(1, keep + 1, None, GetEntriesContext::empty(false))
+            .expect("prefix");
+        copy.append(&prefix, Origin::Peer).expect("append prefix");
+        copy.set_hard_state(&HardState {
+            term,
+            vote: l as u64 + 1,
+            commit: stored_commit,
+            ..HardState::default()
+        })
+        .expect("hard state");
+        copy.set_conf_state(&conf).expect("conf state");
+        copy.set_recovering(Some(0)).expect("recovering");
+        reopened.push(copy);
+    }
+    drop(nodes);
+    let mut nodes: Vec<Node> = reopened
+        .into_iter()
+        .enumerate()
+        .map(|(i, raft)| node(i as u64 + 1, raft))
+        .collect();
+    assert!(nodes.iter().all(|n| n.lost.is_recovering()));
+    let l = elect(&mut nodes, &mut rounds);
+    assert!(
+        nodes[l].raw.raft.raft_log.last_index() >= stored_commit,
+        "the leader holds every entry the replicas promised"
+    );
+    // The new leader's no-op commits; the others catch up and vote freely again.
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes
+        .iter()
+        .any(|n| n.lost.is_recovering() || n.raw.raft.raft_log.committed < target)
+    {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+}
+
+#[test]
+fn a_snapshot_lost_without_a_report_resumes_its_follower_after_a_few_election_timeouts() {
+    use super::super::stalled_snapshots::{STALL_ELECTION_TIMEOUTS, StalledSnapshots};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (mut nodes, l) = committed_group(dir.path(), 5, &mut rounds);
+    let f_id = ((l + 1) % 3) as u64 + 1;
+    // The snapshot went out and was lost at the receiver: nobody reports it.
+    nodes[l]
+        .raw
+        .raft
+        .mut_prs()
+        .get_mut(f_id)
+        .expect("progress")
+        .become_snapshot(5);
+    let mut stalled = StalledSnapshots::default();
+    let limit = STALL_ELECTION_TIMEOUTS * nodes[l].raw.raft.election_timeout();
+    for tick in 1..=limit {
+        round(&mut nodes, true);
+        let reported = stalled.on_tick(&mut nodes[l].raw);
+        let state = nodes[l].raw.raft.prs().get(f_id).expect("progress").state;
+        if tick < limit {
+            assert!(reported.is_empty(), "reported too early, at tick {tick}");
+            assert_eq!(state, ProgressState::Snapshot, "heartbeats do not resume it");
+        } else {
+            assert_eq!(reported, vec![f_id]);
+            assert_eq!(state, ProgressState::Probe, "no longer waiting for the snapshot");
+        }
+    }
+    nodes[l].raw.propose(vec![], batch(99)).expect("propose");
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    while nodes[l].raw.raft.prs().get(f_id).expect("progress").matched < last {
+        round(&mut nodes, true);
+        stalled.on_tick(&mut nodes[l].raw);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
+    }
+}
