@@ -384,9 +384,8 @@ impl Partition {
         max_bytes: u64,
         on_damage: conveyor_storage::OnDamage,
     ) -> Option<std::result::Result<conveyor_storage::ScrubStep, conveyor_storage::LogError>> {
-        self.files.maintain(|files| {
-            Arc::ptr_eq(&files.log, log).then(|| log.scrub_step_with(cursor, max_bytes, on_damage))
-        })
+        self.files
+            .maintain(|files| Arc::ptr_eq(&files.log, log).then(|| log.scrub_step_with(cursor, max_bytes, on_damage)))
     }
 
     /// Retires the log and its Raft view for good, after [`stop`](Self::stop), when the
@@ -1219,7 +1218,8 @@ mod tests {
         let scrubbed = p.log();
         let cursor = conveyor_storage::ScrubCursor::start();
         assert!(
-            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine).is_some(),
+            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine)
+                .is_some(),
             "steps run while the log is current"
         );
         let reopened = {
@@ -1235,10 +1235,14 @@ mod tests {
         reopened.await.expect("join").expect("reopened");
         assert!(scrubbed.is_closed(), "the old log was retired");
         assert!(
-            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine).is_none(),
+            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine)
+                .is_none(),
             "the pass ends: its cursor belongs to the retired log"
         );
-        assert!(p.scrub_step(&p.log(), cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine).is_some());
+        assert!(
+            p.scrub_step(&p.log(), cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine)
+                .is_some()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,8 +77,16 @@ pub async fn run(
                 OnDamage::Report
             };
             let step = move |cursor, max_bytes| p.scrub_step(&log, cursor, max_bytes, on_damage);
-            let outcome =
-                scrub_steps(step, &topic, index, &metrics, bytes_per_second, on_damage, stop.as_mut()).await;
+            let outcome = scrub_steps(
+                step,
+                &topic,
+                index,
+                &metrics,
+                bytes_per_second,
+                on_damage,
+                stop.as_mut(),
+            )
+            .await;
             if outcome == Outcome::Stopped {
                 return;
             }
