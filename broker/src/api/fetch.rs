@@ -27,7 +27,7 @@ use futures::FutureExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::inflate_budget::{InflateBudget, decoding_bytes};
+use super::inflate_budget::{InflateBudget, Reservation, decoding_bytes};
 use super::{Context, blocking};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::Partition;
@@ -96,8 +96,8 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
 }
 
 /// Where a partition's stored batches are decoded, and the bounds on doing it.
-struct DecodeJob<'a> {
-    topic: &'a str,
+struct DecodeJob {
+    topic: String,
     partition: i32,
     /// Records below this offset are skipped (the first batch may start earlier).
     from: u64,
@@ -107,13 +107,14 @@ struct DecodeJob<'a> {
 
 /// Decodes stored batches into records, skipping control batches, within `budget` decoded
 /// bytes (protobuf size) of which it takes its share; at least one record is returned when
-/// there is one, so a consumer always moves on.
+/// there is one, so a consumer always moves on. Every buffer of a record carries `held`
+/// (its share of the decompression budget), so the share lasts as long as the records do.
 ///
 /// Every batch's CRC is checked before it is decoded: bytes altered on disk after they were
 /// acknowledged are refused with [`BrokerError::DamagedOnDisk`], never served.
-fn decode(job: &DecodeJob<'_>, bytes: &Bytes, budget: &mut usize) -> Result<Vec<Record>> {
+fn decode(job: &DecodeJob, bytes: &Bytes, budget: &mut usize, held: &Reservation) -> Result<Vec<Record>> {
     let damaged = |offset: u64, source| BrokerError::DamagedOnDisk {
-        topic: job.topic.to_string(),
+        topic: job.topic.clone(),
         partition: job.partition,
         offset,
         source,
@@ -140,8 +141,8 @@ fn decode(job: &DecodeJob<'_>, bytes: &Bytes, budget: &mut usize) -> Result<Vec<
                 continue;
             }
             let record = Record {
-                key: r.key,
-                value: r.value,
+                key: r.key.map(|b| held.attach(b)),
+                value: r.value.map(|b| held.attach(b)),
                 timestamp: r.timestamp,
                 offset: r.offset,
                 headers: r
@@ -149,7 +150,7 @@ fn decode(job: &DecodeJob<'_>, bytes: &Bytes, budget: &mut usize) -> Result<Vec<
                     .into_iter()
                     .map(|h| Header {
                         key: String::from_utf8_lossy(&h.key).into_owned(),
-                        value: h.value,
+                        value: h.value.map(|b| held.attach(b)),
                     })
                     .collect(),
             };
@@ -163,6 +164,42 @@ fn decode(job: &DecodeJob<'_>, bytes: &Bytes, budget: &mut usize) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+/// Decodes each partition's read (`jobs` and `batches` pair up) within `budget` decoded bytes
+/// in all, on the blocking pool, one batch at a time. The decoded records count against the
+/// broker-wide decompression budget shared with produce validation (past a bounded wait the
+/// fetch is answered BUSY, retriable). The share moves into the blocking job, so a fetch
+/// cancelled meanwhile does not return it early, and then into the records' buffers
+/// ([`Reservation::attach`]): it comes back when tonic has encoded the response and dropped
+/// the message, or when a cancelled fetch drops its records, not when the handler returns.
+async fn decode_reads(
+    shared: &InflateBudget,
+    jobs: Vec<DecodeJob>,
+    batches: Vec<Bytes>,
+    budget: usize,
+) -> Result<Vec<Result<Vec<Record>>>> {
+    let max_uncompressed = jobs.iter().map(|j| j.max_uncompressed).max().unwrap_or(0);
+    let holds = decoding_bytes(&batches, max_uncompressed, budget);
+    let first = jobs.first().map(|j| (j.topic.clone(), j.partition));
+    let what = move || match first {
+        Some((topic, partition)) => format!("a decoding fetch of topic '{topic}' partition {partition}"),
+        None => "a decoding fetch".to_string(),
+    };
+    shared
+        .run_blocking(
+            holds,
+            what,
+            move |held| {
+                let mut budget = budget;
+                Ok(jobs
+                    .iter()
+                    .zip(&batches)
+                    .map(|(job, bytes)| decode(job, bytes, &mut budget, held))
+                    .collect())
+            },
+        )
+        .await
 }
 
 impl FetchService {
@@ -241,41 +278,18 @@ impl FetchService {
                 _ = stopping.wait_for(|s| *s) => break results,
             }
         };
-        // Held until the response is built: the decoded records are the memory it stands for.
-        let mut _decoding = None;
         let records = if req.decode_records {
             let batches: Vec<Bytes> = results.iter().map(|r| r.batches.clone()).collect();
-            let (job_wanted, max_uncompressed) = (Arc::clone(&wanted), self.ctx.max_uncompressed_batch_bytes);
-            // Decoded records count against the broker-wide decompression budget shared with
-            // produce validation; past a bounded wait the fetch is answered BUSY (retriable).
-            let holds = decoding_bytes(&batches, max_uncompressed, budget);
-            let what = || match wanted.first() {
-                Some(w) => format!(
-                    "a decoding fetch of topic '{}' partition {}",
-                    w.partition.topic, w.partition.index
-                ),
-                None => "a decoding fetch".to_string(),
-            };
-            _decoding = Some(InflateBudget::shared().reserve(holds, what).await?);
-            // Hashing and decompressing may take a while: off the reactor, one batch at a time.
-            blocking(move || {
-                let mut budget = budget;
-                let decoded = job_wanted
-                    .iter()
-                    .zip(&batches)
-                    .map(|(w, bytes)| {
-                        let job = DecodeJob {
-                            topic: &w.partition.topic,
-                            partition: w.partition.index,
-                            from: w.offset,
-                            max_uncompressed,
-                        };
-                        decode(&job, bytes, &mut budget)
-                    })
-                    .collect::<Vec<_>>();
-                Ok(decoded)
-            })
-            .await?
+            let jobs = wanted
+                .iter()
+                .map(|w| DecodeJob {
+                    topic: w.partition.topic.clone(),
+                    partition: w.partition.index,
+                    from: w.offset,
+                    max_uncompressed: self.ctx.max_uncompressed_batch_bytes,
+                })
+                .collect();
+            decode_reads(InflateBudget::shared(), jobs, batches, budget).await?
         } else {
             results.iter().map(|_| Ok(Vec::new())).collect()
         };
@@ -404,9 +418,9 @@ mod tests {
         all
     }
 
-    fn job(max_uncompressed: usize) -> DecodeJob<'static> {
+    fn job(max_uncompressed: usize) -> DecodeJob {
         DecodeJob {
-            topic: "t",
+            topic: "t".into(),
             partition: 0,
             from: 0,
             max_uncompressed,
@@ -419,10 +433,10 @@ mod tests {
         assert!(bytes.len() < 10 * VALUE / 4, "the batches compress well");
         // The stored bytes fit the budget three times over; decoded, only about three do.
         let mut budget = 3 * VALUE + 100;
-        let records = decode(&job(1 << 20), &bytes, &mut budget).expect("decode");
+        let records = decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
         assert_eq!(records.len(), 3, "decoded bytes are what the budget counts");
         let mut budget = 1;
-        let records = decode(&job(1 << 20), &bytes, &mut budget).expect("decode");
+        let records = decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
         assert_eq!(records.len(), 1, "one record even over the budget");
         assert_eq!(budget, 0);
     }
@@ -433,7 +447,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
         let mut budget = usize::MAX;
-        let e = decode(&job(1 << 20), &Bytes::from(bytes), &mut budget).expect_err("damaged");
+        let e = decode(&job(1 << 20), &Bytes::from(bytes), &mut budget, &Reservation::default()).expect_err("damaged");
         assert!(matches!(e, BrokerError::DamagedOnDisk { offset: 2, .. }), "{e}");
         assert!(e.to_string().contains("CRC"), "{e}");
         let status = Status::from(e);
@@ -443,7 +457,37 @@ mod tests {
     #[test]
     fn a_stored_batch_inflating_past_the_limit_is_not_decompressed() {
         let mut budget = usize::MAX;
-        let e = decode(&job(VALUE - 1), &Bytes::from(stored(1)), &mut budget).expect_err("too large");
+        let e = decode(&job(VALUE - 1), &Bytes::from(stored(1)), &mut budget, &Reservation::default()).expect_err("too large");
         assert!(e.to_string().contains("max_uncompressed_batch_bytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn decoded_records_hold_their_share_of_the_budget_until_they_are_dropped() {
+        let budget = InflateBudget::new(1 << 20, Duration::from_millis(50));
+        let bytes = Bytes::from(stored(4));
+        let decoded = decode_reads(&budget, vec![job(1 << 20)], vec![bytes], usize::MAX)
+            .await
+            .expect("decode");
+        let records = match decoded.as_slice() {
+            [Ok(records)] => records.clone(),
+            other => panic!("one partition's records expected: {other:?}"),
+        };
+        assert_eq!(records.len(), 4);
+        drop(decoded);
+        assert!(
+            budget.available() < 1 << 20,
+            "records on their way into a response still hold the decoded memory"
+        );
+        let response = FetchResponse {
+            partitions: vec![PartitionData {
+                records,
+                ..PartitionData::default()
+            }],
+        };
+        // What tonic does with the message: encode it, then drop it.
+        let encoded = response.encode_to_vec();
+        drop(response);
+        assert!(!encoded.is_empty());
+        assert_eq!(budget.available(), 1 << 20, "all returned once the records are gone");
     }
 }

@@ -17,13 +17,14 @@
 //!
 //! Nothing here survives a restart.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use conveyor_storage::batch::{BatchHeader, BatchIter, Compression, HEADER_LEN};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::blocking::blocking;
 use crate::error::{BrokerError, Result};
 
 /// Decompressed bytes all produce validations and decoding fetches may hold at once: eight
@@ -37,22 +38,51 @@ const UNIT: usize = 1024;
 /// A pool of decompression memory, in bytes (see the module docs).
 #[derive(Debug)]
 pub struct InflateBudget {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     units: u32,
     max_wait: Duration,
 }
 
-/// A share of the budget, returned when dropped.
-#[derive(Debug)]
-pub struct Reservation<'a> {
-    _permit: Option<SemaphorePermit<'a>>,
+/// A share of the budget, returned when the last clone of it is dropped. It owns its permits
+/// (no borrow of the budget), so it can move into the blocking job that uses the memory and
+/// into the bytes that job produces.
+#[derive(Debug, Clone, Default)]
+pub struct Reservation {
+    permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl Reservation {
+    /// `bytes` carrying this share: it is not returned while these bytes (or any slice of
+    /// them) are alive. For buffers that outlive the job that made them, such as decoded
+    /// records on their way into a response.
+    pub fn attach(&self, bytes: Bytes) -> Bytes {
+        match &self.permit {
+            None => bytes,
+            Some(permit) => Bytes::from_owner(Held {
+                bytes,
+                _permit: Arc::clone(permit),
+            }),
+        }
+    }
+}
+
+/// Bytes holding a share. Fields drop in order: the buffer goes before the share does.
+struct Held {
+    bytes: Bytes,
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl InflateBudget {
     pub fn new(bytes: usize, max_wait: Duration) -> InflateBudget {
         let units = u32::try_from(bytes / UNIT).unwrap_or(u32::MAX).max(1);
         InflateBudget {
-            permits: Semaphore::new(units as usize),
+            permits: Arc::new(Semaphore::new(units as usize)),
             units,
             max_wait,
         }
@@ -66,20 +96,44 @@ impl InflateBudget {
 
     /// Reserves `bytes` (at most the whole budget; nothing for 0), waiting at most the
     /// budget's maximum wait. `what` names the request in the `BUSY` answer.
-    pub async fn reserve(&self, bytes: usize, what: impl FnOnce() -> String) -> Result<Reservation<'_>> {
+    pub async fn reserve(&self, bytes: usize, what: impl FnOnce() -> String) -> Result<Reservation> {
         if bytes == 0 {
-            return Ok(Reservation { _permit: None });
+            return Ok(Reservation::default());
         }
         let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX).min(self.units);
         let started = Instant::now();
-        match tokio::time::timeout(self.max_wait, self.permits.acquire_many(units)).await {
-            Ok(Ok(permit)) => Ok(Reservation { _permit: Some(permit) }),
+        let acquire = Arc::clone(&self.permits).acquire_many_owned(units);
+        match tokio::time::timeout(self.max_wait, acquire).await {
+            Ok(Ok(permit)) => Ok(Reservation {
+                permit: Some(Arc::new(permit)),
+            }),
             // Never closed; answered as busy all the same rather than a panic.
             Ok(Err(_)) | Err(_) => Err(BrokerError::DecompressionBusy {
                 what: what(),
                 waited_ms: started.elapsed().as_millis() as u64,
             }),
         }
+    }
+
+    /// Reserves `bytes` (as [`InflateBudget::reserve`]) and runs `work` on the blocking pool
+    /// with that share. The share moves into the job: it is returned when `work` ends (or
+    /// panics), and not before, even when the caller stops waiting (a client that resets
+    /// its stream drops the handler, not the job). `work` may attach the share to what it
+    /// returns ([`Reservation::attach`]) to hold it longer.
+    pub async fn run_blocking<T: Send + 'static>(
+        &self,
+        bytes: usize,
+        what: impl FnOnce() -> String,
+        work: impl FnOnce(&Reservation) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let held = self.reserve(bytes, what).await?;
+        blocking(move || {
+            let done = work(&held);
+            // Only now is the job's memory gone (what it returned carries its own clone).
+            drop(held);
+            done
+        })
+        .await
     }
 
     /// Bytes not reserved now.
@@ -159,6 +213,69 @@ mod tests {
             .await
             .expect("nothing to reserve");
         assert_eq!(budget.available(), 1 << 20);
+    }
+
+    /// Polls `done` until it holds or a few seconds pass.
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_keeps_its_share_until_its_blocking_job_ends() {
+        let budget = InflateBudget::new(4 << 20, Duration::from_millis(50));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let mut request = Box::pin(budget.run_blocking(
+            3 << 20,
+            || "inflating".into(),
+            move |_| {
+                let _ = started_tx.send(());
+                // Stands for inflating a batch: the memory is live until this returns.
+                let _ = release_rx.recv();
+                Ok(())
+            },
+        ));
+        tokio::select! {
+            _ = &mut request => panic!("the job cannot end before it is released"),
+            started = started_rx => started.expect("the job started"),
+        }
+        // The client resets its stream: the handler's future is dropped, the job runs on.
+        drop(request);
+        assert_eq!(
+            budget.available(),
+            1 << 20,
+            "the share of a job still inflating must stay reserved after its request is cancelled"
+        );
+        let error = budget
+            .reserve(2 << 20, || "next".into())
+            .await
+            .expect_err("the running job still holds 3 MiB");
+        assert!(matches!(error, BrokerError::DecompressionBusy { .. }), "{error:?}");
+        release_tx.send(()).expect("the job waits for its release");
+        eventually("the job's share is returned", || budget.available() == 4 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_attached_to_a_share_hold_it_until_the_last_slice_is_dropped() {
+        let budget = InflateBudget::new(4 << 20, Duration::from_millis(50));
+        let decoded = budget
+            .run_blocking(
+                2 << 20,
+                || "decoding".into(),
+                |held| Ok(held.attach(Bytes::from(vec![7u8; 1 << 20]))),
+            )
+            .await
+            .expect("fits");
+        let slice = decoded.slice(10..20);
+        drop(decoded);
+        assert_eq!(budget.available(), 2 << 20, "a slice of the decoded bytes is alive");
+        assert_eq!(&slice[..], &[7u8; 10]);
+        drop(slice);
+        assert_eq!(budget.available(), 4 << 20);
     }
 
     fn batch_of(compression: Compression, value: usize) -> Bytes {

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::inflate_budget::{self, InflateBudget};
-use super::{Context, blocking};
+use super::Context;
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
@@ -239,10 +239,11 @@ impl ProduceService {
                 Some((topic, partition)) => format!("a produce request to topic '{topic}' partition {partition}"),
                 None => "a produce request".to_string(),
             };
-            let checked = match InflateBudget::shared().reserve(inflating, what).await {
-                Ok(_inflating) => blocking(move || Ok(check(parts))).await,
-                Err(busy) => Err(busy),
-            };
+            // The share stays with the job until its inflated buffers are gone, even if this
+            // request is cancelled meanwhile.
+            let checked = InflateBudget::shared()
+                .run_blocking(inflating, what, move |_| Ok(check(parts)))
+                .await;
             match checked {
                 Ok(checked) => checked,
                 // No budget in time (BUSY, retriable), or the job panicked: every part answers

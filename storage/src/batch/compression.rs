@@ -4,9 +4,11 @@
 //!
 //! # Invariants
 //! - The declared length is checked against the caller's limit before anything is
-//!   decompressed, and the output never grows more than one byte past the declared length:
-//!   a small hostile batch can neither claim nor produce more than the limit.
-//! - No output buffer is allocated from the claim alone (see [`Compression::decompress`]).
+//!   decompressed, and the output never takes more memory than the declared length: a small
+//!   hostile batch can neither claim nor produce more than the limit.
+//! - Memory a section really uses is bounded by what it holds: lz4 gets an output buffer
+//!   only as large as its block could fill, and zstd writes into a buffer of the declared
+//!   size whose pages are touched only as output arrives (see [`Compression::decompress`]).
 
 use crate::error::BatchError;
 
@@ -70,9 +72,10 @@ impl Compression {
     /// Decompresses a compressed records section, refusing one that declares more than
     /// `limit` bytes or that inflates past what it declared. Not called for `None`.
     ///
-    /// Memory stays bounded by what the section really holds: zstd is decoded as a stream
-    /// that stops one byte past the declared size, and lz4 (a block format that must know
-    /// its output size) only gets an output buffer the block could actually fill.
+    /// Memory stays within the declared size and bounded by what the section really holds:
+    /// zstd is decoded in one pass into a buffer of exactly the declared size (see
+    /// [`zstd_bounded`]), and lz4 (a block format that must know its output size) only gets
+    /// an output buffer the block could actually fill.
     pub(crate) fn decompress(self, section: &[u8], limit: usize) -> Result<Vec<u8>, BatchError> {
         if section.len() < 4 {
             return Err(BatchError::Decompress("missing uncompressed length".into()));
@@ -110,26 +113,23 @@ impl Compression {
 /// fixed slack of a block's shortest encodings.
 const LZ4_MAX_RATIO: usize = 255;
 const LZ4_SLACK: usize = 64;
-/// First allocation for decompressed output; it grows with what the stream really yields.
-const INITIAL_OUTPUT: usize = 256 << 10;
-/// Smallest and largest zstd window the decoder accepts (2^10 .. 2^27, zstd's own default).
-const ZSTD_MIN_WINDOW_LOG: u32 = 10;
-const ZSTD_MAX_WINDOW_LOG: u32 = 27;
 
-/// Decodes a zstd block as a stream, stopping one byte past `declared`: a block that
-/// inflates beyond its declared size is caught without producing the rest, and the output
-/// buffer grows with the data instead of being allocated from the claim. The window is
-/// capped to the declared size too, so a hostile frame cannot make the decoder reserve more.
+/// Decodes a zstd block in one pass straight into a buffer of exactly `declared` bytes: the
+/// output can never take more memory than the batch declared (which callers have already
+/// checked against their limit and reserved), and a block that inflates past it fails with
+/// "destination buffer is too small" instead of producing the rest. One-pass decoding uses
+/// the output as its window, so no window buffer is allocated whatever the frame asks for.
+/// The buffer's pages are only touched as output is written, so a batch that declares more
+/// than it holds costs the memory of what it holds.
 fn zstd_bounded(block: &[u8], declared: usize) -> Result<Vec<u8>, BatchError> {
-    use std::io::Read;
-    let fail = |e: std::io::Error| BatchError::Decompress(e.to_string());
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(block).map_err(fail)?;
-    let window_log = usize::BITS - declared.max(1).leading_zeros();
-    decoder
-        .window_log_max(window_log.clamp(ZSTD_MIN_WINDOW_LOG, ZSTD_MAX_WINDOW_LOG))
-        .map_err(fail)?;
-    let mut out = Vec::with_capacity(declared.min(INITIAL_OUTPUT));
-    decoder.take(declared as u64 + 1).read_to_end(&mut out).map_err(fail)?;
+    let mut out = Vec::with_capacity(declared);
+    zstd::bulk::Decompressor::new()
+        .and_then(|mut d| d.decompress_to_buffer(block, &mut out))
+        .map_err(|e| {
+            BatchError::Decompress(format!(
+                "zstd block declared to inflate to {declared} bytes could not be decoded within them: {e}"
+            ))
+        })?;
     Ok(out)
 }
 
@@ -175,23 +175,40 @@ mod tests {
     }
 
     #[test]
-    fn a_block_that_inflates_past_its_declared_size_stops_one_byte_past_it() {
+    fn a_block_that_inflates_past_its_declared_size_stops_there() {
         let plain = vec![0u8; 8 << 20];
         let mut out = Vec::new();
         Compression::Zstd.compress(&plain, &mut out).expect("compress");
-        // Claim 4 MiB: decoding must stop right after it, not produce 8 MiB.
+        // Claim 4 MiB: decoding must stop at it, not produce 8 MiB.
         let claim = 4u32 << 20;
         out[..4].copy_from_slice(&claim.to_le_bytes());
         let e = Compression::Zstd
             .decompress(&out, MAX_UNCOMPRESSED_BYTES)
             .expect_err("lies");
-        assert!(e.to_string().contains(&format!("decompressed to {}", claim + 1)), "{e}");
-        // Claim 1 KiB: the frame's window alone is larger than that, refused before decoding.
+        assert!(e.to_string().contains(&format!("inflate to {claim} bytes")), "{e}");
+        assert!(e.to_string().contains("too small"), "{e}");
+        // Claim 1 KiB: refused just the same.
         out[..4].copy_from_slice(&1024u32.to_le_bytes());
         let e = Compression::Zstd
             .decompress(&out, MAX_UNCOMPRESSED_BYTES)
             .expect_err("lies");
         assert!(matches!(e, BatchError::Decompress(_)), "{e}");
+    }
+
+    #[test]
+    fn zstd_output_never_takes_more_memory_than_the_declared_size() {
+        // Not a power of two: a buffer that grows by doubling overshoots it by almost 2x.
+        let plain: Vec<u8> = (0..(3 << 20) + 17u32).map(|i| (i % 251) as u8).collect();
+        let mut section = Vec::new();
+        Compression::Zstd.compress(&plain, &mut section).expect("compress");
+        let out = zstd_bounded(&section[4..], plain.len()).expect("decompress");
+        assert_eq!(out, plain);
+        assert!(
+            out.capacity() <= plain.len(),
+            "the output of {} bytes took a buffer of {}",
+            plain.len(),
+            out.capacity()
+        );
     }
 
     #[test]
