@@ -9,8 +9,9 @@
 //! one batch at a time within `[limits] max_uncompressed_batch_bytes`, counts the response
 //! budget in decoded bytes, and does all of it on the blocking pool. What it decodes is
 //! reserved first from the broker-wide decompression budget it shares with produce
-//! validation ([`super::inflate_budget`]); a fetch that cannot get its share within a bounded
-//! wait is answered BUSY (retriable).
+//! validation ([`super::inflate_budget`]) and held by the decoded records until the response
+//! is encoded (see [`decode_reads`]); a fetch that cannot get its share within a bounded wait
+//! is answered BUSY (retriable).
 //!
 //! A partition's `log_start_offset` is read after its batches: when retention deleted the
 //! segment holding the requested offset between the bounds check and the read, the batches

@@ -1,19 +1,28 @@
 //! The broker-wide budget for decompressed bytes. Produce validation (which inflates a
 //! compressed batch to check its records) and fetches with `decode_records` (which inflate
 //! stored batches and copy their records into the response) take their share from one
-//! semaphore before they inflate anything, so however many requests arrive at once, the
-//! broker holds at most [`BROKER_BUDGET_BYTES`] of decompressed data for them.
+//! semaphore before they inflate anything, so however many requests arrive at once, and
+//! however many of them are cancelled midway, the broker holds at most
+//! [`BROKER_BUDGET_BYTES`] of decompressed data for them (besides each decoder's small fixed
+//! working state).
 //!
 //! Invariants:
 //! - A request reserves what it can really hold at once, not the sum of what its batches
 //!   declare: batches are inflated one at a time and each is dropped before the next, and
-//!   decompression stops as soon as the output passes what the batch declared (capped by
-//!   `[limits] max_uncompressed_batch_bytes`). A client that declares more than its batch
-//!   inflates to holds its share only while that one batch fails validation.
+//!   a batch's output never takes more memory than it declared (capped by `[limits]
+//!   max_uncompressed_batch_bytes`); decompression fails as soon as it would pass that. A
+//!   client that declares more than its batch inflates to holds its share only while that
+//!   one batch fails validation.
+//! - A share is held by the memory it stands for, not by the request's handler: it moves
+//!   into the blocking job that inflates ([`InflateBudget::run_blocking`]), so a client that
+//!   resets its stream or whose deadline passes cannot return the share while the job still
+//!   inflates, and into the buffers of decoded records ([`Reservation::attach`]), so a
+//!   decoding fetch keeps it until tonic has encoded the response and dropped the records.
+//!   The encoded response is bounded like any fetch response, by its size limit.
 //! - No request waits for its share for longer than [`MAX_WAIT`]: past it, it is answered
 //!   `BUSY` (RESOURCE_EXHAUSTED, retriable) rather than queued behind others without end.
-//! - A reservation is released when its guard drops, including on errors and panics of
-//!   the blocking job (the guard lives in the awaiting task).
+//! - A share is returned when its last holder drops, including on errors and panics of the
+//!   blocking job (unwinding drops it).
 //!
 //! Nothing here survives a restart.
 

@@ -214,7 +214,9 @@ impl LostEntries {
     /// rejection; instead the follower's progress goes back to the hint, and the rejection
     /// is then taken as the answer to a probe, which sends the entries again.
     fn reprobe_if_lost(&self, node: &mut RawNode<RaftLog>, m: &Message) {
-        if !m.reject || m.term != node.raft.term {
+        // A rejection of an index this leader never sent is no answer to anything it sent:
+        // probing from there would send an append that a follower matches by a made-up term.
+        if !m.reject || m.term != node.raft.term || m.index > node.raft.raft_log.last_index() {
             return;
         }
         let Some(progress) = node.raft.mut_prs().get_mut(m.from) else {
@@ -233,7 +235,7 @@ impl LostEntries {
         );
         progress.matched = m.reject_hint;
         progress.become_probe();
-        progress.next_idx = m.index + 1;
+        progress.next_idx = m.index.saturating_add(1);
     }
 }
 

@@ -442,3 +442,33 @@ fn a_snapshot_lost_without_a_report_resumes_its_follower_after_a_few_election_ti
         assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
     }
 }
+
+#[test]
+fn a_rejection_of_an_index_the_leader_never_sent_panics_no_replica() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (mut nodes, l) = committed_group(dir.path(), 5, &mut rounds);
+    let follower = if l == 0 { 2u64 } else { 1 };
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppendResponse);
+    m.from = follower;
+    m.to = l as u64 + 1;
+    m.term = nodes[l].raw.raft.term;
+    m.reject = true;
+    // Below what the follower acknowledged, as a lost-entries rejection, but of an index
+    // far past the leader's log (a hostile or buggy peer).
+    m.reject_hint = 0;
+    m.index = u64::MAX;
+    let leader = &mut nodes[l];
+    let _ = leader.lost.step(&mut leader.raw, m);
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    for i in 5..8 {
+        nodes[l].raw.propose(vec![], batch(i)).expect("propose");
+    }
+    // The leader goes on, and the follower it was told about is served again.
+    while nodes[(follower - 1) as usize].raw.raft.raft_log.applied <= target {
+        round(&mut nodes, false);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the follower is not served after the hostile rejection");
+    }
+}
