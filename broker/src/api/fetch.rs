@@ -188,18 +188,14 @@ async fn decode_reads(
         None => "a decoding fetch".to_string(),
     };
     shared
-        .run_blocking(
-            holds,
-            what,
-            move |held| {
-                let mut budget = budget;
-                Ok(jobs
-                    .iter()
-                    .zip(&batches)
-                    .map(|(job, bytes)| decode(job, bytes, &mut budget, held))
-                    .collect())
-            },
-        )
+        .run_blocking(holds, what, move |held| {
+            let mut budget = budget;
+            Ok(jobs
+                .iter()
+                .zip(&batches)
+                .map(|(job, bytes)| decode(job, bytes, &mut budget, held))
+                .collect())
+        })
         .await
 }
 
@@ -458,7 +454,13 @@ mod tests {
     #[test]
     fn a_stored_batch_inflating_past_the_limit_is_not_decompressed() {
         let mut budget = usize::MAX;
-        let e = decode(&job(VALUE - 1), &Bytes::from(stored(1)), &mut budget, &Reservation::default()).expect_err("too large");
+        let e = decode(
+            &job(VALUE - 1),
+            &Bytes::from(stored(1)),
+            &mut budget,
+            &Reservation::default(),
+        )
+        .expect_err("too large");
         assert!(e.to_string().contains("max_uncompressed_batch_bytes"), "{e}");
     }
 

@@ -25,8 +25,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::inflate_budget::{self, InflateBudget};
 use super::Context;
+use super::inflate_budget::{self, InflateBudget};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 

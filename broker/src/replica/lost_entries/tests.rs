@@ -469,6 +469,9 @@ fn a_rejection_of_an_index_the_leader_never_sent_panics_no_replica() {
     while nodes[(follower - 1) as usize].raw.raft.raft_log.applied <= target {
         round(&mut nodes, false);
         rounds += 1;
-        assert!(rounds < MAX_ROUNDS, "the follower is not served after the hostile rejection");
+        assert!(
+            rounds < MAX_ROUNDS,
+            "the follower is not served after the hostile rejection"
+        );
     }
 }
