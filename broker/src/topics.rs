@@ -713,7 +713,7 @@ impl Registry {
                 // A directory that cannot be prepared fails the record (it is retried); a
                 // replica that cannot be opened is this partition's failure only.
                 let prepared = tokio::task::spawn_blocking(move || {
-                    prepare_topic_dir(&registry.topics_dir().join(&topic2.name), &topic2.id)
+                    prepare_topic_dir(&registry.options.data_dir, &topic2.name, &topic2.id)
                         .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))
                 })
                 .await
@@ -722,6 +722,7 @@ impl Registry {
                 })??;
                 if let TopicDir::Other(held) = prepared {
                     tracing::warn!(topic = %topic.name, id = %topic.id, held = %held, partition = p, "the topic's directory holds another incarnation of the name; not opening the new replica here");
+                    unopened.insert(p, Unopened::new(other_incarnation_reason(&held)));
                 } else {
                     let placed = Arc::new(Topic {
                         assignments: {
@@ -821,12 +822,22 @@ impl Registry {
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
         let dir_error = |e: std::io::Error| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name));
+        restore_quarantined(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?;
         if (local_wanted || topic_dir.exists())
-            && let TopicDir::Other(held) = prepare_topic_dir(&topic_dir, &created.topic_id).map_err(dir_error)?
+            && let TopicDir::Other(held) =
+                prepare_topic_dir(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?
         {
             // Another incarnation of the name is there: this record is not what the data
             // belongs to, and it goes only through that incarnation's own `TopicDeleted`.
+            // The replicas placed here are reported stopped (and retried) meanwhile.
             tracing::info!(topic = %created.name, id = %created.topic_id, held = %held, "the topic's directory holds another incarnation of the name; opening no replica of this one here");
+            let reason = other_incarnation_reason(&held);
+            let unopened = assignments
+                .iter()
+                .enumerate()
+                .filter(|(_, replicas)| replicas.contains(&me))
+                .map(|(p, _)| (p as i32, Unopened::new(reason.clone())))
+                .collect();
             return Ok(Topic {
                 name: created.name.clone(),
                 id: created.topic_id.clone(),
@@ -836,7 +847,7 @@ impl Registry {
                 assignments,
                 initial,
                 local: BTreeMap::new(),
-                unopened: BTreeMap::new(),
+                unopened,
             });
         }
         let kept = self
@@ -1140,12 +1151,22 @@ enum TopicDir {
     Other(String),
 }
 
-/// Makes sure `dir` holds the topic incarnation `id`, creating and marking it if it holds
-/// nothing. A directory holding another incarnation is never deleted here, whether that one
-/// is earlier or later than `id`, or unknown to this broker: the view applying `id` may be
-/// stale, and data goes only through its own incarnation's `TopicDeleted` (see
+/// Why a replica of incarnation `id` is not opened in a directory that holds `held`.
+fn other_incarnation_reason(held: &str) -> String {
+    format!(
+        "the topic's directory holds another incarnation of the name (topic id {held}); it is kept until that incarnation's deletion applies here"
+    )
+}
+
+/// Makes sure the directory of topic `name` holds the incarnation `id`: moved back from
+/// quarantine if a start put it there (see [`restore_quarantined`]), else created and marked
+/// if there is none. A directory holding another incarnation is never deleted here, whether
+/// that one is earlier or later than `id`, or unknown to this broker: the view applying `id`
+/// may be stale, and data goes only through its own incarnation's `TopicDeleted` (see
 /// [`remove_topic_data`]). Blocking.
-fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<TopicDir> {
+fn prepare_topic_dir(data_dir: &Path, name: &str, id: &str) -> std::io::Result<TopicDir> {
+    restore_quarantined(data_dir, name, id)?;
+    let dir = data_dir.join(TOPICS_DIR).join(name);
     let marker = dir.join(TOPIC_ID_FILE);
     match std::fs::read_to_string(&marker) {
         Ok(found) if found.trim() == id => return Ok(TopicDir::Ready),
@@ -1153,9 +1174,37 @@ fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<TopicDir> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(dir)?;
-    conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(&dir)?;
+    conveyor_storage::replace_file_durably(&dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)?;
     Ok(TopicDir::Ready)
+}
+
+/// Moves `quarantine/<name>.<id>` back to the topic's directory, if the topic has none: a
+/// start quarantined it because the local metadata log did not hold its creation yet (see
+/// [`Registry::remove_unknown_dirs`]), and that creation, of this same incarnation, now
+/// applies. Opening a fresh replica instead would forget the replica's vote and term and
+/// count an empty log toward the group's quorum. Returns whether it moved. Blocking.
+fn restore_quarantined(data_dir: &Path, name: &str, id: &str) -> std::io::Result<bool> {
+    let topics = data_dir.join(TOPICS_DIR);
+    let target = topics.join(name);
+    let quarantine = data_dir.join(QUARANTINE_DIR);
+    let source = quarantine.join(format!("{name}.{id}"));
+    if id.is_empty() || target.exists() || !source.is_dir() {
+        return Ok(false);
+    }
+    match std::fs::read_to_string(source.join(TOPIC_ID_FILE)) {
+        Ok(found) if found.trim() == id => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(&topics)?;
+    std::fs::rename(&source, &target)?;
+    // Both entries durable: a crash must not leave the replica in neither place.
+    std::fs::File::open(&topics)?.sync_all()?;
+    std::fs::File::open(&quarantine)?.sync_all()?;
+    tracing::warn!(topic = %name, id = %id, from = %source.display(), "the topic's creation now applies here: its quarantined directory is moved back");
+    Ok(true)
 }
 
 /// A free path in the quarantine folder for the directory of topic `name` at `source`.
@@ -1248,23 +1297,114 @@ mod tests {
         }
     }
 
+    /// A single-node registry over `data_dir`.
+    fn open_registry(data_dir: &Path) -> Arc<Registry> {
+        let metrics = Arc::new(Metrics::default());
+        let transport =
+            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
+        let options = RegistryOptions {
+            node_id: 1,
+            data_dir: data_dir.to_path_buf(),
+            defaults: TopicDefaults::from_section(&crate::config::LogSection::default()),
+            queue_depth: 16,
+            max_partitions: 16,
+            join: false,
+        };
+        Arc::new(Registry::open(options, metrics, tokio::runtime::Handle::current(), transport).expect("registry"))
+    }
+
+    fn creation(name: &str, id: &str) -> TopicCreated {
+        TopicCreated {
+            name: name.into(),
+            partitions: 1,
+            replication_factor: 1,
+            configs: Default::default(),
+            topic_id: id.into(),
+            assignments: vec![PartitionAssignment { replicas: vec![1] }],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topic_quarantined_at_start_comes_back_with_its_data_when_its_creation_applies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = open_registry(dir.path());
+        let topic = registry.open_topic(creation("a", "id1"), None).expect("open");
+        let replica = dir.path().join(TOPICS_DIR).join("a").join("0");
+        let partition = Arc::clone(&topic.local[&0]);
+        partition.stop().await;
+        tokio::task::spawn_blocking(move || partition.close())
+            .await
+            .expect("join")
+            .expect("close");
+        let state = std::fs::read(replica.join("raft-state")).expect("the replica stored its raft state");
+        std::fs::write(replica.join("kept"), b"").expect("marker");
+
+        // At start the local metadata log lacked the creation (it lost its tail).
+        registry.remove_unknown_dirs(&BTreeSet::new()).expect("quarantine");
+        assert!(!replica.exists(), "moved to quarantine");
+        let quarantined = dir.path().join(QUARANTINE_DIR).join("a.id1");
+        assert!(quarantined.exists());
+
+        // The log catches up and applies the same incarnation's creation.
+        let reopened = registry.open_topic(creation("a", "id1"), None).expect("open again");
+        assert!(reopened.local.contains_key(&0), "{:?}", reopened.unopened);
+        assert!(
+            replica.join("kept").exists(),
+            "the quarantined replica was restored, not replaced by an empty one"
+        );
+        assert_eq!(std::fs::read(replica.join("raft-state")).expect("raft-state"), state);
+        assert!(!quarantined.exists());
+        reopened.local[&0].stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_whose_directory_holds_another_incarnation_is_reported_stopped_and_never_opened_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = open_registry(dir.path());
+        let topic_dir = dir.path().join(TOPICS_DIR).join("a");
+        assert_eq!(
+            prepare_topic_dir(dir.path(), "a", "id2").expect("mark"),
+            TopicDir::Ready
+        );
+
+        let topic = Arc::new(registry.open_topic(creation("a", "id1"), None).expect("open"));
+        assert!(topic.local.is_empty());
+        let reason = &topic.unopened.get(&0).expect("listed as unopened").reason;
+        assert!(
+            reason.contains("another incarnation") && reason.contains("id2"),
+            "{reason}"
+        );
+
+        // Nor does a retry open it in the other incarnation's directory.
+        let retried = registry.open_local_replica(&topic, 0).await;
+        let refused = retried.err().expect("the retry is refused");
+        assert!(refused.contains("id2"), "{refused}");
+        assert!(
+            !topic_dir.join("0").exists(),
+            "nothing was created in the other incarnation's directory"
+        );
+    }
+
     #[test]
     fn preparing_a_directory_that_holds_another_incarnation_of_the_name_leaves_its_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let topic = dir.path().join(TOPICS_DIR).join("a");
-        assert_eq!(prepare_topic_dir(&topic, "id2").expect("new"), TopicDir::Ready);
+        assert_eq!(prepare_topic_dir(dir.path(), "a", "id2").expect("new"), TopicDir::Ready);
         std::fs::create_dir_all(topic.join("0")).expect("partition");
         std::fs::write(topic.join("0").join("raft-state"), b"state").expect("state");
         // The earlier incarnation's creation, applied again after an unclean restart.
         assert_eq!(
-            prepare_topic_dir(&topic, "id1").expect("other"),
+            prepare_topic_dir(dir.path(), "a", "id1").expect("other"),
             TopicDir::Other("id2".into())
         );
         assert_eq!(
             std::fs::read(topic.join("0").join("raft-state")).expect("kept"),
             b"state"
         );
-        assert_eq!(prepare_topic_dir(&topic, "id2").expect("same"), TopicDir::Ready);
+        assert_eq!(
+            prepare_topic_dir(dir.path(), "a", "id2").expect("same"),
+            TopicDir::Ready
+        );
         // Only its own deletion removes it.
         remove_topic_data(dir.path(), "a", "id1").expect("no-op");
         assert!(topic.join("0").join("raft-state").exists());

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Registry, Topic};
+use super::{Registry, Topic, TopicDir, other_incarnation_reason, prepare_topic_dir};
 use crate::partition::Partition;
 
 /// Wait before the first retry of a replica that could not be opened.
@@ -117,6 +117,12 @@ impl Registry {
         let initial = topic.initial.get(index).cloned().unwrap_or_default();
         let (registry, topic) = (Arc::clone(self), Arc::clone(topic));
         tokio::task::spawn_blocking(move || {
+            // The directory may since hold another incarnation of the name, or have gone.
+            match prepare_topic_dir(&registry.options.data_dir, &topic.name, &topic.id) {
+                Ok(TopicDir::Ready) => {}
+                Ok(TopicDir::Other(held)) => return Err(other_incarnation_reason(&held)),
+                Err(e) => return Err(format!("topic '{}' directory: {e}", topic.name)),
+            }
             let dir = registry.topics_dir().join(&topic.name).join(p.to_string());
             Partition::open(
                 &registry.open_context(),
