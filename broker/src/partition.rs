@@ -414,6 +414,13 @@ impl Partition {
         self.files.retire();
     }
 
+    /// Whether a task still holding this partition could store `raft-state` in its directory
+    /// (it stores it, if so).
+    #[cfg(test)]
+    pub(crate) fn stores_raft_state(&self) -> bool {
+        self.files.maintain(|files| files.raft.flush_state().is_ok())
+    }
+
     /// A receiver that wakes when leadership or replication state changes.
     pub fn watch_status(&self) -> watch::Receiver<GroupStatus> {
         self.status.clone()

@@ -1385,6 +1385,50 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_moved_off_this_broker_is_retired_before_its_directory_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = open_registry(dir.path());
+        let replica = dir.path().join(TOPICS_DIR).join("a").join("0");
+        let defaults = TopicDefaults::from_section(&crate::config::LogSection::default());
+        // Its group no longer lists this broker (1): only broker 2 votes.
+        let partition = Partition::open(
+            &registry.open_context(),
+            "a",
+            0,
+            &replica,
+            defaults.log_config(),
+            &[2],
+            2,
+        )
+        .expect("open");
+        let topic = Arc::new(Topic {
+            name: "a".into(),
+            id: "id1".into(),
+            replication_factor: 1,
+            overrides: BTreeMap::new(),
+            effective: defaults,
+            assignments: vec![vec![2]],
+            initial: vec![vec![2]],
+            local: BTreeMap::from([(0, Arc::clone(&partition))]),
+            unopened: BTreeMap::new(),
+        });
+        registry.insert(Topic::clone(&topic));
+        registry.remove_departed_replica(&topic, 0).await;
+        assert!(!replica.exists(), "the replica's data is removed");
+        assert!(registry.get("a").expect("topic").local.is_empty());
+
+        // A replica placed here again later uses the same path; a retention pass that still
+        // holds the departed partition must not write into it.
+        std::fs::create_dir_all(&replica).expect("a later replica's directory");
+        let held = Arc::clone(&partition);
+        let stored = tokio::task::spawn_blocking(move || held.stores_raft_state())
+            .await
+            .expect("join");
+        assert!(!stored, "the departed partition still stores raft-state");
+        assert!(!replica.join("raft-state").exists());
+    }
+
     #[test]
     fn preparing_a_directory_that_holds_another_incarnation_of_the_name_leaves_its_data() {
         let dir = tempfile::tempdir().expect("tempdir");
