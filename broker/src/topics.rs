@@ -1377,7 +1377,9 @@ mod tests {
 
         // Nor does a retry open it in the other incarnation's directory.
         let retried = registry.open_local_replica(&topic, 0).await;
-        let refused = retried.err().expect("the retry is refused");
+        let Err(refused) = retried else {
+            panic!("the retry opened a replica in the other incarnation's directory")
+        };
         assert!(refused.contains("id2"), "{refused}");
         assert!(
             !topic_dir.join("0").exists(),
