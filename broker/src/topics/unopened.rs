@@ -1,5 +1,7 @@
 //! Replicas placed on this broker that could not be opened (a damaged directory, a
-//! `RaftLog` consistency error, a full disk, a permission problem).
+//! `RaftLog` consistency error, a full disk, a permission problem, a topic directory that
+//! holds another incarnation of the name: every try checks the incarnation first and never
+//! opens a replica in another one's directory).
 //!
 //! Such a failure is local to one partition, so it does not stop the metadata applier: the
 //! record that placed the replica applies (the topic is registered, later records follow),
