@@ -151,6 +151,9 @@ impl Default for LogSection {
     }
 }
 
+/// The shortest rest between two scrub passes.
+const MIN_SCRUB_INTERVAL: Duration = Duration::from_millis(100);
+
 /// 32 MiB: 32 times the default `max.message.bytes`, room for well-compressed text, and
 /// small enough that a batch decoded for a fetch fits in one response.
 const DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES: u64 = 32 << 20;
@@ -206,6 +209,11 @@ impl BrokerConfig {
         self.topic_defaults()
             .validate()
             .map_err(|e| anyhow::anyhow!("[log] {e}"))?;
+        anyhow::ensure!(
+            self.log.scrub_bytes_per_second.0 == 0 || self.log.scrub_interval.0 >= MIN_SCRUB_INTERVAL,
+            "[log] scrub_interval must be at least {} ms while the scrub runs (a pass over partitions with nothing sealed would start again at once, without end); set scrub_bytes_per_second = 0 to disable the scrub",
+            MIN_SCRUB_INTERVAL.as_millis()
+        );
         anyhow::ensure!(
             self.log.default_partitions > 0,
             "[log] default_partitions must be positive"
@@ -316,6 +324,17 @@ mod tests {
         )
         .expect_err("below max_message_bytes and below the default");
         assert!(err.to_string().contains("whichever is smaller"), "{err}");
+    }
+
+    #[test]
+    fn a_scrub_interval_too_short_to_rest_is_refused_while_the_scrub_runs() {
+        for bad in ["0s", "0ms", "50ms"] {
+            let err = BrokerConfig::parse(&format!("[log]\nscrub_interval = \"{bad}\"\n")).expect_err(bad);
+            assert!(err.to_string().contains("scrub_interval"), "{err}");
+        }
+        BrokerConfig::parse("[log]\nscrub_interval = \"200ms\"\n").expect("at the minimum or above");
+        BrokerConfig::parse("[log]\nscrub_interval = \"0s\"\nscrub_bytes_per_second = 0\n")
+            .expect("no rest is needed when the scrub is disabled");
     }
 
     #[test]

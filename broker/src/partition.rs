@@ -376,16 +376,34 @@ impl Partition {
 
     /// One scrub step on the log, unless the partition was reopened since `log` was its
     /// log (`None`: that pass is over, its cursor means nothing to the new log). No
-    /// reopening starts while the step runs. Blocking.
+    /// reopening starts while the step runs. What to do with damage is decided here, from
+    /// the group's voters as the step starts (a pass may take hours, and membership change
+    /// meanwhile): cut and repair when another voter holds the data, else only report it.
+    /// Returns that choice with the step. Blocking.
+    #[allow(clippy::type_complexity)]
     pub fn scrub_step(
         &self,
         log: &Arc<PartitionLog>,
         cursor: conveyor_storage::ScrubCursor,
         max_bytes: u64,
-        on_damage: conveyor_storage::OnDamage,
-    ) -> Option<std::result::Result<conveyor_storage::ScrubStep, conveyor_storage::LogError>> {
-        self.files
-            .maintain(|files| Arc::ptr_eq(&files.log, log).then(|| log.scrub_step_with(cursor, max_bytes, on_damage)))
+    ) -> Option<
+        std::result::Result<(conveyor_storage::ScrubStep, conveyor_storage::OnDamage), conveyor_storage::LogError>,
+    > {
+        self.files.maintain(|files| {
+            if !Arc::ptr_eq(&files.log, log) {
+                return None;
+            }
+            let me = u64::from(self.node_id);
+            let on_damage = if files.raft.conf_state().voters.iter().any(|&voter| voter != me) {
+                conveyor_storage::OnDamage::Quarantine
+            } else {
+                conveyor_storage::OnDamage::Report
+            };
+            Some(
+                log.scrub_step_with(cursor, max_bytes, on_damage)
+                    .map(|step| (step, on_damage)),
+            )
+        })
     }
 
     /// Retires the log and its Raft view for good, after [`stop`](Self::stop), when the
@@ -394,6 +412,13 @@ impl Partition {
     /// name uses the same path). Waits for a retention pass or scrub step under way. Blocking.
     pub fn retire(&self) {
         self.files.retire();
+    }
+
+    /// Whether a task still holding this partition could store `raft-state` in its directory
+    /// (it stores it, if so).
+    #[cfg(test)]
+    pub(crate) fn stores_raft_state(&self) -> bool {
+        self.files.maintain(|files| files.raft.flush_state().is_ok())
     }
 
     /// A receiver that wakes when leadership or replication state changes.
@@ -1218,8 +1243,7 @@ mod tests {
         let scrubbed = p.log();
         let cursor = conveyor_storage::ScrubCursor::start();
         assert!(
-            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine)
-                .is_some(),
+            p.scrub_step(&scrubbed, cursor, 1 << 20).is_some(),
             "steps run while the log is current"
         );
         let reopened = {
@@ -1235,14 +1259,10 @@ mod tests {
         reopened.await.expect("join").expect("reopened");
         assert!(scrubbed.is_closed(), "the old log was retired");
         assert!(
-            p.scrub_step(&scrubbed, cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine)
-                .is_none(),
+            p.scrub_step(&scrubbed, cursor, 1 << 20).is_none(),
             "the pass ends: its cursor belongs to the retired log"
         );
-        assert!(
-            p.scrub_step(&p.log(), cursor, 1 << 20, conveyor_storage::OnDamage::Quarantine)
-                .is_some()
-        );
+        assert!(p.scrub_step(&p.log(), cursor, 1 << 20).is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1259,7 +1279,22 @@ mod tests {
         // What a retention pass that still holds the old partition does after the deletion.
         assert!(p.raft().flush_state().is_err(), "the retired Raft view stores nothing");
         assert!(p.log().is_closed(), "the retired log refuses deletions and appends");
-        assert!(p.log().append(&[0; 64]).is_err());
+        let batch = {
+            use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(&Record {
+                timestamp: 1_000,
+                value: Some(bytes::Bytes::from_static(b"v")),
+                ..Record::default()
+            });
+            b.build().expect("batch")
+        };
+        let scratch = tempfile::tempdir().expect("tempdir");
+        PartitionLog::open(scratch.path(), LogConfig::default())
+            .expect("log")
+            .append(&batch)
+            .expect("the batch is valid: an open log takes it");
+        assert!(p.log().append(&batch).is_err(), "the retired log takes no append");
         assert_eq!(std::fs::read(&state_file).expect("raft-state"), before);
     }
 

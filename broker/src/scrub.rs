@@ -8,7 +8,8 @@
 //! up partitions created or moved here in the meantime. `0` disables it.
 //!
 //! When a corrupt batch is found this task counts it (`conveyor_corrupt_batches_total`) and
-//! logs its topic, partition and offset. If the partition's group has another voter, the
+//! logs its topic, partition and offset. If the partition's group has another voter (looked up
+//! at each step, under the partition's generation lock: membership may change during a pass), the
 //! storage layer records the damage durably in the partition directory and quarantines the
 //! log (reads and appends refused; see `conveyor_storage::scrub`); the partition owner then
 //! reopens the log, which cuts it at the corrupt batch, and the replica catches up from its
@@ -64,29 +65,15 @@ pub async fn run(
     }
     tokio::pin!(stop);
     loop {
-        let me = registry.transport().node_id();
         for p in registry.all_partitions() {
             let (topic, index) = (p.topic.clone(), p.index);
             // Each step re-checks that the partition still serves from the log this pass
             // started on, and no reopening runs during a step: a pass never reads, or
-            // quarantines, a log the partition retired.
+            // quarantines, a log the partition retired. Each also decides from the group's
+            // voters then whether damage may be cut.
             let log = p.log();
-            let on_damage = if p.members().0.iter().any(|&voter| voter != me) {
-                OnDamage::Quarantine
-            } else {
-                OnDamage::Report
-            };
-            let step = move |cursor, max_bytes| p.scrub_step(&log, cursor, max_bytes, on_damage);
-            let outcome = scrub_steps(
-                step,
-                &topic,
-                index,
-                &metrics,
-                bytes_per_second,
-                on_damage,
-                stop.as_mut(),
-            )
-            .await;
+            let step = move |cursor, max_bytes| p.scrub_step(&log, cursor, max_bytes);
+            let outcome = scrub_steps(step, &topic, index, &metrics, bytes_per_second, stop.as_mut()).await;
             if outcome == Outcome::Stopped {
                 return;
             }
@@ -108,19 +95,23 @@ pub async fn scrub_log(
     on_damage: OnDamage,
     stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Outcome {
-    let step = move |cursor, max_bytes| Some(log.scrub_step_with(cursor, max_bytes, on_damage));
-    scrub_steps(step, topic, partition, metrics, bytes_per_second, on_damage, stop).await
+    let step = move |cursor, max_bytes| {
+        Some(
+            log.scrub_step_with(cursor, max_bytes, on_damage)
+                .map(|s| (s, on_damage)),
+        )
+    };
+    scrub_steps(step, topic, partition, metrics, bytes_per_second, stop).await
 }
 
-/// One pass made of `step`s (blocking; `None` when the log was replaced, which ends the
-/// pass as skipped).
+/// One pass made of `step`s (blocking; each returns what it did and what it did with damage,
+/// or `None` when the log was replaced, which ends the pass as skipped).
 async fn scrub_steps(
-    step: impl Fn(ScrubCursor, u64) -> Option<Result<ScrubStep, LogError>> + Send + Sync + 'static,
+    step: impl Fn(ScrubCursor, u64) -> Option<Result<(ScrubStep, OnDamage), LogError>> + Send + Sync + 'static,
     topic: &str,
     partition: i32,
     metrics: &Metrics,
     bytes_per_second: u64,
-    on_damage: OnDamage,
     mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Outcome {
     let chunk = SCRUB_CHUNK.min(bytes_per_second.max(1));
@@ -140,7 +131,7 @@ async fn scrub_steps(
             step = step => step,
         };
         match step {
-            Ok(ScrubStep::Verified { bytes, next }) => {
+            Ok((ScrubStep::Verified { bytes, next }, _)) => {
                 metrics.scrub_bytes.add(bytes);
                 cursor = next;
                 if bytes > 0 {
@@ -151,8 +142,8 @@ async fn scrub_steps(
                     }
                 }
             }
-            Ok(ScrubStep::PassComplete) => return Outcome::Clean,
-            Ok(ScrubStep::Corrupt(c)) => {
+            Ok((ScrubStep::PassComplete, _)) => return Outcome::Clean,
+            Ok((ScrubStep::Corrupt(c), on_damage)) => {
                 metrics.corrupt_batches.add(1);
                 let action = match on_damage {
                     OnDamage::Quarantine => {

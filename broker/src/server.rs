@@ -198,7 +198,12 @@ async fn maintain(registry: Arc<Registry>, retention_every: Duration, stop: impl
                 let partitions: Vec<_> = registry
                     .all_partitions()
                     .into_iter()
-                    .filter(|p| matches!(p.log().flush_policy(), conveyor_storage::FlushPolicy::Interval(_)))
+                    // A closed log (retired while its reopening is retried) has nothing to
+                    // flush, as retention skips it: flushing would fail on every tick.
+                    .filter(|p| {
+                        let log = p.log();
+                        !log.is_closed() && matches!(log.flush_policy(), conveyor_storage::FlushPolicy::Interval(_))
+                    })
                     .collect();
                 if partitions.is_empty() {
                     continue;

@@ -713,7 +713,7 @@ impl Registry {
                 // A directory that cannot be prepared fails the record (it is retried); a
                 // replica that cannot be opened is this partition's failure only.
                 let prepared = tokio::task::spawn_blocking(move || {
-                    prepare_topic_dir(&registry.topics_dir().join(&topic2.name), &topic2.id)
+                    prepare_topic_dir(&registry.options.data_dir, &topic2.name, &topic2.id)
                         .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))
                 })
                 .await
@@ -722,6 +722,7 @@ impl Registry {
                 })??;
                 if let TopicDir::Other(held) = prepared {
                     tracing::warn!(topic = %topic.name, id = %topic.id, held = %held, partition = p, "the topic's directory holds another incarnation of the name; not opening the new replica here");
+                    unopened.insert(p, Unopened::new(other_incarnation_reason(&held)));
                 } else {
                     let placed = Arc::new(Topic {
                         assignments: {
@@ -821,12 +822,22 @@ impl Registry {
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
         let dir_error = |e: std::io::Error| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name));
+        restore_quarantined(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?;
         if (local_wanted || topic_dir.exists())
-            && let TopicDir::Other(held) = prepare_topic_dir(&topic_dir, &created.topic_id).map_err(dir_error)?
+            && let TopicDir::Other(held) =
+                prepare_topic_dir(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?
         {
             // Another incarnation of the name is there: this record is not what the data
             // belongs to, and it goes only through that incarnation's own `TopicDeleted`.
+            // The replicas placed here are reported stopped (and retried) meanwhile.
             tracing::info!(topic = %created.name, id = %created.topic_id, held = %held, "the topic's directory holds another incarnation of the name; opening no replica of this one here");
+            let reason = other_incarnation_reason(&held);
+            let unopened = assignments
+                .iter()
+                .enumerate()
+                .filter(|(_, replicas)| replicas.contains(&me))
+                .map(|(p, _)| (p as i32, Unopened::new(reason.clone())))
+                .collect();
             return Ok(Topic {
                 name: created.name.clone(),
                 id: created.topic_id.clone(),
@@ -836,7 +847,7 @@ impl Registry {
                 assignments,
                 initial,
                 local: BTreeMap::new(),
-                unopened: BTreeMap::new(),
+                unopened,
             });
         }
         let kept = self
@@ -1140,12 +1151,22 @@ enum TopicDir {
     Other(String),
 }
 
-/// Makes sure `dir` holds the topic incarnation `id`, creating and marking it if it holds
-/// nothing. A directory holding another incarnation is never deleted here, whether that one
-/// is earlier or later than `id`, or unknown to this broker: the view applying `id` may be
-/// stale, and data goes only through its own incarnation's `TopicDeleted` (see
+/// Why a replica of incarnation `id` is not opened in a directory that holds `held`.
+fn other_incarnation_reason(held: &str) -> String {
+    format!(
+        "the topic's directory holds another incarnation of the name (topic id {held}); it is kept until that incarnation's deletion applies here"
+    )
+}
+
+/// Makes sure the directory of topic `name` holds the incarnation `id`: moved back from
+/// quarantine if a start put it there (see [`restore_quarantined`]), else created and marked
+/// if there is none. A directory holding another incarnation is never deleted here, whether
+/// that one is earlier or later than `id`, or unknown to this broker: the view applying `id`
+/// may be stale, and data goes only through its own incarnation's `TopicDeleted` (see
 /// [`remove_topic_data`]). Blocking.
-fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<TopicDir> {
+fn prepare_topic_dir(data_dir: &Path, name: &str, id: &str) -> std::io::Result<TopicDir> {
+    restore_quarantined(data_dir, name, id)?;
+    let dir = data_dir.join(TOPICS_DIR).join(name);
     let marker = dir.join(TOPIC_ID_FILE);
     match std::fs::read_to_string(&marker) {
         Ok(found) if found.trim() == id => return Ok(TopicDir::Ready),
@@ -1153,9 +1174,37 @@ fn prepare_topic_dir(dir: &Path, id: &str) -> std::io::Result<TopicDir> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(dir)?;
-    conveyor_storage::replace_file_durably(dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(&dir)?;
+    conveyor_storage::replace_file_durably(&dir, TOPIC_ID_FILE, id.as_bytes()).map_err(std::io::Error::other)?;
     Ok(TopicDir::Ready)
+}
+
+/// Moves `quarantine/<name>.<id>` back to the topic's directory, if the topic has none: a
+/// start quarantined it because the local metadata log did not hold its creation yet (see
+/// [`Registry::remove_unknown_dirs`]), and that creation, of this same incarnation, now
+/// applies. Opening a fresh replica instead would forget the replica's vote and term and
+/// count an empty log toward the group's quorum. Returns whether it moved. Blocking.
+fn restore_quarantined(data_dir: &Path, name: &str, id: &str) -> std::io::Result<bool> {
+    let topics = data_dir.join(TOPICS_DIR);
+    let target = topics.join(name);
+    let quarantine = data_dir.join(QUARANTINE_DIR);
+    let source = quarantine.join(format!("{name}.{id}"));
+    if id.is_empty() || target.exists() || !source.is_dir() {
+        return Ok(false);
+    }
+    match std::fs::read_to_string(source.join(TOPIC_ID_FILE)) {
+        Ok(found) if found.trim() == id => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(&topics)?;
+    std::fs::rename(&source, &target)?;
+    // Both entries durable: a crash must not leave the replica in neither place.
+    std::fs::File::open(&topics)?.sync_all()?;
+    std::fs::File::open(&quarantine)?.sync_all()?;
+    tracing::warn!(topic = %name, id = %id, from = %source.display(), "the topic's creation now applies here: its quarantined directory is moved back");
+    Ok(true)
 }
 
 /// A free path in the quarantine folder for the directory of topic `name` at `source`.
@@ -1210,65 +1259,4 @@ fn new_topic_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placement_spreads_leaders_and_replicas_evenly() {
-        let placed = place(&[1, 2, 3], 6, 3, 0);
-        let mut leaders = [0; 4];
-        let mut replicas = [0; 4];
-        for r in &placed {
-            assert_eq!(r.len(), 3);
-            let mut distinct = r.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            assert_eq!(distinct.len(), 3, "{r:?}");
-            leaders[r[0] as usize] += 1;
-            for b in r {
-                replicas[*b as usize] += 1;
-            }
-        }
-        assert_eq!(&leaders[1..], &[2, 2, 2]);
-        assert_eq!(&replicas[1..], &[6, 6, 6]);
-        assert_eq!(
-            place(&[1, 2, 3], 1, 1, 4),
-            vec![vec![2]],
-            "the start offset rotates leaders across topics"
-        );
-    }
-
-    #[test]
-    fn topic_names_follow_kafka_rules() {
-        for ok in ["orders", "a.b_c-d", "X9", &"x".repeat(249)] {
-            validate_topic_name(ok).expect(ok);
-        }
-        for bad in ["", ".", "..", "has space", "emoji🚀", "__internal", &"x".repeat(250)] {
-            assert!(validate_topic_name(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn preparing_a_directory_that_holds_another_incarnation_of_the_name_leaves_its_data() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let topic = dir.path().join(TOPICS_DIR).join("a");
-        assert_eq!(prepare_topic_dir(&topic, "id2").expect("new"), TopicDir::Ready);
-        std::fs::create_dir_all(topic.join("0")).expect("partition");
-        std::fs::write(topic.join("0").join("raft-state"), b"state").expect("state");
-        // The earlier incarnation's creation, applied again after an unclean restart.
-        assert_eq!(
-            prepare_topic_dir(&topic, "id1").expect("other"),
-            TopicDir::Other("id2".into())
-        );
-        assert_eq!(
-            std::fs::read(topic.join("0").join("raft-state")).expect("kept"),
-            b"state"
-        );
-        assert_eq!(prepare_topic_dir(&topic, "id2").expect("same"), TopicDir::Ready);
-        // Only its own deletion removes it.
-        remove_topic_data(dir.path(), "a", "id1").expect("no-op");
-        assert!(topic.join("0").join("raft-state").exists());
-        remove_topic_data(dir.path(), "a", "id2").expect("removed");
-        assert!(!topic.exists());
-    }
-}
+mod tests;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 use conveyor_tests::checker::{Acked, check};
 use conveyor_tests::cluster::{Cluster, describe_at};
-use conveyor_tests::{cli, cli_json, read_all, wait_for};
+use conveyor_tests::{BrokerProcess, cli, cli_json, read_all, wait_for};
 
 /// How long a replica may take to catch up, or a partition to elect a leader, on a loaded
 /// two-core machine.
@@ -390,6 +390,14 @@ fn given_a_topic_deleted_and_created_again_a_follower_sigkilled_and_restarted_sh
         );
     };
     kept("reopened");
+    // The restart really applied the first incarnation's creation over this directory.
+    wait_for("the first creation applied over the new directory", DEADLINE, || {
+        cluster
+            .broker(follower)
+            .log()
+            .contains("holds another incarnation")
+            .then_some(())
+    });
     wait_caught_up(&cluster, follower, "again", &ids);
     acked.extend(produce(&cluster.bootstrap(), "again", "late", 200));
     wait_in_sync(&cluster, "again", &ids);
@@ -402,4 +410,34 @@ fn given_a_topic_deleted_and_created_again_a_follower_sigkilled_and_restarted_sh
     cluster.broker_mut(leader).kill();
     wait_leader(&cluster, "again", &left);
     assert_all_read_back(&addresses(&cluster, &left), "again", &acked);
+}
+
+#[test]
+fn given_a_topic_directory_holding_another_incarnation_describe_should_show_the_replica_stopped_and_say_why() {
+    let mut broker = BrokerProcess::start();
+    let out = cli(broker.addr(), &["topic", "create", "held", "--partitions", "1"], "");
+    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
+    broker.terminate();
+    // The directory now belongs to an incarnation the metadata log does not hold (as after
+    // a deletion and re-creation the log here has not caught up with).
+    let marker = broker.data_dir().join("topics").join("held").join("topic-id");
+    std::fs::write(&marker, b"0123456789abcdef").expect("rewrite topic-id");
+    broker.restart();
+    let described = cli_json(broker.addr(), &["topic", "describe", "held"]);
+    let state = described["partitions"][0]["replica_state"].as_str().unwrap_or_default();
+    assert!(
+        state.starts_with("stopped: ") && state.contains("0123456789abcdef"),
+        "describe names the incarnation the directory holds: {described}\nlog:\n{}",
+        broker.log()
+    );
+    assert_eq!(
+        broker.metric("conveyor_partitions_stopped"),
+        Some(1.0),
+        "counted as stopped"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("topic-id"),
+        "0123456789abcdef",
+        "the other incarnation's directory is left alone"
+    );
 }

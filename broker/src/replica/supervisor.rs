@@ -35,7 +35,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, TryLockError};
 use std::time::Duration;
 
 use conveyor_storage::PartitionLog;
@@ -79,6 +79,10 @@ pub struct ReplicaFiles {
 pub struct SharedFiles {
     current: RwLock<ReplicaFiles>,
     generation: RwLock<()>,
+    /// How many `maintain` calls found a reopening or retirement under way and waited: lets
+    /// a test release a reopening only once a task is known to wait for it.
+    #[cfg(test)]
+    waited: std::sync::atomic::AtomicUsize,
 }
 
 impl SharedFiles {
@@ -86,6 +90,8 @@ impl SharedFiles {
         SharedFiles {
             current: RwLock::new(files),
             generation: RwLock::new(()),
+            #[cfg(test)]
+            waited: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -97,7 +103,15 @@ impl SharedFiles {
     /// Runs `f` on the current files, with no reopening or retirement under way until it
     /// returns. Blocking: waits for a reopening to finish.
     pub fn maintain<T>(&self, f: impl FnOnce(&ReplicaFiles) -> T) -> T {
-        let _generation = self.generation.read().unwrap_or_else(PoisonError::into_inner);
+        let _generation = match self.generation.try_read() {
+            Ok(shared) => shared,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                #[cfg(test)]
+                self.waited.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.generation.read().unwrap_or_else(PoisonError::into_inner)
+            }
+        };
         f(&self.current())
     }
 
@@ -517,6 +531,18 @@ mod tests {
         files
     }
 
+    /// A batch any open log accepts.
+    fn valid_batch() -> bytes::Bytes {
+        use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(&Record {
+            timestamp: 1_000,
+            value: Some(bytes::Bytes::from_static(b"v")),
+            ..Record::default()
+        });
+        b.build().expect("batch")
+    }
+
     fn hard_state_on_disk(dir: &std::path::Path) -> raft::eraftpb::HardState {
         let raft = open_files(dir, small_segments()).raft;
         raft::Storage::initial_state(&raft).expect("state").hard_state
@@ -562,7 +588,13 @@ mod tests {
         );
         assert!(stale.raft.flush_state().is_err());
         assert!(stale.log.delete_segments_before(u64::MAX).is_err());
-        assert!(stale.log.append(&[0; 64]).is_err());
+        let batch = valid_batch();
+        let scratch = tempfile::tempdir().expect("tempdir");
+        open_files(scratch.path(), small_segments())
+            .log
+            .append(&batch)
+            .expect("the batch is valid: an open log takes it");
+        assert!(stale.log.append(&batch).is_err(), "the retired log takes no append");
         assert_eq!(
             new.log.segment_count(),
             segments,
@@ -605,6 +637,16 @@ mod tests {
                 })
             })
         };
+        // Released only once the change waits for the reopening: without the generation
+        // lock it would land on the retired log, and the reopened one would not have it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.waited.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline && !changing.is_finished(),
+                "the config change did not wait for the reopening"
+            );
+            std::thread::yield_now();
+        }
         opened.0.send(()).expect("release");
         reopening.join().expect("reopen thread").expect("reopened");
         changing.join().expect("config thread").expect("config set");

@@ -2,8 +2,9 @@
 //! [`crate::replica::departure`]): which to keep and open at start, and when to delete one.
 //!
 //! # Crash behaviour
-//! A replica's directory is removed only after its owner stopped and its log closed; a crash
-//! part-way leaves a directory that the next start keeps and decides again.
+//! A replica's directory is removed only after its owner stopped and its files were retired
+//! (so no task still holding them writes there again); a crash part-way leaves a directory
+//! that the next start recovers, keeps and decides again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -121,7 +122,12 @@ impl Registry {
         }
         let removed = tokio::task::spawn_blocking(move || {
             if let Some(partition) = open {
-                partition.close()?;
+                // Retired, as a deleted topic's replicas are, not closed: a retention pass or
+                // scrub step still holding the partition finishes first (`retire` waits for
+                // it), and none can store `raft-state` or delete segments in the directory
+                // once it is removed, or in a replica placed at the same path later. Nothing
+                // needs flushing: the data goes.
+                partition.retire();
             }
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -1,5 +1,7 @@
 //! Replicas placed on this broker that could not be opened (a damaged directory, a
-//! `RaftLog` consistency error, a full disk, a permission problem).
+//! `RaftLog` consistency error, a full disk, a permission problem, a topic directory that
+//! holds another incarnation of the name: every try checks the incarnation first and never
+//! opens a replica in another one's directory).
 //!
 //! Such a failure is local to one partition, so it does not stop the metadata applier: the
 //! record that placed the replica applies (the topic is registered, later records follow),
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Registry, Topic};
+use super::{Registry, Topic, TopicDir, other_incarnation_reason, prepare_topic_dir};
 use crate::partition::Partition;
 
 /// Wait before the first retry of a replica that could not be opened.
@@ -117,6 +119,12 @@ impl Registry {
         let initial = topic.initial.get(index).cloned().unwrap_or_default();
         let (registry, topic) = (Arc::clone(self), Arc::clone(topic));
         tokio::task::spawn_blocking(move || {
+            // The directory may since hold another incarnation of the name, or have gone.
+            match prepare_topic_dir(&registry.options.data_dir, &topic.name, &topic.id) {
+                Ok(TopicDir::Ready) => {}
+                Ok(TopicDir::Other(held)) => return Err(other_incarnation_reason(&held)),
+                Err(e) => return Err(format!("topic '{}' directory: {e}", topic.name)),
+            }
             let dir = registry.topics_dir().join(&topic.name).join(p.to_string());
             Partition::open(
                 &registry.open_context(),

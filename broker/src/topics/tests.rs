@@ -1,0 +1,199 @@
+//! Topic registry tests: placement, names, and what happens to topic directories.
+
+use super::*;
+
+#[test]
+fn placement_spreads_leaders_and_replicas_evenly() {
+    let placed = place(&[1, 2, 3], 6, 3, 0);
+    let mut leaders = [0; 4];
+    let mut replicas = [0; 4];
+    for r in &placed {
+        assert_eq!(r.len(), 3);
+        let mut distinct = r.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "{r:?}");
+        leaders[r[0] as usize] += 1;
+        for b in r {
+            replicas[*b as usize] += 1;
+        }
+    }
+    assert_eq!(&leaders[1..], &[2, 2, 2]);
+    assert_eq!(&replicas[1..], &[6, 6, 6]);
+    assert_eq!(
+        place(&[1, 2, 3], 1, 1, 4),
+        vec![vec![2]],
+        "the start offset rotates leaders across topics"
+    );
+}
+
+#[test]
+fn topic_names_follow_kafka_rules() {
+    for ok in ["orders", "a.b_c-d", "X9", &"x".repeat(249)] {
+        validate_topic_name(ok).expect(ok);
+    }
+    for bad in ["", ".", "..", "has space", "emoji🚀", "__internal", &"x".repeat(250)] {
+        assert!(validate_topic_name(bad).is_err(), "{bad}");
+    }
+}
+
+/// A single-node registry over `data_dir`.
+fn open_registry(data_dir: &Path) -> Arc<Registry> {
+    let metrics = Arc::new(Metrics::default());
+    let transport =
+        Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
+    let options = RegistryOptions {
+        node_id: 1,
+        data_dir: data_dir.to_path_buf(),
+        defaults: TopicDefaults::from_section(&crate::config::LogSection::default()),
+        queue_depth: 16,
+        max_partitions: 16,
+        join: false,
+    };
+    Arc::new(Registry::open(options, metrics, tokio::runtime::Handle::current(), transport).expect("registry"))
+}
+
+fn creation(name: &str, id: &str) -> TopicCreated {
+    TopicCreated {
+        name: name.into(),
+        partitions: 1,
+        replication_factor: 1,
+        configs: Default::default(),
+        topic_id: id.into(),
+        assignments: vec![PartitionAssignment { replicas: vec![1] }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_quarantined_at_start_comes_back_with_its_data_when_its_creation_applies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = open_registry(dir.path());
+    let topic = registry.open_topic(creation("a", "id1"), None).expect("open");
+    let replica = dir.path().join(TOPICS_DIR).join("a").join("0");
+    let partition = Arc::clone(&topic.local[&0]);
+    partition.stop().await;
+    tokio::task::spawn_blocking(move || partition.close())
+        .await
+        .expect("join")
+        .expect("close");
+    let state = std::fs::read(replica.join("raft-state")).expect("the replica stored its raft state");
+    std::fs::write(replica.join("kept"), b"").expect("marker");
+
+    // At start the local metadata log lacked the creation (it lost its tail).
+    registry.remove_unknown_dirs(&BTreeSet::new()).expect("quarantine");
+    assert!(!replica.exists(), "moved to quarantine");
+    let quarantined = dir.path().join(QUARANTINE_DIR).join("a.id1");
+    assert!(quarantined.exists());
+
+    // The log catches up and applies the same incarnation's creation.
+    let reopened = registry.open_topic(creation("a", "id1"), None).expect("open again");
+    assert!(reopened.local.contains_key(&0), "{:?}", reopened.unopened);
+    assert!(
+        replica.join("kept").exists(),
+        "the quarantined replica was restored, not replaced by an empty one"
+    );
+    assert_eq!(std::fs::read(replica.join("raft-state")).expect("raft-state"), state);
+    assert!(!quarantined.exists());
+    reopened.local[&0].stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_directory_holds_another_incarnation_is_reported_stopped_and_never_opened_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = open_registry(dir.path());
+    let topic_dir = dir.path().join(TOPICS_DIR).join("a");
+    assert_eq!(
+        prepare_topic_dir(dir.path(), "a", "id2").expect("mark"),
+        TopicDir::Ready
+    );
+
+    let topic = Arc::new(registry.open_topic(creation("a", "id1"), None).expect("open"));
+    assert!(topic.local.is_empty());
+    let reason = &topic.unopened.get(&0).expect("listed as unopened").reason;
+    assert!(
+        reason.contains("another incarnation") && reason.contains("id2"),
+        "{reason}"
+    );
+
+    // Nor does a retry open it in the other incarnation's directory.
+    let retried = registry.open_local_replica(&topic, 0).await;
+    let Err(refused) = retried else {
+        panic!("the retry opened a replica in the other incarnation's directory")
+    };
+    assert!(refused.contains("id2"), "{refused}");
+    assert!(
+        !topic_dir.join("0").exists(),
+        "nothing was created in the other incarnation's directory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moved_off_this_broker_is_retired_before_its_directory_goes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = open_registry(dir.path());
+    let replica = dir.path().join(TOPICS_DIR).join("a").join("0");
+    let defaults = TopicDefaults::from_section(&crate::config::LogSection::default());
+    // Its group no longer lists this broker (1): only broker 2 votes.
+    let partition = Partition::open(
+        &registry.open_context(),
+        "a",
+        0,
+        &replica,
+        defaults.log_config(),
+        &[2],
+        2,
+    )
+    .expect("open");
+    let topic = Arc::new(Topic {
+        name: "a".into(),
+        id: "id1".into(),
+        replication_factor: 1,
+        overrides: BTreeMap::new(),
+        effective: defaults,
+        assignments: vec![vec![2]],
+        initial: vec![vec![2]],
+        local: BTreeMap::from([(0, Arc::clone(&partition))]),
+        unopened: BTreeMap::new(),
+    });
+    registry.insert(Topic::clone(&topic));
+    registry.remove_departed_replica(&topic, 0).await;
+    assert!(!replica.exists(), "the replica's data is removed");
+    assert!(registry.get("a").expect("topic").local.is_empty());
+
+    // A replica placed here again later uses the same path; a retention pass that still
+    // holds the departed partition must not write into it.
+    std::fs::create_dir_all(&replica).expect("a later replica's directory");
+    let held = Arc::clone(&partition);
+    let stored = tokio::task::spawn_blocking(move || held.stores_raft_state())
+        .await
+        .expect("join");
+    assert!(!stored, "the departed partition still stores raft-state");
+    assert!(!replica.join("raft-state").exists());
+}
+
+#[test]
+fn preparing_a_directory_that_holds_another_incarnation_of_the_name_leaves_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = dir.path().join(TOPICS_DIR).join("a");
+    assert_eq!(prepare_topic_dir(dir.path(), "a", "id2").expect("new"), TopicDir::Ready);
+    std::fs::create_dir_all(topic.join("0")).expect("partition");
+    std::fs::write(topic.join("0").join("raft-state"), b"state").expect("state");
+    // The earlier incarnation's creation, applied again after an unclean restart.
+    assert_eq!(
+        prepare_topic_dir(dir.path(), "a", "id1").expect("other"),
+        TopicDir::Other("id2".into())
+    );
+    assert_eq!(
+        std::fs::read(topic.join("0").join("raft-state")).expect("kept"),
+        b"state"
+    );
+    assert_eq!(
+        prepare_topic_dir(dir.path(), "a", "id2").expect("same"),
+        TopicDir::Ready
+    );
+    // Only its own deletion removes it.
+    remove_topic_data(dir.path(), "a", "id1").expect("no-op");
+    assert!(topic.join("0").join("raft-state").exists());
+    remove_topic_data(dir.path(), "a", "id2").expect("removed");
+    assert!(!topic.exists());
+}
