@@ -36,14 +36,18 @@ fn storage(dir: &std::path::Path) -> RaftLog {
 }
 
 fn storage_with(dir: &std::path::Path, flush: FlushPolicy) -> RaftLog {
-    let config = LogConfig {
-        segment_bytes: 16 * 1024,
-        max_batch_bytes: 8 * 1024,
+    RaftLog::open(Arc::new(PartitionLog::open(dir, log_config(flush)).expect("log"))).expect("raft log")
+}
+
+/// Small segments, so that a few dozen entries fill sealed ones the scrub verifies.
+fn log_config(flush: FlushPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 2 * 1024,
+        max_batch_bytes: 1024,
         flush,
         retention_ms: None,
         ..LogConfig::default()
-    };
-    RaftLog::open(Arc::new(PartitionLog::open(dir, config).expect("log"))).expect("raft log")
+    }
 }
 
 fn node(id: u64, raft: RaftLog) -> Node {
@@ -85,8 +89,16 @@ fn batch(i: u64) -> Vec<u8> {
 /// One round: tick (through the lost-entries rule), process Readies, deliver every
 /// message through the owner's inbound path.
 fn round(nodes: &mut [Node], tick: bool) {
+    round_without(nodes, tick, None);
+}
+
+/// As [`round`], with node `down` (an index) stopped: it neither runs nor gets messages.
+fn round_without(nodes: &mut [Node], tick: bool, down: Option<usize>) {
     let mut mail: VecDeque<Message> = VecDeque::new();
-    for n in nodes.iter_mut() {
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if Some(i) == down {
+            continue;
+        }
         if tick {
             n.lost.before_tick(&mut n.raw);
             n.raw.tick();
@@ -95,6 +107,9 @@ fn round(nodes: &mut [Node], tick: bool) {
         mail.extend(n.outbox.drain(..));
     }
     while let Some(m) = mail.pop_front() {
+        if Some((m.to - 1) as usize) == down {
+            continue;
+        }
         let n = &mut nodes[(m.to - 1) as usize];
         // Refusals (stale terms and the like) are Raft's business here as in the owner.
         let _ = inbound::step(&mut n.raw, &mut n.lost, m);
@@ -441,4 +456,194 @@ fn a_snapshot_lost_without_a_report_resumes_its_follower_after_a_few_election_ti
         rounds += 1;
         assert!(rounds < MAX_ROUNDS, "the follower stayed paused");
     }
+}
+
+/// A replica log in `dir` holding `source`'s entries `1..=keep`, with `hard_state` and
+/// `source`'s configuration stored.
+fn replica_copy(
+    dir: &std::path::Path,
+    source: &RaftLog,
+    keep: u64,
+    hard_state: HardState,
+    flush: FlushPolicy,
+) -> RaftLog {
+    let copy = storage_with(dir, flush);
+    let prefix = source
+        .entries(1, keep + 1, None, GetEntriesContext::empty(false))
+        .expect("prefix");
+    copy.append(&prefix, Origin::Peer).expect("append prefix");
+    copy.persist().expect("persist");
+    copy.set_hard_state(&hard_state).expect("hard state");
+    copy.set_conf_state(&source.conf_state()).expect("conf state");
+    copy
+}
+
+/// Damage at rest found by the scrub: flips bytes inside the batch of entry `index` of the
+/// replica in `dir` (closing `raft`), then scrubs until the log is quarantined.
+fn damage_and_scrub(dir: &std::path::Path, raft: RaftLog, index: u64) {
+    use conveyor_storage::{ScrubCursor, ScrubStep};
+    use std::os::unix::fs::FileExt;
+    let offset = raft.offset_of(index).expect("entry in the log");
+    let at = raft
+        .partition_log()
+        .locate(offset)
+        .expect("locate")
+        .expect("batch found");
+    let config = raft.partition_log().config();
+    drop(raft);
+    // Reopened once, so that what was written is synced and trusted: damage at rest.
+    drop(PartitionLog::open(dir, config.clone()).expect("reopen"));
+    let path = conveyor_storage::file_names::segment_file(dir, at.segment_base_offset, "log");
+    let file = std::fs::OpenOptions::new().write(true).open(path).expect("open segment");
+    file.write_all_at(
+        b"\xff\xff",
+        at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+    )
+    .expect("flip");
+    let log = PartitionLog::open(dir, config).expect("open");
+    let mut cursor = ScrubCursor::start();
+    loop {
+        match log.scrub_step(cursor, 1 << 20).expect("scrub") {
+            ScrubStep::Verified { next, .. } => cursor = next,
+            ScrubStep::Corrupt(c) => {
+                assert_eq!(c.offset, offset, "the scrub names the damaged entry");
+                break;
+            }
+            ScrubStep::PassComplete => panic!("the scrub finds the damage"),
+        }
+    }
+    assert!(log.is_poisoned(), "quarantined");
+}
+
+/// The term of each entry `1..=last` of `raft`.
+fn terms(raft: &RaftLog, last: u64) -> Vec<u64> {
+    (1..=last).map(|i| raft.term(i).expect("term")).collect()
+}
+
+#[test]
+fn a_replica_cut_by_the_scrub_refuses_a_candidate_of_its_term_lacking_entries_it_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(&dir.path().join("group"), 100, &mut rounds);
+    let source = nodes[l].raw.store().clone();
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let term = nodes[l].raw.raft.term;
+    assert_eq!(nodes[l].raw.raft.raft_log.committed, last);
+    let committed_terms = terms(&source, last);
+    let hs = |commit| HardState {
+        term,
+        vote: 1,
+        commit,
+        ..HardState::default()
+    };
+    // A and B hold and committed everything (B's stored commit is stale: it is written
+    // lazily); C lags at 55.
+    let (a_dir, b_dir, c_dir) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let a = replica_copy(&a_dir, &source, last, hs(last), FlushPolicy::Os);
+    let b = replica_copy(&b_dir, &source, last, hs(10), FlushPolicy::Os);
+    let c = replica_copy(&c_dir, &source, 55, hs(55), FlushPolicy::Os);
+    drop(nodes);
+    // B's scrub finds entry 40 damaged; B is reopened cut there.
+    damage_and_scrub(&b_dir, b, 40);
+    let b = storage(&b_dir);
+    assert_eq!(b.last_index().expect("last"), 39, "cut at the damaged entry");
+    let mut nodes = vec![node(1, a), node(2, b), node(3, c)];
+    assert!(nodes[1].lost.is_recovering(), "B lost entries it acknowledged");
+
+    // A dies before it tells B anything: C, same term and shorter, must not win with B's vote.
+    for _ in 0..300 {
+        round_without(&mut nodes, true, Some(0));
+        assert_eq!(
+            leader(&nodes),
+            None,
+            "C won an election lacking committed entries 56..={last} (B voted for a log shorter than the one it acknowledged)"
+        );
+    }
+    // A comes back: it holds what B promised, and wins.
+    let l = elect(&mut nodes, &mut rounds);
+    assert_eq!(l, 0, "only A holds every committed entry");
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes
+        .iter()
+        .any(|n| n.lost.is_recovering() || n.raw.raft.raft_log.committed < target)
+    {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+    for n in &nodes {
+        assert_eq!(terms(n.raw.store(), last), committed_terms, "no committed entry lost");
+    }
+}
+
+#[test]
+fn a_group_whose_replicas_all_cut_a_torn_tail_under_flush_always_elects_a_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(&dir.path().join("group"), 20, &mut rounds);
+    let source = nodes[l].raw.store().clone();
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let term = nodes[l].raw.raft.term;
+    let committed_terms = terms(&source, last - 5);
+    // A power cut under `always` during an election of the next term: each replica stored
+    // term + 1, and each tore a write it never synced, so never acknowledged.
+    let mut reopened = Vec::new();
+    for i in 0..3u64 {
+        let path = dir.path().join(format!("r{i}"));
+        let hs = HardState {
+            term: term + 1,
+            vote: i + 1,
+            commit: last - 5,
+            ..HardState::default()
+        };
+        drop(replica_copy(&path, &source, last - i, hs, FlushPolicy::Always));
+        tear_tail(&path);
+        reopened.push(storage_with(&path, FlushPolicy::Always));
+    }
+    drop(nodes);
+    let mut nodes: Vec<Node> = reopened
+        .into_iter()
+        .enumerate()
+        .map(|(i, raft)| node(i as u64 + 1, raft))
+        .collect();
+    assert!(
+        nodes.iter().all(|n| !n.lost.is_recovering()),
+        "a torn tail under `always` was never acknowledged"
+    );
+    let l = elect(&mut nodes, &mut rounds);
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes.iter().any(|n| n.raw.raft.raft_log.committed < target) {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+    for n in &nodes {
+        assert_eq!(terms(n.raw.store(), last - 5), committed_terms, "no committed entry lost");
+    }
+}
+
+#[test]
+fn given_a_crash_between_the_cut_and_storing_the_recovering_state_the_replica_still_reopens_recovering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(&dir.path().join("group"), 60, &mut rounds);
+    let source = nodes[l].raw.store().clone();
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let hs = HardState {
+        term: nodes[l].raw.raft.term,
+        vote: 1,
+        commit: 10,
+        ..HardState::default()
+    };
+    let path = dir.path().join("b");
+    let b = replica_copy(&path, &source, last, hs, FlushPolicy::Os);
+    drop(nodes);
+    damage_and_scrub(&path, b, 30);
+    // The reopening cuts the log, and the broker dies before `RaftLog::open` runs.
+    let log = PartitionLog::open(&path, log_config(FlushPolicy::Os)).expect("open");
+    assert!(log.recovery_report().cut.is_some(), "cut at the damaged entry");
+    drop(log);
+    let b = storage(&path);
+    assert!(b.recovering().is_some(), "the loss is not forgotten across the crash");
+    assert!(LostEntries::new("t", 0, &b).is_recovering());
 }
