@@ -12,6 +12,7 @@ use raft::{Config, GetEntriesContext, ProgressState, Storage};
 use super::super::entry::Origin;
 use super::super::inbound;
 use super::super::ready::{ReadyHandler, on_ready};
+use super::super::raft_state::Promise;
 use super::*;
 
 /// Bounds the simulation; a healthy group needs far fewer rounds.
@@ -292,32 +293,39 @@ fn tear_tail(dir: &std::path::Path) {
 }
 
 #[test]
-fn given_recovery_cut_a_torn_tail_under_flush_always_the_replica_reopens_recovering_and_a_restart_does_not_forget_it() {
+fn given_a_stored_commit_past_the_log_under_flush_always_the_replica_reopens_recovering_but_not_for_a_torn_tail() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (flush, expected) in [(FlushPolicy::Always, Some(0)), (FlushPolicy::Os, None)] {
-        let path = dir.path().join(format!("{flush:?}"));
+    for (flush, commit, tear, expected) in [
+        (FlushPolicy::Always, 2, true, None),
+        (FlushPolicy::Os, 2, true, None),
+        (FlushPolicy::Always, 5, false, Some(Promise { term: 2, index: 5 })),
+        (FlushPolicy::Os, 5, false, None),
+    ] {
+        let path = dir.path().join(format!("{flush:?}-{commit}"));
         let raft = storage_with(&path, flush);
         raft.append(&[entry_at(1, 1), entry_at(2, 1), entry_at(3, 1)], Origin::Peer)
             .expect("append");
         raft.persist().expect("persist");
         raft.set_hard_state(&HardState {
-            term: 1,
+            term: 2,
             vote: 1,
-            commit: 2,
+            commit,
             ..HardState::default()
         })
         .expect("hard state");
+        raft.flush_state().expect("flush state");
         drop(raft);
-        tear_tail(&path);
+        if tear {
+            tear_tail(&path);
+        }
         let raft = storage_with(&path, flush);
-        assert_eq!(raft.recovering(), expected, "{flush:?}: recovering after the cut");
+        assert_eq!(raft.recovering(), expected, "{flush:?}, commit {commit}");
         assert_eq!(
             LostEntries::new("t", 0, &raft).is_recovering(),
             expected.is_some(),
             "{flush:?}"
         );
         drop(raft);
-        // The second open cuts nothing, and still knows.
         let raft = storage_with(&path, flush);
         assert_eq!(raft.recovering(), expected, "{flush:?}: remembered across a restart");
     }
@@ -333,25 +341,38 @@ fn entry_at(index: u64, term: u64) -> raft::eraftpb::Entry {
 }
 
 #[test]
-fn a_recovering_replica_learns_its_target_from_its_leader_and_stops_recovering_durably_once_caught_up() {
+fn a_recovering_replica_stops_recovering_durably_once_its_own_log_reaches_its_promise() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rounds = 0;
     let (mut nodes, l) = committed_group(dir.path(), 20, &mut rounds);
     let f = (l + 1) % 3;
     let f_dir = dir.path().join((f + 1).to_string());
-    // What `RaftLog::open` records after a cut: recovering, target still unknown.
-    nodes[f].raw.store().set_recovering(Some(0)).expect("record");
+    let last = nodes[f].raw.store().last_entry();
+    // What `RaftLog::open` records after a loss: a promise past the log.
+    let promise = Promise {
+        term: last.term,
+        index: last.index + 3,
+    };
+    nodes[f].raw.store().set_recovering(Some(promise)).expect("record");
     nodes[f].raw.store().flush_state().expect("flush state");
     drop(nodes.remove(f));
     let reopened = storage(&f_dir);
-    assert_eq!(reopened.recovering(), Some(0));
+    assert_eq!(reopened.recovering(), Some(promise));
     nodes.insert(f, node(f as u64 + 1, reopened));
     assert!(nodes[f].lost.is_recovering());
-    for i in 0..5 {
+    for i in 0..2 {
         nodes[l].raw.propose(vec![], batch(100 + i)).expect("propose");
     }
-    let target = nodes[l].raw.raft.raft_log.last_index();
-    while nodes[f].lost.is_recovering() || nodes[f].raw.raft.raft_log.committed < target {
+    let short = nodes[l].raw.raft.raft_log.last_index();
+    while nodes[f].raw.store().last_index().expect("last") < short {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replica never caught up");
+    }
+    round(&mut nodes, false);
+    assert!(nodes[f].lost.is_recovering(), "one entry short of its promise");
+    nodes[l].raw.propose(vec![], batch(102)).expect("propose");
+    while nodes[f].lost.is_recovering() {
         round(&mut nodes, true);
         rounds += 1;
         assert!(rounds < MAX_ROUNDS, "the replica never stopped recovering");
@@ -363,36 +384,32 @@ fn a_recovering_replica_learns_its_target_from_its_leader_and_stops_recovering_d
 }
 
 #[test]
-fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds_what_they_promised() {
+fn a_group_whose_replicas_all_reopen_recovering_elects_no_leader_lacking_a_committed_entry() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rounds = 0;
-    let (nodes, l) = committed_group(dir.path(), 40, &mut rounds);
+    let (nodes, l) = committed_group(&dir.path().join("group"), 40, &mut rounds);
+    let source = nodes[l].raw.store().clone();
     let last = nodes[l].raw.raft.raft_log.last_index();
-    let committed = nodes[l].raw.raft.raft_log.committed;
     let term = nodes[l].raw.raft.term;
-    let conf = nodes[l].raw.store().conf_state();
-    // Every replica lost a different part of its tail (say a power cut under `always`),
-    // each keeping at least the stored commit: all reopen recovering, target unknown.
-    let stored_commit = committed - 15;
-    let kept = [last, last - 5, last - 10];
+    assert_eq!(nodes[l].raw.raft.raft_log.committed, last);
+    let committed_terms = terms(&source, last);
+    let hs = HardState {
+        term,
+        vote: 1,
+        commit: last - 15,
+        ..HardState::default()
+    };
+    // Every replica lost a different part of its tail to damage: each promises what it held
+    // before (replica 3 lagged a little), and none holds its own promise now, though
+    // replica 1 holds the others'.
+    let held = [last, last, last - 3];
+    let kept = [last - 2, last - 10, last - 12];
     let mut reopened = Vec::new();
-    for (i, keep) in kept.iter().enumerate() {
-        let copy = storage(&dir.path().join(format!("reopened-{i}")));
-        let prefix = nodes[l]
-            .raw
-            .store()
-            .entries(1, keep + 1, None, GetEntriesContext::empty(false))
-            .expect("prefix");
-        copy.append(&prefix, Origin::Peer).expect("append prefix");
-        copy.set_hard_state(&HardState {
-            term,
-            vote: l as u64 + 1,
-            commit: stored_commit,
-            ..HardState::default()
-        })
-        .expect("hard state");
-        copy.set_conf_state(&conf).expect("conf state");
-        copy.set_recovering(Some(0)).expect("recovering");
+    for i in 0..3 {
+        let path = dir.path().join(format!("r{i}"));
+        let copy = replica_copy(&path, &source, kept[i], hs.clone(), FlushPolicy::Os);
+        copy.set_recovering(Some(Promise { term, index: held[i] }))
+            .expect("recovering");
         reopened.push(copy);
     }
     drop(nodes);
@@ -402,12 +419,22 @@ fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds
         .map(|(i, raft)| node(i as u64 + 1, raft))
         .collect();
     assert!(nodes.iter().all(|n| n.lost.is_recovering()));
+    // Electing any of them would lose committed entries: none is elected.
+    for _ in 0..300 {
+        round(&mut nodes, true);
+        assert_eq!(leader(&nodes), None, "a leader lacking committed entries was elected");
+    }
+    for (n, &keep) in nodes.iter().zip(&kept) {
+        assert_eq!(n.raw.store().last_index().expect("last"), keep, "nothing truncated");
+    }
+    // What an operator can do: bring back a replica that holds what it promised (here
+    // replica 1 restored whole); it is elected and the others catch up from it.
+    let restored = replica_copy(&dir.path().join("restored"), &source, last, hs, FlushPolicy::Os);
+    drop(source);
+    nodes[0] = node(1, restored);
+    assert!(!nodes[0].lost.is_recovering());
     let l = elect(&mut nodes, &mut rounds);
-    assert!(
-        nodes[l].raw.raft.raft_log.last_index() >= stored_commit,
-        "the leader holds every entry the replicas promised"
-    );
-    // The new leader's no-op commits; the others catch up and vote freely again.
+    assert_eq!(l, 0, "only the restored replica holds every committed entry");
     let target = nodes[l].raw.raft.raft_log.last_index();
     while nodes
         .iter()
@@ -416,6 +443,9 @@ fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds
         round(&mut nodes, true);
         rounds += 1;
         assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+    for n in &nodes {
+        assert_eq!(terms(n.raw.store(), last), committed_terms, "no committed entry lost");
     }
 }
 
@@ -515,6 +545,10 @@ fn damage_and_scrub(dir: &std::path::Path, raft: RaftLog, index: u64) {
     assert!(log.is_poisoned(), "quarantined");
 }
 
+fn b_promise(term: u64, index: u64) -> Option<Promise> {
+    Some(Promise { term, index })
+}
+
 /// The term of each entry `1..=last` of `raft`.
 fn terms(raft: &RaftLog, last: u64) -> Vec<u64> {
     (1..=last).map(|i| raft.term(i).expect("term")).collect()
@@ -549,6 +583,11 @@ fn a_replica_cut_by_the_scrub_refuses_a_candidate_of_its_term_lacking_entries_it
     assert_eq!(b.last_index().expect("last"), 39, "cut at the damaged entry");
     let mut nodes = vec![node(1, a), node(2, b), node(3, c)];
     assert!(nodes[1].lost.is_recovering(), "B lost entries it acknowledged");
+    assert_eq!(
+        nodes[1].raw.store().recovering(),
+        b_promise(term, last),
+        "B promised the last entry it held"
+    );
 
     // A dies before it tells B anything: C, same term and shorter, must not win with B's vote.
     for _ in 0..300 {
@@ -636,7 +675,7 @@ fn given_a_crash_between_the_cut_and_storing_the_recovering_state_the_replica_st
         ..HardState::default()
     };
     let path = dir.path().join("b");
-    let b = replica_copy(&path, &source, last, hs, FlushPolicy::Os);
+    let b = replica_copy(&path, &source, last, hs.clone(), FlushPolicy::Os);
     drop(nodes);
     damage_and_scrub(&path, b, 30);
     // The reopening cuts the log, and the broker dies before `RaftLog::open` runs.
@@ -644,6 +683,19 @@ fn given_a_crash_between_the_cut_and_storing_the_recovering_state_the_replica_st
     assert!(log.recovery_report().cut.is_some(), "cut at the damaged entry");
     drop(log);
     let b = storage(&path);
-    assert!(b.recovering().is_some(), "the loss is not forgotten across the crash");
+    assert_eq!(
+        b.recovering(),
+        Some(Promise {
+            term: hs.term,
+            index: last
+        }),
+        "the loss is not forgotten across the crash: the promise is the last entry B held"
+    );
     assert!(LostEntries::new("t", 0, &b).is_recovering());
+    assert!(
+        !path.join(conveyor_storage::scrub::CORRUPTION_MARKER).exists(),
+        "released once the promise is stored"
+    );
+    drop(b);
+    assert_eq!(storage(&path).recovering(), b_promise(hs.term, last), "and kept from then on");
 }
