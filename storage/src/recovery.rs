@@ -128,7 +128,11 @@ fn marked_batch(file: &fs::File, path: &Path, len: u64, corrupt: &CorruptBatch) 
 /// anything. Idempotent, so a crash part-way cuts again on the next open. The marker is
 /// removed here only for a false alarm; otherwise the caller releases it once it has
 /// recorded the loss (see the module docs).
-fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, marker: &Marker) -> Result<(Vec<u64>, Option<LogCut>, Option<Damaged>)> {
+fn cut_at_corrupt_batch(
+    dir: &Path,
+    bases: Vec<u64>,
+    marker: &Marker,
+) -> Result<(Vec<u64>, Option<LogCut>, Option<Damaged>)> {
     let corrupt = &marker.corrupt;
     let base = corrupt.segment_base_offset;
     let mut bases = bases;
@@ -760,9 +764,6 @@ mod tests {
         fs::write(dir.path().join(scrub::CORRUPTION_MARKER), content).expect("old marker");
         let log = PartitionLog::open(dir.path(), config()).expect("reopen");
         assert_eq!(log.log_end_offset(), corrupt.offset, "cut where it names");
-        assert_eq!(
-            log.recovery_report().damaged,
-            Some(Damaged { last_before: None })
-        );
+        assert_eq!(log.recovery_report().damaged, Some(Damaged { last_before: None }));
     }
 }

@@ -727,7 +727,11 @@ mod tests {
         let promise = Promise { term: 2, index: 9 };
         assert!(raft.set_recovering(Some(promise)).is_err(), "refused");
         assert_eq!(raft.recovering(), None, "unchanged in memory");
-        assert_eq!(RaftStateFile::load(dir.path()).expect("load").recovering, None, "nor written");
+        assert_eq!(
+            RaftStateFile::load(dir.path()).expect("load").recovering,
+            None,
+            "nor written"
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use raft::{Config, GetEntriesContext, ProgressState, Storage};
 
 use super::super::entry::Origin;
 use super::super::inbound;
-use super::super::ready::{ReadyHandler, on_ready};
 use super::super::raft_state::Promise;
+use super::super::ready::{ReadyHandler, on_ready};
 use super::*;
 
 /// Bounds the simulation; a healthy group needs far fewer rounds.
@@ -524,7 +524,10 @@ fn damage_and_scrub(dir: &std::path::Path, raft: RaftLog, index: u64) {
     // Reopened once, so that what was written is synced and trusted: damage at rest.
     drop(PartitionLog::open(dir, config.clone()).expect("reopen"));
     let path = conveyor_storage::file_names::segment_file(dir, at.segment_base_offset, "log");
-    let file = std::fs::OpenOptions::new().write(true).open(path).expect("open segment");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open segment");
     file.write_all_at(
         b"\xff\xff",
         at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
@@ -657,7 +660,11 @@ fn a_group_whose_replicas_all_cut_a_torn_tail_under_flush_always_elects_a_leader
         assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
     }
     for n in &nodes {
-        assert_eq!(terms(n.raw.store(), last - 5), committed_terms, "no committed entry lost");
+        assert_eq!(
+            terms(n.raw.store(), last - 5),
+            committed_terms,
+            "no committed entry lost"
+        );
     }
 }
 
@@ -697,5 +704,9 @@ fn given_a_crash_between_the_cut_and_storing_the_recovering_state_the_replica_st
         "released once the promise is stored"
     );
     drop(b);
-    assert_eq!(storage(&path).recovering(), b_promise(hs.term, last), "and kept from then on");
+    assert_eq!(
+        storage(&path).recovering(),
+        b_promise(hs.term, last),
+        "and kept from then on"
+    );
 }
