@@ -86,7 +86,10 @@ pub struct RaftLog {
 }
 
 impl RaftLog {
-    /// Loads the state file and indexes the entries already in `log`. Blocking.
+    /// Loads the state file and indexes the entries already in `log`. If opening the log
+    /// lost entries this replica may have acknowledged, records durably that it is
+    /// recovering and what it promised (see [`super::lost_entries`]), and only then releases
+    /// the corruption marker that reported the loss. Blocking.
     pub fn open(log: Arc<PartitionLog>) -> Result<RaftLog, ReplicaError> {
         let dir = log.dir().to_path_buf();
         let mut state = RaftStateFile::load(&dir)?;

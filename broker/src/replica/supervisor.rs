@@ -29,8 +29,9 @@
 //!   opens the new ones; retention, scrub steps and config changes run under it shared.
 //!
 //! # Crash behaviour
-//! Nothing here writes to disk; a broker that dies while a replica is stopped recovers it at
-//! its next start as it would any other.
+//! The only write here is a reopening's: it stores the old Raft view's state (its commit
+//! index is otherwise stored lazily) before retiring it. A broker that dies while a replica
+//! is stopped recovers it at its next start as it would any other.
 
 use std::any::Any;
 use std::future::Future;
