@@ -233,6 +233,14 @@ impl Metrics {
         let unopened: usize = registry.list().iter().map(|t| t.unopened.len()).sum();
         let stopped = partitions.iter().filter(|p| p.status().failure.is_some()).count() + unopened;
         let _ = writeln!(out, "{name} {stopped}");
+        let name = "conveyor_replicas_recovering";
+        gauge_header(
+            &mut out,
+            name,
+            "Partition replicas on this broker recovering entries they lost: they vote only for a log that holds them",
+        );
+        let recovering = partitions.iter().filter(|p| p.is_recovering()).count();
+        let _ = writeln!(out, "{name} {recovering}");
         let name = "conveyor_raft_send_queue_depth";
         gauge_header(&mut out, name, "Raft messages waiting to be sent to a peer");
         let peers = registry.transport().peer_states();

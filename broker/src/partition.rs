@@ -366,6 +366,12 @@ impl Partition {
         self.files.current().raft
     }
 
+    /// Whether this replica is recovering entries it lost, as stored (see
+    /// `replica::lost_entries`).
+    pub fn is_recovering(&self) -> bool {
+        self.raft().recovering().is_some()
+    }
+
     /// Replaces the log's config. Waits for a reopening under way, so the change lands on
     /// the log that stays. Blocking.
     pub fn set_log_config(&self, config: LogConfig) -> Result<()> {

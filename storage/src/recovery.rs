@@ -3,9 +3,13 @@
 //! # What open does
 //! 1. Removes leftovers of interrupted operations (`*.deleted`, `*.tmp`, index files without a
 //!    `.log`). If the scrub left a corruption marker, re-verifies the batch it names (frame,
-//!    CRC, base offset): if it is intact or already gone nothing is cut; otherwise cuts the log
-//!    there (later segments deleted, the recovery point lowered so the cut segment is rescanned
-//!    below). The marker is removed once that is durable.
+//!    CRC, base offset): if it is intact, nothing was lost and the marker is removed; if it is
+//!    damaged, cuts the log there (later segments deleted, the recovery point lowered so the cut
+//!    segment is rescanned below); if it is already gone (an earlier open cut it), nothing is
+//!    cut. Damaged or gone, the report says what the log held before
+//!    ([`RecoveryReport::damaged`]) and the marker stays until the replication layer has
+//!    recorded that and releases it (`PartitionLog::release_corruption_marker`), so a crash
+//!    before then does not forget the loss.
 //! 2. After a clean close (marker present) trusts every segment, checking only that the
 //!    indexes are consistent with the `.log` files (rebuilding any that are not).
 //! 3. After a crash, trusts segments that lie wholly below the recovery point and scans the
@@ -16,8 +20,9 @@
 //!    the number of bytes dropped is logged. A torn tail is never served.
 //!
 //! Every cut is reported (`PartitionLog::recovery_report`: where, how many bytes, torn tail
-//! or damaged batch), so the replication layer can tell that entries it may have
-//! acknowledged are gone.
+//! or damaged batch), and so is a damaged batch a marker names (with the stamp of the last
+//! batch the log held before), so the replication layer can tell that entries it may have
+//! acknowledged are gone, and which.
 //!
 //! # Limits
 //! The stamped fields (base offset, leader epoch, Raft index) sit outside the CRC by design.
@@ -33,7 +38,7 @@ use crate::config::LogConfig;
 use crate::error::{LogError, Result};
 use crate::file_names::{self, CLEAN_SHUTDOWN};
 use crate::log::PartitionLog;
-use crate::scrub::{self, CorruptBatch};
+use crate::scrub::{self, BatchStamp, CorruptBatch, Marker};
 use crate::segment::Segment;
 use crate::sync::{read_recovery_point, sync_dir, write_recovery_point};
 
@@ -43,6 +48,19 @@ use crate::sync::{read_recovery_point, sync_dir, write_recovery_point};
 pub struct RecoveryReport {
     /// The first cut made, if any: everything from its offset on was dropped.
     pub cut: Option<LogCut>,
+    /// Set when a scrub's corruption marker named a batch found damaged that this open cut,
+    /// or that an earlier open already cut: entries the log held were lost to damage at rest.
+    pub damaged: Option<Damaged>,
+}
+
+/// What a log held before it was cut at a damaged batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Damaged {
+    /// The stamp of the log's last batch when the damage was found: nothing after it was
+    /// ever appended, so its replica acknowledged nothing newer. `None` when the marker was
+    /// written before markers carried it, or the stamp could not be read then: the caller
+    /// must assume the worst.
+    pub last_before: Option<BatchStamp>,
 }
 
 /// One cut made while opening a log.
@@ -64,54 +82,74 @@ pub enum CutCause {
     CorruptBatch,
 }
 
-/// Whether the batch the marker names is still in the segment as it was found: gone (the
-/// segment ends at or before it) or intact (it parses, starts at the named offset and its
-/// frame and CRC check out) both mean there is nothing to cut.
-fn marked_batch_still_damaged(file: &fs::File, path: &Path, len: u64, corrupt: &CorruptBatch) -> Result<bool> {
+/// What the batch a marker names looks like now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkedBatch {
+    /// It parses, starts at the named offset, and its frame and CRC check out: a false alarm.
+    Intact,
+    /// Still there, still damaged.
+    Damaged,
+    /// The segment ends at or before it (or is gone): an earlier open cut it.
+    Gone,
+}
+
+/// Checks the batch the marker names in the segment.
+fn marked_batch(file: &fs::File, path: &Path, len: u64, corrupt: &CorruptBatch) -> Result<MarkedBatch> {
     use std::os::unix::fs::FileExt;
     if len <= corrupt.position {
-        return Ok(false);
+        return Ok(MarkedBatch::Gone);
     }
     let mut header = vec![0u8; HEADER_LEN];
     if corrupt.position + HEADER_LEN as u64 > len {
-        return Ok(true);
+        return Ok(MarkedBatch::Damaged);
     }
     file.read_exact_at(&mut header, corrupt.position)
         .map_err(LogError::io("read marked batch", path))?;
     let Ok(h) = BatchHeader::parse(&header) else {
-        return Ok(true);
+        return Ok(MarkedBatch::Damaged);
     };
     let size = h.size() as u64;
     if h.base_offset != corrupt.offset || size < HEADER_LEN as u64 || corrupt.position + size > len {
-        return Ok(true);
+        return Ok(MarkedBatch::Damaged);
     }
     let mut whole = vec![0u8; size as usize];
     file.read_exact_at(&mut whole, corrupt.position)
         .map_err(LogError::io("read marked batch", path))?;
-    Ok(check_frame(&whole, usize::MAX).is_err())
+    Ok(if check_frame(&whole, usize::MAX).is_err() {
+        MarkedBatch::Damaged
+    } else {
+        MarkedBatch::Intact
+    })
 }
 
 /// Honours a corruption marker left by the scrub: re-verifies the batch it names and, if it
-/// is still there and still damaged, cuts the log at it, dropping it and everything after it;
-/// then removes the marker once the cut is durable. Returns the segment base offsets left
-/// and the cut made, if any. Idempotent, so a crash part-way cuts again on the next open.
-fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> Result<(Vec<u64>, Option<LogCut>)> {
+/// is still there and still damaged, cuts the log at it, dropping it and everything after it.
+/// Returns the segment base offsets left, the cut made, if any, and what was lost, if
+/// anything. Idempotent, so a crash part-way cuts again on the next open. The marker is
+/// removed here only for a false alarm; otherwise the caller releases it once it has
+/// recorded the loss (see the module docs).
+fn cut_at_corrupt_batch(
+    dir: &Path,
+    bases: Vec<u64>,
+    marker: &Marker,
+) -> Result<(Vec<u64>, Option<LogCut>, Option<Damaged>)> {
+    let corrupt = &marker.corrupt;
     let base = corrupt.segment_base_offset;
     let mut bases = bases;
     let mut cut = None;
     let path = file_names::segment_file(dir, base, file_names::LOG_SUFFIX);
-    let damaged = if bases.binary_search(&base).is_ok() {
+    let (found, file) = if bases.binary_search(&base).is_ok() {
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .map_err(LogError::io("open segment", &path))?;
         let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
-        marked_batch_still_damaged(&file, &path, len, corrupt)?.then_some((file, len))
+        (marked_batch(&file, &path, len, corrupt)?, Some((file, len)))
     } else {
-        None
+        (MarkedBatch::Gone, None)
     };
-    if let Some((file, len)) = damaged {
+    if let (MarkedBatch::Damaged, Some((file, len))) = (found, file) {
         // Recovery must rescan and reindex the cut segment: lower the recovery point to it and
         // drop the clean-shutdown marker before touching anything.
         if read_recovery_point(dir).is_none_or(|rp| rp > base) {
@@ -152,11 +190,19 @@ fn cut_at_corrupt_batch(dir: &Path, bases: Vec<u64>, corrupt: &CorruptBatch) -> 
             dropped_bytes,
             cause: CutCause::CorruptBatch,
         });
-    } else {
-        tracing::warn!(dir = %dir.display(), offset = corrupt.offset, segment = base, "the batch named by the corruption marker is intact or gone; nothing to cut");
     }
-    scrub::remove_marker(dir)?;
-    Ok((bases, cut))
+    if found == MarkedBatch::Intact {
+        tracing::warn!(dir = %dir.display(), offset = corrupt.offset, segment = base, "the batch named by the corruption marker is intact; nothing to cut");
+        scrub::remove_marker(dir)?;
+        return Ok((bases, cut, None));
+    }
+    if found == MarkedBatch::Gone {
+        tracing::warn!(dir = %dir.display(), offset = corrupt.offset, segment = base, "the batch named by the corruption marker was already cut; reporting the loss again");
+    }
+    let damaged = Damaged {
+        last_before: marker.last_before,
+    };
+    Ok((bases, cut, Some(damaged)))
 }
 
 /// Bytes read per `pread` while validating a segment.
@@ -181,8 +227,8 @@ impl PartitionLog {
         }
         let mut bases = clean_directory(&dir)?;
         let mut report = RecoveryReport::default();
-        if let Some(corrupt) = scrub::read_marker(&dir)? {
-            (bases, report.cut) = cut_at_corrupt_batch(&dir, bases, &corrupt)?;
+        if let Some(marker) = scrub::read_marker(&dir)? {
+            (bases, report.cut, report.damaged) = cut_at_corrupt_batch(&dir, bases, &marker)?;
         }
         let marker = dir.join(CLEAN_SHUTDOWN);
         let clean = marker.exists();
@@ -549,7 +595,7 @@ mod tests {
         let log = PartitionLog::open(dir, config()).expect("open");
         let mut tag = 0;
         while log.segment_count() < 4 {
-            log.append(&batch(tag)).expect("append");
+            log.append_as_leader(&batch(tag), 3, tag + 1).expect("append");
             tag += 1;
         }
         log.log_end_offset()
@@ -622,7 +668,7 @@ mod tests {
         let log = PartitionLog::open(dir.path(), config()).expect("reopen");
         assert_eq!(log.log_end_offset(), end, "nothing cut");
         assert_eq!(log.segment_count(), 4);
-        assert_eq!(log.recovery_report().cut, None);
+        assert_eq!(log.recovery_report(), RecoveryReport::default(), "nothing lost");
         assert!(
             scrub::read_marker(dir.path()).expect("read").is_none(),
             "marker removed"
@@ -639,6 +685,10 @@ mod tests {
         let log = PartitionLog::open(dir.path(), config()).expect("reopen");
         assert_eq!(log.log_end_offset(), end, "nothing cut");
         assert_eq!(log.recovery_report().cut, None);
+        assert!(
+            log.recovery_report().damaged.is_some(),
+            "a batch gone is taken for one an earlier open cut: the loss is reported"
+        );
     }
 
     #[test]
@@ -652,12 +702,68 @@ mod tests {
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, at).expect("read");
         file.write_all_at(&[byte[0] ^ 0x10], at).expect("flip");
+        let last = PartitionLog::open(dir.path(), config()).expect("open").log_end_offset();
         quarantine(dir.path(), &corrupt);
         let log = PartitionLog::open(dir.path(), config()).expect("reopen");
         assert_eq!(log.log_end_offset(), corrupt.offset);
-        let cut = log.recovery_report().cut.expect("a cut");
+        let report = log.recovery_report();
+        let cut = report.cut.expect("a cut");
         assert_eq!(cut.offset, corrupt.offset);
         assert_eq!(cut.cause, CutCause::CorruptBatch);
         assert!(cut.dropped_bytes > 0);
+        // `fill` stamps batch `tag` (offset `tag`) with epoch 3 and Raft index `tag + 1`.
+        let stamp = BatchStamp {
+            leader_epoch: 3,
+            raft_index: last,
+        };
+        assert_eq!(
+            report.damaged,
+            Some(Damaged {
+                last_before: Some(stamp)
+            }),
+            "the last batch the log held before the cut"
+        );
+        drop(log);
+
+        // Until the loss is recorded and the marker released, every open reports it again.
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen after a crash");
+        assert_eq!(log.log_end_offset(), corrupt.offset, "nothing more cut");
+        assert_eq!(log.recovery_report().cut, None);
+        assert_eq!(log.recovery_report().damaged, report.damaged, "reported again");
+        log.retire();
+        assert!(
+            matches!(log.release_corruption_marker(), Err(LogError::Closed)),
+            "a retired log releases nothing"
+        );
+        drop(log);
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        log.release_corruption_marker().expect("release");
+        drop(log);
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.recovery_report(), RecoveryReport::default());
+    }
+
+    #[test]
+    fn a_marker_in_the_first_format_reports_its_loss_without_a_stamp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fill(dir.path());
+        let corrupt = marker_for_second_batch_of_first_segment(dir.path());
+        let path = file_names::segment_file(dir.path(), corrupt.segment_base_offset, file_names::LOG_SUFFIX);
+        let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(b"\xff\xff", corrupt.position + HEADER_LEN as u64 + 3)
+            .expect("flip");
+        let mut content = Vec::new();
+        for word in [corrupt.offset, corrupt.segment_base_offset, corrupt.position] {
+            content.extend_from_slice(&word.to_le_bytes());
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&content);
+        hasher.update(b"old");
+        content.extend_from_slice(&hasher.finalize().to_le_bytes());
+        content.extend_from_slice(b"old");
+        fs::write(dir.path().join(scrub::CORRUPTION_MARKER), content).expect("old marker");
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), corrupt.offset, "cut where it names");
+        assert_eq!(log.recovery_report().damaged, Some(Damaged { last_before: None }));
     }
 }

@@ -104,6 +104,24 @@ pub enum OnDamage {
     Report,
 }
 
+/// The leader epoch and Raft index stamped on a batch. Ordered by epoch, then index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BatchStamp {
+    pub leader_epoch: u64,
+    pub raft_index: u64,
+}
+
+/// What the corruption marker records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Marker {
+    pub corrupt: CorruptBatch,
+    /// The stamp of the log's last batch when the damage was found. The log is poisoned in
+    /// the same step, under the writer lock, so nothing newer was ever appended to it: a
+    /// replica never acknowledged an entry past this stamp. `None` in a marker written before
+    /// markers carried it (or when it could not be read).
+    pub last_before: Option<BatchStamp>,
+}
+
 /// What one [`PartitionLog::scrub_step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScrubStep {
@@ -205,7 +223,7 @@ impl PartitionLog {
             detail,
         };
         if on_damage == OnDamage::Quarantine {
-            self.quarantine(&corrupt)?;
+            self.quarantine_locked(&corrupt)?;
         }
         Ok(ScrubStep::Corrupt(corrupt))
     }
@@ -213,6 +231,14 @@ impl PartitionLog {
     /// Records `corrupt` durably in the partition directory and poisons the log, so that
     /// nothing more is served or appended until it is reopened (and cut there).
     pub fn quarantine(&self, corrupt: &CorruptBatch) -> Result<()> {
+        let _writer = self.lock_writer();
+        self.quarantine_locked(corrupt)
+    }
+
+    /// As [`quarantine`](Self::quarantine), the writer lock held: nothing is appended
+    /// between reading the log's last stamp and poisoning it, so the marker's stamp bounds
+    /// everything this log ever held (see [`Marker`]).
+    fn quarantine_locked(&self, corrupt: &CorruptBatch) -> Result<()> {
         tracing::error!(
             dir = %self.dir().display(),
             offset = corrupt.offset,
@@ -221,8 +247,56 @@ impl PartitionLog {
             detail = %corrupt.detail,
             "corrupt batch found; the log is quarantined and will be cut there when reopened"
         );
+        let last_before = match self.last_stamp() {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                // The marker then says nothing of it; its reader assumes the worst.
+                tracing::warn!(dir = %self.dir().display(), error = %e, "could not read the last batch's stamp for the corruption marker");
+                None
+            }
+        };
         self.set_quarantined(corrupt.clone());
-        write_marker(self.dir(), corrupt)
+        write_marker(
+            self.dir(),
+            &Marker {
+                corrupt: corrupt.clone(),
+                last_before,
+            },
+        )
+    }
+
+    /// The stamp of the log's last batch, if it has one.
+    fn last_stamp(&self) -> Result<Option<BatchStamp>> {
+        for segment in self.segments_snapshot().iter().rev() {
+            let size = segment.size();
+            if size == 0 {
+                continue;
+            }
+            let start = segment.offset_index().last().map_or(0, |e| u64::from(e.position));
+            let mut last = None;
+            segment.scan_headers(start, size, |_, h| {
+                last = Some(BatchStamp {
+                    leader_epoch: h.leader_epoch,
+                    raft_index: h.raft_index,
+                });
+                true
+            })?;
+            if last.is_some() {
+                return Ok(last);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes the corruption marker a reopening kept (see [`crate::RecoveryReport`]): the
+    /// caller has durably recorded what the report's [`Damaged`](crate::Damaged) says.
+    /// Refused on a closed or retired log.
+    pub fn release_corruption_marker(&self) -> Result<()> {
+        let _writer = self.lock_writer();
+        if self.is_closed() {
+            return Err(LogError::Closed);
+        }
+        remove_marker(self.dir())
     }
 }
 
@@ -348,12 +422,30 @@ fn verify_large(segment: &Segment, position: u64, header: &BatchHeader) -> std::
     Ok(())
 }
 
-/// `[offset u64][segment base u64][position u64][crc32 of the 24 bytes + detail][detail]`.
-fn write_marker(dir: &Path, corrupt: &CorruptBatch) -> Result<()> {
-    let mut content = Vec::with_capacity(28 + corrupt.detail.len());
-    content.extend_from_slice(&corrupt.offset.to_le_bytes());
-    content.extend_from_slice(&corrupt.segment_base_offset.to_le_bytes());
-    content.extend_from_slice(&corrupt.position.to_le_bytes());
+/// Marks the format that carries the last stamp (the first one did not start with a tag).
+const MARKER_V2: &[u8; 4] = b"CBM2";
+/// Bytes before the detail in each format.
+const V1_FIXED: usize = 28;
+const V2_FIXED: usize = 4 + 5 * 8 + 1 + 4;
+
+/// `"CBM2" [offset u64][segment base u64][position u64][u8 has_stamp][leader epoch u64]
+/// [raft index u64][crc32 of everything before it + detail][detail]`. The first format,
+/// still read, was `[offset u64][segment base u64][position u64][crc32 of the 24 bytes +
+/// detail][detail]`, without a stamp.
+fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
+    let corrupt = &marker.corrupt;
+    let stamp = marker.last_before.unwrap_or(BatchStamp {
+        leader_epoch: 0,
+        raft_index: 0,
+    });
+    let mut content = Vec::with_capacity(V2_FIXED + corrupt.detail.len());
+    content.extend_from_slice(MARKER_V2);
+    for word in [corrupt.offset, corrupt.segment_base_offset, corrupt.position] {
+        content.extend_from_slice(&word.to_le_bytes());
+    }
+    content.push(u8::from(marker.last_before.is_some()));
+    content.extend_from_slice(&stamp.leader_epoch.to_le_bytes());
+    content.extend_from_slice(&stamp.raft_index.to_le_bytes());
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&content);
     hasher.update(corrupt.detail.as_bytes());
@@ -362,49 +454,78 @@ fn write_marker(dir: &Path, corrupt: &CorruptBatch) -> Result<()> {
     replace_file_durably(dir, CORRUPTION_MARKER, &content)
 }
 
-/// The recorded corrupt batch, if a marker is present. A damaged marker cannot be trusted to
-/// name the right place; it reads as `Err` so that the caller decides.
-pub(crate) fn read_marker(dir: &Path) -> Result<Option<CorruptBatch>> {
+/// The recorded marker, if one is present. A damaged marker cannot be trusted to name the
+/// right place; it reads as `Err` so that the caller decides.
+pub(crate) fn read_marker(dir: &Path) -> Result<Option<Marker>> {
     let path = dir.join(CORRUPTION_MARKER);
     let content = match fs::read(&path) {
         Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(LogError::io("read corruption marker", &path)(e)),
     };
-    let damaged = || LogError::Corrupt {
-        path: path.clone(),
-        detail: "the corruption marker is damaged, so where to cut the log is unknown; remove the file to \
-                 open the log as it is (the scrub will find the damage again)"
-            .into(),
-    };
-    if content.len() < 28 {
-        return Err(damaged());
+    match decode_v2(&content).or_else(|| decode_v1(&content)) {
+        Some(marker) => Ok(Some(marker)),
+        None => Err(LogError::Corrupt {
+            path: path.clone(),
+            detail: "the corruption marker is damaged, so where to cut the log is unknown; remove the file to \
+                     open the log as it is (the scrub will find the damage again)"
+                .into(),
+        }),
     }
-    let u64_at = |at: usize| {
-        content[at..at + 8]
-            .try_into()
-            .map(u64::from_le_bytes)
-            .map_err(|_| damaged())
-    };
-    let crc = content[24..28]
-        .try_into()
-        .map(u32::from_le_bytes)
-        .map_err(|_| damaged())?;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&content[..24]);
-    hasher.update(&content[28..]);
-    if hasher.finalize() != crc {
-        return Err(damaged());
-    }
-    Ok(Some(CorruptBatch {
-        offset: u64_at(0)?,
-        segment_base_offset: u64_at(8)?,
-        position: u64_at(16)?,
-        detail: String::from_utf8_lossy(&content[28..]).into_owned(),
-    }))
 }
 
-/// Removes the marker durably; the caller has made the cut it names durable.
+fn u64_at(content: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(content.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn crc_checks(content: &[u8], fixed: usize) -> bool {
+    let crc = u32::from_le_bytes(content[fixed - 4..fixed].try_into().unwrap_or_default());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&content[..fixed - 4]);
+    hasher.update(&content[fixed..]);
+    hasher.finalize() == crc
+}
+
+fn decode_v2(content: &[u8]) -> Option<Marker> {
+    if content.len() < V2_FIXED || &content[..4] != MARKER_V2 || !crc_checks(content, V2_FIXED) {
+        return None;
+    }
+    let last_before = match content[28] {
+        0 => None,
+        1 => Some(BatchStamp {
+            leader_epoch: u64_at(content, 29)?,
+            raft_index: u64_at(content, 37)?,
+        }),
+        _ => return None,
+    };
+    Some(Marker {
+        corrupt: CorruptBatch {
+            offset: u64_at(content, 4)?,
+            segment_base_offset: u64_at(content, 12)?,
+            position: u64_at(content, 20)?,
+            detail: String::from_utf8_lossy(&content[V2_FIXED..]).into_owned(),
+        },
+        last_before,
+    })
+}
+
+fn decode_v1(content: &[u8]) -> Option<Marker> {
+    if content.len() < V1_FIXED || !crc_checks(content, V1_FIXED) {
+        return None;
+    }
+    Some(Marker {
+        corrupt: CorruptBatch {
+            offset: u64_at(content, 0)?,
+            segment_base_offset: u64_at(content, 8)?,
+            position: u64_at(content, 16)?,
+            detail: String::from_utf8_lossy(&content[V1_FIXED..]).into_owned(),
+        },
+        last_before: None,
+    })
+}
+
+/// Removes the marker durably: the cut it names is durable, and what it says was lost has
+/// been recorded where it is needed (or nothing was lost).
 pub(crate) fn remove_marker(dir: &Path) -> Result<()> {
     let path = dir.join(CORRUPTION_MARKER);
     match fs::remove_file(&path) {

@@ -134,10 +134,13 @@ fn corrupt_a_sealed_batch(damage: Damage) -> (tempfile::TempDir, Vec<(u64, Bytes
 fn assert_reopen_cuts_at(dir: &Path, appended: &[(u64, Bytes)], found: &CorruptBatch) {
     let log = PartitionLog::open(dir, small_config(FlushPolicy::Always)).expect("reopen");
     assert_eq!(log.log_end_offset(), found.offset, "cut at the corrupt batch");
+    assert!(log.recovery_report().damaged.is_some(), "the loss is reported");
     assert!(
-        !dir.join(CORRUPTION_MARKER).exists(),
-        "the marker goes once the cut is durable"
+        dir.join(CORRUPTION_MARKER).exists(),
+        "the marker stays until the replication layer has recorded the loss"
     );
+    log.release_corruption_marker().expect("release");
+    assert!(!dir.join(CORRUPTION_MARKER).exists(), "released");
     let kept: Vec<(u64, Bytes)> = batches(&log)
         .into_iter()
         .map(|b| (b.header().base_offset, b.bytes().slice(STAMPED_LEN..)))

@@ -3,11 +3,14 @@
 //!
 //! # On-disk format
 //! `"CRS1" | u32 len | HardState (protobuf) | u32 len | ConfState (protobuf) |
-//! u64 snapshot_index | u64 snapshot_term | u64 snapshot_offset | [u8 1 | u64 recovering_to] |
-//! u32 crc32` (little-endian; the CRC covers everything before it). The bracketed part is
+//! u64 snapshot_index | u64 snapshot_term | u64 snapshot_offset | [u8 2 | u64 term | u64 index]
+//! | u32 crc32` (little-endian; the CRC covers everything before it). The bracketed part is
 //! present only while the replica is recovering lost entries (see
-//! [`super::lost_entries`]): files written before it existed, and files of replicas not
-//! recovering, have the same bytes as before, and a reader that does not know it ignores it.
+//! [`super::lost_entries`]): the last entry it may have acknowledged. Files of replicas not
+//! recovering have the same bytes as before it existed. A file with `[u8 1 | u64 target]`
+//! there, the first form (a commit index to reach), reads as recovering with the promise
+//! `(stored term, u64::MAX)`: nothing said what it acknowledged, so the worst is assumed (it
+//! recovers once its log holds an entry of a newer term).
 //!
 //! # Crash behaviour
 //! Replaced atomically (`conveyor_storage::replace_file_durably`). A
@@ -33,9 +36,27 @@ pub struct RaftStateFile {
     pub snapshot_term: u64,
     /// Offset at which the log starts right after the snapshot point.
     pub snapshot_offset: u64,
-    /// Set while the replica is recovering entries it lost: the commit index to reach before
-    /// it votes again, 0 while not yet learned from a leader.
-    pub recovering: Option<u64>,
+    /// Set while the replica is recovering entries it lost: the last entry it may have
+    /// acknowledged before the loss (see [`super::lost_entries`]).
+    pub recovering: Option<Promise>,
+}
+
+/// The (term, index) of the last entry a replica may have acknowledged. Ordered as Raft
+/// compares logs for being up to date: by term, then by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Promise {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl std::fmt::Display for Promise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.index == u64::MAX {
+            write!(f, "any entry of term {}", self.term)
+        } else {
+            write!(f, "entry {} of term {}", self.index, self.term)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +115,14 @@ impl RaftStateFile {
         let word = |i: usize| u64::from_le_bytes(tail[i * 8..(i + 1) * 8].try_into().unwrap_or_default());
         let recovering = match body.get(pos + 24..) {
             None | Some([]) => None,
-            Some([1, target @ ..]) if target.len() == 8 => {
-                Some(u64::from_le_bytes(target.try_into().map_err(|_| "truncated")?))
-            }
+            Some([1, target @ ..]) if target.len() == 8 => Some(Promise {
+                term: hard_state.term,
+                index: u64::MAX,
+            }),
+            Some([2, promise @ ..]) if promise.len() == 16 => Some(Promise {
+                term: u64::from_le_bytes(promise[..8].try_into().map_err(|_| "truncated")?),
+                index: u64::from_le_bytes(promise[8..].try_into().map_err(|_| "truncated")?),
+            }),
             Some(_) => return Err("unknown trailing fields".into()),
         };
         Ok(RaftStateFile {
@@ -118,9 +144,10 @@ impl RaftStateFile {
         for word in [self.snapshot_index, self.snapshot_term, self.snapshot_offset] {
             out.extend_from_slice(&word.to_le_bytes());
         }
-        if let Some(target) = self.recovering {
-            out.push(1);
-            out.extend_from_slice(&target.to_le_bytes());
+        if let Some(promise) = self.recovering {
+            out.push(2);
+            out.extend_from_slice(&promise.term.to_le_bytes());
+            out.extend_from_slice(&promise.index.to_le_bytes());
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -192,14 +219,28 @@ mod tests {
             old_bytes.len(),
             4 + 4 + plain.hard_state.write_to_bytes().expect("hs").len() + 4 + 24 + 4
         );
-        for target in [0, 42] {
+        for (term, index) in [(3, 0), (2, 42), (3, u64::MAX)] {
             let state = RaftStateFile {
-                recovering: Some(target),
+                recovering: Some(Promise { term, index }),
                 ..plain.clone()
             };
             state.store(dir.path()).expect("store");
             assert_eq!(RaftStateFile::load(dir.path()).expect("load"), state);
         }
+        // The first form, a commit index to reach: read as the worst promise of its term.
+        let mut first_form = old_bytes[..old_bytes.len() - 4].to_vec();
+        first_form.push(1);
+        first_form.extend_from_slice(&42u64.to_le_bytes());
+        let crc = crc32fast::hash(&first_form);
+        first_form.extend_from_slice(&crc.to_le_bytes());
+        fs::write(dir.path().join(FILE_NAME), first_form).expect("write");
+        assert_eq!(
+            RaftStateFile::load(dir.path()).expect("load").recovering,
+            Some(Promise {
+                term: 3,
+                index: u64::MAX
+            })
+        );
         plain.store(dir.path()).expect("store cleared");
         assert_eq!(RaftStateFile::load(dir.path()).expect("load").recovering, None);
         assert_eq!(fs::read(dir.path().join(FILE_NAME)).expect("read"), old_bytes);

@@ -23,12 +23,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use conveyor_storage::batch::BatchIter;
-use conveyor_storage::{CutCause, FlushPolicy, LogError, PartitionLog};
+use conveyor_storage::{FlushPolicy, LogError, PartitionLog};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use super::entry::{self, EntryError};
-use super::raft_state::{RaftStateFile, StateError};
+use super::raft_state::{Promise, RaftStateFile, StateError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -82,14 +82,14 @@ impl Inner {
 pub struct RaftLog {
     log: Arc<PartitionLog>,
     dir: PathBuf,
-    /// The commit index stored before the crash: past the log's end after recovery, it
-    /// says that this replica lost entries it had acknowledged.
-    promised_commit: u64,
     inner: Arc<RwLock<Inner>>,
 }
 
 impl RaftLog {
-    /// Loads the state file and indexes the entries already in `log`. Blocking.
+    /// Loads the state file and indexes the entries already in `log`. If opening the log
+    /// lost entries this replica may have acknowledged, records durably that it is
+    /// recovering and what it promised (see [`super::lost_entries`]), and only then releases
+    /// the corruption marker that reported the loss. Blocking.
     pub fn open(log: Arc<PartitionLog>) -> Result<RaftLog, ReplicaError> {
         let dir = log.dir().to_path_buf();
         let mut state = RaftStateFile::load(&dir)?;
@@ -117,24 +117,34 @@ impl RaftLog {
         if let Some(reason) = problem {
             return Err(ReplicaError::Inconsistent { dir, reason });
         }
-        // A commit stored ahead of what survived (flush policy `os`, or a cut torn tail) cannot
+        // A commit stored ahead of what survived (flush policy `os`, or a cut tail) cannot
         // be honoured; Raft must not be told about entries it does not have.
         let last = state.snapshot_index + entries.len() as u64;
-        let promised_commit = state.hard_state.commit;
+        let last_term = entries.back().map_or(state.snapshot_term, |e| e.1);
+        let lost = lost_acknowledged_entries(&log, &state, last);
         if state.hard_state.commit > last {
             tracing::warn!(dir = %dir.display(), stored = state.hard_state.commit, last, "stored commit index is past the log; lowering it");
             state.hard_state.commit = last;
         }
-        if state.recovering.is_none() && lost_acknowledged_entries(&log, promised_commit, last) {
+        let own = Promise {
+            term: last_term,
+            index: last,
+        };
+        let recovering = state.recovering.max(lost.filter(|&p| p > own));
+        if recovering != state.recovering {
             // Recorded before the owner runs, so that a crash or a restart while recovering
             // does not forget it (the lowered commit above is stored with it).
-            state.recovering = Some(if promised_commit > last { promised_commit } else { 0 });
+            state.recovering = recovering;
             state.store(&dir)?;
+        }
+        if log.recovery_report().damaged.is_some() {
+            // Only now that the loss is recorded may the marker that reports it go; a crash
+            // before this reports it again at the next open (see `conveyor_storage::recovery`).
+            log.release_corruption_marker()?;
         }
         Ok(RaftLog {
             log,
             dir,
-            promised_commit,
             inner: Arc::new(RwLock::new(Inner {
                 applied: 0,
                 state,
@@ -153,31 +163,35 @@ impl RaftLog {
         self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The commit index the state file held when the log was opened, before it was
-    /// lowered to the log's end (see [`super::lost_entries`]).
-    pub fn commit_promised_at_open(&self) -> u64 {
-        self.promised_commit
-    }
-
-    /// Whether the replica is recovering lost entries, as stored: `Some(target)`, the commit
-    /// index to reach (0 while not yet learned from a leader). See [`super::lost_entries`].
-    pub fn recovering(&self) -> Option<u64> {
+    /// Whether the replica is recovering lost entries, as stored: `Some(promise)`, the last
+    /// entry it may have acknowledged. See [`super::lost_entries`].
+    pub fn recovering(&self) -> Option<Promise> {
         self.read().state.recovering
     }
 
-    /// Records durably that the replica is recovering (to `target`), or no longer is.
-    pub fn set_recovering(&self, recovering: Option<u64>) -> Result<(), ReplicaError> {
+    /// Records durably that the replica is recovering (what it promised), or no longer is.
+    /// Refused by a retired view, like every `raft-state` write.
+    pub fn set_recovering(&self, recovering: Option<Promise>) -> Result<(), ReplicaError> {
         let mut inner = self.write();
         if inner.state.recovering == recovering {
             return Ok(());
         }
         let before = inner.state.recovering;
         inner.state.recovering = recovering;
-        if let Err(e) = inner.state.store(&self.dir) {
+        if let Err(e) = self.store_state(&inner) {
             inner.state.recovering = before;
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
+    }
+
+    /// The (term, index) of the last entry in the log (the snapshot point for an empty one).
+    pub fn last_entry(&self) -> Promise {
+        let inner = self.read();
+        Promise {
+            term: inner.entries.back().map_or(inner.state.snapshot_term, |e| e.1),
+            index: inner.last_index(),
+        }
     }
 
     pub fn partition_log(&self) -> &Arc<PartitionLog> {
@@ -364,20 +378,38 @@ impl RaftLog {
     }
 }
 
-/// Whether opening `log` lost entries this replica may have acknowledged: the log was cut at
-/// a damaged batch the scrub found (damage at rest, whatever the flush policy), or, under
-/// flush policy `always` (every acknowledged entry was synced), recovery cut a torn or
-/// corrupt tail or the stored commit index is past the log's end. Under `os` and `interval`
-/// an acknowledged but unsynced tail may be lost at a power cut by contract; such a loss is
-/// not treated as recovering at open (a leader's heartbeat still reveals it, see
+/// What opening `log` says this replica may have acknowledged and no longer holds, as the
+/// last entry it may have acknowledged (an upper bound; see [`super::lost_entries`]):
+/// - the log was cut at a damaged batch the scrub found (damage at rest, whatever the flush
+///   policy): the stamp of the log's last batch when the damage was found, which the
+///   corruption marker carries. A marker written before markers carried it promises the
+///   worst, `(stored term, u64::MAX)`: every entry this replica acknowledged has a term no
+///   higher than its stored term.
+/// - under flush policy `always` (an entry is acknowledged only once synced), a stored commit
+///   index past the log's end: `(stored term, stored commit)`.
+///
+/// A torn tail cut alone is not a loss: under `always` its bytes were never synced, so never
+/// acknowledged; under `os` and `interval` an acknowledged but unsynced tail may be lost at a
+/// power cut by contract (a leader's heartbeat still reveals it, see
 /// [`super::lost_entries`]).
-fn lost_acknowledged_entries(log: &PartitionLog, promised_commit: u64, last: u64) -> bool {
-    let synced_acks = log.flush_policy() == FlushPolicy::Always;
-    match log.recovery_report().cut {
-        Some(cut) if cut.cause == CutCause::CorruptBatch => true,
-        Some(_) => synced_acks,
-        None => synced_acks && promised_commit > last,
-    }
+fn lost_acknowledged_entries(log: &PartitionLog, state: &RaftStateFile, last: u64) -> Option<Promise> {
+    let stored_term = state.hard_state.term;
+    let damaged = log.recovery_report().damaged.map(|d| match d.last_before {
+        Some(stamp) => Promise {
+            term: stamp.leader_epoch,
+            index: stamp.raft_index,
+        },
+        None => Promise {
+            term: stored_term,
+            index: u64::MAX,
+        },
+    });
+    let commit = state.hard_state.commit;
+    let past_commit = (log.flush_policy() == FlushPolicy::Always && commit > last).then_some(Promise {
+        term: stored_term,
+        index: commit,
+    });
+    damaged.max(past_commit)
 }
 
 /// The log start offset a snapshot carries.
@@ -686,6 +718,22 @@ mod tests {
                 Err(ReplicaError::Inconsistent { .. })
             ),
             "gaps are refused"
+        );
+    }
+
+    #[test]
+    fn a_retired_view_does_not_store_the_recovering_state() {
+        use crate::replica::raft_state::Promise;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = open(dir.path());
+        raft.retire();
+        let promise = Promise { term: 2, index: 9 };
+        assert!(raft.set_recovering(Some(promise)).is_err(), "refused");
+        assert_eq!(raft.recovering(), None, "unchanged in memory");
+        assert_eq!(
+            RaftStateFile::load(dir.path()).expect("load").recovering,
+            None,
+            "nor written"
         );
     }
 

@@ -29,8 +29,9 @@
 //!   opens the new ones; retention, scrub steps and config changes run under it shared.
 //!
 //! # Crash behaviour
-//! Nothing here writes to disk; a broker that dies while a replica is stopped recovers it at
-//! its next start as it would any other.
+//! The only write here is a reopening's: it stores the old Raft view's state (its commit
+//! index is otherwise stored lazily) before retiring it. A broker that dies while a replica
+//! is stopped recovers it at its next start as it would any other.
 
 use std::any::Any;
 use std::future::Future;
@@ -121,6 +122,13 @@ impl SharedFiles {
     pub fn reopen<T, E>(&self, open: impl FnOnce(&ReplicaFiles) -> Result<(ReplicaFiles, T), E>) -> Result<T, E> {
         let _generation = self.generation.write().unwrap_or_else(PoisonError::into_inner);
         let old = self.current();
+        // The old view may hold a newer commit index than `raft-state` (it is stored lazily):
+        // store it before retiring, so that the reopened replica knows how far it committed
+        // and, should recovery cut the log below it, that it lost entries it acknowledged
+        // (see `RaftLog::open`). A view already retired (a failed reopening retried) refuses.
+        if let Err(e) = old.raft.flush_state() {
+            tracing::debug!(dir = %old.log.dir().display(), error = %e, "raft state not stored before reopening");
+        }
         old.raft.retire();
         let (new, made) = open(&old)?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = new;
@@ -546,6 +554,27 @@ mod tests {
     fn hard_state_on_disk(dir: &std::path::Path) -> raft::eraftpb::HardState {
         let raft = open_files(dir, small_segments()).raft;
         raft::Storage::initial_state(&raft).expect("state").hard_state
+    }
+
+    #[test]
+    fn a_reopening_stores_the_commit_index_the_old_view_held_only_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = filled(dir.path(), 60);
+        let hs = |commit| raft::eraftpb::HardState {
+            term: 2,
+            vote: 1,
+            commit,
+            ..raft::eraftpb::HardState::default()
+        };
+        files.raft.set_hard_state(&hs(30)).expect("stored with the new term");
+        files.raft.set_hard_state(&hs(60)).expect("kept in memory");
+        let shared = SharedFiles::new(files);
+        shared
+            .reopen(|old| Ok::<_, String>((open_files(old.log.dir(), old.log.config()), ())))
+            .expect("reopened");
+        let new = shared.current();
+        let state = raft::Storage::initial_state(&new.raft).expect("state").hard_state;
+        assert_eq!(state.commit, 60, "the commit the old view held is not forgotten");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use raft::{Config, GetEntriesContext, ProgressState, Storage};
 
 use super::super::entry::Origin;
 use super::super::inbound;
+use super::super::raft_state::Promise;
 use super::super::ready::{ReadyHandler, on_ready};
 use super::*;
 
@@ -36,14 +37,18 @@ fn storage(dir: &std::path::Path) -> RaftLog {
 }
 
 fn storage_with(dir: &std::path::Path, flush: FlushPolicy) -> RaftLog {
-    let config = LogConfig {
-        segment_bytes: 16 * 1024,
-        max_batch_bytes: 8 * 1024,
+    RaftLog::open(Arc::new(PartitionLog::open(dir, log_config(flush)).expect("log"))).expect("raft log")
+}
+
+/// Small segments, so that a few dozen entries fill sealed ones the scrub verifies.
+fn log_config(flush: FlushPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 2 * 1024,
+        max_batch_bytes: 1024,
         flush,
         retention_ms: None,
         ..LogConfig::default()
-    };
-    RaftLog::open(Arc::new(PartitionLog::open(dir, config).expect("log"))).expect("raft log")
+    }
 }
 
 fn node(id: u64, raft: RaftLog) -> Node {
@@ -85,8 +90,16 @@ fn batch(i: u64) -> Vec<u8> {
 /// One round: tick (through the lost-entries rule), process Readies, deliver every
 /// message through the owner's inbound path.
 fn round(nodes: &mut [Node], tick: bool) {
+    round_without(nodes, tick, None);
+}
+
+/// As [`round`], with node `down` (an index) stopped: it neither runs nor gets messages.
+fn round_without(nodes: &mut [Node], tick: bool, down: Option<usize>) {
     let mut mail: VecDeque<Message> = VecDeque::new();
-    for n in nodes.iter_mut() {
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if Some(i) == down {
+            continue;
+        }
         if tick {
             n.lost.before_tick(&mut n.raw);
             n.raw.tick();
@@ -95,6 +108,9 @@ fn round(nodes: &mut [Node], tick: bool) {
         mail.extend(n.outbox.drain(..));
     }
     while let Some(m) = mail.pop_front() {
+        if Some((m.to - 1) as usize) == down {
+            continue;
+        }
         let n = &mut nodes[(m.to - 1) as usize];
         // Refusals (stale terms and the like) are Raft's business here as in the owner.
         let _ = inbound::step(&mut n.raw, &mut n.lost, m);
@@ -277,32 +293,39 @@ fn tear_tail(dir: &std::path::Path) {
 }
 
 #[test]
-fn given_recovery_cut_a_torn_tail_under_flush_always_the_replica_reopens_recovering_and_a_restart_does_not_forget_it() {
+fn given_a_stored_commit_past_the_log_under_flush_always_the_replica_reopens_recovering_but_not_for_a_torn_tail() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (flush, expected) in [(FlushPolicy::Always, Some(0)), (FlushPolicy::Os, None)] {
-        let path = dir.path().join(format!("{flush:?}"));
+    for (flush, commit, tear, expected) in [
+        (FlushPolicy::Always, 2, true, None),
+        (FlushPolicy::Os, 2, true, None),
+        (FlushPolicy::Always, 5, false, Some(Promise { term: 2, index: 5 })),
+        (FlushPolicy::Os, 5, false, None),
+    ] {
+        let path = dir.path().join(format!("{flush:?}-{commit}"));
         let raft = storage_with(&path, flush);
         raft.append(&[entry_at(1, 1), entry_at(2, 1), entry_at(3, 1)], Origin::Peer)
             .expect("append");
         raft.persist().expect("persist");
         raft.set_hard_state(&HardState {
-            term: 1,
+            term: 2,
             vote: 1,
-            commit: 2,
+            commit,
             ..HardState::default()
         })
         .expect("hard state");
+        raft.flush_state().expect("flush state");
         drop(raft);
-        tear_tail(&path);
+        if tear {
+            tear_tail(&path);
+        }
         let raft = storage_with(&path, flush);
-        assert_eq!(raft.recovering(), expected, "{flush:?}: recovering after the cut");
+        assert_eq!(raft.recovering(), expected, "{flush:?}, commit {commit}");
         assert_eq!(
             LostEntries::new("t", 0, &raft).is_recovering(),
             expected.is_some(),
             "{flush:?}"
         );
         drop(raft);
-        // The second open cuts nothing, and still knows.
         let raft = storage_with(&path, flush);
         assert_eq!(raft.recovering(), expected, "{flush:?}: remembered across a restart");
     }
@@ -318,25 +341,38 @@ fn entry_at(index: u64, term: u64) -> raft::eraftpb::Entry {
 }
 
 #[test]
-fn a_recovering_replica_learns_its_target_from_its_leader_and_stops_recovering_durably_once_caught_up() {
+fn a_recovering_replica_stops_recovering_durably_once_its_own_log_reaches_its_promise() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rounds = 0;
     let (mut nodes, l) = committed_group(dir.path(), 20, &mut rounds);
     let f = (l + 1) % 3;
     let f_dir = dir.path().join((f + 1).to_string());
-    // What `RaftLog::open` records after a cut: recovering, target still unknown.
-    nodes[f].raw.store().set_recovering(Some(0)).expect("record");
+    let last = nodes[f].raw.store().last_entry();
+    // What `RaftLog::open` records after a loss: a promise past the log.
+    let promise = Promise {
+        term: last.term,
+        index: last.index + 3,
+    };
+    nodes[f].raw.store().set_recovering(Some(promise)).expect("record");
     nodes[f].raw.store().flush_state().expect("flush state");
     drop(nodes.remove(f));
     let reopened = storage(&f_dir);
-    assert_eq!(reopened.recovering(), Some(0));
+    assert_eq!(reopened.recovering(), Some(promise));
     nodes.insert(f, node(f as u64 + 1, reopened));
     assert!(nodes[f].lost.is_recovering());
-    for i in 0..5 {
+    for i in 0..2 {
         nodes[l].raw.propose(vec![], batch(100 + i)).expect("propose");
     }
-    let target = nodes[l].raw.raft.raft_log.last_index();
-    while nodes[f].lost.is_recovering() || nodes[f].raw.raft.raft_log.committed < target {
+    let short = nodes[l].raw.raft.raft_log.last_index();
+    while nodes[f].raw.store().last_index().expect("last") < short {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replica never caught up");
+    }
+    round(&mut nodes, false);
+    assert!(nodes[f].lost.is_recovering(), "one entry short of its promise");
+    nodes[l].raw.propose(vec![], batch(102)).expect("propose");
+    while nodes[f].lost.is_recovering() {
         round(&mut nodes, true);
         rounds += 1;
         assert!(rounds < MAX_ROUNDS, "the replica never stopped recovering");
@@ -348,36 +384,32 @@ fn a_recovering_replica_learns_its_target_from_its_leader_and_stops_recovering_d
 }
 
 #[test]
-fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds_what_they_promised() {
+fn a_group_whose_replicas_all_reopen_recovering_elects_no_leader_lacking_a_committed_entry() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rounds = 0;
-    let (nodes, l) = committed_group(dir.path(), 40, &mut rounds);
+    let (nodes, l) = committed_group(&dir.path().join("group"), 40, &mut rounds);
+    let source = nodes[l].raw.store().clone();
     let last = nodes[l].raw.raft.raft_log.last_index();
-    let committed = nodes[l].raw.raft.raft_log.committed;
     let term = nodes[l].raw.raft.term;
-    let conf = nodes[l].raw.store().conf_state();
-    // Every replica lost a different part of its tail (say a power cut under `always`),
-    // each keeping at least the stored commit: all reopen recovering, target unknown.
-    let stored_commit = committed - 15;
-    let kept = [last, last - 5, last - 10];
+    assert_eq!(nodes[l].raw.raft.raft_log.committed, last);
+    let committed_terms = terms(&source, last);
+    let hs = HardState {
+        term,
+        vote: 1,
+        commit: last - 15,
+        ..HardState::default()
+    };
+    // Every replica lost a different part of its tail to damage: each promises what it held
+    // before (replica 3 lagged a little), and none holds its own promise now, though
+    // replica 1 holds the others'.
+    let held = [last, last, last - 3];
+    let kept = [last - 2, last - 10, last - 12];
     let mut reopened = Vec::new();
-    for (i, keep) in kept.iter().enumerate() {
-        let copy = storage(&dir.path().join(format!("reopened-{i}")));
-        let prefix = nodes[l]
-            .raw
-            .store()
-            .entries(1, keep + 1, None, GetEntriesContext::empty(false))
-            .expect("prefix");
-        copy.append(&prefix, Origin::Peer).expect("append prefix");
-        copy.set_hard_state(&HardState {
-            term,
-            vote: l as u64 + 1,
-            commit: stored_commit,
-            ..HardState::default()
-        })
-        .expect("hard state");
-        copy.set_conf_state(&conf).expect("conf state");
-        copy.set_recovering(Some(0)).expect("recovering");
+    for i in 0..3 {
+        let path = dir.path().join(format!("r{i}"));
+        let copy = replica_copy(&path, &source, kept[i], hs.clone(), FlushPolicy::Os);
+        copy.set_recovering(Some(Promise { term, index: held[i] }))
+            .expect("recovering");
         reopened.push(copy);
     }
     drop(nodes);
@@ -387,12 +419,22 @@ fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds
         .map(|(i, raft)| node(i as u64 + 1, raft))
         .collect();
     assert!(nodes.iter().all(|n| n.lost.is_recovering()));
+    // Electing any of them would lose committed entries: none is elected.
+    for _ in 0..300 {
+        round(&mut nodes, true);
+        assert_eq!(leader(&nodes), None, "a leader lacking committed entries was elected");
+    }
+    for (n, &keep) in nodes.iter().zip(&kept) {
+        assert_eq!(n.raw.store().last_index().expect("last"), keep, "nothing truncated");
+    }
+    // What an operator can do: bring back a replica that holds what it promised (here
+    // replica 1 restored whole); it is elected and the others catch up from it.
+    let restored = replica_copy(&dir.path().join("restored"), &source, last, hs, FlushPolicy::Os);
+    drop(source);
+    nodes[0] = node(1, restored);
+    assert!(!nodes[0].lost.is_recovering());
     let l = elect(&mut nodes, &mut rounds);
-    assert!(
-        nodes[l].raw.raft.raft_log.last_index() >= stored_commit,
-        "the leader holds every entry the replicas promised"
-    );
-    // The new leader's no-op commits; the others catch up and vote freely again.
+    assert_eq!(l, 0, "only the restored replica holds every committed entry");
     let target = nodes[l].raw.raft.raft_log.last_index();
     while nodes
         .iter()
@@ -401,6 +443,9 @@ fn a_group_whose_replicas_all_reopen_recovering_still_elects_a_leader_that_holds
         round(&mut nodes, true);
         rounds += 1;
         assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+    for n in &nodes {
+        assert_eq!(terms(n.raw.store(), last), committed_terms, "no committed entry lost");
     }
 }
 
@@ -474,4 +519,227 @@ fn a_rejection_of_an_index_the_leader_never_sent_panics_no_replica() {
             "the follower is not served after the hostile rejection"
         );
     }
+}
+
+/// A replica log in `dir` holding `source`'s entries `1..=keep`, with `hard_state` and
+/// `source`'s configuration stored.
+fn replica_copy(
+    dir: &std::path::Path,
+    source: &RaftLog,
+    keep: u64,
+    hard_state: HardState,
+    flush: FlushPolicy,
+) -> RaftLog {
+    let copy = storage_with(dir, flush);
+    let prefix = source
+        .entries(1, keep + 1, None, GetEntriesContext::empty(false))
+        .expect("prefix");
+    copy.append(&prefix, Origin::Peer).expect("append prefix");
+    copy.persist().expect("persist");
+    copy.set_hard_state(&hard_state).expect("hard state");
+    copy.set_conf_state(&source.conf_state()).expect("conf state");
+    copy
+}
+
+/// Damage at rest found by the scrub: flips bytes inside the batch of entry `index` of the
+/// replica in `dir` (closing `raft`), then scrubs until the log is quarantined.
+fn damage_and_scrub(dir: &std::path::Path, raft: RaftLog, index: u64) {
+    use conveyor_storage::{ScrubCursor, ScrubStep};
+    use std::os::unix::fs::FileExt;
+    let offset = raft.offset_of(index).expect("entry in the log");
+    let at = raft
+        .partition_log()
+        .locate(offset)
+        .expect("locate")
+        .expect("batch found");
+    let config = raft.partition_log().config();
+    drop(raft);
+    // Reopened once, so that what was written is synced and trusted: damage at rest.
+    drop(PartitionLog::open(dir, config.clone()).expect("reopen"));
+    let path = conveyor_storage::file_names::segment_file(dir, at.segment_base_offset, "log");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open segment");
+    file.write_all_at(
+        b"\xff\xff",
+        at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+    )
+    .expect("flip");
+    let log = PartitionLog::open(dir, config).expect("open");
+    let mut cursor = ScrubCursor::start();
+    loop {
+        match log.scrub_step(cursor, 1 << 20).expect("scrub") {
+            ScrubStep::Verified { next, .. } => cursor = next,
+            ScrubStep::Corrupt(c) => {
+                assert_eq!(c.offset, offset, "the scrub names the damaged entry");
+                break;
+            }
+            ScrubStep::PassComplete => panic!("the scrub finds the damage"),
+        }
+    }
+    assert!(log.is_poisoned(), "quarantined");
+}
+
+fn b_promise(term: u64, index: u64) -> Option<Promise> {
+    Some(Promise { term, index })
+}
+
+/// The term of each entry `1..=last` of `raft`.
+fn terms(raft: &RaftLog, last: u64) -> Vec<u64> {
+    (1..=last).map(|i| raft.term(i).expect("term")).collect()
+}
+
+#[test]
+fn a_replica_cut_by_the_scrub_refuses_a_candidate_of_its_term_lacking_entries_it_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(&dir.path().join("group"), 100, &mut rounds);
+    let source = nodes[l].raw.store().clone();
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let term = nodes[l].raw.raft.term;
+    assert_eq!(nodes[l].raw.raft.raft_log.committed, last);
+    let committed_terms = terms(&source, last);
+    let hs = |commit| HardState {
+        term,
+        vote: 1,
+        commit,
+        ..HardState::default()
+    };
+    // A and B hold and committed everything (B's stored commit is stale: it is written
+    // lazily); C lags at 55.
+    let (a_dir, b_dir, c_dir) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let a = replica_copy(&a_dir, &source, last, hs(last), FlushPolicy::Os);
+    let b = replica_copy(&b_dir, &source, last, hs(10), FlushPolicy::Os);
+    let c = replica_copy(&c_dir, &source, 55, hs(55), FlushPolicy::Os);
+    drop(nodes);
+    // B's scrub finds entry 40 damaged; B is reopened cut there.
+    damage_and_scrub(&b_dir, b, 40);
+    let b = storage(&b_dir);
+    assert_eq!(b.last_index().expect("last"), 39, "cut at the damaged entry");
+    let mut nodes = vec![node(1, a), node(2, b), node(3, c)];
+    assert!(nodes[1].lost.is_recovering(), "B lost entries it acknowledged");
+    assert_eq!(
+        nodes[1].raw.store().recovering(),
+        b_promise(term, last),
+        "B promised the last entry it held"
+    );
+
+    // A dies before it tells B anything: C, same term and shorter, must not win with B's vote.
+    for _ in 0..300 {
+        round_without(&mut nodes, true, Some(0));
+        assert_eq!(
+            leader(&nodes),
+            None,
+            "C won an election lacking committed entries 56..={last} (B voted for a log shorter than the one it acknowledged)"
+        );
+    }
+    // A comes back: it holds what B promised, and wins.
+    let l = elect(&mut nodes, &mut rounds);
+    assert_eq!(l, 0, "only A holds every committed entry");
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes
+        .iter()
+        .any(|n| n.lost.is_recovering() || n.raw.raft.raft_log.committed < target)
+    {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+    for n in &nodes {
+        assert_eq!(terms(n.raw.store(), last), committed_terms, "no committed entry lost");
+    }
+}
+
+#[test]
+fn a_group_whose_replicas_all_cut_a_torn_tail_under_flush_always_elects_a_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(&dir.path().join("group"), 20, &mut rounds);
+    let source = nodes[l].raw.store().clone();
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let term = nodes[l].raw.raft.term;
+    let committed_terms = terms(&source, last - 5);
+    // A power cut under `always` during an election of the next term: each replica stored
+    // term + 1, and each tore a write it never synced, so never acknowledged.
+    let mut reopened = Vec::new();
+    for i in 0..3u64 {
+        let path = dir.path().join(format!("r{i}"));
+        let hs = HardState {
+            term: term + 1,
+            vote: i + 1,
+            commit: last - 5,
+            ..HardState::default()
+        };
+        drop(replica_copy(&path, &source, last - i, hs, FlushPolicy::Always));
+        tear_tail(&path);
+        reopened.push(storage_with(&path, FlushPolicy::Always));
+    }
+    drop(nodes);
+    let mut nodes: Vec<Node> = reopened
+        .into_iter()
+        .enumerate()
+        .map(|(i, raft)| node(i as u64 + 1, raft))
+        .collect();
+    assert!(
+        nodes.iter().all(|n| !n.lost.is_recovering()),
+        "a torn tail under `always` was never acknowledged"
+    );
+    let l = elect(&mut nodes, &mut rounds);
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes.iter().any(|n| n.raw.raft.raft_log.committed < target) {
+        round(&mut nodes, true);
+        rounds += 1;
+        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+    for n in &nodes {
+        assert_eq!(
+            terms(n.raw.store(), last - 5),
+            committed_terms,
+            "no committed entry lost"
+        );
+    }
+}
+
+#[test]
+fn given_a_crash_between_the_cut_and_storing_the_recovering_state_the_replica_still_reopens_recovering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rounds = 0;
+    let (nodes, l) = committed_group(&dir.path().join("group"), 60, &mut rounds);
+    let source = nodes[l].raw.store().clone();
+    let last = nodes[l].raw.raft.raft_log.last_index();
+    let hs = HardState {
+        term: nodes[l].raw.raft.term,
+        vote: 1,
+        commit: 10,
+        ..HardState::default()
+    };
+    let path = dir.path().join("b");
+    let b = replica_copy(&path, &source, last, hs.clone(), FlushPolicy::Os);
+    drop(nodes);
+    damage_and_scrub(&path, b, 30);
+    // The reopening cuts the log, and the broker dies before `RaftLog::open` runs.
+    let log = PartitionLog::open(&path, log_config(FlushPolicy::Os)).expect("open");
+    assert!(log.recovery_report().cut.is_some(), "cut at the damaged entry");
+    drop(log);
+    let b = storage(&path);
+    assert_eq!(
+        b.recovering(),
+        Some(Promise {
+            term: hs.term,
+            index: last
+        }),
+        "the loss is not forgotten across the crash: the promise is the last entry B held"
+    );
+    assert!(LostEntries::new("t", 0, &b).is_recovering());
+    assert!(
+        !path.join(conveyor_storage::scrub::CORRUPTION_MARKER).exists(),
+        "released once the promise is stored"
+    );
+    drop(b);
+    assert_eq!(
+        storage(&path).recovering(),
+        b_promise(hs.term, last),
+        "and kept from then on"
+    );
 }
