@@ -16,8 +16,9 @@
 //! leader. A replica with no other voter (a single node, replication factor 1) has no one to
 //! repair from, and cutting would destroy the intact, acknowledged data after the damage: its
 //! log is left as it is, the damage is reported on every pass until an operator acts, and
-//! reads that reach the bad batch fail their CRC checks (broker and client) instead of
-//! serving it.
+//! the pass goes on at the next sealed segment (a damaged frame's length cannot be trusted)
+//! so that later damage is found too. Decoding reads and clients that check CRCs refuse the
+//! bad batch; a raw fetch still returns its bytes.
 //!
 //! # Crash behaviour
 //! Nothing is kept: after a restart the scrub starts a new pass. The corruption marker, not
@@ -116,6 +117,8 @@ async fn scrub_steps(
 ) -> Outcome {
     let chunk = SCRUB_CHUNK.min(bytes_per_second.max(1));
     let mut cursor = ScrubCursor::start();
+    // The first damage this pass only reported (no peer to repair from).
+    let mut reported: Option<u64> = None;
     let step = Arc::new(step);
     loop {
         let step = {
@@ -142,7 +145,7 @@ async fn scrub_steps(
                     }
                 }
             }
-            Ok((ScrubStep::PassComplete, _)) => return Outcome::Clean,
+            Ok((ScrubStep::PassComplete, _)) => return reported.map_or(Outcome::Clean, Outcome::Corrupt),
             Ok((ScrubStep::Corrupt(c), on_damage)) => {
                 metrics.corrupt_batches.add(1);
                 let action = match on_damage {
@@ -150,8 +153,8 @@ async fn scrub_steps(
                         "scrub found a corrupt batch: this replica stops serving the partition and repairs it from the leader"
                     }
                     OnDamage::Report => {
-                        "scrub found a corrupt batch in a replica that has no peer to repair it from: reads of that batch \
-                         fail; restore the partition from a backup or re-produce its data"
+                        "scrub found a corrupt batch in a replica that has no peer to repair it from: decoding reads and \
+                         clients that check CRCs refuse it; restore the partition from a backup or re-produce its data"
                     }
                 };
                 tracing::error!(
@@ -159,7 +162,13 @@ async fn scrub_steps(
                     detail = %c.detail,
                     "{action}"
                 );
-                return Outcome::Corrupt(c.offset);
+                if on_damage == OnDamage::Quarantine {
+                    return Outcome::Corrupt(c.offset);
+                }
+                // The log stays whole and is still served: the rest of it is verified too,
+                // so a second damaged batch is found as well.
+                reported.get_or_insert(c.offset);
+                cursor = ScrubCursor::past_segment_of(&c);
             }
             Err(e) => {
                 tracing::debug!(topic, partition, error = %e, "scrub skipped a partition this pass");
@@ -277,6 +286,22 @@ mod tests {
             at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
         )
         .expect("flip");
+        // And a batch in the second sealed segment: found too, though the pass cannot walk
+        // past the first damaged frame within its segment.
+        let second = (0..end)
+            .map(|o| log.locate(o).expect("locate").expect("in the log"))
+            .find(|at| at.segment_base_offset > 0)
+            .expect("a second segment");
+        let second_file = conveyor_storage::file_names::segment_file(dir.path(), second.segment_base_offset, "log");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&second_file)
+            .expect("open")
+            .write_all_at(
+                b"\xff\xff",
+                second.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+            )
+            .expect("flip");
         for pass in 1..=2 {
             let outcome = scrub_log(
                 Arc::clone(&log),
@@ -289,7 +314,11 @@ mod tests {
             )
             .await;
             assert_eq!(outcome, Outcome::Corrupt(2), "reported on every pass");
-            assert_eq!(metrics.corrupt_batches.get(), pass);
+            assert_eq!(
+                metrics.corrupt_batches.get(),
+                2 * pass,
+                "both damaged batches found, each once per pass"
+            );
         }
         assert!(
             !log.is_poisoned(),

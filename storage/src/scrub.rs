@@ -70,6 +70,17 @@ impl ScrubCursor {
     pub fn position(&self) -> u64 {
         self.position
     }
+
+    /// Where a pass goes on after `corrupt` when the damage is only reported: the next
+    /// sealed segment. A damaged frame's length cannot be trusted, so the rest of its segment
+    /// is not walked; every later segment still is.
+    pub fn past_segment_of(corrupt: &CorruptBatch) -> ScrubCursor {
+        ScrubCursor {
+            segment_base_offset: corrupt.segment_base_offset.saturating_add(1),
+            position: 0,
+            next_offset: 0,
+        }
+    }
 }
 
 /// A batch that failed verification.
