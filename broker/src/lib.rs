@@ -7,6 +7,7 @@
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
 //! - [`api`]: one gRPC service per file (admin, produce, fetch).
+//! - [`peer_admin`]: asking another broker's admin service (forwarded requests).
 //! - [`blocking`]: running blocking work off the reactor.
 //! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
 //!   change lock.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod membership;
 pub mod metrics;
 pub mod partition;
+pub mod peer_admin;
 pub mod replica;
 pub mod scrub;
 pub mod server;

@@ -487,6 +487,11 @@ impl Partition {
         rx.await.map_err(|_| BrokerError::ShuttingDown)?
     }
 
+    /// The group's configuration, term and indexes as this replica holds them.
+    pub fn raft_view(&self) -> crate::replica::raft_storage::RaftView {
+        self.raft().view()
+    }
+
     /// Voters and learners of the group, as last applied here.
     pub fn members(&self) -> (Vec<u32>, Vec<u32>) {
         let conf = self.raft().conf_state();

@@ -37,6 +37,7 @@ use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
 
 mod departures;
+mod leader_probe;
 mod unopened;
 
 pub use unopened::Unopened;
@@ -155,6 +156,9 @@ pub struct Registry {
     /// Replicas kept here although the metadata places them elsewhere, waiting for a
     /// decision (see [`crate::replica::departure`]).
     undecided: Undecided,
+    /// Asks of their groups' leaders about undecided replicas still listed by their own
+    /// configuration.
+    leader_probes: Arc<leader_probe::LeaderProbes>,
 }
 
 /// A topic as the committed metadata log describes it.
@@ -354,6 +358,7 @@ impl Registry {
             apply_failure: watch::channel(None).0,
             draining: RwLock::new(BTreeSet::new()),
             undecided: Undecided::default(),
+            leader_probes: Arc::default(),
         };
         let (committed, deleted) = registry.replay()?;
         for (name, id) in &deleted {

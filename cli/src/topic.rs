@@ -58,8 +58,23 @@ fn description_json(d: &TopicDescription) -> serde_json::Value {
             "log_end_offset": p.log_end_offset,
             "size_bytes": p.size_bytes,
             "replica_state": p.replica_state,
+            "voters": p.voters,
+            "learners": p.learners,
+            "voters_outgoing": p.voters_outgoing,
+            "learners_next": p.learners_next,
+            "term": p.term,
+            "applied_index": p.applied_index,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A Raft role's members; during a joint change, also the other half.
+fn members(now: &[i32], other_half: &[i32]) -> String {
+    if other_half.is_empty() {
+        format!("{now:?}")
+    } else {
+        format!("{now:?} (joint: {other_half:?})")
+    }
 }
 
 fn print_description(d: &TopicDescription, format: Format) {
@@ -81,6 +96,8 @@ fn print_description(d: &TopicDescription, format: Format) {
                 },
                 format!("{:?}", p.replicas),
                 format!("{:?}", p.in_sync),
+                members(&p.voters, &p.voters_outgoing),
+                members(&p.learners, &p.learners_next),
                 p.log_start_offset.to_string(),
                 p.high_watermark.to_string(),
                 p.log_end_offset.to_string(),
@@ -99,6 +116,8 @@ fn print_description(d: &TopicDescription, format: Format) {
             "LEADER",
             "REPLICAS",
             "IN SYNC",
+            "VOTERS",
+            "LEARNERS",
             "START",
             "HIGH WATERMARK",
             "END",

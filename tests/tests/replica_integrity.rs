@@ -1,7 +1,8 @@
 //! What a replica may trust about itself (ARCHITECTURE.md section 9), from outside: an
-//! unclean restart right after a replica arrived must not delete it, and a follower whose
-//! log lost committed entries to a corrupt tail must recover from its leader instead of
-//! panicking. Every acknowledged record must be read back in either case.
+//! unclean restart right after a replica arrived must not delete it, a follower whose log
+//! lost committed entries to a corrupt tail must recover from its leader instead of
+//! panicking, and a replica moved away while its broker was down must be deleted once the
+//! broker is back. Every acknowledged record must be read back in each case.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -440,4 +441,61 @@ fn given_a_topic_directory_holding_another_incarnation_describe_should_show_the_
         "0123456789abcdef",
         "the other incarnation's directory is left alone"
     );
+}
+
+#[test]
+fn given_a_replica_moved_off_its_broker_while_that_broker_was_down_should_delete_it_once_the_broker_is_back() {
+    let mut cluster = Cluster::start(4, &[]);
+    let away: u32 = 4;
+    create(&cluster, "left", &[]);
+    let before = replicas(&cluster, "left", &cluster.ids());
+    let placed: Vec<u32> = if before.contains(&away) {
+        before.clone()
+    } else {
+        vec![before[0], before[1], away]
+    };
+    if placed != before {
+        let list = placed.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        cli_json(
+            &cluster.bootstrap(),
+            &["partition", "reassign", "left", "0", "--replicas", &list],
+        );
+    }
+    wait_in_sync(&cluster, "left", &placed);
+    let mut acked = produce(&cluster.bootstrap(), "left", "early", 300);
+    wait_caught_up(&cluster, away, "left", &placed);
+
+    // The group removes the replica while its broker is down: that broker never receives
+    // the change, so its own stored configuration still lists it when it comes back.
+    cluster.broker_mut(away).kill();
+    let dir = partition_dir(&cluster, away, "left");
+    assert!(dir.join("raft-state").exists(), "the replica stored its raft state");
+    let target: Vec<u32> = cluster.ids().into_iter().filter(|b| *b != away).collect();
+    let list = target.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let out = cli(
+        &cluster.bootstrap_without(away),
+        &["partition", "reassign", "left", "0", "--replicas", &list],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "reassign with broker {away} down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    acked.extend(produce(&cluster.bootstrap_without(away), "left", "late", 200));
+    cluster.broker_mut(away).restart();
+
+    let until = std::time::Instant::now() + DEADLINE;
+    while dir.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = cluster.broker(away).log();
+    assert!(
+        !dir.exists(),
+        "broker {away} kept the replica moved off it while it was down ({}) for {DEADLINE:?}; log:\n{log}",
+        dir.display()
+    );
+    assert!(!log.contains("panicked"), "broker {away} panicked: {log}");
+    wait_in_sync(&cluster, "left", &target);
+    assert_all_read_back(&addresses(&cluster, &target), "left", &acked);
 }

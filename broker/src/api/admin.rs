@@ -29,11 +29,10 @@ use crate::admin_ops::{self, ChangeContext, Jobs, Operation};
 use crate::error::BrokerError;
 use crate::membership;
 use crate::partition::Partition;
+use crate::peer_admin::{self, forward, forwarded};
 use crate::topics::Topic;
 
-/// Marks a request one broker forwarded to another.
-const FORWARDED: &str = "x-conveyor-forwarded";
-const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const FORWARD_CONNECT_TIMEOUT: Duration = peer_admin::CONNECT_TIMEOUT;
 /// How long a description waits for a partition leader's own view.
 const DESCRIBE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long metadata waits for another broker's view of the partitions it has no replica of.
@@ -105,18 +104,6 @@ async fn forwarded_call<T>(
     })
 }
 
-fn forwarded<T>(request: &Request<T>) -> bool {
-    request.metadata().contains_key(FORWARDED)
-}
-
-fn forward<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    request
-}
-
 fn to_wire_moves(moves: Vec<membership::ReplicaMove>) -> Vec<ReplicaMove> {
     moves
         .into_iter()
@@ -166,6 +153,8 @@ impl AdminService {
         match topic.local.get(&index) {
             Some(p) => {
                 let status = p.status();
+                let view = p.raft_view();
+                let ids = |v: &[u64]| v.iter().map(|&i| i as i32).collect::<Vec<_>>();
                 PartitionDescription {
                     partition: index,
                     leader: status.leader as i32,
@@ -179,6 +168,12 @@ impl AdminService {
                         Some(reason) => format!("stopped: {reason}"),
                         None => "running".into(),
                     },
+                    voters: ids(&view.conf_state.voters),
+                    learners: ids(&view.conf_state.learners),
+                    voters_outgoing: ids(&view.conf_state.voters_outgoing),
+                    learners_next: ids(&view.conf_state.learners_next),
+                    term: status.term,
+                    applied_index: view.applied,
                 }
             }
             None => PartitionDescription {
@@ -229,18 +224,14 @@ impl AdminService {
             }
         }
         for broker in ask {
-            let Ok(mut client) = self.client_for(broker).await else {
-                continue;
-            };
             // A leader that stopped answering (paused, partitioned) must not hang the
             // description: its partitions keep this broker's view.
-            let asked = client.describe_topic(forward(DescribeTopicRequest {
-                name: topic.name.clone(),
-            }));
-            let Ok(Ok(theirs)) = tokio::time::timeout(DESCRIBE_ASK_TIMEOUT, asked).await else {
+            let transport = self.ctx.registry.transport();
+            let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
+            let Some(theirs) = peer_admin::own_description(transport, broker, &topic.name, wait).await else {
                 continue;
             };
-            for p in theirs.into_inner().partitions {
+            for p in theirs.partitions {
                 if p.leader == broker as i32
                     && let Some(slot) = description.partitions.get_mut(p.partition as usize)
                 {
@@ -391,25 +382,7 @@ impl AdminService {
     }
 
     async fn client_for(&self, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {
-        let address = self
-            .ctx
-            .registry
-            .transport()
-            .client_address(broker)
-            .ok_or(BrokerError::UnknownBroker(broker))?;
-        let unreachable = |reason: String| BrokerError::BrokerUnreachable {
-            id: broker,
-            address: address.clone(),
-            reason,
-        };
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| unreachable(e.to_string()))?
-            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        Ok(AdminClient::new(channel))
+        peer_admin::connect(self.ctx.registry.transport(), broker).await
     }
 
     /// `None` when this broker is the controller; else the controller and a client for it.

@@ -75,6 +75,19 @@ impl Inner {
     }
 }
 
+/// A replica's Raft state as one consistent reading.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RaftView {
+    /// The configuration as of `applied`.
+    pub conf_state: ConfState,
+    /// The last entry applied here; 0 after an open until the next entry is applied.
+    pub applied: u64,
+    /// The term as stored (that of the node, once it is persisted).
+    pub term: u64,
+    /// The index of the last entry in the log.
+    pub last_index: u64,
+}
+
 /// The Raft log of one partition: raft-rs `Storage` plus the writes the Raft driver makes.
 /// Clones share the same state: the Raft node owns one, the partition keeps one for
 /// retention and offset lookups.
@@ -287,6 +300,18 @@ impl RaftLog {
     /// Voters and learners, as last applied.
     pub fn conf_state(&self) -> ConfState {
         self.read().state.conf_state.clone()
+    }
+
+    /// The configuration with the point it holds at, and the term and last index, read
+    /// together.
+    pub fn view(&self) -> RaftView {
+        let inner = self.read();
+        RaftView {
+            conf_state: inner.state.conf_state.clone(),
+            applied: inner.applied,
+            term: inner.state.hard_state.term,
+            last_index: inner.last_index(),
+        }
     }
 
     /// Records that entries up to `index` are applied and drops them from the cache.

@@ -1,5 +1,7 @@
 //! Deciding what becomes of replicas the metadata places elsewhere (the rule is in
 //! [`crate::replica::departure`]): which to keep and open at start, and when to delete one.
+//! A replica whose own configuration still lists this broker is decided by asking its
+//! group's leader ([`super::leader_probe`]).
 //!
 //! # Crash behaviour
 //! A replica's directory is removed only after its owner stopped and its files were retired
@@ -11,6 +13,7 @@ use std::sync::Arc;
 
 use super::{Registry, Topic};
 use crate::error::BrokerError;
+use crate::partition::Partition;
 use crate::replica::departure;
 
 impl Registry {
@@ -62,7 +65,8 @@ impl Registry {
             return;
         }
         let me = self.options.node_id;
-        for (name, p) in self.undecided.snapshot() {
+        let undecided = self.undecided.snapshot();
+        for (name, p) in undecided.iter().cloned() {
             let Ok(topic) = self.get(&name) else {
                 // Deleted: its whole directory went with it.
                 self.undecided.remove(&name, p);
@@ -75,20 +79,20 @@ impl Registry {
             }
             self.remove_departed_replica(&topic, p).await;
         }
+        self.leader_probes.retain(&undecided.into_iter().collect());
     }
 
     /// Removes this broker's replica of a partition that a committed, applied record placed
-    /// elsewhere, if the partition's own Raft configuration no longer lists this broker;
-    /// otherwise keeps it (running, if it is open) and decides again later.
+    /// elsewhere, if the partition's own Raft configuration no longer lists this broker, or
+    /// its group's leader confirms that the group no longer does (see
+    /// [`departure::leader_confirms_departure`]); otherwise keeps it (running, if it is
+    /// open) and decides again later.
     pub(super) async fn remove_departed_replica(self: &Arc<Self>, topic: &Arc<Topic>, p: i32) {
         let me = u64::from(self.options.node_id);
         let dir = self.topics_dir().join(&topic.name).join(p.to_string());
         let open = topic.local.get(&p).cloned();
         let listed = match &open {
-            Some(partition) => {
-                let (voters, learners) = partition.members();
-                voters.contains(&(me as u32)) || learners.contains(&(me as u32))
-            }
+            Some(partition) => departure::config_lists(&partition.raft_view().conf_state, me),
             None => {
                 let dir = dir.clone();
                 let found =
@@ -109,7 +113,15 @@ impl Registry {
             if self.undecided.insert_new(&topic.name, p) {
                 tracing::warn!(topic = %topic.name, partition = p, "replica placed elsewhere but its group still lists this broker; keeping it until the group applies its removal");
             }
-            return;
+            let confirmed = match &open {
+                Some(partition) => self.leader_confirms_departure(topic, p, partition),
+                // Not open: nothing here to weigh an answer against (its last entry is in a
+                // log not read); kept.
+                None => false,
+            };
+            if !confirmed {
+                return;
+            }
         }
         if let Some(partition) = &open {
             partition.stop().await;
@@ -120,6 +132,46 @@ impl Registry {
                 ..Topic::clone(topic)
             });
         }
+        self.remove_replica_data(topic, p, dir, open).await;
+    }
+
+    /// Whether the leader of the partition, asked about its group, confirms that the group
+    /// no longer counts on this broker's open replica `partition`. Never waits: it takes the
+    /// answer of an earlier ask, or starts one when due and answers no. Asked only with the
+    /// metadata view current, so that the placement asked is the one the cluster has.
+    fn leader_confirms_departure(self: &Arc<Self>, topic: &Topic, p: i32, partition: &Partition) -> bool {
+        let placed = usize::try_from(p).ok().and_then(|i| topic.assignments.get(i));
+        let Some(placement) = placed.filter(|_| self.view_is_current()) else {
+            return false;
+        };
+        let me = self.options.node_id;
+        let Some(report) =
+            self.leader_probes
+                .take_answer_or_ask(&self.runtime, &self.transport, (&topic.name, p), placement, me)
+        else {
+            return false;
+        };
+        let own = partition.raft_view();
+        match departure::leader_confirms_departure(u64::from(me), &own, &report) {
+            Ok(()) => {
+                tracing::info!(topic = %topic.name, partition = p, leader = report.from, term = report.term, applied = report.applied, "the group's leader no longer lists this broker; its own configuration was stale");
+                true
+            }
+            Err(keep) => {
+                tracing::info!(topic = %topic.name, partition = p, reason = %keep, "replica placed elsewhere kept: its group's leader does not confirm the departure yet; asking again later");
+                false
+            }
+        }
+    }
+
+    /// Stops and retires the replica (if open) and removes its directory.
+    async fn remove_replica_data(
+        self: &Arc<Self>,
+        topic: &Arc<Topic>,
+        p: i32,
+        dir: std::path::PathBuf,
+        open: Option<Arc<Partition>>,
+    ) {
         let removed = tokio::task::spawn_blocking(move || {
             if let Some(partition) = open {
                 // Retired, as a deleted topic's replicas are, not closed: a retention pass or
