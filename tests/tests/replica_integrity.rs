@@ -472,16 +472,26 @@ fn given_a_replica_moved_off_its_broker_while_that_broker_was_down_should_delete
     assert!(dir.join("raft-state").exists(), "the replica stored its raft state");
     let target: Vec<u32> = cluster.ids().into_iter().filter(|b| *b != away).collect();
     let list = target.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let out = cli(
-        &cluster.bootstrap_without(away),
-        &["partition", "reassign", "left", "0", "--replicas", &list],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "reassign with broker {away} down: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Broker 4 may have been the controller: the others elect another first, and a reassign
+    // sent before they all know it is refused (retriable) and asked again.
+    cluster.wait_for_controller(Some(away));
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        let out = cli(
+            &cluster.bootstrap_without(away),
+            &["partition", "reassign", "left", "0", "--replicas", &list],
+            "",
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "reassign with broker {away} down: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     acked.extend(produce(&cluster.bootstrap_without(away), "left", "late", 200));
     cluster.broker_mut(away).restart();
 
