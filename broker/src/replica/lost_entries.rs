@@ -236,9 +236,13 @@ impl LostEntries {
     }
 }
 
-/// Alone in its group, a replica has no one to recover from: what it lost is lost.
+/// Alone in its group, a replica has no one to recover from: what it lost is lost. Both
+/// halves of a joint configuration count: while `{A,B,C} -> {A}` is under way, A's election
+/// still needs the outgoing majority, which may hold what A lost.
 fn sole_voter(node: &RawNode<RaftLog>) -> bool {
-    node.store().voters() == [node.raft.id]
+    let conf = node.store().conf_state();
+    let me = node.raft.id;
+    conf.voters == [me] && (conf.voters_outgoing.is_empty() || conf.voters_outgoing == [me])
 }
 
 /// An append rejection telling the leader where this replica's log really ends.

@@ -743,3 +743,29 @@ fn given_a_crash_between_the_cut_and_storing_the_recovering_state_the_replica_st
         "and kept from then on"
     );
 }
+
+#[test]
+fn a_replica_is_alone_only_when_both_halves_of_a_joint_configuration_hold_only_it() {
+    let sole = |conf: ConfState| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = storage(dir.path());
+        raft.set_conf_state(&conf).expect("conf state");
+        sole_voter(&node(1, raft).raw)
+    };
+    assert!(sole(ConfState {
+        voters: vec![1],
+        ..ConfState::default()
+    }));
+    assert!(
+        !sole(ConfState {
+            voters: vec![1],
+            voters_outgoing: vec![1, 2, 3],
+            ..ConfState::default()
+        }),
+        "leaving {{1,2,3}} for {{1}}: the outgoing majority may hold what replica 1 lost"
+    );
+    assert!(!sole(ConfState {
+        voters: vec![1, 2],
+        ..ConfState::default()
+    }));
+}
