@@ -196,6 +196,7 @@ impl AdminService {
             name: topic.name.clone(),
             configs: topic.effective.to_map().into_iter().collect(),
             replication_factor: topic.replication_factor,
+            topic_id: topic.id.clone(),
             partitions: (0..topic.partition_count() as i32)
                 .map(|i| self.describe_partition(topic, i))
                 .collect(),

@@ -79,7 +79,13 @@ impl Registry {
             }
             self.remove_departed_replica(&topic, p).await;
         }
-        self.leader_probes.retain(&undecided.into_iter().collect());
+        // Keyed by incarnation too: an answer about a topic since deleted and created again
+        // is never taken for the new one's replica.
+        let asked = undecided
+            .into_iter()
+            .filter_map(|(name, p)| self.get(&name).ok().map(|t| (name, t.id.clone(), p)))
+            .collect();
+        self.leader_probes.retain(&asked);
     }
 
     /// Removes this broker's replica of a partition that a committed, applied record placed
@@ -145,10 +151,13 @@ impl Registry {
             return false;
         };
         let me = self.options.node_id;
-        let Some(report) =
-            self.leader_probes
-                .take_answer_or_ask(&self.runtime, &self.transport, (&topic.name, p), placement, me)
-        else {
+        let Some(report) = self.leader_probes.take_answer_or_ask(
+            &self.runtime,
+            &self.transport,
+            (&topic.name, &topic.id, p),
+            placement,
+            me,
+        ) else {
             return false;
         };
         let own = partition.raft_view();

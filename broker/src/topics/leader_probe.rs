@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conveyor_proto::v1::PartitionDescription;
+use conveyor_proto::v1::{PartitionDescription, TopicDescription};
 use raft::eraftpb::ConfState;
 use tokio::time::Instant;
 
@@ -27,7 +27,8 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 /// How long each broker of the placement may take to answer (connecting included).
 const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 
-type Key = (String, i32);
+/// Topic name, topic id (the incarnation), partition.
+type Key = (String, String, i32);
 
 #[derive(Debug)]
 struct Probe {
@@ -56,12 +57,12 @@ impl LeaderProbes {
         self: &Arc<Self>,
         runtime: &tokio::runtime::Handle,
         transport: &Arc<Transport>,
-        (topic, p): (&str, i32),
+        (topic, id, p): (&str, &str, i32),
         placement: &[u32],
         me: u32,
     ) -> Option<GroupReport> {
         let now = Instant::now();
-        let key = (topic.to_string(), p);
+        let key = (topic.to_string(), id.to_string(), p);
         let mut probes = self.lock();
         let probe = probes.entry(key.clone()).or_insert_with(|| Probe {
             next_at: now,
@@ -79,9 +80,9 @@ impl LeaderProbes {
         let asked: Vec<u32> = placement.iter().copied().filter(|&b| b != me).collect();
         let (probes, transport) = (Arc::clone(self), Arc::clone(transport));
         runtime.spawn(async move {
-            let answer = ask_leader(&transport, &key.0, key.1, &asked).await;
+            let answer = ask_leader(&transport, (&key.0, &key.1, key.2), &asked).await;
             if answer.is_none() {
-                tracing::info!(topic = %key.0, partition = key.1, brokers = ?asked, "no broker of the partition's placement answered as its leader; keeping the replica and asking again later");
+                tracing::info!(topic = %key.0, partition = key.2, brokers = ?asked, "no broker of the partition's placement answered as its leader; keeping the replica and asking again later");
             }
             let mut all = probes.lock();
             // Forgotten meanwhile (decided, or its topic deleted): nothing to leave.
@@ -103,15 +104,13 @@ impl LeaderProbes {
 
 /// Asks each broker of `asked` at once for its own view of the partition and returns the
 /// answer of one that reports itself leader (of the newest term, should two), else any
-/// answer (it shows who the answering broker thinks leads), else `None`.
-async fn ask_leader(transport: &Transport, topic: &str, p: i32, asked: &[u32]) -> Option<GroupReport> {
+/// answer (it shows who the answering broker thinks leads), else `None`. Only answers about
+/// incarnation `id` count: a broker that lags on metadata may still describe an earlier topic
+/// of the same name, whose groups, terms and indexes say nothing about this one's.
+async fn ask_leader(transport: &Transport, (topic, id, p): (&str, &str, i32), asked: &[u32]) -> Option<GroupReport> {
     let answers = futures::future::join_all(asked.iter().map(|&broker| async move {
         let theirs = peer_admin::own_description(transport, broker, topic, ASK_TIMEOUT).await?;
-        theirs
-            .partitions
-            .into_iter()
-            .find(|d| d.partition == p)
-            .map(|d| report(broker, &d))
+        answer_about(broker, theirs, id, p)
     }))
     .await;
     let answers: Vec<GroupReport> = answers.into_iter().flatten().collect();
@@ -121,6 +120,20 @@ async fn ask_leader(transport: &Transport, topic: &str, p: i32, asked: &[u32]) -
         .max_by_key(|r| r.term)
         .cloned();
     leader.or_else(|| answers.into_iter().next())
+}
+
+/// What broker `from`'s description says of partition `p` of incarnation `id`; nothing if
+/// it describes another incarnation or lacks the partition.
+fn answer_about(from: u32, theirs: TopicDescription, id: &str, p: i32) -> Option<GroupReport> {
+    if theirs.topic_id != id {
+        tracing::debug!(topic = %theirs.name, id, from, theirs = %theirs.topic_id, "a broker described another incarnation of the topic; its answer does not count");
+        return None;
+    }
+    theirs
+        .partitions
+        .into_iter()
+        .find(|d| d.partition == p)
+        .map(|d| report(from, &d))
 }
 
 /// The group as broker `from` describes it. An id that is not a broker id reads as listed
@@ -139,5 +152,44 @@ fn report(from: u32, d: &PartitionDescription) -> GroupReport {
         },
         term: d.term,
         applied: d.applied_index,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn described(id: &str) -> TopicDescription {
+        TopicDescription {
+            name: "t".into(),
+            topic_id: id.into(),
+            partitions: vec![PartitionDescription {
+                partition: 0,
+                leader: 2,
+                voters: vec![2, 3, 4],
+                term: 9,
+                applied_index: 5_000,
+                ..PartitionDescription::default()
+            }],
+            ..TopicDescription::default()
+        }
+    }
+
+    #[test]
+    fn only_an_answer_about_the_same_incarnation_counts() {
+        let same = answer_about(2, described("id2"), "id2", 0).expect("the same incarnation answers");
+        assert_eq!((same.leader, same.term, same.applied), (2, 9, 5_000));
+        assert!(
+            answer_about(2, described("id1"), "id2", 0).is_none(),
+            "a broker still on the earlier topic of that name says nothing of this one's group"
+        );
+        assert!(
+            answer_about(2, described(""), "id2", 0).is_none(),
+            "an answer naming no incarnation"
+        );
+        assert!(
+            answer_about(2, described("id2"), "id2", 1).is_none(),
+            "no such partition"
+        );
     }
 }
