@@ -12,17 +12,21 @@
 //!   leadership, and is restarted from its log with backoff.
 //! - [`inbound`]: what the owner does with each message from its inbox: the transport's
 //!   reports on messages it could not deliver, and peers' messages.
+//! - [`owner`]: the task that drives a partition's Raft node: appends, membership changes,
+//!   messages, ticks and Readies.
 //! - [`lost_entries`]: a replica whose log lost entries it acknowledged recovers from its
-//!   leader and does not vote meanwhile.
+//!   leader, and meanwhile votes only for logs that hold what it promised.
 //! - [`departure`]: when a replica's data may be deleted.
 //! - [`stalled_snapshots`]: a leader resumes followers whose snapshot was lost unreported.
 //!
-//! The RawNode driver, transport and controller come in the next steps of the Raft issue.
+//! The partition's handle (`crate::partition`) opens replicas and sends the owner requests;
+//! the transport (`crate::transport`) carries messages between brokers.
 
 pub mod departure;
 pub mod entry;
 pub mod inbound;
 pub mod lost_entries;
+pub mod owner;
 pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;
