@@ -2,9 +2,9 @@
 //!
 //! # Concurrency
 //! A partition is a Raft group (a group of one on a single node: the same code path). One
-//! owner task ([`crate::replica::owner`]) drives its `RawNode`: appends reach it over a bounded mailbox (producers wait
-//! when it is full), it proposes them, ticks the node, and processes each Ready off the
-//! reactor in raft-rs's order (see [`crate::replica::ready`]): one persist covers every
+//! owner task ([`crate::replica::owner`]) drives its `RawNode`: appends reach it over a
+//! bounded mailbox (producers wait when it is full), it proposes them, ticks the node, and
+//! processes each Ready off the reactor in raft-rs's order (see [`crate::replica::ready`]): one persist covers every
 //! proposal of the round. Reads do not go through the owner: the log serves them
 //! concurrently, bounded by the high watermark.
 //!
