@@ -17,7 +17,10 @@
 //!    entry below it; for later ones, from the start. Each batch's length, CRC and offset
 //!    continuity is checked. At the first bad batch (short read, impossible length, CRC
 //!    mismatch, offset gap) the segment is truncated there, later segments are deleted, and
-//!    the number of bytes dropped is logged. A torn tail is never served.
+//!    the number of bytes dropped is logged. A torn tail is never served. Before the cut, a
+//!    bounded search (index entries past the bad frame, later segments) looks for intact
+//!    batches after it: if there are any, the cut is damage, not a torn write
+//!    ([`CutCause::Damage`], with the last intact batch's stamp).
 //!
 //! Every cut is reported (`PartitionLog::recovery_report`: where, how many bytes, torn tail
 //! or damaged batch), and so is a damaged batch a marker names (with the stamp of the last
