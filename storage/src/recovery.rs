@@ -963,4 +963,49 @@ mod tests {
             "nothing intact after it"
         );
     }
+
+    #[test]
+    fn a_bad_frame_in_a_segment_followed_by_later_segments_is_damage_with_their_last_stamp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Under `os` a roll does not move the recovery point: every segment is scanned.
+        let config = LogConfig {
+            flush: FlushPolicy::Os,
+            ..config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        let mut tag = 0;
+        while log.segment_count() < 4 {
+            log.append_as_leader(&batch(tag), 3, tag + 1).expect("append");
+            tag += 1;
+        }
+        let second = log.read_segments()[1].clone();
+        let (base, size) = (second.base_offset(), second.size());
+        drop(second);
+        drop(log);
+        let path = file_names::segment_file(dir.path(), base, file_names::LOG_SUFFIX);
+        // The last batch of the second segment: no index entry of its own segment follows it.
+        let mut last = 0;
+        let seg = fs::read(&path).expect("read");
+        let mut at = 0usize;
+        while at < seg.len() {
+            last = at as u64;
+            at += BatchHeader::parse(&seg[at..]).expect("header").size();
+        }
+        assert_eq!(at as u64, size);
+        let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(b"\xff\xff", last + HEADER_LEN as u64 + 3)
+            .expect("flip");
+        let log = PartitionLog::open(dir.path(), config).expect("reopen");
+        assert_eq!(log.segment_count(), 2, "later segments dropped with the cut");
+        assert_eq!(
+            log.recovery_report().cut.map(|c| c.cause),
+            Some(CutCause::Damage {
+                last_intact: BatchStamp {
+                    leader_epoch: 3,
+                    raft_index: tag
+                }
+            }),
+            "the later segments held intact batches"
+        );
+    }
 }
