@@ -346,27 +346,27 @@ fn load_segments(
         } else {
             recover(&segment, recovery_point, config)?
         };
-        // Later segments are whole files written after the cut one: if the newest holds an
-        // intact batch, the bad frame was damage, not a torn write (see `CutCause`).
+        // Later segments were written after the cut one: an intact batch there is newer than
+        // any in it, and makes the bad frame damage, not a torn write (see `CutCause`).
         let truncated = match truncated {
-            Some(Truncated {
-                dropped,
-                last_intact: None,
-            }) => {
-                let mut last_intact = None;
+            Some(Truncated { dropped, last_intact }) => {
+                let mut later_intact = None;
                 for &later in bases[i + 1..].iter().rev() {
                     let path = file_names::segment_file(dir, later, file_names::LOG_SUFFIX);
                     let file = fs::File::open(&path).map_err(LogError::io("open segment", &path))?;
                     let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
                     let read = |position: u64, len: usize| read_file_at(&file, &path, position, len);
-                    last_intact = last_intact_from(read, 0, later, len)?;
-                    if last_intact.is_some() {
+                    later_intact = last_intact_from(read, 0, later, len)?;
+                    if later_intact.is_some() {
                         break;
                     }
                 }
-                Some(Truncated { dropped, last_intact })
+                Some(Truncated {
+                    dropped,
+                    last_intact: later_intact.or(last_intact),
+                })
             }
-            other => other,
+            None => None,
         };
         set_roll_time(&segment)?;
         let end = segment.next_offset();
