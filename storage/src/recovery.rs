@@ -17,7 +17,10 @@
 //!    entry below it; for later ones, from the start. Each batch's length, CRC and offset
 //!    continuity is checked. At the first bad batch (short read, impossible length, CRC
 //!    mismatch, offset gap) the segment is truncated there, later segments are deleted, and
-//!    the number of bytes dropped is logged. A torn tail is never served.
+//!    the number of bytes dropped is logged. A torn tail is never served. Before the cut, a
+//!    bounded search (index entries past the bad frame, later segments) looks for intact
+//!    batches after it: if there are any, the cut is damage, not a torn write
+//!    ([`CutCause::Damage`], with the last intact batch's stamp).
 //!
 //! Every cut is reported (`PartitionLog::recovery_report`: where, how many bytes, torn tail
 //! or damaged batch), and so is a damaged batch a marker names (with the stamp of the last
@@ -58,8 +61,8 @@ pub struct RecoveryReport {
 pub struct Damaged {
     /// The stamp of the log's last batch when the damage was found: nothing after it was
     /// ever appended, so its replica acknowledged nothing newer. `None` when the marker was
-    /// written before markers carried it, or the stamp could not be read then: the caller
-    /// must assume the worst.
+    /// written before markers carried it (a quarantine that cannot read the stamp fails
+    /// rather than write a marker without one): the caller must assume the worst.
     pub last_before: Option<BatchStamp>,
 }
 
@@ -76,8 +79,13 @@ pub struct LogCut {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CutCause {
-    /// Crash recovery found a torn or corrupt tail (bytes that were never synced, or damage).
+    /// Crash recovery found a torn tail: a bad frame with nothing intact after it (bytes that
+    /// were never fully written back).
     TornTail,
+    /// Crash recovery found a bad frame with intact batches after it: damage, not a torn
+    /// write. `last_intact` is the stamp of the last intact batch found past the bad frame
+    /// (all of it was dropped with the cut).
+    Damage { last_intact: BatchStamp },
     /// The scrub's corruption marker named a damaged batch, which was still there.
     CorruptBatch,
 }
@@ -338,20 +346,59 @@ fn load_segments(
         } else {
             recover(&segment, recovery_point, config)?
         };
+        // Later segments were written after the cut one: an intact batch there is newer than
+        // any in it, and makes the bad frame damage, not a torn write (see `CutCause`).
+        let truncated = match truncated {
+            Some(Truncated { dropped, last_intact }) => {
+                let mut later_intact = None;
+                for &later in bases[i + 1..].iter().rev() {
+                    let path = file_names::segment_file(dir, later, file_names::LOG_SUFFIX);
+                    let file = fs::File::open(&path).map_err(LogError::io("open segment", &path))?;
+                    let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
+                    let read = |position: u64, len: usize| read_file_at(&file, &path, position, len);
+                    later_intact = last_intact_from(read, 0, later, len)?;
+                    if later_intact.is_some() {
+                        break;
+                    }
+                }
+                Some(Truncated {
+                    dropped,
+                    last_intact: later_intact.or(last_intact),
+                })
+            }
+            None => None,
+        };
         set_roll_time(&segment)?;
         let end = segment.next_offset();
         segments.push(Arc::new(segment));
-        if let Some(mut dropped_bytes) = truncated {
+        if let Some(Truncated {
+            dropped: mut dropped_bytes,
+            last_intact,
+        }) = truncated
+        {
             // Newest first, so a crash part-way leaves a shorter but contiguous log.
             for &later in bases[i + 1..].iter().rev() {
                 let path = file_names::segment_file(dir, later, file_names::LOG_SUFFIX);
                 dropped_bytes += fs::metadata(&path).map_or(0, |m| m.len());
                 delete_segment_files(dir, later)?;
             }
+            let cause = match last_intact {
+                Some(last_intact) => {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        offset = end,
+                        leader_epoch = last_intact.leader_epoch,
+                        raft_index = last_intact.raft_index,
+                        "intact batches followed the bad frame: the log was damaged, not torn"
+                    );
+                    CutCause::Damage { last_intact }
+                }
+                None => CutCause::TornTail,
+            };
             cut = Some(LogCut {
                 offset: end,
                 dropped_bytes,
-                cause: CutCause::TornTail,
+                cause,
             });
             sync_dir(dir)?;
             break;
@@ -457,13 +504,36 @@ fn indexes_consistent(segment: &Segment, file_len: u64) -> bool {
     true
 }
 
-/// Recovers a segment at or above the recovery point. Returns the bytes dropped if it was
+/// What recovering a segment cut from it.
+struct Truncated {
+    dropped: u64,
+    /// The stamp of the last intact batch found past the bad frame, if any.
+    last_intact: Option<BatchStamp>,
+}
+
+/// Index entries past the recovery point kept as candidates for intact batches after a bad
+/// frame: the newest ones, so the search stays bounded.
+const INTACT_CANDIDATES: usize = 32;
+
+/// Recovers a segment at or above the recovery point. Returns what was dropped if it was
 /// truncated.
-fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result<Option<u64>> {
+fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result<Option<Truncated>> {
     let file_len = segment.file_len()?;
     let base = segment.base_offset();
     // Index entries below the recovery point were flushed before it was recorded.
     let trusted_rel = recovery_point.saturating_sub(base).min(u64::from(u32::MAX)) as u32;
+    // Those above it may point at batches past a bad frame: kept (the newest few) to tell
+    // damage from a torn write should the scan below stop early.
+    let candidates: Vec<(u64, u64)> = {
+        let index = segment.offset_index();
+        (0..index.len())
+            .rev()
+            .map(|i| index.entry(i))
+            .take_while(|e| e.relative_offset >= trusted_rel)
+            .take(INTACT_CANDIDATES)
+            .map(|e| (u64::from(e.position), base + u64::from(e.relative_offset)))
+            .collect()
+    };
     segment.offset_index_mut().truncate_to_offset(trusted_rel);
     segment.time_index_mut().truncate_to_offset(trusted_rel);
     let mut start = 0;
@@ -485,11 +555,63 @@ fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result
             valid_bytes = valid_end,
             "truncating torn or corrupt tail of segment"
         );
-        segment.truncate(valid_end, segment.next_offset(), Some(segment.max_timestamp()))?;
+        let cut_offset = segment.next_offset();
+        let mut last_intact = None;
+        for &(position, offset) in candidates.iter().filter(|c| c.0 > valid_end && c.1 > cut_offset) {
+            let read = |position: u64, len: usize| segment.read_exact_at(position, len);
+            last_intact = last_intact_from(read, position, offset, file_len)?;
+            if last_intact.is_some() {
+                break;
+            }
+        }
+        segment.truncate(valid_end, cut_offset, Some(segment.max_timestamp()))?;
         segment.sync_log()?;
-        return Ok(Some(file_len - valid_end));
+        return Ok(Some(Truncated {
+            dropped: file_len - valid_end,
+            last_intact,
+        }));
     }
     Ok(None)
+}
+
+fn read_file_at(file: &fs::File, path: &Path, position: u64, len: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, position)
+        .map_err(LogError::io("read segment", path))?;
+    Ok(buf)
+}
+
+/// Walks intact batches from `position`, where a batch starting at `offset` should be, up to
+/// `file_len`: each must parse, fit, continue the offsets and pass its frame and CRC checks.
+/// Returns the stamp of the last one, or `None` if the batch at `position` is not intact.
+/// One batch is read at a time.
+fn last_intact_from<B: AsRef<[u8]>>(
+    read: impl Fn(u64, usize) -> Result<B>,
+    mut position: u64,
+    mut offset: u64,
+    file_len: u64,
+) -> Result<Option<BatchStamp>> {
+    let mut last = None;
+    while position + HEADER_LEN as u64 <= file_len {
+        let Ok(header) = BatchHeader::parse(read(position, HEADER_LEN)?.as_ref()) else {
+            break;
+        };
+        let size = header.size() as u64;
+        if size < HEADER_LEN as u64 || position + size > file_len || header.base_offset != offset {
+            break;
+        }
+        if check_frame(read(position, size as usize)?.as_ref(), usize::MAX).is_err() {
+            break;
+        }
+        last = Some(BatchStamp {
+            leader_epoch: header.leader_epoch,
+            raft_index: header.raft_index,
+        });
+        offset = header.next_offset();
+        position += size;
+    }
+    Ok(last)
 }
 
 fn header_matches(segment: &Segment, position: u64, base: u64, file_len: u64) -> Result<bool> {
@@ -765,5 +887,125 @@ mod tests {
         let log = PartitionLog::open(dir.path(), config()).expect("reopen");
         assert_eq!(log.log_end_offset(), corrupt.offset, "cut where it names");
         assert_eq!(log.recovery_report().damaged, Some(Damaged { last_before: None }));
+    }
+
+    /// `count` batches in one segment (stamped epoch 3, Raft index `tag + 1`), left without a
+    /// clean close; returns the byte position of each batch.
+    fn one_segment(dir: &Path, count: u64) -> Vec<u64> {
+        let config = LogConfig {
+            segment_bytes: 64 * 1024,
+            index_interval_bytes: 256,
+            ..config()
+        };
+        let log = PartitionLog::open(dir, config).expect("open");
+        for tag in 0..count {
+            log.append_as_leader(&batch(tag), 3, tag + 1).expect("append");
+        }
+        assert_eq!(log.segment_count(), 1);
+        let segment = log.read_segments()[0].clone();
+        let mut positions = Vec::new();
+        segment
+            .scan_headers(0, segment.size(), |position, _| {
+                positions.push(position);
+                true
+            })
+            .expect("scan");
+        positions
+    }
+
+    fn flip_payload_byte(dir: &Path, position: u64) {
+        let path = file_names::segment_file(dir, 0, file_names::LOG_SUFFIX);
+        let file = fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+        let at = position + HEADER_LEN as u64 + 3;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).expect("read");
+        file.write_all_at(&[byte[0] ^ 0x10], at).expect("flip");
+    }
+
+    #[test]
+    fn a_bad_frame_with_intact_batches_after_it_is_reported_as_damage_with_the_last_intact_stamp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let positions = one_segment(dir.path(), 40);
+        flip_payload_byte(dir.path(), positions[10]);
+        let log = PartitionLog::open(
+            dir.path(),
+            LogConfig {
+                segment_bytes: 64 * 1024,
+                index_interval_bytes: 256,
+                ..config()
+            },
+        )
+        .expect("reopen");
+        assert_eq!(log.log_end_offset(), 10, "cut at the bad frame");
+        let cut = log.recovery_report().cut.expect("a cut");
+        assert_eq!(
+            cut.cause,
+            CutCause::Damage {
+                last_intact: BatchStamp {
+                    leader_epoch: 3,
+                    raft_index: 40
+                }
+            },
+            "the batches after the bad frame are intact: damage, not a torn write"
+        );
+    }
+
+    #[test]
+    fn a_bad_last_frame_is_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let positions = one_segment(dir.path(), 40);
+        flip_payload_byte(dir.path(), positions[39]);
+        let log = PartitionLog::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.log_end_offset(), 39);
+        assert_eq!(
+            log.recovery_report().cut.map(|c| c.cause),
+            Some(CutCause::TornTail),
+            "nothing intact after it"
+        );
+    }
+
+    #[test]
+    fn a_bad_frame_in_a_segment_followed_by_later_segments_is_damage_with_their_last_stamp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Under `os` a roll does not move the recovery point: every segment is scanned.
+        let config = LogConfig {
+            flush: FlushPolicy::Os,
+            ..config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        let mut tag = 0;
+        while log.segment_count() < 4 {
+            log.append_as_leader(&batch(tag), 3, tag + 1).expect("append");
+            tag += 1;
+        }
+        let second = log.read_segments()[1].clone();
+        let (base, size) = (second.base_offset(), second.size());
+        drop(second);
+        drop(log);
+        let path = file_names::segment_file(dir.path(), base, file_names::LOG_SUFFIX);
+        // The last batch of the second segment: no index entry of its own segment follows it.
+        let mut last = 0;
+        let seg = fs::read(&path).expect("read");
+        let mut at = 0usize;
+        while at < seg.len() {
+            last = at as u64;
+            at += BatchHeader::parse(&seg[at..]).expect("header").size();
+        }
+        assert_eq!(at as u64, size);
+        let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(b"\xff\xff", last + HEADER_LEN as u64 + 3)
+            .expect("flip");
+        let log = PartitionLog::open(dir.path(), config).expect("reopen");
+        assert_eq!(log.segment_count(), 2, "later segments dropped with the cut");
+        assert_eq!(
+            log.recovery_report().cut.map(|c| c.cause),
+            Some(CutCause::Damage {
+                last_intact: BatchStamp {
+                    leader_epoch: 3,
+                    raft_index: tag
+                }
+            }),
+            "the later segments held intact batches"
+        );
     }
 }

@@ -128,8 +128,8 @@ pub(crate) struct Marker {
     pub corrupt: CorruptBatch,
     /// The stamp of the log's last batch when the damage was found. The log is poisoned in
     /// the same step, under the writer lock, so nothing newer was ever appended to it: a
-    /// replica never acknowledged an entry past this stamp. `None` in a marker written before
-    /// markers carried it (or when it could not be read).
+    /// replica never acknowledged an entry past this stamp. `None` only in a marker written
+    /// before markers carried it: a quarantine that cannot read the stamp fails instead.
     pub last_before: Option<BatchStamp>,
 }
 
@@ -258,12 +258,20 @@ impl PartitionLog {
             detail = %corrupt.detail,
             "corrupt batch found; the log is quarantined and will be cut there when reopened"
         );
+        // Without the stamp a marker could only promise the worst (an entry of a newer term),
+        // which can keep a healthy group from electing a leader: fail this step instead,
+        // before anything is poisoned or written, and let the next pass try again.
         let last_before = match self.last_stamp() {
-            Ok(stamp) => stamp,
+            Ok(Some(stamp)) => stamp,
+            Ok(None) => {
+                return Err(LogError::Corrupt {
+                    path: self.dir().to_path_buf(),
+                    detail: format!("{corrupt}, but the log holds no batch whose stamp bounds what it held"),
+                });
+            }
             Err(e) => {
-                // The marker then says nothing of it; its reader assumes the worst.
-                tracing::warn!(dir = %self.dir().display(), error = %e, "could not read the last batch's stamp for the corruption marker");
-                None
+                tracing::warn!(dir = %self.dir().display(), error = %e, "could not read the last batch's stamp; not quarantining this pass");
+                return Err(e);
             }
         };
         self.set_quarantined(corrupt.clone());
@@ -271,7 +279,7 @@ impl PartitionLog {
             self.dir(),
             &Marker {
                 corrupt: corrupt.clone(),
-                last_before,
+                last_before: Some(last_before),
             },
         )
     }
@@ -639,5 +647,32 @@ mod tests {
             }
         );
         assert!(!log.is_poisoned());
+    }
+
+    #[test]
+    fn given_the_last_stamp_cannot_be_read_the_quarantine_fails_and_writes_no_marker() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = log_with_sealed_segments(dir.path());
+        let segments = log.read_segments();
+        let (first, active) = (Arc::clone(&segments[0]), Arc::clone(&segments[segments.len() - 1]));
+        drop(segments);
+        let file = fs::OpenOptions::new().write(true).open(first.log_path()).expect("open");
+        file.write_all_at(b"\xff\xff", HEADER_LEN as u64 + 4).expect("flip");
+        // The active segment's bytes are gone from under the log: its last stamp is unreadable.
+        assert!(active.size() > 0);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(active.log_path())
+            .expect("open")
+            .set_len(2)
+            .expect("shorten");
+        let step = log.scrub_step(ScrubCursor::start(), 1 << 20);
+        assert!(step.is_err(), "the step fails and the pass is retried: {step:?}");
+        assert!(
+            !dir.path().join(CORRUPTION_MARKER).exists(),
+            "no marker without the stamp that bounds what the replica acknowledged"
+        );
+        assert!(!log.is_poisoned(), "nothing is quarantined yet");
     }
 }

@@ -1,9 +1,10 @@
 //! A replica whose log lost entries it once acknowledged, and how its group repairs it
 //! (protocol-aware recovery, after Alagappan et al., FAST 2018).
 //!
-//! A damaged batch the scrub found and recovery cut, or a stored commit index past the end
-//! of the log after a crash under flush policy `always`, means this replica acknowledged
-//! entries it no longer holds. Raft assumes a replica never forgets what it acknowledged;
+//! A damaged batch the scrub found and recovery cut, or, after a crash under flush policy
+//! `always`, a stored commit index past the end of the log (it is stored capped at the
+//! persisted log) or a cut at a bad frame with intact entries after it, means this replica
+//! acknowledged entries it no longer holds. Raft assumes a replica never forgets what it acknowledged;
 //! trusting it anyway would go wrong three ways:
 //! - its leader's heartbeat carries a commit index up to the replica's old matched index,
 //!   past its log, and raft-rs panics (`to_commit N is out of range [last_index M]`);

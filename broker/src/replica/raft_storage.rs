@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use conveyor_storage::batch::BatchIter;
-use conveyor_storage::{FlushPolicy, LogError, PartitionLog};
+use conveyor_storage::{CutCause, FlushPolicy, LogCut, LogError, PartitionLog};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
@@ -63,6 +63,10 @@ struct Inner {
     /// Set when the partition is reopened over the same directory (or deleted): the state
     /// this object holds is stale and must never be written over `raft-state` again.
     retired: bool,
+    /// The last index made durable by [`RaftLog::persist`] (as the flush policy requires), or
+    /// found on disk at open. The commit index stored in `raft-state` never exceeds it: see
+    /// [`RaftLog::set_hard_state`].
+    persisted: u64,
 }
 
 impl Inner {
@@ -164,6 +168,7 @@ impl RaftLog {
                 entries,
                 cache: VecDeque::new(),
                 retired: false,
+                persisted: last,
             })),
         })
     }
@@ -238,6 +243,7 @@ impl RaftLog {
             self.log.truncate_to(offset)?;
             inner.entries.truncate(keep);
             inner.cache.retain(|e| e.index < first.index);
+            inner.persisted = inner.persisted.min(first.index - 1);
         }
         let limit = self.log.max_batch_bytes();
         for e in entries {
@@ -254,13 +260,24 @@ impl RaftLog {
 
     /// Makes appended entries as durable as the topic's flush policy requires.
     pub fn persist(&self) -> Result<(), ReplicaError> {
-        Ok(self.log.apply_flush_policy(self.log.log_end_offset())?)
+        let last = self.read().last_index();
+        self.log.apply_flush_policy(self.log.log_end_offset())?;
+        self.write().persisted = last;
+        Ok(())
     }
 
     /// Records the HardState. Term and vote are stored durably before this returns (a lost
     /// vote could elect two leaders in one term); a commit-only change is kept in memory and
     /// written with the next durable change, since a restarted replica relearns the commit
     /// index from its leader (or, alone, by committing a new no-op).
+    ///
+    /// The commit index written is capped at the last persisted index. A Ready's HardState is
+    /// stored before its entries are persisted, so that term and vote are durable before any
+    /// message that depends on them is sent; but raft-rs sets a follower's commit to cover the
+    /// entries of that same Ready. Stored uncapped, a power cut before `persist` would leave
+    /// a commit past the log, which [`RaftLog::open`] must read as acknowledged entries lost
+    /// (flush policy `always`): a promise for entries never acknowledged. Capped, a stored
+    /// commit past the log means synced entries were lost.
     pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), ReplicaError> {
         let mut inner = self.write();
         let durable = hard_state.term != inner.state.hard_state.term || hard_state.vote != inner.state.hard_state.vote;
@@ -271,17 +288,25 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Stores the state file durably, commit index included (clean shutdown).
+    /// Stores the state file durably, commit index included (capped at the last persisted
+    /// index): at a clean shutdown, and before a reopening.
     pub fn flush_state(&self) -> Result<(), ReplicaError> {
         self.store_state(&self.read())
     }
 
     /// Stores `inner`'s state durably, unless this object was retired.
+    /// The commit index is stored capped at the last persisted index (see
+    /// [`set_hard_state`](Self::set_hard_state)); the one in memory is left as Raft set it.
     fn store_state(&self, inner: &Inner) -> Result<(), ReplicaError> {
         if inner.retired {
             return Err(LogError::Closed.into());
         }
-        Ok(inner.state.store(&self.dir)?)
+        if inner.state.hard_state.commit <= inner.persisted {
+            return Ok(inner.state.store(&self.dir)?);
+        }
+        let mut state = inner.state.clone();
+        state.hard_state.commit = inner.persisted;
+        Ok(state.store(&self.dir)?)
     }
 
     /// Retires this view and its partition log before the replica is reopened over the same
@@ -394,6 +419,8 @@ impl RaftLog {
         inner.state.conf_state = meta.get_conf_state().clone();
         inner.state.hard_state.commit = inner.state.hard_state.commit.max(meta.index);
         inner.state.hard_state.term = inner.state.hard_state.term.max(meta.term);
+        // The snapshot point is durable with the state itself: the log restarts after it.
+        inner.persisted = meta.index;
         // Recorded first: if the reset below is interrupted, open skips what is left.
         self.store_state(&inner)?;
         self.log.truncate_fully_and_start_at(offset)?;
@@ -411,12 +438,18 @@ impl RaftLog {
 ///   worst, `(stored term, u64::MAX)`: every entry this replica acknowledged has a term no
 ///   higher than its stored term.
 /// - under flush policy `always` (an entry is acknowledged only once synced), a stored commit
-///   index past the log's end: `(stored term, stored commit)`.
+///   index past the log's end: `(stored term, stored commit)`. The stored commit never
+///   exceeds what was persisted when it was stored (see [`RaftLog::set_hard_state`]), so
+///   this fires only when synced entries were lost.
+/// - under `always`, crash recovery cut at a bad frame with intact batches after it
+///   ([`CutCause::Damage`]): those were synced, so acknowledged; the stamp of the last one.
 ///
 /// A torn tail cut alone is not a loss: under `always` its bytes were never synced, so never
 /// acknowledged; under `os` and `interval` an acknowledged but unsynced tail may be lost at a
 /// power cut by contract (a leader's heartbeat still reveals it, see
-/// [`super::lost_entries`]).
+/// [`super::lost_entries`]). Neither is a damaged frame found by crash recovery under `os`
+/// or `interval`: a power cut can write back later pages of an unsynced tail and not earlier
+/// ones, so intact batches after a bad frame are common there and prove nothing.
 fn lost_acknowledged_entries(log: &PartitionLog, state: &RaftStateFile, last: u64) -> Option<Promise> {
     let stored_term = state.hard_state.term;
     let damaged = log.recovery_report().damaged.map(|d| match d.last_before {
@@ -429,12 +462,23 @@ fn lost_acknowledged_entries(log: &PartitionLog, state: &RaftStateFile, last: u6
             index: u64::MAX,
         },
     });
+    let always = log.flush_policy() == FlushPolicy::Always;
     let commit = state.hard_state.commit;
-    let past_commit = (log.flush_policy() == FlushPolicy::Always && commit > last).then_some(Promise {
+    let past_commit = (always && commit > last).then_some(Promise {
         term: stored_term,
         index: commit,
     });
-    damaged.max(past_commit)
+    let cut_damage = match log.recovery_report().cut {
+        Some(LogCut {
+            cause: CutCause::Damage { last_intact },
+            ..
+        }) if always => Some(Promise {
+            term: last_intact.leader_epoch,
+            index: last_intact.raft_index,
+        }),
+        _ => None,
+    };
+    damaged.max(past_commit).max(cut_damage)
 }
 
 /// The log start offset a snapshot carries.

@@ -124,7 +124,8 @@ impl SharedFiles {
         // The old view may hold a newer commit index than `raft-state` (it is stored lazily):
         // store it before retiring, so that the reopened replica knows how far it committed
         // and, should recovery cut the log below it, that it lost entries it acknowledged
-        // (see `RaftLog::open`). A view already retired (a failed reopening retried) refuses.
+        // (see `RaftLog::open`). It is stored capped at what the old view persisted, so a
+        // failed `persist` does not make its entries look acknowledged. A view already retired (a failed reopening retried) refuses.
         if let Err(e) = old.raft.flush_state() {
             tracing::debug!(dir = %old.log.dir().display(), error = %e, "raft state not stored before reopening");
         }

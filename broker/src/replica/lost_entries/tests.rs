@@ -303,7 +303,7 @@ fn given_a_stored_commit_past_the_log_under_flush_always_the_replica_reopens_rec
     ] {
         let path = dir.path().join(format!("{flush:?}-{commit}"));
         let raft = storage_with(&path, flush);
-        raft.append(&[entry_at(1, 1), entry_at(2, 1), entry_at(3, 1)], Origin::Peer)
+        raft.append(&(1..=5).map(|i| entry_at(i, 1)).collect::<Vec<_>>(), Origin::Peer)
             .expect("append");
         raft.persist().expect("persist");
         raft.set_hard_state(&HardState {
@@ -314,7 +314,21 @@ fn given_a_stored_commit_past_the_log_under_flush_always_the_replica_reopens_rec
         })
         .expect("hard state");
         raft.flush_state().expect("flush state");
+        let end_of_3 = raft.offset_of(4).expect("entry 4");
+        let at = raft.partition_log().locate(end_of_3).expect("locate").expect("batch");
         drop(raft);
+        // Entries 4 and 5 are gone, synced as they were (the stored commit covers only what
+        // was persisted when it was stored).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(conveyor_storage::file_names::segment_file(
+                &path,
+                at.segment_base_offset,
+                "log",
+            ))
+            .expect("open")
+            .set_len(at.position)
+            .expect("cut");
         if tear {
             tear_tail(&path);
         }
@@ -769,3 +783,5 @@ fn a_replica_is_alone_only_when_both_halves_of_a_joint_configuration_hold_only_i
         ..ConfState::default()
     }));
 }
+
+mod crash;

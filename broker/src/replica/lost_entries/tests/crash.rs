@@ -1,0 +1,148 @@
+//! Power cuts and damage found by crash recovery under flush policy `always`: a replica
+//! promises what it acknowledged, and nothing it did not.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// Each segment file of the log in `dir` with its length: what a power cut now keeps.
+fn synced_lengths(dir: &Path) -> Vec<(PathBuf, u64)> {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| {
+            let len = std::fs::metadata(&p).expect("stat").len();
+            (p, len)
+        })
+        .collect()
+}
+
+/// A power cut: every segment file goes back to its length in `synced`, and segments created
+/// since are gone (`raft-state` is replaced durably, so it stays as last stored).
+fn power_cut(dir: &Path, synced: &[(PathBuf, u64)]) {
+    for (path, _) in synced_lengths(dir) {
+        match synced.iter().find(|(p, _)| *p == path) {
+            Some((_, len)) => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open")
+                .set_len(*len)
+                .expect("cut"),
+            None => {
+                for suffix in ["log", "index", "timeindex"] {
+                    let _ = std::fs::remove_file(path.with_extension(suffix));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn given_a_power_cut_before_a_ready_s_entries_are_synced_the_replica_promises_none_of_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (term of the new entries, whether the in-memory commit is stored before the cut, as the
+    // supervisor does when it reopens a replica whose persist failed)
+    for (term, flush_state) in [(8, false), (7, true)] {
+        let path = dir.path().join(format!("{term}-{flush_state}"));
+        let raft = storage_with(&path, FlushPolicy::Always);
+        raft.append(&(1..=3).map(|i| entry_at(i, 7)).collect::<Vec<_>>(), Origin::Peer)
+            .expect("append");
+        raft.persist().expect("persist");
+        raft.set_hard_state(&HardState {
+            term: 7,
+            vote: 1,
+            commit: 3,
+            ..HardState::default()
+        })
+        .expect("hard state");
+        let synced = synced_lengths(&path);
+        // One Ready, handled as `on_ready` does: its entries appended, then its HardState
+        // stored, with a commit that covers them (raft-rs sets a follower's so) ...
+        raft.append(&[entry_at(4, term), entry_at(5, term), entry_at(6, term)], Origin::Peer)
+            .expect("append");
+        raft.set_hard_state(&HardState {
+            term,
+            vote: if term == 7 { 1 } else { 0 },
+            commit: 5,
+            ..HardState::default()
+        })
+        .expect("hard state");
+        if flush_state {
+            raft.flush_state().expect("flush state");
+        }
+        // ... and the power goes before `persist`: nothing of it was acknowledged.
+        drop(raft);
+        power_cut(&path, &synced);
+        let raft = storage_with(&path, FlushPolicy::Always);
+        assert_eq!(raft.last_index().expect("last"), 3, "the unsynced entries are gone");
+        assert_eq!(
+            raft.recovering(),
+            None,
+            "term {term}, flush_state {flush_state}: entries never synced were never acknowledged"
+        );
+        assert_eq!(
+            raft.initial_state().expect("state").hard_state.term,
+            term,
+            "the term is stored before the Ready's messages go"
+        );
+    }
+}
+
+#[test]
+fn under_flush_always_a_damaged_frame_followed_by_intact_entries_reopens_recovering_with_the_last_of_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        index_interval_bytes: 256,
+        ..log_config(FlushPolicy::Always)
+    };
+    let open = || {
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("log");
+        RaftLog::open(Arc::new(log)).expect("raft log")
+    };
+    let raft = open();
+    raft.append(&(1..=40).map(|i| entry_at(i, 3)).collect::<Vec<_>>(), Origin::Peer)
+        .expect("append");
+    raft.persist().expect("persist");
+    // The commit is stored lazily: what is on disk says nothing of entries 10..=40.
+    raft.set_hard_state(&HardState {
+        term: 3,
+        vote: 1,
+        ..HardState::default()
+    })
+    .expect("hard state");
+    let at = raft
+        .partition_log()
+        .locate(raft.offset_of(10).expect("offset"))
+        .expect("locate")
+        .expect("batch");
+    assert_eq!(raft.partition_log().segment_count(), 1);
+    drop(raft);
+    // Damage in the middle of the active segment, found by the recovery after a crash.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(last_segment(dir.path()))
+            .expect("open");
+        file.write_all_at(
+            b"\xff\xff",
+            at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
+        )
+        .expect("flip");
+    }
+    let raft = open();
+    assert_eq!(raft.last_index().expect("last"), 9, "cut at the damaged entry");
+    assert_eq!(
+        raft.recovering(),
+        Some(Promise { term: 3, index: 40 }),
+        "entries 10..=40 were synced, so acknowledged: the last intact one is promised"
+    );
+    drop(raft);
+    assert_eq!(
+        open().recovering(),
+        Some(Promise { term: 3, index: 40 }),
+        "and remembered"
+    );
+}
