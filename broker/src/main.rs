@@ -53,7 +53,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,slog=warn")),
+                // raft-rs logs every election and configuration step at info; the bridge
+                // filters its records by their module (`raft::...`), not by `slog`.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn")),
         )
         .init();
     let mut config = match &args.config {
