@@ -31,7 +31,6 @@ use std::time::Duration;
 use conveyor_storage::{LogError, OnDamage, PartitionLog, ScrubCursor, ScrubStep};
 
 use crate::blocking::blocking;
-use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::topics::Registry;
 
@@ -123,18 +122,14 @@ async fn scrub_steps(
     loop {
         let step = {
             let step = Arc::clone(&step);
-            blocking(move || {
-                step(cursor, chunk)
-                    .ok_or_else(|| BrokerError::Internal("the partition was reopened during the pass".into()))?
-                    .map_err(|e| BrokerError::Internal(e.to_string()))
-            })
+            blocking(move || Ok(step(cursor, chunk)))
         };
         let step = tokio::select! {
             _ = stop.as_mut() => return Outcome::Stopped,
             step = step => step,
         };
         match step {
-            Ok((ScrubStep::Verified { bytes, next }, _)) => {
+            Ok(Some(Ok((ScrubStep::Verified { bytes, next }, _)))) => {
                 metrics.scrub_bytes.add(bytes);
                 cursor = next;
                 if bytes > 0 {
@@ -145,8 +140,8 @@ async fn scrub_steps(
                     }
                 }
             }
-            Ok((ScrubStep::PassComplete, _)) => return reported.map_or(Outcome::Clean, Outcome::Corrupt),
-            Ok((ScrubStep::Corrupt(c), on_damage)) => {
+            Ok(Some(Ok((ScrubStep::PassComplete, _)))) => return reported.map_or(Outcome::Clean, Outcome::Corrupt),
+            Ok(Some(Ok((ScrubStep::Corrupt(c), on_damage)))) => {
                 metrics.corrupt_batches.add(1);
                 let action = match on_damage {
                     OnDamage::Quarantine => {
@@ -170,8 +165,16 @@ async fn scrub_steps(
                 reported.get_or_insert(c.offset);
                 cursor = ScrubCursor::past_segment_of(&c);
             }
+            // Reopened or retired during the pass, or stopped: its next pass starts afresh.
+            Ok(None) | Ok(Some(Err(LogError::Closed | LogError::Poisoned { .. }))) => return Outcome::Skipped,
+            // Anything else (an I/O error, damage that could not be quarantined) is worth
+            // an operator's attention: the next pass tries again.
+            Ok(Some(Err(e))) => {
+                tracing::warn!(topic, partition, error = %e, "scrub could not verify this partition; it tries again next pass");
+                return Outcome::Skipped;
+            }
             Err(e) => {
-                tracing::debug!(topic, partition, error = %e, "scrub skipped a partition this pass");
+                tracing::warn!(topic, partition, error = %e, "scrub could not verify this partition; it tries again next pass");
                 return Outcome::Skipped;
             }
         }

@@ -82,9 +82,12 @@ pub enum CutCause {
     /// Crash recovery found a torn tail: a bad frame with nothing intact after it (bytes that
     /// were never fully written back).
     TornTail,
-    /// Crash recovery found a bad frame with intact batches after it: damage, not a torn
-    /// write. `last_intact` is the stamp of the last intact batch found past the bad frame
-    /// (all of it was dropped with the cut).
+    /// Crash recovery found a bad frame with intact batches after it. That is what damage
+    /// looks like, but also what a power cut can leave: the batches of one fsync reach the
+    /// disk in any order, so later pages may be there while earlier ones are not. It is
+    /// reported (and logged) for people, never taken as proof that the later batches were
+    /// acknowledged. `last_intact` is the stamp of the last intact batch found past the bad
+    /// frame (all of it was dropped with the cut).
     Damage { last_intact: BatchStamp },
     /// The scrub's corruption marker named a damaged batch, which was still there.
     CorruptBatch,
@@ -353,10 +356,14 @@ fn load_segments(
                 let mut later_intact = None;
                 for &later in bases[i + 1..].iter().rev() {
                     let path = file_names::segment_file(dir, later, file_names::LOG_SUFFIX);
-                    let file = fs::File::open(&path).map_err(LogError::io("open segment", &path))?;
-                    let len = file.metadata().map_err(LogError::io("stat segment", &path))?.len();
+                    // A diagnosis only (see `CutCause::Damage`): a segment that cannot be read
+                    // here is dropped with the cut anyway and must not fail the open.
+                    let Ok(file) = fs::File::open(&path) else { break };
+                    let Ok(len) = file.metadata().map(|m| m.len()) else {
+                        break;
+                    };
                     let read = |position: u64, len: usize| read_file_at(&file, &path, position, len);
-                    later_intact = last_intact_from(read, 0, later, len)?;
+                    later_intact = last_intact_from(read, 0, later, len).unwrap_or(None);
                     if later_intact.is_some() {
                         break;
                     }
@@ -559,7 +566,8 @@ fn recover(segment: &Segment, recovery_point: u64, config: &LogConfig) -> Result
         let mut last_intact = None;
         for &(position, offset) in candidates.iter().filter(|c| c.0 > valid_end && c.1 > cut_offset) {
             let read = |position: u64, len: usize| segment.read_exact_at(position, len);
-            last_intact = last_intact_from(read, position, offset, file_len)?;
+            // A diagnosis only: a read error here must not fail the open.
+            last_intact = last_intact_from(read, position, offset, file_len).unwrap_or(None);
             if last_intact.is_some() {
                 break;
             }

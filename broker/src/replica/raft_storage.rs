@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use conveyor_storage::batch::BatchIter;
-use conveyor_storage::{CutCause, FlushPolicy, LogCut, LogError, PartitionLog};
+use conveyor_storage::{FlushPolicy, LogError, PartitionLog};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
@@ -441,15 +441,16 @@ impl RaftLog {
 ///   index past the log's end: `(stored term, stored commit)`. The stored commit never
 ///   exceeds what was persisted when it was stored (see [`RaftLog::set_hard_state`]), so
 ///   this fires only when synced entries were lost.
-/// - under `always`, crash recovery cut at a bad frame with intact batches after it
-///   ([`CutCause::Damage`]): those were synced, so acknowledged; the stamp of the last one.
 ///
 /// A torn tail cut alone is not a loss: under `always` its bytes were never synced, so never
 /// acknowledged; under `os` and `interval` an acknowledged but unsynced tail may be lost at a
 /// power cut by contract (a leader's heartbeat still reveals it, see
-/// [`super::lost_entries`]). Neither is a damaged frame found by crash recovery under `os`
-/// or `interval`: a power cut can write back later pages of an unsynced tail and not earlier
-/// ones, so intact batches after a bad frame are common there and prove nothing.
+/// [`super::lost_entries`]). Neither is a damaged frame with intact batches after it
+/// ([`CutCause::Damage`]), whatever the policy: a Ready's entries are synced by one fsync, and
+/// a power cut before it completes can leave later pages on disk and not earlier ones, so
+/// those batches prove nothing about what was acknowledged. Damage to synced entries below
+/// the stored commit is caught by the rule above; damage between the stored commit (written
+/// lazily) and the synced end is not told apart from a torn write.
 fn lost_acknowledged_entries(log: &PartitionLog, state: &RaftStateFile, last: u64) -> Option<Promise> {
     let stored_term = state.hard_state.term;
     let damaged = log.recovery_report().damaged.map(|d| match d.last_before {
@@ -468,17 +469,7 @@ fn lost_acknowledged_entries(log: &PartitionLog, state: &RaftStateFile, last: u6
         term: stored_term,
         index: commit,
     });
-    let cut_damage = match log.recovery_report().cut {
-        Some(LogCut {
-            cause: CutCause::Damage { last_intact },
-            ..
-        }) if always => Some(Promise {
-            term: last_intact.leader_epoch,
-            index: last_intact.raft_index,
-        }),
-        _ => None,
-    };
-    damaged.max(past_commit).max(cut_damage)
+    damaged.max(past_commit)
 }
 
 /// The log start offset a snapshot carries.

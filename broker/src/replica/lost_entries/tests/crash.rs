@@ -89,26 +89,26 @@ fn given_a_power_cut_before_a_ready_s_entries_are_synced_the_replica_promises_no
     }
 }
 
-#[test]
-fn under_flush_always_a_damaged_frame_followed_by_intact_entries_reopens_recovering_with_the_last_of_them() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Entries 1..=40 persisted under `always`, entry 10's batch then damaged on disk and the
+/// log reopened as after a crash; `commit` is the commit stored with them.
+fn reopen_after_damage_at_entry_10(dir: &std::path::Path, commit: u64) -> RaftLog {
     let config = LogConfig {
         segment_bytes: 64 * 1024,
         index_interval_bytes: 256,
         ..log_config(FlushPolicy::Always)
     };
     let open = || {
-        let log = PartitionLog::open(dir.path(), config.clone()).expect("log");
+        let log = PartitionLog::open(dir, config.clone()).expect("log");
         RaftLog::open(Arc::new(log)).expect("raft log")
     };
     let raft = open();
     raft.append(&(1..=40).map(|i| entry_at(i, 3)).collect::<Vec<_>>(), Origin::Peer)
         .expect("append");
     raft.persist().expect("persist");
-    // The commit is stored lazily: what is on disk says nothing of entries 10..=40.
     raft.set_hard_state(&HardState {
         term: 3,
         vote: 1,
+        commit,
         ..HardState::default()
     })
     .expect("hard state");
@@ -119,12 +119,11 @@ fn under_flush_always_a_damaged_frame_followed_by_intact_entries_reopens_recover
         .expect("batch");
     assert_eq!(raft.partition_log().segment_count(), 1);
     drop(raft);
-    // Damage in the middle of the active segment, found by the recovery after a crash.
     {
         use std::os::unix::fs::FileExt;
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(last_segment(dir.path()))
+            .open(last_segment(dir))
             .expect("open");
         file.write_all_at(
             b"\xff\xff",
@@ -134,15 +133,35 @@ fn under_flush_always_a_damaged_frame_followed_by_intact_entries_reopens_recover
     }
     let raft = open();
     assert_eq!(raft.last_index().expect("last"), 9, "cut at the damaged entry");
+    assert!(
+        matches!(
+            raft.partition_log().recovery_report().cut.map(|c| c.cause),
+            Some(conveyor_storage::CutCause::Damage { .. })
+        ),
+        "storage reports intact batches after the bad frame"
+    );
+    raft
+}
+
+#[test]
+fn under_flush_always_a_damaged_frame_followed_by_intact_entries_promises_only_what_the_stored_commit_proves() {
+    // The batches of one fsync reach the disk in any order: intact batches after a bad frame
+    // may be pages of a Ready whose sync never completed, never acknowledged. Promising them
+    // could stall a group whose surviving logs all lack them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft = reopen_after_damage_at_entry_10(dir.path(), 0);
     assert_eq!(
         raft.recovering(),
-        Some(Promise { term: 3, index: 40 }),
-        "entries 10..=40 were synced, so acknowledged: the last intact one is promised"
+        None,
+        "intact batches after the bad frame prove nothing"
     );
-    drop(raft);
+
+    // A commit stored after the sync proves entries up to it were acknowledged.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft = reopen_after_damage_at_entry_10(dir.path(), 30);
     assert_eq!(
-        open().recovering(),
-        Some(Promise { term: 3, index: 40 }),
-        "and remembered"
+        raft.recovering(),
+        Some(Promise { term: 3, index: 30 }),
+        "the stored commit covers synced entries the cut dropped"
     );
 }
