@@ -12,8 +12,10 @@
 //! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
 //!   change lock.
 //! - [`topics`]: the topic registry, the controller group and replica placement.
-//! - [`partition`]: a partition's Raft group: owner task, mailbox, high watermark, status.
-//! - [`replica`]: the Raft log over the segmented log, and Ready processing.
+//! - [`partition`]: a partition's handle: opening its replica, mailbox, high watermark,
+//!   status.
+//! - [`replica`]: the owner task, the Raft log over the segmented log, Ready processing,
+//!   supervision and recovery of a replica.
 //! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
 //! - [`metrics`]: Prometheus text metrics.
 //! - [`scrub`]: the background scrub of sealed segments.
@@ -35,6 +37,8 @@ pub mod peer_admin;
 pub mod replica;
 pub mod scrub;
 pub mod server;
+#[cfg(test)]
+mod test_batches;
 pub mod topic_config;
 pub mod topics;
 pub mod transport;

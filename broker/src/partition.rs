@@ -355,7 +355,7 @@ impl Partition {
 
     /// The partition log readers use: after a restart, the reopened one.
     pub fn log(&self) -> Arc<PartitionLog> {
-        self.files.current().log
+        self.files.log()
     }
 
     fn raft(&self) -> RaftLog {
@@ -365,7 +365,7 @@ impl Partition {
     /// Whether this replica is recovering entries it lost, as stored (see
     /// `replica::lost_entries`).
     pub fn is_recovering(&self) -> bool {
-        self.raft().recovering().is_some()
+        self.files.is_recovering()
     }
 
     /// Replaces the log's config. Waits for a reopening under way, so the change lands on
@@ -675,16 +675,7 @@ mod tests {
         // What a retention pass that still holds the old partition does after the deletion.
         assert!(p.raft().flush_state().is_err(), "the retired Raft view stores nothing");
         assert!(p.log().is_closed(), "the retired log refuses deletions and appends");
-        let batch = {
-            use conveyor_storage::batch::{BatchBuilder, Compression, Record};
-            let mut b = BatchBuilder::new(Compression::None);
-            b.push(&Record {
-                timestamp: 1_000,
-                value: Some(bytes::Bytes::from_static(b"v")),
-                ..Record::default()
-            });
-            b.build().expect("batch")
-        };
+        let batch = crate::test_batches::batch_of(conveyor_storage::batch::Compression::None, 1);
         let scratch = tempfile::tempdir().expect("tempdir");
         PartitionLog::open(scratch.path(), LogConfig::default())
             .expect("log")

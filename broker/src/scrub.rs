@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_storage::{LogError, OnDamage, PartitionLog, ScrubCursor, ScrubStep};
+use conveyor_storage::{LogError, OnDamage, ScrubCursor, ScrubStep};
 
 use crate::blocking::blocking;
 use crate::metrics::Metrics;
@@ -85,25 +85,6 @@ pub async fn run(
     }
 }
 
-/// One pass over one log's sealed segments, rate-limited.
-pub async fn scrub_log(
-    log: Arc<PartitionLog>,
-    topic: &str,
-    partition: i32,
-    metrics: &Metrics,
-    bytes_per_second: u64,
-    on_damage: OnDamage,
-    stop: std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Outcome {
-    let step = move |cursor, max_bytes| {
-        Some(
-            log.scrub_step_with(cursor, max_bytes, on_damage)
-                .map(|s| (s, on_damage)),
-        )
-    };
-    scrub_steps(step, topic, partition, metrics, bytes_per_second, stop).await
-}
-
 /// One pass made of `step`s (blocking; each returns what it did and what it did with damage,
 /// or `None` when the log was replaced, which ends the pass as skipped).
 async fn scrub_steps(
@@ -128,8 +109,17 @@ async fn scrub_steps(
             _ = stop.as_mut() => return Outcome::Stopped,
             step = step => step,
         };
+        let (step, on_damage) = match step {
+            Ok(Some(Ok(done))) => done,
+            // Reopened or retired during the pass, or stopped: its next pass starts afresh.
+            Ok(None) | Ok(Some(Err(LogError::Closed | LogError::Poisoned { .. }))) => return Outcome::Skipped,
+            // Anything else (an I/O error, damage that could not be quarantined) is worth
+            // an operator's attention: the next pass tries again.
+            Ok(Some(Err(e))) => return skipped(topic, partition, &e),
+            Err(e) => return skipped(topic, partition, &e),
+        };
         match step {
-            Ok(Some(Ok((ScrubStep::Verified { bytes, next }, _)))) => {
+            ScrubStep::Verified { bytes, next } => {
                 metrics.scrub_bytes.add(bytes);
                 cursor = next;
                 if bytes > 0 {
@@ -140,8 +130,8 @@ async fn scrub_steps(
                     }
                 }
             }
-            Ok(Some(Ok((ScrubStep::PassComplete, _)))) => return reported.map_or(Outcome::Clean, Outcome::Corrupt),
-            Ok(Some(Ok((ScrubStep::Corrupt(c), on_damage)))) => {
+            ScrubStep::PassComplete => return reported.map_or(Outcome::Clean, Outcome::Corrupt),
+            ScrubStep::Corrupt(c) => {
                 metrics.corrupt_batches.add(1);
                 let action = match on_damage {
                     OnDamage::Quarantine => {
@@ -165,27 +155,20 @@ async fn scrub_steps(
                 reported.get_or_insert(c.offset);
                 cursor = ScrubCursor::past_segment_of(&c);
             }
-            // Reopened or retired during the pass, or stopped: its next pass starts afresh.
-            Ok(None) | Ok(Some(Err(LogError::Closed | LogError::Poisoned { .. }))) => return Outcome::Skipped,
-            // Anything else (an I/O error, damage that could not be quarantined) is worth
-            // an operator's attention: the next pass tries again.
-            Ok(Some(Err(e))) => {
-                tracing::warn!(topic, partition, error = %e, "scrub could not verify this partition; it tries again next pass");
-                return Outcome::Skipped;
-            }
-            Err(e) => {
-                tracing::warn!(topic, partition, error = %e, "scrub could not verify this partition; it tries again next pass");
-                return Outcome::Skipped;
-            }
         }
     }
+}
+
+fn skipped(topic: &str, partition: i32, error: &dyn std::fmt::Display) -> Outcome {
+    tracing::warn!(topic, partition, error = %error, "scrub could not verify this partition; it tries again next pass");
+    Outcome::Skipped
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use conveyor_storage::batch::{BatchBuilder, Compression, Record};
-    use conveyor_storage::{FlushPolicy, LogConfig};
+    use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
     use std::os::unix::fs::FileExt;
 
     const RATE: u64 = 64 << 20;
@@ -213,23 +196,26 @@ mod tests {
         log
     }
 
+    /// One pass over `log`'s sealed segments, doing `on_damage` with damage.
+    async fn pass(log: &Arc<PartitionLog>, metrics: &Metrics, on_damage: OnDamage) -> Outcome {
+        let log = Arc::clone(log);
+        let step = move |cursor, max_bytes| {
+            Some(
+                log.scrub_step_with(cursor, max_bytes, on_damage)
+                    .map(|s| (s, on_damage)),
+            )
+        };
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        scrub_steps(step, "t", 0, metrics, RATE, never.as_mut()).await
+    }
+
     #[tokio::test]
     async fn a_scrub_counts_verified_bytes_and_reports_a_flipped_byte_in_a_sealed_segment() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = filled_log(dir.path());
         let metrics = Metrics::default();
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
-        let outcome = scrub_log(
-            Arc::clone(&log),
-            "t",
-            0,
-            &metrics,
-            RATE,
-            OnDamage::Quarantine,
-            never.as_mut(),
-        )
-        .await;
+        let outcome = pass(&log, &metrics, OnDamage::Quarantine).await;
         assert_eq!(outcome, Outcome::Clean);
         let first = conveyor_storage::file_names::segment_file(dir.path(), 0, "log");
         let first_len = std::fs::metadata(&first).expect("stat").len();
@@ -245,30 +231,12 @@ mod tests {
             at.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
         )
         .expect("flip");
-        let outcome = scrub_log(
-            Arc::clone(&log),
-            "t",
-            0,
-            &metrics,
-            RATE,
-            OnDamage::Quarantine,
-            never.as_mut(),
-        )
-        .await;
+        let outcome = pass(&log, &metrics, OnDamage::Quarantine).await;
         assert_eq!(outcome, Outcome::Corrupt(2));
         assert_eq!(metrics.corrupt_batches.get(), 1);
         assert!(log.is_poisoned());
         assert!(log.read(0, 1 << 20).is_err(), "a quarantined log serves nothing");
-        let again = scrub_log(
-            Arc::clone(&log),
-            "t",
-            0,
-            &metrics,
-            RATE,
-            OnDamage::Quarantine,
-            never.as_mut(),
-        )
-        .await;
+        let again = pass(&log, &metrics, OnDamage::Quarantine).await;
         assert_eq!(again, Outcome::Skipped, "a quarantined log is not scrubbed again");
         assert_eq!(metrics.corrupt_batches.get(), 1);
     }
@@ -279,8 +247,6 @@ mod tests {
         let log = filled_log(dir.path());
         let end = log.log_end_offset();
         let metrics = Metrics::default();
-        let never = std::future::pending::<()>();
-        tokio::pin!(never);
         let first = conveyor_storage::file_names::segment_file(dir.path(), 0, "log");
         let at = log.locate(2).expect("locate").expect("in the first segment");
         let file = std::fs::OpenOptions::new().write(true).open(&first).expect("open");
@@ -305,21 +271,12 @@ mod tests {
                 second.position + conveyor_storage::batch::HEADER_LEN as u64 + 4,
             )
             .expect("flip");
-        for pass in 1..=2 {
-            let outcome = scrub_log(
-                Arc::clone(&log),
-                "t",
-                0,
-                &metrics,
-                RATE,
-                OnDamage::Report,
-                never.as_mut(),
-            )
-            .await;
+        for round in 1..=2 {
+            let outcome = pass(&log, &metrics, OnDamage::Report).await;
             assert_eq!(outcome, Outcome::Corrupt(2), "reported on every pass");
             assert_eq!(
                 metrics.corrupt_batches.get(),
-                2 * pass,
+                2 * round,
                 "both damaged batches found, each once per pass"
             );
         }

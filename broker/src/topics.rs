@@ -499,8 +499,11 @@ impl Registry {
         let topic_dir = self.topics_dir().join(&created.name);
         let local_wanted = assignments.iter().any(|r| r.contains(&me));
         let dir_error = |e: std::io::Error| BrokerError::Internal(format!("topic '{}' directory: {e}", created.name));
-        restore_quarantined(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?;
-        if (local_wanted || topic_dir.exists())
+        // `prepare_topic_dir` restores a quarantined directory of this incarnation itself;
+        // where it would not run, the restore alone decides whether there is one.
+        if (local_wanted
+            || topic_dir.exists()
+            || restore_quarantined(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?)
             && let TopicDir::Other(held) =
                 prepare_topic_dir(&self.options.data_dir, &created.name, &created.topic_id).map_err(dir_error)?
         {

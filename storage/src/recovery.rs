@@ -590,10 +590,14 @@ fn read_file_at(file: &fs::File, path: &Path, position: u64, len: usize) -> Resu
     Ok(buf)
 }
 
+/// Most bytes one diagnosis walk reads past where it starts: the finding promises nothing
+/// (see [`CutCause::Damage`]), so an open never reads a whole large segment for it.
+const DIAGNOSIS_WALK_BYTES: u64 = 4 << 20;
+
 /// Walks intact batches from `position`, where a batch starting at `offset` should be, up to
-/// `file_len`: each must parse, fit, continue the offsets and pass its frame and CRC checks.
-/// Returns the stamp of the last one, or `None` if the batch at `position` is not intact.
-/// One batch is read at a time.
+/// `file_len` or [`DIAGNOSIS_WALK_BYTES`] further: each must parse, fit, continue the offsets
+/// and pass its frame and CRC checks. Returns the stamp of the last one walked, or `None` if
+/// the batch at `position` is not intact. One batch is read at a time.
 fn last_intact_from<B: AsRef<[u8]>>(
     read: impl Fn(u64, usize) -> Result<B>,
     mut position: u64,
@@ -601,6 +605,7 @@ fn last_intact_from<B: AsRef<[u8]>>(
     file_len: u64,
 ) -> Result<Option<BatchStamp>> {
     let mut last = None;
+    let file_len = file_len.min(position.saturating_add(DIAGNOSIS_WALK_BYTES));
     while position + HEADER_LEN as u64 <= file_len {
         let Ok(header) = BatchHeader::parse(read(position, HEADER_LEN)?.as_ref()) else {
             break;

@@ -240,8 +240,10 @@ impl PartitionLog {
     }
 
     /// Records `corrupt` durably in the partition directory and poisons the log, so that
-    /// nothing more is served or appended until it is reopened (and cut there).
-    pub fn quarantine(&self, corrupt: &CorruptBatch) -> Result<()> {
+    /// nothing more is served or appended until it is reopened (and cut there). The scrub
+    /// does this under the writer lock it already holds; tests mark a batch directly.
+    #[cfg(test)]
+    pub(crate) fn quarantine(&self, corrupt: &CorruptBatch) -> Result<()> {
         let _writer = self.lock_writer();
         self.quarantine_locked(corrupt)
     }

@@ -71,16 +71,21 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Polls `condition` until it returns `Some` or `deadline` passes.
-pub fn wait_for<T>(what: &str, deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, deadline: Duration, condition: impl FnMut() -> Option<T>) -> T {
+    poll_for(deadline, condition).unwrap_or_else(|| panic!("timed out after {deadline:?} waiting for {what}"))
+}
+
+/// Polls `condition` every [`POLL_INTERVAL`] until it gives a value, or `None` once
+/// `deadline` has passed: for callers whose failure message needs more than [`wait_for`]'s.
+pub fn poll_for<T>(deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
     let until = Instant::now() + deadline;
     loop {
         if let Some(v) = condition() {
-            return v;
+            return Some(v);
         }
-        assert!(
-            Instant::now() < until,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        if Instant::now() >= until {
+            return None;
+        }
         std::thread::sleep(POLL_INTERVAL);
     }
 }

@@ -151,10 +151,9 @@ fn given_a_reassignment_waiting_on_a_stopped_broker_admin_calls_should_answer_wi
             }
         }
     });
-    let described = cli_json(&cluster.bootstrap(), &["topic", "describe", "moving"]);
-    assert_eq!(
-        described["partitions"][0]["replicas"],
-        serde_json::json!([target]),
-        "{described}"
-    );
+    // The partition's leader applies the new replica list after the controller answered.
+    wait_for("the reassigned replica list", FINISH_DEADLINE, || {
+        let described = cli_json(&cluster.bootstrap(), &["topic", "describe", "moving"]);
+        (described["partitions"][0]["replicas"] == serde_json::json!([target])).then_some(())
+    });
 }

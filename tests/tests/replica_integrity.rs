@@ -10,7 +10,7 @@ use std::time::Duration;
 use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 use conveyor_tests::checker::{Acked, check};
 use conveyor_tests::cluster::{Cluster, describe_at};
-use conveyor_tests::{BrokerProcess, cli, cli_json, read_all, wait_for};
+use conveyor_tests::{BrokerProcess, cli, cli_json, poll_for, read_all, wait_for};
 
 /// How long a replica may take to catch up, or a partition to elect a leader, on a loaded
 /// two-core machine.
@@ -475,30 +475,21 @@ fn given_a_replica_moved_off_its_broker_while_that_broker_was_down_should_delete
     // Broker 4 may have been the controller: the others elect another first, and a reassign
     // sent before they all know it is refused (retriable) and asked again.
     cluster.wait_for_controller(Some(away));
-    let until = std::time::Instant::now() + DEADLINE;
-    loop {
+    let mut refused = String::new();
+    let reassigned = poll_for(DEADLINE, || {
         let out = cli(
             &cluster.bootstrap_without(away),
             &["partition", "reassign", "left", "0", "--replicas", &list],
             "",
         );
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "reassign with broker {away} down: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        refused = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success().then_some(())
+    });
+    assert!(reassigned.is_some(), "reassign with broker {away} down: {refused}");
     acked.extend(produce(&cluster.bootstrap_without(away), "left", "late", 200));
     cluster.broker_mut(away).restart();
 
-    let until = std::time::Instant::now() + DEADLINE;
-    while dir.exists() && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_for(DEADLINE, || (!dir.exists()).then_some(()));
     let log = cluster.broker(away).log();
     assert!(
         !dir.exists(),

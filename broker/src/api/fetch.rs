@@ -108,8 +108,9 @@ struct DecodeJob {
 
 /// Decodes stored batches into records, skipping control batches, within `budget` decoded
 /// bytes (protobuf size) of which it takes its share; at least one record is returned when
-/// there is one, so a consumer always moves on. Every buffer of a record carries `held`
-/// (its share of the decompression budget), so the share lasts as long as the records do.
+/// there is one, so a consumer always moves on. Every buffer of a record is a slice of a
+/// buffer carrying `held` (its share of the decompression budget), so the share lasts as
+/// long as the records do.
 ///
 /// Every batch's CRC is checked before it is decoded: bytes altered on disk after they were
 /// acknowledged are refused with [`BrokerError::DamagedOnDisk`], never served.
@@ -136,14 +137,16 @@ fn decode(job: &DecodeJob, bytes: &Bytes, budget: &mut usize, held: &Reservation
             )),
             e => damaged(at, e),
         })?;
-        for r in records {
+        // Every field of a record is a slice of its batch's records section: the share rides
+        // on that buffer.
+        for r in records.with_section(|section| held.attach(section)) {
             let r = r.map_err(|e| damaged(at, e))?;
             if r.offset < job.from {
                 continue;
             }
             let record = Record {
-                key: r.key.map(|b| held.attach(b)),
-                value: r.value.map(|b| held.attach(b)),
+                key: r.key,
+                value: r.value,
                 timestamp: r.timestamp,
                 offset: r.offset,
                 headers: r
@@ -151,7 +154,7 @@ fn decode(job: &DecodeJob, bytes: &Bytes, budget: &mut usize, held: &Reservation
                     .into_iter()
                     .map(|h| Header {
                         key: String::from_utf8_lossy(&h.key).into_owned(),
-                        value: h.value.map(|b| held.attach(b)),
+                        value: h.value,
                     })
                     .collect(),
             };

@@ -187,6 +187,7 @@ pub fn decoding_bytes<'a>(reads: impl IntoIterator<Item = &'a Bytes>, limit: usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_batches::batch_of;
 
     #[tokio::test]
     async fn a_request_that_cannot_get_its_share_in_time_is_answered_busy_and_retriable() {
@@ -285,16 +286,6 @@ mod tests {
         assert_eq!(&slice[..], &[7u8; 10]);
         drop(slice);
         assert_eq!(budget.available(), 4 << 20);
-    }
-
-    fn batch_of(compression: Compression, value: usize) -> Bytes {
-        let mut b = conveyor_storage::batch::BatchBuilder::new(compression);
-        b.push(&conveyor_storage::batch::Record {
-            timestamp: 1,
-            value: Some(Bytes::from(vec![0u8; value])),
-            ..Default::default()
-        });
-        b.build().expect("batch")
     }
 
     #[test]

@@ -461,16 +461,7 @@ impl Produce for ProduceService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn batch_of(compression: Compression, value: usize) -> Bytes {
-        let mut b = BatchBuilder::new(compression);
-        b.push(&Record {
-            timestamp: 1,
-            value: Some(Bytes::from(vec![0u8; value])),
-            ..Record::default()
-        });
-        b.build().expect("batch")
-    }
+    use crate::test_batches::batch_of;
 
     #[test]
     fn compressed_batches_reserve_what_they_declare_within_the_limit() {

@@ -202,7 +202,17 @@ impl LostEntries {
     fn record(&mut self, node: &RawNode<RaftLog>, promise: Option<Promise>) {
         self.promise = promise;
         self.ticks_since_warning = 0;
-        if let Err(e) = node.store().set_recovering(promise) {
+        // The owner calls this from its async loop: the write and fsync of `raft-state` leave
+        // the reactor's other tasks to another worker meanwhile (rare: a recovery starting,
+        // raising its promise or ending).
+        let store = || node.store().set_recovering(promise);
+        let stored = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(store)
+            }
+            _ => store(),
+        };
+        if let Err(e) = stored {
             tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, ?promise, "could not record the recovering state; it is kept in memory");
         }
     }

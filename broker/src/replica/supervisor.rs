@@ -1,9 +1,9 @@
 //! Supervising a partition's owner task: a replica that fails is reported, stops claiming
 //! leadership, and is reopened from its log.
 //!
-//! The owner ([`crate::partition`]) stops when a Ready cannot be persisted, when it finds its
-//! log poisoned (a failed flush, damage found by a scrub), or when it panics. The supervisor
-//! runs it so that a panic is caught like any other failure, then:
+//! The owner ([`crate::replica::owner`]) stops when a Ready cannot be persisted, when it
+//! finds its log poisoned (a failed flush, damage found by a scrub), or when it panics. The
+//! supervisor runs it so that a panic is caught like any other failure, then:
 //! - publishes a status naming no leader and carrying the reason, so metadata, fetch and
 //!   `topic describe` stop naming this replica (a stopped owner sends no heartbeats either,
 //!   so the other replicas elect a new leader);
@@ -98,6 +98,21 @@ impl SharedFiles {
     /// The files in use now.
     pub fn current(&self) -> ReplicaFiles {
         self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The log in use now: what every read needs, without copying the Raft view.
+    pub fn log(&self) -> Arc<PartitionLog> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner).log)
+    }
+
+    /// Whether the replica in use now is recovering lost entries.
+    pub fn is_recovering(&self) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .raft
+            .recovering()
+            .is_some()
     }
 
     /// Runs `f` on the current files, with no reopening or retirement under way until it
@@ -541,14 +556,7 @@ mod tests {
 
     /// A batch any open log accepts.
     fn valid_batch() -> bytes::Bytes {
-        use conveyor_storage::batch::{BatchBuilder, Compression, Record};
-        let mut b = BatchBuilder::new(Compression::None);
-        b.push(&Record {
-            timestamp: 1_000,
-            value: Some(bytes::Bytes::from_static(b"v")),
-            ..Record::default()
-        });
-        b.build().expect("batch")
+        crate::test_batches::batch_of(conveyor_storage::batch::Compression::None, 1)
     }
 
     fn hard_state_on_disk(dir: &std::path::Path) -> raft::eraftpb::HardState {

@@ -17,10 +17,7 @@ use conveyor_proto::internal::v1::{
 };
 
 use super::unopened::{self, Unopened};
-use super::{
-    Located, Registry, Topic, TopicDir, located_records_in, other_incarnation_reason, prepare_topic_dir,
-    remove_topic_data,
-};
+use super::{Located, Registry, Topic, located_records_in, remove_topic_data};
 use crate::error::{BrokerError, Result};
 
 /// Pause before applying again a metadata record that failed: a retry backoff.
@@ -274,40 +271,26 @@ impl Registry {
         let mut unopened = topic.unopened.clone();
         match (local.get(&p).cloned(), wanted) {
             (None, true) => {
-                let registry = Arc::clone(self);
-                let topic2 = Arc::clone(&topic);
-                // A directory that cannot be prepared fails the record (it is retried); a
-                // replica that cannot be opened is this partition's failure only.
-                let prepared = tokio::task::spawn_blocking(move || {
-                    prepare_topic_dir(&registry.options.data_dir, &topic2.name, &topic2.id)
-                        .map_err(|e| BrokerError::Internal(format!("topic '{}' directory: {e}", topic2.name)))
-                })
-                .await
-                .map_err(|e| {
-                    BrokerError::Internal(format!("preparing the directory of topic '{}' failed: {e}", r.topic))
-                })??;
-                if let TopicDir::Other(held) = prepared {
-                    tracing::warn!(topic = %topic.name, id = %topic.id, held = %held, partition = p, "the topic's directory holds another incarnation of the name; not opening the new replica here");
-                    unopened.insert(p, Unopened::new(other_incarnation_reason(&held)));
-                } else {
-                    let placed = Arc::new(Topic {
-                        assignments: {
-                            let mut a = topic.assignments.clone();
-                            a[index] = r.replicas.clone();
-                            a
-                        },
-                        ..Topic::clone(&topic)
-                    });
-                    match self.open_local_replica(&placed, p).await {
-                        Ok(partition) => {
-                            tracing::info!(topic = %r.topic, partition = p, "new replica opened here; catching up from the leader");
-                            unopened.remove(&p);
-                            local.insert(p, partition);
-                        }
-                        Err(reason) => {
-                            tracing::error!(topic = %r.topic, partition = p, %reason, "cannot open the new replica placed here; it is reported stopped and retried");
-                            unopened.insert(p, Unopened::new(reason));
-                        }
+                // The topic's directory is prepared there too: one holding another
+                // incarnation of the name, or one that cannot be prepared, leaves this
+                // partition unopened (reported stopped and retried), never the record failed.
+                let placed = Arc::new(Topic {
+                    assignments: {
+                        let mut a = topic.assignments.clone();
+                        a[index] = r.replicas.clone();
+                        a
+                    },
+                    ..Topic::clone(&topic)
+                });
+                match self.open_local_replica(&placed, p).await {
+                    Ok(partition) => {
+                        tracing::info!(topic = %r.topic, partition = p, "new replica opened here; catching up from the leader");
+                        unopened.remove(&p);
+                        local.insert(p, partition);
+                    }
+                    Err(reason) => {
+                        tracing::error!(topic = %r.topic, partition = p, %reason, "cannot open the new replica placed here; it is reported stopped and retried");
+                        unopened.insert(p, Unopened::new(reason));
                     }
                 }
             }

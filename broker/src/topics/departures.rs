@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{Registry, Topic};
+use crate::blocking::blocking;
 use crate::error::BrokerError;
 use crate::partition::Partition;
 use crate::replica::departure;
@@ -101,9 +102,7 @@ impl Registry {
             Some(partition) => departure::config_lists(&partition.raft_view().conf_state, me),
             None => {
                 let dir = dir.clone();
-                let found =
-                    tokio::task::spawn_blocking(move || dir.exists().then(|| departure::stored_config_lists(&dir, me)))
-                        .await;
+                let found = blocking(move || Ok(dir.exists().then(|| departure::stored_config_lists(&dir, me)))).await;
                 match found {
                     Ok(Some(listed)) => listed,
                     Ok(None) => {
@@ -181,7 +180,7 @@ impl Registry {
         dir: std::path::PathBuf,
         open: Option<Arc<Partition>>,
     ) {
-        let removed = tokio::task::spawn_blocking(move || {
+        let removed = blocking(move || {
             if let Some(partition) = open {
                 // Retired, as a deleted topic's replicas are, not closed: a retention pass or
                 // scrub step still holding the partition finishes first (`retire` waits for
@@ -199,12 +198,9 @@ impl Registry {
         })
         .await;
         match removed {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 self.undecided.remove(&topic.name, p);
                 tracing::info!(topic = %topic.name, partition = p, "replica moved off this broker; data removed");
-            }
-            Ok(Err(e)) => {
-                tracing::error!(topic = %topic.name, partition = p, error = %e, "removing a moved replica failed")
             }
             Err(e) => {
                 tracing::error!(topic = %topic.name, partition = p, error = %e, "removing a moved replica failed")

@@ -19,6 +19,7 @@
 //! Nothing is stored: after a restart the broker tries to open the replica at start again,
 //! and lists it here if that fails.
 
+use crate::blocking::blocking;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,27 +119,40 @@ impl Registry {
             .unwrap_or(me);
         let initial = topic.initial.get(index).cloned().unwrap_or_default();
         let (registry, topic) = (Arc::clone(self), Arc::clone(topic));
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             // The directory may since hold another incarnation of the name, or have gone.
-            match prepare_topic_dir(&registry.options.data_dir, &topic.name, &topic.id) {
-                Ok(TopicDir::Ready) => {}
-                Ok(TopicDir::Other(held)) => return Err(other_incarnation_reason(&held)),
-                Err(e) => return Err(format!("topic '{}' directory: {e}", topic.name)),
-            }
-            let dir = registry.topics_dir().join(&topic.name).join(p.to_string());
-            Partition::open(
-                &registry.open_context(),
-                &topic.name,
-                p,
-                &dir,
-                topic.effective.log_config(),
-                &initial,
-                preferred,
-            )
-            .map_err(|e| e.to_string())
+            Ok(open_prepared(&registry, &topic, p, &initial, preferred))
         })
         .await
-        .map_err(|e| format!("opening panicked: {e}"))?
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// Opens replica `p` of `topic` here once its directory holds this incarnation (blocking).
+fn open_prepared(
+    registry: &Registry,
+    topic: &Topic,
+    p: i32,
+    initial: &[u32],
+    preferred: u32,
+) -> std::result::Result<Arc<Partition>, String> {
+    {
+        match prepare_topic_dir(&registry.options.data_dir, &topic.name, &topic.id) {
+            Ok(TopicDir::Ready) => {}
+            Ok(TopicDir::Other(held)) => return Err(other_incarnation_reason(&held)),
+            Err(e) => return Err(format!("topic '{}' directory: {e}", topic.name)),
+        }
+        let dir = registry.topics_dir().join(&topic.name).join(p.to_string());
+        Partition::open(
+            &registry.open_context(),
+            &topic.name,
+            p,
+            &dir,
+            topic.effective.log_config(),
+            initial,
+            preferred,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 

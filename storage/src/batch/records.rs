@@ -205,6 +205,14 @@ impl RecordIter {
         })
     }
 
+    /// The same records, from the records section as `wrap` returns it: every key, value and
+    /// header value is a slice of that buffer, so what `wrap` attaches to it (an owner that
+    /// must live as long as the records do) is attached once per batch, not once per field.
+    pub fn with_section(mut self, wrap: impl FnOnce(Bytes) -> Bytes) -> RecordIter {
+        self.section = wrap(self.section);
+        self
+    }
+
     fn decode_next(&mut self) -> Result<StoredRecord, BatchError> {
         let raw = parse_raw(&self.section, &mut self.pos, self.index)?;
         let slice = |f: Option<(usize, usize)>| f.map(|(at, len)| self.section.slice(at..at + len));

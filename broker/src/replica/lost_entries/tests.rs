@@ -242,6 +242,20 @@ fn a_dropped_snapshot_reported_by_the_transport_unpauses_its_follower() {
     }
 }
 
+/// Runs rounds until every replica has stopped recovering and committed the last entry of
+/// leader `l`.
+fn all_catch_up_with(nodes: &mut [Node], l: usize, rounds: &mut usize) {
+    let target = nodes[l].raw.raft.raft_log.last_index();
+    while nodes
+        .iter()
+        .any(|n| n.lost.is_recovering() || n.raw.raft.raft_log.committed < target)
+    {
+        round(nodes, true);
+        *rounds += 1;
+        assert!(*rounds < MAX_ROUNDS, "the replicas never caught up");
+    }
+}
+
 fn elect(nodes: &mut [Node], rounds: &mut usize) -> usize {
     loop {
         round(nodes, true);
@@ -303,16 +317,7 @@ fn given_a_stored_commit_past_the_log_under_flush_always_the_replica_reopens_rec
     ] {
         let path = dir.path().join(format!("{flush:?}-{commit}"));
         let raft = storage_with(&path, flush);
-        raft.append(&(1..=5).map(|i| entry_at(i, 1)).collect::<Vec<_>>(), Origin::Peer)
-            .expect("append");
-        raft.persist().expect("persist");
-        raft.set_hard_state(&HardState {
-            term: 2,
-            vote: 1,
-            commit,
-            ..HardState::default()
-        })
-        .expect("hard state");
+        synced_entries(&raft, 5, 1, 2, commit);
         raft.flush_state().expect("flush state");
         let end_of_3 = raft.offset_of(4).expect("entry 4");
         let at = raft.partition_log().locate(end_of_3).expect("locate").expect("batch");
@@ -343,6 +348,21 @@ fn given_a_stored_commit_past_the_log_under_flush_always_the_replica_reopens_rec
         let raft = storage_with(&path, flush);
         assert_eq!(raft.recovering(), expected, "{flush:?}: remembered across a restart");
     }
+}
+
+/// Entries `1..=last` of `term` appended and synced, then `commit` stored with term
+/// `stored_term` (vote 1): a replica's durable state after acknowledging them.
+fn synced_entries(raft: &RaftLog, last: u64, term: u64, stored_term: u64, commit: u64) {
+    raft.append(&(1..=last).map(|i| entry_at(i, term)).collect::<Vec<_>>(), Origin::Peer)
+        .expect("append");
+    raft.persist().expect("persist");
+    raft.set_hard_state(&HardState {
+        term: stored_term,
+        vote: 1,
+        commit,
+        ..HardState::default()
+    })
+    .expect("hard state");
 }
 
 fn entry_at(index: u64, term: u64) -> raft::eraftpb::Entry {
@@ -449,15 +469,7 @@ fn a_group_whose_replicas_all_reopen_recovering_elects_no_leader_lacking_a_commi
     assert!(!nodes[0].lost.is_recovering());
     let l = elect(&mut nodes, &mut rounds);
     assert_eq!(l, 0, "only the restored replica holds every committed entry");
-    let target = nodes[l].raw.raft.raft_log.last_index();
-    while nodes
-        .iter()
-        .any(|n| n.lost.is_recovering() || n.raw.raft.raft_log.committed < target)
-    {
-        round(&mut nodes, true);
-        rounds += 1;
-        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
-    }
+    all_catch_up_with(&mut nodes, l, &mut rounds);
     for n in &nodes {
         assert_eq!(terms(n.raw.store(), last), committed_terms, "no committed entry lost");
     }
@@ -651,15 +663,7 @@ fn a_replica_cut_by_the_scrub_refuses_a_candidate_of_its_term_lacking_entries_it
     // A comes back: it holds what B promised, and wins.
     let l = elect(&mut nodes, &mut rounds);
     assert_eq!(l, 0, "only A holds every committed entry");
-    let target = nodes[l].raw.raft.raft_log.last_index();
-    while nodes
-        .iter()
-        .any(|n| n.lost.is_recovering() || n.raw.raft.raft_log.committed < target)
-    {
-        round(&mut nodes, true);
-        rounds += 1;
-        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
-    }
+    all_catch_up_with(&mut nodes, l, &mut rounds);
     for n in &nodes {
         assert_eq!(terms(n.raw.store(), last), committed_terms, "no committed entry lost");
     }
@@ -700,12 +704,7 @@ fn a_group_whose_replicas_all_cut_a_torn_tail_under_flush_always_elects_a_leader
         "a torn tail under `always` was never acknowledged"
     );
     let l = elect(&mut nodes, &mut rounds);
-    let target = nodes[l].raw.raft.raft_log.last_index();
-    while nodes.iter().any(|n| n.raw.raft.raft_log.committed < target) {
-        round(&mut nodes, true);
-        rounds += 1;
-        assert!(rounds < MAX_ROUNDS, "the replicas never caught up");
-    }
+    all_catch_up_with(&mut nodes, l, &mut rounds);
     for n in &nodes {
         assert_eq!(
             terms(n.raw.store(), last - 5),

@@ -46,16 +46,7 @@ fn given_a_power_cut_before_a_ready_s_entries_are_synced_the_replica_promises_no
     for (term, flush_state) in [(8, false), (7, true)] {
         let path = dir.path().join(format!("{term}-{flush_state}"));
         let raft = storage_with(&path, FlushPolicy::Always);
-        raft.append(&(1..=3).map(|i| entry_at(i, 7)).collect::<Vec<_>>(), Origin::Peer)
-            .expect("append");
-        raft.persist().expect("persist");
-        raft.set_hard_state(&HardState {
-            term: 7,
-            vote: 1,
-            commit: 3,
-            ..HardState::default()
-        })
-        .expect("hard state");
+        synced_entries(&raft, 3, 7, 7, 3);
         let synced = synced_lengths(&path);
         // One Ready, handled as `on_ready` does: its entries appended, then its HardState
         // stored, with a commit that covers them (raft-rs sets a follower's so) ...
@@ -102,16 +93,7 @@ fn reopen_after_damage_at_entry_10(dir: &std::path::Path, commit: u64) -> RaftLo
         RaftLog::open(Arc::new(log)).expect("raft log")
     };
     let raft = open();
-    raft.append(&(1..=40).map(|i| entry_at(i, 3)).collect::<Vec<_>>(), Origin::Peer)
-        .expect("append");
-    raft.persist().expect("persist");
-    raft.set_hard_state(&HardState {
-        term: 3,
-        vote: 1,
-        commit,
-        ..HardState::default()
-    })
-    .expect("hard state");
+    synced_entries(&raft, 40, 3, 3, commit);
     let at = raft
         .partition_log()
         .locate(raft.offset_of(10).expect("offset"))
