@@ -245,6 +245,11 @@ impl BrokerError {
         }
     }
 
+    /// The code a client sees for this error.
+    pub fn error_code(&self) -> ErrorCode {
+        self.code().1
+    }
+
     pub fn detail(&self) -> ErrorDetail {
         let (_, code, retriable) = self.code();
         let mut detail = ErrorDetail {

@@ -181,6 +181,8 @@ pub(crate) const PROMOTE_MAX_LAG: u64 = 64;
 pub struct Partition {
     pub topic: String,
     pub index: i32,
+    /// This topic's byte counters, taken once when the partition opened.
+    pub traffic: crate::metrics::TopicTraffic,
     /// The log and its Raft view; a restart after a failure swaps in reopened ones.
     files: Arc<SharedFiles>,
     node_id: u32,
@@ -219,6 +221,8 @@ pub(crate) fn open_replica(
         BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
     };
     let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
+    let fsyncs = ctx.metrics.fsync_latency.clone();
+    log.observe_syncs(conveyor_storage::SyncObserver::new(move |took| fsyncs.observe(took)));
     let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
     let new_group = raft.voters().is_empty();
     if new_group && !initial_voters.is_empty() {
@@ -267,6 +271,7 @@ pub(crate) struct OwnerContext {
     pub high_watermark: watch::Sender<u64>,
     pub status: watch::Sender<GroupStatus>,
     pub metrics: Arc<Metrics>,
+    pub traffic: crate::metrics::TopicTraffic,
 }
 
 fn raft_logger() -> slog::Logger {
@@ -311,8 +316,10 @@ impl Partition {
             high_watermark: hw_tx,
             status: status_tx,
             metrics: Arc::clone(&ctx.metrics),
+            traffic: ctx.metrics.topic_traffic(topic),
         };
         let owner = Owner::new(&owner_cx, raft.clone(), u64::from(preferred));
+        let traffic = owner_cx.traffic.clone();
         let files = Arc::new(SharedFiles::new(ReplicaFiles { log, raft }));
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
         let channels = Channels {
@@ -336,6 +343,7 @@ impl Partition {
         Ok(Arc::new(Partition {
             topic: topic.to_string(),
             index,
+            traffic,
             files,
             node_id: ctx.node_id as u32,
             key,

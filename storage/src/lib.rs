@@ -63,4 +63,4 @@ pub use log::{AppendInfo, BatchPosition, PartitionLog};
 pub use recovery::{CutCause, Damaged, LogCut, RecoveryReport};
 pub use retention::RetentionOutcome;
 pub use scrub::{BatchStamp, CorruptBatch, OnDamage, ScrubCursor, ScrubStep};
-pub use sync::replace_file_durably;
+pub use sync::{SyncObserver, replace_file_durably};

@@ -82,6 +82,8 @@ pub struct PartitionLog {
     closed: AtomicBool,
     /// What the open that produced this object cut (see [`crate::recovery`]).
     pub(crate) recovery: OnceLock<crate::recovery::RecoveryReport>,
+    /// Told how long each fsync round took (see [`PartitionLog::observe_syncs`]).
+    pub(crate) sync_observer: OnceLock<crate::sync::SyncObserver>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +123,7 @@ impl PartitionLog {
             quarantined: OnceLock::new(),
             closed: AtomicBool::new(false),
             recovery: OnceLock::new(),
+            sync_observer: OnceLock::new(),
         }
     }
 

@@ -15,12 +15,30 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{LogError, Result};
 use crate::file_names::{CLEAN_SHUTDOWN, RECOVERY_POINT};
 use crate::log::PartitionLog;
+
+/// Receives the duration of each fsync round of a log's segment files: the fsync calls alone,
+/// no waiting for the token and no writes. The storage crate knows no metrics; its user
+/// (the broker) feeds a histogram from this.
+#[derive(Clone)]
+pub struct SyncObserver(Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl SyncObserver {
+    pub fn new(observe: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        SyncObserver(Arc::new(observe))
+    }
+}
+
+impl std::fmt::Debug for SyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncObserver")
+    }
+}
 
 #[derive(Debug)]
 struct SyncState {
@@ -191,6 +209,7 @@ impl PartitionLog {
             all[all.len().saturating_sub(older + 1)..].to_vec()
         };
         let covered = segments.last().map_or(from, |s| s.next_offset());
+        let started = Instant::now();
         let result = segments.iter().try_for_each(|s| {
             s.sync_log()?;
             if indexes {
@@ -198,6 +217,9 @@ impl PartitionLog {
             }
             Ok(())
         });
+        if let Some(observer) = self.sync_observer.get() {
+            (observer.0)(started.elapsed());
+        }
         match result {
             Ok(()) => {
                 self.commit.release(token, Ok(covered));
@@ -209,6 +231,12 @@ impl PartitionLog {
                 Err(e)
             }
         }
+    }
+
+    /// Reports the duration of every later fsync round of this log to `observer`. Only the
+    /// first observer set counts.
+    pub fn observe_syncs(&self, observer: SyncObserver) {
+        let _ = self.sync_observer.set(observer);
     }
 
     /// fsyncs if the last fsync is older than `every` (the `Interval` flush policy). The owner
@@ -312,6 +340,32 @@ pub(crate) fn read_recovery_point(dir: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sync_observer_hears_each_fsync_round() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = PartitionLog::open(dir.path(), crate::LogConfig::default()).expect("open");
+        let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = Arc::clone(&rounds);
+        log.observe_syncs(SyncObserver::new(move |_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }));
+        let mut b = crate::batch::BatchBuilder::new(crate::batch::Compression::None);
+        b.push(&crate::batch::Record {
+            timestamp: 1,
+            value: Some(bytes::Bytes::from_static(b"x")),
+            ..crate::batch::Record::default()
+        });
+        log.append(&b.build().expect("batch")).expect("append");
+        log.sync_to(log.log_end_offset()).expect("sync");
+        assert_eq!(rounds.load(std::sync::atomic::Ordering::Relaxed), 1, "one fsync round, one observation");
+        log.sync_to(log.log_end_offset()).expect("sync");
+        assert_eq!(
+            rounds.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "nothing new to make durable: no fsync, nothing observed"
+        );
+    }
 
     #[test]
     fn recovery_point_round_trips_and_damage_reads_as_absent() {

@@ -141,7 +141,7 @@ impl AdminService {
             .run(operation, wait, move |progress| work(ctx, progress))
             .await;
         if let Err(status) = &outcome {
-            self.ctx.metrics.request_errors.add(1);
+            self.ctx.metrics.request_failed_status(status);
             tracing::info!(error = %status.message(), "membership request not done");
         }
         outcome
@@ -355,7 +355,7 @@ impl AdminService {
     }
 
     fn fail(&self, e: BrokerError) -> Status {
-        self.ctx.metrics.request_errors.add(1);
+        self.ctx.metrics.request_failed(e.error_code());
         tracing::info!(error = %e, "admin request refused");
         e.into()
     }

@@ -312,7 +312,7 @@ impl FetchService {
                     Vec::new()
                 }
             };
-            self.ctx.metrics.bytes_out.add(batches.len() as u64);
+            w.partition.traffic.bytes_out.add(batches.len() as u64);
             let batches = if req.decode_records { Bytes::new() } else { batches };
             partitions.push(PartitionData {
                 topic: w.partition.topic.clone(),
@@ -373,7 +373,7 @@ impl Fetch for FetchService {
         let result = self.fetch_inner(request.into_inner()).await;
         self.ctx.metrics.fetch_latency.observe(started.elapsed());
         result.map(Response::new).map_err(|e| {
-            self.ctx.metrics.request_errors.add(1);
+            self.ctx.metrics.request_failed(e.error_code());
             e.into()
         })
     }
@@ -387,7 +387,7 @@ impl Fetch for FetchService {
             .await
             .map(Response::new)
             .map_err(|e| {
-                self.ctx.metrics.request_errors.add(1);
+                self.ctx.metrics.request_failed(e.error_code());
                 e.into()
             })
     }

@@ -379,7 +379,7 @@ impl Produce for ProduceService {
         let req = request.into_inner();
         let request_id = req.request_id;
         let acks = Self::check_request(&req).map_err(|e| {
-            metrics.request_errors.add(1);
+            metrics.request_failed(e.error_code());
             Status::from(e)
         })?;
         let mut parts = self.prepare(req, None).await;
@@ -388,7 +388,7 @@ impl Produce for ProduceService {
             && parts[0].is_err()
             && let Some(Err(Failed { error, .. })) = parts.pop()
         {
-            metrics.request_errors.add(1);
+            metrics.request_failed(error.error_code());
             return Err(error.into());
         }
         let parts = Self::enqueue(acks, parts).await;
@@ -445,7 +445,7 @@ impl Produce for ProduceService {
                         });
                     }
                     Err(e) => {
-                        metrics.request_errors.add(1);
+                        metrics.request_failed(e.error_code());
                         let response = ProduceService::error_response(request_id, &req, &e);
                         if tx.send(Ok(response)).await.is_err() {
                             break;

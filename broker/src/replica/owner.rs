@@ -70,6 +70,8 @@ pub(crate) struct Owner {
     high_watermark: watch::Sender<u64>,
     status: watch::Sender<GroupStatus>,
     metrics: Arc<Metrics>,
+    /// This topic's byte counters, taken once when the partition opened.
+    traffic: crate::metrics::TopicTraffic,
     pending: VecDeque<Pending>,
     was_leader: bool,
     /// When this replica last stopped leading; see [`Owner::finish`].
@@ -131,6 +133,7 @@ impl Owner {
             high_watermark: cx.high_watermark.clone(),
             status: cx.status.clone(),
             metrics: Arc::clone(&cx.metrics),
+            traffic: cx.traffic.clone(),
             pending: VecDeque::new(),
             was_leader: false,
             stepped_down: None,
@@ -236,7 +239,6 @@ impl Owner {
                 }
                 continue;
             }
-            let started = Instant::now();
             let transport = Arc::clone(&self.transport);
             let key = Arc::clone(&self.key);
             let job = tokio::task::spawn_blocking(move || {
@@ -260,7 +262,6 @@ impl Owner {
                 }
             };
             node = returned;
-            self.metrics.fsync_latency.observe(started.elapsed());
             match result {
                 Ok(()) => {
                     self.finish(&node);
@@ -358,7 +359,7 @@ impl Owner {
         // Traffic counters are about clients' data; the controller's records are not.
         if self.key.topic != crate::transport::CONTROLLER_TOPIC {
             for batch in &request.batches {
-                self.metrics.bytes_in.add(batch.bytes().len() as u64);
+                self.traffic.bytes_in.add(batch.bytes().len() as u64);
                 self.metrics.records_in.add(u64::from(batch.header().record_count));
             }
         }
@@ -668,6 +669,7 @@ mod tests {
             transport,
             high_watermark: watch::channel(0).0,
             status: watch::channel(GroupStatus::default()).0,
+            traffic: metrics.topic_traffic("t"),
             metrics,
         };
         let mut owner = Owner::new(&cx, raft, 1);

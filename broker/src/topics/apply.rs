@@ -171,6 +171,7 @@ impl Registry {
                 };
                 if let Some(topic) = &removed {
                     self.undecided.remove_topic(&topic.name);
+                    self.metrics.forget_topic(&topic.name);
                     for p in topic.local.values() {
                         p.stop().await;
                     }
