@@ -43,6 +43,27 @@ struct Args {
     join: bool,
 }
 
+/// The log filter: `RUST_LOG`, else `info`; raft-rs at `warn` unless `RUST_LOG` names it.
+/// raft-rs logs every election and configuration step of every group at info (about ten
+/// records per partition at a start); the broker logs one line per leadership change of its
+/// own. The slog bridge's records are filtered by their module (`raft::...`), not by `slog`.
+/// A malformed `RUST_LOG` falls back to the default, as `EnvFilter` itself does.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    const DEFAULT: &str = "info";
+    let spec = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or(DEFAULT);
+    let names_raft = spec.split(',').any(|directive| {
+        let target = directive.split(['=', '[']).next().unwrap_or("").trim();
+        target == "raft" || target.starts_with("raft::")
+    });
+    let spec = if names_raft {
+        spec.to_string()
+    } else {
+        format!("{spec},raft=warn")
+    };
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{DEFAULT},raft=warn")))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -51,12 +72,7 @@ fn main() -> anyhow::Result<()> {
         // default reports that with `eprintln!`, which panics in whatever task logged.
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // raft-rs logs every election and configuration step at info; the bridge
-                // filters its records by their module (`raft::...`), not by `slog`.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn")),
-        )
+        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok().as_deref()))
         .init();
     let mut config = match &args.config {
         Some(path) => BrokerConfig::load(path)?,
@@ -109,4 +125,26 @@ fn main() -> anyhow::Result<()> {
         };
         conveyor_broker::run(config, shutdown).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn raft_stays_at_warn_unless_rust_log_names_it() {
+        assert_eq!(log_filter(None).to_string(), "raft=warn,info");
+        assert_eq!(log_filter(Some("info")).to_string(), "raft=warn,info");
+        assert_eq!(
+            log_filter(Some("debug,conveyor_broker=trace")).to_string(),
+            "conveyor_broker=trace,raft=warn,debug"
+        );
+        assert_eq!(log_filter(Some("info,raft=debug")).to_string(), "raft=debug,info");
+        assert_eq!(log_filter(Some("raft::raft=info")).to_string(), "raft::raft=info");
+        assert_eq!(
+            log_filter(Some("info,raft_thing=debug")).to_string(),
+            "raft_thing=debug,raft=warn,info",
+            "only raft itself counts as asked for"
+        );
+    }
 }

@@ -177,3 +177,40 @@ fn given_retention_limits_the_broker_should_delete_old_segments_in_the_backgroun
         assert_eq!(record.offset, start);
     });
 }
+
+/// raft-rs logs every step of every group's start (about ten INFO records per partition);
+/// a broker keeps them at `warn` unless `RUST_LOG` names `raft`, even under `RUST_LOG=info`
+/// (which the harness sets), and logs one line of its own per leadership change.
+#[test]
+fn given_several_partitions_a_start_should_log_one_line_per_leadership_change_and_nothing_of_raft_internals() {
+    const PARTITIONS: usize = 4;
+    let mut broker = BrokerProcess::start();
+    let partitions = PARTITIONS.to_string();
+    assert!(
+        cli(broker.addr(), &["topic", "create", "quiet", "--partitions", &partitions], "")
+            .status
+            .success()
+    );
+    // The controller group and every partition lead once.
+    let leaders = (PARTITIONS + 1) as f64;
+    let led = |broker: &BrokerProcess| {
+        broker
+            .metric("conveyor_raft_leader_changes_total")
+            .filter(|n| *n >= leaders)
+            .map(|_| ())
+    };
+    wait_for("every group to elect its leader", DEADLINE, || led(&broker));
+    assert!(broker.terminate().success());
+    broker.restart();
+    wait_for("every group to elect its leader again", DEADLINE, || led(&broker));
+    let log = broker.log();
+    let raft_lines: Vec<&str> = log.lines().filter(|l| l.contains("raft::")).collect();
+    assert!(
+        raft_lines.is_empty(),
+        "{} raft-rs lines in a start, e.g. {:?}",
+        raft_lines.len(),
+        raft_lines.first()
+    );
+    let changes = log.lines().filter(|l| l.contains("raft leadership changed")).count();
+    assert_eq!(changes, PARTITIONS + 1, "one line per leadership change:\n{log}");
+}

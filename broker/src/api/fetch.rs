@@ -27,6 +27,7 @@ use conveyor_storage::batch::BatchIter;
 use futures::FutureExt;
 use prost::Message;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::inflate_budget::{InflateBudget, Reservation, decoding_bytes};
 use super::{Context, blocking};
@@ -312,6 +313,9 @@ impl FetchService {
                     Vec::new()
                 }
             };
+            if let Some(e) = &error {
+                self.ctx.metrics.request_failed(e.error_code());
+            }
             w.partition.traffic.bytes_out.add(batches.len() as u64);
             let batches = if req.decode_records { Bytes::new() } else { batches };
             partitions.push(PartitionData {
@@ -370,7 +374,26 @@ impl Fetch for FetchService {
     async fn fetch(&self, request: Request<FetchRequest>) -> std::result::Result<Response<FetchResponse>, Status> {
         let started = Instant::now();
         self.ctx.metrics.fetch_requests.add(1);
-        let result = self.fetch_inner(request.into_inner()).await;
+        let req = request.into_inner();
+        // At debug level, so that a broker not asked for it pays only a level check. It names
+        // the first partition (most fetches have one); the answer adds what it served.
+        let first = req.partitions.first();
+        let span = tracing::debug_span!(
+            "fetch",
+            topic = first.map(|p| p.topic.as_str()),
+            partition = first.map(|p| p.partition),
+            offset = first.map(|p| p.offset),
+            partitions = req.partitions.len(),
+            high_watermark = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+        );
+        let result = self.fetch_inner(req).instrument(span.clone()).await;
+        if let Ok(response) = &result
+            && let Some(first) = response.partitions.first()
+        {
+            span.record("high_watermark", first.high_watermark);
+            span.record("bytes", first.batches.len());
+        }
         self.ctx.metrics.fetch_latency.observe(started.elapsed());
         result.map(Response::new).map_err(|e| {
             self.ctx.metrics.request_failed(e.error_code());

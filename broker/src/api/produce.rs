@@ -24,10 +24,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use super::Context;
 use super::inflate_budget::{self, InflateBudget};
 use crate::error::{BrokerError, Result, check_topic_name_length};
+use crate::metrics::Metrics;
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
 /// Responses buffered per produce stream before the stream handler waits for the client.
@@ -314,7 +316,9 @@ impl ProduceService {
         out
     }
 
-    async fn collect(request_id: u64, parts: Vec<Queued>) -> ProduceResponse {
+    /// Waits for every queued part's answer. A part that failed counts as a failed request
+    /// under its code, as a whole request does.
+    async fn collect(request_id: u64, parts: Vec<Queued>, metrics: &Metrics) -> ProduceResponse {
         let mut partitions = Vec::with_capacity(parts.len());
         for part in parts {
             let (topic, partition, outcome) = match part {
@@ -341,7 +345,10 @@ impl ProduceService {
                     result.last_offset = o.last_offset;
                 }
                 Ok(None) => {}
-                Err(e) => result.error = Some(e.detail()),
+                Err(e) => {
+                    metrics.request_failed(e.error_code());
+                    result.error = Some(e.detail());
+                }
             }
             partitions.push(result);
         }
@@ -365,6 +372,40 @@ impl ProduceService {
     }
 }
 
+/// The span of one produce request, at debug level so that a broker not asked for it pays
+/// only a level check. It names the first partition of the request (most requests have one)
+/// and how many there are; [`record_offsets`] adds the first part's offsets once answered.
+fn produce_span(req: &ProduceRequest) -> tracing::Span {
+    let first = req.partitions.first();
+    tracing::debug_span!(
+        "produce",
+        request_id = req.request_id,
+        topic = first.map(|p| p.topic.as_str()),
+        partition = first.map(|p| p.partition),
+        partitions = req.partitions.len(),
+        base_offset = tracing::field::Empty,
+        last_offset = tracing::field::Empty,
+    )
+}
+
+/// Records the first part's offsets (or its error code) on the request's span.
+fn record_offsets(span: &tracing::Span, response: &ProduceResponse) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(first) = response.partitions.first() {
+        match &first.error {
+            None => {
+                span.record("base_offset", first.base_offset);
+                span.record("last_offset", first.last_offset);
+            }
+            Some(e) => {
+                tracing::debug!(parent: span, code = e.code, error = %e.message, "produce failed");
+            }
+        }
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<ProduceResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -378,11 +419,12 @@ impl Produce for ProduceService {
         metrics.produce_requests.add(1);
         let req = request.into_inner();
         let request_id = req.request_id;
+        let span = produce_span(&req);
         let acks = Self::check_request(&req).map_err(|e| {
             metrics.request_failed(e.error_code());
             Status::from(e)
         })?;
-        let mut parts = self.prepare(req, None).await;
+        let mut parts = self.prepare(req, None).instrument(span.clone()).await;
         // A request for one partition whose part is bad gets that error as its status.
         if parts.len() == 1
             && parts[0].is_err()
@@ -391,8 +433,9 @@ impl Produce for ProduceService {
             metrics.request_failed(error.error_code());
             return Err(error.into());
         }
-        let parts = Self::enqueue(acks, parts).await;
-        let response = Self::collect(request_id, parts).await;
+        let parts = Self::enqueue(acks, parts).instrument(span.clone()).await;
+        let response = Self::collect(request_id, parts, metrics).instrument(span.clone()).await;
+        record_offsets(&span, &response);
         metrics.produce_latency.observe(started.elapsed());
         Ok(Response::new(response))
     }
@@ -432,17 +475,22 @@ impl Produce for ProduceService {
                 let metrics = Arc::clone(&service.ctx.metrics);
                 metrics.produce_requests.add(1);
                 let request_id = req.request_id;
+                let span = produce_span(&req);
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let parts =
-                            ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences)).await).await;
+                        let prepared = service.prepare(req, Some(&mut sequences)).instrument(span.clone()).await;
+                        let parts = ProduceService::enqueue(acks, prepared).instrument(span.clone()).await;
                         let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let response = ProduceService::collect(request_id, parts).await;
-                            metrics.produce_latency.observe(started.elapsed());
-                            let _ = tx.send(Ok(response)).await;
-                            drop(permit);
-                        });
+                        tokio::spawn(
+                            async move {
+                                let response = ProduceService::collect(request_id, parts, &metrics).await;
+                                record_offsets(&tracing::Span::current(), &response);
+                                metrics.produce_latency.observe(started.elapsed());
+                                let _ = tx.send(Ok(response)).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Err(e) => {
                         metrics.request_failed(e.error_code());
