@@ -71,15 +71,16 @@ pub struct BenchArgs {
     /// Producer batch size in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     pub batch_size: usize,
-    /// Producer linger in milliseconds.
-    #[arg(long, default_value_t = 1)]
-    pub linger_ms: u64,
+    /// How long a producer batch may wait to fill: a duration such as 5ms or 1s; a bare
+    /// number counts milliseconds.
+    #[arg(long, alias = "linger-ms", value_name = "DURATION", default_value = "1ms", value_parser = crate::time::parse_millis)]
+    pub linger: Duration,
     /// none, lz4 or zstd.
     #[arg(long, default_value = "none")]
     pub compression: Compression,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 600)]
-    pub timeout_secs: u64,
+    /// Give up after this long: a duration such as 90s or 10m; a bare number counts seconds.
+    #[arg(long, alias = "timeout-secs", value_name = "DURATION", default_value = "10m", value_parser = crate::time::parse_secs)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -132,7 +133,7 @@ pub async fn run(client: &Client, cmd: BenchCommand, format: Format) -> anyhow::
     anyhow::ensure!(args.producers > 0, "--producers must be positive");
     anyhow::ensure!(args.rate != Some(0), "--rate must be positive");
     ensure_topic(client, args).await?;
-    let timeout = Duration::from_secs(args.timeout_secs);
+    let timeout = args.timeout;
     let work = async {
         match cmd {
             BenchCommand::Produce(a) => produce(client, &a, None).await,
@@ -142,7 +143,7 @@ pub async fn run(client: &Client, cmd: BenchCommand, format: Format) -> anyhow::
     };
     let outcome = tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| anyhow::anyhow!("bench did not finish within {}s (--timeout-secs)", args.timeout_secs))??;
+        .map_err(|_| anyhow::anyhow!("bench did not finish within {timeout:?} (--timeout)"))??;
     report(mode, args, &outcome, format);
     if let Some(e) = outcome.first_error {
         anyhow::bail!("{} record(s) failed; first error: {e}", outcome.errors);
@@ -193,7 +194,7 @@ fn producer_config(args: &BenchArgs) -> ProducerConfig {
     ProducerConfig::default()
         .acks(Acks::from(args.acks))
         .batch_size(args.batch_size)
-        .linger(Duration::from_millis(args.linger_ms))
+        .linger(args.linger)
         .compression(args.compression)
         .max_in_flight_bytes(256 << 20)
 }

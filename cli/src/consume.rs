@@ -24,8 +24,10 @@ pub struct ConsumeArgs {
     /// Start at this offset (with --partition, or in every partition).
     #[arg(long, conflicts_with = "from_time")]
     pub offset: Option<u64>,
-    /// Start at the first record at or after TIME (ms since epoch, or 2026-11-21T08:00:00Z).
-    #[arg(long, value_name = "TIME", value_parser = crate::time::parse_time)]
+    /// Start at the first record at or after TIME: an RFC 3339 time with its offset
+    /// (2026-12-01T10:00:00+01:00, 2026-12-01T09:00:00Z), relative to now (-1h, 90s ago),
+    /// or milliseconds since the epoch.
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = crate::time::parse_time)]
     pub from_time: Option<i64>,
     /// Stop after this many records.
     #[arg(long)]

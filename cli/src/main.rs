@@ -91,3 +91,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("conveyor").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn time_and_duration_flags_take_offsets_relative_times_and_units() {
+        let Command::Consume(c) = parse(&["consume", "t", "--from-time", "-1h"]).expect("relative").command else {
+            panic!("consume")
+        };
+        let an_hour_ago = jiff::Timestamp::now().as_millisecond() - 3_600_000;
+        let from = c.from_time.expect("from time");
+        assert!((from - an_hour_ago).abs() < 60_000, "{from} vs {an_hour_ago}");
+        let Command::Consume(c) = parse(&["consume", "t", "--from-time", "2026-12-01T10:00:00+01:00"])
+            .expect("offset")
+            .command
+        else {
+            panic!("consume")
+        };
+        assert_eq!(c.from_time, Some(1_796_115_600_000));
+        let Command::Bench(bench::BenchCommand::Produce(b)) =
+            parse(&["bench", "produce", "--topic", "b", "--timeout", "500ms", "--linger", "4s"]).expect("durations").command
+        else {
+            panic!("bench produce")
+        };
+        assert_eq!((b.timeout, b.linger), (Duration::from_millis(500), Duration::from_secs(4)));
+        let e = parse(&["bench", "produce", "--topic", "b", "--timeout", "soon"]).expect_err("bad duration");
+        assert!(e.to_string().contains("'soon' is not a duration"), "{e}");
+    }
+}

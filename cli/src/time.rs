@@ -1,57 +1,128 @@
-//! Parsing `--from-time`: milliseconds since the Unix epoch, or an RFC 3339 UTC time such as
-//! `2026-11-21T08:00:00Z` (fractional seconds allowed).
+//! Times and durations on the command line, parsed with `jiff`.
+//!
+//! A time (`--from-time`) is milliseconds since the Unix epoch, an RFC 3339 time with any
+//! offset (`2026-12-01T10:00:00+01:00`, `2026-12-01T09:00:00Z`), `now`, or a time relative to
+//! now: a signed duration (`-1h`, `-1h30m`, `+5m`) or one followed by `ago` (`90s ago`).
+//! A duration is a number with units (`4s`, `500ms`, `1h30m`, or ISO 8601 `PT4S`); a bare
+//! number counts in the unit the flag names in its help.
 
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+/// `--from-time`: milliseconds since the Unix epoch.
 pub fn parse_time(s: &str) -> Result<i64, String> {
+    parse_time_at(s, Timestamp::now())
+}
+
+fn parse_time_at(s: &str, now: Timestamp) -> Result<i64, String> {
+    let s = s.trim();
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    let err = || format!("'{s}' is not a time: use milliseconds since the epoch or 2026-11-21T08:00:00Z");
-    let s = s
-        .strip_suffix('Z')
-        .or_else(|| s.strip_suffix("+00:00"))
-        .ok_or_else(err)?;
-    let (date, time) = s.split_once('T').ok_or_else(err)?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = match (d.next(), d.next(), d.next()) {
-        (Some(Ok(y)), Some(Ok(m)), Some(Ok(day))) if (1..=12).contains(&m) && (1..=31).contains(&day) => (y, m, day),
-        _ => return Err(err()),
-    };
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>());
-    let (hh, mm, ss) = match (t.next(), t.next(), t.next()) {
-        (Some(Ok(h)), Some(Ok(m)), Some(Ok(s))) if h < 24 && m < 60 && s < 61 => (h, m, s),
-        _ => return Err(err()),
-    };
-    let millis = if frac.is_empty() {
-        0
+    if s.eq_ignore_ascii_case("now") {
+        return Ok(now.as_millisecond());
+    }
+    let relative = s.starts_with(['-', '+']) || s.ends_with("ago");
+    let result = if relative {
+        s.parse::<SignedDuration>()
+            .map_err(|e| e.to_string())
+            .and_then(|d| now.checked_add(d).map_err(|e| e.to_string()))
     } else {
-        let digits: String = frac.chars().chain("000".chars()).take(3).collect();
-        digits.parse::<i64>().map_err(|_| err())?
+        s.parse::<Timestamp>().map_err(|e| e.to_string())
     };
-    Ok(((days_from_civil(y, m, day) * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + millis)
+    result.map(|t| t.as_millisecond()).map_err(|reason| {
+        let hint = if !relative && s.parse::<SignedDuration>().is_ok() {
+            format!(" (for that long ago, write -{s})")
+        } else {
+            String::new()
+        };
+        format!(
+            "'{s}' is not a time{hint}: use an RFC 3339 time such as 2026-12-01T10:00:00+01:00, a time relative to now such as -1h, or milliseconds since the epoch ({reason})"
+        )
+    })
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// A duration flag whose bare numbers count seconds (`--timeout 60` is a minute).
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    parse_duration(s, Duration::from_secs)
+}
+
+/// A duration flag whose bare numbers count milliseconds (`--linger 5` is 5 ms).
+pub fn parse_millis(s: &str) -> Result<Duration, String> {
+    parse_duration(s, Duration::from_millis)
+}
+
+fn parse_duration(s: &str, bare: fn(u64) -> Duration) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(bare(n));
+    }
+    let err = |reason: String| format!("'{s}' is not a duration: use a number with units such as 500ms, 4s or 1h30m ({reason})");
+    let d = s.parse::<SignedDuration>().map_err(|e| err(e.to_string()))?;
+    Duration::try_from(d).map_err(|_| err("it is negative".into()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn at(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
+    }
+
     #[test]
-    fn parses_epoch_millis_and_rfc3339() {
-        assert_eq!(parse_time("1700000000000"), Ok(1_700_000_000_000));
-        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Ok(0));
-        assert_eq!(parse_time("2023-11-14T22:13:20Z"), Ok(1_700_000_000_000));
-        assert_eq!(parse_time("2023-11-14T22:13:20.5Z"), Ok(1_700_000_000_500));
-        assert!(parse_time("yesterday").is_err());
+    fn parses_epoch_millis_and_rfc3339_with_any_offset() {
+        let now = at("2026-12-01T12:00:00Z");
+        assert_eq!(parse_time_at("1700000000000", now), Ok(1_700_000_000_000));
+        assert_eq!(parse_time_at("1970-01-01T00:00:00Z", now), Ok(0));
+        assert_eq!(parse_time_at("2023-11-14T22:13:20Z", now), Ok(1_700_000_000_000));
+        assert_eq!(parse_time_at("2023-11-14T22:13:20.5Z", now), Ok(1_700_000_000_500));
+        assert_eq!(
+            parse_time_at("2026-12-01T10:00:00+01:00", now),
+            parse_time_at("2026-12-01T09:00:00Z", now),
+            "an offset is honoured"
+        );
+        assert_eq!(
+            parse_time_at("2026-12-01T04:00:00-05:00", now),
+            parse_time_at("2026-12-01T09:00:00Z", now)
+        );
+    }
+
+    #[test]
+    fn parses_times_relative_to_now() {
+        let now = at("2026-12-01T12:00:00Z");
+        let ms = |s| parse_time_at(s, now);
+        assert_eq!(ms("now"), Ok(now.as_millisecond()));
+        assert_eq!(ms("-1h"), ms("2026-12-01T11:00:00Z"));
+        assert_eq!(ms("-1h30m"), ms("2026-12-01T10:30:00Z"));
+        assert_eq!(ms("+5m"), ms("2026-12-01T12:05:00Z"));
+        assert_eq!(ms("90s ago"), ms("2026-12-01T11:58:30Z"));
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_time_and_says_what_is() {
+        let now = at("2026-12-01T12:00:00Z");
+        let e = parse_time_at("yesterday", now).expect_err("not a time");
+        assert!(e.contains("'yesterday' is not a time") && e.contains("-1h"), "{e}");
+        let e = parse_time_at("1h", now).expect_err("a duration without a sign is ambiguous");
+        assert!(e.contains("write -1h"), "{e}");
+        assert!(parse_time_at("2026-12-01T10:00:00", now).is_err(), "a civil time needs its offset");
+        assert!(parse_time_at("2026-13-01T10:00:00Z", now).is_err());
+    }
+
+    #[test]
+    fn parses_durations_with_units_and_bare_numbers_in_the_flags_unit() {
+        assert_eq!(parse_secs("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_secs("4s"), Ok(Duration::from_secs(4)));
+        assert_eq!(parse_secs("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_secs("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_secs("PT4S"), Ok(Duration::from_secs(4)));
+        assert_eq!(parse_millis("5"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_millis("2s"), Ok(Duration::from_secs(2)));
+        let e = parse_secs("-4s").expect_err("negative");
+        assert!(e.contains("negative"), "{e}");
+        let e = parse_secs("soon").expect_err("not a duration");
+        assert!(e.contains("'soon' is not a duration") && e.contains("500ms"), "{e}");
     }
 }
