@@ -17,7 +17,8 @@
 //! - [`replica`]: the owner task, the Raft log over the segmented log, Ready processing,
 //!   supervision and recovery of a replica.
 //! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
-//! - [`metrics`]: Prometheus text metrics.
+//! - [`metrics`]: metrics in the OpenMetrics text format (`prometheus-client`), served over
+//!   HTTP/1 by hyper; the partition health gauges.
 //! - [`scrub`]: the background scrub of sealed segments.
 //! - [`error`]: `BrokerError` and its mapping to gRPC status codes.
 //!

@@ -148,9 +148,21 @@ impl Metrics {
     fn registry(self: &Arc<Self>, registry: Arc<Registry>) -> prometheus_client::registry::Registry {
         let mut r = prometheus_client::registry::Registry::default();
         let counters = [
-            ("conveyor_produce_requests", "Produce requests received", &self.produce_requests),
-            ("conveyor_fetch_requests", "Fetch requests received", &self.fetch_requests),
-            ("conveyor_admin_requests", "Admin requests received", &self.admin_requests),
+            (
+                "conveyor_produce_requests",
+                "Produce requests received",
+                &self.produce_requests,
+            ),
+            (
+                "conveyor_fetch_requests",
+                "Fetch requests received",
+                &self.fetch_requests,
+            ),
+            (
+                "conveyor_admin_requests",
+                "Admin requests received",
+                &self.admin_requests,
+            ),
             ("conveyor_records_in", "Records appended", &self.records_in),
             (
                 "conveyor_raft_leader_changes",
@@ -207,7 +219,11 @@ impl Metrics {
             self.bytes_out.clone(),
         );
         let histograms = [
-            ("conveyor_produce_latency_seconds", "Produce request latency", &self.produce_latency),
+            (
+                "conveyor_produce_latency_seconds",
+                "Produce request latency",
+                &self.produce_latency,
+            ),
             (
                 "conveyor_fetch_latency_seconds",
                 "Fetch request latency (long-poll wait included)",
@@ -509,7 +525,11 @@ fn respond<B>(req: &Request<B>, registry: &prometheus_client::registry::Registry
         return reply(StatusCode::NOT_FOUND, "text/plain", "try GET /metrics\n".into());
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "try GET /metrics\n".into());
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "try GET /metrics\n".into(),
+        );
     }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, registry) {
@@ -577,6 +597,10 @@ mod tests {
         metrics.topic_traffic("t").bytes_in.add(5);
         assert_eq!(metrics.topic_traffic("t").bytes_in.get(), 5);
         metrics.forget_topic("t");
-        assert_eq!(metrics.topic_traffic("t").bytes_in.get(), 0, "a recreated topic starts again");
+        assert_eq!(
+            metrics.topic_traffic("t").bytes_in.get(),
+            0,
+            "a recreated topic starts again"
+        );
     }
 }

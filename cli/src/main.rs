@@ -106,7 +106,10 @@ mod tests {
 
     #[test]
     fn time_and_duration_flags_take_offsets_relative_times_and_units() {
-        let Command::Consume(c) = parse(&["consume", "t", "--from-time", "-1h"]).expect("relative").command else {
+        let Command::Consume(c) = parse(&["consume", "t", "--from-time", "-1h"])
+            .expect("relative")
+            .command
+        else {
             panic!("consume")
         };
         let an_hour_ago = jiff::Timestamp::now().as_millisecond() - 3_600_000;
@@ -119,12 +122,25 @@ mod tests {
             panic!("consume")
         };
         assert_eq!(c.from_time, Some(1_796_115_600_000));
-        let Command::Bench(bench::BenchCommand::Produce(b)) =
-            parse(&["bench", "produce", "--topic", "b", "--timeout", "500ms", "--linger", "4s"]).expect("durations").command
+        let Command::Bench(bench::BenchCommand::Produce(b)) = parse(&[
+            "bench",
+            "produce",
+            "--topic",
+            "b",
+            "--timeout",
+            "500ms",
+            "--linger",
+            "4s",
+        ])
+        .expect("durations")
+        .command
         else {
             panic!("bench produce")
         };
-        assert_eq!((b.timeout, b.linger), (Duration::from_millis(500), Duration::from_secs(4)));
+        assert_eq!(
+            (b.timeout, b.linger),
+            (Duration::from_millis(500), Duration::from_secs(4))
+        );
         let e = parse(&["bench", "produce", "--topic", "b", "--timeout", "soon"]).expect_err("bad duration");
         assert!(e.to_string().contains("'soon' is not a duration"), "{e}");
     }

@@ -58,7 +58,9 @@ fn parse_duration(s: &str, bare: fn(u64) -> Duration) -> Result<Duration, String
     if let Ok(n) = s.parse::<u64>() {
         return Ok(bare(n));
     }
-    let err = |reason: String| format!("'{s}' is not a duration: use a number with units such as 500ms, 4s or 1h30m ({reason})");
+    let err = |reason: String| {
+        format!("'{s}' is not a duration: use a number with units such as 500ms, 4s or 1h30m ({reason})")
+    };
     let d = s.parse::<SignedDuration>().map_err(|e| err(e.to_string()))?;
     Duration::try_from(d).map_err(|_| err("it is negative".into()))
 }
@@ -107,7 +109,10 @@ mod tests {
         assert!(e.contains("'yesterday' is not a time") && e.contains("-1h"), "{e}");
         let e = parse_time_at("1h", now).expect_err("a duration without a sign is ambiguous");
         assert!(e.contains("write -1h"), "{e}");
-        assert!(parse_time_at("2026-12-01T10:00:00", now).is_err(), "a civil time needs its offset");
+        assert!(
+            parse_time_at("2026-12-01T10:00:00", now).is_err(),
+            "a civil time needs its offset"
+        );
         assert!(parse_time_at("2026-13-01T10:00:00Z", now).is_err());
     }
 

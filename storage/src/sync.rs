@@ -358,7 +358,11 @@ mod tests {
         });
         log.append(&b.build().expect("batch")).expect("append");
         log.sync_to(log.log_end_offset()).expect("sync");
-        assert_eq!(rounds.load(std::sync::atomic::Ordering::Relaxed), 1, "one fsync round, one observation");
+        assert_eq!(
+            rounds.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one fsync round, one observation"
+        );
         log.sync_to(log.log_end_offset()).expect("sync");
         assert_eq!(
             rounds.load(std::sync::atomic::Ordering::Relaxed),

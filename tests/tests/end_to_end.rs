@@ -6,7 +6,7 @@ use bytes::Bytes;
 use conveyor_client::producer::partitioner::partition_for_key;
 use conveyor_client::{Client, ConsumerConfig, Header, ProducerConfig, ProducerRecord, StartAt};
 use conveyor_tests::checker::{Acked, Observed, check};
-use conveyor_tests::{BrokerProcess, cli, runtime};
+use conveyor_tests::{BrokerProcess, cli, metric_value, runtime};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -235,6 +235,53 @@ fn given_produced_records_when_metrics_are_scraped_should_report_requests_and_of
         .find_map(|l| l.strip_prefix("conveyor_raft_commit_latency_seconds_count "))
         .and_then(|n| n.trim().parse().ok());
     assert!(commits.is_some_and(|n| n > 0), "commits were timed: {metrics}");
+    assert!(
+        metrics.contains("content-type: application/openmetrics-text"),
+        "OpenMetrics text: {metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    let bytes_in = metric_value(&metrics, "conveyor_bytes_in_total{topic=\"m\"}");
+    assert!(
+        bytes_in.is_some_and(|n| n > 0.0),
+        "bytes in are counted by topic: {metrics}"
+    );
+
+    // Bytes out by topic, and a refused request counted under its error code.
+    let consumed = stdout(&cli(
+        broker.addr(),
+        &["consume", "m", "--from-beginning", "--max-records", "3"],
+        "",
+    ));
+    assert_eq!(consumed.lines().count(), 3, "{consumed}");
+    assert!(
+        !cli(broker.addr(), &["topic", "describe", "missing"], "")
+            .status
+            .success()
+    );
+    let metrics = broker.scrape_metrics();
+    let bytes_out = metric_value(&metrics, "conveyor_bytes_out_total{topic=\"m\"}");
+    assert!(
+        bytes_out.is_some_and(|n| n > 0.0),
+        "bytes out are counted by topic: {metrics}"
+    );
+    let unknown = metric_value(
+        &metrics,
+        "conveyor_request_errors_total{code=\"ERROR_CODE_UNKNOWN_TOPIC\"}",
+    );
+    assert!(
+        unknown.is_some_and(|n| n >= 1.0),
+        "errors are counted by code: {metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "conveyor_under_replicated_partitions"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "conveyor_offline_partitions"),
+        Some(0.0),
+        "{metrics}"
+    );
 }
 
 #[test]

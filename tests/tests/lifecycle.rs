@@ -187,9 +187,13 @@ fn given_several_partitions_a_start_should_log_one_line_per_leadership_change_an
     let mut broker = BrokerProcess::start();
     let partitions = PARTITIONS.to_string();
     assert!(
-        cli(broker.addr(), &["topic", "create", "quiet", "--partitions", &partitions], "")
-            .status
-            .success()
+        cli(
+            broker.addr(),
+            &["topic", "create", "quiet", "--partitions", &partitions],
+            ""
+        )
+        .status
+        .success()
     );
     // The controller group and every partition lead once.
     let leaders = (PARTITIONS + 1) as f64;

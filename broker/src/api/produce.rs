@@ -478,7 +478,10 @@ impl Produce for ProduceService {
                 let span = produce_span(&req);
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let prepared = service.prepare(req, Some(&mut sequences)).instrument(span.clone()).await;
+                        let prepared = service
+                            .prepare(req, Some(&mut sequences))
+                            .instrument(span.clone())
+                            .await;
                         let parts = ProduceService::enqueue(acks, prepared).instrument(span.clone()).await;
                         let tx = tx.clone();
                         tokio::spawn(

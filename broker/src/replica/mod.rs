@@ -21,6 +21,14 @@
 //!
 //! The partition's handle (`crate::partition`) opens replicas and sends the owner requests;
 //! the transport (`crate::transport`) carries messages between brokers.
+//!
+//! # What a replica reports
+//! The owner publishes a `GroupStatus` (leader, term, each follower's lag and whether it is
+//! in sync, a failure) after its Readies; metadata answers, `topic describe` and the
+//! under-replicated and offline partition gauges (`crate::metrics`) read it. It logs one
+//! line per leadership change; raft-rs's own records stay at `warn` unless `RUST_LOG` asks
+//! for them. The fsync histogram is fed by the storage crate's fsync rounds alone, not by the
+//! Ready job around them.
 
 pub mod departure;
 pub mod entry;
