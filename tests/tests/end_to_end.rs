@@ -284,6 +284,31 @@ fn given_produced_records_when_metrics_are_scraped_should_report_requests_and_of
     );
 }
 
+/// The fsync histogram times fsync calls alone: a topic that never fsyncs (`flush.policy=os`)
+/// adds nothing to it, however many Raft rounds its appends take.
+#[test]
+fn given_a_topic_that_never_fsyncs_the_fsync_histogram_should_stay_empty() {
+    let broker = BrokerProcess::start();
+    let out = stdout(&cli(
+        broker.addr(),
+        &["topic", "create", "unsynced", "--config", "flush.policy=os"],
+        "",
+    ));
+    assert!(out.contains("created"));
+    stdout(&cli(broker.addr(), &["produce", "unsynced"], "x\ny\nz\n"));
+    let metrics = broker.scrape_metrics();
+    assert_eq!(
+        metric_value(&metrics, "conveyor_records_in_total"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "conveyor_fsync_latency_seconds_count"),
+        Some(0.0),
+        "no fsync ran: {metrics}"
+    );
+}
+
 #[test]
 fn given_plain_protobuf_records_should_store_them_and_fetch_them_decoded() {
     use bytes::Bytes;
