@@ -222,7 +222,16 @@ impl StateSnapshots for SnapshotStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+    use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+    use raft::eraftpb::{Entry, HardState};
+    use raft::{Storage, StorageError};
+
     use super::*;
+    use crate::replica::entry::Origin;
+    use crate::replica::raft_storage::{RaftLog, ReplicaError, snapshot_offset};
 
     fn point(index: u64) -> SnapshotPoint {
         SnapshotPoint {
@@ -282,5 +291,97 @@ mod tests {
         let (loaded, failures) = store.load_newest();
         assert!(loaded.is_none());
         assert_eq!(failures.len(), 1);
+    }
+
+    fn raft_log(dir: &Path, store: Option<Arc<SnapshotStore>>) -> RaftLog {
+        let config = LogConfig {
+            segment_bytes: 1024,
+            max_batch_bytes: 512,
+            flush: FlushPolicy::Always,
+            retention_ms: None,
+            ..LogConfig::default()
+        };
+        let log = Arc::new(PartitionLog::open(dir.join("log"), config).expect("log"));
+        let mut raft = RaftLog::open(log).expect("raft log");
+        if let Some(store) = store {
+            raft.set_state_snapshots(store);
+        }
+        raft
+    }
+
+    fn entry(index: u64) -> Entry {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(format!("record-{index}-{}", "x".repeat(100)))),
+            ..Record::default()
+        });
+        Entry {
+            index,
+            term: 2,
+            data: b.build().expect("batch"),
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn a_group_with_state_sends_it_in_its_raft_snapshot_and_a_follower_stores_it_before_its_log_resets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let leader_store = Arc::new(SnapshotStore::new(dir.path().join("leader-snapshots")));
+        let leader = raft_log(&dir.path().join("leader"), Some(Arc::clone(&leader_store)));
+        let entries: Vec<Entry> = (1..=30).map(entry).collect();
+        leader.append(&entries, Origin::Peer).expect("append");
+        leader.persist().expect("persist");
+        let hs = HardState {
+            term: 2,
+            commit: 30,
+            ..HardState::default()
+        };
+        leader.set_hard_state(&hs).expect("commit");
+        leader.evict_cache_to(30);
+        let point = SnapshotPoint {
+            index: 20,
+            term: 2,
+            offset: leader.offset_after(20),
+        };
+        leader_store.write(point, b"the state at 20").expect("write");
+        assert_eq!(leader.compact_below(point.offset).expect("compact"), 20);
+        assert!(
+            leader.partition_log().log_start_offset() > 0,
+            "segments wholly below the snapshot are deleted"
+        );
+
+        let snapshot = leader.snapshot(5, 2).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, 20);
+        assert_eq!(snapshot_offset(&snapshot), Some(point.offset));
+        assert_eq!(&snapshot.data[8..], b"the state at 20");
+
+        let follower_store = Arc::new(SnapshotStore::new(dir.path().join("follower-snapshots")));
+        let follower = raft_log(&dir.path().join("follower"), Some(Arc::clone(&follower_store)));
+        follower.apply_snapshot(&snapshot).expect("apply");
+        assert_eq!(
+            follower_store.load(20).expect("stored"),
+            Loaded {
+                point,
+                payload: Bytes::from_static(b"the state at 20")
+            }
+        );
+        assert_eq!(follower.partition_log().log_start_offset(), point.offset);
+
+        // A follower whose group carries state refuses a snapshot without it, before it
+        // resets anything.
+        let mut bare = snapshot.clone();
+        bare.data = snapshot.data.slice(..8);
+        let other = raft_log(&dir.path().join("other"), Some(Arc::new(SnapshotStore::new(dir.path().join("o")))));
+        other.append(&entries[..3], Origin::Peer).expect("append");
+        assert!(matches!(other.apply_snapshot(&bare), Err(ReplicaError::Inconsistent { .. })));
+        assert_eq!(other.last_entry().index, 3, "the log is left as it was");
+
+        // Without its stored state the leader has no snapshot to send yet.
+        std::fs::remove_file(leader_store.dir().join(file_name(20))).expect("remove");
+        assert!(matches!(
+            leader.snapshot(5, 2),
+            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        ));
     }
 }

@@ -222,11 +222,12 @@ impl Registry {
             }
             last.0
         };
-        let payload = snap.lock_state().encode_state();
+        // Cloned under the lock, encoded and written off the reactor.
+        let state = snap.lock_state().clone();
         let store = Arc::clone(&snap.store);
         let written = crate::blocking::blocking(move || {
             store
-                .write(point, &payload)
+                .write(point, &state.encode_state())
                 .map_err(|e| crate::error::BrokerError::Internal(e.to_string()))
         })
         .await;

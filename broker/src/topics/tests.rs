@@ -230,7 +230,7 @@ fn run(registry: Arc<Registry>) -> Running {
 
 impl Running {
     async fn shut_down(self) {
-        drop(self.stop.send(()));
+        let _ = self.stop.send(());
         self.applier.await.expect("applier");
         let partitions = self.registry.all_partitions();
         for p in &partitions {
