@@ -9,7 +9,8 @@
 # deleted with the CLI (2 * TOPICS metadata records; default 5000 topics, 10,000 records).
 # Then each round restarts old, then new, on its directory and times process start to the
 # first answered `conveyor topic list` (the broker serves only after its start replay).
-# Uses ports PORT and PORT+1 on 127.0.0.1 (PORT defaults to 23292).
+# Uses ports PORT and PORT+1 on 127.0.0.1 (PORT defaults to 23292). WORK=DIR keeps the
+# prepared directories in DIR (DIR/old, DIR/new; one that exists already is reused).
 set -u
 OLD=$1; NEW=$2; ROUNDS=${3:-3}; TOPICS=${4:-5000}; PORT=${PORT:-23292}; JOBS=${JOBS:-4}
 ADDR=127.0.0.1:$PORT
@@ -27,6 +28,7 @@ stop_broker() { kill -TERM "$1"; wait "$1" 2>/dev/null; }
 
 prepare() { # bin dir
   local pid
+  [ -d "$2" ] && return 0
   pid=$(start_broker "$1" "$2")
   until serving "$1"; do sleep 0.05; done
   seq -f "churn-%05g" 1 "$TOPICS" | xargs -P "$JOBS" -I{} sh -c \
@@ -45,7 +47,9 @@ timed_start() { # bin dir tag
   stop_broker "$pid"
 }
 
-WORK=$(mktemp -d /tmp/conveyor-metastart.XXXX)
+KEEP=${WORK:+yes}
+WORK=${WORK:-$(mktemp -d /tmp/conveyor-metastart.XXXX)}
+mkdir -p "$WORK"
 prepare "$OLD" "$WORK/old"
 prepare "$NEW" "$WORK/new"
 echo "metadata log: old $(du -sh "$WORK/old/__cluster_metadata" | cut -f1), new $(du -sh "$WORK/new/__cluster_metadata" | cut -f1)"
@@ -53,4 +57,4 @@ for _ in $(seq 1 "$ROUNDS"); do
   timed_start "$OLD" "$WORK/old" old
   timed_start "$NEW" "$WORK/new" new
 done
-rm -rf "$WORK"
+[ -n "$KEEP" ] || rm -rf "$WORK"

@@ -353,7 +353,15 @@ impl Registry {
             state_snapshots: Some(Arc::clone(&store) as _),
             ..ctx
         };
-        let metadata = Partition::open(&meta_ctx, CONTROLLER_TOPIC, 0, &meta_dir, metadata_config(), &[], preferred)?;
+        let metadata = Partition::open(
+            &meta_ctx,
+            CONTROLLER_TOPIC,
+            0,
+            &meta_dir,
+            metadata_config(),
+            &[],
+            preferred,
+        )?;
         let snapshotting = Snapshotting::new(
             store,
             options.node_id,
@@ -424,7 +432,12 @@ impl Registry {
         match loaded {
             Some(l) if l.point.offset >= log_start => match MetadataState::decode(me, &l.payload) {
                 Ok(s) => {
-                    tracing::info!(index = l.point.index, offset = l.point.offset, topics = s.topics.len(), "loaded the metadata snapshot; replaying the log after it");
+                    tracing::info!(
+                        index = l.point.index,
+                        offset = l.point.offset,
+                        topics = s.topics.len(),
+                        "loaded the metadata snapshot; replaying the log after it"
+                    );
                     (state, next) = (s, l.point.offset);
                     self.snapshotting.loaded(l.point);
                 }

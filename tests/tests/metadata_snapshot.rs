@@ -46,7 +46,15 @@ fn given_many_topic_creations_and_deletions_a_restarted_and_a_new_broker_should_
         let name = format!("churn-{i:03}");
         run_cli(
             &cluster.bootstrap(),
-            &["topic", "create", &name, "--partitions", "1", "--replication-factor", "2"],
+            &[
+                "topic",
+                "create",
+                &name,
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "2",
+            ],
         );
         if i % 3 == 0 {
             kept.push(name);
@@ -93,7 +101,15 @@ fn given_many_topic_creations_and_deletions_a_restarted_and_a_new_broker_should_
     // It follows the log from there: a topic created now reaches it, placed on it too.
     run_cli(
         &cluster.bootstrap(),
-        &["topic", "create", "after-join", "--partitions", "4", "--replication-factor", "3"],
+        &[
+            "topic",
+            "create",
+            "after-join",
+            "--partitions",
+            "4",
+            "--replication-factor",
+            "3",
+        ],
     );
     wait_for("the new broker to apply a later creation", DEADLINE, || {
         topic_names(cluster.broker(4).addr())?

@@ -247,7 +247,9 @@ mod tests {
         let store = SnapshotStore::new(dir.path().join("snapshots"));
         assert_eq!(store.load_newest().0, None, "no snapshot yet");
         for index in [5, 9, 12] {
-            store.write(point(index), format!("state-{index}").as_bytes()).expect("write");
+            store
+                .write(point(index), format!("state-{index}").as_bytes())
+                .expect("write");
         }
         assert_eq!(store.indexes().expect("list"), vec![9, 12]);
         let (newest, failures) = store.load_newest();
@@ -372,9 +374,15 @@ mod tests {
         // resets anything.
         let mut bare = snapshot.clone();
         bare.data = snapshot.data.slice(..8);
-        let other = raft_log(&dir.path().join("other"), Some(Arc::new(SnapshotStore::new(dir.path().join("o")))));
+        let other = raft_log(
+            &dir.path().join("other"),
+            Some(Arc::new(SnapshotStore::new(dir.path().join("o")))),
+        );
         other.append(&entries[..3], Origin::Peer).expect("append");
-        assert!(matches!(other.apply_snapshot(&bare), Err(ReplicaError::Inconsistent { .. })));
+        assert!(matches!(
+            other.apply_snapshot(&bare),
+            Err(ReplicaError::Inconsistent { .. })
+        ));
         assert_eq!(other.last_entry().index, 3, "the log is left as it was");
 
         // Without its stored state the leader has no snapshot to send yet.

@@ -70,7 +70,11 @@ impl MetadataState {
                 });
             }
             Change::TopicDeleted(d) => {
-                if self.topics.get(&d.name).is_some_and(|t| t.created.topic_id == d.topic_id) {
+                if self
+                    .topics
+                    .get(&d.name)
+                    .is_some_and(|t| t.created.topic_id == d.topic_id)
+                {
                     self.topics.remove(&d.name);
                 }
                 return Some((d.name.clone(), d.topic_id.clone()));
@@ -203,7 +207,6 @@ impl Snapshotting {
     pub fn loaded(&self, point: SnapshotPoint) {
         *self.lock_last() = (Some(point), 0);
     }
-
 }
 
 impl Registry {
@@ -267,7 +270,11 @@ impl Registry {
         let mut changes = Vec::new();
         // Topics it lacks (or holds as another incarnation) were deleted.
         for topic in self.list() {
-            if target.topics.get(&topic.name).is_none_or(|t| t.created.topic_id != topic.id) {
+            if target
+                .topics
+                .get(&topic.name)
+                .is_none_or(|t| t.created.topic_id != topic.id)
+            {
                 changes.push(metadata_record::Change::TopicDeleted(TopicDeleted {
                     name: topic.name.clone(),
                     topic_id: topic.id.clone(),

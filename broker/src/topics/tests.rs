@@ -248,7 +248,10 @@ async fn churn(registry: &Registry, count: usize) -> Vec<String> {
     let mut kept = Vec::new();
     for i in 0..count {
         let name = format!("t{i:03}");
-        registry.create_topic(&name, 1, 1, BTreeMap::new()).await.expect("create");
+        registry
+            .create_topic(&name, 1, 1, BTreeMap::new())
+            .await
+            .expect("create");
         if i % 3 == 0 {
             kept.push(name);
         } else {
@@ -317,7 +320,8 @@ async fn a_start_loads_the_newest_snapshot_and_replays_only_the_log_after_it() {
     };
     let message = e.to_string();
     assert!(
-        message.contains("no snapshot that reaches it can be read") && message.contains("add the broker to the cluster again"),
+        message.contains("no snapshot that reaches it can be read")
+            && message.contains("add the broker to the cluster again"),
         "{message}"
     );
 }
