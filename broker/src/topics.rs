@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -52,8 +52,8 @@ mod leader_probe;
 mod state;
 mod unopened;
 
+use state::Snapshotting;
 pub use state::{DEFAULT_SNAPSHOT_EVERY_BYTES, DEFAULT_SNAPSHOT_EVERY_RECORDS};
-use state::{MetadataState, Snapshotting};
 
 pub use unopened::Unopened;
 
@@ -411,95 +411,6 @@ impl Registry {
             registry.insert(topic);
         }
         Ok(registry)
-    }
-
-    /// The committed topics, as the newest snapshot and the metadata log after it describe
-    /// them, and the incarnations (name, id) that log deleted; broker changes are applied on
-    /// the way. Deletions below the snapshot were applied, their data removed, before it was
-    /// written. Without a readable snapshot the whole log is replayed, if it is all there.
-    #[allow(clippy::type_complexity)]
-    fn replay(&self) -> anyhow::Result<(BTreeMap<String, Replayed>, Vec<(String, String)>)> {
-        let me = self.options.node_id;
-        let mut deleted = Vec::new();
-        let log = &self.metadata.log();
-        let log_start = log.log_start_offset();
-        let (mut state, mut next) = (MetadataState::new(me), log_start);
-        let (loaded, failures) = self.snapshotting.store.load_newest();
-        let mut reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
-        for failure in &failures {
-            tracing::warn!(error = %failure, "a metadata snapshot cannot be read; falling back to an older one or the log");
-        }
-        match loaded {
-            Some(l) if l.point.offset >= log_start => match MetadataState::decode(me, &l.payload) {
-                Ok(s) => {
-                    tracing::info!(
-                        index = l.point.index,
-                        offset = l.point.offset,
-                        topics = s.topics.len(),
-                        "loaded the metadata snapshot; replaying the log after it"
-                    );
-                    (state, next) = (s, l.point.offset);
-                    self.snapshotting.loaded(l.point);
-                }
-                Err(e) => reasons.push(format!("snapshot at index {}: {e}", l.point.index)),
-            },
-            Some(l) => reasons.push(format!(
-                "the newest snapshot ends at offset {}, before the log's start",
-                l.point.offset
-            )),
-            None => {}
-        }
-        if next == log_start && log_start > 0 {
-            anyhow::bail!(
-                "the controller's metadata log in {} starts at offset {log_start} (its prefix was deleted after a \
-                 snapshot) and no snapshot that reaches it can be read{}. Restore {} from a backup, or move this \
-                 broker's data directory aside and add the broker to the cluster again so it receives the \
-                 metadata from the controller",
-                log.dir().display(),
-                if reasons.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", reasons.join("; "))
-                },
-                self.snapshotting.store.dir().display(),
-            );
-        }
-        for change in state.records() {
-            if matches!(
-                change,
-                metadata_record::Change::BrokerRegistered(_)
-                    | metadata_record::Change::BrokerDraining(_)
-                    | metadata_record::Change::BrokerRemoved(_)
-            ) {
-                self.apply_broker_change(change);
-            }
-        }
-        let end = self.metadata.high_watermark();
-        let mut replayed = 0;
-        while next < end {
-            let (changes, after) = records_in(log.read_up_to(next, 1 << 20, end)?)?;
-            replayed += changes.len() as u64;
-            for change in changes {
-                if let Some(gone) = state.apply(&change) {
-                    deleted.push(gone);
-                }
-                self.apply_broker_change(change);
-            }
-            match after {
-                Some(after) if after > next => next = after,
-                _ => break,
-            }
-        }
-        self.replayed_at_start.store(replayed, Ordering::Relaxed);
-        self.applied.send_replace(next);
-        let topics = state.topics.clone();
-        *self.snapshotting.lock_state() = state;
-        Ok((topics, deleted))
-    }
-
-    /// How many metadata records the start read from the log (after its snapshot).
-    pub fn replayed_at_start(&self) -> u64 {
-        self.replayed_at_start.load(Ordering::Relaxed)
     }
 
     /// Topics (name, id) created in the part of the metadata log that is not known to be

@@ -16,6 +16,7 @@
 //! lacks were deleted and their data goes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use conveyor_proto::internal::v1::{
@@ -24,7 +25,7 @@ use conveyor_proto::internal::v1::{
 };
 use prost::Message;
 
-use super::{Registry, Replayed, created_assignments};
+use super::{Registry, Replayed, created_assignments, records_in};
 use crate::replica::state_snapshot::{Loaded, SnapshotPoint, SnapshotStore, StateMachine};
 
 /// Default: a snapshot every this many metadata records applied...
@@ -210,6 +211,95 @@ impl Snapshotting {
 }
 
 impl Registry {
+    /// The committed topics, as the newest snapshot and the metadata log after it describe
+    /// them, and the incarnations (name, id) that log deleted; broker changes are applied on
+    /// the way. Deletions below the snapshot were applied, their data removed, before it was
+    /// written. Without a readable snapshot the whole log is replayed, if it is all there.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn replay(&self) -> anyhow::Result<(BTreeMap<String, Replayed>, Vec<(String, String)>)> {
+        let me = self.options.node_id;
+        let mut deleted = Vec::new();
+        let log = &self.metadata.log();
+        let log_start = log.log_start_offset();
+        let (mut state, mut next) = (MetadataState::new(me), log_start);
+        let (loaded, failures) = self.snapshotting.store.load_newest();
+        let mut reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        for failure in &failures {
+            tracing::warn!(error = %failure, "a metadata snapshot cannot be read; falling back to an older one or the log");
+        }
+        match loaded {
+            Some(l) if l.point.offset >= log_start => match MetadataState::decode(me, &l.payload) {
+                Ok(s) => {
+                    tracing::info!(
+                        index = l.point.index,
+                        offset = l.point.offset,
+                        topics = s.topics.len(),
+                        "loaded the metadata snapshot; replaying the log after it"
+                    );
+                    (state, next) = (s, l.point.offset);
+                    self.snapshotting.loaded(l.point);
+                }
+                Err(e) => reasons.push(format!("snapshot at index {}: {e}", l.point.index)),
+            },
+            Some(l) => reasons.push(format!(
+                "the newest snapshot ends at offset {}, before the log's start",
+                l.point.offset
+            )),
+            None => {}
+        }
+        if next == log_start && log_start > 0 {
+            anyhow::bail!(
+                "the controller's metadata log in {} starts at offset {log_start} (its prefix was deleted after a \
+                 snapshot) and no snapshot that reaches it can be read{}. Restore {} from a backup, or move this \
+                 broker's data directory aside and add the broker to the cluster again so it receives the \
+                 metadata from the controller",
+                log.dir().display(),
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", reasons.join("; "))
+                },
+                self.snapshotting.store.dir().display(),
+            );
+        }
+        for change in state.records() {
+            if matches!(
+                change,
+                metadata_record::Change::BrokerRegistered(_)
+                    | metadata_record::Change::BrokerDraining(_)
+                    | metadata_record::Change::BrokerRemoved(_)
+            ) {
+                self.apply_broker_change(change);
+            }
+        }
+        let end = self.metadata.high_watermark();
+        let mut replayed = 0;
+        while next < end {
+            let (changes, after) = records_in(log.read_up_to(next, 1 << 20, end)?)?;
+            replayed += changes.len() as u64;
+            for change in changes {
+                if let Some(gone) = state.apply(&change) {
+                    deleted.push(gone);
+                }
+                self.apply_broker_change(change);
+            }
+            match after {
+                Some(after) if after > next => next = after,
+                _ => break,
+            }
+        }
+        self.replayed_at_start.store(replayed, Ordering::Relaxed);
+        self.applied.send_replace(next);
+        let topics = state.topics.clone();
+        *self.snapshotting.lock_state() = state;
+        Ok((topics, deleted))
+    }
+
+    /// How many metadata records the start read from the log (after its snapshot).
+    pub fn replayed_at_start(&self) -> u64 {
+        self.replayed_at_start.load(Ordering::Relaxed)
+    }
+
     /// Counts `records` applied up to `point` and, when the policy says so, writes the state
     /// there and lets the log go below the previous snapshot. A failure is logged: the log
     /// is kept, so nothing is lost but start time.
