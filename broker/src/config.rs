@@ -38,6 +38,11 @@ pub struct ClusterSection {
     /// it, and this broker waits until `conveyor cluster add-node` adds it. Only read on the
     /// first start; afterwards the broker knows its cluster from its own data.
     pub join: bool,
+    /// A snapshot of the controller state is written every this many metadata records
+    /// applied, or this many bytes of metadata log, whichever comes first; a start replays
+    /// only the log after the newest one.
+    pub metadata_snapshot_records: u64,
+    pub metadata_snapshot_bytes: ByteSize,
 }
 
 impl Default for ClusterSection {
@@ -47,6 +52,8 @@ impl Default for ClusterSection {
             advertised_address: None,
             raft_queue_depth: 8192,
             join: false,
+            metadata_snapshot_records: crate::topics::DEFAULT_SNAPSHOT_EVERY_RECORDS,
+            metadata_snapshot_bytes: ByteSize(crate::topics::DEFAULT_SNAPSHOT_EVERY_BYTES),
         }
     }
 }

@@ -113,6 +113,9 @@ pub struct OpenContext {
     pub metrics: Arc<Metrics>,
     pub runtime: tokio::runtime::Handle,
     pub transport: Arc<Transport>,
+    /// The snapshots of the state machine replayed from this group's log, whose Raft
+    /// snapshots must carry that state (the controller group's); `None` for a partition.
+    pub state_snapshots: Option<Arc<dyn crate::replica::state_snapshot::StateSnapshots>>,
 }
 
 /// A follower's replication state, as its leader sees it.
@@ -223,7 +226,10 @@ pub(crate) fn open_replica(
     let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
     let fsyncs = ctx.metrics.fsync_latency.clone();
     log.observe_syncs(conveyor_storage::SyncObserver::new(move |took| fsyncs.observe(took)));
-    let raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
+    let mut raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
+    if let Some(state) = &ctx.state_snapshots {
+        raft.set_state_snapshots(Arc::clone(state));
+    }
     let new_group = raft.voters().is_empty();
     if new_group && !initial_voters.is_empty() {
         let conf = ConfState {
@@ -568,6 +574,24 @@ impl Partition {
             })
     }
 
+    /// Deletes the committed, applied entries below `offset`, where a state snapshot of
+    /// the group's state machine stands (see [`crate::replica::state_snapshot`]). Blocking.
+    pub fn compact_below(&self, offset: u64) -> Result<usize> {
+        self.files
+            .maintain(|files| {
+                if files.log.is_closed() {
+                    return Ok(0);
+                }
+                files.raft.compact_below(offset)
+            })
+            .map_err(|e| {
+                BrokerError::Internal(format!(
+                    "topic '{}' partition {}: compaction below a snapshot: {e}",
+                    self.topic, self.index
+                ))
+            })
+    }
+
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.
     pub async fn stop(&self) {
         self.transport.deregister(&self.key);
@@ -635,6 +659,7 @@ mod tests {
             metrics,
             runtime: tokio::runtime::Handle::current(),
             transport,
+            state_snapshots: None,
         };
         Partition::open(&ctx, "t", 0, dir, LogConfig::default(), &[1], 1).expect("open")
     }

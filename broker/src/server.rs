@@ -68,6 +68,8 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         queue_depth: config.limits.partition_queue_depth,
         max_partitions: config.limits.max_partitions_per_topic,
         join: config.cluster.join,
+        snapshot_every_records: config.cluster.metadata_snapshot_records,
+        snapshot_every_bytes: config.cluster.metadata_snapshot_bytes.0,
     };
     let runtime = tokio::runtime::Handle::current();
     let registry = {

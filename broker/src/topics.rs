@@ -10,12 +10,18 @@
 //! committed part of the log is replayed before anything is served; the rest is applied as
 //! it commits. State is never changed in any other way, so all brokers agree.
 //!
+//! The applier snapshots the state it applied every so many records (see [`state`]); a start
+//! loads the newest snapshot and replays only the log after it, and the log's prefix below
+//! the previous snapshot is deleted. A broker behind the controller's log start (a new one
+//! added to the cluster, or one far behind) receives the state itself in its Raft snapshot.
+//!
 //! # Thread-safety
 //! Lookups take a short read lock. Changes are serialised by the admin service on the
 //! controller; the blocking parts (opening logs, deleting directories) run off the reactor.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,6 +38,7 @@ use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::partition::{Acks, OpenContext, Partition};
 use crate::replica::departure::Undecided;
+use crate::replica::state_snapshot::{SnapshotPoint, SnapshotStore};
 use crate::topic_config::TopicDefaults;
 use crate::transport::{CONTROLLER_TOPIC, Transport};
 
@@ -42,7 +49,11 @@ pub(crate) use apply::describe_change;
 use dirs::{TopicDir, other_incarnation_reason, prepare_topic_dir, remove_topic_data, restore_quarantined};
 mod departures;
 mod leader_probe;
+mod state;
 mod unopened;
+
+use state::Snapshotting;
+pub use state::{DEFAULT_SNAPSHOT_EVERY_BYTES, DEFAULT_SNAPSHOT_EVERY_RECORDS};
 
 pub use unopened::Unopened;
 
@@ -51,6 +62,8 @@ const TRASH_DIR: &str = "trash";
 /// Where topic directories the local metadata log does not know are moved at start (never
 /// deleted: the log may lack their creation only because it lost its tail).
 const QUARANTINE_DIR: &str = "quarantine";
+/// Where the controller's state snapshots are kept, under the controller topic's directory.
+const SNAPSHOTS_DIR: &str = "snapshots";
 /// Marks which incarnation of a topic name a directory holds.
 const TOPIC_ID_FILE: &str = "topic-id";
 const MAX_TOPIC_NAME: usize = 249;
@@ -111,6 +124,10 @@ pub struct RegistryOptions {
     /// Started to join a running cluster: the controller group is not bootstrapped here but
     /// learned from its leader once `conveyor cluster add-node` adds this broker.
     pub join: bool,
+    /// A snapshot of the controller state every this many metadata records applied, or
+    /// this many bytes of metadata log, whichever comes first.
+    pub snapshot_every_records: u64,
+    pub snapshot_every_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -134,10 +151,14 @@ pub struct Registry {
     /// Asks of their groups' leaders about undecided replicas still listed by their own
     /// configuration.
     leader_probes: Arc<leader_probe::LeaderProbes>,
+    /// The controller state as applied, and its snapshots.
+    snapshotting: Snapshotting,
+    /// Metadata records read from the log at start (after the snapshot loaded, if any).
+    replayed_at_start: AtomicU64,
 }
 
 /// A topic as the committed metadata log describes it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Replayed {
     created: TopicCreated,
     /// Replicas of each partition after every reassignment.
@@ -261,14 +282,18 @@ struct Located {
 }
 
 /// The metadata records in `bytes` (control batches, such as Raft no-ops, carry none), and
-/// the offset after the last batch.
-fn located_records_in(bytes: Bytes) -> anyhow::Result<(Vec<Located>, Option<u64>)> {
+/// where the last batch ends: its Raft entry and the offset after it.
+fn located_records_in(bytes: Bytes) -> anyhow::Result<(Vec<Located>, Option<SnapshotPoint>)> {
     let mut changes = Vec::new();
     let mut next = None;
     for batch in BatchIter::new(bytes) {
         let batch = batch?;
         let (base, after) = (batch.header().base_offset, batch.header().next_offset());
-        next = Some(after);
+        next = Some(SnapshotPoint {
+            index: batch.header().raft_index,
+            term: batch.header().leader_epoch,
+            offset: after,
+        });
         if batch.header().is_control() {
             continue;
         }
@@ -289,7 +314,7 @@ fn located_records_in(bytes: Bytes) -> anyhow::Result<(Vec<Located>, Option<u64>
 /// As [`located_records_in`], the records alone.
 fn records_in(bytes: Bytes) -> anyhow::Result<(Vec<metadata_record::Change>, Option<u64>)> {
     let (located, next) = located_records_in(bytes)?;
-    Ok((located.into_iter().map(|l| l.change).collect(), next))
+    Ok((located.into_iter().map(|l| l.change).collect(), next.map(|p| p.offset)))
 }
 
 impl Registry {
@@ -307,6 +332,7 @@ impl Registry {
             metrics: Arc::clone(&metrics),
             runtime: runtime.clone(),
             transport: Arc::clone(&transport),
+            state_snapshots: None,
         };
         let meta_dir = options.data_dir.join(CONTROLLER_TOPIC).join("0");
         let joined = meta_dir.join(JOINED_FILE);
@@ -320,7 +346,28 @@ impl Registry {
             tracing::info!("joining a running cluster: waiting for `conveyor cluster add-node` to add this broker");
         }
         let preferred = transport.broker_ids().first().copied().unwrap_or(options.node_id);
-        let metadata = Partition::open(&ctx, CONTROLLER_TOPIC, 0, &meta_dir, metadata_config(), &[], preferred)?;
+        let store = Arc::new(SnapshotStore::new(
+            options.data_dir.join(CONTROLLER_TOPIC).join(SNAPSHOTS_DIR),
+        ));
+        let meta_ctx = OpenContext {
+            state_snapshots: Some(Arc::clone(&store) as _),
+            ..ctx
+        };
+        let metadata = Partition::open(
+            &meta_ctx,
+            CONTROLLER_TOPIC,
+            0,
+            &meta_dir,
+            metadata_config(),
+            &[],
+            preferred,
+        )?;
+        let snapshotting = Snapshotting::new(
+            store,
+            options.node_id,
+            options.snapshot_every_records,
+            options.snapshot_every_bytes,
+        );
         let (applied, _) = watch::channel(metadata.log().log_start_offset());
         let registry = Registry {
             options,
@@ -334,6 +381,8 @@ impl Registry {
             draining: RwLock::new(BTreeSet::new()),
             undecided: Undecided::default(),
             leader_probes: Arc::default(),
+            snapshotting,
+            replayed_at_start: AtomicU64::new(0),
         };
         let (committed, deleted) = registry.replay()?;
         for (name, id) in &deleted {
@@ -364,61 +413,14 @@ impl Registry {
         Ok(registry)
     }
 
-    /// The committed topics, as the metadata log describes them, and the incarnations
-    /// (name, id) it deleted; broker changes are applied on the way.
-    #[allow(clippy::type_complexity)]
-    fn replay(&self) -> anyhow::Result<(BTreeMap<String, Replayed>, Vec<(String, String)>)> {
-        let me = self.options.node_id;
-        let mut topics = BTreeMap::new();
-        let mut deleted = Vec::new();
-        let log = &self.metadata.log();
-        let mut next = log.log_start_offset();
-        let end = self.metadata.high_watermark();
-        while next < end {
-            let (changes, after) = records_in(log.read_up_to(next, 1 << 20, end)?)?;
-            for change in changes {
-                match change {
-                    metadata_record::Change::TopicCreated(t) => {
-                        let current = created_assignments(&t, me);
-                        topics.entry(t.name.clone()).or_insert(Replayed { created: t, current });
-                    }
-                    metadata_record::Change::TopicDeleted(d) => {
-                        if topics.get(&d.name).is_some_and(|t| t.created.topic_id == d.topic_id) {
-                            topics.remove(&d.name);
-                        }
-                        deleted.push((d.name, d.topic_id));
-                    }
-                    metadata_record::Change::TopicConfigChanged(c) => {
-                        if let Some(t) = topics.get_mut(&c.name) {
-                            t.created.configs = c.configs;
-                        }
-                    }
-                    metadata_record::Change::PartitionReassigned(r) => {
-                        if let Some(t) = topics.get_mut(&r.topic)
-                            && t.created.topic_id == r.topic_id
-                            && let Some(slot) = usize::try_from(r.partition).ok().and_then(|p| t.current.get_mut(p))
-                        {
-                            *slot = r.replicas;
-                        }
-                    }
-                    broker => self.apply_broker_change(broker),
-                }
-            }
-            match after {
-                Some(after) if after > next => next = after,
-                _ => break,
-            }
-        }
-        self.applied.send_replace(next);
-        Ok((topics, deleted))
-    }
-
     /// Topics (name, id) created in the part of the metadata log that is not known to be
     /// committed yet: their data must stay until the log says what became of them.
     fn created_after_commit(&self) -> anyhow::Result<Vec<(String, String)>> {
         let log = &self.metadata.log();
         let mut names = Vec::new();
-        let mut next = self.metadata.high_watermark();
+        // A snapshot loaded at start may stand past the stored commit (stored lazily): what
+        // it holds was committed.
+        let mut next = self.metadata.high_watermark().max(self.applied_offset());
         while next < log.log_end_offset() {
             let (changes, after) = records_in(log.read(next, 1 << 20)?)?;
             for change in changes {
@@ -475,6 +477,7 @@ impl Registry {
             metrics: Arc::clone(&self.metrics),
             runtime: self.runtime.clone(),
             transport: Arc::clone(&self.transport),
+            state_snapshots: None,
         }
     }
 

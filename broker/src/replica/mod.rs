@@ -18,6 +18,9 @@
 //!   leader, and meanwhile votes only for logs that hold what it promised.
 //! - [`departure`]: when a replica's data may be deleted.
 //! - [`stalled_snapshots`]: a leader resumes followers whose snapshot was lost unreported.
+//! - [`state_snapshot`]: snapshots of a state machine replayed from a group's log (the
+//!   controller's metadata), which a start loads instead of replaying the whole log and a
+//!   follower behind the log start receives from its leader.
 //!
 //! The partition's handle (`crate::partition`) opens replicas and sends the owner requests;
 //! the transport (`crate::transport`) carries messages between brokers.
@@ -39,5 +42,6 @@ pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;
 pub mod stalled_snapshots;
+pub mod state_snapshot;
 pub mod supervisor;
 pub mod tick;

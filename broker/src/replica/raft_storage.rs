@@ -29,6 +29,7 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use super::entry::{self, EntryError};
 use super::raft_state::{Promise, RaftStateFile, StateError};
+use super::state_snapshot::{SnapshotPoint, StateSnapshots};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -41,6 +42,8 @@ pub enum ReplicaError {
     State(#[from] StateError),
     #[error("raft log at {dir}: {reason}")]
     Inconsistent { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Snapshot(#[from] super::state_snapshot::SnapshotError),
 }
 
 /// Entries kept in memory after appending, at most.
@@ -100,6 +103,10 @@ pub struct RaftLog {
     log: Arc<PartitionLog>,
     dir: PathBuf,
     inner: Arc<RwLock<Inner>>,
+    /// The snapshots of the state machine replayed from this log, for a group whose
+    /// snapshot must carry that state (the controller's); `None` for a partition, whose
+    /// snapshot says only where the log starts.
+    state: Option<Arc<dyn StateSnapshots>>,
 }
 
 impl RaftLog {
@@ -170,7 +177,15 @@ impl RaftLog {
                 retired: false,
                 persisted: last,
             })),
+            state: None,
         })
+    }
+
+    /// Makes this group's snapshots carry its state machine's state: one sent to a follower
+    /// holds the state stored at the snapshot point, and one received is stored before the
+    /// log is reset. Set before the Raft node takes its clone.
+    pub fn set_state_snapshots(&mut self, state: Arc<dyn StateSnapshots>) {
+        self.state = Some(state);
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -380,6 +395,13 @@ impl RaftLog {
         let Some(cutoff) = self.log.retention_cutoff(now_ms) else {
             return Ok(0);
         };
+        self.compact_below(cutoff)
+    }
+
+    /// Compacts the committed, applied entries whose batches start below `cutoff` (for the
+    /// controller: the offset of a stored state snapshot) and deletes the segments wholly
+    /// below the new start. Returns the number of entries compacted.
+    pub fn compact_below(&self, cutoff: u64) -> Result<usize, ReplicaError> {
         let mut inner = self.write();
         let committed = inner.state.hard_state.commit.min(inner.applied);
         let removable = inner
@@ -412,6 +434,21 @@ impl RaftLog {
             dir: self.dir.clone(),
             reason: "snapshot without a log start offset".into(),
         })?;
+        if let Some(state) = &self.state {
+            // Stored before the log is reset: the state is all a restart would have of what
+            // the records below the snapshot point did.
+            let payload = snapshot.data.get(8..).filter(|p| !p.is_empty());
+            let payload = payload.ok_or_else(|| ReplicaError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!("the snapshot at index {} carries no state", meta.index),
+            })?;
+            let point = SnapshotPoint {
+                index: meta.index,
+                term: meta.term,
+                offset,
+            };
+            state.install(point, payload)?;
+        }
         let mut inner = self.write();
         inner.state.snapshot_index = meta.index;
         inner.state.snapshot_term = meta.term;
@@ -472,7 +509,8 @@ fn lost_acknowledged_entries(log: &PartitionLog, state: &RaftStateFile, last: u6
     damaged.max(past_commit)
 }
 
-/// The log start offset a snapshot carries.
+/// The log start offset a snapshot carries (its first 8 bytes; a state machine's state, if
+/// any, follows).
 pub fn snapshot_offset(snapshot: &Snapshot) -> Option<u64> {
     let data: [u8; 8] = snapshot.data.get(..8)?.try_into().ok()?;
     Some(u64::from_le_bytes(data))
@@ -584,7 +622,16 @@ impl Storage for RaftLog {
         }
         let mut snapshot = Snapshot::default();
         let start = inner.entries.front().map_or(self.log.log_end_offset(), |e| e.0);
-        snapshot.data = bytes::Bytes::copy_from_slice(&start.to_le_bytes());
+        let mut data = start.to_le_bytes().to_vec();
+        if let Some(state) = &self.state {
+            // A follower this far behind cannot replay the records it lacks: it gets the
+            // state at the snapshot point.
+            let Some(payload) = state.state_at(inner.state.snapshot_index) else {
+                return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            };
+            data.extend_from_slice(&payload);
+        }
+        snapshot.data = bytes::Bytes::from(data);
         let meta = snapshot.mut_metadata();
         meta.index = inner.state.snapshot_index;
         meta.term = inner.state.snapshot_term;

@@ -58,7 +58,14 @@ impl Registry {
         loop {
             let end = *hw.borrow_and_update();
             let from = *self.applied.borrow();
-            if from < end {
+            if from < end && from < self.metadata.log().log_start_offset() {
+                // The log was reset past what this broker applied: it received the
+                // controller's state in a Raft snapshot (it was behind the log start).
+                if let Some(point) = self.install_stored_snapshot(from).await {
+                    self.applied.send_replace(point);
+                    continue;
+                }
+            } else if from < end {
                 let log = self.metadata.log();
                 let read = tokio::task::spawn_blocking(move || log.read_up_to(from, 1 << 20, end)).await;
                 let parsed = match read {
@@ -68,9 +75,11 @@ impl Registry {
                 };
                 match parsed {
                     Ok((changes, after)) => {
+                        let count = changes.len() as u64;
                         if self.apply_in_order(changes).await {
                             if let Some(after) = after {
-                                self.applied.send_replace(after.max(from));
+                                self.applied.send_replace(after.offset.max(from));
+                                self.maybe_snapshot(after, count).await;
                             }
                             self.decide_kept_replicas().await;
                             continue;
@@ -104,8 +113,10 @@ impl Registry {
     async fn apply_in_order(self: &Arc<Self>, changes: Vec<Located>) -> bool {
         for located in changes {
             let what = describe_change(&located.change);
+            let change = located.change.clone();
             match self.apply(located.change).await {
                 Ok(()) => {
+                    self.snapshotting.lock_state().apply(&change);
                     self.applied.send_replace(located.next);
                     if self.apply_failure.borrow().is_some() {
                         tracing::info!(offset = located.base, change = %what, "metadata record applied after earlier failures");
@@ -133,6 +144,27 @@ impl Registry {
         true
     }
 
+    /// Loads the newest stored snapshot and applies it, if it stands past `from`; returns
+    /// the offset to go on from. `None` (logged) is retried by the loop.
+    async fn install_stored_snapshot(self: &Arc<Self>, from: u64) -> Option<u64> {
+        let store = Arc::clone(&self.snapshotting.store);
+        let loaded = tokio::task::spawn_blocking(move || store.load_newest()).await;
+        let loaded = match loaded {
+            Ok((Some(loaded), _)) if loaded.point.offset > from => loaded,
+            Ok((_, failures)) => {
+                let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
+                tracing::error!(offset = from, failures = ?reasons, "the metadata log starts past what this broker applied and no snapshot covers the gap; retrying");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the metadata snapshot");
+                return None;
+            }
+        };
+        let offset = loaded.point.offset;
+        self.install_received_snapshot(loaded).await.then_some(offset)
+    }
+
     /// The metadata record this broker cannot apply (it keeps trying), if any.
     pub fn apply_failure(&self) -> Option<ApplyFailure> {
         self.apply_failure.borrow().clone()
@@ -146,7 +178,7 @@ impl Registry {
     /// Applies one record. Applying is idempotent, so a record that failed half-way is applied
     /// again from the start: a topic opens only once it opened whole, a deleted topic's data
     /// is removed by its incarnation's id, a reassigned replica opens only if it is not open.
-    async fn apply(self: &Arc<Self>, change: metadata_record::Change) -> Result<()> {
+    pub(super) async fn apply(self: &Arc<Self>, change: metadata_record::Change) -> Result<()> {
         match change {
             metadata_record::Change::TopicCreated(t) => {
                 if self.get(&t.name).is_ok() {

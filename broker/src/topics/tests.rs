@@ -39,6 +39,15 @@ fn topic_names_follow_kafka_rules() {
 
 /// A single-node registry over `data_dir`.
 fn open_registry(data_dir: &Path) -> Arc<Registry> {
+    open_registry_snapshotting(data_dir, DEFAULT_SNAPSHOT_EVERY_RECORDS)
+}
+
+/// A single-node registry over `data_dir` that snapshots every `every` records.
+fn open_registry_snapshotting(data_dir: &Path, every: u64) -> Arc<Registry> {
+    Arc::new(try_open_registry(data_dir, every).expect("registry"))
+}
+
+fn try_open_registry(data_dir: &Path, every: u64) -> anyhow::Result<Registry> {
     let metrics = Arc::new(Metrics::default());
     let transport =
         Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
@@ -49,8 +58,10 @@ fn open_registry(data_dir: &Path) -> Arc<Registry> {
         queue_depth: 16,
         max_partitions: 16,
         join: false,
+        snapshot_every_records: every,
+        snapshot_every_bytes: DEFAULT_SNAPSHOT_EVERY_BYTES,
     };
-    Arc::new(Registry::open(options, metrics, tokio::runtime::Handle::current(), transport).expect("registry"))
+    Registry::open(options, metrics, tokio::runtime::Handle::current(), transport)
 }
 
 fn creation(name: &str, id: &str) -> TopicCreated {
@@ -196,4 +207,121 @@ fn preparing_a_directory_that_holds_another_incarnation_of_the_name_leaves_its_d
     assert!(topic.join("0").join("raft-state").exists());
     remove_topic_data(dir.path(), "a", "id2").expect("removed");
     assert!(!topic.exists());
+}
+
+/// A registry with its applier running, and how to stop both.
+struct Running {
+    registry: Arc<Registry>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    applier: tokio::task::JoinHandle<()>,
+}
+
+fn run(registry: Arc<Registry>) -> Running {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let applier = tokio::spawn(Arc::clone(&registry).run_applier(async move {
+        drop(stopped.await);
+    }));
+    Running {
+        registry,
+        stop,
+        applier,
+    }
+}
+
+impl Running {
+    async fn shut_down(self) {
+        let _ = self.stop.send(());
+        self.applier.await.expect("applier");
+        let partitions = self.registry.all_partitions();
+        for p in &partitions {
+            p.stop().await;
+        }
+        tokio::task::spawn_blocking(move || partitions.iter().for_each(|p| p.close().expect("close")))
+            .await
+            .expect("join");
+    }
+}
+
+/// Creates `count` topics and deletes all but every third: `count + 2 * count / 3` records.
+async fn churn(registry: &Registry, count: usize) -> Vec<String> {
+    registry.controller().await.expect("a controller");
+    let mut kept = Vec::new();
+    for i in 0..count {
+        let name = format!("t{i:03}");
+        registry
+            .create_topic(&name, 1, 1, BTreeMap::new())
+            .await
+            .expect("create");
+        if i % 3 == 0 {
+            kept.push(name);
+        } else {
+            registry.delete_topic(&name).await.expect("delete");
+        }
+    }
+    kept
+}
+
+fn names(registry: &Registry) -> Vec<String> {
+    registry.list().iter().map(|t| t.name.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_loads_the_newest_snapshot_and_replays_only_the_log_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = run(open_registry_snapshotting(dir.path(), 10));
+    let kept = churn(&running.registry, 30).await;
+    running.shut_down().await;
+
+    let reopened = open_registry_snapshotting(dir.path(), 10);
+    assert_eq!(names(&reopened), kept, "every topic is back");
+    let replayed = reopened.replayed_at_start();
+    assert!(
+        replayed <= 10,
+        "the start read {replayed} metadata records from the log; after a snapshot every 10 records it needs at most 10"
+    );
+    let topic = reopened.get("t003").expect("topic");
+    assert!(topic.local.contains_key(&0), "its replica is open again");
+    run(reopened).shut_down().await;
+
+    // The newest snapshot damaged: the older one is loaded, and the log after it replayed.
+    let snapshots = dir.path().join(CONTROLLER_TOPIC).join(SNAPSHOTS_DIR);
+    let damage = |path: &Path| {
+        let mut bytes = std::fs::read(path).expect("read");
+        bytes[10] ^= 0xff;
+        std::fs::write(path, bytes).expect("damage");
+    };
+    let stored = |dir: &Path| -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .expect("snapshots")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+            .collect();
+        files.sort();
+        files
+    };
+    let files = stored(&snapshots);
+    assert_eq!(files.len(), 2, "the newest two are kept: {files:?}");
+    damage(&files[1]);
+    let fallen_back = open_registry_snapshotting(dir.path(), 10);
+    assert_eq!(names(&fallen_back), kept);
+    let replayed = fallen_back.replayed_at_start();
+    assert!(
+        (1..=20).contains(&replayed),
+        "from the older snapshot the start replays the records after it: {replayed}"
+    );
+    run(fallen_back).shut_down().await;
+
+    // None readable, and the log's prefix is gone: the start fails and says what to do.
+    for file in stored(&snapshots) {
+        damage(&file);
+    }
+    let Err(e) = try_open_registry(dir.path(), 10) else {
+        panic!("a start without a usable snapshot or the whole log succeeded")
+    };
+    let message = e.to_string();
+    assert!(
+        message.contains("no snapshot that reaches it can be read")
+            && message.contains("add the broker to the cluster again"),
+        "{message}"
+    );
 }

@@ -1,0 +1,395 @@
+//! Snapshots of a state machine replayed from a Raft group's log: the controller's metadata
+//! now, the group, share and transaction coordinators later. A snapshot is the state's bytes
+//! at an applied point of the log; a start loads the newest readable one and replays only
+//! the log after it, and the log's prefix below the snapshot point may then be deleted.
+//!
+//! The bytes are the state machine's business ([`StateMachine`]); this module stores them
+//! (one file per snapshot, named by Raft index, with a CRC) and hands them to Raft, which
+//! sends them to a follower that is behind the leader's log start (see
+//! [`super::raft_storage::RaftLog::set_state_snapshots`]): such a follower cannot replay the
+//! records it lacks, so it receives the state itself.
+//!
+//! # Crash behaviour
+//! A snapshot is written to a temporary file, fsynced, renamed into place and the directory
+//! fsynced: a crash leaves the whole file or none. The newest [`KEEP`] snapshots are kept,
+//! and the owner lets the log go only below the oldest kept one, so a damaged newest file
+//! still leaves a readable one whose tail is in the log.
+//!
+//! # Thread-safety
+//! Every method is blocking file I/O: call off the reactor. Writers are serialised by the
+//! state machine's owner; readers (Raft sending a snapshot) only read whole files.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+/// How many snapshots are kept on disk.
+pub const KEEP: usize = 2;
+const MAGIC: &[u8; 8] = b"CVSNAP01";
+const SUFFIX: &str = ".snap";
+/// Magic, offset, index, term, payload length.
+const HEADER: usize = 8 + 8 * 4;
+
+/// A state machine whose state can be written at an applied point and loaded back.
+pub trait StateMachine: Sized {
+    fn encode_state(&self) -> Vec<u8>;
+    fn decode_state(bytes: &[u8]) -> Result<Self, String>;
+}
+
+/// Where a snapshot sits in its group's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnapshotPoint {
+    /// The Raft index and term of the last entry the state includes.
+    pub index: u64,
+    pub term: u64,
+    /// The log offset after that entry's batch: where replay resumes.
+    pub offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("snapshot {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+}
+
+/// A snapshot read back whole and verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub point: SnapshotPoint,
+    pub payload: Bytes,
+}
+
+/// The snapshots of one state machine, in their own directory.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |e| SnapshotError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl SnapshotStore {
+    pub fn new(dir: impl Into<PathBuf>) -> SnapshotStore {
+        SnapshotStore { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes the state at `point` durably (temp file, fsync, rename, directory fsync) and
+    /// removes all but the newest [`KEEP`] snapshots. Blocking.
+    pub fn write(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError> {
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let mut bytes = Vec::with_capacity(HEADER + payload.len() + 4);
+        bytes.extend_from_slice(MAGIC);
+        for n in [point.offset, point.index, point.term, payload.len() as u64] {
+            bytes.extend_from_slice(&n.to_le_bytes());
+        }
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+        let name = file_name(point.index);
+        conveyor_storage::replace_file_durably(&self.dir, &name, &bytes).map_err(|e| SnapshotError::Io {
+            path: self.dir.join(&name),
+            reason: e.to_string(),
+        })?;
+        let indexes = self.indexes()?;
+        for &old in indexes.iter().rev().skip(KEEP) {
+            let path = self.dir.join(file_name(old));
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// The Raft indexes of the stored snapshots, oldest first. Blocking.
+    pub fn indexes(&self) -> Result<Vec<u64>, SnapshotError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&self.dir)(e)),
+        };
+        let mut indexes = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(io(&self.dir))?.file_name();
+            if let Some(index) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(SUFFIX))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                indexes.push(index);
+            }
+        }
+        indexes.sort_unstable();
+        Ok(indexes)
+    }
+
+    /// Reads and verifies the snapshot at Raft index `index`. Blocking.
+    pub fn load(&self, index: u64) -> Result<Loaded, SnapshotError> {
+        let path = self.dir.join(file_name(index));
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let damaged = |reason: String| SnapshotError::Damaged {
+            path: path.clone(),
+            reason,
+        };
+        if bytes.len() < HEADER + 4 || &bytes[..8] != MAGIC {
+            return Err(damaged("not a snapshot file (bad header)".into()));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        if crc32fast::hash(body) != stored {
+            return Err(damaged("its checksum does not match".into()));
+        }
+        let field = |i: usize| {
+            let at = 8 + 8 * i;
+            u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or_default())
+        };
+        let point = SnapshotPoint {
+            offset: field(0),
+            index: field(1),
+            term: field(2),
+        };
+        if field(3) != (body.len() - HEADER) as u64 || point.index != index {
+            return Err(damaged("its length or index does not match its name".into()));
+        }
+        Ok(Loaded {
+            point,
+            payload: Bytes::copy_from_slice(&body[HEADER..]),
+        })
+    }
+
+    /// The newest snapshot that reads back whole, with the failures met on the way (newest
+    /// first), for the caller to report. A damaged file is renamed `*.damaged` (kept for a
+    /// person to look at): left in place it would count as one of the [`KEEP`] newest and
+    /// push out a good one. Blocking.
+    pub fn load_newest(&self) -> (Option<Loaded>, Vec<SnapshotError>) {
+        let mut failures = Vec::new();
+        let indexes = match self.indexes() {
+            Ok(indexes) => indexes,
+            Err(e) => return (None, vec![e]),
+        };
+        for index in indexes.into_iter().rev() {
+            match self.load(index) {
+                Ok(loaded) => return (Some(loaded), failures),
+                Err(e) => {
+                    if let SnapshotError::Damaged { path, .. } = &e {
+                        let aside = path.with_extension("damaged");
+                        if let Err(e) = std::fs::rename(path, &aside) {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot set a damaged snapshot aside");
+                        }
+                    }
+                    failures.push(e);
+                }
+            }
+        }
+        (None, failures)
+    }
+}
+
+fn file_name(index: u64) -> String {
+    format!("{index:020}{SUFFIX}")
+}
+
+/// What a Raft log needs from a state machine's snapshots: the state to send a follower
+/// behind the log start, and a place to store one received from the leader.
+pub trait StateSnapshots: std::fmt::Debug + Send + Sync {
+    /// The state as of Raft index `index`, if a snapshot there is stored. Blocking.
+    fn state_at(&self, index: u64) -> Option<Bytes>;
+    /// Stores a leader's state durably, before the log is reset past it. Blocking.
+    fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError>;
+}
+
+impl StateSnapshots for SnapshotStore {
+    fn state_at(&self, index: u64) -> Option<Bytes> {
+        match self.load(index) {
+            Ok(loaded) => Some(loaded.payload),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot send a state snapshot to a follower");
+                None
+            }
+        }
+    }
+
+    fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError> {
+        self.write(point, payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use conveyor_storage::batch::{BatchBuilder, Compression, Record};
+    use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+    use raft::eraftpb::{Entry, HardState};
+    use raft::{Storage, StorageError};
+
+    use super::*;
+    use crate::replica::entry::Origin;
+    use crate::replica::raft_storage::{RaftLog, ReplicaError, snapshot_offset};
+
+    fn point(index: u64) -> SnapshotPoint {
+        SnapshotPoint {
+            index,
+            term: 3,
+            offset: index * 10,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_as_written_and_only_the_newest_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SnapshotStore::new(dir.path().join("snapshots"));
+        assert_eq!(store.load_newest().0, None, "no snapshot yet");
+        for index in [5, 9, 12] {
+            store
+                .write(point(index), format!("state-{index}").as_bytes())
+                .expect("write");
+        }
+        assert_eq!(store.indexes().expect("list"), vec![9, 12]);
+        let (newest, failures) = store.load_newest();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(
+            newest,
+            Some(Loaded {
+                point: point(12),
+                payload: Bytes::from_static(b"state-12")
+            })
+        );
+        assert_eq!(store.state_at(9), Some(Bytes::from_static(b"state-9")));
+        assert_eq!(store.state_at(5), None, "removed");
+        let leftovers: Vec<_> = std::fs::read_dir(store.dir())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_damaged_newest_snapshot_falls_back_to_the_older_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SnapshotStore::new(dir.path());
+        store.write(point(4), b"older").expect("write");
+        store.write(point(8), b"newer").expect("write");
+        let newest = dir.path().join(file_name(8));
+        let mut bytes = std::fs::read(&newest).expect("read");
+        let last = bytes.len() - 6;
+        bytes[last] ^= 0xff;
+        std::fs::write(&newest, &bytes).expect("damage");
+        let (loaded, failures) = store.load_newest();
+        assert_eq!(loaded.expect("older one").payload, Bytes::from_static(b"older"));
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].to_string().contains("checksum"), "{}", failures[0]);
+        assert_eq!(store.indexes().expect("list"), vec![4], "the damaged one is set aside");
+        assert!(dir.path().join(file_name(8)).with_extension("damaged").exists());
+
+        std::fs::write(dir.path().join(file_name(4)), b"short").expect("damage");
+        let (loaded, failures) = store.load_newest();
+        assert!(loaded.is_none());
+        assert_eq!(failures.len(), 1);
+    }
+
+    fn raft_log(dir: &Path, store: Option<Arc<SnapshotStore>>) -> RaftLog {
+        let config = LogConfig {
+            segment_bytes: 1024,
+            max_batch_bytes: 512,
+            flush: FlushPolicy::Always,
+            retention_ms: None,
+            ..LogConfig::default()
+        };
+        let log = Arc::new(PartitionLog::open(dir.join("log"), config).expect("log"));
+        let mut raft = RaftLog::open(log).expect("raft log");
+        if let Some(store) = store {
+            raft.set_state_snapshots(store);
+        }
+        raft
+    }
+
+    fn entry(index: u64) -> Entry {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(&Record {
+            timestamp: 1,
+            value: Some(Bytes::from(format!("record-{index}-{}", "x".repeat(100)))),
+            ..Record::default()
+        });
+        Entry {
+            index,
+            term: 2,
+            data: b.build().expect("batch"),
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn a_group_with_state_sends_it_in_its_raft_snapshot_and_a_follower_stores_it_before_its_log_resets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let leader_store = Arc::new(SnapshotStore::new(dir.path().join("leader-snapshots")));
+        let leader = raft_log(&dir.path().join("leader"), Some(Arc::clone(&leader_store)));
+        let entries: Vec<Entry> = (1..=30).map(entry).collect();
+        leader.append(&entries, Origin::Peer).expect("append");
+        leader.persist().expect("persist");
+        let hs = HardState {
+            term: 2,
+            commit: 30,
+            ..HardState::default()
+        };
+        leader.set_hard_state(&hs).expect("commit");
+        leader.evict_cache_to(30);
+        let point = SnapshotPoint {
+            index: 20,
+            term: 2,
+            offset: leader.offset_after(20),
+        };
+        leader_store.write(point, b"the state at 20").expect("write");
+        assert_eq!(leader.compact_below(point.offset).expect("compact"), 20);
+        assert!(
+            leader.partition_log().log_start_offset() > 0,
+            "segments wholly below the snapshot are deleted"
+        );
+
+        let snapshot = leader.snapshot(5, 2).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, 20);
+        assert_eq!(snapshot_offset(&snapshot), Some(point.offset));
+        assert_eq!(&snapshot.data[8..], b"the state at 20");
+
+        let follower_store = Arc::new(SnapshotStore::new(dir.path().join("follower-snapshots")));
+        let follower = raft_log(&dir.path().join("follower"), Some(Arc::clone(&follower_store)));
+        follower.apply_snapshot(&snapshot).expect("apply");
+        assert_eq!(
+            follower_store.load(20).expect("stored"),
+            Loaded {
+                point,
+                payload: Bytes::from_static(b"the state at 20")
+            }
+        );
+        assert_eq!(follower.partition_log().log_start_offset(), point.offset);
+
+        // A follower whose group carries state refuses a snapshot without it, before it
+        // resets anything.
+        let mut bare = snapshot.clone();
+        bare.data = snapshot.data.slice(..8);
+        let other = raft_log(
+            &dir.path().join("other"),
+            Some(Arc::new(SnapshotStore::new(dir.path().join("o")))),
+        );
+        other.append(&entries[..3], Origin::Peer).expect("append");
+        assert!(matches!(
+            other.apply_snapshot(&bare),
+            Err(ReplicaError::Inconsistent { .. })
+        ));
+        assert_eq!(other.last_entry().index, 3, "the log is left as it was");
+
+        // Without its stored state the leader has no snapshot to send yet.
+        std::fs::remove_file(leader_store.dir().join(file_name(20))).expect("remove");
+        assert!(matches!(
+            leader.snapshot(5, 2),
+            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        ));
+    }
+}
