@@ -163,6 +163,9 @@ pub enum MemberChange {
 #[derive(Debug)]
 pub(crate) enum Control {
     TransferLeader(u64),
+    /// Hand leadership to an in-sync voter, for a controlled shutdown; answers with the
+    /// voter chosen, or `None` when this replica does not lead or no voter is in sync.
+    HandOver(oneshot::Sender<Option<u32>>),
     SetPreferred(u64),
     Membership(MemberChange, oneshot::Sender<Result<()>>),
 }
@@ -464,6 +467,15 @@ impl Partition {
             .send(Control::TransferLeader(u64::from(to)))
             .await
             .map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Asks this replica, if it leads, to hand leadership to an in-sync voter; returns the
+    /// voter it chose, `None` when there is none (or it does not lead). Returns once the
+    /// transfer started; watch [`watch_status`](Self::watch_status) to see it finish.
+    pub async fn hand_over_leadership(&self) -> Option<u32> {
+        let (reply, rx) = oneshot::channel();
+        self.control.send(Control::HandOver(reply)).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Makes `id` the replica that should lead (after a reassignment).

@@ -352,6 +352,8 @@ impl Replica for PartitionReplica {
                         self.restart.preferred = u32::try_from(id).unwrap_or(self.restart.preferred);
                     }
                     Control::TransferLeader(_) => {}
+                    // A stopped replica leads nothing.
+                    Control::HandOver(reply) => drop(reply.send(None)),
                     Control::Membership(_, reply) => drop(reply.send(Err(self.error(&reason)))),
                 },
                 () = tokio::time::sleep_until(until) => return true,
