@@ -79,7 +79,9 @@ pub async fn drain_leadership(registry: &Registry, transport: &Transport, timeou
     let still = remaining.iter().filter(|p| p.is_leader()).count();
     let elapsed = started.elapsed().as_millis();
     if still == 0 {
-        tracing::info!("controlled shutdown: drained in {elapsed} ms ({no_successor} partitions had no in-sync replica)");
+        tracing::info!(
+            "controlled shutdown: drained in {elapsed} ms ({no_successor} partitions had no in-sync replica)"
+        );
     } else {
         tracing::warn!("controlled shutdown: timed out after {elapsed} ms with {still} partitions still led here");
     }
