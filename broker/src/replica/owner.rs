@@ -746,4 +746,66 @@ mod tests {
         assert!(matches!(error, BrokerError::ReplicaStopped { .. }), "{error}");
         assert!(error.detail().retriable);
     }
+
+    /// A follower of a three-voter group, with its log on `dir`, as the broker configures it.
+    fn follower(dir: &std::path::Path) -> RawNode<RaftLog> {
+        let log = Arc::new(PartitionLog::open(dir, LogConfig::default()).expect("log"));
+        let raft = RaftLog::open(log).expect("raft log");
+        let conf = raft::eraftpb::ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        raft.set_conf_state(&conf).expect("conf state");
+        let config = raft::Config {
+            id: 1,
+            election_tick: crate::partition::ELECTION_TICKS,
+            heartbeat_tick: crate::partition::HEARTBEAT_TICKS,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        RawNode::new(&config, raft, &logger).expect("node")
+    }
+
+    #[test]
+    fn a_follower_of_a_draining_broker_never_campaigns_but_its_leader_lease_still_expires() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = follower(dir.path());
+        for _ in 0..10 * crate::partition::ELECTION_TICKS {
+            hold_off_campaign(&mut node);
+            node.tick();
+            assert_eq!(node.raft.state, StateRole::Follower, "campaigned while draining");
+        }
+        assert!(
+            node.raft.election_elapsed >= node.raft.election_timeout(),
+            "a follower that hears nothing must leave its leader lease, so that it votes: {}",
+            node.raft.election_elapsed
+        );
+        // Without the hold the same follower campaigns within the longest timeout.
+        let other = tempfile::tempdir().expect("tempdir");
+        let mut node = follower(other.path());
+        let campaigned = (0..2 * crate::partition::ELECTION_TICKS).any(|_| {
+            node.tick();
+            node.raft.state != StateRole::Follower
+        });
+        assert!(campaigned);
+    }
+
+    #[test]
+    fn a_draining_replica_drops_a_leaders_hand_over_and_does_not_campaign() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = follower(dir.path());
+        let log = node.store().clone();
+        let mut lost = LostEntries::new("t", 0, &log);
+        let mut timeout_now = Message::default();
+        timeout_now.set_msg_type(MessageType::MsgTimeoutNow);
+        timeout_now.from = 2;
+        timeout_now.to = 1;
+        inbound::step(&mut node, &mut lost, timeout_now.clone(), true).expect("step");
+        assert_eq!(node.raft.state, StateRole::Follower);
+        inbound::step(&mut node, &mut lost, timeout_now, false).expect("step");
+        assert_ne!(node.raft.state, StateRole::Follower, "without draining the hand-over starts an election");
+    }
+
 }
