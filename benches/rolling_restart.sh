@@ -18,6 +18,13 @@ CONF="$(cd "$(dirname "$0")/.." && pwd)/config/cluster-3.toml"
 PEERS=1=127.0.0.1:24292,2=127.0.0.1:24392,3=127.0.0.1:24492
 BOOT=127.0.0.1:24292,127.0.0.1:24392,127.0.0.1:24492
 
+SUMMARY='
+import json, sys
+d = json.load(open(sys.argv[1]))
+l = d["latency_ms"]
+print("errors %d records/s %.0f p50 %.1f ms p99 %.1f ms max %.1f ms" % (d["errors"], d["records_per_sec"], l["p50"], l["p99"], l["max"]))
+'
+
 wait_port() {
   for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
   echo "port $1 did not open" >&2; return 1
@@ -61,7 +68,11 @@ run() { # bin tag
     local t0 t1
     t0=$(date +%s%N)
     kill -TERM "${PIDS[$i]}"
-    timeout 60 tail --pid="${PIDS[$i]}" -f /dev/null
+    # Bounded: a broker that has not exited after 60 s is killed.
+    { sleep 60; kill -KILL "${PIDS[$i]}" 2>/dev/null; } &
+    local watchdog=$!
+    wait "${PIDS[$i]}" 2>/dev/null
+    kill "$watchdog" 2>/dev/null
     t1=$(date +%s%N)
     stops="$stops b$i=$(((t1 - t0) / 1000000))ms"
     start_broker "$bin" "$d" "$i"
@@ -69,12 +80,13 @@ run() { # bin tag
     sleep 2
   done
   wait "$bench"
-  out=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); l=d["latency_ms"]; print(f"errors {d[\"errors\"]} records/s {d[\"records_per_sec\"]:.0f} p50 {l[\"p50\"]:.1f} ms p99 {l[\"p99\"]:.1f} ms max {l[\"max\"]:.1f} ms")' "$d/bench.json" 2>/dev/null ||
-    echo "no result: $(cat "$d/bench.err")")
+  out=$(python3 -c "$SUMMARY" "$d/bench.json" 2>&1 || echo "no result: $(cat "$d/bench.err")")
   echo "rolling $tag: $out; stop times$stops"
-  kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null; rm -rf "$d"
+  kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null
+  if [ -n "${KEEP:-}" ]; then echo "kept $d"; else rm -rf "$d"; fi
 }
 
+[ -n "${ONLY:-}" ] && { run "$ONLY" only; exit; }
 for _ in $(seq 1 "$ROUNDS"); do
   run "$OLD" old
   run "$NEW" new

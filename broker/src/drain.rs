@@ -9,8 +9,13 @@
 //! leads picks an in-sync voter and starts a Raft leader transfer; the gRPC server (and with
 //! it the Raft service) keeps running meanwhile, so the transfers can complete, and produce
 //! requests for partitions that moved are refused with `NOT_LEADER` naming the new leader.
-//! A transfer raft-rs gave up (it does after an election timeout) is started again. The
-//! whole drain is bounded by `[broker] drain_timeout`; a partition with no in-sync voter (a
+//! A transfer raft-rs gave up (it does after an election timeout) is started again.
+//!
+//! Then the drain waits for the former leaders to answer the appends they still hold:
+//! entries proposed before the transfer are committed by the new leader, and the old one
+//! learns that from the new leader's next message. Stopping the server before then would cut
+//! the Raft traffic that tells it, and those producers would wait out
+//! `MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN` (2 s) for an answer. The whole drain is bounded by `[broker] drain_timeout`; a partition with no in-sync voter (a
 //! single node, say) keeps its leadership until the broker stops, as without a drain.
 
 use std::sync::Arc;
@@ -26,6 +31,9 @@ use crate::transport::Transport;
 /// that has not completed within an election timeout (at most 20 ticks of 50 ms).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How often the drain asks a former leader whether it still holds appends.
+const POLL: Duration = Duration::from_millis(5);
+
 /// What a drain achieved, for the log and for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Drained {
@@ -35,6 +43,23 @@ pub struct Drained {
     pub moved: usize,
     /// Of those still led, the ones that had no in-sync voter to move to.
     pub no_successor: usize,
+}
+
+/// Waits until none of `partitions` holds an unanswered append, or `deadline`; returns how
+/// many are still held.
+async fn answer_held_appends(partitions: &[Arc<Partition>], deadline: Instant) -> usize {
+    let mut held = 0;
+    for p in partitions.iter().filter(|p| !p.is_leader()) {
+        loop {
+            let now = p.unanswered_appends().await;
+            if now == 0 || Instant::now() >= deadline {
+                held += now;
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    held
 }
 
 /// Hands over leadership of every partition this broker leads, waiting at most `timeout`.
@@ -52,6 +77,7 @@ pub async fn drain_leadership(registry: &Registry, transport: &Transport, timeou
         .filter(|p| p.is_leader())
         .collect();
     let led = remaining.len();
+    let moved_from = remaining.clone();
     tracing::info!("controlled shutdown: draining {led} partition leaders");
     let mut no_successor = 0;
     loop {
@@ -77,13 +103,18 @@ pub async fn drain_leadership(registry: &Registry, transport: &Transport, timeou
         }
     }
     let still = remaining.iter().filter(|p| p.is_leader()).count();
+    let unanswered = answer_held_appends(&moved_from, deadline).await;
     let elapsed = started.elapsed().as_millis();
-    if still == 0 {
+    if still > 0 {
+        tracing::warn!("controlled shutdown: timed out after {elapsed} ms with {still} partitions still led here");
+    } else if unanswered > 0 {
+        tracing::warn!("controlled shutdown: timed out after {elapsed} ms with {unanswered} appends unanswered");
+    } else if no_successor > 0 {
         tracing::info!(
-            "controlled shutdown: drained in {elapsed} ms ({no_successor} partitions had no in-sync replica)"
+            "controlled shutdown: drained in {elapsed} ms; {no_successor} partitions had no in-sync replica and stay led here until the broker stops"
         );
     } else {
-        tracing::warn!("controlled shutdown: timed out after {elapsed} ms with {still} partitions still led here");
+        tracing::info!("controlled shutdown: drained in {elapsed} ms");
     }
     Drained {
         led,

@@ -166,6 +166,8 @@ pub(crate) enum Control {
     /// Hand leadership to an in-sync voter, for a controlled shutdown; answers with the
     /// voter chosen, or `None` when this replica does not lead or no voter is in sync.
     HandOver(oneshot::Sender<Option<u32>>),
+    /// How many appends the owner holds unanswered (proposed, or waiting for a leader).
+    Unanswered(oneshot::Sender<usize>),
     SetPreferred(u64),
     Membership(MemberChange, oneshot::Sender<Result<()>>),
 }
@@ -476,6 +478,17 @@ impl Partition {
         let (reply, rx) = oneshot::channel();
         self.control.send(Control::HandOver(reply)).await.ok()?;
         rx.await.ok().flatten()
+    }
+
+    /// How many appends this replica holds unanswered; 0 when its owner is stopped. A
+    /// replica that just handed leadership over answers its last appends once it learns
+    /// from the new leader that they committed.
+    pub async fn unanswered_appends(&self) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self.control.send(Control::Unanswered(reply)).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// Makes `id` the replica that should lead (after a reassignment).

@@ -419,6 +419,9 @@ impl Owner {
                 }
                 let _ = reply.send(to.and_then(|id| u32::try_from(id).ok()));
             }
+            Control::Unanswered(reply) => {
+                let _ = reply.send(self.pending.len() + self.waiting.len());
+            }
             Control::SetPreferred(id) => self.preferred = id,
             Control::Membership(change, reply) => match self.membership(node, change) {
                 Ok(Some(index)) => self.pending_changes.push(PendingChange {
@@ -805,7 +808,10 @@ mod tests {
         inbound::step(&mut node, &mut lost, timeout_now.clone(), true).expect("step");
         assert_eq!(node.raft.state, StateRole::Follower);
         inbound::step(&mut node, &mut lost, timeout_now, false).expect("step");
-        assert_ne!(node.raft.state, StateRole::Follower, "without draining the hand-over starts an election");
+        assert_ne!(
+            node.raft.state,
+            StateRole::Follower,
+            "without draining the hand-over starts an election"
+        );
     }
-
 }
