@@ -101,6 +101,9 @@ pub struct NodeSection {
     pub metrics_listen: SocketAddr,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Millis,
+    /// How long a broker in a cluster may take, on SIGTERM, to hand leadership of its
+    /// partitions to in-sync replicas before it stops; 0 stops without handing over.
+    pub drain_timeout: Millis,
 }
 
 impl Default for NodeSection {
@@ -111,6 +114,7 @@ impl Default for NodeSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 9292)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9293)),
             shutdown_timeout: Millis(Duration::from_secs(30)),
+            drain_timeout: Millis(Duration::from_secs(10)),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`units`]: sizes and durations with units in config files.
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
+//! - [`drain`]: controlled shutdown: handing leadership over before stopping.
 //! - [`api`]: one gRPC service per file (admin, produce, fetch).
 //! - [`peer_admin`]: asking another broker's admin service (forwarded requests).
 //! - [`blocking`]: running blocking work off the reactor.
@@ -30,6 +31,7 @@ pub mod admin_ops;
 pub mod api;
 pub mod blocking;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod membership;
 pub mod metrics;

@@ -166,6 +166,11 @@ pub enum MemberChange {
 #[derive(Debug)]
 pub(crate) enum Control {
     TransferLeader(u64),
+    /// Hand leadership to an in-sync voter, for a controlled shutdown; answers with the
+    /// voter chosen, or `None` when this replica does not lead or no voter is in sync.
+    HandOver(oneshot::Sender<Option<u32>>),
+    /// How many appends the owner holds unanswered (proposed, or waiting for a leader).
+    Unanswered(oneshot::Sender<usize>),
     SetPreferred(u64),
     Membership(MemberChange, oneshot::Sender<Result<()>>),
 }
@@ -478,6 +483,26 @@ impl Partition {
             .send(Control::TransferLeader(u64::from(to)))
             .await
             .map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Asks this replica, if it leads, to hand leadership to an in-sync voter; returns the
+    /// voter it chose, `None` when there is none (or it does not lead). Returns once the
+    /// transfer started; watch [`watch_status`](Self::watch_status) to see it finish.
+    pub async fn hand_over_leadership(&self) -> Option<u32> {
+        let (reply, rx) = oneshot::channel();
+        self.control.send(Control::HandOver(reply)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// How many appends this replica holds unanswered; 0 when its owner is stopped. A
+    /// replica that just handed leadership over answers its last appends once it learns
+    /// from the new leader that they committed.
+    pub async fn unanswered_appends(&self) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self.control.send(Control::Unanswered(reply)).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// Makes `id` the replica that should lead (after a reassignment).

@@ -2,7 +2,8 @@
 //! background maintenance, and shut down gracefully when `shutdown` resolves.
 //!
 //! # Shutdown order
-//! Stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
+//! Hand leadership of this broker's partitions to in-sync replicas while still serving
+//! (up to `drain_timeout`, see [`crate::drain`]), then stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
 //! owners after they drain their queues, then close every log cleanly (fsync and the
 //! clean-shutdown marker, so the next start skips recovery).
 
@@ -155,6 +156,8 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     );
 
     shutdown.await;
+    // Before anything stops: the Raft service must keep carrying the transfers.
+    crate::drain::drain_leadership(&registry, &transport, node.drain_timeout.0).await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
     match tokio::time::timeout(node.shutdown_timeout.0, server).await {

@@ -114,6 +114,9 @@ pub struct Transport {
     removed: RwLock<BTreeSet<u32>>,
     /// Whether this broker was removed from the cluster, as it has learned.
     standing: Arc<Standing>,
+    /// Set once this broker began a controlled shutdown: its replicas hand leadership away
+    /// and must not take it back (see `server::drain_leadership`).
+    draining: AtomicBool,
 }
 
 /// Local groups' inboxes, by group key.
@@ -177,6 +180,7 @@ impl Transport {
             metrics,
             removed: RwLock::new(BTreeSet::new()),
             standing: Arc::default(),
+            draining: AtomicBool::new(false),
         });
         for (&id, address) in peers.iter().filter(|(id, _)| **id != node_id) {
             transport.add_peer(id, address)?;
@@ -269,6 +273,17 @@ impl Transport {
     /// Whether this broker was removed from the cluster.
     pub fn removed_from_cluster(&self) -> bool {
         self.standing.removed.load(Ordering::Relaxed)
+    }
+
+    /// Marks this broker as shutting down: from now on its replicas neither campaign nor
+    /// accept leadership handed to them. Never undone; the process exits after it.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether this broker is in a controlled shutdown.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// The address this broker sends Raft messages for broker `id` to.

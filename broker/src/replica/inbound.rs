@@ -10,6 +10,9 @@
 //!   changes.
 //! - `MsgUnreachable`: a call to that peer failed; a follower being replicated to
 //!   optimistically goes back to probing.
+//!
+//! A broker in a controlled shutdown drops `MsgTimeoutNow` (a leader handing leadership to
+//! it): leadership must not come back to a broker about to stop.
 
 use raft::eraftpb::{Message, MessageType};
 use raft::{RawNode, SnapshotStatus};
@@ -46,9 +49,11 @@ pub fn is_local(kind: MessageType) -> bool {
     )
 }
 
-/// Steps one message from the inbox.
-pub fn step(node: &mut RawNode<RaftLog>, lost: &mut LostEntries, m: Message) -> raft::Result<()> {
+/// Steps one message from the inbox; `draining`: this broker is shutting down.
+pub fn step(node: &mut RawNode<RaftLog>, lost: &mut LostEntries, m: Message, draining: bool) -> raft::Result<()> {
     match m.get_msg_type() {
+        // The leader gives up the transfer after an election timeout and goes on leading.
+        MessageType::MsgTimeoutNow if draining => Ok(()),
         MessageType::MsgSnapStatus => {
             let status = if m.reject {
                 SnapshotStatus::Failure

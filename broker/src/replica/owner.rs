@@ -207,7 +207,7 @@ impl Owner {
                 // A message from a stale term or an unknown peer is refused by Raft itself;
                 // nothing here depends on it. Transport reports and lost entries: see
                 // `replica::inbound`.
-                if let Err(e) = inbound::step(&mut node, &mut self.lost_entries, m) {
+                if let Err(e) = inbound::step(&mut node, &mut self.lost_entries, m, self.transport.is_draining()) {
                     tracing::debug!(topic = %self.topic, partition = self.index, error = %e, "raft message refused");
                 }
             }
@@ -220,6 +220,9 @@ impl Owner {
             for _ in 0..due {
                 // A replica recovering lost entries must not campaign.
                 self.lost_entries.before_tick(&mut node);
+                if self.transport.is_draining() {
+                    hold_off_campaign(&mut node);
+                }
                 node.tick();
                 self.stalled_snapshots.on_tick(&mut node);
                 self.ticks += 1;
@@ -409,6 +412,17 @@ impl Owner {
                 tracing::info!(topic = %self.topic, partition = self.index, to, "transferring leadership");
                 node.transfer_leader(to);
             }
+            Control::HandOver(reply) => {
+                let to = self.in_sync_successor(node);
+                if let Some(to) = to {
+                    tracing::info!(topic = %self.topic, partition = self.index, to, "handing leadership over before shutting down");
+                    node.transfer_leader(to);
+                }
+                let _ = reply.send(to.and_then(|id| u32::try_from(id).ok()));
+            }
+            Control::Unanswered(reply) => {
+                let _ = reply.send(self.pending.len() + self.waiting.len());
+            }
             Control::SetPreferred(id) => self.preferred = id,
             Control::Membership(change, reply) => match self.membership(node, change) {
                 Ok(Some(index)) => self.pending_changes.push(PendingChange {
@@ -504,6 +518,37 @@ impl Owner {
             .map_err(|e| pending(format!("proposal refused: {e}")))?;
         tracing::info!(topic = %self.topic, partition = self.index, ?change, "membership change proposed");
         Ok(Some(node.raft.raft_log.last_index()))
+    }
+
+    /// The voter to hand leadership to when this broker shuts down: one in sync (as
+    /// [`publish_status`](Self::publish_status) reports it) and heard from recently, the
+    /// preferred replica if it is one, else the most caught up. `None` unless this replica
+    /// leads and such a voter exists.
+    fn in_sync_successor(&self, node: &RawNode<RaftLog>) -> Option<u64> {
+        if node.raft.state != StateRole::Leader {
+            return None;
+        }
+        let voters = self.raft.conf_state().voters;
+        let now = Instant::now();
+        let candidates: Vec<(u64, u64)> = node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, p)| {
+                **id != node.raft.id
+                    && voters.contains(id)
+                    && p.recent_active
+                    && self
+                        .caught_up
+                        .get(id)
+                        .is_some_and(|t| now.duration_since(*t) < REPLICA_LAG_TIME)
+            })
+            .map(|(id, p)| (*id, p.matched))
+            .collect();
+        if candidates.iter().any(|(id, _)| *id == self.preferred) {
+            return Some(self.preferred);
+        }
+        candidates.iter().max_by_key(|(_, matched)| *matched).map(|(id, _)| *id)
     }
 
     /// Hands leadership to the preferred replica when it is fully caught up.
@@ -644,6 +689,22 @@ impl Owner {
     }
 }
 
+/// Keeps a follower of a shutting-down broker from campaigning: its election timer stops
+/// short of firing. The timer still runs past the minimum election timeout, so the follower
+/// does not hold a leader lease forever and still votes when its leader goes quiet.
+fn hold_off_campaign(node: &mut RawNode<RaftLog>) {
+    if node.raft.state == StateRole::Leader {
+        return;
+    }
+    // The longest timeout raft-rs allows: [election_tick, 2 * election_tick).
+    let longest = 2 * node.raft.election_timeout() - 1;
+    if node.raft.randomized_election_timeout() != longest {
+        node.raft.set_randomized_election_timeout(longest);
+    }
+    // The tick adds one: it must stay below the timeout.
+    node.raft.election_elapsed = node.raft.election_elapsed.min(longest - 2);
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -689,5 +750,70 @@ mod tests {
         let error = answer.await.expect("answered, not dropped").expect_err("refused");
         assert!(matches!(error, BrokerError::ReplicaStopped { .. }), "{error}");
         assert!(error.detail().retriable);
+    }
+
+    /// A follower of a three-voter group, with its log on `dir`, as the broker configures it.
+    fn follower(dir: &std::path::Path) -> RawNode<RaftLog> {
+        let log = Arc::new(PartitionLog::open(dir, LogConfig::default()).expect("log"));
+        let raft = RaftLog::open(log).expect("raft log");
+        let conf = raft::eraftpb::ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        raft.set_conf_state(&conf).expect("conf state");
+        let config = raft::Config {
+            id: 1,
+            election_tick: crate::partition::ELECTION_TICKS,
+            heartbeat_tick: crate::partition::HEARTBEAT_TICKS,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        RawNode::new(&config, raft, &logger).expect("node")
+    }
+
+    #[test]
+    fn a_follower_of_a_draining_broker_never_campaigns_but_its_leader_lease_still_expires() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = follower(dir.path());
+        for _ in 0..10 * crate::partition::ELECTION_TICKS {
+            hold_off_campaign(&mut node);
+            node.tick();
+            assert_eq!(node.raft.state, StateRole::Follower, "campaigned while draining");
+        }
+        assert!(
+            node.raft.election_elapsed >= node.raft.election_timeout(),
+            "a follower that hears nothing must leave its leader lease, so that it votes: {}",
+            node.raft.election_elapsed
+        );
+        // Without the hold the same follower campaigns within the longest timeout.
+        let other = tempfile::tempdir().expect("tempdir");
+        let mut node = follower(other.path());
+        let campaigned = (0..2 * crate::partition::ELECTION_TICKS).any(|_| {
+            node.tick();
+            node.raft.state != StateRole::Follower
+        });
+        assert!(campaigned);
+    }
+
+    #[test]
+    fn a_draining_replica_drops_a_leaders_hand_over_and_does_not_campaign() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = follower(dir.path());
+        let log = node.store().clone();
+        let mut lost = LostEntries::new("t", 0, &log);
+        let mut timeout_now = Message::default();
+        timeout_now.set_msg_type(MessageType::MsgTimeoutNow);
+        timeout_now.from = 2;
+        timeout_now.to = 1;
+        inbound::step(&mut node, &mut lost, timeout_now.clone(), true).expect("step");
+        assert_eq!(node.raft.state, StateRole::Follower);
+        inbound::step(&mut node, &mut lost, timeout_now, false).expect("step");
+        assert_ne!(
+            node.raft.state,
+            StateRole::Follower,
+            "without draining the hand-over starts an election"
+        );
     }
 }

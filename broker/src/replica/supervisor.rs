@@ -352,6 +352,9 @@ impl Replica for PartitionReplica {
                         self.restart.preferred = u32::try_from(id).unwrap_or(self.restart.preferred);
                     }
                     Control::TransferLeader(_) => {}
+                    // A stopped replica leads nothing.
+                    Control::HandOver(reply) => drop(reply.send(None)),
+                    Control::Unanswered(reply) => drop(reply.send(0)),
                     Control::Membership(_, reply) => drop(reply.send(Err(self.error(&reason)))),
                 },
                 () = tokio::time::sleep_until(until) => return true,

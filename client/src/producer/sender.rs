@@ -216,7 +216,7 @@ impl State {
         let depth = self.config.max_in_flight_requests.max(1);
         let (requests, stream) = open_link(route.channel.clone(), depth)
             .await
-            .map_err(|e| e.at(&route.address))?;
+            .map_err(|status| link_error(status, &route.address))?;
         responses.insert(route.address.clone(), stream);
         self.links.insert(route.address.clone(), Link { requests, inflight: 0 });
         Ok(())
@@ -392,10 +392,24 @@ fn merge_by_seq(a: VecDeque<Sealed>, b: VecDeque<Sealed>) -> VecDeque<Sealed> {
     }
 }
 
+/// A produce stream that fails, or cannot be opened, without the broker's own error detail
+/// is a broken connection (the broker died, the link dropped, or a broker shutting down
+/// closed it: hyper then reports the stream "canceled"): retriable, as a broken link.
+fn link_error(status: tonic::Status, address: &str) -> ClientError {
+    match ClientError::from(status) {
+        e @ ClientError::Broker { detail: Some(_), .. } => e,
+        ClientError::Broker { message, .. } => ClientError::Unreachable {
+            address: address.to_string(),
+            reason: message,
+        },
+        e => e.at(address),
+    }
+}
+
 async fn open_link(
     channel: tonic::transport::Channel,
     depth: usize,
-) -> Result<(mpsc::Sender<ProduceRequest>, Streaming<ProduceResponse>), ClientError> {
+) -> Result<(mpsc::Sender<ProduceRequest>, Streaming<ProduceResponse>), tonic::Status> {
     let (requests, outgoing) = mpsc::channel::<ProduceRequest>(depth);
     let mut grpc = ProduceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -437,13 +451,7 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                 Ok(response) => state.on_response(response),
                 Err(status) => {
                     responses.remove(&address);
-                    // A stream that fails without the broker's own error detail is a broken
-                    // connection (the broker died or the link dropped): retriable.
-                    let error = match ClientError::from(status) {
-                        e @ ClientError::Broker { detail: Some(_), .. } => e,
-                        ClientError::Broker { message, .. } => ClientError::Unreachable { address: address.clone(), reason: message },
-                        e => e.at(&address),
-                    };
+                    let error = link_error(status, &address);
                     state.link_broke(&address, &error);
                 }
             },
@@ -484,5 +492,21 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
             };
             state.link_broke(&address, &error);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_canceled_by_a_broker_closing_its_connections_is_retried_not_failed() {
+        let status = tonic::Status::cancelled("operation was canceled");
+        assert!(
+            !ClientError::from(status.clone()).is_retriable(),
+            "as a broker's answer it is final"
+        );
+        let error = link_error(status, "127.0.0.1:1");
+        assert!(error.is_retriable(), "{error}");
     }
 }

@@ -113,7 +113,7 @@ fn round_without(nodes: &mut [Node], tick: bool, down: Option<usize>) {
         }
         let n = &mut nodes[(m.to - 1) as usize];
         // Refusals (stale terms and the like) are Raft's business here as in the owner.
-        let _ = inbound::step(&mut n.raw, &mut n.lost, m);
+        let _ = inbound::step(&mut n.raw, &mut n.lost, m, false);
     }
 }
 
@@ -188,7 +188,7 @@ fn given_a_follower_that_lost_acknowledged_entries_it_should_not_vote_and_should
             vote.log_term = nodes[f].raw.raft.term;
             let term = nodes[f].raw.raft.term;
             let n = &mut nodes[f];
-            inbound::step(&mut n.raw, &mut n.lost, vote).expect("step");
+            inbound::step(&mut n.raw, &mut n.lost, vote, false).expect("step");
             let answered = n
                 .raw
                 .raft
@@ -225,7 +225,7 @@ fn a_dropped_snapshot_reported_by_the_transport_unpauses_its_follower() {
     let n = &mut nodes[l];
     n.raw.raft.mut_prs().get_mut(f_id).expect("progress").become_snapshot(5);
     assert!(n.raw.raft.prs().get(f_id).expect("progress").is_paused());
-    inbound::step(&mut n.raw, &mut n.lost, inbound::snapshot_dropped(f_id)).expect("report");
+    inbound::step(&mut n.raw, &mut n.lost, inbound::snapshot_dropped(f_id), false).expect("report");
     let progress = n.raw.raft.prs().get(f_id).expect("progress");
     assert_eq!(
         progress.state,
