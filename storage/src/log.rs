@@ -82,6 +82,9 @@ pub struct PartitionLog {
     closed: AtomicBool,
     /// What the open that produced this object cut (see [`crate::recovery`]).
     pub(crate) recovery: OnceLock<crate::recovery::RecoveryReport>,
+    /// Whether the open that produced this object found the clean-shutdown marker and so
+    /// trusted every segment without scanning it.
+    pub(crate) opened_clean: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +124,7 @@ impl PartitionLog {
             quarantined: OnceLock::new(),
             closed: AtomicBool::new(false),
             recovery: OnceLock::new(),
+            opened_clean: AtomicBool::new(false),
         }
     }
 
@@ -130,6 +134,13 @@ impl PartitionLog {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// True if the open that produced this object followed a clean close: no segment was
+    /// scanned, and nothing was cut. Files a layer above wrote before that close (and has
+    /// not changed since) describe the log as it is.
+    pub fn opened_clean(&self) -> bool {
+        self.opened_clean.load(Ordering::Acquire)
     }
 
     /// The first offset still in the log.

@@ -35,6 +35,7 @@
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::batch::{BatchHeader, HEADER_LEN, validate::check_frame};
 use crate::config::LogConfig;
@@ -279,6 +280,8 @@ impl PartitionLog {
         }
         let rp = recovery_point.min(segments.last().map_or(0, |s| s.next_offset()));
         let log = PartitionLog::from_parts(dir, segments, config, rp);
+        log.opened_clean
+            .store(clean && report == RecoveryReport::default(), Ordering::Release);
         let _ = log.recovery.set(report);
         Ok(log)
     }
@@ -665,6 +668,7 @@ fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConf
         let Ok(header) = BatchHeader::parse(&chunk[at..]) else {
             break;
         };
+        crate::lookup::count_header();
         let size = header.size() as u64;
         if size < HEADER_LEN as u64 || position + size > file_len {
             break;
