@@ -732,18 +732,19 @@ impl Storage for RaftLog {
             return Ok(out);
         }
         let mut next = low;
-        let mut offset = self.offset_in(&inner, low).map_err(store_error)?;
+        // A leader whose log was quarantined or poisoned meanwhile sends nothing rather than
+        // fail: raft-rs treats any other storage error as fatal, and the owner stops the
+        // replica at its next round (see `Owner::run`).
+        let unavailable = |e: ReplicaError| {
+            if context.can_async() && self.log.is_poisoned() {
+                raft::Error::Store(StorageError::LogTemporarilyUnavailable)
+            } else {
+                store_error(e)
+            }
+        };
+        let mut offset = self.offset_in(&inner, low).map_err(unavailable)?;
         while next < high {
-            let bytes = self.log.read(offset, 1 << 20).map_err(|e| {
-                // A leader whose log was quarantined or poisoned meanwhile sends nothing
-                // rather than fail: raft-rs treats any other storage error as fatal, and the
-                // owner stops the replica at its next round (see `Owner::run`).
-                if context.can_async() && self.log.is_poisoned() {
-                    raft::Error::Store(StorageError::LogTemporarilyUnavailable)
-                } else {
-                    store_error(e)
-                }
-            })?;
+            let bytes = self.log.read(offset, 1 << 20).map_err(|e| unavailable(e.into()))?;
             for batch in BatchIter::new(bytes) {
                 let batch = batch.map_err(store_error)?;
                 let entry = entry::from_batch(&batch).map_err(store_error)?;

@@ -51,6 +51,8 @@ impl Terms {
 
     /// Records that entry `index` has `term` (entries are pushed in order).
     pub(crate) fn push(&mut self, index: u64, term: u64) {
+        // A checkpoint at or past `index` (left by trimming an emptied log) is replaced.
+        self.truncate_from(index);
         if self.last_term() != Some(term) {
             self.starts.push((index, term));
         }
@@ -224,6 +226,9 @@ mod tests {
         assert_eq!(t.starts, vec![(8, 5)]);
         t.trim_before(9);
         assert_eq!(t.starts, vec![(9, 5)]);
+        // Retention emptied the log up to 8; entry 9 comes in a newer term.
+        t.push(9, 6);
+        assert_eq!(t.starts, vec![(9, 6)]);
     }
 
     #[test]
