@@ -441,7 +441,10 @@ fn delete_segment_files(dir: &Path, base: u64) -> Result<()> {
     Ok(())
 }
 
-/// Segment rolling by age counts from the first batch's timestamp when reopening.
+/// Segment rolling by age counts from the first batch's timestamp when reopening. A first
+/// batch without one (timestamp 0 or below: a Raft leader's no-op, which every restart
+/// appends) says nothing about the segment's age; it then counts from this open, or every
+/// restart would roll a new segment at its first append.
 fn set_roll_time(segment: &Segment) -> Result<()> {
     if segment.size() == 0 {
         return Ok(());
@@ -451,7 +454,7 @@ fn set_roll_time(segment: &Segment) -> Result<()> {
         first = Some(h.max_timestamp);
         false
     })?;
-    if let Some(ts) = first {
+    if let Some(ts) = first.filter(|&ts| ts > 0) {
         segment.set_created_ms(ts.min(crate::batch::unix_millis()));
     }
     Ok(())

@@ -518,3 +518,24 @@ fn a_clean_close_marker_is_not_trusted_once_the_log_is_reopened_written_and_cras
     assert_eq!(log.log_end_offset(), 240);
     assert_eq!(read_all(&log, 4096).len(), 240);
 }
+
+#[test]
+fn a_segment_starting_with_a_timestamp_zero_batch_is_not_rolled_at_once_after_a_reopen() {
+    // A Raft leader's no-op is a control batch with timestamp 0; every restart appends one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_ms: Duration::from_secs(3600),
+        ..small_config(FlushPolicy::Os)
+    };
+    for round in 0..3 {
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        log.append(&batch(round, 1, 0)).expect("append");
+        log.close().expect("close");
+    }
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    assert_eq!(
+        log.segment_count(),
+        1,
+        "a reopen does not roll a segment that is seconds old"
+    );
+}
