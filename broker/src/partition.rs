@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::replica::owner::Owner;
-use crate::replica::raft_storage::RaftLog;
+use crate::replica::raft_storage::{RaftLog, ReplicaError};
 use crate::replica::supervisor::{self, Channels, ReplicaFiles, SharedFiles};
 use crate::transport::{GroupKey, Transport};
 
@@ -225,9 +225,7 @@ pub(crate) fn open_replica(
     initial_voters: &[u32],
     preferred: u32,
 ) -> Result<Opened> {
-    let storage_error = |e: crate::replica::raft_storage::ReplicaError| {
-        BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"))
-    };
+    let storage_error = |e: ReplicaError| BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}"));
     let log = Arc::new(PartitionLog::open(dir, config).map_err(|e| BrokerError::from_log(topic, index, e))?);
     let fsyncs = ctx.metrics.fsync_latency.clone();
     log.observe_syncs(conveyor_storage::SyncObserver::new(move |took| fsyncs.observe(took)));
@@ -640,14 +638,10 @@ impl Partition {
     /// entries that are not on disk. Blocking; after [`stop`](Self::stop).
     pub fn close(&self) -> Result<()> {
         let files = self.files.current();
-        files
-            .log
-            .close()
-            .map_err(|e| BrokerError::from_log(&self.topic, self.index, e))?;
-        files
-            .raft
-            .flush_state()
-            .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)))
+        files.raft.close().map_err(|e| match e {
+            ReplicaError::Log(e) => BrokerError::from_log(&self.topic, self.index, e),
+            e => BrokerError::Internal(format!("topic '{}' partition {}: {e}", self.topic, self.index)),
+        })
     }
 }
 

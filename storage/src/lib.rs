@@ -6,6 +6,7 @@
 //! - [`index`]: sparse memory-mapped offset and time indexes.
 //! - `segment`: one `.log` file with its indexes.
 //! - [`log`]: [`PartitionLog`], appends, reads, lookups.
+//! - `lookup`: finding a batch by its Raft index without a table of entries.
 //! - `sync`: group commit, flushes, recovery point, clean-shutdown marker.
 //! - `recovery`: opening a log and repairing it after a crash.
 //! - `retention`: deleting old segments, truncating suffixes.
@@ -50,6 +51,7 @@ pub mod error;
 pub mod file_names;
 pub(crate) mod index;
 pub mod log;
+mod lookup;
 mod recovery;
 mod retention;
 pub mod scrub;
@@ -60,6 +62,7 @@ pub use batch::unix_millis;
 pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};
 pub use log::{AppendInfo, BatchPosition, PartitionLog};
+pub use lookup::batch_headers_read_on_this_thread;
 pub use recovery::{CutCause, Damaged, LogCut, RecoveryReport};
 pub use retention::RetentionOutcome;
 pub use scrub::{BatchStamp, CorruptBatch, OnDamage, ScrubCursor, ScrubStep};

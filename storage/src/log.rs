@@ -84,6 +84,9 @@ pub struct PartitionLog {
     pub(crate) recovery: OnceLock<crate::recovery::RecoveryReport>,
     /// Told how long each fsync round took (see [`PartitionLog::observe_syncs`]).
     pub(crate) sync_observer: OnceLock<crate::sync::SyncObserver>,
+    /// Whether the open that produced this object found the clean-shutdown marker and so
+    /// trusted every segment without scanning it.
+    pub(crate) opened_clean: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,6 +127,7 @@ impl PartitionLog {
             closed: AtomicBool::new(false),
             recovery: OnceLock::new(),
             sync_observer: OnceLock::new(),
+            opened_clean: AtomicBool::new(false),
         }
     }
 
@@ -133,6 +137,13 @@ impl PartitionLog {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// True if the open that produced this object followed a clean close: no segment was
+    /// scanned, and nothing was cut. Files a layer above wrote before that close (and has
+    /// not changed since) describe the log as it is.
+    pub fn opened_clean(&self) -> bool {
+        self.opened_clean.load(Ordering::Acquire)
     }
 
     /// The first offset still in the log.

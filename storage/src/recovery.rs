@@ -35,6 +35,7 @@
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::batch::{BatchHeader, HEADER_LEN, validate::check_frame};
 use crate::config::LogConfig;
@@ -279,6 +280,8 @@ impl PartitionLog {
         }
         let rp = recovery_point.min(segments.last().map_or(0, |s| s.next_offset()));
         let log = PartitionLog::from_parts(dir, segments, config, rp);
+        log.opened_clean
+            .store(clean && report == RecoveryReport::default(), Ordering::Release);
         let _ = log.recovery.set(report);
         Ok(log)
     }
@@ -438,7 +441,10 @@ fn delete_segment_files(dir: &Path, base: u64) -> Result<()> {
     Ok(())
 }
 
-/// Segment rolling by age counts from the first batch's timestamp when reopening.
+/// Segment rolling by age counts from the first batch's timestamp when reopening. A first
+/// batch without one (timestamp 0 or below: a Raft leader's no-op, which every restart
+/// appends) says nothing about the segment's age; it then counts from this open, or every
+/// restart would roll a new segment at its first append.
 fn set_roll_time(segment: &Segment) -> Result<()> {
     if segment.size() == 0 {
         return Ok(());
@@ -448,7 +454,7 @@ fn set_roll_time(segment: &Segment) -> Result<()> {
         first = Some(h.max_timestamp);
         false
     })?;
-    if let Some(ts) = first {
+    if let Some(ts) = first.filter(|&ts| ts > 0) {
         segment.set_created_ms(ts.min(crate::batch::unix_millis()));
     }
     Ok(())
@@ -665,6 +671,7 @@ fn scan_and_index(segment: &Segment, start: u64, file_len: u64, config: &LogConf
         let Ok(header) = BatchHeader::parse(&chunk[at..]) else {
             break;
         };
+        crate::lookup::count_header();
         let size = header.size() as u64;
         if size < HEADER_LEN as u64 || position + size > file_len {
             break;

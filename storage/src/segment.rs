@@ -268,6 +268,7 @@ impl Segment {
             if header.size() < HEADER_LEN || position + header.size() as u64 > end {
                 return Err(self.corrupt(position, "batch length runs past the segment"));
             }
+            crate::lookup::count_header();
             if !visit(position, &header) {
                 return Ok(());
             }

@@ -410,6 +410,8 @@ fn a_clean_close_skips_recovery_and_keeps_everything() {
         !dir.path().join(".clean_shutdown").exists(),
         "marker is consumed at open"
     );
+    assert!(log.opened_clean());
+    assert_eq!(log.recovery_report(), conveyor_storage::RecoveryReport::default());
     assert_eq!(log.log_end_offset(), 480);
     assert_eq!(read_all(&log, 4096).len(), 480);
     assert_eq!(log.offset_for_timestamp(1_100).expect("lookup"), Some(400));
@@ -478,4 +480,62 @@ fn a_closed_log_refuses_changes_and_reopens_cleanly() {
     drop(log);
     let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("reopen");
     assert_eq!(log.log_end_offset(), 10);
+}
+
+#[test]
+fn a_clean_close_marker_is_not_trusted_once_the_log_is_reopened_written_and_crashes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("open");
+        for i in 0..50 {
+            log.append(&batch(i, 4, 1_000 + i as i64)).expect("append");
+        }
+        log.close().expect("close");
+    }
+    {
+        let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("reopen");
+        assert!(log.opened_clean());
+        for i in 50..60 {
+            log.append(&batch(i, 4, 1_000 + i as i64)).expect("append");
+        }
+        // A crash: no close. The write after the last batch was torn.
+    }
+    let last = files_with(dir.path(), "log").pop().expect("a segment");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&last).expect("segment");
+    std::io::Write::write_all(&mut file, &[7u8; 40]).expect("torn bytes");
+    drop(file);
+    let before = conveyor_storage::batch_headers_read_on_this_thread();
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("recover");
+    assert!(!log.opened_clean(), "the marker of the earlier close was consumed");
+    assert!(
+        conveyor_storage::batch_headers_read_on_this_thread() > before,
+        "recovery scanned batches"
+    );
+    assert_eq!(
+        log.recovery_report().cut.map(|c| c.cause),
+        Some(conveyor_storage::CutCause::TornTail)
+    );
+    assert_eq!(log.log_end_offset(), 240);
+    assert_eq!(read_all(&log, 4096).len(), 240);
+}
+
+#[test]
+fn a_segment_starting_with_a_timestamp_zero_batch_is_not_rolled_at_once_after_a_reopen() {
+    // A Raft leader's no-op is a control batch with timestamp 0; every restart appends one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_ms: Duration::from_secs(3600),
+        ..small_config(FlushPolicy::Os)
+    };
+    for round in 0..3 {
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        log.append(&batch(round, 1, 0)).expect("append");
+        log.close().expect("close");
+    }
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    assert_eq!(
+        log.segment_count(),
+        1,
+        "a reopen does not roll a segment that is seconds old"
+    );
 }

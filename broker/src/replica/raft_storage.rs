@@ -11,12 +11,20 @@
 //! - The term of `snapshot_index` is kept (in the state file) for Raft's log matching.
 //! - Only committed entries are ever compacted; a snapshot says only where the log now starts.
 //!
+//! # Memory
+//! Nothing is held per entry: the term of an entry comes from the term checkpoints (one pair
+//! per term, see [`terms`]), the offset of an entry from the offsets of the most recent
+//! entries ([`TAIL_OFFSETS`]) or else from a lookup by Raft index in the log's batch headers
+//! (`PartitionLog::find_raft_entry`: a bisection over segments and their sparse offset index).
+//!
 //! # Crash behaviour
 //! The snapshot point is recorded before retention deletes segments; on open, batches at or
-//! below it are skipped, so a crash in between loses nothing Raft needs.
+//! below it are skipped, so a crash in between loses nothing Raft needs. Open reads a few
+//! batch headers, not all of them: the first and last entries', and the term checkpoints
+//! either from the file a clean close left (see [`terms`]) or, after a crash, by bisection.
 //!
 //! # Thread-safety
-//! The index of entries sits behind a `RwLock`; the owning partition task is the only writer.
+//! The state sits behind a `RwLock`; the owning partition task is the only writer.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -30,6 +38,7 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use super::entry::{self, EntryError};
 use super::raft_state::{Promise, RaftStateFile, StateError};
 use super::state_snapshot::{SnapshotPoint, StateSnapshots};
+use terms::Terms;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -49,6 +58,10 @@ pub enum ReplicaError {
 /// Entries kept in memory after appending, at most.
 const MAX_CACHED_ENTRIES: usize = 4096;
 
+/// Offsets of the most recent entries kept, at most: the high watermark, acknowledgements
+/// and followers' lag ask about recent entries on every round.
+pub const TAIL_OFFSETS: usize = 1024;
+
 fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
@@ -58,8 +71,14 @@ struct Inner {
     /// Highest entry applied; only applied entries are compacted.
     applied: u64,
     state: RaftStateFile,
-    /// Offset and term of each entry from `first_index` on.
-    entries: VecDeque<(u64, u64)>,
+    /// The index of the last entry; `snapshot_index` while the log holds none.
+    last_index: u64,
+    /// The offset of entry `first_index`, while the log holds entries.
+    start_offset: u64,
+    /// The first index of each term from `first_index` on.
+    terms: Terms,
+    /// Offsets of the last entries, up to [`TAIL_OFFSETS`]; the back one is `last_index`'s.
+    tail: VecDeque<u64>,
     /// The most recent entries as appended, so that applying them (and sending them to
     /// followers) does not read back from disk what is still in memory.
     cache: VecDeque<Entry>,
@@ -78,7 +97,56 @@ impl Inner {
     }
 
     fn last_index(&self) -> u64 {
-        self.state.snapshot_index + self.entries.len() as u64
+        self.last_index
+    }
+
+    fn is_empty(&self) -> bool {
+        self.last_index < self.first_index()
+    }
+
+    /// The term of the last entry (that of the snapshot point when the log holds none).
+    fn last_term(&self) -> u64 {
+        match self.terms.last_term() {
+            Some(t) if !self.is_empty() => t,
+            _ => self.state.snapshot_term,
+        }
+    }
+
+    /// The offset of entry `index` if it is known without I/O: the first entry or a recent one.
+    fn known_offset(&self, index: u64) -> Option<u64> {
+        if self.is_empty() || index < self.first_index() || index > self.last_index {
+            return None;
+        }
+        if index == self.first_index() {
+            return Some(self.start_offset);
+        }
+        let tail_first = self.last_index + 1 - self.tail.len() as u64;
+        index
+            .checked_sub(tail_first)
+            .and_then(|i| self.tail.get(i as usize).copied())
+    }
+
+    /// Records an appended entry.
+    fn push(&mut self, index: u64, term: u64, offset: u64) {
+        if self.is_empty() {
+            self.start_offset = offset;
+        }
+        self.last_index = index;
+        self.terms.push(index, term);
+        self.tail.push_back(offset);
+        if self.tail.len() > TAIL_OFFSETS {
+            self.tail.pop_front();
+        }
+    }
+
+    /// Forgets entries from `index` on.
+    fn truncate_from(&mut self, index: u64) {
+        let dropped = (self.last_index + 1).saturating_sub(index);
+        let keep = self.tail.len().saturating_sub(dropped as usize);
+        self.tail.truncate(keep);
+        self.terms.truncate_from(index);
+        self.last_index = self.last_index.min(index - 1);
+        self.cache.retain(|e| e.index < index);
     }
 }
 
@@ -110,41 +178,27 @@ pub struct RaftLog {
 }
 
 impl RaftLog {
-    /// Loads the state file and indexes the entries already in `log`. If opening the log
-    /// lost entries this replica may have acknowledged, records durably that it is
-    /// recovering and what it promised (see [`super::lost_entries`]), and only then releases
-    /// the corruption marker that reported the loss. Blocking.
+    /// Loads the state file and finds the entries already in `log`: the first and the last
+    /// by lookups, the term checkpoints from the file a clean close left or by bisection (see
+    /// the module docs). If opening the log lost entries this replica may have acknowledged,
+    /// records durably that it is recovering and what it promised (see
+    /// [`super::lost_entries`]), and only then releases the corruption marker that reported
+    /// the loss. Blocking.
     pub fn open(log: Arc<PartitionLog>) -> Result<RaftLog, ReplicaError> {
         let dir = log.dir().to_path_buf();
         let mut state = RaftStateFile::load(&dir)?;
-        let mut entries = VecDeque::new();
-        let mut expected = state.snapshot_index + 1;
-        let mut problem = None;
-        let start = log
-            .log_start_offset()
-            .max(state.snapshot_offset.min(log.log_end_offset()));
-        log.for_each_batch_header(start, |h| {
-            if h.raft_index < expected {
-                return true; // below the snapshot point: compacted for Raft, not yet deleted
-            }
-            if h.raft_index != expected {
-                problem = Some(format!(
-                    "expected raft index {expected} at offset {}, found {}",
-                    h.base_offset, h.raft_index
-                ));
-                return false;
-            }
-            entries.push_back((h.base_offset, h.leader_epoch));
-            expected += 1;
-            true
-        })?;
-        if let Some(reason) = problem {
-            return Err(ReplicaError::Inconsistent { dir, reason });
-        }
+        let stored = terms::take(&dir)?;
+        let found = find_entries(&log, &state, stored)?;
+        let (last, start_offset, terms) = match found {
+            Some(f) => f,
+            None => (state.snapshot_index, log.log_end_offset(), Terms::default()),
+        };
+        let last_term = terms
+            .last_term()
+            .filter(|_| last > state.snapshot_index)
+            .unwrap_or(state.snapshot_term);
         // A commit stored ahead of what survived (flush policy `os`, or a cut tail) cannot
         // be honoured; Raft must not be told about entries it does not have.
-        let last = state.snapshot_index + entries.len() as u64;
-        let last_term = entries.back().map_or(state.snapshot_term, |e| e.1);
         let lost = lost_acknowledged_entries(&log, &state, last);
         if state.hard_state.commit > last {
             tracing::warn!(dir = %dir.display(), stored = state.hard_state.commit, last, "stored commit index is past the log; lowering it");
@@ -172,7 +226,10 @@ impl RaftLog {
             inner: Arc::new(RwLock::new(Inner {
                 applied: 0,
                 state,
-                entries,
+                last_index: last,
+                start_offset,
+                terms,
+                tail: VecDeque::new(),
                 cache: VecDeque::new(),
                 retired: false,
                 persisted: last,
@@ -222,7 +279,7 @@ impl RaftLog {
     pub fn last_entry(&self) -> Promise {
         let inner = self.read();
         Promise {
-            term: inner.entries.back().map_or(inner.state.snapshot_term, |e| e.1),
+            term: inner.last_term(),
             index: inner.last_index(),
         }
     }
@@ -253,18 +310,16 @@ impl RaftLog {
             });
         }
         if first.index <= inner.last_index() {
-            let keep = (first.index - inner.first_index()) as usize;
-            let (offset, _) = inner.entries[keep];
+            let offset = self.offset_in(&inner, first.index)?;
             self.log.truncate_to(offset)?;
-            inner.entries.truncate(keep);
-            inner.cache.retain(|e| e.index < first.index);
+            inner.truncate_from(first.index);
             inner.persisted = inner.persisted.min(first.index - 1);
         }
         let limit = self.log.max_batch_bytes();
         for e in entries {
             let batch = entry::to_batch(e, limit, origin)?;
             let info = self.log.append_validated_stamped_unsynced(&batch, e.term, e.index)?;
-            inner.entries.push_back((info.base_offset, e.term));
+            inner.push(e.index, e.term, info.base_offset);
             inner.cache.push_back(e.clone());
         }
         while inner.cache.len() > MAX_CACHED_ENTRIES {
@@ -307,6 +362,49 @@ impl RaftLog {
     /// index): at a clean shutdown, and before a reopening.
     pub fn flush_state(&self) -> Result<(), ReplicaError> {
         self.store_state(&self.read())
+    }
+
+    /// Closes the partition log cleanly, then stores the Raft state: the stored commit never
+    /// covers entries that are not on disk. Blocking; once nothing appends any more.
+    ///
+    /// The term checkpoints are stored first, so that the partition log's clean-shutdown
+    /// marker, written last by its close, vouches for them too (see [`terms`]).
+    pub fn close(&self) -> Result<(), ReplicaError> {
+        let inner = self.write();
+        if inner.retired {
+            return Err(LogError::Closed.into());
+        }
+        let stored = terms::Stored {
+            end_index: inner.last_index() + 1,
+            end_offset: self.log.log_end_offset(),
+            terms: inner.terms.clone(),
+        };
+        terms::store(&self.dir, &stored)?;
+        self.log.close()?;
+        self.store_state(&inner)
+    }
+
+    /// The offset of entry `index`, which must be in the log: from memory for the first and
+    /// recent entries, else by a lookup in the log's batch headers.
+    fn offset_in(&self, inner: &Inner, index: u64) -> Result<u64, ReplicaError> {
+        if let Some(offset) = inner.known_offset(index) {
+            return Ok(offset);
+        }
+        let found = if inner.is_empty() || index < inner.first_index() || index > inner.last_index() {
+            None
+        } else {
+            self.log
+                .find_raft_entry(index)?
+                .filter(|h| h.base_offset > inner.start_offset)
+        };
+        found.map(|h| h.base_offset).ok_or_else(|| ReplicaError::Inconsistent {
+            dir: self.dir.clone(),
+            reason: format!(
+                "no batch carries raft index {index} (entries {} to {})",
+                inner.first_index(),
+                inner.last_index()
+            ),
+        })
     }
 
     /// Stores `inner`'s state durably, unless this object was retired.
@@ -366,8 +464,23 @@ impl RaftLog {
     /// Offset of the batch that carries entry `index`, if it is in the log.
     pub fn offset_of(&self, index: u64) -> Option<u64> {
         let inner = self.read();
-        let i = index.checked_sub(inner.first_index())?;
-        inner.entries.get(i as usize).map(|e| e.0)
+        if inner.is_empty() || index < inner.first_index() || index > inner.last_index() {
+            return None;
+        }
+        self.offset_in(&inner, index)
+            .inspect_err(
+                |e| tracing::warn!(dir = %self.dir.display(), index, error = %e, "cannot find a raft entry's offset"),
+            )
+            .ok()
+    }
+
+    /// The offset of the first entry, or the log end while the log holds none.
+    fn start_offset(&self, inner: &Inner) -> u64 {
+        if inner.is_empty() {
+            self.log.log_end_offset()
+        } else {
+            inner.start_offset
+        }
     }
 
     pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), ReplicaError> {
@@ -379,13 +492,22 @@ impl RaftLog {
 
     /// Offset below which entries up to `index` lie: what a consumer may read once `index` is
     /// committed.
+    /// A lookup that fails answers the first entry's offset: never more than is committed.
     pub fn offset_after(&self, index: u64) -> u64 {
         let inner = self.read();
         if index < inner.first_index() {
-            return inner.entries.front().map_or(self.log.log_end_offset(), |e| e.0);
+            return self.start_offset(&inner);
         }
-        let next = (index + 1 - inner.first_index()) as usize;
-        inner.entries.get(next).map_or(self.log.log_end_offset(), |e| e.0)
+        if index >= inner.last_index() {
+            return self.log.log_end_offset();
+        }
+        match self.offset_in(&inner, index + 1) {
+            Ok(offset) => offset,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), index, error = %e, "cannot find a raft entry's offset");
+                inner.start_offset
+            }
+        }
     }
 
     /// Applies retention without losing what Raft needs: only committed entries are removed,
@@ -403,24 +525,42 @@ impl RaftLog {
     /// below the new start. Returns the number of entries compacted.
     pub fn compact_below(&self, cutoff: u64) -> Result<usize, ReplicaError> {
         let mut inner = self.write();
-        let committed = inner.state.hard_state.commit.min(inner.applied);
-        let removable = inner
-            .entries
-            .iter()
-            .enumerate()
-            .take_while(|(i, (offset, _))| *offset < cutoff && inner.first_index() + (*i as u64) <= committed)
-            .count();
-        if removable == 0 {
+        if inner.is_empty() {
             return Ok(0);
         }
-        let start_offset = inner.entries.get(removable).map_or(self.log.log_end_offset(), |e| e.0);
-        let (_, term) = inner.entries[removable - 1];
-        inner.state.snapshot_index += removable as u64;
+        let committed = inner.state.hard_state.commit.min(inner.applied);
+        // Entries in batches below the cutoff: those before the batch the cutoff starts.
+        let below_cutoff = match self.log.batch_header_at(cutoff)? {
+            Some(h) => h.raft_index.saturating_sub(1),
+            None => inner.last_index(),
+        };
+        let last_removed = below_cutoff.min(committed).min(inner.last_index());
+        if last_removed < inner.first_index() {
+            return Ok(0);
+        }
+        let removable = (last_removed + 1 - inner.first_index()) as usize;
+        let start_offset = if last_removed == inner.last_index() {
+            self.log.log_end_offset()
+        } else {
+            self.offset_in(&inner, last_removed + 1)?
+        };
+        let term = inner
+            .terms
+            .term_of(last_removed)
+            .ok_or_else(|| ReplicaError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!("no term known for entry {last_removed}"),
+            })?;
+        inner.state.snapshot_index = last_removed;
         inner.state.snapshot_term = term;
         inner.state.snapshot_offset = start_offset;
         self.store_state(&inner)?;
-        inner.entries.drain(..removable);
         let first = inner.first_index();
+        inner.start_offset = start_offset;
+        inner.terms.trim_before(first);
+        let tail_first = inner.last_index() + 1 - inner.tail.len() as u64;
+        let stale = (first.saturating_sub(tail_first) as usize).min(inner.tail.len());
+        inner.tail.drain(..stale);
         inner.cache.retain(|e| e.index >= first);
         drop(inner);
         self.log.delete_segments_before(start_offset)?;
@@ -461,10 +601,81 @@ impl RaftLog {
         // Recorded first: if the reset below is interrupted, open skips what is left.
         self.store_state(&inner)?;
         self.log.truncate_fully_and_start_at(offset)?;
-        inner.entries.clear();
+        inner.last_index = meta.index;
+        inner.start_offset = offset;
+        inner.terms.clear();
+        inner.tail.clear();
         inner.cache.clear();
         Ok(())
     }
+}
+
+/// The entries `log` holds after the snapshot point: the last one's index, the first one's
+/// offset and the term checkpoints; `None` if it holds none. Reads the first and last
+/// entries' headers and trusts a clean close's checkpoint file if it describes this very log
+/// (see [`terms`]); otherwise rebuilds the checkpoints by bisection. Gaps in the Raft indexes
+/// are found where a lookup lands on one (at the ends, at every probe of a rebuild, and at
+/// every read of entries), not by reading every header.
+fn find_entries(
+    log: &PartitionLog,
+    state: &RaftStateFile,
+    stored: Option<terms::Stored>,
+) -> Result<Option<(u64, u64, Terms)>, ReplicaError> {
+    let inconsistent = |reason: String| ReplicaError::Inconsistent {
+        dir: log.dir().to_path_buf(),
+        reason,
+    };
+    let first = state.snapshot_index + 1;
+    // Batches below the snapshot point may still be there: compacted for Raft, not yet
+    // deleted.
+    let start = log
+        .log_start_offset()
+        .max(state.snapshot_offset.min(log.log_end_offset()));
+    let last = log
+        .last_batch_header()?
+        .filter(|h| h.base_offset >= start && h.raft_index >= first);
+    let Some(last) = last else {
+        return Ok(None);
+    };
+    let head = log
+        .find_raft_entry(first)?
+        .filter(|h| h.base_offset >= start)
+        .ok_or_else(|| {
+            inconsistent(format!(
+                "the last batch carries raft index {}, but none at or after offset {start} carries {first}, the first after the snapshot point",
+                last.raft_index
+            ))
+        })?;
+    // Every batch takes at least one offset: more entries than offsets means a gap.
+    let entries = last.raft_index - first;
+    if last
+        .base_offset
+        .checked_sub(head.base_offset)
+        .is_none_or(|d| d < entries)
+    {
+        return Err(inconsistent(format!(
+            "raft indexes {first} to {} lie at offsets {} to {}",
+            last.raft_index, head.base_offset, last.base_offset
+        )));
+    }
+    let trusted = stored.filter(|s| {
+        log.opened_clean()
+            && s.end_index == last.raft_index + 1
+            && s.end_offset == log.log_end_offset()
+            && s.terms.term_of(first) == Some(head.leader_epoch)
+            && s.terms.last_term() == Some(last.leader_epoch)
+    });
+    let from_file = trusted.is_some();
+    let terms = match trusted {
+        Some(s) => {
+            let mut terms = s.terms;
+            terms.trim_before(first);
+            terms
+        }
+        None => terms::rebuild(log, &head, &last)?,
+    };
+    tracing::debug!(dir = %log.dir().display(), first, last = last.raft_index, terms = terms.len(), from_file, "found raft entries");
+    Ok(Some((last.raft_index, head.base_offset, terms)))
 }
 
 /// What opening `log` says this replica may have acknowledged and no longer holds, as the
@@ -555,19 +766,23 @@ impl Storage for RaftLog {
             }
             return Ok(out);
         }
+        if low >= high {
+            return Ok(out);
+        }
         let mut next = low;
+        // A leader whose log was quarantined or poisoned meanwhile sends nothing rather than
+        // fail: raft-rs treats any other storage error as fatal, and the owner stops the
+        // replica at its next round (see `Owner::run`).
+        let unavailable = |e: ReplicaError| {
+            if context.can_async() && self.log.is_poisoned() {
+                raft::Error::Store(StorageError::LogTemporarilyUnavailable)
+            } else {
+                store_error(e)
+            }
+        };
+        let mut offset = self.offset_in(&inner, low).map_err(unavailable)?;
         while next < high {
-            let (offset, _) = inner.entries[(next - inner.first_index()) as usize];
-            let bytes = self.log.read(offset, 1 << 20).map_err(|e| {
-                // A leader whose log was quarantined or poisoned meanwhile sends nothing
-                // rather than fail: raft-rs treats any other storage error as fatal, and the
-                // owner stops the replica at its next round (see `Owner::run`).
-                if context.can_async() && self.log.is_poisoned() {
-                    raft::Error::Store(StorageError::LogTemporarilyUnavailable)
-                } else {
-                    store_error(e)
-                }
-            })?;
+            let bytes = self.log.read(offset, 1 << 20).map_err(|e| unavailable(e.into()))?;
             for batch in BatchIter::new(bytes) {
                 let batch = batch.map_err(store_error)?;
                 let entry = entry::from_batch(&batch).map_err(store_error)?;
@@ -582,6 +797,7 @@ impl Storage for RaftLog {
                     return Ok(out);
                 }
                 out.push(entry);
+                offset = batch.header().next_offset();
                 next += 1;
                 if next == high {
                     break;
@@ -602,7 +818,12 @@ impl Storage for RaftLog {
         if idx > inner.last_index() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        Ok(inner.entries[(idx - inner.first_index()) as usize].1)
+        inner.terms.term_of(idx).ok_or_else(|| {
+            store_error(ReplicaError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!("no term known for entry {idx}"),
+            })
+        })
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -621,7 +842,7 @@ impl Storage for RaftLog {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let mut snapshot = Snapshot::default();
-        let start = inner.entries.front().map_or(self.log.log_end_offset(), |e| e.0);
+        let start = self.start_offset(&inner);
         let mut data = start.to_le_bytes().to_vec();
         if let Some(state) = &self.state {
             // A follower this far behind cannot replay the records it lacks: it gets the
@@ -640,5 +861,9 @@ impl Storage for RaftLog {
     }
 }
 
+pub(crate) mod terms;
+
+#[cfg(test)]
+mod open_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use raft::eraftpb::EntryType;
 
 use super::*;
 
-fn config() -> LogConfig {
+pub(super) fn config() -> LogConfig {
     LogConfig {
         segment_bytes: 4096,
         index_interval_bytes: 256,
@@ -18,13 +18,13 @@ fn config() -> LogConfig {
     }
 }
 
-fn open(dir: &std::path::Path) -> RaftLog {
+pub(super) fn open(dir: &std::path::Path) -> RaftLog {
     let log = PartitionLog::open(dir, config()).expect("partition log");
     RaftLog::open(Arc::new(log)).expect("raft log")
 }
 
 /// Entry `index` of `term`: a client batch, a leader no-op every 10th, a conf change every 25th.
-fn entry(index: u64, term: u64) -> Entry {
+pub(super) fn entry(index: u64, term: u64) -> Entry {
     let mut e = Entry {
         index,
         term,
@@ -51,18 +51,18 @@ fn entry(index: u64, term: u64) -> Entry {
     e
 }
 
-fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+pub(super) fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
     range.map(|i| entry(i, term)).collect()
 }
 
-fn read_all(raft: &RaftLog) -> Vec<Entry> {
+pub(super) fn read_all(raft: &RaftLog) -> Vec<Entry> {
     let (first, last) = (raft.first_index().expect("first"), raft.last_index().expect("last"));
     raft.entries(first, last + 1, None, GetEntriesContext::empty(false))
         .expect("entries")
 }
 
 /// Equal entries; a client batch is compared past the prefix the log stamps.
-fn same(a: &Entry, b: &Entry) -> bool {
+pub(super) fn same(a: &Entry, b: &Entry) -> bool {
     let body = |e: &Entry| match e.get_entry_type() {
         EntryType::EntryNormal if !e.data.is_empty() => e.data.slice(STAMPED_LEN..),
         _ => e.data.clone(),
