@@ -89,6 +89,8 @@ pub struct Metrics {
     pub partition_failures: Counter,
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
+    /// The broker's queued-produce-bytes budget, set when the server starts.
+    pub produce_queue: std::sync::OnceLock<Arc<crate::byte_budget::ByteBudget>>,
 }
 
 impl Metrics {
@@ -223,6 +225,15 @@ impl Metrics {
                     p.topic, p.index, f.id, f.lag
                 );
             }
+        }
+        if let Some(budget) = self.produce_queue.get() {
+            let name = "conveyor_produce_queued_bytes";
+            gauge_header(
+                &mut out,
+                name,
+                "Bytes of produce requests the broker holds: admitted from their length prefix, not answered yet",
+            );
+            let _ = writeln!(out, "{name} {}", budget.held());
         }
         let name = "conveyor_partitions_stopped";
         gauge_header(

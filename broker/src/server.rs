@@ -19,9 +19,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::admin::AdminService;
+use crate::api::admission::Admission;
 use crate::api::fetch::FetchService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
+use crate::byte_budget::{ByteBudget, MAX_WAIT};
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
@@ -66,6 +68,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         data_dir: node.data_dir.clone(),
         defaults: config.topic_defaults(),
         queue_depth: config.limits.partition_queue_depth,
+        queue_bytes: config.limits.partition_queue_bytes.0 as usize,
         max_partitions: config.limits.max_partitions_per_topic,
         join: config.cluster.join,
     };
@@ -112,6 +115,12 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     ));
 
     let max = config.limits.max_request_bytes.0 as usize;
+    let produce_queue = Arc::new(ByteBudget::new(
+        config.limits.produce_queue_bytes.0 as usize,
+        MAX_WAIT,
+        "the broker's queued produce bytes ([limits] produce_queue_bytes)",
+    ));
+    let _ = metrics.produce_queue.set(Arc::clone(&produce_queue));
     let serving = Serving {
         transport: Arc::clone(&transport),
     };
@@ -132,11 +141,15 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
         )
-        .add_service(InterceptedService::new(
-            ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            serving.clone(),
+        .add_service(Admission::new(
+            InterceptedService::new(
+                ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                serving.clone(),
+            ),
+            produce_queue,
+            max,
         ))
         .add_service(InterceptedService::new(
             FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })

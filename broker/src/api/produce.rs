@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use conveyor_proto::v1::produce_server::Produce;
@@ -26,7 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
-use super::inflate_budget::{self, InflateBudget};
+use super::admission::Admitted;
+use super::inflate_budget;
+use crate::byte_budget::{MAX_WAIT, Reservation};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
@@ -241,7 +243,7 @@ impl ProduceService {
             };
             // The share stays with the job until its inflated buffers are gone, even if this
             // request is cancelled meanwhile.
-            let checked = InflateBudget::shared()
+            let checked = inflate_budget::shared()
                 .run_blocking(inflating, what, move |_| Ok(check(parts)))
                 .await;
             match checked {
@@ -251,8 +253,13 @@ impl ProduceService {
                 Err(error) => {
                     let reason = error.to_string();
                     let again = move || match &error {
-                        BrokerError::DecompressionBusy { what, waited_ms } => BrokerError::DecompressionBusy {
+                        BrokerError::Busy {
+                            what,
+                            memory,
+                            waited_ms,
+                        } => BrokerError::Busy {
                             what: what.clone(),
+                            memory: memory.clone(),
                             waited_ms: *waited_ms,
                         },
                         _ => BrokerError::Internal(reason.clone()),
@@ -295,12 +302,17 @@ impl ProduceService {
             .collect()
     }
 
-    /// Queues every valid part, in order, waiting while a partition's mailbox is full.
-    async fn enqueue(acks: Acks, parts: Vec<Prepared>) -> Vec<Queued> {
+    /// Queues every valid part, in order, waiting while a partition's mailbox or queued
+    /// bytes are full (at most `wait`, then that part is answered `BUSY`). Every part holds
+    /// the message's `share` of the broker's queued bytes until it is answered.
+    async fn enqueue(acks: Acks, parts: Vec<Prepared>, share: &Reservation, wait: Option<Duration>) -> Vec<Queued> {
         let mut out = Vec::with_capacity(parts.len());
         for part in parts {
             out.push(match part {
-                Ok((partition, batches, order)) => match partition.enqueue(batches, acks, order).await {
+                Ok((partition, batches, order)) => match partition
+                    .enqueue(batches, acks, order, vec![share.clone()], wait)
+                    .await
+                {
                     Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
                     Err(error) => Err(Failed {
                         topic: partition.topic.clone(),
@@ -376,6 +388,7 @@ impl Produce for ProduceService {
         let started = Instant::now();
         let metrics = &self.ctx.metrics;
         metrics.produce_requests.add(1);
+        let share = Admitted::of(&request).next();
         let req = request.into_inner();
         let request_id = req.request_id;
         let acks = Self::check_request(&req).map_err(|e| {
@@ -391,7 +404,9 @@ impl Produce for ProduceService {
             metrics.request_errors.add(1);
             return Err(error.into());
         }
-        let parts = Self::enqueue(acks, parts).await;
+        let parts = Self::enqueue(acks, parts, &share, Some(MAX_WAIT)).await;
+        // The appends hold the share now; what is left of the request is gone.
+        drop(share);
         let response = Self::collect(request_id, parts).await;
         metrics.produce_latency.observe(started.elapsed());
         Ok(Response::new(response))
@@ -403,6 +418,7 @@ impl Produce for ProduceService {
         &self,
         request: Request<Streaming<ProduceRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStreamStream>, Status> {
+        let admitted = Admitted::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_RESPONSE_BUFFER);
         let service = self.clone();
@@ -417,8 +433,8 @@ impl Produce for ProduceService {
                     // Shutting down: take no more requests; answers in flight still go out.
                     _ = stopping.wait_for(|s| *s) => break,
                 };
-                let req = match next {
-                    Some(Ok(r)) => r,
+                let (req, share) = match next {
+                    Some(Ok(r)) => (r, admitted.next()),
                     Some(Err(status)) => {
                         tracing::debug!(%status, "produce stream ended by the client");
                         break;
@@ -434,8 +450,11 @@ impl Produce for ProduceService {
                 let request_id = req.request_id;
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let parts =
-                            ProduceService::enqueue(acks, service.prepare(req, Some(&mut sequences)).await).await;
+                        let prepared = service.prepare(req, Some(&mut sequences)).await;
+                        // Waits while the partitions' queued bytes are full: the stream reads
+                        // nothing meanwhile, and flow control holds its client.
+                        let parts = ProduceService::enqueue(acks, prepared, &share, None).await;
+                        drop(share);
                         let tx = tx.clone();
                         tokio::spawn(async move {
                             let response = ProduceService::collect(request_id, parts).await;

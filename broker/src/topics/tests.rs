@@ -47,6 +47,7 @@ fn open_registry(data_dir: &Path) -> Arc<Registry> {
         data_dir: data_dir.to_path_buf(),
         defaults: TopicDefaults::from_section(&crate::config::LogSection::default()),
         queue_depth: 16,
+        queue_bytes: 1 << 20,
         max_partitions: 16,
         join: false,
     };
