@@ -31,8 +31,13 @@ use crate::topics::{Registry, RegistryOptions};
 use crate::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 
+/// What a client may send on one stream, and on one connection, before the broker has read
+/// it: bytes the broker holds, in HTTP/2 buffers, outside `[limits] produce_queue_bytes`. A
+/// connection's window is one stream's, so a client with one stream per connection (as
+/// ours) runs as fast as before, while a connection carrying a thousand streams still holds
+/// at most 16 MiB unread.
 const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
-const HTTP2_CONNECTION_WINDOW: u32 = 64 << 20;
+const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// How often partitions on the `interval` flush policy are checked.
 const FLUSH_TICK: Duration = Duration::from_millis(50);
