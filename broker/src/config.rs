@@ -241,7 +241,8 @@ impl BrokerConfig {
             "[limits] partition_queue_depth must be positive"
         );
         anyhow::ensure!(
-            self.limits.partition_queue_bytes.0 >= MIN_QUEUE_BYTES && self.limits.produce_queue_bytes.0 >= MIN_QUEUE_BYTES,
+            self.limits.partition_queue_bytes.0 >= MIN_QUEUE_BYTES
+                && self.limits.produce_queue_bytes.0 >= MIN_QUEUE_BYTES,
             "[limits] partition_queue_bytes and produce_queue_bytes must be at least 1KiB"
         );
         anyhow::ensure!(
@@ -302,7 +303,10 @@ mod tests {
         assert_eq!(parsed.log.flush, defaults.log.flush);
         assert_eq!(parsed.log.scrub_bytes_per_second, defaults.log.scrub_bytes_per_second);
         assert_eq!(parsed.log.scrub_interval, defaults.log.scrub_interval);
-        assert_eq!(parsed.limits.partition_queue_bytes, defaults.limits.partition_queue_bytes);
+        assert_eq!(
+            parsed.limits.partition_queue_bytes,
+            defaults.limits.partition_queue_bytes
+        );
         assert_eq!(parsed.limits.produce_queue_bytes, defaults.limits.produce_queue_bytes);
     }
 

@@ -151,10 +151,12 @@ pub enum BrokerError {
         "another membership change is running: {progress}; wait for it to finish (repeat that command to follow it), then retry"
     )]
     MembershipBusy { progress: String },
-    #[error(
-        "the broker is busy: {what} waited {waited_ms} ms for {memory} held by other requests; retry shortly"
-    )]
-    Busy { what: String, memory: String, waited_ms: u64 },
+    #[error("the broker is busy: {what} waited {waited_ms} ms for {memory} held by other requests; retry shortly")]
+    Busy {
+        what: String,
+        memory: String,
+        waited_ms: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -351,7 +351,11 @@ impl Partition {
             key,
             transport: Arc::clone(&ctx.transport),
             mailbox: Mutex::new(Some(tx)),
-            queued: ByteBudget::new(ctx.queue_bytes, crate::byte_budget::MAX_WAIT, "the partition's queued produce bytes ([limits] partition_queue_bytes)"),
+            queued: ByteBudget::new(
+                ctx.queue_bytes,
+                crate::byte_budget::MAX_WAIT,
+                "the partition's queued produce bytes ([limits] partition_queue_bytes)",
+            ),
             control: control_tx,
             high_watermark: hw_rx,
             status: status_rx,

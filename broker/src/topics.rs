@@ -676,7 +676,10 @@ impl Registry {
         let bytes = builder.build().map_err(|e| internal(&e))?;
         let batch = ValidatedBatch::new(bytes, metadata_config().max_batch_bytes).map_err(|e| internal(&e))?;
         let committed = tokio::time::timeout_at(deadline, async {
-            let reply = self.metadata.enqueue(vec![batch], Acks::All, None, Vec::new(), None).await?;
+            let reply = self
+                .metadata
+                .enqueue(vec![batch], Acks::All, None, Vec::new(), None)
+                .await?;
             reply.await.map_err(|_| BrokerError::ShuttingDown)?
         })
         .await;

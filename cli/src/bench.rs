@@ -141,7 +141,14 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     anyhow::ensure!(args.records > 0, "--records must be positive");
     anyhow::ensure!(args.producers > 0, "--producers must be positive");
     anyhow::ensure!(args.rate != Some(0), "--rate must be positive");
-    ensure_topic(client, &args.topic, args.partitions, args.replication_factor, &args.configs).await?;
+    ensure_topic(
+        client,
+        &args.topic,
+        args.partitions,
+        args.replication_factor,
+        &args.configs,
+    )
+    .await?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let work = async {
         match cmd {

@@ -63,7 +63,10 @@ struct Tally {
 
 impl Tally {
     fn error(&self, e: String) {
-        let mut first = self.first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         first.get_or_insert(e);
     }
 }
@@ -102,7 +105,10 @@ fn framed_request(args: &FloodArgs) -> Bytes {
 }
 
 pub async fn run(client: &Client, address: &str, args: FloodArgs, format: Format) -> anyhow::Result<()> {
-    anyhow::ensure!(args.streams > 0 && args.connections > 0, "--streams and --connections must be positive");
+    anyhow::ensure!(
+        args.streams > 0 && args.connections > 0,
+        "--streams and --connections must be positive"
+    );
     crate::bench::ensure_topic(client, &args.topic, args.partitions, 1, &[]).await?;
     let request = framed_request(&args);
     let tally = Arc::new(Tally::default());
@@ -126,7 +132,10 @@ pub async fn run(client: &Client, address: &str, args: FloodArgs, format: Format
         "flood did not finish within {}s (--timeout-secs)",
         args.timeout_secs
     );
-    let (sent, answered) = (tally.sent.load(Ordering::Relaxed), tally.answered.load(Ordering::Relaxed));
+    let (sent, answered) = (
+        tally.sent.load(Ordering::Relaxed),
+        tally.answered.load(Ordering::Relaxed),
+    );
     let failed_parts = tally.failed_parts.load(Ordering::Relaxed);
     let failed_streams = tally.failed_streams.load(Ordering::Relaxed);
     let first_error = tally

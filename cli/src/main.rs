@@ -2,8 +2,8 @@
 
 mod bench;
 mod cluster;
-mod flood;
 mod consume;
+mod flood;
 mod output;
 mod produce;
 mod time;

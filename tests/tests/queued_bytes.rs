@@ -120,7 +120,8 @@ fn given_queued_produce_bytes_at_their_bound_a_unary_produce_should_be_answered_
     let broker = BrokerProcess::start();
     create_topic(&broker, "q");
     let rt = runtime();
-    rt.block_on(probe(&broker, "q")).expect("a produce succeeds while nothing is queued");
+    rt.block_on(probe(&broker, "q"))
+        .expect("a produce succeeds while nothing is queued");
 
     let stallers: Vec<Staller> = rt.block_on(async {
         let mut out = Vec::new();
@@ -177,7 +178,10 @@ fn given_queued_produce_bytes_at_their_bound_a_produce_stream_should_wait_then_h
     // Another probe waits its full second for a share: the stream had that long to get one.
     until_busy(&rt, &broker, "s");
     let early = deliveries.iter().filter(|d| d.is_finished()).count();
-    assert_eq!(early, 0, "no record of the stream may be appended while the bound is full");
+    assert_eq!(
+        early, 0,
+        "no record of the stream may be appended while the bound is full"
+    );
 
     drop(stallers);
     rt.block_on(async {

@@ -200,7 +200,8 @@ where
                 let take = (PREFIX_LEN - this.prefix.len()).min(this.read.len());
                 this.prefix.extend_from_slice(&this.read.split_to(take));
                 if this.prefix.len() == PREFIX_LEN {
-                    let len = u32::from_be_bytes([this.prefix[1], this.prefix[2], this.prefix[3], this.prefix[4]]) as usize;
+                    let len =
+                        u32::from_be_bytes([this.prefix[1], this.prefix[2], this.prefix[3], this.prefix[4]]) as usize;
                     // tonic refuses a message above its limit as soon as it sees the prefix.
                     let share = if len > this.max_message { 0 } else { len };
                     let what = move || format!("a produce message of {len} bytes");
@@ -314,7 +315,11 @@ mod tests {
         assert_eq!((one.bytes(), two.bytes()), (4 << 10, 2 << 10), "in message order");
         drop(body);
         drop(one);
-        assert_eq!(budget.held(), 2 << 10, "a share stays with its message, not the request");
+        assert_eq!(
+            budget.held(),
+            2 << 10,
+            "a share stays with its message, not the request"
+        );
         drop(two);
         assert_eq!(budget.held(), 0);
     }
@@ -332,7 +337,11 @@ mod tests {
         assert_eq!(detail.code, ErrorCode::Busy as i32);
         assert!(detail.retriable, "{detail:?}");
         assert!(detail.message.contains("produce queue memory"), "{}", detail.message);
-        assert_eq!(read.load(Ordering::SeqCst), 1, "only the frame with the prefix was read");
+        assert_eq!(
+            read.load(Ordering::SeqCst),
+            1,
+            "only the frame with the prefix was read"
+        );
         assert!(next_frame(&mut body).await.is_none(), "nothing after the answer");
         assert_eq!(admitted.next().bytes(), 0, "no share was taken");
         drop(full);
@@ -340,13 +349,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_message_waits_for_its_share_reading_nothing_more_then_passes_on() {
-        let budget = Arc::new(ByteBudget::new(1 << 20, Duration::from_millis(20), "produce queue memory"));
+        let budget = Arc::new(ByteBudget::new(
+            1 << 20,
+            Duration::from_millis(20),
+            "produce queue memory",
+        ));
         let full = budget.reserve(1 << 20, || "others".into()).await.expect("fits");
         let wire = message(512 << 10, 4);
         let frames = vec![wire[..16 << 10].to_vec(), wire[16 << 10..].to_vec()];
         let (mut body, admitted, read) = body(frames, &budget, None);
         let waited = tokio::time::timeout(Duration::from_millis(200), next_frame(&mut body)).await;
-        assert!(waited.is_err(), "a stream waits past the bounded wait rather than failing");
+        assert!(
+            waited.is_err(),
+            "a stream waits past the bounded wait rather than failing"
+        );
         assert_eq!(read.load(Ordering::SeqCst), 1, "nothing more is read while it waits");
         drop(full);
         assert_eq!(read_all(&mut body).await, wire);

@@ -309,17 +309,16 @@ impl ProduceService {
         let mut out = Vec::with_capacity(parts.len());
         for part in parts {
             out.push(match part {
-                Ok((partition, batches, order)) => match partition
-                    .enqueue(batches, acks, order, vec![share.clone()], wait)
-                    .await
-                {
-                    Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
-                    Err(error) => Err(Failed {
-                        topic: partition.topic.clone(),
-                        partition: partition.index,
-                        error,
-                    }),
-                },
+                Ok((partition, batches, order)) => {
+                    match partition.enqueue(batches, acks, order, vec![share.clone()], wait).await {
+                        Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
+                        Err(error) => Err(Failed {
+                            topic: partition.topic.clone(),
+                            partition: partition.index,
+                            error,
+                        }),
+                    }
+                }
                 Err(failed) => Err(failed),
             });
         }
