@@ -2,20 +2,20 @@
 # Peak broker memory (VmHWM from /proc/PID/status) of two builds under two loads, alternating
 # old and new in one run (this machine is noisy and shared: compare ranges, never one run):
 #   produce: 8 producers push RECORDS 100-byte records (conveyor bench produce, acks=all);
-#   flood:   STREAMS concurrent produce streams over CONNECTIONS connections, each sending one
-#            16 MiB request (conveyor bench flood; the old CLI has none, so the new CLI floods
-#            both builds).
+#   flood:   STREAMS (1000) concurrent produce streams over CONNECTIONS (10) connections, each
+#            sending one 16 MiB request, cut after FLOOD_SECS (60) seconds (conveyor bench
+#            flood; the old CLI has none, so the new CLI floods both builds).
 #
 #   benches/memory.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS] [RECORDS]
 #
 # Each broker runs with the default config on empty data directories. It runs under
-# `ulimit -v CAP_KB` (default 8 GiB of address space) so a build that does not bound its
+# `ulimit -v CAP_KB` (default 4 GiB of address space) so a build that does not bound its
 # memory cannot take a shared machine down: a broker that dies there is reported as such,
 # with the last VmHWM sampled. MODE=produce or MODE=flood runs one load only. Uses ports
 # PORT and PORT+1 on 127.0.0.1 (default 21292).
 set -u
 OLD=$1; NEW=$2; ROUNDS=${3:-2}; N=${4:-10000000}; MODE=${MODE:-all}
-STREAMS=${STREAMS:-1000}; CONNECTIONS=${CONNECTIONS:-10}; CAP_KB=${CAP_KB:-8388608}
+STREAMS=${STREAMS:-1000}; CONNECTIONS=${CONNECTIONS:-10}; CAP_KB=${CAP_KB:-4194304}; FLOOD_SECS=${FLOOD_SECS:-60}
 PORT=${PORT:-21292}; ADDR=127.0.0.1:$PORT
 
 wait_port() {
@@ -41,13 +41,13 @@ run() {
       --records "$N" --record-size 100 2>&1 | grep -E "records/s|error" | head -3)
   else
     out=$(timeout 900 "$NEW/conveyor" --broker "$ADDR" bench flood --topic f --streams "$STREAMS" \
-      --connections "$CONNECTIONS" --request-bytes 16777216 --requests-per-stream 1 2>&1 | head -3)
+      --connections "$CONNECTIONS" --request-bytes 16777216 --requests-per-stream 1 --max-secs "$FLOOD_SECS" 2>&1 | head -3)
   fi
   peak=$(hwm "$pid")
   if [ -z "$peak" ]; then
     peak="$(cat "$d/hwm" 2>/dev/null) (broker died: $(tail -c 300 "$d/log" | tr '\n' ' '))"
   fi
-  echo "$load $tag: VmHWM ${peak} MiB; $out"
+  echo "$load $tag: VmHWM ${peak} MiB; $(echo "$out" | tr '\n' ' ')"
   kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
   rm -rf "$d"
 }

@@ -8,6 +8,11 @@
 //! requests are queued to their partitions in the order they arrive, which keeps
 //! per-partition order across pipelined requests; answers go back as each request meets its
 //! acks.
+//!
+//! Bytes are bounded before tonic reads a message ([`super::admission`], the broker's
+//! `produce_queue_bytes`) and when a part is queued (its partition's `partition_queue_bytes`);
+//! both shares travel with the append and come back when it is answered. A unary request
+//! waits at most [`MAX_WAIT`] for either and is then answered `BUSY`; a stream waits.
 
 use std::collections::HashMap;
 use std::pin::Pin;
