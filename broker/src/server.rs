@@ -32,12 +32,16 @@ use crate::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 
 /// What a client may send on one stream, and on one connection, before the broker has read
-/// it: bytes the broker holds, in HTTP/2 buffers, outside `[limits] produce_queue_bytes`. A
-/// connection's window is one stream's, so a client with one stream per connection (as
-/// ours) runs as fast as before, while a connection carrying a thousand streams still holds
-/// at most 16 MiB unread.
-const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
-const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
+/// it: bytes the broker holds in HTTP/2 buffers, outside `[limits] produce_queue_bytes`.
+/// A produce stream waiting for its share of that budget leaves up to one stream window
+/// unread, and unread data holds the connection's window too: if the waiting streams of a
+/// connection could fill its window, a message admitted on it could never arrive whole and
+/// its share never come back (all of a thousand-stream flood stalled so). So the streams a
+/// connection may open at once, times the stream window, stay below the connection window.
+const HTTP2_STREAM_WINDOW: u32 = 512 << 10;
+const HTTP2_MAX_STREAMS_PER_CONNECTION: u32 = 32;
+const HTTP2_CONNECTION_WINDOW: u32 = 24 << 20;
+const _: () = assert!(HTTP2_STREAM_WINDOW * HTTP2_MAX_STREAMS_PER_CONNECTION < HTTP2_CONNECTION_WINDOW);
 
 /// How often partitions on the `interval` flush policy are checked.
 const FLUSH_TICK: Duration = Duration::from_millis(50);
@@ -130,10 +134,11 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         transport: Arc::clone(&transport),
     };
     let server = tonic::transport::Server::builder()
-        // Large HTTP/2 windows: the default 64 KiB window caps a stream of record batches at a
-        // fraction of loopback bandwidth.
+        // Windows above the 64 KiB default, which caps a stream of record batches at a
+        // fraction of loopback bandwidth; bounded as the constants say.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_concurrent_streams(HTTP2_MAX_STREAMS_PER_CONNECTION)
         .add_service(InterceptedService::new(
             AdminServer::new(AdminService::new(Arc::clone(&ctx))),
             serving.clone(),
