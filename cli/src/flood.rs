@@ -128,7 +128,9 @@ pub async fn run(client: &Client, address: &str, args: FloodArgs, format: Format
     }
     let aborts: Vec<_> = connections.iter().map(|c| c.abort_handle()).collect();
     let all = futures::future::join_all(connections);
-    let finished = tokio::time::timeout(Duration::from_secs(args.max_secs), all).await.is_ok();
+    let finished = tokio::time::timeout(Duration::from_secs(args.max_secs), all)
+        .await
+        .is_ok();
     let elapsed = started.elapsed().as_secs_f64();
     // Cut: the connections close, and the broker drops what it had not answered.
     aborts.iter().for_each(|a| a.abort());
