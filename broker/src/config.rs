@@ -171,11 +171,28 @@ const DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES: u64 = 32 << 20;
 /// The largest a decoded batch may be and still fit in one fetch response with its framing.
 const MAX_UNCOMPRESSED_BATCH_BYTES: u64 = 40 << 20;
 
+/// Queued produce bytes per partition: a hundred and more default-sized producer batches,
+/// far more than one owner round needs to keep the disk busy.
+const DEFAULT_PARTITION_QUEUE_BYTES: u64 = 32 << 20;
+/// Queued produce bytes per broker: one largest request (`max_request_bytes`). With the
+/// HTTP/2 windows (see docs/broker.md) it kept the broker under 512 MiB in a flood of 1,000
+/// streams of 16 MiB requests; 128 MiB did not (526 and 548 MiB).
+const DEFAULT_PRODUCE_QUEUE_BYTES: u64 = 64 << 20;
+/// The smallest queued-bytes bound: the budgets count whole KiB.
+const MIN_QUEUE_BYTES: u64 = 1 << 10;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {
     /// Append requests waiting for one partition; when full, producers wait.
     pub partition_queue_depth: usize,
+    /// Bytes of produce requests queued for one partition (validated, waiting to be appended
+    /// or answered); when full, a stream waits and a unary request is answered `BUSY`.
+    pub partition_queue_bytes: ByteSize,
+    /// Bytes of produce requests the broker holds at once, from the moment a message's
+    /// length prefix is read until its appends are answered; when full, a stream waits
+    /// (HTTP/2 flow control holds its client) and a unary request is answered `BUSY`.
+    pub produce_queue_bytes: ByteSize,
     /// Largest gRPC message accepted.
     pub max_request_bytes: ByteSize,
     pub max_partitions_per_topic: u32,
@@ -191,6 +208,8 @@ impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             partition_queue_depth: 1024,
+            partition_queue_bytes: ByteSize(DEFAULT_PARTITION_QUEUE_BYTES),
+            produce_queue_bytes: ByteSize(DEFAULT_PRODUCE_QUEUE_BYTES),
             max_request_bytes: ByteSize(64 << 20),
             max_partitions_per_topic: 10_000,
             max_fetch_wait: Millis(Duration::from_secs(30)),
@@ -232,6 +251,11 @@ impl BrokerConfig {
         anyhow::ensure!(
             self.limits.partition_queue_depth > 0,
             "[limits] partition_queue_depth must be positive"
+        );
+        anyhow::ensure!(
+            self.limits.partition_queue_bytes.0 >= MIN_QUEUE_BYTES
+                && self.limits.produce_queue_bytes.0 >= MIN_QUEUE_BYTES,
+            "[limits] partition_queue_bytes and produce_queue_bytes must be at least 1KiB"
         );
         anyhow::ensure!(
             self.limits.max_request_bytes.0 > self.log.max_message_bytes.0,
@@ -291,6 +315,22 @@ mod tests {
         assert_eq!(parsed.log.flush, defaults.log.flush);
         assert_eq!(parsed.log.scrub_bytes_per_second, defaults.log.scrub_bytes_per_second);
         assert_eq!(parsed.log.scrub_interval, defaults.log.scrub_interval);
+        assert_eq!(
+            parsed.limits.partition_queue_bytes,
+            defaults.limits.partition_queue_bytes
+        );
+        assert_eq!(parsed.limits.produce_queue_bytes, defaults.limits.produce_queue_bytes);
+    }
+
+    #[test]
+    fn queued_produce_bytes_are_bounded_by_default_and_a_zero_bound_is_refused() {
+        let parsed = BrokerConfig::parse("").expect("defaults");
+        assert_eq!(parsed.limits.partition_queue_bytes.0, 32 << 20);
+        assert_eq!(parsed.limits.produce_queue_bytes.0, 64 << 20);
+        for key in ["partition_queue_bytes", "produce_queue_bytes"] {
+            let err = BrokerConfig::parse(&format!("[limits]\n{key} = \"0B\"\n")).expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

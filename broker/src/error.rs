@@ -151,10 +151,12 @@ pub enum BrokerError {
         "another membership change is running: {progress}; wait for it to finish (repeat that command to follow it), then retry"
     )]
     MembershipBusy { progress: String },
-    #[error(
-        "the broker is busy: {what} waited {waited_ms} ms for decompression memory held by other requests; retry shortly"
-    )]
-    DecompressionBusy { what: String, waited_ms: u64 },
+    #[error("the broker is busy: {what} waited {waited_ms} ms for {memory} held by other requests; retry shortly")]
+    Busy {
+        what: String,
+        memory: String,
+        waited_ms: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -231,7 +233,7 @@ impl BrokerError {
             TimedOut { .. } => (Code::DeadlineExceeded, ErrorCode::TimedOut, true),
             MetadataNotWritten { .. } | MetadataNotApplied { .. } => (Code::Unavailable, ErrorCode::Storage, true),
             MembershipInProgress { .. } => (Code::DeadlineExceeded, ErrorCode::MembershipChanging, true),
-            MembershipBusy { .. } | DecompressionBusy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
+            MembershipBusy { .. } | Busy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
             LeaderNotAvailable { .. } | NoController => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             // Sends the client to the replica that takes over, like a lost leader.
             ReplicaStopped { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),

@@ -10,6 +10,7 @@
 //! - [`api`]: one gRPC service per file (admin, produce, fetch).
 //! - [`peer_admin`]: asking another broker's admin service (forwarded requests).
 //! - [`blocking`]: running blocking work off the reactor.
+//! - [`byte_budget`]: pools of memory in bytes that requests reserve before they hold it.
 //! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
 //!   change lock.
 //! - [`topics`]: the topic registry, the controller group and replica placement.
@@ -30,6 +31,7 @@
 pub mod admin_ops;
 pub mod api;
 pub mod blocking;
+pub mod byte_budget;
 pub mod config;
 pub mod drain;
 pub mod error;

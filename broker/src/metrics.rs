@@ -103,6 +103,8 @@ pub struct Metrics {
     pub partition_failures: Counter,
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
+    /// The broker's queued-produce-bytes budget, set when the server starts.
+    pub produce_queue: std::sync::OnceLock<Arc<crate::byte_budget::ByteBudget>>,
 }
 
 impl Metrics {
@@ -243,7 +245,10 @@ impl Metrics {
         for (name, help, h) in histograms {
             r.register(name, help, h.0.clone());
         }
-        r.register_collector(Box::new(RegistryView { registry }));
+        r.register_collector(Box::new(RegistryView {
+            registry,
+            produce_queue: self.produce_queue.get().cloned(),
+        }));
         r
     }
 }
@@ -252,6 +257,8 @@ impl Metrics {
 #[derive(Debug)]
 struct RegistryView {
     registry: Arc<Registry>,
+    /// The broker's queued-produce-bytes budget (set before the endpoint serves).
+    produce_queue: Option<Arc<crate::byte_budget::ByteBudget>>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -353,6 +360,14 @@ impl Collector for RegistryView {
         )?;
         let unopened: usize = registry.list().iter().map(|t| t.unopened.len()).sum();
         let stopped = statuses.iter().filter(|(_, s)| s.failure.is_some()).count() + unopened;
+        if let Some(budget) = &self.produce_queue {
+            gauge(
+                e,
+                "conveyor_produce_queued_bytes",
+                "Bytes of produce requests the broker holds: admitted from their length prefix, not answered yet",
+                budget.held() as u64,
+            )?;
+        }
         gauge(
             e,
             "conveyor_partitions_stopped",

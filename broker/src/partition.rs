@@ -30,6 +30,7 @@ use raft::eraftpb::ConfState;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::byte_budget::{ByteBudget, Reservation};
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::replica::owner::Owner;
@@ -77,6 +78,10 @@ pub struct AppendRequest {
     /// Set for a numbered part of a produce stream.
     pub order: Option<StreamOrder>,
     pub reply: oneshot::Sender<Result<AppendOutcome>>,
+    /// The shares of byte budgets (the broker's, the partition's) that the batches' memory
+    /// holds: returned when the request is answered, and not before (proposed entries stay
+    /// in memory until they are persisted).
+    pub shares: Vec<Reservation>,
 }
 
 /// Where a numbered produce-stream part stands in its partition's sequence on that stream.
@@ -110,6 +115,9 @@ impl StreamOrder {
 pub struct OpenContext {
     pub node_id: u64,
     pub queue_depth: usize,
+    /// Bytes of produce requests queued for the partition, at most (`[limits]
+    /// partition_queue_bytes`).
+    pub queue_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub runtime: tokio::runtime::Handle,
     pub transport: Arc<Transport>,
@@ -197,6 +205,8 @@ pub struct Partition {
     key: Arc<GroupKey>,
     transport: Arc<Transport>,
     mailbox: Mutex<Option<mpsc::Sender<AppendRequest>>>,
+    /// Bytes of the batches queued or proposed here and not answered yet.
+    queued: ByteBudget,
     control: mpsc::Sender<Control>,
     high_watermark: watch::Receiver<u64>,
     status: watch::Receiver<GroupStatus>,
@@ -358,6 +368,11 @@ impl Partition {
             key,
             transport: Arc::clone(&ctx.transport),
             mailbox: Mutex::new(Some(tx)),
+            queued: ByteBudget::new(
+                ctx.queue_bytes,
+                crate::byte_budget::MAX_WAIT,
+                "the partition's queued produce bytes ([limits] partition_queue_bytes)",
+            ),
             control: control_tx,
             high_watermark: hw_rx,
             status: status_rx,
@@ -546,20 +561,29 @@ impl Partition {
         guard.clone().ok_or(BrokerError::ShuttingDown)
     }
 
-    /// Queues validated batches for appending, waiting while the mailbox is full. The returned
-    /// receiver resolves when the append meets `acks`.
+    /// Queues validated batches for appending, waiting while the mailbox is full and while
+    /// the partition's queued bytes are at their bound: at most `wait` (then `BUSY`), or as
+    /// long as it takes for `None`. `shares` (and the partition's share) are held until the
+    /// append is answered. The returned receiver resolves when the append meets `acks`.
     pub async fn enqueue(
         &self,
         batches: Vec<ValidatedBatch>,
         acks: Acks,
         order: Option<StreamOrder>,
+        mut shares: Vec<Reservation>,
+        wait: Option<Duration>,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
+        let bytes = batches.iter().map(|b| b.bytes().len()).sum();
+        let (topic, index) = (self.topic.clone(), self.index);
+        let what = move || format!("a produce request to topic '{topic}' partition {index}");
+        shares.push(self.queued.acquire(bytes, wait, what).await?);
         let (reply, rx) = oneshot::channel();
         let request = AppendRequest {
             batches,
             acks,
             order,
             reply,
+            shares,
         };
         if let Err(_closed) = self.sender()?.send(request).await {
             let failed = self
@@ -675,6 +699,7 @@ mod tests {
         let ctx = OpenContext {
             node_id: 1,
             queue_depth: 16,
+            queue_bytes: 1 << 20,
             metrics,
             runtime: tokio::runtime::Handle::current(),
             transport,

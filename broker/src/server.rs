@@ -20,9 +20,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::admin::AdminService;
+use crate::api::admission::Admission;
 use crate::api::fetch::FetchService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
+use crate::byte_budget::{ByteBudget, MAX_WAIT};
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
@@ -30,8 +32,17 @@ use crate::topics::{Registry, RegistryOptions};
 use crate::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 
-const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
-const HTTP2_CONNECTION_WINDOW: u32 = 64 << 20;
+/// What a client may send on one stream, and on one connection, before the broker has read
+/// it: bytes the broker holds in HTTP/2 buffers, outside `[limits] produce_queue_bytes`.
+/// A produce stream waiting for its share of that budget leaves up to one stream window
+/// unread, and unread data holds the connection's window too: if the waiting streams of a
+/// connection could fill its window, a message admitted on it could never arrive whole and
+/// its share never come back (all of a thousand-stream flood stalled so). So the streams a
+/// connection may open at once, times the stream window, stay below the connection window.
+const HTTP2_STREAM_WINDOW: u32 = 512 << 10;
+const HTTP2_MAX_STREAMS_PER_CONNECTION: u32 = 32;
+const HTTP2_CONNECTION_WINDOW: u32 = 24 << 20;
+const _: () = assert!(HTTP2_STREAM_WINDOW * HTTP2_MAX_STREAMS_PER_CONNECTION < HTTP2_CONNECTION_WINDOW);
 
 /// How often partitions on the `interval` flush policy are checked.
 const FLUSH_TICK: Duration = Duration::from_millis(50);
@@ -67,6 +78,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         data_dir: node.data_dir.clone(),
         defaults: config.topic_defaults(),
         queue_depth: config.limits.partition_queue_depth,
+        queue_bytes: config.limits.partition_queue_bytes.0 as usize,
         max_partitions: config.limits.max_partitions_per_topic,
         join: config.cluster.join,
         snapshot_every_records: config.cluster.metadata_snapshot_records,
@@ -94,6 +106,13 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let produce_queue = Arc::new(ByteBudget::new(
+        config.limits.produce_queue_bytes.0 as usize,
+        MAX_WAIT,
+        "the broker's queued produce bytes ([limits] produce_queue_bytes)",
+    ));
+    // Set before the metrics endpoint starts: it reads the budget once, when it starts.
+    let _ = metrics.produce_queue.set(Arc::clone(&produce_queue));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
         Arc::clone(&metrics),
@@ -119,10 +138,11 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
         transport: Arc::clone(&transport),
     };
     let server = tonic::transport::Server::builder()
-        // Large HTTP/2 windows: the default 64 KiB window caps a stream of record batches at a
-        // fraction of loopback bandwidth.
+        // Windows above the 64 KiB default, which caps a stream of record batches at a
+        // fraction of loopback bandwidth; bounded as the constants say.
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_concurrent_streams(HTTP2_MAX_STREAMS_PER_CONNECTION)
         .add_service(InterceptedService::new(
             AdminServer::new(AdminService::new(Arc::clone(&ctx))),
             serving.clone(),
@@ -135,11 +155,15 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
         )
-        .add_service(InterceptedService::new(
-            ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            serving.clone(),
+        .add_service(Admission::new(
+            InterceptedService::new(
+                ProduceServer::new(ProduceService { ctx: Arc::clone(&ctx) })
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                serving.clone(),
+            ),
+            produce_queue,
+            max,
         ))
         .add_service(InterceptedService::new(
             FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })

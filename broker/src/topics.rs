@@ -120,6 +120,8 @@ pub struct RegistryOptions {
     pub data_dir: PathBuf,
     pub defaults: TopicDefaults,
     pub queue_depth: usize,
+    /// Bytes of produce requests queued per partition, at most.
+    pub queue_bytes: usize,
     pub max_partitions: u32,
     /// Started to join a running cluster: the controller group is not bootstrapped here but
     /// learned from its leader once `conveyor cluster add-node` adds this broker.
@@ -329,6 +331,7 @@ impl Registry {
         let ctx = OpenContext {
             node_id: u64::from(options.node_id),
             queue_depth: options.queue_depth,
+            queue_bytes: options.queue_bytes,
             metrics: Arc::clone(&metrics),
             runtime: runtime.clone(),
             transport: Arc::clone(&transport),
@@ -474,6 +477,7 @@ impl Registry {
         OpenContext {
             node_id: u64::from(self.options.node_id),
             queue_depth: self.options.queue_depth,
+            queue_bytes: self.options.queue_bytes,
             metrics: Arc::clone(&self.metrics),
             runtime: self.runtime.clone(),
             transport: Arc::clone(&self.transport),
@@ -675,7 +679,10 @@ impl Registry {
         let bytes = builder.build().map_err(|e| internal(&e))?;
         let batch = ValidatedBatch::new(bytes, metadata_config().max_batch_bytes).map_err(|e| internal(&e))?;
         let committed = tokio::time::timeout_at(deadline, async {
-            let reply = self.metadata.enqueue(vec![batch], Acks::All, None).await?;
+            let reply = self
+                .metadata
+                .enqueue(vec![batch], Acks::All, None, Vec::new(), None)
+                .await?;
             reply.await.map_err(|_| BrokerError::ShuttingDown)?
         })
         .await;

@@ -38,6 +38,9 @@ pub enum BenchCommand {
     Consume(BenchArgs),
     /// Produce and consume at once; report latency from send to receive.
     E2e(BenchArgs),
+    /// Open many produce streams at once, each sending large requests, to see what a broker
+    /// holds in memory under a flood; stops after the requests are answered.
+    Flood(crate::flood::FloodArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -107,14 +110,20 @@ fn progress(total: u64, label: &str) -> ProgressBar {
     bar
 }
 
-async fn ensure_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
-    match client.admin().describe_topic(&args.topic).await {
+pub(crate) async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: i32,
+    replication_factor: i32,
+    configs: &[(String, String)],
+) -> anyhow::Result<()> {
+    match client.admin().describe_topic(topic).await {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(conveyor_client::proto::ErrorCode::UnknownTopic) => {
-            let configs: Vec<(&str, &str)> = args.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let configs: Vec<(&str, &str)> = configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             client
                 .admin()
-                .create_replicated_topic(&args.topic, args.partitions, args.replication_factor, &configs)
+                .create_replicated_topic(topic, partitions, replication_factor, &configs)
                 .await?;
             Ok(())
         }
@@ -122,23 +131,32 @@ async fn ensure_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run(client: &Client, cmd: BenchCommand, format: Format) -> anyhow::Result<()> {
+pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Format) -> anyhow::Result<()> {
     let (mode, args) = match &cmd {
         BenchCommand::Produce(a) => ("produce", a.clone()),
         BenchCommand::Consume(a) => ("consume", a.clone()),
         BenchCommand::E2e(a) => ("e2e", a.clone()),
+        BenchCommand::Flood(a) => return crate::flood::run(client, address, a.clone(), format).await,
     };
     let args = &args;
     anyhow::ensure!(args.records > 0, "--records must be positive");
     anyhow::ensure!(args.producers > 0, "--producers must be positive");
     anyhow::ensure!(args.rate != Some(0), "--rate must be positive");
-    ensure_topic(client, args).await?;
+    ensure_topic(
+        client,
+        &args.topic,
+        args.partitions,
+        args.replication_factor,
+        &args.configs,
+    )
+    .await?;
     let timeout = args.timeout;
     let work = async {
         match cmd {
             BenchCommand::Produce(a) => produce(client, &a, None).await,
             BenchCommand::Consume(a) => consume(client, &a).await,
             BenchCommand::E2e(a) => e2e(client, &a).await,
+            BenchCommand::Flood(_) => anyhow::bail!("a flood is run above"),
         }
     };
     let outcome = tokio::time::timeout(timeout, work)

@@ -3,6 +3,7 @@
 mod bench;
 mod cluster;
 mod consume;
+mod flood;
 mod output;
 mod produce;
 mod time;
@@ -79,6 +80,11 @@ fn main() {
     }
 }
 
+/// The first broker of a comma-separated list.
+fn first_address(brokers: &str) -> &str {
+    brokers.split(',').next().unwrap_or(brokers).trim()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::connect(&cli.broker).await?;
     match cli.command {
@@ -88,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Offsets(args) => cluster::offsets(&client, args, cli.output).await,
         Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
         Command::Partition(cmd) => cluster::partition(&client, cmd, cli.output).await,
-        Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
+        Command::Bench(cmd) => bench::run(&client, first_address(&cli.broker), cmd, cli.output).await,
     }
 }
 

@@ -281,7 +281,8 @@ impl Cluster {
     }
 
     /// Learns from a failed partition request: a leader hint moves the route there; any
-    /// other retriable failure forgets the route.
+    /// other retriable failure forgets the route, except `BUSY`: a leader short of memory
+    /// still leads, and the retry after the backoff goes to it again.
     pub(crate) fn on_error(&self, topic: &str, partition: i32, error: &ClientError) {
         let mut state = self.state();
         if let ClientError::Broker { detail: Some(d), .. } = error
@@ -301,6 +302,7 @@ impl Cluster {
             return;
         }
         if error.is_retriable()
+            && error.code() != Some(ErrorCode::Busy)
             && let Some(leaders) = state.leaders.get_mut(topic)
         {
             leaders.remove(&partition);
@@ -318,5 +320,31 @@ fn lazy_channel(address: &str) -> Channel {
         Ok(e) => e.connect_lazy(),
         // A malformed address from a broker: a channel whose every call fails as unreachable.
         Err(_) => tonic::transport::Endpoint::from_static("http://0.0.0.0:1").connect_lazy(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ErrorDetail;
+
+    fn error(code: ErrorCode) -> ClientError {
+        ClientError::from_detail(ErrorDetail {
+            code: code as i32,
+            retriable: true,
+            ..ErrorDetail::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_busy_leader_keeps_its_route_while_other_retriable_errors_forget_it() {
+        let address = "127.0.0.1:1".to_string();
+        let cluster = Cluster::new(vec![address.clone()], address.clone(), lazy_channel(&address));
+        let leads = |cluster: &Cluster| cluster.state().leaders.get("t").and_then(|l| l.get(&0)).copied();
+        cluster.state().leaders.entry("t".into()).or_default().insert(0, 1);
+        cluster.on_error("t", 0, &error(ErrorCode::Busy));
+        assert_eq!(leads(&cluster), Some(1), "a busy leader still leads");
+        cluster.on_error("t", 0, &error(ErrorCode::LeaderNotAvailable));
+        assert_eq!(leads(&cluster), None, "a lost leader is looked up again");
     }
 }

@@ -29,7 +29,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::inflate_budget::{InflateBudget, Reservation, decoding_bytes};
+use super::inflate_budget::{self, ByteBudget, Reservation, decoding_bytes};
 use super::{Context, blocking};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::partition::Partition;
@@ -179,7 +179,7 @@ fn decode(job: &DecodeJob, bytes: &Bytes, budget: &mut usize, held: &Reservation
 /// ([`Reservation::attach`]): it comes back when tonic has encoded the response and dropped
 /// the message, or when a cancelled fetch drops its records, not when the handler returns.
 async fn decode_reads(
-    shared: &InflateBudget,
+    shared: &ByteBudget,
     jobs: Vec<DecodeJob>,
     batches: Vec<Bytes>,
     budget: usize,
@@ -290,7 +290,7 @@ impl FetchService {
                     max_uncompressed: self.ctx.max_uncompressed_batch_bytes,
                 })
                 .collect();
-            decode_reads(InflateBudget::shared(), jobs, batches, budget).await?
+            decode_reads(inflate_budget::shared(), jobs, batches, budget).await?
         } else {
             results.iter().map(|_| Ok(Vec::new())).collect()
         };
@@ -492,7 +492,7 @@ mod tests {
 
     #[tokio::test]
     async fn decoded_records_hold_their_share_of_the_budget_until_they_are_dropped() {
-        let budget = InflateBudget::new(1 << 20, Duration::from_millis(50));
+        let budget = ByteBudget::new(1 << 20, Duration::from_millis(50), "decompression memory");
         let bytes = Bytes::from(stored(4));
         let decoded = decode_reads(&budget, vec![job(1 << 20)], vec![bytes], usize::MAX)
             .await

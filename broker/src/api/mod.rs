@@ -1,7 +1,9 @@
 //! gRPC services, one file each: [`admin`], [`produce`], [`fetch`]. They validate requests,
-//! route them to partitions and map errors; they hold no state of their own.
+//! route them to partitions and map errors; they hold no state of their own. [`admission`]
+//! bounds the bytes of produce requests before tonic reads them.
 
 pub mod admin;
+pub mod admission;
 pub mod fetch;
 pub mod inflate_budget;
 pub mod produce;

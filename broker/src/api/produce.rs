@@ -8,12 +8,17 @@
 //! requests are queued to their partitions in the order they arrive, which keeps
 //! per-partition order across pipelined requests; answers go back as each request meets its
 //! acks.
+//!
+//! Bytes are bounded before tonic reads a message ([`super::admission`], the broker's
+//! `produce_queue_bytes`) and when a part is queued (its partition's `partition_queue_bytes`);
+//! both shares travel with the append and come back when it is answered. A unary request
+//! waits at most [`MAX_WAIT`] for either and is then answered `BUSY`; a stream waits.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use conveyor_proto::v1::produce_server::Produce;
@@ -27,7 +32,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use super::Context;
-use super::inflate_budget::{self, InflateBudget};
+use super::admission::Admitted;
+use super::inflate_budget;
+use crate::byte_budget::{MAX_WAIT, Reservation};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::metrics::Metrics;
 use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
@@ -243,7 +250,7 @@ impl ProduceService {
             };
             // The share stays with the job until its inflated buffers are gone, even if this
             // request is cancelled meanwhile.
-            let checked = InflateBudget::shared()
+            let checked = inflate_budget::shared()
                 .run_blocking(inflating, what, move |_| Ok(check(parts)))
                 .await;
             match checked {
@@ -253,8 +260,13 @@ impl ProduceService {
                 Err(error) => {
                     let reason = error.to_string();
                     let again = move || match &error {
-                        BrokerError::DecompressionBusy { what, waited_ms } => BrokerError::DecompressionBusy {
+                        BrokerError::Busy {
+                            what,
+                            memory,
+                            waited_ms,
+                        } => BrokerError::Busy {
                             what: what.clone(),
+                            memory: memory.clone(),
                             waited_ms: *waited_ms,
                         },
                         _ => BrokerError::Internal(reason.clone()),
@@ -297,19 +309,23 @@ impl ProduceService {
             .collect()
     }
 
-    /// Queues every valid part, in order, waiting while a partition's mailbox is full.
-    async fn enqueue(acks: Acks, parts: Vec<Prepared>) -> Vec<Queued> {
+    /// Queues every valid part, in order, waiting while a partition's mailbox or queued
+    /// bytes are full (at most `wait`, then that part is answered `BUSY`). Every part holds
+    /// the message's `share` of the broker's queued bytes until it is answered.
+    async fn enqueue(acks: Acks, parts: Vec<Prepared>, share: &Reservation, wait: Option<Duration>) -> Vec<Queued> {
         let mut out = Vec::with_capacity(parts.len());
         for part in parts {
             out.push(match part {
-                Ok((partition, batches, order)) => match partition.enqueue(batches, acks, order).await {
-                    Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
-                    Err(error) => Err(Failed {
-                        topic: partition.topic.clone(),
-                        partition: partition.index,
-                        error,
-                    }),
-                },
+                Ok((partition, batches, order)) => {
+                    match partition.enqueue(batches, acks, order, vec![share.clone()], wait).await {
+                        Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
+                        Err(error) => Err(Failed {
+                            topic: partition.topic.clone(),
+                            partition: partition.index,
+                            error,
+                        }),
+                    }
+                }
                 Err(failed) => Err(failed),
             });
         }
@@ -417,6 +433,7 @@ impl Produce for ProduceService {
         let started = Instant::now();
         let metrics = &self.ctx.metrics;
         metrics.produce_requests.add(1);
+        let share = Admitted::of(&request).next();
         let req = request.into_inner();
         let request_id = req.request_id;
         let span = produce_span(&req);
@@ -433,7 +450,11 @@ impl Produce for ProduceService {
             metrics.request_failed(error.error_code());
             return Err(error.into());
         }
-        let parts = Self::enqueue(acks, parts).instrument(span.clone()).await;
+        let parts = Self::enqueue(acks, parts, &share, Some(MAX_WAIT))
+            .instrument(span.clone())
+            .await;
+        // The appends hold the share now; what is left of the request is gone.
+        drop(share);
         let response = Self::collect(request_id, parts, metrics).instrument(span.clone()).await;
         record_offsets(&span, &response);
         metrics.produce_latency.observe(started.elapsed());
@@ -446,6 +467,7 @@ impl Produce for ProduceService {
         &self,
         request: Request<Streaming<ProduceRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStreamStream>, Status> {
+        let admitted = Admitted::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_RESPONSE_BUFFER);
         let service = self.clone();
@@ -460,8 +482,8 @@ impl Produce for ProduceService {
                     // Shutting down: take no more requests; answers in flight still go out.
                     _ = stopping.wait_for(|s| *s) => break,
                 };
-                let req = match next {
-                    Some(Ok(r)) => r,
+                let (req, share) = match next {
+                    Some(Ok(r)) => (r, admitted.next()),
                     Some(Err(status)) => {
                         tracing::debug!(%status, "produce stream ended by the client");
                         break;
@@ -482,7 +504,12 @@ impl Produce for ProduceService {
                             .prepare(req, Some(&mut sequences))
                             .instrument(span.clone())
                             .await;
-                        let parts = ProduceService::enqueue(acks, prepared).instrument(span.clone()).await;
+                        // Waits while the partitions' queued bytes are full: the stream reads
+                        // nothing meanwhile, and flow control holds its client.
+                        let parts = ProduceService::enqueue(acks, prepared, &share, None)
+                            .instrument(span.clone())
+                            .await;
+                        drop(share);
                         let tx = tx.clone();
                         tokio::spawn(
                             async move {

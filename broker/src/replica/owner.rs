@@ -47,6 +47,9 @@ struct Pending {
     /// The produce stream's counter, for a numbered part (see [`StreamOrder`]).
     order: Option<Arc<AtomicU64>>,
     reply: oneshot::Sender<Result<AppendOutcome>>,
+    /// The request's shares of byte budgets: the entries stay in memory (raft-rs's unstable
+    /// log) until they are persisted, so they are returned with the answer.
+    _shares: Vec<crate::byte_budget::Reservation>,
 }
 
 impl Pending {
@@ -375,6 +378,7 @@ impl Owner {
             acks: request.acks,
             order: request.order.map(|o| o.next),
             reply: request.reply,
+            _shares: request.shares,
         });
     }
 
@@ -740,6 +744,7 @@ mod tests {
             acks: Acks::All,
             order: None,
             reply,
+            shares: Vec::new(),
         };
         owner.waiting.push_back((Instant::now(), request));
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(move || {

@@ -56,6 +56,7 @@ fn try_open_registry(data_dir: &Path, every: u64) -> anyhow::Result<Registry> {
         data_dir: data_dir.to_path_buf(),
         defaults: TopicDefaults::from_section(&crate::config::LogSection::default()),
         queue_depth: 16,
+        queue_bytes: 1 << 20,
         max_partitions: 16,
         join: false,
         snapshot_every_records: every,
