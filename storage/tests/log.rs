@@ -539,3 +539,26 @@ fn a_segment_starting_with_a_timestamp_zero_batch_is_not_rolled_at_once_after_a_
         "a reopen does not roll a segment that is seconds old"
     );
 }
+
+#[test]
+fn a_segment_starting_with_a_timestamp_zero_batch_still_rolls_by_the_age_of_its_first_timestamped_batch() {
+    // A leader's no-op (timestamp 0) first, then records two hours old: a restart must not make
+    // the segment young again, or it never rolls by age and retention never deletes it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_ms: Duration::from_secs(3600),
+        ..small_config(FlushPolicy::Os)
+    };
+    let two_hours_ago = unix_millis() - 2 * 3600 * 1000;
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    log.append(&batch(0, 1, 0)).expect("append no-op");
+    log.append(&batch(1, 1, two_hours_ago)).expect("append old records");
+    log.close().expect("close");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    log.append(&batch(2, 1, 0)).expect("append after reopen");
+    assert_eq!(
+        log.segment_count(),
+        2,
+        "a segment whose first timestamped batch is two hours old rolls at the first append after a reopen"
+    );
+}
