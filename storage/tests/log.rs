@@ -562,3 +562,32 @@ fn a_segment_starting_with_a_timestamp_zero_batch_still_rolls_by_the_age_of_its_
         "a segment whose first timestamped batch is two hours old rolls at the first append after a reopen"
     );
 }
+
+#[test]
+fn a_lookup_by_raft_index_does_not_trust_a_damaged_offset_index_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: 1024 * 1024,
+        ..small_config(FlushPolicy::Os)
+    };
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    for i in 0..60 {
+        log.append_as_leader(&batch(i, 1, 1_000), 1, i + 1).expect("append");
+    }
+    log.close().expect("close");
+    // Point a middle entry into the middle of its batch; it stays ordered, so a clean open
+    // (which checks ordering and the last entry) keeps it.
+    let index = files_with(dir.path(), "index").pop().expect("index file");
+    let mut bytes = std::fs::read(&index).expect("read index");
+    let entries = bytes.chunks(8).take_while(|e| e.iter().any(|&b| b != 0)).count();
+    assert!(entries >= 5, "the test needs several index entries, got {entries}");
+    let at = entries / 2 * 8 + 4;
+    let position = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    bytes[at..at + 4].copy_from_slice(&(position + 8).to_le_bytes());
+    std::fs::write(&index, &bytes).expect("write index");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    for raft_index in 1..=60 {
+        let found = log.find_raft_entry(raft_index).expect("lookup despite a damaged index entry");
+        assert_eq!(found.map(|h| h.raft_index), Some(raft_index), "lookup of Raft index {raft_index}");
+    }
+}
