@@ -210,3 +210,21 @@ fn compaction_trims_the_checkpoints_and_a_clean_reopen_keeps_the_snapshot_point(
     );
     assert_eq!(read_all(&raft).len() as u64, 401 - first);
 }
+
+#[test]
+fn the_last_entry_offset_is_known_after_open_without_reading_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let offsets = {
+        let raft = open(dir.path());
+        let offsets = fill(&raft);
+        raft.close().expect("close");
+        offsets
+    };
+    let raft = open(dir.path());
+    // The high watermark after an election asks for these on every round.
+    let before = batch_headers_read_on_this_thread();
+    assert_eq!(raft.offset_of(400), Some(offsets[399]));
+    assert_eq!(raft.offset_after(399), offsets[399]);
+    let read = batch_headers_read_on_this_thread() - before;
+    assert_eq!(read, 0, "the offset of the last entry after an open read {read} batch headers");
+}
