@@ -546,10 +546,13 @@ impl RaftLog {
             return Ok(0);
         }
         let committed = inner.state.hard_state.commit.min(inner.applied);
-        // Entries in batches below the cutoff: those before the batch the cutoff starts.
+        // Entries in batches below the cutoff: those before the batch the cutoff starts;
+        // all of them for a cutoff at or past the log's end, none for one below its start
+        // (a stale cutoff, from before the log was reset past it).
         let below_cutoff = match self.log.batch_header_at(cutoff)? {
             Some(h) => h.raft_index.saturating_sub(1),
-            None => inner.last_index(),
+            None if cutoff >= self.log.log_end_offset() => inner.last_index(),
+            None => return Ok(0),
         };
         let last_removed = below_cutoff.min(committed).min(inner.last_index());
         if last_removed < inner.first_index() {
