@@ -786,7 +786,9 @@ impl Storage for RaftLog {
         if high > inner.last_index() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let mut out = Vec::with_capacity((high - low) as usize);
+        // raft-rs may ask for everything up to the end for a follower far behind; what is
+        // returned is bounded by `max_size`, so reserve no more than a modest batch up front.
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
         if let Some(cached) = inner.cache.front()
             && cached.index <= low
