@@ -58,7 +58,9 @@ fn bisect_index(segment: &Segment, raft_index: u64) -> Result<Option<u64>> {
             hi = mid;
         }
     }
-    Ok(Some(lo.checked_sub(1).map_or(0, |i| u64::from(index.entry(i).position))))
+    Ok(Some(
+        lo.checked_sub(1).map_or(0, |i| u64::from(index.entry(i).position)),
+    ))
 }
 
 /// The header of the batch starting at `position`, or `None` past the published bytes.

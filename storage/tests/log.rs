@@ -587,7 +587,13 @@ fn a_lookup_by_raft_index_does_not_trust_a_damaged_offset_index_entry() {
     std::fs::write(&index, &bytes).expect("write index");
     let log = PartitionLog::open(dir.path(), config).expect("reopen");
     for raft_index in 1..=60 {
-        let found = log.find_raft_entry(raft_index).expect("lookup despite a damaged index entry");
-        assert_eq!(found.map(|h| h.raft_index), Some(raft_index), "lookup of Raft index {raft_index}");
+        let found = log
+            .find_raft_entry(raft_index)
+            .expect("lookup despite a damaged index entry");
+        assert_eq!(
+            found.map(|h| h.raft_index),
+            Some(raft_index),
+            "lookup of Raft index {raft_index}"
+        );
     }
 }

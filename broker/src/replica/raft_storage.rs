@@ -193,7 +193,12 @@ impl RaftLog {
         let found = find_entries(&log, &state, stored)?;
         let (last, start_offset, terms, tail) = match found {
             Some(f) => (f.last, f.start_offset, f.terms, VecDeque::from([f.last_offset])),
-            None => (state.snapshot_index, log.log_end_offset(), Terms::default(), VecDeque::new()),
+            None => (
+                state.snapshot_index,
+                log.log_end_offset(),
+                Terms::default(),
+                VecDeque::new(),
+            ),
         };
         let last_term = terms
             .last_term()

@@ -226,7 +226,10 @@ fn the_last_entry_offset_is_known_after_open_without_reading_the_log() {
     assert_eq!(raft.offset_of(400), Some(offsets[399]));
     assert_eq!(raft.offset_after(399), offsets[399]);
     let read = batch_headers_read_on_this_thread() - before;
-    assert_eq!(read, 0, "the offset of the last entry after an open read {read} batch headers");
+    assert_eq!(
+        read, 0,
+        "the offset of the last entry after an open read {read} batch headers"
+    );
 }
 
 #[test]
@@ -242,7 +245,10 @@ fn compacting_below_an_offset_the_log_no_longer_holds_removes_nothing() {
     raft.set_hard_state(&hs).expect("commit");
     raft.evict_cache_to(400);
     assert_eq!(raft.compact_below(offsets[200]).expect("compact"), 200);
-    assert!(raft.partition_log().log_start_offset() > 0, "segments below entry 201 are deleted");
+    assert!(
+        raft.partition_log().log_start_offset() > 0,
+        "segments below entry 201 are deleted"
+    );
     // A stale cutoff from before the log's start (a snapshot point older than the log).
     assert_eq!(raft.compact_below(0).expect("compact below the start"), 0);
     assert_eq!(raft.first_index().expect("first"), 201);
