@@ -54,6 +54,11 @@ start() { # bin -> sets PID, READY (seconds until every partition of topic t has
   done
   t1=$(date +%s%N)
   cat "$DIR.run.log" >>"$DIR.log"
+  if [ "$n" -lt "$PARTS" ]; then
+    echo "only $n of $PARTS partitions elected a leader within the wait; see $DIR.log" >&2
+    kill -TERM "$PID"; wait "$PID" || true
+    exit 1
+  fi
   READY=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
 }
 

@@ -223,7 +223,9 @@ fn bootstrap_metadata(dir: &Path, voters: &[u32]) -> anyhow::Result<()> {
         })?;
         raft.flush_state()?;
     }
-    log.close()?;
+    // `RaftLog::close`, not the partition log's: the open above took the term checkpoints a
+    // clean close left, and the real open after this one should find them again.
+    raft.close()?;
     Ok(())
 }
 

@@ -27,13 +27,40 @@ pub fn batch_headers_read_on_this_thread() -> u64 {
 }
 
 use crate::batch::BatchHeader;
-use crate::error::Result;
+use crate::error::{LogError, Result};
 use crate::log::PartitionLog;
 use crate::segment::Segment;
 
 /// The header of the first batch of `segment`, or `None` if it holds none yet.
 fn first_header(segment: &Segment) -> Result<Option<BatchHeader>> {
     header_at(segment, 0)
+}
+
+/// Where in `segment` a walk for `raft_index` may start: the position of the last offset-index
+/// entry whose batch is at or below it (0 if none is). `None` if a probed entry does not point
+/// at the batch it names (its header cannot be read, or has another base offset): the index
+/// is then not to be trusted, and the caller walks from the start.
+fn bisect_index(segment: &Segment, raft_index: u64) -> Result<Option<u64>> {
+    let index = segment.offset_index();
+    let (mut lo, mut hi) = (0, index.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let entry = index.entry(mid);
+        let expected = segment.base_offset() + u64::from(entry.relative_offset);
+        let header = match header_at(segment, u64::from(entry.position)) {
+            Ok(Some(h)) if h.base_offset == expected => h,
+            Ok(_) | Err(LogError::Corrupt { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if header.raft_index <= raft_index {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(
+        lo.checked_sub(1).map_or(0, |i| u64::from(index.entry(i).position)),
+    ))
 }
 
 /// The header of the batch starting at `position`, or `None` past the published bytes.
@@ -68,18 +95,14 @@ impl PartitionLog {
             return Ok(None);
         };
         let end = segment.size();
-        let start = {
-            let index = segment.offset_index();
-            let (mut lo, mut hi) = (0, index.len());
-            while lo < hi {
-                let mid = lo + (hi - lo) / 2;
-                let position = u64::from(index.entry(mid).position);
-                match header_at(segment, position)? {
-                    Some(h) if h.raft_index <= raft_index => lo = mid + 1,
-                    _ => hi = mid,
-                }
+        let start = match bisect_index(segment, raft_index)? {
+            Some(position) => position,
+            None => {
+                // A damaged index must not send a lookup into the middle of a batch; the
+                // `.log` alone is authoritative, as in `Segment::locate`.
+                tracing::warn!(segment = %segment.log_path().display(), "offset index entry does not match the log; scanning from the start");
+                0
             }
-            lo.checked_sub(1).map_or(0, |i| u64::from(index.entry(i).position))
         };
         let mut found = None;
         segment.scan_headers(start, end, |_, h| {

@@ -378,7 +378,7 @@ fn load_segments(
             }
             None => None,
         };
-        set_roll_time(&segment)?;
+        set_roll_time(&segment, config)?;
         let end = segment.next_offset();
         segments.push(Arc::new(segment));
         if let Some(Truncated {
@@ -441,20 +441,28 @@ fn delete_segment_files(dir: &Path, base: u64) -> Result<()> {
     Ok(())
 }
 
-/// Segment rolling by age counts from the first batch's timestamp when reopening. A first
-/// batch without one (timestamp 0 or below: a Raft leader's no-op, which every restart
-/// appends) says nothing about the segment's age; it then counts from this open, or every
-/// restart would roll a new segment at its first append.
-fn set_roll_time(segment: &Segment) -> Result<()> {
+/// Segment rolling by age counts from the first batch's timestamp when reopening. A batch
+/// without one (timestamp 0 or below: a Raft leader's no-op, which every restart and election
+/// appends) says nothing about the segment's age, so the first batch that has one counts,
+/// looked for within one index interval of the start (a few headers). Only when there is none
+/// there does the age count from this open: counting from the open whenever the first batch is
+/// a no-op would make a segment young again at every restart, so with restarts closer than
+/// `segment_ms` it would never roll and retention (which deletes only sealed segments) would
+/// never apply; counting from timestamp 0 would roll a new segment at every restart.
+fn set_roll_time(segment: &Segment, config: &LogConfig) -> Result<()> {
     if segment.size() == 0 {
         return Ok(());
     }
     let mut first = None;
-    segment.scan_headers(0, segment.size(), |_, h| {
-        first = Some(h.max_timestamp);
-        false
+    let end = segment.size();
+    segment.scan_headers(0, end, |position, h| {
+        if h.max_timestamp > 0 {
+            first = Some(h.max_timestamp);
+            return false;
+        }
+        position < config.index_interval_bytes
     })?;
-    if let Some(ts) = first.filter(|&ts| ts > 0) {
+    if let Some(ts) = first {
         segment.set_created_ms(ts.min(crate::batch::unix_millis()));
     }
     Ok(())

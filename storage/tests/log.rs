@@ -539,3 +539,61 @@ fn a_segment_starting_with_a_timestamp_zero_batch_is_not_rolled_at_once_after_a_
         "a reopen does not roll a segment that is seconds old"
     );
 }
+
+#[test]
+fn a_segment_starting_with_a_timestamp_zero_batch_still_rolls_by_the_age_of_its_first_timestamped_batch() {
+    // A leader's no-op (timestamp 0) first, then records two hours old: a restart must not make
+    // the segment young again, or it never rolls by age and retention never deletes it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_ms: Duration::from_secs(3600),
+        ..small_config(FlushPolicy::Os)
+    };
+    let two_hours_ago = unix_millis() - 2 * 3600 * 1000;
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    log.append(&batch(0, 1, 0)).expect("append no-op");
+    log.append(&batch(1, 1, two_hours_ago)).expect("append old records");
+    log.close().expect("close");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    log.append(&batch(2, 1, 0)).expect("append after reopen");
+    assert_eq!(
+        log.segment_count(),
+        2,
+        "a segment whose first timestamped batch is two hours old rolls at the first append after a reopen"
+    );
+}
+
+#[test]
+fn a_lookup_by_raft_index_does_not_trust_a_damaged_offset_index_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes: 1024 * 1024,
+        ..small_config(FlushPolicy::Os)
+    };
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    for i in 0..60 {
+        log.append_as_leader(&batch(i, 1, 1_000), 1, i + 1).expect("append");
+    }
+    log.close().expect("close");
+    // Point a middle entry into the middle of its batch; it stays ordered, so a clean open
+    // (which checks ordering and the last entry) keeps it.
+    let index = files_with(dir.path(), "index").pop().expect("index file");
+    let mut bytes = std::fs::read(&index).expect("read index");
+    let entries = bytes.chunks(8).take_while(|e| e.iter().any(|&b| b != 0)).count();
+    assert!(entries >= 5, "the test needs several index entries, got {entries}");
+    let at = entries / 2 * 8 + 4;
+    let position = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    bytes[at..at + 4].copy_from_slice(&(position + 8).to_le_bytes());
+    std::fs::write(&index, &bytes).expect("write index");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    for raft_index in 1..=60 {
+        let found = log
+            .find_raft_entry(raft_index)
+            .expect("lookup despite a damaged index entry");
+        assert_eq!(
+            found.map(|h| h.raft_index),
+            Some(raft_index),
+            "lookup of Raft index {raft_index}"
+        );
+    }
+}

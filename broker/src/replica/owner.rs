@@ -33,6 +33,9 @@ use crate::replica::supervisor::{self, Channels, Exit};
 use crate::replica::tick::TickSchedule;
 use crate::transport::{GroupKey, Transport};
 
+/// How often the offset of a far-behind follower's matched entry is looked up in the log.
+const LAG_LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A proposed request waiting for its entries to be persisted or committed.
 #[derive(Debug)]
 struct Pending {
@@ -83,6 +86,9 @@ pub(crate) struct Owner {
     ticks: u64,
     /// When each follower last matched the leader's whole log.
     caught_up: HashMap<u64, Instant>,
+    /// Per follower far behind: its matched index, the offset after it, and when that was looked
+    /// up in the log (see [`Owner::follower_offset`]).
+    lag_offsets: HashMap<u64, (u64, u64, Instant)>,
     /// Membership changes proposed here, waiting to commit.
     pending_changes: Vec<PendingChange>,
     /// Appends that arrived while no leader was known, in arrival order.
@@ -143,6 +149,7 @@ impl Owner {
             preferred,
             ticks: 0,
             caught_up: HashMap::new(),
+            lag_offsets: HashMap::new(),
             pending_changes: Vec::new(),
             waiting: VecDeque::new(),
             lost_entries,
@@ -593,13 +600,15 @@ impl Owner {
                     .is_some_and(|t| now.duration_since(*t) < REPLICA_LAG_TIME);
                 followers.push(FollowerState {
                     id: u32::try_from(id).unwrap_or(0),
-                    lag: end.saturating_sub(self.raft.offset_after(progress.matched)),
+                    lag: end.saturating_sub(self.follower_offset(id, progress.matched, now)),
                     in_sync,
                 });
             }
             followers.sort_by_key(|f| f.id);
+            self.lag_offsets.retain(|id, _| node.raft.prs().get(*id).is_some());
         } else {
             self.caught_up.clear();
+            self.lag_offsets.clear();
         }
         let status = GroupStatus {
             leader,
@@ -614,6 +623,27 @@ impl Owner {
             }
             changed
         });
+    }
+
+    /// The offset after follower `id`'s matched entry, for its lag. This runs on every round,
+    /// on the reactor: for a follower more than
+    /// [`TAIL_OFFSETS`](crate::replica::raft_storage::TAIL_OFFSETS) entries behind, the offset
+    /// takes a lookup in the log (tens of reads), so it is remembered, and looked up again at
+    /// most once per [`LAG_LOOKUP_INTERVAL`] while the follower moves (its lag reads high
+    /// meanwhile).
+    fn follower_offset(&mut self, id: u64, matched: u64, now: Instant) -> u64 {
+        if let Some(offset) = self.raft.known_offset_after(matched) {
+            self.lag_offsets.remove(&id);
+            return offset;
+        }
+        match self.lag_offsets.get(&id) {
+            Some(&(m, offset, at)) if m == matched || now.duration_since(at) < LAG_LOOKUP_INTERVAL => offset,
+            _ => {
+                let offset = self.raft.offset_after(matched);
+                self.lag_offsets.insert(id, (matched, offset, now));
+                offset
+            }
+        }
     }
 
     /// Answers requests whose entries are persisted (acks=leader) or committed (acks=all),

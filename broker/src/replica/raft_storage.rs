@@ -58,8 +58,10 @@ pub enum ReplicaError {
 /// Entries kept in memory after appending, at most.
 const MAX_CACHED_ENTRIES: usize = 4096;
 
-/// Offsets of the most recent entries kept, at most: the high watermark, acknowledgements
-/// and followers' lag ask about recent entries on every round.
+/// Offsets of the most recent entries kept, at most: the high watermark and acknowledgements
+/// ask about recent entries on every round. A follower's lag may ask about an older one;
+/// the owner then remembers the answer rather than looking it up every round (see
+/// [`RaftLog::known_offset_after`]).
 pub const TAIL_OFFSETS: usize = 1024;
 
 fn store_error(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
@@ -189,9 +191,14 @@ impl RaftLog {
         let mut state = RaftStateFile::load(&dir)?;
         let stored = terms::take(&dir)?;
         let found = find_entries(&log, &state, stored)?;
-        let (last, start_offset, terms) = match found {
-            Some(f) => f,
-            None => (state.snapshot_index, log.log_end_offset(), Terms::default()),
+        let (last, start_offset, terms, tail) = match found {
+            Some(f) => (f.last, f.start_offset, f.terms, VecDeque::from([f.last_offset])),
+            None => (
+                state.snapshot_index,
+                log.log_end_offset(),
+                Terms::default(),
+                VecDeque::new(),
+            ),
         };
         let last_term = terms
             .last_term()
@@ -229,7 +236,8 @@ impl RaftLog {
                 last_index: last,
                 start_offset,
                 terms,
-                tail: VecDeque::new(),
+                // The last entry's offset, read at open anyway: the high watermark asks for it.
+                tail,
                 cache: VecDeque::new(),
                 retired: false,
                 persisted: last,
@@ -510,6 +518,20 @@ impl RaftLog {
         }
     }
 
+    /// [`offset_after`](Self::offset_after) if it is known without reading the log (the
+    /// entry is before the first, the first, or among the [`TAIL_OFFSETS`] most recent);
+    /// `None` if it would take a lookup in the log.
+    pub fn known_offset_after(&self, index: u64) -> Option<u64> {
+        let inner = self.read();
+        if index < inner.first_index() {
+            return Some(self.start_offset(&inner));
+        }
+        if index >= inner.last_index() {
+            return Some(self.log.log_end_offset());
+        }
+        inner.known_offset(index + 1)
+    }
+
     /// Applies retention without losing what Raft needs: only committed entries are removed,
     /// and the snapshot point is recorded before segments are deleted. Returns the number of
     /// entries compacted.
@@ -529,10 +551,13 @@ impl RaftLog {
             return Ok(0);
         }
         let committed = inner.state.hard_state.commit.min(inner.applied);
-        // Entries in batches below the cutoff: those before the batch the cutoff starts.
+        // Entries in batches below the cutoff: those before the batch the cutoff starts;
+        // all of them for a cutoff at or past the log's end, none for one below its start
+        // (a stale cutoff, from before the log was reset past it).
         let below_cutoff = match self.log.batch_header_at(cutoff)? {
             Some(h) => h.raft_index.saturating_sub(1),
-            None => inner.last_index(),
+            None if cutoff >= self.log.log_end_offset() => inner.last_index(),
+            None => return Ok(0),
         };
         let last_removed = below_cutoff.min(committed).min(inner.last_index());
         if last_removed < inner.first_index() {
@@ -620,7 +645,7 @@ fn find_entries(
     log: &PartitionLog,
     state: &RaftStateFile,
     stored: Option<terms::Stored>,
-) -> Result<Option<(u64, u64, Terms)>, ReplicaError> {
+) -> Result<Option<Found>, ReplicaError> {
     let inconsistent = |reason: String| ReplicaError::Inconsistent {
         dir: log.dir().to_path_buf(),
         reason,
@@ -675,7 +700,22 @@ fn find_entries(
         None => terms::rebuild(log, &head, &last)?,
     };
     tracing::debug!(dir = %log.dir().display(), first, last = last.raft_index, terms = terms.len(), from_file, "found raft entries");
-    Ok(Some((last.raft_index, head.base_offset, terms)))
+    Ok(Some(Found {
+        last: last.raft_index,
+        last_offset: last.base_offset,
+        start_offset: head.base_offset,
+        terms,
+    }))
+}
+
+/// The entries an open found in the log.
+struct Found {
+    /// The last entry's index and offset.
+    last: u64,
+    last_offset: u64,
+    /// The first entry's offset.
+    start_offset: u64,
+    terms: Terms,
 }
 
 /// What opening `log` says this replica may have acknowledged and no longer holds, as the
@@ -751,7 +791,9 @@ impl Storage for RaftLog {
         if high > inner.last_index() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let mut out = Vec::with_capacity((high - low) as usize);
+        // raft-rs may ask for everything up to the end for a follower far behind; what is
+        // returned is bounded by `max_size`, so reserve no more than a modest batch up front.
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
         if let Some(cached) = inner.cache.front()
             && cached.index <= low

@@ -326,3 +326,15 @@ async fn a_start_loads_the_newest_snapshot_and_replays_only_the_log_after_it() {
         "{message}"
     );
 }
+
+#[test]
+fn bootstrapping_the_metadata_log_closes_it_so_the_next_open_is_a_clean_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for start in 0..2 {
+        bootstrap_metadata(dir.path(), &[1, 2, 3]).expect("bootstrap");
+        assert!(
+            dir.path().join("raft-terms").exists(),
+            "start {start}: the term checkpoints are left for the real open"
+        );
+    }
+}

@@ -210,3 +210,47 @@ fn compaction_trims_the_checkpoints_and_a_clean_reopen_keeps_the_snapshot_point(
     );
     assert_eq!(read_all(&raft).len() as u64, 401 - first);
 }
+
+#[test]
+fn the_last_entry_offset_is_known_after_open_without_reading_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let offsets = {
+        let raft = open(dir.path());
+        let offsets = fill(&raft);
+        raft.close().expect("close");
+        offsets
+    };
+    let raft = open(dir.path());
+    // The high watermark after an election asks for these on every round.
+    let before = batch_headers_read_on_this_thread();
+    assert_eq!(raft.offset_of(400), Some(offsets[399]));
+    assert_eq!(raft.offset_after(399), offsets[399]);
+    let read = batch_headers_read_on_this_thread() - before;
+    assert_eq!(
+        read, 0,
+        "the offset of the last entry after an open read {read} batch headers"
+    );
+}
+
+#[test]
+fn compacting_below_an_offset_the_log_no_longer_holds_removes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft = open(dir.path());
+    let offsets = fill(&raft);
+    let hs = HardState {
+        term: 5,
+        commit: 400,
+        ..HardState::default()
+    };
+    raft.set_hard_state(&hs).expect("commit");
+    raft.evict_cache_to(400);
+    assert_eq!(raft.compact_below(offsets[200]).expect("compact"), 200);
+    assert!(
+        raft.partition_log().log_start_offset() > 0,
+        "segments below entry 201 are deleted"
+    );
+    // A stale cutoff from before the log's start (a snapshot point older than the log).
+    assert_eq!(raft.compact_below(0).expect("compact below the start"), 0);
+    assert_eq!(raft.first_index().expect("first"), 201);
+    assert_eq!(read_all(&raft).len(), 200);
+}

@@ -14,7 +14,7 @@
 //! marker, and removed by the next open once read. It is trusted only when the partition log
 //! opened clean (the marker was there, so nothing changed the log since the close that wrote
 //! both) and its end matches the log's; any other open rebuilds the checkpoints from batch
-//! headers by bisection ([`rebuild`]): `O(terms × log entries)` header lookups, never a scan.
+//! headers by bisection ([`rebuild`]): `O(terms × log2(log entries))` header lookups, never a scan.
 
 use std::fs;
 use std::path::Path;
@@ -162,43 +162,46 @@ fn decode(content: &[u8]) -> Option<Stored> {
 pub(crate) fn rebuild(log: &PartitionLog, first: &BatchHeader, last: &BatchHeader) -> Result<Terms, ReplicaError> {
     let mut terms = Terms::default();
     terms.push(first.raft_index, first.leader_epoch);
-    split(
-        log,
-        (first.raft_index, first.leader_epoch),
-        (last.raft_index, last.leader_epoch),
-        &mut terms,
-    )?;
+    split(log, first, last, &mut terms)?;
     Ok(terms)
 }
 
-fn split(log: &PartitionLog, lo: (u64, u64), hi: (u64, u64), terms: &mut Terms) -> Result<(), ReplicaError> {
+/// Finds the term changes strictly after `lo` and up to `hi`, two entries' batch headers.
+fn split(log: &PartitionLog, lo: &BatchHeader, hi: &BatchHeader, terms: &mut Terms) -> Result<(), ReplicaError> {
     let inconsistent = |reason: String| ReplicaError::Inconsistent {
         dir: log.dir().to_path_buf(),
         reason,
     };
-    if hi.1 < lo.1 {
+    if hi.leader_epoch < lo.leader_epoch {
         return Err(inconsistent(format!(
             "entry {} has term {} but the later entry {} has term {}",
-            lo.0, lo.1, hi.0, hi.1
+            lo.raft_index, lo.leader_epoch, hi.raft_index, hi.leader_epoch
         )));
     }
-    if lo.1 == hi.1 {
+    if lo.leader_epoch == hi.leader_epoch {
         return Ok(());
     }
-    if hi.0 == lo.0 + 1 {
-        terms.push(hi.0, hi.1);
+    if hi.raft_index == lo.raft_index + 1 {
+        terms.push(hi.raft_index, hi.leader_epoch);
         return Ok(());
     }
-    let mid = lo.0 + (hi.0 - lo.0) / 2;
+    let mid = lo.raft_index + (hi.raft_index - lo.raft_index) / 2;
     let header = log.find_raft_entry(mid)?.ok_or_else(|| {
         inconsistent(format!(
             "no batch carries raft index {mid}, between {} and {}",
-            lo.0, hi.0
+            lo.raft_index, hi.raft_index
         ))
     })?;
-    let mid = (mid, header.leader_epoch);
-    split(log, lo, mid, terms)?;
-    split(log, mid, hi, terms)
+    // Stale batches of another history (left below the start by an interrupted reset) can
+    // carry indexes in this range; only a batch between the two ends belongs to this log.
+    if header.base_offset <= lo.base_offset || header.base_offset >= hi.base_offset {
+        return Err(inconsistent(format!(
+            "raft index {mid} is at offset {}, outside the offsets {} to {} of indexes {} to {}",
+            header.base_offset, lo.base_offset, hi.base_offset, lo.raft_index, hi.raft_index
+        )));
+    }
+    split(log, lo, &header, terms)?;
+    split(log, &header, hi, terms)
 }
 
 #[cfg(test)]
