@@ -16,10 +16,13 @@
 //! still leaves a readable one whose tail is in the log.
 //!
 //! # Thread-safety
-//! Every method is blocking file I/O: call off the reactor. Writers are serialised by the
-//! state machine's owner; readers (Raft sending a snapshot) only read whole files.
+//! Every method is blocking file I/O: call off the reactor. Writers are serialised by a
+//! lock in the store (the owner's applier and Raft's install of a received snapshot can
+//! write at once); readers (Raft sending a snapshot) read whole files or the cached payload.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
@@ -27,6 +30,8 @@ use bytes::Bytes;
 pub const KEEP: usize = 2;
 const MAGIC: &[u8; 8] = b"CVSNAP01";
 const SUFFIX: &str = ".snap";
+/// Names the received snapshot whose state is not applied yet (see [`SnapshotStore::install`]).
+const INSTALL_PENDING: &str = "install-pending";
 /// Magic, offset, index, term, payload length.
 const HEADER: usize = 8 + 8 * 4;
 
@@ -65,6 +70,14 @@ pub struct Loaded {
 #[derive(Debug)]
 pub struct SnapshotStore {
     dir: PathBuf,
+    /// Serialises writes and their pruning.
+    writing: Mutex<()>,
+    /// Only snapshots below this Raft index may be pruned: Raft answers a follower with the
+    /// state at its own snapshot index, which must stay until compaction moves past it.
+    prune_below: AtomicU64,
+    /// The payload last written or loaded, by index: Raft asks for the same one again and
+    /// again while a follower catches up.
+    cached: Mutex<Option<(u64, Bytes)>>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
@@ -76,7 +89,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
 
 impl SnapshotStore {
     pub fn new(dir: impl Into<PathBuf>) -> SnapshotStore {
-        SnapshotStore { dir: dir.into() }
+        SnapshotStore {
+            dir: dir.into(),
+            writing: Mutex::new(()),
+            prune_below: AtomicU64::new(u64::MAX),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// From now on, prunes only snapshots below Raft index `index` (the owner's Raft
+    /// snapshot index: the one `Storage::snapshot` serves). A store starts unrestricted.
+    pub fn prune_only_below(&self, index: u64) {
+        self.prune_below.store(index, Ordering::Relaxed);
     }
 
     pub fn dir(&self) -> &Path {
@@ -86,6 +110,7 @@ impl SnapshotStore {
     /// Writes the state at `point` durably (temp file, fsync, rename, directory fsync) and
     /// removes all but the newest [`KEEP`] snapshots. Blocking.
     pub fn write(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let mut bytes = Vec::with_capacity(HEADER + payload.len() + 4);
         bytes.extend_from_slice(MAGIC);
@@ -99,12 +124,56 @@ impl SnapshotStore {
             path: self.dir.join(&name),
             reason: e.to_string(),
         })?;
-        let indexes = self.indexes()?;
-        for &old in indexes.iter().rev().skip(KEEP) {
+        *self.lock_cached() = Some((point.index, Bytes::copy_from_slice(payload)));
+        self.prune_locked()
+    }
+
+    /// Removes all but the newest [`KEEP`] snapshots, none at or past the pruning floor
+    /// ([`Self::prune_only_below`]). Blocking.
+    pub fn prune(&self) -> Result<(), SnapshotError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.prune_locked()
+    }
+
+    fn prune_locked(&self) -> Result<(), SnapshotError> {
+        let floor = self.prune_below.load(Ordering::Relaxed);
+        for &old in self.indexes()?.iter().rev().skip(KEEP).filter(|&&i| i < floor) {
             let path = self.dir.join(file_name(old));
-            std::fs::remove_file(&path).map_err(io(&path))?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
         }
         Ok(())
+    }
+
+    fn lock_cached(&self) -> std::sync::MutexGuard<'_, Option<(u64, Bytes)>> {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The Raft index of a received snapshot whose state the owner has not applied yet: a
+    /// start must apply it as the committed, live view it is, not as a replayed one.
+    pub fn pending_install(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.dir.join(INSTALL_PENDING)).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// The owner applied the received snapshot at `index`. Blocking.
+    pub fn installed(&self, index: u64) -> Result<(), SnapshotError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.pending_install() != Some(index) {
+            return Ok(());
+        }
+        let path = self.dir.join(INSTALL_PENDING);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
     }
 
     /// The Raft indexes of the stored snapshots, oldest first. Blocking.
@@ -131,6 +200,12 @@ impl SnapshotStore {
 
     /// Reads and verifies the snapshot at Raft index `index`. Blocking.
     pub fn load(&self, index: u64) -> Result<Loaded, SnapshotError> {
+        let loaded = self.load_file(index)?;
+        *self.lock_cached() = Some((index, loaded.payload.clone()));
+        Ok(loaded)
+    }
+
+    fn load_file(&self, index: u64) -> Result<Loaded, SnapshotError> {
         let path = self.dir.join(file_name(index));
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let damaged = |reason: String| SnapshotError::Damaged {
@@ -206,6 +281,11 @@ pub trait StateSnapshots: std::fmt::Debug + Send + Sync {
 
 impl StateSnapshots for SnapshotStore {
     fn state_at(&self, index: u64) -> Option<Bytes> {
+        if let Some((cached, payload)) = self.lock_cached().as_ref()
+            && *cached == index
+        {
+            return Some(payload.clone());
+        }
         match self.load(index) {
             Ok(loaded) => Some(loaded.payload),
             Err(e) => {
@@ -215,7 +295,16 @@ impl StateSnapshots for SnapshotStore {
         }
     }
 
+    /// Stores a received snapshot, marked pending first: the log is reset right after, and
+    /// the owner applies the state later, so a crash in between must not leave the state
+    /// looking like one replayed from this broker's own log.
     fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError> {
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        conveyor_storage::replace_file_durably(&self.dir, INSTALL_PENDING, point.index.to_string().as_bytes())
+            .map_err(|e| SnapshotError::Io {
+                path: self.dir.join(INSTALL_PENDING),
+                reason: e.to_string(),
+            })?;
         self.write(point, payload)
     }
 }
