@@ -188,6 +188,7 @@ impl RaftLog {
         let dir = log.dir().to_path_buf();
         let mut state = RaftStateFile::load(&dir)?;
         let stored = terms::take(&dir)?;
+        finish_snapshot_reset(&log, &state)?;
         let found = find_entries(&log, &state, stored)?;
         let (last, start_offset, terms) = match found {
             Some(f) => f,
@@ -608,6 +609,29 @@ impl RaftLog {
         inner.cache.clear();
         Ok(())
     }
+}
+
+/// Finishes an `apply_snapshot` that stopped between storing the snapshot point and
+/// resetting the log to it: left as it is, the log would hold entries from before the
+/// snapshot where the ones after it belong (or end below it), and this replica's offsets
+/// would no longer be the leader's. Resetting again is idempotent. Blocking.
+fn finish_snapshot_reset(log: &PartitionLog, state: &RaftStateFile) -> Result<(), ReplicaError> {
+    let at = state.snapshot_offset;
+    let unfinished = if at > log.log_end_offset() {
+        true
+    } else if at < log.log_end_offset() && at >= log.log_start_offset() {
+        // A batch at the snapshot point that carries an index the snapshot covers is one
+        // the reset should have removed.
+        log.batch_header_at(at)?
+            .is_some_and(|h| h.raft_index > 0 && h.raft_index <= state.snapshot_index)
+    } else {
+        false
+    };
+    if unfinished {
+        tracing::warn!(dir = %log.dir().display(), offset = at, index = state.snapshot_index, "the log was not reset to its stored snapshot point before the stop; resetting it now");
+        log.truncate_fully_and_start_at(at)?;
+    }
+    Ok(())
 }
 
 /// The entries `log` holds after the snapshot point: the last one's index, the first one's

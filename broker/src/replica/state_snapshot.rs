@@ -384,6 +384,40 @@ mod tests {
         assert_eq!(failures.len(), 1);
     }
 
+    #[test]
+    fn a_stop_between_storing_a_snapshot_point_and_resetting_the_log_is_finished_at_open() {
+        use crate::replica::raft_state::RaftStateFile;
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, count, ahead) in [("behind", 3, true), ("within", 30, false)] {
+            let at = dir.path().join(name);
+            let log = raft_log(&at, None);
+            let entries: Vec<Entry> = (1..=count).map(entry).collect();
+            log.append(&entries, Origin::Peer).expect("append");
+            log.persist().expect("persist");
+            let offset = if ahead {
+                log.partition_log().log_end_offset() + 1000
+            } else {
+                log.offset_after(10)
+            };
+            drop(log);
+            // What `apply_snapshot` stores before it resets the log, and no more.
+            let mut state = RaftStateFile::load(&at.join("log")).expect("state");
+            state.snapshot_index = 100;
+            state.snapshot_term = 2;
+            state.snapshot_offset = offset;
+            state.hard_state.commit = 100;
+            state.store(&at.join("log")).expect("store");
+
+            let reopened = raft_log(&at, None);
+            let plog = reopened.partition_log();
+            assert_eq!(
+                (reopened.last_entry().index, plog.log_start_offset(), plog.log_end_offset()),
+                (100, offset, offset),
+                "{name}: the log restarts empty at the snapshot point"
+            );
+        }
+    }
+
     fn raft_log(dir: &Path, store: Option<Arc<SnapshotStore>>) -> RaftLog {
         let config = LogConfig {
             segment_bytes: 1024,
