@@ -385,6 +385,37 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_raft_serves_is_kept_until_compaction_moves_past_it_and_writers_do_not_collide() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SnapshotStore::new(dir.path()));
+        store.prune_only_below(9);
+        for index in [5, 9, 12, 15] {
+            store.write(point(index), b"state").expect("write");
+        }
+        assert_eq!(store.indexes().expect("list"), vec![9, 12, 15], "Raft still serves 9");
+        store.prune_only_below(12);
+        store.prune().expect("prune");
+        assert_eq!(store.indexes().expect("list"), vec![12, 15]);
+
+        // Raft's install and the applier write at once: neither fails on the other's pruning.
+        store.prune_only_below(u64::MAX);
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        store.write(point(100 + i * 2 + w), b"state").expect("a concurrent write");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        assert_eq!(store.indexes().expect("list").len(), KEEP);
+    }
+
+    #[test]
     fn a_stop_between_storing_a_snapshot_point_and_resetting_the_log_is_finished_at_open() {
         use crate::replica::raft_state::RaftStateFile;
         let dir = tempfile::tempdir().expect("tempdir");
