@@ -9,7 +9,8 @@
 //! - Entries `first_index ..= last_index` are the batches from the log's Raft start, with
 //!   contiguous Raft indexes; `first_index = snapshot_index + 1`.
 //! - The term of `snapshot_index` is kept (in the state file) for Raft's log matching.
-//! - Only committed entries are ever compacted; a snapshot says only where the log now starts.
+//! - Only committed entries are ever compacted; a partition's snapshot says only where the log
+//!   now starts, the controller's also carries its state (see `set_state_snapshots`).
 //!
 //! # Memory
 //! Nothing is held per entry: the term of an entry comes from the term checkpoints (one pair
@@ -858,8 +859,9 @@ impl Storage for RaftLog {
         Ok(self.read().last_index())
     }
 
-    /// A snapshot that only says where the log now starts: its index and term are the
-    /// snapshot point, its data the log start offset.
+    /// A snapshot whose index and term are the snapshot point and whose data is the log
+    /// start offset, followed by the state at that point for a group with state (the
+    /// controller's).
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let inner = self.read();
         if request_index > inner.state.snapshot_index {
