@@ -13,7 +13,9 @@
 //! A snapshot is written to a temporary file, fsynced, renamed into place and the directory
 //! fsynced: a crash leaves the whole file or none. The newest [`KEEP`] snapshots are kept,
 //! and the owner lets the log go only below the oldest kept one, so a damaged newest file
-//! still leaves a readable one whose tail is in the log.
+//! still leaves a readable one whose tail is in the log. Older ones go only below the
+//! owner's Raft snapshot index ([`SnapshotStore::prune_only_below`]), whose state Raft
+//! sends. A received snapshot is marked pending until its owner applied it.
 //!
 //! # Thread-safety
 //! Every method is blocking file I/O: call off the reactor. Writers are serialised by a
@@ -404,7 +406,9 @@ mod tests {
                 let store = Arc::clone(&store);
                 std::thread::spawn(move || {
                     for i in 0..100 {
-                        store.write(point(100 + i * 2 + w), b"state").expect("a concurrent write");
+                        store
+                            .write(point(100 + i * 2 + w), b"state")
+                            .expect("a concurrent write");
                     }
                 })
             })
@@ -442,7 +446,11 @@ mod tests {
             let reopened = raft_log(&at, None);
             let plog = reopened.partition_log();
             assert_eq!(
-                (reopened.last_entry().index, plog.log_start_offset(), plog.log_end_offset()),
+                (
+                    reopened.last_entry().index,
+                    plog.log_start_offset(),
+                    plog.log_end_offset()
+                ),
                 (100, offset, offset),
                 "{name}: the log restarts empty at the snapshot point"
             );

@@ -319,7 +319,10 @@ async fn a_start_loads_the_newest_snapshot_and_replays_only_the_log_after_it() {
     let whole = try_open_registry(dir.path(), 10).expect("a start from the whole log");
     assert_eq!(names(&whole), kept, "every topic is back from the whole log");
     let replayed = whole.replayed_at_start();
-    assert!(replayed >= 50, "without a snapshot the whole log is replayed: {replayed}");
+    assert!(
+        replayed >= 50,
+        "without a snapshot the whole log is replayed: {replayed}"
+    );
 }
 
 /// Stores a Raft snapshot from the controller holding `state` on the metadata log in
@@ -365,10 +368,12 @@ async fn a_received_snapshot_not_applied_before_a_stop_is_applied_live_at_the_ne
 
     // While this broker was away the controller deleted `x` and created it again.
     let mut state = state::MetadataState::new(1);
-    state.apply(&Change::BrokerRegistered(conveyor_proto::internal::v1::BrokerRegistered {
-        id: 1,
-        address: "127.0.0.1:1".into(),
-    }));
+    state.apply(&Change::BrokerRegistered(
+        conveyor_proto::internal::v1::BrokerRegistered {
+            id: 1,
+            address: "127.0.0.1:1".into(),
+        },
+    ));
     state.apply(&Change::TopicCreated(creation("x", "new-incarnation")));
     receive_metadata_snapshot_unapplied(dir.path(), &state);
 
@@ -392,5 +397,9 @@ async fn a_received_snapshot_not_applied_before_a_stop_is_applied_live_at_the_ne
     }
     let held = std::fs::read_to_string(dir.path().join(TOPICS_DIR).join("x").join(TOPIC_ID_FILE)).unwrap_or_default();
     running.shut_down().await;
-    assert_eq!(held.trim(), "new-incarnation", "the directory holds the new incarnation");
+    assert_eq!(
+        held.trim(),
+        "new-incarnation",
+        "the directory holds the new incarnation"
+    );
 }
