@@ -547,8 +547,13 @@ mod tests {
         ));
         assert_eq!(other.last_entry().index, 3, "the log is left as it was");
 
-        // Without its stored state the leader has no snapshot to send yet.
+        // Served again from the payload the store keeps, without reading the file.
         std::fs::remove_file(leader_store.dir().join(file_name(20))).expect("remove");
+        assert_eq!(&leader.snapshot(5, 2).expect("cached").data[8..], b"the state at 20");
+        // Without its stored state (nor the cached one) the leader has no snapshot to send yet.
+        leader_store
+            .write(SnapshotPoint { index: 25, ..point }, b"the state at 25")
+            .expect("write");
         assert!(matches!(
             leader.snapshot(5, 2),
             Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
