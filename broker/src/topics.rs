@@ -354,6 +354,9 @@ impl Registry {
         let store = Arc::new(SnapshotStore::new(
             options.data_dir.join(CONTROLLER_TOPIC).join(SNAPSHOTS_DIR),
         ));
+        // Raft's snapshot index is not known here: nothing is pruned until the applier
+        // compacts (or installs) and so says where Raft's snapshot stands.
+        store.prune_only_below(0);
         let meta_ctx = OpenContext {
             state_snapshots: Some(Arc::clone(&store) as _),
             ..ctx

@@ -9,7 +9,8 @@
 //! - Entries `first_index ..= last_index` are the batches from the log's Raft start, with
 //!   contiguous Raft indexes; `first_index = snapshot_index + 1`.
 //! - The term of `snapshot_index` is kept (in the state file) for Raft's log matching.
-//! - Only committed entries are ever compacted; a snapshot says only where the log now starts.
+//! - Only committed entries are ever compacted; a partition's snapshot says only where the log
+//!   now starts, the controller's also carries its state (see `set_state_snapshots`).
 //!
 //! # Memory
 //! Nothing is held per entry: the term of an entry comes from the term checkpoints (one pair
@@ -190,6 +191,7 @@ impl RaftLog {
         let dir = log.dir().to_path_buf();
         let mut state = RaftStateFile::load(&dir)?;
         let stored = terms::take(&dir)?;
+        finish_snapshot_reset(&log, &state)?;
         let found = find_entries(&log, &state, stored)?;
         let (last, start_offset, terms, tail) = match found {
             Some(f) => (f.last, f.start_offset, f.terms, VecDeque::from([f.last_offset])),
@@ -635,6 +637,29 @@ impl RaftLog {
     }
 }
 
+/// Finishes an `apply_snapshot` that stopped between storing the snapshot point and
+/// resetting the log to it: left as it is, the log would hold entries from before the
+/// snapshot where the ones after it belong (or end below it), and this replica's offsets
+/// would no longer be the leader's. Resetting again is idempotent. Blocking.
+fn finish_snapshot_reset(log: &PartitionLog, state: &RaftStateFile) -> Result<(), ReplicaError> {
+    let at = state.snapshot_offset;
+    let unfinished = if at > log.log_end_offset() {
+        true
+    } else if at < log.log_end_offset() && at >= log.log_start_offset() {
+        // A batch at the snapshot point that carries an index the snapshot covers is one
+        // the reset should have removed.
+        log.batch_header_at(at)?
+            .is_some_and(|h| h.raft_index > 0 && h.raft_index <= state.snapshot_index)
+    } else {
+        false
+    };
+    if unfinished {
+        tracing::warn!(dir = %log.dir().display(), offset = at, index = state.snapshot_index, "the log was not reset to its stored snapshot point before the stop; resetting it now");
+        log.truncate_fully_and_start_at(at)?;
+    }
+    Ok(())
+}
+
 /// The entries `log` holds after the snapshot point: the last one's index, the first one's
 /// offset and the term checkpoints; `None` if it holds none. Reads the first and last
 /// entries' headers and trusts a clean close's checkpoint file if it describes this very log
@@ -876,8 +901,9 @@ impl Storage for RaftLog {
         Ok(self.read().last_index())
     }
 
-    /// A snapshot that only says where the log now starts: its index and term are the
-    /// snapshot point, its data the log start offset.
+    /// A snapshot whose index and term are the snapshot point and whose data is the log
+    /// start offset, followed by the state at that point for a group with state (the
+    /// controller's).
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let inner = self.read();
         if request_index > inner.state.snapshot_index {

@@ -11,8 +11,10 @@
 //! A follower whose progress has stayed in `Snapshot` state, for the same pending snapshot,
 //! for [`STALL_ELECTION_TIMEOUTS`] election timeouts of ticks is reported as a failed
 //! snapshot; raft-rs then probes it again (and sends a new snapshot if it still needs one).
-//! A snapshot here carries only where the log starts, so a live follower answers one within
-//! a round trip; a false report costs one more probe, never safety.
+//! A partition's snapshot carries only where the log starts, and the controller's adds its
+//! state, which the follower writes down durably before it answers (it applies it later);
+//! so a live follower answers one within a round trip and a file write; a false report
+//! costs one more probe, never safety.
 //!
 //! # Crash behaviour
 //! Nothing is stored: a new leader starts with fresh progress.

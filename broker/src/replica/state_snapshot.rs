@@ -13,13 +13,18 @@
 //! A snapshot is written to a temporary file, fsynced, renamed into place and the directory
 //! fsynced: a crash leaves the whole file or none. The newest [`KEEP`] snapshots are kept,
 //! and the owner lets the log go only below the oldest kept one, so a damaged newest file
-//! still leaves a readable one whose tail is in the log.
+//! still leaves a readable one whose tail is in the log. Older ones go only below the
+//! owner's Raft snapshot index ([`SnapshotStore::prune_only_below`]), whose state Raft
+//! sends. A received snapshot is marked pending until its owner applied it.
 //!
 //! # Thread-safety
-//! Every method is blocking file I/O: call off the reactor. Writers are serialised by the
-//! state machine's owner; readers (Raft sending a snapshot) only read whole files.
+//! Every method is blocking file I/O: call off the reactor. Writers are serialised by a
+//! lock in the store (the owner's applier and Raft's install of a received snapshot can
+//! write at once); readers (Raft sending a snapshot) read whole files or the cached payload.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
@@ -27,6 +32,8 @@ use bytes::Bytes;
 pub const KEEP: usize = 2;
 const MAGIC: &[u8; 8] = b"CVSNAP01";
 const SUFFIX: &str = ".snap";
+/// Names the received snapshot whose state is not applied yet (see [`SnapshotStore::install`]).
+const INSTALL_PENDING: &str = "install-pending";
 /// Magic, offset, index, term, payload length.
 const HEADER: usize = 8 + 8 * 4;
 
@@ -65,6 +72,14 @@ pub struct Loaded {
 #[derive(Debug)]
 pub struct SnapshotStore {
     dir: PathBuf,
+    /// Serialises writes and their pruning.
+    writing: Mutex<()>,
+    /// Only snapshots below this Raft index may be pruned: Raft answers a follower with the
+    /// state at its own snapshot index, which must stay until compaction moves past it.
+    prune_below: AtomicU64,
+    /// The payload last written or loaded, by index: Raft asks for the same one again and
+    /// again while a follower catches up.
+    cached: Mutex<Option<(u64, Bytes)>>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
@@ -76,7 +91,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
 
 impl SnapshotStore {
     pub fn new(dir: impl Into<PathBuf>) -> SnapshotStore {
-        SnapshotStore { dir: dir.into() }
+        SnapshotStore {
+            dir: dir.into(),
+            writing: Mutex::new(()),
+            prune_below: AtomicU64::new(u64::MAX),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// From now on, prunes only snapshots below Raft index `index` (the owner's Raft
+    /// snapshot index: the one `Storage::snapshot` serves). A store starts unrestricted.
+    pub fn prune_only_below(&self, index: u64) {
+        self.prune_below.store(index, Ordering::Relaxed);
     }
 
     pub fn dir(&self) -> &Path {
@@ -86,6 +112,7 @@ impl SnapshotStore {
     /// Writes the state at `point` durably (temp file, fsync, rename, directory fsync) and
     /// removes all but the newest [`KEEP`] snapshots. Blocking.
     pub fn write(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let mut bytes = Vec::with_capacity(HEADER + payload.len() + 4);
         bytes.extend_from_slice(MAGIC);
@@ -99,12 +126,56 @@ impl SnapshotStore {
             path: self.dir.join(&name),
             reason: e.to_string(),
         })?;
-        let indexes = self.indexes()?;
-        for &old in indexes.iter().rev().skip(KEEP) {
+        *self.lock_cached() = Some((point.index, Bytes::copy_from_slice(payload)));
+        self.prune_locked()
+    }
+
+    /// Removes all but the newest [`KEEP`] snapshots, none at or past the pruning floor
+    /// ([`Self::prune_only_below`]). Blocking.
+    pub fn prune(&self) -> Result<(), SnapshotError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.prune_locked()
+    }
+
+    fn prune_locked(&self) -> Result<(), SnapshotError> {
+        let floor = self.prune_below.load(Ordering::Relaxed);
+        for &old in self.indexes()?.iter().rev().skip(KEEP).filter(|&&i| i < floor) {
             let path = self.dir.join(file_name(old));
-            std::fs::remove_file(&path).map_err(io(&path))?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
         }
         Ok(())
+    }
+
+    fn lock_cached(&self) -> std::sync::MutexGuard<'_, Option<(u64, Bytes)>> {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The Raft index of a received snapshot whose state the owner has not applied yet: a
+    /// start must apply it as the committed, live view it is, not as a replayed one.
+    pub fn pending_install(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.dir.join(INSTALL_PENDING)).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// The owner applied the received snapshot at `index`. Blocking.
+    pub fn installed(&self, index: u64) -> Result<(), SnapshotError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.pending_install() != Some(index) {
+            return Ok(());
+        }
+        let path = self.dir.join(INSTALL_PENDING);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
     }
 
     /// The Raft indexes of the stored snapshots, oldest first. Blocking.
@@ -131,6 +202,12 @@ impl SnapshotStore {
 
     /// Reads and verifies the snapshot at Raft index `index`. Blocking.
     pub fn load(&self, index: u64) -> Result<Loaded, SnapshotError> {
+        let loaded = self.load_file(index)?;
+        *self.lock_cached() = Some((index, loaded.payload.clone()));
+        Ok(loaded)
+    }
+
+    fn load_file(&self, index: u64) -> Result<Loaded, SnapshotError> {
         let path = self.dir.join(file_name(index));
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let damaged = |reason: String| SnapshotError::Damaged {
@@ -206,6 +283,11 @@ pub trait StateSnapshots: std::fmt::Debug + Send + Sync {
 
 impl StateSnapshots for SnapshotStore {
     fn state_at(&self, index: u64) -> Option<Bytes> {
+        if let Some((cached, payload)) = self.lock_cached().as_ref()
+            && *cached == index
+        {
+            return Some(payload.clone());
+        }
         match self.load(index) {
             Ok(loaded) => Some(loaded.payload),
             Err(e) => {
@@ -215,7 +297,16 @@ impl StateSnapshots for SnapshotStore {
         }
     }
 
+    /// Stores a received snapshot, marked pending first: the log is reset right after, and
+    /// the owner applies the state later, so a crash in between must not leave the state
+    /// looking like one replayed from this broker's own log.
     fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError> {
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        conveyor_storage::replace_file_durably(&self.dir, INSTALL_PENDING, point.index.to_string().as_bytes())
+            .map_err(|e| SnapshotError::Io {
+                path: self.dir.join(INSTALL_PENDING),
+                reason: e.to_string(),
+            })?;
         self.write(point, payload)
     }
 }
@@ -293,6 +384,77 @@ mod tests {
         let (loaded, failures) = store.load_newest();
         assert!(loaded.is_none());
         assert_eq!(failures.len(), 1);
+    }
+
+    #[test]
+    fn the_snapshot_raft_serves_is_kept_until_compaction_moves_past_it_and_writers_do_not_collide() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SnapshotStore::new(dir.path()));
+        store.prune_only_below(9);
+        for index in [5, 9, 12, 15] {
+            store.write(point(index), b"state").expect("write");
+        }
+        assert_eq!(store.indexes().expect("list"), vec![9, 12, 15], "Raft still serves 9");
+        store.prune_only_below(12);
+        store.prune().expect("prune");
+        assert_eq!(store.indexes().expect("list"), vec![12, 15]);
+
+        // Raft's install and the applier write at once: neither fails on the other's pruning.
+        store.prune_only_below(u64::MAX);
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        store
+                            .write(point(100 + i * 2 + w), b"state")
+                            .expect("a concurrent write");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        assert_eq!(store.indexes().expect("list").len(), KEEP);
+    }
+
+    #[test]
+    fn a_stop_between_storing_a_snapshot_point_and_resetting_the_log_is_finished_at_open() {
+        use crate::replica::raft_state::RaftStateFile;
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, count, ahead) in [("behind", 3, true), ("within", 30, false)] {
+            let at = dir.path().join(name);
+            let log = raft_log(&at, None);
+            let entries: Vec<Entry> = (1..=count).map(entry).collect();
+            log.append(&entries, Origin::Peer).expect("append");
+            log.persist().expect("persist");
+            let offset = if ahead {
+                log.partition_log().log_end_offset() + 1000
+            } else {
+                log.offset_after(10)
+            };
+            drop(log);
+            // What `apply_snapshot` stores before it resets the log, and no more.
+            let mut state = RaftStateFile::load(&at.join("log")).expect("state");
+            state.snapshot_index = 100;
+            state.snapshot_term = 2;
+            state.snapshot_offset = offset;
+            state.hard_state.commit = 100;
+            state.store(&at.join("log")).expect("store");
+
+            let reopened = raft_log(&at, None);
+            let plog = reopened.partition_log();
+            assert_eq!(
+                (
+                    reopened.last_entry().index,
+                    plog.log_start_offset(),
+                    plog.log_end_offset()
+                ),
+                (100, offset, offset),
+                "{name}: the log restarts empty at the snapshot point"
+            );
+        }
     }
 
     fn raft_log(dir: &Path, store: Option<Arc<SnapshotStore>>) -> RaftLog {
@@ -385,8 +547,13 @@ mod tests {
         ));
         assert_eq!(other.last_entry().index, 3, "the log is left as it was");
 
-        // Without its stored state the leader has no snapshot to send yet.
+        // Served again from the payload the store keeps, without reading the file.
         std::fs::remove_file(leader_store.dir().join(file_name(20))).expect("remove");
+        assert_eq!(&leader.snapshot(5, 2).expect("cached").data[8..], b"the state at 20");
+        // Without its stored state (nor the cached one) the leader has no snapshot to send yet.
+        leader_store
+            .write(SnapshotPoint { index: 25, ..point }, b"the state at 25")
+            .expect("write");
         assert!(matches!(
             leader.snapshot(5, 2),
             Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))

@@ -222,32 +222,67 @@ impl Registry {
         let log = &self.metadata.log();
         let log_start = log.log_start_offset();
         let (mut state, mut next) = (MetadataState::new(me), log_start);
-        let (loaded, failures) = self.snapshotting.store.load_newest();
-        let mut reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
-        for failure in &failures {
-            tracing::warn!(error = %failure, "a metadata snapshot cannot be read; falling back to an older one or the log");
-        }
-        match loaded {
-            Some(l) if l.point.offset >= log_start => match MetadataState::decode(me, &l.payload) {
-                Ok(s) => {
-                    tracing::info!(
-                        index = l.point.index,
-                        offset = l.point.offset,
-                        topics = s.topics.len(),
-                        "loaded the metadata snapshot; replaying the log after it"
-                    );
-                    (state, next) = (s, l.point.offset);
-                    self.snapshotting.loaded(l.point);
+        let store = &self.snapshotting.store;
+        let mut reasons = Vec::new();
+        // A snapshot that reads back but does not decode is damaged like one that does not
+        // read back: it is set aside and the older one tried.
+        let loaded = loop {
+            let (loaded, failures) = store.load_newest();
+            for failure in &failures {
+                tracing::warn!(error = %failure, "a metadata snapshot cannot be read; falling back to an older one or the log");
+            }
+            reasons.extend(failures.iter().map(ToString::to_string));
+            let Some(l) = loaded else { break None };
+            match MetadataState::decode(me, &l.payload) {
+                Ok(s) => break Some((l.point, s)),
+                Err(e) => {
+                    tracing::warn!(index = l.point.index, error = %e, "a metadata snapshot cannot be decoded; falling back to an older one or the log");
+                    reasons.push(format!("snapshot at index {}: {e}", l.point.index));
+                    let path = store.dir().join(format!("{:020}.snap", l.point.index));
+                    std::fs::rename(&path, path.with_extension("damaged"))?;
                 }
-                Err(e) => reasons.push(format!("snapshot at index {}: {e}", l.point.index)),
-            },
-            Some(l) => reasons.push(format!(
+            }
+        };
+        let pending = store.pending_install();
+        let mut from_snapshot = false;
+        match loaded {
+            Some((point, _)) if pending == Some(point.index) => {
+                // A snapshot received from the controller whose state was never applied
+                // here: it is the committed, live view, not one replayed from this log. The
+                // start knows no topic (their directories go to quarantine, from which their
+                // incarnations come back as the applier installs the snapshot live).
+                tracing::info!(
+                    index = point.index,
+                    "the metadata snapshot received from the controller was not applied before the stop; applying it now"
+                );
+                self.applied.send_replace(0);
+                *self.snapshotting.lock_state() = MetadataState::new(me);
+                return Ok((BTreeMap::new(), Vec::new()));
+            }
+            Some((point, s)) if point.offset >= log_start => {
+                tracing::info!(
+                    index = point.index,
+                    offset = point.offset,
+                    topics = s.topics.len(),
+                    "loaded the metadata snapshot; replaying the log after it"
+                );
+                (state, next) = (s, point.offset);
+                from_snapshot = true;
+                self.snapshotting.loaded(point);
+            }
+            Some((point, _)) => reasons.push(format!(
                 "the newest snapshot ends at offset {}, before the log's start",
-                l.point.offset
+                point.offset
             )),
             None => {}
         }
-        if next == log_start && log_start > 0 {
+        if let Some(index) = pending {
+            // Its snapshot never got written (or is damaged): the log was not reset for it,
+            // and the controller sends it again.
+            store.installed(index)?;
+        }
+        // A snapshot exactly at the log start (one received from the controller) reaches it.
+        if !from_snapshot && log_start > 0 {
             anyhow::bail!(
                 "the controller's metadata log in {} starts at offset {log_start} (its prefix was deleted after a \
                  snapshot) and no snapshot that reaches it can be read{}. Restore {} from a backup, or move this \
@@ -336,12 +371,38 @@ impl Registry {
         if self.metadata.raft_view().applied < previous.index {
             return; // Raft has not applied that far yet; the next snapshot compacts.
         }
+        if previous.offset < self.metadata.log().log_start_offset() {
+            // The log was reset past it (a snapshot received from the controller): it has
+            // nothing left below that point to compact.
+            return;
+        }
         let metadata = Arc::clone(&self.metadata);
         let compacted = crate::blocking::blocking(move || metadata.compact_below(previous.offset)).await;
         match compacted {
             Ok(n) if n > 0 => tracing::debug!(entries = n, below = previous.offset, "metadata log compacted"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot compact the metadata log below a snapshot"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot compact the metadata log below a snapshot");
+                return;
+            }
+        }
+        // Raft now serves the state at `previous`: older snapshots may go.
+        self.prune_snapshots_below(previous.index).await;
+    }
+
+    /// Lets the snapshot store prune below Raft index `index` (Raft's snapshot index), and
+    /// prunes. A failure is logged: an extra file costs only disk.
+    async fn prune_snapshots_below(&self, index: u64) {
+        let store = Arc::clone(&self.snapshotting.store);
+        let pruned = crate::blocking::blocking(move || {
+            store.prune_only_below(index);
+            store
+                .prune()
+                .map_err(|e| crate::error::BrokerError::Internal(e.to_string()))
+        })
+        .await;
+        if let Err(e) = pruned {
+            tracing::warn!(error = %e, "cannot remove old metadata snapshots");
         }
     }
 
@@ -425,8 +486,22 @@ impl Registry {
                 return false;
             }
         }
+        let store = Arc::clone(&self.snapshotting.store);
+        let index = loaded.point.index;
+        let marked = crate::blocking::blocking(move || {
+            store
+                .installed(index)
+                .map_err(|e| crate::error::BrokerError::Internal(e.to_string()))
+        })
+        .await;
+        if let Err(e) = marked {
+            tracing::error!(error = %e, "cannot mark the metadata snapshot received from the controller as applied; retrying");
+            return false;
+        }
         *self.snapshotting.lock_state() = target;
         self.snapshotting.loaded(loaded.point);
+        // Raft's snapshot index is this one now (the log was reset to it).
+        self.prune_snapshots_below(index).await;
         tracing::info!(
             index = loaded.point.index,
             topics = self.list().len(),
