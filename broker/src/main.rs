@@ -117,13 +117,25 @@ fn main() -> anyhow::Result<()> {
             .context("installing the SIGTERM handler")?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .context("installing the SIGINT handler")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("received SIGTERM"),
-                _ = int.recv() => tracing::info!("received SIGINT"),
+        // Counted, not taken once: a second signal hurries the shutdown along.
+        let (signals, received) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("received SIGTERM"),
+                    _ = int.recv() => tracing::info!("received SIGINT"),
+                }
+                signals.send_modify(|n| *n += 1);
+            }
+        });
+        let nth = |n: u32| {
+            let mut received = received.clone();
+            async move {
+                // The sender lives as long as the process.
+                let _ = received.wait_for(|count| *count >= n).await;
             }
         };
-        conveyor_broker::run(config, shutdown).await
+        conveyor_broker::run_until(config, nth(1), nth(2)).await
     })
 }
 
