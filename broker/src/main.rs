@@ -43,7 +43,8 @@ struct Args {
     join: bool,
 }
 
-/// The log filter: `RUST_LOG`, else `info`; raft-rs at `warn` unless `RUST_LOG` names it.
+/// The log filter: `RUST_LOG`, else `info`; raft-rs at `warn` unless `RUST_LOG` names it
+/// or asks for less than `warn` overall.
 /// raft-rs logs every election and configuration step of every group at info (about ten
 /// records per partition at a start); the broker logs one line per leadership change of its
 /// own. The slog bridge's records are filtered by their module (`raft::...`), not by `slog`.
@@ -55,7 +56,15 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
         let target = directive.split(['=', '[']).next().unwrap_or("").trim();
         target == "raft" || target.starts_with("raft::")
     });
-    let spec = if names_raft {
+    // raft=warn is more specific than a global level, so it would outvote a quieter one
+    // (`error`, `off`) or turn raft on where no global level enables anything.
+    let global = spec
+        .split(',')
+        .filter(|directive| !directive.contains('='))
+        .filter_map(|directive| directive.trim().parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .max();
+    let quieter = global.is_none_or(|level| level < tracing_subscriber::filter::LevelFilter::WARN);
+    let spec = if names_raft || quieter {
         spec.to_string()
     } else {
         format!("{spec},raft=warn")
@@ -157,6 +166,18 @@ mod tests {
             log_filter(Some("info,raft_thing=debug")).to_string(),
             "raft_thing=debug,raft=warn,info",
             "only raft itself counts as asked for"
+        );
+    }
+
+    #[test]
+    fn raft_is_no_louder_than_the_level_asked_for() {
+        assert_eq!(log_filter(Some("error")).to_string(), "error");
+        assert_eq!(log_filter(Some("off")).to_string(), "off");
+        assert_eq!(log_filter(Some("warn")).to_string(), "raft=warn,warn");
+        assert_eq!(
+            log_filter(Some("conveyor_broker=debug")).to_string(),
+            "conveyor_broker=debug",
+            "without a global level, other targets are off"
         );
     }
 }
