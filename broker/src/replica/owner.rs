@@ -20,9 +20,10 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::partition::{
-    Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, HandOver, INBOX_DEPTH, MAX_REQUESTS_PER_ROUND,
-    MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING, MemberChange,
-    OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
+    Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, HandOver, INBOX_DEPTH,
+    MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING,
+    MemberChange, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME,
+    not_leader_error,
 };
 use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;

@@ -530,7 +530,13 @@ mod tests {
         // Retriable or not as any broker answer with its code, not as a broken link.
         let error = link_error(tonic::Status::resource_exhausted("message too large"), "127.0.0.1:1");
         assert!(
-            matches!(error, ClientError::Broker { code: tonic::Code::ResourceExhausted, .. }),
+            matches!(
+                error,
+                ClientError::Broker {
+                    code: tonic::Code::ResourceExhausted,
+                    ..
+                }
+            ),
             "{error:?}"
         );
         let error = link_error(tonic::Status::unknown("transport error"), "127.0.0.1:1");
