@@ -50,4 +50,4 @@ pub mod transport;
 pub mod units;
 
 pub use config::BrokerConfig;
-pub use server::run;
+pub use server::{run, run_until};

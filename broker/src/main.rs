@@ -43,7 +43,8 @@ struct Args {
     join: bool,
 }
 
-/// The log filter: `RUST_LOG`, else `info`; raft-rs at `warn` unless `RUST_LOG` names it.
+/// The log filter: `RUST_LOG`, else `info`; raft-rs at `warn` unless `RUST_LOG` names it
+/// or asks for less than `warn` overall.
 /// raft-rs logs every election and configuration step of every group at info (about ten
 /// records per partition at a start); the broker logs one line per leadership change of its
 /// own. The slog bridge's records are filtered by their module (`raft::...`), not by `slog`.
@@ -55,7 +56,15 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
         let target = directive.split(['=', '[']).next().unwrap_or("").trim();
         target == "raft" || target.starts_with("raft::")
     });
-    let spec = if names_raft {
+    // raft=warn is more specific than a global level, so it would outvote a quieter one
+    // (`error`, `off`) or turn raft on where no global level enables anything.
+    let global = spec
+        .split(',')
+        .filter(|directive| !directive.contains('='))
+        .filter_map(|directive| directive.trim().parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .max();
+    let quieter = global.is_none_or(|level| level < tracing_subscriber::filter::LevelFilter::WARN);
+    let spec = if names_raft || quieter {
         spec.to_string()
     } else {
         format!("{spec},raft=warn")
@@ -117,13 +126,25 @@ fn main() -> anyhow::Result<()> {
             .context("installing the SIGTERM handler")?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .context("installing the SIGINT handler")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("received SIGTERM"),
-                _ = int.recv() => tracing::info!("received SIGINT"),
+        // Counted, not taken once: a second signal hurries the shutdown along.
+        let (signals, received) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("received SIGTERM"),
+                    _ = int.recv() => tracing::info!("received SIGINT"),
+                }
+                signals.send_modify(|n| *n += 1);
+            }
+        });
+        let nth = |n: u32| {
+            let mut received = received.clone();
+            async move {
+                // The sender lives as long as the process.
+                let _ = received.wait_for(|count| *count >= n).await;
             }
         };
-        conveyor_broker::run(config, shutdown).await
+        conveyor_broker::run_until(config, nth(1), nth(2)).await
     })
 }
 
@@ -145,6 +166,18 @@ mod tests {
             log_filter(Some("info,raft_thing=debug")).to_string(),
             "raft_thing=debug,raft=warn,info",
             "only raft itself counts as asked for"
+        );
+    }
+
+    #[test]
+    fn raft_is_no_louder_than_the_level_asked_for() {
+        assert_eq!(log_filter(Some("error")).to_string(), "error");
+        assert_eq!(log_filter(Some("off")).to_string(), "off");
+        assert_eq!(log_filter(Some("warn")).to_string(), "raft=warn,warn");
+        assert_eq!(
+            log_filter(Some("conveyor_broker=debug")).to_string(),
+            "conveyor_broker=debug",
+            "without a global level, other targets are off"
         );
     }
 }

@@ -174,13 +174,24 @@ pub enum MemberChange {
 #[derive(Debug)]
 pub(crate) enum Control {
     TransferLeader(u64),
-    /// Hand leadership to an in-sync voter, for a controlled shutdown; answers with the
-    /// voter chosen, or `None` when this replica does not lead or no voter is in sync.
-    HandOver(oneshot::Sender<Option<u32>>),
+    /// Hand leadership to an in-sync voter, for a controlled shutdown.
+    HandOver(oneshot::Sender<HandOver>),
     /// How many appends the owner holds unanswered (proposed, or waiting for a leader).
     Unanswered(oneshot::Sender<usize>),
     SetPreferred(u64),
     Membership(MemberChange, oneshot::Sender<Result<()>>),
+}
+
+/// What a replica did when asked to hand its leadership over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    /// A transfer to this voter is under way.
+    Started(u32),
+    /// No voter is in sync right now; one may be soon, so ask again.
+    NotNow,
+    /// Nothing to hand over: this replica does not lead, is the only voter, or every other
+    /// voter was asked already and did not take over (it is shutting down too, say).
+    Never,
 }
 
 /// Appends held while an election runs, at most, and for how long.
@@ -272,8 +283,10 @@ pub(crate) fn open_replica(
     let preferred = u64::from(preferred);
     // Alone in its group there is no reason to wait for an election timeout; a new group's
     // preferred leader campaigns at once too, so a new topic is writable quickly.
+    // A broker shutting down takes no leadership: it would only have to hand it over again.
     let voter = raft.voters().contains(&ctx.node_id);
-    if raft.voters() == [ctx.node_id] || (new_group && voter && preferred == ctx.node_id) {
+    let wants = raft.voters() == [ctx.node_id] || (new_group && voter && preferred == ctx.node_id);
+    if wants && !ctx.transport.is_draining() {
         node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
     }
     Ok(Opened { log, raft, node })
@@ -498,13 +511,14 @@ impl Partition {
             .map_err(|_| BrokerError::ShuttingDown)
     }
 
-    /// Asks this replica, if it leads, to hand leadership to an in-sync voter; returns the
-    /// voter it chose, `None` when there is none (or it does not lead). Returns once the
-    /// transfer started; watch [`watch_status`](Self::watch_status) to see it finish.
-    pub async fn hand_over_leadership(&self) -> Option<u32> {
+    /// Asks this replica, if it leads, to hand leadership to an in-sync voter. Returns once
+    /// the transfer started; watch [`watch_status`](Self::watch_status) to see it finish.
+    pub async fn hand_over_leadership(&self) -> HandOver {
         let (reply, rx) = oneshot::channel();
-        self.control.send(Control::HandOver(reply)).await.ok()?;
-        rx.await.ok().flatten()
+        if self.control.send(Control::HandOver(reply)).await.is_err() {
+            return HandOver::Never;
+        }
+        rx.await.unwrap_or(HandOver::Never)
     }
 
     /// How many appends this replica holds unanswered; 0 when its owner is stopped. A

@@ -5,7 +5,9 @@
 //! Hand leadership of this broker's partitions to in-sync replicas while still serving
 //! (up to `drain_timeout`, see [`crate::drain`]), then stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
 //! owners after they drain their queues, then close every log cleanly (fsync and the
-//! clean-shutdown marker, so the next start skips recovery).
+//! clean-shutdown marker, so the next start skips recovery). When `hurry` resolves (a second
+//! signal), the hand-over is skipped and in-flight requests are not waited for; the logs
+//! are still closed cleanly.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,6 +51,16 @@ const FLUSH_TICK: Duration = Duration::from_millis(50);
 
 /// Runs a broker until `shutdown` resolves, then stops it cleanly.
 pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_until(config, shutdown, std::future::pending()).await
+}
+
+/// As [`run`]; once `hurry` resolves after `shutdown`, skips the leadership hand-over and
+/// stops waiting for in-flight requests (an operator asking twice).
+pub async fn run_until(
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     config.validate()?;
     let node = &config.broker;
     let listener = TcpListener::bind(node.listen)
@@ -180,15 +192,27 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
     );
 
     shutdown.await;
+    let mut hurry = std::pin::pin!(hurry);
+    let mut hurried = false;
     // Before anything stops: the Raft service must keep carrying the transfers.
-    crate::drain::drain_leadership(&registry, &transport, node.drain_timeout.0).await;
+    tokio::select! {
+        () = crate::drain::drain_leadership(&registry, &transport, node.drain_timeout.0) => {}
+        () = &mut hurry => {
+            hurried = true;
+            tracing::warn!("asked again to stop: leadership not handed over");
+        }
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(node.shutdown_timeout.0, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
-        Err(_) => tracing::warn!("in-flight requests did not finish in time; closing anyway"),
+    let waited = tokio::time::timeout(node.shutdown_timeout.0, server);
+    tokio::select! {
+        finished = waited => match finished {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => tracing::warn!("in-flight requests did not finish in time; closing anyway"),
+        },
+        () = &mut hurry, if !hurried => tracing::warn!("asked again to stop: not waiting for in-flight requests"),
     }
     let _ = applier.await;
     let _ = maintenance.await;

@@ -162,9 +162,16 @@ async fn local_view(at: &str, topic: &str) -> Option<(Vec<i32>, i32)> {
     Some((leaders, controller))
 }
 
-/// SIGTERMs broker `id` and, the moment it has exited, asks every other broker whom it
-/// takes for each partition's leader and for the controller. Returns how many of those
-/// answers still name `id` or nobody: groups left leaderless by the exit.
+/// How long after the exit the survivors may take to learn of the new leaders: the drain
+/// waits only until the old leader knows, and the others hear from the new leader within a
+/// heartbeat or so. Well below an election timeout (500 ms at least), so a group the drain
+/// left behind still counts.
+const LEARN_WITHIN: Duration = Duration::from_millis(300);
+
+/// SIGTERMs broker `id` and, once it has exited, asks every other broker whom it takes for
+/// each partition's leader and for the controller, for up to [`LEARN_WITHIN`] after the
+/// exit. Returns how many of the last answers still name `id` or nobody: groups left
+/// leaderless by the exit.
 fn terminate_and_count_leaderless(
     cluster: &mut Cluster,
     runtime: &tokio::runtime::Runtime,
@@ -179,14 +186,25 @@ fn terminate_and_count_leaderless(
         .filter(|o| *o != id)
         .map(|o| cluster.broker(o).addr().to_string())
         .collect();
+    let exited = Instant::now();
+    let gone = |l: i32| l == 0 || l == id as i32;
     let mut leaderless = 0;
     for at in &survivors {
-        let (leaders, controller) = runtime
-            .block_on(local_view(at, topic))
-            .unwrap_or_else(|| panic!("broker at {at} answers metadata"));
-        let gone = |l: i32| l == 0 || l == id as i32;
-        leaderless += leaders.iter().filter(|l| gone(**l)).count() + usize::from(gone(controller));
-        println!("after broker {id} exited, {at} sees leaders {leaders:?}, controller {controller}");
+        loop {
+            let (leaders, controller) = runtime
+                .block_on(local_view(at, topic))
+                .unwrap_or_else(|| panic!("broker at {at} answers metadata"));
+            let here = leaders.iter().filter(|l| gone(**l)).count() + usize::from(gone(controller));
+            if here == 0 || exited.elapsed() >= LEARN_WITHIN {
+                println!(
+                    "{} ms after broker {id} exited, {at} sees leaders {leaders:?}, controller {controller}",
+                    exited.elapsed().as_millis()
+                );
+                leaderless += here;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     leaderless
 }

@@ -8,7 +8,7 @@
 //! order (`ready.rs`) and the log. A failing or panicking owner is contained by the
 //! supervisor (`supervisor.rs`); its waiting clients get a retriable error.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -20,9 +20,10 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::partition::{
-    Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, INBOX_DEPTH, MAX_REQUESTS_PER_ROUND,
-    MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING, MemberChange,
-    OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
+    Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, HandOver, INBOX_DEPTH,
+    MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING,
+    MemberChange, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME,
+    not_leader_error,
 };
 use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
@@ -89,6 +90,10 @@ pub(crate) struct Owner {
     /// Per follower far behind: its matched index, the offset after it, and when that was looked
     /// up in the log (see [`Owner::follower_offset`]).
     lag_offsets: HashMap<u64, (u64, u64, Instant)>,
+    /// The voter a controlled shutdown last handed leadership to, and in which term.
+    handing_to: Option<(u64, u64)>,
+    /// Voters that were handed leadership and did not take it (they drain too, say).
+    refused_handover: BTreeSet<u64>,
     /// Membership changes proposed here, waiting to commit.
     pending_changes: Vec<PendingChange>,
     /// Appends that arrived while no leader was known, in arrival order.
@@ -150,6 +155,8 @@ impl Owner {
             ticks: 0,
             caught_up: HashMap::new(),
             lag_offsets: HashMap::new(),
+            handing_to: None,
+            refused_handover: BTreeSet::new(),
             pending_changes: Vec::new(),
             waiting: VecDeque::new(),
             lost_entries,
@@ -325,7 +332,7 @@ impl Owner {
             return;
         }
         if node.raft.state != StateRole::Leader || node.raft.lead_transferee.is_some() {
-            drop(request.reply.send(Err(self.not_leader())));
+            drop(request.reply.send(Err(self.not_leader(node))));
             return;
         }
         if let Some(order) = &request.order {
@@ -408,13 +415,17 @@ impl Owner {
             .is_some_and(|(since, _)| since.elapsed() >= MAX_WAIT_FOR_LEADER)
         {
             if let Some((_, request)) = self.waiting.pop_front() {
-                drop(request.reply.send(Err(self.not_leader())));
+                drop(request.reply.send(Err(self.not_leader(node))));
             }
         }
     }
 
-    fn not_leader(&self) -> BrokerError {
-        not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
+    /// The refusal for a request this replica cannot serve, naming the leader the node knows
+    /// of now: the published status lags behind a step that just made another replica leader
+    /// (a hand-over completing), and would name this one.
+    fn not_leader(&self, node: &RawNode<RaftLog>) -> BrokerError {
+        let leader = u32::try_from(node.raft.leader_id).unwrap_or(0);
+        not_leader_error(&self.transport, &self.topic, self.index, leader)
     }
 
     fn control(&mut self, node: &mut RawNode<RaftLog>, command: Control) {
@@ -424,12 +435,8 @@ impl Owner {
                 node.transfer_leader(to);
             }
             Control::HandOver(reply) => {
-                let to = self.in_sync_successor(node);
-                if let Some(to) = to {
-                    tracing::info!(topic = %self.topic, partition = self.index, to, "handing leadership over before shutting down");
-                    node.transfer_leader(to);
-                }
-                let _ = reply.send(to.and_then(|id| u32::try_from(id).ok()));
+                let answer = self.hand_over(node);
+                let _ = reply.send(answer);
             }
             Control::Unanswered(reply) => {
                 let _ = reply.send(self.pending.len() + self.waiting.len());
@@ -451,7 +458,7 @@ impl Owner {
     fn membership(&mut self, node: &mut RawNode<RaftLog>, change: MemberChange) -> Result<Option<u64>> {
         use raft::eraftpb::{ConfChange, ConfChangeType};
         if node.raft.state != StateRole::Leader {
-            return Err(self.not_leader());
+            return Err(self.not_leader(node));
         }
         let conf = self.raft.conf_state();
         let pending = |reason: String| BrokerError::MembershipChanging {
@@ -531,10 +538,44 @@ impl Owner {
         Ok(Some(node.raft.raft_log.last_index()))
     }
 
+    /// Starts handing leadership to an in-sync voter, for a controlled shutdown. A voter
+    /// that was handed leadership before and did not take it (raft-rs gave the transfer up
+    /// and this replica still leads in the same term) is not asked again: it is most likely
+    /// shutting down as well, and asking it again would hold appends for nothing.
+    fn hand_over(&mut self, node: &mut RawNode<RaftLog>) -> HandOver {
+        if node.raft.state != StateRole::Leader {
+            return HandOver::Never;
+        }
+        if let Some(to) = node.raft.lead_transferee {
+            return HandOver::Started(u32::try_from(to).unwrap_or(0));
+        }
+        if let Some((to, term)) = self.handing_to.take()
+            && term == node.raft.term
+        {
+            self.refused_handover.insert(to);
+        }
+        let me = node.raft.id;
+        let voters = self.raft.conf_state().voters;
+        if voters.iter().all(|v| *v == me || self.refused_handover.contains(v)) {
+            return HandOver::Never;
+        }
+        match self.in_sync_successor(node) {
+            Some(to) => {
+                tracing::info!(topic = %self.topic, partition = self.index, to, "handing leadership over before shutting down");
+                node.transfer_leader(to);
+                self.handing_to = Some((to, node.raft.term));
+                HandOver::Started(u32::try_from(to).unwrap_or(0))
+            }
+            None => HandOver::NotNow,
+        }
+    }
+
     /// The voter to hand leadership to when this broker shuts down: one in sync (as
-    /// [`publish_status`](Self::publish_status) reports it) and heard from recently, the
+    /// [`publish_status`](Self::publish_status) reports it) and not known to refuse, the
     /// preferred replica if it is one, else the most caught up. `None` unless this replica
-    /// leads and such a voter exists.
+    /// leads and such a voter exists. Raft's `recent_active` is not asked: raft-rs clears it
+    /// at every check-quorum round, so an idle group would have no successor for a while
+    /// after each; the `caught_up` time already says the voter was heard from.
     fn in_sync_successor(&self, node: &RawNode<RaftLog>) -> Option<u64> {
         if node.raft.state != StateRole::Leader {
             return None;
@@ -545,10 +586,10 @@ impl Owner {
             .raft
             .prs()
             .iter()
-            .filter(|(id, p)| {
+            .filter(|(id, _)| {
                 **id != node.raft.id
                     && voters.contains(id)
-                    && p.recent_active
+                    && !self.refused_handover.contains(id)
                     && self
                         .caught_up
                         .get(id)
@@ -666,7 +707,7 @@ impl Owner {
             };
             let ours = node.raft.raft_log.term(p.last).is_ok_and(|t| t == p.term);
             if done && !ours {
-                p.fail(self.not_leader());
+                p.fail(self.not_leader(node));
             } else if done {
                 if p.acks == Acks::All {
                     self.metrics.commit_latency.observe(p.proposed_at.elapsed());
@@ -682,7 +723,7 @@ impl Owner {
                 };
                 drop(p.reply.send(outcome));
             } else if !(leader || ours && self.learning_commit()) {
-                p.fail(self.not_leader());
+                p.fail(self.not_leader(node));
             } else {
                 still.push_back(p);
             }
@@ -691,9 +732,9 @@ impl Owner {
         for p in std::mem::take(&mut self.pending_changes) {
             if committed >= p.index {
                 let ours = node.raft.raft_log.term(p.index).is_ok_and(|t| t == p.term);
-                drop(p.reply.send(if ours { Ok(()) } else { Err(self.not_leader()) }));
+                drop(p.reply.send(if ours { Ok(()) } else { Err(self.not_leader(node)) }));
             } else if !leader {
-                drop(p.reply.send(Err(self.not_leader())));
+                drop(p.reply.send(Err(self.not_leader(node))));
             } else {
                 self.pending_changes.push(p);
             }

@@ -353,7 +353,7 @@ impl Replica for PartitionReplica {
                     }
                     Control::TransferLeader(_) => {}
                     // A stopped replica leads nothing.
-                    Control::HandOver(reply) => drop(reply.send(None)),
+                    Control::HandOver(reply) => drop(reply.send(crate::partition::HandOver::Never)),
                     Control::Unanswered(reply) => drop(reply.send(0)),
                     Control::Membership(_, reply) => drop(reply.send(Err(self.error(&reason)))),
                 },

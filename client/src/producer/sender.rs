@@ -392,13 +392,19 @@ fn merge_by_seq(a: VecDeque<Sealed>, b: VecDeque<Sealed>) -> VecDeque<Sealed> {
     }
 }
 
-/// A produce stream that fails, or cannot be opened, without the broker's own error detail
-/// is a broken connection (the broker died, the link dropped, or a broker shutting down
-/// closed it: hyper then reports the stream "canceled"): retriable, as a broken link.
+/// A produce stream that fails, or cannot be opened, with `Cancelled` or `Unknown` and
+/// without the broker's own error detail is a broken connection (the broker died, the link
+/// dropped, or a broker shutting down closed it: hyper then reports the stream "canceled"):
+/// retriable, as a broken link. Other codes (`Unimplemented` from an older broker, a size
+/// limit's `ResourceExhausted`) no retry can change.
 fn link_error(status: tonic::Status, address: &str) -> ClientError {
     match ClientError::from(status) {
         e @ ClientError::Broker { detail: Some(_), .. } => e,
-        ClientError::Broker { message, .. } => ClientError::Unreachable {
+        ClientError::Broker {
+            code: tonic::Code::Cancelled | tonic::Code::Unknown,
+            message,
+            ..
+        } => ClientError::Unreachable {
             address: address.to_string(),
             reason: message,
         },
@@ -507,6 +513,33 @@ mod tests {
             "as a broker's answer it is final"
         );
         let error = link_error(status, "127.0.0.1:1");
+        assert!(error.is_retriable(), "{error}");
+    }
+
+    #[test]
+    fn a_stream_refused_for_a_reason_a_retry_cannot_change_fails() {
+        for status in [
+            tonic::Status::unimplemented("unknown service"),
+            tonic::Status::permission_denied("no"),
+            tonic::Status::invalid_argument("bad"),
+        ] {
+            let code = status.code();
+            let error = link_error(status, "127.0.0.1:1");
+            assert!(!error.is_retriable(), "{code:?}: {error}");
+        }
+        // Retriable or not as any broker answer with its code, not as a broken link.
+        let error = link_error(tonic::Status::resource_exhausted("message too large"), "127.0.0.1:1");
+        assert!(
+            matches!(
+                error,
+                ClientError::Broker {
+                    code: tonic::Code::ResourceExhausted,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let error = link_error(tonic::Status::unknown("transport error"), "127.0.0.1:1");
         assert!(error.is_retriable(), "{error}");
     }
 }
