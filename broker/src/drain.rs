@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::controller::Registry;
 use crate::partition::Partition;
-use crate::topics::Registry;
 use crate::transport::Transport;
 
 /// How long one transfer may take before it is asked for again: raft-rs aborts a transfer

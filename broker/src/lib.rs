@@ -27,13 +27,12 @@
 //! - Batches travel as opaque bytes: validated, stamped and stored, never re-encoded.
 //! - All disk I/O runs off the async reactor; every queue is bounded.
 
-pub mod admin_ops;
 pub mod api;
 pub mod blocking;
 pub mod config;
+pub mod controller;
 pub mod drain;
 pub mod error;
-pub mod membership;
 pub mod metrics;
 pub mod partition;
 pub mod peer_admin;
@@ -43,7 +42,6 @@ pub mod server;
 #[cfg(test)]
 mod test_batches;
 pub mod topic_config;
-pub mod topics;
 pub mod transport;
 pub mod units;
 

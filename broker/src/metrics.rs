@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prost::Message as _;
 use tokio::net::TcpListener;
 
-use crate::topics::Registry;
+use crate::controller::Registry;
 
 /// A monotonic counter (an atomic; cloning shares it).
 #[derive(Debug, Clone, Default)]

@@ -24,9 +24,9 @@ use crate::api::fetch::FetchService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
 use crate::config::BrokerConfig;
+use crate::controller::{Registry, RegistryOptions};
 use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
-use crate::topics::{Registry, RegistryOptions};
 use crate::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 

@@ -604,7 +604,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
 #[derive(Debug, Clone)]
 pub struct RaftService {
     pub transport: Arc<Transport>,
-    pub registry: Arc<crate::topics::Registry>,
+    pub registry: Arc<crate::controller::Registry>,
 }
 
 #[tonic::async_trait]
@@ -629,7 +629,7 @@ impl Raft for RaftService {
         request: Request<MembershipChange>,
     ) -> Result<Response<MembershipChanged>, Status> {
         let change = request.into_inner();
-        crate::membership::change_local(&self.registry, &change)
+        crate::controller::membership::change_local(&self.registry, &change)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(MembershipChanged {}))

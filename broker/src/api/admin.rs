@@ -8,7 +8,7 @@
 //!
 //! # Deadlines
 //! Every call answers in bounded time. Topic changes hold the metadata change lock only to
-//! check and propose one record (each bounded, see [`crate::admin_ops`]); membership calls
+//! check and propose one record (each bounded, see [`crate::controller::admin_ops`]); membership calls
 //! run their operation as a background job and answer within [`MEMBERSHIP_CALL_WAIT`] (or
 //! the caller's shorter `grpc-timeout`) with the outcome, or with a retriable error naming
 //! the step under way; a forwarded call waits for the controller at most
@@ -25,12 +25,12 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::Context;
-use crate::admin_ops::{self, ChangeContext, Jobs, Operation};
+use crate::controller::Topic;
+use crate::controller::admin_ops::{self, ChangeContext, Jobs, Operation};
+use crate::controller::{membership, rebalance};
 use crate::error::BrokerError;
-use crate::membership;
 use crate::partition::Partition;
 use crate::peer_admin::{self, forward, forwarded};
-use crate::topics::Topic;
 
 const FORWARD_CONNECT_TIMEOUT: Duration = peer_admin::CONNECT_TIMEOUT;
 /// How long a description waits for a partition leader's own view.
@@ -699,7 +699,7 @@ impl Admin for AdminService {
             return forwarded_call(controller_id, controller.rebalance(forwarded)).await;
         }
         let moves = if req.dry_run {
-            membership::plan_rebalance(&self.ctx.registry)
+            rebalance::plan_rebalance(&self.ctx.registry)
                 .into_iter()
                 .map(|(_, m)| m)
                 .collect()
@@ -710,7 +710,7 @@ impl Admin for AdminService {
                     lock: &ctx.admin_lock,
                     progress: &progress,
                 };
-                Ok(membership::rebalance(&cx, false).await?)
+                Ok(rebalance::rebalance(&cx, false).await?)
             })
             .await?
         };

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 pub use crate::blocking::blocking;
 
+use crate::controller::Registry;
 use crate::metrics::Metrics;
-use crate::topics::Registry;
 
 /// What every service needs.
 #[derive(Debug)]

@@ -1,5 +1,7 @@
 //! Topic registry tests: placement, names, and what happens to topic directories.
 
+use std::path::Path;
+
 use super::*;
 
 #[test]
