@@ -31,18 +31,16 @@ pub mod api;
 pub mod blocking;
 pub mod config;
 pub mod controller;
-pub mod drain;
 pub mod error;
 pub mod metrics;
-pub mod partition;
 pub mod peer_admin;
 pub mod replica;
 pub mod scrub;
 pub mod server;
+pub mod shutdown;
 #[cfg(test)]
 mod test_batches;
 pub mod topic_config;
-pub mod transport;
 pub mod units;
 
 pub use config::BrokerConfig;

@@ -12,7 +12,7 @@ use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::BrokerError;
-use crate::transport::Transport;
+use crate::replica::transport::Transport;
 
 /// Marks a request one broker forwarded to another.
 pub const FORWARDED: &str = "x-conveyor-forwarded";

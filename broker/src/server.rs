@@ -3,7 +3,7 @@
 //!
 //! # Shutdown order
 //! Hand leadership of this broker's partitions to in-sync replicas while still serving
-//! (up to `drain_timeout`, see [`crate::drain`]), then stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
+//! (up to `drain_timeout`, see [`crate::shutdown`]), then stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
 //! owners after they drain their queues, then close every log cleanly (fsync and the
 //! clean-shutdown marker, so the next start skips recovery).
 
@@ -27,7 +27,7 @@ use crate::config::BrokerConfig;
 use crate::controller::{Registry, RegistryOptions};
 use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
-use crate::transport::{RaftService, Transport};
+use crate::replica::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 
 const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
@@ -157,7 +157,7 @@ pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> an
 
     shutdown.await;
     // Before anything stops: the Raft service must keep carrying the transfers.
-    crate::drain::drain_leadership(&registry, &transport, node.drain_timeout.0).await;
+    crate::shutdown::drain_leadership(&registry, &transport, node.drain_timeout.0).await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
     match tokio::time::timeout(node.shutdown_timeout.0, server).await {

@@ -29,8 +29,8 @@ use crate::controller::Topic;
 use crate::controller::admin_ops::{self, ChangeContext, Jobs, Operation};
 use crate::controller::{membership, rebalance};
 use crate::error::BrokerError;
-use crate::partition::Partition;
 use crate::peer_admin::{self, forward, forwarded};
+use crate::replica::partition::Partition;
 
 const FORWARD_CONNECT_TIMEOUT: Duration = peer_admin::CONNECT_TIMEOUT;
 /// How long a description waits for a partition leader's own view.

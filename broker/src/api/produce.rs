@@ -30,7 +30,7 @@ use super::Context;
 use super::inflate_budget::{self, InflateBudget};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::metrics::Metrics;
-use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
+use crate::replica::partition::{Acks, AppendOutcome, Partition, StreamOrder};
 
 /// Responses buffered per produce stream before the stream handler waits for the client.
 const STREAM_RESPONSE_BUFFER: usize = 256;

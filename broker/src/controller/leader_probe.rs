@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::peer_admin;
 use crate::replica::departure::GroupReport;
-use crate::transport::Transport;
+use crate::replica::transport::Transport;
 
 /// The wait before the second ask of a replica; it doubles with each ask after.
 const FIRST_WAIT: Duration = Duration::from_secs(1);

@@ -35,11 +35,11 @@ use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{Acks, OpenContext, Partition};
 use crate::replica::departure::Undecided;
+use crate::replica::partition::{Acks, OpenContext, Partition};
 use crate::replica::state_snapshot::SnapshotStore;
+use crate::replica::transport::{CONTROLLER_TOPIC, Transport};
 use crate::topic_config::TopicDefaults;
-use crate::transport::{CONTROLLER_TOPIC, Transport};
 
 pub mod admin_ops;
 mod apply;

@@ -22,8 +22,8 @@
 //!   controller's metadata), which a start loads instead of replaying the whole log and a
 //!   follower behind the log start receives from its leader.
 //!
-//! The partition's handle (`crate::partition`) opens replicas and sends the owner requests;
-//! the transport (`crate::transport`) carries messages between brokers.
+//! The partition's handle (`crate::replica::partition`) opens replicas and sends the owner requests;
+//! the transport (`crate::replica::transport`) carries messages between brokers.
 //!
 //! # What a replica reports
 //! The owner publishes a `GroupStatus` (leader, term, each follower's lag and whether it is
@@ -37,7 +37,9 @@ pub mod departure;
 pub mod entry;
 pub mod inbound;
 pub mod lost_entries;
+pub mod membership;
 pub mod owner;
+pub mod partition;
 pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;
@@ -45,3 +47,4 @@ pub mod stalled_snapshots;
 pub mod state_snapshot;
 pub mod supervisor;
 pub mod tick;
+pub mod transport;

@@ -19,19 +19,19 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{
+use crate::replica::inbound;
+use crate::replica::lost_entries::LostEntries;
+use crate::replica::partition::{
     Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, INBOX_DEPTH, MAX_REQUESTS_PER_ROUND,
     MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING, MemberChange,
     OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
 };
-use crate::replica::inbound;
-use crate::replica::lost_entries::LostEntries;
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::replica::stalled_snapshots::StalledSnapshots;
 use crate::replica::supervisor::{self, Channels, Exit};
 use crate::replica::tick::TickSchedule;
-use crate::transport::{GroupKey, Transport};
+use crate::replica::transport::{GroupKey, Transport};
 
 /// A proposed request waiting for its entries to be persisted or committed.
 #[derive(Debug)]
@@ -360,7 +360,7 @@ impl Owner {
             order.next.store(order.sequence.saturating_add(1), Ordering::Release);
         }
         // Traffic counters are about clients' data; the controller's records are not.
-        if self.key.topic != crate::transport::CONTROLLER_TOPIC {
+        if self.key.topic != crate::replica::transport::CONTROLLER_TOPIC {
             for batch in &request.batches {
                 self.traffic.bytes_in.add(batch.bytes().len() as u64);
                 self.metrics.records_in.add(u64::from(batch.header().record_count));
@@ -763,8 +763,8 @@ mod tests {
         raft.set_conf_state(&conf).expect("conf state");
         let config = raft::Config {
             id: 1,
-            election_tick: crate::partition::ELECTION_TICKS,
-            heartbeat_tick: crate::partition::HEARTBEAT_TICKS,
+            election_tick: crate::replica::partition::ELECTION_TICKS,
+            heartbeat_tick: crate::replica::partition::HEARTBEAT_TICKS,
             check_quorum: true,
             pre_vote: true,
             ..raft::Config::default()
@@ -777,7 +777,7 @@ mod tests {
     fn a_follower_of_a_draining_broker_never_campaigns_but_its_leader_lease_still_expires() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut node = follower(dir.path());
-        for _ in 0..10 * crate::partition::ELECTION_TICKS {
+        for _ in 0..10 * crate::replica::partition::ELECTION_TICKS {
             hold_off_campaign(&mut node);
             node.tick();
             assert_eq!(node.raft.state, StateRole::Follower, "campaigned while draining");
@@ -790,7 +790,7 @@ mod tests {
         // Without the hold the same follower campaigns within the longest timeout.
         let other = tempfile::tempdir().expect("tempdir");
         let mut node = follower(other.path());
-        let campaigned = (0..2 * crate::partition::ELECTION_TICKS).any(|_| {
+        let campaigned = (0..2 * crate::replica::partition::ELECTION_TICKS).any(|_| {
             node.tick();
             node.raft.state != StateRole::Follower
         });

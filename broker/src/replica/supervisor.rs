@@ -48,9 +48,11 @@ use tokio::time::Instant;
 
 use super::raft_storage::RaftLog;
 use crate::error::BrokerError;
-use crate::partition::{AppendRequest, Control, OpenContext, Opened, OwnerContext, not_leader_error, open_replica};
 use crate::replica::owner::Owner;
-use crate::transport::Transport;
+use crate::replica::partition::{
+    AppendRequest, Control, OpenContext, Opened, OwnerContext, not_leader_error, open_replica,
+};
+use crate::replica::transport::Transport;
 
 /// Wait before the first restart of a failed replica.
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);

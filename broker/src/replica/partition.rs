@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::replica::owner::Owner;
 use crate::replica::raft_storage::{RaftLog, ReplicaError};
 use crate::replica::supervisor::{self, Channels, ReplicaFiles, SharedFiles};
-use crate::transport::{GroupKey, Transport};
+use crate::replica::transport::{GroupKey, Transport};
 
 /// Most requests one owner round proposes before it processes a Ready.
 pub(crate) const MAX_REQUESTS_PER_ROUND: usize = 512;

@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::controller::Registry;
-use crate::partition::Partition;
-use crate::transport::Transport;
+use crate::replica::partition::Partition;
+use crate::replica::transport::Transport;
 
 /// How long one transfer may take before it is asked for again: raft-rs aborts a transfer
 /// that has not completed within an election timeout (at most 20 ticks of 50 ms).

@@ -629,7 +629,7 @@ impl Raft for RaftService {
         request: Request<MembershipChange>,
     ) -> Result<Response<MembershipChanged>, Status> {
         let change = request.into_inner();
-        crate::controller::membership::change_local(&self.registry, &change)
+        crate::replica::membership::change_local(&self.registry, &change)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(MembershipChanged {}))
