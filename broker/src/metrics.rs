@@ -457,13 +457,13 @@ impl PartitionHealth {
 
 /// Whether this broker (`me`) leads the partition and sees fewer replicas in sync than its
 /// replica set holds.
-fn under_replicated(status: &crate::replica::partition::GroupStatus, me: u32, replicas: usize) -> bool {
+fn under_replicated(status: &crate::replica::status::GroupStatus, me: u32, replicas: usize) -> bool {
     status.leader == me && status.in_sync().len() < replicas
 }
 
 /// Whether a partition has no leader: its replica here knows none, or, without a replica
 /// here, fewer than a majority of its replicas are alive.
-fn offline(local: Option<&crate::replica::partition::GroupStatus>, replicas: usize, live: usize) -> bool {
+fn offline(local: Option<&crate::replica::status::GroupStatus>, replicas: usize, live: usize) -> bool {
     match local {
         Some(status) => status.leader == 0,
         None => live < replicas / 2 + 1,
@@ -561,7 +561,7 @@ mod tests {
 
     #[test]
     fn a_leader_missing_an_in_sync_follower_is_under_replicated() {
-        use crate::replica::partition::{FollowerState, GroupStatus};
+        use crate::replica::status::{FollowerState, GroupStatus};
         let follower = |id, in_sync| FollowerState { id, lag: 0, in_sync };
         let status = GroupStatus {
             leader: 1,
@@ -579,7 +579,7 @@ mod tests {
 
     #[test]
     fn a_partition_without_a_known_leader_or_a_live_majority_is_offline() {
-        use crate::replica::partition::GroupStatus;
+        use crate::replica::status::GroupStatus;
         let led = GroupStatus {
             leader: 2,
             ..GroupStatus::default()

@@ -32,7 +32,7 @@ use crate::controller::admin_ops::ChangeContext;
 use crate::controller::{Registry, Topic};
 use crate::error::{BrokerError, Result};
 use crate::replica::membership::{RETRY_EVERY, change_group};
-use crate::replica::partition::MemberChange;
+use crate::replica::proposal::MemberChange;
 use crate::replica::transport::CONTROLLER_TOPIC;
 
 /// How long adding, or removing, a member may wait for its group to accept it.

@@ -16,7 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::controller::Registry;
 use crate::error::{BrokerError, Result};
-use crate::replica::partition::{MemberChange, Partition};
+use crate::replica::partition::Partition;
+use crate::replica::proposal::MemberChange;
 use crate::replica::transport::CONTROLLER_TOPIC;
 
 /// Pause between attempts of a step that is not possible yet (an election, a learner

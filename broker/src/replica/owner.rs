@@ -22,13 +22,15 @@ use crate::metrics::Metrics;
 use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
 use crate::replica::partition::{
-    Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, INBOX_DEPTH, MAX_REQUESTS_PER_ROUND,
-    MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING, MemberChange,
-    OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
+    INBOX_DEPTH, MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER,
+    MAX_WAITING, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME,
+    not_leader_error,
 };
+use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest, Control, MemberChange};
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::replica::stalled_snapshots::StalledSnapshots;
+use crate::replica::status::{FollowerState, GroupStatus};
 use crate::replica::supervisor::{self, Channels, Exit};
 use crate::replica::tick::TickSchedule;
 use crate::replica::transport::{GroupKey, Transport};

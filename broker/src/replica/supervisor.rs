@@ -49,9 +49,8 @@ use tokio::time::Instant;
 use super::raft_storage::RaftLog;
 use crate::error::BrokerError;
 use crate::replica::owner::Owner;
-use crate::replica::partition::{
-    AppendRequest, Control, OpenContext, Opened, OwnerContext, not_leader_error, open_replica,
-};
+use crate::replica::partition::{OpenContext, Opened, OwnerContext, not_leader_error, open_replica};
+use crate::replica::proposal::{AppendRequest, Control};
 use crate::replica::transport::Transport;
 
 /// Wait before the first restart of a failed replica.
