@@ -23,10 +23,9 @@ use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
 use crate::replica::partition::{
     INBOX_DEPTH, MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER,
-    MAX_WAITING, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME,
-    not_leader_error,
+    MAX_WAITING, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
 };
-use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest, Control, MemberChange};
+use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest};
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::replica::stalled_snapshots::StalledSnapshots;
@@ -34,6 +33,9 @@ use crate::replica::status::{FollowerState, GroupStatus};
 use crate::replica::supervisor::{self, Channels, Exit};
 use crate::replica::tick::TickSchedule;
 use crate::replica::transport::{GroupKey, Transport};
+
+mod control;
+use control::hold_off_campaign;
 
 /// A proposed request waiting for its entries to be persisted or committed.
 #[derive(Debug)]
@@ -408,168 +410,6 @@ impl Owner {
         not_leader_error(&self.transport, &self.topic, self.index, self.status.borrow().leader)
     }
 
-    fn control(&mut self, node: &mut RawNode<RaftLog>, command: Control) {
-        match command {
-            Control::TransferLeader(to) => {
-                tracing::info!(topic = %self.topic, partition = self.index, to, "transferring leadership");
-                node.transfer_leader(to);
-            }
-            Control::HandOver(reply) => {
-                let to = self.in_sync_successor(node);
-                if let Some(to) = to {
-                    tracing::info!(topic = %self.topic, partition = self.index, to, "handing leadership over before shutting down");
-                    node.transfer_leader(to);
-                }
-                let _ = reply.send(to.and_then(|id| u32::try_from(id).ok()));
-            }
-            Control::Unanswered(reply) => {
-                let _ = reply.send(self.pending.len() + self.waiting.len());
-            }
-            Control::SetPreferred(id) => self.preferred = id,
-            Control::Membership(change, reply) => match self.membership(node, change) {
-                Ok(Some(index)) => self.pending_changes.push(PendingChange {
-                    index,
-                    term: node.raft.term,
-                    reply,
-                }),
-                Ok(None) => drop(reply.send(Ok(()))),
-                Err(e) => drop(reply.send(Err(e))),
-            },
-        }
-    }
-
-    /// Proposes a membership change step; `None` when it is already in effect.
-    fn membership(&mut self, node: &mut RawNode<RaftLog>, change: MemberChange) -> Result<Option<u64>> {
-        use raft::eraftpb::{ConfChange, ConfChangeType};
-        if node.raft.state != StateRole::Leader {
-            return Err(self.not_leader());
-        }
-        let conf = self.raft.conf_state();
-        let pending = |reason: String| BrokerError::MembershipChanging {
-            topic: self.topic.clone(),
-            partition: self.index,
-            reason,
-        };
-        let (kind, id) = match change {
-            MemberChange::AddLearner(id) => {
-                if conf.voters.contains(&id) || conf.learners.contains(&id) {
-                    return Ok(None);
-                }
-                (ConfChangeType::AddLearnerNode, id)
-            }
-            MemberChange::Promote(id) => {
-                if conf.voters.contains(&id) {
-                    return Ok(None);
-                }
-                if !conf.learners.contains(&id) {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "broker {id} is not a learner of topic '{}' partition {}; add it first",
-                        self.topic, self.index
-                    )));
-                }
-                let matched = node.raft.prs().get(id).map_or(0, |p| p.matched);
-                let committed = node.raft.raft_log.committed;
-                if matched + PROMOTE_MAX_LAG < committed {
-                    return Err(pending(format!(
-                        "broker {id} is catching up (entry {matched} of {committed})"
-                    )));
-                }
-                (ConfChangeType::AddNode, id)
-            }
-            MemberChange::Remove(id) => {
-                if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
-                    return Ok(None);
-                }
-                if id == node.raft.id {
-                    // A leader that removed itself would go on leading a group it is not in:
-                    // hand leadership to the most caught-up voter first.
-                    let successor = node
-                        .raft
-                        .prs()
-                        .iter()
-                        .filter(|(other, _)| **other != id && conf.voters.contains(other))
-                        .max_by_key(|(_, p)| p.matched)
-                        .map(|(other, _)| *other);
-                    let Some(successor) = successor else {
-                        return Err(BrokerError::InvalidRequest(format!(
-                            "broker {id} is the only voter of topic '{}' partition {}",
-                            self.topic, self.index
-                        )));
-                    };
-                    node.transfer_leader(successor);
-                    return Err(pending(format!(
-                        "leadership is moving to broker {successor} before broker {id} leaves"
-                    )));
-                }
-                if conf.voters.contains(&id) && conf.voters.len() == 1 {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "broker {id} is the only voter of topic '{}' partition {}",
-                        self.topic, self.index
-                    )));
-                }
-                (ConfChangeType::RemoveNode, id)
-            }
-        };
-        if node.raft.has_pending_conf() {
-            return Err(pending("another membership change is being committed".into()));
-        }
-        let mut cc = ConfChange::default();
-        cc.set_change_type(kind);
-        cc.node_id = id;
-        node.propose_conf_change(Vec::new(), cc)
-            .map_err(|e| pending(format!("proposal refused: {e}")))?;
-        tracing::info!(topic = %self.topic, partition = self.index, ?change, "membership change proposed");
-        Ok(Some(node.raft.raft_log.last_index()))
-    }
-
-    /// The voter to hand leadership to when this broker shuts down: one in sync (as
-    /// [`publish_status`](Self::publish_status) reports it) and heard from recently, the
-    /// preferred replica if it is one, else the most caught up. `None` unless this replica
-    /// leads and such a voter exists.
-    fn in_sync_successor(&self, node: &RawNode<RaftLog>) -> Option<u64> {
-        if node.raft.state != StateRole::Leader {
-            return None;
-        }
-        let voters = self.raft.conf_state().voters;
-        let now = Instant::now();
-        let candidates: Vec<(u64, u64)> = node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(id, p)| {
-                **id != node.raft.id
-                    && voters.contains(id)
-                    && p.recent_active
-                    && self
-                        .caught_up
-                        .get(id)
-                        .is_some_and(|t| now.duration_since(*t) < REPLICA_LAG_TIME)
-            })
-            .map(|(id, p)| (*id, p.matched))
-            .collect();
-        if candidates.iter().any(|(id, _)| *id == self.preferred) {
-            return Some(self.preferred);
-        }
-        candidates.iter().max_by_key(|(_, matched)| *matched).map(|(id, _)| *id)
-    }
-
-    /// Hands leadership to the preferred replica when it is fully caught up.
-    fn restore_preferred_leader(&self, node: &mut RawNode<RaftLog>) {
-        if node.raft.state != StateRole::Leader || node.raft.id == self.preferred {
-            return;
-        }
-        let last = node.raft.raft_log.last_index();
-        let ready = node
-            .raft
-            .prs()
-            .get(self.preferred)
-            .is_some_and(|p| p.matched == last && p.recent_active);
-        if ready {
-            tracing::info!(topic = %self.topic, partition = self.index, to = self.preferred, "handing leadership back to the preferred replica");
-            node.transfer_leader(self.preferred);
-        }
-    }
-
     /// Publishes leader, term and, on the leader, each follower's lag and sync state.
     fn publish_status(&mut self, node: &RawNode<RaftLog>) {
         let leader = u32::try_from(node.raft.leader_id).unwrap_or(0);
@@ -689,22 +529,6 @@ impl Owner {
             p.fail(error());
         }
     }
-}
-
-/// Keeps a follower of a shutting-down broker from campaigning: its election timer stops
-/// short of firing. The timer still runs past the minimum election timeout, so the follower
-/// does not hold a leader lease forever and still votes when its leader goes quiet.
-fn hold_off_campaign(node: &mut RawNode<RaftLog>) {
-    if node.raft.state == StateRole::Leader {
-        return;
-    }
-    // The longest timeout raft-rs allows: [election_tick, 2 * election_tick).
-    let longest = 2 * node.raft.election_timeout() - 1;
-    if node.raft.randomized_election_timeout() != longest {
-        node.raft.set_randomized_election_timeout(longest);
-    }
-    // The tick adds one: it must stay below the timeout.
-    node.raft.election_elapsed = node.raft.election_elapsed.min(longest - 2);
 }
 
 #[cfg(test)]
