@@ -33,7 +33,7 @@ pub mod config;
 pub mod controller;
 pub mod error;
 pub mod metrics;
-pub mod peer_admin;
+pub mod peer;
 pub mod replica;
 pub mod scrub;
 pub mod server;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod fetch;
+pub mod forward;
 pub mod inflate_budget;
 pub mod produce;
 

@@ -12,7 +12,7 @@ use conveyor_proto::internal::v1::raft_client::RaftClient;
 use conveyor_proto::internal::v1::{MembershipChange, MembershipChangeKind};
 use conveyor_proto::v1::ErrorDetail;
 use prost::Message as _;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::controller::Registry;
 use crate::error::{BrokerError, Result};
@@ -119,9 +119,8 @@ async fn connect(registry: &Registry, broker: u32) -> Result<RaftClient<Channel>
             why: format!("no address known for broker {broker}"),
         });
     };
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| Attempt::Failed(BrokerError::Internal(format!("broker {broker} address: {e}"))))?
-        .connect_timeout(CONNECT_TIMEOUT);
+    let endpoint = crate::peer::endpoint(&address, CONNECT_TIMEOUT)
+        .map_err(|e| Attempt::Failed(BrokerError::Internal(format!("broker {broker} address: {e}"))))?;
     let channel = endpoint.connect().await.map_err(|e| Attempt::Retry {
         leader: None,
         why: format!("cannot reach broker {broker} at {address}: {e}"),

@@ -194,11 +194,8 @@ impl Transport {
         if id == self.node_id || self.read_peers().contains_key(&id) {
             return Ok(());
         }
-        let uri = format!("http://{address}");
-        let endpoint = Endpoint::from_shared(uri)
+        let endpoint = crate::peer::endpoint(address, CONNECT_TIMEOUT)
             .map_err(|e| anyhow::anyhow!("bad address '{address}' for broker {id}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
             .initial_stream_window_size(16 << 20)
             .initial_connection_window_size(64 << 20);
         let (tx, rx) = mpsc::channel(self.queue_depth);

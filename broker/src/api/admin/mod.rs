@@ -25,14 +25,14 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use crate::api::forward::{CONNECT_TIMEOUT, connect, forward, forwarded, own_description};
 use crate::controller::Topic;
 use crate::controller::admin_ops::{self, ChangeContext, Jobs, Operation};
 use crate::controller::{membership, rebalance};
 use crate::error::BrokerError;
-use crate::peer_admin::{self, forward, forwarded};
 use crate::replica::partition::Partition;
 
-const FORWARD_CONNECT_TIMEOUT: Duration = peer_admin::CONNECT_TIMEOUT;
+const FORWARD_CONNECT_TIMEOUT: Duration = CONNECT_TIMEOUT;
 /// How long a description waits for a partition leader's own view.
 const DESCRIBE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long metadata waits for another broker's view of the partitions it has no replica of.
@@ -229,7 +229,7 @@ impl AdminService {
             // description: its partitions keep this broker's view.
             let transport = self.ctx.registry.transport();
             let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
-            let Some(theirs) = peer_admin::own_description(transport, broker, &topic.name, wait).await else {
+            let Some(theirs) = own_description(transport, broker, &topic.name, wait).await else {
                 continue;
             };
             for p in theirs.partitions {
@@ -383,7 +383,7 @@ impl AdminService {
     }
 
     async fn client_for(&self, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {
-        peer_admin::connect(self.ctx.registry.transport(), broker).await
+        connect(self.ctx.registry.transport(), broker).await
     }
 
     /// `None` when this broker is the controller; else the controller and a client for it.
