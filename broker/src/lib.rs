@@ -6,18 +6,18 @@
 //! - [`units`]: sizes and durations with units in config files.
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
-//! - [`drain`]: controlled shutdown: handing leadership over before stopping.
-//! - [`api`]: one gRPC service per file (admin, produce, fetch).
-//! - [`peer_admin`]: asking another broker's admin service (forwarded requests).
+//! - [`shutdown`]: controlled shutdown: handing leadership over before stopping.
+//! - [`api`]: one gRPC service per file (admin, produce, fetch); `api::forward` asks another
+//!   broker's admin service (forwarded requests, a broker's own view of a topic).
+//! - [`peer`]: the one way to open a connection to another broker.
 //! - [`blocking`]: running blocking work off the reactor.
-//! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
-//!   change lock.
-//! - [`topics`]: the topic registry, the controller group and replica placement.
-//! - [`partition`]: a partition's handle: opening its replica, mailbox, high watermark,
-//!   status.
-//! - [`replica`]: the owner task, the Raft log over the segmented log, Ready processing,
-//!   supervision and recovery of a replica.
-//! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
+//! - [`controller`]: the controller group and what it decides: the topic registry and
+//!   metadata applier, bootstrap, replica placement, admin jobs and the change lock, cluster
+//!   membership operations and the rebalance planner.
+//! - [`replica`]: one Raft group per partition: the partition handle, proposals and status,
+//!   the owner task, the Raft log over the segmented log, Ready processing, supervision and
+//!   recovery, membership steps, and the transport between brokers.
+//! - [`coordinator`]: (empty) the group, share and transaction coordinators to come.
 //! - [`metrics`]: metrics in the OpenMetrics text format (`prometheus-client`), served over
 //!   HTTP/1 by hyper; the partition health gauges.
 //! - [`scrub`]: the background scrub of sealed segments.
@@ -31,6 +31,7 @@ pub mod api;
 pub mod blocking;
 pub mod config;
 pub mod controller;
+pub mod coordinator;
 pub mod error;
 pub mod metrics;
 pub mod peer;

@@ -1,5 +1,18 @@
-//! The topic registry: which topics exist, their configs, replica placement, and the
+//! The controller: the metadata group and everything decided through it. This file holds
+//! the topic registry: which topics exist, their configs, replica placement, and the
 //! partitions this broker holds a replica of.
+//!
+//! # Layout
+//! - [`bootstrap`]: the controller group's first entries on a founding broker.
+//! - [`records`]: metadata records as they sit in the controller log.
+//! - [`apply`]: the applier task that applies committed records in log order.
+//! - [`state`]: snapshots of the applied metadata.
+//! - [`placement`]: spreading a new topic's replicas over the brokers.
+//! - [`dirs`], [`departures`], [`unopened`], [`leader_probe`]: topic directories, when a
+//!   departed replica's data goes, replicas not opened yet, asking a group's leader.
+//! - [`admin_ops`]: long admin operations as background jobs with progress; the change lock.
+//! - [`membership`]: adding and removing brokers, moving replicas, reassignment.
+//! - [`rebalance`]: the rebalance planner and its run.
 //!
 //! # The controller
 //! Cluster metadata lives in the controller group: a Raft group over every broker whose log
