@@ -1,5 +1,7 @@
-//! gRPC services, one file each: [`admin`], [`produce`], [`fetch`]. They validate requests,
-//! route them to partitions and map errors; they hold no state of their own.
+//! gRPC services, one module each: [`admin`], [`produce`], [`fetch`]. They validate requests,
+//! route them to partitions and map errors; they hold no state of their own. [`forward`]
+//! asks another broker's admin service (forwarded requests); [`inflate_budget`] bounds the
+//! memory that decompressing batches may take.
 
 pub mod admin;
 pub mod fetch;
