@@ -52,8 +52,8 @@ impl Default for ClusterSection {
             advertised_address: None,
             raft_queue_depth: 8192,
             join: false,
-            metadata_snapshot_records: crate::topics::DEFAULT_SNAPSHOT_EVERY_RECORDS,
-            metadata_snapshot_bytes: ByteSize(crate::topics::DEFAULT_SNAPSHOT_EVERY_BYTES),
+            metadata_snapshot_records: crate::controller::DEFAULT_SNAPSHOT_EVERY_RECORDS,
+            metadata_snapshot_bytes: ByteSize(crate::controller::DEFAULT_SNAPSHOT_EVERY_BYTES),
         }
     }
 }

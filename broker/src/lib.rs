@@ -6,19 +6,19 @@
 //! - [`units`]: sizes and durations with units in config files.
 //! - [`topic_config`]: per-topic keys over the broker defaults.
 //! - [`server`]: binding, serving, maintenance, graceful shutdown.
-//! - [`drain`]: controlled shutdown: handing leadership over before stopping.
-//! - [`api`]: one gRPC service per file (admin, produce, fetch).
-//! - [`peer_admin`]: asking another broker's admin service (forwarded requests).
+//! - [`shutdown`]: controlled shutdown: handing leadership over before stopping.
+//! - [`api`]: one gRPC service per file (admin, produce, fetch); `api::forward` asks another
+//!   broker's admin service (forwarded requests, a broker's own view of a topic).
+//! - [`peer`]: the one way to open a connection to another broker.
 //! - [`blocking`]: running blocking work off the reactor.
 //! - [`byte_budget`]: pools of memory in bytes that requests reserve before they hold it.
-//! - [`admin_ops`]: long admin operations as background jobs with progress; the metadata
-//!   change lock.
-//! - [`topics`]: the topic registry, the controller group and replica placement.
-//! - [`partition`]: a partition's handle: opening its replica, mailbox, high watermark,
-//!   status.
-//! - [`replica`]: the owner task, the Raft log over the segmented log, Ready processing,
-//!   supervision and recovery of a replica.
-//! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
+//! - [`controller`]: the controller group and what it decides: the topic registry and
+//!   metadata applier, bootstrap, replica placement, admin jobs and the change lock, cluster
+//!   membership operations and the rebalance planner.
+//! - [`replica`]: one Raft group per partition: the partition handle, proposals and status,
+//!   the owner task, the Raft log over the segmented log, Ready processing, supervision and
+//!   recovery, membership steps, and the transport between brokers.
+//! - [`coordinator`]: (empty) the group, share and transaction coordinators to come.
 //! - [`metrics`]: metrics in the OpenMetrics text format (`prometheus-client`), served over
 //!   HTTP/1 by hyper; the partition health gauges.
 //! - [`scrub`]: the background scrub of sealed segments.
@@ -28,25 +28,22 @@
 //! - Batches travel as opaque bytes: validated, stamped and stored, never re-encoded.
 //! - All disk I/O runs off the async reactor; every queue is bounded.
 
-pub mod admin_ops;
 pub mod api;
 pub mod blocking;
 pub mod byte_budget;
 pub mod config;
-pub mod drain;
+pub mod controller;
+pub mod coordinator;
 pub mod error;
-pub mod membership;
 pub mod metrics;
-pub mod partition;
-pub mod peer_admin;
+pub mod peer;
 pub mod replica;
 pub mod scrub;
 pub mod server;
+pub mod shutdown;
 #[cfg(test)]
 mod test_batches;
 pub mod topic_config;
-pub mod topics;
-pub mod transport;
 pub mod units;
 
 pub use config::BrokerConfig;

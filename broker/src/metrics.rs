@@ -26,7 +26,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prost::Message as _;
 use tokio::net::TcpListener;
 
-use crate::topics::Registry;
+use crate::controller::Registry;
 
 /// A monotonic counter (an atomic; cloning shares it).
 #[derive(Debug, Clone, Default)]
@@ -296,7 +296,7 @@ impl Collector for RegistryView {
         let registry = &self.registry;
         let e = &mut encoder;
         let partitions = registry.all_partitions();
-        let per_partition = |read: &dyn Fn(&crate::partition::Partition) -> u64| -> Vec<(Labels, u64)> {
+        let per_partition = |read: &dyn Fn(&crate::replica::partition::Partition) -> u64| -> Vec<(Labels, u64)> {
             partitions
                 .iter()
                 .map(|p| (partition_labels(&p.topic, p.index), read(p)))
@@ -472,13 +472,13 @@ impl PartitionHealth {
 
 /// Whether this broker (`me`) leads the partition and sees fewer replicas in sync than its
 /// replica set holds.
-fn under_replicated(status: &crate::partition::GroupStatus, me: u32, replicas: usize) -> bool {
+fn under_replicated(status: &crate::replica::status::GroupStatus, me: u32, replicas: usize) -> bool {
     status.leader == me && status.in_sync().len() < replicas
 }
 
 /// Whether a partition has no leader: its replica here knows none, or, without a replica
 /// here, fewer than a majority of its replicas are alive.
-fn offline(local: Option<&crate::partition::GroupStatus>, replicas: usize, live: usize) -> bool {
+fn offline(local: Option<&crate::replica::status::GroupStatus>, replicas: usize, live: usize) -> bool {
     match local {
         Some(status) => status.leader == 0,
         None => live < replicas / 2 + 1,
@@ -576,7 +576,7 @@ mod tests {
 
     #[test]
     fn a_leader_missing_an_in_sync_follower_is_under_replicated() {
-        use crate::partition::{FollowerState, GroupStatus};
+        use crate::replica::status::{FollowerState, GroupStatus};
         let follower = |id, in_sync| FollowerState { id, lag: 0, in_sync };
         let status = GroupStatus {
             leader: 1,
@@ -594,7 +594,7 @@ mod tests {
 
     #[test]
     fn a_partition_without_a_known_leader_or_a_live_majority_is_offline() {
-        use crate::partition::GroupStatus;
+        use crate::replica::status::GroupStatus;
         let led = GroupStatus {
             leader: 2,
             ..GroupStatus::default()

@@ -31,8 +31,8 @@ use std::time::Duration;
 use conveyor_storage::{LogError, OnDamage, ScrubCursor, ScrubStep};
 
 use crate::blocking::blocking;
+use crate::controller::Registry;
 use crate::metrics::Metrics;
-use crate::topics::Registry;
 
 /// Most bytes verified per blocking step.
 pub const SCRUB_CHUNK: u64 = 1 << 20;

@@ -3,7 +3,7 @@
 //!
 //! # Shutdown order
 //! Hand leadership of this broker's partitions to in-sync replicas while still serving
-//! (up to `drain_timeout`, see [`crate::drain`]), then stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
+//! (up to `drain_timeout`, see [`crate::shutdown`]), then stop accepting, let in-flight requests finish (up to `shutdown_timeout`), stop partition
 //! owners after they drain their queues, then close every log cleanly (fsync and the
 //! clean-shutdown marker, so the next start skips recovery). When `hurry` resolves (a second
 //! signal), the hand-over is skipped and in-flight requests are not waited for; the logs
@@ -28,10 +28,10 @@ use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
 use crate::byte_budget::{ByteBudget, MAX_WAIT};
 use crate::config::BrokerConfig;
+use crate::controller::{Registry, RegistryOptions};
 use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
-use crate::topics::{Registry, RegistryOptions};
-use crate::transport::{RaftService, Transport};
+use crate::replica::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 
 /// What a client may send on one stream, and on one connection, before the broker has read
@@ -196,7 +196,7 @@ pub async fn run_until(
     let mut hurried = false;
     // Before anything stops: the Raft service must keep carrying the transfers.
     tokio::select! {
-        () = crate::drain::drain_leadership(&registry, &transport, node.drain_timeout.0) => {}
+        () = crate::shutdown::drain_leadership(&registry, &transport, node.drain_timeout.0) => {}
         () = &mut hurry => {
             hurried = true;
             tracing::warn!("asked again to stop: leadership not handed over");

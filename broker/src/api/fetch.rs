@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 use super::inflate_budget::{self, ByteBudget, Reservation, decoding_bytes};
 use super::{Context, blocking};
 use crate::error::{BrokerError, Result, check_topic_name_length};
-use crate::partition::Partition;
+use crate::replica::partition::Partition;
 
 const DEFAULT_MAX_BYTES: u32 = 16 << 20;
 const DEFAULT_PARTITION_MAX_BYTES: u32 = 1 << 20;

@@ -1,10 +1,13 @@
-//! gRPC services, one file each: [`admin`], [`produce`], [`fetch`]. They validate requests,
-//! route them to partitions and map errors; they hold no state of their own. [`admission`]
-//! bounds the bytes of produce requests before tonic reads them.
+//! gRPC services, one module each: [`admin`], [`produce`], [`fetch`]. They validate requests,
+//! route them to partitions and map errors; they hold no state of their own. [`forward`]
+//! asks another broker's admin service (forwarded requests); [`inflate_budget`] bounds the
+//! memory that decompressing batches may take; [`admission`] bounds the bytes of produce
+//! requests before tonic reads them.
 
 pub mod admin;
 pub mod admission;
 pub mod fetch;
+pub mod forward;
 pub mod inflate_budget;
 pub mod produce;
 
@@ -12,8 +15,8 @@ use std::sync::Arc;
 
 pub use crate::blocking::blocking;
 
+use crate::controller::Registry;
 use crate::metrics::Metrics;
-use crate::topics::Registry;
 
 /// What every service needs.
 #[derive(Debug)]

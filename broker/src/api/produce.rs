@@ -37,7 +37,8 @@ use super::inflate_budget;
 use crate::byte_budget::{MAX_WAIT, Reservation};
 use crate::error::{BrokerError, Result, check_topic_name_length};
 use crate::metrics::Metrics;
-use crate::partition::{Acks, AppendOutcome, Partition, StreamOrder};
+use crate::replica::partition::Partition;
+use crate::replica::proposal::{Acks, AppendOutcome, StreamOrder};
 
 /// Responses buffered per produce stream before the stream handler waits for the client.
 const STREAM_RESPONSE_BUFFER: usize = 256;

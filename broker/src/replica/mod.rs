@@ -1,6 +1,9 @@
 //! Replication: one Raft group per partition, whose Raft log is the partition log.
 //!
 //! # Layout
+//! - [`partition`]: a partition's handle: opening its replica, mailbox, high watermark.
+//! - [`proposal`]: what the handle asks the owner: appends and control requests.
+//! - [`status`]: `GroupStatus`, what a replica reports about its group.
 //! - [`entry`]: Raft entries as record batches (normal entries are client batches; no-ops
 //!   and membership changes are control batches).
 //! - [`raft_state`]: the small per-partition file holding HardState, ConfState and the
@@ -13,7 +16,10 @@
 //! - [`inbound`]: what the owner does with each message from its inbox: the transport's
 //!   reports on messages it could not deliver, and peers' messages.
 //! - [`owner`]: the task that drives a partition's Raft node: appends, membership changes,
-//!   messages, ticks and Readies.
+//!   messages, ticks and Readies; `owner::control` answers its control requests (leadership
+//!   transfer, hand-over, membership steps).
+//! - [`membership`]: making one membership step on whichever replica leads a group.
+//! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
 //! - [`lost_entries`]: a replica whose log lost entries it acknowledged recovers from its
 //!   leader, and meanwhile votes only for logs that hold what it promised.
 //! - [`departure`]: when a replica's data may be deleted.
@@ -22,8 +28,8 @@
 //!   controller's metadata), which a start loads instead of replaying the whole log and a
 //!   follower behind the log start receives from its leader.
 //!
-//! The partition's handle (`crate::partition`) opens replicas and sends the owner requests;
-//! the transport (`crate::transport`) carries messages between brokers.
+//! The partition's handle ([`partition`]) opens replicas and sends the owner requests; the
+//! transport ([`transport`]) carries messages between brokers.
 //!
 //! # What a replica reports
 //! The owner publishes a `GroupStatus` (leader, term, each follower's lag and whether it is
@@ -37,11 +43,16 @@ pub mod departure;
 pub mod entry;
 pub mod inbound;
 pub mod lost_entries;
+pub mod membership;
 pub mod owner;
+pub mod partition;
+pub mod proposal;
 pub mod raft_state;
 pub mod raft_storage;
 pub mod ready;
 pub mod stalled_snapshots;
 pub mod state_snapshot;
+pub mod status;
 pub mod supervisor;
 pub mod tick;
+pub mod transport;

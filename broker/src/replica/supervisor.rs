@@ -48,9 +48,10 @@ use tokio::time::Instant;
 
 use super::raft_storage::RaftLog;
 use crate::error::BrokerError;
-use crate::partition::{AppendRequest, Control, OpenContext, Opened, OwnerContext, not_leader_error, open_replica};
 use crate::replica::owner::Owner;
-use crate::transport::Transport;
+use crate::replica::partition::{OpenContext, Opened, OwnerContext, not_leader_error, open_replica};
+use crate::replica::proposal::{AppendRequest, Control};
+use crate::replica::transport::Transport;
 
 /// Wait before the first restart of a failed replica.
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -353,7 +354,7 @@ impl Replica for PartitionReplica {
                     }
                     Control::TransferLeader(_) => {}
                     // A stopped replica leads nothing.
-                    Control::HandOver(reply) => drop(reply.send(crate::partition::HandOver::Never)),
+                    Control::HandOver(reply) => drop(reply.send(crate::replica::proposal::HandOver::Never)),
                     Control::Unanswered(reply) => drop(reply.send(0)),
                     Control::Membership(_, reply) => drop(reply.send(Err(self.error(&reason)))),
                 },

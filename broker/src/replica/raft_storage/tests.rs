@@ -2,6 +2,7 @@ use bytes::Bytes;
 use conveyor_storage::batch::{BatchBuilder, Compression, Record, STAMPED_LEN};
 use conveyor_storage::{FlushPolicy, LogConfig};
 use raft::eraftpb::EntryType;
+use raft::{GetEntriesContext, Storage};
 
 use super::*;
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 use conveyor_proto::v1::admin_client::AdminClient;
 use conveyor_proto::v1::{DescribeTopicRequest, TopicDescription};
 use tonic::Request;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::BrokerError;
-use crate::transport::Transport;
+use crate::replica::transport::Transport;
 
 /// Marks a request one broker forwarded to another.
 pub const FORWARDED: &str = "x-conveyor-forwarded";
@@ -42,10 +42,8 @@ pub async fn connect(transport: &Transport, broker: u32) -> Result<AdminClient<C
         address: address.clone(),
         reason,
     };
-    let channel = Endpoint::from_shared(format!("http://{address}"))
+    let channel = crate::peer::endpoint(&address, CONNECT_TIMEOUT)
         .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|e| unreachable(e.to_string()))?;

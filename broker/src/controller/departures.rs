@@ -14,8 +14,8 @@ use std::sync::Arc;
 use super::{Registry, Topic};
 use crate::blocking::blocking;
 use crate::error::BrokerError;
-use crate::partition::Partition;
 use crate::replica::departure;
+use crate::replica::partition::Partition;
 
 impl Registry {
     /// The replica directories of a topic that the metadata known here places elsewhere.

@@ -17,9 +17,9 @@ use conveyor_proto::v1::{PartitionDescription, TopicDescription};
 use raft::eraftpb::ConfState;
 use tokio::time::Instant;
 
-use crate::peer_admin;
+use crate::api::forward;
 use crate::replica::departure::GroupReport;
-use crate::transport::Transport;
+use crate::replica::transport::Transport;
 
 /// The wait before the second ask of a replica; it doubles with each ask after.
 const FIRST_WAIT: Duration = Duration::from_secs(1);
@@ -109,7 +109,7 @@ impl LeaderProbes {
 /// of the same name, whose groups, terms and indexes say nothing about this one's.
 async fn ask_leader(transport: &Transport, (topic, id, p): (&str, &str, i32), asked: &[u32]) -> Option<GroupReport> {
     let answers = futures::future::join_all(asked.iter().map(|&broker| async move {
-        let theirs = peer_admin::own_description(transport, broker, topic, ASK_TIMEOUT).await?;
+        let theirs = forward::own_description(transport, broker, topic, ASK_TIMEOUT).await?;
         answer_about(broker, theirs, id, p)
     }))
     .await;

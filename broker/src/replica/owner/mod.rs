@@ -19,20 +19,23 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{
-    Acks, AppendOutcome, AppendRequest, Control, FollowerState, GroupStatus, HandOver, INBOX_DEPTH,
-    MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER, MAX_WAITING,
-    MemberChange, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, PROMOTE_MAX_LAG, RAFT_TICK, REPLICA_LAG_TIME,
-    not_leader_error,
-};
 use crate::replica::inbound;
 use crate::replica::lost_entries::LostEntries;
+use crate::replica::partition::{
+    INBOX_DEPTH, MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER,
+    MAX_WAITING, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
+};
+use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest};
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::replica::stalled_snapshots::StalledSnapshots;
+use crate::replica::status::{FollowerState, GroupStatus};
 use crate::replica::supervisor::{self, Channels, Exit};
 use crate::replica::tick::TickSchedule;
-use crate::transport::{GroupKey, Transport};
+use crate::replica::transport::{GroupKey, Transport};
+
+mod control;
+use control::hold_off_campaign;
 
 /// How often the offset of a far-behind follower's matched entry is looked up in the log.
 const LAG_LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -377,7 +380,7 @@ impl Owner {
             order.next.store(order.sequence.saturating_add(1), Ordering::Release);
         }
         // Traffic counters are about clients' data; the controller's records are not.
-        if self.key.topic != crate::transport::CONTROLLER_TOPIC {
+        if self.key.topic != crate::replica::transport::CONTROLLER_TOPIC {
             for batch in &request.batches {
                 self.traffic.bytes_in.add(batch.bytes().len() as u64);
                 self.metrics.records_in.add(u64::from(batch.header().record_count));
@@ -426,198 +429,6 @@ impl Owner {
     fn not_leader(&self, node: &RawNode<RaftLog>) -> BrokerError {
         let leader = u32::try_from(node.raft.leader_id).unwrap_or(0);
         not_leader_error(&self.transport, &self.topic, self.index, leader)
-    }
-
-    fn control(&mut self, node: &mut RawNode<RaftLog>, command: Control) {
-        match command {
-            Control::TransferLeader(to) => {
-                tracing::info!(topic = %self.topic, partition = self.index, to, "transferring leadership");
-                node.transfer_leader(to);
-            }
-            Control::HandOver(reply) => {
-                let answer = self.hand_over(node);
-                let _ = reply.send(answer);
-            }
-            Control::Unanswered(reply) => {
-                let _ = reply.send(self.pending.len() + self.waiting.len());
-            }
-            Control::SetPreferred(id) => self.preferred = id,
-            Control::Membership(change, reply) => match self.membership(node, change) {
-                Ok(Some(index)) => self.pending_changes.push(PendingChange {
-                    index,
-                    term: node.raft.term,
-                    reply,
-                }),
-                Ok(None) => drop(reply.send(Ok(()))),
-                Err(e) => drop(reply.send(Err(e))),
-            },
-        }
-    }
-
-    /// Proposes a membership change step; `None` when it is already in effect.
-    fn membership(&mut self, node: &mut RawNode<RaftLog>, change: MemberChange) -> Result<Option<u64>> {
-        use raft::eraftpb::{ConfChange, ConfChangeType};
-        if node.raft.state != StateRole::Leader {
-            return Err(self.not_leader(node));
-        }
-        let conf = self.raft.conf_state();
-        let pending = |reason: String| BrokerError::MembershipChanging {
-            topic: self.topic.clone(),
-            partition: self.index,
-            reason,
-        };
-        let (kind, id) = match change {
-            MemberChange::AddLearner(id) => {
-                if conf.voters.contains(&id) || conf.learners.contains(&id) {
-                    return Ok(None);
-                }
-                (ConfChangeType::AddLearnerNode, id)
-            }
-            MemberChange::Promote(id) => {
-                if conf.voters.contains(&id) {
-                    return Ok(None);
-                }
-                if !conf.learners.contains(&id) {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "broker {id} is not a learner of topic '{}' partition {}; add it first",
-                        self.topic, self.index
-                    )));
-                }
-                let matched = node.raft.prs().get(id).map_or(0, |p| p.matched);
-                let committed = node.raft.raft_log.committed;
-                if matched + PROMOTE_MAX_LAG < committed {
-                    return Err(pending(format!(
-                        "broker {id} is catching up (entry {matched} of {committed})"
-                    )));
-                }
-                (ConfChangeType::AddNode, id)
-            }
-            MemberChange::Remove(id) => {
-                if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
-                    return Ok(None);
-                }
-                if id == node.raft.id {
-                    // A leader that removed itself would go on leading a group it is not in:
-                    // hand leadership to the most caught-up voter first.
-                    let successor = node
-                        .raft
-                        .prs()
-                        .iter()
-                        .filter(|(other, _)| **other != id && conf.voters.contains(other))
-                        .max_by_key(|(_, p)| p.matched)
-                        .map(|(other, _)| *other);
-                    let Some(successor) = successor else {
-                        return Err(BrokerError::InvalidRequest(format!(
-                            "broker {id} is the only voter of topic '{}' partition {}",
-                            self.topic, self.index
-                        )));
-                    };
-                    node.transfer_leader(successor);
-                    return Err(pending(format!(
-                        "leadership is moving to broker {successor} before broker {id} leaves"
-                    )));
-                }
-                if conf.voters.contains(&id) && conf.voters.len() == 1 {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "broker {id} is the only voter of topic '{}' partition {}",
-                        self.topic, self.index
-                    )));
-                }
-                (ConfChangeType::RemoveNode, id)
-            }
-        };
-        if node.raft.has_pending_conf() {
-            return Err(pending("another membership change is being committed".into()));
-        }
-        let mut cc = ConfChange::default();
-        cc.set_change_type(kind);
-        cc.node_id = id;
-        node.propose_conf_change(Vec::new(), cc)
-            .map_err(|e| pending(format!("proposal refused: {e}")))?;
-        tracing::info!(topic = %self.topic, partition = self.index, ?change, "membership change proposed");
-        Ok(Some(node.raft.raft_log.last_index()))
-    }
-
-    /// Starts handing leadership to an in-sync voter, for a controlled shutdown. A voter
-    /// that was handed leadership before and did not take it (raft-rs gave the transfer up
-    /// and this replica still leads in the same term) is not asked again: it is most likely
-    /// shutting down as well, and asking it again would hold appends for nothing.
-    fn hand_over(&mut self, node: &mut RawNode<RaftLog>) -> HandOver {
-        if node.raft.state != StateRole::Leader {
-            return HandOver::Never;
-        }
-        if let Some(to) = node.raft.lead_transferee {
-            return HandOver::Started(u32::try_from(to).unwrap_or(0));
-        }
-        if let Some((to, term)) = self.handing_to.take()
-            && term == node.raft.term
-        {
-            self.refused_handover.insert(to);
-        }
-        let me = node.raft.id;
-        let voters = self.raft.conf_state().voters;
-        if voters.iter().all(|v| *v == me || self.refused_handover.contains(v)) {
-            return HandOver::Never;
-        }
-        match self.in_sync_successor(node) {
-            Some(to) => {
-                tracing::info!(topic = %self.topic, partition = self.index, to, "handing leadership over before shutting down");
-                node.transfer_leader(to);
-                self.handing_to = Some((to, node.raft.term));
-                HandOver::Started(u32::try_from(to).unwrap_or(0))
-            }
-            None => HandOver::NotNow,
-        }
-    }
-
-    /// The voter to hand leadership to when this broker shuts down: one in sync (as
-    /// [`publish_status`](Self::publish_status) reports it) and not known to refuse, the
-    /// preferred replica if it is one, else the most caught up. `None` unless this replica
-    /// leads and such a voter exists. Raft's `recent_active` is not asked: raft-rs clears it
-    /// at every check-quorum round, so an idle group would have no successor for a while
-    /// after each; the `caught_up` time already says the voter was heard from.
-    fn in_sync_successor(&self, node: &RawNode<RaftLog>) -> Option<u64> {
-        if node.raft.state != StateRole::Leader {
-            return None;
-        }
-        let voters = self.raft.conf_state().voters;
-        let now = Instant::now();
-        let candidates: Vec<(u64, u64)> = node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| {
-                **id != node.raft.id
-                    && voters.contains(id)
-                    && !self.refused_handover.contains(id)
-                    && self
-                        .caught_up
-                        .get(id)
-                        .is_some_and(|t| now.duration_since(*t) < REPLICA_LAG_TIME)
-            })
-            .map(|(id, p)| (*id, p.matched))
-            .collect();
-        if candidates.iter().any(|(id, _)| *id == self.preferred) {
-            return Some(self.preferred);
-        }
-        candidates.iter().max_by_key(|(_, matched)| *matched).map(|(id, _)| *id)
-    }
-
-    /// Hands leadership to the preferred replica when it is fully caught up.
-    fn restore_preferred_leader(&self, node: &mut RawNode<RaftLog>) {
-        if node.raft.state != StateRole::Leader || node.raft.id == self.preferred {
-            return;
-        }
-        let last = node.raft.raft_log.last_index();
-        let ready = node
-            .raft
-            .prs()
-            .get(self.preferred)
-            .is_some_and(|p| p.matched == last && p.recent_active);
-        if ready {
-            tracing::info!(topic = %self.topic, partition = self.index, to = self.preferred, "handing leadership back to the preferred replica");
-            node.transfer_leader(self.preferred);
-        }
     }
 
     /// Publishes leader, term and, on the leader, each follower's lag and sync state.
@@ -764,22 +575,6 @@ impl Owner {
     }
 }
 
-/// Keeps a follower of a shutting-down broker from campaigning: its election timer stops
-/// short of firing. The timer still runs past the minimum election timeout, so the follower
-/// does not hold a leader lease forever and still votes when its leader goes quiet.
-fn hold_off_campaign(node: &mut RawNode<RaftLog>) {
-    if node.raft.state == StateRole::Leader {
-        return;
-    }
-    // The longest timeout raft-rs allows: [election_tick, 2 * election_tick).
-    let longest = 2 * node.raft.election_timeout() - 1;
-    if node.raft.randomized_election_timeout() != longest {
-        node.raft.set_randomized_election_timeout(longest);
-    }
-    // The tick adds one: it must stay below the timeout.
-    node.raft.election_elapsed = node.raft.election_elapsed.min(longest - 2);
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -839,8 +634,8 @@ mod tests {
         raft.set_conf_state(&conf).expect("conf state");
         let config = raft::Config {
             id: 1,
-            election_tick: crate::partition::ELECTION_TICKS,
-            heartbeat_tick: crate::partition::HEARTBEAT_TICKS,
+            election_tick: crate::replica::partition::ELECTION_TICKS,
+            heartbeat_tick: crate::replica::partition::HEARTBEAT_TICKS,
             check_quorum: true,
             pre_vote: true,
             ..raft::Config::default()
@@ -853,7 +648,7 @@ mod tests {
     fn a_follower_of_a_draining_broker_never_campaigns_but_its_leader_lease_still_expires() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut node = follower(dir.path());
-        for _ in 0..10 * crate::partition::ELECTION_TICKS {
+        for _ in 0..10 * crate::replica::partition::ELECTION_TICKS {
             hold_off_campaign(&mut node);
             node.tick();
             assert_eq!(node.raft.state, StateRole::Follower, "campaigned while draining");
@@ -866,7 +661,7 @@ mod tests {
         // Without the hold the same follower campaigns within the longest timeout.
         let other = tempfile::tempdir().expect("tempdir");
         let mut node = follower(other.path());
-        let campaigned = (0..2 * crate::partition::ELECTION_TICKS).any(|_| {
+        let campaigned = (0..2 * crate::replica::partition::ELECTION_TICKS).any(|_| {
             node.tick();
             node.raft.state != StateRole::Follower
         });

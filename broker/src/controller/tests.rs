@@ -1,6 +1,9 @@
 //! Topic registry tests: placement, names, and what happens to topic directories.
 
+use std::path::Path;
+
 use super::*;
+use crate::replica::state_snapshot::SnapshotPoint;
 
 #[test]
 fn placement_spreads_leaders_and_replicas_evenly() {

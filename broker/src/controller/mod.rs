@@ -1,5 +1,18 @@
-//! The topic registry: which topics exist, their configs, replica placement, and the
+//! The controller: the metadata group and everything decided through it. This file holds
+//! the topic registry: which topics exist, their configs, replica placement, and the
 //! partitions this broker holds a replica of.
+//!
+//! # Layout
+//! - [`bootstrap`]: the controller group's first entries on a founding broker.
+//! - [`records`]: metadata records as they sit in the controller log.
+//! - [`apply`]: the applier task that applies committed records in log order.
+//! - [`state`]: snapshots of the applied metadata.
+//! - [`placement`]: spreading a new topic's replicas over the brokers.
+//! - [`dirs`], [`departures`], [`unopened`], [`leader_probe`]: topic directories, when a
+//!   departed replica's data goes, replicas not opened yet, asking a group's leader.
+//! - [`admin_ops`]: long admin operations as background jobs with progress; the change lock.
+//! - [`membership`]: adding and removing brokers, moving replicas, reassignment.
+//! - [`rebalance`]: the rebalance planner and its run.
 //!
 //! # The controller
 //! Cluster metadata lives in the controller group: a Raft group over every broker whose log
@@ -20,7 +33,7 @@
 //! controller; the blocking parts (opening logs, deleting directories) run off the reactor.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -29,32 +42,41 @@ use bytes::Bytes;
 use conveyor_proto::internal::v1::{
     MetadataRecord, PartitionAssignment, TopicConfigChanged, TopicCreated, TopicDeleted, metadata_record,
 };
-use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, ValidatedBatch};
-use conveyor_storage::{FlushPolicy, LogConfig};
+use conveyor_storage::batch::{BatchBuilder, Compression, Record, ValidatedBatch};
 use prost::Message;
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
-use crate::partition::{Acks, OpenContext, Partition};
 use crate::replica::departure::Undecided;
-use crate::replica::state_snapshot::{SnapshotPoint, SnapshotStore};
+use crate::replica::partition::{OpenContext, Partition};
+use crate::replica::proposal::Acks;
+use crate::replica::state_snapshot::SnapshotStore;
+use crate::replica::transport::{CONTROLLER_TOPIC, Transport};
 use crate::topic_config::TopicDefaults;
-use crate::transport::{CONTROLLER_TOPIC, Transport};
 
+pub mod admin_ops;
 mod apply;
+mod bootstrap;
 mod dirs;
 pub use apply::ApplyFailure;
 pub(crate) use apply::describe_change;
 use dirs::{TopicDir, other_incarnation_reason, prepare_topic_dir, remove_topic_data, restore_quarantined};
 mod departures;
 mod leader_probe;
+pub mod membership;
+pub mod placement;
+pub mod rebalance;
+mod records;
 mod state;
 mod unopened;
 
 use state::Snapshotting;
 pub use state::{DEFAULT_SNAPSHOT_EVERY_BYTES, DEFAULT_SNAPSHOT_EVERY_RECORDS};
 
+use bootstrap::{JOINED_FILE, bootstrap_metadata, metadata_config};
+pub use placement::place;
+use records::{Located, located_records_in, records_in};
 pub use unopened::Unopened;
 
 const TOPICS_DIR: &str = "topics";
@@ -176,59 +198,6 @@ fn created_assignments(created: &TopicCreated, me: u32) -> Vec<Vec<u32>> {
     }
 }
 
-/// Marks a controller replica that joined a running cluster: it must never bootstrap one.
-const JOINED_FILE: &str = "joined";
-
-/// Writes the controller group's first entries on a broker that starts a new cluster: one
-/// membership change per initial voter, committed in term 1, the same bytes on every
-/// founding broker. A broker that joins later replays them from the leader and so starts
-/// from the same membership as everyone else. Blocking.
-fn bootstrap_metadata(dir: &Path, voters: &[u32]) -> anyhow::Result<()> {
-    use protobuf::Message as _;
-    use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
-
-    use crate::replica::entry::Origin;
-    use crate::replica::raft_storage::RaftLog;
-
-    let log = Arc::new(conveyor_storage::PartitionLog::open(dir, metadata_config())?);
-    let raft = RaftLog::open(Arc::clone(&log))?;
-    if raft.voters().is_empty() {
-        if raft::Storage::last_index(&raft)? == 0 {
-            let mut entries = Vec::new();
-            for (i, &voter) in voters.iter().enumerate() {
-                let mut cc = ConfChange::default();
-                cc.set_change_type(ConfChangeType::AddNode);
-                cc.node_id = u64::from(voter);
-                let mut entry = Entry {
-                    index: i as u64 + 1,
-                    term: 1,
-                    data: Bytes::from(cc.write_to_bytes()?),
-                    ..Entry::default()
-                };
-                entry.set_entry_type(EntryType::EntryConfChange);
-                entries.push(entry);
-            }
-            raft.append(&entries, Origin::Peer)?;
-            raft.persist()?;
-        }
-        let hard_state = HardState {
-            term: 1,
-            commit: voters.len() as u64,
-            ..HardState::default()
-        };
-        raft.set_hard_state(&hard_state)?;
-        raft.set_conf_state(&ConfState {
-            voters: voters.iter().map(|&v| u64::from(v)).collect(),
-            ..ConfState::default()
-        })?;
-        raft.flush_state()?;
-    }
-    // `RaftLog::close`, not the partition log's: the open above took the term checkpoints a
-    // clean close left, and the real open after this one should find them again.
-    raft.close()?;
-    Ok(())
-}
-
 /// Checks a topic name against Kafka's rules; `__` names are reserved for internal topics.
 pub fn validate_topic_name(name: &str) -> Result<()> {
     let fail = |reason: &str| {
@@ -256,69 +225,6 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
         return fail("names starting with '__' are reserved for internal topics");
     }
     Ok(())
-}
-
-fn metadata_config() -> LogConfig {
-    LogConfig {
-        flush: FlushPolicy::Always,
-        retention_ms: None,
-        segment_bytes: 64 << 20,
-        ..LogConfig::default()
-    }
-}
-
-/// Spreads replicas over `brokers`: partition `p` is led by broker `start + p` (mod n) and
-/// followed by the next `rf - 1`, so leaders and replicas are even across brokers.
-pub fn place(brokers: &[u32], partitions: usize, rf: usize, start: usize) -> Vec<Vec<u32>> {
-    let n = brokers.len().max(1);
-    (0..partitions)
-        .map(|p| (0..rf).map(|r| brokers[(start + p + r) % n]).collect())
-        .collect()
-}
-
-/// A metadata record and where it sits in the controller log.
-#[derive(Debug, Clone)]
-struct Located {
-    /// The base offset of its batch, and the offset after it.
-    base: u64,
-    next: u64,
-    change: metadata_record::Change,
-}
-
-/// The metadata records in `bytes` (control batches, such as Raft no-ops, carry none), and
-/// where the last batch ends: its Raft entry and the offset after it.
-fn located_records_in(bytes: Bytes) -> anyhow::Result<(Vec<Located>, Option<SnapshotPoint>)> {
-    let mut changes = Vec::new();
-    let mut next = None;
-    for batch in BatchIter::new(bytes) {
-        let batch = batch?;
-        let (base, after) = (batch.header().base_offset, batch.header().next_offset());
-        next = Some(SnapshotPoint {
-            index: batch.header().raft_index,
-            term: batch.header().leader_epoch,
-            offset: after,
-        });
-        if batch.header().is_control() {
-            continue;
-        }
-        for record in batch.records()? {
-            let value = record?.value.unwrap_or_default();
-            if let Some(change) = MetadataRecord::decode(value)?.change {
-                changes.push(Located {
-                    base,
-                    next: after,
-                    change,
-                });
-            }
-        }
-    }
-    Ok((changes, next))
-}
-
-/// As [`located_records_in`], the records alone.
-fn records_in(bytes: Bytes) -> anyhow::Result<(Vec<metadata_record::Change>, Option<u64>)> {
-    let (located, next) = located_records_in(bytes)?;
-    Ok((located.into_iter().map(|l| l.change).collect(), next.map(|p| p.offset)))
 }
 
 impl Registry {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Registry, Topic, TopicDir, other_incarnation_reason, prepare_topic_dir};
-use crate::partition::Partition;
+use crate::replica::partition::Partition;
 
 /// Wait before the first retry of a replica that could not be opened.
 const FIRST_RETRY: Duration = Duration::from_secs(1);

@@ -19,7 +19,6 @@
 //! and a consumer never sees a record that is not committed (and, under flush policy
 //! `always`, fsynced).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,9 +33,11 @@ use crate::byte_budget::{ByteBudget, Reservation};
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::replica::owner::Owner;
+use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest, Control, HandOver, MemberChange, StreamOrder};
 use crate::replica::raft_storage::{RaftLog, ReplicaError};
+use crate::replica::status::GroupStatus;
 use crate::replica::supervisor::{self, Channels, ReplicaFiles, SharedFiles};
-use crate::transport::{GroupKey, Transport};
+use crate::replica::transport::{GroupKey, Transport};
 
 /// Most requests one owner round proposes before it processes a Ready.
 pub(crate) const MAX_REQUESTS_PER_ROUND: usize = 512;
@@ -57,59 +58,6 @@ pub(crate) const REPLICA_LAG_TIME: Duration = Duration::from_secs(10);
 /// hand leadership back, which keeps leaders spread across brokers after failovers.
 pub(crate) const PREFERRED_LEADER_CHECK_TICKS: u64 = 600;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acks {
-    None,
-    Leader,
-    All,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AppendOutcome {
-    pub base_offset: u64,
-    pub last_offset: u64,
-}
-
-#[derive(Debug)]
-pub struct AppendRequest {
-    /// Validated batches, appended in order.
-    pub batches: Vec<ValidatedBatch>,
-    pub acks: Acks,
-    /// Set for a numbered part of a produce stream.
-    pub order: Option<StreamOrder>,
-    pub reply: oneshot::Sender<Result<AppendOutcome>>,
-    /// The shares of byte budgets (the broker's, the partition's) that the batches' memory
-    /// holds: returned when the request is answered, and not before (proposed entries stay
-    /// in memory until they are persisted).
-    pub shares: Vec<Reservation>,
-}
-
-/// Where a numbered produce-stream part stands in its partition's sequence on that stream.
-///
-/// A stream's parts for one partition are refused or appended one by one in stream order by
-/// the owner; if one is refused (no leader, a stale view, a dropped proposal), every later
-/// part of the run must be refused too, or the client's resend of the first would land after
-/// them. `next` is the stream's shared counter for the partition: only the owner moves it,
-/// when it appends a part.
-#[derive(Debug, Clone)]
-pub struct StreamOrder {
-    pub next: Arc<AtomicU64>,
-    pub sequence: u64,
-    /// The client had nothing of this partition awaiting an answer: a new run starts here.
-    pub restart: bool,
-}
-
-impl StreamOrder {
-    /// The part number this stream's next part must carry.
-    pub(crate) fn expected(&self) -> u64 {
-        if self.restart {
-            self.sequence
-        } else {
-            self.next.load(Ordering::Acquire)
-        }
-    }
-}
-
 /// What opening a partition needs besides its name and directory.
 #[derive(Debug, Clone)]
 pub struct OpenContext {
@@ -124,74 +72,6 @@ pub struct OpenContext {
     /// The snapshots of the state machine replayed from this group's log, whose Raft
     /// snapshots must carry that state (the controller group's); `None` for a partition.
     pub state_snapshots: Option<Arc<dyn crate::replica::state_snapshot::StateSnapshots>>,
-}
-
-/// A follower's replication state, as its leader sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FollowerState {
-    pub id: u32,
-    /// Offsets the follower's log is behind the leader's.
-    pub lag: u64,
-    pub in_sync: bool,
-}
-
-/// What a partition's Raft group looks like from this replica.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GroupStatus {
-    /// The leader this replica knows of; 0 when there is none.
-    pub leader: u32,
-    pub term: u64,
-    /// Set on the leader only.
-    pub followers: Vec<FollowerState>,
-    /// Set while this replica is stopped after a failure; `leader` is then never this
-    /// replica (0, or a peer whose heartbeats show it leads).
-    pub failure: Option<String>,
-}
-
-impl GroupStatus {
-    /// Replicas in sync with the leader, the leader first; empty unless this replica leads.
-    pub fn in_sync(&self) -> Vec<u32> {
-        if self.leader == 0 {
-            return Vec::new();
-        }
-        let mut ids = vec![self.leader];
-        ids.extend(self.followers.iter().filter(|f| f.in_sync).map(|f| f.id));
-        ids
-    }
-}
-
-/// One step of a Raft group membership change. Changes are made one at a time, each
-/// committed before the next is accepted, so two majorities can never disagree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemberChange {
-    /// Joins as a learner: it receives the log but does not vote.
-    AddLearner(u64),
-    /// A learner that has caught up becomes a voter.
-    Promote(u64),
-    Remove(u64),
-}
-
-#[derive(Debug)]
-pub(crate) enum Control {
-    TransferLeader(u64),
-    /// Hand leadership to an in-sync voter, for a controlled shutdown.
-    HandOver(oneshot::Sender<HandOver>),
-    /// How many appends the owner holds unanswered (proposed, or waiting for a leader).
-    Unanswered(oneshot::Sender<usize>),
-    SetPreferred(u64),
-    Membership(MemberChange, oneshot::Sender<Result<()>>),
-}
-
-/// What a replica did when asked to hand its leadership over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandOver {
-    /// A transfer to this voter is under way.
-    Started(u32),
-    /// No voter is in sync right now; one may be soon, so ask again.
-    NotNow,
-    /// Nothing to hand over: this replica does not lead, is the only voter, or every other
-    /// voter was asked already and did not take over (it is shutting down too, say).
-    Never,
 }
 
 /// Appends held while an election runs, at most, and for how long.

@@ -194,11 +194,8 @@ impl Transport {
         if id == self.node_id || self.read_peers().contains_key(&id) {
             return Ok(());
         }
-        let uri = format!("http://{address}");
-        let endpoint = Endpoint::from_shared(uri)
+        let endpoint = crate::peer::endpoint(address, CONNECT_TIMEOUT)
             .map_err(|e| anyhow::anyhow!("bad address '{address}' for broker {id}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
             .initial_stream_window_size(16 << 20)
             .initial_connection_window_size(64 << 20);
         let (tx, rx) = mpsc::channel(self.queue_depth);
@@ -604,7 +601,7 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
 #[derive(Debug, Clone)]
 pub struct RaftService {
     pub transport: Arc<Transport>,
-    pub registry: Arc<crate::topics::Registry>,
+    pub registry: Arc<crate::controller::Registry>,
 }
 
 #[tonic::async_trait]
@@ -629,7 +626,7 @@ impl Raft for RaftService {
         request: Request<MembershipChange>,
     ) -> Result<Response<MembershipChanged>, Status> {
         let change = request.into_inner();
-        crate::membership::change_local(&self.registry, &change)
+        crate::replica::membership::change_local(&self.registry, &change)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(MembershipChanged {}))

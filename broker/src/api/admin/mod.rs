@@ -6,33 +6,34 @@
 //! broker's view and ask each partition's leader for what only the leader knows (in-sync
 //! replicas, log end offset).
 //!
+//! The handlers are here; [`route`] forwards a change to the controller (one helper,
+//! `to_controller`, behind every handler that changes metadata), [`describe`] builds topic
+//! descriptions and metadata answers, [`cluster`] the cluster description.
+//!
 //! # Deadlines
 //! Every call answers in bounded time. Topic changes hold the metadata change lock only to
-//! check and propose one record (each bounded, see [`crate::admin_ops`]); membership calls
+//! check and propose one record (each bounded, see [`crate::controller::admin_ops`]); membership calls
 //! run their operation as a background job and answer within [`MEMBERSHIP_CALL_WAIT`] (or
 //! the caller's shorter `grpc-timeout`) with the outcome, or with a retriable error naming
 //! the step under way; a forwarded call waits for the controller at most
 //! [`FORWARD_TIMEOUT`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_proto::v1::admin_client::AdminClient;
 use conveyor_proto::v1::admin_server::Admin;
 use conveyor_proto::v1::*;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::Context;
-use crate::admin_ops::{self, ChangeContext, Jobs, Operation};
+use crate::api::forward::{CONNECT_TIMEOUT, forward, forwarded};
+use crate::controller::admin_ops::{self, ChangeContext, Jobs, Operation};
+use crate::controller::{membership, rebalance};
 use crate::error::BrokerError;
-use crate::membership;
-use crate::partition::Partition;
-use crate::peer_admin::{self, forward, forwarded};
-use crate::topics::Topic;
+use crate::replica::partition::Partition;
 
-const FORWARD_CONNECT_TIMEOUT: Duration = peer_admin::CONNECT_TIMEOUT;
+const FORWARD_CONNECT_TIMEOUT: Duration = CONNECT_TIMEOUT;
 /// How long a description waits for a partition leader's own view.
 const DESCRIBE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long metadata waits for another broker's view of the partitions it has no replica of.
@@ -49,6 +50,26 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 const CALLER_DEADLINE_SHARE: f64 = 0.8;
 /// How long `cluster info` waits for another broker's own report.
 const CLUSTER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Evaluates to `$req` when this broker is the controller; otherwise returns the
+/// controller's answer to `$req`, forwarded with `AdminClient::$method` (see
+/// [`AdminService::to_controller`]).
+macro_rules! on_controller {
+    ($service:expr, $was_forwarded:expr, $req:expr, $wait:expr, $method:ident) => {
+        match $service
+            .to_controller(
+                $was_forwarded,
+                $req,
+                $wait,
+                |mut c, r| async move { c.$method(r).await },
+            )
+            .await?
+        {
+            Route::Here(req) => req,
+            Route::Forwarded(answer) => return Ok(answer),
+        }
+    };
+}
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -86,21 +107,6 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
-    })
-}
-
-/// Waits at most [`FORWARD_TIMEOUT`] for a call forwarded to the controller.
-async fn forwarded_call<T>(
-    controller: u32,
-    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
-) -> Result<Response<T>, Status> {
-    tokio::time::timeout(FORWARD_TIMEOUT, call).await.unwrap_or_else(|_| {
-        Err(BrokerError::TimedOut {
-            what: format!("the call forwarded to the controller (broker {controller})"),
-            after: FORWARD_TIMEOUT,
-            state: "the controller did not answer; it may be stopped or overloaded, and what the call asked may still take effect".into(),
-        }
-        .into())
     })
 }
 
@@ -147,209 +153,6 @@ impl AdminService {
         outcome
     }
 
-    /// This broker's view of one partition: complete where it leads, partial elsewhere.
-    fn describe_partition(&self, topic: &Topic, index: i32) -> PartitionDescription {
-        let replicas = to_i32(&topic.assignments[index as usize]);
-        match topic.local.get(&index) {
-            Some(p) => {
-                let status = p.status();
-                let view = p.raft_view();
-                let ids = |v: &[u64]| v.iter().map(|&i| i as i32).collect::<Vec<_>>();
-                PartitionDescription {
-                    partition: index,
-                    leader: status.leader as i32,
-                    replicas,
-                    in_sync: to_i32(&status.in_sync()),
-                    log_start_offset: p.log().log_start_offset(),
-                    high_watermark: p.high_watermark(),
-                    log_end_offset: p.log().log_end_offset(),
-                    size_bytes: p.log().size_bytes(),
-                    replica_state: match status.failure {
-                        Some(reason) => format!("stopped: {reason}"),
-                        None => "running".into(),
-                    },
-                    voters: ids(&view.conf_state.voters),
-                    learners: ids(&view.conf_state.learners),
-                    voters_outgoing: ids(&view.conf_state.voters_outgoing),
-                    learners_next: ids(&view.conf_state.learners_next),
-                    term: status.term,
-                    applied_index: view.applied,
-                }
-            }
-            None => PartitionDescription {
-                partition: index,
-                leader: 0,
-                replicas,
-                // A replica placed here that could not be opened (retried by the applier).
-                replica_state: topic
-                    .unopened
-                    .get(&index)
-                    .map(|u| format!("stopped: {}", u.reason))
-                    .unwrap_or_default(),
-                ..PartitionDescription::default()
-            },
-        }
-    }
-
-    fn describe_local(&self, topic: &Topic) -> TopicDescription {
-        TopicDescription {
-            name: topic.name.clone(),
-            configs: topic.effective.to_map().into_iter().collect(),
-            replication_factor: topic.replication_factor,
-            topic_id: topic.id.clone(),
-            partitions: (0..topic.partition_count() as i32)
-                .map(|i| self.describe_partition(topic, i))
-                .collect(),
-        }
-    }
-
-    /// The description with every partition as its leader sees it, where the leader answers.
-    async fn describe(&self, topic: &Topic, local_only: bool) -> TopicDescription {
-        let me = self.ctx.node_id as i32;
-        let mut description = self.describe_local(topic);
-        if local_only {
-            return description;
-        }
-        // Where this broker does not lead, ask the leader it knows of, or the preferred one.
-        let mut ask: BTreeSet<u32> = BTreeSet::new();
-        for p in &description.partitions {
-            if p.leader != me {
-                let guess = if p.leader > 0 {
-                    p.leader
-                } else {
-                    p.replicas.first().copied().unwrap_or(0)
-                };
-                if guess > 0 && guess != me {
-                    ask.insert(guess as u32);
-                }
-            }
-        }
-        for broker in ask {
-            // A leader that stopped answering (paused, partitioned) must not hang the
-            // description: its partitions keep this broker's view.
-            let transport = self.ctx.registry.transport();
-            let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
-            let Some(theirs) = peer_admin::own_description(transport, broker, &topic.name, wait).await else {
-                continue;
-            };
-            for p in theirs.partitions {
-                if p.leader == broker as i32
-                    && let Some(slot) = description.partitions.get_mut(p.partition as usize)
-                {
-                    let ours = std::mem::take(&mut slot.replica_state);
-                    *slot = p;
-                    slot.replica_state = ours;
-                }
-            }
-        }
-        description
-    }
-
-    /// Fills in the leaders of partitions this broker holds no replica of (in a cluster with
-    /// more brokers than a topic's replication factor), as their preferred replicas see
-    /// them. A replica that does not answer in time leaves its partitions at 0 (unknown):
-    /// clients then try the replicas, preferred first, and follow the leader they name.
-    async fn fill_remote_leaders(&self, topics: &mut [TopicMetadata]) {
-        let mut ask: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-        for t in topics.iter() {
-            for p in t.partitions.iter().filter(|p| p.leader == 0) {
-                let preferred = p.replicas.first().copied().unwrap_or(0) as u32;
-                if preferred != 0 && preferred != self.ctx.node_id && self.ctx.registry.transport().is_alive(preferred)
-                {
-                    ask.entry(preferred).or_default().insert(t.name.clone());
-                }
-            }
-        }
-        if ask.is_empty() {
-            return;
-        }
-        let answers = futures::future::join_all(ask.into_iter().map(|(broker, names)| async move {
-            let mut client = self.kept_client_for(broker)?;
-            let request = forward(MetadataRequest {
-                topics: names.into_iter().collect(),
-            });
-            tokio::time::timeout(METADATA_ASK_TIMEOUT, client.metadata(request))
-                .await
-                .ok()?
-                .ok()
-        }))
-        .await;
-        let mut leaders: HashMap<String, HashMap<i32, i32>> = HashMap::new();
-        for answer in answers.into_iter().flatten() {
-            for t in answer.into_inner().topics {
-                let known = leaders.entry(t.name).or_default();
-                known.extend(
-                    t.partitions
-                        .iter()
-                        .filter(|p| p.leader > 0)
-                        .map(|p| (p.partition, p.leader)),
-                );
-            }
-        }
-        for t in topics.iter_mut() {
-            let Some(known) = leaders.get(&t.name) else {
-                continue;
-            };
-            for p in t.partitions.iter_mut().filter(|p| p.leader == 0) {
-                if let Some(leader) = known.get(&p.partition) {
-                    p.leader = *leader;
-                }
-            }
-        }
-    }
-
-    /// The members of the cluster, with liveness as this broker sees it.
-    fn brokers(&self) -> Vec<BrokerInfo> {
-        let members = self.ctx.registry.members();
-        self.ctx
-            .registry
-            .transport()
-            .peer_states()
-            .into_iter()
-            .filter(|s| members.contains(&s.id))
-            .map(|s| BrokerInfo {
-                id: s.id as i32,
-                address: s.address,
-                alive: s.alive,
-                ..BrokerInfo::default()
-            })
-            .collect()
-    }
-
-    fn cluster(&self) -> ClusterDescription {
-        let controller = self.ctx.registry.metadata_partition().leader();
-        ClusterDescription {
-            cluster_id: "conveyor".into(),
-            controller: controller as i32,
-            brokers: self.brokers(),
-        }
-    }
-
-    /// Hands the controller role to another live broker (before this one is removed) and
-    /// returns the new controller.
-    async fn move_controller(&self) -> Result<u32, BrokerError> {
-        let me = self.ctx.node_id;
-        let registry = &self.ctx.registry;
-        let (voters, _) = registry.metadata_partition().members();
-        let Some(to) = voters
-            .into_iter()
-            .find(|&v| v != me && registry.transport().is_alive(v))
-        else {
-            return Err(BrokerError::CannotRemoveBroker {
-                id: me,
-                reason: "no other live broker can take over as controller".into(),
-            });
-        };
-        let metadata = registry.metadata_partition();
-        let mut status = metadata.watch_status();
-        metadata.transfer_leader(to).await?;
-        let moved = tokio::time::timeout(TRANSFER_TIMEOUT, status.wait_for(|s| s.leader != 0 && s.leader != me)).await;
-        match moved {
-            Ok(Ok(s)) => Ok(s.leader),
-            _ => Err(BrokerError::NoController),
-        }
-    }
-
     fn count(&self) {
         self.ctx.metrics.admin_requests.add(1);
     }
@@ -360,96 +163,11 @@ impl AdminService {
         e.into()
     }
 
-    /// A client for broker `broker` over a connection kept for repeated use (it connects on
-    /// first use and reconnects by itself); `None` if its address is unknown or malformed.
-    fn kept_client_for(&self, broker: u32) -> Option<AdminClient<Channel>> {
-        let address = self.ctx.registry.transport().client_address(broker)?;
-        let mut kept = self
-            .ctx
-            .peer_channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let channel = match kept.entry((broker, address)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let endpoint = Endpoint::from_shared(format!("http://{}", e.key().1))
-                    .ok()?
-                    .connect_timeout(FORWARD_CONNECT_TIMEOUT)
-                    .tcp_nodelay(true);
-                e.insert(endpoint.connect_lazy()).clone()
-            }
-        };
-        Some(AdminClient::new(channel))
-    }
-
-    async fn client_for(&self, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {
-        peer_admin::connect(self.ctx.registry.transport(), broker).await
-    }
-
-    /// `None` when this broker is the controller; else the controller and a client for it.
-    async fn controller_client(&self, already_forwarded: bool) -> Result<Option<(u32, AdminClient<Channel>)>, Status> {
-        let controller = self.ctx.registry.controller().await.map_err(|e| self.fail(e))?;
-        if controller == self.ctx.node_id {
-            return Ok(None);
-        }
-        if already_forwarded {
-            // The sender thought this broker was the controller; its view is stale.
-            return Err(self.fail(BrokerError::NoController));
-        }
-        let client = self.client_for(controller).await.map_err(|e| self.fail(e))?;
-        Ok(Some((controller, client)))
-    }
-
     /// Waits, bounded, for the lock that serialises metadata changes.
     async fn lock_changes(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
         admin_ops::lock_changes(&self.ctx.admin_lock)
             .await
             .map_err(|e| self.fail(e))
-    }
-
-    /// This broker's own entry for `cluster info`, with its metadata apply state.
-    fn own_metadata_state(&self, info: &mut BrokerInfo) {
-        let registry = &self.ctx.registry;
-        info.metadata_applied_offset = registry.applied_offset();
-        info.metadata_apply_error = registry
-            .apply_failure()
-            .map(|f| format!("{} (offset {}): {}", f.change, f.offset, f.error))
-            .unwrap_or_default();
-        info.metadata_reported = true;
-    }
-
-    /// Fills in each other live broker's metadata apply state as it reports it; a broker
-    /// that does not answer in time is left unreported.
-    async fn ask_metadata_states(&self, brokers: &mut [BrokerInfo]) {
-        let me = self.ctx.node_id as i32;
-        let asked = brokers
-            .iter()
-            .filter(|b| b.id != me && b.alive)
-            .map(|b| b.id as u32)
-            .collect::<Vec<_>>();
-        let answers = futures::future::join_all(asked.into_iter().map(|broker| async move {
-            let mut client = self.kept_client_for(broker)?;
-            let theirs = tokio::time::timeout(
-                CLUSTER_ASK_TIMEOUT,
-                client.describe_cluster(forward(DescribeClusterRequest {})),
-            )
-            .await
-            .ok()?
-            .ok()?
-            .into_inner();
-            theirs
-                .brokers
-                .into_iter()
-                .find(|b| b.id == broker as i32 && b.metadata_reported)
-        }))
-        .await;
-        for theirs in answers.into_iter().flatten() {
-            if let Some(slot) = brokers.iter_mut().find(|b| b.id == theirs.id) {
-                slot.metadata_applied_offset = theirs.metadata_applied_offset;
-                slot.metadata_apply_error = theirs.metadata_apply_error;
-                slot.metadata_reported = true;
-            }
-        }
     }
 }
 
@@ -463,9 +181,7 @@ impl Admin for AdminService {
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
         crate::error::check_topic_name_length(&req.name).map_err(|e| self.fail(e))?;
-        if let Some((id, mut controller)) = self.controller_client(was_forwarded).await? {
-            return forwarded_call(id, controller.create_topic(forward(req))).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, None, create_topic);
         let _guard = self.lock_changes().await?;
         let configs: BTreeMap<String, String> = req.configs.into_iter().collect();
         let topic = self
@@ -486,9 +202,7 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        if let Some((id, mut controller)) = self.controller_client(was_forwarded).await? {
-            return forwarded_call(id, controller.delete_topic(forward(req))).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, None, delete_topic);
         let _guard = self.lock_changes().await?;
         self.ctx
             .registry
@@ -533,9 +247,7 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        if let Some((id, mut controller)) = self.controller_client(was_forwarded).await? {
-            return forwarded_call(id, controller.alter_topic_config(forward(req))).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, None, alter_topic_config);
         let _guard = self.lock_changes().await?;
         let changes: BTreeMap<String, String> = req.configs.into_iter().collect();
         let topic = self
@@ -568,11 +280,7 @@ impl Admin for AdminService {
         let was_forwarded = forwarded(&request);
         let wait = membership_wait(&request);
         let req = request.into_inner();
-        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
-            let mut forwarded = forward(req);
-            forwarded.set_timeout(wait);
-            return forwarded_call(controller_id, controller.add_broker(forwarded)).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, Some(wait), add_broker);
         let id = u32::try_from(req.id)
             .map_err(|_| self.fail(BrokerError::InvalidRequest(format!("invalid broker id {}", req.id))))?;
         let operation = Operation::AddBroker {
@@ -604,11 +312,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let id = u32::try_from(req.id)
             .map_err(|_| self.fail(BrokerError::InvalidRequest(format!("invalid broker id {}", req.id))))?;
-        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
-            let mut forwarded = forward(req);
-            forwarded.set_timeout(wait);
-            return forwarded_call(controller_id, controller.remove_broker(forwarded)).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, Some(wait), remove_broker);
         if id == self.ctx.node_id {
             // The controller is the broker to remove: another broker runs the removal.
             let members = self.ctx.registry.members();
@@ -623,10 +327,11 @@ impl Admin for AdminService {
             }
             let next = self.move_controller().await.map_err(|e| self.fail(e))?;
             tracing::info!(controller = next, "controller moved off the broker being removed");
-            let mut client = self.client_for(next).await.map_err(|e| self.fail(e))?;
-            let mut forwarded = forward(req);
-            forwarded.set_timeout(wait);
-            return forwarded_call(next, client.remove_broker(forwarded)).await;
+            let client = self.client_for(next).await.map_err(|e| self.fail(e))?;
+            return forward_to(next, client, req, Some(wait), |mut c, r| async move {
+                c.remove_broker(r).await
+            })
+            .await;
         }
         let moves = self
             .membership_job(Operation::RemoveBroker(id), wait, move |ctx, progress| async move {
@@ -663,11 +368,7 @@ impl Admin for AdminService {
                     req.replicas
                 )))
             })?;
-        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
-            let mut forwarded = forward(req);
-            forwarded.set_timeout(wait);
-            return forwarded_call(controller_id, controller.reassign_partition(forwarded)).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, Some(wait), reassign_partition);
         let operation = Operation::Reassign {
             topic: req.topic.clone(),
             partition: req.partition,
@@ -693,13 +394,9 @@ impl Admin for AdminService {
         let was_forwarded = forwarded(&request);
         let wait = membership_wait(&request);
         let req = request.into_inner();
-        if let Some((controller_id, mut controller)) = self.controller_client(was_forwarded).await? {
-            let mut forwarded = forward(req);
-            forwarded.set_timeout(wait);
-            return forwarded_call(controller_id, controller.rebalance(forwarded)).await;
-        }
+        let req = on_controller!(self, was_forwarded, req, Some(wait), rebalance);
         let moves = if req.dry_run {
-            membership::plan_rebalance(&self.ctx.registry)
+            rebalance::plan_rebalance(&self.ctx.registry)
                 .into_iter()
                 .map(|(_, m)| m)
                 .collect()
@@ -710,7 +407,7 @@ impl Admin for AdminService {
                     lock: &ctx.admin_lock,
                     progress: &progress,
                 };
-                Ok(membership::rebalance(&cx, false).await?)
+                Ok(rebalance::rebalance(&cx, false).await?)
             })
             .await?
         };
@@ -808,6 +505,11 @@ impl Admin for AdminService {
         }
     }
 }
+
+mod cluster;
+mod describe;
+mod route;
+use route::{Route, forward_to};
 
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,7 @@
 //!   running, and the call answers with a retriable error that names its current step.
 //! - The metadata change lock is never held across a wait for another broker (a learner
 //!   catching up, a membership step): only across checking the current state and proposing
-//!   one record, itself bounded by [`crate::topics::PROPOSE_TIMEOUT`].
+//!   one record, itself bounded by [`crate::controller::PROPOSE_TIMEOUT`].
 //!
 //! # Crash behaviour
 //! A job lives only in the controller's memory. Every step of a membership change is
@@ -23,9 +23,9 @@ use conveyor_proto::internal::v1::metadata_record;
 use tokio::sync::{MutexGuard, watch};
 use tonic::Status;
 
+use crate::controller::membership::ReplicaMove;
+use crate::controller::{PROPOSE_TIMEOUT, Registry};
 use crate::error::{BrokerError, Result};
-use crate::membership::ReplicaMove;
-use crate::topics::{PROPOSE_TIMEOUT, Registry};
 
 /// How long a call waits for the metadata change lock before it fails: longer than one
 /// holder may keep it (one proposal), so it only fails when the controller is stuck.

@@ -30,9 +30,10 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::time::{Instant, timeout_at};
 
-use crate::partition::{HandOver, Partition};
-use crate::topics::Registry;
-use crate::transport::Transport;
+use crate::controller::Registry;
+use crate::replica::partition::Partition;
+use crate::replica::proposal::HandOver;
+use crate::replica::transport::Transport;
 
 /// How long one transfer may take before it is asked for again: raft-rs aborts a transfer
 /// that has not completed within an election timeout (at most 20 ticks of 50 ms).
