@@ -432,10 +432,24 @@ impl Produce for ProduceService {
         tokio::spawn(async move {
             let mut sequences = StreamSequences::new();
             loop {
+                // The response slot comes first: a client that stops reading answers leaves
+                // its next message unread, behind HTTP/2 flow control, holding no share.
+                let permit = tokio::select! {
+                    permit = Arc::clone(&in_flight).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = stopping.wait_for(|s| *s) => break,
+                    // The client reset the stream or its connection went: nobody will read.
+                    _ = tx.closed() => break,
+                };
                 let next = tokio::select! {
                     next = inbound.next() => next,
                     // Shutting down: take no more requests; answers in flight still go out.
                     _ = stopping.wait_for(|s| *s) => break,
+                    // A stream waiting for its share never polls its body, so it would not see
+                    // the reset until the whole budget was its own.
+                    _ = tx.closed() => break,
                 };
                 let (req, share) = match next {
                     Some(Ok(r)) => (r, admitted.next()),
@@ -444,9 +458,6 @@ impl Produce for ProduceService {
                         break;
                     }
                     None => break,
-                };
-                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-                    break;
                 };
                 let started = Instant::now();
                 let metrics = Arc::clone(&service.ctx.metrics);
