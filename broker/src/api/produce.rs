@@ -312,7 +312,10 @@ impl ProduceService {
     /// the message's `share` of the broker's queued bytes until it is answered.
     async fn enqueue(acks: Acks, parts: Vec<Prepared>, share: &Reservation, wait: Option<Duration>) -> Vec<Queued> {
         let mut out = Vec::with_capacity(parts.len());
+        // One bounded wait for the whole request, not one per part.
+        let deadline = wait.map(|wait| Instant::now() + wait);
         for part in parts {
+            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             out.push(match part {
                 Ok((partition, batches, order)) => {
                     match partition.enqueue(batches, acks, order, vec![share.clone()], wait).await {
