@@ -324,7 +324,10 @@ mod tests {
         );
         assert_eq!(parsed.limits.produce_queue_bytes, defaults.limits.produce_queue_bytes);
         assert_eq!(parsed.limits.produce_body_timeout, defaults.limits.produce_body_timeout);
-        assert_eq!(parsed.limits.produce_body_min_rate, defaults.limits.produce_body_min_rate);
+        assert_eq!(
+            parsed.limits.produce_body_min_rate,
+            defaults.limits.produce_body_min_rate
+        );
     }
 
     #[test]

@@ -208,9 +208,8 @@ fn given_queued_produce_bytes_at_their_bound_a_produce_stream_should_wait_then_h
 
 #[test]
 fn given_a_client_that_sends_a_prefix_then_stalls_its_share_should_come_back_after_the_body_deadline() {
-    let broker = BrokerProcess::start_with_config(
-        "[limits]\nproduce_body_timeout = \"2s\"\nproduce_body_min_rate = \"1GiB\"\n",
-    );
+    let broker =
+        BrokerProcess::start_with_config("[limits]\nproduce_body_timeout = \"2s\"\nproduce_body_min_rate = \"1GiB\"\n");
     create_topic(&broker, "d");
     let rt = runtime();
     let stallers: Vec<Staller> = rt.block_on(async {

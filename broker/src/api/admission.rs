@@ -468,7 +468,11 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
             assert!(status.message().contains("produce_body_timeout"), "{status:?}");
             // 100 ms grace plus 512 KiB at 5 MiB/s.
-            assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+            assert!(
+                started.elapsed() >= Duration::from_millis(200),
+                "{:?}",
+                started.elapsed()
+            );
             assert!(next_frame(&mut body).await.is_none(), "nothing after the error");
             // tonic drops the failed request: its extension and body go, and the share with them.
             drop(body);
@@ -490,13 +494,16 @@ mod tests {
             read: Arc::new(AtomicUsize::new(0)),
             stall: true,
         };
-        let mut body = AdmittedBody::new(inner, Arc::clone(&budget), None, 64 << 20, Admitted::default())
-            .with_deadline(deadline);
+        let mut body =
+            AdmittedBody::new(inner, Arc::clone(&budget), None, 64 << 20, Admitted::default()).with_deadline(deadline);
         let mut passed = Vec::new();
         while passed.len() < wire.len() {
             passed.extend_from_slice(&next_frame(&mut body).await.expect("data").expect("data"));
         }
         let silent = tokio::time::timeout(Duration::from_millis(300), next_frame(&mut body)).await;
-        assert!(silent.is_err(), "an idle stream between messages is not failed: {silent:?}");
+        assert!(
+            silent.is_err(),
+            "an idle stream between messages is not failed: {silent:?}"
+        );
     }
 }
