@@ -193,6 +193,14 @@ pub struct LimitsSection {
     /// length prefix is read until its appends are answered; when full, a stream waits
     /// (HTTP/2 flow control holds its client) and a unary request is answered `BUSY`.
     pub produce_queue_bytes: ByteSize,
+    /// Once a produce message holds its share of `produce_queue_bytes`, its body must arrive
+    /// within this time plus its length at `produce_body_min_rate`; otherwise the request is
+    /// failed and the share returned, so a client that sends a prefix and then stalls (or
+    /// whose host died) cannot hold the budget.
+    pub produce_body_timeout: Millis,
+    /// The slowest rate, in bytes per second, at which an admitted message's body may arrive
+    /// (see `produce_body_timeout`).
+    pub produce_body_min_rate: ByteSize,
     /// Largest gRPC message accepted.
     pub max_request_bytes: ByteSize,
     pub max_partitions_per_topic: u32,
@@ -210,6 +218,8 @@ impl Default for LimitsSection {
             partition_queue_depth: 1024,
             partition_queue_bytes: ByteSize(DEFAULT_PARTITION_QUEUE_BYTES),
             produce_queue_bytes: ByteSize(DEFAULT_PRODUCE_QUEUE_BYTES),
+            produce_body_timeout: Millis(Duration::from_secs(10)),
+            produce_body_min_rate: ByteSize(1 << 20),
             max_request_bytes: ByteSize(64 << 20),
             max_partitions_per_topic: 10_000,
             max_fetch_wait: Millis(Duration::from_secs(30)),
@@ -256,6 +266,10 @@ impl BrokerConfig {
             self.limits.partition_queue_bytes.0 >= MIN_QUEUE_BYTES
                 && self.limits.produce_queue_bytes.0 >= MIN_QUEUE_BYTES,
             "[limits] partition_queue_bytes and produce_queue_bytes must be at least 1KiB"
+        );
+        anyhow::ensure!(
+            self.limits.produce_body_min_rate.0 > 0 && !self.limits.produce_body_timeout.0.is_zero(),
+            "[limits] produce_body_timeout and produce_body_min_rate must be positive"
         );
         anyhow::ensure!(
             self.limits.max_request_bytes.0 > self.log.max_message_bytes.0,
@@ -320,6 +334,11 @@ mod tests {
             defaults.limits.partition_queue_bytes
         );
         assert_eq!(parsed.limits.produce_queue_bytes, defaults.limits.produce_queue_bytes);
+        assert_eq!(parsed.limits.produce_body_timeout, defaults.limits.produce_body_timeout);
+        assert_eq!(
+            parsed.limits.produce_body_min_rate,
+            defaults.limits.produce_body_min_rate
+        );
     }
 
     #[test]

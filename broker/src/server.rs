@@ -22,7 +22,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::admin::AdminService;
-use crate::api::admission::Admission;
+use crate::api::admission::{Admission, BodyDeadline};
 use crate::api::fetch::FetchService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
@@ -155,6 +155,10 @@ pub async fn run_until(
         .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .max_concurrent_streams(HTTP2_MAX_STREAMS_PER_CONNECTION)
+        // A peer whose host died holds its streams (and a produce message's share) until the
+        // connection is known dead: ping it when idle, close it when a ping goes unanswered.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(InterceptedService::new(
             AdminServer::new(AdminService::new(Arc::clone(&ctx))),
             serving.clone(),
@@ -176,6 +180,10 @@ pub async fn run_until(
             ),
             produce_queue,
             max,
+            BodyDeadline {
+                grace: config.limits.produce_body_timeout.0,
+                min_rate: config.limits.produce_body_min_rate.0,
+            },
         ))
         .add_service(InterceptedService::new(
             FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })

@@ -5,7 +5,8 @@
 //!
 //! The bound is filled by raw HTTP/2 clients that send a message's prefix, declaring the
 //! largest message the broker accepts, and then nothing more: the broker holds their share
-//! for as long as their bodies are unread, deterministically and with no sleep.
+//! until their bodies are late (`[limits] produce_body_timeout` plus the declared length at
+//! `produce_body_min_rate`, 74 s by default, well past these tests) and then takes it back.
 
 use std::time::Duration;
 
@@ -203,4 +204,34 @@ fn given_queued_produce_bytes_at_their_bound_a_produce_stream_should_wait_then_h
         .collect();
     let expected: Vec<String> = (0..RECORDS).map(|i| format!("record {i:04}")).collect();
     assert_eq!(values, expected, "every record once, in order");
+}
+
+#[test]
+fn given_a_client_that_sends_a_prefix_then_stalls_its_share_should_come_back_after_the_body_deadline() {
+    let broker =
+        BrokerProcess::start_with_config("[limits]\nproduce_body_timeout = \"2s\"\nproduce_body_min_rate = \"1GiB\"\n");
+    create_topic(&broker, "d");
+    let rt = runtime();
+    let stallers: Vec<Staller> = rt.block_on(async {
+        let mut out = Vec::new();
+        for method in ["Produce", "ProduceStream"] {
+            out.push(stall(broker.addr(), method).await);
+        }
+        out
+    });
+    until_busy(&rt, &broker, "d");
+
+    // The stallers keep their connections open and send nothing more: past the deadline the
+    // broker fails their requests and produce works again.
+    let answered = poll_for(PRESSURE_DEADLINE, || rt.block_on(probe(&broker, "d")).ok());
+    assert!(
+        answered.is_some(),
+        "a produce never succeeded while stalled bodies were past their deadline"
+    );
+    let held = poll_for(PRESSURE_DEADLINE, || {
+        let held = broker.metric("conveyor_produce_queued_bytes").expect("the gauge");
+        (held == 0.0).then_some(held)
+    });
+    assert_eq!(held, Some(0.0), "the stallers' shares came back");
+    drop(stallers);
 }

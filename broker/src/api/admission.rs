@@ -15,6 +15,11 @@
 //! - A `ProduceStream` waits as long as it takes: its client is held by flow control and
 //!   sends on once earlier appends are answered.
 //!
+//! Once a message holds its share, its body must arrive by a deadline (see [`BodyDeadline`]);
+//! past it the body yields an error, tonic drops the request and the share comes back. So a
+//! client that sends a prefix and then nothing (or whose host died) cannot hold the budget.
+//! A unary request's deadline lasts until its body ends, since tonic answers only then.
+//!
 //! Shares are handed to the handler in message order through [`Admitted`] (a request
 //! extension); the handler moves each into the appends of its message, which return it when
 //! they are answered. A share nobody took is returned when the request is dropped.
@@ -24,6 +29,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
+
+use tokio::time::Sleep;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame};
@@ -63,6 +70,21 @@ impl Admitted {
     }
 }
 
+/// How long an admitted message's body may take to arrive: `grace` plus its length at
+/// `min_rate` bytes per second (`[limits] produce_body_timeout`, `produce_body_min_rate`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline {
+    pub grace: Duration,
+    pub min_rate: u64,
+}
+
+impl BodyDeadline {
+    fn for_message(&self, len: usize) -> Duration {
+        let transfer = Duration::from_secs_f64(len as f64 / self.min_rate.max(1) as f64);
+        self.grace.saturating_add(transfer)
+    }
+}
+
 /// The `Produce` service behind the broker's queued-bytes budget (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Admission<S> {
@@ -70,14 +92,16 @@ pub struct Admission<S> {
     budget: Arc<ByteBudget>,
     /// tonic refuses a message above this after reading only its prefix; it takes no share.
     max_message: usize,
+    deadline: BodyDeadline,
 }
 
 impl<S> Admission<S> {
-    pub fn new(inner: S, budget: Arc<ByteBudget>, max_message: usize) -> Admission<S> {
+    pub fn new(inner: S, budget: Arc<ByteBudget>, max_message: usize, deadline: BodyDeadline) -> Admission<S> {
         Admission {
             inner,
             budget,
             max_message,
+            deadline,
         }
     }
 }
@@ -105,7 +129,8 @@ where
         let admitted = Admitted::default();
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(admitted.clone());
-        let body = AdmittedBody::new(body, Arc::clone(&self.budget), wait, self.max_message, admitted);
+        let body = AdmittedBody::new(body, Arc::clone(&self.budget), wait, self.max_message, admitted)
+            .with_deadline(self.deadline);
         self.inner.call(http::Request::from_parts(parts, Body::new(body)))
     }
 }
@@ -125,8 +150,12 @@ pub struct AdmittedBody<B> {
     acquiring: Option<Acquiring>,
     /// Read from `inner` and not passed on yet: at most one HTTP/2 DATA frame.
     read: Bytes,
-    /// A prefix was passed on; the message body follows.
+    /// The body ended, failed or was refused: nothing more follows.
     done: bool,
+    deadline: Option<BodyDeadline>,
+    /// While a message holds a share and its body (for unary, the request's body) has not
+    /// fully arrived: when it fires, the request fails and the share comes back.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> std::fmt::Debug for AdmittedBody<B> {
@@ -157,7 +186,15 @@ impl<B> AdmittedBody<B> {
             acquiring: None,
             read: Bytes::new(),
             done: false,
+            deadline: None,
+            timer: None,
         }
+    }
+
+    /// Fails the request when an admitted message's body does not arrive in time.
+    pub fn with_deadline(mut self, deadline: BodyDeadline) -> AdmittedBody<B> {
+        self.deadline = Some(deadline);
+        self
     }
 }
 
@@ -179,8 +216,14 @@ where
                 this.acquiring = None;
                 match granted {
                     Ok(share) => {
-                        this.admitted.push(share);
                         let len = u32::from_be_bytes([this.prefix[1], this.prefix[2], this.prefix[3], this.prefix[4]]);
+                        if share.bytes() > 0
+                            && let Some(deadline) = this.deadline
+                            && this.timer.is_none()
+                        {
+                            this.timer = Some(Box::pin(tokio::time::sleep(deadline.for_message(len as usize))));
+                        }
+                        this.admitted.push(share);
                         this.remaining = len as usize;
                         let prefix = Bytes::from(std::mem::take(&mut this.prefix));
                         return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -195,6 +238,10 @@ where
                 if this.remaining > 0 {
                     let out = this.read.split_to(this.remaining.min(this.read.len()));
                     this.remaining -= out.len();
+                    // A stream's message is whole: what follows may wait as long as it likes.
+                    if this.remaining == 0 && this.wait.is_none() {
+                        this.timer = None;
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 let take = (PREFIX_LEN - this.prefix.len()).min(this.read.len());
@@ -209,7 +256,19 @@ where
                 }
                 continue;
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if polled.is_pending()
+                && let Some(timer) = this.timer.as_mut()
+            {
+                ready!(timer.as_mut().poll(cx));
+                this.done = true;
+                this.timer = None;
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "the produce message's body did not arrive within [limits] produce_body_timeout plus its \
+                     length at produce_body_min_rate; its share of produce_queue_bytes is returned",
+                ))));
+            }
+            match ready!(polled) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => this.read = data,
                     Err(other) => return Poll::Ready(Some(Ok(other))),
@@ -217,6 +276,7 @@ where
                 Some(Err(status)) => return Poll::Ready(Some(Err(status))),
                 None => {
                     this.done = true;
+                    this.timer = None;
                     // A cut-off prefix goes on as it came, for tonic to report.
                     if !this.prefix.is_empty() {
                         let prefix = Bytes::from(std::mem::take(&mut this.prefix));
@@ -249,6 +309,8 @@ mod tests {
     struct Frames {
         frames: VecDeque<Bytes>,
         read: Arc<AtomicUsize>,
+        /// After the frames, wait forever (a client that stalled) rather than end.
+        stall: bool,
     }
 
     impl HttpBody for Frames {
@@ -258,6 +320,8 @@ mod tests {
             let next = self.frames.pop_front();
             if next.is_some() {
                 self.read.fetch_add(1, Ordering::SeqCst);
+            } else if self.stall {
+                return Poll::Pending;
             }
             Poll::Ready(next.map(|f| Ok(Frame::data(f))))
         }
@@ -280,6 +344,7 @@ mod tests {
         let inner = Frames {
             frames: frames.into_iter().map(Bytes::from).collect(),
             read: Arc::clone(&read),
+            stall: false,
         };
         let body = AdmittedBody::new(inner, Arc::clone(budget), wait, 64 << 20, admitted.clone());
         (body, admitted, read)
@@ -368,5 +433,77 @@ mod tests {
         assert_eq!(read_all(&mut body).await, wire);
         assert_eq!(admitted.next().bytes(), 512 << 10);
         assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_admitted_message_whose_body_stalls_fails_at_its_deadline_and_returns_its_share() {
+        let budget = Arc::new(ByteBudget::new(1 << 20, MAX_WAIT, "produce queue memory"));
+        let deadline = BodyDeadline {
+            grace: Duration::from_millis(100),
+            min_rate: 5 << 20,
+        };
+        for wait in [None, Some(MAX_WAIT)] {
+            // The prefix declares 512 KiB; only 1 KiB of it comes, then silence.
+            let wire = message(512 << 10, 5);
+            let admitted = Admitted::default();
+            let inner = Frames {
+                frames: VecDeque::from([Bytes::copy_from_slice(&wire[..1 << 10])]),
+                read: Arc::new(AtomicUsize::new(0)),
+                stall: true,
+            };
+            let mut body =
+                AdmittedBody::new(inner, Arc::clone(&budget), wait, 64 << 20, admitted.clone()).with_deadline(deadline);
+            let started = std::time::Instant::now();
+            let mut passed = 0;
+            let failed = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match next_frame(&mut body).await.expect("no end") {
+                        Ok(data) => passed += data.len(),
+                        Err(status) => break status,
+                    }
+                }
+            });
+            let status = failed.await.expect("a stalled body fails at its deadline");
+            assert_eq!(passed, 1 << 10, "what came passed on");
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+            assert!(status.message().contains("produce_body_timeout"), "{status:?}");
+            // 100 ms grace plus 512 KiB at 5 MiB/s.
+            assert!(
+                started.elapsed() >= Duration::from_millis(200),
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(next_frame(&mut body).await.is_none(), "nothing after the error");
+            // tonic drops the failed request: its extension and body go, and the share with them.
+            drop(body);
+            drop(admitted);
+            assert_eq!(budget.held(), 0, "{wait:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_message_arrived_whole_may_then_stay_silent() {
+        let budget = Arc::new(ByteBudget::new(1 << 20, MAX_WAIT, "produce queue memory"));
+        let deadline = BodyDeadline {
+            grace: Duration::from_millis(20),
+            min_rate: 1 << 20,
+        };
+        let wire = message(4 << 10, 6);
+        let inner = Frames {
+            frames: VecDeque::from([Bytes::from(wire.clone())]),
+            read: Arc::new(AtomicUsize::new(0)),
+            stall: true,
+        };
+        let mut body =
+            AdmittedBody::new(inner, Arc::clone(&budget), None, 64 << 20, Admitted::default()).with_deadline(deadline);
+        let mut passed = Vec::new();
+        while passed.len() < wire.len() {
+            passed.extend_from_slice(&next_frame(&mut body).await.expect("data").expect("data"));
+        }
+        let silent = tokio::time::timeout(Duration::from_millis(300), next_frame(&mut body)).await;
+        assert!(
+            silent.is_err(),
+            "an idle stream between messages is not failed: {silent:?}"
+        );
     }
 }

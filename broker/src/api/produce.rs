@@ -315,7 +315,10 @@ impl ProduceService {
     /// the message's `share` of the broker's queued bytes until it is answered.
     async fn enqueue(acks: Acks, parts: Vec<Prepared>, share: &Reservation, wait: Option<Duration>) -> Vec<Queued> {
         let mut out = Vec::with_capacity(parts.len());
+        // One bounded wait for the whole request, not one per part.
+        let deadline = wait.map(|wait| Instant::now() + wait);
         for part in parts {
+            let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             out.push(match part {
                 Ok((partition, batches, order)) => {
                     match partition.enqueue(batches, acks, order, vec![share.clone()], wait).await {
@@ -478,10 +481,24 @@ impl Produce for ProduceService {
         tokio::spawn(async move {
             let mut sequences = StreamSequences::new();
             loop {
+                // The response slot comes first: a client that stops reading answers leaves
+                // its next message unread, behind HTTP/2 flow control, holding no share.
+                let permit = tokio::select! {
+                    permit = Arc::clone(&in_flight).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = stopping.wait_for(|s| *s) => break,
+                    // The client reset the stream or its connection went: nobody will read.
+                    _ = tx.closed() => break,
+                };
                 let next = tokio::select! {
                     next = inbound.next() => next,
                     // Shutting down: take no more requests; answers in flight still go out.
                     _ = stopping.wait_for(|s| *s) => break,
+                    // A stream waiting for its share never polls its body, so it would not see
+                    // the reset until the whole budget was its own.
+                    _ = tx.closed() => break,
                 };
                 let (req, share) = match next {
                     Some(Ok(r)) => (r, admitted.next()),
@@ -490,9 +507,6 @@ impl Produce for ProduceService {
                         break;
                     }
                     None => break,
-                };
-                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-                    break;
                 };
                 let started = Instant::now();
                 let metrics = Arc::clone(&service.ctx.metrics);
