@@ -115,7 +115,7 @@ pub struct Transport {
     /// Whether this broker was removed from the cluster, as it has learned.
     standing: Arc<Standing>,
     /// Set once this broker began a controlled shutdown: its replicas hand leadership away
-    /// and must not take it back (see `drain::drain_leadership`).
+    /// and must not take it back (see `crate::shutdown::drain_leadership`).
     draining: AtomicBool,
 }
 
