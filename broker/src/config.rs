@@ -193,9 +193,10 @@ pub struct LimitsSection {
     /// length prefix is read until its appends are answered; when full, a stream waits
     /// (HTTP/2 flow control holds its client) and a unary request is answered `BUSY`.
     pub produce_queue_bytes: ByteSize,
-    /// Once a produce message holds its share of `produce_queue_bytes`, its body must arrive
-    /// within this time plus its length at `produce_body_min_rate`; otherwise the request is
-    /// failed and the share returned, so a client that sends a prefix and then stalls (or
+    /// Once a produce message holds its share of `produce_queue_bytes`, its body must keep
+    /// arriving: the rest within this time plus the rest of its length at
+    /// `produce_body_min_rate`, from the admission and from each piece that arrives; otherwise
+    /// the request is failed and the share returned, so a client that sends a prefix and then stalls (or
     /// whose host died) cannot hold the budget.
     pub produce_body_timeout: Millis,
     /// The slowest rate, in bytes per second, at which an admitted message's body may arrive

@@ -15,8 +15,8 @@
 //! - A `ProduceStream` waits as long as it takes: its client is held by flow control and
 //!   sends on once earlier appends are answered.
 //!
-//! Once a message holds its share, its body must arrive by a deadline (see [`BodyDeadline`]);
-//! past it the body yields an error, tonic drops the request and the share comes back. So a
+//! Once a message holds its share, its body must keep arriving (see [`BodyDeadline`]); when it
+//! stalls the body yields an error, tonic drops the request and the share comes back. So a
 //! client that sends a prefix and then nothing (or whose host died) cannot hold the budget.
 //! A unary request's deadline lasts until its body ends, since tonic answers only then.
 //!
@@ -70,8 +70,9 @@ impl Admitted {
     }
 }
 
-/// How long an admitted message's body may take to arrive: `grace` plus its length at
-/// `min_rate` bytes per second (`[limits] produce_body_timeout`, `produce_body_min_rate`).
+/// How long an admitted message's body may go without progress: `grace` plus the rest of its
+/// length at `min_rate` bytes per second, counted from the message's admission and again from
+/// each piece of it that arrives (`[limits] produce_body_timeout`, `produce_body_min_rate`).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyDeadline {
     pub grace: Duration,
@@ -241,6 +242,12 @@ where
                     // A stream's message is whole: what follows may wait as long as it likes.
                     if this.remaining == 0 && this.wait.is_none() {
                         this.timer = None;
+                    } else if let (Some(timer), Some(deadline)) = (this.timer.as_mut(), this.deadline) {
+                        // Progress re-arms the deadline for what is left: HTTP/2 shares the
+                        // link between streams, so a healthy client's message may take longer
+                        // than its length at the minimum rate, but it keeps arriving.
+                        let left = deadline.for_message(this.remaining);
+                        timer.as_mut().reset(tokio::time::Instant::now() + left);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
@@ -264,8 +271,9 @@ where
                 this.done = true;
                 this.timer = None;
                 return Poll::Ready(Some(Err(Status::deadline_exceeded(
-                    "the produce message's body did not arrive within [limits] produce_body_timeout plus its \
-                     length at produce_body_min_rate; its share of produce_queue_bytes is returned",
+                    "the produce message's body stalled: nothing more of it arrived within [limits] \
+                     produce_body_timeout plus the rest of its length at produce_body_min_rate; its share \
+                     of produce_queue_bytes is returned",
                 ))));
             }
             match ready!(polled) {
@@ -479,6 +487,60 @@ mod tests {
             drop(admitted);
             assert_eq!(budget.held(), 0, "{wait:?}");
         }
+    }
+
+    /// A body whose frames arrive one every `every`, as over a link shared with other streams.
+    struct Trickle {
+        frames: VecDeque<Bytes>,
+        every: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl HttpBody for Trickle {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            if self.frames.is_empty() {
+                return Poll::Ready(None);
+            }
+            let every = self.every;
+            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+            ready!(sleep.as_mut().poll(cx));
+            self.sleep = None;
+            Poll::Ready(self.frames.pop_front().map(|f| Ok(Frame::data(f))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_arriving_outlasts_its_whole_length_deadline() {
+        let budget = Arc::new(ByteBudget::new(1 << 20, MAX_WAIT, "produce queue memory"));
+        // 64 KiB at 1 MiB/s plus 60 ms: about 120 ms for the whole message, while its pieces
+        // come every 40 ms for 360 ms.
+        let deadline = BodyDeadline {
+            grace: Duration::from_millis(60),
+            min_rate: 1 << 20,
+        };
+        let wire = message(64 << 10, 8);
+        let inner = Trickle {
+            frames: wire.chunks(8 << 10).map(Bytes::copy_from_slice).collect(),
+            every: Duration::from_millis(40),
+            sleep: None,
+        };
+        let admitted = Admitted::default();
+        let mut body =
+            AdmittedBody::new(inner, Arc::clone(&budget), None, 64 << 20, admitted.clone()).with_deadline(deadline);
+        let started = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            let frame = frame.expect("a body that keeps arriving is not cut off");
+            out.extend_from_slice(&frame.into_data().unwrap_or_default());
+        }
+        assert!(
+            started.elapsed() > Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(out, wire);
     }
 
     #[tokio::test]

@@ -503,7 +503,18 @@ impl Produce for ProduceService {
                 let (req, share) = match next {
                     Some(Ok(r)) => (r, admitted.next()),
                     Some(Err(status)) => {
-                        tracing::debug!(%status, "produce stream ended by the client");
+                        // The client's own reset, or its body stalled past its deadline: the
+                        // error goes after the answers in flight, which may still reach it.
+                        tracing::debug!(%status, "produce stream ended");
+                        drop(permit);
+                        let answered = tokio::select! {
+                            all = in_flight.acquire_many(STREAM_RESPONSE_BUFFER as u32) => all.is_ok(),
+                            _ = stopping.wait_for(|s| *s) => false,
+                            _ = tx.closed() => false,
+                        };
+                        if answered {
+                            let _ = tx.send(Err(status)).await;
+                        }
                         break;
                     }
                     None => break,
