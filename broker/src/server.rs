@@ -213,14 +213,19 @@ pub async fn run_until(
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
     let waited = tokio::time::timeout(node.shutdown_timeout.0, server);
-    tokio::select! {
-        finished = waited => match finished {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
-            Err(_) => tracing::warn!("in-flight requests did not finish in time; closing anyway"),
-        },
-        () = &mut hurry, if !hurried => tracing::warn!("asked again to stop: not waiting for in-flight requests"),
+    if hurried {
+        // Asked twice already: stopping now matters more than the requests in flight.
+        tracing::warn!("not waiting for in-flight requests");
+    } else {
+        tokio::select! {
+            finished = waited => match finished {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+                Err(_) => tracing::warn!("in-flight requests did not finish in time; closing anyway"),
+            },
+            () = &mut hurry => tracing::warn!("asked again to stop: not waiting for in-flight requests"),
+        }
     }
     let _ = applier.await;
     let _ = maintenance.await;

@@ -190,7 +190,9 @@ impl Owner {
 
     /// Hands leadership to the preferred replica when it is fully caught up.
     pub(super) fn restore_preferred_leader(&self, node: &mut RawNode<RaftLog>) {
-        if node.raft.state != StateRole::Leader || node.raft.id == self.preferred {
+        // While draining, the hand-over chooses the successor: a transfer to the preferred
+        // replica here would replace it, and the voter it chose would be blamed for refusing.
+        if node.raft.state != StateRole::Leader || node.raft.id == self.preferred || self.transport.is_draining() {
             return;
         }
         let last = node.raft.raft_log.last_index();
