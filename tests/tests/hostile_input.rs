@@ -14,7 +14,7 @@ use conveyor_client::proto::{
 };
 use conveyor_client::{Client, ClientError, ConsumerConfig, StartAt};
 use conveyor_storage::batch::{BatchBuilder, Compression, Record};
-use conveyor_tests::{BrokerProcess, POLL_INTERVAL, runtime};
+use conveyor_tests::{BrokerProcess, POLL_INTERVAL, runtime, wait_for};
 use futures::StreamExt;
 
 /// Largest gRPC message the tests send or accept (the broker's own default limit).
@@ -320,9 +320,11 @@ fn given_a_flipped_byte_in_a_sealed_segment_neither_the_client_nor_a_decoding_fe
     let needle = stored_value(0);
     damage(&segments[0], &needle.as_bytes()[..24]);
     broker.restart();
-    assert!(
-        broker.log().contains("background scrub disabled"),
-        "the scrub is off, so the reads below meet the damage first"
+    // The scrub task logs this as it starts, which may come after the port opens.
+    wait_for(
+        "the log to say the scrub is off, so the reads below meet the damage first",
+        Duration::from_secs(10),
+        || broker.log().contains("background scrub disabled").then_some(()),
     );
 
     runtime().block_on(async {
