@@ -442,7 +442,7 @@ impl PartitionHealth {
         let alive: std::collections::HashSet<u32> = transport
             .peer_states()
             .iter()
-            .filter(|s| s.alive || s.id == me)
+            .filter(|s| s.alive)
             .map(|s| s.id)
             .chain([me])
             .collect();

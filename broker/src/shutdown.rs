@@ -36,7 +36,7 @@ use crate::replica::proposal::HandOver;
 use crate::replica::transport::Transport;
 
 /// How long one transfer may take before it is asked for again: raft-rs aborts a transfer
-/// that has not completed within an election timeout (at most 20 ticks of 50 ms).
+/// that has not completed within an election timeout (10 ticks of 50 ms).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// How soon a partition with no in-sync voter is asked again: a follower counts as in sync
@@ -85,9 +85,8 @@ pub async fn drain_leadership(registry: &Registry, transport: &Transport, timeou
             .filter(|p| p.is_leader() && !stuck.contains_key(&key(p)))
             .collect()
     };
-    let first = leading(&stuck);
-    tracing::info!("controlled shutdown: draining {} partition leaders", first.len());
-    let mut leaders = first;
+    let mut leaders = leading(&stuck);
+    tracing::info!("controlled shutdown: draining {} partition leaders", leaders.len());
     while !leaders.is_empty() && Instant::now() < deadline {
         for p in &leaders {
             led_here.entry(key(p)).or_insert_with(|| Arc::clone(p));

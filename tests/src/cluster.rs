@@ -227,6 +227,26 @@ impl Cluster {
     }
 
     /// Every broker's client address, comma-separated: a bootstrap list.
+    /// Creates `topic` through the CLI on the cluster; panics with the CLI's error if it fails.
+    pub fn create_topic(&self, topic: &str, partitions: u32, replication_factor: u32) {
+        let (partitions, rf) = (partitions.to_string(), replication_factor.to_string());
+        let args = [
+            "topic",
+            "create",
+            topic,
+            "--partitions",
+            &partitions,
+            "--replication-factor",
+            &rf,
+        ];
+        let out = crate::cli(&self.bootstrap(), &args, "");
+        assert!(
+            out.status.success(),
+            "create {topic}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn bootstrap(&self) -> String {
         self.brokers
             .values()

@@ -106,27 +106,6 @@ async fn produce_until_stopped(
     acker.await.expect("acker");
 }
 
-fn create(cluster: &Cluster, topic: &str, partitions: &str) {
-    let out = cli(
-        &cluster.bootstrap(),
-        &[
-            "topic",
-            "create",
-            topic,
-            "--partitions",
-            partitions,
-            "--replication-factor",
-            "3",
-        ],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "create {topic}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Waits until every replica of every partition of `topic` is in sync, and every broker
 /// knows a controller: a broker stopped then has an in-sync replica to hand over to.
 fn wait_in_sync(cluster: &Cluster, topic: &str) {
@@ -212,7 +191,7 @@ fn terminate_and_count_leaderless(
 #[test]
 fn given_a_broker_leading_partitions_and_the_controller_when_sigtermed_should_hand_all_over_before_it_exits() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster, "handover", "3");
+    cluster.create_topic("handover", 3, 3);
     let controller = cluster.wait_for_controller(None);
     cluster.wait_for_leader("handover", 0, None, DEADLINE);
     // The controller leads partition 0 as well.
@@ -247,7 +226,7 @@ fn given_a_broker_leading_partitions_and_the_controller_when_sigtermed_should_ha
 #[test]
 fn given_producers_with_acks_all_when_every_broker_is_restarted_in_turn_should_fail_and_lose_no_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster, "rolling", "3");
+    cluster.create_topic("rolling", 3, 3);
     wait_in_sync(&cluster, "rolling");
     let runtime = conveyor_tests::runtime();
     let history = History::default();

@@ -5,30 +5,9 @@
 use std::time::Duration;
 
 use conveyor_tests::cluster::Cluster;
-use conveyor_tests::{cli, wait_for};
+use conveyor_tests::wait_for;
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn create(cluster: &Cluster, topic: &str, partitions: &str, replication: &str) {
-    let out = cli(
-        &cluster.bootstrap(),
-        &[
-            "topic",
-            "create",
-            topic,
-            "--partitions",
-            partitions,
-            "--replication-factor",
-            replication,
-        ],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "create {topic}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The sum of an unlabelled gauge over the brokers other than `skip`.
 fn sum(cluster: &Cluster, name: &str, skip: Option<u32>) -> Option<f64> {
@@ -44,8 +23,8 @@ fn sum(cluster: &Cluster, name: &str, skip: Option<u32>) -> Option<f64> {
 fn given_a_broker_down_leaders_should_report_under_replicated_and_the_controller_offline_partitions() {
     let mut cluster = Cluster::start(3, &[]);
     let controller = cluster.wait_for_controller(None);
-    create(&cluster, "replicated", "1", "3");
-    create(&cluster, "lone", "3", "1");
+    cluster.create_topic("replicated", 1, 3);
+    cluster.create_topic("lone", 3, 1);
     wait_for("every replica in sync", DEADLINE, || {
         let d = cluster.describe("replicated", None)?;
         (d["partitions"][0]["in_sync"].as_array()?.len() == 3).then_some(())

@@ -321,7 +321,10 @@ impl ProduceService {
             let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             out.push(match part {
                 Ok((partition, batches, order)) => {
-                    match partition.enqueue(batches, acks, order, vec![share.clone()], wait).await {
+                    // Room for the partition's own share too, which `enqueue` adds.
+                    let mut shares = Vec::with_capacity(2);
+                    shares.push(share.clone());
+                    match partition.enqueue(batches, acks, order, shares, wait).await {
                         Ok(rx) => Ok((partition, (acks != Acks::None).then_some(rx))),
                         Err(error) => Err(Failed {
                             topic: partition.topic.clone(),

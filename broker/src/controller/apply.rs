@@ -68,8 +68,12 @@ impl Registry {
             } else if from < end {
                 let log = self.metadata.log();
                 let read = tokio::task::spawn_blocking(move || log.read_up_to(from, 1 << 20, end)).await;
+                let mut read_bytes = 0;
                 let parsed = match read {
-                    Ok(Ok(bytes)) => located_records_in(bytes),
+                    Ok(Ok(bytes)) => {
+                        read_bytes = bytes.len() as u64;
+                        located_records_in(bytes)
+                    }
                     Ok(Err(e)) => Err(e.into()),
                     Err(e) => Err(e.into()),
                 };
@@ -79,7 +83,7 @@ impl Registry {
                         if self.apply_in_order(changes).await {
                             if let Some(after) = after {
                                 self.applied.send_replace(after.offset.max(from));
-                                self.maybe_snapshot(after, count).await;
+                                self.maybe_snapshot(after, count, read_bytes).await;
                             }
                             self.decide_kept_replicas().await;
                             continue;

@@ -179,8 +179,8 @@ impl StateMachine for MetadataState {
 pub(super) struct Snapshotting {
     pub store: Arc<SnapshotStore>,
     pub state: Mutex<MetadataState>,
-    /// The newest snapshot written or loaded, and the records applied since.
-    last: Mutex<(Option<SnapshotPoint>, u64)>,
+    /// The newest snapshot written or loaded, and the records and log bytes applied since.
+    last: Mutex<(Option<SnapshotPoint>, u64, u64)>,
     every_records: u64,
     every_bytes: u64,
 }
@@ -190,7 +190,7 @@ impl Snapshotting {
         Snapshotting {
             store,
             state: Mutex::new(MetadataState::new(me)),
-            last: Mutex::new((None, 0)),
+            last: Mutex::new((None, 0, 0)),
             every_records: every_records.max(1),
             every_bytes: every_bytes.max(1),
         }
@@ -200,13 +200,13 @@ impl Snapshotting {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_last(&self) -> std::sync::MutexGuard<'_, (Option<SnapshotPoint>, u64)> {
+    fn lock_last(&self) -> std::sync::MutexGuard<'_, (Option<SnapshotPoint>, u64, u64)> {
         self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records that the state is (now) the one stored at `point`.
     pub fn loaded(&self, point: SnapshotPoint) {
-        *self.lock_last() = (Some(point), 0);
+        *self.lock_last() = (Some(point), 0, 0);
     }
 }
 
@@ -335,16 +335,17 @@ impl Registry {
         self.replayed_at_start.load(Ordering::Relaxed)
     }
 
-    /// Counts `records` applied up to `point` and, when the policy says so, writes the state
-    /// there and lets the log go below the previous snapshot. A failure is logged: the log
+    /// Counts `records` (`bytes` of log) applied up to `point` and, when the policy says so,
+    /// writes the state there and lets the log go below the previous snapshot. A failure is logged: the log
     /// is kept, so nothing is lost but start time.
-    pub(super) async fn maybe_snapshot(&self, point: SnapshotPoint, records: u64) {
+    pub(super) async fn maybe_snapshot(&self, point: SnapshotPoint, records: u64, bytes: u64) {
         let snap = &self.snapshotting;
         let previous = {
             let mut last = snap.lock_last();
             last.1 += records;
-            let since = point.offset.saturating_sub(last.0.map_or(0, |p| p.offset));
-            let due = last.1 >= snap.every_records || since >= snap.every_bytes;
+            // Offsets count records, not bytes: the bytes are those read from the log.
+            last.2 += bytes;
+            let due = last.1 >= snap.every_records || last.2 >= snap.every_bytes;
             if !due || last.0.is_some_and(|p| p.index >= point.index) {
                 return;
             }

@@ -51,6 +51,10 @@ fn open_registry_snapshotting(data_dir: &Path, every: u64) -> Arc<Registry> {
 }
 
 fn try_open_registry(data_dir: &Path, every: u64) -> anyhow::Result<Registry> {
+    try_open_registry_every(data_dir, every, DEFAULT_SNAPSHOT_EVERY_BYTES)
+}
+
+fn try_open_registry_every(data_dir: &Path, every: u64, every_bytes: u64) -> anyhow::Result<Registry> {
     let metrics = Arc::new(Metrics::default());
     let transport =
         Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
@@ -63,7 +67,7 @@ fn try_open_registry(data_dir: &Path, every: u64) -> anyhow::Result<Registry> {
         max_partitions: 16,
         join: false,
         snapshot_every_records: every,
-        snapshot_every_bytes: DEFAULT_SNAPSHOT_EVERY_BYTES,
+        snapshot_every_bytes: every_bytes,
     };
     Registry::open(options, metrics, tokio::runtime::Handle::current(), transport)
 }
@@ -267,6 +271,25 @@ async fn churn(registry: &Registry, count: usize) -> Vec<String> {
 
 fn names(registry: &Registry) -> Vec<String> {
     registry.list().iter().map(|t| t.name.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_is_taken_after_so_many_bytes_of_metadata_log_whatever_the_record_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || Arc::new(try_open_registry_every(dir.path(), 1_000_000, 2 << 10).expect("registry"));
+    let running = run(open());
+    let kept = churn(&running.registry, 30).await;
+    running.shut_down().await;
+    let reopened = open();
+    assert_eq!(names(&reopened), kept, "every topic is back");
+    let replayed = reopened.replayed_at_start();
+    // 50 records of well over 40 bytes each: a snapshot every 2 KiB of log leaves a tail of
+    // fewer than 50 to replay.
+    assert!(
+        replayed < 50,
+        "the start read {replayed} metadata records: no snapshot was taken by bytes"
+    );
+    run(reopened).shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

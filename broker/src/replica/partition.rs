@@ -497,40 +497,31 @@ impl Partition {
     /// Applies retention without losing what Raft needs (only committed entries go).
     /// Blocking.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<usize> {
-        // Under the generation lock: a restart cannot retire and reopen the files while
-        // this pass stores `raft-state` and deletes segments through them.
-        // A retired log (its reopening failed and is retried) has nothing to give back.
-        self.files
-            .maintain(|files| {
-                if files.log.is_closed() {
-                    return Ok(0);
-                }
-                files.raft.compact(now_ms)
-            })
-            .map_err(|e| {
-                BrokerError::Internal(format!(
-                    "topic '{}' partition {}: retention: {e}",
-                    self.topic, self.index
-                ))
-            })
+        self.compact_with("retention", |raft| raft.compact(now_ms))
     }
 
     /// Deletes the committed, applied entries below `offset`, where a state snapshot of
     /// the group's state machine stands (see [`crate::replica::state_snapshot`]). Blocking.
     pub fn compact_below(&self, offset: u64) -> Result<usize> {
+        self.compact_with("compaction below a snapshot", |raft| raft.compact_below(offset))
+    }
+
+    /// Runs `compact` on the Raft log under the generation lock: a restart cannot retire and
+    /// reopen the files while it stores `raft-state` and deletes segments through them. A
+    /// retired log (its reopening failed and is retried) has nothing to give back. Blocking.
+    fn compact_with(
+        &self,
+        what: &str,
+        compact: impl FnOnce(&RaftLog) -> std::result::Result<usize, ReplicaError>,
+    ) -> Result<usize> {
         self.files
             .maintain(|files| {
                 if files.log.is_closed() {
                     return Ok(0);
                 }
-                files.raft.compact_below(offset)
+                compact(&files.raft)
             })
-            .map_err(|e| {
-                BrokerError::Internal(format!(
-                    "topic '{}' partition {}: compaction below a snapshot: {e}",
-                    self.topic, self.index
-                ))
-            })
+            .map_err(|e| BrokerError::Internal(format!("topic '{}' partition {}: {what}: {e}", self.topic, self.index)))
     }
 
     /// Stops taking appends, lets the owner finish what is queued, and waits for it.

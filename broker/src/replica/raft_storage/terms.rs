@@ -51,8 +51,11 @@ impl Terms {
 
     /// Records that entry `index` has `term` (entries are pushed in order).
     pub(crate) fn push(&mut self, index: u64, term: u64) {
-        // A checkpoint at or past `index` (left by trimming an emptied log) is replaced.
-        self.truncate_from(index);
+        // A checkpoint at or past `index` (left by trimming an emptied log) is replaced; the
+        // common case, an entry past the last checkpoint, needs no search.
+        if self.starts.last().is_some_and(|s| s.0 >= index) {
+            self.truncate_from(index);
+        }
         if self.last_term() != Some(term) {
             self.starts.push((index, term));
         }
