@@ -213,6 +213,7 @@ fn given_a_produce_stream_part_numbered_u64_max_should_refuse_it_and_keep_servin
                 records: vec![value_record(value)],
                 sequence,
                 restart: true,
+                ..Default::default()
             }],
         };
         let requests = futures::stream::iter(vec![part(u64::MAX, "last"), part(1, "first")]);

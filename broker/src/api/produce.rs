@@ -470,6 +470,13 @@ impl Produce for ProduceService {
 
     type ProduceStreamStream = ResponseStream;
 
+    async fn init_producer(
+        &self,
+        _request: Request<conveyor_proto::v1::InitProducerRequest>,
+    ) -> std::result::Result<Response<conveyor_proto::v1::InitProducerResponse>, Status> {
+        Err(Status::unimplemented("InitProducer is not built yet"))
+    }
+
     async fn produce_stream(
         &self,
         request: Request<Streaming<ProduceRequest>>,

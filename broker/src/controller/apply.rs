@@ -47,6 +47,12 @@ pub(crate) fn describe_change(change: &metadata_record::Change) -> String {
         BrokerRegistered(b) => format!("registration of broker {}", b.id),
         BrokerDraining(b) => format!("draining of broker {}", b.id),
         BrokerRemoved(b) => format!("removal of broker {}", b.id),
+        ProducerIdsAllocated(p) => format!(
+            "producer ids {}..{} for broker {}",
+            p.first,
+            p.first.saturating_add(i64::from(p.count)),
+            p.broker
+        ),
     }
 }
 

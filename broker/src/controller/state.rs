@@ -63,6 +63,8 @@ impl MetadataState {
     pub fn apply(&mut self, change: &metadata_record::Change) -> Option<(String, String)> {
         use metadata_record::Change;
         match change {
+            // Producer id blocks: built by the producer id issue (not applied yet).
+            Change::ProducerIdsAllocated(_) => {}
             Change::TopicCreated(t) => {
                 let current = created_assignments(t, self.me);
                 self.topics.entry(t.name.clone()).or_insert(Replayed {

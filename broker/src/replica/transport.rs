@@ -631,6 +631,13 @@ impl Raft for RaftService {
             .map_err(Status::from)?;
         Ok(Response::new(MembershipChanged {}))
     }
+
+    async fn allocate_producer_ids(
+        &self,
+        _request: Request<conveyor_proto::internal::v1::AllocateProducerIdsRequest>,
+    ) -> Result<Response<conveyor_proto::internal::v1::ProducerIdBlock>, Status> {
+        Err(Status::unimplemented("producer id allocation is not built yet"))
+    }
 }
 
 #[cfg(test)]

@@ -339,6 +339,7 @@ impl State {
                 records: vec![],
                 sequence,
                 restart,
+                ..Default::default()
             });
             pack.bytes += batch.bytes.len();
             pack.batches.push(batch);

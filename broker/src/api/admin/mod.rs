@@ -416,6 +416,13 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn list_producers(
+        &self,
+        _request: Request<conveyor_proto::v1::ListProducersRequest>,
+    ) -> Result<Response<conveyor_proto::v1::ListProducersResponse>, Status> {
+        Err(Status::unimplemented("ListProducers is not built yet"))
+    }
+
     async fn metadata(&self, request: Request<MetadataRequest>) -> Result<Response<MetadataResponse>, Status> {
         self.count();
         let was_forwarded = forwarded(&request);
