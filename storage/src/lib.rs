@@ -7,6 +7,8 @@
 //! - `segment`: one `.log` file with its indexes.
 //! - [`log`]: [`PartitionLog`], appends, reads, lookups.
 //! - `lookup`: finding a batch by its Raft index without a table of entries.
+//! - [`producer_state`]: idempotent producers' sequence state, rebuilt from batch headers,
+//!   and its snapshot files.
 //! - `sync`: group commit, flushes, recovery point, clean-shutdown marker.
 //! - `recovery`: opening a log and repairing it after a crash.
 //! - `retention`: deleting old segments, truncating suffixes.
@@ -52,6 +54,7 @@ pub mod file_names;
 pub(crate) mod index;
 pub mod log;
 mod lookup;
+pub mod producer_state;
 mod recovery;
 mod retention;
 pub mod scrub;
