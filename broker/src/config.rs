@@ -211,6 +211,10 @@ pub struct LimitsSection {
     /// above it, and a fetch with `decode_records` never decompresses more than it for one
     /// batch; it must fit in one fetch response.
     pub max_uncompressed_batch_bytes: ByteSize,
+    /// How long an idempotent producer may stay idle (no write to a partition) before the
+    /// partition drops its state; its next batch there is then refused with
+    /// UNKNOWN_PRODUCER_ID unless it starts a new producer. Bounds the state's memory.
+    pub producer_id_expiration: Millis,
 }
 
 impl Default for LimitsSection {
@@ -224,6 +228,7 @@ impl Default for LimitsSection {
             max_request_bytes: ByteSize(64 << 20),
             max_partitions_per_topic: 10_000,
             max_fetch_wait: Millis(Duration::from_secs(30)),
+            producer_id_expiration: Millis(Duration::from_secs(86_400)),
             max_uncompressed_batch_bytes: ByteSize(DEFAULT_MAX_UNCOMPRESSED_BATCH_BYTES),
         }
     }

@@ -109,6 +109,12 @@ pub enum BrokerError {
         expected: u64,
         got: u64,
     },
+    #[error("topic '{topic}' partition {partition}: {refusal}")]
+    Producer {
+        topic: String,
+        partition: i32,
+        refusal: crate::replica::producers::ProducerRefusal,
+    },
     #[error(
         "broker {0} was removed from the cluster and serves nothing; ask another broker (to use this one again, wipe its data directory and add it with --join and cluster add-node)"
     )]
@@ -240,6 +246,7 @@ impl BrokerError {
             BrokerUnreachable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             NotLeader { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
             OutOfSequence { .. } => (Code::FailedPrecondition, ErrorCode::OutOfSequence, true),
+            Producer { refusal, .. } => refusal.code(),
             MembershipChanging { .. } => (Code::Unavailable, ErrorCode::MembershipChanging, true),
             UnknownBroker(_) => (Code::NotFound, ErrorCode::UnknownBroker, false),
             RemovedFromCluster(_) => (Code::Unavailable, ErrorCode::BrokerRemoved, true),
@@ -273,6 +280,7 @@ impl BrokerError {
             | MembershipChanging { topic, partition, .. }
             | ReplicaStopped { topic, partition, .. }
             | OutOfSequence { topic, partition, .. }
+            | Producer { topic, partition, .. }
             | Storage { topic, partition, .. } => {
                 detail.topic = topic.clone();
                 detail.partition = *partition;

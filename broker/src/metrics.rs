@@ -103,6 +103,14 @@ pub struct Metrics {
     pub partition_failures: Counter,
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
+    /// Idempotent producers whose state partition replicas on this broker keep.
+    pub producer_ids_active: Arc<std::sync::atomic::AtomicI64>,
+    /// Idempotent batches answered as duplicates of batches written before.
+    pub producer_duplicates: Counter,
+    /// Idempotent batches refused for a sequence gap.
+    pub producer_out_of_order: Counter,
+    /// Idempotent batches refused because a newer epoch of their producer wrote.
+    pub producer_fenced: Counter,
     /// The broker's queued-produce-bytes budget, set when the server starts.
     pub produce_queue: std::sync::OnceLock<Arc<crate::byte_budget::ByteBudget>>,
 }
@@ -201,6 +209,21 @@ impl Metrics {
                 "Attempts to apply a committed cluster metadata record that failed (each is retried)",
                 &self.metadata_apply_failures,
             ),
+            (
+                "conveyor_producer_duplicates",
+                "Idempotent batches answered as duplicates of batches written before (nothing written)",
+                &self.producer_duplicates,
+            ),
+            (
+                "conveyor_producer_out_of_order",
+                "Idempotent batches refused with OUT_OF_ORDER_SEQUENCE",
+                &self.producer_out_of_order,
+            ),
+            (
+                "conveyor_producer_fenced",
+                "Idempotent batches refused with PRODUCER_FENCED",
+                &self.producer_fenced,
+            ),
         ];
         for (name, help, c) in counters {
             r.register(name, help, c.0.clone());
@@ -248,6 +271,7 @@ impl Metrics {
         r.register_collector(Box::new(RegistryView {
             registry,
             produce_queue: self.produce_queue.get().cloned(),
+            producer_ids_active: Arc::clone(&self.producer_ids_active),
         }));
         r
     }
@@ -259,6 +283,7 @@ struct RegistryView {
     registry: Arc<Registry>,
     /// The broker's queued-produce-bytes budget (set before the endpoint serves).
     produce_queue: Option<Arc<crate::byte_budget::ByteBudget>>,
+    producer_ids_active: Arc<std::sync::atomic::AtomicI64>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -295,6 +320,12 @@ impl Collector for RegistryView {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let registry = &self.registry;
         let e = &mut encoder;
+        gauge(
+            e,
+            "conveyor_producer_ids_active",
+            "Idempotent producers whose state this broker's partition replicas keep (one per producer and partition)",
+            self.producer_ids_active.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         let partitions = registry.all_partitions();
         let per_partition = |read: &dyn Fn(&crate::replica::partition::Partition) -> u64| -> Vec<(Labels, u64)> {
             partitions

@@ -95,6 +95,7 @@ pub async fn run_until(
         join: config.cluster.join,
         snapshot_every_records: config.cluster.metadata_snapshot_records,
         snapshot_every_bytes: config.cluster.metadata_snapshot_bytes.0,
+        producer_expiration: config.limits.producer_id_expiration.0,
     };
     let runtime = tokio::runtime::Handle::current();
     let registry = {

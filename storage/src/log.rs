@@ -204,6 +204,14 @@ impl PartitionLog {
     }
 
     /// Segments from the one that may hold `offset` onwards.
+    /// The base offset of the segment that holds `offset` (the last one starting at or
+    /// before it), if any segment does.
+    pub fn segment_base_of(&self, offset: u64) -> Option<u64> {
+        let segments = self.read_segments();
+        let i = segments.partition_point(|s| s.base_offset() <= offset);
+        i.checked_sub(1).map(|i| segments[i].base_offset())
+    }
+
     fn segments_from(&self, offset: u64) -> Vec<Arc<Segment>> {
         let segments = self.read_segments();
         let i = segments

@@ -79,9 +79,12 @@ fn acks_of(value: i32) -> Result<Acks> {
 }
 
 /// Packs plain protobuf records into one batch for clients without the batch encoder.
-fn pack_records(records: Vec<pb::Record>) -> std::result::Result<Bytes, conveyor_storage::BatchError> {
+fn pack_records(
+    records: Vec<pb::Record>,
+    producer: batch::ProducerInfo,
+) -> std::result::Result<Bytes, conveyor_storage::BatchError> {
     let now = conveyor_storage::unix_millis();
-    let mut builder = BatchBuilder::new(Compression::None);
+    let mut builder = BatchBuilder::new(Compression::None).producer(producer);
     for r in records {
         builder.push(&Record {
             timestamp: if r.timestamp == 0 { now } else { r.timestamp },
@@ -98,6 +101,32 @@ fn pack_records(records: Vec<pb::Record>) -> std::result::Result<Bytes, conveyor
         });
     }
     builder.build()
+}
+
+/// The producer identity a part gives its plain records: all three fields or none.
+fn records_producer(pp: &pb::PartitionProduce) -> Result<batch::ProducerInfo> {
+    match (pp.producer_id, pp.producer_epoch, pp.base_sequence) {
+        (None, None, None) => Ok(batch::ProducerInfo::NONE),
+        (Some(producer_id), Some(epoch), Some(base_sequence)) => {
+            let producer_epoch = i16::try_from(epoch).map_err(|_| {
+                BrokerError::InvalidRequest(format!(
+                    "topic '{}' partition {}: producer_epoch {epoch} is out of range (0 to {})",
+                    pp.topic,
+                    pp.partition,
+                    i16::MAX
+                ))
+            })?;
+            Ok(batch::ProducerInfo {
+                producer_id,
+                producer_epoch,
+                base_sequence,
+            })
+        }
+        _ => Err(BrokerError::InvalidRequest(format!(
+            "topic '{}' partition {}: producer_id, producer_epoch and base_sequence go together (all three for idempotent records, or none)",
+            pp.topic, pp.partition
+        ))),
+    }
 }
 
 /// One partition's part of a request, looked up and waiting for its batches to be checked.
@@ -170,8 +199,15 @@ impl ProduceService {
         sequence: u64,
         mut batches: Vec<Bytes>,
         records: Vec<pb::Record>,
+        producer: Result<batch::ProducerInfo>,
     ) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
         check_topic_name_length(name)?;
+        let producer = producer?;
+        if producer != batch::ProducerInfo::NONE && records.is_empty() {
+            return Err(BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: producer_id, producer_epoch and base_sequence apply to plain records, and the part has none (batches carry their own)"
+            )));
+        }
         // The last number would leave nothing to follow it, and the owner's counter uses it
         // to mean "the run is broken".
         if sequence == u64::MAX {
@@ -184,7 +220,7 @@ impl ProduceService {
         let partition = self.ctx.registry.replica(&topic, index)?;
         let limit = topic.effective.max_message_bytes as usize;
         if !records.is_empty() {
-            batches.push(pack_records(records).map_err(|e| BrokerError::from_batch(name, index, e))?);
+            batches.push(pack_records(records, producer).map_err(|e| BrokerError::from_batch(name, index, e))?);
         }
         if batches.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
@@ -213,7 +249,10 @@ impl ProduceService {
             .partitions
             .into_iter()
             .map(|pp| Part {
-                work: self.look_up(&pp.topic, pp.partition, pp.sequence, pp.batches, pp.records),
+                work: {
+                    let producer = records_producer(&pp);
+                    self.look_up(&pp.topic, pp.partition, pp.sequence, pp.batches, pp.records, producer)
+                },
                 topic: pp.topic,
                 index: pp.partition,
                 sequence: pp.sequence,

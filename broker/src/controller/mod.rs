@@ -152,6 +152,8 @@ pub struct RegistryOptions {
     /// this many bytes of metadata log, whichever comes first.
     pub snapshot_every_records: u64,
     pub snapshot_every_bytes: u64,
+    /// How long a producer may stay idle before partitions drop its state.
+    pub producer_expiration: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -179,6 +181,9 @@ pub struct Registry {
     snapshotting: Snapshotting,
     /// Metadata records read from the log at start (after the snapshot loaded, if any).
     replayed_at_start: AtomicU64,
+    /// Producer ids at or above this were never issued (as applied here); partitions refuse
+    /// them.
+    producer_ids_issued: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A topic as the committed metadata log describes it.
@@ -236,6 +241,9 @@ impl Registry {
         runtime: tokio::runtime::Handle,
         transport: Arc<Transport>,
     ) -> anyhow::Result<Registry> {
+        // Until the metadata says how far producer ids are issued, none is refused as
+        // never issued.
+        let producer_ids_issued = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
         let ctx = OpenContext {
             node_id: u64::from(options.node_id),
             queue_depth: options.queue_depth,
@@ -244,6 +252,8 @@ impl Registry {
             runtime: runtime.clone(),
             transport: Arc::clone(&transport),
             state_snapshots: None,
+            producer_ids_issued: Arc::clone(&producer_ids_issued),
+            producer_expiration: options.producer_expiration,
         };
         let meta_dir = options.data_dir.join(CONTROLLER_TOPIC).join("0");
         let joined = meta_dir.join(JOINED_FILE);
@@ -284,6 +294,7 @@ impl Registry {
         );
         let (applied, _) = watch::channel(metadata.log().log_start_offset());
         let registry = Registry {
+            producer_ids_issued,
             options,
             metrics,
             runtime,
@@ -393,6 +404,8 @@ impl Registry {
             runtime: self.runtime.clone(),
             transport: Arc::clone(&self.transport),
             state_snapshots: None,
+            producer_ids_issued: Arc::clone(&self.producer_ids_issued),
+            producer_expiration: self.options.producer_expiration,
         }
     }
 

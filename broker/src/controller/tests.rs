@@ -68,6 +68,7 @@ fn try_open_registry_every(data_dir: &Path, every: u64, every_bytes: u64) -> any
         join: false,
         snapshot_every_records: every,
         snapshot_every_bytes: every_bytes,
+        producer_expiration: std::time::Duration::from_secs(86_400),
     };
     Registry::open(options, metrics, tokio::runtime::Handle::current(), transport)
 }

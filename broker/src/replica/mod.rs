@@ -46,6 +46,7 @@ pub mod lost_entries;
 pub mod membership;
 pub mod owner;
 pub mod partition;
+pub mod producers;
 pub mod proposal;
 pub mod raft_state;
 pub mod raft_storage;

@@ -33,11 +33,13 @@ use crate::byte_budget::{ByteBudget, Reservation};
 use crate::error::{BrokerError, Result};
 use crate::metrics::Metrics;
 use crate::replica::owner::Owner;
+use crate::replica::producers::{PartitionProducers, ProducerSnapshots};
 use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest, Control, HandOver, MemberChange, StreamOrder};
 use crate::replica::raft_storage::{RaftLog, ReplicaError};
 use crate::replica::status::GroupStatus;
 use crate::replica::supervisor::{self, Channels, ReplicaFiles, SharedFiles};
 use crate::replica::transport::{GroupKey, Transport};
+use conveyor_storage::producer_state::snapshot::SnapshotStore;
 
 /// Most requests one owner round proposes before it processes a Ready.
 pub(crate) const MAX_REQUESTS_PER_ROUND: usize = 512;
@@ -72,6 +74,11 @@ pub struct OpenContext {
     /// The snapshots of the state machine replayed from this group's log, whose Raft
     /// snapshots must carry that state (the controller group's); `None` for a partition.
     pub state_snapshots: Option<Arc<dyn crate::replica::state_snapshot::StateSnapshots>>,
+    /// Producer ids at or above this were never issued, as this broker's metadata says.
+    pub producer_ids_issued: Arc<std::sync::atomic::AtomicI64>,
+    /// How long a producer may stay idle before partitions drop its state
+    /// (`[producers] id_expiration`).
+    pub producer_expiration: Duration,
 }
 
 /// Appends held while an election runs, at most, and for how long.
@@ -112,6 +119,7 @@ pub(crate) struct Opened {
     pub log: Arc<PartitionLog>,
     pub raft: RaftLog,
     pub node: RawNode<RaftLog>,
+    pub producers: PartitionProducers,
 }
 
 /// Opens (or creates) a replica's log and Raft node, as [`Partition::open`] describes; a
@@ -131,9 +139,19 @@ pub(crate) fn open_replica(
     let fsyncs = ctx.metrics.fsync_latency.clone();
     log.observe_syncs(conveyor_storage::SyncObserver::new(move |took| fsyncs.observe(took)));
     let mut raft = RaftLog::open(Arc::clone(&log)).map_err(storage_error)?;
-    if let Some(state) = &ctx.state_snapshots {
-        raft.set_state_snapshots(Arc::clone(state));
-    }
+    let producer_store = match &ctx.state_snapshots {
+        Some(state) => {
+            raft.set_state_snapshots(Arc::clone(state));
+            None
+        }
+        None => {
+            let store = SnapshotStore::open(dir)
+                .map_err(|e| BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}")))?;
+            let store = Arc::new(store);
+            raft.set_state_snapshots(Arc::new(ProducerSnapshots(Arc::clone(&store))));
+            Some(store)
+        }
+    };
     let new_group = raft.voters().is_empty();
     if new_group && !initial_voters.is_empty() {
         let conf = ConfState {
@@ -144,11 +162,19 @@ pub(crate) fn open_replica(
     }
     let state = raft::Storage::initial_state(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
     let last = raft::Storage::last_index(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let applied = state.hard_state.commit.min(last);
+    let active = Arc::clone(&ctx.metrics.producer_ids_active);
+    let issued = Arc::clone(&ctx.producer_ids_issued);
+    let producers = match producer_store {
+        Some(store) => PartitionProducers::load(&raft, store, applied, issued, active)
+            .map_err(|e| BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}")))?,
+        None => PartitionProducers::none(issued, active),
+    };
     let config = raft::Config {
         id: ctx.node_id,
         election_tick: ELECTION_TICKS,
         heartbeat_tick: HEARTBEAT_TICKS,
-        applied: state.hard_state.commit.min(last),
+        applied,
         max_size_per_msg: 1 << 20,
         max_inflight_msgs: 256,
         check_quorum: true,
@@ -169,7 +195,12 @@ pub(crate) fn open_replica(
     if wants && !ctx.transport.is_draining() {
         node.campaign().map_err(|e| BrokerError::Internal(e.to_string()))?;
     }
-    Ok(Opened { log, raft, node })
+    Ok(Opened {
+        log,
+        raft,
+        node,
+        producers,
+    })
 }
 
 /// What every incarnation of a partition's owner shares with the partition.
@@ -184,6 +215,7 @@ pub(crate) struct OwnerContext {
     pub status: watch::Sender<GroupStatus>,
     pub metrics: Arc<Metrics>,
     pub traffic: crate::metrics::TopicTraffic,
+    pub producer_expiration: Duration,
 }
 
 fn raft_logger() -> slog::Logger {
@@ -206,7 +238,12 @@ impl Partition {
         initial_voters: &[u32],
         preferred: u32,
     ) -> Result<Arc<Partition>> {
-        let Opened { log, raft, node } = open_replica(ctx, topic, index, dir, config, initial_voters, preferred)?;
+        let Opened {
+            log,
+            raft,
+            node,
+            producers,
+        } = open_replica(ctx, topic, index, dir, config, initial_voters, preferred)?;
         let key = Arc::new(GroupKey::new(topic, index));
         let (hw_tx, hw_rx) = watch::channel(raft.offset_after(node.raft.raft_log.committed));
         let (status_tx, status_rx) = watch::channel(GroupStatus {
@@ -229,8 +266,9 @@ impl Partition {
             status: status_tx,
             metrics: Arc::clone(&ctx.metrics),
             traffic: ctx.metrics.topic_traffic(topic),
+            producer_expiration: ctx.producer_expiration,
         };
-        let owner = Owner::new(&owner_cx, raft.clone(), u64::from(preferred));
+        let owner = Owner::new(&owner_cx, raft.clone(), u64::from(preferred), producers);
         let traffic = owner_cx.traffic.clone();
         let files = Arc::new(SharedFiles::new(ReplicaFiles { log, raft }));
         ctx.transport.register(GroupKey::clone(&key), inbox_tx);
@@ -404,6 +442,17 @@ impl Partition {
     /// How many appends this replica holds unanswered; 0 when its owner is stopped. A
     /// replica that just handed leadership over answers its last appends once it learns
     /// from the new leader that they committed.
+    /// The idempotent producers whose state this replica keeps (applied state: on the
+    /// leader, batches it has not applied yet are not shown).
+    pub async fn producers(&self) -> Result<Vec<conveyor_storage::producer_state::ProducerSummary>> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::Producers(reply))
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        rx.await.map_err(|_| self.not_leader())
+    }
+
     pub async fn unanswered_appends(&self) -> usize {
         let (reply, rx) = oneshot::channel();
         if self.control.send(Control::Unanswered(reply)).await.is_err() {
@@ -589,6 +638,8 @@ mod tests {
             runtime: tokio::runtime::Handle::current(),
             transport,
             state_snapshots: None,
+            producer_ids_issued: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
+            producer_expiration: Duration::from_secs(86_400),
         };
         Partition::open(&ctx, "t", 0, dir, LogConfig::default(), &[1], 1).expect("open")
     }

@@ -82,6 +82,8 @@ pub(crate) enum Control {
     HandOver(oneshot::Sender<HandOver>),
     /// How many appends the owner holds unanswered (proposed, or waiting for a leader).
     Unanswered(oneshot::Sender<usize>),
+    /// The idempotent producers whose state this replica keeps.
+    Producers(oneshot::Sender<Vec<conveyor_storage::producer_state::ProducerSummary>>),
     SetPreferred(u64),
     Membership(MemberChange, oneshot::Sender<Result<()>>),
 }

@@ -175,9 +175,8 @@ pub struct RaftLog {
     log: Arc<PartitionLog>,
     dir: PathBuf,
     inner: Arc<RwLock<Inner>>,
-    /// The snapshots of the state machine replayed from this log, for a group whose
-    /// snapshot must carry that state (the controller's); `None` for a partition, whose
-    /// snapshot says only where the log starts.
+    /// The snapshots of the state replayed from this log that a Raft snapshot carries: the
+    /// controller's metadata, or a partition's producer state (see `replica::producers`).
     state: Option<Arc<dyn StateSnapshots>>,
 }
 
@@ -542,6 +541,8 @@ impl RaftLog {
         let Some(cutoff) = self.log.retention_cutoff(now_ms) else {
             return Ok(0);
         };
+        // The log may start only where the snapshotted state is known.
+        let cutoff = self.state.as_ref().map_or(cutoff, |s| s.compaction_limit(cutoff));
         self.compact_below(cutoff)
     }
 
@@ -592,6 +593,9 @@ impl RaftLog {
         inner.cache.retain(|e| e.index >= first);
         drop(inner);
         self.log.delete_segments_before(start_offset)?;
+        if let Some(state) = &self.state {
+            state.log_starts_at(start_offset);
+        }
         Ok(removable)
     }
 
@@ -634,6 +638,10 @@ impl RaftLog {
         inner.terms.clear();
         inner.tail.clear();
         inner.cache.clear();
+        drop(inner);
+        if let Some(state) = &self.state {
+            state.log_starts_at(offset);
+        }
         Ok(())
     }
 }

@@ -14,6 +14,11 @@ use super::raft_storage::{RaftLog, ReplicaError};
 pub trait ReadyHandler {
     /// Sends Raft messages to peers (the transport batches them per peer).
     fn send(&mut self, messages: Vec<Message>);
+    /// A leader's snapshot was installed: the log restarts at its point, and `state` is
+    /// the state it carried (after the log start offset).
+    fn snapshot_installed(&mut self, _state: &[u8]) {}
+    /// Entries committed and applied, in log order (their batches are in `store`).
+    fn committed(&mut self, _store: &RaftLog, _entries: &[Entry]) {}
 }
 
 /// Handles one Ready, if there is one. Returns whether there was.
@@ -27,8 +32,9 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
     }
     if !ready.snapshot().is_empty() {
         node.store().apply_snapshot(ready.snapshot())?;
+        handler.snapshot_installed(ready.snapshot().data.get(8..).unwrap_or_default());
     }
-    apply(node, ready.take_committed_entries())?;
+    apply(node, ready.take_committed_entries(), handler)?;
     let origin = if node.raft.state == raft::StateRole::Leader {
         super::entry::Origin::LeaderOf(node.raft.term)
     } else {
@@ -49,13 +55,17 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
         node.store().set_hard_state(&hs)?;
     }
     handler.send(light.take_messages());
-    apply(node, light.take_committed_entries())?;
+    apply(node, light.take_committed_entries(), handler)?;
     node.advance_apply();
     Ok(true)
 }
 
 /// Applies committed membership changes; the owner reads the commit index from the node.
-fn apply(node: &mut RawNode<RaftLog>, entries: Vec<Entry>) -> Result<(), ReplicaError> {
+fn apply(
+    node: &mut RawNode<RaftLog>,
+    entries: Vec<Entry>,
+    handler: &mut impl ReadyHandler,
+) -> Result<(), ReplicaError> {
     let Some(last) = entries.last().map(|e| e.index) else {
         return Ok(());
     };
@@ -73,6 +83,7 @@ fn apply(node: &mut RawNode<RaftLog>, entries: Vec<Entry>) -> Result<(), Replica
         };
         node.store().set_conf_state(&conf_state)?;
     }
+    handler.committed(node.store(), &entries);
     node.store().evict_cache_to(last);
     Ok(())
 }

@@ -59,6 +59,8 @@ pub enum SnapshotError {
     Io { path: PathBuf, reason: String },
     #[error("snapshot {path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
+    #[error("producer state snapshot: {0}")]
+    Producer(String),
 }
 
 /// A snapshot read back whole and verified.
@@ -275,14 +277,23 @@ fn file_name(index: u64) -> String {
 /// What a Raft log needs from a state machine's snapshots: the state to send a follower
 /// behind the log start, and a place to store one received from the leader.
 pub trait StateSnapshots: std::fmt::Debug + Send + Sync {
-    /// The state as of Raft index `index`, if a snapshot there is stored. Blocking.
-    fn state_at(&self, index: u64) -> Option<Bytes>;
+    /// The state as of `point` (the log start a follower is sent), if one is stored there.
+    /// Blocking.
+    fn state_at(&self, point: &SnapshotPoint) -> Option<Bytes>;
     /// Stores a leader's state durably, before the log is reset past it. Blocking.
     fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError>;
+    /// How far retention may move the log start towards `cutoff` (an offset) and still
+    /// have the state at the new start.
+    fn compaction_limit(&self, cutoff: u64) -> u64 {
+        cutoff
+    }
+    /// The log now starts at `offset`: older snapshots may go. Blocking.
+    fn log_starts_at(&self, _offset: u64) {}
 }
 
 impl StateSnapshots for SnapshotStore {
-    fn state_at(&self, index: u64) -> Option<Bytes> {
+    fn state_at(&self, point: &SnapshotPoint) -> Option<Bytes> {
+        let index = point.index;
         if let Some((cached, payload)) = self.lock_cached().as_ref()
             && *cached == index
         {
@@ -352,8 +363,13 @@ mod tests {
                 payload: Bytes::from_static(b"state-12")
             })
         );
-        assert_eq!(store.state_at(9), Some(Bytes::from_static(b"state-9")));
-        assert_eq!(store.state_at(5), None, "removed");
+        let at = |index| SnapshotPoint {
+            index,
+            term: 0,
+            offset: 0,
+        };
+        assert_eq!(store.state_at(&at(9)), Some(Bytes::from_static(b"state-9")));
+        assert_eq!(store.state_at(&at(5)), None, "removed");
         let leftovers: Vec<_> = std::fs::read_dir(store.dir())
             .expect("dir")
             .map(|e| e.expect("entry").file_name())

@@ -356,6 +356,8 @@ impl Replica for PartitionReplica {
                     // A stopped replica leads nothing.
                     Control::HandOver(reply) => drop(reply.send(crate::replica::proposal::HandOver::Never)),
                     Control::Unanswered(reply) => drop(reply.send(0)),
+                    // Dropped: the asker hears that this replica cannot answer.
+                    Control::Producers(_) => {}
                     Control::Membership(_, reply) => drop(reply.send(Err(self.error(&reason)))),
                 },
                 () = tokio::time::sleep_until(until) => return true,
@@ -371,7 +373,12 @@ impl Replica for PartitionReplica {
         // waits for the reopening, or landed on the old log before it began.
         let node = tokio::task::spawn_blocking(move || {
             files.reopen(|old| {
-                let Opened { log, raft, node } = open_replica(
+                let Opened {
+                    log,
+                    raft,
+                    node,
+                    producers,
+                } = open_replica(
                     &ctx,
                     &topic,
                     index,
@@ -380,14 +387,15 @@ impl Replica for PartitionReplica {
                     &restart.initial_voters,
                     restart.preferred,
                 )?;
-                Ok::<_, BrokerError>((ReplicaFiles { log, raft }, node))
+                Ok::<_, BrokerError>((ReplicaFiles { log, raft }, (node, producers)))
             })
         })
         .await
         .map_err(|e| format!("reopening panicked: {e}"))?
         .map_err(|e| e.to_string())?;
+        let (node, producers) = node;
         let raft = self.files.current().raft;
-        let owner = Owner::new(&self.owner_cx, raft, u64::from(self.restart.preferred));
+        let owner = Owner::new(&self.owner_cx, raft, u64::from(self.restart.preferred), producers);
         self.next = Some((owner, node));
         let cx = &self.owner_cx;
         *cx.failed.lock().unwrap_or_else(PoisonError::into_inner) = None;

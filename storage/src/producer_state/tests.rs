@@ -37,9 +37,15 @@ fn malformed_producer_fields_are_refused_before_any_state_is_consulted() {
         idempotence_of(&header(-1, 0, -1, 3)),
         Err(ProducerFieldError::Stray { epoch: 0, sequence: -1 })
     );
-    assert_eq!(idempotence_of(&header(-2, 0, 0, 1)), Err(ProducerFieldError::ProducerId(-2)));
+    assert_eq!(
+        idempotence_of(&header(-2, 0, 0, 1)),
+        Err(ProducerFieldError::ProducerId(-2))
+    );
     assert_eq!(idempotence_of(&header(7, -3, 0, 1)), Err(ProducerFieldError::Epoch(-3)));
-    assert_eq!(idempotence_of(&header(7, 0, -5, 1)), Err(ProducerFieldError::Sequence(-5)));
+    assert_eq!(
+        idempotence_of(&header(7, 0, -5, 1)),
+        Err(ProducerFieldError::Sequence(-5))
+    );
     assert_eq!(
         idempotence_of(&header(7, 0, i32::MAX - 1, 3)),
         Err(ProducerFieldError::Wraps {
@@ -66,7 +72,10 @@ fn a_leader_appends_the_next_batch_and_answers_a_retry_with_the_original() {
         base_offset: 100,
         last_offset: 102,
     };
-    assert_eq!(classify(table.view(7).as_ref(), &batch(7, 0, 0, 3)), Verdict::Duplicate(original));
+    assert_eq!(
+        classify(table.view(7).as_ref(), &batch(7, 0, 0, 3)),
+        Verdict::Duplicate(original)
+    );
     assert_eq!(classify(table.view(7).as_ref(), &batch(7, 0, 5, 1)), Verdict::Append);
     assert_eq!(
         classify(table.view(7).as_ref(), &batch(7, 0, 6, 1)),

@@ -26,6 +26,9 @@ impl Owner {
             Control::Unanswered(reply) => {
                 let _ = reply.send(self.pending.len() + self.waiting.len());
             }
+            Control::Producers(reply) => {
+                let _ = reply.send(self.producer_summaries());
+            }
             Control::SetPreferred(id) => self.preferred = id,
             Control::Membership(change, reply) => match self.membership(node, change) {
                 Ok(Some(index)) => self.pending_changes.push(PendingChange {

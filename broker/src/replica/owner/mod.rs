@@ -25,6 +25,7 @@ use crate::replica::partition::{
     INBOX_DEPTH, MAX_REQUESTS_PER_ROUND, MAX_TICKS_PER_ROUND, MAX_WAIT_FOR_COMMIT_AFTER_STEP_DOWN, MAX_WAIT_FOR_LEADER,
     MAX_WAITING, OwnerContext, PREFERRED_LEADER_CHECK_TICKS, RAFT_TICK, REPLICA_LAG_TIME, not_leader_error,
 };
+use crate::replica::producers::PartitionProducers;
 use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest};
 use crate::replica::raft_storage::RaftLog;
 use crate::replica::ready::{ReadyHandler, on_ready};
@@ -35,6 +36,7 @@ use crate::replica::tick::TickSchedule;
 use crate::replica::transport::{GroupKey, Transport};
 
 mod control;
+mod idempotence;
 use control::hold_off_campaign;
 
 /// How often the offset of a far-behind follower's matched entry is looked up in the log.
@@ -45,6 +47,9 @@ const LAG_LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 struct Pending {
     first: u64,
     last: u64,
+    /// The offset of the request's first record when it is known already: a retried batch
+    /// that was written before leads the request.
+    base_offset: Option<u64>,
     /// The term the entries were proposed in: if the entry at `last` has another term, a new
     /// leader overwrote them and they are not this request's.
     term: u64,
@@ -105,6 +110,10 @@ pub(crate) struct Owner {
     lost_entries: LostEntries,
     /// Followers waiting for a snapshot that may have been lost (see `replica::stalled_snapshots`).
     stalled_snapshots: StalledSnapshots,
+    /// Idempotent producers' state; moved into the Ready job and back.
+    producers: Option<PartitionProducers>,
+    /// How long a producer may stay idle before its state is dropped.
+    producer_expiration: std::time::Duration,
 }
 
 impl Drop for Owner {
@@ -130,16 +139,25 @@ struct PendingChange {
 struct Outbox<'a> {
     transport: &'a Transport,
     key: &'a Arc<GroupKey>,
+    producers: &'a mut PartitionProducers,
 }
 
 impl ReadyHandler for Outbox<'_> {
     fn send(&mut self, messages: Vec<Message>) {
         self.transport.send(self.key, messages);
     }
+
+    fn snapshot_installed(&mut self, state: &[u8]) {
+        self.producers.installed(state);
+    }
+
+    fn committed(&mut self, store: &RaftLog, entries: &[Entry]) {
+        self.producers.apply_committed(store, entries);
+    }
 }
 
 impl Owner {
-    pub(crate) fn new(cx: &OwnerContext, raft: RaftLog, preferred: u64) -> Owner {
+    pub(crate) fn new(cx: &OwnerContext, raft: RaftLog, preferred: u64, producers: PartitionProducers) -> Owner {
         let lost_entries = LostEntries::new(&cx.topic, cx.index, &raft);
         Owner {
             topic: cx.topic.clone(),
@@ -164,6 +182,8 @@ impl Owner {
             waiting: VecDeque::new(),
             lost_entries,
             stalled_snapshots: StalledSnapshots::default(),
+            producers: Some(producers),
+            producer_expiration: cx.producer_expiration,
         }
     }
 
@@ -249,6 +269,9 @@ impl Owner {
                 if self.ticks.is_multiple_of(PREFERRED_LEADER_CHECK_TICKS) {
                     self.restore_preferred_leader(&mut node);
                 }
+                if self.ticks.is_multiple_of(idempotence::EXPIRY_CHECK_TICKS) {
+                    self.expire_producers();
+                }
             }
             if !node.has_ready() {
                 // A former leader's proposals waiting to learn their fate time out on ticks.
@@ -264,18 +287,27 @@ impl Owner {
             }
             let transport = Arc::clone(&self.transport);
             let key = Arc::clone(&self.key);
+            let Some(mut producers) = self.producers.take() else {
+                let reason = "the producer state was lost by an earlier failed job".to_string();
+                self.fail_everything(&reason);
+                return Exit::Failed(reason);
+            };
             let job = tokio::task::spawn_blocking(move || {
                 let mut outbox = Outbox {
                     transport: &transport,
                     key: &key,
+                    producers: &mut producers,
                 };
                 let result = (|| {
                     while on_ready(&mut node, &mut outbox)? {}
                     Ok::<_, crate::replica::raft_storage::ReplicaError>(())
                 })();
-                (node, result)
+                // A new leader learns what its log holds above the applied point here, off
+                // the reactor, before it judges a batch.
+                idempotence::build_pending(&node, &mut producers);
+                (node, producers, result)
             });
-            let (returned, result) = match job.await {
+            let (returned, producers, result) = match job.await {
                 Ok(r) => r,
                 Err(e) => {
                     // The node went down with the job: the supervisor reopens the replica.
@@ -285,6 +317,7 @@ impl Owner {
                 }
             };
             node = returned;
+            self.producers = Some(producers);
             match result {
                 Ok(()) => {
                     self.finish(&node);
@@ -300,6 +333,7 @@ impl Owner {
                 }
             }
         }
+        self.snapshot_producers(&node).await;
         tracing::debug!(topic = %self.topic, partition = self.index, "partition owner stopped");
         Exit::Stopped
     }
@@ -351,6 +385,9 @@ impl Owner {
                 return;
             }
         }
+        let Some((request, duplicates, idempotent)) = self.judge(node, request) else {
+            return;
+        };
         let first = node.raft.raft_log.last_index() + 1;
         let last_offset_delta = request.batches.last().map_or(0, |b| b.header().last_offset_delta);
         let entries: Vec<Entry> = request
@@ -379,6 +416,11 @@ impl Owner {
         if let Some(order) = &request.order {
             order.next.store(order.sequence.saturating_add(1), Ordering::Release);
         }
+        let term = node.raft.term;
+        if let Some(producers) = self.producers.as_mut() {
+            producers.proposed(&idempotent, &request.batches, first, term);
+        }
+        let (first, base_offset) = idempotence::request_start(first, &duplicates);
         // Traffic counters are about clients' data; the controller's records are not.
         if self.key.topic != crate::replica::transport::CONTROLLER_TOPIC {
             for batch in &request.batches {
@@ -389,7 +431,8 @@ impl Owner {
         self.pending.push_back(Pending {
             first,
             last: node.raft.raft_log.last_index(),
-            term: node.raft.term,
+            base_offset,
+            term,
             proposed_at: Instant::now(),
             last_offset_delta,
             acks: request.acks,
@@ -504,6 +547,12 @@ impl Owner {
         let persisted = node.raft.raft_log.persisted;
         let committed = node.raft.raft_log.committed;
         let leader = node.raft.state == StateRole::Leader;
+        if let Some(producers) = self.producers.as_mut() {
+            if !leader {
+                producers.clear_pending();
+            }
+            producers.fold(node.raft.raft_log.applied);
+        }
         if leader != self.was_leader {
             self.was_leader = leader;
             self.stepped_down = (!leader).then(Instant::now);
@@ -523,7 +572,8 @@ impl Owner {
                 if p.acks == Acks::All {
                     self.metrics.commit_latency.observe(p.proposed_at.elapsed());
                 }
-                let outcome = match (self.raft.offset_of(p.first), self.raft.offset_of(p.last)) {
+                let base = p.base_offset.or_else(|| self.raft.offset_of(p.first));
+                let outcome = match (base, self.raft.offset_of(p.last)) {
                     (Some(base), Some(last_base)) => Ok(AppendOutcome {
                         base_offset: base,
                         last_offset: last_base + u64::from(p.last_offset_delta),
@@ -602,8 +652,9 @@ mod tests {
             status: watch::channel(GroupStatus::default()).0,
             traffic: metrics.topic_traffic("t"),
             metrics,
+            producer_expiration: std::time::Duration::from_secs(60),
         };
-        let mut owner = Owner::new(&cx, raft, 1);
+        let mut owner = Owner::new(&cx, raft, 1, PartitionProducers::none(Arc::default(), Arc::default()));
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
             batches: Vec::new(),

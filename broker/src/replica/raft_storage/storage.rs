@@ -130,7 +130,12 @@ impl Storage for RaftLog {
         if let Some(state) = &self.state {
             // A follower this far behind cannot replay the records it lacks: it gets the
             // state at the snapshot point.
-            let Some(payload) = state.state_at(inner.state.snapshot_index) else {
+            let point = SnapshotPoint {
+                index: inner.state.snapshot_index,
+                term: inner.state.snapshot_term,
+                offset: start,
+            };
+            let Some(payload) = state.state_at(&point) else {
                 return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
             };
             data.extend_from_slice(&payload);

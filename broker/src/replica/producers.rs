@@ -1,0 +1,574 @@
+//! Idempotent producers on one partition replica: the state applied from committed entries,
+//! the leader's view of what it proposed on top, and the verdict on each new batch.
+//!
+//! # Where the state comes from
+//! - `table`: every committed, applied batch, folded in by the Ready job in log order
+//!   ([`PartitionProducers::apply_committed`]); the same on every replica. Loaded at open
+//!   from the newest snapshot at or below the applied point plus a replay of batch headers.
+//! - `pending`: on the leader only, the idempotent batches in its log above the applied
+//!   point: those it proposed, and those of earlier terms it found in its log when it took
+//!   over (they commit with its first entry). A retry of one of them is answered once it
+//!   commits, with its offsets; nothing is written twice.
+//!
+//! A snapshot file is written when the applied state reaches a segment's base offset and
+//! when the replica closes cleanly (see `conveyor_storage::producer_state::snapshot`);
+//! retention never moves the log start past the newest snapshot, so a follower sent a Raft
+//! snapshot gets the producer state at exactly the leader's log start.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use bytes::Bytes;
+use conveyor_storage::PartitionLog;
+use conveyor_storage::batch::{BatchHeader, ValidatedBatch, unix_millis};
+use conveyor_storage::producer_state::snapshot::{SnapshotError, SnapshotStore};
+use conveyor_storage::producer_state::{
+    BatchMeta, Idempotent, MAX_CACHED_BATCHES, ProducerFieldError, ProducerSummary, ProducerTable, Verdict, View,
+    classify, idempotence_of,
+};
+use raft::eraftpb::Entry;
+
+use super::raft_storage::RaftLog;
+use super::state_snapshot::{SnapshotPoint, StateSnapshots};
+use crate::replica::proposal::Acks;
+
+/// Why the leader refused an idempotent batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProducerRefusal {
+    #[error(
+        "producer {producer_id}: expected sequence {expected}, got {got} (an earlier batch was not appended); resend from the first unacknowledged batch, in order"
+    )]
+    OutOfOrder { producer_id: i64, expected: i32, got: i32 },
+    #[error(
+        "producer {producer_id}: sequence {sequence} was written before and is older than the last {MAX_CACHED_BATCHES} batches the partition remembers (oldest remembered: {oldest}); it is not resent"
+    )]
+    TooOld {
+        producer_id: i64,
+        sequence: i32,
+        oldest: i32,
+    },
+    #[error(
+        "producer {producer_id} epoch {got} is fenced: epoch {current} of the same id has written since; this producer must stop"
+    )]
+    Fenced { producer_id: i64, current: i16, got: i16 },
+    #[error(
+        "producer {producer_id}: the partition keeps no state for this id (it expired after a long idle time) and sequence {sequence} does not start a producer; take a new id with InitProducer"
+    )]
+    Unknown { producer_id: i64, sequence: i32 },
+    #[error(
+        "producer id {producer_id} was never issued by this cluster (ids issued so far are below {issued_end}, as this broker knows); call InitProducer"
+    )]
+    NotIssued { producer_id: i64, issued_end: i64 },
+    #[error("{0}")]
+    Malformed(ProducerFieldError),
+    #[error(
+        "producer {producer_id}: an idempotent batch needs acks=all (a retry is recognised only once its original is committed)"
+    )]
+    AcksNotAll { producer_id: i64 },
+}
+
+impl ProducerRefusal {
+    /// (gRPC code, error code, retriable).
+    pub fn code(&self) -> (tonic::Code, conveyor_proto::v1::ErrorCode, bool) {
+        use conveyor_proto::v1::ErrorCode as E;
+        use tonic::Code as C;
+        match self {
+            ProducerRefusal::OutOfOrder { .. } => (C::FailedPrecondition, E::OutOfOrderSequence, true),
+            ProducerRefusal::Fenced { .. } => (C::FailedPrecondition, E::ProducerFenced, false),
+            ProducerRefusal::Unknown { .. } => (C::FailedPrecondition, E::UnknownProducerId, false),
+            // This broker's view of the metadata may be behind the broker that issued it.
+            ProducerRefusal::NotIssued { .. } => (C::FailedPrecondition, E::InvalidProducerId, true),
+            ProducerRefusal::TooOld { .. } | ProducerRefusal::Malformed(_) | ProducerRefusal::AcksNotAll { .. } => {
+                (C::InvalidArgument, E::InvalidRequest, false)
+            }
+        }
+    }
+}
+
+/// Where a batch the producer wrote is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Located {
+    /// Committed and applied: its offsets are known.
+    Committed(BatchMeta),
+    /// In this leader's log, not applied yet: its Raft entry.
+    Pending {
+        index: u64,
+        term: u64,
+        last_offset_delta: u32,
+    },
+}
+
+/// What to do with an append request's batches.
+#[derive(Debug)]
+pub enum Plan {
+    /// Propose these batches; the ones before them (a prefix of the request) were written
+    /// already and are located in `duplicates`.
+    Propose {
+        duplicates: Vec<Located>,
+        batches: Vec<ValidatedBatch>,
+        idempotent: Vec<Option<Idempotent>>,
+    },
+    /// Every batch was written already.
+    AllDuplicates(Vec<Located>),
+}
+
+#[derive(Debug, Clone)]
+struct PendingProducer {
+    epoch: i16,
+    batches: VecDeque<(i32, i32, Located)>,
+}
+
+/// The producers of one partition replica (see the module docs).
+#[derive(Debug)]
+pub struct PartitionProducers {
+    table: ProducerTable,
+    store: Option<Arc<SnapshotStore>>,
+    /// The offset of the newest snapshot written or loaded.
+    snapshot_at: u64,
+    pending: HashMap<i64, PendingProducer>,
+    /// Raft index and producer of each pending batch, in log order.
+    pending_order: VecDeque<(u64, i64)>,
+    /// The term `pending` was built for; `None` when this replica does not lead.
+    pending_term: Option<u64>,
+    /// Ids at or above this were never issued (the broker's view of the metadata).
+    issued_end: Arc<AtomicI64>,
+    active: Arc<AtomicI64>,
+}
+
+impl Drop for PartitionProducers {
+    fn drop(&mut self) {
+        self.active.fetch_sub(self.table.len() as i64, Ordering::Relaxed);
+    }
+}
+
+impl PartitionProducers {
+    /// A replica without producer state (the controller's metadata log).
+    pub fn none(issued_end: Arc<AtomicI64>, active: Arc<AtomicI64>) -> PartitionProducers {
+        PartitionProducers {
+            table: ProducerTable::new(),
+            store: None,
+            snapshot_at: 0,
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            pending_term: None,
+            issued_end,
+            active,
+        }
+    }
+
+    /// Loads the state of every batch up to Raft index `applied`: the newest snapshot at or
+    /// below it, then the batch headers after it. Blocking.
+    pub fn load(
+        raft: &RaftLog,
+        store: Arc<SnapshotStore>,
+        applied: u64,
+        issued_end: Arc<AtomicI64>,
+        active: Arc<AtomicI64>,
+    ) -> Result<PartitionProducers, SnapshotError> {
+        let log = raft.partition_log();
+        let end = raft.offset_after(applied);
+        // A snapshot below the log start (kept by retention for want of a newer one) still
+        // holds producers the deleted batches carried.
+        let (mut snapshot_at, mut table) = match store.read_at_or_below(end) {
+            Some((at, _, table)) => (at, table),
+            None => (log.log_start_offset(), ProducerTable::new()),
+        };
+        let now = unix_millis();
+        let mut replayed = 0u64;
+        let read = log.for_each_batch_header(snapshot_at.max(log.log_start_offset()), |h| {
+            if h.base_offset >= end || h.raft_index > applied {
+                return false;
+            }
+            if h.base_offset >= snapshot_at {
+                table.apply(h, h.base_offset, h.max_timestamp.min(now));
+                replayed += 1;
+            }
+            true
+        });
+        if let Err(e) = read {
+            return Err(SnapshotError::Damaged(format!(
+                "replaying producer state from the log: {e}"
+            )));
+        }
+        if replayed > 0 || store.offsets().is_empty() {
+            // The next open starts here instead of replaying the same batches again.
+            store.write(end, &table)?;
+            snapshot_at = end;
+        }
+        active.fetch_add(table.len() as i64, Ordering::Relaxed);
+        Ok(PartitionProducers {
+            table,
+            store: Some(store),
+            snapshot_at,
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            pending_term: None,
+            issued_end,
+            active,
+        })
+    }
+
+    pub fn summaries(&self) -> Vec<ProducerSummary> {
+        self.table.summaries()
+    }
+
+    fn set_table(&mut self, table: ProducerTable) {
+        self.active
+            .fetch_add(table.len() as i64 - self.table.len() as i64, Ordering::Relaxed);
+        self.table = table;
+    }
+
+    /// Folds committed entries in, in log order, writing a snapshot whenever the state
+    /// reaches a segment's base offset. Runs in the Ready job. Blocking.
+    pub fn apply_committed(&mut self, raft: &RaftLog, entries: &[Entry]) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let log = raft.partition_log();
+        let now = unix_millis();
+        let before = self.table.len();
+        for entry in entries {
+            if entry.data.is_empty() {
+                continue;
+            }
+            let Ok(header) = BatchHeader::parse(&entry.data) else {
+                continue;
+            };
+            let Some(base) = raft.offset_of(entry.index) else {
+                continue;
+            };
+            self.snapshot_at_segment_start(&store, log, base);
+            if header.producer.producer_id >= 0 {
+                self.table.apply(&header, base, now);
+            }
+        }
+        self.active
+            .fetch_add(self.table.len() as i64 - before as i64, Ordering::Relaxed);
+    }
+
+    /// Before the batch at `base` is applied, the state is that of everything below it: if
+    /// `base` starts a segment, that is the snapshot retention needs there.
+    fn snapshot_at_segment_start(&mut self, store: &SnapshotStore, log: &PartitionLog, base: u64) {
+        if base <= self.snapshot_at || log.segment_base_of(base) != Some(base) {
+            return;
+        }
+        match store.write(base, &self.table) {
+            Ok(()) => self.snapshot_at = base,
+            Err(e) => {
+                tracing::warn!(dir = %log.dir().display(), offset = base, error = %e, "cannot write a producer snapshot; retention keeps the segments until one is written")
+            }
+        }
+    }
+
+    /// Replaces the state with a leader's snapshot this replica installed.
+    pub fn installed(&mut self, payload: &[u8]) {
+        if self.store.is_none() {
+            return;
+        }
+        match conveyor_storage::producer_state::snapshot::decode(payload) {
+            Ok((offset, table)) => {
+                self.set_table(table);
+                self.snapshot_at = offset;
+            }
+            Err(e) => tracing::error!(error = %e, "an installed producer snapshot cannot be read back"),
+        }
+        self.clear_pending();
+    }
+
+    /// Writes the state at `offset` (the end of the applied entries), for a clean close.
+    /// Blocking.
+    pub fn snapshot_now(&mut self, offset: u64) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if offset == self.snapshot_at {
+            return;
+        }
+        match store.write(offset, &self.table) {
+            Ok(()) => self.snapshot_at = offset,
+            Err(e) => tracing::warn!(offset, error = %e, "cannot write the producer snapshot at close"),
+        }
+    }
+
+    /// Drops the state of producers idle since `before_ms`.
+    pub fn expire(&mut self, before_ms: i64) -> usize {
+        let dropped = self.table.expire(before_ms);
+        self.active.fetch_sub(dropped as i64, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Forgets what this replica proposed as leader (it stepped down).
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.pending_order.clear();
+        self.pending_term = None;
+    }
+
+    /// Whether the leader's pending view must be built for `term` before a batch is judged.
+    pub fn needs_pending(&self, term: u64) -> bool {
+        self.store.is_some() && self.pending_term != Some(term)
+    }
+
+    /// Builds the leader's pending view from the entries in its log above the applied
+    /// point (`entries`: those of `applied + 1 ..= last`).
+    pub fn rebuild_pending(&mut self, term: u64, entries: &[Entry]) {
+        self.clear_pending();
+        for entry in entries {
+            if entry.data.is_empty() {
+                continue;
+            }
+            let Ok(header) = BatchHeader::parse(&entry.data) else {
+                continue;
+            };
+            if let Ok(Some(batch)) = idempotence_of(&header) {
+                self.push_pending(&batch, entry.index, entry.term, header.last_offset_delta);
+            }
+        }
+        self.pending_term = Some(term);
+    }
+
+    fn push_pending(&mut self, batch: &Idempotent, index: u64, term: u64, last_offset_delta: u32) {
+        let p = self
+            .pending
+            .entry(batch.producer_id)
+            .or_insert_with(|| PendingProducer {
+                epoch: batch.epoch,
+                batches: VecDeque::new(),
+            });
+        if batch.epoch > p.epoch {
+            p.epoch = batch.epoch;
+            p.batches.clear();
+        }
+        p.batches.push_back((
+            batch.first_sequence,
+            batch.last_sequence,
+            Located::Pending {
+                index,
+                term,
+                last_offset_delta,
+            },
+        ));
+        if p.batches.len() > MAX_CACHED_BATCHES {
+            p.batches.pop_front();
+        }
+        self.pending_order.push_back((index, batch.producer_id));
+    }
+
+    /// Drops the pending batches that are applied now (`applied`: the applied index).
+    pub fn fold(&mut self, applied: u64) {
+        while let Some(&(index, pid)) = self.pending_order.front() {
+            if index > applied {
+                break;
+            }
+            self.pending_order.pop_front();
+            let now_empty = self.pending.get_mut(&pid).is_some_and(|p| {
+                if let Some(pos) = p
+                    .batches
+                    .iter()
+                    .position(|(_, _, at)| matches!(at, Located::Pending { index: i, .. } if *i == index))
+                {
+                    p.batches.remove(pos);
+                }
+                p.batches.is_empty()
+            });
+            if now_empty && !self.pending_order.iter().any(|&(_, p)| p == pid) {
+                self.pending.remove(&pid);
+            }
+        }
+    }
+
+    /// The producer's latest state: the applied table with this leader's pending batches on
+    /// top.
+    fn view(&self, producer_id: i64) -> Option<View<Located>> {
+        let committed = self.table.get(producer_id);
+        let pending = self.pending.get(&producer_id);
+        let mut view = match (committed, pending) {
+            (None, None) => return None,
+            (Some(c), p) if p.is_none_or(|p| p.epoch == c.epoch) => View {
+                epoch: c.epoch,
+                batches: c
+                    .batches
+                    .iter()
+                    .map(|b| (b.first_sequence, b.last_sequence, Located::Committed(*b)))
+                    .collect(),
+            },
+            (_, p) => View {
+                epoch: p.map_or(0, |p| p.epoch),
+                batches: Vec::new(),
+            },
+        };
+        if let Some(p) = pending {
+            view.batches.extend(p.batches.iter().copied());
+        }
+        let excess = view.batches.len().saturating_sub(MAX_CACHED_BATCHES);
+        view.batches.drain(..excess);
+        Some(view)
+    }
+
+    /// Judges an append request's batches in order: a prefix may repeat batches written
+    /// already, the rest must follow each producer's sequence. Nothing changes here; the
+    /// owner calls [`PartitionProducers::proposed`] once the batches are proposed.
+    pub fn plan(&self, batches: Vec<ValidatedBatch>, acks: Acks) -> Result<Plan, ProducerRefusal> {
+        let mut idempotent = Vec::with_capacity(batches.len());
+        let mut any = false;
+        for b in &batches {
+            let i = idempotence_of(b.header()).map_err(ProducerRefusal::Malformed)?;
+            any |= i.is_some();
+            idempotent.push(i);
+        }
+        if !any {
+            return Ok(Plan::Propose {
+                duplicates: Vec::new(),
+                batches,
+                idempotent,
+            });
+        }
+        let issued_end = self.issued_end.load(Ordering::Acquire);
+        let mut views: HashMap<i64, Option<View<Located>>> = HashMap::new();
+        let mut duplicates = Vec::new();
+        let mut appending = false;
+        for batch in idempotent.iter().flatten() {
+            let producer_id = batch.producer_id;
+            if acks != Acks::All {
+                return Err(ProducerRefusal::AcksNotAll { producer_id });
+            }
+            if producer_id >= issued_end {
+                return Err(ProducerRefusal::NotIssued {
+                    producer_id,
+                    issued_end,
+                });
+            }
+        }
+        for (i, batch) in idempotent.iter().enumerate() {
+            let Some(batch) = batch else {
+                appending = true;
+                continue;
+            };
+            let view = views
+                .entry(batch.producer_id)
+                .or_insert_with(|| self.view(batch.producer_id));
+            match classify(view.as_ref(), batch) {
+                Verdict::Append => {
+                    appending = true;
+                    // Later batches of the request follow this one.
+                    let v = view.get_or_insert_with(|| View {
+                        epoch: batch.epoch,
+                        batches: Vec::new(),
+                    });
+                    if batch.epoch > v.epoch {
+                        v.epoch = batch.epoch;
+                        v.batches.clear();
+                    }
+                    v.batches.push((
+                        batch.first_sequence,
+                        batch.last_sequence,
+                        Located::Pending {
+                            index: 0,
+                            term: 0,
+                            last_offset_delta: 0,
+                        },
+                    ));
+                }
+                Verdict::Duplicate(at) if !appending && duplicates.len() == i => duplicates.push(at),
+                Verdict::Duplicate(_) => {
+                    return Err(ProducerRefusal::OutOfOrder {
+                        producer_id: batch.producer_id,
+                        expected: view
+                            .as_ref()
+                            .and_then(|v| v.batches.last())
+                            .map_or(0, |b| b.1.saturating_add(1)),
+                        got: batch.first_sequence,
+                    });
+                }
+                Verdict::OutOfOrder { expected, got } => {
+                    return Err(ProducerRefusal::OutOfOrder {
+                        producer_id: batch.producer_id,
+                        expected,
+                        got,
+                    });
+                }
+                Verdict::TooOld {
+                    sequence,
+                    oldest_remembered,
+                } => {
+                    return Err(ProducerRefusal::TooOld {
+                        producer_id: batch.producer_id,
+                        sequence,
+                        oldest: oldest_remembered,
+                    });
+                }
+                Verdict::Fenced { current, got } => {
+                    return Err(ProducerRefusal::Fenced {
+                        producer_id: batch.producer_id,
+                        current,
+                        got,
+                    });
+                }
+                Verdict::Unknown => {
+                    return Err(ProducerRefusal::Unknown {
+                        producer_id: batch.producer_id,
+                        sequence: batch.first_sequence,
+                    });
+                }
+            }
+        }
+        let written = duplicates.len();
+        if written == batches.len() {
+            return Ok(Plan::AllDuplicates(duplicates));
+        }
+        let batches = batches.into_iter().skip(written).collect();
+        let idempotent = idempotent.into_iter().skip(written).collect();
+        Ok(Plan::Propose {
+            duplicates,
+            batches,
+            idempotent,
+        })
+    }
+
+    /// Records batches proposed at Raft indexes `first ..` in `term`.
+    pub fn proposed(&mut self, idempotent: &[Option<Idempotent>], batches: &[ValidatedBatch], first: u64, term: u64) {
+        for (i, (batch, stored)) in idempotent.iter().zip(batches).enumerate() {
+            if let Some(batch) = batch {
+                self.push_pending(batch, first + i as u64, term, stored.header().last_offset_delta);
+            }
+        }
+    }
+}
+
+/// A partition's producer snapshots as its Raft snapshots carry them: a follower behind the
+/// leader's log start gets the state at that start.
+#[derive(Debug)]
+pub struct ProducerSnapshots(pub Arc<SnapshotStore>);
+
+impl StateSnapshots for ProducerSnapshots {
+    fn state_at(&self, point: &SnapshotPoint) -> Option<Bytes> {
+        // Retention keeps the log start at or below the newest snapshot, so one is at the
+        // start; a log older than producer snapshots may have none, and gets an empty state.
+        match self.0.read_at_or_below(point.offset) {
+            Some((_, bytes, _)) => Some(Bytes::from(bytes)),
+            None => Some(Bytes::from(conveyor_storage::producer_state::snapshot::encode(
+                point.offset,
+                &ProducerTable::new(),
+            ))),
+        }
+    }
+
+    fn install(&self, _point: SnapshotPoint, payload: &[u8]) -> Result<(), super::state_snapshot::SnapshotError> {
+        self.0
+            .install(payload)
+            .map(|_| ())
+            .map_err(|e| super::state_snapshot::SnapshotError::Producer(e.to_string()))
+    }
+
+    fn compaction_limit(&self, cutoff: u64) -> u64 {
+        self.0.latest_at_or_below(cutoff).unwrap_or(cutoff)
+    }
+
+    fn log_starts_at(&self, offset: u64) {
+        self.0.prune_below(offset);
+    }
+}
+
+#[cfg(test)]
+mod tests;

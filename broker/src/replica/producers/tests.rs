@@ -1,0 +1,169 @@
+use conveyor_storage::batch::{BatchBuilder, Compression, ProducerInfo, Record};
+
+use super::*;
+
+fn batch(pid: i64, epoch: i16, seq: i32, count: usize) -> ValidatedBatch {
+    let mut builder = BatchBuilder::new(Compression::None).producer(ProducerInfo {
+        producer_id: pid,
+        producer_epoch: epoch,
+        base_sequence: seq,
+    });
+    for i in 0..count {
+        builder.push(&Record {
+            timestamp: 1,
+            key: None,
+            value: Some(Bytes::from(format!("v{i}"))),
+            headers: vec![],
+        });
+    }
+    ValidatedBatch::new(builder.build().expect("build"), 1 << 20).expect("valid")
+}
+
+fn producers(issued_end: i64) -> PartitionProducers {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SnapshotStore::open(dir.path()).expect("store"));
+    PartitionProducers {
+        table: ProducerTable::new(),
+        store: Some(store),
+        snapshot_at: 0,
+        pending: HashMap::new(),
+        pending_order: VecDeque::new(),
+        pending_term: Some(1),
+        issued_end: Arc::new(AtomicI64::new(issued_end)),
+        active: Arc::default(),
+    }
+}
+
+fn proposed(p: &mut PartitionProducers, batches: Vec<ValidatedBatch>, first: u64) -> Plan {
+    let plan = p.plan(batches, Acks::All).expect("accepted");
+    if let Plan::Propose {
+        batches, idempotent, ..
+    } = &plan
+    {
+        p.proposed(idempotent, batches, first, 1);
+    }
+    plan
+}
+
+#[test]
+fn a_retry_of_a_batch_still_being_committed_waits_for_that_batch_and_proposes_nothing() {
+    let mut p = producers(100);
+    proposed(&mut p, vec![batch(7, 0, 0, 2)], 10);
+    proposed(&mut p, vec![batch(7, 0, 2, 3)], 11);
+    match p.plan(vec![batch(7, 0, 2, 3)], Acks::All) {
+        Ok(Plan::AllDuplicates(d)) => assert_eq!(
+            d,
+            vec![Located::Pending {
+                index: 11,
+                term: 1,
+                last_offset_delta: 2
+            }]
+        ),
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    // Once applied, the same retry is answered from the committed state.
+    p.table.apply(batch(7, 0, 0, 2).header(), 40, 1);
+    p.table.apply(batch(7, 0, 2, 3).header(), 42, 1);
+    p.fold(11);
+    assert!(p.pending.is_empty() && p.pending_order.is_empty());
+    match p.plan(vec![batch(7, 0, 2, 3)], Acks::All) {
+        Ok(Plan::AllDuplicates(d)) => assert!(
+            matches!(d[..], [Located::Committed(m)] if m.base_offset == 42 && m.last_offset == 44),
+            "{d:?}"
+        ),
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_may_repeat_a_written_prefix_but_nothing_after_a_new_batch() {
+    let mut p = producers(100);
+    proposed(&mut p, vec![batch(7, 0, 0, 1)], 10);
+    match p.plan(vec![batch(7, 0, 0, 1), batch(7, 0, 1, 1), batch(7, 0, 2, 1)], Acks::All) {
+        Ok(Plan::Propose {
+            duplicates, batches, ..
+        }) => {
+            assert_eq!(duplicates.len(), 1);
+            assert_eq!(batches.len(), 2);
+        }
+        other => panic!("expected a proposal, got {other:?}"),
+    }
+    let refused = p.plan(vec![batch(7, 0, 1, 1), batch(7, 0, 0, 1)], Acks::All);
+    assert!(
+        matches!(refused, Err(ProducerRefusal::OutOfOrder { .. })),
+        "{refused:?}"
+    );
+    // Two batches of one request in sequence are both new.
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 1, 2), batch(7, 0, 3, 1)], Acks::All),
+        Ok(Plan::Propose { ref duplicates, .. }) if duplicates.is_empty()
+    ));
+    // A gap inside the request refuses all of it.
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 1, 2), batch(7, 0, 4, 1)], Acks::All),
+        Err(ProducerRefusal::OutOfOrder {
+            expected: 3,
+            got: 4,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn refusals_name_their_cause_and_leave_the_state_alone() {
+    let mut p = producers(100);
+    proposed(&mut p, vec![batch(7, 3, 0, 1)], 10);
+    let before = (p.pending_order.clone(), p.table.clone());
+    assert!(matches!(
+        p.plan(vec![batch(7, 2, 1, 1)], Acks::All),
+        Err(ProducerRefusal::Fenced { current: 3, got: 2, .. })
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(8, 0, 5, 1)], Acks::All),
+        Err(ProducerRefusal::Unknown { sequence: 5, .. })
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(100, 0, 0, 1)], Acks::All),
+        Err(ProducerRefusal::NotIssued { issued_end: 100, .. })
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(7, 3, 1, 1)], Acks::Leader),
+        Err(ProducerRefusal::AcksNotAll { .. })
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(7, -1, 1, 1)], Acks::All),
+        Err(ProducerRefusal::Malformed(_))
+    ));
+    assert_eq!((p.pending_order.clone(), p.table.clone()), before);
+    // Plain batches pass untouched, whatever the acks.
+    assert!(matches!(
+        p.plan(vec![batch(-1, -1, -1, 1)], Acks::Leader),
+        Ok(Plan::Propose { .. })
+    ));
+}
+
+#[test]
+fn a_new_leader_judges_retries_of_batches_it_inherited_uncommitted() {
+    let mut p = producers(100);
+    p.pending_term = None;
+    let entries: Vec<Entry> = [(5u64, batch(7, 0, 0, 1)), (6, batch(7, 0, 1, 1))]
+        .into_iter()
+        .map(|(index, b)| Entry {
+            index,
+            term: 2,
+            data: b.bytes().clone(),
+            ..Entry::default()
+        })
+        .collect();
+    assert!(p.needs_pending(3));
+    p.rebuild_pending(3, &entries);
+    assert!(!p.needs_pending(3));
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 1, 1)], Acks::All),
+        Ok(Plan::AllDuplicates(ref d)) if d == &[Located::Pending { index: 6, term: 2, last_offset_delta: 0 }]
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 2, 1)], Acks::All),
+        Ok(Plan::Propose { .. })
+    ));
+}
