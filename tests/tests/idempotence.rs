@@ -1,0 +1,396 @@
+//! Idempotent produce against a real broker: a retried batch is answered with its original
+//! offsets and stored once, across restarts and retention; malformed or stale producer
+//! fields are refused with a clear error and change nothing.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use conveyor_client::proto::produce_client::ProduceClient;
+use conveyor_client::proto::{
+    Acks, ErrorCode, InitProducerRequest, PartitionProduce, PartitionProduceResult, ProduceRequest, Record as PbRecord,
+};
+use conveyor_client::{Client, ClientError};
+use conveyor_storage::batch::{BatchBuilder, Compression, ProducerInfo, Record};
+use conveyor_tests::{BrokerProcess, read_all, runtime};
+use tonic::transport::Channel;
+
+type Produce = ProduceClient<Channel>;
+
+async fn connect(addr: &str) -> Produce {
+    ProduceClient::connect(format!("http://{addr}")).await.expect("grpc")
+}
+
+async fn new_producer(produce: &mut Produce) -> i64 {
+    let answer = produce
+        .init_producer(InitProducerRequest {})
+        .await
+        .expect("init producer")
+        .into_inner();
+    assert_eq!(answer.producer_epoch, 0);
+    answer.producer_id
+}
+
+fn batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> Bytes {
+    let mut builder = BatchBuilder::new(Compression::None).producer(ProducerInfo {
+        producer_id: pid,
+        producer_epoch: epoch,
+        base_sequence: seq,
+    });
+    for v in values {
+        builder.push(&Record {
+            timestamp: conveyor_storage::unix_millis(),
+            value: Some(Bytes::from(v.to_string())),
+            ..Record::default()
+        });
+    }
+    builder.build().expect("batch")
+}
+
+fn request(topic: &str, acks: Acks, batch: Bytes) -> ProduceRequest {
+    ProduceRequest {
+        request_id: 1,
+        acks: acks as i32,
+        partitions: vec![PartitionProduce {
+            topic: topic.into(),
+            partition: 0,
+            batches: vec![batch],
+            ..PartitionProduce::default()
+        }],
+    }
+}
+
+/// The offsets a produce got, or its error code and whether it is retriable.
+async fn send(produce: &mut Produce, req: ProduceRequest) -> Result<(u64, u64), (ErrorCode, bool, String)> {
+    let refused = |e: ClientError| match e {
+        ClientError::Broker { detail: Some(d), .. } => (d.code(), d.retriable, d.message),
+        other => panic!("expected a broker error with detail, got {other}"),
+    };
+    let answer = produce.produce(req).await.map_err(|s| refused(ClientError::from(s)))?;
+    let part: PartitionProduceResult = answer.into_inner().partitions.remove(0);
+    match part.error {
+        Some(d) => Err((d.code(), d.retriable, d.message)),
+        None => Ok((part.base_offset, part.last_offset)),
+    }
+}
+
+/// Sends `req` until it gets an answer other than a retriable error (the partition electing
+/// its leader after a restart) or an unknown topic (a restarted broker that has not replayed
+/// its metadata yet), for at most `deadline`.
+async fn send_until_answered(
+    produce: &mut Produce,
+    req: ProduceRequest,
+    deadline: Duration,
+) -> Result<(u64, u64), (ErrorCode, bool, String)> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match send(produce, req.clone()).await {
+            Err((code, retriable, message))
+                if (retriable && code != ErrorCode::OutOfOrderSequence) || code == ErrorCode::UnknownTopic =>
+            {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "no answer within {deadline:?}: {message}"
+                );
+                tokio::time::sleep(conveyor_tests::POLL_INTERVAL).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn stored_values(addr: &str, topic: &str) -> Vec<String> {
+    read_all(addr, topic).await.into_iter().map(|r| r.id).collect()
+}
+
+async fn create(addr: &str, topic: &str, configs: &[(&str, &str)]) {
+    Client::connect(addr)
+        .await
+        .expect("connect")
+        .admin()
+        .create_topic(topic, 1, configs)
+        .await
+        .expect("create topic");
+}
+
+#[test]
+fn a_retried_batch_is_answered_with_its_original_offsets_and_stored_once() {
+    let broker = BrokerProcess::start();
+    runtime().block_on(async {
+        create(broker.addr(), "t", &[]).await;
+        let mut produce = connect(broker.addr()).await;
+        let pid = new_producer(&mut produce).await;
+        let first = batch(pid, 0, 0, &["a", "b", "c"]);
+        // Offsets start after the leader's no-op entry.
+        let (base, _) = send(&mut produce, request("t", Acks::All, first.clone()))
+            .await
+            .expect("first");
+        let second = batch(pid, 0, 3, &["d"]);
+        assert_eq!(
+            send(&mut produce, request("t", Acks::All, second.clone())).await,
+            Ok((base + 3, base + 3))
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                send(&mut produce, request("t", Acks::All, first.clone())).await,
+                Ok((base, base + 2))
+            );
+            assert_eq!(
+                send(&mut produce, request("t", Acks::All, second.clone())).await,
+                Ok((base + 3, base + 3))
+            );
+        }
+        // A request that repeats a written batch and adds the next one stores only the new one.
+        let third = batch(pid, 0, 4, &["e"]);
+        let mut both = request("t", Acks::All, second.clone());
+        both.partitions[0].batches.push(third);
+        assert_eq!(send(&mut produce, both).await, Ok((base + 3, base + 4)));
+        // Plain records carry the producer fields too.
+        let plain = |seq: i32| ProduceRequest {
+            request_id: 2,
+            acks: Acks::All as i32,
+            partitions: vec![PartitionProduce {
+                topic: "t".into(),
+                partition: 0,
+                records: vec![PbRecord {
+                    value: Some(Bytes::from("f")),
+                    ..PbRecord::default()
+                }],
+                producer_id: Some(pid),
+                producer_epoch: Some(0),
+                base_sequence: Some(seq),
+                ..PartitionProduce::default()
+            }],
+        };
+        assert_eq!(send(&mut produce, plain(5)).await, Ok((base + 5, base + 5)));
+        assert_eq!(send(&mut produce, plain(5)).await, Ok((base + 5, base + 5)));
+        assert_eq!(stored_values(broker.addr(), "t").await, ["a", "b", "c", "d", "e", "f"]);
+        let duplicates = broker.metric("conveyor_producer_duplicates_total").unwrap_or(0.0);
+        assert!(duplicates >= 8.0, "duplicates counted: {duplicates}");
+    });
+}
+
+#[test]
+fn bad_producer_fields_are_refused_with_a_clear_error_and_nothing_is_written() {
+    let broker = BrokerProcess::start();
+    runtime().block_on(async {
+        create(broker.addr(), "t", &[]).await;
+        let mut produce = connect(broker.addr()).await;
+        let pid = new_producer(&mut produce).await;
+        let other = new_producer(&mut produce).await;
+        assert_ne!(pid, other, "ids are never issued twice");
+        send(&mut produce, request("t", Acks::All, batch(pid, 0, 0, &["a"])))
+            .await
+            .expect("first");
+
+        let cases: Vec<(&str, ProduceRequest, ErrorCode, bool, &str)> = vec![
+            (
+                "a gap",
+                request("t", Acks::All, batch(pid, 0, 2, &["x"])),
+                ErrorCode::OutOfOrderSequence,
+                true,
+                "expected sequence 1, got 2",
+            ),
+            (
+                "a sequence that wraps",
+                request("t", Acks::All, batch(pid, 0, i32::MAX, &["x", "y"])),
+                ErrorCode::InvalidRequest,
+                false,
+                "do not wrap",
+            ),
+            (
+                "a negative epoch",
+                request("t", Acks::All, batch(pid, -2, 1, &["x"])),
+                ErrorCode::InvalidRequest,
+                false,
+                "epoch -2",
+            ),
+            (
+                "a negative sequence",
+                request("t", Acks::All, batch(pid, 0, -7, &["x"])),
+                ErrorCode::InvalidRequest,
+                false,
+                "sequence -7",
+            ),
+            (
+                "an id never issued",
+                request("t", Acks::All, batch(1 << 50, 0, 0, &["x"])),
+                ErrorCode::InvalidProducerId,
+                true,
+                "never issued",
+            ),
+            (
+                "a producer with no state past sequence 0",
+                request("t", Acks::All, batch(other, 0, 5, &["x"])),
+                ErrorCode::UnknownProducerId,
+                false,
+                "InitProducer",
+            ),
+            (
+                "acks other than all",
+                request("t", Acks::Leader, batch(pid, 0, 1, &["x"])),
+                ErrorCode::InvalidRequest,
+                false,
+                "acks=all",
+            ),
+        ];
+        for (what, req, code, retriable, needle) in cases {
+            let refused = send(&mut produce, req).await.expect_err(what);
+            assert_eq!((refused.0, refused.1), (code, retriable), "{what}: {}", refused.2);
+            assert!(
+                refused.2.contains(needle),
+                "{what}: '{}' should say '{needle}'",
+                refused.2
+            );
+        }
+        // Only some of the three fields on plain records.
+        let partial = ProduceRequest {
+            request_id: 3,
+            acks: Acks::All as i32,
+            partitions: vec![PartitionProduce {
+                topic: "t".into(),
+                partition: 0,
+                records: vec![PbRecord {
+                    value: Some(Bytes::from("x")),
+                    ..PbRecord::default()
+                }],
+                producer_id: Some(pid),
+                ..PartitionProduce::default()
+            }],
+        };
+        let refused = send(&mut produce, partial).await.expect_err("partial fields");
+        assert_eq!(refused.0, ErrorCode::InvalidRequest, "{}", refused.2);
+
+        // A new epoch starts again at 0 and fences the old one.
+        send(&mut produce, request("t", Acks::All, batch(pid, 1, 0, &["b"])))
+            .await
+            .expect("new epoch");
+        let fenced = send(&mut produce, request("t", Acks::All, batch(pid, 0, 1, &["x"])))
+            .await
+            .expect_err("fenced");
+        assert_eq!((fenced.0, fenced.1), (ErrorCode::ProducerFenced, false), "{}", fenced.2);
+        assert!(broker.metric("conveyor_producer_fenced_total").unwrap_or(0.0) >= 1.0);
+        assert!(broker.metric("conveyor_producer_out_of_order_total").unwrap_or(0.0) >= 1.0);
+        assert_eq!(
+            stored_values(broker.addr(), "t").await,
+            ["a", "b"],
+            "refused batches wrote nothing"
+        );
+    });
+}
+
+#[test]
+fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
+    let mut broker = BrokerProcess::start();
+    let rt = runtime();
+    let (pid, acked) = rt.block_on(async {
+        create(broker.addr(), "t", &[]).await;
+        let mut produce = connect(broker.addr()).await;
+        let pid = new_producer(&mut produce).await;
+        let mut acked = Vec::new();
+        for seq in 0..8 {
+            let b = batch(pid, 0, seq, &[&format!("v{seq}")]);
+            let offsets = send(&mut produce, request("t", Acks::All, b.clone()))
+                .await
+                .expect("append");
+            acked.push((b, offsets));
+        }
+        (pid, acked)
+    });
+    for how in ["SIGTERM", "SIGKILL"] {
+        if how == "SIGTERM" {
+            broker.terminate();
+        } else {
+            broker.kill();
+        }
+        broker.restart();
+        rt.block_on(async {
+            let mut produce = connect(broker.addr()).await;
+            // The last five batches are remembered; each retry gets its original offsets.
+            for (b, offsets) in &acked[3..] {
+                let req = request("t", Acks::All, b.clone());
+                let answer = send_until_answered(&mut produce, req, Duration::from_secs(30)).await;
+                assert_eq!(answer, Ok(*offsets), "after {how}");
+            }
+        });
+    }
+    rt.block_on(async {
+        let mut produce = connect(broker.addr()).await;
+        let next = send(&mut produce, request("t", Acks::All, batch(pid, 0, 8, &["v8"]))).await;
+        assert!(
+            next.is_ok(),
+            "the producer goes on in sequence after restarts: {next:?}"
+        );
+        let values = stored_values(broker.addr(), "t").await;
+        assert_eq!(values.len(), 9, "{values:?}");
+    });
+}
+
+#[test]
+fn producer_state_survives_retention_of_the_segments_that_carried_it() {
+    let mut broker = BrokerProcess::start_with_config("[log]\nretention_check_interval = \"200ms\"\n");
+    let rt = runtime();
+    let topic_configs = [
+        ("segment.bytes", "4096"),
+        ("retention.bytes", "8192"),
+        ("max.message.bytes", "2048"),
+    ];
+    let (pid, last, last_offsets) = rt.block_on(async {
+        create(broker.addr(), "t", &topic_configs).await;
+        let mut produce = connect(broker.addr()).await;
+        let pid = new_producer(&mut produce).await;
+        let mut last = None;
+        for seq in 0..3 {
+            let b = batch(pid, 0, seq, &["idempotent"]);
+            let offsets = send(&mut produce, request("t", Acks::All, b.clone()))
+                .await
+                .expect("append");
+            last = Some((b, offsets));
+        }
+        // Plain batches fill segments until retention has deleted the producer's.
+        let filler = "x".repeat(900);
+        let client = Client::connect(broker.addr()).await.expect("connect");
+        let admin = client.admin();
+        let (last, offsets) = last.expect("three batches");
+        let mut sent = 0;
+        loop {
+            let plain = batch(-1, -1, -1, &[&filler]);
+            send(&mut produce, request("t", Acks::All, plain))
+                .await
+                .expect("filler");
+            sent += 1;
+            let start = admin.describe_topic("t").await.expect("describe").partitions[0].log_start_offset;
+            if start > offsets.1 {
+                break;
+            }
+            assert!(
+                sent < 2_000,
+                "retention never removed the producer's segment (log start {start})"
+            );
+            if sent % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        (pid, last, offsets)
+    });
+    for restart in [false, true] {
+        if restart {
+            broker.kill();
+            broker.restart();
+        }
+        rt.block_on(async {
+            let mut produce = connect(broker.addr()).await;
+            let req = request("t", Acks::All, last.clone());
+            let answer = send_until_answered(&mut produce, req, Duration::from_secs(30)).await;
+            assert_eq!(
+                answer,
+                Ok(last_offsets),
+                "a retry of a batch whose segment is gone (restarted: {restart})"
+            );
+        });
+    }
+    rt.block_on(async {
+        let mut produce = connect(broker.addr()).await;
+        let next = send(&mut produce, request("t", Acks::All, batch(pid, 0, 3, &["next"]))).await;
+        assert!(next.is_ok(), "the producer is still known: {next:?}");
+    });
+}
