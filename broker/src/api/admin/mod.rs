@@ -418,9 +418,9 @@ impl Admin for AdminService {
 
     async fn list_producers(
         &self,
-        _request: Request<conveyor_proto::v1::ListProducersRequest>,
-    ) -> Result<Response<conveyor_proto::v1::ListProducersResponse>, Status> {
-        Err(Status::unimplemented("ListProducers is not built yet"))
+        request: Request<ListProducersRequest>,
+    ) -> Result<Response<ListProducersResponse>, Status> {
+        self.producers(request).await
     }
 
     async fn metadata(&self, request: Request<MetadataRequest>) -> Result<Response<MetadataResponse>, Status> {
@@ -515,6 +515,7 @@ impl Admin for AdminService {
 
 mod cluster;
 mod describe;
+mod producers;
 mod route;
 use route::{Route, forward_to};
 

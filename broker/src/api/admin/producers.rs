@@ -1,0 +1,60 @@
+//! `ListProducers`: the idempotent producers a partition keeps state for, as its leader
+//! knows them. A broker that does not lead the partition asks the leader (once: a forwarded
+//! request is answered from this broker's own replica or refused).
+
+use conveyor_proto::v1::{ListProducersRequest, ListProducersResponse, ProducerState};
+use tonic::{Request, Response, Status};
+
+use super::AdminService;
+use super::route::forward_to;
+use crate::api::forward::forwarded;
+
+impl AdminService {
+    pub(super) async fn producers(
+        &self,
+        request: Request<ListProducersRequest>,
+    ) -> Result<Response<ListProducersResponse>, Status> {
+        self.count();
+        let was_forwarded = forwarded(&request);
+        let req = request.into_inner();
+        let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
+        topic.check_index(req.partition).map_err(|e| self.fail(e))?;
+        let replica = self.ctx.registry.replica(&topic, req.partition);
+        let partition = match replica {
+            Ok(p) if p.is_leader() => p,
+            other => {
+                let leader = match &other {
+                    Ok(p) => p.leader(),
+                    Err(_) => topic.assignments[req.partition as usize].first().copied().unwrap_or(0),
+                };
+                if was_forwarded || leader == 0 || leader == self.ctx.node_id {
+                    let e = match other {
+                        Ok(p) => p.not_leader(),
+                        Err(e) => e,
+                    };
+                    return Err(self.fail(e));
+                }
+                let client = self.client_for(leader).await.map_err(|e| self.fail(e))?;
+                return forward_to(leader, client, req, None, |mut c, r| async move {
+                    c.list_producers(r).await
+                })
+                .await;
+            }
+        };
+        let rows = partition.producers().await.map_err(|e| self.fail(e))?;
+        Ok(Response::new(ListProducersResponse {
+            producers: rows
+                .into_iter()
+                .map(|r| ProducerState {
+                    producer_id: r.producer_id,
+                    producer_epoch: i32::from(r.epoch),
+                    last_sequence: r.last_sequence,
+                    last_offset: r.last_offset,
+                    last_timestamp: r.last_write_ms,
+                    cached_batches: r.cached_batches as u32,
+                })
+                .collect(),
+            leader: self.ctx.node_id as i32,
+        }))
+    }
+}
