@@ -63,14 +63,14 @@ impl IdBlocks {
         let valid = block.count > 0 && block.first >= 0 && block.first.checked_add(i64::from(block.count)).is_some();
         let in_place = self.last.is_none() || block.first == self.next();
         if valid && in_place {
-            self.last = Some(block.clone());
+            self.last = Some(*block);
         }
         valid && in_place
     }
 
     /// The record that rebuilds this state when applied to an empty one.
     pub fn record(&self) -> Option<metadata_record::Change> {
-        self.last.clone().map(metadata_record::Change::ProducerIdsAllocated)
+        self.last.map(metadata_record::Change::ProducerIdsAllocated)
     }
 }
 
@@ -92,7 +92,7 @@ impl Registry {
                 first,
                 count: BLOCK,
             };
-            self.propose(metadata_record::Change::ProducerIdsAllocated(block.clone()))
+            self.propose(metadata_record::Change::ProducerIdsAllocated(block))
                 .await?;
             if self.snapshotting.lock_state().producer_ids.last() == Some(&block) {
                 tracing::debug!(broker, first, count = BLOCK, "allocated producer ids");
