@@ -93,7 +93,15 @@ impl Registry {
                 count: BLOCK,
             };
             self.propose(metadata_record::Change::ProducerIdsAllocated(block))
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    // Leadership moved while this call waited for the lock.
+                    BrokerError::NotLeader { leader, address, .. } => BrokerError::NotController {
+                        controller: leader,
+                        address,
+                    },
+                    other => other,
+                })?;
             if self.snapshotting.lock_state().producer_ids.last() == Some(&block) {
                 tracing::debug!(broker, first, count = BLOCK, "allocated producer ids");
                 return Ok(ProducerIdBlock { first, count: BLOCK });
