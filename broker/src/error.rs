@@ -127,6 +127,14 @@ pub enum BrokerError {
     NoController,
     #[error("cannot reach broker {id} at {address}: {reason}")]
     BrokerUnreachable { id: u32, address: String, reason: String },
+    #[error("this broker is not the controller; broker {controller} at {address} is: ask it")]
+    NotController { controller: u32, address: String },
+    #[error("cannot issue a producer id: {reason}; retry shortly")]
+    ProducerIdsUnavailable { reason: String },
+    #[error(
+        "cannot issue a producer id: {waiting} calls are already waiting for this broker's next block of ids; retry shortly"
+    )]
+    ProducerIdsBusy { waiting: usize },
     #[error(
         "topic '{topic}' partition {partition}: this broker's replica stopped after a failure ({reason}); it is reopened from its log by itself and another replica takes over leadership: retry"
     )]
@@ -244,6 +252,9 @@ impl BrokerError {
             // Sends the client to the replica that takes over, like a lost leader.
             ReplicaStopped { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
             BrokerUnreachable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
+            ProducerIdsUnavailable { .. } => (Code::Unavailable, ErrorCode::LeaderNotAvailable, true),
+            ProducerIdsBusy { .. } => (Code::ResourceExhausted, ErrorCode::Busy, true),
+            NotController { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
             NotLeader { .. } => (Code::FailedPrecondition, ErrorCode::NotLeader, true),
             OutOfSequence { .. } => (Code::FailedPrecondition, ErrorCode::OutOfSequence, true),
             Producer { refusal, .. } => refusal.code(),
@@ -294,6 +305,10 @@ impl BrokerError {
                 detail.topic = topic.clone();
                 detail.partition = *partition;
                 detail.leader_id = *leader as i32;
+                detail.leader_address = address.clone();
+            }
+            NotController { controller, address } => {
+                detail.leader_id = *controller as i32;
                 detail.leader_address = address.clone();
             }
             OffsetOutOfRange {

@@ -10,6 +10,7 @@
 //! - [`api`]: one gRPC service per file (admin, produce, fetch); `api::forward` asks another
 //!   broker's admin service (forwarded requests, a broker's own view of a topic).
 //! - [`peer`]: the one way to open a connection to another broker.
+//! - [`producer_ids`]: issuing producer ids from blocks the controller allocates.
 //! - [`blocking`]: running blocking work off the reactor.
 //! - [`byte_budget`]: pools of memory in bytes that requests reserve before they hold it.
 //! - [`controller`]: the controller group and what it decides: the topic registry and
@@ -37,6 +38,7 @@ pub mod coordinator;
 pub mod error;
 pub mod metrics;
 pub mod peer;
+pub mod producer_ids;
 pub mod replica;
 pub mod scrub;
 pub mod server;

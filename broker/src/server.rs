@@ -31,6 +31,7 @@ use crate::config::BrokerConfig;
 use crate::controller::{Registry, RegistryOptions};
 use crate::error::BrokerError;
 use crate::metrics::{self, Metrics};
+use crate::producer_ids::ProducerIds;
 use crate::replica::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
 
@@ -105,13 +106,15 @@ pub async fn run_until(
     };
     let registry = Arc::new(registry);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_lock = Arc::new(tokio::sync::Mutex::new(()));
     let ctx = Arc::new(Context {
         registry: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
         node_id: node.node_id,
         max_fetch_wait_ms: config.limits.max_fetch_wait.0.as_millis() as u64,
         max_uncompressed_batch_bytes: config.limits.max_uncompressed_batch_bytes.0 as usize,
-        admin_lock: tokio::sync::Mutex::new(()),
+        admin_lock: Arc::clone(&admin_lock),
+        producer_ids: ProducerIds::new(Arc::clone(&registry), Arc::clone(&admin_lock)),
         stopping: stop_rx.clone(),
         peer_channels: Default::default(),
     });
@@ -168,6 +171,7 @@ pub async fn run_until(
             RaftServer::new(RaftService {
                 transport: Arc::clone(&transport),
                 registry: Arc::clone(&registry),
+                admin_lock,
             })
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),

@@ -27,8 +27,11 @@ pub struct Context {
     pub max_fetch_wait_ms: u64,
     /// `[limits] max_uncompressed_batch_bytes`: what one batch may decompress to.
     pub max_uncompressed_batch_bytes: usize,
-    /// Serialises topic changes.
-    pub admin_lock: tokio::sync::Mutex<()>,
+    /// Serialises metadata changes (shared with the Raft service, which allocates producer
+    /// id blocks under it).
+    pub admin_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Issues producer ids (`Produce.InitProducer`).
+    pub producer_ids: crate::producer_ids::ProducerIds,
     /// Turns true when the broker starts shutting down: streams stop taking requests.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Connections to other brokers' client services, by id and address, kept for the calls

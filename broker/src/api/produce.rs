@@ -513,7 +513,14 @@ impl Produce for ProduceService {
         &self,
         _request: Request<conveyor_proto::v1::InitProducerRequest>,
     ) -> std::result::Result<Response<conveyor_proto::v1::InitProducerResponse>, Status> {
-        Err(Status::unimplemented("InitProducer is not built yet"))
+        let producer_id = self.ctx.producer_ids.issue().await.map_err(|e| {
+            self.ctx.metrics.request_failed(e.error_code());
+            Status::from(e)
+        })?;
+        Ok(Response::new(conveyor_proto::v1::InitProducerResponse {
+            producer_id,
+            producer_epoch: 0,
+        }))
     }
 
     async fn produce_stream(

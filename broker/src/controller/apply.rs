@@ -126,7 +126,7 @@ impl Registry {
             let change = located.change.clone();
             match self.apply(located.change).await {
                 Ok(()) => {
-                    self.snapshotting.lock_state().apply(&change);
+                    self.snapshotting.apply(&change);
                     self.applied.send_replace(located.next);
                     if self.apply_failure.borrow().is_some() {
                         tracing::info!(offset = located.base, change = %what, "metadata record applied after earlier failures");

@@ -13,6 +13,7 @@
 //! - [`admin_ops`]: long admin operations as background jobs with progress; the change lock.
 //! - [`membership`]: adding and removing brokers, moving replicas, reassignment.
 //! - [`rebalance`]: the rebalance planner and its run.
+//! - [`producer_ids`]: producer id blocks in the metadata log, and their allocation.
 //!
 //! # The controller
 //! Cluster metadata lives in the controller group: a Raft group over every broker whose log
@@ -34,7 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -66,6 +67,7 @@ mod departures;
 mod leader_probe;
 pub mod membership;
 pub mod placement;
+pub mod producer_ids;
 pub mod rebalance;
 mod records;
 mod state;
@@ -572,6 +574,15 @@ impl Registry {
 
     pub fn metadata_partition(&self) -> &Arc<Partition> {
         &self.metadata
+    }
+
+    /// How far producer ids have been allocated cluster-wide, as this broker has applied the
+    /// metadata log: every id below the value was allocated in a block (and may be in use);
+    /// none at or above it was, unless this broker is behind. Starts at what the start
+    /// replayed, only grows, and is updated by the applier before a record counts as
+    /// applied. Shared: hold the `Arc` and read it with `Ordering::Acquire`.
+    pub fn producer_ids_issued_end(&self) -> Arc<AtomicI64> {
+        Arc::clone(&self.snapshotting.producer_ids_issued_end)
     }
 
     /// The controller's broker id, waiting up to [`CONTROLLER_WAIT`] for one to be elected.

@@ -1,7 +1,8 @@
 //! The controller's state as a state machine over the metadata log, and its snapshots.
 //!
 //! [`MetadataState`] is what the committed records say (topics with their current configs
-//! and replica lists, brokers registered, draining, removed), folded record by record. It is
+//! and replica lists, brokers registered, draining, removed, the last producer id block),
+//! folded record by record. It is
 //! what a start replays, and what a snapshot stores (see [`crate::replica::state_snapshot`]):
 //! the applier folds every record it applies, and every `snapshot_every_records` records or
 //! `snapshot_every_bytes` of log it writes the state at that applied point, off the reactor,
@@ -16,7 +17,7 @@
 //! lacks were deleted and their data goes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use conveyor_proto::internal::v1::{
@@ -25,6 +26,7 @@ use conveyor_proto::internal::v1::{
 };
 use prost::Message;
 
+use super::producer_ids::IdBlocks;
 use super::{Registry, Replayed, created_assignments, records_in};
 use crate::replica::state_snapshot::{Loaded, SnapshotPoint, SnapshotStore, StateMachine};
 
@@ -48,6 +50,7 @@ pub(super) struct MetadataState {
     me: u32,
     pub topics: BTreeMap<String, Replayed>,
     brokers: BTreeMap<u32, BrokerState>,
+    pub producer_ids: IdBlocks,
 }
 
 impl MetadataState {
@@ -56,6 +59,7 @@ impl MetadataState {
             me,
             topics: BTreeMap::new(),
             brokers: BTreeMap::new(),
+            producer_ids: IdBlocks::default(),
         }
     }
 
@@ -63,8 +67,16 @@ impl MetadataState {
     pub fn apply(&mut self, change: &metadata_record::Change) -> Option<(String, String)> {
         use metadata_record::Change;
         match change {
-            // Producer id blocks: built by the producer id issue (not applied yet).
-            Change::ProducerIdsAllocated(_) => {}
+            Change::ProducerIdsAllocated(block) => {
+                if !self.producer_ids.apply(block) {
+                    tracing::debug!(
+                        broker = block.broker,
+                        first = block.first,
+                        next = self.producer_ids.next(),
+                        "producer id block ignored: it does not start at the next id"
+                    );
+                }
+            }
             Change::TopicCreated(t) => {
                 let current = created_assignments(t, self.me);
                 self.topics.entry(t.name.clone()).or_insert(Replayed {
@@ -142,6 +154,7 @@ impl MetadataState {
                 }
             }
         }
+        out.extend(self.producer_ids.record());
         out
     }
 
@@ -180,7 +193,13 @@ impl StateMachine for MetadataState {
 #[derive(Debug)]
 pub(super) struct Snapshotting {
     pub store: Arc<SnapshotStore>,
-    pub state: Mutex<MetadataState>,
+    /// Changed only through [`Snapshotting::apply`] and [`Snapshotting::replace`], which
+    /// publish what it says to `producer_ids_issued_end`.
+    state: Mutex<MetadataState>,
+    /// The state's next producer id as this broker applied it: every id below it was
+    /// allocated in a block; none at or above it ever was (as far as this broker knows).
+    /// Only grows.
+    pub producer_ids_issued_end: Arc<AtomicI64>,
     /// The newest snapshot written or loaded, and the records and log bytes applied since.
     last: Mutex<(Option<SnapshotPoint>, u64, u64)>,
     every_records: u64,
@@ -192,6 +211,7 @@ impl Snapshotting {
         Snapshotting {
             store,
             state: Mutex::new(MetadataState::new(me)),
+            producer_ids_issued_end: Arc::new(AtomicI64::new(0)),
             last: Mutex::new((None, 0, 0)),
             every_records: every_records.max(1),
             every_bytes: every_bytes.max(1),
@@ -200,6 +220,27 @@ impl Snapshotting {
 
     pub fn lock_state(&self) -> std::sync::MutexGuard<'_, MetadataState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Folds a committed record into the state.
+    pub fn apply(&self, change: &metadata_record::Change) {
+        let mut state = self.lock_state();
+        state.apply(change);
+        self.publish(&state);
+    }
+
+    /// Makes `state` the applied state (loaded, replayed or received from the controller).
+    pub fn replace(&self, state: MetadataState) {
+        let mut current = self.lock_state();
+        *current = state;
+        self.publish(&current);
+    }
+
+    /// A state reset (a snapshot still to be installed) never takes the issued end back:
+    /// ids below it were issued all the same.
+    fn publish(&self, state: &MetadataState) {
+        self.producer_ids_issued_end
+            .fetch_max(state.producer_ids.next(), Ordering::Release);
     }
 
     fn lock_last(&self) -> std::sync::MutexGuard<'_, (Option<SnapshotPoint>, u64, u64)> {
@@ -258,7 +299,7 @@ impl Registry {
                     "the metadata snapshot received from the controller was not applied before the stop; applying it now"
                 );
                 self.applied.send_replace(0);
-                *self.snapshotting.lock_state() = MetadataState::new(me);
+                self.snapshotting.replace(MetadataState::new(me));
                 return Ok((BTreeMap::new(), Vec::new()));
             }
             Some((point, s)) if point.offset >= log_start => {
@@ -328,7 +369,7 @@ impl Registry {
         self.replayed_at_start.store(replayed, Ordering::Relaxed);
         self.applied.send_replace(next);
         let topics = state.topics.clone();
-        *self.snapshotting.lock_state() = state;
+        self.snapshotting.replace(state);
         Ok((topics, deleted))
     }
 
@@ -501,7 +542,7 @@ impl Registry {
             tracing::error!(error = %e, "cannot mark the metadata snapshot received from the controller as applied; retrying");
             return false;
         }
-        *self.snapshotting.lock_state() = target;
+        self.snapshotting.replace(target);
         self.snapshotting.loaded(loaded.point);
         // Raft's snapshot index is this one now (the log was reset to it).
         self.prune_snapshots_below(index).await;
@@ -516,7 +557,7 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use conveyor_proto::internal::v1::{PartitionAssignment, TopicCreated};
+    use conveyor_proto::internal::v1::{PartitionAssignment, ProducerIdsAllocated, TopicCreated};
 
     use super::*;
 
@@ -581,5 +622,54 @@ mod tests {
             "2 registrations, 2 drainings, 1 removal, 2 creations, 1 reassignment, nothing for the deleted topic"
         );
         assert!(MetadataState::decode(1, b"\xff\xff\xff").is_err());
+    }
+
+    fn block(broker: u32, first: i64) -> metadata_record::Change {
+        metadata_record::Change::ProducerIdsAllocated(ProducerIdsAllocated {
+            broker,
+            first,
+            count: 1000,
+        })
+    }
+
+    #[test]
+    fn a_producer_id_block_at_the_wrong_start_is_ignored_and_the_next_id_survives_a_snapshot() {
+        let mut state = MetadataState::new(1);
+        state.apply(&created("a", "ida"));
+        for change in [
+            block(1, 0),
+            block(2, 1000),
+            // A second controller that read the same state: committed later, ignored.
+            block(3, 1000),
+            block(3, 2000),
+            // Never proposed by a controller (it reads the next id), ignored all the same.
+            block(3, 9000),
+        ] {
+            state.apply(&change);
+        }
+        assert_eq!(state.producer_ids.next(), 3000);
+        assert_eq!(state.producer_ids.last().map(|b| b.broker), Some(3));
+
+        let decoded = MetadataState::decode(1, &state.encode_state()).expect("decode");
+        assert_eq!(decoded, state);
+        assert_eq!(decoded.producer_ids.next(), 3000);
+
+        // The rebuilt state goes on where the old one stopped.
+        let snapshotting = Snapshotting::new(
+            Arc::new(SnapshotStore::new(std::env::temp_dir().join("unused"))),
+            1,
+            1,
+            1,
+        );
+        snapshotting.replace(decoded);
+        let issued_end = Arc::clone(&snapshotting.producer_ids_issued_end);
+        assert_eq!(issued_end.load(Ordering::Acquire), 3000);
+        snapshotting.apply(&block(1, 2000));
+        assert_eq!(issued_end.load(Ordering::Acquire), 3000, "a stale block moves nothing");
+        snapshotting.apply(&block(1, 3000));
+        assert_eq!(issued_end.load(Ordering::Acquire), 4000);
+        // A reset while a received snapshot waits to be installed never takes it back.
+        snapshotting.replace(MetadataState::new(1));
+        assert_eq!(issued_end.load(Ordering::Acquire), 4000);
     }
 }

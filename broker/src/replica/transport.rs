@@ -602,6 +602,9 @@ async fn send_loop(sender: Sender, endpoint: Endpoint, mut queue: mpsc::Receiver
 pub struct RaftService {
     pub transport: Arc<Transport>,
     pub registry: Arc<crate::controller::Registry>,
+    /// The metadata change lock the admin service holds too: producer id blocks are
+    /// allocated under it.
+    pub admin_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[tonic::async_trait]
@@ -634,9 +637,15 @@ impl Raft for RaftService {
 
     async fn allocate_producer_ids(
         &self,
-        _request: Request<conveyor_proto::internal::v1::AllocateProducerIdsRequest>,
+        request: Request<conveyor_proto::internal::v1::AllocateProducerIdsRequest>,
     ) -> Result<Response<conveyor_proto::internal::v1::ProducerIdBlock>, Status> {
-        Err(Status::unimplemented("producer id allocation is not built yet"))
+        let broker = request.into_inner().broker;
+        let block = self
+            .registry
+            .allocate_producer_ids(&self.admin_lock, broker)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(block))
     }
 }
 
