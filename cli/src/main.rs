@@ -164,7 +164,9 @@ mod tests {
         assert!(!produce(&["--acks", "leader"]), "acks=leader implies idempotence off");
         let bench = |args: &[&str]| {
             let Command::Bench(bench::BenchCommand::Produce(b)) =
-                parse(&[&["bench", "produce", "--topic", "b"], args].concat()).expect("bench").command
+                parse(&[&["bench", "produce", "--topic", "b"], args].concat())
+                    .expect("bench")
+                    .command
             else {
                 panic!("bench produce")
             };

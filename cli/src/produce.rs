@@ -23,7 +23,9 @@ pub enum AcksArg {
 pub fn idempotence(acks: AcksArg, requested: Option<bool>) -> anyhow::Result<bool> {
     let all = matches!(acks, AcksArg::All);
     match requested {
-        Some(true) if !all => anyhow::bail!("idempotence needs --acks all (got --acks {acks:?}); turn it off or use --acks all"),
+        Some(true) if !all => {
+            anyhow::bail!("idempotence needs --acks all (got --acks {acks:?}); turn it off or use --acks all")
+        }
         Some(on) => Ok(on),
         None => Ok(all),
     }
@@ -68,11 +70,7 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
         );
     }
     let idempotent = idempotence(args.acks, args.no_idempotence.then_some(false))?;
-    let producer = client.producer(
-        ProducerConfig::default()
-            .acks(args.acks.into())
-            .idempotence(idempotent),
-    )?;
+    let producer = client.producer(ProducerConfig::default().acks(args.acks.into()).idempotence(idempotent))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<DeliveryFuture>(PENDING_DELIVERIES);
     let acker = tokio::spawn(async move {
         let (mut acked, mut first_error) = (0u64, None);

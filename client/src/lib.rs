@@ -38,9 +38,7 @@ pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartAt};
 pub use conveyor_proto::v1 as proto;
 pub use conveyor_storage::batch::{Compression, Header};
 pub use error::{ClientError, Result};
-pub use producer::{
-    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity, ProducerRecord, RecordMetadata,
-};
+pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity, ProducerRecord, RecordMetadata};
 
 /// Largest gRPC message the client sends or accepts.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use conveyor_client::proto::fetch_client::FetchClient;
 use conveyor_client::proto::{FetchRequest, PartitionFetch};
 use conveyor_client::{Client, ProducerConfig, ProducerRecord};
@@ -16,9 +15,7 @@ const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The headers of every data batch of a partition, read raw from the broker.
 async fn stored_headers(broker: &str, topic: &str, partition: i32) -> Vec<BatchHeader> {
-    let mut fetch = FetchClient::connect(format!("http://{broker}"))
-        .await
-        .expect("grpc");
+    let mut fetch = FetchClient::connect(format!("http://{broker}")).await.expect("grpc");
     let (mut offset, mut headers) = (0u64, Vec::new());
     loop {
         let request = FetchRequest {
@@ -30,12 +27,18 @@ async fn stored_headers(broker: &str, topic: &str, partition: i32) -> Vec<BatchH
             }],
             ..FetchRequest::default()
         };
-        let data = fetch.fetch(request).await.expect("fetch").into_inner().partitions.remove(0);
+        let data = fetch
+            .fetch(request)
+            .await
+            .expect("fetch")
+            .into_inner()
+            .partitions
+            .remove(0);
         assert!(data.error.is_none(), "{:?}", data.error);
         if offset >= data.high_watermark {
             return headers;
         }
-        for batch in BatchIter::new(Bytes::from(data.batches)) {
+        for batch in BatchIter::new(data.batches) {
             let batch = batch.expect("a whole batch");
             batch.verify_crc().expect("the CRC covers the stamped producer fields");
             let header = *batch.header();
@@ -55,9 +58,16 @@ fn assert_sequenced(headers: &[BatchHeader]) -> u64 {
     assert!(id >= 0, "an idempotent batch carries an issued producer id, not {id}");
     let mut next = 0i64;
     for h in headers {
-        assert_eq!(h.producer.producer_id, id, "one producer id per partition without a reset");
+        assert_eq!(
+            h.producer.producer_id, id,
+            "one producer id per partition without a reset"
+        );
         assert_eq!(h.producer.producer_epoch, 0);
-        assert_eq!(i64::from(h.producer.base_sequence), next, "sequences run on without a gap");
+        assert_eq!(
+            i64::from(h.producer.base_sequence),
+            next,
+            "sequences run on without a gap"
+        );
         next += i64::from(h.record_count);
     }
     next as u64
@@ -96,10 +106,7 @@ fn given_the_default_producer_when_it_sends_to_two_partitions_should_store_each_
         let producer = client.producer(config).expect("producer");
         send_all(&producer, "idem", 0, 3_000).await;
         send_all(&producer, "idem", 1, 700).await;
-        assert_eq!(
-            assert_sequenced(&stored_headers(broker.addr(), "idem", 0).await),
-            3_000
-        );
+        assert_eq!(assert_sequenced(&stored_headers(broker.addr(), "idem", 0).await), 3_000);
         assert_eq!(assert_sequenced(&stored_headers(broker.addr(), "idem", 1).await), 700);
         assert_eq!(producer.unvouched_records(), 0);
     });
@@ -119,7 +126,11 @@ fn given_idempotence_off_when_records_are_sent_should_store_them_without_produce
         assert_eq!(headers.iter().map(|h| u64::from(h.record_count)).sum::<u64>(), 1_000);
         for h in &headers {
             assert_eq!(
-                (h.producer.producer_id, h.producer.producer_epoch, h.producer.base_sequence),
+                (
+                    h.producer.producer_id,
+                    h.producer.producer_epoch,
+                    h.producer.base_sequence
+                ),
                 (-1, -1, -1)
             );
         }

@@ -374,7 +374,11 @@ mod tests {
         let mut later = batch(0, 3, 1);
         assert!(matches!(s.stamp(&mut later), Stamp::AwaitingReset));
         queue.push_back(later);
-        assert_eq!(s.reset(&key, &mut queue, &status), 4, "the two sent batches of 2 records");
+        assert_eq!(
+            s.reset(&key, &mut queue, &status),
+            4,
+            "the two sent batches of 2 records"
+        );
         assert_eq!(status.unvouched(), 4);
         assert!(s.resets_pending().is_empty());
         // The old id is not taken again: a new one is needed.

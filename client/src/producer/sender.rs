@@ -171,7 +171,10 @@ impl State {
         if code == Some(ErrorCode::ProducerFenced) {
             let id = batch.producer.map_or(-1, |p| p.producer_id);
             self.status.stop(
-                format!("producer id {id} was fenced by a newer epoch on {}[{}]: {error}", batch.topic, batch.partition),
+                format!(
+                    "producer id {id} was fenced by a newer epoch on {}[{}]: {error}",
+                    batch.topic, batch.partition
+                ),
                 code,
             );
             batch.complete(Err(error));
@@ -586,7 +589,12 @@ async fn open_link(
 }
 
 /// The sender task: runs until the producer is dropped and everything sent is answered.
-pub(crate) async fn run(client: Client, config: ProducerConfig, status: Arc<Status>, mut input: mpsc::Receiver<Sealed>) {
+pub(crate) async fn run(
+    client: Client,
+    config: ProducerConfig,
+    status: Arc<Status>,
+    mut input: mpsc::Receiver<Sealed>,
+) {
     let backoff = config.retry_backoff;
     let (ids, mut issued) = mpsc::channel(1);
     let mut state = State {
