@@ -290,7 +290,7 @@ impl Future for DeliveryFuture {
 /// use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 /// # async fn run() -> Result<(), conveyor_client::ClientError> {
 /// let client = Client::connect("127.0.0.1:9292").await?;
-/// let producer = client.producer(ProducerConfig::default());
+/// let producer = client.producer(ProducerConfig::default())?;
 /// let mut deliveries = Vec::new();
 /// for i in 0..1000 {
 ///     deliveries.push(producer.send(ProducerRecord::new("events", format!("event {i}"))).await?);
