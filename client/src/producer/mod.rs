@@ -11,6 +11,8 @@
 //! `idempotence` and `docs/producer.md`). Without idempotence a retry may duplicate records.
 
 mod accumulator;
+#[cfg(test)]
+mod fake_broker_tests;
 mod idempotence;
 pub mod partitioner;
 mod sender;
