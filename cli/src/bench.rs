@@ -23,6 +23,12 @@ use std::future::IntoFuture;
 use crate::output::{self, Format};
 use crate::produce::AcksArg;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 /// Deliveries awaited behind each producer loop.
 const PENDING_PER_PRODUCER: usize = 200_000;
 /// Records sent between two reads of the clock when sending as fast as possible.
@@ -69,8 +75,14 @@ pub struct BenchArgs {
     /// Topic config when the topic is created, e.g. flush.policy=os.
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = crate::topic::parse_key_value)]
     pub configs: Vec<(String, String)>,
+    /// When the broker acknowledges. Idempotence needs all: leader or none turn it off
+    /// unless --idempotence on is given (an error then).
     #[arg(long, value_enum, default_value = "all")]
     pub acks: AcksArg,
+    /// Idempotent producers: on (the default, with --acks all) or off, to measure what
+    /// producer ids and sequence numbers cost.
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub idempotence: Option<OnOff>,
     /// Producer batch size in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     pub batch_size: usize,
@@ -142,6 +154,7 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     anyhow::ensure!(args.records > 0, "--records must be positive");
     anyhow::ensure!(args.producers > 0, "--producers must be positive");
     anyhow::ensure!(args.rate != Some(0), "--rate must be positive");
+    let idempotence = idempotent(args)?;
     ensure_topic(
         client,
         &args.topic,
@@ -162,14 +175,14 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     let outcome = tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| anyhow::anyhow!("bench did not finish within {timeout:?} (--timeout)"))??;
-    report(mode, args, &outcome, format);
+    report(mode, args, idempotence, &outcome, format);
     if let Some(e) = outcome.first_error {
         anyhow::bail!("{} record(s) failed; first error: {e}", outcome.errors);
     }
     Ok(())
 }
 
-fn report(mode: &str, args: &BenchArgs, o: &Outcome, format: Format) {
+fn report(mode: &str, args: &BenchArgs, idempotence: bool, o: &Outcome, format: Format) {
     let secs = o.elapsed.as_secs_f64().max(1e-9);
     let rps = o.records as f64 / secs;
     let mbps = o.bytes as f64 / secs / 1e6;
@@ -183,11 +196,17 @@ fn report(mode: &str, args: &BenchArgs, o: &Outcome, format: Format) {
                 "mode": mode, "topic": args.topic, "records": o.records, "errors": o.errors,
                 "record_size": args.record_size, "rate": args.rate, "producers": args.producers,
                 "seconds": secs, "records_per_sec": rps, "mb_per_sec": mbps, "latency_ms": latency,
+                "acks": format!("{:?}", args.acks).to_lowercase(), "idempotence": idempotence,
             }));
         }
         Format::Text => {
+            let producing = if mode == "consume" {
+                String::new()
+            } else {
+                format!(" (idempotence {})", if idempotence { "on" } else { "off" })
+            };
             println!(
-                "{mode}: {} records in {secs:.2} s: {rps:.0} records/s, {mbps:.1} MB/s, {} errors",
+                "{mode}: {} records in {secs:.2} s: {rps:.0} records/s, {mbps:.1} MB/s, {} errors{producing}",
                 o.records, o.errors
             );
             if let Some(h) = &o.latency {
@@ -208,13 +227,18 @@ fn report(mode: &str, args: &BenchArgs, o: &Outcome, format: Format) {
     }
 }
 
-fn producer_config(args: &BenchArgs) -> ProducerConfig {
-    ProducerConfig::default()
+fn idempotent(args: &BenchArgs) -> anyhow::Result<bool> {
+    crate::produce::idempotence(args.acks, args.idempotence.map(|i| i == OnOff::On))
+}
+
+fn producer_config(args: &BenchArgs) -> anyhow::Result<ProducerConfig> {
+    Ok(ProducerConfig::default()
         .acks(Acks::from(args.acks))
+        .idempotence(idempotent(args)?)
         .batch_size(args.batch_size)
         .linger(args.linger)
         .compression(args.compression)
-        .max_in_flight_bytes(256 << 20)
+        .max_in_flight_bytes(256 << 20))
 }
 
 /// Runs the producers. With `epoch`, each value starts with its (intended) send time in
@@ -281,7 +305,7 @@ async fn producer_loop(
     epoch: Option<Instant>,
     acked: Arc<AtomicU64>,
 ) -> anyhow::Result<Outcome> {
-    let producer = client.producer(producer_config(&args));
+    let producer = client.producer(producer_config(&args)?)?;
     let per_producer_rate = args.rate.map(|r| r as f64 / f64::from(args.producers));
     let template = Bytes::from(vec![b'x'; args.record_size]);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, DeliveryFuture)>(PENDING_PER_PRODUCER);

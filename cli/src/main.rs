@@ -150,4 +150,33 @@ mod tests {
         let e = parse(&["bench", "produce", "--topic", "b", "--timeout", "soon"]).expect_err("bad duration");
         assert!(e.to_string().contains("'soon' is not a duration"), "{e}");
     }
+
+    #[test]
+    fn producers_are_idempotent_unless_turned_off_or_acks_are_weaker_than_all() {
+        let produce = |args: &[&str]| {
+            let Command::Produce(p) = parse(&[&["produce", "t"], args].concat()).expect("produce").command else {
+                panic!("produce")
+            };
+            produce::idempotence(p.acks, p.no_idempotence.then_some(false)).expect("allowed")
+        };
+        assert!(produce(&[]));
+        assert!(!produce(&["--no-idempotence"]));
+        assert!(!produce(&["--acks", "leader"]), "acks=leader implies idempotence off");
+        let bench = |args: &[&str]| {
+            let Command::Bench(bench::BenchCommand::Produce(b)) =
+                parse(&[&["bench", "produce", "--topic", "b"], args].concat())
+                    .expect("bench")
+                    .command
+            else {
+                panic!("bench produce")
+            };
+            produce::idempotence(b.acks, b.idempotence.map(|i| i == bench::OnOff::On))
+        };
+        assert!(bench(&[]).expect("default"));
+        assert!(bench(&["--idempotence", "on"]).expect("on"));
+        assert!(!bench(&["--idempotence", "off"]).expect("off"));
+        assert!(!bench(&["--acks", "none"]).expect("implied off"));
+        let e = bench(&["--acks", "leader", "--idempotence", "on"]).expect_err("contradiction");
+        assert!(e.to_string().contains("needs --acks all"), "{e}");
+    }
 }

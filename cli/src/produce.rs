@@ -17,6 +17,20 @@ pub enum AcksArg {
     None,
 }
 
+/// Whether a producer with `acks` is idempotent: on unless turned off (`requested` false)
+/// or implied off by acks other than all. Asking for it with other acks is an error, since
+/// the broker dedupes only batches it committed.
+pub fn idempotence(acks: AcksArg, requested: Option<bool>) -> anyhow::Result<bool> {
+    let all = matches!(acks, AcksArg::All);
+    match requested {
+        Some(true) if !all => {
+            anyhow::bail!("idempotence needs --acks all (got --acks {acks:?}); turn it off or use --acks all")
+        }
+        Some(on) => Ok(on),
+        None => Ok(all),
+    }
+}
+
 impl From<AcksArg> for Acks {
     fn from(a: AcksArg) -> Acks {
         match a {
@@ -36,9 +50,14 @@ pub struct ProduceArgs {
     /// Send every record to this partition instead of choosing by key.
     #[arg(long)]
     pub partition: Option<i32>,
-    /// When the broker acknowledges.
+    /// When the broker acknowledges. Idempotence needs all: leader or none turn it off.
     #[arg(long, value_enum, default_value = "all")]
     pub acks: AcksArg,
+    /// Turn idempotence off. By default each batch carries a producer id and sequence
+    /// numbers, so a batch resent after a lost acknowledgement (a broken link, a failed
+    /// leader) is written once; without it such a resend may store its records twice.
+    #[arg(long)]
+    pub no_idempotence: bool,
 }
 
 pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::Result<()> {
@@ -50,7 +69,8 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
             args.topic
         );
     }
-    let producer = client.producer(ProducerConfig::default().acks(args.acks.into()));
+    let idempotent = idempotence(args.acks, args.no_idempotence.then_some(false))?;
+    let producer = client.producer(ProducerConfig::default().acks(args.acks.into()).idempotence(idempotent))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<DeliveryFuture>(PENDING_DELIVERIES);
     let acker = tokio::spawn(async move {
         let (mut acked, mut first_error) = (0u64, None);
@@ -88,9 +108,18 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
     producer.flush().await?;
     drop(tx);
     let (acked, failed, first_error) = acker.await?;
+    let unvouched = producer.unvouched_records();
     match format {
-        Format::Json => output::json(&json!({"topic": args.topic, "acknowledged": acked, "failed": failed})),
-        Format::Text => println!("{acked} record(s) acknowledged by topic {}", args.topic),
+        Format::Json => output::json(&json!({
+            "topic": args.topic, "acknowledged": acked, "failed": failed,
+            "idempotence": idempotent, "unvouched": unvouched,
+        })),
+        Format::Text => {
+            println!("{acked} record(s) acknowledged by topic {}", args.topic);
+            if unvouched > 0 {
+                println!("{unvouched} record(s) were resent under a new producer id and may be stored twice");
+            }
+        }
     }
     if let Some(e) = first_error {
         anyhow::bail!("{failed} record(s) failed; first error: {e}");

@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?;
     }
 
-    let producer = client.producer(ProducerConfig::default());
+    let producer = client.producer(ProducerConfig::default())?;
     let mut deliveries = Vec::new();
     for drone in 1..=5 {
         let record = ProducerRecord::new(topic, format!("drone {drone} dispatched")).key(format!("drone-{drone}"));

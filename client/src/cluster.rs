@@ -143,6 +143,19 @@ impl Cluster {
         }
     }
 
+    /// Tells the cluster view that `address` leads every partition of a `partitions`-partition
+    /// topic, so a test needs no metadata service.
+    #[cfg(test)]
+    pub(crate) fn assume_leader(&self, topic: &str, partitions: u32, address: &str) {
+        let mut state = self.state();
+        state.brokers.insert(1, address.to_string());
+        state.partition_counts.insert(topic.to_string(), partitions);
+        let leaders = state.leaders.entry(topic.to_string()).or_default();
+        for p in 0..partitions as i32 {
+            leaders.insert(p, 1);
+        }
+    }
+
     /// Refreshes brokers and the leaders of `topic`'s partitions.
     pub(crate) async fn refresh(&self, topic: &str) -> Result<()> {
         let request = MetadataRequest {

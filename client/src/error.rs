@@ -50,6 +50,11 @@ pub enum ClientError {
     Timeout(std::time::Duration),
     #[error("the producer or consumer is closed")]
     Closed,
+    /// An idempotent producer stopped for good: a newer epoch of its producer id fenced it
+    /// (`code` PRODUCER_FENCED), or the cluster cannot issue producer ids. Every later send
+    /// of that producer fails with this error; create a new producer to go on.
+    #[error("the producer stopped for good: {reason}")]
+    ProducerStopped { reason: String, code: Option<ErrorCode> },
 }
 
 impl ClientError {
@@ -57,6 +62,7 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Broker { detail: Some(d), .. } => ErrorCode::try_from(d.code).ok(),
+            ClientError::ProducerStopped { code, .. } => *code,
             _ => None,
         }
     }
@@ -110,7 +116,14 @@ impl ClientError {
                 | ErrorCode::MembershipChanging
                 | ErrorCode::BrokerRemoved,
             ) => tonic::Code::Unavailable,
-            Ok(ErrorCode::NotLeader | ErrorCode::OutOfSequence) => tonic::Code::FailedPrecondition,
+            Ok(
+                ErrorCode::NotLeader
+                | ErrorCode::OutOfSequence
+                | ErrorCode::OutOfOrderSequence
+                | ErrorCode::ProducerFenced
+                | ErrorCode::UnknownProducerId
+                | ErrorCode::InvalidProducerId,
+            ) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
             Ok(ErrorCode::TimedOut) => tonic::Code::DeadlineExceeded,
             _ => tonic::Code::InvalidArgument,

@@ -4,7 +4,7 @@
 //! - [`Client`]: a connection to a broker, shared by everything below.
 //! - [`admin`]: topics, offsets and cluster calls.
 //! - [`producer`]: batching producer with a murmur2 key partitioner, linger, compression,
-//!   bounded in-flight bytes (backpressure) and retries.
+//!   bounded in-flight bytes (backpressure), retries, and idempotence (on by default).
 //! - [`consumer`]: manually assigned consumer yielding records as a `futures::Stream`, with
 //!   pipelined fetches.
 //! - [`error`]: the [`ClientError`] type.
@@ -17,7 +17,7 @@
 //! # async fn run() -> Result<(), conveyor_client::ClientError> {
 //! let client = Client::connect("127.0.0.1:9292").await?;
 //! client.admin().create_topic("orders", 3, &[]).await?;
-//! let producer = client.producer(ProducerConfig::default());
+//! let producer = client.producer(ProducerConfig::default())?;
 //! let delivery = producer.send(ProducerRecord::new("orders", "drone 7 dispatched").key("drone-7")).await?;
 //! let written = delivery.await?;
 //! println!("partition {} offset {:?}", written.partition, written.offset);
@@ -38,7 +38,7 @@ pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartAt};
 pub use conveyor_proto::v1 as proto;
 pub use conveyor_storage::batch::{Compression, Header};
 pub use error::{ClientError, Result};
-pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity, ProducerRecord, RecordMetadata};
 
 /// Largest gRPC message the client sends or accepts.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -46,6 +46,8 @@ pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// reaches every broker within moments of being acknowledged.
 pub(crate) const UNKNOWN_TOPIC_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 const UNKNOWN_TOPIC_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long one broker is given to issue a producer id before the next is asked.
+const INIT_PRODUCER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A connection to a Conveyor cluster. Cheap to clone; clones share the connections.
 ///
@@ -97,9 +99,41 @@ impl Client {
         Admin::new(self.clone())
     }
 
-    /// A producer; see [`ProducerConfig`] for batching, acks and retries.
-    pub fn producer(&self, config: ProducerConfig) -> Producer {
+    /// A producer; see [`ProducerConfig`] for batching, acks, retries and idempotence.
+    /// Fails when the settings do not fit together ([`ProducerConfig::validate`]), e.g.
+    /// idempotence with acks other than all.
+    pub fn producer(&self, config: ProducerConfig) -> Result<Producer> {
         Producer::new(self.clone(), config)
+    }
+
+    /// Asks the cluster (any broker) for a new producer id, epoch 0, for idempotent or
+    /// transactional produce. No id is issued twice. Idempotent producers call it themselves.
+    ///
+    /// ```no_run
+    /// # async fn run(client: conveyor_client::Client) -> Result<(), conveyor_client::ClientError> {
+    /// let identity = client.init_producer().await?;
+    /// println!("producer id {} epoch {}", identity.producer_id, identity.producer_epoch);
+    /// # Ok(()) }
+    /// ```
+    pub async fn init_producer(&self) -> Result<ProducerIdentity> {
+        let response = self
+            .inner
+            .cluster
+            .any(|channel| async move {
+                let mut grpc = proto::produce_client::ProduceClient::new(channel);
+                let call = grpc.init_producer(proto::InitProducerRequest {});
+                // A stopped broker keeps its connection open: without a deadline the call
+                // would wait for the keep-alive to give up.
+                match tokio::time::timeout(INIT_PRODUCER_TIMEOUT, call).await {
+                    Ok(answer) => Ok(answer?.into_inner()),
+                    Err(_) => Err(ClientError::Unreachable {
+                        address: String::new(),
+                        reason: format!("no answer to InitProducer within {INIT_PRODUCER_TIMEOUT:?}"),
+                    }),
+                }
+            })
+            .await?;
+        ProducerIdentity::try_from(response)
     }
 
     /// A consumer with manual partition assignment.

@@ -39,7 +39,7 @@ async fn exists(client: &Client, topic: &str) -> bool {
 
 /// Produces one record to `topic` and reads it back.
 async fn round_trip(client: &Client, topic: &str, value: &str) {
-    let producer = client.producer(ProducerConfig::default());
+    let producer = client.producer(ProducerConfig::default()).expect("producer config");
     let delivery = producer
         .send(ProducerRecord::new(topic, value.to_string()))
         .await

@@ -159,7 +159,7 @@ fn given_a_corrupt_or_oversized_batch_should_refuse_it_and_append_nothing() {
         assert!(detail.message.contains("CRC"), "{}", detail.message);
         assert_eq!((detail.topic.as_str(), detail.partition), ("strict", 0));
 
-        let producer = client.producer(ProducerConfig::default());
+        let producer = client.producer(ProducerConfig::default()).expect("producer config");
         let big = producer
             .send(ProducerRecord::new("strict", vec![b'x'; 4096]))
             .await

@@ -82,7 +82,15 @@ async fn produce_until(
     history: History,
     stop: Arc<AtomicBool>,
 ) {
-    produce_with(client.producer(producer_config()), topic, name, count, history, stop).await;
+    produce_with(
+        client.producer(producer_config()).expect("producer config"),
+        topic,
+        name,
+        count,
+        history,
+        stop,
+    )
+    .await;
 }
 
 /// Sends through `producer` as [`produce_until`] does.
@@ -277,7 +285,9 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
         let client = Client::connect(&cluster.bootstrap_without(leader))
             .await
             .expect("connect");
-        let producer = client.producer(ProducerConfig::default().linger(Duration::ZERO).retries(1_000));
+        let producer = client
+            .producer(ProducerConfig::default().linger(Duration::ZERO).retries(1_000))
+            .expect("producer config");
         let delivery = producer
             .send(ProducerRecord::new("failover", "probe-0"))
             .await
@@ -475,7 +485,9 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
             .await
             .expect("connect");
         // Single-record batches, so that segments roll and retention deletes many of them.
-        let producer = client.producer(ProducerConfig::default().linger(Duration::ZERO));
+        let producer = client
+            .producer(ProducerConfig::default().linger(Duration::ZERO))
+            .expect("producer config");
         for i in 0..2_000 {
             let id = format!("late-{i}");
             let written = producer
@@ -724,7 +736,9 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
         let (bootstrap, history, stop) = (cluster.bootstrap(), history.clone(), Arc::clone(&stop));
         runtime.spawn(async move {
             let client = Client::connect(&bootstrap).await.expect("connect");
-            let producer = client.producer(producer_config().request_timeout(Duration::from_secs(2)));
+            let producer = client
+                .producer(producer_config().request_timeout(Duration::from_secs(2)))
+                .expect("producer config");
             produce_with(producer, "frozen", "across".into(), 1_000_000, history, stop).await;
         })
     };

@@ -63,7 +63,7 @@ async fn produce_until_stopped(
     stop: Arc<AtomicBool>,
 ) {
     let client = Client::connect(&bootstrap).await.expect("connect");
-    let producer = client.producer(ProducerConfig::default());
+    let producer = client.producer(ProducerConfig::default()).expect("producer config");
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Instant, conveyor_client::DeliveryFuture)>(1_024);
     let acks = history.clone();
     let acker = tokio::spawn(async move {

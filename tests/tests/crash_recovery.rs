@@ -35,7 +35,9 @@ fn given_a_broker_when_sigkilled_during_produce_should_keep_every_acknowledged_r
             .create_topic("durable", PARTITIONS, &[])
             .await
             .expect("create");
-        let producer = client.producer(ProducerConfig::default().retries(0).linger(Duration::from_millis(1)));
+        let producer = client
+            .producer(ProducerConfig::default().retries(0).linger(Duration::from_millis(1)))
+            .expect("producer config");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, DeliveryFuture)>(10_000);
         let sent = Arc::clone(&sent);
         let producer_task = tokio::spawn(async move {

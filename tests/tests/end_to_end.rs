@@ -24,7 +24,7 @@ fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_i
             .create_topic("orders", PARTITIONS, &[])
             .await
             .expect("create topic");
-        let producer = client.producer(ProducerConfig::default());
+        let producer = client.producer(ProducerConfig::default()).expect("producer config");
         let mut deliveries = Vec::with_capacity(RECORDS as usize);
         for i in 0..RECORDS {
             let key = format!("key-{}", i % 1000);

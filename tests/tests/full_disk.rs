@@ -25,7 +25,7 @@ async fn produce(bootstrap: &str, topic: &str, name: &str, count: u64) -> Vec<Ac
     let config = ProducerConfig::default()
         .linger(Duration::from_millis(2))
         .delivery_timeout(DEADLINE);
-    let producer = client.producer(config);
+    let producer = client.producer(config).expect("producer config");
     let mut deliveries = Vec::new();
     for i in 0..count {
         let id = format!("{name}-{i}");

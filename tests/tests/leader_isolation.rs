@@ -86,7 +86,7 @@ async fn produce_checked(bootstrap: String, topic: &'static str, stop: Arc<Atomi
         .linger(Duration::from_millis(2))
         .retries(1_000)
         .delivery_timeout(Duration::from_secs(60));
-    let producer = client.producer(config);
+    let producer = client.producer(config).expect("producer config");
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, conveyor_client::DeliveryFuture)>(4_096);
     let acker = tokio::spawn(async move {
         while let Some((id, delivery)) = rx.recv().await {

@@ -163,7 +163,7 @@ fn given_queued_produce_bytes_at_their_bound_a_produce_stream_should_wait_then_h
 
     let (_client, producer) = rt.block_on(async {
         let client = Client::connect(broker.addr()).await.expect("connect");
-        let producer = client.producer(ProducerConfig::default());
+        let producer = client.producer(ProducerConfig::default()).expect("producer config");
         (client, producer)
     });
     let deliveries: Vec<_> = rt.block_on(async {

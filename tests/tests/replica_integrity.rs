@@ -30,7 +30,7 @@ fn produce(bootstrap: &str, topic: &str, name: &str, count: u64) -> Vec<Acked> {
             .linger(Duration::from_millis(2))
             .retries(1_000)
             .delivery_timeout(Duration::from_secs(60));
-        let producer = client.producer(config);
+        let producer = client.producer(config).expect("producer config");
         let mut acked = Vec::new();
         let mut pending = Vec::new();
         for i in 0..count {

@@ -83,7 +83,7 @@ fn produce(bootstrap: &str, topic: &str, name: &str, count: u64) -> Vec<Acked> {
             .linger(Duration::from_millis(2))
             .retries(1_000)
             .delivery_timeout(DEADLINE);
-        let producer = client.producer(config);
+        let producer = client.producer(config).expect("producer config");
         let mut acked = Vec::new();
         let mut pending = Vec::new();
         for i in 0..count {

@@ -17,7 +17,9 @@ fn given_a_stopped_broker_a_producer_should_fail_its_records_in_time_and_recover
     let rt = runtime();
     let (client, producer) = rt.block_on(async {
         let client = Client::connect(broker.addr()).await.expect("connect");
-        let producer = client.producer(ProducerConfig::default().delivery_timeout(DELIVERY_TIMEOUT));
+        let producer = client
+            .producer(ProducerConfig::default().delivery_timeout(DELIVERY_TIMEOUT))
+            .expect("producer config");
         let warm = producer
             .send(ProducerRecord::new("stall", "before"))
             .await

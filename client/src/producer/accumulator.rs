@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use conveyor_storage::batch::{BatchBuilder, Record};
+use conveyor_storage::BatchError;
+use conveyor_storage::batch::{BatchBuilder, ProducerInfo, Record, restamp_producer};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::partitioner::partition_for_key;
@@ -88,12 +89,61 @@ pub(crate) struct Sealed {
     slot: Arc<Slot>,
     tracker: Arc<Tracker>,
     pub(crate) seq: u64,
+    /// Records in the batch: how many sequences it takes.
+    pub records: u32,
+    /// The producer identity and base sequence stamped into its bytes (idempotent producers),
+    /// once it was given them at its first send.
+    pub producer: Option<ProducerInfo>,
+    /// Sent at least once: if it was written, a resend under another producer id could
+    /// write it twice.
+    pub sent: bool,
+    /// Its records were counted as ones the producer cannot vouch for.
+    pub unvouched: bool,
     completed: bool,
     /// Returns the batch's bytes to the in-flight budget when dropped.
     _permit: OwnedSemaphorePermit,
 }
 
 impl Sealed {
+    /// Writes producer identity and sequence into the batch, in place when nothing else
+    /// holds its bytes (a copy otherwise).
+    pub(crate) fn restamp(&mut self, producer: ProducerInfo) -> Result<(), BatchError> {
+        let mut bytes = std::mem::take(&mut self.bytes)
+            .try_into_mut()
+            .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+        // On error the bytes are unchanged: put them back either way.
+        let result = restamp_producer(&mut bytes, producer);
+        self.bytes = bytes.freeze();
+        result
+    }
+
+    /// The sequence after the batch's last one (0 when it has none).
+    pub(crate) fn end_sequence(&self) -> i64 {
+        self.producer
+            .map_or(0, |p| i64::from(p.base_sequence) + i64::from(self.records))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(topic: Arc<str>, partition: i32, bytes: Bytes, records: u32, seq: u64) -> Sealed {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a free permit");
+        Sealed {
+            topic,
+            partition,
+            bytes,
+            attempts: 0,
+            sealed_at: std::time::Instant::now(),
+            slot: Arc::new(Slot::default()),
+            tracker: Arc::new(Tracker::default()),
+            seq,
+            records,
+            producer: None,
+            sent: false,
+            unvouched: false,
+            completed: false,
+            _permit: permit,
+        }
+    }
+
     pub(crate) fn complete(mut self, result: Result<Option<u64>>) {
         self.finish(result);
     }
@@ -165,6 +215,7 @@ pub(crate) struct Shared {
     pub dispatching: tokio::sync::Mutex<()>,
     pub client: Client,
     pub config: ProducerConfig,
+    pub status: Arc<super::idempotence::Status>,
 }
 
 impl Shared {
@@ -287,6 +338,7 @@ impl Shared {
             state.sticky = None;
         }
         let permit = open.permit;
+        let records = open.builder.len();
         let sealed = |bytes: Bytes| Sealed {
             topic: Arc::clone(&state.name),
             partition,
@@ -296,6 +348,10 @@ impl Shared {
             slot: Arc::clone(&open.slot),
             tracker: Arc::clone(&self.tracker),
             seq,
+            records,
+            producer: None,
+            sent: false,
+            unvouched: false,
             completed: false,
             _permit: permit,
         };

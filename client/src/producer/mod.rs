@@ -2,13 +2,18 @@
 //! `linger`), encoded once in Conveyor's batch format, and pipelined to the broker over one
 //! stream. In-flight bytes are bounded: `send` waits when the budget is used up.
 //!
-//! # Ordering
+//! # Ordering and duplicates
 //! Records of one partition are appended in the order they were sent, retries included: a
 //! batch that fails and is resent never lands behind a later batch of its partition (see
-//! the sender's "Order across failures"). A retry may duplicate records whose
-//! acknowledgement was lost (idempotent producers will remove those duplicates).
+//! the sender's "Order across failures"). Producers are idempotent by default
+//! ([`ProducerConfig::idempotence`]): every batch carries a producer id and sequence numbers,
+//! so a batch resent after its acknowledgement was lost is not written twice (see
+//! `idempotence` and `docs/producer.md`). Without idempotence a retry may duplicate records.
 
 mod accumulator;
+#[cfg(test)]
+mod fake_broker_tests;
+mod idempotence;
 pub mod partitioner;
 mod sender;
 
@@ -25,6 +30,14 @@ use crate::Client;
 use crate::error::{ClientError, Result};
 pub(crate) use accumulator::Sealed;
 use accumulator::{Accumulator, Appended, Slot};
+pub use idempotence::{MAX_IN_FLIGHT_PER_PARTITION, ProducerIdentity};
+
+/// A partition of a topic, as the producer keys its state.
+pub(crate) type PartitionKey = (Arc<str>, i32);
+
+pub(crate) fn key_of(batch: &Sealed) -> PartitionKey {
+    (Arc::clone(&batch.topic), batch.partition)
+}
 
 /// When the broker acknowledges a batch.
 ///
@@ -77,6 +90,13 @@ pub struct ProducerConfig {
     pub request_timeout: Duration,
     /// Produce requests awaiting an answer at once.
     pub max_in_flight_requests: usize,
+    /// Idempotent produce (default on, as Kafka since 3.0): each partition's batches carry a
+    /// producer id (from `InitProducer`) and sequence numbers, so the broker appends a
+    /// resent batch only once and refuses one that would land out of order. Needs
+    /// [`Acks::All`]; at most [`MAX_IN_FLIGHT_PER_PARTITION`] batches of a partition are in
+    /// flight at once. Off: a batch whose acknowledgement was lost and that is resent may
+    /// be written twice.
+    pub idempotence: bool,
 }
 
 impl Default for ProducerConfig {
@@ -92,6 +112,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             request_timeout: Duration::from_secs(10),
             max_in_flight_requests: 64,
+            idempotence: true,
         }
     }
 }
@@ -128,6 +149,32 @@ impl ProducerConfig {
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
+    }
+    pub fn idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
+        self
+    }
+
+    /// Checks that the settings fit together; [`Client::producer`] calls it.
+    ///
+    /// ```
+    /// use conveyor_client::{Acks, ProducerConfig};
+    /// assert!(ProducerConfig::default().acks(Acks::Leader).validate().is_err());
+    /// assert!(ProducerConfig::default().acks(Acks::Leader).idempotence(false).validate().is_ok());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        if self.idempotence && self.acks != Acks::All {
+            return Err(ClientError::InvalidArgument(format!(
+                "an idempotent producer needs acks=all (got {:?}): the broker dedupes only batches it committed; turn idempotence off for weaker acks",
+                self.acks
+            )));
+        }
+        if self.max_in_flight_bytes == 0 || self.batch_size == 0 {
+            return Err(ClientError::InvalidArgument(
+                "max_in_flight_bytes and batch_size must be above 0".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -245,7 +292,7 @@ impl Future for DeliveryFuture {
 /// use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 /// # async fn run() -> Result<(), conveyor_client::ClientError> {
 /// let client = Client::connect("127.0.0.1:9292").await?;
-/// let producer = client.producer(ProducerConfig::default());
+/// let producer = client.producer(ProducerConfig::default())?;
 /// let mut deliveries = Vec::new();
 /// for i in 0..1000 {
 ///     deliveries.push(producer.send(ProducerRecord::new("events", format!("event {i}"))).await?);
@@ -262,8 +309,10 @@ pub struct Producer {
 }
 
 impl Producer {
-    pub(crate) fn new(client: Client, config: ProducerConfig) -> Producer {
+    pub(crate) fn new(client: Client, config: ProducerConfig) -> Result<Producer> {
+        config.validate()?;
         let (to_sender, from_producer) = tokio::sync::mpsc::channel(config.max_in_flight_requests.max(1) * 4);
+        let status = Arc::new(idempotence::Status::default());
         let inner = Arc::new(accumulator::Shared {
             budget: Arc::new(Semaphore::new(config.max_in_flight_bytes)),
             accumulator: std::sync::Mutex::new(Accumulator::default()),
@@ -272,14 +321,30 @@ impl Producer {
             to_sender,
             client: client.clone(),
             config: config.clone(),
+            status: Arc::clone(&status),
         });
-        tokio::spawn(sender::run(client, config, from_producer));
-        Producer { inner }
+        tokio::spawn(sender::run(client, config, status, from_producer));
+        Ok(Producer { inner })
+    }
+
+    /// Records this producer sent, could not get acknowledged under their first producer id,
+    /// and resent under a new one (its partition's producer state was lost, a batch before
+    /// them failed for good, or sequences ran out). The broker cannot tell such a resend from
+    /// a new record, so each may have been written twice. 0 without idempotence (where no
+    /// resend is vouched for).
+    pub fn unvouched_records(&self) -> u64 {
+        self.inner.status.unvouched()
     }
 
     /// Adds a record to its partition's batch. Waits only when the in-flight byte budget is
     /// used up (backpressure). The returned future resolves when the batch is acknowledged.
+    ///
+    /// Once an idempotent producer stopped for good (fenced by a newer epoch of its id), every
+    /// send fails with [`ClientError::ProducerStopped`].
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        if let Some(stopped) = self.inner.status.stopped() {
+            return Err(stopped);
+        }
         let size = record.encoded_size_hint();
         if size > self.inner.config.max_in_flight_bytes {
             return Err(ClientError::InvalidArgument(format!(

@@ -16,6 +16,19 @@
 //!   the rest of its run is refused too. The partition then sends nothing until every batch
 //!   of the run is answered, and resends from the first refused batch as a new run
 //!   (`restart`).
+//!
+//! An idempotent producer does not number its parts: the batch sequence numbers give the
+//! same guarantee (the broker refuses a batch after a refused one with OUT_OF_ORDER_SEQUENCE),
+//! and it also keeps at most 5 batches of a partition in flight (see `idempotence` and
+//! `docs/producer.md`). What each error does there:
+//! - OUT_OF_ORDER_SEQUENCE: as OUT_OF_SEQUENCE, not an attempt, unless the refused batch is
+//!   the partition's first unacknowledged one (then nothing of ours explains it: an attempt,
+//!   with backoff).
+//! - UNKNOWN_PRODUCER_ID, or a sequenced batch failing for good: the partition takes a new
+//!   producer id once nothing of it is in flight.
+//! - PRODUCER_FENCED: the producer stops for good; every batch still queued and every later
+//!   send fails.
+//! - INVALID_PRODUCER_ID: retried (the broker may not have learned of the id yet).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -28,7 +41,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::Streaming;
 
-use super::{Acks, ProducerConfig, Sealed};
+use super::idempotence::{MAX_IN_FLIGHT_PER_PARTITION, ProducerIdentity, Sequencer, Stamp, Status};
+use super::{Acks, ProducerConfig, Sealed, key_of};
 use crate::cluster::Route;
 use crate::error::ClientError;
 use crate::{Client, MAX_MESSAGE_BYTES, UNKNOWN_TOPIC_WAIT};
@@ -43,7 +57,7 @@ const MAX_QUEUED: usize = 256;
 /// How often in-flight batches are checked against `delivery_timeout`.
 const TIMEOUT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-type PartitionKey = (Arc<str>, i32);
+pub(crate) use super::PartitionKey;
 
 /// One produce stream to one broker.
 struct Link {
@@ -97,10 +111,16 @@ struct State {
     next_id: u64,
     /// A retry was queued since the last pause.
     backoff: bool,
-}
-
-fn key_of(batch: &Sealed) -> PartitionKey {
-    (Arc::clone(&batch.topic), batch.partition)
+    /// Shared with the producer handles: stopped for good, unvouched records.
+    status: Arc<Status>,
+    /// Producer ids and sequences per partition; `None` without idempotence.
+    sequencer: Option<Sequencer>,
+    /// Where `InitProducer` answers arrive, and whether one is awaited.
+    ids: mpsc::Sender<Result<ProducerIdentity, ClientError>>,
+    requesting_id: bool,
+    /// Why the last `InitProducer` failed: what a batch that times out waiting for an id
+    /// fails with.
+    id_error: Option<ClientError>,
 }
 
 impl State {
@@ -125,14 +145,39 @@ impl State {
         if let Some(flight) = self.flights.get_mut(&key_of(&batch)) {
             flight.broken = true;
         }
+        let code = error.code();
+        let first_unacknowledged = self
+            .sequencer
+            .as_mut()
+            .is_some_and(|s| s.is_first_unacknowledged(&batch));
         // Refused only because an earlier batch of its run was: not this batch's attempt,
         // and nothing to learn about the leader.
-        if error.code() == Some(ErrorCode::OutOfSequence) {
+        let behind_a_refused_batch = code == Some(ErrorCode::OutOfSequence)
+            || (code == Some(ErrorCode::OutOfOrderSequence) && !first_unacknowledged);
+        if code == Some(ErrorCode::UnknownProducerId)
+            && let Some(sequencer) = self.sequencer.as_mut()
+        {
+            // Resent under a new id once the rest of the partition's run is answered.
+            sequencer.unknown_producer(&batch);
+        }
+        if behind_a_refused_batch || code == Some(ErrorCode::UnknownProducerId) {
             if batch.sealed_at.elapsed() < self.config.delivery_timeout {
                 self.requeue(batch);
             } else {
-                batch.complete(Err(ClientError::Timeout(self.config.delivery_timeout)));
+                self.fail(batch, ClientError::Timeout(self.config.delivery_timeout));
             }
+            return;
+        }
+        if code == Some(ErrorCode::ProducerFenced) {
+            let id = batch.producer.map_or(-1, |p| p.producer_id);
+            self.status.stop(
+                format!(
+                    "producer id {id} was fenced by a newer epoch on {}[{}]: {error}",
+                    batch.topic, batch.partition
+                ),
+                code,
+            );
+            batch.complete(Err(error));
             return;
         }
         self.client.cluster().on_error(&batch.topic, batch.partition, &error);
@@ -144,12 +189,100 @@ impl State {
             error.code(),
             Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
         ) && batch.sealed_at.elapsed() < UNKNOWN_TOPIC_WAIT;
-        if (error.is_retriable() || not_yet_known) && batch.attempts <= self.config.retries && in_time {
+        // The broker may not have learned of a newly issued id yet.
+        let retriable = error.is_retriable() || not_yet_known || code == Some(ErrorCode::InvalidProducerId);
+        if retriable && batch.attempts <= self.config.retries && in_time {
             tracing::debug!(topic = %batch.topic, partition = batch.partition, attempt = batch.attempts, %error, "retrying batch");
             self.requeue(batch);
             self.backoff = true;
         } else {
-            batch.complete(Err(error));
+            self.fail(batch, error);
+        }
+    }
+
+    /// Fails a batch for good. A sequenced batch leaves a gap its partition cannot write
+    /// past under its producer id: the partition takes a new one.
+    fn fail(&mut self, batch: Sealed, error: ClientError) {
+        if let Some(sequencer) = self.sequencer.as_mut() {
+            sequencer.failed_for_good(&batch);
+        }
+        batch.complete(Err(error));
+    }
+
+    /// A batch that cannot be sent yet (its partition waits for a producer id) waits in
+    /// `held`, unless its delivery timeout has passed.
+    fn hold(&mut self, batch: Sealed, held: &mut VecDeque<Sealed>) {
+        if batch.sealed_at.elapsed() < self.config.delivery_timeout {
+            held.push_back(batch);
+        } else {
+            let error = self
+                .id_error
+                .clone()
+                .unwrap_or(ClientError::Timeout(self.config.delivery_timeout));
+            self.fail(batch, error);
+        }
+    }
+
+    /// Fails everything queued once the producer stopped for good. True if it did.
+    fn fail_all_if_stopped(&mut self) -> bool {
+        let Some(error) = self.status.stopped() else {
+            return false;
+        };
+        for batch in std::mem::take(&mut self.queue) {
+            batch.complete(Err(error.clone()));
+        }
+        true
+    }
+
+    /// Partitions due a new producer id take it once nothing of theirs is in flight.
+    fn reset_idle_partitions(&mut self) {
+        let Some(sequencer) = self.sequencer.as_mut() else {
+            return;
+        };
+        for key in sequencer.resets_pending() {
+            if self.flights.get(&key).is_none_or(|f| f.inflight == 0) {
+                sequencer.reset(&key, &mut self.queue, &self.status);
+            }
+        }
+    }
+
+    /// Asks for a producer id if a partition waits for one and no request is under way.
+    fn request_id_if_wanted(&mut self) {
+        if self.requesting_id || !self.sequencer.as_ref().is_some_and(Sequencer::wants_id) {
+            return;
+        }
+        self.requesting_id = true;
+        let (client, answers, backoff) = (self.client.clone(), self.ids.clone(), self.config.retry_backoff);
+        tokio::spawn(async move {
+            let result = client.init_producer().await;
+            // A retriable failure is asked again as soon as it is reported: pause first.
+            if result.as_ref().is_err_and(ClientError::is_retriable) {
+                tokio::time::sleep(backoff).await;
+            }
+            let _ = answers.send(result).await;
+        });
+    }
+
+    fn on_id(&mut self, result: Result<ProducerIdentity, ClientError>) {
+        self.requesting_id = false;
+        match result {
+            Ok(identity) => {
+                tracing::debug!(producer_id = identity.producer_id, epoch = identity.producer_epoch, "producer id issued");
+                self.id_error = None;
+                if let Some(sequencer) = self.sequencer.as_mut() {
+                    sequencer.issued(identity);
+                }
+            }
+            Err(e) if e.is_retriable() => {
+                tracing::warn!(error = %e, "could not get a producer id; asking again");
+                self.id_error = Some(e);
+            }
+            Err(e) => self.status.stop(
+                format!(
+                    "the cluster cannot issue a producer id ({e}); idempotent produce needs brokers that support InitProducer, or a producer with idempotence off"
+                ),
+                e.code(),
+            ),
         }
     }
 
@@ -192,6 +325,9 @@ impl State {
             self.landed(&batch);
             match results.next() {
                 Some(r) if r.error.is_none() => {
+                    if let Some(sequencer) = self.sequencer.as_mut() {
+                        sequencer.acknowledged(&batch);
+                    }
                     let base = (self.config.acks != Acks::None).then_some(r.base_offset);
                     batch.complete(Ok(base));
                 }
@@ -253,6 +389,10 @@ impl State {
     /// are awaiting answers from another link (see the module's "Order across failures").
     async fn dispatch(&mut self, responses: &mut StreamMap<String, Streaming<ProduceResponse>>) {
         let max_inflight = self.config.max_in_flight_requests.max(1);
+        if self.fail_all_if_stopped() {
+            return;
+        }
+        self.reset_idle_partitions();
         let queued = std::mem::take(&mut self.queue);
         self.requeued.clear();
         let mut held: VecDeque<Sealed> = VecDeque::new();
@@ -262,7 +402,7 @@ impl State {
         // After a failure to route or connect, only partitions already routed this pass go on:
         // one metadata refresh per pass, not one per partition.
         let mut stalled = false;
-        for batch in queued {
+        for mut batch in queued {
             let key = key_of(&batch);
             // An earlier batch of the partition went back to the queue during this pass (its
             // link broke): it goes first, next pass.
@@ -297,7 +437,8 @@ impl State {
                 }
             };
             let flight = self.flights.entry(key.clone()).or_default();
-            let wait = flight.inflight > 0 && (flight.broken || flight.address != route.address);
+            let capped = self.sequencer.is_some() && flight.inflight >= MAX_IN_FLIGHT_PER_PARTITION;
+            let wait = capped || (flight.inflight > 0 && (flight.broken || flight.address != route.address));
             let room = packing.contains_key(&route.address)
                 || self
                     .links
@@ -308,15 +449,35 @@ impl State {
                 held.push_back(batch);
                 continue;
             }
-            let restart = flight.inflight == 0;
-            if restart {
+            // Sequenced at its first send, so a partition that has to take a new id before
+            // then renumbers as few batches as possible.
+            if let Some(sequencer) = self.sequencer.as_mut() {
+                match sequencer.stamp(&mut batch) {
+                    Stamp::Ready => {}
+                    Stamp::NeedsId | Stamp::AwaitingReset => {
+                        blocked.insert(key);
+                        self.hold(batch, &mut held);
+                        continue;
+                    }
+                    Stamp::Failed(e) => {
+                        blocked.insert(key);
+                        self.fail(batch, e);
+                        continue;
+                    }
+                }
+            }
+            let idempotent = self.sequencer.is_some();
+            let flight = self.flights.entry(key.clone()).or_default();
+            if flight.inflight == 0 {
                 flight.broken = false;
             }
+            let restart = flight.inflight == 0 && !idempotent;
             flight.inflight += 1;
             flight.address.clone_from(&route.address);
             // Without answers (acks=none) a refused part cannot be resent, so numbering would
-            // only make the broker drop the rest of its run unseen.
-            let sequence = if self.config.acks == Acks::None {
+            // only make the broker drop the rest of its run unseen. Idempotent batches carry
+            // their own sequence, which the broker checks instead.
+            let sequence = if self.config.acks == Acks::None || idempotent {
                 0
             } else {
                 flight.next_sequence += 1;
@@ -342,6 +503,7 @@ impl State {
                 ..Default::default()
             });
             pack.bytes += batch.bytes.len();
+            batch.sent = true;
             pack.batches.push(batch);
             if (pack.batches.len() >= MAX_BATCHES_PER_REQUEST || pack.bytes >= MAX_REQUEST_BYTES)
                 && let Some(full) = packing.remove(&route.address)
@@ -352,6 +514,7 @@ impl State {
         for (address, pack) in packing {
             self.send(address, pack).await;
         }
+        self.request_id_if_wanted();
         // Retries queued during this pass merge with the held batches by sealing order.
         let retried = std::mem::take(&mut self.queue);
         self.queue = merge_by_seq(held, retried);
@@ -426,9 +589,20 @@ async fn open_link(
 }
 
 /// The sender task: runs until the producer is dropped and everything sent is answered.
-pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc::Receiver<Sealed>) {
+pub(crate) async fn run(
+    client: Client,
+    config: ProducerConfig,
+    status: Arc<Status>,
+    mut input: mpsc::Receiver<Sealed>,
+) {
     let backoff = config.retry_backoff;
+    let (ids, mut issued) = mpsc::channel(1);
     let mut state = State {
+        sequencer: config.idempotence.then(Sequencer::default),
+        status,
+        ids,
+        requesting_id: false,
+        id_error: None,
         client,
         config,
         inflight: BTreeMap::new(),
@@ -474,6 +648,7 @@ pub(crate) async fn run(client: Client, config: ProducerConfig, mut input: mpsc:
                 }
                 None => input_open = false,
             },
+            Some(result) = issued.recv() => state.on_id(result),
             // An interval, not a fresh sleep per pass: steady traffic must not postpone it.
             _ = expiry.tick(), if !state.inflight.is_empty() || !state.queue.is_empty() => state.expire(),
         }

@@ -53,6 +53,7 @@ pub(crate) mod validate;
 pub(crate) mod varint;
 
 pub use builder::BatchBuilder;
+pub use builder::restamp_producer;
 pub use builder::unix_millis;
 pub use compression::Compression;
 pub use records::{Header, Record, RecordIter, StoredRecord};
