@@ -183,9 +183,6 @@ pub struct Registry {
     snapshotting: Snapshotting,
     /// Metadata records read from the log at start (after the snapshot loaded, if any).
     replayed_at_start: AtomicU64,
-    /// Producer ids at or above this were never issued (as applied here); partitions refuse
-    /// them.
-    producer_ids_issued: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A topic as the committed metadata log describes it.
@@ -243,9 +240,8 @@ impl Registry {
         runtime: tokio::runtime::Handle,
         transport: Arc<Transport>,
     ) -> anyhow::Result<Registry> {
-        // Until the metadata says how far producer ids are issued, none is refused as
-        // never issued.
-        let producer_ids_issued = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+        // The metadata log's own replica judges no producer: its batches carry none.
+        let producer_ids_issued = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let ctx = OpenContext {
             node_id: u64::from(options.node_id),
             queue_depth: options.queue_depth,
@@ -296,7 +292,6 @@ impl Registry {
         );
         let (applied, _) = watch::channel(metadata.log().log_start_offset());
         let registry = Registry {
-            producer_ids_issued,
             options,
             metrics,
             runtime,
@@ -406,7 +401,7 @@ impl Registry {
             runtime: self.runtime.clone(),
             transport: Arc::clone(&self.transport),
             state_snapshots: None,
-            producer_ids_issued: Arc::clone(&self.producer_ids_issued),
+            producer_ids_issued: self.producer_ids_issued_end(),
             producer_expiration: self.options.producer_expiration,
         }
     }
