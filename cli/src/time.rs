@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp, TimestampRound, Unit};
+use jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 
 /// `--from-time`: milliseconds since the Unix epoch.
 pub fn parse_time(s: &str) -> Result<i64, String> {
@@ -78,8 +78,11 @@ fn format_time_at(ms: i64, now: Timestamp) -> String {
     let Ok(t) = Timestamp::from_millisecond(ms) else {
         return format!("{ms} ms since the epoch (out of range)");
     };
-    let shown = t.round(TimestampRound::new().smallest(Unit::Second)).unwrap_or(t);
-    let age_secs = now.as_second() - shown.as_second();
+    let shown = t
+        .round(TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Trunc))
+        .unwrap_or(t);
+    // From the exact times, so that a write half a second ago never shows as in the future.
+    let age_secs = now.as_millisecond().saturating_sub(ms) / 1000;
     let age = |secs: i64| format!("{:#}", SignedDuration::from_secs(secs));
     match age_secs {
         0 => format!("{shown} (just now)"),
@@ -159,9 +162,10 @@ mod tests {
     fn formats_times_as_rfc3339_utc_with_their_age() {
         let now = at("2026-12-01T12:00:00Z");
         let shown = |s: &str| format_time_at(at(s).as_millisecond(), now);
-        assert_eq!(shown("2026-12-01T11:55:50.400Z"), "2026-12-01T11:55:50Z (4m 10s ago)");
+        assert_eq!(shown("2026-12-01T11:55:49.600Z"), "2026-12-01T11:55:49Z (4m 10s ago)");
         assert_eq!(shown("2026-11-30T10:00:00Z"), "2026-11-30T10:00:00Z (26h ago)");
-        assert_eq!(shown("2026-12-01T12:00:00.200Z"), "2026-12-01T12:00:00Z (just now)");
+        assert_eq!(shown("2026-12-01T11:59:59.900Z"), "2026-12-01T11:59:59Z (just now)");
+        assert_eq!(shown("2026-12-01T12:00:00.900Z"), "2026-12-01T12:00:00Z (just now)");
         assert_eq!(shown("2026-12-01T12:00:03Z"), "2026-12-01T12:00:03Z (in 3s)");
         let round_trip = format_time_at(1_700_000_000_000, now);
         let pasted = round_trip.split(' ').next().expect("time");
