@@ -6,6 +6,7 @@ mod consume;
 mod flood;
 mod output;
 mod produce;
+mod producers;
 mod time;
 mod topic;
 
@@ -20,6 +21,7 @@ use output::Format;
 ///   conveyor topic create orders --partitions 6 --config retention.ms=86400000
 ///   seq 1 10 | conveyor produce orders
 ///   conveyor consume orders --from-beginning --max-records 10
+///   conveyor producers orders --partition 0
 ///   conveyor bench produce --topic bench --records 1000000 --record-size 100
 ///   conveyor --broker 127.0.0.1:9292,127.0.0.1:9392 cluster info
 #[derive(Debug, Parser)]
@@ -47,6 +49,8 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Show start, end and high watermark offsets of every partition of a topic.
     Offsets(cluster::OffsetsArgs),
+    // Its help, with examples, is on `ProducersArgs`.
+    Producers(producers::ProducersArgs),
     /// Describe the cluster, add and remove brokers, spread replicas.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -92,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
         Command::Offsets(args) => cluster::offsets(&client, args, cli.output).await,
+        Command::Producers(args) => producers::run(&client, args, cli.output).await,
         Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
         Command::Partition(cmd) => cluster::partition(&client, cmd, cli.output).await,
         Command::Bench(cmd) => bench::run(&client, first_address(&cli.broker), cmd, cli.output).await,

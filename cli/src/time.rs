@@ -5,10 +5,14 @@
 //! now: a signed duration (`-1h`, `-1h30m`, `+5m`) or one followed by `ago` (`90s ago`).
 //! A duration is a number with units (`4s`, `500ms`, `1h30m`, or ISO 8601 `PT4S`); a bare
 //! number counts in the unit the flag names in its help.
+//!
+//! Times are shown the way `--from-time` takes them: RFC 3339 in UTC to the second, followed
+//! by how long ago that was (`2026-12-01T09:00:00Z (4m 10s ago)`), so a shown time can be
+//! pasted back into a flag.
 
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 
 /// `--from-time`: milliseconds since the Unix epoch.
 pub fn parse_time(s: &str) -> Result<i64, String> {
@@ -63,6 +67,29 @@ fn parse_duration(s: &str, bare: fn(u64) -> Duration) -> Result<Duration, String
     };
     let d = s.parse::<SignedDuration>().map_err(|e| err(e.to_string()))?;
     Duration::try_from(d).map_err(|_| err("it is negative".into()))
+}
+
+/// A time in milliseconds since the Unix epoch, for people: RFC 3339 UTC and its age.
+pub fn format_time(ms: i64) -> String {
+    format_time_at(ms, Timestamp::now())
+}
+
+fn format_time_at(ms: i64, now: Timestamp) -> String {
+    let Ok(t) = Timestamp::from_millisecond(ms) else {
+        return format!("{ms} ms since the epoch (out of range)");
+    };
+    let shown = t
+        .round(TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Trunc))
+        .unwrap_or(t);
+    // From the exact times, so that a write half a second ago never shows as in the future.
+    let age_secs = now.as_millisecond().saturating_sub(ms) / 1000;
+    let age = |secs: i64| format!("{:#}", SignedDuration::from_secs(secs));
+    match age_secs {
+        0 => format!("{shown} (just now)"),
+        s if s > 0 => format!("{shown} ({} ago)", age(s)),
+        // The broker's clock may run ahead of ours.
+        s => format!("{shown} (in {})", age(-s)),
+    }
 }
 
 #[cfg(test)]
@@ -129,5 +156,20 @@ mod tests {
         assert!(e.contains("negative"), "{e}");
         let e = parse_secs("soon").expect_err("not a duration");
         assert!(e.contains("'soon' is not a duration") && e.contains("500ms"), "{e}");
+    }
+
+    #[test]
+    fn formats_times_as_rfc3339_utc_with_their_age() {
+        let now = at("2026-12-01T12:00:00Z");
+        let shown = |s: &str| format_time_at(at(s).as_millisecond(), now);
+        assert_eq!(shown("2026-12-01T11:55:49.600Z"), "2026-12-01T11:55:49Z (4m 10s ago)");
+        assert_eq!(shown("2026-11-30T10:00:00Z"), "2026-11-30T10:00:00Z (26h ago)");
+        assert_eq!(shown("2026-12-01T11:59:59.900Z"), "2026-12-01T11:59:59Z (just now)");
+        assert_eq!(shown("2026-12-01T12:00:00.900Z"), "2026-12-01T12:00:00Z (just now)");
+        assert_eq!(shown("2026-12-01T12:00:03Z"), "2026-12-01T12:00:03Z (in 3s)");
+        let round_trip = format_time_at(1_700_000_000_000, now);
+        let pasted = round_trip.split(' ').next().expect("time");
+        assert_eq!(parse_time_at(pasted, now), Ok(1_700_000_000_000), "{round_trip}");
+        assert!(format_time_at(i64::MAX, now).contains("out of range"));
     }
 }

@@ -27,6 +27,46 @@ pub enum OffsetSpec {
     Timestamp(i64),
 }
 
+/// An idempotent producer a partition keeps state for, as its leader reports it
+/// ([`Admin::list_producers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveProducer {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// Sequence of the last record of the producer's last batch on the partition: its next
+    /// batch must start at `last_sequence + 1`.
+    pub last_sequence: i32,
+    /// Offset of the last record of that batch.
+    pub last_offset: u64,
+    /// When the producer last wrote to the partition (ms since the Unix epoch); the partition
+    /// forgets a producer idle for longer than the broker's producer id expiration.
+    pub last_write_ms: i64,
+    /// How many of its latest batches the partition remembers to answer retries with their
+    /// original offsets.
+    pub cached_batches: u32,
+}
+
+impl TryFrom<ProducerState> for ActiveProducer {
+    type Error = crate::ClientError;
+
+    fn try_from(p: ProducerState) -> Result<ActiveProducer> {
+        let producer_epoch = i16::try_from(p.producer_epoch).map_err(|_| {
+            crate::ClientError::InvalidArgument(format!(
+                "the broker reported producer {} with epoch {}, outside an epoch's range",
+                p.producer_id, p.producer_epoch
+            ))
+        })?;
+        Ok(ActiveProducer {
+            producer_id: p.producer_id,
+            producer_epoch,
+            last_sequence: p.last_sequence,
+            last_offset: p.last_offset,
+            last_write_ms: p.last_timestamp,
+            cached_batches: p.cached_batches,
+        })
+    }
+}
+
 /// Admin calls. Obtain one with [`Client::admin`].
 ///
 /// ```no_run
@@ -202,6 +242,39 @@ impl Admin {
             )
             .await?;
         Ok(response.moves)
+    }
+
+    /// The idempotent producers partition `partition` of `topic` keeps state for, by producer
+    /// id, as its leader knows them. Asked of the leader; a broker that does not lead the
+    /// partition forwards the call.
+    ///
+    /// ```no_run
+    /// # async fn run(client: conveyor_client::Client) -> Result<(), conveyor_client::ClientError> {
+    /// for p in client.admin().list_producers("orders", 0).await? {
+    ///     println!("producer {} epoch {}: last offset {}", p.producer_id, p.producer_epoch, p.last_offset);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_producers(&self, topic: &str, partition: i32) -> Result<Vec<ActiveProducer>> {
+        let request = ListProducersRequest {
+            topic: topic.to_string(),
+            partition,
+        };
+        let response = self
+            .client
+            .cluster()
+            .with_leader(topic, partition, |channel| {
+                let request = request.clone();
+                async move { Ok(AdminClient::new(channel).list_producers(request).await?.into_inner()) }
+            })
+            .await?;
+        let mut producers = response
+            .producers
+            .into_iter()
+            .map(ActiveProducer::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        producers.sort_by_key(|p| p.producer_id);
+        Ok(producers)
     }
 
     /// Looks up an offset of one partition.

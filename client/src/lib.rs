@@ -33,7 +33,7 @@ pub mod producer;
 
 use std::sync::Arc;
 
-pub use admin::{Admin, OffsetSpec};
+pub use admin::{ActiveProducer, Admin, OffsetSpec};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartAt};
 pub use conveyor_proto::v1 as proto;
 pub use conveyor_storage::batch::{Compression, Header};
