@@ -241,6 +241,21 @@ fn check_read_back(
     report
 }
 
+/// Prints how many resent idempotent batches the running brokers answered from their
+/// producer state, and how many they refused as out of order: what idempotence saved in this
+/// run (a broker restarted since counts only its own).
+fn print_idempotence_counters(cluster: &Cluster) {
+    let sum = |name: &str| -> f64 {
+        let ids = cluster.ids().into_iter();
+        ids.filter_map(|id| cluster.broker(id).metric(name)).sum()
+    };
+    println!(
+        "duplicate batches answered with their original offsets: {}; refused out of order: {}",
+        sum("conveyor_producer_duplicates_total"),
+        sum("conveyor_producer_out_of_order_total")
+    );
+}
+
 /// Moves leadership of partition 0 of `topic` to broker `to`.
 fn transfer_leader(cluster: &Cluster, topic: &str, to: u32) {
     let out = cli(
@@ -331,6 +346,7 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
     acked.push(probe);
     // Batches in flight to the killed leader are resent to the new one; those it had
     // committed before dying are answered with their original offsets, not stored twice.
+    print_idempotence_counters(&cluster);
     check_read_back(&runtime, &cluster.bootstrap(), "failover", &acked);
     // With retries every record is delivered.
     history.assert_no_failures();
@@ -802,6 +818,7 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     history.assert_no_failures();
     history.assert_all_vouched();
 
+    print_idempotence_counters(&cluster);
     // The broker that was paused and the one that was slow each hold every acknowledged
     // record, in order and once, when they lead: the batches the frozen leader had committed
     // but not answered were resent to the new leader and answered from its producer state.
@@ -867,6 +884,7 @@ fn given_leadership_moving_repeatedly_during_pipelined_produce_should_keep_every
     history.assert_all_vouched();
 
     wait_in_sync(&cluster, "moving", 3);
+    print_idempotence_counters(&cluster);
     let observed = runtime.block_on(read_all(&cluster.bootstrap(), "moving"));
     let report = check(&history.acked(), &observed);
     println!("{report}");
