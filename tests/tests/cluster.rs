@@ -38,8 +38,9 @@ impl History {
         assert_eq!(
             self.failed(),
             0,
-            "deliveries failed; first error: {:?}",
-            self.first_error.lock().expect("lock")
+            "deliveries failed; first error: {:?}; unvouched records: {}",
+            self.first_error.lock().expect("lock"),
+            self.unvouched.load(Ordering::Relaxed)
         );
     }
 
