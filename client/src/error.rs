@@ -156,4 +156,25 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
+/// A call that fails, or cannot be started, with `Cancelled` or `Unknown` and without the
+/// broker's own error detail lost its connection (the broker died, the link dropped, or a
+/// broker shutting down closed it: hyper then reports the call "canceled", tonic a
+/// "transport error"): retriable, as an unreachable broker. Other codes (`Unimplemented` from
+/// an older broker, a size limit's `ResourceExhausted`) no retry can change. Only for calls
+/// that are safe to make again: produce streams, metadata lookups, `InitProducer`.
+pub(crate) fn link_error(status: tonic::Status, address: &str) -> ClientError {
+    match ClientError::from(status) {
+        e @ ClientError::Broker { detail: Some(_), .. } => e,
+        ClientError::Broker {
+            code: tonic::Code::Cancelled | tonic::Code::Unknown,
+            message,
+            ..
+        } => ClientError::Unreachable {
+            address: address.to_string(),
+            reason: message,
+        },
+        e => e.at(address),
+    }
+}
+
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;

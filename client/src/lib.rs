@@ -123,9 +123,10 @@ impl Client {
                 let mut grpc = proto::produce_client::ProduceClient::new(channel);
                 let call = grpc.init_producer(proto::InitProducerRequest {});
                 // A stopped broker keeps its connection open: without a deadline the call
-                // would wait for the keep-alive to give up.
+                // would wait for the keep-alive to give up. One that dies mid-call is
+                // unreachable, not a refusal that would stop an idempotent producer for good.
                 match tokio::time::timeout(INIT_PRODUCER_TIMEOUT, call).await {
-                    Ok(answer) => Ok(answer?.into_inner()),
+                    Ok(answer) => Ok(answer.map_err(|s| error::link_error(s, ""))?.into_inner()),
                     Err(_) => Err(ClientError::Unreachable {
                         address: String::new(),
                         reason: format!("no answer to InitProducer within {INIT_PRODUCER_TIMEOUT:?}"),

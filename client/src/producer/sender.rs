@@ -44,7 +44,7 @@ use tonic::Streaming;
 use super::idempotence::{MAX_IN_FLIGHT_PER_PARTITION, ProducerIdentity, Sequencer, Stamp, Status};
 use super::{Acks, ProducerConfig, Sealed, key_of};
 use crate::cluster::Route;
-use crate::error::ClientError;
+use crate::error::{ClientError, link_error};
 use crate::{Client, MAX_MESSAGE_BYTES, UNKNOWN_TOPIC_WAIT};
 
 /// Batches packed into one produce request at most.
@@ -553,26 +553,6 @@ fn merge_by_seq(a: VecDeque<Sealed>, b: VecDeque<Sealed>) -> VecDeque<Sealed> {
             (None, None) => return merged,
         };
         merged.extend(if take_a { a.next() } else { b.next() });
-    }
-}
-
-/// A produce stream that fails, or cannot be opened, with `Cancelled` or `Unknown` and
-/// without the broker's own error detail is a broken connection (the broker died, the link
-/// dropped, or a broker shutting down closed it: hyper then reports the stream "canceled"):
-/// retriable, as a broken link. Other codes (`Unimplemented` from an older broker, a size
-/// limit's `ResourceExhausted`) no retry can change.
-fn link_error(status: tonic::Status, address: &str) -> ClientError {
-    match ClientError::from(status) {
-        e @ ClientError::Broker { detail: Some(_), .. } => e,
-        ClientError::Broker {
-            code: tonic::Code::Cancelled | tonic::Code::Unknown,
-            message,
-            ..
-        } => ClientError::Unreachable {
-            address: address.to_string(),
-            reason: message,
-        },
-        e => e.at(address),
     }
 }
 
