@@ -377,6 +377,16 @@ impl Owner {
             drop(request.reply.send(Err(self.not_leader(node))));
             return;
         }
+        if self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term))
+            && node.has_ready()
+            && self.waiting.len() < MAX_WAITING
+        {
+            // A new leader: the Ready job about to run reads its log's unapplied tail for the
+            // producer state, off the reactor; the request is judged after it, in order (and
+            // before its stream order is checked: an earlier part may be waiting here too).
+            self.waiting.push_back((Instant::now(), request));
+            return;
+        }
         if let Some(order) = &request.order {
             let expected = order.expected();
             if order.sequence != expected {
@@ -389,15 +399,6 @@ impl Owner {
                 drop(request.reply.send(Err(error)));
                 return;
             }
-        }
-        if self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term))
-            && node.has_ready()
-            && self.waiting.len() < MAX_WAITING
-        {
-            // A new leader: the Ready job about to run reads its log's unapplied tail for the
-            // producer state, off the reactor; the request is judged after it, in order.
-            self.waiting.push_back((Instant::now(), request));
-            return;
         }
         let Some((request, duplicates, idempotent)) = self.judge(node, request) else {
             return;
