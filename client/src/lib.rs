@@ -46,8 +46,10 @@ pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// reaches every broker within moments of being acknowledged.
 pub(crate) const UNKNOWN_TOPIC_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 const UNKNOWN_TOPIC_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-/// How long one broker is given to issue a producer id before the next is asked.
-const INIT_PRODUCER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one broker is given to issue a producer id before the next is asked. Longer
+/// than a broker takes to give up on its controller (its `ISSUE_TIMEOUT`, 15 s), so a
+/// broker fetching a new block of ids answers rather than being abandoned.
+const INIT_PRODUCER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A connection to a Conveyor cluster. Cheap to clone; clones share the connections.
 ///

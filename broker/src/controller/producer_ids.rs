@@ -55,6 +55,7 @@ impl IdBlocks {
         self.last.as_ref().map_or(0, |b| b.first + i64::from(b.count))
     }
 
+    #[cfg(test)]
     pub fn last(&self) -> Option<&ProducerIdsAllocated> {
         self.last.as_ref()
     }
