@@ -103,6 +103,27 @@ impl ClientError {
         }
     }
 
+    /// A call (a produce stream, `InitProducer`) that failed with `status` on its way to or
+    /// from `address`. `Cancelled` or `Unknown` without the broker's own error detail is a
+    /// broken connection (the broker died, the link dropped, or a broker shutting down closed
+    /// it: hyper then reports the call "canceled"): retriable, as unreachable. Other codes
+    /// (`Unimplemented` from an older broker, a size limit's `ResourceExhausted`) keep their
+    /// meaning.
+    pub(crate) fn from_call(status: tonic::Status, address: &str) -> ClientError {
+        match ClientError::from(status) {
+            e @ ClientError::Broker { detail: Some(_), .. } => e,
+            ClientError::Broker {
+                code: tonic::Code::Cancelled | tonic::Code::Unknown,
+                message,
+                ..
+            } => ClientError::Unreachable {
+                address: address.to_string(),
+                reason: message,
+            },
+            e => e.at(address),
+        }
+    }
+
     pub(crate) fn from_detail(detail: ErrorDetail) -> ClientError {
         let code = match ErrorCode::try_from(detail.code) {
             Ok(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownBroker) => {
