@@ -38,6 +38,10 @@ struct State {
     leaders: HashMap<String, HashMap<i32, i32>>,
     replicas: HashMap<String, HashMap<i32, Vec<i32>>>,
     partition_counts: HashMap<String, u32>,
+    /// Leaders set by `assume_leader` stay whatever errors say: a test's fake broker has
+    /// no metadata service to learn them again from.
+    #[cfg(test)]
+    pinned: bool,
 }
 
 #[derive(Debug)]
@@ -62,6 +66,8 @@ impl Cluster {
             leaders: HashMap::new(),
             replicas: HashMap::new(),
             partition_counts: HashMap::new(),
+            #[cfg(test)]
+            pinned: false,
         };
         Cluster {
             state: Mutex::new(state),
@@ -148,6 +154,7 @@ impl Cluster {
     #[cfg(test)]
     pub(crate) fn assume_leader(&self, topic: &str, partitions: u32, address: &str) {
         let mut state = self.state();
+        state.pinned = true;
         state.brokers.insert(1, address.to_string());
         state.partition_counts.insert(topic.to_string(), partitions);
         let leaders = state.leaders.entry(topic.to_string()).or_default();
@@ -298,6 +305,10 @@ impl Cluster {
     /// still leads, and the retry after the backoff goes to it again.
     pub(crate) fn on_error(&self, topic: &str, partition: i32, error: &ClientError) {
         let mut state = self.state();
+        #[cfg(test)]
+        if state.pinned {
+            return;
+        }
         if let ClientError::Broker { detail: Some(d), .. } = error
             && ErrorCode::try_from(d.code) == Ok(ErrorCode::NotLeader)
             && d.leader_id > 0

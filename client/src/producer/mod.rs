@@ -146,6 +146,10 @@ impl ProducerConfig {
         self.delivery_timeout = timeout;
         self
     }
+    pub fn retry_backoff(mut self, backoff: Duration) -> Self {
+        self.retry_backoff = backoff;
+        self
+    }
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
