@@ -116,7 +116,9 @@ fn unavailable(reason: String) -> BrokerError {
 }
 
 fn timed_out() -> BrokerError {
-    unavailable(format!("no block of ids came from the controller within {ISSUE_TIMEOUT:?}"))
+    unavailable(format!(
+        "no block of ids came from the controller within {ISSUE_TIMEOUT:?}"
+    ))
 }
 
 impl ProducerIds {
@@ -186,7 +188,10 @@ impl ProducerIds {
                         Ok(Ok(outcome)) => outcome,
                     };
                     match outcome {
-                        Some(Fetched::Failed { retriable: true, reason }) => return Err(unavailable(reason)),
+                        Some(Fetched::Failed {
+                            retriable: true,
+                            reason,
+                        }) => return Err(unavailable(reason)),
                         Some(Fetched::Failed { reason, .. }) => return Err(BrokerError::Internal(reason)),
                         // Taken in the next round; if the calls ahead used the block up, this
                         // one starts the next fetch.
@@ -438,7 +443,13 @@ mod tests {
         assert_eq!(starter.await.expect("join").expect("an id"), 1000);
         let mut got = Vec::new();
         for other in others {
-            got.push(tokio::time::timeout(DEADLINE, other).await.expect("in time").expect("join").expect("an id"));
+            got.push(
+                tokio::time::timeout(DEADLINE, other)
+                    .await
+                    .expect("in time")
+                    .expect("join")
+                    .expect("an id"),
+            );
         }
         got.sort_unstable();
         assert_eq!(got, vec![1001, 1002, 1003, 1004]);

@@ -347,7 +347,13 @@ async fn a_fenced_producer_fails_its_batch_and_every_later_send() {
         .await
         .expect_err("stopped");
     assert!(
-        matches!(e, crate::ClientError::ProducerStopped { code: Some(ErrorCode::ProducerFenced), .. }),
+        matches!(
+            e,
+            crate::ClientError::ProducerStopped {
+                code: Some(ErrorCode::ProducerFenced),
+                ..
+            }
+        ),
         "{e}"
     );
     assert_eq!(fake.count(), 1, "nothing resent");
@@ -356,10 +362,10 @@ async fn a_fenced_producer_fails_its_batch_and_every_later_send() {
 #[tokio::test]
 async fn an_init_producer_call_cut_by_a_broken_connection_is_asked_again() {
     let (fake, producer) = answering_fake(ProducerConfig::default()).await;
-    fake.init_failures
-        .lock()
-        .expect("lock")
-        .extend([tonic::Status::cancelled("operation was canceled"), tonic::Status::unknown("transport error")]);
+    fake.init_failures.lock().expect("lock").extend([
+        tonic::Status::cancelled("operation was canceled"),
+        tonic::Status::unknown("transport error"),
+    ]);
     delivered(send_records(&producer, 1).await).await;
     assert_eq!(fake.init_calls.load(Ordering::SeqCst), 3);
     assert_eq!(fake.headers()[0].producer.producer_id, 77);
@@ -381,6 +387,10 @@ async fn a_producer_asks_for_an_id_with_growing_pauses_and_stops_asking_once_no_
     assert!((2..=10).contains(&asked), "{asked} calls");
     tokio::time::sleep(QUIET * 4).await;
     let later = fake.init_calls.load(Ordering::SeqCst);
-    assert!(later <= asked + 1, "asked {} more times with nothing to send", later - asked);
+    assert!(
+        later <= asked + 1,
+        "asked {} more times with nothing to send",
+        later - asked
+    );
     assert_eq!(fake.count(), 0);
 }

@@ -433,7 +433,11 @@ mod tests {
         let mut later = batch(0, 3, 1);
         assert!(matches!(s.stamp(&mut later), Stamp::AwaitingReset));
         queue.push_back(later);
-        assert_eq!(s.reset(&key(), &mut queue), 4, "the two sent batches of 2 records, proven unwritten");
+        assert_eq!(
+            s.reset(&key(), &mut queue),
+            4,
+            "the two sent batches of 2 records, proven unwritten"
+        );
         assert!(s.resets_pending().is_empty());
         // The old id is not taken again: a new one is needed.
         s.begin_pass();
@@ -510,7 +514,10 @@ mod tests {
         s.refused_for_good(&late, ResetCause::Gap);
         s.failed_for_good(&late);
         assert!(s.resets_pending().is_empty());
-        assert!(s.is_first_outstanding(&queue[0]), "the renumbered batch is still outstanding");
+        assert!(
+            s.is_first_outstanding(&queue[0]),
+            "the renumbered batch is still outstanding"
+        );
     }
 
     #[test]
@@ -540,7 +547,11 @@ mod tests {
         s.failed_for_good(&again);
         assert!(s.ready_to_reset(&key(), true));
         let mut queue = VecDeque::from([over]);
-        assert_eq!(s.reset(&key(), &mut queue), 0, "only a batch never stamped is renumbered");
+        assert_eq!(
+            s.reset(&key(), &mut queue),
+            0,
+            "only a batch never stamped is renumbered"
+        );
         s.issued(ProducerIdentity {
             producer_id: 60,
             producer_epoch: 0,

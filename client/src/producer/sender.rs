@@ -9,8 +9,9 @@
 //! # Order across failures
 //! A retried batch must not land behind a later batch of its partition. Two rules keep it:
 //! - A partition's batches are in flight on one link at a time. When its leader moves, its
-//!   batches wait until everything sent to the old leader is answered, so nothing still on
-//!   its way there can be appended after what goes to the new one.
+//!   batches wait until everything sent to the old leader is answered, or abandoned with a
+//!   broken or timed-out link (the old leader may still append those: only idempotence
+//!   keeps that from reordering or duplicating).
 //! - On a link, a partition's batches are numbered (`PartitionProduce.sequence`). The broker
 //!   appends a numbered batch only if the one before it was appended, so when one is refused
 //!   the rest of its run is refused too. The partition then sends nothing until every batch
@@ -21,11 +22,13 @@
 //! same guarantee (the broker refuses a batch after a refused one with OUT_OF_ORDER_SEQUENCE),
 //! and it also keeps at most 5 batches of a partition in flight (see `idempotence` and
 //! `docs/producer.md`). What each error does there:
-//! - OUT_OF_ORDER_SEQUENCE: as OUT_OF_SEQUENCE, not an attempt, unless the refused batch is
-//!   the partition's first unacknowledged one (then nothing of ours explains it: an attempt,
-//!   with backoff).
-//! - UNKNOWN_PRODUCER_ID, or a sequenced batch failing for good: the partition takes a new
-//!   producer id once nothing of it is in flight.
+//! - OUT_OF_ORDER_SEQUENCE or UNKNOWN_PRODUCER_ID for a batch with an earlier one of its
+//!   partition unresolved: as OUT_OF_SEQUENCE, not an attempt.
+//! - UNKNOWN_PRODUCER_ID for the first outstanding batch, or OUT_OF_ORDER_SEQUENCE for it
+//!   after a batch that failed for good: the partition takes a new producer id once nothing
+//!   of it is in flight. OUT_OF_ORDER_SEQUENCE for it otherwise: nothing of ours explains
+//!   it, an attempt with backoff.
+//! - A sequenced batch failing for good changes nothing by itself (`idempotence`).
 //! - PRODUCER_FENCED: the producer stops for good; every batch still queued and every later
 //!   send fails.
 //! - INVALID_PRODUCER_ID: retried (the broker may not have learned of the id yet).
@@ -197,10 +200,7 @@ impl State {
         if code == Some(ErrorCode::OutOfSequence) {
             return true;
         }
-        if !matches!(
-            code,
-            Some(ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId)
-        ) {
+        if !matches!(code, Some(ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId)) {
             return false;
         }
         let Some(sequencer) = self.sequencer.as_mut() else {
