@@ -172,10 +172,12 @@ impl Cluster {
             .any(|channel| {
                 let request = request.clone();
                 // A broker that is stopped (SIGSTOP, a frozen VM) keeps its connection open:
-                // without a deadline the lookup would wait for the keep-alive to give up.
+                // without a deadline the lookup would wait for the keep-alive to give up. One
+                // that dies mid-call (SIGKILL) is unreachable: the next broker is asked, and
+                // a producer routing a batch retries it instead of failing it.
                 async move {
                     match tokio::time::timeout(METADATA_TIMEOUT, AdminClient::new(channel).metadata(request)).await {
-                        Ok(answer) => Ok(answer?.into_inner()),
+                        Ok(answer) => Ok(answer.map_err(|s| ClientError::from_call(s, ""))?.into_inner()),
                         Err(_) => Err(ClientError::Unreachable {
                             address: String::new(),
                             reason: format!("no answer to a metadata request within {METADATA_TIMEOUT:?}"),
@@ -370,5 +372,25 @@ mod tests {
         assert_eq!(leads(&cluster), Some(1), "a busy leader still leads");
         cluster.on_error("t", 0, &error(ErrorCode::LeaderNotAvailable));
         assert_eq!(leads(&cluster), None, "a lost leader is looked up again");
+    }
+    /// A broker that accepts connections and drops them at once, as a SIGKILLed one whose
+    /// socket is still being torn down does.
+    async fn dropping_broker() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_metadata_lookup_cut_off_by_a_dying_broker_fails_retriably() {
+        let address = dropping_broker().await;
+        let cluster = Cluster::new(vec![address.clone()], address.clone(), lazy_channel(&address));
+        let error = cluster.refresh("t").await.expect_err("no broker answers");
+        assert!(error.is_retriable(), "{error:?}");
     }
 }

@@ -125,7 +125,8 @@ impl Client {
                 let mut grpc = proto::produce_client::ProduceClient::new(channel);
                 let call = grpc.init_producer(proto::InitProducerRequest {});
                 // A stopped broker keeps its connection open: without a deadline the call
-                // would wait for the keep-alive to give up.
+                // would wait for the keep-alive to give up. One that dies mid-call is
+                // unreachable, not a refusal that would stop an idempotent producer for good.
                 match tokio::time::timeout(INIT_PRODUCER_TIMEOUT, call).await {
                     // A connection broken mid-call is another broker to ask, not a refusal.
                     Ok(answer) => answer

@@ -203,7 +203,6 @@ impl PartitionLog {
         Arc::clone(segments.last().expect("a log always has an active segment"))
     }
 
-    /// Segments from the one that may hold `offset` onwards.
     /// The base offset of the segment that holds `offset` (the last one starting at or
     /// before it), if any segment does.
     pub fn segment_base_of(&self, offset: u64) -> Option<u64> {
@@ -212,6 +211,7 @@ impl PartitionLog {
         i.checked_sub(1).map(|i| segments[i].base_offset())
     }
 
+    /// Segments from the one that may hold `offset` onwards.
     fn segments_from(&self, offset: u64) -> Vec<Arc<Segment>> {
         let segments = self.read_segments();
         let i = segments

@@ -7,12 +7,14 @@
 //! - [`cli`]: run the `conveyor` binary against a broker.
 //! - [`checker`]: compare acknowledged writes with what was read back.
 //! - [`cluster`]: N brokers with a fault proxy on every link between them.
+//! - [`raw_produce`]: idempotent produce of exact batches over raw gRPC.
 //!
 //! Binaries are built once per test process with `cargo build --bins` (the same target
 //! directory), or taken from `CONVEYOR_BROKER_BIN` / `CONVEYOR_CLI_BIN`.
 
 pub mod checker;
 pub mod cluster;
+pub mod raw_produce;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

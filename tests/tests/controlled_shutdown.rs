@@ -284,6 +284,8 @@ fn given_producers_with_acks_all_when_every_broker_is_restarted_in_turn_should_f
     println!("{report}");
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.reordered.is_empty(), "{report}");
+    // The default producer is idempotent: a batch resent across a restart is stored once.
+    assert!(report.duplicated.is_empty(), "{report}");
     assert_eq!(
         leaderless,
         vec![0, 0, 0],

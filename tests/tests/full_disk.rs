@@ -149,6 +149,10 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
     let observed = runtime.block_on(read_all(broker.addr(), "full"));
     let report = check(&acked, &observed);
     assert!(report.lost.is_empty() && report.reordered.is_empty(), "{report}");
+    assert!(
+        report.duplicated.is_empty(),
+        "idempotent producers store each record once: {report}"
+    );
 }
 
 #[test]
@@ -203,4 +207,8 @@ fn given_three_brokers_when_the_leaders_disk_fills_should_move_leadership_and_re
     let observed = runtime.block_on(read_all(&cluster.bootstrap(), "full"));
     let report = check(&acked, &observed);
     assert!(report.lost.is_empty() && report.reordered.is_empty(), "{report}");
+    assert!(
+        report.duplicated.is_empty(),
+        "idempotent producers store each record once: {report}"
+    );
 }

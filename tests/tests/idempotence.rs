@@ -5,98 +5,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use conveyor_client::proto::produce_client::ProduceClient;
-use conveyor_client::proto::{
-    Acks, ErrorCode, InitProducerRequest, PartitionProduce, PartitionProduceResult, ProduceRequest, Record as PbRecord,
-};
-use conveyor_client::{Client, ClientError};
-use conveyor_storage::batch::{BatchBuilder, Compression, ProducerInfo, Record};
+use conveyor_client::Client;
+use conveyor_client::proto::{Acks, ErrorCode, PartitionProduce, ProduceRequest, Record as PbRecord};
+use conveyor_tests::raw_produce::{batch, connect, new_producer, request, send, send_until_answered};
 use conveyor_tests::{BrokerProcess, read_all, runtime};
-use tonic::transport::Channel;
-
-type Produce = ProduceClient<Channel>;
-
-async fn connect(addr: &str) -> Produce {
-    ProduceClient::connect(format!("http://{addr}")).await.expect("grpc")
-}
-
-async fn new_producer(produce: &mut Produce) -> i64 {
-    let answer = produce
-        .init_producer(InitProducerRequest {})
-        .await
-        .expect("init producer")
-        .into_inner();
-    assert_eq!(answer.producer_epoch, 0);
-    answer.producer_id
-}
-
-fn batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> Bytes {
-    let mut builder = BatchBuilder::new(Compression::None).producer(ProducerInfo {
-        producer_id: pid,
-        producer_epoch: epoch,
-        base_sequence: seq,
-    });
-    for v in values {
-        builder.push(&Record {
-            timestamp: conveyor_storage::unix_millis(),
-            value: Some(Bytes::from(v.to_string())),
-            ..Record::default()
-        });
-    }
-    builder.build().expect("batch")
-}
-
-fn request(topic: &str, acks: Acks, batch: Bytes) -> ProduceRequest {
-    ProduceRequest {
-        request_id: 1,
-        acks: acks as i32,
-        partitions: vec![PartitionProduce {
-            topic: topic.into(),
-            partition: 0,
-            batches: vec![batch],
-            ..PartitionProduce::default()
-        }],
-    }
-}
-
-/// The offsets a produce got, or its error code and whether it is retriable.
-async fn send(produce: &mut Produce, req: ProduceRequest) -> Result<(u64, u64), (ErrorCode, bool, String)> {
-    let refused = |e: ClientError| match e {
-        ClientError::Broker { detail: Some(d), .. } => (d.code(), d.retriable, d.message),
-        other => panic!("expected a broker error with detail, got {other}"),
-    };
-    let answer = produce.produce(req).await.map_err(|s| refused(ClientError::from(s)))?;
-    let part: PartitionProduceResult = answer.into_inner().partitions.remove(0);
-    match part.error {
-        Some(d) => Err((d.code(), d.retriable, d.message)),
-        None => Ok((part.base_offset, part.last_offset)),
-    }
-}
-
-/// Sends `req` until it gets an answer other than a retriable error (the partition electing
-/// its leader after a restart) or an unknown topic (a restarted broker that has not replayed
-/// its metadata yet), for at most `deadline`.
-async fn send_until_answered(
-    produce: &mut Produce,
-    req: ProduceRequest,
-    deadline: Duration,
-) -> Result<(u64, u64), (ErrorCode, bool, String)> {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        match send(produce, req.clone()).await {
-            Err((code, retriable, message))
-                if (retriable && code != ErrorCode::OutOfOrderSequence) || code == ErrorCode::UnknownTopic =>
-            {
-                assert!(
-                    tokio::time::Instant::now() < until,
-                    "no answer within {deadline:?}: {message}"
-                );
-                tokio::time::sleep(conveyor_tests::POLL_INTERVAL).await;
-            }
-            other => return other,
-        }
-    }
-}
 
 async fn stored_values(addr: &str, topic: &str) -> Vec<String> {
     read_all(addr, topic).await.into_iter().map(|r| r.id).collect()
@@ -226,6 +138,13 @@ fn bad_producer_fields_are_refused_with_a_clear_error_and_nothing_is_written() {
                 "InitProducer",
             ),
             (
+                "acks none (nobody would hear a refusal from the partition)",
+                request("t", Acks::None, batch(pid, 0, 1, &["x"])),
+                ErrorCode::InvalidRequest,
+                false,
+                "acks=all",
+            ),
+            (
                 "acks other than all",
                 request("t", Acks::Leader, batch(pid, 0, 1, &["x"])),
                 ErrorCode::InvalidRequest,
@@ -282,21 +201,26 @@ fn bad_producer_fields_are_refused_with_a_clear_error_and_nothing_is_written() {
 fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
     let mut broker = BrokerProcess::start();
     let rt = runtime();
-    let (pid, acked) = rt.block_on(async {
+    let pid = rt.block_on(async {
         create(broker.addr(), "t", &[]).await;
-        let mut produce = connect(broker.addr()).await;
-        let pid = new_producer(&mut produce).await;
-        let mut acked = Vec::new();
-        for seq in 0..8 {
-            let b = batch(pid, 0, seq, &[&format!("v{seq}")]);
-            let offsets = send(&mut produce, request("t", Acks::All, b.clone()))
-                .await
-                .expect("append");
-            acked.push((b, offsets));
-        }
-        (pid, acked)
+        new_producer(&mut connect(broker.addr()).await).await
     });
-    for how in ["SIGTERM", "SIGKILL"] {
+    let mut acked = Vec::new();
+    // SIGKILL first: the state then comes from replaying the batch headers after the
+    // snapshot the broker wrote when it opened the partition; SIGTERM after more batches:
+    // from the snapshot a clean close writes.
+    for (how, batches) in [("SIGKILL", 0..8), ("SIGTERM", 8..11)] {
+        rt.block_on(async {
+            let mut produce = connect(broker.addr()).await;
+            for seq in batches {
+                let b = batch(pid, 0, seq, &[&format!("v{seq}")]);
+                let req = request("t", Acks::All, b.clone());
+                let offsets = send_until_answered(&mut produce, req, Duration::from_secs(30))
+                    .await
+                    .expect("append");
+                acked.push((b, offsets));
+            }
+        });
         if how == "SIGTERM" {
             broker.terminate();
         } else {
@@ -306,7 +230,7 @@ fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
         rt.block_on(async {
             let mut produce = connect(broker.addr()).await;
             // The last five batches are remembered; each retry gets its original offsets.
-            for (b, offsets) in &acked[3..] {
+            for (b, offsets) in &acked[acked.len() - 5..] {
                 let req = request("t", Acks::All, b.clone());
                 let answer = send_until_answered(&mut produce, req, Duration::from_secs(30)).await;
                 assert_eq!(answer, Ok(*offsets), "after {how}");
@@ -315,13 +239,13 @@ fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
     }
     rt.block_on(async {
         let mut produce = connect(broker.addr()).await;
-        let next = send(&mut produce, request("t", Acks::All, batch(pid, 0, 8, &["v8"]))).await;
+        let next = send(&mut produce, request("t", Acks::All, batch(pid, 0, 11, &["v11"]))).await;
         assert!(
             next.is_ok(),
             "the producer goes on in sequence after restarts: {next:?}"
         );
         let values = stored_values(broker.addr(), "t").await;
-        assert_eq!(values.len(), 9, "{values:?}");
+        assert_eq!(values.len(), 12, "{values:?}");
     });
 }
 

@@ -200,9 +200,22 @@ impl ProduceService {
         mut batches: Vec<Bytes>,
         records: Vec<pb::Record>,
         producer: Result<batch::ProducerInfo>,
+        acks_all: bool,
     ) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
         check_topic_name_length(name)?;
         let producer = producer?;
+        if !acks_all {
+            // With weaker acks nobody may wait for the owner's refusal (acks=none): refused here.
+            let idempotent = producer != batch::ProducerInfo::NONE
+                || batches
+                    .iter()
+                    .any(|b| batch::BatchHeader::parse(b).is_ok_and(|h| h.producer.producer_id >= 0));
+            if idempotent {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "topic '{name}' partition {index}: an idempotent batch (producer id set) needs acks=all"
+                )));
+            }
+        }
         if producer != batch::ProducerInfo::NONE && records.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
                 "topic '{name}' partition {index}: producer_id, producer_epoch and base_sequence apply to plain records, and the part has none (batches carry their own)"
@@ -245,13 +258,23 @@ impl ProduceService {
     /// numbered parts carry their place in their partition's sequence; a part that fails
     /// here is never appended, so it holds back the rest of its run as the owner would.
     async fn prepare(&self, req: ProduceRequest, mut sequences: Option<&mut StreamSequences>) -> Vec<Prepared> {
+        // An unknown value is refused by `check_request` before this.
+        let acks_all = acks_of(req.acks).is_ok_and(|a| a == Acks::All);
         let parts: Vec<Part> = req
             .partitions
             .into_iter()
             .map(|pp| Part {
                 work: {
                     let producer = records_producer(&pp);
-                    self.look_up(&pp.topic, pp.partition, pp.sequence, pp.batches, pp.records, producer)
+                    self.look_up(
+                        &pp.topic,
+                        pp.partition,
+                        pp.sequence,
+                        pp.batches,
+                        pp.records,
+                        producer,
+                        acks_all,
+                    )
                 },
                 topic: pp.topic,
                 index: pp.partition,

@@ -147,9 +147,7 @@ pub(crate) fn open_replica(
         None => {
             let store = SnapshotStore::open(dir)
                 .map_err(|e| BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}")))?;
-            let store = Arc::new(store);
-            raft.set_state_snapshots(Arc::new(ProducerSnapshots(Arc::clone(&store))));
-            Some(store)
+            Some(Arc::new(store))
         }
     };
     let new_group = raft.voters().is_empty();
@@ -166,8 +164,14 @@ pub(crate) fn open_replica(
     let active = Arc::clone(&ctx.metrics.producer_ids_active);
     let issued = Arc::clone(&ctx.producer_ids_issued);
     let producers = match producer_store {
-        Some(store) => PartitionProducers::load(&raft, store, applied, issued, active)
-            .map_err(|e| BrokerError::Internal(format!("topic '{topic}' partition {index}: {e}")))?,
+        Some(store) => {
+            let producers = PartitionProducers::load(&raft, Arc::clone(&store), applied, issued, active);
+            // Set before the node takes its clone of the Raft log; after the load, whose
+            // snapshot may be the one at the log start.
+            let log_start = raft.offset_after(0);
+            raft.set_state_snapshots(Arc::new(ProducerSnapshots::new(store, log_start)));
+            producers
+        }
         None => PartitionProducers::none(issued, active),
     };
     let config = raft::Config {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use bytes::Bytes;
 use conveyor_storage::PartitionLog;
 use conveyor_storage::batch::{BatchHeader, ValidatedBatch, unix_millis};
-use conveyor_storage::producer_state::snapshot::{SnapshotError, SnapshotStore};
+use conveyor_storage::producer_state::snapshot::SnapshotStore;
 use conveyor_storage::producer_state::{
     BatchMeta, Idempotent, MAX_CACHED_BATCHES, ProducerFieldError, ProducerSummary, ProducerTable, Verdict, View,
     classify, idempotence_of,
@@ -66,6 +66,8 @@ pub enum ProducerRefusal {
         "producer {producer_id}: an idempotent batch needs acks=all (a retry is recognised only once its original is committed)"
     )]
     AcksNotAll { producer_id: i64 },
+    #[error("the idempotent batches of one partition in one request must come from one producer")]
+    MixedProducers,
 }
 
 impl ProducerRefusal {
@@ -79,9 +81,10 @@ impl ProducerRefusal {
             ProducerRefusal::Unknown { .. } => (C::FailedPrecondition, E::UnknownProducerId, false),
             // This broker's view of the metadata may be behind the broker that issued it.
             ProducerRefusal::NotIssued { .. } => (C::FailedPrecondition, E::InvalidProducerId, true),
-            ProducerRefusal::TooOld { .. } | ProducerRefusal::Malformed(_) | ProducerRefusal::AcksNotAll { .. } => {
-                (C::InvalidArgument, E::InvalidRequest, false)
-            }
+            ProducerRefusal::TooOld { .. }
+            | ProducerRefusal::Malformed(_)
+            | ProducerRefusal::AcksNotAll { .. }
+            | ProducerRefusal::MixedProducers => (C::InvalidArgument, E::InvalidRequest, false),
         }
     }
 }
@@ -165,39 +168,47 @@ impl PartitionProducers {
         applied: u64,
         issued_end: Arc<AtomicI64>,
         active: Arc<AtomicI64>,
-    ) -> Result<PartitionProducers, SnapshotError> {
+    ) -> PartitionProducers {
         let log = raft.partition_log();
         let end = raft.offset_after(applied);
-        // A snapshot below the log start (kept by retention for want of a newer one) still
-        // holds producers the deleted batches carried.
+        let start = log.log_start_offset();
+        // A snapshot below the log start (kept by retention for want of a newer one, or the
+        // newest readable one after damage) still holds producers the deleted batches carried.
         let (mut snapshot_at, mut table) = match store.read_at_or_below(end) {
             Some((at, _, table)) => (at, table),
-            None => (log.log_start_offset(), ProducerTable::new()),
+            None => (start, ProducerTable::new()),
         };
+        if snapshot_at < start {
+            tracing::warn!(dir = %log.dir().display(), snapshot = snapshot_at, log_start = start, "the producer state starts below the log: producers whose only batches were in between are forgotten (their next batches are refused UNKNOWN_PRODUCER_ID)");
+        }
+        // Replayed batches count as written now: their timestamps are the clients', and a
+        // producer must not expire because it stamps old event times.
         let now = unix_millis();
         let mut replayed = 0u64;
-        let read = log.for_each_batch_header(snapshot_at.max(log.log_start_offset()), |h| {
+        let read = log.for_each_batch_header(snapshot_at.max(start), |h| {
             if h.base_offset >= end || h.raft_index > applied {
                 return false;
             }
             if h.base_offset >= snapshot_at {
-                table.apply(h, h.base_offset, h.max_timestamp.min(now));
+                table.apply(h, h.base_offset, now);
                 replayed += 1;
             }
             true
         });
         if let Err(e) = read {
-            return Err(SnapshotError::Damaged(format!(
-                "replaying producer state from the log: {e}"
-            )));
+            tracing::error!(dir = %log.dir().display(), error = %e, "replaying the producer state stopped at a batch it cannot read; producers after it are forgotten");
         }
         if replayed > 0 || store.offsets().is_empty() {
             // The next open starts here instead of replaying the same batches again.
-            store.write(end, &table)?;
-            snapshot_at = end;
+            match store.write(end, &table) {
+                Ok(()) => snapshot_at = end,
+                Err(e) => {
+                    tracing::warn!(dir = %log.dir().display(), error = %e, "cannot write the producer snapshot after replay")
+                }
+            }
         }
         active.fetch_add(table.len() as i64, Ordering::Relaxed);
-        Ok(PartitionProducers {
+        PartitionProducers {
             table,
             store: Some(store),
             snapshot_at,
@@ -206,7 +217,7 @@ impl PartitionProducers {
             pending_term: None,
             issued_end,
             active,
-        })
+        }
     }
 
     pub fn summaries(&self) -> Vec<ProducerSummary> {
@@ -220,31 +231,46 @@ impl PartitionProducers {
     }
 
     /// Folds committed entries in, in log order, writing a snapshot whenever the state
-    /// reaches a segment's base offset. Runs in the Ready job. Blocking.
-    pub fn apply_committed(&mut self, raft: &RaftLog, entries: &[Entry]) {
+    /// reaches a segment's base offset. Runs in the Ready job. Blocking. An entry whose
+    /// offset is not in the log leaves the state unknown from there: an error, so that the
+    /// replica is reopened (and replays) rather than judge batches against a wrong state.
+    pub fn apply_committed(&mut self, raft: &RaftLog, entries: &[Entry]) -> Result<(), String> {
         let Some(store) = self.store.clone() else {
-            return;
+            return Ok(());
+        };
+        let Some(first) = entries.first() else {
+            return Ok(());
         };
         let log = raft.partition_log();
+        let mut base = raft
+            .offset_of(first.index)
+            .ok_or_else(|| format!("committed entry {} is not in the log", first.index))?;
         let now = unix_millis();
         let before = self.table.len();
         for entry in entries {
-            if entry.data.is_empty() {
-                continue;
-            }
-            let Ok(header) = BatchHeader::parse(&entry.data) else {
-                continue;
-            };
-            let Some(base) = raft.offset_of(entry.index) else {
-                continue;
-            };
             self.snapshot_at_segment_start(&store, log, base);
-            if header.producer.producer_id >= 0 {
-                self.table.apply(&header, base, now);
+            // Every entry is one batch; one without client data (a no-op, a membership
+            // change) is a control batch of one offset.
+            let header = match entry.get_entry_type() {
+                raft::eraftpb::EntryType::EntryNormal if !entry.data.is_empty() => Some(
+                    BatchHeader::parse(&entry.data)
+                        .map_err(|e| format!("committed entry {} is not a batch: {e}", entry.index))?,
+                ),
+                _ => None,
+            };
+            match header {
+                Some(h) => {
+                    if h.producer.producer_id >= 0 {
+                        self.table.apply(&h, base, now);
+                    }
+                    base += u64::from(h.last_offset_delta) + 1;
+                }
+                None => base += 1,
             }
         }
         self.active
             .fetch_add(self.table.len() as i64 - before as i64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Before the batch at `base` is applied, the state is that of everything below it: if
@@ -372,7 +398,9 @@ impl PartitionProducers {
                 }
                 p.batches.is_empty()
             });
-            if now_empty && !self.pending_order.iter().any(|&(_, p)| p == pid) {
+            // A producer's newest pending batch is always in its list: an empty list means
+            // none of its batches is pending any more.
+            if now_empty {
                 self.pending.remove(&pid);
             }
         }
@@ -428,6 +456,7 @@ impl PartitionProducers {
         let mut views: HashMap<i64, Option<View<Located>>> = HashMap::new();
         let mut duplicates = Vec::new();
         let mut appending = false;
+        let mut producer = None;
         for batch in idempotent.iter().flatten() {
             let producer_id = batch.producer_id;
             if acks != Acks::All {
@@ -438,6 +467,11 @@ impl PartitionProducers {
                     producer_id,
                     issued_end,
                 });
+            }
+            // One producer per part: its batches are in the log in sequence order, so the
+            // answer's first and last batches bound all of them.
+            if *producer.get_or_insert(producer_id) != producer_id {
+                return Err(ProducerRefusal::MixedProducers);
             }
         }
         for (i, batch) in idempotent.iter().enumerate() {
@@ -470,7 +504,9 @@ impl PartitionProducers {
                         },
                     ));
                 }
-                Verdict::Duplicate(at) if !appending && duplicates.len() == i => duplicates.push(at),
+                Verdict::Duplicate(at) if !appending && duplicates.len() == i && rises(&duplicates, &at) => {
+                    duplicates.push(at)
+                }
                 Verdict::Duplicate(_) => {
                     return Err(ProducerRefusal::OutOfOrder {
                         producer_id: batch.producer_id,
@@ -536,37 +572,94 @@ impl PartitionProducers {
     }
 }
 
+/// Whether `next` comes after the last of `duplicates` in the log (a retried request repeats
+/// its batches in their order).
+fn rises(duplicates: &[Located], next: &Located) -> bool {
+    let Some(last) = duplicates.last() else {
+        return true;
+    };
+    match (last, next) {
+        (Located::Committed(a), Located::Committed(b)) => b.base_offset > a.base_offset,
+        (Located::Committed(_), Located::Pending { .. }) => true,
+        (Located::Pending { .. }, Located::Committed(_)) => false,
+        (Located::Pending { index: a, .. }, Located::Pending { index: b, .. }) => b > a,
+    }
+}
+
 /// A partition's producer snapshots as its Raft snapshots carry them: a follower behind the
 /// leader's log start gets the state at that start.
+///
+/// raft-rs asks for a snapshot from within a step or a tick, on the reactor: the bytes of
+/// the snapshot at the log start are kept in memory (read when the log start moves, off the
+/// reactor), so that asking reads no file.
 #[derive(Debug)]
-pub struct ProducerSnapshots(pub Arc<SnapshotStore>);
+pub struct ProducerSnapshots {
+    store: Arc<SnapshotStore>,
+    at_start: std::sync::Mutex<Option<(u64, Bytes)>>,
+}
+
+impl ProducerSnapshots {
+    /// Blocking: reads the snapshot at `log_start`.
+    pub fn new(store: Arc<SnapshotStore>, log_start: u64) -> ProducerSnapshots {
+        let snapshots = ProducerSnapshots {
+            store,
+            at_start: std::sync::Mutex::new(None),
+        };
+        snapshots.remember(log_start);
+        snapshots
+    }
+
+    fn remember(&self, log_start: u64) {
+        let bytes = match self.store.read_at_or_below(log_start) {
+            Some((at, bytes, _)) => {
+                if at != log_start {
+                    tracing::warn!(dir = %self.store.dir().display(), snapshot = at, log_start, "no producer snapshot at the log start: a follower sent one gets the older state");
+                }
+                Bytes::from(bytes)
+            }
+            // A log from before producer snapshots: nothing is known of its producers.
+            None => Bytes::from(conveyor_storage::producer_state::snapshot::encode(
+                log_start,
+                &ProducerTable::new(),
+            )),
+        };
+        *self.at_start.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((log_start, bytes));
+    }
+}
 
 impl StateSnapshots for ProducerSnapshots {
     fn state_at(&self, point: &SnapshotPoint) -> Option<Bytes> {
-        // Retention keeps the log start at or below the newest snapshot, so one is at the
-        // start; a log older than producer snapshots may have none, and gets an empty state.
-        match self.0.read_at_or_below(point.offset) {
-            Some((_, bytes, _)) => Some(Bytes::from(bytes)),
-            None => Some(Bytes::from(conveyor_storage::producer_state::snapshot::encode(
-                point.offset,
-                &ProducerTable::new(),
-            ))),
+        if let Some((at, bytes)) = self
+            .at_start
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            && *at == point.offset
+        {
+            return Some(bytes.clone());
         }
+        // Raft retries a snapshot it could not get; the log start's is read when it moves.
+        None
     }
 
-    fn install(&self, _point: SnapshotPoint, payload: &[u8]) -> Result<(), super::state_snapshot::SnapshotError> {
-        self.0
+    fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), super::state_snapshot::SnapshotError> {
+        let (at, _) = self
+            .store
             .install(payload)
-            .map(|_| ())
-            .map_err(|e| super::state_snapshot::SnapshotError::Producer(e.to_string()))
+            .map_err(|e| super::state_snapshot::SnapshotError::Producer(e.to_string()))?;
+        if at != point.offset {
+            tracing::warn!(dir = %self.store.dir().display(), snapshot = at, log_start = point.offset, "the leader's producer snapshot is not at its log start: producers written in between are not known here");
+        }
+        Ok(())
     }
 
-    fn compaction_limit(&self, cutoff: u64) -> u64 {
-        self.0.latest_at_or_below(cutoff).unwrap_or(cutoff)
+    fn compaction_limit(&self, cutoff: u64) -> Option<u64> {
+        self.store.latest_at_or_below(cutoff)
     }
 
     fn log_starts_at(&self, offset: u64) {
-        self.0.prune_below(offset);
+        self.store.prune_below(offset);
+        self.remember(offset);
     }
 }
 

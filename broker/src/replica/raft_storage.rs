@@ -542,7 +542,13 @@ impl RaftLog {
             return Ok(0);
         };
         // The log may start only where the snapshotted state is known.
-        let cutoff = self.state.as_ref().map_or(cutoff, |s| s.compaction_limit(cutoff));
+        let cutoff = match &self.state {
+            Some(state) => match state.compaction_limit(cutoff) {
+                Some(limit) => limit,
+                None => return Ok(0),
+            },
+            None => cutoff,
+        };
         self.compact_below(cutoff)
     }
 
@@ -573,6 +579,13 @@ impl RaftLog {
         } else {
             self.offset_in(&inner, last_removed + 1)?
         };
+        if let Some(state) = &self.state
+            && state.compaction_limit(start_offset) != Some(start_offset)
+        {
+            // Not all of what the cutoff asked is applied yet, and the state is not stored
+            // where the log would start: wait for a later pass.
+            return Ok(0);
+        }
         let term = inner
             .terms
             .term_of(last_removed)

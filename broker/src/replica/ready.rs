@@ -17,8 +17,11 @@ pub trait ReadyHandler {
     /// A leader's snapshot was installed: the log restarts at its point, and `state` is
     /// the state it carried (after the log start offset).
     fn snapshot_installed(&mut self, _state: &[u8]) {}
-    /// Entries committed and applied, in log order (their batches are in `store`).
-    fn committed(&mut self, _store: &RaftLog, _entries: &[Entry]) {}
+    /// Entries committed and applied, in log order (their batches are in `store`). An error
+    /// stops the replica, which is reopened from its log.
+    fn committed(&mut self, _store: &RaftLog, _entries: &[Entry]) -> Result<(), ReplicaError> {
+        Ok(())
+    }
 }
 
 /// Handles one Ready, if there is one. Returns whether there was.
@@ -83,7 +86,7 @@ fn apply(
         };
         node.store().set_conf_state(&conf_state)?;
     }
-    handler.committed(node.store(), &entries);
+    handler.committed(node.store(), &entries)?;
     node.store().evict_cache_to(last);
     Ok(())
 }

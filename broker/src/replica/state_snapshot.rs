@@ -282,10 +282,10 @@ pub trait StateSnapshots: std::fmt::Debug + Send + Sync {
     fn state_at(&self, point: &SnapshotPoint) -> Option<Bytes>;
     /// Stores a leader's state durably, before the log is reset past it. Blocking.
     fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), SnapshotError>;
-    /// How far retention may move the log start towards `cutoff` (an offset) and still
-    /// have the state at the new start.
-    fn compaction_limit(&self, cutoff: u64) -> u64 {
-        cutoff
+    /// The furthest offset at or below `cutoff` where the log may start and the state there
+    /// is stored (`None`: nowhere yet).
+    fn compaction_limit(&self, cutoff: u64) -> Option<u64> {
+        Some(cutoff)
     }
     /// The log now starts at `offset`: older snapshots may go. Blocking.
     fn log_starts_at(&self, _offset: u64) {}

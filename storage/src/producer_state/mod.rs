@@ -10,7 +10,7 @@
 //!
 //! # Memory
 //! One entry per producer (about 200 bytes); entries idle longer than the expiration are
-//! dropped by [`ProducerTable::expire`].
+//! dropped by [`ProducerTable::expire`], and at most [`MAX_PRODUCERS`] are kept.
 
 pub mod snapshot;
 
@@ -21,6 +21,11 @@ use crate::batch::{BatchHeader, ProducerInfo};
 /// Batches per producer remembered for duplicate detection: a client keeps at most this many
 /// in flight per partition, so a retry always finds its original here.
 pub const MAX_CACHED_BATCHES: usize = 5;
+
+/// Producers a partition keeps state for, at most. A new producer beyond it evicts the one
+/// whose last batch is oldest in the log (the same one on every replica): about 20 MiB of
+/// memory and a 14 MB snapshot at most, which fits one Raft message.
+pub const MAX_PRODUCERS: usize = 100_000;
 
 /// One batch of a producer, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +275,9 @@ impl ProducerTable {
     }
 
     fn insert(&mut self, producer_id: i64, epoch: i16, meta: BatchMeta, write_ms: i64) {
+        if self.producers.len() >= MAX_PRODUCERS && !self.producers.contains_key(&producer_id) {
+            self.evict_oldest();
+        }
         let entry = self.producers.entry(producer_id).or_insert_with(|| ProducerEntry {
             epoch,
             batches: VecDeque::with_capacity(MAX_CACHED_BATCHES),
@@ -287,6 +295,19 @@ impl ProducerTable {
         }
         entry.batches.push_back(meta);
         entry.last_write_ms = entry.last_write_ms.max(write_ms);
+    }
+
+    /// Drops the producer whose last batch is oldest in the log. A scan, but only when the
+    /// table is full and a new producer writes.
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .producers
+            .iter()
+            .min_by_key(|(id, e)| (e.last().map_or(0, |b| b.last_offset), **id))
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.producers.remove(&id);
+        }
     }
 
     /// Drops producers that have not written since `before_ms`. Returns how many.

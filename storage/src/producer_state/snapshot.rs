@@ -62,7 +62,7 @@ pub fn encode(offset: u64, table: &ProducerTable) -> Vec<u8> {
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&(table.len() as u32).to_le_bytes());
     let mut ids: Vec<_> = table.entries().collect();
-    // Sorted, so that equal tables give equal bytes on every replica.
+    // Sorted, so that a table encodes the same way every time.
     ids.sort_by_key(|(id, _)| **id);
     for (id, entry) in ids {
         out.extend_from_slice(&id.to_le_bytes());
@@ -208,6 +208,10 @@ impl SnapshotStore {
         self.offsets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Offsets of the stored snapshots, ascending.
     pub fn offsets(&self) -> Vec<u64> {
         self.lock().iter().copied().collect()
@@ -279,15 +283,6 @@ impl SnapshotStore {
                     continue;
                 }
             }
-            self.lock().remove(&at);
-        }
-    }
-
-    /// Deletes the snapshots above `offset` (state of batches a truncation removed). Blocking.
-    pub fn remove_above(&self, offset: u64) {
-        let doomed: Vec<u64> = self.lock().range(offset + 1..).copied().collect();
-        for at in doomed {
-            let _ = std::fs::remove_file(self.dir.join(file_name(at)));
             self.lock().remove(&at);
         }
     }

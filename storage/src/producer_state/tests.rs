@@ -188,6 +188,24 @@ fn the_store_reads_the_newest_good_snapshot_and_prunes_behind_the_log_start() {
     assert_eq!(reopened.offsets(), vec![20, 30]);
 }
 
+#[test]
+fn a_full_table_evicts_the_producer_whose_last_write_is_oldest_in_the_log() {
+    let mut table = ProducerTable::new();
+    for pid in 0..MAX_PRODUCERS as i64 {
+        // Producer 0 writes last, so producer 1 has the oldest last batch.
+        let offset = if pid == 0 { 1_000_000 } else { pid as u64 };
+        table.apply(&header(pid, 0, 0, 1), offset, 1);
+    }
+    assert_eq!(table.len(), MAX_PRODUCERS);
+    table.apply(&header(-5 + i64::MAX, 0, 0, 1), 2_000_000, 1);
+    assert_eq!(table.len(), MAX_PRODUCERS);
+    assert!(table.get(1).is_none(), "the oldest writer was evicted");
+    assert!(table.get(0).is_some() && table.get(2).is_some());
+    // A known producer writing again evicts nobody.
+    table.apply(&header(2, 0, 1, 1), 2_000_001, 1);
+    assert_eq!(table.len(), MAX_PRODUCERS);
+}
+
 /// One producer's sends as a client with retries makes them: each step sends the next
 /// batch, or resends one of the last five.
 #[derive(Debug, Clone)]

@@ -27,7 +27,7 @@ use crate::replica::partition::{
 };
 use crate::replica::producers::PartitionProducers;
 use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest};
-use crate::replica::raft_storage::RaftLog;
+use crate::replica::raft_storage::{RaftLog, ReplicaError};
 use crate::replica::ready::{ReadyHandler, on_ready};
 use crate::replica::stalled_snapshots::StalledSnapshots;
 use crate::replica::status::{FollowerState, GroupStatus};
@@ -151,8 +151,13 @@ impl ReadyHandler for Outbox<'_> {
         self.producers.installed(state);
     }
 
-    fn committed(&mut self, store: &RaftLog, entries: &[Entry]) {
-        self.producers.apply_committed(store, entries);
+    fn committed(&mut self, store: &RaftLog, entries: &[Entry]) -> Result<(), ReplicaError> {
+        self.producers
+            .apply_committed(store, entries)
+            .map_err(|reason| ReplicaError::Inconsistent {
+                dir: store.partition_log().dir().to_path_buf(),
+                reason: format!("producer state: {reason}"),
+            })
     }
 }
 
@@ -384,6 +389,15 @@ impl Owner {
                 drop(request.reply.send(Err(error)));
                 return;
             }
+        }
+        if self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term))
+            && node.has_ready()
+            && self.waiting.len() < MAX_WAITING
+        {
+            // A new leader: the Ready job about to run reads its log's unapplied tail for the
+            // producer state, off the reactor; the request is judged after it, in order.
+            self.waiting.push_back((Instant::now(), request));
+            return;
         }
         let Some((request, duplicates, idempotent)) = self.judge(node, request) else {
             return;

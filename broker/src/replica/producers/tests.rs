@@ -20,8 +20,8 @@ fn batch(pid: i64, epoch: i16, seq: i32, count: usize) -> ValidatedBatch {
 }
 
 fn producers(issued_end: i64) -> PartitionProducers {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(SnapshotStore::open(dir.path()).expect("store"));
+    // No test here writes a snapshot: the store's directory is never created.
+    let store = Arc::new(SnapshotStore::open(std::path::Path::new("/nonexistent/conveyor-test")).expect("store"));
     PartitionProducers {
         table: ProducerTable::new(),
         store: Some(store),
@@ -106,6 +106,27 @@ fn a_request_may_repeat_a_written_prefix_but_nothing_after_a_new_batch() {
             got: 4,
             ..
         })
+    ));
+}
+
+#[test]
+fn a_request_whose_repeated_batches_are_out_of_log_order_or_from_two_producers_is_refused() {
+    let mut p = producers(100);
+    proposed(&mut p, vec![batch(7, 0, 0, 5)], 10);
+    proposed(&mut p, vec![batch(7, 0, 5, 5)], 11);
+    proposed(&mut p, vec![batch(8, 0, 0, 1)], 12);
+    // Answering [11, 10] would wait for 10 only and report offsets from 11.
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 5, 5), batch(7, 0, 0, 5)], Acks::All),
+        Err(ProducerRefusal::OutOfOrder { .. })
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 5, 5), batch(8, 0, 0, 1)], Acks::All),
+        Err(ProducerRefusal::MixedProducers)
+    ));
+    assert!(matches!(
+        p.plan(vec![batch(7, 0, 0, 5), batch(7, 0, 5, 5)], Acks::All),
+        Ok(Plan::AllDuplicates(ref d)) if d.len() == 2
     ));
 }
 
