@@ -19,7 +19,7 @@ use crate::connection::{self, endpoint};
 
 /// How long a metadata lookup waits for one broker before asking the next.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
-use crate::error::{ClientError, Result, link_error};
+use crate::error::{ClientError, Result};
 
 /// Attempts a leader-routed call makes (refreshing the leader in between) before failing.
 pub(crate) const LEADER_ATTEMPTS: u32 = 40;
@@ -38,6 +38,10 @@ struct State {
     leaders: HashMap<String, HashMap<i32, i32>>,
     replicas: HashMap<String, HashMap<i32, Vec<i32>>>,
     partition_counts: HashMap<String, u32>,
+    /// Leaders set by `assume_leader` stay whatever errors say: a test's fake broker has
+    /// no metadata service to learn them again from.
+    #[cfg(test)]
+    pinned: bool,
 }
 
 #[derive(Debug)]
@@ -62,6 +66,8 @@ impl Cluster {
             leaders: HashMap::new(),
             replicas: HashMap::new(),
             partition_counts: HashMap::new(),
+            #[cfg(test)]
+            pinned: false,
         };
         Cluster {
             state: Mutex::new(state),
@@ -148,6 +154,7 @@ impl Cluster {
     #[cfg(test)]
     pub(crate) fn assume_leader(&self, topic: &str, partitions: u32, address: &str) {
         let mut state = self.state();
+        state.pinned = true;
         state.brokers.insert(1, address.to_string());
         state.partition_counts.insert(topic.to_string(), partitions);
         let leaders = state.leaders.entry(topic.to_string()).or_default();
@@ -170,7 +177,7 @@ impl Cluster {
                 // a producer routing a batch retries it instead of failing it.
                 async move {
                     match tokio::time::timeout(METADATA_TIMEOUT, AdminClient::new(channel).metadata(request)).await {
-                        Ok(answer) => Ok(answer.map_err(|s| link_error(s, ""))?.into_inner()),
+                        Ok(answer) => Ok(answer.map_err(|s| ClientError::from_call(s, ""))?.into_inner()),
                         Err(_) => Err(ClientError::Unreachable {
                             address: String::new(),
                             reason: format!("no answer to a metadata request within {METADATA_TIMEOUT:?}"),
@@ -300,6 +307,10 @@ impl Cluster {
     /// still leads, and the retry after the backoff goes to it again.
     pub(crate) fn on_error(&self, topic: &str, partition: i32, error: &ClientError) {
         let mut state = self.state();
+        #[cfg(test)]
+        if state.pinned {
+            return;
+        }
         if let ClientError::Broker { detail: Some(d), .. } = error
             && ErrorCode::try_from(d.code) == Ok(ErrorCode::NotLeader)
             && d.leader_id > 0

@@ -103,6 +103,27 @@ impl ClientError {
         }
     }
 
+    /// A call (a produce stream, `InitProducer`) that failed with `status` on its way to or
+    /// from `address`. `Cancelled` or `Unknown` without the broker's own error detail is a
+    /// broken connection (the broker died, the link dropped, or a broker shutting down closed
+    /// it: hyper then reports the call "canceled"): retriable, as unreachable. Other codes
+    /// (`Unimplemented` from an older broker, a size limit's `ResourceExhausted`) keep their
+    /// meaning.
+    pub(crate) fn from_call(status: tonic::Status, address: &str) -> ClientError {
+        match ClientError::from(status) {
+            e @ ClientError::Broker { detail: Some(_), .. } => e,
+            ClientError::Broker {
+                code: tonic::Code::Cancelled | tonic::Code::Unknown,
+                message,
+                ..
+            } => ClientError::Unreachable {
+                address: address.to_string(),
+                reason: message,
+            },
+            e => e.at(address),
+        }
+    }
+
     pub(crate) fn from_detail(detail: ErrorDetail) -> ClientError {
         let code = match ErrorCode::try_from(detail.code) {
             Ok(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownBroker) => {
@@ -153,27 +174,6 @@ impl From<tonic::Status> for ClientError {
             message: status.message().to_string(),
             detail,
         }
-    }
-}
-
-/// A call that fails, or cannot be started, with `Cancelled` or `Unknown` and without the
-/// broker's own error detail lost its connection (the broker died, the link dropped, or a
-/// broker shutting down closed it: hyper then reports the call "canceled", tonic a
-/// "transport error"): retriable, as an unreachable broker. Other codes (`Unimplemented` from
-/// an older broker, a size limit's `ResourceExhausted`) no retry can change. Only for calls
-/// that are safe to make again: produce streams, metadata lookups, `InitProducer`.
-pub(crate) fn link_error(status: tonic::Status, address: &str) -> ClientError {
-    match ClientError::from(status) {
-        e @ ClientError::Broker { detail: Some(_), .. } => e,
-        ClientError::Broker {
-            code: tonic::Code::Cancelled | tonic::Code::Unknown,
-            message,
-            ..
-        } => ClientError::Unreachable {
-            address: address.to_string(),
-            reason: message,
-        },
-        e => e.at(address),
     }
 }
 

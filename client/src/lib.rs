@@ -46,8 +46,10 @@ pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// reaches every broker within moments of being acknowledged.
 pub(crate) const UNKNOWN_TOPIC_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 const UNKNOWN_TOPIC_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-/// How long one broker is given to issue a producer id before the next is asked.
-const INIT_PRODUCER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one broker is given to issue a producer id before the next is asked. Longer
+/// than a broker takes to give up on its controller (its `ISSUE_TIMEOUT`, 15 s), so a
+/// broker fetching a new block of ids answers rather than being abandoned.
+const INIT_PRODUCER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A connection to a Conveyor cluster. Cheap to clone; clones share the connections.
 ///
@@ -126,7 +128,10 @@ impl Client {
                 // would wait for the keep-alive to give up. One that dies mid-call is
                 // unreachable, not a refusal that would stop an idempotent producer for good.
                 match tokio::time::timeout(INIT_PRODUCER_TIMEOUT, call).await {
-                    Ok(answer) => Ok(answer.map_err(|s| error::link_error(s, ""))?.into_inner()),
+                    // A connection broken mid-call is another broker to ask, not a refusal.
+                    Ok(answer) => answer
+                        .map(tonic::Response::into_inner)
+                        .map_err(|status| ClientError::from_call(status, "")),
                     Err(_) => Err(ClientError::Unreachable {
                         address: String::new(),
                         reason: format!("no answer to InitProducer within {INIT_PRODUCER_TIMEOUT:?}"),

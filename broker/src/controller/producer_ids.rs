@@ -10,9 +10,14 @@
 //! # Invariants
 //! - Blocks are consecutive: a block applies only if it starts exactly where the last
 //!   applied block ended ([`IdBlocks::apply`]). Two controllers racing (an old leader's
-//!   proposal committed after a new leader read the state) propose the same start: only
-//!   the first committed counts, the other is ignored on every broker alike, and its
-//!   proposer sees that its block is not the one recorded and tries again.
+//!   proposal committed after a new leader read the state, or a controller whose applied
+//!   state lags the log) propose the same start: only the first committed counts, the
+//!   other is ignored on every broker alike, and its proposer sees that its block is not
+//!   the one recorded and tries again.
+//! - A proposer recognises its own block by the random `proposal` mark each proposal
+//!   draws, never by its broker and range: two proposals of the same block to the same
+//!   broker would otherwise look alike, and a controller that lost to an identical block
+//!   would answer ids already answered.
 //! - Ids are never negative (-1 means "no producer" in a batch header) and a block never
 //!   runs past `i64::MAX`.
 //! - The state keeps only the last block: the next id follows from it, and a snapshot holds
@@ -50,6 +55,7 @@ impl IdBlocks {
         self.last.as_ref().map_or(0, |b| b.first + i64::from(b.count))
     }
 
+    #[cfg(test)]
     pub fn last(&self) -> Option<&ProducerIdsAllocated> {
         self.last.as_ref()
     }
@@ -66,6 +72,14 @@ impl IdBlocks {
             self.last = Some(*block);
         }
         valid && in_place
+    }
+
+    /// Whether `proposal` is the block the log recorded last: its proposer won. Compared
+    /// with its proposal mark: a block for the same broker at the same start committed
+    /// before it (by a controller this one had not caught up with) is not this proposal,
+    /// and its ids may have been answered to that broker already.
+    pub fn recorded(&self, proposal: &ProducerIdsAllocated) -> bool {
+        self.last.as_ref() == Some(proposal)
     }
 
     /// The record that rebuilds this state when applied to an empty one.
@@ -87,11 +101,7 @@ impl Registry {
             if first.checked_add(i64::from(BLOCK)).is_none() {
                 return Err(BrokerError::Internal("every producer id has been issued".into()));
             }
-            let block = ProducerIdsAllocated {
-                broker,
-                first,
-                count: BLOCK,
-            };
+            let block = proposal(broker, first);
             self.propose(metadata_record::Change::ProducerIdsAllocated(block))
                 .await
                 .map_err(|e| match e {
@@ -102,7 +112,7 @@ impl Registry {
                     },
                     other => other,
                 })?;
-            if self.snapshotting.lock_state().producer_ids.last() == Some(&block) {
+            if self.snapshotting.lock_state().producer_ids.recorded(&block) {
                 tracing::debug!(broker, first, count = BLOCK, "allocated producer ids");
                 return Ok(ProducerIdBlock { first, count: BLOCK });
             }
@@ -134,12 +144,45 @@ impl Registry {
     }
 }
 
+/// A block of [`BLOCK`] ids from `first` for `broker`, to propose, marked with a number
+/// drawn for this proposal alone (see [`IdBlocks::recorded`]).
+fn proposal(broker: u32, first: i64) -> ProducerIdsAllocated {
+    ProducerIdsAllocated {
+        broker,
+        first,
+        count: BLOCK,
+        proposal: proposal_mark(),
+    }
+}
+
+/// A random non-zero number. `RandomState` is seeded from the operating system's randomness
+/// once per process and thread (and moves on with every instance); the counter and clock
+/// make a repeat within a process impossible rather than unlikely.
+fn proposal_mark() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWN: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(DRAWN.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    hasher.finish().max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn block(broker: u32, first: i64, count: u32) -> ProducerIdsAllocated {
-        ProducerIdsAllocated { broker, first, count }
+        ProducerIdsAllocated {
+            broker,
+            first,
+            count,
+            proposal: 0,
+        }
     }
 
     #[test]
@@ -185,5 +228,23 @@ mod tests {
         assert!(rebuilt.apply(&last));
         assert_eq!(rebuilt, blocks);
         assert_eq!(rebuilt.next(), 3000);
+    }
+
+    #[test]
+    fn a_controller_whose_state_lags_behind_a_committed_block_does_not_take_it_for_its_own() {
+        // An old controller's block for broker 2 at 5000 is committed (and maybe answered);
+        // a new controller that has not applied it yet reads next = 5000 and proposes the
+        // same start for the same broker.
+        let mut log = IdBlocks::default();
+        assert!(log.apply(&proposal(1, 4000)));
+        let earlier = proposal(2, 5000);
+        let lagging = proposal(2, 5000);
+        assert!(log.apply(&earlier), "the earlier proposal was committed first");
+        assert!(!log.apply(&lagging), "the lagging one starts at a taken id");
+        assert!(log.recorded(&earlier));
+        assert!(
+            !log.recorded(&lagging),
+            "the lagging controller must see that its block is not the one recorded"
+        );
     }
 }

@@ -629,6 +629,7 @@ mod tests {
             broker,
             first,
             count: 1000,
+            proposal: u64::from(broker) << 32 | first as u64,
         })
     }
 

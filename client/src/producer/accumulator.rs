@@ -97,8 +97,6 @@ pub(crate) struct Sealed {
     /// Sent at least once: if it was written, a resend under another producer id could
     /// write it twice.
     pub sent: bool,
-    /// Its records were counted as ones the producer cannot vouch for.
-    pub unvouched: bool,
     completed: bool,
     /// Returns the batch's bytes to the in-flight budget when dropped.
     _permit: OwnedSemaphorePermit,
@@ -138,7 +136,6 @@ impl Sealed {
             records,
             producer: None,
             sent: false,
-            unvouched: false,
             completed: false,
             _permit: permit,
         }
@@ -351,7 +348,6 @@ impl Shared {
             records,
             producer: None,
             sent: false,
-            unvouched: false,
             completed: false,
             _permit: permit,
         };

@@ -9,13 +9,20 @@
 //! # Invariants
 //! - A batch gets its base sequence once, when it is first sent, in sealing order within its
 //!   partition; every resend carries the identical bytes.
-//! - Sequences of a partition under one identity have no gaps among the batches sent: when a
-//!   sent batch fails for good (its gap would make the broker refuse every later batch), the
-//!   broker has lost the producer's state (UNKNOWN_PRODUCER_ID), or the next batch would
-//!   carry a sequence past `i32::MAX`, the partition takes a new producer id once nothing of
-//!   it is in flight, and its unacknowledged batches are numbered again from 0. Records of
-//!   those batches that had been sent before may have been written under the old id: the
-//!   broker cannot tell them from new ones, so they are counted as unvouched.
+//! - A batch that may have been written is never sent under another identity: a resend
+//!   under a new id could not be told from a new batch. A partition takes a new producer id
+//!   (and numbers its waiting batches again from 0) only when
+//!   - the broker refused the partition's first outstanding batch (no earlier batch of it
+//!     still unresolved) with UNKNOWN_PRODUCER_ID, or with OUT_OF_ORDER_SEQUENCE after a
+//!     batch that failed for good: that batch and every later one are proven unwritten (the
+//!     broker appends a producer's batches only in sequence), so renumbering them is safe;
+//!   - or the next batch's sequences would pass `i32::MAX`: then only once every batch
+//!     stamped under the old identity is acknowledged or failed, and only batches never
+//!     stamped are renumbered.
+//!
+//!   A batch that fails for good (delivery timeout, retries used up) does not by itself
+//!   change the identity: its outcome may be unknown, and the next batch sent under the same
+//!   identity tells: acknowledged, the failed one was written; refused as above, it was not.
 //! - At most [`MAX_IN_FLIGHT_PER_PARTITION`] batches of a partition are in flight, so every
 //!   batch whose outcome is unknown is still within the broker's duplicate window when it is
 //!   resent.
@@ -23,7 +30,7 @@
 //! # Thread-safety
 //! [`Sequencer`] is owned by the sender task. [`Status`] is shared with the producer handles.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -64,7 +71,8 @@ impl TryFrom<InitProducerResponse> for ProducerIdentity {
 }
 
 /// What the producer handles and the sender share: whether the producer stopped for good,
-/// and how many records it could not vouch for.
+/// and how many records it could not vouch for (none under the rules above; the count is
+/// kept so that a future rule that must resend such a batch reports it).
 #[derive(Debug, Default)]
 pub(crate) struct Status {
     stopped: OnceLock<ClientError>,
@@ -103,13 +111,22 @@ pub(crate) enum Stamp {
 /// Why a partition takes a new producer id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResetCause {
-    /// The broker has no state for the partition's producer id (expired).
+    /// The broker has no state for the partition's producer id (expired): answered to the
+    /// partition's first outstanding batch.
     UnknownProducerId,
-    /// A batch that had been given a sequence failed for good: later sequences would never
-    /// be accepted.
+    /// The partition's first outstanding batch was refused OUT_OF_ORDER_SEQUENCE after a
+    /// batch that failed for good: that one was not written, and no later sequence will be.
     Gap,
     /// The next batch's sequences would pass `i32::MAX`.
     SequenceExhausted,
+}
+
+impl ResetCause {
+    /// The broker refused the first outstanding batch: every batch stamped under the old
+    /// identity that is still outstanding is proven unwritten.
+    fn proven(self) -> bool {
+        matches!(self, ResetCause::UnknownProducerId | ResetCause::Gap)
+    }
 }
 
 /// One partition's producer identity and sequence.
@@ -122,6 +139,9 @@ struct PartitionSequence {
     next: i64,
     /// The sequence after the last acknowledged batch.
     acknowledged: i64,
+    /// Base sequences of the batches stamped under `identity` and neither acknowledged nor
+    /// failed (in flight or queued for a resend). At most the sender's queue.
+    outstanding: BTreeSet<i64>,
     reset: Option<ResetCause>,
     /// The partition may only take an identity of this generation or a later one: after a
     /// reset, not the one it had.
@@ -178,13 +198,21 @@ impl Sequencer {
             return Stamp::Failed(e.into());
         }
         batch.producer = Some(info);
+        p.outstanding.insert(p.next);
         p.next = last + 1;
         Stamp::Ready
     }
 
-    /// True when a partition waits for a new producer id.
+    /// True when a batch found its partition without a producer id since the last
+    /// [`Sequencer::begin_pass`].
     pub(crate) fn wants_id(&self) -> bool {
         self.wants_id
+    }
+
+    /// A dispatch pass begins: an id is wanted only if a batch of this pass waits for one,
+    /// so a producer whose waiting batches all failed stops asking.
+    pub(crate) fn begin_pass(&mut self) {
+        self.wants_id = false;
     }
 
     /// A new identity arrived from `InitProducer`.
@@ -196,32 +224,49 @@ impl Sequencer {
 
     /// The batch was acknowledged.
     pub(crate) fn acknowledged(&mut self, batch: &Sealed) {
+        let base = batch.producer.map(|p| i64::from(p.base_sequence));
         if let Some(p) = self.current(batch) {
             let end = batch.end_sequence();
             p.acknowledged = p.acknowledged.max(end);
+            p.outstanding.retain(|b| Some(*b) != base);
         }
     }
 
-    /// True when `batch` is the partition's first unacknowledged batch: a refusal of it for
-    /// sequence reasons is not caused by an earlier batch of ours.
-    pub(crate) fn is_first_unacknowledged(&mut self, batch: &Sealed) -> bool {
+    /// True when `batch` is its partition's first outstanding batch: no earlier batch of it
+    /// is unresolved, so a refusal of it for sequence reasons is not caused by one of ours
+    /// still on its way.
+    pub(crate) fn is_first_outstanding(&mut self, batch: &Sealed) -> bool {
         let base = batch.producer.map(|p| i64::from(p.base_sequence));
-        self.current(batch).is_some_and(|p| Some(p.acknowledged) == base)
+        self.current(batch)
+            .is_some_and(|p| base.is_some() && p.outstanding.first().copied() == base)
     }
 
-    /// The broker has no state for the batch's producer id on its partition.
-    pub(crate) fn unknown_producer(&mut self, batch: &Sealed) {
-        self.mark_reset(batch, ResetCause::UnknownProducerId);
+    /// True when a batch before `batch` failed for good without a later one acknowledged
+    /// since: the sequences between the last acknowledged batch and `batch` may be missing.
+    pub(crate) fn follows_a_failure(&mut self, batch: &Sealed) -> bool {
+        let base = batch.producer.map_or(0, |p| i64::from(p.base_sequence));
+        self.current(batch).is_some_and(|p| p.acknowledged < base)
     }
 
-    /// The batch failed for good. If it had a sequence, later ones can never be accepted.
-    pub(crate) fn failed_for_good(&mut self, batch: &Sealed) {
-        self.mark_reset(batch, ResetCause::Gap);
-    }
-
-    fn mark_reset(&mut self, batch: &Sealed, cause: ResetCause) {
+    /// The broker refused `batch`, its partition's first outstanding one, in a way that
+    /// proves it and every later batch unwritten under its identity (see the module doc).
+    pub(crate) fn refused_for_good(&mut self, batch: &Sealed, cause: ResetCause) {
+        debug_assert!(cause.proven());
         if let Some(p) = self.current(batch) {
-            p.reset.get_or_insert(cause);
+            // A proven refusal needs no waiting for the stamped batches: it outranks running
+            // out of sequences.
+            if p.reset.is_none_or(|r| !r.proven()) {
+                p.reset = Some(cause);
+            }
+        }
+    }
+
+    /// The batch failed for good. Nothing changes identity for it: the next batch sent
+    /// under the same identity shows whether it was written.
+    pub(crate) fn failed_for_good(&mut self, batch: &Sealed) {
+        let base = batch.producer.map(|p| i64::from(p.base_sequence));
+        if let Some(p) = self.current(batch) {
+            p.outstanding.retain(|b| Some(*b) != base);
         }
     }
 
@@ -242,11 +287,22 @@ impl Sequencer {
             .collect()
     }
 
-    /// Switches `key` to a new producer id; call only while nothing of it is in flight.
-    /// Every unacknowledged batch of it (all in `queue`) loses its sequence and is numbered
-    /// again from 0 when next sent. Records of those that had been sent are added to the
-    /// unvouched count. Returns how many records that was.
-    pub(crate) fn reset(&mut self, key: &PartitionKey, queue: &mut VecDeque<Sealed>, status: &Status) -> u64 {
+    /// Whether `key` may take its new producer id now, `idle` saying that nothing of it is
+    /// in flight: after a proven refusal, once idle; when sequences ran out, once every
+    /// batch stamped under the old identity is acknowledged or failed.
+    pub(crate) fn ready_to_reset(&self, key: &PartitionKey, idle: bool) -> bool {
+        self.partitions.get(key).is_some_and(|p| match p.reset {
+            Some(ResetCause::SequenceExhausted) => p.outstanding.is_empty(),
+            Some(_) => idle,
+            None => false,
+        })
+    }
+
+    /// Switches `key` to a new producer id; call only when [`Sequencer::ready_to_reset`].
+    /// Every batch of it in `queue` loses its sequence and is numbered again from 0 when
+    /// next sent: each was either never stamped or proven unwritten. Returns how many
+    /// records of batches sent before were renumbered.
+    pub(crate) fn reset(&mut self, key: &PartitionKey, queue: &mut VecDeque<Sealed>) -> u64 {
         let Some(p) = self.partitions.get_mut(key) else {
             return 0;
         };
@@ -256,27 +312,22 @@ impl Sequencer {
             min_generation: self.generation + 1,
             ..PartitionSequence::default()
         };
-        self.wants_id = true;
-        let mut unvouched = 0u64;
+        let mut resent = 0u64;
         for batch in queue.iter_mut().filter(|b| key_of(b) == *key) {
             batch.producer = None;
-            if batch.sent && !batch.unvouched {
-                batch.unvouched = true;
-                unvouched += u64::from(batch.records);
+            if batch.sent {
+                resent += u64::from(batch.records);
             }
         }
-        if unvouched > 0 {
-            status.unvouched.fetch_add(unvouched, Ordering::Relaxed);
-        }
-        tracing::warn!(
+        tracing::info!(
             topic = %key.0,
             partition = key.1,
             ?cause,
             old_producer_id = old.map(|(i, _)| i.producer_id),
-            unvouched,
-            "partition takes a new producer id; records sent under the old one and resent may be duplicated"
+            resent,
+            "partition takes a new producer id; its waiting batches are numbered again"
         );
-        unvouched
+        resent
     }
 }
 
@@ -351,38 +402,47 @@ mod tests {
         assert_eq!(a.bytes.as_ptr(), at, "restamped in place");
     }
 
-    #[test]
-    fn an_unknown_producer_id_renumbers_the_unacknowledged_batches_from_zero_under_a_new_id() {
-        let status = Status::default();
-        let mut s = Sequencer::default();
-        s.issued(ID);
-        let key: PartitionKey = (Arc::from("t"), 0);
-        let mut queue = VecDeque::new();
-        for i in 0..3 {
+    fn stamped_and_sent(s: &mut Sequencer, queue: &mut VecDeque<Sealed>, seal_seqs: std::ops::Range<u64>) {
+        for i in seal_seqs {
             let mut b = batch(0, i, 2);
             assert!(matches!(s.stamp(&mut b), Stamp::Ready));
             b.sent = true;
             queue.push_back(b);
         }
+    }
+
+    fn key() -> PartitionKey {
+        (Arc::from("t"), 0)
+    }
+
+    #[test]
+    fn an_unknown_producer_id_for_the_first_outstanding_batch_renumbers_the_waiting_batches_under_a_new_id() {
+        let mut s = Sequencer::default();
+        s.issued(ID);
+        let mut queue = VecDeque::new();
+        stamped_and_sent(&mut s, &mut queue, 0..3);
         let first = queue.pop_front().expect("first");
         s.acknowledged(&first);
-        assert!(s.is_first_unacknowledged(&queue[0]));
-        assert!(!s.is_first_unacknowledged(&queue[1]));
-        s.unknown_producer(&queue[0]);
-        assert_eq!(s.resets_pending(), vec![key.clone()]);
+        assert!(s.is_first_outstanding(&queue[0]));
+        assert!(!s.is_first_outstanding(&queue[1]));
+        s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
+        assert_eq!(s.resets_pending(), vec![key()]);
+        assert!(!s.ready_to_reset(&key(), false), "not while a batch is in flight");
+        assert!(s.ready_to_reset(&key(), true));
         // A batch not sent yet waits for the reset.
         let mut later = batch(0, 3, 1);
         assert!(matches!(s.stamp(&mut later), Stamp::AwaitingReset));
         queue.push_back(later);
         assert_eq!(
-            s.reset(&key, &mut queue, &status),
+            s.reset(&key(), &mut queue),
             4,
-            "the two sent batches of 2 records"
+            "the two sent batches of 2 records, proven unwritten"
         );
-        assert_eq!(status.unvouched(), 4);
         assert!(s.resets_pending().is_empty());
         // The old id is not taken again: a new one is needed.
+        s.begin_pass();
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::NeedsId));
+        assert!(s.wants_id());
         s.issued(ProducerIdentity {
             producer_id: 41,
             producer_epoch: 0,
@@ -395,33 +455,69 @@ mod tests {
             bases.push(h.producer.base_sequence);
         }
         assert_eq!(bases, vec![0, 2, 4]);
-        // A second reset does not count the same records twice.
-        s.failed_for_good(&queue[0]);
-        assert_eq!(s.reset(&key, &mut queue, &status), 0);
-        assert_eq!(status.unvouched(), 4);
     }
 
     #[test]
-    fn a_failure_under_an_old_id_does_not_reset_the_partition_again() {
-        let status = Status::default();
+    fn a_batch_that_failed_for_good_leaves_the_identity_until_the_next_one_proves_a_gap() {
         let mut s = Sequencer::default();
         s.issued(ID);
-        let key: PartitionKey = (Arc::from("t"), 0);
-        let mut old = batch(0, 0, 1);
-        assert!(matches!(s.stamp(&mut old), Stamp::Ready));
-        let stale = old.producer;
-        s.failed_for_good(&old);
-        s.reset(&key, &mut VecDeque::new(), &status);
+        let mut queue = VecDeque::new();
+        stamped_and_sent(&mut s, &mut queue, 0..3);
+        // The first batch timed out: its outcome is unknown.
+        let failed = queue.pop_front().expect("first");
+        s.failed_for_good(&failed);
+        assert!(s.resets_pending().is_empty(), "a failure alone changes nothing");
+        assert!(s.is_first_outstanding(&queue[0]));
+        assert!(s.follows_a_failure(&queue[0]));
+        // Acknowledged: the failed batch was written after all; the identity goes on.
+        let landed = queue.pop_front().expect("second");
+        s.acknowledged(&landed);
+        assert!(!s.follows_a_failure(&queue[0]));
+        let mut next = batch(0, 3, 1);
+        assert!(matches!(s.stamp(&mut next), Stamp::Ready));
+        assert_eq!(header(&next).producer.base_sequence, 6, "numbering goes on");
+
+        // A failure, then the next batch refused out of order: a proven gap.
+        s.failed_for_good(&queue[0]);
+        queue.clear();
+        next.sent = true;
+        assert!(s.is_first_outstanding(&next) && s.follows_a_failure(&next));
+        s.refused_for_good(&next, ResetCause::Gap);
+        queue.push_back(next);
+        assert!(s.ready_to_reset(&key(), true));
+        s.reset(&key(), &mut queue);
+        s.issued(ProducerIdentity {
+            producer_id: 42,
+            producer_epoch: 0,
+        });
+        assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
+        assert_eq!(header(&queue[0]).producer.producer_id, 42);
+        assert_eq!(header(&queue[0]).producer.base_sequence, 0);
+    }
+
+    #[test]
+    fn a_failure_under_an_old_id_does_not_touch_the_new_one() {
+        let mut s = Sequencer::default();
+        s.issued(ID);
+        let mut queue = VecDeque::new();
+        stamped_and_sent(&mut s, &mut queue, 0..1);
+        let stale = queue[0].producer;
+        s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
+        s.reset(&key(), &mut queue);
         s.issued(ProducerIdentity {
             producer_id: 50,
             producer_epoch: 0,
         });
-        let mut fresh = batch(0, 1, 1);
-        assert!(matches!(s.stamp(&mut fresh), Stamp::Ready));
+        assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
         let mut late = batch(0, 2, 1);
         late.producer = stale;
+        s.refused_for_good(&late, ResetCause::Gap);
         s.failed_for_good(&late);
         assert!(s.resets_pending().is_empty());
+        assert!(
+            s.is_first_outstanding(&queue[0]),
+            "the renumbered batch is still outstanding"
+        );
     }
 
     #[test]
@@ -440,5 +536,27 @@ mod tests {
             s.partitions.values().next().and_then(|p| p.reset),
             Some(ResetCause::SequenceExhausted)
         );
+        // Stamped batches still go out under the old identity, and the switch waits for
+        // every one of them to be answered, even with nothing in flight right now.
+        let mut again = fits;
+        let before = again.bytes.clone();
+        assert!(matches!(s.stamp(&mut again), Stamp::Ready));
+        assert_eq!(again.bytes, before, "resent as it was");
+        s.acknowledged(&first);
+        assert!(!s.ready_to_reset(&key(), true), "a stamped batch is unresolved");
+        s.failed_for_good(&again);
+        assert!(s.ready_to_reset(&key(), true));
+        let mut queue = VecDeque::from([over]);
+        assert_eq!(
+            s.reset(&key(), &mut queue),
+            0,
+            "only a batch never stamped is renumbered"
+        );
+        s.issued(ProducerIdentity {
+            producer_id: 60,
+            producer_epoch: 0,
+        });
+        assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
+        assert_eq!(header(&queue[0]).producer.base_sequence, 0);
     }
 }

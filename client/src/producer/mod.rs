@@ -146,6 +146,10 @@ impl ProducerConfig {
         self.delivery_timeout = timeout;
         self
     }
+    pub fn retry_backoff(mut self, backoff: Duration) -> Self {
+        self.retry_backoff = backoff;
+        self
+    }
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -327,11 +331,11 @@ impl Producer {
         Ok(Producer { inner })
     }
 
-    /// Records this producer sent, could not get acknowledged under their first producer id,
-    /// and resent under a new one (its partition's producer state was lost, a batch before
-    /// them failed for good, or sequences ran out). The broker cannot tell such a resend from
-    /// a new record, so each may have been written twice. 0 without idempotence (where no
-    /// resend is vouched for).
+    /// Records this producer resent under a new producer id without proof that their first
+    /// send was not written: each may have been written twice. The producer switches ids
+    /// only for batches never sent or proven unwritten (see `docs/producer.md`), so this
+    /// stays 0; it is kept so that callers can keep checking it. 0 without idempotence too
+    /// (where no resend is vouched for).
     pub fn unvouched_records(&self) -> u64 {
         self.inner.status.unvouched()
     }
@@ -339,8 +343,10 @@ impl Producer {
     /// Adds a record to its partition's batch. Waits only when the in-flight byte budget is
     /// used up (backpressure). The returned future resolves when the batch is acknowledged.
     ///
-    /// Once an idempotent producer stopped for good (fenced by a newer epoch of its id), every
-    /// send fails with [`ClientError::ProducerStopped`].
+    /// Once an idempotent producer stopped for good, every send fails with
+    /// [`ClientError::ProducerStopped`]: when a newer epoch of its id fenced it, or when the
+    /// cluster refused `InitProducer` for good (a broker without it, or an error whose detail
+    /// says no retry helps; a broken connection or an unavailable controller is retried).
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
         if let Some(stopped) = self.inner.status.stopped() {
             return Err(stopped);

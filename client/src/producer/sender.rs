@@ -9,8 +9,9 @@
 //! # Order across failures
 //! A retried batch must not land behind a later batch of its partition. Two rules keep it:
 //! - A partition's batches are in flight on one link at a time. When its leader moves, its
-//!   batches wait until everything sent to the old leader is answered, so nothing still on
-//!   its way there can be appended after what goes to the new one.
+//!   batches wait until everything sent to the old leader is answered, or abandoned with a
+//!   broken or timed-out link (the old leader may still append those: only idempotence
+//!   keeps that from reordering or duplicating).
 //! - On a link, a partition's batches are numbered (`PartitionProduce.sequence`). The broker
 //!   appends a numbered batch only if the one before it was appended, so when one is refused
 //!   the rest of its run is refused too. The partition then sends nothing until every batch
@@ -21,11 +22,13 @@
 //! same guarantee (the broker refuses a batch after a refused one with OUT_OF_ORDER_SEQUENCE),
 //! and it also keeps at most 5 batches of a partition in flight (see `idempotence` and
 //! `docs/producer.md`). What each error does there:
-//! - OUT_OF_ORDER_SEQUENCE: as OUT_OF_SEQUENCE, not an attempt, unless the refused batch is
-//!   the partition's first unacknowledged one (then nothing of ours explains it: an attempt,
-//!   with backoff).
-//! - UNKNOWN_PRODUCER_ID, or a sequenced batch failing for good: the partition takes a new
-//!   producer id once nothing of it is in flight.
+//! - OUT_OF_ORDER_SEQUENCE or UNKNOWN_PRODUCER_ID for a batch with an earlier one of its
+//!   partition unresolved: as OUT_OF_SEQUENCE, not an attempt.
+//! - UNKNOWN_PRODUCER_ID for the first outstanding batch, or OUT_OF_ORDER_SEQUENCE for it
+//!   after a batch that failed for good: the partition takes a new producer id once nothing
+//!   of it is in flight. OUT_OF_ORDER_SEQUENCE for it otherwise: nothing of ours explains
+//!   it, an attempt with backoff.
+//! - A sequenced batch failing for good changes nothing by itself (`idempotence`).
 //! - PRODUCER_FENCED: the producer stops for good; every batch still queued and every later
 //!   send fails.
 //! - INVALID_PRODUCER_ID: retried (the broker may not have learned of the id yet).
@@ -41,10 +44,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::Streaming;
 
-use super::idempotence::{MAX_IN_FLIGHT_PER_PARTITION, ProducerIdentity, Sequencer, Stamp, Status};
+use super::idempotence::{MAX_IN_FLIGHT_PER_PARTITION, ProducerIdentity, ResetCause, Sequencer, Stamp, Status};
 use super::{Acks, ProducerConfig, Sealed, key_of};
 use crate::cluster::Route;
-use crate::error::{ClientError, link_error};
+use crate::error::ClientError;
 use crate::{Client, MAX_MESSAGE_BYTES, UNKNOWN_TOPIC_WAIT};
 
 /// Batches packed into one produce request at most.
@@ -121,6 +124,8 @@ struct State {
     /// Why the last `InitProducer` failed: what a batch that times out waiting for an id
     /// fails with.
     id_error: Option<ClientError>,
+    /// `InitProducer` failures in a row: the pause before asking again doubles with each.
+    id_failures: u32,
 }
 
 impl State {
@@ -146,21 +151,7 @@ impl State {
             flight.broken = true;
         }
         let code = error.code();
-        let first_unacknowledged = self
-            .sequencer
-            .as_mut()
-            .is_some_and(|s| s.is_first_unacknowledged(&batch));
-        // Refused only because an earlier batch of its run was: not this batch's attempt,
-        // and nothing to learn about the leader.
-        let behind_a_refused_batch = code == Some(ErrorCode::OutOfSequence)
-            || (code == Some(ErrorCode::OutOfOrderSequence) && !first_unacknowledged);
-        if code == Some(ErrorCode::UnknownProducerId)
-            && let Some(sequencer) = self.sequencer.as_mut()
-        {
-            // Resent under a new id once the rest of the partition's run is answered.
-            sequencer.unknown_producer(&batch);
-        }
-        if behind_a_refused_batch || code == Some(ErrorCode::UnknownProducerId) {
+        if self.sequence_refusal(&batch, code) {
             if batch.sealed_at.elapsed() < self.config.delivery_timeout {
                 self.requeue(batch);
             } else {
@@ -200,8 +191,39 @@ impl State {
         }
     }
 
-    /// Fails a batch for good. A sequenced batch leaves a gap its partition cannot write
-    /// past under its producer id: the partition takes a new one.
+    /// Whether `code` refused `batch` for sequence reasons, so that it goes back to the
+    /// queue without counting as an attempt: it was refused only because an earlier batch of
+    /// its run was (nothing to learn about the leader), or the refusal proved that its
+    /// partition must take a new producer id (see `idempotence`). False for an
+    /// OUT_OF_ORDER_SEQUENCE that nothing of ours explains: an attempt, with backoff.
+    fn sequence_refusal(&mut self, batch: &Sealed, code: Option<ErrorCode>) -> bool {
+        if code == Some(ErrorCode::OutOfSequence) {
+            return true;
+        }
+        if !matches!(code, Some(ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId)) {
+            return false;
+        }
+        let Some(sequencer) = self.sequencer.as_mut() else {
+            return true;
+        };
+        // An earlier batch of ours is unresolved (refused BUSY, say, or on its way): the
+        // broker judged this one without it, and may not know the producer yet.
+        if !sequencer.is_first_outstanding(batch) {
+            return true;
+        }
+        if code == Some(ErrorCode::UnknownProducerId) {
+            sequencer.refused_for_good(batch, ResetCause::UnknownProducerId);
+            return true;
+        }
+        if sequencer.follows_a_failure(batch) {
+            sequencer.refused_for_good(batch, ResetCause::Gap);
+            return true;
+        }
+        false
+    }
+
+    /// Fails a batch for good. Its partition keeps its producer id: the next batch sent
+    /// shows whether this one was written (see `idempotence`).
     fn fail(&mut self, batch: Sealed, error: ClientError) {
         if let Some(sequencer) = self.sequencer.as_mut() {
             sequencer.failed_for_good(&batch);
@@ -240,24 +262,28 @@ impl State {
             return;
         };
         for key in sequencer.resets_pending() {
-            if self.flights.get(&key).is_none_or(|f| f.inflight == 0) {
-                sequencer.reset(&key, &mut self.queue, &self.status);
+            let idle = self.flights.get(&key).is_none_or(|f| f.inflight == 0);
+            if sequencer.ready_to_reset(&key, idle) {
+                sequencer.reset(&key, &mut self.queue);
             }
         }
     }
 
-    /// Asks for a producer id if a partition waits for one and no request is under way.
+    /// Asks for a producer id if a batch of this dispatch pass waits for one and no request
+    /// is under way. A failed request is reported only after a pause that doubles with each
+    /// failure in a row (from `retry_backoff` to [`MAX_ID_BACKOFF`]), and asked again only
+    /// if a batch still waits then: a producer with nothing to send stops asking.
     fn request_id_if_wanted(&mut self) {
         if self.requesting_id || !self.sequencer.as_ref().is_some_and(Sequencer::wants_id) {
             return;
         }
         self.requesting_id = true;
-        let (client, answers, backoff) = (self.client.clone(), self.ids.clone(), self.config.retry_backoff);
+        let pause = id_backoff(self.config.retry_backoff, self.id_failures);
+        let (client, answers) = (self.client.clone(), self.ids.clone());
         tokio::spawn(async move {
             let result = client.init_producer().await;
-            // A retriable failure is asked again as soon as it is reported: pause first.
-            if result.as_ref().is_err_and(ClientError::is_retriable) {
-                tokio::time::sleep(backoff).await;
+            if result.as_ref().is_err_and(|e| !stops_for_good(e)) {
+                tokio::time::sleep(pause).await;
             }
             let _ = answers.send(result).await;
         });
@@ -269,13 +295,15 @@ impl State {
             Ok(identity) => {
                 tracing::debug!(producer_id = identity.producer_id, epoch = identity.producer_epoch, "producer id issued");
                 self.id_error = None;
+                self.id_failures = 0;
                 if let Some(sequencer) = self.sequencer.as_mut() {
                     sequencer.issued(identity);
                 }
             }
-            Err(e) if e.is_retriable() => {
-                tracing::warn!(error = %e, "could not get a producer id; asking again");
+            Err(e) if !stops_for_good(&e) => {
+                tracing::warn!(error = %e, failures = self.id_failures + 1, "could not get a producer id; asking again while batches wait for one");
                 self.id_error = Some(e);
+                self.id_failures = self.id_failures.saturating_add(1);
             }
             Err(e) => self.status.stop(
                 format!(
@@ -391,6 +419,9 @@ impl State {
         let max_inflight = self.config.max_in_flight_requests.max(1);
         if self.fail_all_if_stopped() {
             return;
+        }
+        if let Some(sequencer) = self.sequencer.as_mut() {
+            sequencer.begin_pass();
         }
         self.reset_idle_partitions();
         let queued = std::mem::take(&mut self.queue);
@@ -556,6 +587,33 @@ fn merge_by_seq(a: VecDeque<Sealed>, b: VecDeque<Sealed>) -> VecDeque<Sealed> {
     }
 }
 
+/// A produce stream that fails, or cannot be opened: see [`ClientError::from_call`].
+fn link_error(status: tonic::Status, address: &str) -> ClientError {
+    ClientError::from_call(status, address)
+}
+
+/// The longest pause between two `InitProducer` requests that failed.
+const MAX_ID_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The pause after the `failures + 1`th `InitProducer` failure in a row.
+fn id_backoff(base: std::time::Duration, failures: u32) -> std::time::Duration {
+    base.saturating_mul(1 << failures.min(16)).min(MAX_ID_BACKOFF)
+}
+
+/// Whether an `InitProducer` failure stops the producer: a broker that does not know the
+/// call (an older version), or one that says, in its own error detail, that no retry will
+/// help. A broken connection, a timeout or an unexplained code is asked again.
+fn stops_for_good(e: &ClientError) -> bool {
+    match e {
+        ClientError::Broker {
+            code: tonic::Code::Unimplemented,
+            ..
+        } => true,
+        ClientError::Broker { detail: Some(d), .. } => !d.retriable,
+        _ => false,
+    }
+}
+
 async fn open_link(
     channel: tonic::transport::Channel,
     depth: usize,
@@ -583,6 +641,7 @@ pub(crate) async fn run(
         ids,
         requesting_id: false,
         id_error: None,
+        id_failures: 0,
         client,
         config,
         inflight: BTreeMap::new(),
