@@ -303,11 +303,14 @@ async fn ask(registry: &Registry, controller: u32, me: u32) -> Result<ProducerId
 /// it carries no detail: a dropped connection, a timeout).
 fn remote_error(controller: u32, status: &tonic::Status) -> BrokerError {
     let detail = ErrorDetail::decode(status.details()).unwrap_or_default();
+    // A call cut by a broken connection (the controller died mid-call) is `Unknown`
+    // ("transport error") without a detail.
     let retriable = detail.retriable
         || matches!(
             status.code(),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-        );
+        )
+        || (status.code() == tonic::Code::Unknown && status.details().is_empty());
     let reason = format!("controller (broker {controller}): {}", status.message());
     if retriable {
         BrokerError::ProducerIdsUnavailable { reason }
@@ -331,6 +334,14 @@ fn check_block(block: &ProducerIdBlock, controller: u32) -> Result<ProducerIdBlo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_cut_by_a_broken_connection_is_retriable() {
+        let cut = remote_error(2, &tonic::Status::unknown("transport error"));
+        assert!(cut.detail().retriable, "{cut}");
+        let refused = remote_error(2, &tonic::Status::invalid_argument("no"));
+        assert!(!refused.detail().retriable, "{refused}");
+    }
 
     #[test]
     fn a_block_that_could_issue_a_negative_or_overflowing_id_is_refused() {
