@@ -192,18 +192,12 @@ fn inflating_bytes(batches: &[Bytes], limit: usize) -> usize {
 impl ProduceService {
     /// Looks up one part's partition and packs its plain records; its batches are checked
     /// later, by [`validate_part`].
-    fn look_up(
-        &self,
-        name: &str,
-        index: i32,
-        sequence: u64,
-        mut batches: Vec<Bytes>,
-        records: Vec<pb::Record>,
-        producer: Result<batch::ProducerInfo>,
-        acks_all: bool,
-    ) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
+    fn look_up(&self, part: &mut pb::PartitionProduce, acks_all: bool) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
+        let (name, index, sequence) = (part.topic.as_str(), part.partition, part.sequence);
         check_topic_name_length(name)?;
-        let producer = producer?;
+        let producer = records_producer(part)?;
+        let mut batches = std::mem::take(&mut part.batches);
+        let records = std::mem::take(&mut part.records);
         if !acks_all {
             // With weaker acks nobody may wait for the owner's refusal (acks=none): refused here.
             let idempotent = producer != batch::ProducerInfo::NONE
@@ -263,19 +257,8 @@ impl ProduceService {
         let parts: Vec<Part> = req
             .partitions
             .into_iter()
-            .map(|pp| Part {
-                work: {
-                    let producer = records_producer(&pp);
-                    self.look_up(
-                        &pp.topic,
-                        pp.partition,
-                        pp.sequence,
-                        pp.batches,
-                        pp.records,
-                        producer,
-                        acks_all,
-                    )
-                },
+            .map(|mut pp| Part {
+                work: self.look_up(&mut pp, acks_all),
                 topic: pp.topic,
                 index: pp.partition,
                 sequence: pp.sequence,
