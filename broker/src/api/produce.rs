@@ -588,15 +588,25 @@ impl Produce for ProduceService {
                 let span = produce_span(&req);
                 match Self::check_request(&req) {
                     Ok(acks) => {
-                        let prepared = service
-                            .prepare(req, Some(&mut sequences))
-                            .instrument(span.clone())
-                            .await;
-                        // Waits while the partitions' queued bytes are full: the stream reads
-                        // nothing meanwhile, and flow control holds its client.
-                        let parts = ProduceService::enqueue(acks, prepared, &share, None)
-                            .instrument(span.clone())
-                            .await;
+                        // A client that gave up on the stream (its request timed out) may
+                        // already be resending these batches elsewhere, or renumbering them:
+                        // what it abandoned is not queued after it left, so a late copy cannot
+                        // land behind its newer batches.
+                        let queued = async {
+                            let prepared = service
+                                .prepare(req, Some(&mut sequences))
+                                .instrument(span.clone())
+                                .await;
+                            // Waits while the partitions' queued bytes are full: the stream
+                            // reads nothing meanwhile, and flow control holds its client.
+                            ProduceService::enqueue(acks, prepared, &share, None)
+                                .instrument(span.clone())
+                                .await
+                        };
+                        let parts = tokio::select! {
+                            parts = queued => parts,
+                            _ = tx.closed() => break,
+                        };
                         drop(share);
                         let tx = tx.clone();
                         tokio::spawn(

@@ -190,6 +190,15 @@ impl PartitionProducers {
                 return false;
             }
             if h.base_offset >= snapshot_at {
+                // As while applying: the state at each segment start is stored, so that
+                // retention can move the log start there (a log from before producer
+                // snapshots, or segments rolled after the last snapshot before a crash).
+                if h.base_offset > snapshot_at && log.segment_base_of(h.base_offset) == Some(h.base_offset) {
+                    match store.write(h.base_offset, &table) {
+                        Ok(()) => snapshot_at = h.base_offset,
+                        Err(e) => tracing::warn!(dir = %log.dir().display(), error = %e, "cannot write a producer snapshot during replay"),
+                    }
+                }
                 table.apply(h, h.base_offset, now);
                 replayed += 1;
             }

@@ -377,14 +377,21 @@ impl Owner {
             drop(request.reply.send(Err(self.not_leader(node))));
             return;
         }
-        if self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term))
-            && node.has_ready()
-            && self.waiting.len() < MAX_WAITING
-        {
+        if self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term)) && node.has_ready() {
             // A new leader: the Ready job about to run reads its log's unapplied tail for the
             // producer state, off the reactor; the request is judged after it, in order (and
             // before its stream order is checked: an earlier part may be waiting here too).
-            self.waiting.push_back((Instant::now(), request));
+            // With the queue full it is refused (retriable) rather than judged ahead of the
+            // requests waiting.
+            if self.waiting.len() < MAX_WAITING {
+                self.waiting.push_back((Instant::now(), request));
+            } else {
+                let error = BrokerError::LeaderNotAvailable {
+                    topic: self.topic.clone(),
+                    partition: self.index,
+                };
+                drop(request.reply.send(Err(error)));
+            }
             return;
         }
         if let Some(order) = &request.order {
@@ -464,7 +471,8 @@ impl Owner {
             return;
         }
         if !Self::must_hold(node) {
-            // Nothing is held again on the way: `must_hold` is false here.
+            // Taken first: a request held again on the way (a new leader's producer state not
+            // built yet) goes back to the queue in order.
             for (_, request) in std::mem::take(&mut self.waiting) {
                 self.propose(node, request);
             }

@@ -1,3 +1,4 @@
+use conveyor_storage::PartitionLog;
 use conveyor_storage::batch::{BatchBuilder, Compression, ProducerInfo, Record};
 
 use super::*;
@@ -187,4 +188,64 @@ fn a_new_leader_judges_retries_of_batches_it_inherited_uncommitted() {
         p.plan(vec![batch(7, 0, 2, 1)], Acks::All),
         Ok(Plan::Propose { .. })
     ));
+}
+
+/// A Raft log of `count` single-record idempotent batches of producer 7 (sequences 0..),
+/// in segments of 4 KiB, all committed.
+fn log_of_idempotent_batches(dir: &std::path::Path, count: u64) -> RaftLog {
+    let config = conveyor_storage::LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        max_index_bytes: 4096,
+        max_batch_bytes: 4096,
+        flush: conveyor_storage::FlushPolicy::Os,
+        ..conveyor_storage::LogConfig::default()
+    };
+    let log = Arc::new(PartitionLog::open(dir, config).expect("log"));
+    let raft = RaftLog::open(log).expect("raft log");
+    let entries: Vec<Entry> = (1..=count)
+        .map(|index| Entry {
+            index,
+            term: 1,
+            data: batch(7, 0, (index - 1) as i32, 1).bytes().clone(),
+            ..Entry::default()
+        })
+        .collect();
+    raft.append(&entries, crate::replica::entry::Origin::Peer)
+        .expect("append");
+    raft.persist().expect("persist");
+    raft
+}
+
+#[test]
+fn a_log_without_producer_snapshots_gets_one_at_every_segment_start_it_replays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft = log_of_idempotent_batches(dir.path(), 200);
+    let log = raft.partition_log();
+    assert!(log.segment_count() > 3, "the batches span segments");
+    let store = Arc::new(SnapshotStore::open(dir.path()).expect("store"));
+    let loaded = PartitionProducers::load(&raft, Arc::clone(&store), 200, Arc::default(), Arc::default());
+    let entry = loaded.table.get(7).expect("producer 7 replayed");
+    assert_eq!(entry.last().map(|b| b.last_sequence), Some(199));
+    // Retention can move the log start to any segment start: each has a snapshot.
+    let offsets = store.offsets();
+    let starts: Vec<u64> = (log.log_start_offset() + 1..log.log_end_offset())
+        .filter(|o| log.segment_base_of(*o) == Some(*o))
+        .collect();
+    assert!(starts.len() >= 3, "{starts:?}");
+    for start in &starts {
+        assert!(
+            offsets.contains(start),
+            "no snapshot at segment start {start}: {offsets:?}"
+        );
+    }
+    // And one at the end of the replay, so the next open replays nothing.
+    assert_eq!(offsets.last(), Some(&raft.offset_after(200)));
+    // The snapshot at a segment start holds exactly the batches below it.
+    let second = offsets[1];
+    let (_, _, table) = store.read_at_or_below(second).expect("snapshot");
+    assert_eq!(
+        table.get(7).and_then(|e| e.last()).map(|b| b.last_offset + 1),
+        Some(second)
+    );
 }
