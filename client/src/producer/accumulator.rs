@@ -121,6 +121,13 @@ impl Sealed {
             .map_or(0, |p| i64::from(p.base_sequence) + i64::from(self.records))
     }
 
+    /// The batch's outcome once it is known.
+    #[cfg(test)]
+    pub(crate) fn outcome(&self) -> impl Fn() -> Option<Result<Option<u64>>> + use<> {
+        let slot = Arc::clone(&self.slot);
+        move || slot.result.get().cloned()
+    }
+
     #[cfg(test)]
     pub(crate) fn for_test(topic: Arc<str>, partition: i32, bytes: Bytes, records: u32, seq: u64) -> Sealed {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a free permit");

@@ -25,12 +25,14 @@
 //! - OUT_OF_ORDER_SEQUENCE or UNKNOWN_PRODUCER_ID for a batch with an earlier one of its
 //!   partition unresolved: as OUT_OF_SEQUENCE, not an attempt.
 //! - UNKNOWN_PRODUCER_ID for the first outstanding batch, or OUT_OF_ORDER_SEQUENCE for it
-//!   after a batch that failed for good: the partition takes a new producer id once nothing
-//!   of it is in flight. OUT_OF_ORDER_SEQUENCE for it otherwise: nothing of ours explains
-//!   it, an attempt with backoff.
+//!   after a batch that failed for good: the partition resets (same id, next epoch, its
+//!   waiting batches numbered from 0) once nothing of it is in flight; the records of
+//!   renumbered batches that had been sent count as unvouched. OUT_OF_ORDER_SEQUENCE for it
+//!   otherwise: nothing of ours explains it, an attempt with backoff.
 //! - A sequenced batch failing for good changes nothing by itself (`idempotence`).
-//! - PRODUCER_FENCED: the producer stops for good; every batch still queued and every later
-//!   send fails.
+//! - PRODUCER_FENCED for the partition's current identity: the producer stops for good;
+//!   every batch still queued and every later send fails. For an identity the partition has
+//!   left (an older epoch): only that batch fails.
 //! - INVALID_PRODUCER_ID: retried (the broker may not have learned of the id yet).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -129,6 +131,31 @@ struct State {
 }
 
 impl State {
+    fn new(
+        client: Client,
+        config: ProducerConfig,
+        status: Arc<Status>,
+        ids: mpsc::Sender<Result<ProducerIdentity, ClientError>>,
+    ) -> State {
+        State {
+            sequencer: config.idempotence.then(Sequencer::default),
+            status,
+            ids,
+            requesting_id: false,
+            id_error: None,
+            id_failures: 0,
+            client,
+            config,
+            inflight: BTreeMap::new(),
+            requeued: HashSet::new(),
+            queue: VecDeque::new(),
+            links: HashMap::new(),
+            flights: HashMap::new(),
+            next_id: 0,
+            backoff: false,
+        }
+    }
+
     fn acks(&self) -> i32 {
         match self.config.acks {
             Acks::None => pb::Acks::None as i32,
@@ -160,6 +187,13 @@ impl State {
             return;
         }
         if code == Some(ErrorCode::ProducerFenced) {
+            if self.sequencer.as_ref().is_some_and(|s| s.superseded(&batch)) {
+                // The partition left that epoch: this copy was refused, the partition goes
+                // on under its newer one.
+                tracing::debug!(topic = %batch.topic, partition = batch.partition, producer = ?batch.producer, %error, "a batch of an older epoch was fenced");
+                self.fail(batch, error);
+                return;
+            }
             let id = batch.producer.map_or(-1, |p| p.producer_id);
             self.status.stop(
                 format!(
@@ -193,8 +227,8 @@ impl State {
 
     /// Whether `code` refused `batch` for sequence reasons, so that it goes back to the
     /// queue without counting as an attempt: it was refused only because an earlier batch of
-    /// its run was (nothing to learn about the leader), or the refusal proved that its
-    /// partition must take a new producer id (see `idempotence`). False for an
+    /// its run was (nothing to learn about the leader), or the refusal means that its
+    /// partition must reset (see `idempotence`). False for an
     /// OUT_OF_ORDER_SEQUENCE that nothing of ours explains: an attempt, with backoff.
     fn sequence_refusal(&mut self, batch: &Sealed, code: Option<ErrorCode>) -> bool {
         if code == Some(ErrorCode::OutOfSequence) {
@@ -256,7 +290,8 @@ impl State {
         true
     }
 
-    /// Partitions due a new producer id take it once nothing of theirs is in flight.
+    /// Partitions due a reset take it once nothing of theirs is in flight (or, when their
+    /// sequences ran out, once every stamped batch is answered).
     fn reset_idle_partitions(&mut self) {
         let Some(sequencer) = self.sequencer.as_mut() else {
             return;
@@ -264,7 +299,7 @@ impl State {
         for key in sequencer.resets_pending() {
             let idle = self.flights.get(&key).is_none_or(|f| f.inflight == 0);
             if sequencer.ready_to_reset(&key, idle) {
-                sequencer.reset(&key, &mut self.queue);
+                self.status.add_unvouched(sequencer.reset(&key, &mut self.queue));
             }
         }
     }
@@ -635,23 +670,7 @@ pub(crate) async fn run(
 ) {
     let backoff = config.retry_backoff;
     let (ids, mut issued) = mpsc::channel(1);
-    let mut state = State {
-        sequencer: config.idempotence.then(Sequencer::default),
-        status,
-        ids,
-        requesting_id: false,
-        id_error: None,
-        id_failures: 0,
-        client,
-        config,
-        inflight: BTreeMap::new(),
-        requeued: HashSet::new(),
-        queue: VecDeque::new(),
-        links: HashMap::new(),
-        flights: HashMap::new(),
-        next_id: 0,
-        backoff: false,
-    };
+    let mut state = State::new(client, config, status, ids);
     let mut responses: StreamMap<String, Streaming<ProduceResponse>> = StreamMap::new();
     let mut input_open = true;
     let mut expiry = tokio::time::interval(TIMEOUT_CHECK);
@@ -719,6 +738,69 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stamped_batch(sequencer: &mut Sequencer, seal_seq: u64, records: u32) -> Sealed {
+        let mut b = conveyor_storage::batch::BatchBuilder::new(conveyor_storage::batch::Compression::None);
+        for _ in 0..records {
+            b.push(&conveyor_storage::batch::Record {
+                timestamp: 1,
+                value: Some(bytes::Bytes::from_static(b"r")),
+                ..Default::default()
+            });
+        }
+        let mut batch = Sealed::for_test(Arc::from("t"), 0, b.build().expect("build"), records, seal_seq);
+        assert!(matches!(sequencer.stamp(&mut batch), Stamp::Ready));
+        batch.sent = true;
+        batch
+    }
+
+    fn fenced() -> ClientError {
+        ClientError::from_detail(pb::ErrorDetail {
+            code: ErrorCode::ProducerFenced as i32,
+            message: "fenced".into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_reset_counts_renumbered_sent_records_and_a_fence_of_the_left_epoch_fails_only_its_batch() {
+        let (_fake, address) = super::super::fake_broker_tests::start_fake().await;
+        let client = Client::connect(&address).await.expect("connect");
+        let status = Arc::new(Status::default());
+        let (ids, _issued) = mpsc::channel(1);
+        let mut state = State::new(client, ProducerConfig::default(), Arc::clone(&status), ids);
+        let sequencer = state.sequencer.as_mut().expect("idempotent by default");
+        sequencer.issued(ProducerIdentity {
+            producer_id: 7,
+            producer_epoch: 0,
+        });
+        // `late` stands for a copy given up on under epoch 0; `waiting` was sent too and is
+        // renumbered by the reset.
+        let late = stamped_batch(sequencer, 0, 3);
+        let waiting = stamped_batch(sequencer, 1, 2);
+        sequencer.refused_for_good(&late, ResetCause::Gap);
+        state.queue.push_back(waiting);
+        state.reset_idle_partitions();
+        assert_eq!(status.unvouched(), 2, "the records of the sent batch renumbered");
+
+        let outcome = late.outcome();
+        state.retry_or_fail(late, fenced());
+        assert!(status.stopped().is_none(), "{:?}", status.stopped());
+        let e = outcome().expect("resolved").expect_err("fenced");
+        assert_eq!(e.code(), Some(ErrorCode::ProducerFenced));
+
+        // Under the partition's current epoch a fence stops the producer.
+        let mut renumbered = state.queue.pop_front().expect("waiting");
+        let sequencer = state.sequencer.as_mut().expect("idempotent");
+        assert!(matches!(sequencer.stamp(&mut renumbered), Stamp::Ready));
+        assert_eq!(
+            renumbered.producer.map(|p| (p.producer_id, p.producer_epoch, p.base_sequence)),
+            Some((7, 1, 0))
+        );
+        state.retry_or_fail(renumbered, fenced());
+        let stopped = status.stopped().expect("stopped");
+        assert_eq!(stopped.code(), Some(ErrorCode::ProducerFenced), "{stopped}");
+    }
 
     #[test]
     fn a_stream_canceled_by_a_broker_closing_its_connections_is_retried_not_failed() {
