@@ -94,7 +94,7 @@ pub(crate) struct Sealed {
     /// The producer identity and base sequence stamped into its bytes (idempotent producers),
     /// once it was given them at its first send.
     pub producer: Option<ProducerInfo>,
-    /// Sent at least once: if it was written, a resend under another producer id could
+    /// Sent at least once: if it was written, a resend under another identity could
     /// write it twice.
     pub sent: bool,
     completed: bool,

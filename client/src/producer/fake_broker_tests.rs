@@ -326,7 +326,13 @@ async fn an_unknown_producer_id_for_the_first_unacknowledged_batch_bumps_the_epo
     let stamps: Vec<(i64, i16, i32)> = fake
         .headers()
         .iter()
-        .map(|h| (h.producer.producer_id, h.producer.producer_epoch, h.producer.base_sequence))
+        .map(|h| {
+            (
+                h.producer.producer_id,
+                h.producer.producer_epoch,
+                h.producer.base_sequence,
+            )
+        })
         .collect();
     assert_eq!(stamps, vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]);
     assert_eq!(fake.init_calls.load(Ordering::SeqCst), 1, "no new id");
@@ -360,11 +366,21 @@ async fn a_gap_after_a_failed_batch_renumbers_the_next_under_the_next_epoch_and_
     let stamps: Vec<(i64, i16, i32)> = fake
         .headers()
         .iter()
-        .map(|h| (h.producer.producer_id, h.producer.producer_epoch, h.producer.base_sequence))
+        .map(|h| {
+            (
+                h.producer.producer_id,
+                h.producer.producer_epoch,
+                h.producer.base_sequence,
+            )
+        })
         .collect();
     assert_eq!(stamps, vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]);
     assert_eq!(fake.init_calls.load(Ordering::SeqCst), 1, "no new id");
-    assert_eq!(producer.unvouched_records(), 1, "the third batch was sent under epoch 0");
+    assert_eq!(
+        producer.unvouched_records(),
+        1,
+        "the third batch was sent under epoch 0"
+    );
     producer
         .send(ProducerRecord::new("t", "still going").partition(0))
         .await

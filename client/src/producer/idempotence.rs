@@ -592,7 +592,10 @@ mod tests {
         s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
         assert_eq!(s.reset(&key(), &mut queue), 2);
         s.begin_pass();
-        assert!(matches!(s.stamp(&mut queue[0]), Stamp::NeedsId), "no epoch past i16::MAX");
+        assert!(
+            matches!(s.stamp(&mut queue[0]), Stamp::NeedsId),
+            "no epoch past i16::MAX"
+        );
         assert!(s.wants_id());
         let mut late = batch(0, 5, 1);
         late.producer = at_max;

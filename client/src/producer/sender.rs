@@ -265,7 +265,7 @@ impl State {
         batch.complete(Err(error));
     }
 
-    /// A batch that cannot be sent yet (its partition waits for a producer id) waits in
+    /// A batch that cannot be sent yet (its partition waits for a producer id or a reset) waits in
     /// `held`, unless its delivery timeout has passed.
     fn hold(&mut self, batch: Sealed, held: &mut VecDeque<Sealed>) {
         if batch.sealed_at.elapsed() < self.config.delivery_timeout {
@@ -794,7 +794,9 @@ mod tests {
         let sequencer = state.sequencer.as_mut().expect("idempotent");
         assert!(matches!(sequencer.stamp(&mut renumbered), Stamp::Ready));
         assert_eq!(
-            renumbered.producer.map(|p| (p.producer_id, p.producer_epoch, p.base_sequence)),
+            renumbered
+                .producer
+                .map(|p| (p.producer_id, p.producer_epoch, p.base_sequence)),
             Some((7, 1, 0))
         );
         state.retry_or_fail(renumbered, fenced());
