@@ -117,7 +117,7 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
         Format::Text => {
             println!("{acked} record(s) acknowledged by topic {}", args.topic);
             if unvouched > 0 {
-                println!("{unvouched} record(s) were resent under a new producer id and may be stored twice");
+                println!("{unvouched} record(s) were resent under a new producer epoch and may be stored twice");
             }
         }
     }

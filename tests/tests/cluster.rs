@@ -27,7 +27,7 @@ struct History {
     acked: Arc<Mutex<Vec<Acked>>>,
     failed: Arc<Mutex<u64>>,
     first_error: Arc<Mutex<Option<String>>>,
-    /// Records the producers resent under a new producer id (`Producer::unvouched_records`),
+    /// Records the producers resent under a new epoch (`Producer::unvouched_records`),
     /// summed once each producer has finished.
     unvouched: Arc<AtomicU64>,
 }
@@ -65,13 +65,13 @@ impl History {
         *self.failed.lock().expect("lock")
     }
 
-    /// No record was resent under a new producer id. A partition takes a new id only when a
-    /// sequenced batch failed for good or the broker forgot the producer, neither of which
-    /// these tests allow; an unvouched record is one the broker cannot dedupe.
+    /// No record was resent under a new epoch. A partition resets only when a sequenced
+    /// batch failed for good or the broker forgot the producer, neither of which these tests
+    /// allow; an unvouched record is one the broker cannot dedupe.
     fn assert_all_vouched(&self) {
         let unvouched = self.unvouched.load(Ordering::Relaxed);
         println!("unvouched records: {unvouched}");
-        assert_eq!(unvouched, 0, "records resent under a new producer id");
+        assert_eq!(unvouched, 0, "records resent under a new epoch");
     }
 }
 

@@ -79,7 +79,7 @@ async fn flood(address: String, topic: &'static str, stop: Arc<AtomicBool>, answ
 }
 
 /// Sends `checked-i` records with acks=all, idempotently and with retries, until `stop`,
-/// recording each acknowledgement. Returns the records it resent under a new producer id.
+/// recording each acknowledgement. Returns the records it resent under a new epoch.
 async fn produce_checked(
     bootstrap: String,
     topic: &'static str,

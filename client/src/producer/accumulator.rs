@@ -94,7 +94,7 @@ pub(crate) struct Sealed {
     /// The producer identity and base sequence stamped into its bytes (idempotent producers),
     /// once it was given them at its first send.
     pub producer: Option<ProducerInfo>,
-    /// Sent at least once: if it was written, a resend under another producer id could
+    /// Sent at least once: if it was written, a resend under another identity could
     /// write it twice.
     pub sent: bool,
     completed: bool,
@@ -119,6 +119,13 @@ impl Sealed {
     pub(crate) fn end_sequence(&self) -> i64 {
         self.producer
             .map_or(0, |p| i64::from(p.base_sequence) + i64::from(self.records))
+    }
+
+    /// The batch's outcome once it is known.
+    #[cfg(test)]
+    pub(crate) fn outcome(&self) -> impl Fn() -> Option<Result<Option<u64>>> + use<> {
+        let slot = Arc::clone(&self.slot);
+        move || slot.result.get().cloned()
     }
 
     #[cfg(test)]

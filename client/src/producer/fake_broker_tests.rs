@@ -34,7 +34,7 @@ enum Answer {
 }
 
 #[derive(Default)]
-struct Fake {
+pub(super) struct Fake {
     /// Every part received, in order.
     parts: Mutex<Vec<PartitionProduce>>,
     received: Notify,
@@ -152,7 +152,7 @@ impl Produce for Service {
     }
 }
 
-async fn start_fake() -> (Arc<Fake>, String) {
+pub(super) async fn start_fake() -> (Arc<Fake>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address").to_string();
     let fake = Arc::new(Fake::default());
@@ -315,7 +315,7 @@ async fn an_unknown_producer_id_behind_a_refused_batch_is_resent_under_the_same_
 }
 
 #[tokio::test]
-async fn an_unknown_producer_id_for_the_first_unacknowledged_batch_takes_a_new_id() {
+async fn an_unknown_producer_id_for_the_first_unacknowledged_batch_bumps_the_epoch_of_the_same_id() {
     let (fake, producer) = answering_fake(ProducerConfig::default()).await;
     delivered(send_records(&producer, 1).await).await;
     fake.script(&[
@@ -323,13 +323,68 @@ async fn an_unknown_producer_id_for_the_first_unacknowledged_batch_takes_a_new_i
         Answer::Refuse(ErrorCode::UnknownProducerId),
     ]);
     delivered(send_records(&producer, 2).await).await;
-    let ids: Vec<(i64, i32)> = fake
+    let stamps: Vec<(i64, i16, i32)> = fake
         .headers()
         .iter()
-        .map(|h| (h.producer.producer_id, h.producer.base_sequence))
+        .map(|h| {
+            (
+                h.producer.producer_id,
+                h.producer.producer_epoch,
+                h.producer.base_sequence,
+            )
+        })
         .collect();
-    assert_eq!(ids, vec![(77, 0), (77, 1), (77, 2), (78, 0), (78, 1)]);
-    assert_eq!(producer.unvouched_records(), 0, "refused batches are proven unwritten");
+    assert_eq!(stamps, vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]);
+    assert_eq!(fake.init_calls.load(Ordering::SeqCst), 1, "no new id");
+    assert_eq!(
+        producer.unvouched_records(),
+        2,
+        "both renumbered batches had been sent: a late copy under epoch 0 could still land"
+    );
+}
+
+#[tokio::test]
+async fn a_gap_after_a_failed_batch_renumbers_the_next_under_the_next_epoch_and_counts_it_unvouched() {
+    let (fake, producer) = answering_fake(ProducerConfig::default().retries(0)).await;
+    delivered(send_records(&producer, 1).await).await;
+    // The second batch fails for good (no retries); the third, sent under epoch 0 after it,
+    // finds the broker missing a sequence.
+    fake.script(&[
+        Answer::Refuse(ErrorCode::Busy),
+        Answer::Refuse(ErrorCode::OutOfOrderSequence),
+    ]);
+    let mut deliveries = send_records(&producer, 2).await;
+    let third = deliveries.pop().expect("third");
+    let second = deliveries.pop().expect("second");
+    let e = tokio::time::timeout(DEADLINE, second)
+        .await
+        .expect("in time")
+        .expect_err("no retries");
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+    delivered(vec![third]).await;
+    delivered(send_records(&producer, 1).await).await;
+    let stamps: Vec<(i64, i16, i32)> = fake
+        .headers()
+        .iter()
+        .map(|h| {
+            (
+                h.producer.producer_id,
+                h.producer.producer_epoch,
+                h.producer.base_sequence,
+            )
+        })
+        .collect();
+    assert_eq!(stamps, vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]);
+    assert_eq!(fake.init_calls.load(Ordering::SeqCst), 1, "no new id");
+    assert_eq!(
+        producer.unvouched_records(),
+        1,
+        "the third batch was sent under epoch 0"
+    );
+    producer
+        .send(ProducerRecord::new("t", "still going").partition(0))
+        .await
+        .expect("not stopped");
 }
 
 #[tokio::test]

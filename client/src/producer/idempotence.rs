@@ -9,20 +9,31 @@
 //! # Invariants
 //! - A batch gets its base sequence once, when it is first sent, in sealing order within its
 //!   partition; every resend carries the identical bytes.
-//! - A batch that may have been written is never sent under another identity: a resend
-//!   under a new id could not be told from a new batch. A partition takes a new producer id
-//!   (and numbers its waiting batches again from 0) only when
+//! - A partition leaves its identity only by a reset: it keeps its producer id, bumps the
+//!   epoch by one and numbers its waiting batches again from 0. The broker accepts a newer
+//!   epoch starting at sequence 0 and from then on refuses the older epoch
+//!   (PRODUCER_FENCED), so a late copy of a batch under the old epoch that reaches the
+//!   partition after the new epoch's first write is refused, not stored. A copy that reaches
+//!   it before that write can still be stored: the records of every renumbered batch that
+//!   had been sent are counted as unvouched ([`Status::unvouched`]). Only when the epoch
+//!   would pass `i16::MAX` does the partition take a new id from `InitProducer` instead.
+//! - A partition resets only when
 //!   - the broker refused the partition's first outstanding batch (no earlier batch of it
 //!     still unresolved) with UNKNOWN_PRODUCER_ID, or with OUT_OF_ORDER_SEQUENCE after a
-//!     batch that failed for good: that batch and every later one are proven unwritten (the
-//!     broker appends a producer's batches only in sequence), so renumbering them is safe;
+//!     batch that failed for good, and nothing of the partition is in flight: the sequences
+//!     the broker expects and the ones the client would send no longer meet;
 //!   - or the next batch's sequences would pass `i32::MAX`: then only once every batch
 //!     stamped under the old identity is acknowledged or failed, and only batches never
 //!     stamped are renumbered.
 //!
 //!   A batch that fails for good (delivery timeout, retries used up) does not by itself
 //!   change the identity: its outcome may be unknown, and the next batch sent under the same
-//!   identity tells: acknowledged, the failed one was written; refused as above, it was not.
+//!   identity tells: acknowledged, the failed one was written; refused as above, it was not
+//!   (as far as the broker has seen: a copy still on its way may land later, which is why
+//!   the reset bumps the epoch).
+//! - PRODUCER_FENCED for a batch stamped under an identity its partition has left (an older
+//!   epoch, or an older id) is about a copy the partition gave up on: that batch fails, the
+//!   producer goes on. For the partition's current identity it stops the producer.
 //! - At most [`MAX_IN_FLIGHT_PER_PARTITION`] batches of a partition are in flight, so every
 //!   batch whose outcome is unknown is still within the broker's duplicate window when it is
 //!   resent.
@@ -71,8 +82,7 @@ impl TryFrom<InitProducerResponse> for ProducerIdentity {
 }
 
 /// What the producer handles and the sender share: whether the producer stopped for good,
-/// and how many records it could not vouch for (none under the rules above; the count is
-/// kept so that a future rule that must resend such a batch reports it).
+/// and how many records it could not vouch for (see [`Status::unvouched`]).
 #[derive(Debug, Default)]
 pub(crate) struct Status {
     stopped: OnceLock<ClientError>,
@@ -90,8 +100,16 @@ impl Status {
         self.stopped.get().cloned()
     }
 
+    /// Records of batches that had been sent and were then renumbered by a reset, summed
+    /// over every reset: a copy of each sent under the old identity may still have been
+    /// stored before the new one's first write, so each may be stored twice.
     pub(crate) fn unvouched(&self) -> u64 {
         self.unvouched.load(Ordering::Relaxed)
+    }
+
+    /// Adds `records` renumbered after being sent (what [`Sequencer::reset`] returns).
+    pub(crate) fn add_unvouched(&self, records: u64) {
+        self.unvouched.fetch_add(records, Ordering::Relaxed);
     }
 }
 
@@ -102,29 +120,30 @@ pub(crate) enum Stamp {
     Ready,
     /// The partition has no producer id yet: hold the batch and ask for one.
     NeedsId,
-    /// The partition takes a new producer id once nothing of it is in flight: hold it.
+    /// The partition resets (a new epoch) once nothing of it is in flight: hold it.
     AwaitingReset,
     /// The batch could not be stamped (its bytes are malformed): fail it.
     Failed(ClientError),
 }
 
-/// Why a partition takes a new producer id.
+/// Why a partition resets: a new epoch of its id, its waiting batches numbered from 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResetCause {
     /// The broker has no state for the partition's producer id (expired): answered to the
     /// partition's first outstanding batch.
     UnknownProducerId,
     /// The partition's first outstanding batch was refused OUT_OF_ORDER_SEQUENCE after a
-    /// batch that failed for good: that one was not written, and no later sequence will be.
+    /// batch that failed for good: the broker missed a sequence, so none after it will be
+    /// appended under this identity.
     Gap,
     /// The next batch's sequences would pass `i32::MAX`.
     SequenceExhausted,
 }
 
 impl ResetCause {
-    /// The broker refused the first outstanding batch: every batch stamped under the old
-    /// identity that is still outstanding is proven unwritten.
-    fn proven(self) -> bool {
+    /// The broker refused the first outstanding batch: the partition resets as soon as
+    /// nothing of it is in flight, without waiting for its other stamped batches.
+    fn refused(self) -> bool {
         matches!(self, ResetCause::UnknownProducerId | ResetCause::Gap)
     }
 }
@@ -132,7 +151,8 @@ impl ResetCause {
 /// One partition's producer identity and sequence.
 #[derive(Debug, Default)]
 struct PartitionSequence {
-    /// The identity and its generation (see [`Sequencer::generation`]).
+    /// The identity and the generation of the id (see [`Sequencer::generation`]); a reset
+    /// bumps the epoch and keeps the generation.
     identity: Option<(ProducerIdentity, u64)>,
     /// The base sequence of the next batch stamped (wider than a sequence: after a batch
     /// ending at `i32::MAX` it is past every sequence).
@@ -143,8 +163,8 @@ struct PartitionSequence {
     /// failed (in flight or queued for a resend). At most the sender's queue.
     outstanding: BTreeSet<i64>,
     reset: Option<ResetCause>,
-    /// The partition may only take an identity of this generation or a later one: after a
-    /// reset, not the one it had.
+    /// The partition may only take an id of this generation or a later one: after its epochs
+    /// ran out, not the id it had.
     min_generation: u64,
 }
 
@@ -249,13 +269,13 @@ impl Sequencer {
     }
 
     /// The broker refused `batch`, its partition's first outstanding one, in a way that
-    /// proves it and every later batch unwritten under its identity (see the module doc).
+    /// means no later sequence will be appended under its identity (see the module doc).
     pub(crate) fn refused_for_good(&mut self, batch: &Sealed, cause: ResetCause) {
-        debug_assert!(cause.proven());
+        debug_assert!(cause.refused());
         if let Some(p) = self.current(batch) {
-            // A proven refusal needs no waiting for the stamped batches: it outranks running
-            // out of sequences.
-            if p.reset.is_none_or(|r| !r.proven()) {
+            // A refusal needs no waiting for the stamped batches: it outranks running out of
+            // sequences.
+            if p.reset.is_none_or(|r| !r.refused()) {
                 p.reset = Some(cause);
             }
         }
@@ -270,6 +290,25 @@ impl Sequencer {
         }
     }
 
+    /// Whether a PRODUCER_FENCED answer to `batch` is about an identity its partition has
+    /// left (an older epoch of its id, or an older id): a copy given up on or renumbered, not
+    /// a reason to stop. False for the partition's current identity.
+    pub(crate) fn superseded(&self, batch: &Sealed) -> bool {
+        let Some(info) = batch.producer else {
+            return false;
+        };
+        let Some(p) = self.partitions.get(&key_of(batch)) else {
+            return false;
+        };
+        match p.identity {
+            Some((current, _)) => {
+                current.producer_id != info.producer_id || current.producer_epoch > info.producer_epoch
+            }
+            // Its epochs ran out and it waits for a new id: every stamp it made is older.
+            None => true,
+        }
+    }
+
     /// The partition state `batch` was stamped under, if it is still the partition's.
     fn current(&mut self, batch: &Sealed) -> Option<&mut PartitionSequence> {
         let info = batch.producer?;
@@ -278,7 +317,7 @@ impl Sequencer {
         (identity.producer_id == info.producer_id && identity.producer_epoch == info.producer_epoch).then_some(p)
     }
 
-    /// Partitions waiting to take a new producer id.
+    /// Partitions waiting to reset.
     pub(crate) fn resets_pending(&self) -> Vec<PartitionKey> {
         self.partitions
             .iter()
@@ -287,9 +326,9 @@ impl Sequencer {
             .collect()
     }
 
-    /// Whether `key` may take its new producer id now, `idle` saying that nothing of it is
-    /// in flight: after a proven refusal, once idle; when sequences ran out, once every
-    /// batch stamped under the old identity is acknowledged or failed.
+    /// Whether `key` may reset now, `idle` saying that nothing of it is in flight: after a
+    /// refusal, once idle; when sequences ran out, once every batch stamped under the old
+    /// identity is acknowledged or failed.
     pub(crate) fn ready_to_reset(&self, key: &PartitionKey, idle: bool) -> bool {
         self.partitions.get(key).is_some_and(|p| match p.reset {
             Some(ResetCause::SequenceExhausted) => p.outstanding.is_empty(),
@@ -298,17 +337,30 @@ impl Sequencer {
         })
     }
 
-    /// Switches `key` to a new producer id; call only when [`Sequencer::ready_to_reset`].
-    /// Every batch of it in `queue` loses its sequence and is numbered again from 0 when
-    /// next sent: each was either never stamped or proven unwritten. Returns how many
-    /// records of batches sent before were renumbered.
+    /// Resets `key`; call only when [`Sequencer::ready_to_reset`]. The partition keeps its
+    /// producer id under the next epoch (a new id from `InitProducer` once the epoch would
+    /// pass `i16::MAX`), and every batch of it in `queue` loses its sequence and is numbered
+    /// again from 0 when next sent. Returns the records of those batches that had been sent
+    /// before: a copy of each under the old epoch may still be stored if it reaches the
+    /// partition before the new epoch's first write, so they are unvouched.
     pub(crate) fn reset(&mut self, key: &PartitionKey, queue: &mut VecDeque<Sealed>) -> u64 {
         let Some(p) = self.partitions.get_mut(key) else {
             return 0;
         };
         let cause = p.reset.take();
         let old = p.identity.take();
+        let bumped = old.and_then(|(identity, generation)| {
+            let producer_epoch = identity.producer_epoch.checked_add(1)?;
+            Some((
+                ProducerIdentity {
+                    producer_epoch,
+                    ..identity
+                },
+                generation,
+            ))
+        });
         *p = PartitionSequence {
+            identity: bumped,
             min_generation: self.generation + 1,
             ..PartitionSequence::default()
         };
@@ -323,9 +375,10 @@ impl Sequencer {
             topic = %key.0,
             partition = key.1,
             ?cause,
-            old_producer_id = old.map(|(i, _)| i.producer_id),
-            resent,
-            "partition takes a new producer id; its waiting batches are numbered again"
+            old = ?old.map(|(i, _)| i),
+            new = ?bumped.map(|(i, _)| i),
+            unvouched = resent,
+            "partition resets; its waiting batches are numbered again from 0"
         );
         resent
     }
@@ -416,7 +469,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_producer_id_for_the_first_outstanding_batch_renumbers_the_waiting_batches_under_a_new_id() {
+    fn an_unknown_producer_id_for_the_first_outstanding_batch_renumbers_the_waiting_batches_under_the_next_epoch() {
         let mut s = Sequencer::default();
         s.issued(ID);
         let mut queue = VecDeque::new();
@@ -433,32 +486,35 @@ mod tests {
         let mut later = batch(0, 3, 1);
         assert!(matches!(s.stamp(&mut later), Stamp::AwaitingReset));
         queue.push_back(later);
+        let stale = queue[0].producer;
         assert_eq!(
             s.reset(&key(), &mut queue),
             4,
-            "the two sent batches of 2 records, proven unwritten"
+            "the two sent batches of 2 records (a late copy of each may still land), not the unsent one"
         );
         assert!(s.resets_pending().is_empty());
-        // The old id is not taken again: a new one is needed.
+        // The same id under the next epoch, at once: no InitProducer.
         s.begin_pass();
-        assert!(matches!(s.stamp(&mut queue[0]), Stamp::NeedsId));
-        assert!(s.wants_id());
-        s.issued(ProducerIdentity {
-            producer_id: 41,
-            producer_epoch: 0,
-        });
-        let mut bases = Vec::new();
+        let mut stamps = Vec::new();
         for b in queue.iter_mut() {
             assert!(matches!(s.stamp(b), Stamp::Ready));
-            let h = header(b);
-            assert_eq!(h.producer.producer_id, 41);
-            bases.push(h.producer.base_sequence);
+            stamps.push(header(b).producer);
         }
-        assert_eq!(bases, vec![0, 2, 4]);
+        assert!(!s.wants_id());
+        let expect = |base| ProducerInfo {
+            producer_id: 40,
+            producer_epoch: 1,
+            base_sequence: base,
+        };
+        assert_eq!(stamps, vec![expect(0), expect(2), expect(4)]);
+        let mut late = batch(0, 9, 2);
+        late.producer = stale;
+        assert!(s.superseded(&late), "epoch 0 was left behind");
+        assert!(!s.superseded(&queue[0]), "epoch 1 is the partition's");
     }
 
     #[test]
-    fn a_batch_that_failed_for_good_leaves_the_identity_until_the_next_one_proves_a_gap() {
+    fn a_batch_that_failed_for_good_leaves_the_identity_until_the_next_one_shows_a_gap() {
         let mut s = Sequencer::default();
         s.issued(ID);
         let mut queue = VecDeque::new();
@@ -477,7 +533,7 @@ mod tests {
         assert!(matches!(s.stamp(&mut next), Stamp::Ready));
         assert_eq!(header(&next).producer.base_sequence, 6, "numbering goes on");
 
-        // A failure, then the next batch refused out of order: a proven gap.
+        // A failure, then the next batch refused out of order: a gap.
         s.failed_for_good(&queue[0]);
         queue.clear();
         next.sent = true;
@@ -485,18 +541,20 @@ mod tests {
         s.refused_for_good(&next, ResetCause::Gap);
         queue.push_back(next);
         assert!(s.ready_to_reset(&key(), true));
-        s.reset(&key(), &mut queue);
-        s.issued(ProducerIdentity {
-            producer_id: 42,
-            producer_epoch: 0,
-        });
+        assert_eq!(s.reset(&key(), &mut queue), 1, "the refused batch had been sent");
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
-        assert_eq!(header(&queue[0]).producer.producer_id, 42);
-        assert_eq!(header(&queue[0]).producer.base_sequence, 0);
+        assert_eq!(
+            header(&queue[0]).producer,
+            ProducerInfo {
+                producer_id: 40,
+                producer_epoch: 1,
+                base_sequence: 0,
+            }
+        );
     }
 
     #[test]
-    fn a_failure_under_an_old_id_does_not_touch_the_new_one() {
+    fn a_failure_under_an_old_epoch_does_not_touch_the_new_one() {
         let mut s = Sequencer::default();
         s.issued(ID);
         let mut queue = VecDeque::new();
@@ -504,15 +562,12 @@ mod tests {
         let stale = queue[0].producer;
         s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
         s.reset(&key(), &mut queue);
-        s.issued(ProducerIdentity {
-            producer_id: 50,
-            producer_epoch: 0,
-        });
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
         let mut late = batch(0, 2, 1);
         late.producer = stale;
         s.refused_for_good(&late, ResetCause::Gap);
         s.failed_for_good(&late);
+        s.acknowledged(&late);
         assert!(s.resets_pending().is_empty());
         assert!(
             s.is_first_outstanding(&queue[0]),
@@ -521,7 +576,49 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_whose_sequences_would_pass_i32_max_waits_for_a_new_id() {
+    fn a_partition_whose_epoch_would_pass_i16_max_takes_a_new_id() {
+        let mut s = Sequencer::default();
+        s.issued(ProducerIdentity {
+            producer_id: 40,
+            producer_epoch: i16::MAX - 1,
+        });
+        let mut queue = VecDeque::new();
+        stamped_and_sent(&mut s, &mut queue, 0..1);
+        s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
+        s.reset(&key(), &mut queue);
+        assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
+        assert_eq!(header(&queue[0]).producer.producer_epoch, i16::MAX);
+        let at_max = queue[0].producer;
+        s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
+        assert_eq!(s.reset(&key(), &mut queue), 2);
+        s.begin_pass();
+        assert!(
+            matches!(s.stamp(&mut queue[0]), Stamp::NeedsId),
+            "no epoch past i16::MAX"
+        );
+        assert!(s.wants_id());
+        let mut late = batch(0, 5, 1);
+        late.producer = at_max;
+        assert!(s.superseded(&late), "the old id is left while the new one is awaited");
+        s.issued(ProducerIdentity {
+            producer_id: 41,
+            producer_epoch: 0,
+        });
+        assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
+        assert_eq!(
+            header(&queue[0]).producer,
+            ProducerInfo {
+                producer_id: 41,
+                producer_epoch: 0,
+                base_sequence: 0,
+            }
+        );
+        assert!(s.superseded(&late), "an older id");
+        assert!(!s.superseded(&queue[0]));
+    }
+
+    #[test]
+    fn a_batch_whose_sequences_would_pass_i32_max_waits_for_the_next_epoch() {
         let mut s = Sequencer::default();
         s.issued(ID);
         let mut first = batch(0, 0, 1);
@@ -550,13 +647,16 @@ mod tests {
         assert_eq!(
             s.reset(&key(), &mut queue),
             0,
-            "only a batch never stamped is renumbered"
+            "only a batch never sent is renumbered: nothing unvouched"
         );
-        s.issued(ProducerIdentity {
-            producer_id: 60,
-            producer_epoch: 0,
-        });
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
-        assert_eq!(header(&queue[0]).producer.base_sequence, 0);
+        assert_eq!(
+            header(&queue[0]).producer,
+            ProducerInfo {
+                producer_id: 40,
+                producer_epoch: 1,
+                base_sequence: 0,
+            }
+        );
     }
 }

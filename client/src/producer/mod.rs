@@ -331,11 +331,11 @@ impl Producer {
         Ok(Producer { inner })
     }
 
-    /// Records this producer resent under a new producer id without proof that their first
-    /// send was not written: each may have been written twice. The producer switches ids
-    /// only for batches never sent or proven unwritten (see `docs/producer.md`), so this
-    /// stays 0; it is kept so that callers can keep checking it. 0 without idempotence too
-    /// (where no resend is vouched for).
+    /// Records this producer had sent and then renumbered under a new epoch (a partition
+    /// reset after a gap or an expired producer id, see `docs/producer.md`): a copy sent
+    /// under the old epoch that reached the partition before the new epoch's first write
+    /// is stored, so each may be stored twice. Summed over every reset; 0 without
+    /// idempotence (where no resend is vouched for).
     pub fn unvouched_records(&self) -> u64 {
         self.inner.status.unvouched()
     }

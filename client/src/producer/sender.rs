@@ -25,12 +25,14 @@
 //! - OUT_OF_ORDER_SEQUENCE or UNKNOWN_PRODUCER_ID for a batch with an earlier one of its
 //!   partition unresolved: as OUT_OF_SEQUENCE, not an attempt.
 //! - UNKNOWN_PRODUCER_ID for the first outstanding batch, or OUT_OF_ORDER_SEQUENCE for it
-//!   after a batch that failed for good: the partition takes a new producer id once nothing
-//!   of it is in flight. OUT_OF_ORDER_SEQUENCE for it otherwise: nothing of ours explains
-//!   it, an attempt with backoff.
+//!   after a batch that failed for good: the partition resets (same id, next epoch, its
+//!   waiting batches numbered from 0) once nothing of it is in flight; the records of
+//!   renumbered batches that had been sent count as unvouched. OUT_OF_ORDER_SEQUENCE for it
+//!   otherwise: nothing of ours explains it, an attempt with backoff.
 //! - A sequenced batch failing for good changes nothing by itself (`idempotence`).
-//! - PRODUCER_FENCED: the producer stops for good; every batch still queued and every later
-//!   send fails.
+//! - PRODUCER_FENCED for the partition's current identity: the producer stops for good;
+//!   every batch still queued and every later send fails. For an identity the partition has
+//!   left (an older epoch): only that batch fails.
 //! - INVALID_PRODUCER_ID: retried (the broker may not have learned of the id yet).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -129,6 +131,31 @@ struct State {
 }
 
 impl State {
+    fn new(
+        client: Client,
+        config: ProducerConfig,
+        status: Arc<Status>,
+        ids: mpsc::Sender<Result<ProducerIdentity, ClientError>>,
+    ) -> State {
+        State {
+            sequencer: config.idempotence.then(Sequencer::default),
+            status,
+            ids,
+            requesting_id: false,
+            id_error: None,
+            id_failures: 0,
+            client,
+            config,
+            inflight: BTreeMap::new(),
+            requeued: HashSet::new(),
+            queue: VecDeque::new(),
+            links: HashMap::new(),
+            flights: HashMap::new(),
+            next_id: 0,
+            backoff: false,
+        }
+    }
+
     fn acks(&self) -> i32 {
         match self.config.acks {
             Acks::None => pb::Acks::None as i32,
@@ -160,6 +187,13 @@ impl State {
             return;
         }
         if code == Some(ErrorCode::ProducerFenced) {
+            if self.sequencer.as_ref().is_some_and(|s| s.superseded(&batch)) {
+                // The partition left that epoch: this copy was refused, the partition goes
+                // on under its newer one.
+                tracing::debug!(topic = %batch.topic, partition = batch.partition, producer = ?batch.producer, %error, "a batch of an older epoch was fenced");
+                self.fail(batch, error);
+                return;
+            }
             let id = batch.producer.map_or(-1, |p| p.producer_id);
             self.status.stop(
                 format!(
@@ -193,8 +227,8 @@ impl State {
 
     /// Whether `code` refused `batch` for sequence reasons, so that it goes back to the
     /// queue without counting as an attempt: it was refused only because an earlier batch of
-    /// its run was (nothing to learn about the leader), or the refusal proved that its
-    /// partition must take a new producer id (see `idempotence`). False for an
+    /// its run was (nothing to learn about the leader), or the refusal means that its
+    /// partition must reset (see `idempotence`). False for an
     /// OUT_OF_ORDER_SEQUENCE that nothing of ours explains: an attempt, with backoff.
     fn sequence_refusal(&mut self, batch: &Sealed, code: Option<ErrorCode>) -> bool {
         if code == Some(ErrorCode::OutOfSequence) {
@@ -231,7 +265,7 @@ impl State {
         batch.complete(Err(error));
     }
 
-    /// A batch that cannot be sent yet (its partition waits for a producer id) waits in
+    /// A batch that cannot be sent yet (its partition waits for a producer id or a reset) waits in
     /// `held`, unless its delivery timeout has passed.
     fn hold(&mut self, batch: Sealed, held: &mut VecDeque<Sealed>) {
         if batch.sealed_at.elapsed() < self.config.delivery_timeout {
@@ -256,7 +290,8 @@ impl State {
         true
     }
 
-    /// Partitions due a new producer id take it once nothing of theirs is in flight.
+    /// Partitions due a reset take it once nothing of theirs is in flight (or, when their
+    /// sequences ran out, once every stamped batch is answered).
     fn reset_idle_partitions(&mut self) {
         let Some(sequencer) = self.sequencer.as_mut() else {
             return;
@@ -264,7 +299,7 @@ impl State {
         for key in sequencer.resets_pending() {
             let idle = self.flights.get(&key).is_none_or(|f| f.inflight == 0);
             if sequencer.ready_to_reset(&key, idle) {
-                sequencer.reset(&key, &mut self.queue);
+                self.status.add_unvouched(sequencer.reset(&key, &mut self.queue));
             }
         }
     }
@@ -635,23 +670,7 @@ pub(crate) async fn run(
 ) {
     let backoff = config.retry_backoff;
     let (ids, mut issued) = mpsc::channel(1);
-    let mut state = State {
-        sequencer: config.idempotence.then(Sequencer::default),
-        status,
-        ids,
-        requesting_id: false,
-        id_error: None,
-        id_failures: 0,
-        client,
-        config,
-        inflight: BTreeMap::new(),
-        requeued: HashSet::new(),
-        queue: VecDeque::new(),
-        links: HashMap::new(),
-        flights: HashMap::new(),
-        next_id: 0,
-        backoff: false,
-    };
+    let mut state = State::new(client, config, status, ids);
     let mut responses: StreamMap<String, Streaming<ProduceResponse>> = StreamMap::new();
     let mut input_open = true;
     let mut expiry = tokio::time::interval(TIMEOUT_CHECK);
@@ -717,44 +736,5 @@ pub(crate) async fn run(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stream_canceled_by_a_broker_closing_its_connections_is_retried_not_failed() {
-        let status = tonic::Status::cancelled("operation was canceled");
-        assert!(
-            !ClientError::from(status.clone()).is_retriable(),
-            "as a broker's answer it is final"
-        );
-        let error = link_error(status, "127.0.0.1:1");
-        assert!(error.is_retriable(), "{error}");
-    }
-
-    #[test]
-    fn a_stream_refused_for_a_reason_a_retry_cannot_change_fails() {
-        for status in [
-            tonic::Status::unimplemented("unknown service"),
-            tonic::Status::permission_denied("no"),
-            tonic::Status::invalid_argument("bad"),
-        ] {
-            let code = status.code();
-            let error = link_error(status, "127.0.0.1:1");
-            assert!(!error.is_retriable(), "{code:?}: {error}");
-        }
-        // Retriable or not as any broker answer with its code, not as a broken link.
-        let error = link_error(tonic::Status::resource_exhausted("message too large"), "127.0.0.1:1");
-        assert!(
-            matches!(
-                error,
-                ClientError::Broker {
-                    code: tonic::Code::ResourceExhausted,
-                    ..
-                }
-            ),
-            "{error:?}"
-        );
-        let error = link_error(tonic::Status::unknown("transport error"), "127.0.0.1:1");
-        assert!(error.is_retriable(), "{error}");
-    }
-}
+#[path = "sender_tests.rs"]
+mod tests;
