@@ -53,7 +53,7 @@ pub enum ProducerRefusal {
     )]
     Fenced { producer_id: i64, current: i16, got: i16 },
     #[error(
-        "producer {producer_id}: the partition keeps no state for this id (it expired after a long idle time) and sequence {sequence} does not start a producer; take a new id with InitProducer"
+        "producer {producer_id}: the partition keeps no state for this id (it expired after a long idle time) and sequence {sequence} does not start a producer; resend from sequence 0 under a new epoch, or take a new id with InitProducer"
     )]
     Unknown { producer_id: i64, sequence: i32 },
     #[error(

@@ -515,7 +515,7 @@ impl State {
                 held.push_back(batch);
                 continue;
             }
-            // Sequenced at its first send, so a partition that has to take a new id before
+            // Sequenced at its first send, so a partition that has to reset (a new epoch) before
             // then renumbers as few batches as possible.
             if let Some(sequencer) = self.sequencer.as_mut() {
                 match sequencer.stamp(&mut batch) {

@@ -82,7 +82,7 @@ pub enum ProducerFieldError {
     #[error("base sequence {0} is invalid: an idempotent batch needs a sequence of 0 or more")]
     Sequence(i32),
     #[error(
-        "sequences {first}..{first}+{count} would pass {max}: sequences do not wrap, so a producer must take a new id before"
+        "sequences {first}..{first}+{count} would pass {max}: sequences do not wrap, so a producer moves to a new epoch (sequences from 0) or takes a new id before"
     , max = i32::MAX)]
     Wraps { first: i32, count: u32 },
     #[error("a batch without a producer id must have producer epoch and base sequence -1, not {epoch} and {sequence}")]
