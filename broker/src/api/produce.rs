@@ -590,8 +590,8 @@ impl Produce for ProduceService {
                     Ok(acks) => {
                         // A client that gave up on the stream (its request timed out) may
                         // already be resending these batches elsewhere, or renumbering them:
-                        // what it abandoned is not queued after it left, so a late copy cannot
-                        // land behind its newer batches.
+                        // what it abandoned is not queued after it left. (A part queued before
+                        // the reset arrived still appends; sequences and epochs judge it.)
                         let queued = async {
                             let prepared = service
                                 .prepare(req, Some(&mut sequences))

@@ -249,6 +249,13 @@ impl Sequencer {
             let end = batch.end_sequence();
             p.acknowledged = p.acknowledged.max(end);
             p.outstanding.retain(|b| Some(*b) != base);
+            // The broker appended a batch under this identity, so it knows the producer and
+            // holds every sequence below: a refusal that looked like a gap (or an unknown
+            // id) was answered before a copy on its way landed. The refused batch goes out
+            // again as it is and is answered as a duplicate; a new epoch would store it twice.
+            if p.reset.is_some_and(ResetCause::refused) {
+                p.reset = None;
+            }
         }
     }
 
@@ -551,6 +558,33 @@ mod tests {
                 base_sequence: 0,
             }
         );
+    }
+
+    #[test]
+    fn an_acknowledgement_after_a_refusal_shows_there_was_no_gap_and_cancels_the_reset() {
+        let mut s = Sequencer::default();
+        s.issued(ID);
+        let mut queue = VecDeque::new();
+        stamped_and_sent(&mut s, &mut queue, 0..3);
+        // B1 failed for good while a copy of it was still on an abandoned stream; B2 was
+        // refused out of order before that copy landed; then B3 was appended.
+        s.failed_for_good(&queue[0]);
+        assert!(s.is_first_outstanding(&queue[1]) && s.follows_a_failure(&queue[1]));
+        s.refused_for_good(&queue[1], ResetCause::Gap);
+        s.acknowledged(&queue[2]);
+        assert!(
+            !s.ready_to_reset(&key(), true),
+            "an append under the same identity proves no sequence is missing"
+        );
+        let before = queue[1].bytes.clone();
+        assert!(matches!(s.stamp(&mut queue[1]), Stamp::Ready));
+        assert_eq!(queue[1].bytes, before, "B2 goes out again unchanged, under epoch 0");
+        let mut next = batch(0, 9, 1);
+        assert!(
+            matches!(s.stamp(&mut next), Stamp::Ready),
+            "new batches are not held for a reset"
+        );
+        assert_eq!(header(&next).producer.producer_epoch, 0);
     }
 
     #[test]
