@@ -104,7 +104,7 @@ pub struct Metrics {
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
     /// Idempotent producers whose state partition replicas on this broker keep.
-    pub producer_ids_active: Arc<std::sync::atomic::AtomicI64>,
+    pub producer_ids_active: prometheus_client::metrics::gauge::Gauge,
     /// Idempotent batches answered as duplicates of batches written before.
     pub producer_duplicates: Counter,
     /// Idempotent batches refused for a sequence gap.
@@ -229,6 +229,11 @@ impl Metrics {
             r.register(name, help, c.0.clone());
         }
         r.register(
+            "conveyor_producer_ids_active",
+            "Idempotent producers whose state this broker's partition replicas keep (one per producer and partition)",
+            self.producer_ids_active.clone(),
+        );
+        r.register(
             "conveyor_request_errors",
             "Requests that failed, by the ErrorCode sent",
             self.request_errors.clone(),
@@ -271,7 +276,6 @@ impl Metrics {
         r.register_collector(Box::new(RegistryView {
             registry,
             produce_queue: self.produce_queue.get().cloned(),
-            producer_ids_active: Arc::clone(&self.producer_ids_active),
         }));
         r
     }
@@ -283,7 +287,6 @@ struct RegistryView {
     registry: Arc<Registry>,
     /// The broker's queued-produce-bytes budget (set before the endpoint serves).
     produce_queue: Option<Arc<crate::byte_budget::ByteBudget>>,
-    producer_ids_active: Arc<std::sync::atomic::AtomicI64>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -320,12 +323,6 @@ impl Collector for RegistryView {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let registry = &self.registry;
         let e = &mut encoder;
-        gauge(
-            e,
-            "conveyor_producer_ids_active",
-            "Idempotent producers whose state this broker's partition replicas keep (one per producer and partition)",
-            self.producer_ids_active.load(std::sync::atomic::Ordering::Relaxed),
-        )?;
         let partitions = registry.all_partitions();
         let per_partition = |read: &dyn Fn(&crate::replica::partition::Partition) -> u64| -> Vec<(Labels, u64)> {
             partitions

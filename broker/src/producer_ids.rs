@@ -39,6 +39,7 @@ use prost::Message;
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::api::forward::CONNECT_TIMEOUT;
 use crate::controller::Registry;
 use crate::error::{BrokerError, Result};
 
@@ -51,7 +52,6 @@ pub const ISSUE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MAX_WAITING: usize = 4096;
 /// Between attempts to fetch a block while the controller moves or cannot be reached.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Fetches the next block, trying until the deadline given.
 type BlockSource = Box<dyn Fn(Instant) -> BoxFuture<'static, Result<ProducerIdBlock>> + Send + Sync>;
@@ -276,20 +276,8 @@ async fn fetch(registry: &Registry, admin_lock: &tokio::sync::Mutex<()>, deadlin
 
 /// Asks broker `controller` for a block over the internal Raft service.
 async fn ask(registry: &Registry, controller: u32, me: u32) -> Result<ProducerIdBlock> {
-    let address = registry
-        .transport()
-        .raft_address(controller)
-        .ok_or(BrokerError::UnknownBroker(controller))?;
-    let unreachable = |reason: String| BrokerError::BrokerUnreachable {
-        id: controller,
-        address: address.clone(),
-        reason,
-    };
-    let channel = crate::peer::endpoint(&address, CONNECT_TIMEOUT)
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let address = registry.transport().raft_address(controller);
+    let channel = crate::peer::connect(controller, address, CONNECT_TIMEOUT).await?;
     let answer = RaftClient::new(channel)
         .allocate_producer_ids(AllocateProducerIdsRequest { broker: me })
         .await;

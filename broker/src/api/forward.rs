@@ -34,19 +34,7 @@ pub fn forward<T>(message: T) -> Request<T> {
 
 /// A new connection to broker `broker`'s client services.
 pub async fn connect(transport: &Transport, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {
-    let address = transport
-        .client_address(broker)
-        .ok_or(BrokerError::UnknownBroker(broker))?;
-    let unreachable = |reason: String| BrokerError::BrokerUnreachable {
-        id: broker,
-        address: address.clone(),
-        reason,
-    };
-    let channel = crate::peer::endpoint(&address, CONNECT_TIMEOUT)
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let channel = crate::peer::connect(broker, transport.client_address(broker), CONNECT_TIMEOUT).await?;
     Ok(AdminClient::new(channel))
 }
 

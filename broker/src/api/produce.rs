@@ -149,11 +149,19 @@ fn validate_part(
     batches: Vec<Bytes>,
     limit: usize,
     max_uncompressed: usize,
+    acks: Acks,
 ) -> Result<Vec<ValidatedBatch>> {
     let bad = |e| BrokerError::from_batch(name, index, e);
     let mut validated = Vec::with_capacity(batches.len());
     for b in batches {
         let v = ValidatedBatch::within(b, limit, max_uncompressed).map_err(bad)?;
+        // A retry is recognised against committed batches; and with acks=none nobody would
+        // hear a refusal from the partition.
+        if acks != Acks::All && v.header().producer.producer_id >= 0 {
+            return Err(BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: an idempotent batch (producer id set) needs acks=all"
+            )));
+        }
         if v.header().is_control() {
             return Err(BrokerError::InvalidRequest(format!(
                 "topic '{name}' partition {index}: control batches are written by the broker only"
@@ -192,24 +200,12 @@ fn inflating_bytes(batches: &[Bytes], limit: usize) -> usize {
 impl ProduceService {
     /// Looks up one part's partition and packs its plain records; its batches are checked
     /// later, by [`validate_part`].
-    fn look_up(&self, part: &mut pb::PartitionProduce, acks_all: bool) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
+    fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
         let (name, index, sequence) = (part.topic.as_str(), part.partition, part.sequence);
         check_topic_name_length(name)?;
         let producer = records_producer(part)?;
         let mut batches = std::mem::take(&mut part.batches);
         let records = std::mem::take(&mut part.records);
-        if !acks_all {
-            // With weaker acks nobody may wait for the owner's refusal (acks=none): refused here.
-            let idempotent = producer != batch::ProducerInfo::NONE
-                || batches
-                    .iter()
-                    .any(|b| batch::BatchHeader::parse(b).is_ok_and(|h| h.producer.producer_id >= 0));
-            if idempotent {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "topic '{name}' partition {index}: an idempotent batch (producer id set) needs acks=all"
-                )));
-            }
-        }
         if producer != batch::ProducerInfo::NONE && records.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
                 "topic '{name}' partition {index}: producer_id, producer_epoch and base_sequence apply to plain records, and the part has none (batches carry their own)"
@@ -251,14 +247,17 @@ impl ProduceService {
     /// Validates each partition's part on its own: a bad part fails alone. On a stream,
     /// numbered parts carry their place in their partition's sequence; a part that fails
     /// here is never appended, so it holds back the rest of its run as the owner would.
-    async fn prepare(&self, req: ProduceRequest, mut sequences: Option<&mut StreamSequences>) -> Vec<Prepared> {
-        // An unknown value is refused by `check_request` before this.
-        let acks_all = acks_of(req.acks).is_ok_and(|a| a == Acks::All);
+    async fn prepare(
+        &self,
+        req: ProduceRequest,
+        acks: Acks,
+        mut sequences: Option<&mut StreamSequences>,
+    ) -> Vec<Prepared> {
         let parts: Vec<Part> = req
             .partitions
             .into_iter()
             .map(|mut pp| Part {
-                work: self.look_up(&mut pp, acks_all),
+                work: self.look_up(&mut pp),
                 topic: pp.topic,
                 index: pp.partition,
                 sequence: pp.sequence,
@@ -272,7 +271,7 @@ impl ProduceService {
                 .map(|mut part| {
                     let work = std::mem::replace(&mut part.work, Err(BrokerError::ShuttingDown));
                     let checked = work.and_then(|(p, limit, batches)| {
-                        validate_part(&part.topic, part.index, batches, limit, max_uncompressed).map(|v| (p, v))
+                        validate_part(&part.topic, part.index, batches, limit, max_uncompressed, acks).map(|v| (p, v))
                     });
                     (part, checked)
                 })
@@ -493,7 +492,7 @@ impl Produce for ProduceService {
             metrics.request_failed(e.error_code());
             Status::from(e)
         })?;
-        let mut parts = self.prepare(req, None).instrument(span.clone()).await;
+        let mut parts = self.prepare(req, acks, None).instrument(span.clone()).await;
         // A request for one partition whose part is bad gets that error as its status.
         if parts.len() == 1
             && parts[0].is_err()
@@ -594,7 +593,7 @@ impl Produce for ProduceService {
                         // the reset arrived still appends; sequences and epochs judge it.)
                         let queued = async {
                             let prepared = service
-                                .prepare(req, Some(&mut sequences))
+                                .prepare(req, acks, Some(&mut sequences))
                                 .instrument(span.clone())
                                 .await;
                             // Waits while the partitions' queued bytes are full: the stream

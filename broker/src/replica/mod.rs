@@ -17,7 +17,10 @@
 //!   reports on messages it could not deliver, and peers' messages.
 //! - [`owner`]: the task that drives a partition's Raft node: appends, membership changes,
 //!   messages, ticks and Readies; `owner::control` answers its control requests (leadership
-//!   transfer, hand-over, membership steps).
+//!   transfer, hand-over, membership steps); `owner::idempotence` judges idempotent batches
+//!   before they are proposed and answers retries of batches written before.
+//! - [`producers`]: idempotent producers on a replica: the applied table, the leader's pending
+//!   batches, the verdict on a batch, and the producer snapshots its Raft snapshots carry.
 //! - [`membership`]: making one membership step on whichever replica leads a group.
 //! - [`transport`]: Raft messages between brokers, batched per peer, bounded queues.
 //! - [`lost_entries`]: a replica whose log lost entries it acknowledged recovers from its

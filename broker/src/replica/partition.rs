@@ -77,7 +77,7 @@ pub struct OpenContext {
     /// Producer ids at or above this were never issued, as this broker's metadata says.
     pub producer_ids_issued: Arc<std::sync::atomic::AtomicI64>,
     /// How long a producer may stay idle before partitions drop its state
-    /// (`[producers] id_expiration`).
+    /// (`[limits] producer_id_expiration`).
     pub producer_expiration: Duration,
 }
 
@@ -161,7 +161,7 @@ pub(crate) fn open_replica(
     let state = raft::Storage::initial_state(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
     let last = raft::Storage::last_index(&raft).map_err(|e| BrokerError::Internal(e.to_string()))?;
     let applied = state.hard_state.commit.min(last);
-    let active = Arc::clone(&ctx.metrics.producer_ids_active);
+    let active = ctx.metrics.producer_ids_active.clone();
     let issued = Arc::clone(&ctx.producer_ids_issued);
     let producers = match producer_store {
         Some(store) => {
@@ -443,9 +443,6 @@ impl Partition {
         rx.await.unwrap_or(HandOver::Never)
     }
 
-    /// How many appends this replica holds unanswered; 0 when its owner is stopped. A
-    /// replica that just handed leadership over answers its last appends once it learns
-    /// from the new leader that they committed.
     /// The idempotent producers whose state this replica keeps (applied state: on the
     /// leader, batches it has not applied yet are not shown).
     pub async fn producers(&self) -> Result<Vec<conveyor_storage::producer_state::ProducerSummary>> {
@@ -457,6 +454,9 @@ impl Partition {
         rx.await.map_err(|_| self.not_leader())
     }
 
+    /// How many appends this replica holds unanswered; 0 when its owner is stopped. A
+    /// replica that just handed leadership over answers its last appends once it learns
+    /// from the new leader that they committed.
     pub async fn unanswered_appends(&self) -> usize {
         let (reply, rx) = oneshot::channel();
         if self.control.send(Control::Unanswered(reply)).await.is_err() {

@@ -27,11 +27,11 @@ use conveyor_storage::producer_state::{
     BatchMeta, Idempotent, MAX_CACHED_BATCHES, ProducerFieldError, ProducerSummary, ProducerTable, Verdict, View,
     classify, idempotence_of,
 };
+use prometheus_client::metrics::gauge::Gauge;
 use raft::eraftpb::Entry;
 
 use super::raft_storage::RaftLog;
 use super::state_snapshot::{SnapshotPoint, StateSnapshots};
-use crate::replica::proposal::Acks;
 
 /// Why the leader refused an idempotent batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,10 +62,6 @@ pub enum ProducerRefusal {
     NotIssued { producer_id: i64, issued_end: i64 },
     #[error("{0}")]
     Malformed(ProducerFieldError),
-    #[error(
-        "producer {producer_id}: an idempotent batch needs acks=all (a retry is recognised only once its original is committed)"
-    )]
-    AcksNotAll { producer_id: i64 },
     #[error("the idempotent batches of one partition in one request must come from one producer")]
     MixedProducers,
 }
@@ -81,10 +77,9 @@ impl ProducerRefusal {
             ProducerRefusal::Unknown { .. } => (C::FailedPrecondition, E::UnknownProducerId, false),
             // This broker's view of the metadata may be behind the broker that issued it.
             ProducerRefusal::NotIssued { .. } => (C::FailedPrecondition, E::InvalidProducerId, true),
-            ProducerRefusal::TooOld { .. }
-            | ProducerRefusal::Malformed(_)
-            | ProducerRefusal::AcksNotAll { .. }
-            | ProducerRefusal::MixedProducers => (C::InvalidArgument, E::InvalidRequest, false),
+            ProducerRefusal::TooOld { .. } | ProducerRefusal::Malformed(_) | ProducerRefusal::MixedProducers => {
+                (C::InvalidArgument, E::InvalidRequest, false)
+            }
         }
     }
 }
@@ -136,18 +131,18 @@ pub struct PartitionProducers {
     pending_term: Option<u64>,
     /// Ids at or above this were never issued (the broker's view of the metadata).
     issued_end: Arc<AtomicI64>,
-    active: Arc<AtomicI64>,
+    active: Gauge,
 }
 
 impl Drop for PartitionProducers {
     fn drop(&mut self) {
-        self.active.fetch_sub(self.table.len() as i64, Ordering::Relaxed);
+        self.active.dec_by(self.table.len() as i64);
     }
 }
 
 impl PartitionProducers {
     /// A replica without producer state (the controller's metadata log).
-    pub fn none(issued_end: Arc<AtomicI64>, active: Arc<AtomicI64>) -> PartitionProducers {
+    pub fn none(issued_end: Arc<AtomicI64>, active: Gauge) -> PartitionProducers {
         PartitionProducers {
             table: ProducerTable::new(),
             store: None,
@@ -167,7 +162,7 @@ impl PartitionProducers {
         store: Arc<SnapshotStore>,
         applied: u64,
         issued_end: Arc<AtomicI64>,
-        active: Arc<AtomicI64>,
+        active: Gauge,
     ) -> PartitionProducers {
         let log = raft.partition_log();
         let end = raft.offset_after(applied);
@@ -216,7 +211,7 @@ impl PartitionProducers {
                 }
             }
         }
-        active.fetch_add(table.len() as i64, Ordering::Relaxed);
+        active.inc_by(table.len() as i64);
         PartitionProducers {
             table,
             store: Some(store),
@@ -234,8 +229,7 @@ impl PartitionProducers {
     }
 
     fn set_table(&mut self, table: ProducerTable) {
-        self.active
-            .fetch_add(table.len() as i64 - self.table.len() as i64, Ordering::Relaxed);
+        self.active.inc_by(table.len() as i64 - self.table.len() as i64);
         self.table = table;
     }
 
@@ -277,8 +271,7 @@ impl PartitionProducers {
                 None => base += 1,
             }
         }
-        self.active
-            .fetch_add(self.table.len() as i64 - before as i64, Ordering::Relaxed);
+        self.active.inc_by(self.table.len() as i64 - before as i64);
         Ok(())
     }
 
@@ -329,7 +322,7 @@ impl PartitionProducers {
     /// Drops the state of producers idle since `before_ms`.
     pub fn expire(&mut self, before_ms: i64) -> usize {
         let dropped = self.table.expire(before_ms);
-        self.active.fetch_sub(dropped as i64, Ordering::Relaxed);
+        self.active.dec_by(dropped as i64);
         dropped
     }
 
@@ -446,7 +439,9 @@ impl PartitionProducers {
     /// Judges an append request's batches in order: a prefix may repeat batches written
     /// already, the rest must follow each producer's sequence. Nothing changes here; the
     /// owner calls [`PartitionProducers::proposed`] once the batches are proposed.
-    pub fn plan(&self, batches: Vec<ValidatedBatch>, acks: Acks) -> Result<Plan, ProducerRefusal> {
+    /// Idempotent batches come with acks=all: the produce path refuses others before they
+    /// are queued.
+    pub fn plan(&self, batches: Vec<ValidatedBatch>) -> Result<Plan, ProducerRefusal> {
         let mut idempotent = Vec::with_capacity(batches.len());
         let mut any = false;
         for b in &batches {
@@ -462,15 +457,11 @@ impl PartitionProducers {
             });
         }
         let issued_end = self.issued_end.load(Ordering::Acquire);
-        let mut views: HashMap<i64, Option<View<Located>>> = HashMap::new();
         let mut duplicates = Vec::new();
         let mut appending = false;
         let mut producer = None;
         for batch in idempotent.iter().flatten() {
             let producer_id = batch.producer_id;
-            if acks != Acks::All {
-                return Err(ProducerRefusal::AcksNotAll { producer_id });
-            }
             if producer_id >= issued_end {
                 return Err(ProducerRefusal::NotIssued {
                     producer_id,
@@ -483,14 +474,13 @@ impl PartitionProducers {
                 return Err(ProducerRefusal::MixedProducers);
             }
         }
+        // The producer's state, moved on by each batch of the request as it is judged.
+        let mut view = producer.and_then(|id| self.view(id));
         for (i, batch) in idempotent.iter().enumerate() {
             let Some(batch) = batch else {
                 appending = true;
                 continue;
             };
-            let view = views
-                .entry(batch.producer_id)
-                .or_insert_with(|| self.view(batch.producer_id));
             match classify(view.as_ref(), batch) {
                 Verdict::Append => {
                     appending = true;
@@ -652,13 +642,13 @@ impl StateSnapshots for ProducerSnapshots {
     }
 
     fn install(&self, point: SnapshotPoint, payload: &[u8]) -> Result<(), super::state_snapshot::SnapshotError> {
-        let (at, _) = self
-            .store
-            .install(payload)
-            .map_err(|e| super::state_snapshot::SnapshotError::Producer(e.to_string()))?;
+        let (at, _) = self.store.install(payload)?;
         if at != point.offset {
             tracing::warn!(dir = %self.store.dir().display(), snapshot = at, log_start = point.offset, "the leader's producer snapshot is not at its log start: producers written in between are not known here");
         }
+        // The state at this replica's new log start, for a follower of its own later.
+        *self.at_start.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((point.offset, Bytes::copy_from_slice(payload)));
         Ok(())
     }
 
@@ -668,7 +658,15 @@ impl StateSnapshots for ProducerSnapshots {
 
     fn log_starts_at(&self, offset: u64) {
         self.store.prune_below(offset);
-        self.remember(offset);
+        let known = self
+            .at_start
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|(at, _)| *at == offset);
+        if !known {
+            self.remember(offset);
+        }
     }
 }
 

@@ -10,8 +10,9 @@
 //! - Entries `first_index ..= last_index` are the batches from the log's Raft start, with
 //!   contiguous Raft indexes; `first_index = snapshot_index + 1`.
 //! - The term of `snapshot_index` is kept (in the state file) for Raft's log matching.
-//! - Only committed entries are ever compacted; a partition's snapshot says only where the log
-//!   now starts, the controller's also carries its state (see `set_state_snapshots`).
+//! - Only committed entries are ever compacted; a snapshot says where the log now starts and
+//!   carries the state replayed from the log at that point: a partition's producer state
+//!   (`replica::producers`), the controller's metadata (see `set_state_snapshots`).
 //!
 //! # Memory
 //! Nothing is held per entry: the term of an entry comes from the term checkpoints (one pair

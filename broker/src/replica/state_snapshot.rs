@@ -59,8 +59,8 @@ pub enum SnapshotError {
     Io { path: PathBuf, reason: String },
     #[error("snapshot {path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
-    #[error("producer state snapshot: {0}")]
-    Producer(String),
+    #[error(transparent)]
+    Producer(#[from] conveyor_storage::producer_state::snapshot::SnapshotError),
 }
 
 /// A snapshot read back whole and verified.

@@ -234,6 +234,13 @@ impl ProducerTable {
         ProducerTable::default()
     }
 
+    /// A table with room for `producers` without growing.
+    pub fn with_capacity(producers: usize) -> ProducerTable {
+        ProducerTable {
+            producers: HashMap::with_capacity(producers),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.producers.len()
     }

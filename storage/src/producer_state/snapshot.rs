@@ -44,6 +44,12 @@ pub enum SnapshotError {
     },
     #[error("producer snapshot is damaged: {0}")]
     Damaged(String),
+    #[error("producer snapshot {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: crate::LogError,
+    },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
@@ -125,7 +131,7 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, ProducerTable), SnapshotError> {
     if count > (body.len() - HEAD) / PRODUCER {
         return Err(damaged(format!("claims {count} producers in {} bytes", body.len())));
     }
-    let mut table = ProducerTable::new();
+    let mut table = ProducerTable::with_capacity(count);
     for _ in 0..count {
         let id = i64::from_le_bytes(r.take()?);
         let epoch = i16::from_le_bytes(r.take()?);
@@ -237,10 +243,9 @@ impl SnapshotStore {
     fn write_bytes(&self, offset: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
         std::fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
         let name = file_name(offset);
-        crate::replace_file_durably(&self.dir, &name, bytes).map_err(|e| SnapshotError::Io {
-            op: "write",
+        crate::replace_file_durably(&self.dir, &name, bytes).map_err(|source| SnapshotError::Write {
             path: self.dir.join(&name),
-            source: std::io::Error::other(e.to_string()),
+            source,
         })?;
         self.lock().insert(offset);
         Ok(())

@@ -156,7 +156,7 @@ fn a_snapshot_round_trips_and_damage_is_detected() {
         assert!(decode(&bad).is_err(), "flipped byte {at} went unnoticed");
     }
     assert!(decode(&bytes[..bytes.len() - 3]).is_err());
-    // A count that claims more than the bytes hold is refused before anything is allocated.
+    // A count that claims more than the bytes hold is refused before the table is sized for it.
     let mut huge = encode(1, &ProducerTable::new());
     huge.truncate(huge.len() - 4);
     huge[13..17].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -31,7 +31,6 @@ use crate::api::forward::{CONNECT_TIMEOUT, forward, forwarded};
 use crate::controller::admin_ops::{self, ChangeContext, Jobs, Operation};
 use crate::controller::{membership, rebalance};
 use crate::error::BrokerError;
-use crate::replica::partition::Partition;
 
 const FORWARD_CONNECT_TIMEOUT: Duration = CONNECT_TIMEOUT;
 /// How long a description waits for a partition leader's own view.
@@ -475,30 +474,16 @@ impl Admin for AdminService {
         let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
         topic.check_index(req.partition).map_err(|e| self.fail(e))?;
         let replicas = &topic.assignments[req.partition as usize];
-        let replica = self.ctx.registry.replica(&topic, req.partition);
-        let leader_here = replica.as_ref().is_ok_and(|p| p.is_leader());
         if req.to <= 0 || !replicas.contains(&(req.to as u32)) {
             return Err(self.fail(BrokerError::InvalidRequest(format!(
                 "broker {} holds no replica of topic '{}' partition {} (replicas: {replicas:?})",
                 req.to, req.topic, req.partition
             ))));
         }
-        if !leader_here {
-            let leader = match &replica {
-                Ok(p) => p.leader(),
-                Err(_) => replicas.first().copied().unwrap_or(0),
-            };
-            if was_forwarded || leader == 0 || leader == self.ctx.node_id {
-                let e = match replica {
-                    Ok(p) => p.not_leader(),
-                    Err(e) => e,
-                };
-                return Err(self.fail(e));
-            }
-            let mut client = self.client_for(leader).await.map_err(|e| self.fail(e))?;
-            return client.transfer_leader(forward(req)).await;
-        }
-        let partition: Arc<Partition> = replica.map_err(|e| self.fail(e))?;
+        let partition = match self.at_leader(&topic, req.partition, was_forwarded).await? {
+            AtLeader::Here(p) => p,
+            AtLeader::There(_, mut client) => return client.transfer_leader(forward(req)).await,
+        };
         let to = req.to as u32;
         let mut status = partition.watch_status();
         partition.transfer_leader(to).await.map_err(|e| self.fail(e))?;
@@ -517,7 +502,7 @@ mod cluster;
 mod describe;
 mod producers;
 mod route;
-use route::{Route, forward_to};
+use route::{AtLeader, Route, forward_to};
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use conveyor_proto::v1::{ListProducersRequest, ListProducersResponse, ProducerSt
 use tonic::{Request, Response, Status};
 
 use super::AdminService;
-use super::route::forward_to;
+use super::route::{AtLeader, forward_to};
 use crate::api::forward::forwarded;
 
 impl AdminService {
@@ -19,22 +19,9 @@ impl AdminService {
         let req = request.into_inner();
         let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
         topic.check_index(req.partition).map_err(|e| self.fail(e))?;
-        let replica = self.ctx.registry.replica(&topic, req.partition);
-        let partition = match replica {
-            Ok(p) if p.is_leader() => p,
-            other => {
-                let leader = match &other {
-                    Ok(p) => p.leader(),
-                    Err(_) => topic.assignments[req.partition as usize].first().copied().unwrap_or(0),
-                };
-                if was_forwarded || leader == 0 || leader == self.ctx.node_id {
-                    let e = match other {
-                        Ok(p) => p.not_leader(),
-                        Err(e) => e,
-                    };
-                    return Err(self.fail(e));
-                }
-                let client = self.client_for(leader).await.map_err(|e| self.fail(e))?;
+        let partition = match self.at_leader(&topic, req.partition, was_forwarded).await? {
+            AtLeader::Here(p) => p,
+            AtLeader::There(leader, client) => {
                 return forward_to(leader, client, req, None, |mut c, r| async move {
                     c.list_producers(r).await
                 })

@@ -3,6 +3,7 @@
 //! forwarded again), through [`AdminService::to_controller`].
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor_proto::v1::admin_client::AdminClient;
@@ -11,7 +12,17 @@ use tonic::{Request, Response, Status};
 
 use super::{AdminService, FORWARD_CONNECT_TIMEOUT, FORWARD_TIMEOUT};
 use crate::api::forward::{connect, forward};
+use crate::controller::Topic;
 use crate::error::BrokerError;
+use crate::replica::partition::Partition;
+
+/// Where a request for a partition's leader is served.
+pub(super) enum AtLeader {
+    /// This broker's replica leads.
+    Here(Arc<Partition>),
+    /// Another broker leads: its id and a client for it.
+    There(u32, AdminClient<Channel>),
+}
 
 /// Where a request that changes cluster metadata is answered.
 pub(super) enum Route<Req, Resp> {
@@ -95,6 +106,37 @@ impl AdminService {
             }
         };
         Some(AdminClient::new(channel))
+    }
+
+    /// This broker's replica of `topic`'s `partition` if it leads; else the leader and a
+    /// client for it. A request forwarded here, or one whose leader is unknown or thought to
+    /// be this broker, fails with the replica's not-leader error (a forwarded request is
+    /// never forwarded again).
+    pub(super) async fn at_leader(
+        &self,
+        topic: &Topic,
+        partition: i32,
+        was_forwarded: bool,
+    ) -> Result<AtLeader, Status> {
+        let replica = self.ctx.registry.replica(topic, partition);
+        if let Ok(p) = &replica
+            && p.is_leader()
+        {
+            return Ok(AtLeader::Here(Arc::clone(p)));
+        }
+        let leader = match &replica {
+            Ok(p) => p.leader(),
+            Err(_) => topic.assignments[partition as usize].first().copied().unwrap_or(0),
+        };
+        if was_forwarded || leader == 0 || leader == self.ctx.node_id {
+            let e = match replica {
+                Ok(p) => p.not_leader(),
+                Err(e) => e,
+            };
+            return Err(self.fail(e));
+        }
+        let client = self.client_for(leader).await.map_err(|e| self.fail(e))?;
+        Ok(AtLeader::There(leader, client))
     }
 
     pub(super) async fn client_for(&self, broker: u32) -> Result<AdminClient<Channel>, BrokerError> {

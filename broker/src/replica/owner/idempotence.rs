@@ -13,8 +13,19 @@ use crate::replica::producers::{Located, PartitionProducers, Plan};
 use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest};
 use crate::replica::raft_storage::RaftLog;
 
-/// How often idle producers are looked for (ticks of 100 ms: once a minute).
+/// How often idle producers are looked for: 600 ticks of `RAFT_TICK` (50 ms), every 30 s.
 pub(super) const EXPIRY_CHECK_TICKS: u64 = 600;
+
+/// Drops the state of producers that have not written since `before_ms`. In the Ready job.
+pub(super) fn expire(producers: &mut PartitionProducers, before_ms: Option<i64>, topic: &str, partition: i32) {
+    let Some(before) = before_ms else {
+        return;
+    };
+    let dropped = producers.expire(before);
+    if dropped > 0 {
+        tracing::debug!(topic, partition, dropped, "idle producers expired");
+    }
+}
 
 /// Builds a new leader's view of the idempotent batches in its log above the applied
 /// point, if it has not yet for this term. Reads entries the node holds (mostly in memory:
@@ -57,7 +68,7 @@ impl Owner {
     pub(super) fn judge(
         &mut self,
         node: &RawNode<RaftLog>,
-        request: AppendRequest,
+        mut request: AppendRequest,
     ) -> Option<(
         AppendRequest,
         Vec<Located>,
@@ -68,19 +79,13 @@ impl Owner {
             drop(request.reply.send(Err(error)));
             return None;
         };
-        build_pending(node, producers);
+        // Built in the Ready job, off the reactor (requests wait for it: `Owner::must_hold`);
+        // if that job could not read the log tail, the client retries after the next one.
         if producers.needs_pending(node.raft.term) {
             drop(request.reply.send(Err(self.not_leader(node))));
             return None;
         }
-        let AppendRequest {
-            batches,
-            acks,
-            order,
-            reply,
-            shares,
-        } = request;
-        let plan = match producers.plan(batches, acks) {
+        let plan = match producers.plan(std::mem::take(&mut request.batches)) {
             Ok(plan) => plan,
             Err(refusal) => {
                 use conveyor_proto::v1::ErrorCode;
@@ -94,11 +99,11 @@ impl Owner {
                     partition: self.index,
                     refusal,
                 };
-                if let Some(order) = &order {
+                if let Some(order) = &request.order {
                     // Later parts of the stream must not overtake this one's resend.
                     order.next.store(u64::MAX, Ordering::Release);
                 }
-                drop(reply.send(Err(error)));
+                drop(request.reply.send(Err(error)));
                 return None;
             }
         };
@@ -109,30 +114,15 @@ impl Owner {
                 idempotent,
             } => {
                 self.metrics.producer_duplicates.add(duplicates.len() as u64);
-                let request = AppendRequest {
-                    batches,
-                    acks,
-                    order,
-                    reply,
-                    shares,
-                };
+                request.batches = batches;
                 Some((request, duplicates, idempotent))
             }
             Plan::AllDuplicates(duplicates) => {
                 self.metrics.producer_duplicates.add(duplicates.len() as u64);
-                if let Some(order) = &order {
+                if let Some(order) = &request.order {
                     order.next.store(order.sequence.saturating_add(1), Ordering::Release);
                 }
-                self.answer_duplicates(
-                    &duplicates,
-                    AppendRequest {
-                        batches: Vec::new(),
-                        acks,
-                        order,
-                        reply,
-                        shares,
-                    },
-                );
+                self.answer_duplicates(&duplicates, request);
                 None
             }
         }
@@ -177,17 +167,11 @@ impl Owner {
         }
     }
 
-    /// Drops the state of producers idle longer than the expiration.
-    pub(super) fn expire_producers(&mut self) {
-        let Some(producers) = self.producers.as_mut() else {
-            return;
-        };
+    /// Idle producers are looked for in the next Ready job, off the reactor (a scan of up
+    /// to `MAX_PRODUCERS` entries).
+    pub(super) fn expiry_due(&mut self) {
         let expiration = i64::try_from(self.producer_expiration.as_millis()).unwrap_or(i64::MAX);
-        let before = conveyor_storage::unix_millis().saturating_sub(expiration);
-        let dropped = producers.expire(before);
-        if dropped > 0 {
-            tracing::debug!(topic = %self.topic, partition = self.index, dropped, "idle producers expired");
-        }
+        self.expire_before = Some(conveyor_storage::unix_millis().saturating_sub(expiration));
     }
 
     /// Writes the producer state at the end of what is applied, so the next start replays

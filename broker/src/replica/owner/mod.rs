@@ -114,6 +114,8 @@ pub(crate) struct Owner {
     producers: Option<PartitionProducers>,
     /// How long a producer may stay idle before its state is dropped.
     producer_expiration: std::time::Duration,
+    /// Producers idle since this time (ms) are dropped in the next Ready job.
+    expire_before: Option<i64>,
 }
 
 impl Drop for Owner {
@@ -189,6 +191,7 @@ impl Owner {
             stalled_snapshots: StalledSnapshots::default(),
             producers: Some(producers),
             producer_expiration: cx.producer_expiration,
+            expire_before: None,
         }
     }
 
@@ -275,7 +278,7 @@ impl Owner {
                     self.restore_preferred_leader(&mut node);
                 }
                 if self.ticks.is_multiple_of(idempotence::EXPIRY_CHECK_TICKS) {
-                    self.expire_producers();
+                    self.expiry_due();
                 }
             }
             if !node.has_ready() {
@@ -297,7 +300,10 @@ impl Owner {
                 self.fail_everything(&reason);
                 return Exit::Failed(reason);
             };
+            let expire_before = self.expire_before.take();
+            let (topic, index) = (self.topic.clone(), self.index);
             let job = tokio::task::spawn_blocking(move || {
+                idempotence::expire(&mut producers, expire_before, &topic, index);
                 let mut outbox = Outbox {
                     transport: &transport,
                     key: &key,
@@ -357,41 +363,29 @@ impl Owner {
     }
 
     /// Whether appends must wait rather than be answered now: while an election runs (no
-    /// leader known) or while this leader hands leadership over (raft-rs drops proposals
-    /// then). Refusing one request and accepting the next once things settle would let a
-    /// client's retry land after later records of the same partition.
-    fn must_hold(node: &RawNode<RaftLog>) -> bool {
+    /// leader known), while this leader hands leadership over (raft-rs drops proposals
+    /// then), or while a new leader's Ready job is about to read its log's unapplied tail for
+    /// the producer state (off the reactor: requests are judged after it). Refusing one
+    /// request and accepting the next once things settle would let a client's retry land
+    /// after later records of the same partition.
+    fn must_hold(&self, node: &RawNode<RaftLog>) -> bool {
         match node.raft.state {
-            StateRole::Leader => node.raft.lead_transferee.is_some(),
+            StateRole::Leader => {
+                node.raft.lead_transferee.is_some()
+                    || (node.has_ready() && self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term)))
+            }
             _ => node.raft.leader_id == 0,
         }
     }
 
     /// Proposes a request's batches, one entry each, in one step: all of them or none.
     fn propose(&mut self, node: &mut RawNode<RaftLog>, request: AppendRequest) {
-        if Self::must_hold(node) && self.waiting.len() < MAX_WAITING {
+        if self.must_hold(node) && self.waiting.len() < MAX_WAITING {
             self.waiting.push_back((Instant::now(), request));
             return;
         }
         if node.raft.state != StateRole::Leader || node.raft.lead_transferee.is_some() {
             drop(request.reply.send(Err(self.not_leader(node))));
-            return;
-        }
-        if self.producers.as_ref().is_some_and(|p| p.needs_pending(node.raft.term)) && node.has_ready() {
-            // A new leader: the Ready job about to run reads its log's unapplied tail for the
-            // producer state, off the reactor; the request is judged after it, in order (and
-            // before its stream order is checked: an earlier part may be waiting here too).
-            // With the queue full it is refused (retriable) rather than judged ahead of the
-            // requests waiting.
-            if self.waiting.len() < MAX_WAITING {
-                self.waiting.push_back((Instant::now(), request));
-            } else {
-                let error = BrokerError::LeaderNotAvailable {
-                    topic: self.topic.clone(),
-                    partition: self.index,
-                };
-                drop(request.reply.send(Err(error)));
-            }
             return;
         }
         if let Some(order) = &request.order {
@@ -470,9 +464,8 @@ impl Owner {
         if self.waiting.is_empty() {
             return;
         }
-        if !Self::must_hold(node) {
-            // Taken first: a request held again on the way (a new leader's producer state not
-            // built yet) goes back to the queue in order.
+        if !self.must_hold(node) {
+            // Nothing is held again on the way: `must_hold` is false here.
             for (_, request) in std::mem::take(&mut self.waiting) {
                 self.propose(node, request);
             }
@@ -677,7 +670,12 @@ mod tests {
             metrics,
             producer_expiration: std::time::Duration::from_secs(60),
         };
-        let mut owner = Owner::new(&cx, raft, 1, PartitionProducers::none(Arc::default(), Arc::default()));
+        let mut owner = Owner::new(
+            &cx,
+            raft,
+            1,
+            PartitionProducers::none(Arc::default(), Default::default()),
+        );
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
             batches: Vec::new(),

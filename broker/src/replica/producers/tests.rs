@@ -31,12 +31,12 @@ fn producers(issued_end: i64) -> PartitionProducers {
         pending_order: VecDeque::new(),
         pending_term: Some(1),
         issued_end: Arc::new(AtomicI64::new(issued_end)),
-        active: Arc::default(),
+        active: Gauge::default(),
     }
 }
 
 fn proposed(p: &mut PartitionProducers, batches: Vec<ValidatedBatch>, first: u64) -> Plan {
-    let plan = p.plan(batches, Acks::All).expect("accepted");
+    let plan = p.plan(batches).expect("accepted");
     if let Plan::Propose {
         batches, idempotent, ..
     } = &plan
@@ -51,7 +51,7 @@ fn a_retry_of_a_batch_still_being_committed_waits_for_that_batch_and_proposes_no
     let mut p = producers(100);
     proposed(&mut p, vec![batch(7, 0, 0, 2)], 10);
     proposed(&mut p, vec![batch(7, 0, 2, 3)], 11);
-    match p.plan(vec![batch(7, 0, 2, 3)], Acks::All) {
+    match p.plan(vec![batch(7, 0, 2, 3)]) {
         Ok(Plan::AllDuplicates(d)) => assert_eq!(
             d,
             vec![Located::Pending {
@@ -67,7 +67,7 @@ fn a_retry_of_a_batch_still_being_committed_waits_for_that_batch_and_proposes_no
     p.table.apply(batch(7, 0, 2, 3).header(), 42, 1);
     p.fold(11);
     assert!(p.pending.is_empty() && p.pending_order.is_empty());
-    match p.plan(vec![batch(7, 0, 2, 3)], Acks::All) {
+    match p.plan(vec![batch(7, 0, 2, 3)]) {
         Ok(Plan::AllDuplicates(d)) => assert!(
             matches!(d[..], [Located::Committed(m)] if m.base_offset == 42 && m.last_offset == 44),
             "{d:?}"
@@ -80,7 +80,7 @@ fn a_retry_of_a_batch_still_being_committed_waits_for_that_batch_and_proposes_no
 fn a_request_may_repeat_a_written_prefix_but_nothing_after_a_new_batch() {
     let mut p = producers(100);
     proposed(&mut p, vec![batch(7, 0, 0, 1)], 10);
-    match p.plan(vec![batch(7, 0, 0, 1), batch(7, 0, 1, 1), batch(7, 0, 2, 1)], Acks::All) {
+    match p.plan(vec![batch(7, 0, 0, 1), batch(7, 0, 1, 1), batch(7, 0, 2, 1)]) {
         Ok(Plan::Propose {
             duplicates, batches, ..
         }) => {
@@ -89,19 +89,19 @@ fn a_request_may_repeat_a_written_prefix_but_nothing_after_a_new_batch() {
         }
         other => panic!("expected a proposal, got {other:?}"),
     }
-    let refused = p.plan(vec![batch(7, 0, 1, 1), batch(7, 0, 0, 1)], Acks::All);
+    let refused = p.plan(vec![batch(7, 0, 1, 1), batch(7, 0, 0, 1)]);
     assert!(
         matches!(refused, Err(ProducerRefusal::OutOfOrder { .. })),
         "{refused:?}"
     );
     // Two batches of one request in sequence are both new.
     assert!(matches!(
-        p.plan(vec![batch(7, 0, 1, 2), batch(7, 0, 3, 1)], Acks::All),
+        p.plan(vec![batch(7, 0, 1, 2), batch(7, 0, 3, 1)]),
         Ok(Plan::Propose { ref duplicates, .. }) if duplicates.is_empty()
     ));
     // A gap inside the request refuses all of it.
     assert!(matches!(
-        p.plan(vec![batch(7, 0, 1, 2), batch(7, 0, 4, 1)], Acks::All),
+        p.plan(vec![batch(7, 0, 1, 2), batch(7, 0, 4, 1)]),
         Err(ProducerRefusal::OutOfOrder {
             expected: 3,
             got: 4,
@@ -118,50 +118,41 @@ fn a_request_whose_repeated_batches_are_out_of_log_order_or_from_two_producers_i
     proposed(&mut p, vec![batch(8, 0, 0, 1)], 12);
     // Answering [11, 10] would wait for 10 only and report offsets from 11.
     assert!(matches!(
-        p.plan(vec![batch(7, 0, 5, 5), batch(7, 0, 0, 5)], Acks::All),
+        p.plan(vec![batch(7, 0, 5, 5), batch(7, 0, 0, 5)]),
         Err(ProducerRefusal::OutOfOrder { .. })
     ));
     assert!(matches!(
-        p.plan(vec![batch(7, 0, 5, 5), batch(8, 0, 0, 1)], Acks::All),
+        p.plan(vec![batch(7, 0, 5, 5), batch(8, 0, 0, 1)]),
         Err(ProducerRefusal::MixedProducers)
     ));
     assert!(matches!(
-        p.plan(vec![batch(7, 0, 0, 5), batch(7, 0, 5, 5)], Acks::All),
+        p.plan(vec![batch(7, 0, 0, 5), batch(7, 0, 5, 5)]),
         Ok(Plan::AllDuplicates(ref d)) if d.len() == 2
     ));
 }
 
 #[test]
-fn refusals_name_their_cause_and_leave_the_state_alone() {
+fn refusals_name_their_cause() {
     let mut p = producers(100);
     proposed(&mut p, vec![batch(7, 3, 0, 1)], 10);
-    let before = (p.pending_order.clone(), p.table.clone());
     assert!(matches!(
-        p.plan(vec![batch(7, 2, 1, 1)], Acks::All),
+        p.plan(vec![batch(7, 2, 1, 1)]),
         Err(ProducerRefusal::Fenced { current: 3, got: 2, .. })
     ));
     assert!(matches!(
-        p.plan(vec![batch(8, 0, 5, 1)], Acks::All),
+        p.plan(vec![batch(8, 0, 5, 1)]),
         Err(ProducerRefusal::Unknown { sequence: 5, .. })
     ));
     assert!(matches!(
-        p.plan(vec![batch(100, 0, 0, 1)], Acks::All),
+        p.plan(vec![batch(100, 0, 0, 1)]),
         Err(ProducerRefusal::NotIssued { issued_end: 100, .. })
     ));
     assert!(matches!(
-        p.plan(vec![batch(7, 3, 1, 1)], Acks::Leader),
-        Err(ProducerRefusal::AcksNotAll { .. })
-    ));
-    assert!(matches!(
-        p.plan(vec![batch(7, -1, 1, 1)], Acks::All),
+        p.plan(vec![batch(7, -1, 1, 1)]),
         Err(ProducerRefusal::Malformed(_))
     ));
-    assert_eq!((p.pending_order.clone(), p.table.clone()), before);
-    // Plain batches pass untouched, whatever the acks.
-    assert!(matches!(
-        p.plan(vec![batch(-1, -1, -1, 1)], Acks::Leader),
-        Ok(Plan::Propose { .. })
-    ));
+    // Plain batches pass untouched.
+    assert!(matches!(p.plan(vec![batch(-1, -1, -1, 1)]), Ok(Plan::Propose { .. })));
 }
 
 #[test]
@@ -181,13 +172,10 @@ fn a_new_leader_judges_retries_of_batches_it_inherited_uncommitted() {
     p.rebuild_pending(3, &entries);
     assert!(!p.needs_pending(3));
     assert!(matches!(
-        p.plan(vec![batch(7, 0, 1, 1)], Acks::All),
+        p.plan(vec![batch(7, 0, 1, 1)]),
         Ok(Plan::AllDuplicates(ref d)) if d == &[Located::Pending { index: 6, term: 2, last_offset_delta: 0 }]
     ));
-    assert!(matches!(
-        p.plan(vec![batch(7, 0, 2, 1)], Acks::All),
-        Ok(Plan::Propose { .. })
-    ));
+    assert!(matches!(p.plan(vec![batch(7, 0, 2, 1)]), Ok(Plan::Propose { .. })));
 }
 
 /// A Raft log of `count` single-record idempotent batches of producer 7 (sequences 0..),
@@ -224,7 +212,7 @@ fn a_log_without_producer_snapshots_gets_one_at_every_segment_start_it_replays()
     let log = raft.partition_log();
     assert!(log.segment_count() > 3, "the batches span segments");
     let store = Arc::new(SnapshotStore::open(dir.path()).expect("store"));
-    let loaded = PartitionProducers::load(&raft, Arc::clone(&store), 200, Arc::default(), Arc::default());
+    let loaded = PartitionProducers::load(&raft, Arc::clone(&store), 200, Arc::default(), Gauge::default());
     let entry = loaded.table.get(7).expect("producer 7 replayed");
     assert_eq!(entry.last().map(|b| b.last_sequence), Some(199));
     // Retention can move the log start to any segment start: each has a snapshot.
