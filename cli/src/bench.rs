@@ -166,9 +166,9 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     let timeout = args.timeout;
     let work = async {
         match cmd {
-            BenchCommand::Produce(a) => produce(client, &a, None).await,
+            BenchCommand::Produce(a) => produce(client, &a, idempotence, None).await,
             BenchCommand::Consume(a) => consume(client, &a).await,
-            BenchCommand::E2e(a) => e2e(client, &a).await,
+            BenchCommand::E2e(a) => e2e(client, &a, idempotence).await,
             BenchCommand::Flood(_) => anyhow::bail!("a flood is run above"),
         }
     };
@@ -227,23 +227,29 @@ fn report(mode: &str, args: &BenchArgs, idempotence: bool, o: &Outcome, format: 
     }
 }
 
-fn idempotent(args: &BenchArgs) -> anyhow::Result<bool> {
+/// Whether the bench's producers are idempotent (see [`crate::produce::idempotence`]).
+pub(crate) fn idempotent(args: &BenchArgs) -> anyhow::Result<bool> {
     crate::produce::idempotence(args.acks, args.idempotence.map(|i| i == OnOff::On))
 }
 
-fn producer_config(args: &BenchArgs) -> anyhow::Result<ProducerConfig> {
-    Ok(ProducerConfig::default()
+fn producer_config(args: &BenchArgs, idempotent: bool) -> ProducerConfig {
+    ProducerConfig::default()
         .acks(Acks::from(args.acks))
-        .idempotence(idempotent(args)?)
+        .idempotence(idempotent)
         .batch_size(args.batch_size)
         .linger(args.linger)
         .compression(args.compression)
-        .max_in_flight_bytes(256 << 20))
+        .max_in_flight_bytes(256 << 20)
 }
 
 /// Runs the producers. With `epoch`, each value starts with its (intended) send time in
 /// nanoseconds since `epoch`, for end-to-end latency.
-async fn produce(client: &Client, args: &BenchArgs, epoch: Option<Instant>) -> anyhow::Result<Outcome> {
+async fn produce(
+    client: &Client,
+    args: &BenchArgs,
+    idempotent: bool,
+    epoch: Option<Instant>,
+) -> anyhow::Result<Outcome> {
     let acked = Arc::new(AtomicU64::new(0));
     let bar = if epoch.is_none() {
         progress(args.records, "produce")
@@ -258,7 +264,8 @@ async fn produce(client: &Client, args: &BenchArgs, epoch: Option<Instant>) -> a
         let client = Client::connect(client.address()).await?;
         let (args, acked) = (args.clone(), Arc::clone(&acked));
         tasks.push(tokio::spawn(async move {
-            producer_loop(client, args, share, start, epoch, acked).await
+            let config = producer_config(&args, idempotent);
+            producer_loop(client, args, config, share, start, epoch, acked).await
         }));
     }
     let ticker = {
@@ -300,12 +307,13 @@ async fn produce(client: &Client, args: &BenchArgs, epoch: Option<Instant>) -> a
 async fn producer_loop(
     client: Client,
     args: BenchArgs,
+    config: ProducerConfig,
     records: u64,
     start: Instant,
     epoch: Option<Instant>,
     acked: Arc<AtomicU64>,
 ) -> anyhow::Result<Outcome> {
-    let producer = client.producer(producer_config(&args)?)?;
+    let producer = client.producer(config)?;
     let per_producer_rate = args.rate.map(|r| r as f64 / f64::from(args.producers));
     let template = Bytes::from(vec![b'x'; args.record_size]);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, DeliveryFuture)>(PENDING_PER_PRODUCER);
@@ -442,7 +450,7 @@ async fn consume(client: &Client, args: &BenchArgs) -> anyhow::Result<Outcome> {
     })
 }
 
-async fn e2e(client: &Client, args: &BenchArgs) -> anyhow::Result<Outcome> {
+async fn e2e(client: &Client, args: &BenchArgs, idempotent: bool) -> anyhow::Result<Outcome> {
     anyhow::ensure!(
         args.record_size >= 8,
         "e2e needs --record-size of at least 8 (the send time)"
@@ -461,7 +469,7 @@ async fn e2e(client: &Client, args: &BenchArgs) -> anyhow::Result<Outcome> {
     let mut stream = consumer.stream();
     let producing = {
         let (client, args) = (client.clone(), args.clone());
-        tokio::spawn(async move { produce(&client, &args, Some(epoch)).await })
+        tokio::spawn(async move { produce(&client, &args, idempotent, Some(epoch)).await })
     };
     let bar = progress(args.records, "e2e");
     let mut h = histogram();

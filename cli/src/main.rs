@@ -162,7 +162,7 @@ mod tests {
             let Command::Produce(p) = parse(&[&["produce", "t"], args].concat()).expect("produce").command else {
                 panic!("produce")
             };
-            produce::idempotence(p.acks, p.no_idempotence.then_some(false)).expect("allowed")
+            p.idempotent().expect("allowed")
         };
         assert!(produce(&[]));
         assert!(!produce(&["--no-idempotence"]));
@@ -175,7 +175,7 @@ mod tests {
             else {
                 panic!("bench produce")
             };
-            produce::idempotence(b.acks, b.idempotence.map(|i| i == bench::OnOff::On))
+            bench::idempotent(&b)
         };
         assert!(bench(&[]).expect("default"));
         assert!(bench(&["--idempotence", "on"]).expect("on"));

@@ -60,6 +60,13 @@ pub struct ProduceArgs {
     pub no_idempotence: bool,
 }
 
+impl ProduceArgs {
+    /// Whether the producer is idempotent (see [`idempotence`]).
+    pub fn idempotent(&self) -> anyhow::Result<bool> {
+        idempotence(self.acks, self.no_idempotence.then_some(false))
+    }
+}
+
 pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::Result<()> {
     if let Some(p) = args.partition {
         let count = client.partition_count(&args.topic).await?;
@@ -69,7 +76,7 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
             args.topic
         );
     }
-    let idempotent = idempotence(args.acks, args.no_idempotence.then_some(false))?;
+    let idempotent = args.idempotent()?;
     let producer = client.producer(ProducerConfig::default().acks(args.acks.into()).idempotence(idempotent))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<DeliveryFuture>(PENDING_DELIVERIES);
     let acker = tokio::spawn(async move {

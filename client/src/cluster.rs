@@ -176,13 +176,8 @@ impl Cluster {
                 // that dies mid-call (SIGKILL) is unreachable: the next broker is asked, and
                 // a producer routing a batch retries it instead of failing it.
                 async move {
-                    match tokio::time::timeout(METADATA_TIMEOUT, AdminClient::new(channel).metadata(request)).await {
-                        Ok(answer) => Ok(answer.map_err(|s| ClientError::from_call(s, ""))?.into_inner()),
-                        Err(_) => Err(ClientError::Unreachable {
-                            address: String::new(),
-                            reason: format!("no answer to a metadata request within {METADATA_TIMEOUT:?}"),
-                        }),
-                    }
+                    let mut grpc = AdminClient::new(channel);
+                    answer_within(METADATA_TIMEOUT, "a metadata request", grpc.metadata(request)).await
                 }
             })
             .await?;
@@ -333,6 +328,25 @@ impl Cluster {
         {
             leaders.remove(&partition);
         }
+    }
+}
+
+/// The answer to `call` (to one broker, through [`Cluster::any`]), `what` naming it. No answer
+/// within `limit`, or a connection broken mid-call, is [`ClientError::Unreachable`]: another
+/// broker to ask, not a refusal.
+pub(crate) async fn answer_within<T>(
+    limit: Duration,
+    what: &str,
+    call: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(answer) => answer
+            .map(tonic::Response::into_inner)
+            .map_err(|status| ClientError::from_call(status, "")),
+        Err(_) => Err(ClientError::Unreachable {
+            address: String::new(),
+            reason: format!("no answer to {what} within {limit:?}"),
+        }),
     }
 }
 

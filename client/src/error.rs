@@ -178,3 +178,46 @@ impl From<tonic::Status> for ClientError {
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_canceled_by_a_broker_closing_its_connections_is_retried_not_failed() {
+        let status = tonic::Status::cancelled("operation was canceled");
+        assert!(
+            !ClientError::from(status.clone()).is_retriable(),
+            "as a broker's answer it is final"
+        );
+        let error = ClientError::from_call(status, "127.0.0.1:1");
+        assert!(error.is_retriable(), "{error}");
+    }
+
+    #[test]
+    fn a_stream_refused_for_a_reason_a_retry_cannot_change_fails() {
+        for status in [
+            tonic::Status::unimplemented("unknown service"),
+            tonic::Status::permission_denied("no"),
+            tonic::Status::invalid_argument("bad"),
+        ] {
+            let code = status.code();
+            let error = ClientError::from_call(status, "127.0.0.1:1");
+            assert!(!error.is_retriable(), "{code:?}: {error}");
+        }
+        // Retriable or not as any broker answer with its code, not as a broken link.
+        let error = ClientError::from_call(tonic::Status::resource_exhausted("message too large"), "127.0.0.1:1");
+        assert!(
+            matches!(
+                error,
+                ClientError::Broker {
+                    code: tonic::Code::ResourceExhausted,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let error = ClientError::from_call(tonic::Status::unknown("transport error"), "127.0.0.1:1");
+        assert!(error.is_retriable(), "{error}");
+    }
+}

@@ -127,16 +127,7 @@ impl Client {
                 // A stopped broker keeps its connection open: without a deadline the call
                 // would wait for the keep-alive to give up. One that dies mid-call is
                 // unreachable, not a refusal that would stop an idempotent producer for good.
-                match tokio::time::timeout(INIT_PRODUCER_TIMEOUT, call).await {
-                    // A connection broken mid-call is another broker to ask, not a refusal.
-                    Ok(answer) => answer
-                        .map(tonic::Response::into_inner)
-                        .map_err(|status| ClientError::from_call(status, "")),
-                    Err(_) => Err(ClientError::Unreachable {
-                        address: String::new(),
-                        reason: format!("no answer to InitProducer within {INIT_PRODUCER_TIMEOUT:?}"),
-                    }),
-                }
+                cluster::answer_within(INIT_PRODUCER_TIMEOUT, "InitProducer", call).await
             })
             .await?;
         ProducerIdentity::try_from(response)

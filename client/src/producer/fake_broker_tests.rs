@@ -248,6 +248,20 @@ impl Fake {
             .map(|p| BatchHeader::parse(&p.batches[0]).expect("header"))
             .collect()
     }
+
+    /// (producer id, epoch, base sequence) of each batch received, in order.
+    fn stamps(&self) -> Vec<(i64, i16, i32)> {
+        self.headers()
+            .iter()
+            .map(|h| {
+                (
+                    h.producer.producer_id,
+                    h.producer.producer_epoch,
+                    h.producer.base_sequence,
+                )
+            })
+            .collect()
+    }
 }
 
 /// A producer of the fake's partition 0 of topic "t", released at once, with short pauses.
@@ -323,18 +337,10 @@ async fn an_unknown_producer_id_for_the_first_unacknowledged_batch_bumps_the_epo
         Answer::Refuse(ErrorCode::UnknownProducerId),
     ]);
     delivered(send_records(&producer, 2).await).await;
-    let stamps: Vec<(i64, i16, i32)> = fake
-        .headers()
-        .iter()
-        .map(|h| {
-            (
-                h.producer.producer_id,
-                h.producer.producer_epoch,
-                h.producer.base_sequence,
-            )
-        })
-        .collect();
-    assert_eq!(stamps, vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]);
+    assert_eq!(
+        fake.stamps(),
+        vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]
+    );
     assert_eq!(fake.init_calls.load(Ordering::SeqCst), 1, "no new id");
     assert_eq!(
         producer.unvouched_records(),
@@ -363,18 +369,10 @@ async fn a_gap_after_a_failed_batch_renumbers_the_next_under_the_next_epoch_and_
     assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
     delivered(vec![third]).await;
     delivered(send_records(&producer, 1).await).await;
-    let stamps: Vec<(i64, i16, i32)> = fake
-        .headers()
-        .iter()
-        .map(|h| {
-            (
-                h.producer.producer_id,
-                h.producer.producer_epoch,
-                h.producer.base_sequence,
-            )
-        })
-        .collect();
-    assert_eq!(stamps, vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]);
+    assert_eq!(
+        fake.stamps(),
+        vec![(77, 0, 0), (77, 0, 1), (77, 0, 2), (77, 1, 0), (77, 1, 1)]
+    );
     assert_eq!(fake.init_calls.load(Ordering::SeqCst), 1, "no new id");
     assert_eq!(
         producer.unvouched_records(),

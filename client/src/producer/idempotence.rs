@@ -151,9 +151,8 @@ impl ResetCause {
 /// One partition's producer identity and sequence.
 #[derive(Debug, Default)]
 struct PartitionSequence {
-    /// The identity and the generation of the id (see [`Sequencer::generation`]); a reset
-    /// bumps the epoch and keeps the generation.
-    identity: Option<(ProducerIdentity, u64)>,
+    /// The identity stamped on the partition's batches; a reset bumps its epoch.
+    identity: Option<ProducerIdentity>,
     /// The base sequence of the next batch stamped (wider than a sequence: after a batch
     /// ending at `i32::MAX` it is past every sequence).
     next: i64,
@@ -172,8 +171,9 @@ struct PartitionSequence {
 #[derive(Debug, Default)]
 pub(crate) struct Sequencer {
     partitions: HashMap<PartitionKey, PartitionSequence>,
-    /// The latest identity issued, and its generation: how many were issued until it.
-    latest: Option<(ProducerIdentity, u64)>,
+    /// The latest identity issued.
+    latest: Option<ProducerIdentity>,
+    /// How many identities were issued, `latest` included.
     generation: u64,
     /// A partition waits for an identity newer than `latest`.
     wants_id: bool,
@@ -190,9 +190,9 @@ impl Sequencer {
         if p.reset.is_some() {
             return Stamp::AwaitingReset;
         }
-        let (identity, _) = match (p.identity, self.latest) {
+        let identity = match (p.identity, self.latest) {
             (Some(identity), _) => identity,
-            (None, Some(latest)) if latest.1 >= p.min_generation => {
+            (None, Some(latest)) if self.generation >= p.min_generation => {
                 p.identity = Some(latest);
                 latest
             }
@@ -238,7 +238,7 @@ impl Sequencer {
     /// A new identity arrived from `InitProducer`.
     pub(crate) fn issued(&mut self, identity: ProducerIdentity) {
         self.generation += 1;
-        self.latest = Some((identity, self.generation));
+        self.latest = Some(identity);
         self.wants_id = false;
     }
 
@@ -248,7 +248,9 @@ impl Sequencer {
         if let Some(p) = self.current(batch) {
             let end = batch.end_sequence();
             p.acknowledged = p.acknowledged.max(end);
-            p.outstanding.retain(|b| Some(*b) != base);
+            if let Some(base) = base {
+                p.outstanding.remove(&base);
+            }
             // The broker appended a batch under this identity, so it knows the producer and
             // holds every sequence below: a refusal that looked like a gap (or an unknown
             // id) was answered before a copy on its way landed. The refused batch goes out
@@ -292,8 +294,8 @@ impl Sequencer {
     /// under the same identity shows whether it was written.
     pub(crate) fn failed_for_good(&mut self, batch: &Sealed) {
         let base = batch.producer.map(|p| i64::from(p.base_sequence));
-        if let Some(p) = self.current(batch) {
-            p.outstanding.retain(|b| Some(*b) != base);
+        if let (Some(p), Some(base)) = (self.current(batch), base) {
+            p.outstanding.remove(&base);
         }
     }
 
@@ -308,9 +310,7 @@ impl Sequencer {
             return false;
         };
         match p.identity {
-            Some((current, _)) => {
-                current.producer_id != info.producer_id || current.producer_epoch > info.producer_epoch
-            }
+            Some(current) => current.producer_id != info.producer_id || current.producer_epoch > info.producer_epoch,
             // Its epochs ran out and it waits for a new id: every stamp it made is older.
             None => true,
         }
@@ -320,7 +320,7 @@ impl Sequencer {
     fn current(&mut self, batch: &Sealed) -> Option<&mut PartitionSequence> {
         let info = batch.producer?;
         let p = self.partitions.get_mut(&key_of(batch))?;
-        let (identity, _) = p.identity?;
+        let identity = p.identity?;
         (identity.producer_id == info.producer_id && identity.producer_epoch == info.producer_epoch).then_some(p)
     }
 
@@ -356,15 +356,11 @@ impl Sequencer {
         };
         let cause = p.reset.take();
         let old = p.identity.take();
-        let bumped = old.and_then(|(identity, generation)| {
-            let producer_epoch = identity.producer_epoch.checked_add(1)?;
-            Some((
-                ProducerIdentity {
-                    producer_epoch,
-                    ..identity
-                },
-                generation,
-            ))
+        let bumped = old.and_then(|identity| {
+            Some(ProducerIdentity {
+                producer_epoch: identity.producer_epoch.checked_add(1)?,
+                ..identity
+            })
         });
         *p = PartitionSequence {
             identity: bumped,
@@ -382,8 +378,8 @@ impl Sequencer {
             topic = %key.0,
             partition = key.1,
             ?cause,
-            old = ?old.map(|(i, _)| i),
-            new = ?bumped.map(|(i, _)| i),
+            old = ?old,
+            new = ?bumped,
             unvouched = resent,
             "partition resets; its waiting batches are numbered again from 0"
         );
@@ -417,6 +413,14 @@ mod tests {
         Sealed::for_test(Arc::from("t"), partition, b.build().expect("build"), records, seal_seq)
     }
 
+    fn info(producer_id: i64, producer_epoch: i16, base_sequence: i32) -> ProducerInfo {
+        ProducerInfo {
+            producer_id,
+            producer_epoch,
+            base_sequence,
+        }
+    }
+
     fn header(b: &Sealed) -> BatchHeader {
         let parsed = RecordBatch::parse(b.bytes.clone()).expect("parse");
         parsed.verify_crc().expect("crc");
@@ -437,19 +441,18 @@ mod tests {
         for x in [&mut a, &mut b, &mut other] {
             assert!(matches!(s.stamp(x), Stamp::Ready));
         }
-        let expect = |base| ProducerInfo {
-            producer_id: 40,
-            producer_epoch: 0,
-            base_sequence: base,
-        };
-        assert_eq!(header(&a).producer, expect(0));
-        assert_eq!(header(&b).producer, expect(3), "after the 3 records of the first batch");
-        assert_eq!(header(&other).producer, expect(0), "each partition counts from 0");
+        assert_eq!(header(&a).producer, info(40, 0, 0));
+        assert_eq!(
+            header(&b).producer,
+            info(40, 0, 3),
+            "after the 3 records of the first batch"
+        );
+        assert_eq!(header(&other).producer, info(40, 0, 0), "each partition counts from 0");
         // A resend keeps the identical bytes.
         let before = b.bytes.clone();
         assert!(matches!(s.stamp(&mut b), Stamp::Ready));
         assert_eq!(b.bytes, before);
-        assert_eq!(b.producer, Some(expect(3)));
+        assert_eq!(b.producer, Some(info(40, 0, 3)));
     }
 
     #[test]
@@ -462,13 +465,19 @@ mod tests {
         assert_eq!(a.bytes.as_ptr(), at, "restamped in place");
     }
 
-    fn stamped_and_sent(s: &mut Sequencer, queue: &mut VecDeque<Sealed>, seal_seqs: std::ops::Range<u64>) {
-        for i in seal_seqs {
+    /// A sequencer issued `identity` and `n` batches of 2 records of partition 0 stamped
+    /// under it and sent, in sealing order.
+    fn sent(identity: ProducerIdentity, n: u64) -> (Sequencer, VecDeque<Sealed>) {
+        let mut s = Sequencer::default();
+        s.issued(identity);
+        let mut queue = VecDeque::new();
+        for i in 0..n {
             let mut b = batch(0, i, 2);
             assert!(matches!(s.stamp(&mut b), Stamp::Ready));
             b.sent = true;
             queue.push_back(b);
         }
+        (s, queue)
     }
 
     fn key() -> PartitionKey {
@@ -477,10 +486,7 @@ mod tests {
 
     #[test]
     fn an_unknown_producer_id_for_the_first_outstanding_batch_renumbers_the_waiting_batches_under_the_next_epoch() {
-        let mut s = Sequencer::default();
-        s.issued(ID);
-        let mut queue = VecDeque::new();
-        stamped_and_sent(&mut s, &mut queue, 0..3);
+        let (mut s, mut queue) = sent(ID, 3);
         let first = queue.pop_front().expect("first");
         s.acknowledged(&first);
         assert!(s.is_first_outstanding(&queue[0]));
@@ -508,12 +514,7 @@ mod tests {
             stamps.push(header(b).producer);
         }
         assert!(!s.wants_id());
-        let expect = |base| ProducerInfo {
-            producer_id: 40,
-            producer_epoch: 1,
-            base_sequence: base,
-        };
-        assert_eq!(stamps, vec![expect(0), expect(2), expect(4)]);
+        assert_eq!(stamps, vec![info(40, 1, 0), info(40, 1, 2), info(40, 1, 4)]);
         let mut late = batch(0, 9, 2);
         late.producer = stale;
         assert!(s.superseded(&late), "epoch 0 was left behind");
@@ -522,10 +523,7 @@ mod tests {
 
     #[test]
     fn a_batch_that_failed_for_good_leaves_the_identity_until_the_next_one_shows_a_gap() {
-        let mut s = Sequencer::default();
-        s.issued(ID);
-        let mut queue = VecDeque::new();
-        stamped_and_sent(&mut s, &mut queue, 0..3);
+        let (mut s, mut queue) = sent(ID, 3);
         // The first batch timed out: its outcome is unknown.
         let failed = queue.pop_front().expect("first");
         s.failed_for_good(&failed);
@@ -550,22 +548,12 @@ mod tests {
         assert!(s.ready_to_reset(&key(), true));
         assert_eq!(s.reset(&key(), &mut queue), 1, "the refused batch had been sent");
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
-        assert_eq!(
-            header(&queue[0]).producer,
-            ProducerInfo {
-                producer_id: 40,
-                producer_epoch: 1,
-                base_sequence: 0,
-            }
-        );
+        assert_eq!(header(&queue[0]).producer, info(40, 1, 0));
     }
 
     #[test]
     fn an_acknowledgement_after_a_refusal_shows_there_was_no_gap_and_cancels_the_reset() {
-        let mut s = Sequencer::default();
-        s.issued(ID);
-        let mut queue = VecDeque::new();
-        stamped_and_sent(&mut s, &mut queue, 0..3);
+        let (mut s, mut queue) = sent(ID, 3);
         // B1 failed for good while a copy of it was still on an abandoned stream; B2 was
         // refused out of order before that copy landed; then B3 was appended.
         s.failed_for_good(&queue[0]);
@@ -589,10 +577,7 @@ mod tests {
 
     #[test]
     fn a_failure_under_an_old_epoch_does_not_touch_the_new_one() {
-        let mut s = Sequencer::default();
-        s.issued(ID);
-        let mut queue = VecDeque::new();
-        stamped_and_sent(&mut s, &mut queue, 0..1);
+        let (mut s, mut queue) = sent(ID, 1);
         let stale = queue[0].producer;
         s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
         s.reset(&key(), &mut queue);
@@ -611,13 +596,13 @@ mod tests {
 
     #[test]
     fn a_partition_whose_epoch_would_pass_i16_max_takes_a_new_id() {
-        let mut s = Sequencer::default();
-        s.issued(ProducerIdentity {
-            producer_id: 40,
-            producer_epoch: i16::MAX - 1,
-        });
-        let mut queue = VecDeque::new();
-        stamped_and_sent(&mut s, &mut queue, 0..1);
+        let (mut s, mut queue) = sent(
+            ProducerIdentity {
+                producer_id: 40,
+                producer_epoch: i16::MAX - 1,
+            },
+            1,
+        );
         s.refused_for_good(&queue[0], ResetCause::UnknownProducerId);
         s.reset(&key(), &mut queue);
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
@@ -639,14 +624,7 @@ mod tests {
             producer_epoch: 0,
         });
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
-        assert_eq!(
-            header(&queue[0]).producer,
-            ProducerInfo {
-                producer_id: 41,
-                producer_epoch: 0,
-                base_sequence: 0,
-            }
-        );
+        assert_eq!(header(&queue[0]).producer, info(41, 0, 0));
         assert!(s.superseded(&late), "an older id");
         assert!(!s.superseded(&queue[0]));
     }
@@ -684,13 +662,6 @@ mod tests {
             "only a batch never sent is renumbered: nothing unvouched"
         );
         assert!(matches!(s.stamp(&mut queue[0]), Stamp::Ready));
-        assert_eq!(
-            header(&queue[0]).producer,
-            ProducerInfo {
-                producer_id: 40,
-                producer_epoch: 1,
-                base_sequence: 0,
-            }
-        );
+        assert_eq!(header(&queue[0]).producer, info(40, 1, 0));
     }
 }

@@ -8,7 +8,9 @@
 //! the sender's "Order across failures"). Producers are idempotent by default
 //! ([`ProducerConfig::idempotence`]): every batch carries a producer id and sequence numbers,
 //! so a batch resent after its acknowledgement was lost is not written twice (see
-//! `idempotence` and `docs/producer.md`). Without idempotence a retry may duplicate records.
+//! `idempotence` and `docs/producer.md`), except a late copy of a batch renumbered by a
+//! partition reset, counted by [`Producer::unvouched_records`]. Without idempotence a retry
+//! may duplicate records.
 
 mod accumulator;
 #[cfg(test)]
@@ -92,7 +94,9 @@ pub struct ProducerConfig {
     pub max_in_flight_requests: usize,
     /// Idempotent produce (default on, as Kafka since 3.0): each partition's batches carry a
     /// producer id (from `InitProducer`) and sequence numbers, so the broker appends a
-    /// resent batch only once and refuses one that would land out of order. Needs
+    /// resent batch only once (except a late copy of a batch renumbered by a partition
+    /// reset, counted by [`Producer::unvouched_records`]) and refuses one that would land
+    /// out of order. Needs
     /// [`Acks::All`]; at most [`MAX_IN_FLIGHT_PER_PARTITION`] batches of a partition are in
     /// flight at once. Off: a batch whose acknowledgement was lost and that is resent may
     /// be written twice.

@@ -214,8 +214,9 @@ impl State {
             error.code(),
             Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
         ) && batch.sealed_at.elapsed() < UNKNOWN_TOPIC_WAIT;
-        // The broker may not have learned of a newly issued id yet.
-        let retriable = error.is_retriable() || not_yet_known || code == Some(ErrorCode::InvalidProducerId);
+        // INVALID_PRODUCER_ID comes retriable: the broker may not have learned of a newly
+        // issued id yet.
+        let retriable = error.is_retriable() || not_yet_known;
         if retriable && batch.attempts <= self.config.retries && in_time {
             tracing::debug!(topic = %batch.topic, partition = batch.partition, attempt = batch.attempts, %error, "retrying batch");
             self.requeue(batch);
@@ -415,7 +416,7 @@ impl State {
         let depth = self.config.max_in_flight_requests.max(1);
         let (requests, stream) = open_link(route.channel.clone(), depth)
             .await
-            .map_err(|status| link_error(status, &route.address))?;
+            .map_err(|status| ClientError::from_call(status, &route.address))?;
         responses.insert(route.address.clone(), stream);
         self.links.insert(route.address.clone(), Link { requests, inflight: 0 });
         Ok(())
@@ -622,11 +623,6 @@ fn merge_by_seq(a: VecDeque<Sealed>, b: VecDeque<Sealed>) -> VecDeque<Sealed> {
     }
 }
 
-/// A produce stream that fails, or cannot be opened: see [`ClientError::from_call`].
-fn link_error(status: tonic::Status, address: &str) -> ClientError {
-    ClientError::from_call(status, address)
-}
-
 /// The longest pause between two `InitProducer` requests that failed.
 const MAX_ID_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -690,7 +686,7 @@ pub(crate) async fn run(
                 Ok(response) => state.on_response(response),
                 Err(status) => {
                     responses.remove(&address);
-                    let error = link_error(status, &address);
+                    let error = ClientError::from_call(status, &address);
                     state.link_broke(&address, &error);
                 }
             },

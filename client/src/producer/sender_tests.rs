@@ -1,5 +1,4 @@
-//! Unit tests of the sender: how a link's failure is classified, and what a reset and a
-//! late fence do to the sender's state.
+//! Unit tests of the sender: what a reset and a late fence do to the sender's state.
 
 use super::*;
 
@@ -66,42 +65,4 @@ async fn a_reset_counts_renumbered_sent_records_and_a_fence_of_the_left_epoch_fa
     state.retry_or_fail(renumbered, fenced());
     let stopped = status.stopped().expect("stopped");
     assert_eq!(stopped.code(), Some(ErrorCode::ProducerFenced), "{stopped}");
-}
-
-#[test]
-fn a_stream_canceled_by_a_broker_closing_its_connections_is_retried_not_failed() {
-    let status = tonic::Status::cancelled("operation was canceled");
-    assert!(
-        !ClientError::from(status.clone()).is_retriable(),
-        "as a broker's answer it is final"
-    );
-    let error = link_error(status, "127.0.0.1:1");
-    assert!(error.is_retriable(), "{error}");
-}
-
-#[test]
-fn a_stream_refused_for_a_reason_a_retry_cannot_change_fails() {
-    for status in [
-        tonic::Status::unimplemented("unknown service"),
-        tonic::Status::permission_denied("no"),
-        tonic::Status::invalid_argument("bad"),
-    ] {
-        let code = status.code();
-        let error = link_error(status, "127.0.0.1:1");
-        assert!(!error.is_retriable(), "{code:?}: {error}");
-    }
-    // Retriable or not as any broker answer with its code, not as a broken link.
-    let error = link_error(tonic::Status::resource_exhausted("message too large"), "127.0.0.1:1");
-    assert!(
-        matches!(
-            error,
-            ClientError::Broker {
-                code: tonic::Code::ResourceExhausted,
-                ..
-            }
-        ),
-        "{error:?}"
-    );
-    let error = link_error(tonic::Status::unknown("transport error"), "127.0.0.1:1");
-    assert!(error.is_retriable(), "{error}");
 }

@@ -170,26 +170,22 @@ pub fn restamp_producer(batch: &mut [u8], producer: ProducerInfo) -> Result<(), 
     fields[..8].copy_from_slice(&producer.producer_id.to_le_bytes());
     fields[8..10].copy_from_slice(&producer.producer_epoch.to_le_bytes());
     fields[10..].copy_from_slice(&producer.base_sequence.to_le_bytes());
-    // The covered bytes before the producer fields are unchanged: the difference between the
-    // old and the new message is zero there, then `old ^ new` in the fields, then zero to the end.
-    let mut diff = [0u8; RECORD_COUNT_AT - CRC_START];
-    for (i, (old, new)) in batch[PRODUCER_ID_AT..RECORD_COUNT_AT].iter().zip(fields).enumerate() {
-        diff[PRODUCER_ID_AT - CRC_START + i] = old ^ new;
-    }
+    // For messages of one length crc(old) ^ crc(new) is the plain CRC (register from 0, no
+    // final inversion) of old ^ new, which is zero but in the producer fields: zeros before
+    // them leave a register at 0, so it is the plain CRC of the fields' difference followed by
+    // the `after` bytes behind them.
     let after = (batch.len() - RECORD_COUNT_AT) as u64;
-    // crc(a) ^ crc(b) ^ crc(c) = crc(a ^ b ^ c) for messages of one length, so
-    // crc(new) = crc(old) ^ crc(diff ++ zeros) ^ crc(zeros ++ zeros).
-    let crc_followed_by_zeros = |prefix: &[u8]| {
-        let mut h = crc32fast::Hasher::new();
-        h.update(prefix);
-        // A hasher standing for `after` bytes whose own CRC is 0: combining with it shifts the
-        // prefix's CRC over `after` bytes. Its contribution is the same for both terms below
-        // and cancels out.
-        h.combine(&crc32fast::Hasher::new_with_initial_len(0, after));
-        h.finalize()
-    };
-    let delta = crc_followed_by_zeros(&diff) ^ crc_followed_by_zeros(&[0u8; RECORD_COUNT_AT - CRC_START]);
-    let crc = header.crc ^ delta;
+    let mut diff = [0u8; RECORD_COUNT_AT - PRODUCER_ID_AT];
+    for ((d, old), new) in diff.iter_mut().zip(&batch[PRODUCER_ID_AT..RECORD_COUNT_AT]).zip(fields) {
+        *d = old ^ new;
+    }
+    // crc32fast keeps its state inverted: a state of !0 is a register at 0.
+    let mut plain = crc32fast::Hasher::new_with_initial(!0);
+    plain.update(&diff);
+    // Combining with a CRC of 0 over `after` bytes shifts a CRC over that many zero bytes.
+    let mut delta = crc32fast::Hasher::new_with_initial(!plain.finalize());
+    delta.combine(&crc32fast::Hasher::new_with_initial_len(0, after));
+    let crc = header.crc ^ delta.finalize();
     batch[PRODUCER_ID_AT..RECORD_COUNT_AT].copy_from_slice(&fields);
     batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
     Ok(())
