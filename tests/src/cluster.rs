@@ -149,6 +149,10 @@ fn free_port() -> String {
     }
 }
 
+/// How long the replicas of a partition may take to catch up and all be in sync, or a
+/// leadership change to be known.
+pub const CONVERGE_DEADLINE: Duration = Duration::from_secs(120);
+
 /// N brokers forming one cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -157,6 +161,9 @@ pub struct Cluster {
     extra: Vec<String>,
     /// (from, to) → the proxy `from` uses to reach `to`.
     links: BTreeMap<(u32, u32), LinkProxy>,
+    /// Holds the config file of [`start_with_config`](Self::start_with_config): a restarted
+    /// or joining broker reads it again.
+    _config: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
@@ -195,8 +202,21 @@ impl Cluster {
             brokers,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             links,
+            _config: None,
         };
         cluster.wait_for_controller(None);
+        cluster
+    }
+
+    /// As [`start`](Self::start), every broker with `toml` as its config file (`--config`),
+    /// for settings that have no flag, e.g. `"[log]\nretention_check_interval = \"100ms\"\n"`.
+    pub fn start_with_config(n: u32, toml: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, toml).expect("write broker config");
+        let path = path.to_str().expect("utf-8 temp path").to_string();
+        let mut cluster = Cluster::start(n, &["--config", &path]);
+        cluster._config = Some(dir);
         cluster
     }
 
@@ -226,11 +246,11 @@ impl Cluster {
         listen
     }
 
-    /// Every broker's client address, comma-separated: a bootstrap list.
-    /// Creates `topic` through the CLI on the cluster; panics with the CLI's error if it fails.
-    pub fn create_topic(&self, topic: &str, partitions: u32, replication_factor: u32) {
+    /// Creates `topic` through the CLI on the cluster, with `extra` arguments (`--config
+    /// segment.bytes=4096`, say); panics with the CLI's error if it fails.
+    pub fn create_topic(&self, topic: &str, partitions: u32, replication_factor: u32, extra: &[&str]) {
         let (partitions, rf) = (partitions.to_string(), replication_factor.to_string());
-        let args = [
+        let mut args = vec![
             "topic",
             "create",
             topic,
@@ -239,6 +259,7 @@ impl Cluster {
             "--replication-factor",
             &rf,
         ];
+        args.extend_from_slice(extra);
         let out = crate::cli(&self.bootstrap(), &args, "");
         assert!(
             out.status.success(),
@@ -247,6 +268,7 @@ impl Cluster {
         );
     }
 
+    /// Every broker's client address, comma-separated: a bootstrap list.
     pub fn bootstrap(&self) -> String {
         self.brokers
             .values()
@@ -342,6 +364,32 @@ impl Cluster {
             let leader = d["partitions"][partition]["leader"].as_u64()? as u32;
             (leader > 0 && Some(leader) != not).then_some(leader)
         })
+    }
+
+    /// Waits until every partition of `topic` has `replicas` replicas in sync, so that a read
+    /// sees the end and a stopped broker has an in-sync replica to hand over to.
+    pub fn wait_in_sync(&self, topic: &str, replicas: usize) {
+        wait_for("every replica in sync", CONVERGE_DEADLINE, || {
+            let d = self.describe(topic, None)?;
+            d["partitions"]
+                .as_array()?
+                .iter()
+                .all(|p| p["in_sync"].as_array().is_some_and(|s| s.len() == replicas))
+                .then_some(())
+        });
+    }
+
+    /// Moves leadership of `partition` of `topic` to broker `to` (`conveyor partition
+    /// transfer-leader`); panics with the CLI's error if it is refused.
+    pub fn transfer_leader(&self, topic: &str, partition: u32, to: u32) {
+        let (partition, to) = (partition.to_string(), to.to_string());
+        let args = ["partition", "transfer-leader", topic, &partition, "--to", &to];
+        let out = crate::cli(&self.bootstrap(), &args, "");
+        assert!(
+            out.status.success(),
+            "transfer {topic}/{partition} to {to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -362,6 +362,16 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<checker::Observed> {
     observed
 }
 
+/// The standard output of a `conveyor` run, which must have succeeded (else its stderr).
+pub fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "conveyor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
+}
+
 /// `conveyor ARGS --output json` against `broker`, which must succeed.
 pub fn cli_json(broker: &str, args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();

@@ -10,6 +10,7 @@ use conveyor_client::proto::{
     Acks, ErrorCode, InitProducerRequest, PartitionProduce, PartitionProduceResult, ProduceRequest,
 };
 use conveyor_storage::batch::{BatchBuilder, Compression, ProducerInfo, Record};
+use tonic::Code;
 use tonic::transport::Channel;
 
 pub type Produce = ProduceClient<Channel>;
@@ -18,14 +19,34 @@ pub async fn connect(addr: &str) -> Produce {
     ProduceClient::connect(format!("http://{addr}")).await.expect("grpc")
 }
 
+/// How long one `InitProducer` call may keep retrying a retriable refusal (a controller
+/// being elected, a broker still starting).
+const INIT_PRODUCER_DEADLINE: Duration = Duration::from_secs(60);
+/// Waits between retries of a refused `InitProducer`.
+const INIT_PRODUCER_RETRY_AFTER: Duration = Duration::from_millis(50);
+
+/// A new producer id, retrying retriable refusals until [`INIT_PRODUCER_DEADLINE`]; panics on
+/// anything else, or if the id does not start at epoch 0.
 pub async fn new_producer(produce: &mut Produce) -> i64 {
-    let answer = produce
-        .init_producer(InitProducerRequest {})
-        .await
-        .expect("init producer")
-        .into_inner();
-    assert_eq!(answer.producer_epoch, 0);
-    answer.producer_id
+    let until = tokio::time::Instant::now() + INIT_PRODUCER_DEADLINE;
+    loop {
+        match produce.init_producer(InitProducerRequest {}).await {
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                assert_eq!(answer.producer_epoch, 0, "a new producer starts at epoch 0");
+                return answer.producer_id;
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
+                ) && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(INIT_PRODUCER_RETRY_AFTER).await;
+            }
+            Err(status) => panic!("InitProducer: {status:?}"),
+        }
+    }
 }
 
 pub fn batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> Bytes {

@@ -257,55 +257,10 @@ fn print_idempotence_counters(cluster: &Cluster) {
     );
 }
 
-/// Moves leadership of partition 0 of `topic` to broker `to`.
-fn transfer_leader(cluster: &Cluster, topic: &str, to: u32) {
-    let out = cli(
-        &cluster.bootstrap(),
-        &["partition", "transfer-leader", topic, "0", "--to", &to.to_string()],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "transfer to {to}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Waits until every replica of every partition is in sync, so that a read sees the end.
-fn wait_in_sync(cluster: &Cluster, topic: &str, replicas: usize) {
-    wait_for("every replica in sync", DEADLINE, || {
-        let d = cluster.describe(topic, None)?;
-        d["partitions"]
-            .as_array()?
-            .iter()
-            .all(|p| p["in_sync"].as_array().is_some_and(|s| s.len() == replicas))
-            .then_some(())
-    });
-}
-
-fn create(cluster: &Cluster, topic: &str, partitions: &str, extra: &[&str]) {
-    let mut args = vec![
-        "topic",
-        "create",
-        topic,
-        "--partitions",
-        partitions,
-        "--replication-factor",
-        "3",
-    ];
-    args.extend_from_slice(extra);
-    let out = cli(&cluster.bootstrap(), &args, "");
-    assert!(
-        out.status.success(),
-        "create {topic}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_every_acknowledged_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster, "failover", "1", &[]);
+    cluster.create_topic("failover", 1, 3, &[]);
     let leader = cluster.wait_for_leader("failover", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
@@ -342,7 +297,7 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
     println!("leader {leader} killed; broker {new_leader} took writes after {failover:?}");
     wait_producers(&runtime, producers);
     cluster.broker_mut(leader).restart();
-    wait_in_sync(&cluster, "failover", 3);
+    cluster.wait_in_sync("failover", 3);
     let mut acked = history.acked();
     acked.push(probe);
     // Batches in flight to the killed leader are resent to the new one; those it had
@@ -359,7 +314,7 @@ fn given_three_brokers_when_the_leader_is_sigkilled_during_produce_should_keep_e
 #[test]
 fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledged_suffix() {
     let cluster = Cluster::start(3, &[]);
-    create(&cluster, "split", "1", &[]);
+    cluster.create_topic("split", 1, 3, &[]);
     let old = cluster.wait_for_leader("split", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
@@ -405,9 +360,9 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
         &history,
     );
     cluster.heal_all();
-    wait_in_sync(&cluster, "split", 3);
+    cluster.wait_in_sync("split", 3);
     // Read from the old leader once it leads again: its own log must have lost the suffix.
-    transfer_leader(&cluster, "split", old);
+    cluster.transfer_leader("split", 0, old);
     let observed = runtime.block_on(read_all(cluster.broker(old).addr(), "split"));
     let ids: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
     for id in &stranded {
@@ -428,7 +383,7 @@ fn given_an_isolated_leader_should_stop_acknowledging_and_lose_its_unacknowledge
 #[test]
 fn given_three_brokers_when_all_are_sigkilled_and_restarted_should_keep_every_acknowledged_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster, "restart", "3", &[]);
+    cluster.create_topic("restart", 3, 3, &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
     produce_now(&runtime, &cluster.bootstrap(), "restart", "p0", 20_000, &history);
@@ -440,7 +395,7 @@ fn given_three_brokers_when_all_are_sigkilled_and_restarted_should_keep_every_ac
         cluster.broker_mut(id).restart();
     }
     cluster.wait_for_controller(None);
-    wait_in_sync(&cluster, "restart", 3);
+    cluster.wait_in_sync("restart", 3);
     check_read_back(&runtime, &cluster.bootstrap(), "restart", &history.acked());
 }
 
@@ -492,15 +447,11 @@ fn given_the_controller_is_sigkilled_topic_creation_should_still_work() {
 
 #[test]
 fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_from_a_snapshot() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "[log]\nretention_check_interval = \"100ms\"\n").expect("write config");
-    let config = config.to_string_lossy().into_owned();
-    let mut cluster = Cluster::start(3, &["--config", &config]);
-    create(
-        &cluster,
+    let mut cluster = Cluster::start_with_config(3, "[log]\nretention_check_interval = \"100ms\"\n");
+    cluster.create_topic(
         "compacted-away",
-        "1",
+        1,
+        3,
         &[
             "--config",
             "segment.bytes=4096",
@@ -545,10 +496,10 @@ fn given_a_follower_down_while_retention_deletes_what_it_needs_should_catch_up_f
         (start > 300).then_some(start)
     });
     cluster.broker_mut(follower).restart();
-    wait_in_sync(&cluster, "compacted-away", 3);
+    cluster.wait_in_sync("compacted-away", 3);
     // Make the restarted follower the leader and read from it: it holds the tail from the
     // snapshot point on, byte for byte what the others hold.
-    transfer_leader(&cluster, "compacted-away", follower);
+    cluster.transfer_leader("compacted-away", 0, follower);
     let observed = runtime.block_on(read_all(cluster.broker(follower).addr(), "compacted-away"));
     let first = observed
         .first()
@@ -601,7 +552,7 @@ fn replicas_of(description: &serde_json::Value) -> Vec<Vec<u64>> {
 #[test]
 fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_every_acknowledged_record() {
     let mut cluster = Cluster::start(3, &[]);
-    create(&cluster, "moving", "3", &[]);
+    cluster.create_topic("moving", 3, 3, &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
     let producers = spawn_producers(&runtime, &cluster.bootstrap(), "moving", 2, 30_000, &history);
@@ -632,7 +583,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         },
     );
     // New topics are placed on it, and it learned the topics created before it joined.
-    create(&cluster, "after-add", "4", &[]);
+    cluster.create_topic("after-add", 4, 3, &[]);
     let placed = replicas_of(&wait_for("broker 4 to apply the creation", DEADLINE, || {
         describe_at(cluster.broker(4).addr(), "after-add")
     }));
@@ -694,7 +645,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         (replicas_of(&d)[0] == target).then_some(())
     });
     for topic in ["moving", "after-add"] {
-        wait_in_sync(&cluster, topic, 3);
+        cluster.wait_in_sync(topic, 3);
     }
 
     // Broker 1 leaves: every replica it holds moves, the producers keep going.
@@ -710,7 +661,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
         for r in replicas_of(&d) {
             assert!(!r.contains(&1) && r.len() == 3, "{topic}: {r:?}");
         }
-        wait_in_sync(&cluster, topic, 3);
+        cluster.wait_in_sync(topic, 3);
     }
     let info = cli_json(&cluster.bootstrap_without(1), &["cluster", "info"]);
     assert_eq!(broker_ids(&info), vec![2, 3, 4], "{info}");
@@ -760,7 +711,7 @@ fn given_a_running_cluster_when_a_broker_joins_and_another_leaves_should_keep_ev
 #[test]
 fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_without_loss() {
     let cluster = Cluster::start(3, &[]);
-    create(&cluster, "frozen", "1", &[]);
+    cluster.create_topic("frozen", 1, 3, &[]);
     let paused = cluster.wait_for_leader("frozen", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
@@ -813,7 +764,7 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     cluster.slow_down(slow, Duration::from_millis(20));
     produce_now(&runtime, &cluster.bootstrap(), "frozen", "slow", 2_000, &history);
     cluster.heal_all();
-    wait_in_sync(&cluster, "frozen", 3);
+    cluster.wait_in_sync("frozen", 3);
     // Every phase delivered all it sent: the waits above counted the running producer's
     // writes before and after the pause.
     history.assert_no_failures();
@@ -824,7 +775,7 @@ fn given_a_paused_leader_and_a_slow_follower_should_fail_over_and_catch_up_witho
     // record, in order and once, when they lead: the batches the frozen leader had committed
     // but not answered were resent to the new leader and answered from its producer state.
     for reader in [paused, slow] {
-        transfer_leader(&cluster, "frozen", reader);
+        cluster.transfer_leader("frozen", 0, reader);
         check_read_back(&runtime, cluster.broker(reader).addr(), "frozen", &history.acked());
     }
 }
@@ -837,7 +788,7 @@ fn given_leadership_moving_repeatedly_during_pipelined_produce_should_keep_every
     // Producers start as soon as the topic exists, during its first election, and through
     // brokers other than the one the topic was created through (the first of the bootstrap
     // list), which may not have applied the creation yet.
-    create(&cluster, "moving", "2", &[]);
+    cluster.create_topic("moving", 2, 3, &[]);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -870,7 +821,7 @@ fn given_leadership_moving_repeatedly_during_pipelined_produce_should_keep_every
             .find(|id| *id != from)
             .expect("another broker");
         let (acked_before, started) = (history.count(), Instant::now());
-        transfer_leader(&cluster, "moving", to);
+        cluster.transfer_leader("moving", 0, to);
         cluster.wait_for_leader("moving", 0, Some(from), DEADLINE);
         moved.push((from, to, history.count() - acked_before, started.elapsed()));
     }
@@ -884,7 +835,7 @@ fn given_leadership_moving_repeatedly_during_pipelined_produce_should_keep_every
     history.assert_no_failures();
     history.assert_all_vouched();
 
-    wait_in_sync(&cluster, "moving", 3);
+    cluster.wait_in_sync("moving", 3);
     print_idempotence_counters(&cluster);
     let observed = runtime.block_on(read_all(&cluster.bootstrap(), "moving"));
     let report = check(&history.acked(), &observed);

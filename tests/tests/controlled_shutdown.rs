@@ -12,7 +12,7 @@ use conveyor_client::proto::{DescribeClusterRequest, MetadataRequest};
 use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 use conveyor_tests::checker::{Acked, check};
 use conveyor_tests::cluster::Cluster;
-use conveyor_tests::{cli, read_all, wait_for};
+use conveyor_tests::{read_all, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -106,19 +106,6 @@ async fn produce_until_stopped(
     acker.await.expect("acker");
 }
 
-/// Waits until every replica of every partition of `topic` is in sync, and every broker
-/// knows a controller: a broker stopped then has an in-sync replica to hand over to.
-fn wait_in_sync(cluster: &Cluster, topic: &str) {
-    wait_for("every replica in sync", DEADLINE, || {
-        let d = cluster.describe(topic, None)?;
-        d["partitions"]
-            .as_array()?
-            .iter()
-            .all(|p| p["in_sync"].as_array().is_some_and(|s| s.len() == 3))
-            .then_some(())
-    });
-}
-
 /// What broker `at` itself believes right now: each partition's leader of `topic` and the
 /// controller (0: none known).
 async fn local_view(at: &str, topic: &str) -> Option<(Vec<i32>, i32)> {
@@ -191,28 +178,12 @@ fn terminate_and_count_leaderless(
 #[test]
 fn given_a_broker_leading_partitions_and_the_controller_when_sigtermed_should_hand_all_over_before_it_exits() {
     let mut cluster = Cluster::start(3, &[]);
-    cluster.create_topic("handover", 3, 3);
+    cluster.create_topic("handover", 3, 3, &[]);
     let controller = cluster.wait_for_controller(None);
     cluster.wait_for_leader("handover", 0, None, DEADLINE);
     // The controller leads partition 0 as well.
-    let out = cli(
-        &cluster.bootstrap(),
-        &[
-            "partition",
-            "transfer-leader",
-            "handover",
-            "0",
-            "--to",
-            &controller.to_string(),
-        ],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "transfer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_in_sync(&cluster, "handover");
+    cluster.transfer_leader("handover", 0, controller);
+    cluster.wait_in_sync("handover", 3);
     let runtime = conveyor_tests::runtime();
     let leaderless = terminate_and_count_leaderless(&mut cluster, &runtime, controller, "handover");
     let log = cluster.broker(controller).log();
@@ -226,8 +197,8 @@ fn given_a_broker_leading_partitions_and_the_controller_when_sigtermed_should_ha
 #[test]
 fn given_producers_with_acks_all_when_every_broker_is_restarted_in_turn_should_fail_and_lose_no_record() {
     let mut cluster = Cluster::start(3, &[]);
-    cluster.create_topic("rolling", 3, 3);
-    wait_in_sync(&cluster, "rolling");
+    cluster.create_topic("rolling", 3, 3, &[]);
+    cluster.wait_in_sync("rolling", 3);
     let runtime = conveyor_tests::runtime();
     let history = History::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,7 +221,7 @@ fn given_producers_with_acks_all_when_every_broker_is_restarted_in_turn_should_f
         });
         leaderless.push(terminate_and_count_leaderless(&mut cluster, &runtime, id, "rolling"));
         cluster.broker_mut(id).restart();
-        wait_in_sync(&cluster, "rolling");
+        cluster.wait_in_sync("rolling", 3);
     }
     let before = history.count();
     wait_for("records acknowledged after the last restart", DEADLINE, || {

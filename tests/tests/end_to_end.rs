@@ -6,7 +6,7 @@ use bytes::Bytes;
 use conveyor_client::producer::partitioner::partition_for_key;
 use conveyor_client::{Client, ConsumerConfig, Header, ProducerConfig, ProducerRecord, StartAt};
 use conveyor_tests::checker::{Acked, Observed, check};
-use conveyor_tests::{BrokerProcess, cli, metric_value, runtime};
+use conveyor_tests::{BrokerProcess, cli, metric_value, runtime, stdout};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -89,15 +89,6 @@ fn given_a_broker_when_100k_keyed_records_are_produced_should_consume_them_all_i
             );
         }
     });
-}
-
-fn stdout(output: &std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "conveyor failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone()).expect("utf8 output")
 }
 
 #[test]

@@ -158,17 +158,7 @@ fn given_a_full_disk_when_space_returns_the_partition_should_recover_by_itself_a
 #[test]
 fn given_three_brokers_when_the_leaders_disk_fills_should_move_leadership_and_rejoin_once_space_returns() {
     let cluster = Cluster::start(3, &[]);
-    let args = [
-        "topic",
-        "create",
-        "full",
-        "--partitions",
-        "1",
-        "--replication-factor",
-        "3",
-    ];
-    let out = cli(&cluster.bootstrap(), &args, "");
-    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
+    cluster.create_topic("full", 1, 3, &[]);
     let old = cluster.wait_for_leader("full", 0, None, DEADLINE);
     let runtime = conveyor_tests::runtime();
     let mut acked = runtime.block_on(produce(&cluster.bootstrap(), "full", "before", RECORDS));

@@ -2,13 +2,14 @@
 //! offsets and stored once, across restarts and retention; malformed or stale producer
 //! fields are refused with a clear error and change nothing.
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use conveyor_client::Client;
 use conveyor_client::proto::{Acks, ErrorCode, PartitionProduce, ProduceRequest, Record as PbRecord};
 use conveyor_tests::raw_produce::{batch, connect, new_producer, request, send, send_until_answered};
-use conveyor_tests::{BrokerProcess, read_all, runtime};
+use conveyor_tests::{BrokerProcess, read_all, runtime, wait_for};
 
 async fn stored_values(addr: &str, topic: &str) -> Vec<String> {
     read_all(addr, topic).await.into_iter().map(|r| r.id).collect()
@@ -197,6 +198,18 @@ fn bad_producer_fields_are_refused_with_a_clear_error_and_nothing_is_written() {
     });
 }
 
+/// The offset of the newest `<20 digits>.snapshot` in `partition_dir/producers`, if any.
+fn newest_producer_snapshot(partition_dir: &Path) -> Option<u64> {
+    let entries = std::fs::read_dir(partition_dir.join("producers")).ok()?;
+    entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let digits = name.strip_suffix(".snapshot").filter(|d| d.len() == 20)?;
+            digits.parse::<u64>().ok()
+        })
+        .max()
+}
+
 #[test]
 fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
     let mut broker = BrokerProcess::start();
@@ -223,6 +236,13 @@ fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
         });
         if how == "SIGTERM" {
             broker.terminate();
+            let last_offset = acked.last().expect("acknowledged batches").1.1;
+            let newest = newest_producer_snapshot(&broker.data_dir().join("topics/t/0"));
+            assert!(
+                newest.is_some_and(|offset| offset > last_offset),
+                "a clean close leaves a producer snapshot past the last acknowledged batch \
+                 (offset {last_offset}); newest: {newest:?}"
+            );
         } else {
             broker.kill();
         }
@@ -251,6 +271,10 @@ fn a_restarted_broker_still_answers_a_duplicate_with_the_original_offsets() {
 
 #[test]
 fn producer_state_survives_retention_of_the_segments_that_carried_it() {
+    /// 900-byte plain batches sent after the producer's: about four fill a 4 KiB segment.
+    const FILLERS: usize = 40;
+    /// Retention checks every 200 ms; the rest is margin for a loaded machine.
+    const RETENTION_DEADLINE: Duration = Duration::from_secs(30);
     let mut broker = BrokerProcess::start_with_config("[log]\nretention_check_interval = \"200ms\"\n");
     let rt = runtime();
     let topic_configs = [
@@ -270,31 +294,22 @@ fn producer_state_survives_retention_of_the_segments_that_carried_it() {
                 .expect("append");
             last = Some((b, offsets));
         }
-        // Plain batches fill segments until retention has deleted the producer's.
+        // Plain batches fill ten 4 KiB segments, well past retention.bytes, so that retention
+        // deletes the producer's.
         let filler = "x".repeat(900);
-        let client = Client::connect(broker.addr()).await.expect("connect");
-        let admin = client.admin();
-        let (last, offsets) = last.expect("three batches");
-        let mut sent = 0;
-        loop {
+        for _ in 0..FILLERS {
             let plain = batch(-1, -1, -1, &[&filler]);
             send(&mut produce, request("t", Acks::All, plain))
                 .await
                 .expect("filler");
-            sent += 1;
-            let start = admin.describe_topic("t").await.expect("describe").partitions[0].log_start_offset;
-            if start > offsets.1 {
-                break;
-            }
-            assert!(
-                sent < 2_000,
-                "retention never removed the producer's segment (log start {start})"
-            );
-            if sent % 20 == 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
         }
+        let (last, offsets) = last.expect("three batches");
         (pid, last, offsets)
+    });
+    let admin = rt.block_on(Client::connect(broker.addr())).expect("connect").admin();
+    wait_for("retention to delete the producer's segment", RETENTION_DEADLINE, || {
+        let d = rt.block_on(admin.describe_topic("t")).ok()?;
+        (d.partitions[0].log_start_offset > last_offsets.1).then_some(())
     });
     for restart in [false, true] {
         if restart {

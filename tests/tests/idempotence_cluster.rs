@@ -7,27 +7,18 @@ use std::time::Duration;
 use conveyor_client::proto::Acks;
 use conveyor_tests::cluster::Cluster;
 use conveyor_tests::raw_produce::{batch, connect, new_producer, request, send, send_until_answered};
-use conveyor_tests::{cli, runtime, wait_for};
+use conveyor_tests::{runtime, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
 #[test]
 fn a_follower_that_caught_up_from_a_snapshot_answers_a_retry_with_the_original_offsets_once_it_leads() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "[log]\nretention_check_interval = \"100ms\"\n").expect("write config");
-    let config = config.to_string_lossy().into_owned();
-    let mut cluster = Cluster::start(3, &["--config", &config]);
-    let out = cli(
-        &cluster.bootstrap(),
+    let mut cluster = Cluster::start_with_config(3, "[log]\nretention_check_interval = \"100ms\"\n");
+    cluster.create_topic(
+        "t",
+        1,
+        3,
         &[
-            "topic",
-            "create",
-            "t",
-            "--partitions",
-            "1",
-            "--replication-factor",
-            "3",
             "--config",
             "segment.bytes=4096",
             "--config",
@@ -35,9 +26,7 @@ fn a_follower_that_caught_up_from_a_snapshot_answers_a_retry_with_the_original_o
             "--config",
             "retention.bytes=16384",
         ],
-        "",
     );
-    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
     let leader = cluster.wait_for_leader("t", 0, None, DEADLINE);
     let follower = cluster.ids().into_iter().find(|i| *i != leader).expect("a follower");
     let rt = runtime();
@@ -76,20 +65,8 @@ fn a_follower_that_caught_up_from_a_snapshot_answers_a_retry_with_the_original_o
         (start > last_offsets.1 + 100).then_some(start)
     });
     cluster.broker_mut(follower).restart();
-    wait_for("the restarted follower in sync", DEADLINE, || {
-        let d = cluster.describe("t", None)?;
-        (d["partitions"][0]["in_sync"].as_array()?.len() == 3).then_some(())
-    });
-    let out = cli(
-        &cluster.bootstrap(),
-        &["partition", "transfer-leader", "t", "0", "--to", &follower.to_string()],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "transfer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.wait_in_sync("t", 3);
+    cluster.transfer_leader("t", 0, follower);
     let follower_addr = cluster.broker(follower).addr().to_string();
     rt.block_on(async {
         let mut produce = connect(&follower_addr).await;

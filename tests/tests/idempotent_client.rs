@@ -7,7 +7,7 @@ use conveyor_client::proto::fetch_client::FetchClient;
 use conveyor_client::proto::{FetchRequest, PartitionFetch};
 use conveyor_client::{Client, ProducerConfig, ProducerRecord};
 use conveyor_storage::batch::{BatchHeader, BatchIter};
-use conveyor_tests::{BrokerProcess, cli, runtime};
+use conveyor_tests::{BrokerProcess, cli, runtime, stdout};
 
 /// Small batches, so that each partition gets many and their sequences can be followed.
 const BATCH_SIZE: usize = 2 * 1024;
@@ -140,17 +140,18 @@ fn given_idempotence_off_when_records_are_sent_should_store_them_without_produce
 #[test]
 fn given_the_cli_when_it_produces_should_be_idempotent_unless_told_not_to_be() {
     let broker = BrokerProcess::start();
-    let out = cli(broker.addr(), &["topic", "create", "lines", "--partitions", "2"], "");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stdout(&cli(
+        broker.addr(),
+        &["topic", "create", "lines", "--partitions", "2"],
+        "",
+    ));
     let lines: String = (0..50).map(|i| format!("line {i}\n")).collect();
-    let out = cli(broker.addr(), &["produce", "lines", "--partition", "0"], &lines);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cli(
+    stdout(&cli(broker.addr(), &["produce", "lines", "--partition", "0"], &lines));
+    stdout(&cli(
         broker.addr(),
         &["produce", "lines", "--partition", "1", "--no-idempotence"],
         &lines,
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ));
     runtime().block_on(async {
         let on = stored_headers(broker.addr(), "lines", 0).await;
         assert!(!on.is_empty());

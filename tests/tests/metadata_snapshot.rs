@@ -36,11 +36,7 @@ fn run_cli(broker: &str, args: &[&str]) {
 
 #[test]
 fn given_many_topic_creations_and_deletions_a_restarted_and_a_new_broker_should_know_every_topic() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "[cluster]\nmetadata_snapshot_records = 20\n").expect("write config");
-    let config = config.to_string_lossy().into_owned();
-    let mut cluster = Cluster::start(3, &["--config", &config]);
+    let mut cluster = Cluster::start_with_config(3, "[cluster]\nmetadata_snapshot_records = 20\n");
     let mut kept = Vec::new();
     for i in 0..TOPICS {
         let name = format!("churn-{i:03}");

@@ -23,12 +23,9 @@ fn sum(cluster: &Cluster, name: &str, skip: Option<u32>) -> Option<f64> {
 fn given_a_broker_down_leaders_should_report_under_replicated_and_the_controller_offline_partitions() {
     let mut cluster = Cluster::start(3, &[]);
     let controller = cluster.wait_for_controller(None);
-    cluster.create_topic("replicated", 1, 3);
-    cluster.create_topic("lone", 3, 1);
-    wait_for("every replica in sync", DEADLINE, || {
-        let d = cluster.describe("replicated", None)?;
-        (d["partitions"][0]["in_sync"].as_array()?.len() == 3).then_some(())
-    });
+    cluster.create_topic("replicated", 1, 3, &[]);
+    cluster.create_topic("lone", 3, 1, &[]);
+    cluster.wait_in_sync("replicated", 3);
     wait_for("nothing under-replicated or offline", DEADLINE, || {
         let under = sum(&cluster, "conveyor_under_replicated_partitions", None)?;
         let offline = cluster.broker(controller).metric("conveyor_offline_partitions")?;

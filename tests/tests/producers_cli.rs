@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use conveyor_client::{Client, ProducerConfig, ProducerRecord};
-use conveyor_tests::{BrokerProcess, cli, cli_json, runtime};
+use conveyor_tests::{BrokerProcess, cli, cli_json, runtime, stdout};
 use serde_json::Value;
 
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
@@ -35,15 +35,6 @@ async fn produce(client: &Client, topic: &str, counts: &[(i32, u64)]) -> BTreeMa
     .await
     .expect("every record acknowledged in time");
     last
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "conveyor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The producers of one partition in `conveyor producers --output json`.

@@ -15,7 +15,7 @@ use conveyor_client::proto::{FetchRequest, PartitionFetch};
 use conveyor_client::{Client, ClientError, ProducerConfig, ProducerRecord};
 use conveyor_tests::checker::{Acked, check};
 use conveyor_tests::cluster::Cluster;
-use conveyor_tests::{cli, read_all, wait_for};
+use conveyor_tests::{read_all, wait_for};
 
 /// How long detection, an election or a repair may take on a loaded two-core machine.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -36,12 +36,8 @@ fn producer_name(name: &str) -> String {
 
 /// Starts three brokers scrubbing often, and creates `topic` (one partition, three replicas,
 /// 8 KiB segments).
-fn start(topic: &str) -> (tempfile::TempDir, Cluster) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, SCRUB_CONFIG).expect("write config");
-    let config = config.to_string_lossy().into_owned();
-    let cluster = Cluster::start(3, &["--config", &config]);
+fn start(topic: &str) -> Cluster {
+    let cluster = Cluster::start_with_config(3, SCRUB_CONFIG);
     // Replicas are placed only on brokers the controller has heard from.
     wait_for("every broker seen alive", DEADLINE, || {
         let info = cluster.info(None)?;
@@ -52,25 +48,13 @@ fn start(topic: &str) -> (tempfile::TempDir, Cluster) {
             .count();
         (alive == 3).then_some(())
     });
-    let out = cli(
-        &cluster.bootstrap(),
-        &[
-            "topic",
-            "create",
-            topic,
-            "--partitions",
-            "1",
-            "--replication-factor",
-            "3",
-            "--config",
-            "segment.bytes=8192",
-            "--config",
-            "max.message.bytes=8192",
-        ],
-        "",
+    cluster.create_topic(
+        topic,
+        1,
+        3,
+        &["--config", "segment.bytes=8192", "--config", "max.message.bytes=8192"],
     );
-    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
-    (dir, cluster)
+    cluster
 }
 
 /// Sends `count` records `NAME-i` (padded) to `topic`, acknowledged by every in-sync replica,
@@ -319,16 +303,7 @@ fn assert_same_as_copy_on(cluster: &Cluster, other: u32, topic: &str, damage: &D
 
 /// Moves leadership of partition 0 to `to` and waits until it leads.
 fn transfer_leadership(cluster: &Cluster, topic: &str, to: u32) {
-    let out = cli(
-        &cluster.bootstrap(),
-        &["partition", "transfer-leader", topic, "0", "--to", &to.to_string()],
-        "",
-    );
-    assert!(
-        out.status.success(),
-        "transfer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.transfer_leader(topic, 0, to);
     wait_for("the repaired replica to lead", DEADLINE, || {
         let d = cluster.describe(topic, None)?;
         (d["partitions"][0]["leader"].as_u64()? == u64::from(to)).then_some(())
@@ -339,7 +314,7 @@ fn transfer_leadership(cluster: &Cluster, topic: &str, to: u32) {
 fn given_a_corrupt_batch_in_a_followers_sealed_segment_the_follower_should_report_it_and_repair_itself_from_the_leader()
 {
     let topic = "follower-damage";
-    let (_config, cluster) = start(topic);
+    let cluster = start(topic);
     let leader = cluster.wait_for_leader(topic, 0, None, DEADLINE);
     let follower = cluster.ids().into_iter().find(|b| *b != leader).expect("a follower");
     let mut acked = produce(&cluster.bootstrap(), topic, "early", RECORDS);
@@ -364,7 +339,7 @@ fn given_a_corrupt_batch_in_a_followers_sealed_segment_the_follower_should_repor
 #[test]
 fn given_a_corrupt_batch_in_the_leaders_sealed_segment_the_leader_should_stop_serving_it_hand_over_and_repair_itself() {
     let topic = "leader-damage";
-    let (_config, cluster) = start(topic);
+    let cluster = start(topic);
     let leader = cluster.wait_for_leader(topic, 0, None, DEADLINE);
     let mut acked = produce(&cluster.bootstrap(), topic, "early", RECORDS);
     wait_all_in_sync(&cluster, topic);
