@@ -92,6 +92,9 @@ pub fn parse_peers(entries: &[String]) -> anyhow::Result<BTreeMap<u32, String>> 
     Ok(peers)
 }
 
+/// Most threads the async runtime may be given.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeSection {
@@ -104,6 +107,8 @@ pub struct NodeSection {
     /// How long a broker in a cluster may take, on SIGTERM, to hand leadership of its
     /// partitions to in-sync replicas before it stops; 0 stops without handing over.
     pub drain_timeout: Millis,
+    /// Threads of the async runtime (network, partition tasks); 0: one per core.
+    pub worker_threads: usize,
 }
 
 impl Default for NodeSection {
@@ -115,6 +120,7 @@ impl Default for NodeSection {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9293)),
             shutdown_timeout: Millis(Duration::from_secs(30)),
             drain_timeout: Millis(Duration::from_secs(10)),
+            worker_threads: 0,
         }
     }
 }
@@ -252,6 +258,11 @@ impl BrokerConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.broker.worker_threads <= MAX_WORKER_THREADS,
+            "[broker] worker_threads must be at most {MAX_WORKER_THREADS} (0: one per core), got {}",
+            self.broker.worker_threads
+        );
         self.topic_defaults()
             .validate()
             .map_err(|e| anyhow::anyhow!("[log] {e}"))?;

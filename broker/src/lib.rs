@@ -38,6 +38,7 @@ pub mod coordinator;
 pub mod error;
 pub mod metrics;
 pub mod peer;
+pub mod process_metrics;
 pub mod producer_ids;
 pub mod replica;
 pub mod scrub;

@@ -103,6 +103,13 @@ pub struct Metrics {
     pub partition_failures: Counter,
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
+    /// Raft Readies handled on their partition's task (page-cache writes only).
+    pub readies_in_memory: Counter,
+    /// Of those, the ones slower than `owner::in_memory::SLOW` (the disk made them wait).
+    pub readies_in_memory_slow: Counter,
+    /// Ready jobs handed to the blocking pool (fsyncs, rolls, snapshots, elections); a job
+    /// handles every Ready its node has by then.
+    pub readies_blocking: Counter,
     /// Idempotent producers whose state partition replicas on this broker keep.
     pub producer_ids_active: prometheus_client::metrics::gauge::Gauge,
     /// Idempotent batches answered as duplicates of batches written before.
@@ -195,6 +202,21 @@ impl Metrics {
                 &registry.transport().dropped_inbound,
             ),
             (
+                "conveyor_raft_readies_in_memory",
+                "Raft Readies handled on their partition's task: writes to the page cache only",
+                &self.readies_in_memory,
+            ),
+            (
+                "conveyor_raft_readies_in_memory_slow",
+                "Raft Readies handled on their partition's task that waited on the disk (each sends all Readies to the blocking pool for 10 s)",
+                &self.readies_in_memory_slow,
+            ),
+            (
+                "conveyor_raft_ready_jobs_blocking",
+                "Raft Ready jobs handed to the blocking pool (fsyncs, segment rolls, snapshots, elections); each handles every Ready its partition has by then",
+                &self.readies_blocking,
+            ),
+            (
                 "conveyor_scrub_bytes",
                 "Bytes of sealed segments verified by the background scrub",
                 &self.scrub_bytes,
@@ -273,6 +295,7 @@ impl Metrics {
         for (name, help, h) in histograms {
             r.register(name, help, h.0.clone());
         }
+        r.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         r.register_collector(Box::new(RegistryView {
             registry,
             produce_queue: self.produce_queue.get().cloned(),

@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// none, lz4 or zstd.
     #[arg(long, default_value = "none")]
     pub compression: Compression,
+    /// Brokers' metrics endpoints (HOST:PORT, comma-separated): report the CPU they spent
+    /// per request and per record over the run, read from their process_cpu_seconds_total
+    /// and request counters before and after it.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    pub broker_metrics: Vec<String>,
     /// Give up after this long: a duration such as 90s or 10m; a bare number counts seconds.
     #[arg(long, alias = "timeout-secs", value_name = "DURATION", default_value = "10m", value_parser = crate::time::parse_secs)]
     pub timeout: Duration,
@@ -164,6 +169,14 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     )
     .await?;
     let timeout = args.timeout;
+    let usage_before = if args.broker_metrics.is_empty() {
+        None
+    } else {
+        Some((
+            crate::broker_usage::scrape_all(&args.broker_metrics).await?,
+            Instant::now(),
+        ))
+    };
     let work = async {
         match cmd {
             BenchCommand::Produce(a) => produce(client, &a, idempotence, None).await,
@@ -175,14 +188,40 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     let outcome = tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| anyhow::anyhow!("bench did not finish within {timeout:?} (--timeout)"))??;
-    report(mode, args, idempotence, &outcome, format);
+    let spent = match usage_before {
+        Some((before, at)) => match crate::broker_usage::scrape_all(&args.broker_metrics).await {
+            Ok(after) => {
+                let seconds = at.elapsed().as_secs_f64();
+                Some(crate::broker_usage::Spent::between(
+                    before,
+                    after,
+                    outcome.records,
+                    seconds,
+                ))
+            }
+            // The run's own figures are still worth reporting.
+            Err(e) => {
+                eprintln!("warning: no broker CPU figures: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
+    report(mode, args, idempotence, &outcome, spent.as_ref(), format);
     if let Some(e) = outcome.first_error {
         anyhow::bail!("{} record(s) failed; first error: {e}", outcome.errors);
     }
     Ok(())
 }
 
-fn report(mode: &str, args: &BenchArgs, idempotence: bool, o: &Outcome, format: Format) {
+fn report(
+    mode: &str,
+    args: &BenchArgs,
+    idempotence: bool,
+    o: &Outcome,
+    spent: Option<&crate::broker_usage::Spent>,
+    format: Format,
+) {
     let secs = o.elapsed.as_secs_f64().max(1e-9);
     let rps = o.records as f64 / secs;
     let mbps = o.bytes as f64 / secs / 1e6;
@@ -197,6 +236,7 @@ fn report(mode: &str, args: &BenchArgs, idempotence: bool, o: &Outcome, format: 
                 "record_size": args.record_size, "rate": args.rate, "producers": args.producers,
                 "seconds": secs, "records_per_sec": rps, "mb_per_sec": mbps, "latency_ms": latency,
                 "acks": format!("{:?}", args.acks).to_lowercase(), "idempotence": idempotence,
+                "broker": spent.map(crate::broker_usage::Spent::json),
             }));
         }
         Format::Text => {
@@ -222,6 +262,9 @@ fn report(mode: &str, args: &BenchArgs, idempotence: bool, o: &Outcome, format: 
                     q(h, 0.999),
                     h.max() as f64 / 1000.0
                 );
+            }
+            if let Some(spent) = spent {
+                println!("{}", spent.text());
             }
         }
     }

@@ -1,6 +1,7 @@
 //! `conveyor`: administer topics, produce and consume records, and load-test a broker.
 
 mod bench;
+mod broker_usage;
 mod cluster;
 mod consume;
 mod flood;

@@ -56,6 +56,10 @@ pub struct BatchPosition {
     pub batch_base_offset: u64,
 }
 
+/// How long before a segment rolls by age [`PartitionLog::appends_in_memory`] stops saying
+/// an append stays in memory: the roll must not fall due between the question and the append.
+pub const ROLL_AGE_MARGIN_MS: i64 = 1_000;
+
 /// State only the single writer touches.
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -405,6 +409,40 @@ impl PartitionLog {
             FlushPolicy::Interval(every) => self.sync_if_older_than(every),
             FlushPolicy::Os => Ok(()),
         }
+    }
+
+    /// Whether appending `batches` batches of `bytes` bytes in all, then applying the flush
+    /// policy, would be only writes to the page cache: no fsync is due (flush `os`; `always`
+    /// or `interval` with nothing to append and nothing unsynced), the active segment has
+    /// room for all of them (no roll, which creates files and syncs, with a margin of
+    /// [`ROLL_AGE_MARGIN_MS`] before it rolls by age), and nobody else holds the writer
+    /// (retention, scrub, a flush). The broker writes such appends on the partition's own
+    /// task instead of a blocking thread (`docs/request_cost.md`). A `false` is always safe.
+    /// The answer holds for the log's single appender, which asks right before it appends;
+    /// what another thread may do in between is in `docs/request_cost.md`.
+    pub fn appends_in_memory(&self, batches: usize, bytes: u64) -> bool {
+        if self.is_poisoned() || self.is_closed() {
+            return false;
+        }
+        let Ok(writer) = self.writer.try_lock() else {
+            return false;
+        };
+        let unsynced = self.commit.durable() < self.log_end_offset();
+        // `interval` syncs whenever its time has come, which may be by the time the append
+        // is persisted: only a round that appends nothing and finds nothing unsynced is safe.
+        if self.flush_policy() != FlushPolicy::Os && (batches > 0 || unsynced) {
+            return false;
+        }
+        if batches == 0 {
+            return true;
+        }
+        let active = self.active();
+        let age_ms = batch::unix_millis().saturating_sub(active.created_ms());
+        let index_entries = usize::try_from(bytes / writer.config.index_interval_bytes.max(1)).unwrap_or(usize::MAX);
+        // As `roll_if_needed` decides, for the whole run of appends at once.
+        active.size() + bytes <= writer.config.segment_bytes
+            && age_ms.saturating_add(ROLL_AGE_MARGIN_MS) < crate::config::millis(writer.config.segment_ms)
+            && active.indexes_have_room(index_entries.saturating_add(1))
     }
 
     /// The largest batch the log takes, as configured now.

@@ -152,6 +152,11 @@ impl Segment {
         self.offset_index().is_full() || self.time_index().is_full()
     }
 
+    /// Whether both indexes can take `entries` more entries.
+    pub(crate) fn indexes_have_room(&self, entries: usize) -> bool {
+        self.offset_index().room() >= entries && self.time_index().room() >= entries
+    }
+
     /// Sets the recovered state; used on open and after truncation.
     pub(crate) fn publish_state(&self, size: u64, next_offset: u64, max_timestamp: i64) -> Result<()> {
         (&self.log)

@@ -275,6 +275,17 @@ impl PartitionProducers {
         Ok(())
     }
 
+    /// Whether applying the committed entries from offset `from` on may write a producer
+    /// snapshot (one of them starts a segment not yet snapshotted). Only the active segment
+    /// can start at or after `from` when the entries are recent; a `true` is always safe.
+    pub fn may_snapshot_from(&self, log: &PartitionLog, from: u64) -> bool {
+        if self.store.is_none() {
+            return false;
+        }
+        let active = log.segment_base_of(u64::MAX).unwrap_or(0);
+        active >= from && active > self.snapshot_at
+    }
+
     /// Before the batch at `base` is applied, the state is that of everything below it: if
     /// `base` starts a segment, that is the snapshot retention needs there.
     fn snapshot_at_segment_start(&mut self, store: &SnapshotStore, log: &PartitionLog, base: u64) {

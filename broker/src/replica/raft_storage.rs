@@ -347,6 +347,31 @@ impl RaftLog {
         Ok(())
     }
 
+    /// Whether the entries from `index` to the last one are all in memory and plain
+    /// batches: raft-rs can hand them out for applying without reading the log, and applying
+    /// them changes no membership (which stores the Raft state file).
+    pub fn plain_entries_cached_from(&self, index: u64) -> bool {
+        let inner = self.read();
+        if index > inner.last_index() {
+            return true;
+        }
+        let Some(front) = inner.cache.front().map(|e| e.index) else {
+            return false;
+        };
+        front <= index
+            && inner
+                .cache
+                .iter()
+                .filter(|e| e.index >= index)
+                .all(|e| e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal)
+    }
+
+    /// Whether storing `hard_state` writes the Raft state file (term or vote changed).
+    pub fn hard_state_is_durable_change(&self, hard_state: &HardState) -> bool {
+        let inner = self.read();
+        hard_state.term != inner.state.hard_state.term || hard_state.vote != inner.state.hard_state.vote
+    }
+
     /// Records the HardState. Term and vote are stored durably before this returns (a lost
     /// vote could elect two leaders in one term); a commit-only change is kept in memory and
     /// written with the next durable change, since a restarted replica relearns the commit

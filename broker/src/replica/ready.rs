@@ -5,8 +5,8 @@
 //! advance apply.
 
 use protobuf::Message as _;
-use raft::RawNode;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::{RawNode, Ready};
 
 use super::raft_storage::{RaftLog, ReplicaError};
 
@@ -29,7 +29,18 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
     if !node.has_ready() {
         return Ok(false);
     }
-    let mut ready = node.ready();
+    let ready = node.ready();
+    handle(node, ready, handler)?;
+    Ok(true)
+}
+
+/// Handles a Ready taken from `node` (the owner may look at it first, see
+/// `owner::in_memory`).
+pub fn handle(
+    node: &mut RawNode<RaftLog>,
+    mut ready: Ready,
+    handler: &mut impl ReadyHandler,
+) -> Result<(), ReplicaError> {
     if !ready.messages().is_empty() {
         handler.send(ready.take_messages());
     }
@@ -60,7 +71,7 @@ pub fn on_ready(node: &mut RawNode<RaftLog>, handler: &mut impl ReadyHandler) ->
     handler.send(light.take_messages());
     apply(node, light.take_committed_entries(), handler)?;
     node.advance_apply();
-    Ok(true)
+    Ok(())
 }
 
 /// Applies committed membership changes; the owner reads the commit index from the node.

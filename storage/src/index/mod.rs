@@ -115,6 +115,11 @@ impl<E: Entry> MmapIndex<E> {
         self.len >= self.capacity
     }
 
+    /// Entries that can still be added before the index is full.
+    pub(crate) fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.len)
+    }
+
     pub(crate) fn entry(&self, i: usize) -> E {
         let map = self.mmap.as_deref().unwrap_or(&[]);
         E::decode(&map[i * E::SIZE..(i + 1) * E::SIZE])

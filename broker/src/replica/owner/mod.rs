@@ -28,7 +28,7 @@ use crate::replica::partition::{
 use crate::replica::producers::PartitionProducers;
 use crate::replica::proposal::{Acks, AppendOutcome, AppendRequest};
 use crate::replica::raft_storage::{RaftLog, ReplicaError};
-use crate::replica::ready::{ReadyHandler, on_ready};
+use crate::replica::ready::{ReadyHandler, handle, on_ready};
 use crate::replica::stalled_snapshots::StalledSnapshots;
 use crate::replica::status::{FollowerState, GroupStatus};
 use crate::replica::supervisor::{self, Channels, Exit};
@@ -37,6 +37,7 @@ use crate::replica::transport::{GroupKey, Transport};
 
 mod control;
 mod idempotence;
+mod in_memory;
 use control::hold_off_campaign;
 
 /// How often the offset of a far-behind follower's matched entry is looked up in the log.
@@ -293,6 +294,30 @@ impl Owner {
                 }
                 continue;
             }
+            // Readies that only write to the page cache are handled here, one after another;
+            // the first that needs the disk goes to the blocking pool with the node.
+            let first = loop {
+                match self.next_ready(&mut node) {
+                    in_memory::Next::Nothing => break None,
+                    in_memory::Next::Blocking(first) => break Some(first),
+                    in_memory::Next::InMemory(ready) => {
+                        let (started, waits) = (Instant::now(), crate::process_metrics::thread_waits());
+                        let result = self.handle_in_memory(&mut node, *ready);
+                        self.timed_in_memory(started.elapsed(), waits);
+                        if let Err(e) = result {
+                            let reason = format!("raft log write failed: {e}");
+                            self.fail_everything(&reason);
+                            return Exit::Failed(reason);
+                        }
+                    }
+                }
+            };
+            let Some(first) = first else {
+                self.finish(&node);
+                self.publish_status(&node);
+                continue;
+            };
+            self.metrics.readies_blocking.add(1);
             let transport = Arc::clone(&self.transport);
             let key = Arc::clone(&self.key);
             let Some(mut producers) = self.producers.take() else {
@@ -310,6 +335,9 @@ impl Owner {
                     producers: &mut producers,
                 };
                 let result = (|| {
+                    if let Some(ready) = first {
+                        handle(&mut node, *ready, &mut outbox)?;
+                    }
                     while on_ready(&mut node, &mut outbox)? {}
                     Ok::<_, crate::replica::raft_storage::ReplicaError>(())
                 })();
@@ -347,6 +375,26 @@ impl Owner {
         self.snapshot_producers(&node).await;
         tracing::debug!(topic = %self.topic, partition = self.index, "partition owner stopped");
         Exit::Stopped
+    }
+
+    /// Handles a Ready that only writes to the page cache, on this task (see `in_memory`).
+    fn handle_in_memory(
+        &mut self,
+        node: &mut RawNode<RaftLog>,
+        ready: raft::Ready,
+    ) -> std::result::Result<(), ReplicaError> {
+        let Some(producers) = self.producers.as_mut() else {
+            return Err(ReplicaError::Inconsistent {
+                dir: self.raft.partition_log().dir().to_path_buf(),
+                reason: "the producer state was lost by an earlier failed job".into(),
+            });
+        };
+        let mut outbox = Outbox {
+            transport: &self.transport,
+            key: &self.key,
+            producers,
+        };
+        handle(node, ready, &mut outbox)
     }
 
     /// Answers everything this owner holds with the retriable error of a stopped replica.
