@@ -13,6 +13,7 @@ use conveyor_storage::BatchError;
 use conveyor_storage::batch::{BatchBuilder, ProducerInfo, Record, restamp_producer};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
+use super::idempotence::MAX_IN_FLIGHT_PER_PARTITION;
 use super::partitioner::partition_for_key;
 use super::{DeliveryFuture, ProducerConfig, ProducerRecord};
 use crate::Client;
@@ -56,12 +57,26 @@ impl Slot {
     }
 }
 
+/// A partition of a topic, as the accumulator keys its batches.
+type PartitionKey = (Arc<str>, i32);
+
+/// Per partition: sealed batches not yet answered, and whether an open batch waits for one
+/// of them to be answered before it is sealed (see [`Shared::has_room`]).
+#[derive(Debug, Default)]
+pub(super) struct Unanswered {
+    pub(super) count: HashMap<PartitionKey, usize>,
+    pub(super) waiting: std::collections::HashSet<PartitionKey>,
+}
+
 /// Sealed batches not yet answered, by sequence number (the order they were sealed), so
 /// that `flush` waits for what was sent before it and not for later sends.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     outstanding: Mutex<std::collections::BTreeSet<u64>>,
     pub idle: Notify,
+    unanswered: Mutex<Unanswered>,
+    /// Wakes the task that seals open batches waiting for room (see [`run_sealer`]).
+    room: Notify,
 }
 
 impl Tracker {
@@ -69,6 +84,32 @@ impl Tracker {
         self.outstanding
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn unanswered(&self) -> std::sync::MutexGuard<'_, Unanswered> {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A batch of `key` was answered (or failed): if an open batch of it waits for room and
+    /// now has it, the sealer is woken.
+    fn answered(&self, key: &PartitionKey) {
+        let mut u = self.unanswered();
+        let left = match u.count.get_mut(key) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => return,
+        };
+        if left == 0 {
+            u.count.remove(key);
+        }
+        if left < MAX_IN_FLIGHT_PER_PARTITION && u.waiting.contains(key) {
+            drop(u);
+            self.room.notify_one();
+        }
     }
 
     /// True once every batch sealed with a sequence up to `seq` is answered.
@@ -158,6 +199,7 @@ impl Sealed {
         }
         self.slot.set(result);
         self.tracker.lock().remove(&self.seq);
+        self.tracker.answered(&(Arc::clone(&self.topic), self.partition));
         self.tracker.idle.notify_waiters();
     }
 }
@@ -291,15 +333,67 @@ impl Shared {
             topic: Arc::clone(&state.name),
             partition,
         };
-        // With no linger a batch goes out at once: a timer would add up to a tick of delay.
-        let full = open.builder.estimated_size() >= self.config.batch_size || self.config.linger.is_zero();
-        let sealed = full && self.seal(acc, &record.topic, partition);
-        if let Some(id) = started
-            && !full
+        let full = open.builder.estimated_size() >= self.config.batch_size;
+        // With no linger a batch goes out at once (a timer would add up to a tick of delay),
+        // unless it could not be sent anyway: then it takes the records that come meanwhile.
+        let now = full || (self.config.linger.is_zero() && self.has_room(&state.name, partition));
+        let sealed = now && self.seal(acc, &record.topic, partition);
+        if !now && self.config.linger.is_zero() {
+            self.wait_for_room(&record.topic, partition);
+        } else if let Some(id) = started
+            && !now
         {
             self.start_linger(record.topic, partition, id);
         }
         Appended::Done { future, sealed }
+    }
+
+    /// Whether a batch of `partition` sealed now could be sent: always without idempotence;
+    /// with it, while fewer than [`MAX_IN_FLIGHT_PER_PARTITION`] of its batches are
+    /// unanswered. A batch sealed beyond that would wait in the sender's queue, a few records
+    /// each, while the records after it could have joined it: an open batch waits instead
+    /// (as Kafka's accumulator keeps a batch open until its partition can be drained), and
+    /// the sealer seals it once an answer frees room.
+    fn has_room(&self, topic: &Arc<str>, partition: i32) -> bool {
+        !self.config.idempotence
+            || self
+                .tracker
+                .unanswered()
+                .count
+                .get(&(Arc::clone(topic), partition))
+                .is_none_or(|n| *n < MAX_IN_FLIGHT_PER_PARTITION)
+    }
+
+    fn wait_for_room(&self, topic: &str, partition: i32) {
+        let mut u = self.tracker.unanswered();
+        u.waiting.insert((Arc::from(topic), partition));
+        // An answer that came between the check and this mark found nothing waiting.
+        let room = u
+            .count
+            .get(&(Arc::from(topic), partition))
+            .is_none_or(|n| *n < MAX_IN_FLIGHT_PER_PARTITION);
+        drop(u);
+        if room {
+            self.tracker.room.notify_one();
+        }
+    }
+
+    /// Seals the open batches that waited for room and now have it; true if any was.
+    fn seal_waiting(&self) -> bool {
+        let mut acc = self.lock();
+        let waiting: Vec<PartitionKey> = self.tracker.unanswered().waiting.iter().cloned().collect();
+        let mut sealed = false;
+        for (topic, partition) in waiting {
+            if !self.has_room(&topic, partition) {
+                continue;
+            }
+            self.tracker
+                .unanswered()
+                .waiting
+                .remove(&(Arc::clone(&topic), partition));
+            sealed |= self.seal(&mut acc, &topic, partition);
+        }
+        sealed
     }
 
     /// Seals a partition's open batch into the ready queue; true if there was one.
@@ -327,7 +421,12 @@ impl Shared {
                     .get(&topic)
                     .and_then(|s| s.open.get(&partition))
                     .is_some_and(|o| o.id == id);
-                same && shared.seal(&mut acc, &topic, partition)
+                if same && !shared.has_room(&Arc::from(topic.as_str()), partition) {
+                    shared.wait_for_room(&topic, partition);
+                    false
+                } else {
+                    same && shared.seal(&mut acc, &topic, partition)
+                }
             };
             if sealed {
                 let _ = shared.dispatch().await;
@@ -359,6 +458,12 @@ impl Shared {
             _permit: permit,
         };
         self.tracker.lock().insert(seq);
+        *self
+            .tracker
+            .unanswered()
+            .count
+            .entry((Arc::clone(&state.name), partition))
+            .or_default() += 1;
         match open.builder.build() {
             Ok(bytes) => Some(sealed(bytes)),
             Err(e) => {
@@ -394,6 +499,27 @@ impl Shared {
                 drop(sealed);
                 return Err(ClientError::Closed);
             }
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// Lets the sealer see that the producer is gone.
+    fn drop(&mut self) {
+        self.tracker.room.notify_one();
+    }
+}
+
+/// Seals open batches that waited for room once answers free it, and moves them to the
+/// sender. One per producer; it ends once the producer is gone.
+pub(crate) async fn run_sealer(shared: std::sync::Weak<Shared>, tracker: Arc<Tracker>) {
+    loop {
+        tracker.room.notified().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.seal_waiting() && shared.dispatch().await.is_err() {
+            return;
         }
     }
 }

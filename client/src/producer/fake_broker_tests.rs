@@ -213,8 +213,13 @@ async fn an_idempotent_producer_keeps_five_batches_of_a_partition_in_flight_and_
             .expect("acknowledged");
     }
     let parts = fake.parts.lock().expect("lock").clone();
-    assert_eq!(parts.len(), 12);
-    for (i, part) in parts.iter().enumerate() {
+    assert_eq!(
+        parts.len(),
+        6,
+        "the records sent while five batches were unanswered wait in one open batch"
+    );
+    let mut next_sequence = 0;
+    for part in &parts {
         assert_eq!((part.sequence, part.restart), (0, false), "no part numbering");
         let header = BatchHeader::parse(&part.batches[0]).expect("header");
         assert_eq!(
@@ -222,12 +227,73 @@ async fn an_idempotent_producer_keeps_five_batches_of_a_partition_in_flight_and_
             ProducerInfo {
                 producer_id: 77,
                 producer_epoch: 0,
-                base_sequence: i as i32,
+                base_sequence: next_sequence,
             }
         );
         assert_eq!(header.crc, verified_crc(&part.batches[0]));
+        next_sequence += header.record_count as i32;
     }
+    assert_eq!(next_sequence, 12);
+    assert_eq!(
+        BatchHeader::parse(&parts[5].batches[0]).expect("header").record_count,
+        7
+    );
     assert_eq!(producer.unvouched_records(), 0);
+}
+
+/// With a linger, as without: a batch whose linger ends while its partition has five
+/// unanswered is not sealed, and takes the records that come meanwhile.
+#[tokio::test]
+async fn a_batch_whose_linger_ends_while_five_are_unanswered_waits_open() {
+    let (fake, address) = start_fake().await;
+    let client = Client::connect(&address).await.expect("connect");
+    client.cluster().assume_leader("t", 1, &address);
+    let producer = client
+        .producer(ProducerConfig::default().linger(Duration::from_millis(1)))
+        .expect("producer");
+    let unanswered = || {
+        let u = producer.inner.tracker.unanswered();
+        u.count.get(&(std::sync::Arc::from("t"), 0)).copied().unwrap_or(0)
+    };
+    let mut deliveries = Vec::new();
+    for i in 0..5 {
+        let record = ProducerRecord::new("t", format!("record {i}")).partition(0);
+        deliveries.push(producer.send(record).await.expect("send"));
+        // Sealed by its linger, alone.
+        tokio::time::timeout(DEADLINE, async {
+            while unanswered() < i + 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the batch is sealed once its linger ends");
+    }
+    for i in 5..20 {
+        let record = ProducerRecord::new("t", format!("record {i}")).partition(0);
+        deliveries.push(producer.send(record).await.expect("send"));
+    }
+    tokio::time::timeout(DEADLINE, async {
+        while !producer
+            .inner
+            .tracker
+            .unanswered()
+            .waiting
+            .contains(&(std::sync::Arc::from("t"), 0))
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the sixth batch's linger ends and it waits for room");
+    assert_eq!(unanswered(), 5, "no sixth batch sealed while five are unanswered");
+    fake.release.send_replace(true);
+    delivered(deliveries).await;
+    let counts: Vec<u32> = fake.headers().iter().map(|h| h.record_count).collect();
+    assert_eq!(
+        counts,
+        [1, 1, 1, 1, 1, 15],
+        "lingered batches waited for room in one batch"
+    );
 }
 
 fn verified_crc(batch: &[u8]) -> u32 {

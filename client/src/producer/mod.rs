@@ -332,6 +332,10 @@ impl Producer {
             status: Arc::clone(&status),
         });
         tokio::spawn(sender::run(client, config, status, from_producer));
+        tokio::spawn(accumulator::run_sealer(
+            Arc::downgrade(&inner),
+            Arc::clone(&inner.tracker),
+        ));
         Ok(Producer { inner })
     }
 
