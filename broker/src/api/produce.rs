@@ -25,6 +25,7 @@ use conveyor_proto::v1::produce_server::Produce;
 use conveyor_proto::v1::{self as pb, ProduceRequest, ProduceResponse};
 use conveyor_storage::batch::{self, BatchBuilder, Compression, Record, ValidatedBatch};
 use futures::Stream;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -475,6 +476,30 @@ fn record_offsets(span: &tracing::Span, response: &ProduceResponse) {
 
 type ResponseStream = Pin<Box<dyn Stream<Item = std::result::Result<ProduceResponse, Status>> + Send>>;
 
+/// What a produce stream's loop woke up for.
+enum StreamEvent<T> {
+    Answer(ProduceResponse),
+    Next(Option<std::result::Result<T, Status>>),
+    Stopping,
+    Gone,
+}
+
+/// Sends every answer still awaited on a stream; false if the client stopped reading.
+async fn drain_answers<F>(
+    answering: &mut FuturesUnordered<F>,
+    tx: &mpsc::Sender<std::result::Result<ProduceResponse, Status>>,
+) -> bool
+where
+    F: std::future::Future<Output = ProduceResponse>,
+{
+    while let Some(response) = answering.next().await {
+        if tx.send(Ok(response)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 #[tonic::async_trait]
 impl Produce for ProduceService {
     async fn produce(
@@ -537,29 +562,42 @@ impl Produce for ProduceService {
         let (tx, rx) = mpsc::channel(STREAM_RESPONSE_BUFFER);
         let service = self.clone();
         let mut stopping = self.ctx.stopping.clone();
-        // Bounds the requests of one stream that wait for their answers.
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(STREAM_RESPONSE_BUFFER));
         tokio::spawn(async move {
             let mut sequences = StreamSequences::new();
+            // The requests of this stream waiting for their answers, at most
+            // STREAM_RESPONSE_BUFFER: awaited here rather than in a task each, which would
+            // cost a spawn, and often a wake of another worker thread, per request.
+            let mut answering = FuturesUnordered::new();
+            // Whether the answers in flight are still sent (not after the client went).
+            let mut drain = true;
             loop {
-                // The response slot comes first: a client that stops reading answers leaves
-                // its next message unread, behind HTTP/2 flow control, holding no share.
-                let permit = tokio::select! {
-                    permit = Arc::clone(&in_flight).acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                    _ = stopping.wait_for(|s| *s) => break,
-                    // The client reset the stream or its connection went: nobody will read.
-                    _ = tx.closed() => break,
-                };
-                let next = tokio::select! {
-                    next = inbound.next() => next,
+                let event = tokio::select! {
+                    biased;
+                    Some(response) = answering.next(), if !answering.is_empty() => StreamEvent::Answer(response),
+                    // A client that stops reading answers leaves its next message unread,
+                    // behind HTTP/2 flow control, holding no share.
+                    next = inbound.next(), if answering.len() < STREAM_RESPONSE_BUFFER => StreamEvent::Next(next),
                     // Shutting down: take no more requests; answers in flight still go out.
-                    _ = stopping.wait_for(|s| *s) => break,
-                    // A stream waiting for its share never polls its body, so it would not see
-                    // the reset until the whole budget was its own.
-                    _ = tx.closed() => break,
+                    _ = stopping.wait_for(|s| *s) => StreamEvent::Stopping,
+                    // The client reset the stream or its connection went: nobody will read.
+                    // (A stream waiting for its share never polls its body, so it would not
+                    // see the reset until the whole budget was its own.)
+                    _ = tx.closed() => StreamEvent::Gone,
+                };
+                let next = match event {
+                    StreamEvent::Answer(response) => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            drain = false;
+                            break;
+                        }
+                        continue;
+                    }
+                    StreamEvent::Next(next) => next,
+                    StreamEvent::Stopping => break,
+                    StreamEvent::Gone => {
+                        drain = false;
+                        break;
+                    }
                 };
                 let (req, share) = match next {
                     Some(Ok(r)) => (r, admitted.next()),
@@ -567,15 +605,14 @@ impl Produce for ProduceService {
                         // The client's own reset, or its body stalled past its deadline: the
                         // error goes after the answers in flight, which may still reach it.
                         tracing::debug!(%status, "produce stream ended");
-                        drop(permit);
                         let answered = tokio::select! {
-                            all = in_flight.acquire_many(STREAM_RESPONSE_BUFFER as u32) => all.is_ok(),
+                            answered = drain_answers(&mut answering, &tx) => answered,
                             _ = stopping.wait_for(|s| *s) => false,
-                            _ = tx.closed() => false,
                         };
                         if answered {
                             let _ = tx.send(Err(status)).await;
                         }
+                        drain = false;
                         break;
                     }
                     None => break,
@@ -604,29 +641,35 @@ impl Produce for ProduceService {
                         };
                         let parts = tokio::select! {
                             parts = queued => parts,
-                            _ = tx.closed() => break,
+                            _ = tx.closed() => {
+                                drain = false;
+                                break;
+                            }
                         };
                         drop(share);
-                        let tx = tx.clone();
-                        tokio::spawn(
+                        answering.push(Box::pin(
                             async move {
                                 let response = ProduceService::collect(request_id, parts, &metrics).await;
                                 record_offsets(&tracing::Span::current(), &response);
                                 metrics.produce_latency.observe(started.elapsed());
-                                let _ = tx.send(Ok(response)).await;
-                                drop(permit);
+                                response
                             }
                             .instrument(span),
-                        );
+                        ));
                     }
                     Err(e) => {
                         metrics.request_failed(e.error_code());
                         let response = ProduceService::error_response(request_id, &req, &e);
                         if tx.send(Ok(response)).await.is_err() {
+                            drain = false;
                             break;
                         }
                     }
                 }
+            }
+            if drain {
+                // Bounded by the partitions' own deadlines: every queued part is answered.
+                drain_answers(&mut answering, &tx).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
