@@ -484,6 +484,13 @@ enum StreamEvent<T> {
     Gone,
 }
 
+/// What a produce stream waiting to queue a request woke up for.
+enum QueueEvent<T> {
+    Queued(T),
+    Answer(ProduceResponse),
+    Gone,
+}
+
 /// Sends every answer still awaited on a stream; false if the client stopped reading.
 async fn drain_answers<F>(
     answering: &mut FuturesUnordered<F>,
@@ -574,15 +581,16 @@ impl Produce for ProduceService {
                 let event = tokio::select! {
                     biased;
                     Some(response) = answering.next(), if !answering.is_empty() => StreamEvent::Answer(response),
-                    // A client that stops reading answers leaves its next message unread,
-                    // behind HTTP/2 flow control, holding no share.
-                    next = inbound.next(), if answering.len() < STREAM_RESPONSE_BUFFER => StreamEvent::Next(next),
                     // Shutting down: take no more requests; answers in flight still go out.
+                    // Before the next request, which a pipelining client always has ready.
                     _ = stopping.wait_for(|s| *s) => StreamEvent::Stopping,
                     // The client reset the stream or its connection went: nobody will read.
                     // (A stream waiting for its share never polls its body, so it would not
                     // see the reset until the whole budget was its own.)
                     _ = tx.closed() => StreamEvent::Gone,
+                    // A client that stops reading answers leaves its next message unread,
+                    // behind HTTP/2 flow control, holding no share.
+                    next = inbound.next(), if answering.len() < STREAM_RESPONSE_BUFFER => StreamEvent::Next(next),
                 };
                 let next = match event {
                     StreamEvent::Answer(response) => {
@@ -608,6 +616,7 @@ impl Produce for ProduceService {
                         let answered = tokio::select! {
                             answered = drain_answers(&mut answering, &tx) => answered,
                             _ = stopping.wait_for(|s| *s) => false,
+                            _ = tx.closed() => false,
                         };
                         if answered {
                             let _ = tx.send(Err(status)).await;
@@ -639,12 +648,32 @@ impl Produce for ProduceService {
                                 .instrument(span.clone())
                                 .await
                         };
-                        let parts = tokio::select! {
-                            parts = queued => parts,
-                            _ = tx.closed() => {
-                                drain = false;
-                                break;
+                        // Answers of earlier requests (other partitions' among them) go out
+                        // while this one waits for room: a client counts a request that stays
+                        // unanswered past its timeout as a broken link.
+                        let parts = {
+                            tokio::pin!(queued);
+                            loop {
+                                let event = tokio::select! {
+                                    biased;
+                                    parts = &mut queued => QueueEvent::Queued(parts),
+                                    Some(response) = answering.next(), if !answering.is_empty() => QueueEvent::Answer(response),
+                                    _ = tx.closed() => QueueEvent::Gone,
+                                };
+                                match event {
+                                    QueueEvent::Queued(parts) => break Some(parts),
+                                    QueueEvent::Answer(response) => {
+                                        if tx.send(Ok(response)).await.is_err() {
+                                            break None;
+                                        }
+                                    }
+                                    QueueEvent::Gone => break None,
+                                }
                             }
+                        };
+                        let Some(parts) = parts else {
+                            drain = false;
+                            break;
                         };
                         drop(share);
                         answering.push(Box::pin(

@@ -77,6 +77,8 @@ pub(crate) struct Tracker {
     unanswered: Mutex<Unanswered>,
     /// Wakes the task that seals open batches waiting for room (see [`run_sealer`]).
     room: Notify,
+    /// The producer, held while an open batch waits for room (see `Shared::wait_for_room`).
+    keep_alive: Mutex<Option<Arc<Shared>>>,
 }
 
 impl Tracker {
@@ -125,7 +127,8 @@ pub(crate) struct Sealed {
     pub partition: i32,
     pub bytes: Bytes,
     pub attempts: u32,
-    /// When the batch was sealed: it fails once `delivery_timeout` has passed since.
+    /// When the batch took its first record: it fails once `delivery_timeout` has passed
+    /// since (time spent open, waiting for room, counts).
     pub sealed_at: std::time::Instant,
     slot: Arc<Slot>,
     tracker: Arc<Tracker>,
@@ -215,6 +218,8 @@ impl Drop for Sealed {
 #[derive(Debug)]
 struct Open {
     id: u64,
+    /// When the batch took its first record.
+    opened_at: std::time::Instant,
     builder: BatchBuilder,
     slot: Arc<Slot>,
     /// The buffer memory of every record in the batch, released when it is answered.
@@ -314,6 +319,7 @@ impl Shared {
                 started = Some(id);
                 e.insert(Open {
                     id,
+                    opened_at: std::time::Instant::now(),
                     builder: BatchBuilder::new(self.config.compression),
                     slot: Arc::new(Slot::default()),
                     permit,
@@ -337,9 +343,10 @@ impl Shared {
         // With no linger a batch goes out at once (a timer would add up to a tick of delay),
         // unless it could not be sent anyway: then it takes the records that come meanwhile.
         let now = full || (self.config.linger.is_zero() && self.has_room(&state.name, partition));
+        let name = (!now && self.config.linger.is_zero()).then(|| Arc::clone(&state.name));
         let sealed = now && self.seal(acc, &record.topic, partition);
-        if !now && self.config.linger.is_zero() {
-            self.wait_for_room(&record.topic, partition);
+        if let Some(name) = name {
+            self.wait_for_room(name, partition);
         } else if let Some(id) = started
             && !now
         {
@@ -364,22 +371,35 @@ impl Shared {
                 .is_none_or(|n| *n < MAX_IN_FLIGHT_PER_PARTITION)
     }
 
-    fn wait_for_room(&self, topic: &str, partition: i32) {
+    /// Marks `partition`'s open batch as waiting for room. The producer is kept alive until
+    /// nothing waits, so that a batch waiting when the application drops its producer is
+    /// still sealed and sent (as a lingering batch's timer keeps it alive).
+    fn wait_for_room(self: &Arc<Self>, topic: Arc<str>, partition: i32) {
         let mut u = self.tracker.unanswered();
-        u.waiting.insert((Arc::from(topic), partition));
         // An answer that came between the check and this mark found nothing waiting.
         let room = u
             .count
-            .get(&(Arc::from(topic), partition))
+            .get(&(Arc::clone(&topic), partition))
             .is_none_or(|n| *n < MAX_IN_FLIGHT_PER_PARTITION);
+        u.waiting.insert((topic, partition));
         drop(u);
+        let mut keep = self
+            .tracker
+            .keep_alive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keep.is_none() {
+            *keep = Some(Arc::clone(self));
+        }
+        drop(keep);
         if room {
             self.tracker.room.notify_one();
         }
     }
 
-    /// Seals the open batches that waited for room and now have it; true if any was.
-    fn seal_waiting(&self) -> bool {
+    /// Seals the open batches that waited for room and now have it; true if any was. Returns
+    /// the producer's keep-alive once nothing waits (dropped by the caller, outside the locks).
+    fn seal_waiting(&self) -> (bool, Option<Arc<Shared>>) {
         let mut acc = self.lock();
         let waiting: Vec<PartitionKey> = self.tracker.unanswered().waiting.iter().cloned().collect();
         let mut sealed = false;
@@ -387,13 +407,24 @@ impl Shared {
             if !self.has_room(&topic, partition) {
                 continue;
             }
-            self.tracker
-                .unanswered()
-                .waiting
-                .remove(&(Arc::clone(&topic), partition));
-            sealed |= self.seal(&mut acc, &topic, partition);
+            // `take` clears the mark; a mark without an open batch is cleared here.
+            if self.seal(&mut acc, &topic, partition) {
+                sealed = true;
+            } else {
+                self.tracker.unanswered().waiting.remove(&(topic, partition));
+            }
         }
-        sealed
+        let nothing_waits = self.tracker.unanswered().waiting.is_empty();
+        let released = if nothing_waits {
+            self.tracker
+                .keep_alive
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        } else {
+            None
+        };
+        (sealed, released)
     }
 
     /// Seals a partition's open batch into the ready queue; true if there was one.
@@ -421,8 +452,9 @@ impl Shared {
                     .get(&topic)
                     .and_then(|s| s.open.get(&partition))
                     .is_some_and(|o| o.id == id);
-                if same && !shared.has_room(&Arc::from(topic.as_str()), partition) {
-                    shared.wait_for_room(&topic, partition);
+                let name: Arc<str> = Arc::from(topic.as_str());
+                if same && !shared.has_room(&name, partition) {
+                    shared.wait_for_room(name, partition);
                     false
                 } else {
                     same && shared.seal(&mut acc, &topic, partition)
@@ -442,12 +474,13 @@ impl Shared {
         }
         let permit = open.permit;
         let records = open.builder.len();
+        let opened_at = open.opened_at;
         let sealed = |bytes: Bytes| Sealed {
             topic: Arc::clone(&state.name),
             partition,
             bytes,
             attempts: 0,
-            sealed_at: std::time::Instant::now(),
+            sealed_at: opened_at,
             slot: Arc::clone(&open.slot),
             tracker: Arc::clone(&self.tracker),
             seq,
@@ -458,12 +491,15 @@ impl Shared {
             _permit: permit,
         };
         self.tracker.lock().insert(seq);
-        *self
-            .tracker
-            .unanswered()
-            .count
-            .entry((Arc::clone(&state.name), partition))
-            .or_default() += 1;
+        {
+            let mut u = self.tracker.unanswered();
+            let key = (Arc::clone(&state.name), partition);
+            // The last mark gone: the sealer lets go of the producer it kept alive for it.
+            if u.waiting.remove(&key) && u.waiting.is_empty() {
+                self.tracker.room.notify_one();
+            }
+            *u.count.entry(key).or_default() += 1;
+        }
         match open.builder.build() {
             Ok(bytes) => Some(sealed(bytes)),
             Err(e) => {
@@ -518,8 +554,12 @@ pub(crate) async fn run_sealer(shared: std::sync::Weak<Shared>, tracker: Arc<Tra
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        if shared.seal_waiting() && shared.dispatch().await.is_err() {
-            return;
+        let (sealed, released) = shared.seal_waiting();
+        // A dispatch that fails (the sender is gone) fails the batch it held; the next answer
+        // or drop wakes this task again for the rest.
+        if sealed {
+            let _ = shared.dispatch().await;
         }
+        drop(released);
     }
 }

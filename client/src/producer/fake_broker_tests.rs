@@ -241,6 +241,29 @@ async fn an_idempotent_producer_keeps_five_batches_of_a_partition_in_flight_and_
     assert_eq!(producer.unvouched_records(), 0);
 }
 
+/// Records waiting for room in an open batch when the application drops its producer are
+/// still sent once room frees, as a lingering batch's are.
+#[tokio::test]
+async fn a_batch_waiting_for_room_is_sent_after_its_producer_is_dropped() {
+    let (fake, address) = start_fake().await;
+    let client = Client::connect(&address).await.expect("connect");
+    client.cluster().assume_leader("t", 1, &address);
+    let producer = client
+        .producer(ProducerConfig::default().linger(Duration::ZERO))
+        .expect("producer");
+    let mut deliveries = Vec::new();
+    for i in 0..9 {
+        let record = ProducerRecord::new("t", format!("record {i}")).partition(0);
+        deliveries.push(producer.send(record).await.expect("send"));
+    }
+    fake.wait_for_parts(5).await;
+    drop(producer);
+    fake.release.send_replace(true);
+    delivered(deliveries).await;
+    let counts: Vec<u32> = fake.headers().iter().map(|h| h.record_count).collect();
+    assert_eq!(counts, [1, 1, 1, 1, 1, 4]);
+}
+
 /// With a linger, as without: a batch whose linger ends while its partition has five
 /// unanswered is not sealed, and takes the records that come meanwhile.
 #[tokio::test]
