@@ -36,7 +36,15 @@ impl ProcessUsage {
     }
 }
 
+/// Times the calling thread has blocked (given up its CPU to wait) so far; always 0 where
+/// the kernel does not count it per thread (not Linux).
+#[cfg(not(target_os = "linux"))]
+pub fn thread_waits() -> u64 {
+    0
+}
+
 /// Times the calling thread has blocked (given up its CPU to wait) so far.
+#[cfg(target_os = "linux")]
 pub fn thread_waits() -> u64 {
     // SAFETY: as in `ProcessUsage::now`, for the calling thread.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
