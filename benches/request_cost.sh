@@ -10,7 +10,9 @@
 # 100-byte records (default 10,000/s, 50,000 records). The broker's CPU is read from
 # /proc/PID/stat (so builds without `process_cpu_seconds_total` can be measured too) and
 # divided by the produce and fetch requests its metrics counted; context switches are summed
-# over its threads' /proc status. ARGS adds `bench` arguments to both sides.
+# over its live threads' /proc status (a blocking thread that exited during the run is not
+# counted; `conveyor bench --broker-metrics` counts every thread). ARGS adds `bench`
+# arguments to both sides.
 # Uses ports 19292-19293 on 127.0.0.1.
 set -u
 OLD=$1; NEW=$2; ROUNDS=${3:-3}; RATE=${4:-10000}; N=${5:-50000}

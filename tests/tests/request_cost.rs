@@ -22,10 +22,6 @@ fn given_a_topic_that_leaves_flushing_to_the_os_small_appends_are_written_on_the
         in_memory >= before + 3.0,
         "each acknowledged append was written without a blocking job ({before} -> {in_memory}): {metrics}"
     );
-    assert!(
-        metric_value(&metrics, "conveyor_raft_readies_in_memory_slow_total").is_some(),
-        "{metrics}"
-    );
     let consumed = stdout(&cli(
         broker.addr(),
         &["consume", "os", "--from-beginning", "--max-records", "3"],
@@ -94,10 +90,6 @@ fn given_broker_metrics_bench_reports_the_cpu_spent_per_request_and_record() {
     let per_request = spent["cpu_us_per_request"].as_f64().unwrap_or(0.0);
     let per_record = spent["cpu_us_per_record"].as_f64().unwrap_or(0.0);
     assert!(per_request > 0.0 && per_record > 0.0, "{report}");
-    assert!(
-        per_request >= per_record,
-        "a request carries at least one record: {report}"
-    );
 
     let text = stdout(&cli(
         broker.addr(),

@@ -613,9 +613,9 @@ impl Produce for ProduceService {
                         // The client's own reset, or its body stalled past its deadline: the
                         // error goes after the answers in flight, which may still reach it.
                         tracing::debug!(%status, "produce stream ended");
+                        // Bounded by the partitions' own deadlines, shutdown or not.
                         let answered = tokio::select! {
                             answered = drain_answers(&mut answering, &tx) => answered,
-                            _ = stopping.wait_for(|s| *s) => false,
                             _ = tx.closed() => false,
                         };
                         if answered {

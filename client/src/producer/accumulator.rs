@@ -352,6 +352,10 @@ impl Shared {
         {
             self.start_linger(record.topic, partition, id);
         }
+        // Batches left in the ready queue by a dispatch that was cancelled (its `send` was
+        // dropped while the sender's queue was full) go with this one, else a partition whose
+        // batches sit there unanswered would never get room again.
+        let sealed = sealed || !acc.ready.is_empty();
         Appended::Done { future, sealed }
     }
 
@@ -424,7 +428,7 @@ impl Shared {
         } else {
             None
         };
-        (sealed, released)
+        (sealed || !acc.ready.is_empty(), released)
     }
 
     /// Seals a partition's open batch into the ready queue; true if there was one.

@@ -74,7 +74,9 @@ pub enum Acks {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    /// How long a batch waits for more records before it is sent.
+    /// How long a batch waits for more records before it is sent. An idempotent producer
+    /// keeps a partition's batch open longer while 5 of its batches are unanswered: it
+    /// takes the records that come meanwhile and goes as soon as an answer frees room.
     pub linger: Duration,
     /// A batch is sent as soon as it holds about this many bytes.
     pub batch_size: usize,
@@ -84,7 +86,8 @@ pub struct ProducerConfig {
     pub compression: Compression,
     /// Attempts after the first for a batch that failed with a retriable error.
     pub retries: u32,
-    /// A batch not acknowledged this long after it was sealed fails, whatever `retries` says.
+    /// A batch not acknowledged this long after it took its first record fails, whatever
+    /// `retries` says.
     pub delivery_timeout: Duration,
     pub retry_backoff: Duration,
     /// A produce request unanswered this long (a stopped or unreachable leader) is given up

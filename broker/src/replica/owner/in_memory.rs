@@ -13,8 +13,8 @@
 //! snapshot falls due, and the entries written are small. Everything else (fsyncs, rolls,
 //! truncations, snapshots, elections, reads of old entries) still runs on the blocking pool,
 //! so a slow disk does not stall the reactor through them. What is left (races with
-//! retention, a config change between the check and the write) is in
-//! `docs/request_cost.md`.
+//! retention, a config change between the check and the write, raft-rs reading old entries
+//! for a lagging follower when the leader advances) is in `docs/request_cost.md`.
 //!
 //! A write to the page cache can still wait on the disk (dirty-page throttling, a journal
 //! that is full). Each inline Ready is timed: one that takes longer than [`SLOW`] and during
@@ -125,6 +125,8 @@ impl Owner {
             return false;
         }
         let applied = node.raft.raft_log.applied;
+        // raft-rs's last index counts the entries the next Ready will append (its unstable
+        // log), so this bounds what is in memory after the append too.
         let unapplied = node.raft.raft_log.last_index().saturating_sub(applied);
         if unapplied >= TAIL_OFFSETS as u64 || !self.raft.plain_entries_cached_from(applied + 1) {
             return false;
