@@ -4,14 +4,17 @@
 
 use conveyor_tests::{BrokerProcess, cli, cli_json, metric_value, stdout};
 
+/// A broker with topic `name` under flush policy `policy`.
+fn broker_with_topic(name: &str, policy: &str) -> BrokerProcess {
+    let broker = BrokerProcess::start();
+    let policy = format!("flush.policy={policy}");
+    stdout(&cli(broker.addr(), &["topic", "create", name, "--config", &policy], ""));
+    broker
+}
+
 #[test]
 fn given_a_topic_that_leaves_flushing_to_the_os_small_appends_are_written_on_the_partition_task() {
-    let broker = BrokerProcess::start();
-    stdout(&cli(
-        broker.addr(),
-        &["topic", "create", "os", "--config", "flush.policy=os"],
-        "",
-    ));
+    let broker = broker_with_topic("os", "os");
     let before = broker.metric("conveyor_raft_readies_in_memory_total").unwrap_or(0.0);
     for line in ["a\n", "b\n", "c\n"] {
         stdout(&cli(broker.addr(), &["produce", "os", "--no-idempotence"], line));
@@ -35,12 +38,7 @@ fn given_a_topic_that_leaves_flushing_to_the_os_small_appends_are_written_on_the
 /// a time, so group commit cannot share one).
 #[test]
 fn given_a_topic_that_fsyncs_every_acknowledged_append_was_synced() {
-    let broker = BrokerProcess::start();
-    stdout(&cli(
-        broker.addr(),
-        &["topic", "create", "synced", "--config", "flush.policy=always"],
-        "",
-    ));
+    let broker = broker_with_topic("synced", "always");
     let fsyncs = || broker.metric("conveyor_fsync_latency_seconds_count").unwrap_or(0.0);
     let before = fsyncs();
     for line in ["a\n", "b\n", "c\n", "d\n"] {

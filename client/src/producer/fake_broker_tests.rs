@@ -187,12 +187,7 @@ impl Fake {
 
 #[tokio::test]
 async fn an_idempotent_producer_keeps_five_batches_of_a_partition_in_flight_and_sequences_them_in_order() {
-    let (fake, address) = start_fake().await;
-    let client = Client::connect(&address).await.expect("connect");
-    client.cluster().assume_leader("t", 1, &address);
-    let producer = client
-        .producer(ProducerConfig::default().linger(Duration::ZERO))
-        .expect("producer");
+    let (fake, producer) = held_fake(ProducerConfig::default().linger(Duration::ZERO)).await;
     let mut deliveries = Vec::new();
     for i in 0..12 {
         let record = ProducerRecord::new("t", format!("record {i}")).partition(0);
@@ -245,12 +240,7 @@ async fn an_idempotent_producer_keeps_five_batches_of_a_partition_in_flight_and_
 /// still sent once room frees, as a lingering batch's are.
 #[tokio::test]
 async fn a_batch_waiting_for_room_is_sent_after_its_producer_is_dropped() {
-    let (fake, address) = start_fake().await;
-    let client = Client::connect(&address).await.expect("connect");
-    client.cluster().assume_leader("t", 1, &address);
-    let producer = client
-        .producer(ProducerConfig::default().linger(Duration::ZERO))
-        .expect("producer");
+    let (fake, producer) = held_fake(ProducerConfig::default().linger(Duration::ZERO)).await;
     let mut deliveries = Vec::new();
     for i in 0..9 {
         let record = ProducerRecord::new("t", format!("record {i}")).partition(0);
@@ -268,12 +258,7 @@ async fn a_batch_waiting_for_room_is_sent_after_its_producer_is_dropped() {
 /// unanswered is not sealed, and takes the records that come meanwhile.
 #[tokio::test]
 async fn a_batch_whose_linger_ends_while_five_are_unanswered_waits_open() {
-    let (fake, address) = start_fake().await;
-    let client = Client::connect(&address).await.expect("connect");
-    client.cluster().assume_leader("t", 1, &address);
-    let producer = client
-        .producer(ProducerConfig::default().linger(Duration::from_millis(1)))
-        .expect("producer");
+    let (fake, producer) = held_fake(ProducerConfig::default().linger(Duration::from_millis(1))).await;
     let unanswered = || {
         let u = producer.inner.tracker.unanswered();
         u.count.get(&(std::sync::Arc::from("t"), 0)).copied().unwrap_or(0)
@@ -355,13 +340,17 @@ impl Fake {
 
 /// A producer of the fake's partition 0 of topic "t", released at once, with short pauses.
 async fn answering_fake(config: ProducerConfig) -> (Arc<Fake>, crate::Producer) {
-    let (fake, address) = start_fake().await;
+    let (fake, producer) = held_fake(config.linger(Duration::ZERO).retry_backoff(Duration::from_millis(10))).await;
     fake.release.send_replace(true);
+    (fake, producer)
+}
+
+/// A producer of the fake's partition 0 of topic "t", whose answers are held until released.
+async fn held_fake(config: ProducerConfig) -> (Arc<Fake>, crate::Producer) {
+    let (fake, address) = start_fake().await;
     let client = Client::connect(&address).await.expect("connect");
     client.cluster().assume_leader("t", 1, &address);
-    let producer = client
-        .producer(config.linger(Duration::ZERO).retry_backoff(Duration::from_millis(10)))
-        .expect("producer");
+    let producer = client.producer(config).expect("producer");
     (fake, producer)
 }
 
