@@ -156,3 +156,117 @@ impl Owner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::replica::partition::OwnerContext;
+    use crate::replica::producers::PartitionProducers;
+    use crate::replica::ready::{ReadyHandler, handle};
+    use crate::replica::status::GroupStatus;
+    use crate::replica::transport::{GroupKey, Transport};
+
+    struct Discard;
+    impl ReadyHandler for Discard {
+        fn send(&mut self, _: Vec<raft::eraftpb::Message>) {}
+    }
+
+    /// A single-voter group on `flush`, its owner, and its node.
+    fn group(dir: &std::path::Path, flush: FlushPolicy) -> (Owner, RawNode<RaftLog>) {
+        let config = LogConfig {
+            flush,
+            ..LogConfig::default()
+        };
+        let log = Arc::new(PartitionLog::open(dir, config).expect("log"));
+        let raft = RaftLog::open(log).expect("raft log");
+        let conf = raft::eraftpb::ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        raft.set_conf_state(&conf).expect("conf state");
+        let metrics = Arc::new(Metrics::default());
+        let transport =
+            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
+        let cx = OwnerContext {
+            failed: Arc::default(),
+            topic: "t".into(),
+            index: 0,
+            key: Arc::new(GroupKey::new("t", 0)),
+            transport,
+            high_watermark: watch::channel(0).0,
+            status: watch::channel(GroupStatus::default()).0,
+            traffic: metrics.topic_traffic("t"),
+            metrics,
+            producer_expiration: Duration::from_secs(60),
+        };
+        let owner = Owner::new(
+            &cx,
+            raft.clone(),
+            1,
+            PartitionProducers::none(Arc::default(), Default::default()),
+        );
+        let node_config = raft::Config {
+            id: 1,
+            ..raft::Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        (owner, RawNode::new(&node_config, raft, &logger).expect("node"))
+    }
+
+    /// Where the next Ready goes: in place (true) or to the blocking pool; handled either way.
+    fn next_in_place(owner: &mut Owner, node: &mut RawNode<RaftLog>) -> Option<bool> {
+        let (ready, in_place) = match owner.next_ready(node) {
+            Next::Nothing => return None,
+            Next::InMemory(ready) => (*ready, true),
+            Next::Blocking(Some(ready)) => (*ready, false),
+            Next::Blocking(None) => (node.ready(), false),
+        };
+        handle(node, ready, &mut Discard).expect("handled");
+        Some(in_place)
+    }
+
+    fn propose(node: &mut RawNode<RaftLog>) {
+        let batch = crate::test_batches::batch_of(conveyor_storage::batch::Compression::None, 100);
+        node.propose(vec![], batch.to_vec()).expect("propose");
+    }
+
+    #[tokio::test]
+    async fn under_flush_os_appends_go_in_place_and_an_election_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut owner, mut node) = group(dir.path(), FlushPolicy::Os);
+        node.campaign().expect("campaign");
+        assert_eq!(
+            next_in_place(&mut owner, &mut node),
+            Some(false),
+            "a new term is stored durably: the blocking pool"
+        );
+        while next_in_place(&mut owner, &mut node).is_some() {}
+        assert_eq!(node.raft.state, StateRole::Leader);
+        propose(&mut node);
+        assert_eq!(next_in_place(&mut owner, &mut node), Some(true), "a page-cache write");
+        assert!(node.raft.raft_log.committed >= node.raft.raft_log.last_index());
+    }
+
+    #[tokio::test]
+    async fn under_flush_always_a_round_that_appends_goes_to_the_blocking_pool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut owner, mut node) = group(dir.path(), FlushPolicy::Always);
+        node.campaign().expect("campaign");
+        while next_in_place(&mut owner, &mut node).is_some() {}
+        for _ in 0..3 {
+            propose(&mut node);
+            assert_eq!(
+                next_in_place(&mut owner, &mut node),
+                Some(false),
+                "an append that must be fsynced never runs on the reactor"
+            );
+        }
+    }
+}
