@@ -103,6 +103,8 @@ pub struct Metrics {
     pub partition_failures: Counter,
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
+    /// Fetch reads served from the page cache on the reactor (no blocking-pool hop).
+    pub fetch_reads_in_place: Counter,
     /// Raft Readies handled on their partition's task (page-cache writes only).
     pub readies_in_memory: Counter,
     /// Of those, the ones slower than `owner::in_memory::SLOW` (the disk made them wait).
@@ -200,6 +202,11 @@ impl Metrics {
                 "conveyor_raft_messages_dropped_inbound",
                 "Raft messages from peers dropped because their group was busy or not open here",
                 &registry.transport().dropped_inbound,
+            ),
+            (
+                "conveyor_fetch_reads_in_place",
+                "Fetch reads of a partition's tail served from the page cache without a blocking-pool hop",
+                &self.fetch_reads_in_place,
             ),
             (
                 "conveyor_raft_readies_in_memory",

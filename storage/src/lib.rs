@@ -55,6 +55,7 @@ pub(crate) mod index;
 pub mod log;
 mod lookup;
 pub mod producer_state;
+mod read_in_place;
 mod recovery;
 mod retention;
 pub mod scrub;

@@ -311,6 +311,19 @@ impl PartitionLog {
         self.read_up_to(from, max_bytes, u64::MAX)
     }
 
+    /// As [`read_up_to`](Self::read_up_to) if every byte it needs is in the page cache;
+    /// `None`, having waited on nothing, if one is not (or the kernel cannot tell). Only reads
+    /// that start in the active segment are tried: its index, read through a memory map,
+    /// was written recently and is resident (an older segment's may not be, and a page fault
+    /// cannot be refused). For a reader at the tail, on a thread that must not wait on the
+    /// disk (`docs/request_cost.md`).
+    pub fn read_up_to_in_place(&self, from: u64, max_bytes: usize, max_offset: u64) -> Result<Option<Bytes>> {
+        if self.segment_base_of(u64::MAX).is_none_or(|active| from < active) {
+            return Ok(None);
+        }
+        crate::read_in_place::without_waiting(|| self.read_up_to(from, max_bytes, max_offset))
+    }
+
     /// As [`read`](Self::read), returning no batch whose base offset is `max_offset` or above
     /// (a replica passes its high watermark here).
     pub fn read_up_to(&self, from: u64, max_bytes: usize, max_offset: u64) -> Result<Bytes> {

@@ -18,7 +18,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -239,8 +238,7 @@ impl Segment {
 
     pub(crate) fn read_exact_at(&self, position: u64, len: usize) -> Result<BytesMut> {
         let mut buf = BytesMut::zeroed(len);
-        self.log
-            .read_exact_at(&mut buf, position)
+        crate::read_in_place::read_exact_at(&self.log, &mut buf, position)
             .map_err(LogError::io("read segment", &self.log_path))?;
         Ok(buf)
     }
@@ -263,8 +261,7 @@ impl Segment {
                 let len = (end - position).min(next_read as u64) as usize;
                 next_read = (next_read * 2).min(SCAN_CHUNK);
                 chunk.resize(len, 0);
-                self.log
-                    .read_exact_at(&mut chunk, position)
+                crate::read_in_place::read_exact_at(&self.log, &mut chunk, position)
                     .map_err(LogError::io("read segment", &self.log_path))?;
                 chunk_start = position;
             }

@@ -118,3 +118,26 @@ fn a_closed_log_never_says_an_append_stays_in_memory() {
     log.close().expect("close");
     assert!(!log.appends_in_memory(1, 10));
 }
+
+#[test]
+fn a_read_of_the_active_segment_is_done_in_place_and_one_of_an_older_segment_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = PartitionLog::open(dir.path(), small_config(FlushPolicy::Os)).expect("open");
+    let b = batch(1, 3, 1_700_000_000_000);
+    while log.segment_count() == 1 {
+        log.append(&b).expect("append");
+    }
+    let end = log.log_end_offset();
+    let last = end - 3;
+    let in_place = log.read_up_to_in_place(last, 1 << 20, end).expect("read");
+    assert_eq!(
+        in_place,
+        Some(log.read_up_to(last, 1 << 20, end).expect("read")),
+        "just written, so cached: the same bytes as a read that may wait"
+    );
+    assert_eq!(
+        log.read_up_to_in_place(0, 1 << 20, end).expect("read"),
+        None,
+        "an older segment's index may not be resident: not tried"
+    );
+}

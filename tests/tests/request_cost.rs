@@ -31,6 +31,11 @@ fn given_a_topic_that_leaves_flushing_to_the_os_small_appends_are_written_on_the
         "",
     ));
     assert_eq!(consumed.lines().collect::<Vec<_>>(), ["a", "b", "c"]);
+    let in_place = broker.metric("conveyor_fetch_reads_in_place_total").unwrap_or(0.0);
+    assert!(
+        in_place >= 1.0,
+        "a read of the tail just written came from the page cache in place"
+    );
 }
 
 /// Readies that append to a topic that fsyncs before acknowledging never take the in-memory

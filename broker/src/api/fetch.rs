@@ -97,6 +97,54 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
     Ok(out)
 }
 
+/// How far behind its high watermark a partition may be read on the reactor, in offsets.
+const IN_PLACE_LAG: u64 = 4096;
+/// Most bytes read on the reactor per partition (a reader this close to the tail rarely
+/// has more; the rest comes with its next fetch).
+const IN_PLACE_BYTES: usize = 256 << 10;
+
+/// Reads every wanted partition as [`read_once`] does, on the calling thread, if each is
+/// within [`IN_PLACE_LAG`] offsets of its high watermark and every byte needed is in the page
+/// cache; `None`, having waited on nothing, otherwise (see
+/// `conveyor_storage::PartitionLog::read_up_to_in_place`).
+fn read_in_place(wanted: &[Wanted], budget: usize) -> Option<Vec<Read>> {
+    // Offsets outside the log are answered by `read_once`, with their bounds.
+    let near_tail = |w: &Wanted| {
+        let (log, hw) = (w.partition.log(), w.partition.high_watermark());
+        w.offset >= log.log_start_offset()
+            && w.offset <= log.log_end_offset()
+            && hw.saturating_sub(w.offset) <= IN_PLACE_LAG
+    };
+    if !wanted.iter().all(near_tail) {
+        return None;
+    }
+    let mut left = budget;
+    let mut out = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let p = &w.partition;
+        let hw = p.high_watermark();
+        let mut read = Read {
+            high_watermark: hw,
+            log_start_offset: p.log().log_start_offset(),
+            batches: Bytes::new(),
+            error: None,
+        };
+        if left > 0 && w.offset < hw {
+            let max = w.max_bytes.min(left).min(IN_PLACE_BYTES);
+            match p.log().read_up_to_in_place(w.offset, max, hw) {
+                Ok(Some(batches)) => read.batches = batches,
+                // Not cached, or the offset moved out of the log meanwhile: the blocking read
+                // answers it as it always did.
+                Ok(None) | Err(_) => return None,
+            }
+            read.log_start_offset = p.log().log_start_offset();
+        }
+        left = left.saturating_sub(read.batches.len());
+        out.push(read);
+    }
+    Some(out)
+}
+
 /// Where a partition's stored batches are decoded, and the bounds on doing it.
 struct DecodeJob {
     topic: String,
@@ -250,8 +298,18 @@ impl FetchService {
             // A consumer waiting at the tail has nothing to read: answer its bounds without
             // a hop to the blocking pool. Data committed after this check wakes the watch.
             let mut results = if wanted.iter().any(|w| w.offset < w.partition.high_watermark()) {
-                let job = Arc::clone(&wanted);
-                blocking(move || read_once(&job, budget, true)).await?
+                // A consumer at the tail reads bytes just written: from the page cache, here,
+                // without two thread hops; only what is not cached goes to the blocking pool.
+                match read_in_place(&wanted, budget) {
+                    Some(results) => {
+                        self.ctx.metrics.fetch_reads_in_place.add(1);
+                        results
+                    }
+                    None => {
+                        let job = Arc::clone(&wanted);
+                        blocking(move || read_once(&job, budget, true)).await?
+                    }
+                }
             } else {
                 read_once(&wanted, budget, false)?
             };
