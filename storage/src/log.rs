@@ -224,6 +224,16 @@ impl PartitionLog {
         segments[i..].to_vec()
     }
 
+    /// As [`segments_from`](Self::segments_from); in a read that must not wait, an error
+    /// instead of waiting for a writer of the segment list.
+    fn segments_from_for_read(&self, offset: u64) -> Result<Vec<Arc<Segment>>> {
+        let segments = crate::read_in_place::read_lock(&self.segments, &self.dir)?;
+        let i = segments
+            .partition_point(|s| s.base_offset() <= offset)
+            .saturating_sub(1);
+        Ok(segments[i..].to_vec())
+    }
+
     pub(crate) fn poison(&self, what: &str, err: &LogError) {
         tracing::error!(dir = %self.dir.display(), error = %err, "partition log poisoned after a failed {what}");
         let reason = format!("{what}: {err}");
@@ -318,10 +328,15 @@ impl PartitionLog {
     /// cannot be refused). For a reader at the tail, on a thread that must not wait on the
     /// disk (`docs/request_cost.md`).
     pub fn read_up_to_in_place(&self, from: u64, max_bytes: usize, max_offset: u64) -> Result<Option<Bytes>> {
-        if self.segment_base_of(u64::MAX).is_none_or(|active| from < active) {
-            return Ok(None);
-        }
-        crate::read_in_place::without_waiting(|| self.read_up_to(from, max_bytes, max_offset))
+        crate::read_in_place::without_waiting(|| {
+            let active = self.segments_from_for_read(u64::MAX)?.first().map(|s| s.base_offset());
+            if active.is_none_or(|active| from < active) {
+                return Err(LogError::io("read in place", &self.dir)(
+                    std::io::ErrorKind::WouldBlock.into(),
+                ));
+            }
+            self.read_up_to(from, max_bytes, max_offset)
+        })
     }
 
     /// As [`read`](Self::read), returning no batch whose base offset is `max_offset` or above
@@ -333,7 +348,7 @@ impl PartitionLog {
             return Err(self.out_of_range(from));
         }
         let max_offset = max_offset.min(end);
-        for segment in self.segments_from(from) {
+        for segment in self.segments_from_for_read(from)? {
             let target = from.max(segment.base_offset());
             if target >= max_offset {
                 break;

@@ -6,6 +6,8 @@
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
+use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard, TryLockError};
 
 use crate::error::{LogError, Result};
 
@@ -17,18 +19,30 @@ thread_local! {
 /// Runs `read` with this thread's segment reads refusing to wait on the disk: `None` if one
 /// would have had to.
 pub(crate) fn without_waiting<T>(read: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
-    struct Reset;
-    impl Drop for Reset {
+    struct Restore(bool);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            IN_PLACE.set(false);
+            IN_PLACE.set(self.0);
         }
     }
-    IN_PLACE.set(true);
-    let _reset = Reset;
+    let _restore = Restore(IN_PLACE.replace(true));
     match read() {
         Ok(v) => Ok(Some(v)),
         Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// A read lock on `lock`; in a [`without_waiting`] scope, `WouldBlock` instead of waiting
+/// for a writer (a segment roll syncs an index under its lock, a truncation files).
+pub(crate) fn read_lock<'a, T>(lock: &'a RwLock<T>, path: &Path) -> Result<RwLockReadGuard<'a, T>> {
+    if !IN_PLACE.get() {
+        return Ok(lock.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+    match lock.try_read() {
+        Ok(guard) => Ok(guard),
+        Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        Err(TryLockError::WouldBlock) => Err(LogError::io("read lock", path)(io::ErrorKind::WouldBlock.into())),
     }
 }
 
@@ -107,5 +121,35 @@ mod tests {
             Ok(buf)
         });
         assert!(past_end.is_err(), "a read past the end is an error, not a miss");
+    }
+
+    /// A segment roll syncs the old segment's index under its write lock, and a truncation
+    /// changes the segment list under its own: a read in place does not wait for either.
+    #[test]
+    fn a_read_in_place_does_not_wait_for_a_writer_of_the_index_or_the_segment_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = crate::PartitionLog::open(dir.path(), crate::LogConfig::default()).expect("open");
+        let mut b = crate::batch::BatchBuilder::new(crate::batch::Compression::None);
+        b.push(&crate::batch::Record {
+            timestamp: 1,
+            value: Some(bytes::Bytes::from_static(b"v")),
+            ..crate::batch::Record::default()
+        });
+        log.append(&b.build().expect("batch")).expect("append");
+        let end = log.log_end_offset();
+        assert!(log.read_up_to_in_place(0, 1 << 20, end).expect("read").is_some());
+        let active = log.active();
+        let index = active.offset_index_mut();
+        assert_eq!(log.read_up_to_in_place(0, 1 << 20, end).expect("read"), None);
+        drop(index);
+        let segments = log.write_segments();
+        let read = std::thread::scope(|s| {
+            s.spawn(|| log.read_up_to_in_place(0, 1 << 20, end).expect("read"))
+                .join()
+                .expect("reader")
+        });
+        drop(segments);
+        assert_eq!(read, None);
+        assert!(log.read_up_to_in_place(0, 1 << 20, end).expect("read").is_some());
     }
 }

@@ -293,7 +293,8 @@ impl Segment {
             return Ok(None);
         }
         let end = self.size();
-        let entry = self.offset_index().floor((offset - self.base_offset) as u32);
+        let entry = crate::read_in_place::read_lock(&self.offset_index, &self.log_path)?
+            .floor((offset - self.base_offset) as u32);
         if let Some(e) = entry {
             let expected = self.base_offset + u64::from(e.relative_offset);
             match self.locate_from(u64::from(e.position), end, offset, Some(expected)) {

@@ -99,13 +99,15 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
 
 /// How far behind its high watermark a partition may be read on the reactor, in offsets.
 const IN_PLACE_LAG: u64 = 4096;
-/// Most bytes read on the reactor per partition (a reader this close to the tail rarely
-/// has more; the rest comes with its next fetch).
+/// Most bytes a fetch reads on the reactor, over all its partitions. A read that would need
+/// more (a consumer close to the tail rarely does) is done on the blocking pool instead, so
+/// the answer is the one the fetch always gave.
 const IN_PLACE_BYTES: usize = 256 << 10;
 
-/// Reads every wanted partition as [`read_once`] does, on the calling thread, if each is
-/// within [`IN_PLACE_LAG`] offsets of its high watermark and every byte needed is in the page
-/// cache; `None`, having waited on nothing, otherwise (see
+/// Reads every wanted partition as [`read_once`] does (the same batches and bounds), on the
+/// calling thread, if each is within [`IN_PLACE_LAG`] offsets of its high watermark, reads
+/// in its active segment, needs at most [`IN_PLACE_BYTES`] in all, and every byte needed is
+/// in the page cache; `None`, having waited on nothing, otherwise (see
 /// `conveyor_storage::PartitionLog::read_up_to_in_place`).
 fn read_in_place(wanted: &[Wanted], budget: usize) -> Option<Vec<Read>> {
     // Offsets outside the log are answered by `read_once`, with their bounds.
@@ -119,6 +121,7 @@ fn read_in_place(wanted: &[Wanted], budget: usize) -> Option<Vec<Read>> {
         return None;
     }
     let mut left = budget;
+    let mut in_place_left = IN_PLACE_BYTES;
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
         let p = &w.partition;
@@ -130,19 +133,40 @@ fn read_in_place(wanted: &[Wanted], budget: usize) -> Option<Vec<Read>> {
             error: None,
         };
         if left > 0 && w.offset < hw {
-            let max = w.max_bytes.min(left).min(IN_PLACE_BYTES);
+            let full = w.max_bytes.min(left);
+            let max = full.min(in_place_left);
             match p.log().read_up_to_in_place(w.offset, max, hw) {
+                // Cut short by the in-place limit where `read_once` would have read on.
+                Ok(Some(batches)) if max < full && next_offset_after(&batches).is_none_or(|next| next < hw) => {
+                    return None;
+                }
                 Ok(Some(batches)) => read.batches = batches,
-                // Not cached, or the offset moved out of the log meanwhile: the blocking read
-                // answers it as it always did.
+                // Not cached, a lock held by a writer, or the offset moved out of the log
+                // meanwhile: the blocking read answers it as it always did.
                 Ok(None) | Err(_) => return None,
             }
             read.log_start_offset = p.log().log_start_offset();
         }
         left = left.saturating_sub(read.batches.len());
+        in_place_left = in_place_left.saturating_sub(read.batches.len());
         out.push(read);
     }
     Some(out)
+}
+
+/// The offset after the last whole batch in `batches`, if they parse.
+fn next_offset_after(batches: &Bytes) -> Option<u64> {
+    let mut position = 0;
+    let mut next = None;
+    while position < batches.len() {
+        let header = conveyor_storage::batch::BatchHeader::parse(&batches[position..]).ok()?;
+        if header.size() == 0 {
+            return None;
+        }
+        next = Some(header.next_offset());
+        position += header.size();
+    }
+    next
 }
 
 /// Where a partition's stored batches are decoded, and the bounds on doing it.
