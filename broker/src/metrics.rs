@@ -103,7 +103,7 @@ pub struct Metrics {
     pub partition_failures: Counter,
     /// Attempts to apply a committed metadata record that failed.
     pub metadata_apply_failures: Counter,
-    /// Fetch reads served from the page cache on the reactor (no blocking-pool hop).
+    /// Fetch rounds read from the page cache on the reactor (no blocking-pool hop).
     pub fetch_reads_in_place: Counter,
     /// Raft Readies handled on their partition's task (page-cache writes only).
     pub readies_in_memory: Counter,
@@ -205,7 +205,7 @@ impl Metrics {
             ),
             (
                 "conveyor_fetch_reads_in_place",
-                "Fetch reads of a partition's tail served from the page cache without a blocking-pool hop",
+                "Fetch rounds whose tail reads came from the page cache without a blocking-pool hop",
                 &self.fetch_reads_in_place,
             ),
             (
