@@ -60,6 +60,14 @@ pub struct BatchPosition {
 /// an append stays in memory: the roll must not fall due between the question and the append.
 pub const ROLL_AGE_MARGIN_MS: i64 = 1_000;
 
+/// The segments from the one that may hold `offset` onwards.
+fn from_offset(segments: &[Arc<Segment>], offset: u64) -> Vec<Arc<Segment>> {
+    let i = segments
+        .partition_point(|s| s.base_offset() <= offset)
+        .saturating_sub(1);
+    segments[i..].to_vec()
+}
+
 /// State only the single writer touches.
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -217,21 +225,16 @@ impl PartitionLog {
 
     /// Segments from the one that may hold `offset` onwards.
     fn segments_from(&self, offset: u64) -> Vec<Arc<Segment>> {
-        let segments = self.read_segments();
-        let i = segments
-            .partition_point(|s| s.base_offset() <= offset)
-            .saturating_sub(1);
-        segments[i..].to_vec()
+        from_offset(&self.read_segments(), offset)
     }
 
     /// As [`segments_from`](Self::segments_from); in a read that must not wait, an error
     /// instead of waiting for a writer of the segment list.
     fn segments_from_for_read(&self, offset: u64) -> Result<Vec<Arc<Segment>>> {
-        let segments = crate::read_in_place::read_lock(&self.segments, &self.dir)?;
-        let i = segments
-            .partition_point(|s| s.base_offset() <= offset)
-            .saturating_sub(1);
-        Ok(segments[i..].to_vec())
+        Ok(from_offset(
+            &crate::read_in_place::read_lock(&self.segments, &self.dir)?,
+            offset,
+        ))
     }
 
     pub(crate) fn poison(&self, what: &str, err: &LogError) {

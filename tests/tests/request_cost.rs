@@ -68,24 +68,27 @@ fn given_a_broker_its_metrics_report_the_process_cpu_and_context_switches() {
     assert!(rss.is_some_and(|b| b > 1e6), "{metrics}");
 }
 
+/// `conveyor bench produce` of `records` records to topic "cost", reading the brokers'
+/// CPU from `metrics`.
+fn bench<'a>(records: &'a str, metrics: &'a str) -> Vec<&'a str> {
+    vec![
+        "bench",
+        "produce",
+        "--topic",
+        "cost",
+        "--records",
+        records,
+        "--broker-metrics",
+        metrics,
+    ]
+}
+
 #[test]
 fn given_broker_metrics_bench_reports_the_cpu_spent_per_request_and_record() {
     let broker = BrokerProcess::start();
-    let report = cli_json(
-        broker.addr(),
-        &[
-            "bench",
-            "produce",
-            "--topic",
-            "cost",
-            "--records",
-            "2000",
-            "--linger",
-            "0ms",
-            "--broker-metrics",
-            broker.metrics_addr(),
-        ],
-    );
+    let mut args = bench("2000", broker.metrics_addr());
+    args.extend(["--linger", "0ms"]);
+    let report = cli_json(broker.addr(), &args);
     let spent = &report["broker"];
     assert!(spent["cpu_seconds"].as_f64().is_some_and(|s| s > 0.0), "{report}");
     let requests = spent["produce_requests"].as_f64().unwrap_or(0.0);
@@ -94,34 +97,8 @@ fn given_broker_metrics_bench_reports_the_cpu_spent_per_request_and_record() {
     let per_record = spent["cpu_us_per_record"].as_f64().unwrap_or(0.0);
     assert!(per_request > 0.0 && per_record > 0.0, "{report}");
 
-    let text = stdout(&cli(
-        broker.addr(),
-        &[
-            "bench",
-            "produce",
-            "--topic",
-            "cost",
-            "--records",
-            "100",
-            "--broker-metrics",
-            broker.metrics_addr(),
-        ],
-        "",
-    ));
+    let text = stdout(&cli(broker.addr(), &bench("100", broker.metrics_addr()), ""));
     assert!(text.contains("broker CPU:") && text.contains("per request"), "{text}");
-    let refused = cli(
-        broker.addr(),
-        &[
-            "bench",
-            "produce",
-            "--topic",
-            "cost",
-            "--records",
-            "10",
-            "--broker-metrics",
-            broker.addr(),
-        ],
-        "",
-    );
+    let refused = cli(broker.addr(), &bench("10", broker.addr()), "");
     assert!(!refused.status.success(), "the gRPC port is not a metrics endpoint");
 }

@@ -66,23 +66,9 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
         let p = &w.partition;
-        let hw = p.high_watermark();
-        let (start, end) = (p.log().log_start_offset(), p.log().log_end_offset());
-        let mut read = Read {
-            high_watermark: hw,
-            log_start_offset: start,
-            batches: Bytes::new(),
-            error: None,
-        };
-        if w.offset < start || w.offset > end {
-            read.error = Some(BrokerError::OffsetOutOfRange {
-                topic: p.topic.clone(),
-                partition: p.index,
-                offset: w.offset,
-                log_start_offset: start,
-                log_end_offset: end,
-            });
-        } else if disk && left > 0 && w.offset < hw {
+        let mut read = bounds(w);
+        let hw = read.high_watermark;
+        if read.error.is_none() && disk && left > 0 && w.offset < hw {
             read.batches = p
                 .log()
                 .read_up_to(w.offset, w.max_bytes.min(left), hw)
@@ -95,6 +81,27 @@ fn read_once(wanted: &[Wanted], budget: usize, disk: bool) -> Result<Vec<Read>> 
         out.push(read);
     }
     Ok(out)
+}
+
+/// A partition's bounds as a read of it answers them, with no batches yet: its high
+/// watermark and log start, or the error for an offset outside its log.
+fn bounds(w: &Wanted) -> Read {
+    let p = &w.partition;
+    let high_watermark = p.high_watermark();
+    let (start, end) = (p.log().log_start_offset(), p.log().log_end_offset());
+    let error = (w.offset < start || w.offset > end).then(|| BrokerError::OffsetOutOfRange {
+        topic: p.topic.clone(),
+        partition: p.index,
+        offset: w.offset,
+        log_start_offset: start,
+        log_end_offset: end,
+    });
+    Read {
+        high_watermark,
+        log_start_offset: start,
+        batches: Bytes::new(),
+        error,
+    }
 }
 
 /// How far behind its high watermark a partition may be read on the reactor, in offsets.
@@ -110,13 +117,7 @@ const IN_PLACE_BYTES: usize = 256 << 10;
 /// in the page cache; `None`, having waited on nothing, otherwise (see
 /// `conveyor_storage::PartitionLog::read_up_to_in_place`).
 fn read_in_place(wanted: &[Wanted], budget: usize) -> Option<Vec<Read>> {
-    // Offsets outside the log are answered by `read_once`, with their bounds.
-    let near_tail = |w: &Wanted| {
-        let (log, hw) = (w.partition.log(), w.partition.high_watermark());
-        w.offset >= log.log_start_offset()
-            && w.offset <= log.log_end_offset()
-            && hw.saturating_sub(w.offset) <= IN_PLACE_LAG
-    };
+    let near_tail = |w: &Wanted| w.partition.high_watermark().saturating_sub(w.offset) <= IN_PLACE_LAG;
     if !wanted.iter().all(near_tail) {
         return None;
     }
@@ -125,13 +126,12 @@ fn read_in_place(wanted: &[Wanted], budget: usize) -> Option<Vec<Read>> {
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
         let p = &w.partition;
-        let hw = p.high_watermark();
-        let mut read = Read {
-            high_watermark: hw,
-            log_start_offset: p.log().log_start_offset(),
-            batches: Bytes::new(),
-            error: None,
-        };
+        let mut read = bounds(w);
+        let hw = read.high_watermark;
+        // Offsets outside the log are answered by `read_once`, as they always were.
+        if read.error.is_some() {
+            return None;
+        }
         if left > 0 && w.offset < hw {
             let full = w.max_bytes.min(left);
             let max = full.min(in_place_left);

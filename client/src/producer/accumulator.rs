@@ -220,6 +220,9 @@ struct Open {
     id: u64,
     /// When the batch took its first record.
     opened_at: std::time::Instant,
+    /// Marked as waiting for room (see [`Shared::wait_for_room`]): the records that join it
+    /// need not ask again.
+    waiting: bool,
     builder: BatchBuilder,
     slot: Arc<Slot>,
     /// The buffer memory of every record in the batch, released when it is answered.
@@ -320,6 +323,7 @@ impl Shared {
                 e.insert(Open {
                     id,
                     opened_at: std::time::Instant::now(),
+                    waiting: false,
                     builder: BatchBuilder::new(self.config.compression),
                     slot: Arc::new(Slot::default()),
                     permit,
@@ -342,8 +346,10 @@ impl Shared {
         let full = open.builder.estimated_size() >= self.config.batch_size;
         // With no linger a batch goes out at once (a timer would add up to a tick of delay),
         // unless it could not be sent anyway: then it takes the records that come meanwhile.
-        let now = full || (self.config.linger.is_zero() && self.has_room(&state.name, partition));
-        let name = (!now && self.config.linger.is_zero()).then(|| Arc::clone(&state.name));
+        let linger_zero = self.config.linger.is_zero();
+        let now = full || (linger_zero && !open.waiting && self.has_room(&state.name, partition));
+        let name = (!now && linger_zero && !open.waiting).then(|| Arc::clone(&state.name));
+        open.waiting |= name.is_some();
         let sealed = now && self.seal(acc, &record.topic, partition);
         if let Some(name) = name {
             self.wait_for_room(name, partition);
@@ -456,12 +462,13 @@ impl Shared {
                     .get(&topic)
                     .and_then(|s| s.open.get(&partition))
                     .is_some_and(|o| o.id == id);
-                let name: Arc<str> = Arc::from(topic.as_str());
-                if same && !shared.has_room(&name, partition) {
-                    shared.wait_for_room(name, partition);
-                    false
-                } else {
-                    same && shared.seal(&mut acc, &topic, partition)
+                let name = acc.topics.get(&topic).map(|s| Arc::clone(&s.name));
+                match name {
+                    Some(name) if same && !shared.has_room(&name, partition) => {
+                        shared.wait_for_room(name, partition);
+                        false
+                    }
+                    _ => same && shared.seal(&mut acc, &topic, partition),
                 }
             };
             if sealed {

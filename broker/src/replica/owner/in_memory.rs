@@ -159,19 +159,12 @@ impl Owner {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use conveyor_storage::{FlushPolicy, LogConfig, PartitionLog};
-    use tokio::sync::watch;
 
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::replica::partition::OwnerContext;
-    use crate::replica::producers::PartitionProducers;
     use crate::replica::ready::{ReadyHandler, handle};
-    use crate::replica::status::GroupStatus;
-    use crate::replica::transport::{GroupKey, Transport};
 
     struct Discard;
     impl ReadyHandler for Discard {
@@ -191,27 +184,7 @@ mod tests {
             ..Default::default()
         };
         raft.set_conf_state(&conf).expect("conf state");
-        let metrics = Arc::new(Metrics::default());
-        let transport =
-            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
-        let cx = OwnerContext {
-            failed: Arc::default(),
-            topic: "t".into(),
-            index: 0,
-            key: Arc::new(GroupKey::new("t", 0)),
-            transport,
-            high_watermark: watch::channel(0).0,
-            status: watch::channel(GroupStatus::default()).0,
-            traffic: metrics.topic_traffic("t"),
-            metrics,
-            producer_expiration: Duration::from_secs(60),
-        };
-        let owner = Owner::new(
-            &cx,
-            raft.clone(),
-            1,
-            PartitionProducers::none(Arc::default(), Default::default()),
-        );
+        let owner = super::super::test_owner(raft.clone());
         let node_config = raft::Config {
             id: 1,
             ..raft::Config::default()

@@ -689,9 +689,41 @@ impl Owner {
     }
 }
 
+/// An owner of partition "t"/0 on `raft`, with a transport that reaches no peer and no
+/// producer state, for tests (within a Tokio runtime).
+#[cfg(test)]
+fn test_owner(raft: RaftLog) -> Owner {
+    let metrics = Arc::new(Metrics::default());
+    let transport = Transport::start(
+        1,
+        "127.0.0.1:1".into(),
+        &std::collections::BTreeMap::new(),
+        16,
+        Arc::clone(&metrics),
+    )
+    .expect("transport");
+    let cx = OwnerContext {
+        failed: Arc::default(),
+        topic: "t".into(),
+        index: 0,
+        key: Arc::new(GroupKey::new("t", 0)),
+        transport,
+        high_watermark: watch::channel(0).0,
+        status: watch::channel(GroupStatus::default()).0,
+        traffic: metrics.topic_traffic("t"),
+        metrics,
+        producer_expiration: std::time::Duration::from_secs(60),
+    };
+    Owner::new(
+        &cx,
+        raft,
+        1,
+        PartitionProducers::none(Arc::default(), Default::default()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::panic::AssertUnwindSafe;
 
     use conveyor_storage::{LogConfig, PartitionLog};
@@ -701,29 +733,9 @@ mod tests {
     #[tokio::test]
     async fn an_owner_unwinding_from_a_panic_answers_its_waiting_clients_with_a_retriable_error() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = Arc::new(Metrics::default());
-        let transport =
-            Transport::start(1, "127.0.0.1:1".into(), &BTreeMap::new(), 16, Arc::clone(&metrics)).expect("transport");
         let log = Arc::new(PartitionLog::open(dir.path(), LogConfig::default()).expect("log"));
         let raft = RaftLog::open(log).expect("raft log");
-        let cx = OwnerContext {
-            failed: Arc::default(),
-            topic: "t".into(),
-            index: 0,
-            key: Arc::new(GroupKey::new("t", 0)),
-            transport,
-            high_watermark: watch::channel(0).0,
-            status: watch::channel(GroupStatus::default()).0,
-            traffic: metrics.topic_traffic("t"),
-            metrics,
-            producer_expiration: std::time::Duration::from_secs(60),
-        };
-        let mut owner = Owner::new(
-            &cx,
-            raft,
-            1,
-            PartitionProducers::none(Arc::default(), Default::default()),
-        );
+        let mut owner = test_owner(raft);
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
             batches: Vec::new(),
