@@ -44,6 +44,8 @@ mod off {
     pub(crate) fn take_write_failure(_path: &Path) -> bool {
         false
     }
+    #[inline(always)]
+    pub(crate) fn cleaner_step(_step: &str) {}
 }
 
 #[cfg(not(feature = "crash-sim"))]
@@ -51,6 +53,31 @@ pub(crate) use off::*;
 
 #[cfg(feature = "crash-sim")]
 mod imp {
+    /// Environment variable naming a cleaner step (`crate::cleaner::swap::steps`) and which
+    /// of its occurrences kills the process, as `STEP:N` (N from 1): a test child compacting
+    /// under it dies there, as a SIGKILL would take it.
+    pub const CLEANER_KILL_AT_ENV: &str = "CONVEYOR_CLEANER_KILL_AT";
+
+    /// Kills the process if `CONVEYOR_CLEANER_KILL_AT` names this occurrence of `step`.
+    pub(crate) fn cleaner_step(step: &str) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEEN: AtomicU64 = AtomicU64::new(0);
+        let Ok(target) = std::env::var(CLEANER_KILL_AT_ENV) else {
+            return;
+        };
+        let Some((name, n)) = target.split_once(':') else { return };
+        if name != step {
+            return;
+        }
+        let seen = SEEN.fetch_add(1, Ordering::SeqCst) + 1;
+        if n.parse::<u64>().is_ok_and(|n| n == seen) {
+            // SAFETY: raising a signal at the calling thread; SIGKILL cannot be caught.
+            unsafe {
+                libc::raise(libc::SIGKILL);
+            }
+        }
+    }
+
     use std::collections::{HashMap, HashSet};
     use std::ffi::OsString;
     use std::fs::{self, File};

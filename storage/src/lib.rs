@@ -12,6 +12,8 @@
 //! - `sync`: group commit, flushes, recovery point, clean-shutdown marker.
 //! - `recovery`: opening a log and repairing it after a crash.
 //! - `retention`: deleting old segments, truncating suffixes.
+//! - [`cleaner`]: key-based compaction (the key map, segment rewriting, the crash-safe swap,
+//!   the cleaner checkpoint, the I/O throttle).
 //! - [`scrub`]: verifying sealed segments in the background and quarantining damage.
 //! - `crash_sim`: test hooks that keep written and durable bytes apart (feature
 //!   `crash-sim`, on for this crate's own tests; empty otherwise).
@@ -44,6 +46,7 @@
 //! ```
 
 pub mod batch;
+pub mod cleaner;
 pub mod config;
 #[cfg(feature = "crash-sim")]
 pub mod crash_sim;
@@ -63,6 +66,7 @@ mod segment;
 mod sync;
 
 pub use batch::unix_millis;
+pub use cleaner::{CleanBounds, CleanReport, CompactionPolicy, DirtyStats, IoThrottle};
 pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};
 pub use log::{AppendInfo, BatchPosition, PartitionLog};

@@ -99,6 +99,8 @@ pub struct PartitionLog {
     /// Whether the open that produced this object found the clean-shutdown marker and so
     /// trusted every segment without scanning it.
     pub(crate) opened_clean: AtomicBool,
+    /// The cleaner checkpoint, once read or written (see [`crate::cleaner`]).
+    cleaner_checkpoint: Mutex<Option<crate::cleaner::Checkpoint>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,7 +142,12 @@ impl PartitionLog {
             recovery: OnceLock::new(),
             sync_observer: OnceLock::new(),
             opened_clean: AtomicBool::new(false),
+            cleaner_checkpoint: Mutex::new(None),
         }
+    }
+
+    pub(crate) fn cleaner_checkpoint_cache(&self) -> MutexGuard<'_, Option<crate::cleaner::Checkpoint>> {
+        lock(&self.cleaner_checkpoint)
     }
 
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -512,7 +519,10 @@ impl PartitionLog {
         raft_index: u64,
     ) -> Result<AppendInfo> {
         let limit = self.max_batch_bytes.load(Ordering::Acquire);
-        let header = if batch.limit() > limit {
+        let header = if batch.limit() > limit && batch.header().is_compacted() {
+            // A cleaned batch a compacted leader replicates: only its frame can be checked.
+            batch::validate::check_frame(batch.bytes(), limit)?
+        } else if batch.limit() > limit {
             batch::validate(batch.bytes(), limit)?
         } else {
             *batch.header()

@@ -237,6 +237,9 @@ impl PartitionLog {
                 sync_dir(parent)?;
             }
         }
+        // A compaction swap a crash interrupted is finished (or an unfinished cleaning rolled
+        // back) before the segments are listed.
+        crate::cleaner::swap::recover(&dir)?;
         let mut bases = clean_directory(&dir)?;
         let mut report = RecoveryReport::default();
         if let Some(marker) = scrub::read_marker(&dir)? {

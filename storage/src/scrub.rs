@@ -50,6 +50,9 @@ const LARGE_BATCH_READ: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ScrubCursor {
     segment_base_offset: u64,
+    /// The segment object `position` belongs to: the cleaner may have replaced the segment
+    /// with one of the same base offset since, where the position means nothing.
+    segment_id: u64,
     position: u64,
     /// The base offset the batch at `position` must have.
     next_offset: u64,
@@ -77,6 +80,7 @@ impl ScrubCursor {
     pub fn past_segment_of(corrupt: &CorruptBatch) -> ScrubCursor {
         ScrubCursor {
             segment_base_offset: corrupt.segment_base_offset.saturating_add(1),
+            segment_id: 0,
             position: 0,
             next_offset: 0,
         }
@@ -166,7 +170,7 @@ impl PartitionLog {
             }
         };
         let base = segment.base_offset();
-        let (start, expected) = if base == cursor.segment_base_offset {
+        let (start, expected) = if base == cursor.segment_base_offset && segment.id() == cursor.segment_id {
             (cursor.position, cursor.next_offset.max(base))
         } else {
             (0, base)
@@ -177,6 +181,7 @@ impl PartitionLog {
                 bytes: position - start,
                 next: ScrubCursor {
                     segment_base_offset: next_offset.max(base + 1),
+                    segment_id: 0,
                     position: 0,
                     next_offset,
                 },
@@ -185,6 +190,7 @@ impl PartitionLog {
                 bytes: position - start,
                 next: ScrubCursor {
                     segment_base_offset: base,
+                    segment_id: segment.id(),
                     position,
                     next_offset,
                 },
@@ -606,6 +612,7 @@ mod tests {
         log.truncate_to(second.base_offset()).expect("truncate");
         let cursor = ScrubCursor {
             segment_base_offset: second.base_offset(),
+            segment_id: second.id(),
             position: found.position,
             next_offset: found.offset,
         };

@@ -36,8 +36,13 @@ const FIRST_SCAN_READ: usize = 1024;
 /// `ENOSPC` on Linux: the error a simulated full disk reports (crash-sim tests only).
 const ENOSPC: i32 = 28;
 
+/// Gives every segment object a distinct identity: a segment the cleaner rewrote keeps its
+/// base offset, and positions remembered in the old one mean nothing in the new one.
+static NEXT_SEGMENT_ID: AtomicU64 = AtomicU64::new(1);
+
 #[derive(Debug)]
 pub(crate) struct Segment {
+    id: u64,
     base_offset: u64,
     log_path: PathBuf,
     log: File,
@@ -87,6 +92,7 @@ impl Segment {
         let offset_index = OffsetIndex::open(&file_names::segment_file(dir, base_offset, INDEX_SUFFIX), active)?;
         let time_index = TimeIndex::open(&file_names::segment_file(dir, base_offset, TIME_INDEX_SUFFIX), active)?;
         Ok(Segment {
+            id: NEXT_SEGMENT_ID.fetch_add(1, Ordering::Relaxed),
             base_offset,
             log_path,
             log,
@@ -101,6 +107,11 @@ impl Segment {
 
     pub(crate) fn base_offset(&self) -> u64 {
         self.base_offset
+    }
+
+    /// This object's identity (see `NEXT_SEGMENT_ID`).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn size(&self) -> u64 {

@@ -12,7 +12,8 @@
 //!     28    1 magic              format version, 1
 //!     29    4 crc                CRC-32 (crc32fast) of every byte from offset 33 to the end
 //!     33    2 attributes         bits 0-2 compression (0 none, 1 lz4, 2 zstd),
-//!                                bit 4 transactional, bit 5 control; other bits must be 0
+//!                                bit 4 transactional, bit 5 control, bit 6 compacted,
+//!                                bit 7 delete horizon; other bits must be 0
 //!     35    4 last_offset_delta  last offset - base_offset
 //!     39    8 first_timestamp    timestamp (ms) of the first record; base for deltas
 //!     47    8 max_timestamp      largest record timestamp (ms)
@@ -45,8 +46,15 @@
 //!   offset and offsets only grow.
 //! - Record offset deltas are strictly increasing and at most `last_offset_delta`
 //!   (compaction may drop records but never renumbers them).
+//! - Only the cleaner sets the compacted bit: the batch may then hold fewer records than its
+//!   offset range, none at all, and keeps its header (offsets, Raft index and term, producer
+//!   fields) so that offsets and Raft indexes stay contiguous. With the delete-horizon bit
+//!   (only on a compacted batch), `first_timestamp` is the time (ms) after which the cleaner
+//!   may drop its tombstones, and record timestamp deltas count from it. Producers may set
+//!   neither bit (`docs/compaction.md`).
 
 mod builder;
+mod compact;
 mod compression;
 mod records;
 pub(crate) mod validate;
@@ -55,6 +63,7 @@ pub(crate) mod varint;
 pub use builder::BatchBuilder;
 pub use builder::restamp_producer;
 pub use builder::unix_millis;
+pub use compact::{Rewritten, rewrite_batch};
 pub use compression::Compression;
 pub use records::{Header, Record, RecordIter, StoredRecord};
 pub use validate::{ValidatedBatch, validate, validate_within};
@@ -93,7 +102,11 @@ pub(crate) const RECORD_COUNT_AT: usize = 69;
 const COMPRESSION_MASK: u16 = 0b111;
 const TRANSACTIONAL_BIT: u16 = 1 << 4;
 const CONTROL_BIT: u16 = 1 << 5;
-const KNOWN_ATTRIBUTES: u16 = COMPRESSION_MASK | TRANSACTIONAL_BIT | CONTROL_BIT;
+const COMPACTED_BIT: u16 = 1 << 6;
+const DELETE_HORIZON_BIT: u16 = 1 << 7;
+/// The bits only the cleaner sets.
+const CLEANER_BITS: u16 = COMPACTED_BIT | DELETE_HORIZON_BIT;
+const KNOWN_ATTRIBUTES: u16 = COMPRESSION_MASK | TRANSACTIONAL_BIT | CONTROL_BIT | CLEANER_BITS;
 
 /// Producer identity carried by every batch, for idempotence and transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +224,16 @@ impl BatchHeader {
     /// consumers.
     pub fn is_control(&self) -> bool {
         self.attributes & CONTROL_BIT != 0
+    }
+
+    /// Rewritten by the cleaner: records may be missing from its offset range.
+    pub fn is_compacted(&self) -> bool {
+        self.attributes & COMPACTED_BIT != 0
+    }
+
+    /// When the cleaner may drop this batch's tombstones (ms since the epoch), once set.
+    pub fn delete_horizon(&self) -> Option<i64> {
+        (self.attributes & DELETE_HORIZON_BIT != 0 && self.is_compacted()).then_some(self.first_timestamp)
     }
 }
 

@@ -29,6 +29,11 @@ pub fn validate_within(
     max_uncompressed_bytes: usize,
 ) -> Result<BatchHeader, BatchError> {
     let header = check_frame(batch, max_batch_bytes)?;
+    if header.attributes & CLEANER_BITS != 0 {
+        return Err(BatchError::InvalidHeader(
+            "the compacted and delete-horizon attribute bits are set by the broker's cleaner, never by a producer",
+        ));
+    }
     let inflate_limit = max_uncompressed_bytes;
     let (count, max_timestamp) = match header.compression()? {
         Compression::None => records::walk(&header, &batch[HEADER_LEN..])?,
@@ -159,6 +164,22 @@ pub(crate) fn check_frame(batch: &[u8], max_batch_bytes: usize) -> Result<BatchH
 }
 
 fn check_header_fields(header: &BatchHeader) -> Result<(), BatchError> {
+    if header.is_compacted() {
+        // The cleaner keeps the header of a batch it emptied, so offsets and Raft indexes
+        // stay contiguous; what is left must still fit the offset range.
+        if u64::from(header.record_count) > u64::from(header.last_offset_delta) + 1 {
+            return Err(BatchError::InvalidHeader(
+                "a compacted batch holds more records than its offset range",
+            ));
+        }
+        if header.delete_horizon().is_none() && header.record_count > 0 && header.max_timestamp < header.first_timestamp {
+            return Err(BatchError::InvalidHeader("max timestamp is below first timestamp"));
+        }
+        return Ok(());
+    }
+    if header.attributes & DELETE_HORIZON_BIT != 0 {
+        return Err(BatchError::InvalidHeader("a delete horizon on a batch that is not compacted"));
+    }
     if header.record_count == 0 {
         if !header.is_control() {
             return Err(BatchError::Empty);

@@ -1,0 +1,186 @@
+//! Rewriting one stored batch without some of its records: what the cleaner does to each
+//! batch of a compacted log. The header keeps its offsets, Raft index and term and producer
+//! fields, so offsets, Raft indexes and idempotent producers' state are the same after
+//! cleaning as before; the records kept keep their offset deltas.
+
+use bytes::Bytes;
+
+use super::records;
+use super::*;
+
+/// What [`rewrite_batch`] made of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewritten {
+    /// Every record kept and no horizon to add: the stored bytes stay as they are.
+    Unchanged,
+    /// The batch as it is to be stored now.
+    Changed(Bytes),
+}
+
+/// Rewrites `batch` keeping the records `keep` says yes to, in order. `horizon`, when the
+/// batch has none yet and keeps a tombstone, becomes its delete horizon (see the format
+/// notes in [`crate::batch`]); a batch that has one keeps it. Control batches are never given to
+/// this function (the cleaner keeps them whole). The batch's CRC must have been checked.
+///
+/// An emptied batch keeps its header with no records and no compression. Records are
+/// decoded within the crate's decompression limit.
+pub fn rewrite_batch(
+    batch: &RecordBatch,
+    mut keep: impl FnMut(&StoredRecord) -> bool,
+    horizon: Option<i64>,
+) -> Result<Rewritten, BatchError> {
+    let header = batch.header();
+    let existing_horizon = header.delete_horizon();
+    let mut kept: Vec<StoredRecord> = Vec::with_capacity(header.record_count.min(4096) as usize);
+    let mut dropped = false;
+    for record in batch.records()? {
+        let record = record?;
+        if keep(&record) {
+            kept.push(record);
+        } else {
+            dropped = true;
+        }
+    }
+    let keeps_tombstones = kept.iter().any(|r| r.value.is_none());
+    let new_horizon = existing_horizon.or(horizon.filter(|_| keeps_tombstones));
+    if !dropped && new_horizon == existing_horizon {
+        return Ok(Rewritten::Unchanged);
+    }
+    let first_timestamp = match new_horizon {
+        Some(h) if !kept.is_empty() => h,
+        _ => header.first_timestamp,
+    };
+    let compression = if kept.is_empty() {
+        Compression::None
+    } else {
+        header.compression()?
+    };
+    let mut plain = Vec::new();
+    for r in &kept {
+        let offset_delta = u32::try_from(r.offset - header.base_offset)
+            .map_err(|_| BatchError::InvalidHeader("record offset outside its batch"))?;
+        let record = Record {
+            timestamp: r.timestamp,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r.headers.clone(),
+        };
+        records::encode(&mut plain, &record, r.timestamp.wrapping_sub(first_timestamp), offset_delta);
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + plain.len());
+    out.extend_from_slice(&batch.bytes()[..HEADER_LEN]);
+    compression.compress(&plain, &mut out)?;
+    let mut attributes = (header.attributes & !COMPRESSION_MASK) | u16::from(compression.id()) | COMPACTED_BIT;
+    if new_horizon.is_some() && !kept.is_empty() {
+        attributes |= DELETE_HORIZON_BIT;
+    } else {
+        attributes &= !DELETE_HORIZON_BIT;
+    }
+    let batch_length =
+        u32::try_from(out.len() - LENGTH_PREFIX).map_err(|_| BatchError::Compress("batch exceeds 4 GiB".into()))?;
+    let count = kept.len() as u32;
+    let put = |out: &mut Vec<u8>, at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    put(&mut out, LENGTH_AT, &batch_length.to_le_bytes());
+    put(&mut out, ATTRIBUTES_AT, &attributes.to_le_bytes());
+    put(&mut out, FIRST_TIMESTAMP_AT, &first_timestamp.to_le_bytes());
+    put(&mut out, RECORD_COUNT_AT, &count.to_le_bytes());
+    let crc = crc32fast::hash(&out[CRC_START..]);
+    put(&mut out, CRC_AT, &crc.to_le_bytes());
+    Ok(Rewritten::Changed(Bytes::from(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(compression: Compression) -> RecordBatch {
+        let mut b = BatchBuilder::new(compression).producer(ProducerInfo {
+            producer_id: 7,
+            producer_epoch: 1,
+            base_sequence: 40,
+        });
+        for i in 0..5 {
+            b.push(&Record {
+                timestamp: 1_000 + i,
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: (i != 3).then(|| Bytes::from(format!("v{i}"))),
+                headers: vec![Header {
+                    key: Bytes::from("h"),
+                    value: Some(Bytes::from("x")),
+                }],
+            });
+        }
+        let mut bytes = b.build().expect("build").to_vec();
+        stamp(&mut bytes, 100, 3, 9);
+        RecordBatch::parse(Bytes::from(bytes)).expect("parse")
+    }
+
+    #[test]
+    fn kept_records_keep_offsets_timestamps_and_the_header_keeps_its_stamps() {
+        for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let original = batch(codec);
+            let Rewritten::Changed(bytes) =
+                rewrite_batch(&original, |r| r.offset % 2 == 1, None).expect("rewrite")
+            else {
+                panic!("records were dropped");
+            };
+            let header = validate::check_frame(&bytes, 1 << 20).expect("a valid frame");
+            let rewritten = RecordBatch::parse(bytes).expect("parse");
+            assert!(header.is_compacted());
+            assert_eq!(header.delete_horizon(), None);
+            let o = original.header();
+            assert_eq!(
+                (header.base_offset, header.last_offset_delta, header.raft_index, header.leader_epoch),
+                (o.base_offset, o.last_offset_delta, o.raft_index, o.leader_epoch)
+            );
+            assert_eq!(header.producer, o.producer);
+            assert_eq!(header.record_count, 2);
+            let records: Vec<_> = rewritten.records().expect("records").map(|r| r.expect("record")).collect();
+            let expected: Vec<_> = original
+                .records()
+                .expect("records")
+                .map(|r| r.expect("record"))
+                .filter(|r| r.offset % 2 == 1)
+                .collect();
+            assert_eq!(records, expected);
+            assert!(validate(rewritten.bytes(), 1 << 20).is_err(), "a producer may not send it");
+        }
+    }
+
+    #[test]
+    fn a_horizon_moves_the_timestamp_base_and_an_emptied_batch_keeps_its_header() {
+        let original = batch(Compression::Lz4);
+        let unchanged = RecordBatch::parse({
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(&Record { timestamp: 1, key: Some(Bytes::from("k")), value: Some(Bytes::from("v")), headers: vec![] });
+            b.build().expect("build")
+        })
+        .expect("parse");
+        assert_eq!(
+            rewrite_batch(&unchanged, |_| true, Some(5)).expect("no tombstone"),
+            Rewritten::Unchanged,
+            "a horizon only goes on a batch that keeps a tombstone"
+        );
+        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(9_999_999)).expect("rewrite") else {
+            panic!("a horizon was added");
+        };
+        let with_horizon = RecordBatch::parse(bytes).expect("parse");
+        assert_eq!(with_horizon.header().delete_horizon(), Some(9_999_999));
+        validate::check_frame(with_horizon.bytes(), 1 << 20).expect("valid frame");
+        let a: Vec<_> = with_horizon.records().expect("r").map(|r| r.expect("r")).collect();
+        let b: Vec<_> = original.records().expect("r").map(|r| r.expect("r")).collect();
+        assert_eq!(a, b, "timestamps read back the same");
+        assert_eq!(
+            rewrite_batch(&with_horizon, |_| true, Some(5)).expect("again"),
+            Rewritten::Unchanged,
+            "a horizon, once set, stays"
+        );
+        let Rewritten::Changed(empty) = rewrite_batch(&with_horizon, |_| false, None).expect("empty") else {
+            panic!("emptied");
+        };
+        let header = validate::check_frame(&empty, 1 << 20).expect("an emptied batch is a valid frame");
+        assert_eq!((header.record_count, header.last_offset_delta, header.base_offset), (0, 4, 100));
+        assert_eq!(header.compression().expect("codec"), Compression::None);
+        assert_eq!(RecordBatch::parse(empty).expect("parse").records().expect("r").count(), 0);
+    }
+}
