@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::topic_config::{FlushSetting, TopicDefaults};
+use crate::topic_config::{CleanupPolicy, FlushSetting, TopicDefaults};
 use crate::units::{ByteSize, Millis};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -21,7 +21,40 @@ pub struct BrokerConfig {
     pub cluster: ClusterSection,
     pub log: LogSection,
     pub limits: LimitsSection,
+    pub cleaner: CleanerSection,
 }
+
+/// The log cleaner, which compacts topics with `cleanup.policy` `compact` (see
+/// `docs/compaction.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CleanerSection {
+    /// Threads cleaning partitions at once; 0 turns the cleaner off.
+    pub threads: usize,
+    /// Memory of the key map each cleaner thread builds; a partition with more keys in its
+    /// uncompacted part than fit is compacted in several passes.
+    pub key_map_bytes: ByteSize,
+    /// Bytes per second the cleaner threads read and write together; 0 for no limit.
+    pub io_bytes_per_second: ByteSize,
+    /// How often the cleaner looks for a partition to compact when it found none.
+    pub check_interval: Millis,
+}
+
+impl Default for CleanerSection {
+    fn default() -> Self {
+        CleanerSection {
+            threads: 1,
+            key_map_bytes: ByteSize(128 << 20),
+            io_bytes_per_second: ByteSize(0),
+            check_interval: Millis(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// Most cleaner threads.
+const MAX_CLEANER_THREADS: usize = 64;
+/// The smallest key map: a few thousand keys.
+const MIN_KEY_MAP_BYTES: u64 = 64 << 10;
 
 /// The brokers of the cluster. Empty `peers`: a cluster of this node alone.
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +180,14 @@ pub struct LogSection {
     pub scrub_bytes_per_second: ByteSize,
     /// Rest between two scrub passes over every local partition.
     pub scrub_interval: Millis,
+    /// Topic defaults for compaction (`cleanup.policy`, `min.cleanable.dirty.ratio`,
+    /// `min.compaction.lag.ms`, `max.compaction.lag.ms`, `delete.retention.ms`).
+    pub cleanup_policy: CleanupPolicy,
+    pub min_cleanable_dirty_ratio: f64,
+    pub min_compaction_lag: Millis,
+    /// Absent: no limit.
+    pub max_compaction_lag: Option<Millis>,
+    pub delete_retention: Millis,
 }
 
 impl Default for LogSection {
@@ -164,6 +205,11 @@ impl Default for LogSection {
             default_partitions: 1,
             scrub_bytes_per_second: ByteSize(16 << 20),
             scrub_interval: Millis(Duration::from_secs(60)),
+            cleanup_policy: CleanupPolicy::Delete,
+            min_cleanable_dirty_ratio: 0.5,
+            min_compaction_lag: Millis(Duration::ZERO),
+            max_compaction_lag: None,
+            delete_retention: Millis(Duration::from_secs(86_400)),
         }
     }
 }
@@ -270,6 +316,20 @@ impl BrokerConfig {
             self.log.scrub_bytes_per_second.0 == 0 || self.log.scrub_interval.0 >= MIN_SCRUB_INTERVAL,
             "[log] scrub_interval must be at least {} ms while the scrub runs (a pass over partitions with nothing sealed would start again at once, without end); set scrub_bytes_per_second = 0 to disable the scrub",
             MIN_SCRUB_INTERVAL.as_millis()
+        );
+        anyhow::ensure!(
+            self.cleaner.threads <= MAX_CLEANER_THREADS,
+            "[cleaner] threads must be at most {MAX_CLEANER_THREADS} (0 turns the cleaner off), got {}",
+            self.cleaner.threads
+        );
+        anyhow::ensure!(
+            self.cleaner.key_map_bytes.0 >= MIN_KEY_MAP_BYTES,
+            "[cleaner] key_map_bytes must be at least 64KiB, got {}",
+            self.cleaner.key_map_bytes.0
+        );
+        anyhow::ensure!(
+            !self.cleaner.check_interval.0.is_zero(),
+            "[cleaner] check_interval must be positive"
         );
         anyhow::ensure!(
             self.log.default_partitions > 0,

@@ -25,6 +25,10 @@ pub enum BrokerError {
     InvalidConfig(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error(
+        "topic '{0}' is not compacted (cleanup.policy=delete); set cleanup.policy=compact or compact,delete first: conveyor topic alter {0} --config cleanup.policy=compact"
+    )]
+    NotCompacted(String),
     #[error("topic '{topic}' partition {partition}: corrupt batch: {source}")]
     CorruptBatch {
         topic: String,
@@ -234,6 +238,7 @@ impl BrokerError {
             InvalidPartitions(..) => (Code::InvalidArgument, ErrorCode::InvalidPartitions, false),
             InvalidReplication(..) | InvalidConfig(_) => (Code::InvalidArgument, ErrorCode::InvalidConfig, false),
             InvalidRequest(_) => (Code::InvalidArgument, ErrorCode::InvalidRequest, false),
+            NotCompacted(_) => (Code::FailedPrecondition, ErrorCode::InvalidConfig, false),
             CorruptBatch { .. } => (Code::InvalidArgument, ErrorCode::CorruptBatch, false),
             RecordTooLarge { .. } | InflatesTooLarge { .. } => {
                 (Code::InvalidArgument, ErrorCode::RecordTooLarge, false)
@@ -280,7 +285,7 @@ impl BrokerError {
         };
         use BrokerError::*;
         match self {
-            UnknownTopic(t) | TopicExists(t) => detail.topic = t.clone(),
+            UnknownTopic(t) | TopicExists(t) | NotCompacted(t) => detail.topic = t.clone(),
             UnknownPartition { topic, partition, .. }
             | CorruptBatch { topic, partition, .. }
             | RecordTooLarge { topic, partition, .. }

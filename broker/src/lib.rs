@@ -23,6 +23,7 @@
 //! - [`metrics`]: metrics in the OpenMetrics text format (`prometheus-client`), served over
 //!   HTTP/1 by hyper; the partition health gauges.
 //! - [`scrub`]: the background scrub of sealed segments.
+//! - [`cleaner`]: the log cleaner threads that compact topics with `cleanup.policy=compact`.
 //! - [`error`]: `BrokerError` and its mapping to gRPC status codes.
 //!
 //! # Invariants
@@ -32,6 +33,7 @@
 pub mod api;
 pub mod blocking;
 pub mod byte_budget;
+pub mod cleaner;
 pub mod config;
 pub mod controller;
 pub mod coordinator;

@@ -39,6 +39,9 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.get()
     }
+    pub(crate) fn inner(&self) -> &prometheus_client::metrics::counter::Counter {
+        &self.0
+    }
 }
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -120,6 +123,8 @@ pub struct Metrics {
     pub producer_out_of_order: Counter,
     /// Idempotent batches refused because a newer epoch of their producer wrote.
     pub producer_fenced: Counter,
+    /// The log cleaner's counters.
+    pub cleaner: crate::cleaner::CleanerMetrics,
     /// The broker's queued-produce-bytes budget, set when the server starts.
     pub produce_queue: std::sync::OnceLock<Arc<crate::byte_budget::ByteBudget>>,
 }
@@ -302,6 +307,7 @@ impl Metrics {
         for (name, help, h) in histograms {
             r.register(name, help, h.0.clone());
         }
+        self.cleaner.register(&mut r);
         r.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         r.register_collector(Box::new(RegistryView {
             registry,
@@ -383,6 +389,15 @@ impl Collector for RegistryView {
             "conveyor_log_size_bytes",
             "Bytes on disk for the partition",
             per_partition(&|p| p.log().size_bytes()),
+        )?;
+        family(
+            e,
+            "conveyor_cleaner_dirty_ratio",
+            "Share of a compacted partition's cleanable bytes not compacted yet, as the cleaner last saw it",
+            partitions.iter().filter_map(|p| {
+                let stats = p.log().last_dirty_stats()?;
+                Some((partition_labels(&p.topic, p.index), stats.dirty_ratio()))
+            }),
         )?;
         let statuses: Vec<_> = partitions.iter().map(|p| (p, p.status())).collect();
         family(

@@ -107,7 +107,9 @@ pub async fn run_until(
     let registry = Arc::new(registry);
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let cleaner = crate::cleaner::Cleaner::start(Arc::clone(&registry), Arc::clone(&metrics), config.cleaner.clone());
     let ctx = Arc::new(Context {
+        cleaner: Arc::clone(&cleaner),
         registry: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
         node_id: node.node_id,
@@ -232,6 +234,7 @@ pub async fn run_until(
             () = &mut hurry => tracing::warn!("asked again to stop: not waiting for in-flight requests"),
         }
     }
+    cleaner.stop();
     let _ = applier.await;
     let _ = maintenance.await;
     let _ = scrub.await;

@@ -47,6 +47,11 @@ pub struct ProduceArgs {
     /// Split each line at the first SEP into key and value (lines without SEP have no key).
     #[arg(long, value_name = "SEP")]
     pub key_separator: Option<String>,
+    /// A line whose value is exactly MARKER sends a tombstone (a null value): on a compacted
+    /// topic it deletes its key. E.g. `--key-separator : --null-marker NULL` makes `k:NULL`
+    /// delete k.
+    #[arg(long, value_name = "MARKER")]
+    pub null_marker: Option<String>,
     /// Send every record to this partition instead of choosing by key.
     #[arg(long)]
     pub partition: Option<i32>,
@@ -106,6 +111,11 @@ pub async fn run(client: &Client, args: ProduceArgs, format: Format) -> anyhow::
             },
             None => ProducerRecord::new(&args.topic, line),
         };
+        if let (Some(marker), Some(value)) = (&args.null_marker, &record.value)
+            && value.as_ref() == marker.as_bytes()
+        {
+            record.value = None;
+        }
         record.partition = args.partition;
         let delivery = producer.send(record).await?;
         if tx.send(delivery).await.is_err() {

@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use conveyor_client::Client;
-use conveyor_client::proto::TopicDescription;
+use conveyor_client::proto::{ReplicaCompaction, TopicDescription};
 use serde_json::json;
 
 use crate::output::{self, Format};
@@ -34,6 +34,19 @@ pub enum TopicCommand {
     },
     /// Delete a topic and all its data.
     Delete { name: String },
+    /// Compact a topic (cleanup.policy compact or compact,delete) now, whatever its dirty
+    /// ratio: every replica keeps the latest record per key of its committed, sealed
+    /// segments. Reports bytes and records before and after, per replica.
+    Compact {
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Wait for the passes to finish and report them (otherwise they start and the
+        /// command returns).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 pub(crate) fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -64,8 +77,78 @@ fn description_json(d: &TopicDescription) -> serde_json::Value {
             "learners_next": p.learners_next,
             "term": p.term,
             "applied_index": p.applied_index,
+            "dirty_ratio": p.dirty_ratio,
+            "last_compaction_ms": p.last_compaction_ms,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// When a compaction pass finished, as a UTC time.
+fn compaction_time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map_or_else(|_| ms.to_string(), |t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
+fn compaction_json(r: &ReplicaCompaction) -> serde_json::Value {
+    json!({
+        "partition": r.partition,
+        "broker": r.broker,
+        "outcome": r.outcome,
+        "bytes_before": r.bytes_before,
+        "bytes_after": r.bytes_after,
+        "records_before": r.records_before,
+        "records_after": r.records_after,
+        "segments_before": r.segments_before,
+        "segments_after": r.segments_after,
+        "tombstones_dropped": r.tombstones_dropped,
+        "millis": r.millis,
+        "log_size_bytes": r.log_size_bytes,
+    })
+}
+
+fn print_compactions(name: &str, replicas: &[ReplicaCompaction], wait: bool, format: Format) {
+    if format == Format::Json {
+        output::json(&json!({"topic": name, "replicas": replicas.iter().map(compaction_json).collect::<Vec<_>>()}));
+        return;
+    }
+    if !wait {
+        let rows: Vec<Vec<String>> = replicas
+            .iter()
+            .map(|r| vec![r.partition.to_string(), r.broker.to_string(), r.outcome.clone()])
+            .collect();
+        output::table(&["PARTITION", "BROKER", "OUTCOME"], &rows);
+        return;
+    }
+    let rows: Vec<Vec<String>> = replicas
+        .iter()
+        .map(|r| {
+            vec![
+                r.partition.to_string(),
+                r.broker.to_string(),
+                r.outcome.clone(),
+                format!("{} -> {}", r.bytes_before, r.bytes_after),
+                format!("{} -> {}", r.records_before, r.records_after),
+                format!("{} -> {}", r.segments_before, r.segments_after),
+                r.tombstones_dropped.to_string(),
+                r.log_size_bytes.to_string(),
+                r.millis.to_string(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "PARTITION",
+            "BROKER",
+            "OUTCOME",
+            "BYTES",
+            "RECORDS",
+            "SEGMENTS",
+            "TOMBSTONES DROPPED",
+            "LOG BYTES NOW",
+            "MS",
+        ],
+        &rows,
+    );
 }
 
 /// A Raft role's members; during a joint change, also the other half.
@@ -83,11 +166,12 @@ fn print_description(d: &TopicDescription, format: Format) {
         return;
     }
     println!("topic {}  ({} partitions)", d.name, d.partitions.len());
+    let compacts = d.configs.get("cleanup.policy").is_some_and(|p| p.contains("compact"));
     let rows: Vec<Vec<String>> = d
         .partitions
         .iter()
         .map(|p| {
-            vec![
+            let mut row = vec![
                 p.partition.to_string(),
                 if p.leader > 0 {
                     p.leader.to_string()
@@ -107,25 +191,31 @@ fn print_description(d: &TopicDescription, format: Format) {
                 } else {
                     p.replica_state.clone()
                 },
-            ]
+            ];
+            if compacts {
+                row.push(p.dirty_ratio.map_or("-".into(), |r| format!("{r:.2}")));
+                row.push(p.last_compaction_ms.map_or("never".into(), compaction_time));
+            }
+            row
         })
         .collect();
-    output::table(
-        &[
-            "PARTITION",
-            "LEADER",
-            "REPLICAS",
-            "IN SYNC",
-            "VOTERS",
-            "LEARNERS",
-            "START",
-            "HIGH WATERMARK",
-            "END",
-            "BYTES",
-            "REPLICA HERE",
-        ],
-        &rows,
-    );
+    let mut headers = vec![
+        "PARTITION",
+        "LEADER",
+        "REPLICAS",
+        "IN SYNC",
+        "VOTERS",
+        "LEARNERS",
+        "START",
+        "HIGH WATERMARK",
+        "END",
+        "BYTES",
+        "REPLICA HERE",
+    ];
+    if compacts {
+        headers.extend(["DIRTY RATIO", "LAST COMPACTED"]);
+    }
+    output::table(&headers, &rows);
     println!();
     let mut configs: Vec<_> = d.configs.iter().collect();
     configs.sort();
@@ -174,6 +264,20 @@ pub async fn run(client: &Client, cmd: TopicCommand, format: Format) -> anyhow::
             match format {
                 Format::Json => output::json(&description_json(&d)),
                 Format::Text => println!("updated config of topic {name}"),
+            }
+        }
+        TopicCommand::Compact { name, partition, wait } => {
+            let replicas = admin.compact_topic(&name, partition, wait).await?;
+            print_compactions(&name, &replicas, wait, format);
+            let failed: Vec<&ReplicaCompaction> = replicas
+                .iter()
+                .filter(|r| {
+                    !matches!(r.outcome.as_str(), "compacted" | "started" | "already compacting")
+                        && !r.outcome.starts_with("nothing to compact")
+                })
+                .collect();
+            if !failed.is_empty() {
+                anyhow::bail!("{} replica(s) did not compact", failed.len());
             }
         }
         TopicCommand::Delete { name } => {

@@ -277,6 +277,36 @@ impl Admin {
         Ok(producers)
     }
 
+    /// Compacts `topic` (every partition, or only `partition`) now, whatever its dirty
+    /// ratio: every replica, on every broker holding one, compacts its own log below its
+    /// high watermark. With `wait`, answers when the passes are done, with what each did;
+    /// otherwise once they started. A topic whose `cleanup.policy` is `delete` is refused
+    /// (FAILED_PRECONDITION).
+    ///
+    /// ```no_run
+    /// # async fn run(client: conveyor_client::Client) -> Result<(), conveyor_client::ClientError> {
+    /// for r in client.admin().compact_topic("drone-positions", None, true).await? {
+    ///     println!("partition {} on broker {}: {} ({} -> {} bytes)", r.partition, r.broker, r.outcome, r.bytes_before, r.bytes_after);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn compact_topic(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        wait: bool,
+    ) -> Result<Vec<ReplicaCompaction>> {
+        let request = CompactTopicRequest {
+            topic: topic.to_string(),
+            partition,
+            wait,
+        };
+        let response = self
+            .call(request, |mut c, r| async move { c.compact_topic(r).await })
+            .await?;
+        Ok(response.replicas)
+    }
+
     /// Looks up an offset of one partition.
     pub async fn list_offset(&self, topic: &str, partition: i32, spec: OffsetSpec) -> Result<OffsetResult> {
         let spec = match spec {

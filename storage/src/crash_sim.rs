@@ -65,7 +65,9 @@ mod imp {
         let Ok(target) = std::env::var(CLEANER_KILL_AT_ENV) else {
             return;
         };
-        let Some((name, n)) = target.split_once(':') else { return };
+        let Some((name, n)) = target.split_once(':') else {
+            return;
+        };
         if name != step {
             return;
         }

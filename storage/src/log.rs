@@ -99,8 +99,9 @@ pub struct PartitionLog {
     /// Whether the open that produced this object found the clean-shutdown marker and so
     /// trusted every segment without scanning it.
     pub(crate) opened_clean: AtomicBool,
-    /// The cleaner checkpoint, once read or written (see [`crate::cleaner`]).
-    cleaner_checkpoint: Mutex<Option<crate::cleaner::Checkpoint>>,
+    /// The cleaner checkpoint once read or written, and the last dirty stats (see
+    /// [`crate::cleaner`]).
+    cleaner_view: Mutex<crate::cleaner::CleanerView>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,12 +143,12 @@ impl PartitionLog {
             recovery: OnceLock::new(),
             sync_observer: OnceLock::new(),
             opened_clean: AtomicBool::new(false),
-            cleaner_checkpoint: Mutex::new(None),
+            cleaner_view: Mutex::new(crate::cleaner::CleanerView::default()),
         }
     }
 
-    pub(crate) fn cleaner_checkpoint_cache(&self) -> MutexGuard<'_, Option<crate::cleaner::Checkpoint>> {
-        lock(&self.cleaner_checkpoint)
+    pub(crate) fn cleaner_view(&self) -> MutexGuard<'_, crate::cleaner::CleanerView> {
+        lock(&self.cleaner_view)
     }
 
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {

@@ -193,7 +193,11 @@ fn cleaning_shrinks_the_log_merges_segments_and_reports_what_it_did() {
         .expect("forced");
     assert!(again.segments_after < again.segments_before, "{again:?}");
     assert!(again.bytes_after <= 4 * 2048, "{again:?}");
-    assert_eq!(log.segment_count(), again.segments_after + 1, "cleaned segments and the active one (was {segments})");
+    assert_eq!(
+        log.segment_count(),
+        again.segments_after + 1,
+        "cleaned segments and the active one (was {segments})"
+    );
     assert_eq!(log.last_cleaned_ms(), Some(5_000));
     let after = log.dirty_stats(&policy(0), &bounds).expect("stats");
     assert_eq!(after.dirty_bytes, 0, "{after:?}");
@@ -217,14 +221,10 @@ fn a_tombstone_stays_until_delete_retention_after_its_first_cleaning_then_goes()
     let log = PartitionLog::open(dir.path(), config()).expect("open");
     log.append(&keyed_batch(&[(8, Some(1)), (9, Some(2))], 1, Compression::None))
         .expect("put");
-    log.append(&keyed_batch(&[(8, None)], 1, Compression::None)).expect("delete");
+    log.append(&keyed_batch(&[(8, None)], 1, Compression::None))
+        .expect("delete");
     overwrites(&log, 3);
-    let tombstones = |log: &PartitionLog| {
-        read_all(log, 4096)
-            .iter()
-            .filter(|r| r.value.is_none())
-            .count()
-    };
+    let tombstones = |log: &PartitionLog| read_all(log, 4096).iter().filter(|r| r.value.is_none()).count();
     let policy = policy(10_000);
     clean(&log, &policy, 100_000, KEY_MAP_BYTES);
     assert_eq!(tombstones(&log), 1, "kept by its first cleaning");
@@ -256,8 +256,12 @@ fn a_read_from_a_removed_offset_starts_at_the_next_record_and_time_lookups_still
     let dir = tempfile::tempdir().expect("tempdir");
     let log = PartitionLog::open(dir.path(), config()).expect("open");
     for t in 0..40u16 {
-        log.append(&keyed_batch(&[(20 + (t % 3) as u8, Some(t))], 1_000 + i64::from(t), Compression::None))
-            .expect("append");
+        log.append(&keyed_batch(
+            &[(20 + (t % 3) as u8, Some(t))],
+            1_000 + i64::from(t),
+            Compression::None,
+        ))
+        .expect("append");
     }
     overwrites(&log, 4);
     clean(&log, &policy(0), 10_000_000, KEY_MAP_BYTES);
@@ -268,7 +272,9 @@ fn a_read_from_a_removed_offset_starts_at_the_next_record_and_time_lookups_still
     let mut next = 5;
     let first = loop {
         let read = log.read(next, 256).expect("read a removed offset");
-        let batches: Vec<_> = conveyor_storage::batch::BatchIter::new(read).map(|b| b.expect("batch")).collect();
+        let batches: Vec<_> = conveyor_storage::batch::BatchIter::new(read)
+            .map(|b| b.expect("batch"))
+            .collect();
         let found = batches
             .iter()
             .flat_map(|b| b.records().expect("records").map(|r| r.expect("record").offset))
@@ -279,7 +285,11 @@ fn a_read_from_a_removed_offset_starts_at_the_next_record_and_time_lookups_still
         next = batches.last().expect("a batch").header().next_offset();
     };
     assert_eq!(first, 37);
-    assert_eq!(log.offset_for_timestamp(1_010).expect("lookup"), Some(37), "the next record still there");
+    assert_eq!(
+        log.offset_for_timestamp(1_010).expect("lookup"),
+        Some(37),
+        "the next record still there"
+    );
     assert_eq!(log.offset_for_timestamp(1_038).expect("lookup"), Some(38));
 }
 
@@ -369,7 +379,11 @@ fn a_sigkill_at_any_point_of_a_swap_leaves_a_log_with_the_same_map() {
             }
             let log = PartitionLog::open(dir.path(), config()).expect("reopen after the kill");
             assert_eq!(read_map(&log), model_map(&model), "step {step}:{occurrence}");
-            assert_eq!(stamps(&log), bases_before, "step {step}:{occurrence}: every batch header, once");
+            assert_eq!(
+                stamps(&log),
+                bases_before,
+                "step {step}:{occurrence}: every batch header, once"
+            );
             assert!(
                 !dir.path().join(conveyor_storage::cleaner::SWAP_MARKER).exists(),
                 "the open finished the swap"
@@ -379,5 +393,8 @@ fn a_sigkill_at_any_point_of_a_swap_leaves_a_log_with_the_same_map() {
             assert_eq!(read_map(&log), model_map(&model));
         }
     }
-    assert!(killed >= steps.len() * 2, "the child died at the named steps ({killed} kills)");
+    assert!(
+        killed >= steps.len() * 2,
+        "the child died at the named steps ({killed} kills)"
+    );
 }

@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub struct Context {
     pub registry: Arc<Registry>,
+    /// The log cleaner, which `topic compact` asks for a pass now.
+    pub cleaner: Arc<crate::cleaner::Cleaner>,
     pub metrics: Arc<Metrics>,
     pub node_id: u32,
     pub max_fetch_wait_ms: u64,

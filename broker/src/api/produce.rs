@@ -136,8 +136,17 @@ struct Part {
     index: i32,
     sequence: u64,
     restart: bool,
-    /// The partition and the batches to validate against its limit, or why it failed.
-    work: Result<(Arc<Partition>, usize, Vec<Bytes>)>,
+    /// The partition and the batches to validate against its rules, or why it failed.
+    work: Result<(Arc<Partition>, Rules, Vec<Bytes>)>,
+}
+
+/// What a topic asks of the batches produced to it.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    /// `max.message.bytes`.
+    max_batch_bytes: usize,
+    /// A compacted topic keeps the latest record per key: a record without a key has no place.
+    keys_required: bool,
 }
 
 /// A part's partition and its validated batches.
@@ -148,14 +157,24 @@ fn validate_part(
     name: &str,
     index: i32,
     batches: Vec<Bytes>,
-    limit: usize,
+    rules: Rules,
     max_uncompressed: usize,
     acks: Acks,
 ) -> Result<Vec<ValidatedBatch>> {
     let bad = |e| BrokerError::from_batch(name, index, e);
     let mut validated = Vec::with_capacity(batches.len());
     for b in batches {
-        let v = ValidatedBatch::within(b, limit, max_uncompressed).map_err(bad)?;
+        let v = ValidatedBatch::within(b, rules.max_batch_bytes, max_uncompressed).map_err(bad)?;
+        if rules.keys_required {
+            let parsed = batch::RecordBatch::parse(v.bytes().clone()).map_err(bad)?;
+            for (i, record) in parsed.records_within(max_uncompressed).map_err(bad)?.enumerate() {
+                if record.map_err(bad)?.key.is_none() {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "topic '{name}' partition {index}: record {i} of a batch has no key, and the topic is compacted (cleanup.policy keeps the latest record per key); give every record a key"
+                    )));
+                }
+            }
+        }
         // A retry is recognised against committed batches; and with acks=none nobody would
         // hear a refusal from the partition.
         if acks != Acks::All && v.header().producer.producer_id >= 0 {
@@ -201,7 +220,7 @@ fn inflating_bytes(batches: &[Bytes], limit: usize) -> usize {
 impl ProduceService {
     /// Looks up one part's partition and packs its plain records; its batches are checked
     /// later, by [`validate_part`].
-    fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<(Arc<Partition>, usize, Vec<Bytes>)> {
+    fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<(Arc<Partition>, Rules, Vec<Bytes>)> {
         let (name, index, sequence) = (part.topic.as_str(), part.partition, part.sequence);
         check_topic_name_length(name)?;
         let producer = records_producer(part)?;
@@ -222,7 +241,10 @@ impl ProduceService {
         let topic = self.ctx.registry.get(name)?;
         // The owner answers a request that reached a follower with the leader's address.
         let partition = self.ctx.registry.replica(&topic, index)?;
-        let limit = topic.effective.max_message_bytes as usize;
+        let rules = Rules {
+            max_batch_bytes: topic.effective.max_message_bytes as usize,
+            keys_required: topic.effective.cleanup_policy.compacts(),
+        };
         if !records.is_empty() {
             batches.push(pack_records(records, producer).map_err(|e| BrokerError::from_batch(name, index, e))?);
         }
@@ -231,7 +253,7 @@ impl ProduceService {
                 "topic '{name}' partition {index}: no batches or records"
             )));
         }
-        Ok((partition, limit, batches))
+        Ok((partition, rules, batches))
     }
 
     /// Request-level checks, before anything else is looked at.
@@ -271,8 +293,8 @@ impl ProduceService {
                 .into_iter()
                 .map(|mut part| {
                     let work = std::mem::replace(&mut part.work, Err(BrokerError::ShuttingDown));
-                    let checked = work.and_then(|(p, limit, batches)| {
-                        validate_part(&part.topic, part.index, batches, limit, max_uncompressed, acks).map(|v| (p, v))
+                    let checked = work.and_then(|(p, rules, batches)| {
+                        validate_part(&part.topic, part.index, batches, rules, max_uncompressed, acks).map(|v| (p, v))
                     });
                     (part, checked)
                 })

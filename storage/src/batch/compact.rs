@@ -65,7 +65,12 @@ pub fn rewrite_batch(
             value: r.value.clone(),
             headers: r.headers.clone(),
         };
-        records::encode(&mut plain, &record, r.timestamp.wrapping_sub(first_timestamp), offset_delta);
+        records::encode(
+            &mut plain,
+            &record,
+            r.timestamp.wrapping_sub(first_timestamp),
+            offset_delta,
+        );
     }
     let mut out = Vec::with_capacity(HEADER_LEN + plain.len());
     out.extend_from_slice(&batch.bytes()[..HEADER_LEN]);
@@ -119,8 +124,7 @@ mod tests {
     fn kept_records_keep_offsets_timestamps_and_the_header_keeps_its_stamps() {
         for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
             let original = batch(codec);
-            let Rewritten::Changed(bytes) =
-                rewrite_batch(&original, |r| r.offset % 2 == 1, None).expect("rewrite")
+            let Rewritten::Changed(bytes) = rewrite_batch(&original, |r| r.offset % 2 == 1, None).expect("rewrite")
             else {
                 panic!("records were dropped");
             };
@@ -130,12 +134,21 @@ mod tests {
             assert_eq!(header.delete_horizon(), None);
             let o = original.header();
             assert_eq!(
-                (header.base_offset, header.last_offset_delta, header.raft_index, header.leader_epoch),
+                (
+                    header.base_offset,
+                    header.last_offset_delta,
+                    header.raft_index,
+                    header.leader_epoch
+                ),
                 (o.base_offset, o.last_offset_delta, o.raft_index, o.leader_epoch)
             );
             assert_eq!(header.producer, o.producer);
             assert_eq!(header.record_count, 2);
-            let records: Vec<_> = rewritten.records().expect("records").map(|r| r.expect("record")).collect();
+            let records: Vec<_> = rewritten
+                .records()
+                .expect("records")
+                .map(|r| r.expect("record"))
+                .collect();
             let expected: Vec<_> = original
                 .records()
                 .expect("records")
@@ -143,7 +156,10 @@ mod tests {
                 .filter(|r| r.offset % 2 == 1)
                 .collect();
             assert_eq!(records, expected);
-            assert!(validate(rewritten.bytes(), 1 << 20).is_err(), "a producer may not send it");
+            assert!(
+                validate(rewritten.bytes(), 1 << 20).is_err(),
+                "a producer may not send it"
+            );
         }
     }
 
@@ -152,7 +168,12 @@ mod tests {
         let original = batch(Compression::Lz4);
         let unchanged = RecordBatch::parse({
             let mut b = BatchBuilder::new(Compression::None);
-            b.push(&Record { timestamp: 1, key: Some(Bytes::from("k")), value: Some(Bytes::from("v")), headers: vec![] });
+            b.push(&Record {
+                timestamp: 1,
+                key: Some(Bytes::from("k")),
+                value: Some(Bytes::from("v")),
+                headers: vec![],
+            });
             b.build().expect("build")
         })
         .expect("parse");
@@ -179,8 +200,14 @@ mod tests {
             panic!("emptied");
         };
         let header = validate::check_frame(&empty, 1 << 20).expect("an emptied batch is a valid frame");
-        assert_eq!((header.record_count, header.last_offset_delta, header.base_offset), (0, 4, 100));
+        assert_eq!(
+            (header.record_count, header.last_offset_delta, header.base_offset),
+            (0, 4, 100)
+        );
         assert_eq!(header.compression().expect("codec"), Compression::None);
-        assert_eq!(RecordBatch::parse(empty).expect("parse").records().expect("r").count(), 0);
+        assert_eq!(
+            RecordBatch::parse(empty).expect("parse").records().expect("r").count(),
+            0
+        );
     }
 }

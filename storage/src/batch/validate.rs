@@ -172,13 +172,16 @@ fn check_header_fields(header: &BatchHeader) -> Result<(), BatchError> {
                 "a compacted batch holds more records than its offset range",
             ));
         }
-        if header.delete_horizon().is_none() && header.record_count > 0 && header.max_timestamp < header.first_timestamp {
+        if header.delete_horizon().is_none() && header.record_count > 0 && header.max_timestamp < header.first_timestamp
+        {
             return Err(BatchError::InvalidHeader("max timestamp is below first timestamp"));
         }
         return Ok(());
     }
     if header.attributes & DELETE_HORIZON_BIT != 0 {
-        return Err(BatchError::InvalidHeader("a delete horizon on a batch that is not compacted"));
+        return Err(BatchError::InvalidHeader(
+            "a delete horizon on a batch that is not compacted",
+        ));
     }
     if header.record_count == 0 {
         if !header.is_control() {

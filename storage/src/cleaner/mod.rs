@@ -106,7 +106,11 @@ impl DirtyStats {
     /// Dirty bytes over all cleanable bytes (0 when nothing is cleanable).
     pub fn dirty_ratio(&self) -> f64 {
         let total = self.clean_bytes + self.dirty_bytes;
-        if total == 0 { 0.0 } else { self.dirty_bytes as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            self.dirty_bytes as f64 / total as f64
+        }
     }
 
     /// Whether `policy` calls for a pass now.
@@ -143,6 +147,13 @@ pub struct CleanReport {
     pub cleaned_up_to: u64,
     /// Groups whose swap was given up because the log changed under the pass.
     pub groups_skipped: usize,
+}
+
+/// What a log object remembers of its cleaning (see [`PartitionLog::last_dirty_stats`]).
+#[derive(Debug, Default)]
+pub(crate) struct CleanerView {
+    checkpoint: Option<Checkpoint>,
+    stats: Option<DirtyStats>,
 }
 
 /// The checkpoint file's content.
@@ -193,12 +204,12 @@ fn cleanable<'a>(segments: &'a [Arc<Segment>], bounds: &CleanBounds, policy: &Co
 
 impl PartitionLog {
     fn checkpoint(&self) -> Result<Checkpoint> {
-        let mut cached = self.cleaner_checkpoint_cache();
-        if let Some(c) = *cached {
+        let mut cached = self.cleaner_view();
+        if let Some(c) = cached.checkpoint {
             return Ok(c);
         }
         let c = Checkpoint::read(&self.dir)?;
-        *cached = Some(c);
+        cached.checkpoint = Some(c);
         Ok(c)
     }
 
@@ -206,7 +217,13 @@ impl PartitionLog {
     /// checkpoint since it opened (it reads it on the first [`dirty_stats`](Self::dirty_stats)).
     /// Never touches the disk.
     pub fn last_cleaned_ms(&self) -> Option<i64> {
-        self.cleaner_checkpoint_cache().and_then(|c| c.last_cleaned_ms)
+        self.cleaner_view().checkpoint.and_then(|c| c.last_cleaned_ms)
+    }
+
+    /// What the last [`dirty_stats`](Self::dirty_stats) found, if it ran on this object.
+    /// Never touches the disk.
+    pub fn last_dirty_stats(&self) -> Option<DirtyStats> {
+        self.cleaner_view().stats
     }
 
     /// Where cleaning stands under `policy` and `bounds`. Reads the checkpoint file once,
@@ -235,14 +252,16 @@ impl PartitionLog {
             let header = BatchHeader::parse(&bytes)?;
             oldest_dirty_ms = header.delete_horizon().is_none().then_some(header.first_timestamp);
         }
-        Ok(DirtyStats {
+        let stats = DirtyStats {
             clean_bytes,
             dirty_bytes,
             first_dirty_offset: first_dirty,
             cleanable_end,
             oldest_dirty_ms,
             last_cleaned_ms: checkpoint.last_cleaned_ms,
-        })
+        };
+        self.cleaner_view().stats = Some(stats);
+        Ok(stats)
     }
 
     /// Runs one cleaning pass if `policy` calls for one (or whenever there is anything
@@ -270,7 +289,14 @@ impl PartitionLog {
             // Enough room for every record of the dirty section, within the memory setting.
             let wanted = usize::try_from(stats.dirty_bytes / 8).unwrap_or(usize::MAX);
             let mut map = KeyMap::new(key_map_bytes, wanted);
-            let end = build_map(&cleanable, first_dirty, stats.cleanable_end, &mut map, throttle, &mut report)?;
+            let end = build_map(
+                &cleanable,
+                first_dirty,
+                stats.cleanable_end,
+                &mut map,
+                throttle,
+                &mut report,
+            )?;
             if end == first_dirty {
                 return Err(LogError::InvalidConfig(format!(
                     "the cleaner's key map ({key_map_bytes} bytes) cannot hold a single key"
@@ -283,7 +309,15 @@ impl PartitionLog {
         } else {
             // Forced with nothing dirty: a pass over the clean section drops expired tombstones.
             let map = KeyMap::new(0, 0);
-            self.rewrite(&cleanable, &map, stats.cleanable_end, policy, bounds, throttle, &mut report)?;
+            self.rewrite(
+                &cleanable,
+                &map,
+                stats.cleanable_end,
+                policy,
+                bounds,
+                throttle,
+                &mut report,
+            )?;
             first_dirty
         };
         report.cleaned_up_to = map_end;
@@ -295,8 +329,9 @@ impl PartitionLog {
             let _writer = self.lock_writer();
             self.check_poisoned()?;
             checkpoint.write(&self.dir)?;
-            *self.cleaner_checkpoint_cache() = Some(checkpoint);
+            self.cleaner_view().checkpoint = Some(checkpoint);
         }
+        self.dirty_stats(policy, bounds)?;
         Ok(Some(report))
     }
 
@@ -314,7 +349,11 @@ impl PartitionLog {
         report: &mut CleanReport,
     ) -> Result<()> {
         let config = self.config();
-        let targets: Vec<Arc<Segment>> = cleanable.iter().filter(|s| s.base_offset() < map_end).cloned().collect();
+        let targets: Vec<Arc<Segment>> = cleanable
+            .iter()
+            .filter(|s| s.base_offset() < map_end)
+            .cloned()
+            .collect();
         let max_entries = config.max_index_bytes / TIME_ENTRY_BYTES;
         let mut groups: Vec<Vec<Arc<Segment>>> = Vec::new();
         for segment in targets {
@@ -337,13 +376,22 @@ impl PartitionLog {
             now_ms: bounds.now_ms,
             tombstone_floor: bounds.tombstone_floor,
         };
-        for group in groups {
-            let staged = self.clean_group(&group, &rules, &config, throttle, report)?;
-            if !self.swap_in(&group, staged)? {
-                report.groups_skipped += 1;
+        let pass = swap::new_pass_name();
+        let staging = swap::staging_dir(&self.dir, &pass);
+        let result = (|| {
+            for group in groups {
+                if self.is_closed() {
+                    return Err(LogError::Closed);
+                }
+                let staged = self.clean_group(&group, &rules, &config, &staging, throttle, report)?;
+                if !self.swap_in(&group, staged, &pass)? {
+                    report.groups_skipped += 1;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })();
+        let removed = swap::remove_staging(&staging);
+        result.and(removed)
     }
 
     /// Writes the cleaned copy of `group` into the staging directory, synced.
@@ -352,13 +400,12 @@ impl PartitionLog {
         group: &[Arc<Segment>],
         rules: &Rules<'_>,
         config: &crate::config::LogConfig,
+        staging: &std::path::Path,
         throttle: &IoThrottle,
         report: &mut CleanReport,
     ) -> Result<Segment> {
-        let staging = swap::cleaner_dir(&self.dir);
-        fs::create_dir_all(&staging).map_err(LogError::io("create cleaner directory", &staging))?;
-        swap::clear_staging(&self.dir)?;
-        let new = Segment::open(&staging, group[0].base_offset(), Some(config.max_index_bytes))?;
+        fs::create_dir_all(staging).map_err(LogError::io("create cleaner directory", staging))?;
+        let new = Segment::open(staging, group[0].base_offset(), Some(config.max_index_bytes))?;
         let mut cursor = IndexCursor {
             last_indexed_position: 0,
             last_indexed_timestamp: i64::MIN,
@@ -388,7 +435,7 @@ impl PartitionLog {
         new.seal()?;
         new.sync_log()?;
         new.flush_indexes()?;
-        crate::sync::sync_dir(&staging)?;
+        crate::sync::sync_dir(staging)?;
         throttle.take(new.size());
         report.bytes_written += new.size();
         report.bytes_after += new.size();
@@ -398,20 +445,18 @@ impl PartitionLog {
 
     /// Puts `staged` in place of `group` (see [`swap`]); false, changing nothing, if the
     /// group is no longer what the log holds there.
-    fn swap_in(&self, group: &[Arc<Segment>], staged: Segment) -> Result<bool> {
+    fn swap_in(&self, group: &[Arc<Segment>], staged: Segment, pass: &str) -> Result<bool> {
         let _writer = self.lock_writer();
         self.check_poisoned()?;
         let at = {
             let segments = self.read_segments();
             let at = segments.iter().position(|s| Arc::ptr_eq(s, &group[0]));
             at.filter(|&at| {
-                at + group.len() < segments.len()
-                    && group.iter().zip(&segments[at..]).all(|(a, b)| Arc::ptr_eq(a, b))
+                at + group.len() < segments.len() && group.iter().zip(&segments[at..]).all(|(a, b)| Arc::ptr_eq(a, b))
             })
         };
         let Some(at) = at else {
-            drop(staged);
-            swap::clear_staging(&self.dir)?;
+            // Its files stay staged until the pass ends and removes the staging directory.
             return Ok(false);
         };
         let (size, next, max_timestamp) = (staged.size(), staged.next_offset(), staged.max_timestamp());
@@ -420,6 +465,7 @@ impl PartitionLog {
         let change = swap::Swap {
             base,
             replaced: group.iter().map(|s| s.base_offset()).collect(),
+            pass: pass.to_string(),
         };
         change.commit(&self.dir)?;
         // From the commit on, the next open finishes the swap: a failure here leaves the
@@ -483,7 +529,10 @@ fn build_map(
     throttle: &IoThrottle,
     report: &mut CleanReport,
 ) -> Result<u64> {
-    for segment in cleanable.iter().filter(|s| s.next_offset() > from && s.base_offset() < to) {
+    for segment in cleanable
+        .iter()
+        .filter(|s| s.next_offset() > from && s.base_offset() < to)
+    {
         let mut full_at = None;
         for_each_batch(segment, throttle, report, |batch, _| {
             let header = batch.header();

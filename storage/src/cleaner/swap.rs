@@ -2,18 +2,22 @@
 //! point leaves the log with either the old segments or the new one, never both or neither.
 //!
 //! # Protocol
-//! 1. The cleaned segment is written into `cleaner/` inside the partition directory under
-//!    its final names (`<base>.log`, `.index`, `.timeindex`), and fsynced.
+//! 1. The cleaned segment is written into a staging directory of its own,
+//!    `cleaner/<pass>/` inside the partition directory, under its final names (`<base>.log`,
+//!    `.index`, `.timeindex`), and fsynced. Each pass has its own staging directory, so a
+//!    pass still running on a log object that was retired can never touch the files of a
+//!    pass on the log that replaced it.
 //! 2. **Commit**: the file `cleaner-swap` is written durably (temporary file, rename,
-//!    directory fsync), naming the new base offset and the base offsets it replaces.
+//!    directory fsync), naming the new base offset, the base offsets it replaces and the
+//!    staging directory.
 //! 3. The old segments' files are deleted, then the new indexes and last the new `.log` are
 //!    renamed into the partition directory; the directory is fsynced.
 //! 4. `cleaner-swap` is removed and the directory fsynced.
 //!
 //! Opening a log first finishes a committed swap (step 3 again, skipping what was done: a
-//! new file still in `cleaner/` means its old namesake has not been replaced yet) and then
-//! empties `cleaner/`: without the commit file its contents are an unfinished cleaning,
-//! rolled back by deleting them.
+//! new file still staged means its old namesake has not been replaced yet) and then deletes
+//! `cleaner/`: without the commit file its contents are an unfinished cleaning, rolled back
+//! by deleting them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,21 +45,39 @@ pub(crate) mod steps {
     pub const DONE: &str = "done";
 }
 
-pub(crate) fn cleaner_dir(dir: &Path) -> PathBuf {
-    dir.join(CLEANER_DIR)
+/// The staging directory of the pass named `pass`.
+pub(crate) fn staging_dir(dir: &Path, pass: &str) -> PathBuf {
+    dir.join(CLEANER_DIR).join(pass)
 }
 
-/// A committed swap: the new segment's base offset and the old segments' base offsets.
+/// A name for a new pass's staging directory, distinct from every other pass of this
+/// process and of any process before it.
+pub(crate) fn new_pass_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PASSES: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        PASSES.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A committed swap: the new segment's base offset, the old segments' base offsets and the
+/// pass whose staging directory holds the new files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Swap {
     pub base: u64,
     pub replaced: Vec<u64>,
+    pub pass: String,
 }
 
 impl Swap {
     fn encode(&self) -> String {
         let replaced: Vec<String> = self.replaced.iter().map(u64::to_string).collect();
-        format!("{}\n{}\n", self.base, replaced.join(" "))
+        format!("{}\n{}\n{}\n", self.base, replaced.join(" "), self.pass)
     }
 
     fn decode(text: &str, path: &Path) -> Result<Swap> {
@@ -71,10 +93,11 @@ impl Swap {
             .split_whitespace()
             .map(|b| b.parse().map_err(|_| corrupt()))
             .collect::<Result<Vec<u64>>>()?;
-        if !replaced.contains(&base) {
+        let pass = lines.next().map(str::trim).unwrap_or_default().to_string();
+        if !replaced.contains(&base) || pass.is_empty() || pass.contains(['/', '.']) {
             return Err(corrupt());
         }
-        Ok(Swap { base, replaced })
+        Ok(Swap { base, replaced, pass })
     }
 
     /// Step 2: makes the swap happen, whatever follows.
@@ -86,7 +109,7 @@ impl Swap {
 
     /// Steps 3 and 4, skipping what an interrupted run already did.
     pub(crate) fn finish(&self, dir: &Path) -> Result<()> {
-        let staged = cleaner_dir(dir);
+        let staged = staging_dir(dir, &self.pass);
         let new_file = |suffix: &str| file_names::segment_file(&staged, self.base, suffix);
         if new_file(LOG_SUFFIX).exists() {
             for &old in &self.replaced {
@@ -128,19 +151,12 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// Empties `cleaner/`: what an unfinished cleaning left there.
-pub(crate) fn clear_staging(dir: &Path) -> Result<()> {
-    let staged = cleaner_dir(dir);
-    let entries = match fs::read_dir(&staged) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(LogError::io("list cleaner directory", &staged)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(LogError::io("list cleaner directory", &staged))?;
-        remove_if_present(&entry.path())?;
+/// Deletes a staging directory and what it holds.
+pub(crate) fn remove_staging(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LogError::io("remove cleaner directory", path)(e)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// On open: finishes a committed swap, then rolls back any unfinished cleaning.
@@ -155,7 +171,7 @@ pub(crate) fn recover(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(LogError::io("read cleaner swap record", &marker)(e)),
     }
-    clear_staging(dir)
+    remove_staging(&dir.join(CLEANER_DIR))
 }
 
 #[cfg(test)]
@@ -167,10 +183,18 @@ mod tests {
         let swap = Swap {
             base: 10,
             replaced: vec![10, 20, 30],
+            pass: new_pass_name(),
         };
         let path = Path::new("/x");
         assert_eq!(Swap::decode(&swap.encode(), path).expect("decode"), swap);
-        assert!(Swap::decode("10\n20 30\n", path).is_err(), "must replace its own base");
+        assert!(
+            Swap::decode("10\n20 30\np\n", path).is_err(),
+            "must replace its own base"
+        );
+        assert!(
+            Swap::decode("10\n10 30\n../x\n", path).is_err(),
+            "a staging name, not a path"
+        );
         assert!(Swap::decode("x\n", path).is_err());
     }
 }

@@ -41,7 +41,10 @@ impl IoThrottle {
         let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
         let now = Instant::now();
         let wake = {
-            let mut paid = self.paid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut paid = self
+                .paid_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let until = paid.map_or(now, |p| p.max(now)) + cost;
             *paid = Some(until);
             until

@@ -38,6 +38,13 @@ impl AdminService {
                     learners_next: ids(&view.conf_state.learners_next),
                     term: status.term,
                     applied_index: view.applied,
+                    dirty_ratio: topic
+                        .effective
+                        .cleanup_policy
+                        .compacts()
+                        .then(|| p.log().last_dirty_stats().map(|s| s.dirty_ratio()))
+                        .flatten(),
+                    last_compaction_ms: p.log().last_cleaned_ms(),
                 }
             }
             None => PartitionDescription {

@@ -422,6 +422,13 @@ impl Admin for AdminService {
         self.producers(request).await
     }
 
+    async fn compact_topic(
+        &self,
+        request: Request<CompactTopicRequest>,
+    ) -> Result<Response<CompactTopicResponse>, Status> {
+        self.compact(request).await
+    }
+
     async fn metadata(&self, request: Request<MetadataRequest>) -> Result<Response<MetadataResponse>, Status> {
         self.count();
         let was_forwarded = forwarded(&request);
@@ -499,6 +506,7 @@ impl Admin for AdminService {
 }
 
 mod cluster;
+mod compact;
 mod describe;
 mod producers;
 mod route;

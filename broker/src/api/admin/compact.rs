@@ -1,0 +1,150 @@
+//! `CompactTopic`: a compaction pass now on every replica of a compacting topic's
+//! partitions. Each broker compacts its own replicas (each replica's log is its own; see
+//! [`crate::cleaner`]); the broker asked first asks the others holding replicas, once (a
+//! forwarded request is answered from this broker's replicas alone), and merges the answers.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conveyor_proto::v1::{CompactTopicRequest, CompactTopicResponse, ReplicaCompaction};
+use conveyor_storage::CompactionPolicy;
+use tonic::{Request, Response, Status};
+
+use super::AdminService;
+use crate::api::forward::{forward, forwarded};
+use crate::controller::Topic;
+use crate::error::BrokerError;
+
+/// How long the broker asked first waits for another broker's answer: a pass over a large
+/// log takes minutes with `wait`; without it, only the start is awaited.
+const WAIT_FOR_PASSES: Duration = Duration::from_secs(3600);
+const WAIT_FOR_START: Duration = Duration::from_secs(10);
+
+impl AdminService {
+    pub(super) async fn compact(
+        &self,
+        request: Request<CompactTopicRequest>,
+    ) -> Result<Response<CompactTopicResponse>, Status> {
+        self.count();
+        let local_only = forwarded(&request);
+        let req = request.into_inner();
+        crate::error::check_topic_name_length(&req.topic).map_err(|e| self.fail(e))?;
+        let topic = self.ctx.registry.get(&req.topic).map_err(|e| self.fail(e))?;
+        let policy = topic
+            .effective
+            .compaction_policy()
+            .ok_or_else(|| self.fail(BrokerError::NotCompacted(topic.name.clone())))?;
+        let partitions: Vec<i32> = match req.partition {
+            Some(p) => {
+                topic.check_index(p).map_err(|e| self.fail(e))?;
+                vec![p]
+            }
+            None => (0..topic.partition_count() as i32).collect(),
+        };
+        let mut replicas = self.compact_here(&topic, &partitions, policy, req.wait).await;
+        if !local_only {
+            let me = self.ctx.node_id;
+            let others: BTreeSet<u32> = partitions
+                .iter()
+                .flat_map(|&i| topic.assignments[i as usize].iter().copied())
+                .filter(|&b| b != me)
+                .collect();
+            let wait = if req.wait { WAIT_FOR_PASSES } else { WAIT_FOR_START };
+            let asked = others.into_iter().map(|broker| {
+                let req = req.clone();
+                async move {
+                    let answer = match self.kept_client_for(broker) {
+                        Some(mut client) => {
+                            match tokio::time::timeout(wait, client.compact_topic(forward(req))).await {
+                                Ok(Ok(r)) => Ok(r.into_inner().replicas),
+                                Ok(Err(status)) => Err(status.message().to_string()),
+                                Err(_) => Err(format!("no answer within {} s", wait.as_secs())),
+                            }
+                        }
+                        None => Err("address unknown".to_string()),
+                    };
+                    (broker, answer)
+                }
+            });
+            for (broker, answer) in futures::future::join_all(asked).await {
+                match answer {
+                    Ok(theirs) => replicas.extend(theirs),
+                    Err(reason) => replicas.extend(
+                        partitions
+                            .iter()
+                            .filter(|&&i| topic.assignments[i as usize].contains(&broker))
+                            .map(|&i| ReplicaCompaction {
+                                partition: i,
+                                broker: broker as i32,
+                                outcome: format!("broker {broker} not reached: {reason}"),
+                                ..ReplicaCompaction::default()
+                            }),
+                    ),
+                }
+            }
+        }
+        replicas.sort_by_key(|r| (r.partition, r.broker));
+        Ok(Response::new(CompactTopicResponse { replicas }))
+    }
+
+    /// Passes on this broker's replicas of `partitions`, one after another off the reactor.
+    async fn compact_here(
+        &self,
+        topic: &Topic,
+        partitions: &[i32],
+        policy: CompactionPolicy,
+        wait: bool,
+    ) -> Vec<ReplicaCompaction> {
+        let me = self.ctx.node_id as i32;
+        let mut out = Vec::new();
+        for &index in partitions {
+            let Some(p) = topic.local.get(&index) else { continue };
+            let (cleaner, p) = (Arc::clone(&self.ctx.cleaner), Arc::clone(p));
+            let row = |outcome: &str| ReplicaCompaction {
+                partition: index,
+                broker: me,
+                outcome: outcome.to_string(),
+                ..ReplicaCompaction::default()
+            };
+            if !wait {
+                let started = if cleaner.is_cleaning(&p) {
+                    "already compacting"
+                } else {
+                    "started"
+                };
+                // Bounded: one job per partition asked, and a job waits for a pass already
+                // running on its replica rather than starting a second.
+                tokio::task::spawn_blocking(move || {
+                    let _ = cleaner.clean_now(&p, &policy);
+                });
+                out.push(row(started));
+                continue;
+            }
+            let started = Instant::now();
+            let log = p.log();
+            let done = crate::blocking::blocking(move || Ok(cleaner.clean_now(&p, &policy))).await;
+            out.push(match done {
+                Ok(Ok(Some(report))) => ReplicaCompaction {
+                    bytes_before: report.bytes_before,
+                    bytes_after: report.bytes_after,
+                    records_before: report.records_before,
+                    records_after: report.records_after,
+                    segments_before: report.segments_before as u32,
+                    segments_after: report.segments_after as u32,
+                    tombstones_dropped: report.tombstones_dropped,
+                    millis: started.elapsed().as_millis() as u64,
+                    log_size_bytes: log.size_bytes(),
+                    ..row("compacted")
+                },
+                Ok(Ok(None)) => ReplicaCompaction {
+                    log_size_bytes: log.size_bytes(),
+                    ..row("nothing to compact: no sealed, committed segment yet")
+                },
+                Ok(Err(e)) => row(&e.to_string()),
+                Err(e) => row(&e.to_string()),
+            });
+        }
+        out
+    }
+}
