@@ -115,12 +115,18 @@ pub struct Cleaner {
     stopping: AtomicBool,
 }
 
-/// The bounds a pass on `p` works within now: its committed offsets.
+/// The bounds a pass on `p` works within now: its committed offsets, and tombstones kept
+/// from the offset the furthest-behind follower has reached (known on the leader only; a
+/// follower uses its own high watermark), so that no replica misses a delete because the
+/// leader dropped its tombstone before sending it.
 fn bounds(p: &Partition) -> CleanBounds {
     let committed = p.high_watermark();
+    let status = p.status();
+    let end = p.log().log_end_offset();
+    let reached = status.followers.iter().map(|f| end.saturating_sub(f.lag)).min();
     CleanBounds {
         committed_end: committed,
-        tombstone_floor: committed,
+        tombstone_floor: reached.map_or(committed, |r| r.min(committed)),
         now_ms: conveyor_storage::unix_millis(),
     }
 }

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Bytes per record value.
     #[arg(long, default_value_t = 100)]
     pub record_size: usize,
+    /// Give records keys from a space of this many distinct keys (record i of each
+    /// producer gets key i mod N), as a compacted topic needs; default: no keys.
+    #[arg(long, value_name = "N")]
+    pub keys: Option<u64>,
     /// Target records per second across all producers (default: as fast as possible).
     #[arg(long)]
     pub rate: Option<u64>,
@@ -410,6 +414,11 @@ async fn producer_loop(
         }
         None => template.clone(),
     };
+    let keys = args.keys;
+    let keyed = move |record: ProducerRecord, i: u64| match keys {
+        Some(n) => record.key(bytes::Bytes::from(format!("key-{:010}", i % n.max(1)))),
+        None => record,
+    };
     match per_producer_rate {
         None => {
             let mut sent = Instant::now();
@@ -420,7 +429,7 @@ async fn producer_loop(
                     sent = Instant::now();
                 }
                 let delivery = producer
-                    .send(ProducerRecord::new(&args.topic, make_value(sent)))
+                    .send(keyed(ProducerRecord::new(&args.topic, make_value(sent)), i))
                     .await?;
                 if tx.send((sent, delivery)).await.is_err() {
                     break;
@@ -439,7 +448,8 @@ async fn producer_loop(
                     if at > now {
                         std::thread::sleep(at - now);
                     }
-                    let delivery = handle.block_on(producer.send(ProducerRecord::new(&topic, make_value(at))))?;
+                    let delivery =
+                        handle.block_on(producer.send(keyed(ProducerRecord::new(&topic, make_value(at)), i)))?;
                     if tx.blocking_send((at, delivery)).is_err() {
                         break;
                     }

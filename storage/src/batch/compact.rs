@@ -17,73 +17,119 @@ pub enum Rewritten {
     Changed(Bytes),
 }
 
+/// A record as the cleaner judges it.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged<'a> {
+    pub offset: u64,
+    pub key: Option<&'a [u8]>,
+    /// A null value: a delete.
+    pub tombstone: bool,
+}
+
+/// Calls `visit` with the offset and key of every record of `batch` that has a key, without
+/// copying them. The batch's CRC must have been checked.
+pub fn for_each_key(batch: &RecordBatch, mut visit: impl FnMut(u64, &[u8]) -> bool) -> Result<(), BatchError> {
+    let header = batch.header();
+    let section = records::plain_section(header, batch.bytes(), compression::MAX_UNCOMPRESSED_BYTES)?;
+    records::for_each_view(&section, header.record_count, |r| {
+        if let Some(key) = r.key
+            && !visit(header.base_offset + u64::from(r.offset_delta), key)
+        {
+            return Err(BatchError::Empty);
+        }
+        Ok::<(), BatchError>(())
+    })
+    .or_else(|e| if matches!(e, BatchError::Empty) { Ok(()) } else { Err(e) })
+}
+
 /// Rewrites `batch` keeping the records `keep` says yes to, in order. `horizon`, when the
 /// batch has none yet and keeps a tombstone, becomes its delete horizon (see the format
 /// notes in [`crate::batch`]); a batch that has one keeps it. Control batches are never given to
 /// this function (the cleaner keeps them whole). The batch's CRC must have been checked.
 ///
-/// An emptied batch keeps its header with no records and no compression. Records are
-/// decoded within the crate's decompression limit.
+/// Kept records are copied as they are encoded, unless a new horizon moves the base their
+/// timestamps count from. An emptied batch keeps its header with no records and no
+/// compression.
 pub fn rewrite_batch(
     batch: &RecordBatch,
-    mut keep: impl FnMut(&StoredRecord) -> bool,
+    mut keep: impl FnMut(Judged<'_>) -> bool,
     horizon: Option<i64>,
 ) -> Result<Rewritten, BatchError> {
     let header = batch.header();
     let existing_horizon = header.delete_horizon();
-    let mut kept: Vec<StoredRecord> = Vec::with_capacity(header.record_count.min(4096) as usize);
-    let mut dropped = false;
-    for record in batch.records()? {
-        let record = record?;
-        if keep(&record) {
-            kept.push(record);
+    let section = records::plain_section(header, batch.bytes(), compression::MAX_UNCOMPRESSED_BYTES)?;
+    // Byte ranges of the kept records in `section`, adjacent ones merged.
+    let mut kept: Vec<(usize, usize)> = Vec::new();
+    // Whether each record, in order, stays.
+    let mut stays: Vec<bool> = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
+    let (mut count, mut dropped, mut keeps_tombstones) = (0u32, false, false);
+    let base = section.as_ptr() as usize;
+    records::for_each_view(&section, header.record_count, |r| {
+        let judged = Judged {
+            offset: header.base_offset + u64::from(r.offset_delta),
+            key: r.key,
+            tombstone: r.tombstone,
+        };
+        let stay = keep(judged);
+        stays.push(stay);
+        if stay {
+            let at = r.encoded.as_ptr() as usize - base;
+            match kept.last_mut() {
+                Some(last) if last.1 == at => last.1 = at + r.encoded.len(),
+                _ => kept.push((at, at + r.encoded.len())),
+            }
+            count += 1;
+            keeps_tombstones |= r.tombstone;
         } else {
             dropped = true;
         }
-    }
-    let keeps_tombstones = kept.iter().any(|r| r.value.is_none());
+        Ok::<(), BatchError>(())
+    })?;
     let new_horizon = existing_horizon.or(horizon.filter(|_| keeps_tombstones));
     if !dropped && new_horizon == existing_horizon {
         return Ok(Rewritten::Unchanged);
     }
     let first_timestamp = match new_horizon {
-        Some(h) if !kept.is_empty() => h,
+        Some(h) if count > 0 => h,
         _ => header.first_timestamp,
     };
-    let compression = if kept.is_empty() {
+    let mut plain = Vec::with_capacity(kept.iter().map(|(a, b)| b - a).sum());
+    if first_timestamp == header.first_timestamp {
+        for (from, to) in &kept {
+            plain.extend_from_slice(&section[*from..*to]);
+        }
+    } else {
+        // A new timestamp base: each kept record is encoded again with its delta from it.
+        for (record, stay) in batch.records()?.zip(stays) {
+            let record = record?;
+            if stay {
+                let offset_delta = (record.offset - header.base_offset) as u32;
+                let r = Record {
+                    timestamp: record.timestamp,
+                    key: record.key,
+                    value: record.value,
+                    headers: record.headers,
+                };
+                records::encode(&mut plain, &r, r.timestamp.wrapping_sub(first_timestamp), offset_delta);
+            }
+        }
+    }
+    let compression = if count == 0 {
         Compression::None
     } else {
         header.compression()?
     };
-    let mut plain = Vec::new();
-    for r in &kept {
-        let offset_delta = u32::try_from(r.offset - header.base_offset)
-            .map_err(|_| BatchError::InvalidHeader("record offset outside its batch"))?;
-        let record = Record {
-            timestamp: r.timestamp,
-            key: r.key.clone(),
-            value: r.value.clone(),
-            headers: r.headers.clone(),
-        };
-        records::encode(
-            &mut plain,
-            &record,
-            r.timestamp.wrapping_sub(first_timestamp),
-            offset_delta,
-        );
-    }
     let mut out = Vec::with_capacity(HEADER_LEN + plain.len());
     out.extend_from_slice(&batch.bytes()[..HEADER_LEN]);
     compression.compress(&plain, &mut out)?;
     let mut attributes = (header.attributes & !COMPRESSION_MASK) | u16::from(compression.id()) | COMPACTED_BIT;
-    if new_horizon.is_some() && !kept.is_empty() {
+    if new_horizon.is_some() && count > 0 {
         attributes |= DELETE_HORIZON_BIT;
     } else {
         attributes &= !DELETE_HORIZON_BIT;
     }
     let batch_length =
         u32::try_from(out.len() - LENGTH_PREFIX).map_err(|_| BatchError::Compress("batch exceeds 4 GiB".into()))?;
-    let count = kept.len() as u32;
     let put = |out: &mut Vec<u8>, at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
     put(&mut out, LENGTH_AT, &batch_length.to_le_bytes());
     put(&mut out, ATTRIBUTES_AT, &attributes.to_le_bytes());

@@ -166,6 +166,42 @@ pub(crate) fn walk(header: &BatchHeader, section: &[u8]) -> Result<(u32, i64), B
     Ok((count, max_timestamp))
 }
 
+/// One record of a records section, borrowed: what the cleaner needs to judge it and, when
+/// it stays, to copy it as it is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordView<'a> {
+    pub offset_delta: u32,
+    pub key: Option<&'a [u8]>,
+    /// A null value: a delete.
+    pub tombstone: bool,
+    /// The whole encoded record, its length prefix included.
+    pub encoded: &'a [u8],
+}
+
+/// Calls `visit` with each record of a plain records section, without copying or
+/// allocating, until it returns an error. Stops with an error at a malformed record.
+pub(crate) fn for_each_view<E: From<BatchError>>(
+    section: &[u8],
+    record_count: u32,
+    mut visit: impl FnMut(RecordView<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut pos = 0;
+    let mut index = 0u32;
+    while pos < section.len() && index < record_count {
+        let start = pos;
+        let raw = parse_raw(section, &mut pos, index)?;
+        let offset_delta = u32::try_from(raw.offset_delta).map_err(|_| invalid(index, "offset delta overflows"))?;
+        visit(RecordView {
+            offset_delta,
+            key: raw.key.map(|(at, len)| &section[at..at + len]),
+            tombstone: raw.value.is_none(),
+            encoded: &section[start..raw.end],
+        })?;
+        index += 1;
+    }
+    Ok(())
+}
+
 /// The plain records section of a batch, decompressed (to at most `limit` bytes) when needed.
 pub(crate) fn plain_section(header: &BatchHeader, batch: &Bytes, limit: usize) -> Result<Bytes, BatchError> {
     if batch.len() < HEADER_LEN {

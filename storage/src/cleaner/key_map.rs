@@ -1,108 +1,183 @@
 //! The cleaner's key map: for each key of the dirty section, the offset of its latest record.
 //!
-//! Keys are not stored: each is reduced to a 128-bit hash (two independent SipHash-1-3
-//! digests), so an entry costs the same whatever the key's size, and the table is allocated
-//! once, at the size the memory setting allows, and never grows. Two distinct keys sharing
-//! a 128-bit hash would make the older one's record look superseded; with at most a few
-//! million keys per pass the chance is below 10^-25.
+//! Keys are not stored: each is reduced to a 128-bit hash (two SipHash-1-3 digests under
+//! keys drawn at random for each map, so that no producer can choose a key that collides with
+//! another's and have it removed). An entry costs 24 bytes whatever the key's size. Two
+//! distinct keys sharing a 128-bit hash would make the older one's record look superseded;
+//! with a few million keys per pass the chance is below 10^-25.
+//!
+//! The table is open-addressed (linear probing, at most 7/8 full) in one allocation, so that
+//! the cleaner can prefetch the slots of a whole batch's keys before it looks any of them up:
+//! a map of millions of keys does not fit any cache, and a lookup is a memory round trip.
+//! It starts at the size the caller expects and doubles only while the old and the new table
+//! together stay within its memory budget.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher, RandomState};
 
-/// Bytes one bucket of the table costs: the 16-byte hash, the 8-byte offset and hashbrown's
-/// control byte.
-const BUCKET_BYTES: usize = 16 + 8 + 1;
+/// Marks a free slot: no record has offset `u64::MAX`.
+const EMPTY: u64 = u64::MAX;
 
-/// Passes the already uniform low 64 bits of a key hash through as the table's hash.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64;
-    }
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct Slot {
+    lo: u64,
+    hi: u64,
+    offset: u64,
 }
 
-/// Offsets of the latest record per key, in a table whose memory is fixed when it is made.
+const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+const FREE: Slot = Slot {
+    lo: 0,
+    hi: 0,
+    offset: EMPTY,
+};
+/// The smallest table.
+const MIN_SLOTS: usize = 16;
+
+/// A key's 128-bit digest.
+pub(crate) type KeyHash = u128;
+
+/// Offsets of the latest record per key (see the module documentation).
 #[derive(Debug)]
 pub(crate) struct KeyMap {
-    map: HashMap<u128, u64, BuildHasherDefault<PassThrough>>,
-    limit: usize,
+    slots: Vec<Slot>,
+    len: usize,
+    memory_bytes: usize,
+    hashers: (RandomState, RandomState),
 }
 
-/// The 128-bit digest a key is known by.
-pub(crate) fn key_hash(key: &[u8]) -> u128 {
-    let digest = |salt: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        salt.hash(&mut h);
-        key.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(digest(0x5a)) << 64) | u128::from(digest(0xc3))
+fn largest_power_of_two_at_most(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        1 << (usize::BITS - 1 - n.leading_zeros())
+    }
 }
 
 impl KeyMap {
-    /// The most entries a table within `memory_bytes` holds (hashbrown keeps its buckets a
-    /// power of two, at most 7/8 full).
-    pub(crate) fn entries_within(memory_bytes: usize) -> usize {
-        let buckets = memory_bytes / BUCKET_BYTES;
-        if buckets < 16 {
-            return 0;
-        }
-        let buckets = 1usize << (usize::BITS - 1 - buckets.leading_zeros());
-        buckets / 8 * 7
-    }
-
-    /// Bytes a table for `entries` entries allocates.
-    pub(crate) fn memory_for(entries: usize) -> usize {
-        let buckets = (entries.max(1) * 8).div_ceil(7).next_power_of_two();
-        buckets * BUCKET_BYTES
-    }
-
-    /// A table for at most `wanted` keys, within `memory_bytes`.
-    pub(crate) fn new(memory_bytes: usize, wanted: usize) -> KeyMap {
-        let limit = Self::entries_within(memory_bytes).min(wanted.max(1));
+    /// A table sized for `expected` keys, within `memory_bytes`.
+    pub(crate) fn new(memory_bytes: usize, expected: usize) -> KeyMap {
+        let most = largest_power_of_two_at_most(memory_bytes / SLOT_BYTES);
+        let wanted = expected
+            .saturating_mul(8)
+            .div_ceil(7)
+            .max(MIN_SLOTS)
+            .checked_next_power_of_two();
+        let slots = wanted.unwrap_or(most).min(most);
         KeyMap {
-            map: HashMap::with_capacity_and_hasher(limit, BuildHasherDefault::default()),
-            limit,
+            slots: if slots >= MIN_SLOTS {
+                vec![FREE; slots]
+            } else {
+                Vec::new()
+            },
+            len: 0,
+            memory_bytes,
+            hashers: (RandomState::new(), RandomState::new()),
         }
     }
 
-    /// Records `offset` as the latest for `key`. False, changing nothing, when the key is
-    /// new and the table is full.
-    pub(crate) fn put(&mut self, hash: u128, offset: u64) -> bool {
-        if self.map.len() >= self.limit {
-            match self.map.get_mut(&hash) {
-                Some(slot) => {
-                    *slot = offset;
-                    return true;
-                }
-                None => return false,
+    /// The digest this map knows `key` by.
+    pub(crate) fn hash(&self, key: &[u8]) -> KeyHash {
+        let digest = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            h.write(key);
+            h.finish()
+        };
+        (u128::from(digest(&self.hashers.0)) << 64) | u128::from(digest(&self.hashers.1))
+    }
+
+    fn home(&self, hash: KeyHash) -> usize {
+        (hash as u64 as usize) & (self.slots.len() - 1)
+    }
+
+    /// The slot holding `hash`, or the free slot where it would go.
+    fn probe(&self, hash: KeyHash) -> usize {
+        let (lo, hi) = (hash as u64, (hash >> 64) as u64);
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(hash);
+        loop {
+            let s = &self.slots[i];
+            if s.offset == EMPTY || (s.lo == lo && s.hi == hi) {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Asks the CPU to bring `hash`'s home slot into cache; a lookup soon after then does
+    /// not wait for memory.
+    pub(crate) fn prefetch(&self, hash: KeyHash) {
+        if self.slots.is_empty() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let slot: *const Slot = &self.slots[self.home(hash)];
+            // SAFETY: a prefetch is only a hint; the address is inside the table.
+            #[allow(unused_unsafe)]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(slot.cast::<i8>());
             }
         }
-        self.map.insert(hash, offset);
+    }
+
+    /// Records `offset` as the latest for the key of `hash`. False, changing nothing, when the
+    /// key is new and the table can neither take it nor grow.
+    pub(crate) fn put(&mut self, hash: KeyHash, offset: u64) -> bool {
+        if self.slots.is_empty() {
+            return false;
+        }
+        let i = self.probe(hash);
+        if self.slots[i].offset != EMPTY {
+            self.slots[i].offset = offset;
+            return true;
+        }
+        if (self.len + 1) * 8 > self.slots.len() * 7 {
+            if !self.grow() {
+                return false;
+            }
+            return self.put(hash, offset);
+        }
+        self.slots[i] = Slot {
+            lo: hash as u64,
+            hi: (hash >> 64) as u64,
+            offset,
+        };
+        self.len += 1;
         true
     }
 
-    pub(crate) fn get(&self, hash: u128) -> Option<u64> {
-        self.map.get(&hash).copied()
+    /// Doubles the table if the old and the new one fit the budget together (both are held
+    /// while entries move).
+    fn grow(&mut self) -> bool {
+        let bigger = self.slots.len() * 2;
+        if (bigger + self.slots.len()).saturating_mul(SLOT_BYTES) > self.memory_bytes {
+            return false;
+        }
+        let old = std::mem::replace(&mut self.slots, vec![FREE; bigger]);
+        for s in old.into_iter().filter(|s| s.offset != EMPTY) {
+            let hash = (u128::from(s.hi) << 64) | u128::from(s.lo);
+            let i = self.probe(hash);
+            self.slots[i] = s;
+        }
+        true
+    }
+
+    pub(crate) fn get(&self, hash: KeyHash) -> Option<u64> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let s = &self.slots[self.probe(hash)];
+        (s.offset != EMPTY).then_some(s.offset)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     /// Bytes the table holds allocated.
     pub(crate) fn allocated_bytes(&self) -> usize {
-        Self::memory_for(self.map.capacity())
+        self.slots.len() * SLOT_BYTES
     }
 }
 
@@ -113,17 +188,25 @@ mod tests {
     #[test]
     fn a_full_map_refuses_new_keys_but_updates_known_ones_and_stays_within_its_memory() {
         let budget = 64 << 10;
-        let mut map = KeyMap::new(budget, usize::MAX);
-        let limit = KeyMap::entries_within(budget);
-        assert!(limit > 1000);
-        for i in 0..limit as u64 {
-            assert!(map.put(key_hash(&i.to_le_bytes()), i));
+        for expected in [usize::MAX, 10] {
+            let mut map = KeyMap::new(budget, expected);
+            let mut i = 0u64;
+            while map.put(map.hash(&i.to_le_bytes()), i) {
+                assert!(map.allocated_bytes() <= budget, "{} > {budget}", map.allocated_bytes());
+                i += 1;
+            }
+            assert!(map.len() > 700, "{} keys in {budget} bytes", map.len());
+            let zero = map.hash(&0u64.to_le_bytes());
+            assert!(map.put(zero, 99), "a known key still updates");
+            assert_eq!(map.get(zero), Some(99));
+            assert_eq!(map.get(map.hash(b"never put")), None);
+            assert!(!map.put(map.hash(b"one more"), 1), "full");
+            for k in 1..i {
+                assert_eq!(map.get(map.hash(&k.to_le_bytes())), Some(k), "every key found");
+            }
         }
-        assert!(!map.put(key_hash(b"one more"), 1), "full");
-        assert!(map.put(key_hash(&0u64.to_le_bytes()), 99), "a known key still updates");
-        assert_eq!(map.get(key_hash(&0u64.to_le_bytes())), Some(99));
-        assert_eq!(map.len(), limit);
-        assert!(map.allocated_bytes() <= budget, "{} > {budget}", map.allocated_bytes());
-        assert_ne!(key_hash(b"a"), key_hash(b"b"));
+        let map = KeyMap::new(budget, 1);
+        assert_ne!(map.hash(b"a"), map.hash(b"b"));
+        assert!(!KeyMap::new(100, 1).put(1, 1), "no room for a table at all");
     }
 }

@@ -40,7 +40,7 @@ use crate::segment::{IndexCursor, Segment};
 pub use swap::{CLEANER_DIR, SWAP_MARKER};
 pub use throttle::IoThrottle;
 
-use key_map::{KeyMap, key_hash};
+use key_map::{KeyHash, KeyMap};
 
 /// The file holding the cleaner checkpoint: `FIRST_DIRTY_OFFSET LAST_CLEANED_MS`.
 pub const CHECKPOINT_FILE: &str = "cleaner-offset";
@@ -286,9 +286,7 @@ impl PartitionLog {
         let mut report = CleanReport::default();
         let first_dirty = stats.first_dirty_offset;
         let map_end = if first_dirty < stats.cleanable_end {
-            // Enough room for every record of the dirty section, within the memory setting.
-            let wanted = usize::try_from(stats.dirty_bytes / 8).unwrap_or(usize::MAX);
-            let mut map = KeyMap::new(key_map_bytes, wanted);
+            let mut map = KeyMap::new(key_map_bytes, self.records_estimate(first_dirty, stats.dirty_bytes)?);
             let end = build_map(
                 &cleanable,
                 first_dirty,
@@ -333,6 +331,24 @@ impl PartitionLog {
         }
         self.dirty_stats(policy, bounds)?;
         Ok(Some(report))
+    }
+
+    /// About how many records `bytes` of log from `from` hold, from the first batch there
+    /// (a quarter more, so the key map rarely has to grow).
+    fn records_estimate(&self, from: u64, bytes: u64) -> Result<usize> {
+        let mut per_record = 8;
+        if let Some(found) = self.locate(from)?
+            && let Some(segment) = self
+                .segments_from(from)
+                .into_iter()
+                .find(|s| s.base_offset() == found.segment_base_offset)
+        {
+            let header = BatchHeader::parse(&segment.read_exact_at(found.position, batch::HEADER_LEN)?)?;
+            if header.record_count > 0 {
+                per_record = (header.size() as u64 / u64::from(header.record_count)).max(8);
+            }
+        }
+        Ok(usize::try_from(bytes / per_record * 5 / 4 + 1024).unwrap_or(usize::MAX))
     }
 
     /// Rewrites the cleanable segments that start below `map_end` group by group, swapping
@@ -539,18 +555,21 @@ fn build_map(
             if full_at.is_some() || header.is_control() || header.next_offset() <= from {
                 return Ok(());
             }
-            for record in batch.records()? {
-                let record = record?;
-                if record.offset < from {
-                    continue;
+            // The batch's keys are hashed and their slots prefetched before any lookup.
+            let mut keyed: Vec<(u64, KeyHash)> = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
+            batch::for_each_key(&batch, |offset, key| {
+                if offset >= from {
+                    let hash = map.hash(key);
+                    map.prefetch(hash);
+                    keyed.push((offset, hash));
                 }
-                if let Some(key) = &record.key
-                    && !map.put(key_hash(key), record.offset)
-                {
-                    full_at = Some(record.offset);
-                    return Ok(());
-                }
-            }
+                true
+            })?;
+            let full = keyed
+                .iter()
+                .find(|&&(offset, hash)| !map.put(hash, offset))
+                .map(|&(offset, _)| offset);
+            full_at = full;
             Ok(())
         })?;
         if let Some(at) = full_at {
@@ -575,15 +594,31 @@ impl Rules<'_> {
         let header = batch.header();
         let horizon_passed = header.delete_horizon().is_some_and(|h| h <= self.now_ms);
         let mut dropped_tombstones = 0;
+        // Every key's hash first, its slot prefetched, then the lookups (in record order).
+        let mut hashes: Vec<KeyHash> = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
+        if batch.header().base_offset < self.map_end && self.map.len() > 0 {
+            batch::for_each_key(batch, |_, key| {
+                let hash = self.map.hash(key);
+                self.map.prefetch(hash);
+                hashes.push(hash);
+                true
+            })?;
+        }
+        let mut next_hash = hashes.into_iter();
         let rewritten = batch::rewrite_batch(
             batch,
-            |r| {
-                let Some(key) = &r.key else { return true };
+            |r: batch::Judged<'_>| {
+                if r.key.is_none() {
+                    return true;
+                }
+                let hash = next_hash.next();
                 if r.offset >= self.map_end {
                     return true;
                 }
-                let latest = self.map.get(key_hash(key)).is_none_or(|latest| latest <= r.offset);
-                if latest && r.value.is_none() && horizon_passed && r.offset < self.tombstone_floor {
+                let latest = hash
+                    .and_then(|h| self.map.get(h))
+                    .is_none_or(|latest| latest <= r.offset);
+                if latest && r.tombstone && horizon_passed && r.offset < self.tombstone_floor {
                     dropped_tombstones += 1;
                     return false;
                 }
