@@ -99,6 +99,8 @@ pub enum CleanError {
 #[derive(Debug, Default)]
 struct Busy {
     cleaning: HashSet<(String, i32)>,
+    /// Replicas `topic compact` (without waiting) asked for a pass on, not started yet.
+    requested: HashSet<(String, i32)>,
     failed: HashMap<(String, i32), Instant>,
 }
 
@@ -222,6 +224,11 @@ impl Cleaner {
                 continue;
             }
             let b = bounds(&p);
+            if let Some(lag) = policy.max_compaction_lag_ms
+                && let Err(e) = log.roll_if_older_than(b.now_ms, lag)
+            {
+                tracing::warn!(topic = %p.topic, partition = p.index, error = %e, "could not roll a segment for max.compaction.lag.ms");
+            }
             let stats = match log.dirty_stats(&policy, &b) {
                 Ok(s) => s,
                 Err(e) => {
@@ -285,22 +292,54 @@ impl Cleaner {
         result
     }
 
-    /// Whether a pass is running on `p` now.
-    pub fn is_cleaning(&self, p: &Partition) -> bool {
-        self.lock().cleaning.contains(&(p.topic.clone(), p.index))
+    /// Starts a pass on `p` on a blocking thread unless one is running or asked for already;
+    /// says which. At most one such job per replica, however often it is asked.
+    pub fn start_now(self: &Arc<Self>, p: &Arc<Partition>, policy: CompactionPolicy) -> &'static str {
+        let key = (p.topic.clone(), p.index);
+        {
+            let mut busy = self.lock();
+            if busy.cleaning.contains(&key) {
+                return "already compacting";
+            }
+            if !busy.requested.insert(key.clone()) {
+                return "already requested";
+            }
+        }
+        let (cleaner, p) = (Arc::clone(self), Arc::clone(p));
+        tokio::task::spawn_blocking(move || {
+            let _ = cleaner.clean_now_requested(&p, &policy, Some(&key));
+        });
+        "started"
     }
 
     /// Runs a pass on `p` now, whatever its dirty ratio, after any pass already running on
     /// it. Blocking: the caller runs it off the reactor.
     pub fn clean_now(&self, p: &Arc<Partition>, policy: &CompactionPolicy) -> Result<Option<CleanReport>, CleanError> {
+        self.clean_now_requested(p, policy, None)
+    }
+
+    /// As [`clean_now`](Self::clean_now); `requested` is the mark [`start_now`](Self::start_now)
+    /// left, cleared once the pass starts.
+    fn clean_now_requested(
+        &self,
+        p: &Arc<Partition>,
+        policy: &CompactionPolicy,
+        requested: Option<&(String, i32)>,
+    ) -> Result<Option<CleanReport>, CleanError> {
         let key = (p.topic.clone(), p.index);
         {
             let mut busy = self.lock();
             while busy.cleaning.contains(&key) {
                 if self.stopped() {
+                    if let Some(r) = requested {
+                        busy.requested.remove(r);
+                    }
                     return Err(CleanError::Stopping);
                 }
                 busy = self.changed.wait(busy).unwrap_or_else(PoisonError::into_inner);
+            }
+            if let Some(r) = requested {
+                busy.requested.remove(r);
             }
             busy.cleaning.insert(key.clone());
         }

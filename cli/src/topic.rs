@@ -272,8 +272,10 @@ pub async fn run(client: &Client, cmd: TopicCommand, format: Format) -> anyhow::
             let failed: Vec<&ReplicaCompaction> = replicas
                 .iter()
                 .filter(|r| {
-                    !matches!(r.outcome.as_str(), "compacted" | "started" | "already compacting")
-                        && !r.outcome.starts_with("nothing to compact")
+                    !matches!(
+                        r.outcome.as_str(),
+                        "compacted" | "started" | "already compacting" | "already requested"
+                    ) && !r.outcome.starts_with("nothing to compact")
                 })
                 .collect();
             if !failed.is_empty() {

@@ -615,7 +615,7 @@ impl PartitionLog {
     }
 
     /// Seals the active segment and starts a new one at `base_offset`.
-    fn roll(&self, writer: &mut Writer, base_offset: u64) -> Result<()> {
+    pub(crate) fn roll(&self, writer: &mut Writer, base_offset: u64) -> Result<()> {
         let old = self.active();
         let durable = writer.config.flush != FlushPolicy::Os;
         if durable {

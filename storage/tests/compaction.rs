@@ -398,3 +398,62 @@ fn a_sigkill_at_any_point_of_a_swap_leaves_a_log_with_the_same_map() {
         "the child died at the named steps ({killed} kills)"
     );
 }
+
+#[test]
+fn max_compaction_lag_rolls_an_old_active_segment_so_its_records_can_be_cleaned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = PartitionLog::open(dir.path(), config()).expect("open");
+    let now = conveyor_storage::unix_millis();
+    assert!(!log.roll_if_older_than(now, 0).expect("roll"), "an empty segment stays");
+    for v in 0..3 {
+        log.append(&keyed_batch(&[(1, Some(v))], 1, Compression::None))
+            .expect("append");
+    }
+    assert!(
+        !log.roll_if_older_than(now, 3_600_000).expect("roll"),
+        "younger than the lag"
+    );
+    // The segment's age counts from its first append, after `now`.
+    let now = conveyor_storage::unix_millis();
+    assert!(
+        log.roll_if_older_than(now + 3_600_000, 3_600_000).expect("roll"),
+        "as old as the lag"
+    );
+    assert_eq!(log.segment_count(), 2);
+    let overdue = CompactionPolicy {
+        min_cleanable_dirty_ratio: 1.0,
+        max_compaction_lag_ms: Some(1),
+        ..CompactionPolicy::default()
+    };
+    let bounds = CleanBounds {
+        committed_end: log.log_end_offset(),
+        tombstone_floor: log.log_end_offset(),
+        now_ms: now + 3_600_000,
+    };
+    let report = log
+        .clean(&overdue, &bounds, KEY_MAP_BYTES, &IoThrottle::unlimited(), false)
+        .expect("clean")
+        .expect("overdue: due whatever the ratio");
+    assert_eq!((report.records_before, report.records_after), (3, 1));
+    let due_by_ratio_only = CompactionPolicy {
+        min_cleanable_dirty_ratio: 1.0,
+        ..CompactionPolicy::default()
+    };
+    log.append(&keyed_batch(&[(1, Some(9))], 1, Compression::None))
+        .expect("append");
+    log.roll_if_older_than(now + 7_200_000, 1).expect("roll");
+    let stats = log
+        .dirty_stats(
+            &due_by_ratio_only,
+            &CleanBounds {
+                committed_end: log.log_end_offset(),
+                tombstone_floor: 0,
+                now_ms: now,
+            },
+        )
+        .expect("stats");
+    assert!(
+        stats.dirty_ratio() < 1.0 && !stats.due(&due_by_ratio_only, now),
+        "{stats:?}"
+    );
+}

@@ -264,6 +264,20 @@ impl PartitionLog {
         Ok(stats)
     }
 
+    /// Seals the active segment if its first batch was appended `max_age_ms` or more before
+    /// `now_ms`, so that `max.compaction.lag.ms` can reach records in it (the cleaner never
+    /// touches the active segment). True if it rolled.
+    pub fn roll_if_older_than(&self, now_ms: i64, max_age_ms: i64) -> Result<bool> {
+        let mut writer = self.lock_writer();
+        self.check_poisoned()?;
+        let active = self.active();
+        if active.size() == 0 || now_ms.saturating_sub(active.created_ms()) < max_age_ms {
+            return Ok(false);
+        }
+        self.roll(&mut writer, self.log_end_offset())?;
+        Ok(true)
+    }
+
     /// Runs one cleaning pass if `policy` calls for one (or whenever there is anything
     /// cleanable, with `force`); `None` when it did nothing. `key_map_bytes` bounds the key
     /// map's memory; `throttle` paces reads and writes. Blocks; see the module documentation.
@@ -420,7 +434,15 @@ impl PartitionLog {
         throttle: &IoThrottle,
         report: &mut CleanReport,
     ) -> Result<Segment> {
-        fs::create_dir_all(staging).map_err(LogError::io("create cleaner directory", staging))?;
+        // Never `create_dir_all`: a partition directory deleted meanwhile must stay deleted.
+        for d in [staging.parent().unwrap_or(staging), staging] {
+            match fs::create_dir(d) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(LogError::io("create cleaner directory", d)(e));
+                }
+                _ => {}
+            }
+        }
         let new = Segment::open(staging, group[0].base_offset(), Some(config.max_index_bytes))?;
         let mut cursor = IndexCursor {
             last_indexed_position: 0,

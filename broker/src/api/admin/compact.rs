@@ -100,7 +100,6 @@ impl AdminService {
         let mut out = Vec::new();
         for &index in partitions {
             let Some(p) = topic.local.get(&index) else { continue };
-            let (cleaner, p) = (Arc::clone(&self.ctx.cleaner), Arc::clone(p));
             let row = |outcome: &str| ReplicaCompaction {
                 partition: index,
                 broker: me,
@@ -108,19 +107,10 @@ impl AdminService {
                 ..ReplicaCompaction::default()
             };
             if !wait {
-                let started = if cleaner.is_cleaning(&p) {
-                    "already compacting"
-                } else {
-                    "started"
-                };
-                // Bounded: one job per partition asked, and a job waits for a pass already
-                // running on its replica rather than starting a second.
-                tokio::task::spawn_blocking(move || {
-                    let _ = cleaner.clean_now(&p, &policy);
-                });
-                out.push(row(started));
+                out.push(row(self.ctx.cleaner.start_now(p, policy)));
                 continue;
             }
+            let (cleaner, p) = (Arc::clone(&self.ctx.cleaner), Arc::clone(p));
             let started = Instant::now();
             let log = p.log();
             let done = crate::blocking::blocking(move || Ok(cleaner.clean_now(&p, &policy))).await;
