@@ -187,7 +187,15 @@ struct DecodeJob {
 ///
 /// Every batch's CRC is checked before it is decoded: bytes altered on disk after they were
 /// acknowledged are refused with [`BrokerError::DamagedOnDisk`], never served.
-fn decode(job: &DecodeJob, bytes: &Bytes, budget: &mut usize, held: &Reservation) -> Result<Vec<Record>> {
+///
+/// Also returns the offset of the first record left out when the budget ran out part-way
+/// (the consumer's next offset), `None` when every batch was decoded to its end.
+fn decode(
+    job: &DecodeJob,
+    bytes: &Bytes,
+    budget: &mut usize,
+    held: &Reservation,
+) -> Result<(Vec<Record>, Option<u64>)> {
     let damaged = |offset: u64, source| BrokerError::DamagedOnDisk {
         topic: job.topic.clone(),
         partition: job.partition,
@@ -234,13 +242,13 @@ fn decode(job: &DecodeJob, bytes: &Bytes, budget: &mut usize, held: &Reservation
             let size = record.encoded_len();
             if size > *budget && !out.is_empty() {
                 *budget = 0;
-                return Ok(out);
+                return Ok((out, Some(record.offset)));
             }
             *budget = budget.saturating_sub(size);
             out.push(record);
         }
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// Decodes each partition's read (`jobs` and `batches` pair up) within `budget` decoded bytes
@@ -255,7 +263,7 @@ async fn decode_reads(
     jobs: Vec<DecodeJob>,
     batches: Vec<Bytes>,
     budget: usize,
-) -> Result<Vec<Result<Vec<Record>>>> {
+) -> Result<Vec<Result<(Vec<Record>, Option<u64>)>>> {
     let max_uncompressed = jobs.iter().map(|j| j.max_uncompressed).max().unwrap_or(0);
     let holds = decoding_bytes(&batches, max_uncompressed, budget);
     let first = jobs.first().map(|j| (j.topic.clone(), j.partition));
@@ -374,7 +382,7 @@ impl FetchService {
                 .collect();
             decode_reads(inflate_budget::shared(), jobs, batches, budget).await?
         } else {
-            results.iter().map(|_| Ok(Vec::new())).collect()
+            results.iter().map(|_| Ok((Vec::new(), None))).collect()
         };
         let single = results.len() == 1;
         let mut partitions = Vec::with_capacity(results.len());
@@ -387,18 +395,19 @@ impl FetchService {
             } = read;
             // As with an offset out of range: alone it fails the fetch, among others it is
             // that partition's answer.
-            let records = match records {
-                Ok(records) => records,
+            let (records, stopped_at) = match records {
+                Ok(decoded) => decoded,
                 Err(e) if single => return Err(e),
                 Err(e) => {
                     error = Some(e);
-                    Vec::new()
+                    (Vec::new(), None)
                 }
             };
             if let Some(e) = &error {
                 self.ctx.metrics.request_failed(e.error_code());
             }
             w.partition.traffic.bytes_out.add(batches.len() as u64);
+            let next_offset = stopped_at.unwrap_or_else(|| next_offset_after(&batches).unwrap_or(w.offset));
             let batches = if req.decode_records { Bytes::new() } else { batches };
             partitions.push(PartitionData {
                 topic: w.partition.topic.clone(),
@@ -408,6 +417,7 @@ impl FetchService {
                 batches,
                 records,
                 error: error.map(|e| e.detail()),
+                next_offset,
             });
         }
         Ok(FetchResponse { partitions })
@@ -538,12 +548,28 @@ mod tests {
         assert!(bytes.len() < 10 * VALUE / 4, "the batches compress well");
         // The stored bytes fit the budget three times over; decoded, only about three do.
         let mut budget = 3 * VALUE + 100;
-        let records = decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
+        let (records, stopped_at) =
+            decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
         assert_eq!(records.len(), 3, "decoded bytes are what the budget counts");
+        assert_eq!(
+            stopped_at,
+            Some(3),
+            "the consumer goes on from the first record left out"
+        );
         let mut budget = 1;
-        let records = decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
+        let (records, stopped_at) =
+            decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
         assert_eq!(records.len(), 1, "one record even over the budget");
+        assert_eq!(stopped_at, Some(1));
         assert_eq!(budget, 0);
+        let mut budget = 1 << 30;
+        let (records, stopped_at) =
+            decode(&job(1 << 20), &bytes, &mut budget, &Reservation::default()).expect("decode");
+        assert_eq!(
+            (records.len(), stopped_at),
+            (10, None),
+            "all of it: go on after the last batch"
+        );
     }
 
     #[test]
@@ -580,7 +606,7 @@ mod tests {
             .await
             .expect("decode");
         let records = match decoded.as_slice() {
-            [Ok(records)] => records.clone(),
+            [Ok((records, _))] => records.clone(),
             other => panic!("one partition's records expected: {other:?}"),
         };
         assert_eq!(records.len(), 4);
