@@ -457,3 +457,43 @@ fn max_compaction_lag_rolls_an_old_active_segment_so_its_records_can_be_cleaned(
         "{stats:?}"
     );
 }
+
+#[test]
+fn idempotent_producers_state_read_from_compacted_headers_is_the_state_before() {
+    use conveyor_storage::batch::ProducerInfo;
+    use conveyor_storage::producer_state::idempotence_of;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = PartitionLog::open(dir.path(), config()).expect("open");
+    let mut sequence = 0;
+    for round in 0..40u16 {
+        // Three records per batch, two of them the same key: compaction removes some.
+        let mut b = BatchBuilder::new(Compression::None).producer(ProducerInfo {
+            producer_id: 7,
+            producer_epoch: 2,
+            base_sequence: sequence,
+        });
+        for (key, value) in [(1u8, round), (1, round + 1), (2, round)] {
+            b.push(&Record {
+                timestamp: 1,
+                key: Some(Bytes::from(format!("key-{key}"))),
+                value: Some(Bytes::from(format!("value-{value}"))),
+                headers: vec![],
+            });
+        }
+        log.append(&b.build().expect("build")).expect("append");
+        sequence += 3;
+    }
+    let sequences = |log: &PartitionLog| -> Vec<(i32, i32, u64)> {
+        batches(log)
+            .iter()
+            .map(|b| {
+                let i = idempotence_of(b.header()).expect("fields").expect("idempotent");
+                (i.first_sequence, i.last_sequence, b.header().base_offset)
+            })
+            .collect()
+    };
+    let before = sequences(&log);
+    clean(&log, &policy(0), 1_000_000, KEY_MAP_BYTES);
+    assert!(read_all(&log, 1 << 20).len() < 40 * 3, "records were removed");
+    assert_eq!(sequences(&log), before, "every batch still says which sequences it carried");
+}

@@ -123,7 +123,10 @@ pub fn idempotence_of(header: &BatchHeader) -> Result<Option<Idempotent>, Produc
     if base_sequence < 0 {
         return Err(ProducerFieldError::Sequence(base_sequence));
     }
-    let count = header.record_count.max(1);
+    // A batch's sequences span its offset range, as its records did when it was produced:
+    // compaction may remove records but keeps the range (`last_offset_delta`), so the
+    // state read from a compacted header is the state it had before.
+    let count = header.last_offset_delta.saturating_add(1);
     let last = i64::from(base_sequence) + i64::from(count) - 1;
     let last_sequence = i32::try_from(last).map_err(|_| ProducerFieldError::Wraps {
         first: base_sequence,
