@@ -258,6 +258,9 @@ impl TopicDefaults {
                 self.min_cleanable_dirty_ratio
             ));
         }
+        if self.max_compaction_lag_ms == Some(0) {
+            return Err("max_compaction_lag must be positive, or absent for no limit".into());
+        }
         if let Some(max) = self.max_compaction_lag_ms
             && max < self.min_compaction_lag_ms
         {

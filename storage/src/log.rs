@@ -102,6 +102,8 @@ pub struct PartitionLog {
     /// The cleaner checkpoint once read or written, and the last dirty stats (see
     /// [`crate::cleaner`]).
     cleaner_view: Mutex<crate::cleaner::CleanerView>,
+    /// Counts truncations and resets: a cleaning pass that sees it change gives up its swaps.
+    pub(crate) cuts: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +146,7 @@ impl PartitionLog {
             sync_observer: OnceLock::new(),
             opened_clean: AtomicBool::new(false),
             cleaner_view: Mutex::new(crate::cleaner::CleanerView::default()),
+            cuts: AtomicU64::new(0),
         }
     }
 

@@ -283,6 +283,8 @@ impl PartitionLog {
         }
         let rp = recovery_point.min(segments.last().map_or(0, |s| s.next_offset()));
         let log = PartitionLog::from_parts(dir, segments, config, rp);
+        // A cut at open (a torn tail, damage) may have gone below the cleaner checkpoint.
+        log.lower_cleaner_checkpoint(log.log_end_offset())?;
         log.opened_clean
             .store(clean && report == RecoveryReport::default(), Ordering::Release);
         let _ = log.recovery.set(report);

@@ -126,6 +126,9 @@ impl PartitionLog {
                 log_end_offset: end,
             });
         }
+        // Before the cut: what is appended after it must be cleaned as new (a crash between
+        // the two leaves a checkpoint lower than needed, which only costs cleaning).
+        self.lower_cleaner_checkpoint(offset)?;
         let segments = self.segments_snapshot();
         let keep = segments.partition_point(|s| s.base_offset() <= offset);
         let target = Arc::clone(&segments[keep - 1]);
@@ -193,6 +196,7 @@ impl PartitionLog {
     pub fn truncate_fully_and_start_at(&self, offset: u64) -> Result<()> {
         let mut writer = self.lock_writer();
         self.check_poisoned()?;
+        self.lower_cleaner_checkpoint(offset)?;
         write_recovery_point(&self.dir, 0)?;
         writer.recovery_point = 0;
         let result = {

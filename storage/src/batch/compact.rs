@@ -89,55 +89,99 @@ pub fn rewrite_batch(
     if !dropped && new_horizon == existing_horizon {
         return Ok(Rewritten::Unchanged);
     }
-    let first_timestamp = match new_horizon {
-        Some(h) if count > 0 => h,
-        _ => header.first_timestamp,
+    let kept = Kept {
+        batch,
+        section: &section,
+        ranges: &kept,
+        stays: &stays,
+        count,
     };
-    let mut plain = Vec::with_capacity(kept.iter().map(|(a, b)| b - a).sum());
-    if first_timestamp == header.first_timestamp {
-        for (from, to) in &kept {
-            plain.extend_from_slice(&section[*from..*to]);
+    let out = kept.assemble(new_horizon)?;
+    // A new horizon moves the timestamp base to the max timestamp, which can lengthen the
+    // deltas: a batch never grows (it must still fit the limits it was appended under);
+    // its tombstones then wait for a pass that also removes records from it.
+    if existing_horizon.is_none() && new_horizon.is_some() && out.len() > batch.bytes().len() {
+        if !dropped {
+            return Ok(Rewritten::Unchanged);
         }
-    } else {
-        // A new timestamp base: each kept record is encoded again with its delta from it.
-        for (record, stay) in batch.records()?.zip(stays) {
-            let record = record?;
-            if stay {
-                let offset_delta = (record.offset - header.base_offset) as u32;
-                let r = Record {
-                    timestamp: record.timestamp,
-                    key: record.key,
-                    value: record.value,
-                    headers: record.headers,
-                };
-                records::encode(&mut plain, &r, r.timestamp.wrapping_sub(first_timestamp), offset_delta);
+        return Ok(Rewritten::Changed(Bytes::from(kept.assemble(None)?)));
+    }
+    Ok(Rewritten::Changed(Bytes::from(out)))
+}
+
+/// What a rewrite keeps of a batch.
+struct Kept<'a> {
+    batch: &'a RecordBatch,
+    section: &'a [u8],
+    /// Byte ranges of the kept records in `section`.
+    ranges: &'a [(usize, usize)],
+    /// Whether each record, in order, stays.
+    stays: &'a [bool],
+    count: u32,
+}
+
+impl Kept<'_> {
+    /// The new batch's bytes with `horizon` as its delete horizon.
+    fn assemble(&self, horizon: Option<i64>) -> Result<Vec<u8>, BatchError> {
+        let header = self.batch.header();
+        let with_horizon = horizon.is_some() && self.count > 0;
+        let base = if with_horizon {
+            header.max_timestamp
+        } else {
+            header.first_timestamp
+        };
+        let mut plain = Vec::with_capacity(self.ranges.iter().map(|(a, b)| b - a).sum());
+        if base == records::timestamp_base(header) {
+            for (from, to) in self.ranges {
+                plain.extend_from_slice(&self.section[*from..*to]);
+            }
+        } else {
+            // A new timestamp base: each kept record is encoded again with its delta from it.
+            for (record, stay) in self.batch.records()?.zip(self.stays) {
+                let record = record?;
+                if *stay {
+                    let offset_delta = (record.offset - header.base_offset) as u32;
+                    let r = Record {
+                        timestamp: record.timestamp,
+                        key: record.key,
+                        value: record.value,
+                        headers: record.headers,
+                    };
+                    records::encode(&mut plain, &r, r.timestamp.wrapping_sub(base), offset_delta);
+                }
             }
         }
+        let compression = if self.count == 0 {
+            Compression::None
+        } else {
+            header.compression()?
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + plain.len());
+        out.extend_from_slice(&self.batch.bytes()[..HEADER_LEN]);
+        compression.compress(&plain, &mut out)?;
+        let mut attributes = (header.attributes & !COMPRESSION_MASK) | u16::from(compression.id()) | COMPACTED_BIT;
+        let first_timestamp = match horizon {
+            Some(h) if with_horizon => {
+                attributes |= DELETE_HORIZON_BIT;
+                h
+            }
+            _ => {
+                attributes &= !DELETE_HORIZON_BIT;
+                // An emptied batch that had a horizon keeps it there: nothing reads it.
+                header.first_timestamp
+            }
+        };
+        let batch_length =
+            u32::try_from(out.len() - LENGTH_PREFIX).map_err(|_| BatchError::Compress("batch exceeds 4 GiB".into()))?;
+        let put = |out: &mut Vec<u8>, at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+        put(&mut out, LENGTH_AT, &batch_length.to_le_bytes());
+        put(&mut out, ATTRIBUTES_AT, &attributes.to_le_bytes());
+        put(&mut out, FIRST_TIMESTAMP_AT, &first_timestamp.to_le_bytes());
+        put(&mut out, RECORD_COUNT_AT, &self.count.to_le_bytes());
+        let crc = crc32fast::hash(&out[CRC_START..]);
+        put(&mut out, CRC_AT, &crc.to_le_bytes());
+        Ok(out)
     }
-    let compression = if count == 0 {
-        Compression::None
-    } else {
-        header.compression()?
-    };
-    let mut out = Vec::with_capacity(HEADER_LEN + plain.len());
-    out.extend_from_slice(&batch.bytes()[..HEADER_LEN]);
-    compression.compress(&plain, &mut out)?;
-    let mut attributes = (header.attributes & !COMPRESSION_MASK) | u16::from(compression.id()) | COMPACTED_BIT;
-    if new_horizon.is_some() && count > 0 {
-        attributes |= DELETE_HORIZON_BIT;
-    } else {
-        attributes &= !DELETE_HORIZON_BIT;
-    }
-    let batch_length =
-        u32::try_from(out.len() - LENGTH_PREFIX).map_err(|_| BatchError::Compress("batch exceeds 4 GiB".into()))?;
-    let put = |out: &mut Vec<u8>, at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
-    put(&mut out, LENGTH_AT, &batch_length.to_le_bytes());
-    put(&mut out, ATTRIBUTES_AT, &attributes.to_le_bytes());
-    put(&mut out, FIRST_TIMESTAMP_AT, &first_timestamp.to_le_bytes());
-    put(&mut out, RECORD_COUNT_AT, &count.to_le_bytes());
-    let crc = crc32fast::hash(&out[CRC_START..]);
-    put(&mut out, CRC_AT, &crc.to_le_bytes());
-    Ok(Rewritten::Changed(Bytes::from(out)))
 }
 
 #[cfg(test)]
@@ -207,6 +251,43 @@ mod tests {
                 "a producer may not send it"
             );
         }
+    }
+
+    #[test]
+    fn a_horizon_never_makes_a_batch_larger() {
+        let mut b = BatchBuilder::new(Compression::None);
+        for i in 0..50 {
+            b.push(&Record {
+                timestamp: 1_700_000_000_000 + i,
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: None,
+                headers: vec![],
+            });
+        }
+        let original = RecordBatch::parse(b.build().expect("build")).expect("parse");
+        let horizon = 1_700_000_000_000 + 86_400_000;
+        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(horizon)).expect("rewrite") else {
+            panic!("a horizon was added");
+        };
+        assert!(
+            bytes.len() <= original.bytes().len(),
+            "{} > {}",
+            bytes.len(),
+            original.bytes().len()
+        );
+        let rewritten = RecordBatch::parse(bytes).expect("parse");
+        assert_eq!(rewritten.header().delete_horizon(), Some(horizon));
+        let a: Vec<i64> = rewritten
+            .records()
+            .expect("r")
+            .map(|r| r.expect("r").timestamp)
+            .collect();
+        let b: Vec<i64> = original
+            .records()
+            .expect("r")
+            .map(|r| r.expect("r").timestamp)
+            .collect();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -50,8 +50,8 @@
 //!   offset range, none at all, and keeps its header (offsets, Raft index and term, producer
 //!   fields) so that offsets and Raft indexes stay contiguous. With the delete-horizon bit
 //!   (only on a compacted batch), `first_timestamp` is the time (ms) after which the cleaner
-//!   may drop its tombstones, and record timestamp deltas count from it. Producers may set
-//!   neither bit (`docs/compaction.md`).
+//!   may drop its tombstones, and record timestamp deltas count from `max_timestamp`
+//!   instead. Producers may set neither bit (`docs/compaction.md`).
 
 mod builder;
 mod compact;

@@ -202,6 +202,16 @@ pub(crate) fn for_each_view<E: From<BatchError>>(
     Ok(())
 }
 
+/// What record timestamp deltas count from: the first timestamp, or on a batch with a delete
+/// horizon (which takes the first timestamp's place) the max timestamp.
+pub(crate) fn timestamp_base(header: &BatchHeader) -> i64 {
+    if header.delete_horizon().is_some() {
+        header.max_timestamp
+    } else {
+        header.first_timestamp
+    }
+}
+
 /// The plain records section of a batch, decompressed (to at most `limit` bytes) when needed.
 pub(crate) fn plain_section(header: &BatchHeader, batch: &Bytes, limit: usize) -> Result<Bytes, BatchError> {
     if batch.len() < HEADER_LEN {
@@ -236,7 +246,7 @@ impl RecordIter {
             pos: 0,
             index: 0,
             base_offset: header.base_offset,
-            first_timestamp: header.first_timestamp,
+            first_timestamp: timestamp_base(header),
             remaining: header.record_count,
         })
     }

@@ -213,6 +213,24 @@ impl PartitionLog {
         Ok(c)
     }
 
+    /// Moves the cleaner checkpoint down to `offset` if it is above: the log is being cut
+    /// there, and whatever is appended from there on has never been cleaned. Also makes a
+    /// pass under way give up its swaps and keep the checkpoint where it is. Durable before
+    /// it returns. The caller holds the writer lock (or is opening the log).
+    pub(crate) fn lower_cleaner_checkpoint(&self, offset: u64) -> Result<()> {
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let current = self.checkpoint()?;
+        if current.first_dirty > offset {
+            let lowered = Checkpoint {
+                first_dirty: offset,
+                ..current
+            };
+            lowered.write(&self.dir)?;
+            self.cleaner_view().checkpoint = Some(lowered);
+        }
+        Ok(())
+    }
+
     /// When a pass last finished, if one did and this object has read or written the
     /// checkpoint since it opened (it reads it on the first [`dirty_stats`](Self::dirty_stats)).
     /// Never touches the disk.
@@ -243,15 +261,11 @@ impl PartitionLog {
                 dirty_bytes += s.size();
             }
         }
-        let mut oldest_dirty_ms = None;
-        if first_dirty < cleanable_end
-            && let Some(found) = self.locate(first_dirty)?
-            && let Some(segment) = cleanable.iter().find(|s| s.base_offset() == found.segment_base_offset)
-        {
-            let bytes = segment.read_exact_at(found.position, batch::HEADER_LEN)?;
-            let header = BatchHeader::parse(&bytes)?;
-            oldest_dirty_ms = header.delete_horizon().is_none().then_some(header.first_timestamp);
-        }
+        let oldest_dirty_ms = if first_dirty < cleanable_end {
+            first_record_batch(cleanable, first_dirty)?.map(|h| h.first_timestamp)
+        } else {
+            None
+        };
         let stats = DirtyStats {
             clean_bytes,
             dirty_bytes,
@@ -295,12 +309,16 @@ impl PartitionLog {
         if stats.cleanable_end <= self.log_start_offset() || !(force || stats.due(policy, bounds.now_ms)) {
             return Ok(None);
         }
+        let cuts = self.cuts.load(std::sync::atomic::Ordering::Acquire);
         let segments = self.segments_snapshot();
         let cleanable: Vec<Arc<Segment>> = cleanable(&segments, bounds, policy).to_vec();
         let mut report = CleanReport::default();
         let first_dirty = stats.first_dirty_offset;
         let map_end = if first_dirty < stats.cleanable_end {
-            let mut map = KeyMap::new(key_map_bytes, self.records_estimate(first_dirty, stats.dirty_bytes)?);
+            let mut map = KeyMap::new(
+                key_map_bytes,
+                Self::records_estimate(&cleanable, first_dirty, stats.dirty_bytes)?,
+            );
             let end = build_map(
                 &cleanable,
                 first_dirty,
@@ -316,32 +334,38 @@ impl PartitionLog {
             }
             report.keys = map.len();
             report.key_map_bytes = map.allocated_bytes();
-            self.rewrite(&cleanable, &map, end, policy, bounds, throttle, &mut report)?;
-            end
+            let skipped_from = self.rewrite(&cleanable, &map, end, policy, bounds, throttle, cuts, &mut report)?;
+            // A group given up stays as it was: the next pass cleans it as dirty.
+            skipped_from.map_or(end, |at| at.min(end))
         } else {
             // Forced with nothing dirty: a pass over the clean section drops expired tombstones.
             let map = KeyMap::new(0, 0);
-            self.rewrite(
+            let skipped_from = self.rewrite(
                 &cleanable,
                 &map,
                 stats.cleanable_end,
                 policy,
                 bounds,
                 throttle,
+                cuts,
                 &mut report,
             )?;
-            first_dirty
+            skipped_from.map_or(first_dirty, |at| at.min(first_dirty))
         };
         report.cleaned_up_to = map_end;
         let checkpoint = Checkpoint {
             first_dirty: map_end,
-            last_cleaned_ms: Some(bounds.now_ms),
+            // When the pass ended (`now_ms` is when it started, or a test's clock).
+            last_cleaned_ms: Some(bounds.now_ms.max(crate::batch::unix_millis())),
         };
         {
             let _writer = self.lock_writer();
             self.check_poisoned()?;
-            checkpoint.write(&self.dir)?;
-            self.cleaner_view().checkpoint = Some(checkpoint);
+            // A cut meanwhile lowered the checkpoint: it stays as the cut left it.
+            if self.cuts.load(std::sync::atomic::Ordering::Acquire) == cuts {
+                checkpoint.write(&self.dir)?;
+                self.cleaner_view().checkpoint = Some(checkpoint);
+            }
         }
         self.dirty_stats(policy, bounds)?;
         Ok(Some(report))
@@ -349,24 +373,18 @@ impl PartitionLog {
 
     /// About how many records `bytes` of log from `from` hold, from the first batch there
     /// (a quarter more, so the key map rarely has to grow).
-    fn records_estimate(&self, from: u64, bytes: u64) -> Result<usize> {
-        let mut per_record = 8;
-        if let Some(found) = self.locate(from)?
-            && let Some(segment) = self
-                .segments_from(from)
-                .into_iter()
-                .find(|s| s.base_offset() == found.segment_base_offset)
-        {
-            let header = BatchHeader::parse(&segment.read_exact_at(found.position, batch::HEADER_LEN)?)?;
-            if header.record_count > 0 {
-                per_record = (header.size() as u64 / u64::from(header.record_count)).max(8);
-            }
-        }
+    fn records_estimate(cleanable: &[Arc<Segment>], from: u64, bytes: u64) -> Result<usize> {
+        let per_record = match first_record_batch(cleanable, from)? {
+            Some(h) if h.record_count > 0 => (h.size() as u64 / u64::from(h.record_count)).max(8),
+            _ => 8,
+        };
         Ok(usize::try_from(bytes / per_record * 5 / 4 + 1024).unwrap_or(usize::MAX))
     }
 
     /// Rewrites the cleanable segments that start below `map_end` group by group, swapping
-    /// each in. Records below `map_end` are judged by `map`; those above are kept.
+    /// each in. Records below `map_end` are judged by `map`; those above are kept. Returns
+    /// the base offset of the first group whose swap was given up (the log changed under
+    /// the pass, see `cuts`), if one was.
     #[allow(clippy::too_many_arguments)]
     fn rewrite(
         &self,
@@ -376,8 +394,9 @@ impl PartitionLog {
         policy: &CompactionPolicy,
         bounds: &CleanBounds,
         throttle: &IoThrottle,
+        cuts: u64,
         report: &mut CleanReport,
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         let config = self.config();
         let targets: Vec<Arc<Segment>> = cleanable
             .iter()
@@ -409,19 +428,26 @@ impl PartitionLog {
         let pass = swap::new_pass_name();
         let staging = swap::staging_dir(&self.dir, &pass);
         let result = (|| {
+            let mut skipped_from = None;
             for group in groups {
                 if self.is_closed() {
                     return Err(LogError::Closed);
                 }
                 let staged = self.clean_group(&group, &rules, &config, &staging, throttle, report)?;
-                if !self.swap_in(&group, staged, &pass)? {
+                if !self.swap_in(&group, staged, &pass, cuts)? {
                     report.groups_skipped += 1;
+                    skipped_from.get_or_insert(group[0].base_offset());
                 }
             }
-            Ok(())
+            Ok(skipped_from)
         })();
+        // A swap that failed after its commit poisoned the log: its staged files are what
+        // the next open finishes the swap with, so they stay.
+        if self.is_poisoned() {
+            return result;
+        }
         let removed = swap::remove_staging(&staging);
-        result.and(removed)
+        result.and_then(|skipped| removed.map(|()| skipped))
     }
 
     /// Writes the cleaned copy of `group` into the staging directory, synced.
@@ -434,7 +460,11 @@ impl PartitionLog {
         throttle: &IoThrottle,
         report: &mut CleanReport,
     ) -> Result<Segment> {
-        // Never `create_dir_all`: a partition directory deleted meanwhile must stay deleted.
+        // Under the writer lock, after the closed check: a log retired (its directory about to
+        // be reopened or removed) gets no new staging directory. Never `create_dir_all`: a
+        // partition directory deleted meanwhile must stay deleted.
+        let _writer = self.lock_writer();
+        self.check_poisoned()?;
         for d in [staging.parent().unwrap_or(staging), staging] {
             match fs::create_dir(d) {
                 Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
@@ -444,6 +474,7 @@ impl PartitionLog {
             }
         }
         let new = Segment::open(staging, group[0].base_offset(), Some(config.max_index_bytes))?;
+        drop(_writer);
         let mut cursor = IndexCursor {
             last_indexed_position: 0,
             last_indexed_timestamp: i64::MIN,
@@ -467,6 +498,7 @@ impl PartitionLog {
                 report.records_after += u64::from(header.record_count);
                 let mut prefix = [0u8; CRC_AT];
                 prefix.copy_from_slice(&bytes[..CRC_AT]);
+                throttle.take(bytes.len() as u64);
                 new.append(&prefix, &bytes, &header, &mut cursor, config.index_interval_bytes)
             })?;
         }
@@ -474,7 +506,6 @@ impl PartitionLog {
         new.sync_log()?;
         new.flush_indexes()?;
         crate::sync::sync_dir(staging)?;
-        throttle.take(new.size());
         report.bytes_written += new.size();
         report.bytes_after += new.size();
         crate::crash_sim::cleaner_step(swap::steps::WRITTEN);
@@ -483,9 +514,14 @@ impl PartitionLog {
 
     /// Puts `staged` in place of `group` (see [`swap`]); false, changing nothing, if the
     /// group is no longer what the log holds there.
-    fn swap_in(&self, group: &[Arc<Segment>], staged: Segment, pass: &str) -> Result<bool> {
+    fn swap_in(&self, group: &[Arc<Segment>], staged: Segment, pass: &str, cuts: u64) -> Result<bool> {
         let _writer = self.lock_writer();
         self.check_poisoned()?;
+        // A cut since the pass started may have truncated a group segment in place and
+        // refilled it: the same segment object, other batches.
+        if self.cuts.load(std::sync::atomic::Ordering::Acquire) != cuts {
+            return Ok(false);
+        }
         let at = {
             let segments = self.read_segments();
             let at = segments.iter().position(|s| Arc::ptr_eq(s, &group[0]));
@@ -505,7 +541,12 @@ impl PartitionLog {
             replaced: group.iter().map(|s| s.base_offset()).collect(),
             pass: pass.to_string(),
         };
-        change.commit(&self.dir)?;
+        // A failed commit may still have reached the disk (the rename, not the directory
+        // fsync): the log stops serving, and the next open finishes or rolls back.
+        if let Err(e) = change.commit(&self.dir) {
+            self.poison("compaction swap commit", &e);
+            return Err(e);
+        }
         // From the commit on, the next open finishes the swap: a failure here leaves the
         // directory between two states this object cannot describe, so it stops serving.
         let result = change.finish(&self.dir).and_then(|()| {
@@ -526,6 +567,32 @@ impl PartitionLog {
     }
 }
 
+/// Most batch headers looked at for the first batch with records after an offset.
+const FIRST_RECORDS_LOOKAHEAD: usize = 64;
+
+/// The header of the first batch at or after `offset` (in its segment, within a few
+/// batches) that holds records of producers: not a control batch (whose timestamps are 0),
+/// not an emptied one, and with no delete horizon. Looked up in `segments` themselves, so
+/// position and file agree even if the log swapped a segment since.
+fn first_record_batch(segments: &[Arc<Segment>], offset: u64) -> Result<Option<BatchHeader>> {
+    let Some(segment) = segments.iter().rev().find(|s| s.base_offset() <= offset) else {
+        return Ok(None);
+    };
+    let Some(found) = segment.locate(offset)? else {
+        return Ok(None);
+    };
+    let (mut found_header, mut looked) = (None, 0);
+    segment.scan_headers(found.position, segment.size(), |_, h| {
+        looked += 1;
+        if !h.is_control() && h.record_count > 0 && h.delete_horizon().is_none() {
+            found_header = Some(*h);
+            return false;
+        }
+        looked < FIRST_RECORDS_LOOKAHEAD
+    })?;
+    Ok(found_header)
+}
+
 /// Calls `visit` with every batch of `segment`, reading it in chunks paced by `throttle`.
 /// Batches are CRC-checked: the cleaner never rewrites damage into a fresh, valid batch.
 fn for_each_batch(
@@ -536,6 +603,7 @@ fn for_each_batch(
 ) -> Result<()> {
     let end = segment.size();
     let mut position = 0;
+    let mut expected = segment.base_offset();
     while position < end {
         let chunk: Bytes = segment.read_from(position, READ_CHUNK, u64::MAX)?;
         if chunk.is_empty() {
@@ -547,10 +615,19 @@ fn for_each_batch(
             let batch = batch?;
             let at = position;
             position += batch.header().size() as u64;
-            batch.verify_crc().map_err(|e| LogError::Corrupt {
+            let corrupt = |detail: String| LogError::Corrupt {
                 path: segment.log_path().to_path_buf(),
-                detail: format!("the cleaner found a bad batch at byte {at}: {e}"),
-            })?;
+                detail: format!("the cleaner found a bad batch at byte {at}: {detail}"),
+            };
+            batch.verify_crc().map_err(|e| corrupt(e.to_string()))?;
+            // The base offset sits before the CRC: checked against the batch before it.
+            if batch.header().base_offset != expected {
+                return Err(corrupt(format!(
+                    "base offset {} where {expected} was due",
+                    batch.header().base_offset
+                )));
+            }
+            expected = batch.header().next_offset();
             visit(batch, report)?;
         }
     }
