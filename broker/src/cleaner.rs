@@ -1,26 +1,30 @@
 //! The log cleaner: threads that compact the local replicas of topics whose
 //! `cleanup.policy` compacts (`docs/compaction.md`).
 //!
-//! `[cleaner] threads` threads each loop: look at every local replica of a compacting
+//! `[cleaner] threads` threads (at least one, to serve `topic compact`) each loop: first a
+//! pass `topic compact` asked for, from a bounded queue (one entry per replica, however often
+//! it is asked); else, unless `threads` is 0, look at every local replica of a compacting
 //! topic, refresh its dirty stats (what `topic describe` and the metrics show), pick the
-//! dirtiest one that is due and not being cleaned by another thread, and run one pass on it
-//! (`conveyor_storage::PartitionLog::clean`). With nothing due a thread rests for
-//! `[cleaner] check_interval`. All of it runs on these threads, never on the reactor, and
-//! their reads and writes share the `[cleaner] io_bytes_per_second` budget.
+//! dirtiest due one that no other thread is cleaning, and run one pass on it; with nothing to
+//! do, rest for `[cleaner] check_interval`. Passes run on these threads only, never on the
+//! reactor or the blocking pool, so at most `threads` key maps exist at once, and their reads
+//! and writes share the `[cleaner] io_bytes_per_second` budget. A panic in a pass is caught,
+//! counted as a failure and reported; the thread goes on.
 //!
 //! Each replica compacts on its own, only below its high watermark (committed entries), so
 //! what a replica holds is always a compaction of what the others hold: offsets, Raft
 //! indexes and batch headers never change, and every replica ends with the same key → value
-//! map. `conveyor topic compact` runs a pass now through [`Cleaner::clean_now`], waiting for
-//! a pass already running on that replica.
+//! map. A leader drops a tombstone only below the offset every follower has reached.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use conveyor_storage::{CleanBounds, CleanReport, CompactionPolicy, IoThrottle, LogError};
 use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::sync::oneshot;
 
 use crate::config::CleanerSection;
 use crate::controller::Registry;
@@ -86,22 +90,43 @@ impl CleanerMetrics {
     }
 }
 
-/// Why `topic compact` could not compact a replica.
-#[derive(Debug, thiserror::Error)]
-pub enum CleanError {
-    #[error("the broker is shutting down")]
+/// Replicas `topic compact` may have waiting for a pass at once; beyond, it is refused.
+pub const MAX_QUEUED_REQUESTS: usize = 4096;
+
+/// What a requested pass did: its report (`None`: nothing was cleanable), or why it failed.
+pub type PassOutcome = Result<Option<CleanReport>, String>;
+
+/// How `topic compact` found a replica's queue place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// A new request.
+    Queued,
+    /// A request for the replica was waiting already; this one shares its pass.
+    Joined,
+    /// The queue is full.
+    Full,
+    /// The broker is stopping.
     Stopping,
-    #[error(transparent)]
-    Log(#[from] LogError),
 }
 
-/// The replicas being cleaned, and which failed lately.
+type Key = (String, i32);
+
+/// A pass `topic compact` asked for, and who waits for its outcome.
+#[derive(Debug)]
+struct Request {
+    partition: Arc<Partition>,
+    policy: CompactionPolicy,
+    replies: Vec<oneshot::Sender<PassOutcome>>,
+}
+
+/// The replicas being cleaned, the passes asked for, and which failed lately.
 #[derive(Debug, Default)]
 struct Busy {
-    cleaning: HashSet<(String, i32)>,
-    /// Replicas `topic compact` (without waiting) asked for a pass on, not started yet.
-    requested: HashSet<(String, i32)>,
-    failed: HashMap<(String, i32), Instant>,
+    cleaning: HashSet<Key>,
+    /// Requested passes in arrival order; one entry per replica.
+    queue: VecDeque<Key>,
+    requests: HashMap<Key, Request>,
+    failed: HashMap<Key, Instant>,
 }
 
 /// The cleaner threads' shared state.
@@ -112,29 +137,41 @@ pub struct Cleaner {
     settings: CleanerSection,
     throttle: IoThrottle,
     busy: Mutex<Busy>,
-    /// Signalled when a pass ends and when the broker stops.
+    /// Signalled when a pass ends, a request arrives and the broker stops.
     changed: Condvar,
     stopping: AtomicBool,
 }
 
-/// The bounds a pass on `p` works within now: its committed offsets, and tombstones kept
-/// from the offset the furthest-behind follower has reached (known on the leader only; a
-/// follower uses its own high watermark), so that no replica misses a delete because the
-/// leader dropped its tombstone before sending it.
+/// The bounds a pass on `p` works within now: its committed offsets; and tombstones kept
+/// from the offset the furthest-behind follower has reached, so that no replica misses a
+/// delete because the leader dropped its tombstone before sending it. Only a leader knows
+/// its followers: a leader that has not published them yet (just elected) keeps every
+/// tombstone, and a follower uses its own high watermark.
 fn bounds(p: &Partition) -> CleanBounds {
     let committed = p.high_watermark();
     let status = p.status();
-    let end = p.log().log_end_offset();
-    let reached = status.followers.iter().map(|f| end.saturating_sub(f.lag)).min();
+    let floor = if p.is_leader() {
+        let reached = status.followers.iter().map(|f| f.reached).min();
+        let conf = p.raft_view().conf_state;
+        let peers = conf.voters.len() + conf.learners.len() > 1;
+        match reached {
+            Some(r) => r.min(committed),
+            None if peers => 0,
+            None => committed,
+        }
+    } else {
+        committed
+    };
     CleanBounds {
         committed_end: committed,
-        tombstone_floor: reached.map_or(committed, |r| r.min(committed)),
+        tombstone_floor: floor,
         now_ms: conveyor_storage::unix_millis(),
     }
 }
 
 impl Cleaner {
-    /// Starts `[cleaner] threads` threads (none when it is 0).
+    /// Starts `[cleaner] threads` threads, at least one (which then only serves `topic
+    /// compact` when `threads` is 0).
     pub fn start(registry: Arc<Registry>, metrics: Arc<Metrics>, settings: CleanerSection) -> Arc<Cleaner> {
         let cleaner = Arc::new(Cleaner {
             registry,
@@ -147,10 +184,10 @@ impl Cleaner {
         });
         if cleaner.settings.threads == 0 {
             tracing::info!(
-                "log cleaner off ([cleaner] threads = 0): compacted topics are compacted only by `conveyor topic compact`"
+                "background compaction off ([cleaner] threads = 0): compacted topics are compacted only by `conveyor topic compact`"
             );
         }
-        for i in 0..cleaner.settings.threads {
+        for i in 0..cleaner.settings.threads.max(1) {
             let c = Arc::clone(&cleaner);
             let spawned = std::thread::Builder::new()
                 .name(format!("cleaner-{i}"))
@@ -163,10 +200,16 @@ impl Cleaner {
     }
 
     /// Ends the threads after their current pass (a pass gives up at its next group once its
-    /// log is closed).
+    /// log is closed); requests still queued are answered that the broker is stopping.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        let _busy = self.lock();
+        let mut busy = self.lock();
+        busy.queue.clear();
+        for (_, request) in busy.requests.drain() {
+            for reply in request.replies {
+                let _ = reply.send(Err("the broker is shutting down".into()));
+            }
+        }
         self.changed.notify_all();
     }
 
@@ -178,31 +221,74 @@ impl Cleaner {
         self.stopping.load(Ordering::Acquire)
     }
 
+    /// Asks for a pass on `p` now, whatever its dirty ratio; `reply`, if given, gets its
+    /// outcome. A request for a replica already waiting shares that one's pass.
+    pub fn request(
+        &self,
+        p: &Arc<Partition>,
+        policy: CompactionPolicy,
+        reply: Option<oneshot::Sender<PassOutcome>>,
+    ) -> Queued {
+        if self.stopped() {
+            return Queued::Stopping;
+        }
+        let key = (p.topic.clone(), p.index);
+        let mut busy = self.lock();
+        if let Some(waiting) = busy.requests.get_mut(&key) {
+            waiting.replies.extend(reply);
+            return Queued::Joined;
+        }
+        if busy.queue.len() >= MAX_QUEUED_REQUESTS {
+            return Queued::Full;
+        }
+        busy.queue.push_back(key.clone());
+        busy.requests.insert(
+            key,
+            Request {
+                partition: Arc::clone(p),
+                policy,
+                replies: reply.into_iter().collect(),
+            },
+        );
+        self.changed.notify_all();
+        Queued::Queued
+    }
+
     fn run(self: Arc<Self>) {
         while !self.stopped() {
-            match self.pick() {
-                Some((p, policy)) => {
-                    let key = (p.topic.clone(), p.index);
-                    let outcome = self.pass(&p, &policy, false);
-                    let mut busy = self.lock();
-                    busy.cleaning.remove(&key);
-                    if outcome.is_err() {
-                        busy.failed.insert(key, Instant::now());
-                    }
-                    self.changed.notify_all();
+            if let Some(request) = self.next_request() {
+                let outcome = self.claimed_pass(&request.partition, &request.policy, true);
+                let outcome: PassOutcome = outcome.map_err(|e| e.to_string());
+                for reply in request.replies {
+                    let _ = reply.send(outcome.clone());
                 }
-                None => {
-                    let busy = self.lock();
-                    if self.stopped() {
-                        break;
-                    }
-                    let _ = self
-                        .changed
-                        .wait_timeout(busy, self.settings.check_interval.0)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
+                continue;
             }
+            if self.settings.threads > 0
+                && let Some((p, policy)) = self.pick()
+            {
+                let _ = self.claimed_pass(&p, &policy, false);
+                continue;
+            }
+            let busy = self.lock();
+            if self.stopped() || !busy.queue.is_empty() {
+                continue;
+            }
+            let _ = self
+                .changed
+                .wait_timeout(busy, self.settings.check_interval.0)
+                .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// The first queued request whose replica no other thread is cleaning, claimed.
+    fn next_request(&self) -> Option<Request> {
+        let mut busy = self.lock();
+        let at = busy.queue.iter().position(|k| !busy.cleaning.contains(k))?;
+        let key = busy.queue.remove(at)?;
+        let request = busy.requests.remove(&key)?;
+        busy.cleaning.insert(key);
+        Some(request)
     }
 
     /// Every local replica of a compacting topic, with its topic's policy.
@@ -259,7 +345,37 @@ impl Cleaner {
         busy.cleaning.insert((p.topic.clone(), p.index)).then_some((p, policy))
     }
 
-    /// One pass on a claimed replica, counted and logged.
+    /// One pass on a replica this thread claimed (in `cleaning`), counted, logged, a panic
+    /// contained; the claim is released whatever happens.
+    fn claimed_pass(
+        &self,
+        p: &Partition,
+        policy: &CompactionPolicy,
+        force: bool,
+    ) -> Result<Option<CleanReport>, LogError> {
+        let key = (p.topic.clone(), p.index);
+        let result = catch_unwind(AssertUnwindSafe(|| self.pass(p, policy, force))).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            self.metrics.cleaner.failures.add(1);
+            tracing::error!(topic = %p.topic, partition = p.index, panic = %what, "compaction pass panicked; retried in a minute");
+            Err(LogError::InvalidConfig(format!("the compaction pass panicked: {what}")))
+        });
+        let mut busy = self.lock();
+        busy.cleaning.remove(&key);
+        if result.as_ref().is_err_and(|e| !matches!(e, LogError::Closed)) {
+            busy.failed.insert(key, Instant::now());
+        } else {
+            busy.failed.remove(&key);
+        }
+        self.changed.notify_all();
+        result
+    }
+
+    /// One pass, counted and logged.
     fn pass(&self, p: &Partition, policy: &CompactionPolicy, force: bool) -> Result<Option<CleanReport>, LogError> {
         let started = Instant::now();
         let log = p.log();
@@ -282,72 +398,12 @@ impl Cleaner {
                     "compacted"
                 );
             }
-            Ok(None) => {}
-            Err(LogError::Closed) => {}
+            Ok(None) | Err(LogError::Closed) => {}
             Err(e) => {
                 self.metrics.cleaner.failures.add(1);
                 tracing::error!(topic = %p.topic, partition = p.index, error = %e, "compaction failed; retried in a minute");
             }
         }
         result
-    }
-
-    /// Starts a pass on `p` on a blocking thread unless one is running or asked for already;
-    /// says which. At most one such job per replica, however often it is asked.
-    pub fn start_now(self: &Arc<Self>, p: &Arc<Partition>, policy: CompactionPolicy) -> &'static str {
-        let key = (p.topic.clone(), p.index);
-        {
-            let mut busy = self.lock();
-            if busy.cleaning.contains(&key) {
-                return "already compacting";
-            }
-            if !busy.requested.insert(key.clone()) {
-                return "already requested";
-            }
-        }
-        let (cleaner, p) = (Arc::clone(self), Arc::clone(p));
-        tokio::task::spawn_blocking(move || {
-            let _ = cleaner.clean_now_requested(&p, &policy, Some(&key));
-        });
-        "started"
-    }
-
-    /// Runs a pass on `p` now, whatever its dirty ratio, after any pass already running on
-    /// it. Blocking: the caller runs it off the reactor.
-    pub fn clean_now(&self, p: &Arc<Partition>, policy: &CompactionPolicy) -> Result<Option<CleanReport>, CleanError> {
-        self.clean_now_requested(p, policy, None)
-    }
-
-    /// As [`clean_now`](Self::clean_now); `requested` is the mark [`start_now`](Self::start_now)
-    /// left, cleared once the pass starts.
-    fn clean_now_requested(
-        &self,
-        p: &Arc<Partition>,
-        policy: &CompactionPolicy,
-        requested: Option<&(String, i32)>,
-    ) -> Result<Option<CleanReport>, CleanError> {
-        let key = (p.topic.clone(), p.index);
-        {
-            let mut busy = self.lock();
-            while busy.cleaning.contains(&key) {
-                if self.stopped() {
-                    if let Some(r) = requested {
-                        busy.requested.remove(r);
-                    }
-                    return Err(CleanError::Stopping);
-                }
-                busy = self.changed.wait(busy).unwrap_or_else(PoisonError::into_inner);
-            }
-            if let Some(r) = requested {
-                busy.requested.remove(r);
-            }
-            busy.cleaning.insert(key.clone());
-        }
-        let result = self.pass(p, policy, true);
-        let mut busy = self.lock();
-        busy.cleaning.remove(&key);
-        busy.failed.remove(&key);
-        self.changed.notify_all();
-        Ok(result?)
     }
 }

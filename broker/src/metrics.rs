@@ -650,7 +650,12 @@ mod tests {
     #[test]
     fn a_leader_missing_an_in_sync_follower_is_under_replicated() {
         use crate::replica::status::{FollowerState, GroupStatus};
-        let follower = |id, in_sync| FollowerState { id, lag: 0, in_sync };
+        let follower = |id, in_sync| FollowerState {
+            id,
+            lag: 0,
+            reached: 0,
+            in_sync,
+        };
         let status = GroupStatus {
             leader: 1,
             followers: vec![follower(2, true), follower(3, false)],

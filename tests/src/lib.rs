@@ -8,12 +8,14 @@
 //! - [`checker`]: compare acknowledged writes with what was read back.
 //! - [`cluster`]: N brokers with a fault proxy on every link between them.
 //! - [`raw_produce`]: idempotent produce of exact batches over raw gRPC.
+//! - [`keyed`]: keyed writes, tombstones and the latest value per key (compaction tests).
 //!
 //! Binaries are built once per test process with `cargo build --bins` (the same target
 //! directory), or taken from `CONVEYOR_BROKER_BIN` / `CONVEYOR_CLI_BIN`.
 
 pub mod checker;
 pub mod cluster;
+pub mod keyed;
 pub mod raw_produce;
 
 use std::io::Write;

@@ -8,6 +8,9 @@ pub struct FollowerState {
     pub id: u32,
     /// Offsets the follower's log is behind the leader's.
     pub lag: u64,
+    /// The offset the follower's log has reached (the leader's end minus `lag`, when the
+    /// status was published).
+    pub reached: u64,
     pub in_sync: bool,
 }
 

@@ -7,12 +7,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
+
 use conveyor_proto::v1::{CompactTopicRequest, CompactTopicResponse, ReplicaCompaction};
 use conveyor_storage::CompactionPolicy;
 use tonic::{Request, Response, Status};
 
 use super::AdminService;
 use crate::api::forward::{forward, forwarded};
+use crate::cleaner::{MAX_QUEUED_REQUESTS, Queued};
 use crate::controller::Topic;
 use crate::error::BrokerError;
 
@@ -88,7 +91,8 @@ impl AdminService {
         Ok(Response::new(CompactTopicResponse { replicas }))
     }
 
-    /// Passes on this broker's replicas of `partitions`, one after another off the reactor.
+    /// Passes on this broker's replicas of `partitions`, run by the cleaner threads (at most
+    /// `[cleaner] threads` at once, from a bounded queue); with `wait`, their outcomes.
     async fn compact_here(
         &self,
         topic: &Topic,
@@ -97,6 +101,7 @@ impl AdminService {
         wait: bool,
     ) -> Vec<ReplicaCompaction> {
         let me = self.ctx.node_id as i32;
+        let mut waiting = Vec::new();
         let mut out = Vec::new();
         for &index in partitions {
             let Some(p) = topic.local.get(&index) else { continue };
@@ -106,15 +111,30 @@ impl AdminService {
                 outcome: outcome.to_string(),
                 ..ReplicaCompaction::default()
             };
-            if !wait {
-                out.push(row(self.ctx.cleaner.start_now(p, policy)));
-                continue;
+            let (tx, rx) = oneshot::channel();
+            let queued = self.ctx.cleaner.request(p, policy, wait.then_some(tx));
+            match queued {
+                Queued::Full => out.push(row(&format!(
+                    "refused: {MAX_QUEUED_REQUESTS} compactions are waiting already; retry later"
+                ))),
+                Queued::Stopping => out.push(row("refused: the broker is shutting down")),
+                Queued::Queued | Queued::Joined if !wait => out.push(row(if queued == Queued::Queued {
+                    "started"
+                } else {
+                    "already requested"
+                })),
+                Queued::Queued | Queued::Joined => waiting.push((index, Arc::clone(p), Instant::now(), rx)),
             }
-            let (cleaner, p) = (Arc::clone(&self.ctx.cleaner), Arc::clone(p));
-            let started = Instant::now();
-            let log = p.log();
-            let done = crate::blocking::blocking(move || Ok(cleaner.clean_now(&p, &policy))).await;
-            out.push(match done {
+        }
+        for (index, p, asked, rx) in waiting {
+            let row = |outcome: &str| ReplicaCompaction {
+                partition: index,
+                broker: me,
+                outcome: outcome.to_string(),
+                log_size_bytes: p.log().size_bytes(),
+                ..ReplicaCompaction::default()
+            };
+            out.push(match rx.await {
                 Ok(Ok(Some(report))) => ReplicaCompaction {
                     bytes_before: report.bytes_before,
                     bytes_after: report.bytes_after,
@@ -123,16 +143,12 @@ impl AdminService {
                     segments_before: report.segments_before as u32,
                     segments_after: report.segments_after as u32,
                     tombstones_dropped: report.tombstones_dropped,
-                    millis: started.elapsed().as_millis() as u64,
-                    log_size_bytes: log.size_bytes(),
+                    millis: asked.elapsed().as_millis() as u64,
                     ..row("compacted")
                 },
-                Ok(Ok(None)) => ReplicaCompaction {
-                    log_size_bytes: log.size_bytes(),
-                    ..row("nothing to compact: no sealed, committed segment yet")
-                },
-                Ok(Err(e)) => row(&e.to_string()),
-                Err(e) => row(&e.to_string()),
+                Ok(Ok(None)) => row("nothing to compact: no sealed, committed segment yet"),
+                Ok(Err(e)) => row(&e),
+                Err(_) => row("refused: the broker is shutting down"),
             });
         }
         out

@@ -557,9 +557,11 @@ impl Owner {
                     .caught_up
                     .get(&id)
                     .is_some_and(|t| now.duration_since(*t) < REPLICA_LAG_TIME);
+                let reached = self.follower_offset(id, progress.matched, now);
                 followers.push(FollowerState {
                     id: u32::try_from(id).unwrap_or(0),
-                    lag: end.saturating_sub(self.follower_offset(id, progress.matched, now)),
+                    lag: end.saturating_sub(reached),
+                    reached,
                     in_sync,
                 });
             }
