@@ -50,7 +50,8 @@ async fn resolve(client: &Client, topic: &str, partition: i32, start: StartAt) -
 /// The base offset sits outside the CRC, so the offsets are checked too (always: it costs
 /// nothing): the first batch must hold the offset asked for, and each next batch must start
 /// where the one before it ends. The broker reads from the batch holding the offset, and
-/// offsets have no gaps (no compaction yet), so a healthy log always passes. One gap is
+/// batches have no gaps between them (compaction removes records inside batches but keeps
+/// every batch's header and offset range), so a healthy log always passes. One gap is
 /// legitimate: retention may delete the segment holding the offset between the broker's
 /// bounds check and its read; the read then starts at the new log start, which the broker
 /// reports (`log_start_offset`, read after the batches), so a first batch starting after
