@@ -375,6 +375,29 @@ impl Cleaner {
         result
     }
 
+    /// Deletes the segments a pass left with no record of a producer at the start of the log,
+    /// as retention deletes old ones: through Raft's log compaction, so that a follower
+    /// that needs them gets a snapshot saying where the log starts now. Nothing a reader can
+    /// see goes (every record there was superseded), and the emptied batch headers that would
+    /// otherwise stay forever are gone.
+    fn drop_empty_prefix(&self, p: &Partition, report: &CleanReport) {
+        let Some(end) = report.empty_up_to else { return };
+        if end <= p.log().log_start_offset() {
+            return;
+        }
+        match p.compact_below(end) {
+            Ok(0) => {}
+            Ok(entries) => tracing::info!(
+                topic = %p.topic, partition = p.index, entries,
+                log_start_offset = p.log().log_start_offset(),
+                "deleted segments compaction emptied"
+            ),
+            Err(e) => {
+                tracing::warn!(topic = %p.topic, partition = p.index, error = %e, "could not delete segments compaction emptied")
+            }
+        }
+    }
+
     /// One pass, counted and logged.
     fn pass(&self, p: &Partition, policy: &CompactionPolicy, force: bool) -> Result<Option<CleanReport>, LogError> {
         let started = Instant::now();
@@ -389,6 +412,7 @@ impl Cleaner {
         match &result {
             Ok(Some(report)) => {
                 self.metrics.cleaner.count(report, started.elapsed());
+                self.drop_empty_prefix(p, report);
                 tracing::info!(
                     topic = %p.topic, partition = p.index,
                     bytes_before = report.bytes_before, bytes_after = report.bytes_after,

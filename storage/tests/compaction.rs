@@ -182,6 +182,12 @@ fn cleaning_shrinks_the_log_merges_segments_and_reports_what_it_did() {
         .expect("clean")
         .expect("due");
     assert_eq!(report.keys, 4);
+    let empty_up_to = report.empty_up_to.expect("the log starts at a cleaned segment");
+    assert!(empty_up_to > 0, "every key was written again later: {report:?}");
+    assert!(
+        read_all(&log, 4096).iter().all(|r| r.offset >= empty_up_to),
+        "no record below the empty prefix's end"
+    );
     assert!(report.records_after < report.records_before / 4, "{report:?}");
     assert!(report.bytes_after < report.bytes_before, "{report:?}");
     assert!(log.size_bytes() < size);

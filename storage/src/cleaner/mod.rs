@@ -147,6 +147,13 @@ pub struct CleanReport {
     pub cleaned_up_to: u64,
     /// Groups whose swap was given up because the log changed under the pass.
     pub groups_skipped: usize,
+    /// Of `records_after`, those of producers (not in control batches).
+    pub data_records_after: u64,
+    /// When the log now starts with segments that hold no record of a producer (every one
+    /// superseded), the offset where they end: the caller may delete them as retention
+    /// does, through Raft's log compaction (`docs/compaction.md`). `None` or the log start
+    /// when there are none.
+    pub empty_up_to: Option<u64>,
 }
 
 /// What a log object remembers of its cleaning (see [`PartitionLog::last_dirty_stats`]).
@@ -425,6 +432,11 @@ impl PartitionLog {
             now_ms: bounds.now_ms,
             tombstone_floor: bounds.tombstone_floor,
         };
+        // The groups are consecutive from the first cleanable segment, which starts the log.
+        report.empty_up_to = cleanable
+            .first()
+            .filter(|s| s.base_offset() == self.log_start_offset())
+            .map(|s| s.base_offset());
         let pass = swap::new_pass_name();
         let staging = swap::staging_dir(&self.dir, &pass);
         let result = (|| {
@@ -433,10 +445,15 @@ impl PartitionLog {
                 if self.is_closed() {
                     return Err(LogError::Closed);
                 }
+                let before = report.data_records_after;
                 let staged = self.clean_group(&group, &rules, &config, &staging, throttle, report)?;
+                let end = group.last().map_or(0, |s| s.next_offset());
                 if !self.swap_in(&group, staged, &pass, cuts)? {
                     report.groups_skipped += 1;
                     skipped_from.get_or_insert(group[0].base_offset());
+                } else if report.data_records_after == before && report.empty_up_to == Some(group[0].base_offset()) {
+                    // Still a prefix of the log with no record of a producer left.
+                    report.empty_up_to = Some(end);
                 }
             }
             Ok(skipped_from)
@@ -496,6 +513,9 @@ impl PartitionLog {
                 };
                 let header = BatchHeader::parse(&bytes)?;
                 report.records_after += u64::from(header.record_count);
+                if !header.is_control() {
+                    report.data_records_after += u64::from(header.record_count);
+                }
                 let mut prefix = [0u8; CRC_AT];
                 prefix.copy_from_slice(&bytes[..CRC_AT]);
                 throttle.take(bytes.len() as u64);
