@@ -217,12 +217,19 @@ fn check_positions_and_times(addr: &str, before: &[(Read, i64)], after: &[Read])
         let (old, old_ts) = was[&r.offset];
         assert_eq!((r, ts), (old, old_ts), "offset {} changed in compaction", r.offset);
     }
+    // Segments left with no record at the start of the log are deleted: offsets there are
+    // out of range, as after retention. The removed offsets still in the log are read here.
+    let start = u64_of(&describe(addr, "prices")["partitions"][0], "log_start_offset");
     let removed: Vec<u64> = before
         .iter()
         .map(|(r, _)| r.offset)
-        .filter(|o| !after.iter().any(|r| r.offset == *o))
+        .filter(|o| *o >= start && !after.iter().any(|r| r.offset == *o))
         .collect();
-    assert!(removed.len() > 100, "{} removed", removed.len());
+    assert!(
+        removed.len() > 100,
+        "{} removed after the log start {start}",
+        removed.len()
+    );
     for &from in [removed[0], removed[removed.len() / 2], removed[removed.len() - 1]].iter() {
         let offset = from.to_string();
         let got = consume_json(addr, "prices", &["--partition", "0", "--offset", &offset]);
