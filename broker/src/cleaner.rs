@@ -145,8 +145,8 @@ pub struct Cleaner {
 /// The bounds a pass on `p` works within now: its committed offsets; and tombstones kept
 /// from the offset the furthest-behind follower has reached, so that no replica misses a
 /// delete because the leader dropped its tombstone before sending it. Only a leader knows
-/// its followers: a leader that has not published them yet (just elected) keeps every
-/// tombstone, and a follower uses its own high watermark.
+/// its followers: a leader that has not published them yet (just elected), or with a
+/// follower out of sync, keeps every tombstone; a follower uses its own high watermark.
 fn bounds(p: &Partition) -> CleanBounds {
     let committed = p.high_watermark();
     let status = p.status();
@@ -154,8 +154,12 @@ fn bounds(p: &Partition) -> CleanBounds {
         let reached = status.followers.iter().map(|f| f.reached).min();
         let conf = p.raft_view().conf_state;
         let peers = conf.voters.len() + conf.learners.len() > 1;
+        // A follower out of sync may have lost entries the leader still counts as matched
+        // (a restart that cut a damaged tail): its tombstones wait until it is back.
+        let all_in_sync = status.followers.iter().all(|f| f.in_sync);
         match reached {
-            Some(r) => r.min(committed),
+            Some(r) if all_in_sync => r.min(committed),
+            Some(_) => 0,
             None if peers => 0,
             None => committed,
         }
@@ -202,8 +206,9 @@ impl Cleaner {
     /// Ends the threads after their current pass (a pass gives up at its next group once its
     /// log is closed); requests still queued are answered that the broker is stopping.
     pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
         let mut busy = self.lock();
+        // Set under the lock: a request either sees it or is drained below.
+        self.stopping.store(true, Ordering::Release);
         busy.queue.clear();
         for (_, request) in busy.requests.drain() {
             for reply in request.replies {
@@ -229,11 +234,11 @@ impl Cleaner {
         policy: CompactionPolicy,
         reply: Option<oneshot::Sender<PassOutcome>>,
     ) -> Queued {
+        let key = (p.topic.clone(), p.index);
+        let mut busy = self.lock();
         if self.stopped() {
             return Queued::Stopping;
         }
-        let key = (p.topic.clone(), p.index);
-        let mut busy = self.lock();
         if let Some(waiting) = busy.requests.get_mut(&key) {
             waiting.replies.extend(reply);
             return Queued::Joined;
@@ -256,29 +261,45 @@ impl Cleaner {
 
     fn run(self: Arc<Self>) {
         while !self.stopped() {
-            if let Some(request) = self.next_request() {
-                let outcome = self.claimed_pass(&request.partition, &request.policy, true);
-                let outcome: PassOutcome = outcome.map_err(|e| e.to_string());
-                for reply in request.replies {
-                    let _ = reply.send(outcome.clone());
-                }
-                continue;
+            // A panic outside a pass (looking for one) must not end the thread: with one
+            // thread, nothing would serve `topic compact` again.
+            let step = catch_unwind(AssertUnwindSafe(|| self.step()));
+            if step.is_err() {
+                self.metrics.cleaner.failures.add(1);
+                tracing::error!("the log cleaner panicked looking for work; it rests and goes on");
+                std::thread::sleep(self.settings.check_interval.0);
             }
-            if self.settings.threads > 0
-                && let Some((p, policy)) = self.pick()
-            {
-                let _ = self.claimed_pass(&p, &policy, false);
-                continue;
-            }
-            let busy = self.lock();
-            if self.stopped() || !busy.queue.is_empty() {
-                continue;
-            }
-            let _ = self
-                .changed
-                .wait_timeout(busy, self.settings.check_interval.0)
-                .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// One round: a requested pass, else a background one, else a rest until there is
+    /// something to do or `check_interval` passed.
+    fn step(&self) {
+        if let Some(request) = self.next_request() {
+            let outcome = self.claimed_pass(&request.partition, &request.policy, true);
+            let outcome: PassOutcome = outcome.map_err(|e| e.to_string());
+            for reply in request.replies {
+                let _ = reply.send(outcome.clone());
+            }
+            return;
+        }
+        if self.settings.threads > 0
+            && let Some((p, policy)) = self.pick()
+        {
+            let _ = self.claimed_pass(&p, &policy, false);
+            return;
+        }
+        let busy = self.lock();
+        // Requests whose replica another thread is cleaning wait for that pass to end, which
+        // signals `changed`: only a claimable one is worth going round again at once.
+        let claimable = busy.queue.iter().any(|k| !busy.cleaning.contains(k));
+        if self.stopped() || claimable {
+            return;
+        }
+        let _ = self
+            .changed
+            .wait_timeout(busy, self.settings.check_interval.0)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 
     /// The first queued request whose replica no other thread is cleaning, claimed.

@@ -219,6 +219,9 @@ pub async fn run_until(
     }
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
+    // Before waiting for in-flight requests: a `topic compact --wait` among them is answered
+    // that the broker is stopping instead of holding the shutdown up.
+    cleaner.stop();
     let waited = tokio::time::timeout(node.shutdown_timeout.0, server);
     if hurried {
         // Asked twice already: stopping now matters more than the requests in flight.
@@ -234,7 +237,6 @@ pub async fn run_until(
             () = &mut hurry => tracing::warn!("asked again to stop: not waiting for in-flight requests"),
         }
     }
-    cleaner.stop();
     let _ = applier.await;
     let _ = maintenance.await;
     let _ = scrub.await;

@@ -407,7 +407,12 @@ impl FetchService {
                 self.ctx.metrics.request_failed(e.error_code());
             }
             w.partition.traffic.bytes_out.add(batches.len() as u64);
-            let next_offset = stopped_at.unwrap_or_else(|| next_offset_after(&batches).unwrap_or(w.offset));
+            // A partition answered with an error delivered nothing: its consumer stays put.
+            let next_offset = if error.is_some() {
+                w.offset
+            } else {
+                stopped_at.unwrap_or_else(|| next_offset_after(&batches).unwrap_or(w.offset))
+            };
             let batches = if req.decode_records { Bytes::new() } else { batches };
             partitions.push(PartitionData {
                 topic: w.partition.topic.clone(),

@@ -44,7 +44,8 @@ pub fn for_each_key(batch: &RecordBatch, mut visit: impl FnMut(u64, &[u8]) -> bo
 
 /// Rewrites `batch` keeping the records `keep` says yes to, in order. `horizon`, when the
 /// batch has none yet and keeps a tombstone, becomes its delete horizon (see the format
-/// notes in [`crate::batch`]); a batch that has one keeps it. Control batches are never given to
+/// notes in [`crate::batch`]) unless the batch would then pass `max_batch_bytes`; a batch
+/// that has one keeps it. Control batches are never given to
 /// this function (the cleaner keeps them whole). The batch's CRC must have been checked.
 ///
 /// Kept records are copied as they are encoded, unless a new horizon moves the base their
@@ -54,6 +55,7 @@ pub fn rewrite_batch(
     batch: &RecordBatch,
     mut keep: impl FnMut(Judged<'_>) -> bool,
     horizon: Option<i64>,
+    max_batch_bytes: usize,
 ) -> Result<Rewritten, BatchError> {
     let header = batch.header();
     let existing_horizon = header.delete_horizon();
@@ -98,9 +100,9 @@ pub fn rewrite_batch(
     };
     let out = kept.assemble(new_horizon)?;
     // A new horizon moves the timestamp base to the max timestamp, which can lengthen the
-    // deltas: a batch never grows (it must still fit the limits it was appended under);
-    // its tombstones then wait for a pass that also removes records from it.
-    if existing_horizon.is_none() && new_horizon.is_some() && out.len() > batch.bytes().len() {
+    // deltas by a few bytes: a batch may grow only within `max_batch_bytes` (the log's
+    // limit); past it, its tombstones wait for a pass that also removes records from it.
+    if existing_horizon.is_none() && new_horizon.is_some() && out.len() > batch.bytes().len().max(max_batch_bytes) {
         if !dropped {
             return Ok(Rewritten::Unchanged);
         }
@@ -214,7 +216,8 @@ mod tests {
     fn kept_records_keep_offsets_timestamps_and_the_header_keeps_its_stamps() {
         for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
             let original = batch(codec);
-            let Rewritten::Changed(bytes) = rewrite_batch(&original, |r| r.offset % 2 == 1, None).expect("rewrite")
+            let Rewritten::Changed(bytes) =
+                rewrite_batch(&original, |r| r.offset % 2 == 1, None, 1 << 20).expect("rewrite")
             else {
                 panic!("records were dropped");
             };
@@ -254,6 +257,34 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_tombstones_gets_its_horizon_within_the_size_limit_and_not_past_it() {
+        // Timestamps far apart: counted from the max timestamp, the deltas grow.
+        let mut b = BatchBuilder::new(Compression::None);
+        for (i, ts) in [1_000, 1_000, 1_000, 101_000].into_iter().enumerate() {
+            b.push(&Record {
+                timestamp: ts,
+                key: Some(Bytes::from(format!("k{i}"))),
+                value: None,
+                headers: vec![],
+            });
+        }
+        let original = RecordBatch::parse(b.build().expect("build")).expect("parse");
+        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(500_000), 1 << 20).expect("rewrite")
+        else {
+            panic!("a bulk delete gets its horizon");
+        };
+        assert!(bytes.len() > original.bytes().len(), "it grew, within the limit");
+        let rewritten = RecordBatch::parse(bytes).expect("parse");
+        assert_eq!(rewritten.header().delete_horizon(), Some(500_000));
+        let limit = original.bytes().len();
+        assert_eq!(
+            rewrite_batch(&original, |_| true, Some(500_000), limit).expect("rewrite"),
+            Rewritten::Unchanged,
+            "not past the limit"
+        );
+    }
+
+    #[test]
     fn a_horizon_never_makes_a_batch_larger() {
         let mut b = BatchBuilder::new(Compression::None);
         for i in 0..50 {
@@ -266,7 +297,8 @@ mod tests {
         }
         let original = RecordBatch::parse(b.build().expect("build")).expect("parse");
         let horizon = 1_700_000_000_000 + 86_400_000;
-        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(horizon)).expect("rewrite") else {
+        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(horizon), 1 << 20).expect("rewrite")
+        else {
             panic!("a horizon was added");
         };
         assert!(
@@ -305,11 +337,12 @@ mod tests {
         })
         .expect("parse");
         assert_eq!(
-            rewrite_batch(&unchanged, |_| true, Some(5)).expect("no tombstone"),
+            rewrite_batch(&unchanged, |_| true, Some(5), 1 << 20).expect("no tombstone"),
             Rewritten::Unchanged,
             "a horizon only goes on a batch that keeps a tombstone"
         );
-        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(9_999_999)).expect("rewrite") else {
+        let Rewritten::Changed(bytes) = rewrite_batch(&original, |_| true, Some(9_999_999), 1 << 20).expect("rewrite")
+        else {
             panic!("a horizon was added");
         };
         let with_horizon = RecordBatch::parse(bytes).expect("parse");
@@ -319,11 +352,11 @@ mod tests {
         let b: Vec<_> = original.records().expect("r").map(|r| r.expect("r")).collect();
         assert_eq!(a, b, "timestamps read back the same");
         assert_eq!(
-            rewrite_batch(&with_horizon, |_| true, Some(5)).expect("again"),
+            rewrite_batch(&with_horizon, |_| true, Some(5), 1 << 20).expect("again"),
             Rewritten::Unchanged,
             "a horizon, once set, stays"
         );
-        let Rewritten::Changed(empty) = rewrite_batch(&with_horizon, |_| false, None).expect("empty") else {
+        let Rewritten::Changed(empty) = rewrite_batch(&with_horizon, |_| false, None, 1 << 20).expect("empty") else {
             panic!("emptied");
         };
         let header = validate::check_frame(&empty, 1 << 20).expect("an emptied batch is a valid frame");

@@ -312,11 +312,12 @@ impl PartitionLog {
     ) -> Result<Option<CleanReport>> {
         self.check_readable()?;
         self.check_poisoned()?;
+        // Before the stats: a cut after this is seen by the swaps and the checkpoint write.
+        let cuts = self.cuts.load(std::sync::atomic::Ordering::Acquire);
         let stats = self.dirty_stats(policy, bounds)?;
         if stats.cleanable_end <= self.log_start_offset() || !(force || stats.due(policy, bounds.now_ms)) {
             return Ok(None);
         }
-        let cuts = self.cuts.load(std::sync::atomic::Ordering::Acquire);
         let segments = self.segments_snapshot();
         let cleanable: Vec<Arc<Segment>> = cleanable(&segments, bounds, policy).to_vec();
         let mut report = CleanReport::default();
@@ -431,6 +432,7 @@ impl PartitionLog {
             horizon: bounds.now_ms.saturating_add(policy.delete_retention_ms),
             now_ms: bounds.now_ms,
             tombstone_floor: bounds.tombstone_floor,
+            max_batch_bytes: config.max_batch_bytes,
         };
         // The groups are consecutive from the first cleanable segment, which starts the log.
         report.empty_up_to = cleanable
@@ -438,33 +440,28 @@ impl PartitionLog {
             .filter(|s| s.base_offset() == self.log_start_offset())
             .map(|s| s.base_offset());
         let pass = swap::new_pass_name();
-        let staging = swap::staging_dir(&self.dir, &pass);
-        let result = (|| {
-            let mut skipped_from = None;
-            for group in groups {
-                if self.is_closed() {
-                    return Err(LogError::Closed);
-                }
-                let before = report.data_records_after;
-                let staged = self.clean_group(&group, &rules, &config, &staging, throttle, report)?;
-                let end = group.last().map_or(0, |s| s.next_offset());
-                if !self.swap_in(&group, staged, &pass, cuts)? {
-                    report.groups_skipped += 1;
-                    skipped_from.get_or_insert(group[0].base_offset());
-                } else if report.data_records_after == before && report.empty_up_to == Some(group[0].base_offset()) {
-                    // Still a prefix of the log with no record of a producer left.
-                    report.empty_up_to = Some(end);
-                }
+        let staging = Staging {
+            log: self,
+            path: swap::staging_dir(&self.dir, &pass),
+        };
+        let staging = &staging.path;
+        let mut skipped_from = None;
+        for group in groups {
+            if self.is_closed() {
+                return Err(LogError::Closed);
             }
-            Ok(skipped_from)
-        })();
-        // A swap that failed after its commit poisoned the log: its staged files are what
-        // the next open finishes the swap with, so they stay.
-        if self.is_poisoned() {
-            return result;
+            let before = report.data_records_after;
+            let staged = self.clean_group(&group, &rules, &config, staging, throttle, report)?;
+            let end = group.last().map_or(0, |s| s.next_offset());
+            if !self.swap_in(&group, staged, &pass, cuts)? {
+                report.groups_skipped += 1;
+                skipped_from.get_or_insert(group[0].base_offset());
+            } else if report.data_records_after == before && report.empty_up_to == Some(group[0].base_offset()) {
+                // Still a prefix of the log with no record of a producer left.
+                report.empty_up_to = Some(end);
+            }
         }
-        let removed = swap::remove_staging(&staging);
-        result.and_then(|skipped| removed.map(|()| skipped))
+        Ok(skipped_from)
     }
 
     /// Writes the cleaned copy of `group` into the staging directory, synced.
@@ -519,6 +516,12 @@ impl PartitionLog {
                 let mut prefix = [0u8; CRC_AT];
                 prefix.copy_from_slice(&bytes[..CRC_AT]);
                 throttle.take(bytes.len() as u64);
+                // Positions in the offset index are 32-bit.
+                if new.size() + bytes.len() as u64 > u64::from(u32::MAX) {
+                    return Err(LogError::InvalidConfig(
+                        "a cleaned segment would pass 4 GiB; lower segment.bytes".into(),
+                    ));
+                }
                 new.append(&prefix, &bytes, &header, &mut cursor, config.index_interval_bytes)
             })?;
         }
@@ -583,6 +586,25 @@ impl PartitionLog {
                 self.poison("compaction swap", &e);
                 Err(e)
             }
+        }
+    }
+}
+
+/// A pass's staging directory, removed when the pass ends however it ends (a panic
+/// included), unless the log is poisoned: a swap that failed after its commit poisons it,
+/// and its staged files are what the next open finishes the swap with.
+struct Staging<'a> {
+    log: &'a PartitionLog,
+    path: std::path::PathBuf,
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        if self.log.is_poisoned() {
+            return;
+        }
+        if let Err(e) = swap::remove_staging(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove the cleaner's staging directory; the next open does");
         }
     }
 }
@@ -706,6 +728,8 @@ struct Rules<'a> {
     horizon: i64,
     now_ms: i64,
     tombstone_floor: u64,
+    /// The log's batch size limit, which a rewritten batch stays within.
+    max_batch_bytes: usize,
 }
 
 impl Rules<'_> {
@@ -744,6 +768,7 @@ impl Rules<'_> {
                 latest
             },
             (header.next_offset() <= self.map_end).then_some(self.horizon),
+            self.max_batch_bytes,
         )?;
         report.tombstones_dropped += dropped_tombstones;
         Ok(rewritten)

@@ -45,50 +45,67 @@ impl AdminService {
             }
             None => (0..topic.partition_count() as i32).collect(),
         };
-        let mut replicas = self.compact_here(&topic, &partitions, policy, req.wait).await;
-        if !local_only {
-            let me = self.ctx.node_id;
-            let others: BTreeSet<u32> = partitions
-                .iter()
-                .flat_map(|&i| topic.assignments[i as usize].iter().copied())
-                .filter(|&b| b != me)
-                .collect();
-            let wait = if req.wait { WAIT_FOR_PASSES } else { WAIT_FOR_START };
-            let asked = others.into_iter().map(|broker| {
-                let req = req.clone();
-                async move {
-                    let answer = match self.kept_client_for(broker) {
-                        Some(mut client) => {
-                            match tokio::time::timeout(wait, client.compact_topic(forward(req))).await {
-                                Ok(Ok(r)) => Ok(r.into_inner().replicas),
-                                Ok(Err(status)) => Err(status.message().to_string()),
-                                Err(_) => Err(format!("no answer within {} s", wait.as_secs())),
-                            }
-                        }
-                        None => Err("address unknown".to_string()),
-                    };
-                    (broker, answer)
-                }
-            });
-            for (broker, answer) in futures::future::join_all(asked).await {
-                match answer {
-                    Ok(theirs) => replicas.extend(theirs),
-                    Err(reason) => replicas.extend(
-                        partitions
-                            .iter()
-                            .filter(|&&i| topic.assignments[i as usize].contains(&broker))
-                            .map(|&i| ReplicaCompaction {
-                                partition: i,
-                                broker: broker as i32,
-                                outcome: format!("broker {broker} not reached: {reason}"),
-                                ..ReplicaCompaction::default()
-                            }),
-                    ),
-                }
+        // This broker's passes and the other brokers' run at the same time.
+        let here = self.compact_here(&topic, &partitions, policy, req.wait);
+        let there = async {
+            if local_only {
+                return Vec::new();
             }
-        }
+            self.compact_elsewhere(&topic, &partitions, &req).await
+        };
+        let (mut replicas, theirs) = tokio::join!(here, there);
+        replicas.extend(theirs);
         replicas.sort_by_key(|r| (r.partition, r.broker));
         Ok(Response::new(CompactTopicResponse { replicas }))
+    }
+
+    /// The same request, forwarded once, to every other broker holding a replica of
+    /// `partitions`; a broker that does not answer gets a row per replica saying so.
+    async fn compact_elsewhere(
+        &self,
+        topic: &Topic,
+        partitions: &[i32],
+        req: &CompactTopicRequest,
+    ) -> Vec<ReplicaCompaction> {
+        let me = self.ctx.node_id;
+        let others: BTreeSet<u32> = partitions
+            .iter()
+            .flat_map(|&i| topic.assignments[i as usize].iter().copied())
+            .filter(|&b| b != me)
+            .collect();
+        let wait = if req.wait { WAIT_FOR_PASSES } else { WAIT_FOR_START };
+        let asked = others.into_iter().map(|broker| {
+            let req = req.clone();
+            async move {
+                let answer = match self.kept_client_for(broker) {
+                    Some(mut client) => match tokio::time::timeout(wait, client.compact_topic(forward(req))).await {
+                        Ok(Ok(r)) => Ok(r.into_inner().replicas),
+                        Ok(Err(status)) => Err(status.message().to_string()),
+                        Err(_) => Err(format!("no answer within {} s", wait.as_secs())),
+                    },
+                    None => Err("address unknown".to_string()),
+                };
+                (broker, answer)
+            }
+        });
+        let mut out = Vec::new();
+        for (broker, answer) in futures::future::join_all(asked).await {
+            match answer {
+                Ok(theirs) => out.extend(theirs),
+                Err(reason) => out.extend(
+                    partitions
+                        .iter()
+                        .filter(|&&i| topic.assignments[i as usize].contains(&broker))
+                        .map(|&i| ReplicaCompaction {
+                            partition: i,
+                            broker: broker as i32,
+                            outcome: format!("broker {broker} not reached: {reason}"),
+                            ..ReplicaCompaction::default()
+                        }),
+                ),
+            }
+        }
+        out
     }
 
     /// Passes on this broker's replicas of `partitions`, run by the cleaner threads (at most

@@ -598,7 +598,13 @@ impl Owner {
             return offset;
         }
         match self.lag_offsets.get(&id) {
-            Some(&(m, offset, at)) if m == matched || now.duration_since(at) < LAG_LOOKUP_INTERVAL => offset,
+            // A cached offset of a higher match than now (the follower lost entries) is not
+            // used: the offset it reached must never be overstated (see `crate::cleaner`).
+            Some(&(m, offset, at))
+                if m == matched || (m <= matched && now.duration_since(at) < LAG_LOOKUP_INTERVAL) =>
+            {
+                offset
+            }
             _ => {
                 let offset = self.raft.offset_after(matched);
                 self.lag_offsets.insert(id, (matched, offset, now));
