@@ -95,21 +95,35 @@ impl AdminService {
                 }
             }
         }
-        for broker in ask {
-            // A leader that stopped answering (paused, partitioned) must not hang the
-            // description: its partitions keep this broker's view.
-            let transport = self.ctx.registry.transport();
-            let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
-            let Some(theirs) = own_description(transport, broker, &topic.name, wait).await else {
-                continue;
+        // A broker asked may name another leader (the preferred replica asked by a broker
+        // holding none, while another replica leads): those are asked once more, no further.
+        let mut hinted: BTreeSet<u32> = BTreeSet::new();
+        for round in 0..2 {
+            let asking = if round == 0 {
+                std::mem::take(&mut ask)
+            } else {
+                std::mem::take(&mut hinted)
             };
-            for p in theirs.partitions {
-                if p.leader == broker as i32
-                    && let Some(slot) = description.partitions.get_mut(p.partition as usize)
-                {
-                    let ours = std::mem::take(&mut slot.replica_state);
-                    *slot = p;
-                    slot.replica_state = ours;
+            for broker in asking {
+                // A leader that stopped answering (paused, partitioned) must not hang the
+                // description: its partitions keep this broker's view.
+                let transport = self.ctx.registry.transport();
+                let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
+                let Some(theirs) = own_description(transport, broker, &topic.name, wait).await else {
+                    continue;
+                };
+                for p in theirs.partitions {
+                    let Some(slot) = description.partitions.get_mut(p.partition as usize) else {
+                        continue;
+                    };
+                    if p.leader == broker as i32 {
+                        let ours = std::mem::take(&mut slot.replica_state);
+                        *slot = p;
+                        slot.replica_state = ours;
+                    } else if round == 0 && p.leader > 0 && p.leader != me && slot.leader != me {
+                        slot.leader = p.leader;
+                        hinted.insert(p.leader as u32);
+                    }
                 }
             }
         }

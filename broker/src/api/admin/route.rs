@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::{AdminService, FORWARD_CONNECT_TIMEOUT, FORWARD_TIMEOUT};
-use crate::api::forward::{connect, forward};
+use crate::api::forward::{connect, forward, own_description};
 use crate::controller::Topic;
 use crate::error::BrokerError;
 use crate::replica::partition::Partition;
@@ -126,7 +126,20 @@ impl AdminService {
         }
         let leader = match &replica {
             Ok(p) => p.leader(),
-            Err(_) => topic.assignments[partition as usize].first().copied().unwrap_or(0),
+            // No replica here: the preferred replica knows who leads (it may not be itself).
+            Err(_) => {
+                let preferred = topic.assignments[partition as usize].first().copied().unwrap_or(0);
+                let wait = FORWARD_CONNECT_TIMEOUT + super::DESCRIBE_ASK_TIMEOUT;
+                let seen = if preferred == 0 || was_forwarded {
+                    None
+                } else {
+                    own_description(self.ctx.registry.transport(), preferred, &topic.name, wait).await
+                };
+                seen.and_then(|d| d.partitions.into_iter().find(|p| p.partition == partition))
+                    .and_then(|p| u32::try_from(p.leader).ok())
+                    .filter(|&l| l > 0)
+                    .unwrap_or(preferred)
+            }
         };
         if was_forwarded || leader == 0 || leader == self.ctx.node_id {
             let e = match replica {
