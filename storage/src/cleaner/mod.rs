@@ -479,13 +479,21 @@ impl PartitionLog {
         // partition directory deleted meanwhile must stay deleted.
         let _writer = self.lock_writer();
         self.check_poisoned()?;
+        let mut created = false;
         for d in [staging.parent().unwrap_or(staging), staging] {
             match fs::create_dir(d) {
                 Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                     return Err(LogError::io("create cleaner directory", d)(e));
                 }
-                _ => {}
+                Err(_) => {}
+                Ok(()) => created = true,
             }
+        }
+        if created {
+            // The staged files must still be there after a power cut once the swap commits:
+            // their directories' entries are made durable too.
+            crate::sync::sync_dir(staging.parent().unwrap_or(staging))?;
+            crate::sync::sync_dir(&self.dir)?;
         }
         let new = Segment::open(staging, group[0].base_offset(), Some(config.max_index_bytes))?;
         drop(_writer);
