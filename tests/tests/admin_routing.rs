@@ -82,3 +82,33 @@ fn a_broker_without_a_replica_finds_a_leader_that_is_not_the_preferred_replica()
         (d["partitions"][0]["leader"].as_u64() == Some(u64::from(preferred))).then_some(())
     });
 }
+
+#[test]
+fn a_transfer_to_a_replica_that_cannot_take_over_names_the_leader_that_stays() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.create_topic("stays", 1, 3, &[]);
+    cluster.wait_in_sync("stays", 3);
+    let leader = cluster.wait_for_leader("stays", 0, None, DEADLINE);
+    let target = cluster.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    // A paused follower cannot take over: the transfer times out while the leader stays.
+    cluster.broker(target).pause();
+    let out = cli(
+        cluster.broker(leader).addr(),
+        &[
+            "partition",
+            "transfer-leader",
+            "stays",
+            "0",
+            "--to",
+            &target.to_string(),
+        ],
+        "",
+    );
+    cluster.broker(target).resume();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the transfer cannot succeed");
+    assert!(
+        err.contains(&format!("broker {leader} still leads")) && err.contains("retry"),
+        "the error names the leader that stays: {err}"
+    );
+}

@@ -497,10 +497,22 @@ impl Admin for AdminService {
         let moved = tokio::time::timeout(TRANSFER_TIMEOUT, status.wait_for(|s| s.leader == to)).await;
         match moved {
             Ok(Ok(_)) => Ok(Response::new(TransferLeaderResponse { leader: to as i32 })),
-            _ => Err(self.fail(BrokerError::LeaderNotAvailable {
-                topic: req.topic,
-                partition: req.partition,
-            })),
+            // Usually the target is still catching up: say who leads now, not that no one does.
+            _ if partition.leader() == to => Ok(Response::new(TransferLeaderResponse { leader: to as i32 })),
+            _ => {
+                let state = match partition.leader() {
+                    0 => "the partition has no leader right now (an election is under way); retry shortly".to_string(),
+                    l => format!("broker {l} still leads (broker {to} may still be catching up); retry shortly"),
+                };
+                Err(self.fail(BrokerError::TimedOut {
+                    what: format!(
+                        "moving the leadership of topic '{}' partition {} to broker {to}",
+                        req.topic, req.partition
+                    ),
+                    after: TRANSFER_TIMEOUT,
+                    state,
+                }))
+            }
         }
     }
 }
