@@ -324,6 +324,9 @@ impl Cleaner {
 
     /// Refreshes every compacting replica's dirty stats and claims the dirtiest due one.
     fn pick(&self) -> Option<(Arc<Partition>, CompactionPolicy)> {
+        // Failures older than the retry delay mean nothing: gone, so that the map holds only
+        // recent ones (not every partition that ever failed, deleted ones included).
+        self.lock().failed.retain(|_, at| at.elapsed() < RETRY_AFTER_FAILURE);
         let mut best: Option<(f64, Arc<Partition>, CompactionPolicy)> = None;
         for (p, policy) in self.compacting() {
             let log = p.log();

@@ -103,6 +103,7 @@ fn compaction_json(r: &ReplicaCompaction) -> serde_json::Value {
         "tombstones_dropped": r.tombstones_dropped,
         "millis": r.millis,
         "log_size_bytes": r.log_size_bytes,
+        "failed": r.failed,
     })
 }
 
@@ -269,17 +270,9 @@ pub async fn run(client: &Client, cmd: TopicCommand, format: Format) -> anyhow::
         TopicCommand::Compact { name, partition, wait } => {
             let replicas = admin.compact_topic(&name, partition, wait).await?;
             print_compactions(&name, &replicas, wait, format);
-            let failed: Vec<&ReplicaCompaction> = replicas
-                .iter()
-                .filter(|r| {
-                    !matches!(
-                        r.outcome.as_str(),
-                        "compacted" | "started" | "already compacting" | "already requested"
-                    ) && !r.outcome.starts_with("nothing to compact")
-                })
-                .collect();
-            if !failed.is_empty() {
-                anyhow::bail!("{} replica(s) did not compact", failed.len());
+            let failed = replicas.iter().filter(|r| r.failed).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} replica(s) did not compact");
             }
         }
         TopicCommand::Delete { name } => {

@@ -37,6 +37,9 @@ pub enum BatchError {
     Decompress(String),
     #[error("batch payload could not be compressed: {0}")]
     Compress(String),
+    /// A record without a key, in a batch for a log that keeps the latest record per key.
+    #[error("record {index} has no key")]
+    KeylessRecord { index: u32 },
     /// A compressed batch whose records would decompress to more than the limit.
     #[error("batch records decompress to {size} bytes, over the limit of {limit} bytes")]
     InflatesTooLarge { size: usize, limit: usize },

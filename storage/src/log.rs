@@ -235,7 +235,7 @@ impl PartitionLog {
     }
 
     /// Segments from the one that may hold `offset` onwards.
-    pub(crate) fn segments_from(&self, offset: u64) -> Vec<Arc<Segment>> {
+    fn segments_from(&self, offset: u64) -> Vec<Arc<Segment>> {
         from_offset(&self.read_segments(), offset)
     }
 

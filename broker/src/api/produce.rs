@@ -164,17 +164,17 @@ fn validate_part(
     let bad = |e| BrokerError::from_batch(name, index, e);
     let mut validated = Vec::with_capacity(batches.len());
     for b in batches {
-        let v = ValidatedBatch::within(b, rules.max_batch_bytes, max_uncompressed).map_err(bad)?;
-        if rules.keys_required {
-            let parsed = batch::RecordBatch::parse(v.bytes().clone()).map_err(bad)?;
-            for (i, record) in parsed.records_within(max_uncompressed).map_err(bad)?.enumerate() {
-                if record.map_err(bad)?.key.is_none() {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "topic '{name}' partition {index}: record {i} of a batch has no key, and the topic is compacted (cleanup.policy keeps the latest record per key); give every record a key"
-                    )));
-                }
-            }
-        }
+        let checked = if rules.keys_required {
+            ValidatedBatch::within_keyed(b, rules.max_batch_bytes, max_uncompressed)
+        } else {
+            ValidatedBatch::within(b, rules.max_batch_bytes, max_uncompressed)
+        };
+        let v = checked.map_err(|e| match e {
+            conveyor_storage::BatchError::KeylessRecord { index: i } => BrokerError::InvalidRequest(format!(
+                "topic '{name}' partition {index}: record {i} of a batch has no key, and the topic is compacted (cleanup.policy keeps the latest record per key); give every record a key"
+            )),
+            e => bad(e),
+        })?;
         // A retry is recognised against committed batches; and with acks=none nobody would
         // hear a refusal from the partition.
         if acks != Acks::All && v.header().producer.producer_id >= 0 {

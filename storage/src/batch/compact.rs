@@ -26,99 +26,124 @@ pub struct Judged<'a> {
     pub tombstone: bool,
 }
 
-/// Calls `visit` with the offset and key of every record of `batch` that has a key, without
-/// copying them. The batch's CRC must have been checked.
-pub fn for_each_key(batch: &RecordBatch, mut visit: impl FnMut(u64, &[u8]) -> bool) -> Result<(), BatchError> {
-    let header = batch.header();
-    let section = records::plain_section(header, batch.bytes(), compression::MAX_UNCOMPRESSED_BYTES)?;
-    records::for_each_view(&section, header.record_count, |r| {
-        if let Some(key) = r.key
-            && !visit(header.base_offset + u64::from(r.offset_delta), key)
-        {
-            return Err(BatchError::Empty);
-        }
-        Ok::<(), BatchError>(())
-    })
-    .or_else(|e| if matches!(e, BatchError::Empty) { Ok(()) } else { Err(e) })
+/// A stored batch with its records section decoded once (decompressed when needed), for the
+/// cleaner's two looks at it: its keys, then its rewrite. The batch's CRC must have been
+/// checked.
+#[derive(Debug)]
+pub struct PlainBatch<'a> {
+    batch: &'a RecordBatch,
+    section: Bytes,
 }
 
-/// Rewrites `batch` keeping the records `keep` says yes to, in order. `horizon`, when the
-/// batch has none yet and keeps a tombstone, becomes its delete horizon (see the format
-/// notes in [`crate::batch`]) unless the batch would then pass `max_batch_bytes`; a batch
-/// that has one keeps it. Control batches are never given to
-/// this function (the cleaner keeps them whole). The batch's CRC must have been checked.
-///
-/// Kept records are copied as they are encoded, unless a new horizon moves the base their
-/// timestamps count from. An emptied batch keeps its header with no records and no
-/// compression.
+impl<'a> PlainBatch<'a> {
+    pub fn new(batch: &'a RecordBatch) -> Result<PlainBatch<'a>, BatchError> {
+        let section = records::plain_section(batch.header(), batch.bytes(), compression::MAX_UNCOMPRESSED_BYTES)?;
+        Ok(PlainBatch { batch, section })
+    }
+
+    /// Calls `visit` with the offset and key of every record that has a key, in order,
+    /// without copying them.
+    pub fn for_each_key(&self, mut visit: impl FnMut(u64, &[u8])) -> Result<(), BatchError> {
+        let header = self.batch.header();
+        records::for_each_view(&self.section, header.record_count, |r| {
+            if let Some(key) = r.key {
+                visit(header.base_offset + u64::from(r.offset_delta), key);
+            }
+        })
+    }
+
+    /// Rewrites the batch keeping the records `keep` says yes to, in order. `horizon`, when
+    /// the batch has none yet and keeps a tombstone, becomes its delete horizon (see the
+    /// format notes in [`crate::batch`]) unless the batch would then pass
+    /// `max_batch_bytes`; a batch that has one keeps it. Control batches are never given to
+    /// this function (the cleaner keeps them whole).
+    ///
+    /// Kept records are copied as they are encoded, unless a new horizon moves the base
+    /// their timestamps count from. An emptied batch keeps its header with no records and
+    /// no compression. A batch that stays as it is costs no allocation.
+    pub fn rewrite(
+        &self,
+        mut keep: impl FnMut(Judged<'_>) -> bool,
+        horizon: Option<i64>,
+        max_batch_bytes: usize,
+    ) -> Result<Rewritten, BatchError> {
+        let (batch, section) = (self.batch, &self.section);
+        let header = batch.header();
+        let existing_horizon = header.delete_horizon();
+        // Byte ranges of the kept records in `section`, adjacent ones merged; filled only
+        // once a record is dropped: until then the kept records are the prefix up to
+        // `prefix_end`.
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        let mut prefix_end = 0;
+        let (mut count, mut dropped, mut keeps_tombstones) = (0u32, false, false);
+        let base = section.as_ptr() as usize;
+        records::for_each_view(section, header.record_count, |r| {
+            let judged = Judged {
+                offset: header.base_offset + u64::from(r.offset_delta),
+                key: r.key,
+                tombstone: r.tombstone,
+            };
+            let at = r.encoded.as_ptr() as usize - base;
+            let end = at + r.encoded.len();
+            if keep(judged) {
+                match ranges.last_mut() {
+                    _ if !dropped => prefix_end = end,
+                    Some(last) if last.1 == at => last.1 = end,
+                    _ => ranges.push((at, end)),
+                }
+                count += 1;
+                keeps_tombstones |= r.tombstone;
+            } else if !dropped {
+                dropped = true;
+                if prefix_end > 0 {
+                    ranges.push((0, prefix_end));
+                }
+            }
+        })?;
+        let new_horizon = existing_horizon.or(horizon.filter(|_| keeps_tombstones));
+        if !dropped && new_horizon == existing_horizon {
+            return Ok(Rewritten::Unchanged);
+        }
+        if !dropped && prefix_end > 0 {
+            ranges.push((0, prefix_end));
+        }
+        let kept = Kept {
+            batch,
+            section,
+            ranges: &ranges,
+            count,
+        };
+        let out = kept.assemble(new_horizon)?;
+        // A new horizon moves the timestamp base to the max timestamp, which can lengthen the
+        // deltas by a few bytes: a batch may grow only within `max_batch_bytes` (the log's
+        // limit); past it, its tombstones wait for a pass that also removes records from it.
+        if existing_horizon.is_none() && new_horizon.is_some() && out.len() > batch.bytes().len().max(max_batch_bytes) {
+            if !dropped {
+                return Ok(Rewritten::Unchanged);
+            }
+            return Ok(Rewritten::Changed(Bytes::from(kept.assemble(None)?)));
+        }
+        Ok(Rewritten::Changed(Bytes::from(out)))
+    }
+}
+
+/// [`PlainBatch::rewrite`] of `batch`.
 pub fn rewrite_batch(
     batch: &RecordBatch,
-    mut keep: impl FnMut(Judged<'_>) -> bool,
+    keep: impl FnMut(Judged<'_>) -> bool,
     horizon: Option<i64>,
     max_batch_bytes: usize,
 ) -> Result<Rewritten, BatchError> {
-    let header = batch.header();
-    let existing_horizon = header.delete_horizon();
-    let section = records::plain_section(header, batch.bytes(), compression::MAX_UNCOMPRESSED_BYTES)?;
-    // Byte ranges of the kept records in `section`, adjacent ones merged.
-    let mut kept: Vec<(usize, usize)> = Vec::new();
-    // Whether each record, in order, stays.
-    let mut stays: Vec<bool> = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
-    let (mut count, mut dropped, mut keeps_tombstones) = (0u32, false, false);
-    let base = section.as_ptr() as usize;
-    records::for_each_view(&section, header.record_count, |r| {
-        let judged = Judged {
-            offset: header.base_offset + u64::from(r.offset_delta),
-            key: r.key,
-            tombstone: r.tombstone,
-        };
-        let stay = keep(judged);
-        stays.push(stay);
-        if stay {
-            let at = r.encoded.as_ptr() as usize - base;
-            match kept.last_mut() {
-                Some(last) if last.1 == at => last.1 = at + r.encoded.len(),
-                _ => kept.push((at, at + r.encoded.len())),
-            }
-            count += 1;
-            keeps_tombstones |= r.tombstone;
-        } else {
-            dropped = true;
-        }
-        Ok::<(), BatchError>(())
-    })?;
-    let new_horizon = existing_horizon.or(horizon.filter(|_| keeps_tombstones));
-    if !dropped && new_horizon == existing_horizon {
-        return Ok(Rewritten::Unchanged);
-    }
-    let kept = Kept {
-        batch,
-        section: &section,
-        ranges: &kept,
-        stays: &stays,
-        count,
-    };
-    let out = kept.assemble(new_horizon)?;
-    // A new horizon moves the timestamp base to the max timestamp, which can lengthen the
-    // deltas by a few bytes: a batch may grow only within `max_batch_bytes` (the log's
-    // limit); past it, its tombstones wait for a pass that also removes records from it.
-    if existing_horizon.is_none() && new_horizon.is_some() && out.len() > batch.bytes().len().max(max_batch_bytes) {
-        if !dropped {
-            return Ok(Rewritten::Unchanged);
-        }
-        return Ok(Rewritten::Changed(Bytes::from(kept.assemble(None)?)));
-    }
-    Ok(Rewritten::Changed(Bytes::from(out)))
+    PlainBatch::new(batch)?.rewrite(keep, horizon, max_batch_bytes)
 }
 
 /// What a rewrite keeps of a batch.
 struct Kept<'a> {
     batch: &'a RecordBatch,
-    section: &'a [u8],
+    /// The batch's plain records section.
+    section: &'a Bytes,
     /// Byte ranges of the kept records in `section`.
     ranges: &'a [(usize, usize)],
-    /// Whether each record, in order, stays.
-    stays: &'a [bool],
     count: u32,
 }
 
@@ -139,9 +164,9 @@ impl Kept<'_> {
             }
         } else {
             // A new timestamp base: each kept record is encoded again with its delta from it.
-            for (record, stay) in self.batch.records()?.zip(self.stays) {
-                let record = record?;
-                if *stay {
+            for (from, to) in self.ranges {
+                for record in RecordIter::over(header, self.section.slice(*from..*to)) {
+                    let record = record?;
                     let offset_delta = (record.offset - header.base_offset) as u32;
                     let r = Record {
                         timestamp: record.timestamp,

@@ -63,7 +63,7 @@ pub(crate) mod varint;
 pub use builder::BatchBuilder;
 pub use builder::restamp_producer;
 pub use builder::unix_millis;
-pub use compact::{Judged, Rewritten, for_each_key, rewrite_batch};
+pub use compact::{Judged, PlainBatch, Rewritten, rewrite_batch};
 pub use compression::Compression;
 pub use records::{Header, Record, RecordIter, StoredRecord};
 pub use validate::{ValidatedBatch, validate, validate_within};

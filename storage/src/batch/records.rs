@@ -141,12 +141,15 @@ fn parse_raw(buf: &[u8], pos: &mut usize, index: u32) -> Result<RawRecord, Batch
 /// Walks every record of a producer-built batch, checking structure, that offset deltas run
 /// 0, 1, 2, ... and that timestamps stay within the header's maximum. Returns the number of
 /// records and their largest timestamp.
-pub(crate) fn walk(header: &BatchHeader, section: &[u8]) -> Result<(u32, i64), BatchError> {
+pub(crate) fn walk(header: &BatchHeader, section: &[u8], keys_required: bool) -> Result<(u32, i64), BatchError> {
     let mut pos = 0;
     let mut count: u32 = 0;
     let mut max_timestamp = i64::MIN;
     while pos < section.len() {
         let raw = parse_raw(section, &mut pos, count)?;
+        if keys_required && raw.key.is_none() {
+            return Err(BatchError::KeylessRecord { index: count });
+        }
         if raw.offset_delta != u64::from(count) {
             return Err(invalid(
                 count,
@@ -179,12 +182,12 @@ pub(crate) struct RecordView<'a> {
 }
 
 /// Calls `visit` with each record of a plain records section, without copying or
-/// allocating, until it returns an error. Stops with an error at a malformed record.
-pub(crate) fn for_each_view<E: From<BatchError>>(
+/// allocating. Stops with an error at a malformed record.
+pub(crate) fn for_each_view(
     section: &[u8],
     record_count: u32,
-    mut visit: impl FnMut(RecordView<'_>) -> Result<(), E>,
-) -> Result<(), E> {
+    mut visit: impl FnMut(RecordView<'_>),
+) -> Result<(), BatchError> {
     let mut pos = 0;
     let mut index = 0u32;
     while pos < section.len() && index < record_count {
@@ -196,7 +199,7 @@ pub(crate) fn for_each_view<E: From<BatchError>>(
             key: raw.key.map(|(at, len)| &section[at..at + len]),
             tombstone: raw.value.is_none(),
             encoded: &section[start..raw.end],
-        })?;
+        });
         index += 1;
     }
     Ok(())
@@ -249,6 +252,19 @@ impl RecordIter {
             first_timestamp: timestamp_base(header),
             remaining: header.record_count,
         })
+    }
+
+    /// The records encoded in `encoded` (whole records cut from the plain records section of
+    /// the batch `header` heads), with the offsets and timestamps the header gives them.
+    pub(crate) fn over(header: &BatchHeader, encoded: Bytes) -> RecordIter {
+        RecordIter {
+            section: encoded,
+            pos: 0,
+            index: 0,
+            base_offset: header.base_offset,
+            first_timestamp: timestamp_base(header),
+            remaining: header.record_count,
+        }
     }
 
     /// The same records, from the records section as `wrap` returns it: every key, value and

@@ -28,6 +28,17 @@ pub fn validate_within(
     max_batch_bytes: usize,
     max_uncompressed_bytes: usize,
 ) -> Result<BatchHeader, BatchError> {
+    validate_records(batch, max_batch_bytes, max_uncompressed_bytes, false)
+}
+
+/// [`validate_within`], and with `keys_required` a record without a key is refused
+/// ([`BatchError::KeylessRecord`]), found by the same walk over the records.
+fn validate_records(
+    batch: &[u8],
+    max_batch_bytes: usize,
+    max_uncompressed_bytes: usize,
+    keys_required: bool,
+) -> Result<BatchHeader, BatchError> {
     let header = check_frame(batch, max_batch_bytes)?;
     if header.attributes & CLEANER_BITS != 0 {
         return Err(BatchError::InvalidHeader(
@@ -36,8 +47,12 @@ pub fn validate_within(
     }
     let inflate_limit = max_uncompressed_bytes;
     let (count, max_timestamp) = match header.compression()? {
-        Compression::None => records::walk(&header, &batch[HEADER_LEN..])?,
-        codec => records::walk(&header, &codec.decompress(&batch[HEADER_LEN..], inflate_limit)?)?,
+        Compression::None => records::walk(&header, &batch[HEADER_LEN..], keys_required)?,
+        codec => records::walk(
+            &header,
+            &codec.decompress(&batch[HEADER_LEN..], inflate_limit)?,
+            keys_required,
+        )?,
     };
     if count != header.record_count {
         return Err(BatchError::CountMismatch {
@@ -86,6 +101,21 @@ impl ValidatedBatch {
         max_uncompressed_bytes: usize,
     ) -> Result<ValidatedBatch, BatchError> {
         let header = validate_within(&bytes, max_batch_bytes, max_uncompressed_bytes)?;
+        Ok(ValidatedBatch {
+            bytes,
+            header,
+            limit: max_batch_bytes,
+        })
+    }
+
+    /// As [`within`](Self::within), also refusing a record without a key (a batch for a
+    /// compacted log, which keeps the latest record per key).
+    pub fn within_keyed(
+        bytes: bytes::Bytes,
+        max_batch_bytes: usize,
+        max_uncompressed_bytes: usize,
+    ) -> Result<ValidatedBatch, BatchError> {
+        let header = validate_records(&bytes, max_batch_bytes, max_uncompressed_bytes, true)?;
         Ok(ValidatedBatch {
             bytes,
             header,
@@ -232,6 +262,26 @@ mod tests {
         let crc = crc32fast::hash(&batch[CRC_START..]);
         batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         batch
+    }
+
+    #[test]
+    fn a_keyed_validation_refuses_a_record_without_a_key_and_names_it() {
+        for codec in [Compression::None, Compression::Zstd] {
+            ValidatedBatch::within_keyed(sample(codec), LIMIT, LIMIT).expect("every record has a key");
+            let mut b = BatchBuilder::new(codec);
+            for key in [Some(Bytes::from("k")), None] {
+                b.push(&Record {
+                    timestamp: 1,
+                    key,
+                    value: Some(Bytes::from("v")),
+                    headers: vec![],
+                });
+            }
+            let keyless = b.build().expect("build");
+            let err = ValidatedBatch::within_keyed(keyless.clone(), LIMIT, LIMIT).expect_err("keyless");
+            assert!(matches!(err, BatchError::KeylessRecord { index: 1 }), "{err:?}");
+            ValidatedBatch::within(keyless, LIMIT, LIMIT).expect("keys are optional elsewhere");
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ use bytes::Bytes;
 
 use crate::batch::{self, BatchHeader, BatchIter, CRC_AT, Rewritten};
 use crate::error::{LogError, Result};
+use crate::index::{Entry, TimeEntry};
 use crate::log::PartitionLog;
 use crate::segment::{IndexCursor, Segment};
 pub use swap::{CLEANER_DIR, SWAP_MARKER};
@@ -46,8 +47,6 @@ use key_map::{KeyHash, KeyMap};
 pub const CHECKPOINT_FILE: &str = "cleaner-offset";
 /// Bytes read from a segment at once while cleaning (more for a larger batch).
 const READ_CHUNK: usize = 1 << 20;
-/// A time index entry: an 8-byte timestamp and a 4-byte relative offset.
-const TIME_ENTRY_BYTES: u64 = 12;
 
 /// A topic's compaction settings, as Kafka names them.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,8 +97,6 @@ pub struct DirtyStats {
     pub cleanable_end: u64,
     /// Timestamp of the first dirty batch, when there is one.
     pub oldest_dirty_ms: Option<i64>,
-    /// When a pass last finished, if one ever did.
-    pub last_cleaned_ms: Option<i64>,
 }
 
 impl DirtyStats {
@@ -211,13 +208,14 @@ fn cleanable<'a>(segments: &'a [Arc<Segment>], bounds: &CleanBounds, policy: &Co
 
 impl PartitionLog {
     fn checkpoint(&self) -> Result<Checkpoint> {
-        let mut cached = self.cleaner_view();
-        if let Some(c) = cached.checkpoint {
+        if let Some(c) = self.cleaner_view().checkpoint {
             return Ok(c);
         }
+        // Read without the view's lock: `last_dirty_stats` and `last_cleaned_ms` take it on
+        // the broker's reactor and must never wait for the disk. Two first reads at once
+        // read the same file.
         let c = Checkpoint::read(&self.dir)?;
-        cached.checkpoint = Some(c);
-        Ok(c)
+        Ok(*self.cleaner_view().checkpoint.get_or_insert(c))
     }
 
     /// Moves the cleaner checkpoint down to `offset` if it is above: the log is being cut
@@ -279,7 +277,6 @@ impl PartitionLog {
             first_dirty_offset: first_dirty,
             cleanable_end,
             oldest_dirty_ms,
-            last_cleaned_ms: checkpoint.last_cleaned_ms,
         };
         self.cleaner_view().stats = Some(stats);
         Ok(stats)
@@ -411,7 +408,8 @@ impl PartitionLog {
             .filter(|s| s.base_offset() < map_end)
             .cloned()
             .collect();
-        let max_entries = config.max_index_bytes / TIME_ENTRY_BYTES;
+        // The larger of the two index entries bounds how many a group's indexes take.
+        let max_entries = config.max_index_bytes / <TimeEntry as Entry>::SIZE as u64;
         let mut groups: Vec<Vec<Arc<Segment>>> = Vec::new();
         for segment in targets {
             let fits = groups.last().is_some_and(|g| {
@@ -503,6 +501,7 @@ impl PartitionLog {
         };
         report.segments_before += group.len();
         report.segments_after += 1;
+        let mut hashes = Vec::new();
         for segment in group {
             report.bytes_before += segment.size();
             for_each_batch(segment, throttle, report, |batch, report| {
@@ -511,7 +510,7 @@ impl PartitionLog {
                 let bytes = if header.is_control() {
                     batch.bytes().clone()
                 } else {
-                    match rules.apply(&batch, report)? {
+                    match rules.apply(&batch, &mut hashes, report)? {
                         Rewritten::Unchanged => batch.bytes().clone(),
                         Rewritten::Changed(b) => b,
                     }
@@ -694,6 +693,9 @@ fn build_map(
     throttle: &IoThrottle,
     report: &mut CleanReport,
 ) -> Result<u64> {
+    // One buffer for every batch's keys: their hashes are computed and their slots
+    // prefetched before any lookup.
+    let mut keyed: Vec<(u64, KeyHash)> = Vec::new();
     for segment in cleanable
         .iter()
         .filter(|s| s.next_offset() > from && s.base_offset() < to)
@@ -704,21 +706,18 @@ fn build_map(
             if full_at.is_some() || header.is_control() || header.next_offset() <= from {
                 return Ok(());
             }
-            // The batch's keys are hashed and their slots prefetched before any lookup.
-            let mut keyed: Vec<(u64, KeyHash)> = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
-            batch::for_each_key(&batch, |offset, key| {
+            keyed.clear();
+            batch::PlainBatch::new(&batch)?.for_each_key(|offset, key| {
                 if offset >= from {
                     let hash = map.hash(key);
                     map.prefetch(hash);
                     keyed.push((offset, hash));
                 }
-                true
             })?;
-            let full = keyed
+            full_at = keyed
                 .iter()
                 .find(|&&(offset, hash)| !map.put(hash, offset))
                 .map(|&(offset, _)| offset);
-            full_at = full;
             Ok(())
         })?;
         if let Some(at) = full_at {
@@ -741,23 +740,29 @@ struct Rules<'a> {
 }
 
 impl Rules<'_> {
-    fn apply(&self, batch: &batch::RecordBatch, report: &mut CleanReport) -> Result<Rewritten> {
+    /// Rewrites one batch by the rules; `hashes` is a buffer the caller keeps across
+    /// batches.
+    fn apply(
+        &self,
+        batch: &batch::RecordBatch,
+        hashes: &mut Vec<KeyHash>,
+        report: &mut CleanReport,
+    ) -> Result<Rewritten> {
         let header = batch.header();
         let horizon_passed = header.delete_horizon().is_some_and(|h| h <= self.now_ms);
         let mut dropped_tombstones = 0;
+        let plain = batch::PlainBatch::new(batch)?;
         // Every key's hash first, its slot prefetched, then the lookups (in record order).
-        let mut hashes: Vec<KeyHash> = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
-        if batch.header().base_offset < self.map_end && self.map.len() > 0 {
-            batch::for_each_key(batch, |_, key| {
+        hashes.clear();
+        if header.base_offset < self.map_end && self.map.len() > 0 {
+            plain.for_each_key(|_, key| {
                 let hash = self.map.hash(key);
                 self.map.prefetch(hash);
                 hashes.push(hash);
-                true
             })?;
         }
-        let mut next_hash = hashes.into_iter();
-        let rewritten = batch::rewrite_batch(
-            batch,
+        let mut next_hash = hashes.iter();
+        let rewritten = plain.rewrite(
             |r: batch::Judged<'_>| {
                 if r.key.is_none() {
                     return true;
@@ -767,7 +772,7 @@ impl Rules<'_> {
                     return true;
                 }
                 let latest = hash
-                    .and_then(|h| self.map.get(h))
+                    .and_then(|&h| self.map.get(h))
                     .is_none_or(|latest| latest <= r.offset);
                 if latest && r.tombstone && horizon_passed && r.offset < self.tombstone_floor {
                     dropped_tombstones += 1;

@@ -96,12 +96,7 @@ impl AdminService {
                     partitions
                         .iter()
                         .filter(|&&i| topic.assignments[i as usize].contains(&broker))
-                        .map(|&i| ReplicaCompaction {
-                            partition: i,
-                            broker: broker as i32,
-                            outcome: format!("broker {broker} not reached: {reason}"),
-                            ..ReplicaCompaction::default()
-                        }),
+                        .map(|&i| failed(i, broker, format!("broker {broker} not reached: {reason}"))),
                 ),
             }
         }
@@ -117,36 +112,38 @@ impl AdminService {
         policy: CompactionPolicy,
         wait: bool,
     ) -> Vec<ReplicaCompaction> {
-        let me = self.ctx.node_id as i32;
+        let me = self.ctx.node_id;
         let mut waiting = Vec::new();
         let mut out = Vec::new();
         for &index in partitions {
             let Some(p) = topic.local.get(&index) else { continue };
-            let row = |outcome: &str| ReplicaCompaction {
-                partition: index,
-                broker: me,
-                outcome: outcome.to_string(),
-                ..ReplicaCompaction::default()
-            };
             let (tx, rx) = oneshot::channel();
             let queued = self.ctx.cleaner.request(p, policy, wait.then_some(tx));
             match queued {
-                Queued::Full => out.push(row(&format!(
-                    "refused: {MAX_QUEUED_REQUESTS} compactions are waiting already; retry later"
-                ))),
-                Queued::Stopping => out.push(row("refused: the broker is shutting down")),
-                Queued::Queued | Queued::Joined if !wait => out.push(row(if queued == Queued::Queued {
-                    "started"
-                } else {
-                    "already requested"
-                })),
+                Queued::Full => out.push(failed(
+                    index,
+                    me,
+                    format!("refused: {MAX_QUEUED_REQUESTS} compactions are waiting already; retry later"),
+                )),
+                Queued::Stopping => out.push(failed(index, me, "refused: the broker is shutting down".into())),
+                Queued::Queued | Queued::Joined if !wait => out.push(ReplicaCompaction {
+                    partition: index,
+                    broker: me as i32,
+                    outcome: if queued == Queued::Queued {
+                        "started"
+                    } else {
+                        "already requested"
+                    }
+                    .into(),
+                    ..ReplicaCompaction::default()
+                }),
                 Queued::Queued | Queued::Joined => waiting.push((index, Arc::clone(p), Instant::now(), rx)),
             }
         }
         for (index, p, asked, rx) in waiting {
             let row = |outcome: &str| ReplicaCompaction {
                 partition: index,
-                broker: me,
+                broker: me as i32,
                 outcome: outcome.to_string(),
                 log_size_bytes: p.log().size_bytes(),
                 ..ReplicaCompaction::default()
@@ -164,10 +161,27 @@ impl AdminService {
                     ..row("compacted")
                 },
                 Ok(Ok(None)) => row("nothing to compact: no sealed, committed segment yet"),
-                Ok(Err(e)) => row(&e),
-                Err(_) => row("refused: the broker is shutting down"),
+                Ok(Err(e)) => ReplicaCompaction {
+                    failed: true,
+                    ..row(&e)
+                },
+                Err(_) => ReplicaCompaction {
+                    failed: true,
+                    ..row("refused: the broker is shutting down")
+                },
             });
         }
         out
+    }
+}
+
+/// A replica that did not compact, and why.
+fn failed(partition: i32, broker: u32, outcome: String) -> ReplicaCompaction {
+    ReplicaCompaction {
+        partition,
+        broker: broker as i32,
+        outcome,
+        failed: true,
+        ..ReplicaCompaction::default()
     }
 }

@@ -97,37 +97,45 @@ impl AdminService {
         }
         // A broker asked may name another leader (the preferred replica asked by a broker
         // holding none, while another replica leads): those are asked once more, no further.
-        let mut hinted: BTreeSet<u32> = BTreeSet::new();
-        for round in 0..2 {
-            let asking = if round == 0 {
-                std::mem::take(&mut ask)
-            } else {
-                std::mem::take(&mut hinted)
+        let hinted = self.take_leaders_views(topic, &mut description, ask).await;
+        self.take_leaders_views(topic, &mut description, hinted).await;
+        description
+    }
+
+    /// Asks each of `brokers` for its own description of `topic` and takes its view of the
+    /// partitions it leads. Returns the other leaders the answers name for partitions whose
+    /// leader is still unknown here (each such slot takes the named leader meanwhile).
+    async fn take_leaders_views(
+        &self,
+        topic: &Topic,
+        description: &mut TopicDescription,
+        brokers: BTreeSet<u32>,
+    ) -> BTreeSet<u32> {
+        let me = self.ctx.node_id as i32;
+        let mut named = BTreeSet::new();
+        for broker in brokers {
+            // A leader that stopped answering (paused, partitioned) must not hang the
+            // description: its partitions keep this broker's view.
+            let transport = self.ctx.registry.transport();
+            let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
+            let Some(theirs) = own_description(transport, broker, &topic.name, wait).await else {
+                continue;
             };
-            for broker in asking {
-                // A leader that stopped answering (paused, partitioned) must not hang the
-                // description: its partitions keep this broker's view.
-                let transport = self.ctx.registry.transport();
-                let wait = FORWARD_CONNECT_TIMEOUT + DESCRIBE_ASK_TIMEOUT;
-                let Some(theirs) = own_description(transport, broker, &topic.name, wait).await else {
+            for p in theirs.partitions {
+                let Some(slot) = description.partitions.get_mut(p.partition as usize) else {
                     continue;
                 };
-                for p in theirs.partitions {
-                    let Some(slot) = description.partitions.get_mut(p.partition as usize) else {
-                        continue;
-                    };
-                    if p.leader == broker as i32 {
-                        let ours = std::mem::take(&mut slot.replica_state);
-                        *slot = p;
-                        slot.replica_state = ours;
-                    } else if round == 0 && p.leader > 0 && p.leader != me && slot.leader != me {
-                        slot.leader = p.leader;
-                        hinted.insert(p.leader as u32);
-                    }
+                if p.leader == broker as i32 {
+                    let ours = std::mem::take(&mut slot.replica_state);
+                    *slot = p;
+                    slot.replica_state = ours;
+                } else if p.leader > 0 && p.leader != me && slot.leader != me && slot.leader != p.leader {
+                    slot.leader = p.leader;
+                    named.insert(p.leader as u32);
                 }
             }
         }
-        description
+        named
     }
 
     /// Fills in the leaders of partitions this broker holds no replica of (in a cluster with
