@@ -5,8 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(
         [
             "conveyor/v1/broker.proto",
+            "conveyor/v1/groups.proto",
             "conveyor/internal/v1/metadata.proto",
             "conveyor/internal/v1/raft.proto",
+            "conveyor/internal/v1/groups.proto",
         ],
         ["proto"],
     )?;

@@ -22,6 +22,59 @@ pub struct BrokerConfig {
     pub log: LogSection,
     pub limits: LimitsSection,
     pub cleaner: CleanerSection,
+    pub groups: GroupsSection,
+}
+
+/// The consumer group coordinator (see `docs/consumer-groups.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsSection {
+    /// Partitions of `__consumer_offsets`, used when it is created (first use).
+    pub offsets_topic_partitions: u32,
+    /// Its replication factor; 0 for min(3, brokers).
+    pub offsets_topic_replication_factor: u32,
+    /// How often members heartbeat (shorter when a member's session timeout is short: at
+    /// most a third of it).
+    pub heartbeat_interval: Millis,
+    /// A member not heard from for this long leaves the group; members may ask for another
+    /// value within the bounds below.
+    pub session_timeout: Millis,
+    pub min_session_timeout: Millis,
+    pub max_session_timeout: Millis,
+    /// How long a member may take to give up revoked partitions before it is removed, when
+    /// it asks for no other value.
+    pub rebalance_timeout: Millis,
+}
+
+impl Default for GroupsSection {
+    fn default() -> Self {
+        GroupsSection {
+            offsets_topic_partitions: 16,
+            offsets_topic_replication_factor: 0,
+            heartbeat_interval: Millis(Duration::from_secs(3)),
+            session_timeout: Millis(Duration::from_secs(45)),
+            min_session_timeout: Millis(Duration::from_secs(1)),
+            max_session_timeout: Millis(Duration::from_secs(30 * 60)),
+            rebalance_timeout: Millis(Duration::from_secs(5 * 60)),
+        }
+    }
+}
+
+impl GroupsSection {
+    /// The coordinator's settings.
+    pub fn coordinator_config(&self) -> crate::coordinator::groups::GroupsConfig {
+        crate::coordinator::groups::GroupsConfig {
+            settings: crate::coordinator::groups::membership::Settings {
+                heartbeat_interval: self.heartbeat_interval.0,
+                session_timeout: self.session_timeout.0,
+                min_session_timeout: self.min_session_timeout.0,
+                max_session_timeout: self.max_session_timeout.0,
+                rebalance_timeout: self.rebalance_timeout.0,
+            },
+            partitions: self.offsets_topic_partitions,
+            replication_factor: self.offsets_topic_replication_factor,
+        }
+    }
 }
 
 /// The log cleaner, which compacts topics with `cleanup.policy` `compact` (see
@@ -334,6 +387,20 @@ impl BrokerConfig {
         anyhow::ensure!(
             !self.cleaner.check_interval.0.is_zero(),
             "[cleaner] check_interval must be positive"
+        );
+        let g = &self.groups;
+        anyhow::ensure!(
+            g.offsets_topic_partitions > 0 && g.offsets_topic_partitions <= self.limits.max_partitions_per_topic,
+            "[groups] offsets_topic_partitions must be between 1 and [limits] max_partitions_per_topic, got {}",
+            g.offsets_topic_partitions
+        );
+        anyhow::ensure!(
+            !g.heartbeat_interval.0.is_zero()
+                && !g.min_session_timeout.0.is_zero()
+                && g.min_session_timeout.0 <= g.session_timeout.0
+                && g.session_timeout.0 <= g.max_session_timeout.0
+                && !g.rebalance_timeout.0.is_zero(),
+            "[groups] needs a positive heartbeat_interval and rebalance_timeout, and 0 < min_session_timeout <= session_timeout <= max_session_timeout"
         );
         anyhow::ensure!(
             self.log.default_partitions > 0,

@@ -177,6 +177,37 @@ pub enum BrokerError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(
+        "broker {me} does not coordinate group '{group}'; broker {coordinator} at {address} does: send the request there"
+    )]
+    NotCoordinator {
+        group: String,
+        me: u32,
+        coordinator: u32,
+        address: String,
+    },
+    #[error("the coordinator of group '{group}' {state}; retry shortly")]
+    CoordinatorLoading { group: String, state: String },
+    #[error(
+        "group '{group}' has no member '{member}' (its session expired, it left, or a static member with its instance id replaced it); rejoin with epoch 0"
+    )]
+    UnknownMember { group: String, member: String },
+    #[error("group '{group}' member '{member}': {reason}; heartbeat for the current assignment and retry")]
+    FencedMemberEpoch {
+        group: String,
+        member: String,
+        reason: String,
+    },
+    #[error("group '{group}' has {members} member(s): {what} needs an empty group; stop its consumers first")]
+    GroupNotEmpty {
+        group: String,
+        members: usize,
+        what: String,
+    },
+    #[error("unknown group '{0}'")]
+    UnknownGroup(String),
+    #[error("{0}")]
+    AssignmentFailed(String),
 }
 
 impl BrokerError {
@@ -267,6 +298,13 @@ impl BrokerError {
             UnknownBroker(_) => (Code::NotFound, ErrorCode::UnknownBroker, false),
             RemovedFromCluster(_) => (Code::Unavailable, ErrorCode::BrokerRemoved, true),
             CannotRemoveBroker { .. } => (Code::FailedPrecondition, ErrorCode::InvalidRequest, false),
+            NotCoordinator { .. } => (Code::FailedPrecondition, ErrorCode::NotCoordinator, true),
+            CoordinatorLoading { .. } => (Code::Unavailable, ErrorCode::CoordinatorLoading, true),
+            UnknownMember { .. } => (Code::FailedPrecondition, ErrorCode::UnknownMember, false),
+            FencedMemberEpoch { .. } => (Code::FailedPrecondition, ErrorCode::FencedMemberEpoch, false),
+            GroupNotEmpty { .. } => (Code::FailedPrecondition, ErrorCode::GroupNotEmpty, false),
+            UnknownGroup(_) => (Code::NotFound, ErrorCode::UnknownGroup, false),
+            AssignmentFailed(_) => (Code::FailedPrecondition, ErrorCode::InvalidConfig, false),
         }
     }
 
@@ -310,6 +348,12 @@ impl BrokerError {
                 detail.topic = topic.clone();
                 detail.partition = *partition;
                 detail.leader_id = *leader as i32;
+                detail.leader_address = address.clone();
+            }
+            NotCoordinator {
+                coordinator, address, ..
+            } => {
+                detail.leader_id = *coordinator as i32;
                 detail.leader_address = address.clone();
             }
             NotController { controller, address } => {

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub producer_fenced: Counter,
     /// The log cleaner's counters.
     pub cleaner: crate::cleaner::CleanerMetrics,
+    /// The consumer group coordinator, set when the server starts.
+    pub groups: std::sync::OnceLock<Arc<crate::coordinator::groups::GroupCoordinator>>,
     /// The broker's queued-produce-bytes budget, set when the server starts.
     pub produce_queue: std::sync::OnceLock<Arc<crate::byte_budget::ByteBudget>>,
 }
@@ -308,6 +310,9 @@ impl Metrics {
             r.register(name, help, h.0.clone());
         }
         self.cleaner.register(&mut r);
+        if let Some(groups) = self.groups.get() {
+            crate::coordinator::groups::gauges::register(groups, &mut r);
+        }
         r.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         r.register_collector(Box::new(RegistryView {
             registry,

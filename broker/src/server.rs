@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use conveyor_proto::v1::admin_server::AdminServer;
 use conveyor_proto::v1::fetch_server::FetchServer;
+use conveyor_proto::v1::groups_server::GroupsServer;
 use conveyor_proto::v1::produce_server::ProduceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,6 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::api::admin::AdminService;
 use crate::api::admission::{Admission, BodyDeadline};
 use crate::api::fetch::FetchService;
+use crate::api::groups::GroupsService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
 use crate::byte_budget::{ByteBudget, MAX_WAIT};
@@ -124,6 +126,14 @@ pub async fn run_until(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let groups = Arc::new(crate::coordinator::groups::GroupCoordinator::new(
+        Arc::clone(&registry),
+        Arc::clone(&admin_lock),
+        config.groups.coordinator_config(),
+        crate::coordinator::groups::assignor::Assignors::builtin(),
+    ));
+    let _ = metrics.groups.set(Arc::clone(&groups));
+    let group_timers = tokio::spawn(Arc::clone(&groups).run(stopped(stop_rx.clone())));
     let produce_queue = Arc::new(ByteBudget::new(
         config.limits.produce_queue_bytes.0 as usize,
         MAX_WAIT,
@@ -193,6 +203,13 @@ pub async fn run_until(
             },
         ))
         .add_service(InterceptedService::new(
+            GroupsServer::new(GroupsService {
+                coordinator: Arc::clone(&groups),
+                metrics: Arc::clone(&metrics),
+            }),
+            serving.clone(),
+        ))
+        .add_service(InterceptedService::new(
             FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
@@ -240,6 +257,7 @@ pub async fn run_until(
     let _ = applier.await;
     let _ = maintenance.await;
     let _ = scrub.await;
+    let _ = group_timers.await;
     let _ = metrics_task.await;
     close_all(&registry).await?;
     tracing::info!("stopped cleanly");

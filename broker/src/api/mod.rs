@@ -8,6 +8,7 @@ pub mod admin;
 pub mod admission;
 pub mod fetch;
 pub mod forward;
+pub mod groups;
 pub mod inflate_budget;
 pub mod produce;
 

@@ -223,6 +223,7 @@ impl ProduceService {
     fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<(Arc<Partition>, Rules, Vec<Bytes>)> {
         let (name, index, sequence) = (part.topic.as_str(), part.partition, part.sequence);
         check_topic_name_length(name)?;
+        crate::coordinator::internal_topic::refuse_client_write(name, "write to")?;
         let producer = records_producer(part)?;
         let mut batches = std::mem::take(&mut part.batches);
         let records = std::mem::take(&mut part.records);

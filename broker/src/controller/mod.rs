@@ -677,6 +677,19 @@ impl Registry {
         overrides: BTreeMap<String, String>,
     ) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
+        self.create_topic_unchecked(name, partitions, replication_factor, overrides)
+            .await
+    }
+
+    /// [`Registry::create_topic`] without the name rules, which reserve `__` names for the
+    /// internal topics the broker creates itself.
+    pub(crate) async fn create_topic_unchecked(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>> {
         let max = self.options.max_partitions;
         if partitions <= 0 || partitions as u32 > max {
             return Err(BrokerError::InvalidPartitions(partitions, max));

@@ -395,6 +395,11 @@ impl Partition {
         self.status.clone()
     }
 
+    /// The Raft term this replica knows of.
+    pub fn term(&self) -> u64 {
+        self.status.borrow().term
+    }
+
     pub fn is_leader(&self) -> bool {
         self.leader() == self.node_id
     }

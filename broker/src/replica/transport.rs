@@ -647,6 +647,18 @@ impl Raft for RaftService {
             .map_err(Status::from)?;
         Ok(Response::new(block))
     }
+
+    async fn ensure_internal_topic(
+        &self,
+        request: Request<conveyor_proto::internal::v1::InternalTopicRequest>,
+    ) -> Result<Response<conveyor_proto::internal::v1::InternalTopicResponse>, Status> {
+        let r = request.into_inner();
+        self.registry
+            .ensure_internal_topic(&self.admin_lock, &r.name, r.partitions, r.replication_factor)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(conveyor_proto::internal::v1::InternalTopicResponse {}))
+    }
 }
 
 #[cfg(test)]

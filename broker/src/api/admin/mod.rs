@@ -201,6 +201,7 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
+        crate::coordinator::internal_topic::refuse_client_write(&req.name, "delete").map_err(|e| self.fail(e))?;
         let req = on_controller!(self, was_forwarded, req, None, delete_topic);
         let _guard = self.lock_changes().await?;
         self.ctx

@@ -1,0 +1,197 @@
+//! The group coordinator's state for one `__consumer_offsets` partition: every group that
+//! hashes to it, rebuilt from its records ([`GroupsState::apply`]). Sessions (when a member
+//! was last heard from) are memory only: a new coordinator starts every member's session
+//! afresh, since it cannot know how long the old one heard nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use conveyor_proto::internal::v1::{GroupMemberValue, GroupMetadataValue, GroupPartition, OffsetCommitValue};
+use prost::Message;
+
+use super::assignor::TopicPartition;
+use super::records::Key;
+use crate::coordinator::{Change, StateMachine};
+
+/// One group, as its records say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Group {
+    /// Absent for a group that only has committed offsets (no member ever joined, or its
+    /// metadata was deleted).
+    pub meta: Option<GroupMetadataValue>,
+    pub members: BTreeMap<String, GroupMemberValue>,
+    pub offsets: BTreeMap<TopicPartition, OffsetCommitValue>,
+}
+
+impl Group {
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_none() && self.members.is_empty() && self.offsets.is_empty()
+    }
+
+    pub fn epoch(&self) -> i32 {
+        self.meta.as_ref().map_or(0, |m| m.epoch)
+    }
+
+    /// The state as `group describe` shows it.
+    pub fn state(&self) -> &'static str {
+        let Some(meta) = &self.meta else {
+            return "empty";
+        };
+        if self.members.is_empty() {
+            "empty"
+        } else if meta.assignment_epoch < meta.epoch {
+            "assigning"
+        } else if self.members.values().any(|m| !at_target(m, meta.assignment_epoch)) {
+            "reconciling"
+        } else {
+            "stable"
+        }
+    }
+
+    /// Partition → the member that owns it (assigned, or revoked but not yet given up).
+    pub fn owners(&self) -> HashMap<TopicPartition, &str> {
+        let mut owners = HashMap::new();
+        for (id, m) in &self.members {
+            for p in m.assigned.iter().chain(&m.pending_revocation) {
+                owners.insert(tp(p), id.as_str());
+            }
+        }
+        owners
+    }
+
+    /// The records that turn `self` into `new` (group metadata and members; offsets are
+    /// written by commits directly).
+    pub fn changes_to(&self, group: &str, new: &Group) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if self.meta != new.meta {
+            changes.push(Change {
+                key: Key::Group(group.to_string()).encode(),
+                value: new.meta.as_ref().map(|m| m.encode_to_vec().into()),
+            });
+        }
+        for (id, m) in &new.members {
+            if self.members.get(id) != Some(m) {
+                changes.push(member_change(group, id, Some(m)));
+            }
+        }
+        for id in self.members.keys() {
+            if !new.members.contains_key(id) {
+                changes.push(member_change(group, id, None));
+            }
+        }
+        changes
+    }
+}
+
+pub fn member_change(group: &str, member: &str, value: Option<&GroupMemberValue>) -> Change {
+    Change {
+        key: Key::Member {
+            group: group.to_string(),
+            member: member.to_string(),
+        }
+        .encode(),
+        value: value.map(|m| m.encode_to_vec().into()),
+    }
+}
+
+pub fn offset_change(group: &str, p: &TopicPartition, value: Option<&OffsetCommitValue>) -> Change {
+    Change {
+        key: Key::Offset {
+            group: group.to_string(),
+            topic: p.topic.clone(),
+            partition: p.partition,
+        }
+        .encode(),
+        value: value.map(|v| v.encode_to_vec().into()),
+    }
+}
+
+/// Whether a member owns exactly its target, at the assignment's epoch, revoking nothing.
+pub fn at_target(m: &GroupMemberValue, assignment_epoch: i32) -> bool {
+    m.member_epoch == assignment_epoch && m.pending_revocation.is_empty() && set(&m.assigned) == set(&m.target)
+}
+
+pub fn tp(p: &GroupPartition) -> TopicPartition {
+    TopicPartition::new(p.topic.clone(), p.partition)
+}
+
+pub fn set(ps: &[GroupPartition]) -> BTreeSet<TopicPartition> {
+    ps.iter().map(tp).collect()
+}
+
+/// When a member was last heard from, and since when it has been asked to give up
+/// partitions.
+#[derive(Debug, Clone, Copy)]
+pub struct Session {
+    pub last_seen: Instant,
+    pub revoking_since: Option<Instant>,
+}
+
+/// Every group of one `__consumer_offsets` partition.
+#[derive(Debug, Default)]
+pub struct GroupsState {
+    pub groups: BTreeMap<String, Group>,
+    /// (group, member) → session.
+    pub sessions: HashMap<(String, String), Session>,
+    /// Offsets committed through this state, for the commit-rate metric.
+    pub commits: u64,
+}
+
+impl GroupsState {
+    pub fn session(&mut self, group: &str, member: &str, now: Instant) -> &mut Session {
+        self.sessions
+            .entry((group.to_string(), member.to_string()))
+            .or_insert(Session {
+                last_seen: now,
+                revoking_since: None,
+            })
+    }
+}
+
+impl StateMachine for GroupsState {
+    fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+        let key = Key::decode(key)?;
+        let name = key.group().to_string();
+        let group = self.groups.entry(name.clone()).or_default();
+        let bad = |e: prost::DecodeError| format!("group '{name}': {e}");
+        match (key, value) {
+            (Key::Group(_), Some(v)) => group.meta = Some(GroupMetadataValue::decode(v).map_err(bad)?),
+            (Key::Group(_), None) => group.meta = None,
+            (Key::Member { member, .. }, Some(v)) => {
+                group.members.insert(member, GroupMemberValue::decode(v).map_err(bad)?);
+            }
+            (Key::Member { member, .. }, None) => {
+                group.members.remove(&member);
+                self.sessions.remove(&(name.clone(), member));
+            }
+            (Key::Offset { topic, partition, .. }, Some(v)) => {
+                group.offsets.insert(
+                    TopicPartition::new(topic, partition),
+                    OffsetCommitValue::decode(v).map_err(bad)?,
+                );
+            }
+            (Key::Offset { topic, partition, .. }, None) => {
+                group.offsets.remove(&TopicPartition::new(topic, partition));
+            }
+        }
+        if self.groups.get(&name).is_some_and(Group::is_empty) {
+            self.groups.remove(&name);
+        }
+        Ok(())
+    }
+
+    fn loaded(&mut self, now: Instant) {
+        self.sessions.clear();
+        for (name, group) in &self.groups {
+            for (id, m) in &group.members {
+                self.sessions.insert(
+                    (name.clone(), id.clone()),
+                    Session {
+                        last_seen: now,
+                        revoking_since: (!m.pending_revocation.is_empty()).then_some(now),
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Subscriptions and target assignments: which existing topics a group's members subscribe
+//! to, and where the group's assignor says their partitions should go.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use conveyor_proto::internal::v1::{GroupMemberValue, GroupPartition};
+use regex::Regex;
+
+use super::assignor::{AssignError, Assignors, DEFAULT_ASSIGNOR, MemberSpec, TopicPartition};
+use super::state::{Group, set};
+use crate::coordinator::internal_topic::is_internal;
+use crate::error::{BrokerError, Result};
+
+/// Longest subscription regex accepted.
+pub const MAX_REGEX_LEN: usize = 1024;
+/// Most compiled-program bytes a subscription regex may take.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Topic name → partition count, as this broker's metadata says now.
+pub type Topics = BTreeMap<String, u32>;
+
+pub fn topics_now(registry: &crate::controller::Registry) -> Topics {
+    registry
+        .list()
+        .iter()
+        .map(|t| (t.name.clone(), t.partition_count() as u32))
+        .collect()
+}
+
+/// A subscription regex, matched against whole topic names.
+pub fn compile(regex: &str) -> Result<Regex> {
+    if regex.len() > MAX_REGEX_LEN {
+        return Err(BrokerError::InvalidRequest(format!(
+            "subscription regex is {} bytes long; at most {MAX_REGEX_LEN}",
+            regex.len()
+        )));
+    }
+    regex::RegexBuilder::new(&format!("^(?:{regex})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| BrokerError::InvalidRequest(format!("subscription regex '{regex}' is invalid: {e}")))
+}
+
+/// The existing topics a member subscribes to. Internal topics match no regex.
+pub fn member_topics(m: &GroupMemberValue, topics: &Topics) -> BTreeSet<String> {
+    if !m.regex.is_empty() {
+        let Ok(re) = compile(&m.regex) else {
+            return BTreeSet::new();
+        };
+        return topics
+            .keys()
+            .filter(|t| !is_internal(t) && re.is_match(t))
+            .cloned()
+            .collect();
+    }
+    m.topics.iter().filter(|t| topics.contains_key(*t)).cloned().collect()
+}
+
+/// Every subscribed topic that exists, with its partition count: what the group's
+/// assignment depends on, kept in its metadata so a change is noticed.
+pub fn subscribed(group: &Group, topics: &Topics) -> BTreeMap<String, i32> {
+    let mut out = BTreeMap::new();
+    for m in group.members.values() {
+        for t in member_topics(m, topics) {
+            let count = topics.get(&t).copied().unwrap_or(0);
+            out.insert(t, count as i32);
+        }
+    }
+    out
+}
+
+/// The assignor the group uses: the one most members ask for (ties: the first by name).
+pub fn chosen_assignor(group: &Group) -> String {
+    let mut votes: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in group.members.values() {
+        let name = if m.assignor.is_empty() {
+            DEFAULT_ASSIGNOR
+        } else {
+            &m.assignor
+        };
+        *votes.entry(name).or_default() += 1;
+    }
+    let most = votes.values().copied().max().unwrap_or(0);
+    votes
+        .into_iter()
+        .find(|(_, n)| *n == most)
+        .map_or_else(|| DEFAULT_ASSIGNOR.to_string(), |(name, _)| name.to_string())
+}
+
+/// Computes the group's target assignment for its current epoch, into each member's
+/// `target`, and moves `assignment_epoch` up to the epoch.
+pub fn assign(
+    group: &mut Group,
+    topics: &Topics,
+    assignors: &Assignors,
+    lags: &HashMap<TopicPartition, u64>,
+) -> std::result::Result<(), AssignError> {
+    let name = chosen_assignor(group);
+    let assignor = assignors.get(&name).map_err(|e| AssignError {
+        assignor: name.clone(),
+        reason: e.to_string(),
+    })?;
+    let members: Vec<MemberSpec> = group
+        .members
+        .iter()
+        .map(|(id, m)| MemberSpec {
+            member_id: id.clone(),
+            instance_id: (!m.instance_id.is_empty()).then(|| m.instance_id.clone()),
+            topics: member_topics(m, topics),
+            current: set(&m.target),
+        })
+        .collect();
+    let subscribed: BTreeMap<String, u32> = members
+        .iter()
+        .flat_map(|m| m.topics.iter())
+        .filter_map(|t| topics.get(t).map(|c| (t.clone(), *c)))
+        .collect();
+    let spec = super::assignor::AssignmentSpec {
+        members: &members,
+        topics: &subscribed,
+        lags,
+    };
+    let assignment = assignor.assign(&spec)?;
+    for (id, m) in group.members.iter_mut() {
+        let target = assignment.get(id).cloned().unwrap_or_default();
+        m.target = target
+            .into_iter()
+            .map(|p| GroupPartition {
+                topic: p.topic,
+                partition: p.partition,
+                epoch: 0,
+            })
+            .collect();
+    }
+    if let Some(meta) = group.meta.as_mut() {
+        meta.assignment_epoch = meta.epoch;
+        meta.assignor = name;
+    }
+    Ok(())
+}
