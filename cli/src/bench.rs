@@ -4,6 +4,8 @@
 //! on a fixed schedule and latency is measured from that time, so a stalled broker shows up
 //! as latency instead of hiding as a slower send rate (coordinated omission).
 
+mod groups;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +49,12 @@ pub enum BenchCommand {
     /// Open many produce streams at once, each sending large requests, to see what a broker
     /// holds in memory under a flood; stops after the requests are answered.
     Flood(crate::flood::FloodArgs),
+    /// Many consumer groups heartbeating (members speak the group protocol without
+    /// fetching): what membership costs the coordinator, with --broker-metrics.
+    Groups(groups::GroupsArgs),
+    /// Time from a member joining a stable group until the group is stable again with it
+    /// owning partitions, over several rounds.
+    Rebalance(groups::RebalanceArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -158,6 +166,8 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
         BenchCommand::Consume(a) => ("consume", a.clone()),
         BenchCommand::E2e(a) => ("e2e", a.clone()),
         BenchCommand::Flood(a) => return crate::flood::run(client, address, a.clone(), format).await,
+        BenchCommand::Groups(a) => return groups::groups(client, address, a.clone(), format).await,
+        BenchCommand::Rebalance(a) => return groups::rebalance(client, address, a.clone(), format).await,
     };
     let args = &args;
     anyhow::ensure!(args.records > 0, "--records must be positive");
@@ -186,7 +196,9 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
             BenchCommand::Produce(a) => produce(client, &a, idempotence, None).await,
             BenchCommand::Consume(a) => consume(client, &a).await,
             BenchCommand::E2e(a) => e2e(client, &a, idempotence).await,
-            BenchCommand::Flood(_) => anyhow::bail!("a flood is run above"),
+            BenchCommand::Flood(_) | BenchCommand::Groups(_) | BenchCommand::Rebalance(_) => {
+                anyhow::bail!("run above")
+            }
         }
     };
     let outcome = tokio::time::timeout(timeout, work)

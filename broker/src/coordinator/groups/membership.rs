@@ -372,7 +372,7 @@ pub fn expire(state: &GroupsState, now: Instant, env: &Env<'_>) -> Vec<(String, 
             .members
             .iter()
             .filter(|(id, m)| {
-                let Some(s) = state.sessions.get(&(name.clone(), (*id).clone())) else {
+                let Some(s) = state.session_of(name, id) else {
                     return false;
                 };
                 let session = Duration::from_millis(u64::from(m.session_timeout_ms));

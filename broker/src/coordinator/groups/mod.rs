@@ -283,9 +283,10 @@ impl GroupCoordinator {
                 }
             }
             let version = self.registry.applied_offset();
+            let topics = target::topics_now(&self.registry);
             for shard in self.host.current() {
                 let seen = topics_seen.get(&shard.index) == Some(&(shard.term, version));
-                if let Err(e) = self.tick_shard(&shard, !seen).await {
+                if let Err(e) = self.tick_shard(&shard, &topics, !seen).await {
                     tracing::debug!(partition = shard.index, error = %e, "group coordinator timers");
                     continue;
                 }
@@ -298,14 +299,13 @@ impl GroupCoordinator {
         }
     }
 
-    async fn tick_shard(&self, shard: &Shard<GroupsState>, topics_moved: bool) -> Result<()> {
+    async fn tick_shard(&self, shard: &Shard<GroupsState>, topics: &target::Topics, topics_moved: bool) -> Result<()> {
         let mut st = shard.lock().await;
-        let topics = target::topics_now(&self.registry);
         let lags = |g: &Group| self.lags_of(g);
         let env = Env {
             now_ms: conveyor_storage::unix_millis(),
             settings: &self.config.settings,
-            topics: &topics,
+            topics,
             assignors: &self.assignors,
             lags: &lags,
             new_member_id: String::new(),

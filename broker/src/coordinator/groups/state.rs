@@ -131,8 +131,8 @@ pub struct Session {
 #[derive(Debug, Default)]
 pub struct GroupsState {
     pub groups: BTreeMap<String, Group>,
-    /// (group, member) → session.
-    pub sessions: HashMap<(String, String), Session>,
+    /// Group → member → session (looked up by `&str`, with no key built per lookup).
+    pub sessions: HashMap<String, HashMap<String, Session>>,
     /// Offsets committed through this state, for the commit-rate metric.
     pub commits: u64,
 }
@@ -140,11 +140,17 @@ pub struct GroupsState {
 impl GroupsState {
     pub fn session(&mut self, group: &str, member: &str, now: Instant) -> &mut Session {
         self.sessions
-            .entry((group.to_string(), member.to_string()))
+            .entry(group.to_string())
+            .or_default()
+            .entry(member.to_string())
             .or_insert(Session {
                 last_seen: now,
                 revoking_since: None,
             })
+    }
+
+    pub fn session_of(&self, group: &str, member: &str) -> Option<&Session> {
+        self.sessions.get(group)?.get(member)
     }
 }
 
@@ -162,7 +168,12 @@ impl StateMachine for GroupsState {
             }
             (Key::Member { member, .. }, None) => {
                 group.members.remove(&member);
-                self.sessions.remove(&(name.clone(), member));
+                if let Some(members) = self.sessions.get_mut(&name) {
+                    members.remove(&member);
+                    if members.is_empty() {
+                        self.sessions.remove(&name);
+                    }
+                }
             }
             (Key::Offset { topic, partition, .. }, Some(v)) => {
                 group.offsets.insert(
@@ -183,15 +194,18 @@ impl StateMachine for GroupsState {
     fn loaded(&mut self, now: Instant) {
         self.sessions.clear();
         for (name, group) in &self.groups {
-            for (id, m) in &group.members {
-                self.sessions.insert(
-                    (name.clone(), id.clone()),
-                    Session {
+            let members = group
+                .members
+                .iter()
+                .map(|(id, m)| {
+                    let session = Session {
                         last_seen: now,
                         revoking_since: (!m.pending_revocation.is_empty()).then_some(now),
-                    },
-                );
-            }
+                    };
+                    (id.clone(), session)
+                })
+                .collect();
+            self.sessions.insert(name.clone(), members);
         }
     }
 }
