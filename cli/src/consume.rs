@@ -1,43 +1,85 @@
-//! `conveyor consume TOPIC`: print records, then stop at the end of the log (or follow it).
+//! `conveyor consume TOPIC`: print records, then stop at the end of the log (or follow it);
+//! with `--group`, as a member of a consumer group, committing what it printed.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
 use clap::Args;
-use conveyor_client::{Client, ConsumerConfig, ConsumerRecord, OffsetSpec, StartAt};
+use conveyor_client::{Client, ConsumerConfig, ConsumerRecord, GroupConfig, OffsetReset, OffsetSpec, StartAt};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::output::Format;
 
+/// Print records of a topic
+///
+/// By default, prints the records of every partition from the end of the log as it is now
+/// (only new records; --from-beginning, --offset or --from-time start earlier) up to that
+/// end, then stops; --follow keeps waiting for more.
+///
+/// With --group G, reads as a member of consumer group G instead: the group's coordinator
+/// shares the topic's partitions among the group's members, each partition starts at the
+/// group's committed offset (where none is committed: the end of the log, or the start
+/// with --from-beginning), and what was printed is committed every 5 seconds and on exit.
+/// A group member follows the log until --max-records records were printed, nothing came
+/// for --idle-timeout, or Ctrl-C; each of these commits and leaves the group cleanly.
+///
+/// Examples:
+///   conveyor consume orders --from-beginning --max-records 10
+///   conveyor consume orders --partition 2 --offset 1500 --print-key
+///   conveyor consume orders --from-time -1h --output json
+///   conveyor consume orders --group billing --from-beginning --idle-timeout 10s
+///   conveyor consume orders --group billing --instance-id billing-1 --assignor range
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct ConsumeArgs {
+    /// The topic to read.
     pub topic: String,
     /// Read only this partition (default: all).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub partition: Option<i32>,
-    /// Start at the first record still in the log (default: only new records).
+    /// Start at the first record still in the log (default: only new records). With
+    /// --group: where the group has no committed offset.
     #[arg(long, conflicts_with_all = ["offset", "from_time"])]
     pub from_beginning: bool,
     /// Start at this offset (with --partition, or in every partition).
-    #[arg(long, conflicts_with = "from_time")]
+    #[arg(long, conflicts_with_all = ["from_time", "group"])]
     pub offset: Option<u64>,
     /// Start at the first record at or after TIME: an RFC 3339 time with its offset
     /// (2026-12-01T10:00:00+01:00, 2026-12-01T09:00:00Z), relative to now (-1h, 90s ago),
     /// or milliseconds since the epoch.
-    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = crate::time::parse_time)]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = crate::time::parse_time, conflicts_with = "group")]
     pub from_time: Option<i64>,
-    /// Stop after this many records.
+    /// Stop after this many records (with --group: commit and leave the group).
     #[arg(long)]
     pub max_records: Option<u64>,
-    /// Keep waiting for new records instead of stopping at the end of the log.
+    /// Keep waiting for new records instead of stopping at the end of the log (a group
+    /// member always does).
     #[arg(long)]
     pub follow: bool,
     /// Print keys as well as values (text output).
     #[arg(long)]
     pub print_key: bool,
+    /// Read as a member of this consumer group, from its committed offsets, committing
+    /// what was printed.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// With --group: when no record came for this long (e.g. 10s, 500ms; a bare number
+    /// counts seconds), commit, leave the group and exit 0.
+    #[arg(long, value_name = "DURATION", requires = "group", value_parser = crate::time::parse_secs)]
+    pub idle_timeout: Option<Duration>,
+    /// With --group: a static member id (unique in the group). A member that comes back
+    /// under the same id within the session timeout gets its partitions back with no
+    /// rebalance.
+    #[arg(long, value_name = "ID", requires = "group")]
+    pub instance_id: Option<String>,
+    /// With --group: the partition assignor to ask for (range, round-robin, sticky,
+    /// co-partitioned, lag-aware; default: the broker's).
+    #[arg(long, value_name = "NAME", requires = "group")]
+    pub assignor: Option<String>,
 }
 
 fn text_or_b64(name: &str, bytes: &Option<Bytes>, out: &mut serde_json::Map<String, Value>) {
@@ -81,7 +123,25 @@ fn record_json(r: &ConsumerRecord) -> Value {
     Value::Object(obj)
 }
 
+fn print_record(out: &mut impl Write, record: &ConsumerRecord, print_key: bool, format: Format) -> std::io::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", record_json(record)),
+        Format::Text => {
+            let value = record.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            if print_key {
+                let key = record.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                writeln!(out, "{key}\t{value}")
+            } else {
+                writeln!(out, "{value}")
+            }
+        }
+    }
+}
+
 pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::Result<()> {
+    if let Some(group) = &args.group {
+        return run_in_group(client, &args, group, format).await;
+    }
     let count = client.partition_count(&args.topic).await?;
     let partitions: Vec<i32> = match args.partition {
         Some(p) if p >= 0 && (p as u32) < count => vec![p],
@@ -145,18 +205,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
         if end_of.get(&record.partition).is_some_and(|end| record.offset >= *end) {
             continue;
         }
-        match format {
-            Format::Json => writeln!(out, "{}", record_json(&record))?,
-            Format::Text => {
-                let value = record.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-                if args.print_key {
-                    let key = record.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-                    writeln!(out, "{key}\t{value}")?;
-                } else {
-                    writeln!(out, "{value}")?;
-                }
-            }
-        }
+        print_record(&mut out, &record, args.print_key, format)?;
         printed += 1;
         if args.follow {
             out.flush()?;
@@ -167,4 +216,68 @@ pub async fn run(client: &Client, args: ConsumeArgs, format: Format) -> anyhow::
     }
     out.flush()?;
     Ok(())
+}
+
+/// Why a group member stops reading.
+enum Stop {
+    Done,
+    Failed(anyhow::Error),
+}
+
+/// `consume --group`: prints records as a member of the group until `--max-records`,
+/// `--idle-timeout` or Ctrl-C, then commits what was printed and leaves the group.
+async fn run_in_group(client: &Client, args: &ConsumeArgs, group: &str, format: Format) -> anyhow::Result<()> {
+    let mut config = GroupConfig::default().reset(if args.from_beginning {
+        OffsetReset::Earliest
+    } else {
+        OffsetReset::Latest
+    });
+    config.instance_id.clone_from(&args.instance_id);
+    config.assignor.clone_from(&args.assignor);
+    let mut member = client
+        .consumer(ConsumerConfig::default())
+        .subscribe(&[args.topic.as_str()], group, config)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let stop = loop {
+        if args.max_records.is_some_and(|m| printed >= m) {
+            break Stop::Done;
+        }
+        let next = async {
+            match args.idle_timeout {
+                Some(idle) => tokio::time::timeout(idle, member.next()).await.ok(),
+                None => Some(member.next().await),
+            }
+        };
+        let next = tokio::select! {
+            next = next => next,
+            _ = &mut interrupted => break Stop::Done,
+        };
+        match next {
+            // Idle for --idle-timeout.
+            None => break Stop::Done,
+            Some(None) => break Stop::Done,
+            Some(Some(Err(e))) => break Stop::Failed(e.into()),
+            Some(Some(Ok(record))) => {
+                if let Err(e) = print_record(&mut out, &record, args.print_key, format).and_then(|()| out.flush()) {
+                    break Stop::Failed(e.into());
+                }
+                printed += 1;
+            }
+        }
+    };
+    // Everything printed is committed: a record counts as done once it is on stdout.
+    let closed = member.close().await;
+    match stop {
+        Stop::Failed(e) => {
+            if let Err(close) = closed {
+                eprintln!("warning: leaving group {group} after the error below failed too: {close}");
+            }
+            Err(e)
+        }
+        Stop::Done => closed.map_err(|e| anyhow::anyhow!("could not commit and leave group {group} cleanly: {e}")),
+    }
 }

@@ -5,6 +5,7 @@ mod broker_usage;
 mod cluster;
 mod consume;
 mod flood;
+mod group;
 mod output;
 mod produce;
 mod producers;
@@ -22,6 +23,8 @@ use output::Format;
 ///   conveyor topic create orders --partitions 6 --config retention.ms=86400000
 ///   seq 1 10 | conveyor produce orders
 ///   conveyor consume orders --from-beginning --max-records 10
+///   conveyor consume orders --group billing --idle-timeout 10s
+///   conveyor group describe billing
 ///   conveyor producers orders --partition 0
 ///   conveyor bench produce --topic bench --records 1000000 --record-size 100
 ///   conveyor --broker 127.0.0.1:9292,127.0.0.1:9392 cluster info
@@ -46,12 +49,29 @@ enum Command {
     Topic(topic::TopicCommand),
     /// Produce one record per line of standard input.
     Produce(produce::ProduceArgs),
-    /// Print records of a topic.
+    // Its help, with examples, is on `ConsumeArgs`.
     Consume(consume::ConsumeArgs),
     /// Show start, end and high watermark offsets of every partition of a topic.
     Offsets(cluster::OffsetsArgs),
     // Its help, with examples, is on `ProducersArgs`.
     Producers(producers::ProducersArgs),
+    /// List, describe, reset and delete consumer groups
+    ///
+    /// A consumer group shares the partitions of the topics it subscribes to among its
+    /// members, and keeps each partition's committed offset: where the group goes on after a
+    /// restart or a rebalance. Members join with `conveyor consume TOPIC --group G` or the
+    /// Rust client's `Consumer::subscribe`. Each group has a coordinator broker; these
+    /// commands find it, and `group list` asks every broker.
+    ///
+    /// Examples:
+    ///   conveyor group list
+    ///   conveyor group describe billing
+    ///   conveyor group describe billing --output json
+    ///   conveyor group reset-offsets billing --topic orders --to-time -1h --dry-run
+    ///   conveyor group reset-offsets billing --topic orders --to-earliest
+    ///   conveyor group delete billing
+    #[command(subcommand, verbatim_doc_comment)]
+    Group(group::GroupCommand),
     /// Describe the cluster, add and remove brokers, spread replicas.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -98,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
         Command::Offsets(args) => cluster::offsets(&client, args, cli.output).await,
         Command::Producers(args) => producers::run(&client, args, cli.output).await,
+        Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
         Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
         Command::Partition(cmd) => cluster::partition(&client, cmd, cli.output).await,
         Command::Bench(cmd) => bench::run(&client, first_address(&cli.broker), cmd, cli.output).await,
@@ -155,6 +176,95 @@ mod tests {
         );
         let e = parse(&["bench", "produce", "--topic", "b", "--timeout", "soon"]).expect_err("bad duration");
         assert!(e.to_string().contains("'soon' is not a duration"), "{e}");
+    }
+
+    #[test]
+    fn group_commands_take_one_reset_target_and_consume_group_flags_need_a_group() {
+        let Command::Group(group::GroupCommand::ResetOffsets(r)) = parse(&[
+            "group",
+            "reset-offsets",
+            "billing",
+            "--topic",
+            "orders",
+            "--to-time",
+            "2026-12-01T10:00:00+01:00",
+            "--partition",
+            "0",
+            "--partition",
+            "2",
+            "--dry-run",
+        ])
+        .expect("reset")
+        .command
+        else {
+            panic!("group reset-offsets")
+        };
+        assert_eq!(
+            (
+                r.group.as_str(),
+                r.topic.as_str(),
+                r.partitions.as_slice(),
+                r.to_time,
+                r.dry_run
+            ),
+            ("billing", "orders", &[0, 2][..], Some(1_796_115_600_000), true)
+        );
+        assert!(
+            parse(&["group", "reset-offsets", "g", "--topic", "t"]).is_err(),
+            "a target is required"
+        );
+        assert!(
+            parse(&[
+                "group",
+                "reset-offsets",
+                "g",
+                "--topic",
+                "t",
+                "--to-earliest",
+                "--to-offset",
+                "3"
+            ])
+            .is_err(),
+            "one target only"
+        );
+        let Command::Consume(c) = parse(&[
+            "consume",
+            "orders",
+            "--group",
+            "billing",
+            "--idle-timeout",
+            "10s",
+            "--instance-id",
+            "b-1",
+            "--assignor",
+            "range",
+            "--from-beginning",
+        ])
+        .expect("group consume")
+        .command
+        else {
+            panic!("consume")
+        };
+        assert_eq!(c.group.as_deref(), Some("billing"));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(
+            (c.instance_id.as_deref(), c.assignor.as_deref()),
+            (Some("b-1"), Some("range"))
+        );
+        for alone in [
+            ["--idle-timeout", "5s"],
+            ["--instance-id", "x"],
+            ["--assignor", "range"],
+        ] {
+            assert!(
+                parse(&[&["consume", "t"], &alone[..]].concat()).is_err(),
+                "{alone:?} needs --group"
+            );
+        }
+        for positioned in [["--partition", "1"], ["--offset", "5"], ["--from-time", "-1h"]] {
+            let args = [&["consume", "t", "--group", "g"], &positioned[..]].concat();
+            assert!(parse(&args).is_err(), "{positioned:?} contradicts --group");
+        }
     }
 
     #[test]

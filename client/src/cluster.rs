@@ -82,7 +82,7 @@ impl Cluster {
         self.state().current.clone()
     }
 
-    fn channel_to(&self, address: &str) -> Channel {
+    pub(crate) fn channel_to(&self, address: &str) -> Channel {
         let mut state = self.state();
         // Looked up on every route: the key is only allocated for a new address.
         if let Some(channel) = state.channels.get(address) {

@@ -55,6 +55,34 @@ pub enum ClientError {
     /// of that producer fails with this error; create a new producer to go on.
     #[error("the producer stopped for good: {reason}")]
     ProducerStopped { reason: String, code: Option<ErrorCode> },
+    /// No broker could say which broker coordinates `group`, or the one named did not answer,
+    /// within the call's deadline. Retriable: the leader of the `__consumer_offsets`
+    /// partition that holds the group is being elected, or the cluster is unreachable.
+    #[error(
+        "no coordinator of consumer group '{group}' answered: {reason}; retry shortly (the leader of the __consumer_offsets partition that holds the group may be changing)"
+    )]
+    CoordinatorNotAvailable { group: String, reason: String },
+    /// A group member was assigned a partition that has no committed offset, and its reset
+    /// policy is `none`. The partition stays assigned and idle until the member seeks it.
+    #[error(
+        "consumer group '{group}' has no committed offset for topic '{topic}' partition {partition} and its offset reset policy is none: seek the partition, commit or reset an offset for it (`conveyor group reset-offsets {group} --topic {topic} --to-earliest`, with the group stopped), or use reset earliest or latest"
+    )]
+    NoCommittedOffset {
+        group: String,
+        topic: String,
+        partition: i32,
+    },
+    /// A group consumer had something to commit while it was not a member of its group (it
+    /// is joining, or just lost its partitions): the partitions' owners go on from the
+    /// group's last committed offsets.
+    #[error(
+        "not a member of consumer group '{group}' at the moment (joining, or its partitions were just lost): nothing was committed"
+    )]
+    NotMember { group: String },
+    /// A bounded queue is full (the message says which, and what to do). Retriable once the work
+    /// ahead of it finished.
+    #[error("{0}")]
+    QueueFull(String),
 }
 
 impl ClientError {
@@ -70,7 +98,11 @@ impl ClientError {
     /// True when retrying the same request later may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } | ClientError::Timeout(_) | ClientError::CorruptBatch { .. } => true,
+            ClientError::Unreachable { .. }
+            | ClientError::Timeout(_)
+            | ClientError::CorruptBatch { .. }
+            | ClientError::CoordinatorNotAvailable { .. }
+            | ClientError::QueueFull(_) => true,
             ClientError::Broker { code, detail, .. } => {
                 detail.as_ref().is_some_and(|d| d.retriable)
                     || matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
@@ -126,16 +158,20 @@ impl ClientError {
 
     pub(crate) fn from_detail(detail: ErrorDetail) -> ClientError {
         let code = match ErrorCode::try_from(detail.code) {
-            Ok(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::UnknownBroker) => {
-                tonic::Code::NotFound
-            }
+            Ok(
+                ErrorCode::UnknownTopic
+                | ErrorCode::UnknownPartition
+                | ErrorCode::UnknownBroker
+                | ErrorCode::UnknownGroup,
+            ) => tonic::Code::NotFound,
             Ok(ErrorCode::OffsetOutOfRange) => tonic::Code::OutOfRange,
             Ok(ErrorCode::Busy) => tonic::Code::ResourceExhausted,
             Ok(
                 ErrorCode::ShuttingDown
                 | ErrorCode::LeaderNotAvailable
                 | ErrorCode::MembershipChanging
-                | ErrorCode::BrokerRemoved,
+                | ErrorCode::BrokerRemoved
+                | ErrorCode::CoordinatorLoading,
             ) => tonic::Code::Unavailable,
             Ok(
                 ErrorCode::NotLeader
@@ -143,7 +179,11 @@ impl ClientError {
                 | ErrorCode::OutOfOrderSequence
                 | ErrorCode::ProducerFenced
                 | ErrorCode::UnknownProducerId
-                | ErrorCode::InvalidProducerId,
+                | ErrorCode::InvalidProducerId
+                | ErrorCode::NotCoordinator
+                | ErrorCode::UnknownMember
+                | ErrorCode::FencedMemberEpoch
+                | ErrorCode::GroupNotEmpty,
             ) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
             Ok(ErrorCode::TimedOut) => tonic::Code::DeadlineExceeded,

@@ -6,7 +6,10 @@
 //! - [`producer`]: batching producer with a murmur2 key partitioner, linger, compression,
 //!   bounded in-flight bytes (backpressure), retries, and idempotence (on by default).
 //! - [`consumer`]: manually assigned consumer yielding records as a `futures::Stream`, with
-//!   pipelined fetches.
+//!   pipelined fetches; [`consumer::group`]: the consumer group member built on it
+//!   (coordinator-assigned partitions, background heartbeats, committed offsets).
+//! - [`groups`]: consumer group administration, and finding and following a group's
+//!   coordinator.
 //! - [`error`]: the [`ClientError`] type.
 //!
 //! Records travel in Conveyor's batch format: the producer encodes batches, the broker stores
@@ -29,15 +32,18 @@ mod cluster;
 mod connection;
 pub mod consumer;
 pub mod error;
+pub mod groups;
 pub mod producer;
 
 use std::sync::Arc;
 
 pub use admin::{ActiveProducer, Admin, OffsetSpec};
+pub use consumer::group::{AssignmentEvent, CommitHandle, GroupConfig, GroupConsumer, OffsetReset};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartAt};
 pub use conveyor_proto::v1 as proto;
 pub use conveyor_storage::batch::{Compression, Header};
 pub use error::{ClientError, Result};
+pub use groups::{GroupCoordinator, GroupListing, Groups, OffsetAndMetadata, TopicPartition};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity, ProducerRecord, RecordMetadata};
 
 /// Largest gRPC message the client sends or accepts.
@@ -65,6 +71,7 @@ pub struct Client {
 struct Inner {
     address: String,
     cluster: cluster::Cluster,
+    coordinators: groups::coordinator::Coordinators,
 }
 
 impl Client {
@@ -83,6 +90,7 @@ impl Client {
             inner: Arc::new(Inner {
                 cluster: cluster::Cluster::new(connection::addresses(bootstrap), address.clone(), channel),
                 address,
+                coordinators: groups::coordinator::Coordinators::default(),
             }),
         })
     }
@@ -96,9 +104,19 @@ impl Client {
         &self.inner.cluster
     }
 
+    /// Each consumer group's coordinator, as learned so far.
+    pub(crate) fn coordinators(&self) -> &groups::coordinator::Coordinators {
+        &self.inner.coordinators
+    }
+
     /// Topic and cluster administration.
     pub fn admin(&self) -> Admin {
         Admin::new(self.clone())
+    }
+
+    /// Consumer group administration: list, describe, committed offsets, reset, delete.
+    pub fn groups(&self) -> Groups {
+        Groups::new(self.clone())
     }
 
     /// A producer; see [`ProducerConfig`] for batching, acks, retries and idempotence.

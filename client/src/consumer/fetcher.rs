@@ -1,9 +1,16 @@
 //! The fetch loop behind a consumer's stream.
 //!
+//! One fetch loop per partition. A manually assigned consumer runs a fixed set of them
+//! ([`run`]); a group member's set changes as partitions are assigned and revoked
+//! ([`run_dynamic`]): a partition stopped mid long-poll is cut short, and partitions that
+//! stay are never restarted. Chunks carry their partition's incarnation so the reader can
+//! drop those of a fetch that was stopped or restarted.
+//!
 //! Fetched batches are checked (frame, and CRC unless `check_crcs` is off) before the
 //! position moves past them or any of their records reaches the reader: a batch altered on
 //! the broker's disk or in transit is never delivered.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +18,13 @@ use conveyor_proto::v1::fetch_client::FetchClient;
 use conveyor_proto::v1::{ErrorCode, ErrorDetail, FetchRequest, PartitionFetch};
 use conveyor_storage::BatchError;
 use conveyor_storage::batch::BatchIter;
+use futures::StreamExt;
+use futures::future::{AbortHandle, abortable};
+use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
-use super::{Chunk, ConsumerConfig, StartAt};
+use super::decode::Chunk;
+use super::{ConsumerConfig, StartAt};
 use crate::admin::OffsetSpec;
 use crate::error::{ClientError, Result};
 use crate::{Client, MAX_MESSAGE_BYTES};
@@ -30,7 +41,46 @@ const MAX_CORRUPT_REFETCHES: u32 = 3;
 struct Position {
     topic: Arc<str>,
     partition: i32,
+    incarnation: u64,
     next: u64,
+}
+
+/// A failure the fetch task reports to the reader, with the fetch it ended when it ended
+/// one (a group member ignores failures of partitions it no longer owns).
+#[derive(Debug)]
+pub(crate) struct FetchFailure {
+    pub(crate) source: Option<(Arc<str>, i32, u64)>,
+    pub(crate) error: ClientError,
+}
+
+impl FetchFailure {
+    fn of(position: &Position, error: ClientError) -> FetchFailure {
+        FetchFailure {
+            source: Some((Arc::clone(&position.topic), position.partition, position.incarnation)),
+            error,
+        }
+    }
+}
+
+/// What the fetch task sends the reader: one fetch response's chunks, or a failure.
+pub(crate) type Fetched = std::result::Result<Vec<Chunk>, FetchFailure>;
+
+/// Changes to the partitions a group member fetches.
+#[derive(Debug)]
+pub(crate) enum FetchControl {
+    /// Fetch a partition from `offset`, its chunks tagged `incarnation`; a fetch of it
+    /// already running is stopped first.
+    Start {
+        topic: Arc<str>,
+        partition: i32,
+        offset: u64,
+        incarnation: u64,
+    },
+    Stop {
+        topic: Arc<str>,
+        partition: i32,
+    },
+    StopAll,
 }
 
 async fn resolve(client: &Client, topic: &str, partition: i32, start: StartAt) -> Result<u64> {
@@ -125,6 +175,7 @@ async fn reset(
     Some(Chunk {
         topic: Arc::clone(&position.topic),
         partition: position.partition,
+        incarnation: position.incarnation,
         from: next,
         next,
         batches: bytes::Bytes::new(),
@@ -135,28 +186,27 @@ pub(super) async fn run(
     client: Client,
     config: ConsumerConfig,
     assignments: Vec<(String, i32, StartAt)>,
-    tx: mpsc::Sender<Result<Vec<Chunk>>>,
+    tx: mpsc::Sender<Fetched>,
 ) {
     let mut positions = Vec::with_capacity(assignments.len());
     for (topic, partition, start) in assignments {
+        let position = Position {
+            topic: Arc::from(topic.as_str()),
+            partition,
+            incarnation: 0,
+            next: 0,
+        };
         match resolve(&client, &topic, partition, start).await {
-            Ok(next) => positions.push(Position {
-                topic: Arc::from(topic.as_str()),
-                partition,
-                next,
-            }),
+            Ok(next) => positions.push(Position { next, ..position }),
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Err(FetchFailure::of(&position, e))).await;
                 return;
             }
         }
     }
     if positions.is_empty() {
-        let _ = tx
-            .send(Err(ClientError::InvalidArgument(
-                "the consumer has no assigned partitions".into(),
-            )))
-            .await;
+        let error = ClientError::InvalidArgument("the consumer has no assigned partitions".into());
+        let _ = tx.send(Err(FetchFailure { source: None, error })).await;
         return;
     }
     // Starting positions, so the reader knows them before the first record arrives.
@@ -165,6 +215,7 @@ pub(super) async fn run(
         .map(|p| Chunk {
             topic: Arc::clone(&p.topic),
             partition: p.partition,
+            incarnation: p.incarnation,
             from: p.next,
             next: p.next,
             batches: bytes::Bytes::new(),
@@ -181,12 +232,48 @@ pub(super) async fn run(
     futures::future::join_all(loops).await;
 }
 
-async fn fetch_partition(
+/// The fetch loops of a group member: started and stopped by `control`, until it closes.
+/// The fetch task never waits on the reader here, only inside a partition's loop, so
+/// control commands are taken at once even while every loop waits for room.
+pub(crate) async fn run_dynamic(
     client: Client,
     config: ConsumerConfig,
-    mut position: Position,
-    tx: mpsc::Sender<Result<Vec<Chunk>>>,
+    mut control: mpsc::Receiver<FetchControl>,
+    tx: mpsc::Sender<Fetched>,
 ) {
+    let mut loops = FuturesUnordered::new();
+    let mut running: HashMap<(Arc<str>, i32), AbortHandle> = HashMap::new();
+    loop {
+        tokio::select! {
+            command = control.recv() => match command {
+                None => return,
+                Some(FetchControl::Start { topic, partition, offset, incarnation }) => {
+                    if let Some(old) = running.remove(&(Arc::clone(&topic), partition)) {
+                        old.abort();
+                    }
+                    let position = Position { topic: Arc::clone(&topic), partition, incarnation, next: offset };
+                    let (fetch, handle) = abortable(fetch_partition(client.clone(), config.clone(), position, tx.clone()));
+                    loops.push(fetch);
+                    running.insert((topic, partition), handle);
+                }
+                Some(FetchControl::Stop { topic, partition }) => {
+                    if let Some(old) = running.remove(&(topic, partition)) {
+                        old.abort();
+                    }
+                }
+                Some(FetchControl::StopAll) => {
+                    for (_, old) in running.drain() {
+                        old.abort();
+                    }
+                }
+            },
+            // Loops that ended (stopped, or failed for good after reporting it) leave the set.
+            Some(_) = loops.next(), if !loops.is_empty() => {}
+        }
+    }
+}
+
+async fn fetch_partition(client: Client, config: ConsumerConfig, mut position: Position, tx: mpsc::Sender<Fetched>) {
     let mut failures = 0;
     let mut corrupt_refetches = 0;
     'fetch: loop {
@@ -237,7 +324,7 @@ async fn fetch_partition(
                     tokio::time::sleep(RETRY_BACKOFF).await;
                     continue;
                 }
-                let _ = tx.send(Err(error)).await;
+                let _ = tx.send(Err(FetchFailure::of(&position, error))).await;
                 return;
             }
         };
@@ -251,7 +338,8 @@ async fn fetch_partition(
                 match reset(&client, &config, &mut position, &detail).await {
                     Some(chunk) => chunks.push(chunk),
                     None => {
-                        let _ = tx.send(Err(ClientError::from_detail(detail))).await;
+                        let error = ClientError::from_detail(detail);
+                        let _ = tx.send(Err(FetchFailure::of(&position, error))).await;
                         return;
                     }
                 }
@@ -269,13 +357,14 @@ async fn fetch_partition(
                     tokio::time::sleep(RETRY_BACKOFF).await;
                     continue 'fetch;
                 }
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Err(FetchFailure::of(&position, e))).await;
                 return;
             }
             corrupt_refetches = 0;
             chunks.push(Chunk {
                 topic: Arc::clone(&position.topic),
                 partition: position.partition,
+                incarnation: position.incarnation,
                 from,
                 next: position.next,
                 batches: data.batches,
@@ -317,6 +406,7 @@ mod tests {
         Position {
             topic: Arc::from("t"),
             partition: 0,
+            incarnation: 0,
             next: 0,
         }
     }

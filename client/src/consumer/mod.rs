@@ -1,8 +1,13 @@
 //! The consumer: manual partition assignment, a start position per partition, and a
 //! `futures::Stream` of records. A background task keeps up to `prefetch` fetch responses
 //! ahead of the reader, so decoding and fetching overlap.
+//!
+//! [`group`] builds a consumer group member on the same fetcher and decoder: the group's
+//! coordinator assigns the partitions, and positions are committed to the group.
 
+mod decode;
 mod fetcher;
+pub mod group;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -11,12 +16,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use conveyor_storage::batch::{BatchIter, Header, RecordIter};
+use conveyor_storage::batch::Header;
 use futures::Stream;
 use tokio::sync::mpsc;
 
 use crate::Client;
 use crate::error::Result;
+use decode::Decoder;
+use fetcher::Fetched;
 
 /// Where a partition starts.
 ///
@@ -103,67 +110,6 @@ impl ConsumerConfig {
     }
 }
 
-/// Stored batches of one partition as fetched; decoded by the reader.
-#[derive(Debug)]
-struct Chunk {
-    topic: Arc<str>,
-    partition: i32,
-    /// Records below this offset were already delivered (a batch may start earlier).
-    from: u64,
-    /// The partition's position once this chunk is read (control batches included).
-    next: u64,
-    batches: Bytes,
-}
-
-/// The batch being read: its records and where they belong.
-#[derive(Debug)]
-struct Reading {
-    topic: Arc<str>,
-    partition: i32,
-    from: u64,
-    next: u64,
-    /// Offset after the last record returned from this chunk.
-    returned: Option<u64>,
-    batches: BatchIter,
-    records: Option<RecordIter>,
-}
-
-impl Reading {
-    fn next_record(&mut self) -> Option<Result<ConsumerRecord>> {
-        loop {
-            if let Some(records) = &mut self.records {
-                match records.next() {
-                    Some(Ok(r)) if r.offset < self.from => continue,
-                    Some(Ok(r)) => {
-                        return Some(Ok(ConsumerRecord {
-                            topic: Arc::clone(&self.topic),
-                            partition: self.partition,
-                            offset: r.offset,
-                            timestamp: r.timestamp,
-                            key: r.key,
-                            value: r.value,
-                            headers: r.headers,
-                        }));
-                    }
-                    Some(Err(e)) => return Some(Err(e.into())),
-                    None => self.records = None,
-                }
-            }
-            let batch = match self.batches.next()? {
-                Ok(b) => b,
-                Err(e) => return Some(Err(e.into())),
-            };
-            if batch.header().is_control() {
-                continue;
-            }
-            match batch.records() {
-                Ok(r) => self.records = Some(r),
-                Err(e) => return Some(Err(e.into())),
-            }
-        }
-    }
-}
-
 /// A record read from a partition.
 ///
 /// ```no_run
@@ -247,9 +193,7 @@ impl Consumer {
         let task = tokio::spawn(fetcher::run(self.client, self.config, self.assignments, tx));
         RecordStream {
             rx,
-            chunks: Vec::new().into_iter(),
-            reading: None,
-            positions: HashMap::new(),
+            decoder: Decoder::default(),
             ended: false,
             _task: AbortOnDrop(task),
         }
@@ -257,7 +201,7 @@ impl Consumer {
 }
 
 #[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -284,11 +228,8 @@ impl Drop for AbortOnDrop {
 /// ```
 #[derive(Debug)]
 pub struct RecordStream {
-    rx: mpsc::Receiver<Result<Vec<Chunk>>>,
-    chunks: std::vec::IntoIter<Chunk>,
-    reading: Option<Reading>,
-    /// Topic → partition → next offset, looked up by `&str` with no scan or allocation.
-    positions: HashMap<Arc<str>, HashMap<i32, u64>>,
+    rx: mpsc::Receiver<Fetched>,
+    decoder: Decoder,
     /// After an error the stream ends: continuing could skip records silently.
     ended: bool,
     _task: AbortOnDrop,
@@ -298,14 +239,7 @@ impl RecordStream {
     /// The next offset to read in a partition: after every record returned so far and after
     /// any control batch read past. `None` before anything was read from it.
     pub fn position(&self, topic: &str, partition: i32) -> Option<u64> {
-        if let Some(reading) = &self.reading
-            && *reading.topic == *topic
-            && reading.partition == partition
-            && let Some(returned) = reading.returned
-        {
-            return Some(returned);
-        }
-        self.positions.get(topic)?.get(&partition).copied()
+        self.decoder.position(topic, partition)
     }
 
     /// The next record, or `None` once every partition in `ends` is read up to its end offset
@@ -334,44 +268,20 @@ impl RecordStream {
             if ends.is_some_and(|ends| self.reached(ends)) {
                 return Poll::Ready(None);
             }
-            if let Some(reading) = &mut self.reading {
-                match reading.next_record() {
-                    Some(Ok(record)) => {
-                        reading.returned = Some(record.offset + 1);
-                        return Poll::Ready(Some(Ok(record)));
-                    }
-                    Some(Err(e)) => {
-                        self.ended = true;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    None => {
-                        // Past the chunk, control batches included.
-                        self.positions
-                            .entry(Arc::clone(&reading.topic))
-                            .or_default()
-                            .insert(reading.partition, reading.next);
-                        self.reading = None;
-                        continue;
-                    }
-                }
-            }
-            if let Some(chunk) = self.chunks.next() {
-                self.reading = Some(Reading {
-                    topic: chunk.topic,
-                    partition: chunk.partition,
-                    from: chunk.from,
-                    next: chunk.next,
-                    returned: None,
-                    batches: BatchIter::new(chunk.batches),
-                    records: None,
-                });
-                continue;
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(chunks))) => self.chunks = chunks.into_iter(),
-                Poll::Ready(Some(Err(e))) => {
+            match self.decoder.next_record() {
+                Some(Ok(record)) => return Poll::Ready(Some(Ok(record))),
+                Some(Err(e)) => {
                     self.ended = true;
                     return Poll::Ready(Some(Err(e)));
+                }
+                None if self.decoder.advance() => continue,
+                None => {}
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunks))) => self.decoder.push(chunks),
+                Poll::Ready(Some(Err(failure))) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(failure.error)));
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
