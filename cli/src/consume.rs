@@ -80,6 +80,11 @@ pub struct ConsumeArgs {
     /// co-partitioned, lag-aware; default: the broker's).
     #[arg(long, value_name = "NAME", requires = "group")]
     pub assignor: Option<String>,
+    /// With --group: leave the group when the coordinator has not heard from this member
+    /// for this long (e.g. 10s; within the broker's [groups] bounds; default: the
+    /// broker's, 45s).
+    #[arg(long, value_name = "DURATION", requires = "group", value_parser = crate::time::parse_secs)]
+    pub session_timeout: Option<Duration>,
 }
 
 fn text_or_b64(name: &str, bytes: &Option<Bytes>, out: &mut serde_json::Map<String, Value>) {
@@ -234,6 +239,7 @@ async fn run_in_group(client: &Client, args: &ConsumeArgs, group: &str, format: 
     });
     config.instance_id.clone_from(&args.instance_id);
     config.assignor.clone_from(&args.assignor);
+    config.session_timeout = args.session_timeout;
     let mut member = client
         .consumer(ConsumerConfig::default())
         .subscribe(&[args.topic.as_str()], group, config)?;
