@@ -4,6 +4,7 @@
 //! on a fixed schedule and latency is measured from that time, so a stalled broker shows up
 //! as latency instead of hiding as a slower send rate (coordinated omission).
 
+mod group_consume;
 mod groups;
 
 use std::sync::Arc;
@@ -110,6 +111,13 @@ pub struct BenchArgs {
     /// and request counters before and after it.
     #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
     pub broker_metrics: Vec<String>,
+    /// consume: read as members of this consumer group (from its committed offsets, or the
+    /// start), committing every second, instead of assigning every partition to one reader.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// consume with --group: members in the group, each with its own connection.
+    #[arg(long, default_value_t = 1, requires = "group")]
+    pub consumers: u32,
     /// Give up after this long: a duration such as 90s or 10m; a bare number counts seconds.
     #[arg(long, alias = "timeout-secs", value_name = "DURATION", default_value = "10m", value_parser = crate::time::parse_secs)]
     pub timeout: Duration,
@@ -194,6 +202,7 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
     let work = async {
         match cmd {
             BenchCommand::Produce(a) => produce(client, &a, idempotence, None).await,
+            BenchCommand::Consume(a) if a.group.is_some() => group_consume::run(client, &a).await,
             BenchCommand::Consume(a) => consume(client, &a).await,
             BenchCommand::E2e(a) => e2e(client, &a, idempotence).await,
             BenchCommand::Flood(_) | BenchCommand::Groups(_) | BenchCommand::Rebalance(_) => {

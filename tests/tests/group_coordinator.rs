@@ -71,11 +71,11 @@ async fn heartbeat_until(
             Ok(_) => {}
             Err(s) => {
                 let d = detail(&s);
-                if d.code == ErrorCode::NotCoordinator as i32 {
-                    if let Some(i) = addrs.iter().position(|a| *a == d.leader_address) {
-                        at = i;
-                        continue;
-                    }
+                if d.code == ErrorCode::NotCoordinator as i32
+                    && let Some(i) = addrs.iter().position(|a| *a == d.leader_address)
+                {
+                    at = i;
+                    continue;
                 }
                 assert!(
                     d.retriable || s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown,

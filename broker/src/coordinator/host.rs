@@ -175,6 +175,11 @@ impl<S: StateMachine> Host<S> {
         shards.values().cloned().collect()
     }
 
+    /// Whether partition `index` is loaded for the term its replica here is in.
+    pub fn is_loaded(&self, index: i32) -> bool {
+        self.shards().get(&index).is_some_and(|s| s.is_current())
+    }
+
     /// The partitions of the topic this broker leads now.
     pub fn led_here(&self) -> Vec<i32> {
         let Ok(topic) = self.registry.get(self.topic) else {

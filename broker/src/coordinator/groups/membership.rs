@@ -367,40 +367,24 @@ pub fn answer_for(g: &Group, member_id: &str, settings: &Settings) -> Answer {
 /// copies of their groups, which are returned (with the target recomputed) to be written.
 pub fn expire(state: &GroupsState, now: Instant, env: &Env<'_>) -> Vec<(String, Group, Vec<String>)> {
     let mut out = Vec::new();
-    for (name, group) in &state.groups {
-        let expired: Vec<String> = group
-            .members
+    for (name, sessions) in &state.sessions {
+        let expired: Vec<String> = sessions
             .iter()
-            .filter(|(id, m)| {
-                let Some(s) = state.session_of(name, id) else {
-                    return false;
-                };
-                let session = Duration::from_millis(u64::from(m.session_timeout_ms));
-                let rebalance = Duration::from_millis(u64::from(m.rebalance_timeout_ms));
-                now.saturating_duration_since(s.last_seen) > session
-                    || s.revoking_since
-                        .is_some_and(|since| now.saturating_duration_since(since) > rebalance)
-            })
+            .filter(|(_, s)| s.expired(now))
             .map(|(id, _)| id.clone())
             .collect();
-        if expired.is_empty() {
+        let Some(group) = state.groups.get(name).filter(|_| !expired.is_empty()) else {
             continue;
-        }
+        };
         let mut g = group.clone();
         for id in &expired {
             g.members.remove(id);
         }
-        match settle(&mut g, true, env) {
-            Ok(()) => out.push((name.clone(), g, expired)),
-            Err(e) => {
-                // Keep the members out even so: the assignment is recomputed once it can be.
-                tracing::warn!(group = %name, error = %e, "group assignment failed after members expired");
-                if let Some(meta) = g.meta.as_mut() {
-                    meta.epoch = meta.epoch.max(group.epoch().saturating_add(1));
-                }
-                out.push((name.clone(), g, expired));
-            }
+        if let Err(e) = settle(&mut g, true, env) {
+            // Keep the members out even so: the assignment is recomputed once it can be.
+            tracing::warn!(group = %name, error = %e, "group assignment failed after members expired");
         }
+        out.push((name.clone(), g, expired));
     }
     out
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use assignor::{Assignors, TopicPartition};
 use membership::{Answer, Env, Heartbeat, Settings};
-use state::{Group, GroupsState, at_target, set};
+use state::{Group, GroupsState, at_target};
 
 use crate::controller::Registry;
 use crate::coordinator::host::{Host, Shard};
@@ -36,6 +36,19 @@ use crate::error::{BrokerError, Result};
 
 /// Longest group id accepted.
 pub const MAX_GROUP_ID_LEN: usize = 255;
+/// Most groups one `__consumer_offsets` partition holds (160,000 over the default 16
+/// partitions): memory must not grow with what clients make up.
+pub const MAX_GROUPS_PER_PARTITION: usize = 10_000;
+
+/// Refuses to create `group` in a state that holds as many groups as it may.
+fn room_for(st: &GroupsState, group: &str) -> Result<()> {
+    if st.groups.len() >= MAX_GROUPS_PER_PARTITION && !st.groups.contains_key(group) {
+        return Err(BrokerError::InvalidRequest(format!(
+            "cannot create group '{group}': its __consumer_offsets partition holds {MAX_GROUPS_PER_PARTITION} groups, the most it may; delete unused groups (conveyor group delete)"
+        )));
+    }
+    Ok(())
+}
 /// How often sessions are checked and led partitions loaded.
 const TICK: Duration = Duration::from_millis(250);
 /// How often the log ends behind lag (metrics, the lag-aware assignor) are refreshed.
@@ -74,6 +87,8 @@ pub struct GroupCoordinator {
     /// Per group, partition and lag, as of the last refresh (for the metrics endpoint).
     pub(crate) lag_view: Mutex<Vec<describe::GroupGauges>>,
     next_member: AtomicU64,
+    /// Partitions being loaded by the timers.
+    loading: Mutex<std::collections::HashSet<i32>>,
 }
 
 impl std::fmt::Debug for GroupCoordinator {
@@ -101,6 +116,7 @@ impl GroupCoordinator {
             log_ends: Mutex::default(),
             lag_view: Mutex::default(),
             next_member: AtomicU64::new(0),
+            loading: Mutex::default(),
         }
     }
 
@@ -207,10 +223,12 @@ impl GroupCoordinator {
         let shard = self.shard_for(&hb.group).await?;
         let mut st = shard.lock().await;
         let now = Instant::now();
-        if let Some(answer) = self.unchanged(&st, &hb) {
-            st.session(&hb.group, &hb.member_id, now).last_seen = now;
+        if let Some(answer) = self.unchanged(&st, &hb)
+            && st.touch(&hb.group, &hb.member_id, now)
+        {
             return Ok(answer);
         }
+        room_for(&st, &hb.group)?;
         let topics = target::topics_now(&self.registry);
         let lags = |g: &Group| self.lags_of(g);
         let env = Env {
@@ -233,16 +251,9 @@ impl GroupCoordinator {
         }
         let member = outcome.answer.member_id.clone();
         if hb.epoch >= 0
-            && let Some(m) = st.groups.get(&hb.group).and_then(|g| g.members.get(&member))
+            && let Some(m) = st.groups.get(&hb.group).and_then(|g| g.members.get(&member)).cloned()
         {
-            let revoking = !m.pending_revocation.is_empty();
-            let session = st.session(&hb.group, &member, now);
-            session.last_seen = now;
-            session.revoking_since = if revoking {
-                session.revoking_since.or(Some(now))
-            } else {
-                None
-            };
+            st.track(&hb.group, &member, &m, now);
         }
         Ok(outcome.answer)
     }
@@ -260,7 +271,7 @@ impl GroupCoordinator {
             && m.member_epoch == hb.epoch
             && !m.away
             && at_target(m, meta.assignment_epoch)
-            && set(&m.assigned) == hb.owned;
+            && state::same_as(&m.assigned, &hb.owned);
         settled.then(|| membership::answer_for(g, &hb.member_id, &self.config.settings))
     }
 
@@ -278,9 +289,7 @@ impl GroupCoordinator {
                 _ = tick.tick() => {}
             }
             for index in self.host.led_here() {
-                if let Err(e) = self.host.shard(index, "").await {
-                    tracing::debug!(partition = index, error = %e, "group coordinator partition not loaded yet");
-                }
+                self.load_in_background(index);
             }
             let version = self.registry.applied_offset();
             let topics = target::topics_now(&self.registry);
@@ -297,6 +306,28 @@ impl GroupCoordinator {
                 self.refresh_lag().await;
             }
         }
+    }
+
+    /// Loads a partition this broker came to lead without holding up the timers of the
+    /// others (a load waits for the partition's commit and replays it).
+    fn load_in_background(self: &Arc<Self>, index: i32) {
+        if self.host.is_loaded(index) {
+            return;
+        }
+        let mut loading = self.loading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !loading.insert(index) {
+            return;
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = me.host.shard(index, "").await {
+                tracing::debug!(partition = index, error = %e, "group coordinator partition not loaded yet");
+            }
+            me.loading
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&index);
+        });
     }
 
     async fn tick_shard(&self, shard: &Shard<GroupsState>, topics: &target::Topics, topics_moved: bool) -> Result<()> {

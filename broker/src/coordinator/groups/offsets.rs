@@ -127,9 +127,19 @@ impl GroupCoordinator {
                 )));
             }
         }
+        if member.is_empty() {
+            // A member's partitions exist (they were assigned); anyone else's must too, or
+            // offsets of made-up topics would pile up in the group.
+            for c in &commits {
+                self.registry
+                    .get(&c.partition.topic)?
+                    .check_index(c.partition.partition)?;
+            }
+        }
         let shard = self.shard_for(group).await?;
         let mut st = shard.lock().await;
         check_commit(group, st.groups.get(group), member, epoch, &commits)?;
+        super::room_for(&st, group)?;
         let now = conveyor_storage::unix_millis();
         let count = commits.len() as u64;
         let changes: Vec<Change> = commits
@@ -196,7 +206,23 @@ impl GroupCoordinator {
             refuse_if_active(group, st.groups.get(group), "resetting offsets")?;
         }
         let offsets: BTreeMap<TopicPartition, u64> = match to {
-            Reset::Offset(o) => chosen.iter().map(|p| (p.clone(), o)).collect(),
+            // Kept within the log, as Kafka's tool does: an offset past the end or below
+            // the start would only send the group to its reset policy.
+            Reset::Offset(o) => {
+                let start = end_offsets::lookup(&self.registry, &chosen, Spec::Earliest).await;
+                let end = end_offsets::lookup(&self.registry, &chosen, Spec::Latest).await;
+                let mut out = BTreeMap::new();
+                for p in &chosen {
+                    let (Some(start), Some(end)) = (start.get(p), end.get(p)) else {
+                        return Err(BrokerError::LeaderNotAvailable {
+                            topic: p.topic.clone(),
+                            partition: p.partition,
+                        });
+                    };
+                    out.insert(p.clone(), o.clamp(*start, (*end).max(*start)));
+                }
+                out
+            }
             Reset::Earliest | Reset::Latest | Reset::Timestamp(_) => {
                 let spec = match to {
                     Reset::Earliest => Spec::Earliest,
@@ -232,6 +258,7 @@ impl GroupCoordinator {
         let mut st = shard.lock().await;
         // Checked again: a member may have joined while the offsets were looked up.
         refuse_if_active(group, st.groups.get(group), "resetting offsets")?;
+        super::room_for(&st, group)?;
         let changes = offsets
             .into_iter()
             .map(|(p, o)| offset_change(group, &p, Some(&offset_value(o, String::new(), now))))

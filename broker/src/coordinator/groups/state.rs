@@ -108,7 +108,24 @@ pub fn offset_change(group: &str, p: &TopicPartition, value: Option<&OffsetCommi
 
 /// Whether a member owns exactly its target, at the assignment's epoch, revoking nothing.
 pub fn at_target(m: &GroupMemberValue, assignment_epoch: i32) -> bool {
-    m.member_epoch == assignment_epoch && m.pending_revocation.is_empty() && set(&m.assigned) == set(&m.target)
+    m.member_epoch == assignment_epoch && m.pending_revocation.is_empty() && same(&m.assigned, &m.target)
+}
+
+/// Whether two partition lists name the same partitions (epochs aside). Both are kept
+/// sorted, so no set is built: this runs for every heartbeat.
+pub fn same(a: &[GroupPartition], b: &[GroupPartition]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.partition == y.partition && x.topic == y.topic)
+}
+
+/// Whether a sorted partition list names exactly the partitions of `owned`.
+pub fn same_as(a: &[GroupPartition], owned: &BTreeSet<TopicPartition>) -> bool {
+    a.len() == owned.len()
+        && a.iter()
+            .zip(owned)
+            .all(|(x, y)| x.partition == y.partition && x.topic == y.topic)
 }
 
 pub fn tp(p: &GroupPartition) -> TopicPartition {
@@ -119,12 +136,33 @@ pub fn set(ps: &[GroupPartition]) -> BTreeSet<TopicPartition> {
     ps.iter().map(tp).collect()
 }
 
-/// When a member was last heard from, and since when it has been asked to give up
-/// partitions.
+/// When a member was last heard from, since when it has been asked to give up partitions,
+/// and the timeouts it joined with (kept here so that checking sessions reads nothing else).
 #[derive(Debug, Clone, Copy)]
 pub struct Session {
     pub last_seen: Instant,
     pub revoking_since: Option<Instant>,
+    pub session_timeout: std::time::Duration,
+    pub rebalance_timeout: std::time::Duration,
+}
+
+impl Session {
+    pub fn of(m: &GroupMemberValue, now: Instant) -> Session {
+        Session {
+            last_seen: now,
+            revoking_since: (!m.pending_revocation.is_empty()).then_some(now),
+            session_timeout: std::time::Duration::from_millis(u64::from(m.session_timeout_ms)),
+            rebalance_timeout: std::time::Duration::from_millis(u64::from(m.rebalance_timeout_ms)),
+        }
+    }
+
+    /// Whether the member missed its session or rebalance timeout by `now`.
+    pub fn expired(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_seen) > self.session_timeout
+            || self
+                .revoking_since
+                .is_some_and(|since| now.saturating_duration_since(since) > self.rebalance_timeout)
+    }
 }
 
 /// Every group of one `__consumer_offsets` partition.
@@ -138,15 +176,27 @@ pub struct GroupsState {
 }
 
 impl GroupsState {
-    pub fn session(&mut self, group: &str, member: &str, now: Instant) -> &mut Session {
-        self.sessions
-            .entry(group.to_string())
-            .or_default()
-            .entry(member.to_string())
-            .or_insert(Session {
-                last_seen: now,
-                revoking_since: None,
-            })
+    /// Notes a heartbeat from a member whose state did not change; false if it has no
+    /// session (then the caller takes the path that records one).
+    pub fn touch(&mut self, group: &str, member: &str, now: Instant) -> bool {
+        match self.sessions.get_mut(group).and_then(|m| m.get_mut(member)) {
+            Some(s) => {
+                s.last_seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Notes a heartbeat from member `m`, taking its timeouts and whether it is revoking.
+    pub fn track(&mut self, group: &str, member: &str, m: &GroupMemberValue, now: Instant) {
+        let members = self.sessions.entry(group.to_string()).or_default();
+        let session = members.entry(member.to_string()).or_insert_with(|| Session::of(m, now));
+        let revoking_since = session.revoking_since;
+        *session = Session::of(m, now);
+        if session.revoking_since.is_some() {
+            session.revoking_since = revoking_since.or(Some(now));
+        }
     }
 
     pub fn session_of(&self, group: &str, member: &str) -> Option<&Session> {
@@ -197,13 +247,7 @@ impl StateMachine for GroupsState {
             let members = group
                 .members
                 .iter()
-                .map(|(id, m)| {
-                    let session = Session {
-                        last_seen: now,
-                        revoking_since: (!m.pending_revocation.is_empty()).then_some(now),
-                    };
-                    (id.clone(), session)
-                })
+                .map(|(id, m)| (id.clone(), Session::of(m, now)))
                 .collect();
             self.sessions.insert(name.clone(), members);
         }

@@ -27,6 +27,28 @@ pub fn topics_now(registry: &crate::controller::Registry) -> Topics {
         .collect()
 }
 
+/// Most compiled subscription regexes kept; the cache is emptied when it fills.
+const REGEX_CACHE: usize = 1024;
+
+/// Compiled subscription regexes by their text: a regex group's subscriptions are resolved
+/// at every heartbeat that changes something, and compiling is far dearer than matching.
+static COMPILED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Regex>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// [`compile`], from the cache when it was compiled before.
+fn compiled(regex: &str) -> Result<Regex> {
+    let mut cache = COMPILED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(re) = cache.get(regex) {
+        return Ok(re.clone());
+    }
+    let re = compile(regex)?;
+    if cache.len() >= REGEX_CACHE {
+        cache.clear();
+    }
+    cache.insert(regex.to_string(), re.clone());
+    Ok(re)
+}
+
 /// A subscription regex, matched against whole topic names.
 pub fn compile(regex: &str) -> Result<Regex> {
     if regex.len() > MAX_REGEX_LEN {
@@ -44,7 +66,7 @@ pub fn compile(regex: &str) -> Result<Regex> {
 /// The existing topics a member subscribes to. Internal topics match no regex.
 pub fn member_topics(m: &GroupMemberValue, topics: &Topics) -> BTreeSet<String> {
     if !m.regex.is_empty() {
-        let Ok(re) = compile(&m.regex) else {
+        let Ok(re) = compiled(&m.regex) else {
             return BTreeSet::new();
         };
         return topics

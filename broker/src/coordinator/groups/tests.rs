@@ -369,7 +369,7 @@ fn expired_members_leave_and_the_rest_rebalance() {
     let now = Instant::now();
     h.state.loaded(now);
     // b stays silent past its session; a keeps heartbeating.
-    h.state.session(G, &a.id, now).last_seen = now + Duration::from_secs(40);
+    assert!(h.state.touch(G, &a.id, now + Duration::from_secs(40)));
     let lags = |_: &Group| HashMap::new();
     let env = Env {
         now_ms: 1,
