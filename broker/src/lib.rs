@@ -52,4 +52,4 @@ pub mod topic_config;
 pub mod units;
 
 pub use config::BrokerConfig;
-pub use server::{run, run_until};
+pub use server::{Plugins, run, run_until, run_until_with};

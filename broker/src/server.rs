@@ -64,6 +64,24 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
     hurry: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_until_with(config, Plugins::default(), shutdown, hurry).await
+}
+
+/// Code a broker binary of one's own adds to the broker (see `docs/consumer-groups.md`).
+#[derive(Debug, Default)]
+pub struct Plugins {
+    /// The partition assignors groups may choose by name: the built-ins, and any
+    /// registered with [`Assignors::register`](crate::coordinator::groups::assignor::Assignors::register).
+    pub assignors: crate::coordinator::groups::assignor::Assignors,
+}
+
+/// As [`run_until`], with `plugins`.
+pub async fn run_until_with(
+    config: BrokerConfig,
+    plugins: Plugins,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     config.validate()?;
     let node = &config.broker;
     let listener = TcpListener::bind(node.listen)
@@ -130,7 +148,7 @@ pub async fn run_until(
         Arc::clone(&registry),
         Arc::clone(&admin_lock),
         config.groups.coordinator_config(),
-        crate::coordinator::groups::assignor::Assignors::builtin(),
+        plugins.assignors,
     ));
     let _ = metrics.groups.set(Arc::clone(&groups));
     let group_timers = tokio::spawn(Arc::clone(&groups).run(stopped(stop_rx.clone())));
