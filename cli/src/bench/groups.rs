@@ -57,29 +57,42 @@ pub struct RebalanceArgs {
     pub rounds: u32,
 }
 
-/// Connections to brokers by address, and where each group's coordinator is.
+/// Connections to brokers, and where each group's coordinator is. Members share
+/// connections in slots of [`MEMBERS_PER_CONNECTION`], as members in separate processes
+/// would not all share one (and one HTTP/2 connection takes 32 calls at once).
 struct Router {
     bootstrap: String,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<(String, usize), Channel>>,
     coordinators: Mutex<HashMap<String, String>>,
 }
 
+const MEMBERS_PER_CONNECTION: usize = 20;
+
 impl Router {
-    async fn channel(&self, address: &str) -> anyhow::Result<Channel> {
+    fn new(bootstrap: &str) -> Router {
+        Router {
+            bootstrap: bootstrap.to_string(),
+            channels: Mutex::default(),
+            coordinators: Mutex::default(),
+        }
+    }
+
+    async fn channel(&self, address: &str, slot: usize) -> anyhow::Result<Channel> {
+        let key = (address.to_string(), slot / MEMBERS_PER_CONNECTION);
         let mut channels = self.channels.lock().await;
-        if let Some(c) = channels.get(address) {
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
         let c = Channel::from_shared(format!("http://{address}"))?.connect().await?;
-        channels.insert(address.to_string(), c.clone());
+        channels.insert(key, c.clone());
         Ok(c)
     }
 
-    async fn coordinator(&self, group: &str) -> anyhow::Result<GroupsClient<Channel>> {
+    async fn coordinator(&self, group: &str, slot: usize) -> anyhow::Result<GroupsClient<Channel>> {
         if let Some(a) = self.coordinators.lock().await.get(group).cloned() {
-            return Ok(GroupsClient::new(self.channel(&a).await?));
+            return Ok(GroupsClient::new(self.channel(&a, slot).await?));
         }
-        let mut any = GroupsClient::new(self.channel(&self.bootstrap).await?);
+        let mut any = GroupsClient::new(self.channel(&self.bootstrap, slot).await?);
         let found = any
             .find_coordinator(FindCoordinatorRequest { group: group.into() })
             .await?
@@ -88,14 +101,23 @@ impl Router {
             .lock()
             .await
             .insert(group.to_string(), found.address.clone());
-        Ok(GroupsClient::new(self.channel(&found.address).await?))
+        Ok(GroupsClient::new(self.channel(&found.address, slot).await?))
     }
 
-    /// One heartbeat, following the coordinator when it moved and retrying while it loads.
-    async fn heartbeat(&self, request: GroupHeartbeatRequest) -> anyhow::Result<GroupHeartbeatResponse> {
+    /// One heartbeat, following the coordinator when it moved and retrying while it loads
+    /// or a connection fails.
+    async fn heartbeat(&self, request: GroupHeartbeatRequest, slot: usize) -> anyhow::Result<GroupHeartbeatResponse> {
+        let mut last = String::new();
         for _ in 0..50 {
-            let mut client = self.coordinator(&request.group).await?;
-            match client.heartbeat(request.clone()).await {
+            let answer = match self.coordinator(&request.group, slot).await {
+                Ok(mut client) => client.heartbeat(request.clone()).await,
+                Err(e) => {
+                    last = format!("{e:#}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match answer {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
                     let detail = ErrorDetail::decode(s.details()).unwrap_or_default();
@@ -108,11 +130,12 @@ impl Router {
                     if detail.code == ErrorCode::NotCoordinator as i32 {
                         self.coordinators.lock().await.remove(&request.group);
                     }
+                    last = s.message().to_string();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
-        anyhow::bail!("group '{}': no coordinator answered", request.group)
+        anyhow::bail!("group '{}': no coordinator answered ({last})", request.group)
     }
 }
 
@@ -128,6 +151,7 @@ fn flat(ps: &[TopicPartitions]) -> BTreeSet<(String, i32)> {
 
 /// A member: joins, then heartbeats until `until` or `stop`, then leaves.
 async fn member(
+    slot: usize,
     router: Arc<Router>,
     group: String,
     topic: String,
@@ -136,15 +160,18 @@ async fn member(
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let joined = router
-        .heartbeat(GroupHeartbeatRequest {
-            group: group.clone(),
-            member_epoch: 0,
-            subscription: Some(Subscription {
-                topics: vec![topic],
+        .heartbeat(
+            GroupHeartbeatRequest {
+                group: group.clone(),
+                member_epoch: 0,
+                subscription: Some(Subscription {
+                    topics: vec![topic],
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
+            },
+            slot,
+        )
         .await?;
     let (id, mut epoch, mut owned, mut interval) = (
         joined.member_id,
@@ -156,13 +183,16 @@ async fn member(
     while Instant::now() < until && !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(u64::from(interval.max(10)))).await;
         let answer = router
-            .heartbeat(GroupHeartbeatRequest {
-                group: group.clone(),
-                member_id: id.clone(),
-                member_epoch: epoch,
-                owned: owned.clone(),
-                ..Default::default()
-            })
+            .heartbeat(
+                GroupHeartbeatRequest {
+                    group: group.clone(),
+                    member_id: id.clone(),
+                    member_epoch: epoch,
+                    owned: owned.clone(),
+                    ..Default::default()
+                },
+                slot,
+            )
             .await?;
         sent.fetch_add(1, Ordering::Relaxed);
         epoch = answer.member_epoch;
@@ -174,23 +204,32 @@ async fn member(
         owned = answer.assignment;
     }
     router
-        .heartbeat(GroupHeartbeatRequest {
-            group,
-            member_id: id,
-            member_epoch: -1,
-            ..Default::default()
-        })
+        .heartbeat(
+            GroupHeartbeatRequest {
+                group,
+                member_id: id,
+                member_epoch: -1,
+                ..Default::default()
+            },
+            slot,
+        )
         .await?;
     Ok(())
 }
 
 pub async fn groups(client: &Client, address: &str, args: GroupsArgs, format: Format) -> anyhow::Result<()> {
     super::ensure_topic(client, &args.topic, args.partitions, 1, &[]).await?;
-    let router = Arc::new(Router {
-        bootstrap: address.to_string(),
-        channels: Mutex::default(),
-        coordinators: Mutex::default(),
-    });
+    let router = Arc::new(Router::new(address));
+    // What the broker spends with no member at all, to tell heartbeats' cost apart.
+    let idle = if args.broker_metrics.is_empty() {
+        None
+    } else {
+        let before = crate::broker_usage::scrape_all(&args.broker_metrics).await?;
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let after = crate::broker_usage::scrape_all(&args.broker_metrics).await?;
+        Some((after.cpu_seconds - before.cpu_seconds) / started.elapsed().as_secs_f64())
+    };
     let sent = Arc::new(AtomicU64::new(0));
     // Members join over the first seconds, then everyone heartbeats for --duration.
     let warmup = Duration::from_secs(10);
@@ -199,6 +238,7 @@ pub async fn groups(client: &Client, address: &str, args: GroupsArgs, format: Fo
     for g in 0..args.groups {
         for _ in 0..args.members {
             tasks.push(tokio::spawn(member(
+                tasks.len(),
                 Arc::clone(&router),
                 format!("bench-group-{g}"),
                 args.topic.clone(),
@@ -238,12 +278,16 @@ pub async fn groups(client: &Client, address: &str, args: GroupsArgs, format: Fo
         }
     }
     let share = cpu.map(|c| 100.0 * c / seconds);
-    let per = cpu.map(|c| c * 1e6 / heartbeats.max(1) as f64);
+    // Net of the idle broker's own spending (timers, Raft ticks) over the same time.
+    let net = cpu.zip(idle).map(|(c, idle)| (c - idle * seconds).max(0.0));
+    let net_share = net.map(|n| 100.0 * n / seconds);
+    let per = net.map(|n| n * 1e6 / heartbeats.max(1) as f64);
     match format {
         Format::Json => println!(
             "{}",
             json!({"groups": args.groups, "members": args.members, "seconds": seconds, "heartbeats": heartbeats,
-                   "broker_cpu_seconds": cpu, "broker_core_percent": share, "broker_cpu_us_per_heartbeat": per, "failed_members": failed})
+                   "broker_cpu_seconds": cpu, "broker_core_percent": share, "idle_core_percent": idle.map(|i| 100.0 * i),
+                   "heartbeats_core_percent": net_share, "broker_cpu_us_per_heartbeat": per, "failed_members": failed})
         ),
         Format::Text => {
             println!(
@@ -252,8 +296,11 @@ pub async fn groups(client: &Client, address: &str, args: GroupsArgs, format: Fo
                 args.members,
                 heartbeats as f64 / seconds
             );
-            if let (Some(c), Some(s), Some(p)) = (cpu, share, per) {
-                println!("broker CPU: {c:.2} s ({s:.1}% of a core), {p:.1} µs per heartbeat");
+            if let (Some(c), Some(s), Some(i), Some(n), Some(p)) = (cpu, share, idle, net_share, per) {
+                println!(
+                    "broker CPU: {c:.2} s ({s:.1}% of a core; {:.1}% when idle): heartbeats {n:.1}% of a core, {p:.1} µs each",
+                    100.0 * i
+                );
             }
         }
     }
@@ -265,7 +312,7 @@ pub async fn groups(client: &Client, address: &str, args: GroupsArgs, format: Fo
 
 async fn stable(router: &Router, group: &str, members: usize) -> anyhow::Result<bool> {
     let d = router
-        .coordinator(group)
+        .coordinator(group, 0)
         .await?
         .describe_group(DescribeGroupRequest { group: group.into() })
         .await?
@@ -283,17 +330,14 @@ pub async fn rebalance(client: &Client, address: &str, args: RebalanceArgs, form
         "--partitions must exceed --members, so that the joining member gets some"
     );
     super::ensure_topic(client, &args.topic, args.partitions, 1, &[]).await?;
-    let router = Arc::new(Router {
-        bootstrap: address.to_string(),
-        channels: Mutex::default(),
-        coordinators: Mutex::default(),
-    });
+    let router = Arc::new(Router::new(address));
     let group = format!("bench-rebalance-{}", std::process::id());
     let sent = Arc::new(AtomicU64::new(0));
     let far = Instant::now() + Duration::from_secs(3600);
     let mut base = Vec::new();
     for _ in 0..args.members {
         base.push(tokio::spawn(member(
+            base.len(),
             Arc::clone(&router),
             group.clone(),
             args.topic.clone(),
@@ -320,6 +364,7 @@ pub async fn rebalance(client: &Client, address: &str, args: RebalanceArgs, form
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let started = Instant::now();
         let joiner = tokio::spawn(member(
+            args.members as usize,
             Arc::clone(&router),
             group.clone(),
             args.topic.clone(),

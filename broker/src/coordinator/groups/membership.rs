@@ -28,7 +28,11 @@ pub const LEAVE_FOR_NOW: i32 = -2;
 /// Most members one group may have.
 pub const MAX_MEMBERS: usize = 1000;
 /// How often a member waiting to give up or receive partitions is asked to heartbeat.
-const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long after its epoch moved a group's members are all asked to heartbeat every
+/// [`RECONCILE_INTERVAL`]: members that start together (or a burst of joins) then settle
+/// in a few short rounds instead of a heartbeat interval each.
+pub const SETTLE_WINDOW: Duration = Duration::from_secs(2);
 
 /// The coordinator's membership settings (`[groups]` in the broker config).
 #[derive(Debug, Clone)]

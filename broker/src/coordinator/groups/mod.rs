@@ -226,7 +226,7 @@ impl GroupCoordinator {
         if let Some(answer) = self.unchanged(&st, &hb)
             && st.touch(&hb.group, &hb.member_id, now)
         {
-            return Ok(answer);
+            return Ok(settle_faster(&st, &hb.group, now, answer));
         }
         room_for(&st, &hb.group)?;
         let topics = target::topics_now(&self.registry);
@@ -248,6 +248,7 @@ impl GroupCoordinator {
             .map_err(|e| name_group(e, &hb.group))?;
         if outcome.rebalanced {
             self.metrics.rebalances.add(1);
+            st.epoch_moved.insert(hb.group.clone(), now);
         }
         let member = outcome.answer.member_id.clone();
         if hb.epoch >= 0
@@ -255,7 +256,7 @@ impl GroupCoordinator {
         {
             st.track(&hb.group, &member, &m, now);
         }
-        Ok(outcome.answer)
+        Ok(settle_faster(&st, &hb.group, now, outcome.answer))
     }
 
     /// The answer to a heartbeat that changes nothing (the common case: a member at its
@@ -357,14 +358,29 @@ impl GroupCoordinator {
                 }
             }
         }
+        let now = Instant::now();
+        st.epoch_moved
+            .retain(|_, at| now.saturating_duration_since(*at) < membership::SETTLE_WINDOW);
         if changes.is_empty() {
             return Ok(());
         }
         shard.write(&mut st, changes).await?;
+        for g in &changed_groups {
+            st.epoch_moved.insert(g.clone(), now);
+        }
         self.metrics.members_expired.add(expired_count);
         self.metrics.rebalances.add(changed_groups.len() as u64);
         Ok(())
     }
+}
+
+/// A shorter heartbeat interval while the group's epoch moved lately (see
+/// [`membership::SETTLE_WINDOW`]).
+fn settle_faster(st: &GroupsState, group: &str, now: Instant, mut answer: Answer) -> Answer {
+    if answer.epoch > 0 && st.settling(group, now, membership::SETTLE_WINDOW) {
+        answer.interval = answer.interval.min(membership::RECONCILE_INTERVAL);
+    }
+    answer
 }
 
 /// Fills in the group an error from the substrate is about.

@@ -173,6 +173,18 @@ pub struct GroupsState {
     pub sessions: HashMap<String, HashMap<String, Session>>,
     /// Offsets committed through this state, for the commit-rate metric.
     pub commits: u64,
+    /// When each group's epoch last moved here (memory only; entries older than the
+    /// settle window are dropped by the timers).
+    pub epoch_moved: HashMap<String, Instant>,
+}
+
+impl GroupsState {
+    /// Whether `group`'s epoch moved less than `window` ago.
+    pub fn settling(&self, group: &str, now: Instant, window: std::time::Duration) -> bool {
+        self.epoch_moved
+            .get(group)
+            .is_some_and(|at| now.saturating_duration_since(*at) < window)
+    }
 }
 
 impl GroupsState {
