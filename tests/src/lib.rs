@@ -9,12 +9,15 @@
 //! - [`cluster`]: N brokers with a fault proxy on every link between them.
 //! - [`raw_produce`]: idempotent produce of exact batches over raw gRPC.
 //! - [`keyed`]: keyed writes, tombstones and the latest value per key (compaction tests).
+//! - [`group_member`]: consumer group members run in-process through the client, recording
+//!   what they are handed, and producers that feed them.
 //!
 //! Binaries are built once per test process with `cargo build --bins` (the same target
 //! directory), or taken from `CONVEYOR_BROKER_BIN` / `CONVEYOR_CLI_BIN`.
 
 pub mod checker;
 pub mod cluster;
+pub mod group_member;
 pub mod keyed;
 pub mod raw_produce;
 

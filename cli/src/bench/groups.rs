@@ -361,6 +361,9 @@ pub async fn rebalance(client: &Client, address: &str, args: RebalanceArgs, form
     wait_stable(args.members as usize).await?;
     let mut times = Vec::new();
     for _ in 0..args.rounds {
+        // Past the coordinator's settle window (2 s of short heartbeats after an epoch
+        // change): the join lands in a group whose members heartbeat on the full interval.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let started = Instant::now();
         let joiner = tokio::spawn(member(

@@ -33,6 +33,8 @@ use crate::{Client, MAX_MESSAGE_BYTES};
 /// enough to ride out a leader election).
 const MAX_RETRIES: u32 = 50;
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Between rounds of retries of a group member's partition that keeps failing.
+const PERSIST_BACKOFF: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
 /// Refetches of a batch that failed its CRC check before the stream reports it: enough for a
 /// leader change to route around a damaged replica, few enough to report damage promptly.
@@ -228,7 +230,7 @@ pub(super) async fn run(
     // partition never holds back the records of a busy one.
     let loops = positions
         .into_iter()
-        .map(|position| fetch_partition(client.clone(), config.clone(), position, tx.clone()));
+        .map(|position| fetch_partition(client.clone(), config.clone(), position, tx.clone(), false));
     futures::future::join_all(loops).await;
 }
 
@@ -252,7 +254,7 @@ pub(crate) async fn run_dynamic(
                         old.abort();
                     }
                     let position = Position { topic: Arc::clone(&topic), partition, incarnation, next: offset };
-                    let (fetch, handle) = abortable(fetch_partition(client.clone(), config.clone(), position, tx.clone()));
+                    let (fetch, handle) = abortable(fetch_partition(client.clone(), config.clone(), position, tx.clone(), true));
                     loops.push(fetch);
                     running.insert((topic, partition), handle);
                 }
@@ -273,7 +275,17 @@ pub(crate) async fn run_dynamic(
     }
 }
 
-async fn fetch_partition(client: Client, config: ConsumerConfig, mut position: Position, tx: mpsc::Sender<Fetched>) {
+/// Fetches one partition until it is aborted or fails for good. `persist` (a group
+/// member's partition, which nobody else reads while this member owns it): after
+/// `MAX_RETRIES` retriable failures in a row the error is reported and the loop goes on
+/// retrying, more slowly, rather than leave the partition owned and unread.
+async fn fetch_partition(
+    client: Client,
+    config: ConsumerConfig,
+    mut position: Position,
+    tx: mpsc::Sender<Fetched>,
+    persist: bool,
+) {
     let mut failures = 0;
     let mut corrupt_refetches = 0;
     'fetch: loop {
@@ -299,7 +311,9 @@ async fn fetch_partition(client: Client, config: ConsumerConfig, mut position: P
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES);
                 match tokio::time::timeout(limit, fetcher.fetch(request)).await {
-                    Ok(answer) => answer.map_err(ClientError::from),
+                    // A leader that dies mid long-poll breaks the call ("transport error",
+                    // Unknown without the broker's detail): retriable, as unreachable.
+                    Ok(answer) => answer.map_err(|status| ClientError::from_call(status, &route.address)),
                     Err(_) => Err(ClientError::Timeout(limit)),
                 }
             }
@@ -322,6 +336,14 @@ async fn fetch_partition(client: Client, config: ConsumerConfig, mut position: P
                 failures += 1;
                 if error.is_retriable() && failures <= MAX_RETRIES {
                     tokio::time::sleep(RETRY_BACKOFF).await;
+                    continue;
+                }
+                if persist && error.is_retriable() {
+                    if tx.send(Err(FetchFailure::of(&position, error))).await.is_err() {
+                        return;
+                    }
+                    failures = 0;
+                    tokio::time::sleep(PERSIST_BACKOFF).await;
                     continue;
                 }
                 let _ = tx.send(Err(FetchFailure::of(&position, error))).await;
