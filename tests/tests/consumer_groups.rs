@@ -689,3 +689,68 @@ fn a_group_resumes_after_the_coordinators_broker_is_sigkilled() {
         );
     }
 }
+
+/// The record the application holds is not finished: asking for a position (or seeking)
+/// must not let an automatic commit count it, or a crash while processing it would lose it.
+#[test]
+fn asking_for_a_position_does_not_commit_the_record_in_hand() {
+    let broker = BrokerProcess::start();
+    let addr = broker.addr().to_string();
+    runtime().block_on(async {
+        let client = Client::connect(&addr).await.expect("connect");
+        client.admin().create_topic("held", 1, &[]).await.expect("create");
+        let producer = client
+            .producer(conveyor_client::ProducerConfig::default())
+            .expect("producer");
+        for i in 0..3 {
+            let sent = producer
+                .send(conveyor_client::ProducerRecord::new("held", format!("r{i}")))
+                .await
+                .expect("send");
+            sent.await.expect("acknowledged");
+        }
+        let config = GroupConfig::default()
+            .auto_commit(Some(Duration::from_millis(100)))
+            .reset(OffsetReset::Earliest);
+        let mut member = client
+            .consumer(conveyor_client::ConsumerConfig::default())
+            .subscribe(&["held"], "holding", config)
+            .expect("subscribe");
+        use futures::StreamExt;
+        let first = member.next().await.expect("a record").expect("record");
+        // Several automatic commits fall due while the record is in hand and positions are
+        // asked for; none may commit past it.
+        let watch_until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < watch_until {
+            assert_eq!(member.position("held", first.partition), Some(first.offset + 1));
+            let committed = client
+                .groups()
+                .fetch_offsets("holding", &[])
+                .await
+                .expect("fetch offsets");
+            assert!(
+                committed.iter().all(|c| c.offset <= first.offset),
+                "the record in hand (offset {}) was committed as finished: {committed:?}",
+                first.offset
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Asking for the next record finishes it; the automatic commit then takes it.
+        let _second = member.next().await.expect("a record").expect("record");
+        let committed = wait_for_commit(&client, "holding", first.offset + 1).await;
+        assert!(committed >= first.offset + 1);
+        member.close().await.expect("close");
+    });
+}
+
+async fn wait_for_commit(client: &Client, group: &str, at_least: u64) -> u64 {
+    let started = Instant::now();
+    loop {
+        let committed = client.groups().fetch_offsets(group, &[]).await.expect("fetch offsets");
+        if let Some(c) = committed.iter().map(|c| c.offset).max().filter(|o| *o >= at_least) {
+            return c;
+        }
+        assert!(started.elapsed() < DEADLINE, "nothing committed up to {at_least}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -211,27 +211,8 @@ fn group_state_survives_a_sigkill_of_the_coordinators_broker() {
         .map(|id| cluster.broker(*id).addr().to_string())
         .collect();
     let (coordinator, member) = runtime().block_on(async {
-        let found = groups(&addrs[0])
-            .await
-            .find_coordinator(FindCoordinatorRequest {
-                group: "workers".into(),
-            })
-            .await;
         // The internal topic is created on first use; its leaders are elected soon after.
-        let found = match found {
-            Ok(f) => f.into_inner(),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                groups(&addrs[0])
-                    .await
-                    .find_coordinator(FindCoordinatorRequest {
-                        group: "workers".into(),
-                    })
-                    .await
-                    .expect("find coordinator")
-                    .into_inner()
-            }
-        };
+        wait_for_coordinator(&addrs).await;
         let joined = heartbeat_until(&addrs, join("workers", &["orders"], ""), |_| true).await;
         // Heartbeat until it owns all four partitions.
         let request = |r: &GroupHeartbeatResponse| GroupHeartbeatRequest {
@@ -245,12 +226,14 @@ fn group_state_survives_a_sigkill_of_the_coordinators_broker() {
             r.assignment.iter().map(|t| t.partitions.len()).sum::<usize>() == 4
         })
         .await;
+        // The coordinator now (leadership may have moved since the join).
+        let found = wait_for_coordinator(&addrs).await;
         let coordinator = addrs
             .iter()
-            .position(|a| *a == found.address)
+            .position(|a| *a == found)
             .map(|i| cluster.ids()[i])
             .expect("coordinator is a cluster broker");
-        let mut g = groups(&found.address).await;
+        let mut g = groups(&found).await;
         g.commit_offsets(CommitOffsetsRequest {
             group: "workers".into(),
             member_id: owning.member_id.clone(),

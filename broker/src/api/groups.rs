@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 const MAX_ID_LEN: usize = 255;
 /// Most topics one subscription may name.
 const MAX_SUBSCRIBED_TOPICS: usize = 10_000;
+/// Most bytes of topic names one subscription may hold (it is stored with the member).
+const MAX_SUBSCRIPTION_BYTES: usize = 64 << 10;
 /// Longest assignor name accepted.
 const MAX_ASSIGNOR_LEN: usize = 64;
 
@@ -136,6 +138,12 @@ impl GroupsService {
                 }
                 for t in &s.topics {
                     check_topic_name_length(t)?;
+                }
+                let bytes: usize = s.topics.iter().map(String::len).sum();
+                if bytes > MAX_SUBSCRIPTION_BYTES {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "a subscription's topic names may take at most {MAX_SUBSCRIPTION_BYTES} bytes, got {bytes}; subscribe by regex instead"
+                    )));
                 }
                 if s.assignor.len() > MAX_ASSIGNOR_LEN {
                     return Err(BrokerError::InvalidRequest(format!(

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record, ValidatedBatch};
 use conveyor_storage::log::PartitionLog;
+use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::{Change, StateMachine};
 use crate::blocking::blocking;
@@ -33,8 +34,17 @@ const LOAD_WAIT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the log per step of a replay.
 const REPLAY_READ_BYTES: usize = 1 << 20;
-/// Largest batch of records one write may make.
-const MAX_WRITE_BYTES: usize = 8 << 20;
+/// Most record bytes one write may make: a group change or commit past it is refused.
+pub const MAX_WRITE_BYTES: usize = 16 << 20;
+/// Records per batch of a write, in bytes (a write of more is several batches).
+const BATCH_BYTES: usize = 1 << 20;
+/// Bytes a record's framing adds to its key and value, at most.
+const RECORD_OVERHEAD: usize = 32;
+
+/// A load under way, awaited by every request for its partition.
+type Loading<S> = Shared<BoxFuture<'static, std::result::Result<Arc<Shard<S>>, String>>>;
+/// How long a load may wait for its partition's records to be committed.
+const LOAD_LIMIT: Duration = Duration::from_secs(60);
 
 /// Who is asking, for error messages: the id the request is about.
 pub type Subject<'a> = &'a str;
@@ -64,9 +74,11 @@ impl<S: StateMachine> Shard<S> {
         self.partition.term() == self.term && self.partition.is_leader()
     }
 
-    /// Appends `changes` as one batch, waits for its commit, then applies them to `state`
-    /// (the guard from [`Shard::lock`]). On failure nothing is applied and the shard is
-    /// marked lost: the next request reloads it from the log.
+    /// Appends `changes`, waits for their commit, then applies them to `state` (the guard
+    /// from [`Shard::lock`]). Changes too large for one write are refused with nothing
+    /// written. Once the append is queued, anything but a clean finish marks the shard
+    /// lost (an error, a timeout, or the caller dropping this future mid-way: the records
+    /// may still commit), so the next request reloads it from the log.
     pub async fn write(&self, state: &mut S, changes: Vec<Change>) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
@@ -77,7 +89,12 @@ impl<S: StateMachine> Shard<S> {
                 state: "lost leadership of its partition".into(),
             });
         }
-        let outcome = tokio::time::timeout(WRITE_TIMEOUT, self.append(&changes)).await;
+        let batches = batches_of(&changes)?;
+        let unsettled = Unsettled {
+            lost: &self.lost,
+            settled: false,
+        };
+        let outcome = tokio::time::timeout(WRITE_TIMEOUT, self.append(batches)).await;
         let failed = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
@@ -88,53 +105,93 @@ impl<S: StateMachine> Shard<S> {
             }),
         };
         if let Some(e) = failed {
-            self.lost.store(true, Ordering::Release);
             return Err(e);
         }
         for c in &changes {
             if let Err(reason) = state.apply(&c.key, c.value.as_deref()) {
                 // The record was just built by the coordinator: failing to read it back is a
                 // bug; reloading from the log gives the state every other replica will see.
-                self.lost.store(true, Ordering::Release);
                 return Err(BrokerError::Internal(format!(
                     "a coordinator record it wrote: {reason}"
                 )));
             }
         }
+        unsettled.settle();
         Ok(())
     }
 
-    async fn append(&self, changes: &[Change]) -> Result<()> {
-        let mut builder = BatchBuilder::new(Compression::None);
-        let now = conveyor_storage::unix_millis();
-        for c in changes {
-            builder.push(&Record {
-                timestamp: now,
-                key: Some(c.key.clone()),
-                value: c.value.clone(),
-                headers: Vec::new(),
-            });
-        }
-        let internal = |e: &dyn std::fmt::Display| BrokerError::Internal(format!("coordinator batch: {e}"));
-        let bytes = builder.build().map_err(|e| internal(&e))?;
-        let batch = ValidatedBatch::new(bytes, MAX_WRITE_BYTES).map_err(|e| internal(&e))?;
+    async fn append(&self, batches: Vec<ValidatedBatch>) -> Result<()> {
         let reply = self
             .partition
-            .enqueue(vec![batch], Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
+            .enqueue(batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
             .await?;
         reply.await.map_err(|_| BrokerError::ShuttingDown)??;
         Ok(())
     }
 }
 
+/// Marks a shard lost unless settled: dropped by a write that did not finish cleanly.
+struct Unsettled<'a> {
+    lost: &'a AtomicBool,
+    settled: bool,
+}
+
+impl Unsettled<'_> {
+    fn settle(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// `changes` as batches of at most [`BATCH_BYTES`] each, all appended by one write;
+/// refused (INVALID_ARGUMENT, nothing written) past [`MAX_WRITE_BYTES`] in all.
+fn batches_of(changes: &[Change]) -> Result<Vec<ValidatedBatch>> {
+    let total: usize = changes
+        .iter()
+        .map(|c| c.key.len() + c.value.as_ref().map_or(0, Bytes::len) + RECORD_OVERHEAD)
+        .sum();
+    if total > MAX_WRITE_BYTES {
+        return Err(BrokerError::InvalidRequest(format!(
+            "the change needs {total} bytes of coordinator records, more than one write may take ({MAX_WRITE_BYTES}); make it smaller (fewer partitions, shorter names or metadata)"
+        )));
+    }
+    let internal = |e: &dyn std::fmt::Display| BrokerError::Internal(format!("coordinator batch: {e}"));
+    let now = conveyor_storage::unix_millis();
+    let mut batches = Vec::new();
+    let mut builder = BatchBuilder::new(Compression::None);
+    for c in changes {
+        if !builder.is_empty() && builder.estimated_size() >= BATCH_BYTES {
+            let full = std::mem::replace(&mut builder, BatchBuilder::new(Compression::None));
+            let bytes = full.build().map_err(|e| internal(&e))?;
+            batches.push(ValidatedBatch::new(bytes, MAX_WRITE_BYTES).map_err(|e| internal(&e))?);
+        }
+        builder.push(&Record {
+            timestamp: now,
+            key: Some(c.key.clone()),
+            value: c.value.clone(),
+            headers: Vec::new(),
+        });
+    }
+    let bytes = builder.build().map_err(|e| internal(&e))?;
+    batches.push(ValidatedBatch::new(bytes, MAX_WRITE_BYTES).map_err(|e| internal(&e))?);
+    Ok(batches)
+}
+
 /// The shards of one internal topic on this broker.
 pub struct Host<S> {
     topic: &'static str,
     registry: Arc<Registry>,
-    make: Box<dyn Fn() -> S + Send + Sync>,
+    make: Arc<dyn Fn() -> S + Send + Sync>,
     shards: Mutex<HashMap<i32, Arc<Shard<S>>>>,
-    /// One load at a time per partition.
-    loading: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+    /// The load under way per partition, and the term it is for.
+    loading: Mutex<HashMap<i32, (u64, Loading<S>)>>,
 }
 
 impl<S> std::fmt::Debug for Host<S> {
@@ -150,7 +207,7 @@ impl<S: StateMachine> Host<S> {
         Host {
             topic,
             registry,
-            make: Box::new(make),
+            make: Arc::new(make),
             shards: Mutex::default(),
             loading: Mutex::default(),
         }
@@ -195,32 +252,67 @@ impl<S: StateMachine> Host<S> {
 
     /// The shard of partition `index`, loading it if this broker leads the partition in a
     /// term it has not loaded yet. `subject` (the group id, say) names the request in errors,
-    /// which say where the coordinator is instead.
+    /// which say where the coordinator is instead. A load runs in a task of its own, shared
+    /// by every request that waits for it: a request that gives up (after [`LOAD_WAIT`], or
+    /// its caller gone) leaves the load going for the next one.
     pub async fn shard(&self, index: i32, subject: Subject<'_>) -> Result<Arc<Shard<S>>> {
         let partition = self.leading_partition(index, subject)?;
         let term = partition.term();
         if let Some(s) = self.shards().get(&index).filter(|s| s.term == term && s.is_current()) {
             return Ok(Arc::clone(s));
         }
-        let lock = {
+        let load = {
             let mut loading = self.loading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            Arc::clone(loading.entry(index).or_default())
+            match loading.get(&index) {
+                Some((t, load)) if *t == term => load.clone(),
+                _ => {
+                    let task = tokio::spawn(load(self.topic, index, partition, term, Arc::clone(&self.make)));
+                    let load: Loading<S> = async move {
+                        match task.await {
+                            Ok(loaded) => loaded,
+                            Err(e) => Err(format!("the load task failed: {e}")),
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    loading.insert(index, (term, load.clone()));
+                    load
+                }
+            }
         };
-        let _one_load = lock.lock().await;
-        if let Some(s) = self.shards().get(&index).filter(|s| s.term == term && s.is_current()) {
-            return Ok(Arc::clone(s));
-        }
-        let shard = tokio::time::timeout(LOAD_WAIT, self.load(index, partition, term, subject))
-            .await
-            .map_err(|_| BrokerError::CoordinatorLoading {
+        let loaded = tokio::time::timeout(LOAD_WAIT, load).await;
+        let forget = || {
+            let mut loading = self.loading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if loading.get(&index).is_some_and(|(t, _)| *t == term) {
+                loading.remove(&index);
+            }
+        };
+        match loaded {
+            Ok(Ok(shard)) => {
+                forget();
+                let mut shards = self.shards();
+                let current = shards.get(&index).filter(|s| s.term == term && s.is_current()).cloned();
+                Ok(current.unwrap_or_else(|| {
+                    shards.insert(index, Arc::clone(&shard));
+                    shard
+                }))
+            }
+            Ok(Err(reason)) => {
+                // Failed: the next request starts another load.
+                forget();
+                Err(BrokerError::CoordinatorLoading {
+                    group: subject.to_string(),
+                    state: reason,
+                })
+            }
+            Err(_) => Err(BrokerError::CoordinatorLoading {
                 group: subject.to_string(),
                 state: format!(
                     "is still loading partition {index} of {} after {LOAD_WAIT:?}",
                     self.topic
                 ),
-            })??;
-        self.shards().insert(index, Arc::clone(&shard));
-        Ok(shard)
+            }),
+        }
     }
 
     /// This broker's replica of partition `index` if it leads it, or where to go.
@@ -255,66 +347,65 @@ impl<S: StateMachine> Host<S> {
             },
         }
     }
+}
 
-    async fn load(
-        &self,
-        index: i32,
-        partition: Arc<Partition>,
-        term: u64,
-        subject: Subject<'_>,
-    ) -> Result<Arc<Shard<S>>> {
-        let started = Instant::now();
-        let moved = || BrokerError::CoordinatorLoading {
-            group: subject.to_string(),
-            state: format!("lost partition {index} of {} while loading it", self.topic),
-        };
-        // The partition's records are all committed once the high watermark reaches the log
-        // end: only this coordinator appends to it, and it appends nothing while loading.
-        let mut hw_moved = partition.watch_high_watermark();
-        loop {
-            if partition.term() != term || !partition.is_leader() {
-                return Err(moved());
-            }
-            let hw = partition.high_watermark();
-            if hw >= partition.log().log_end_offset() {
-                break;
-            }
-            // Bounded by the caller's LOAD_WAIT; a timer too, since the log end may move back.
-            let _ = tokio::time::timeout(Duration::from_millis(50), hw_moved.changed()).await;
-        }
-        let hw = partition.high_watermark();
-        let log = partition.log();
-        let make_state = (self.make)();
-        let (topic, records) = (self.topic, index);
-        let (mut state, replayed, skipped) =
-            blocking(move || replay(&log, hw, make_state))
-                .await
-                .map_err(|e| BrokerError::CoordinatorLoading {
-                    group: subject.to_string(),
-                    state: format!("could not replay partition {index} of {topic}: {e}"),
-                })?;
+/// Loads partition `index` of `topic` for `term`: waits for its records to be committed,
+/// replays them, and gives up past [`LOAD_LIMIT`] or if the term moves on.
+async fn load<S: StateMachine>(
+    topic: &'static str,
+    index: i32,
+    partition: Arc<Partition>,
+    term: u64,
+    make: Arc<dyn Fn() -> S + Send + Sync>,
+) -> std::result::Result<Arc<Shard<S>>, String> {
+    let started = Instant::now();
+    let moved = || format!("lost partition {index} of {topic} while loading it");
+    // The partition's records are all committed once the high watermark reaches the log
+    // end: only this coordinator appends to it, and it appends nothing while loading.
+    let mut hw_moved = partition.watch_high_watermark();
+    loop {
         if partition.term() != term || !partition.is_leader() {
             return Err(moved());
         }
-        state.loaded(Instant::now());
-        tracing::info!(
-            topic,
-            partition = records,
-            term,
-            records = replayed,
-            skipped,
-            up_to = hw,
-            millis = started.elapsed().as_millis() as u64,
-            "coordinator loaded"
-        );
-        Ok(Arc::new(Shard {
-            index,
-            term,
-            partition,
-            state: tokio::sync::Mutex::new(state),
-            lost: AtomicBool::new(false),
-        }))
+        if started.elapsed() > LOAD_LIMIT {
+            return Err(format!(
+                "partition {index} of {topic} has records not committed after {LOAD_LIMIT:?} (is a quorum of its replicas up?)"
+            ));
+        }
+        let hw = partition.high_watermark();
+        if hw >= partition.log().log_end_offset() {
+            break;
+        }
+        // A timer too, since the log end may move back.
+        let _ = tokio::time::timeout(Duration::from_millis(50), hw_moved.changed()).await;
     }
+    let hw = partition.high_watermark();
+    let log = partition.log();
+    let make_state = make();
+    let (mut state, replayed, skipped) = blocking(move || replay(&log, hw, make_state))
+        .await
+        .map_err(|e| format!("could not replay partition {index} of {topic}: {e}"))?;
+    if partition.term() != term || !partition.is_leader() {
+        return Err(moved());
+    }
+    state.loaded(Instant::now());
+    tracing::info!(
+        topic,
+        partition = index,
+        term,
+        records = replayed,
+        skipped,
+        up_to = hw,
+        millis = started.elapsed().as_millis() as u64,
+        "coordinator loaded"
+    );
+    Ok(Arc::new(Shard {
+        index,
+        term,
+        partition,
+        state: tokio::sync::Mutex::new(state),
+        lost: AtomicBool::new(false),
+    }))
 }
 
 /// Applies every record of `log` below `hw` to `state`. Returns the state, the records
@@ -355,4 +446,31 @@ fn replay<S: StateMachine>(log: &PartitionLog, hw: u64, mut state: S) -> Result<
         }
     }
     Ok((state, applied, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(value_bytes: usize) -> Change {
+        Change {
+            key: Bytes::from_static(b"k"),
+            value: Some(Bytes::from(vec![b'v'; value_bytes])),
+        }
+    }
+
+    #[test]
+    fn a_large_write_is_split_into_batches_and_one_too_large_refused_before_anything_is_written() {
+        let batches = batches_of(&[change(10)]).expect("one small change");
+        assert_eq!(batches.len(), 1);
+        let many: Vec<Change> = (0..40).map(|_| change(100 << 10)).collect();
+        let batches = batches_of(&many).expect("4 MB of changes");
+        assert!(batches.len() >= 4, "{} batches", batches.len());
+        assert!(batches.iter().all(|b| b.bytes().len() <= BATCH_BYTES + (200 << 10)));
+        let records: u32 = batches.iter().map(|b| b.header().record_count).sum();
+        assert_eq!(records, 40, "every change is in one of the batches");
+        let too_many: Vec<Change> = (0..200).map(|_| change(100 << 10)).collect();
+        let e = batches_of(&too_many).expect_err("20 MB of changes");
+        assert!(matches!(e, BrokerError::InvalidRequest(_)), "{e}");
+    }
 }

@@ -25,7 +25,12 @@ pub fn partition_for(id: &str, partitions: u32) -> i32 {
 
 /// The configs an internal topic is created with: compacted, never deleted by time or size.
 pub fn internal_configs() -> BTreeMap<String, String> {
-    BTreeMap::from([("cleanup.policy".to_string(), "compact".to_string())])
+    BTreeMap::from([
+        ("cleanup.policy".to_string(), "compact".to_string()),
+        // The cleaner leaves the active segment alone, and a new coordinator replays it
+        // whole: small segments keep that replay short.
+        ("segment.bytes".to_string(), (64u64 << 20).to_string()),
+    ])
 }
 
 /// The replication factor for a new internal topic: `wanted`, or min(3, brokers) when 0.

@@ -247,6 +247,8 @@ impl Admin for AdminService {
         self.count();
         let was_forwarded = forwarded(&request);
         let req = request.into_inner();
+        crate::coordinator::internal_topic::refuse_client_write(&req.name, "change the config of")
+            .map_err(|e| self.fail(e))?;
         let req = on_controller!(self, was_forwarded, req, None, alter_topic_config);
         let _guard = self.lock_changes().await?;
         let changes: BTreeMap<String, String> = req.configs.into_iter().collect();

@@ -185,7 +185,11 @@ pub fn heartbeat(old: Option<&Group>, hb: &Heartbeat, env: &Env<'_>) -> Result<O
         LEAVE | LEAVE_FOR_NOW => {
             let leaving_for_now = hb.epoch == LEAVE_FOR_NOW;
             match g.members.get_mut(&hb.member_id) {
-                Some(m) if leaving_for_now && !m.instance_id.is_empty() => m.away = true,
+                Some(m) if leaving_for_now && !m.instance_id.is_empty() => {
+                    // It gave up what it was asked to before leaving: others may have it.
+                    m.away = true;
+                    m.pending_revocation.clear();
+                }
                 Some(_) => {
                     g.members.remove(&hb.member_id);
                     bump = true;

@@ -284,6 +284,7 @@ impl GroupCoordinator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_lag = Instant::now() - LAG_REFRESH;
         let mut topics_seen: HashMap<i32, (u64, u64)> = HashMap::new();
+        let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 () = &mut stop => return,
@@ -302,9 +303,11 @@ impl GroupCoordinator {
                 }
                 topics_seen.insert(shard.index, (shard.term, version));
             }
-            if last_lag.elapsed() >= LAG_REFRESH {
+            // In a task of its own: asking an unreachable leader must not hold up sessions.
+            if last_lag.elapsed() >= LAG_REFRESH && refreshing.as_ref().is_none_or(|t| t.is_finished()) {
                 last_lag = Instant::now();
-                self.refresh_lag().await;
+                let me = Arc::clone(&self);
+                refreshing = Some(tokio::spawn(async move { me.refresh_lag().await }));
             }
         }
     }

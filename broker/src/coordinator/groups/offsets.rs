@@ -136,6 +136,13 @@ impl GroupCoordinator {
                     .check_index(c.partition.partition)?;
             }
         }
+        // One record per partition: the last offset named for it.
+        let commits: Vec<Commit> = commits
+            .into_iter()
+            .map(|c| (c.partition.clone(), c))
+            .collect::<BTreeMap<_, _>>()
+            .into_values()
+            .collect();
         let shard = self.shard_for(group).await?;
         let mut st = shard.lock().await;
         check_commit(group, st.groups.get(group), member, epoch, &commits)?;
@@ -162,13 +169,8 @@ impl GroupCoordinator {
         let Some(g) = st.groups.get(group) else {
             return Ok(Vec::new());
         };
-        let wanted = |p: &TopicPartition| only.is_empty() || only.contains(p);
-        let by_partition: Vec<Committed> = if only.is_empty() || only.len() > g.offsets.len() {
-            g.offsets
-                .iter()
-                .filter(|(p, _)| wanted(p))
-                .map(|(p, v)| committed(p, v))
-                .collect()
+        let by_partition: Vec<Committed> = if only.is_empty() {
+            g.offsets.iter().map(|(p, v)| committed(p, v)).collect()
         } else {
             only.iter()
                 .filter_map(|p| g.offsets.get(p).map(|v| committed(p, v)))

@@ -13,8 +13,9 @@ use crate::error::{BrokerError, Result};
 
 /// Longest subscription regex accepted.
 pub const MAX_REGEX_LEN: usize = 1024;
-/// Most compiled-program bytes a subscription regex may take.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Most compiled-program bytes a subscription regex may take (topic names are ASCII, so
+/// regexes compile without Unicode classes, which keeps them small).
+const REGEX_SIZE_LIMIT: usize = 64 << 10;
 
 /// Topic name → partition count, as this broker's metadata says now.
 pub type Topics = BTreeMap<String, u32>;
@@ -27,8 +28,9 @@ pub fn topics_now(registry: &crate::controller::Registry) -> Topics {
         .collect()
 }
 
-/// Most compiled subscription regexes kept; the cache is emptied when it fills.
-const REGEX_CACHE: usize = 1024;
+/// Most compiled subscription regexes kept (at most [`REGEX_SIZE_LIMIT`] each, 16 MiB in
+/// all); the cache is emptied when it fills.
+const REGEX_CACHE: usize = 256;
 
 /// Compiled subscription regexes by their text: a regex group's subscriptions are resolved
 /// at every heartbeat that changes something, and compiling is far dearer than matching.
@@ -58,7 +60,9 @@ pub fn compile(regex: &str) -> Result<Regex> {
         )));
     }
     regex::RegexBuilder::new(&format!("^(?:{regex})$"))
+        .unicode(false)
         .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
         .build()
         .map_err(|e| BrokerError::InvalidRequest(format!("subscription regex '{regex}' is invalid: {e}")))
 }

@@ -260,8 +260,8 @@ impl GroupConsumer {
 
     /// The next offset this member reads in an owned partition: after the last record
     /// handed out, or where the partition starts. `None` when not owned or not started.
+    /// Read-only: the record in hand does not count as finished because of it.
     pub fn position(&mut self, topic: &str, partition: i32) -> Option<u64> {
-        self.reader.attend();
         self.reader.position(topic, partition)
     }
 

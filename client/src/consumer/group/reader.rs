@@ -152,6 +152,17 @@ impl Reader {
 
     /// Takes in what the membership task posted. Called at the start of a poll (when every
     /// record handed out is finished), and before a commit, a seek or a position lookup.
+    /// Takes in a new assignment (a seek's restart) without anything that would count the
+    /// record the application holds as finished: no commit, no answer to a revocation.
+    /// The attention flag stays set, so the next poll's [`attend`](Self::attend) does those.
+    fn sync_assignment(&mut self) {
+        let inbox = self.shared.inbox();
+        if inbox.generation != self.generation {
+            self.generation = inbox.generation;
+            sync(&mut self.owned, &mut self.decoder, &inbox.assignment);
+        }
+    }
+
     pub(super) fn attend(&mut self) {
         if !self.shared.take_attention() {
             return;
@@ -245,7 +256,7 @@ impl Reader {
                 "{partition} is not assigned to this member (see assignment())"
             ))),
         })?;
-        self.attend();
+        self.sync_assignment();
         Ok(())
     }
 }
