@@ -738,7 +738,7 @@ fn asking_for_a_position_does_not_commit_the_record_in_hand() {
         // Asking for the next record finishes it; the automatic commit then takes it.
         let _second = member.next().await.expect("a record").expect("record");
         let committed = wait_for_commit(&client, "holding", first.offset + 1).await;
-        assert!(committed >= first.offset + 1);
+        assert!(committed > first.offset);
         member.close().await.expect("close");
     });
 }
