@@ -201,6 +201,7 @@ impl Groups for GroupsService {
             member_id: answer.member_id,
             member_epoch: answer.epoch,
             heartbeat_interval_ms: answer.interval.as_millis().min(u128::from(u32::MAX)) as u32,
+            session_timeout_ms: answer.session_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
             assignment: grouped(answer.assignment),
         }))
     }

@@ -71,6 +71,8 @@ pub struct Answer {
     pub member_id: String,
     pub epoch: i32,
     pub interval: Duration,
+    /// The member's session timeout, as the coordinator applies it.
+    pub session_timeout: Duration,
     pub assignment: BTreeSet<TopicPartition>,
 }
 
@@ -179,8 +181,14 @@ pub fn heartbeat(old: Option<&Group>, hb: &Heartbeat, env: &Env<'_>) -> Result<O
             m.away = false;
             m.session_timeout_ms = hb.session_timeout.as_millis() as u32;
             m.rebalance_timeout_ms = hb.rebalance_timeout.as_millis() as u32;
-            g.members.insert(env.new_member_id.clone(), m);
-            env.new_member_id.clone()
+            // A member that chose its id keeps it: its retried join replaces itself.
+            let id = if hb.member_id.is_empty() {
+                env.new_member_id.clone()
+            } else {
+                hb.member_id.clone()
+            };
+            g.members.insert(id.clone(), m);
+            id
         }
         LEAVE | LEAVE_FOR_NOW => {
             let leaving_for_now = hb.epoch == LEAVE_FOR_NOW;
@@ -232,6 +240,7 @@ pub fn heartbeat(old: Option<&Group>, hb: &Heartbeat, env: &Env<'_>) -> Result<O
             member_id,
             epoch: hb.epoch,
             interval: Duration::ZERO,
+            session_timeout: hb.session_timeout,
             assignment: BTreeSet::new(),
         }
     } else {
@@ -367,6 +376,7 @@ pub fn answer_for(g: &Group, member_id: &str, settings: &Settings) -> Answer {
         member_id: member_id.to_string(),
         epoch: m.map_or(0, |m| m.member_epoch),
         interval,
+        session_timeout: session,
         assignment: m.map(|m| set(&m.assigned)).unwrap_or_default(),
     }
 }

@@ -479,3 +479,33 @@ proptest! {
         prop_assert_eq!(h.replayed().groups, h.state.groups.clone());
     }
 }
+
+#[test]
+fn a_join_retried_under_a_chosen_id_replaces_itself_instead_of_leaving_a_ghost() {
+    let mut h = Harness::new(&[("orders", 4)]);
+    let join = |h: &mut Harness| {
+        h.send(Heartbeat {
+            group: G.into(),
+            member_id: "c-chosen".into(),
+            epoch: JOIN,
+            instance_id: String::new(),
+            subscription: Some(Subscription {
+                topics: vec!["orders".into()],
+                regex: String::new(),
+                assignor: String::new(),
+            }),
+            owned: BTreeSet::new(),
+            session_timeout: Duration::from_secs(45),
+            rebalance_timeout: Duration::from_secs(60),
+        })
+        .expect("join")
+    };
+    let first = join(&mut h);
+    assert_eq!(first.member_id, "c-chosen", "the chosen id is kept");
+    // The answer was lost; the member joins again under the same id.
+    let again = join(&mut h);
+    assert_eq!(again.member_id, "c-chosen");
+    assert_eq!(h.group().members.len(), 1, "no second member was left behind");
+    assert_eq!(again.assignment.len(), 4);
+    assert_eq!(again.session_timeout, Duration::from_secs(45));
+}

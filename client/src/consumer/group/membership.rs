@@ -169,17 +169,39 @@ struct Member {
     losses: u32,
     /// The member stopped for good (its join was refused); it waits to be closed.
     stopped: bool,
+    /// The session timeout the coordinator applies to this member (its answers say).
+    coordinator_session: Option<Duration>,
+}
+
+/// A member id unique enough to choose for oneself: the time, the process and a random
+/// number from the standard library's per-process hash keys.
+fn new_member_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(nanos);
+    format!("c-{nanos:x}-{:x}-{:016x}", std::process::id(), h.finish())
 }
 
 impl Member {
     fn new(ctx: Ctx, subscription: Subscription) -> Member {
         let now = Instant::now();
+        let previous_id = if ctx.config.instance_id.is_none() {
+            new_member_id()
+        } else {
+            String::new()
+        };
         Member {
             ctx,
             subscription,
             subscription_sent: false,
             member_id: String::new(),
-            previous_id: String::new(),
+            // A dynamic member names itself, so that a join retried after a lost answer
+            // replaces itself at the coordinator instead of leaving a member behind. A
+            // static member joins by its instance id alone (see `lose`).
+            previous_id,
             epoch: JOIN_EPOCH,
             owned: BTreeSet::new(),
             owned_sent: BTreeSet::new(),
@@ -191,6 +213,7 @@ impl Member {
             last_answer: now,
             losses: 0,
             stopped: false,
+            coordinator_session: None,
         }
     }
 
@@ -230,6 +253,9 @@ impl Member {
     }
 
     async fn on_answer(&mut self, answer: GroupHeartbeatResponse) {
+        if answer.session_timeout_ms > 0 {
+            self.coordinator_session = Some(Duration::from_millis(u64::from(answer.session_timeout_ms)));
+        }
         if !answer.member_id.is_empty() {
             self.member_id = answer.member_id;
             self.previous_id.clear();
@@ -254,7 +280,12 @@ impl Member {
             _ if error.is_retriable() => {
                 tracing::warn!(group, error = %error, "heartbeat not answered; retrying");
                 self.heartbeat_at = Instant::now() + HEARTBEAT_RETRY;
-                let session = self.ctx.config.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+                let session = self
+                    .ctx
+                    .config
+                    .session_timeout
+                    .or(self.coordinator_session)
+                    .unwrap_or(DEFAULT_SESSION_TIMEOUT);
                 if !self.owned.is_empty() && self.last_answer.elapsed() > session {
                     let reason = ClientError::CoordinatorNotAvailable {
                         group: group.clone(),
