@@ -34,6 +34,8 @@ const LOAD_WAIT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the log per step of a replay.
 const REPLAY_READ_BYTES: usize = 1 << 20;
+/// How long an append may stay unanswered before it stops holding a reload back.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// Most record bytes one write may make: a group change or commit past it is refused.
 pub const MAX_WRITE_BYTES: usize = 16 << 20;
 /// Records per batch of a write, in bytes (a write of more is several batches).
@@ -57,6 +59,10 @@ pub struct Shard<S> {
     partition: Arc<Partition>,
     state: tokio::sync::Mutex<S>,
     lost: AtomicBool,
+    /// Appends queued and not yet answered. Each runs in a task of its own, so a request
+    /// that gives up does not cut it short; a lost shard is not replaced while any is left
+    /// (a replay before it lands would miss a record that then commits).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl<S: StateMachine> Shard<S> {
@@ -76,9 +82,11 @@ impl<S: StateMachine> Shard<S> {
 
     /// Appends `changes`, waits for their commit, then applies them to `state` (the guard
     /// from [`Shard::lock`]). Changes too large for one write are refused with nothing
-    /// written. Once the append is queued, anything but a clean finish marks the shard
-    /// lost (an error, a timeout, or the caller dropping this future mid-way: the records
-    /// may still commit), so the next request reloads it from the log.
+    /// written. The append runs in a task of its own; anything but a clean finish marks the
+    /// shard lost (an error, a timeout, or the caller dropping this future mid-way: the
+    /// records may still commit), and the next request reloads it from the log once the
+    /// append was answered. Changes past 1 MiB go in several batches, which a failover can
+    /// cut after any of them.
     pub async fn write(&self, state: &mut S, changes: Vec<Change>) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
@@ -120,13 +128,33 @@ impl<S: StateMachine> Shard<S> {
         Ok(())
     }
 
+    /// Appends `batches` in a task of its own, counted in `pending` until answered.
     async fn append(&self, batches: Vec<ValidatedBatch>) -> Result<()> {
-        let reply = self
-            .partition
-            .enqueue(batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
-            .await?;
-        reply.await.map_err(|_| BrokerError::ShuttingDown)??;
-        Ok(())
+        let partition = Arc::clone(&self.partition);
+        let pending = Arc::clone(&self.pending);
+        pending.fetch_add(1, Ordering::AcqRel);
+        let task = tokio::spawn(async move {
+            let appended = async {
+                let reply = partition
+                    .enqueue(batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
+                    .await?;
+                reply.await.map_err(|_| BrokerError::ShuttingDown)??;
+                Ok(())
+            };
+            // Bounded: an append the partition never answers stops counting after this.
+            let outcome = tokio::time::timeout(SETTLE_LIMIT, appended)
+                .await
+                .unwrap_or_else(|_| Err(BrokerError::Internal("a coordinator append was never answered".into())));
+            pending.fetch_sub(1, Ordering::AcqRel);
+            outcome
+        });
+        task.await
+            .map_err(|e| BrokerError::Internal(format!("coordinator append task: {e}")))?
+    }
+
+    /// Whether appends of this shard are still under way.
+    fn settling(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
     }
 }
 
@@ -258,8 +286,19 @@ impl<S: StateMachine> Host<S> {
     pub async fn shard(&self, index: i32, subject: Subject<'_>) -> Result<Arc<Shard<S>>> {
         let partition = self.leading_partition(index, subject)?;
         let term = partition.term();
-        if let Some(s) = self.shards().get(&index).filter(|s| s.term == term && s.is_current()) {
-            return Ok(Arc::clone(s));
+        if let Some(s) = self.shards().get(&index) {
+            if s.term == term && s.is_current() {
+                return Ok(Arc::clone(s));
+            }
+            if s.settling() {
+                return Err(BrokerError::CoordinatorLoading {
+                    group: subject.to_string(),
+                    state: format!(
+                        "is finishing a write to partition {index} of {} before reloading it",
+                        self.topic
+                    ),
+                });
+            }
         }
         let load = {
             let mut loading = self.loading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -291,11 +330,26 @@ impl<S: StateMachine> Host<S> {
             Ok(Ok(shard)) => {
                 forget();
                 let mut shards = self.shards();
-                let current = shards.get(&index).filter(|s| s.term == term && s.is_current()).cloned();
-                Ok(current.unwrap_or_else(|| {
-                    shards.insert(index, Arc::clone(&shard));
-                    shard
-                }))
+                let kept = shards.get(&index).filter(|s| s.term >= term && s.is_current()).cloned();
+                if let Some(kept) = kept {
+                    // Loaded meanwhile by another request (same term), or a newer term's.
+                    return if kept.term == term {
+                        Ok(kept)
+                    } else {
+                        Err(BrokerError::CoordinatorLoading {
+                            group: subject.to_string(),
+                            state: format!("moved to a newer term of partition {index} of {}", self.topic),
+                        })
+                    };
+                }
+                if !shard.is_current() {
+                    return Err(BrokerError::CoordinatorLoading {
+                        group: subject.to_string(),
+                        state: format!("lost partition {index} of {} right after loading it", self.topic),
+                    });
+                }
+                shards.insert(index, Arc::clone(&shard));
+                Ok(shard)
             }
             Ok(Err(reason)) => {
                 // Failed: the next request starts another load.
@@ -405,6 +459,7 @@ async fn load<S: StateMachine>(
         partition,
         state: tokio::sync::Mutex::new(state),
         lost: AtomicBool::new(false),
+        pending: Arc::default(),
     }))
 }
 

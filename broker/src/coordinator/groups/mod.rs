@@ -251,9 +251,11 @@ impl GroupCoordinator {
             st.epoch_moved.insert(hb.group.clone(), now);
         }
         let member = outcome.answer.member_id.clone();
-        if hb.epoch >= 0
-            && let Some(m) = st.groups.get(&hb.group).and_then(|g| g.members.get(&member)).cloned()
+        if let Some(m) = st.groups.get(&hb.group).and_then(|g| g.members.get(&member)).cloned()
+            && hb.epoch != membership::LEAVE
         {
+            // Leaving for now: the session clock runs on, the rebalance clock stops (its
+            // revocations were given up).
             st.track(&hb.group, &member, &m, now);
         }
         Ok(settle_faster(&st, &hb.group, now, outcome.answer))

@@ -13,8 +13,8 @@ use crate::error::{BrokerError, Result};
 
 /// Longest subscription regex accepted.
 pub const MAX_REGEX_LEN: usize = 1024;
-/// Most compiled-program bytes a subscription regex may take (topic names are ASCII, so
-/// regexes compile without Unicode classes, which keeps them small).
+/// Most compiled-program bytes a subscription regex may take (a pattern past it, such as a
+/// long repetition of a Unicode class, is refused as invalid).
 const REGEX_SIZE_LIMIT: usize = 64 << 10;
 
 /// Topic name → partition count, as this broker's metadata says now.
@@ -60,7 +60,6 @@ pub fn compile(regex: &str) -> Result<Regex> {
         )));
     }
     regex::RegexBuilder::new(&format!("^(?:{regex})$"))
-        .unicode(false)
         .size_limit(REGEX_SIZE_LIMIT)
         .dfa_size_limit(REGEX_SIZE_LIMIT)
         .build()
@@ -163,4 +162,21 @@ pub fn assign(
         meta.assignor = name;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_subscription_regexes_compile_and_match_whole_names() {
+        let re = compile("orders-.*").expect("orders-.*");
+        assert!(re.is_match("orders-eu"));
+        assert!(!re.is_match("old-orders-eu"), "a whole-name match");
+        assert!(compile("[^_].*|\\w+").is_ok());
+        let huge = compile(&format!("(?:\\w{{100}}){{100}}"));
+        assert!(huge.is_err(), "a pattern past the size limit is refused");
+        assert!(compile("(").is_err());
+        assert!(compile(&"a".repeat(MAX_REGEX_LEN + 1)).is_err());
+    }
 }

@@ -11,7 +11,9 @@ use crate::error::Result;
 use crate::groups::{TopicPartition, coordinator};
 
 /// How long one heartbeat follows a moving or loading coordinator before the next try.
-pub(super) const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(5);
+/// Above the coordinator's 10 s bound on a write: a heartbeat that changes the group is
+/// answered once its records commit, and giving up sooner only makes the coordinator reload.
+pub(super) const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(12);
 /// Pause after a heartbeat that got no answer.
 pub(super) const HEARTBEAT_RETRY: Duration = Duration::from_millis(500);
 /// Used when the coordinator names no interval.

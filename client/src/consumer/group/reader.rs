@@ -151,18 +151,8 @@ impl Reader {
     }
 
     /// Takes in what the membership task posted. Called at the start of a poll (when every
-    /// record handed out is finished), and before a commit, a seek or a position lookup.
-    /// Takes in a new assignment (a seek's restart) without anything that would count the
-    /// record the application holds as finished: no commit, no answer to a revocation.
-    /// The attention flag stays set, so the next poll's [`attend`](Self::attend) does those.
-    fn sync_assignment(&mut self) {
-        let inbox = self.shared.inbox();
-        if inbox.generation != self.generation {
-            self.generation = inbox.generation;
-            sync(&mut self.owned, &mut self.decoder, &inbox.assignment);
-        }
-    }
-
+    /// record handed out is finished), and before a commit the application asks for. Not
+    /// on a seek or a position lookup: the record in hand is not finished then.
     pub(super) fn attend(&mut self) {
         if !self.shared.take_attention() {
             return;
@@ -256,7 +246,18 @@ impl Reader {
                 "{partition} is not assigned to this member (see assignment())"
             ))),
         })?;
-        self.sync_assignment();
+        // Only the sought partition restarts now: a full sync would also take in a
+        // revocation posted meanwhile, before its finished positions were reported.
+        let topic = self
+            .owned
+            .get_key_value(partition.topic.as_str())
+            .map_or_else(|| Arc::from(partition.topic.as_str()), |(t, _)| Arc::clone(t));
+        self.decoder.forget(&topic, partition.partition);
+        self.owned
+            .entry(Arc::clone(&topic))
+            .or_default()
+            .insert(partition.partition, incarnation);
+        self.decoder.set_position(topic, partition.partition, offset);
         Ok(())
     }
 }
