@@ -131,12 +131,13 @@ impl<S: StateMachine> Shard<S> {
     /// Appends `batches` in a task of its own, counted in `pending` until answered.
     async fn append(&self, batches: Vec<ValidatedBatch>) -> Result<()> {
         let partition = Arc::clone(&self.partition);
+        let term = self.term;
         let pending = Arc::clone(&self.pending);
         pending.fetch_add(1, Ordering::AcqRel);
         let task = tokio::spawn(async move {
             let appended = async {
                 let reply = partition
-                    .enqueue(batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
+                    .enqueue_in(Some(term), batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
                     .await?;
                 reply.await.map_err(|_| BrokerError::ShuttingDown)??;
                 Ok(())

@@ -522,6 +522,21 @@ impl Partition {
         batches: Vec<ValidatedBatch>,
         acks: Acks,
         order: Option<StreamOrder>,
+        shares: Vec<Reservation>,
+        wait: Option<Duration>,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
+        self.enqueue_in(None, batches, acks, order, shares, wait).await
+    }
+
+    /// As [`enqueue`](Self::enqueue), proposed only while the Raft term is `term` (when
+    /// given): a write held across an election is refused instead of landing in a term
+    /// its writer did not load.
+    pub async fn enqueue_in(
+        &self,
+        term: Option<u64>,
+        batches: Vec<ValidatedBatch>,
+        acks: Acks,
+        order: Option<StreamOrder>,
         mut shares: Vec<Reservation>,
         wait: Option<Duration>,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome>>> {
@@ -536,6 +551,7 @@ impl Partition {
             order,
             reply,
             shares,
+            term,
         };
         if let Err(_closed) = self.sender()?.send(request).await {
             let failed = self

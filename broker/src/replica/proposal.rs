@@ -36,6 +36,9 @@ pub struct AppendRequest {
     /// holds: returned when the request is answered, and not before (proposed entries stay
     /// in memory until they are persisted).
     pub shares: Vec<Reservation>,
+    /// Propose only in this Raft term (a coordinator's write belongs to the state it loaded
+    /// in that term); refused as not leader in any other.
+    pub term: Option<u64>,
 }
 
 /// Where a numbered produce-stream part stands in its partition's sequence on that stream.

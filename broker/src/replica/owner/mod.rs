@@ -432,7 +432,10 @@ impl Owner {
             self.waiting.push_back((Instant::now(), request));
             return;
         }
-        if node.raft.state != StateRole::Leader || node.raft.lead_transferee.is_some() {
+        if node.raft.state != StateRole::Leader
+            || node.raft.lead_transferee.is_some()
+            || request.term.is_some_and(|t| t != node.raft.term)
+        {
             drop(request.reply.send(Err(self.not_leader(node))));
             return;
         }
@@ -751,6 +754,7 @@ mod tests {
             order: None,
             reply,
             shares: Vec::new(),
+            term: None,
         };
         owner.waiting.push_back((Instant::now(), request));
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(move || {
