@@ -1,6 +1,6 @@
 //! Listing and describing groups, and the lag behind the metrics endpoint.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use super::GroupCoordinator;
 use super::assignor::TopicPartition;
@@ -57,6 +57,9 @@ pub struct GroupGauges {
     pub members: usize,
     pub lags: Vec<(TopicPartition, u64)>,
 }
+
+/// Partitions with the offset a group committed in each (0 where none).
+type CommittedAt = Vec<(TopicPartition, u64)>;
 
 /// Subscribed partitions (as the group's metadata last saw its topics) and committed ones.
 fn partitions_of(g: &Group) -> BTreeSet<TopicPartition> {
@@ -152,26 +155,37 @@ impl GroupCoordinator {
     /// Looks up the log ends of every partition the loaded groups subscribe to or
     /// committed, and recomputes the lag gauges.
     pub(super) async fn refresh_lag(&self) {
-        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        // Per group: its members and each partition's committed offset (0 when none), read
+        // under the lock without copying the groups themselves.
+        let mut groups: Vec<(String, usize, CommittedAt)> = Vec::new();
         for shard in self.host.current() {
             let st = shard.lock().await;
-            groups.extend(st.groups.iter().map(|(k, v)| (k.clone(), v.clone())));
+            groups.extend(st.groups.iter().map(|(name, g)| {
+                let committed = partitions_of(g)
+                    .into_iter()
+                    .map(|p| {
+                        let at = g.offsets.get(&p).map_or(0, |c| c.offset);
+                        (p, at)
+                    })
+                    .collect();
+                (name.clone(), g.members.len(), committed)
+            }));
         }
-        let all: BTreeSet<TopicPartition> = groups.values().flat_map(partitions_of).collect();
+        let all: BTreeSet<TopicPartition> = groups
+            .iter()
+            .flat_map(|(_, _, ps)| ps.iter().map(|(p, _)| p.clone()))
+            .collect();
         let all: Vec<TopicPartition> = all.into_iter().collect();
         let ends = end_offsets::lookup(&self.registry, &all, Spec::Latest).await;
         let gauges = groups
-            .iter()
-            .map(|(name, g)| GroupGauges {
-                group: name.clone(),
-                members: g.members.len(),
-                lags: partitions_of(g)
+            .into_iter()
+            .map(|(group, members, committed)| GroupGauges {
+                group,
+                members,
+                lags: committed
                     .into_iter()
-                    .filter_map(|p| {
-                        let end = ends.get(&p)?;
-                        let lag = end.saturating_sub(g.offsets.get(&p).map_or(0, |c| c.offset));
-                        Some((p, lag))
-                    })
+                    .filter_map(|(p, at)| Some((ends.get(&p)?.saturating_sub(at), p)))
+                    .map(|(lag, p)| (p, lag))
                     .collect(),
             })
             .collect();

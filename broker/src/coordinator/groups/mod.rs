@@ -239,9 +239,10 @@ impl GroupCoordinator {
             lags: &lags,
             new_member_id: self.new_member_id(),
         };
-        let old = st.groups.get(&hb.group).cloned().unwrap_or_default();
-        let outcome = membership::heartbeat(Some(&old), &hb, &env)?;
-        let changes = old.changes_to(&hb.group, &outcome.group);
+        let none = Group::default();
+        let old = st.groups.get(&hb.group);
+        let outcome = membership::heartbeat(old, &hb, &env)?;
+        let changes = old.unwrap_or(&none).changes_to(&hb.group, &outcome.group);
         shard
             .write(&mut st, changes)
             .await
@@ -347,19 +348,20 @@ impl GroupCoordinator {
             lags: &lags,
             new_member_id: String::new(),
         };
+        let none = Group::default();
         let mut changes = Vec::new();
         let mut expired_count = 0;
         let mut changed_groups = BTreeSet::new();
         for (name, g, expired) in membership::expire(&st, Instant::now(), &env) {
             tracing::info!(group = %name, members = ?expired, "members expired (no heartbeat within the session timeout, or revocation not confirmed within the rebalance timeout)");
             expired_count += expired.len() as u64;
-            changes.extend(st.groups.get(&name).cloned().unwrap_or_default().changes_to(&name, &g));
+            changes.extend(st.groups.get(&name).unwrap_or(&none).changes_to(&name, &g));
             changed_groups.insert(name);
         }
         if topics_moved {
             for (name, g) in membership::topics_changed(&st, &env) {
                 if changed_groups.insert(name.clone()) {
-                    changes.extend(st.groups.get(&name).cloned().unwrap_or_default().changes_to(&name, &g));
+                    changes.extend(st.groups.get(&name).unwrap_or(&none).changes_to(&name, &g));
                 }
             }
         }

@@ -157,7 +157,6 @@ impl GroupCoordinator {
             .write(&mut st, changes)
             .await
             .map_err(|e| super::name_group(e, group))?;
-        st.commits += count;
         self.metrics.offsets_committed.add(count);
         Ok(())
     }

@@ -171,8 +171,6 @@ pub struct GroupsState {
     pub groups: BTreeMap<String, Group>,
     /// Group → member → session (looked up by `&str`, with no key built per lookup).
     pub sessions: HashMap<String, HashMap<String, Session>>,
-    /// Offsets committed through this state, for the commit-rate metric.
-    pub commits: u64,
     /// When each group's epoch last moved here (memory only; entries older than the
     /// settle window are dropped by the timers).
     pub epoch_moved: HashMap<String, Instant>,

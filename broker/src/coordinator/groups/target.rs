@@ -145,9 +145,9 @@ pub fn assign(
         topics: &subscribed,
         lags,
     };
-    let assignment = assignor.assign(&spec)?;
+    let mut assignment = assignor.assign(&spec)?;
     for (id, m) in group.members.iter_mut() {
-        let target = assignment.get(id).cloned().unwrap_or_default();
+        let target = assignment.remove(id).unwrap_or_default();
         m.target = target
             .into_iter()
             .map(|p| GroupPartition {

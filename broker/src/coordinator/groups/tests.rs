@@ -37,6 +37,9 @@ struct Harness {
 
 const G: &str = "workers";
 
+/// No lag known: the assignors see every partition as caught up.
+static NO_LAGS: fn(&Group) -> HashMap<TopicPartition, u64> = |_| HashMap::new();
+
 impl Harness {
     fn new(topics: &[(&str, u32)]) -> Harness {
         Harness {
@@ -49,21 +52,29 @@ impl Harness {
         }
     }
 
+    /// What a heartbeat or a timer check of this group depends on.
+    fn env<'a>(
+        &'a self,
+        lags: &'a (dyn Fn(&Group) -> HashMap<TopicPartition, u64> + Sync),
+        new_member_id: String,
+    ) -> Env<'a> {
+        Env {
+            now_ms: 1,
+            settings: &self.settings,
+            topics: &self.topics,
+            assignors: &self.assignors,
+            lags,
+            new_member_id,
+        }
+    }
+
     fn group(&self) -> Group {
         self.state.groups.get(G).cloned().unwrap_or_default()
     }
 
     fn send(&mut self, hb: Heartbeat) -> Result<membership::Answer, BrokerError> {
         self.next_id += 1;
-        let lags = |_: &Group| HashMap::new();
-        let env = Env {
-            now_ms: 1,
-            settings: &self.settings,
-            topics: &self.topics,
-            assignors: &self.assignors,
-            lags: &lags,
-            new_member_id: format!("m{}", self.next_id),
-        };
+        let env = self.env(&NO_LAGS, format!("m{}", self.next_id));
         let old = self.group();
         let outcome = membership::heartbeat(Some(&old), &hb, &env)?;
         for c in old.changes_to(G, &outcome.group) {
@@ -370,15 +381,7 @@ fn expired_members_leave_and_the_rest_rebalance() {
     h.state.loaded(now);
     // b stays silent past its session; a keeps heartbeating.
     assert!(h.state.touch(G, &a.id, now + Duration::from_secs(40)));
-    let lags = |_: &Group| HashMap::new();
-    let env = Env {
-        now_ms: 1,
-        settings: &h.settings,
-        topics: &h.topics,
-        assignors: &h.assignors,
-        lags: &lags,
-        new_member_id: String::new(),
-    };
+    let env = h.env(&NO_LAGS, String::new());
     assert!(membership::expire(&h.state, now + Duration::from_secs(44), &env).is_empty());
     let expired = membership::expire(&h.state, now + Duration::from_secs(46), &env);
     assert_eq!(expired.len(), 1);
@@ -399,15 +402,7 @@ fn a_new_partition_of_a_subscribed_topic_is_assigned() {
     let mut a = joined(&mut h, &["orders"]);
     a.beat(&mut h);
     h.topics.insert("orders".into(), 3);
-    let lags = |_: &Group| HashMap::new();
-    let env = Env {
-        now_ms: 1,
-        settings: &h.settings,
-        topics: &h.topics,
-        assignors: &h.assignors,
-        lags: &lags,
-        new_member_id: String::new(),
-    };
+    let env = h.env(&NO_LAGS, String::new());
     let changed = membership::topics_changed(&h.state, &env);
     assert_eq!(changed.len(), 1);
     for c in h.group().changes_to(G, &changed[0].1) {
