@@ -6,9 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "conveyor/v1/broker.proto",
             "conveyor/v1/groups.proto",
+            "conveyor/v1/shares.proto",
             "conveyor/internal/v1/metadata.proto",
             "conveyor/internal/v1/raft.proto",
             "conveyor/internal/v1/groups.proto",
+            "conveyor/internal/v1/shares.proto",
         ],
         ["proto"],
     )?;
