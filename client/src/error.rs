@@ -62,6 +62,13 @@ pub enum ClientError {
         "no coordinator of consumer group '{group}' answered: {reason}; retry shortly (the leader of the __consumer_offsets partition that holds the group may be changing)"
     )]
     CoordinatorNotAvailable { group: String, reason: String },
+    /// As [`ClientError::CoordinatorNotAvailable`], for a share group: the leader of the
+    /// `__share_state` partition that holds it is being elected, or the cluster is
+    /// unreachable. Retriable.
+    #[error(
+        "no coordinator of share group '{group}' answered: {reason}; retry shortly (the leader of the __share_state partition that holds the group may be changing)"
+    )]
+    ShareCoordinatorNotAvailable { group: String, reason: String },
     /// A group member was assigned a partition that has no committed offset, and its reset
     /// policy is `none`. The partition stays assigned and idle until the member seeks it.
     #[error(
@@ -102,6 +109,7 @@ impl ClientError {
             | ClientError::Timeout(_)
             | ClientError::CorruptBatch { .. }
             | ClientError::CoordinatorNotAvailable { .. }
+            | ClientError::ShareCoordinatorNotAvailable { .. }
             | ClientError::QueueFull(_) => true,
             ClientError::Broker { code, detail, .. } => {
                 detail.as_ref().is_some_and(|d| d.retriable)

@@ -9,7 +9,10 @@
 //!   pipelined fetches; [`consumer::group`]: the consumer group member built on it
 //!   (coordinator-assigned partitions, background heartbeats, committed offsets).
 //! - [`groups`]: consumer group administration, and finding and following a group's
-//!   coordinator.
+//!   coordinator (a consumer group's or a share group's).
+//! - [`shares`]: share groups (queues on the log): [`ShareConsumer`], a member that gets
+//!   records one by one, each locked to it until acknowledged, and [`ShareGroups`], their
+//!   administration.
 //! - [`error`]: the [`ClientError`] type.
 //!
 //! Records travel in Conveyor's batch format: the producer encodes batches, the broker stores
@@ -34,6 +37,7 @@ pub mod consumer;
 pub mod error;
 pub mod groups;
 pub mod producer;
+pub mod shares;
 
 use std::sync::Arc;
 
@@ -45,6 +49,9 @@ pub use conveyor_storage::batch::{Compression, Header};
 pub use error::{ClientError, Result};
 pub use groups::{GroupCoordinator, GroupListing, Groups, OffsetAndMetadata, TopicPartition};
 pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity, ProducerRecord, RecordMetadata};
+pub use shares::{
+    Delivery, ShareConfig, ShareConsumer, ShareGroupListing, ShareGroups, ShareOffsetReset, ShareOrdering,
+};
 
 /// Largest gRPC message the client sends or accepts.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -117,6 +124,19 @@ impl Client {
     /// Consumer group administration: list, describe, committed offsets, reset, delete.
     pub fn groups(&self) -> Groups {
         Groups::new(self.clone())
+    }
+
+    /// Share group administration: list, describe, purge or redrive dead letters, delete.
+    pub fn share_groups(&self) -> ShareGroups {
+        ShareGroups::new(self.clone())
+    }
+
+    /// Joins share group `group` (creating it, on `topic`, when it does not exist) as a new
+    /// member, and returns it once the coordinator accepted it: a refusal (settings that
+    /// differ from the group's, an unknown topic, a group of another topic) is this call's
+    /// error. See [`shares`] for an example.
+    pub async fn share_consumer(&self, group: &str, topic: &str, config: ShareConfig) -> Result<ShareConsumer> {
+        ShareConsumer::start(self, group, topic, config).await
     }
 
     /// A producer; see [`ProducerConfig`] for batching, acks, retries and idempotence.

@@ -5,7 +5,7 @@
 //! [`group`] builds a consumer group member on the same fetcher and decoder: the group's
 //! coordinator assigns the partitions, and positions are committed to the group.
 
-mod decode;
+pub(crate) mod decode;
 mod fetcher;
 pub mod group;
 

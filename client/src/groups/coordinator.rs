@@ -1,15 +1,22 @@
-//! Finding a consumer group's coordinator and routing `Groups` calls to it.
+//! Finding a group's coordinator and routing calls to it, for both kinds of group: consumer
+//! groups (the `Groups` service) and share groups (the `Shares` service).
 //!
-//! A group's coordinator is the leader of the `__consumer_offsets` partition its id hashes
-//! to. Any broker answers `FindCoordinator`; every other call must reach the coordinator,
-//! and elsewhere fails with NOT_COORDINATOR (naming the coordinator when the broker knows
-//! it) or COORDINATOR_LOADING while a new coordinator replays its partition.
+//! A consumer group's coordinator is the leader of the `__consumer_offsets` partition its id
+//! hashes to; a share group's, of the `__share_state` partition. Any broker answers the
+//! kind's FindCoordinator call; every other call must reach the coordinator, and elsewhere
+//! fails with NOT_COORDINATOR (naming the coordinator when the broker knows it) or
+//! COORDINATOR_LOADING while a new coordinator replays its partition. The two kinds are
+//! routed alike and cached apart: a consumer group and a share group of the same name are
+//! different groups, usually on different coordinators.
 //!
-//! The coordinator of each group is cached per [`Client`]; [`call`] follows a redirect to
-//! the broker named, looks the coordinator up again after a transport failure or a lost
-//! leader, waits briefly while it loads, and gives up at the caller's deadline with
-//! [`ClientError::CoordinatorNotAvailable`]. Refusals that a retry cannot change (a fenced
-//! member, an unknown group, bad input) are returned at once.
+//! The coordinator of each group is cached per [`Client`]; [`route`] (and [`call`], its
+//! `Groups` form) follows a redirect to the broker named, looks the coordinator up again
+//! after a transport failure or a lost leader, waits briefly while it loads, and gives up at
+//! the caller's deadline with [`ClientError::CoordinatorNotAvailable`] (or
+//! [`ClientError::ShareCoordinatorNotAvailable`]). Refusals that a retry cannot change (a
+//! fenced member, an unknown group, bad input) are returned at once. [`route_once`] makes a
+//! single attempt, for calls that must not be repeated at another coordinator (share
+//! acknowledgements carry tokens only the coordinator that issued them knows).
 //!
 //! # Thread-safety
 //! The cache is a mutex held only to read or replace one entry, never across a call.
@@ -20,7 +27,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use conveyor_proto::v1::groups_client::GroupsClient;
-use conveyor_proto::v1::{ErrorCode, FindCoordinatorRequest};
+use conveyor_proto::v1::shares_client::SharesClient;
+use conveyor_proto::v1::{ErrorCode, FindCoordinatorRequest, FindCoordinatorResponse};
 use tonic::transport::Channel;
 
 use crate::Client;
@@ -40,6 +48,45 @@ const REDIRECT_BACKOFF: Duration = Duration::from_millis(20);
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Which kind of group, so which service finds its coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum GroupKind {
+    /// A consumer group: `Groups.FindCoordinator`, `__consumer_offsets`.
+    Consumer,
+    /// A share group: `Shares.FindShareCoordinator`, `__share_state`.
+    Share,
+}
+
+impl GroupKind {
+    /// Asks the broker behind `channel` for the coordinator, within `limit`.
+    async fn find(
+        self,
+        channel: Channel,
+        request: FindCoordinatorRequest,
+        limit: Duration,
+    ) -> Result<FindCoordinatorResponse> {
+        match self {
+            GroupKind::Consumer => {
+                let mut grpc = GroupsClient::new(channel);
+                answer_within(limit, "FindCoordinator", grpc.find_coordinator(request)).await
+            }
+            GroupKind::Share => {
+                let mut grpc = SharesClient::new(channel);
+                answer_within(limit, "FindShareCoordinator", grpc.find_share_coordinator(request)).await
+            }
+        }
+    }
+
+    /// The error saying no coordinator of `group` answered.
+    fn not_available(self, group: &str, reason: String) -> ClientError {
+        let group = group.to_string();
+        match self {
+            GroupKind::Consumer => ClientError::CoordinatorNotAvailable { group, reason },
+            GroupKind::Share => ClientError::ShareCoordinatorNotAvailable { group, reason },
+        }
+    }
+}
+
 /// The broker that coordinates a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupCoordinator {
@@ -50,28 +97,28 @@ pub struct GroupCoordinator {
 /// Each group's coordinator as last learned, per client.
 #[derive(Debug, Default)]
 pub(crate) struct Coordinators {
-    cache: Mutex<HashMap<String, GroupCoordinator>>,
+    cache: Mutex<HashMap<(GroupKind, String), GroupCoordinator>>,
 }
 
 impl Coordinators {
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, GroupCoordinator>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(GroupKind, String), GroupCoordinator>> {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn get(&self, group: &str) -> Option<GroupCoordinator> {
-        self.cache().get(group).cloned()
+    pub(crate) fn get(&self, kind: GroupKind, group: &str) -> Option<GroupCoordinator> {
+        self.cache().get(&(kind, group.to_string())).cloned()
     }
 
-    fn set(&self, group: &str, coordinator: GroupCoordinator) {
-        self.cache().insert(group.to_string(), coordinator);
+    fn set(&self, kind: GroupKind, group: &str, coordinator: GroupCoordinator) {
+        self.cache().insert((kind, group.to_string()), coordinator);
     }
 
-    fn forget(&self, group: &str) {
-        self.cache().remove(group);
+    pub(crate) fn forget(&self, kind: GroupKind, group: &str) {
+        self.cache().remove(&(kind, group.to_string()));
     }
 }
 
-/// What a failed `Groups` call asks of the router.
+/// What a failed coordinator call asks of the router.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Action {
     /// The broker named the coordinator: retry there.
@@ -84,10 +131,13 @@ pub(crate) enum Action {
     Fail,
 }
 
-/// How to go on after `error` from a `Groups` call (or from the coordinator lookup).
+/// How to go on after `error` from a coordinator call (or from the coordinator lookup).
 pub(crate) fn classify(error: &ClientError) -> Action {
     match error {
-        ClientError::Unreachable { .. } | ClientError::Timeout(_) | ClientError::CoordinatorNotAvailable { .. } => {
+        ClientError::Unreachable { .. }
+        | ClientError::Timeout(_)
+        | ClientError::CoordinatorNotAvailable { .. }
+        | ClientError::ShareCoordinatorNotAvailable { .. } => {
             return Action::Refind;
         }
         ClientError::Broker { detail: Some(d), .. } if d.code == ErrorCode::NotCoordinator as i32 => {
@@ -119,9 +169,19 @@ pub(crate) fn classify(error: &ClientError) -> Action {
     }
 }
 
-/// The coordinator of `group`: cached, or asked of any broker within `limit`.
+/// The coordinator of consumer group `group`: cached, or asked of any broker within `limit`.
 pub(crate) async fn find(client: &Client, group: &str, limit: Duration) -> Result<GroupCoordinator> {
-    if let Some(known) = client.coordinators().get(group) {
+    find_of(client, GroupKind::Consumer, group, limit).await
+}
+
+/// The coordinator of `group` of `kind`: cached, or asked of any broker within `limit`.
+pub(crate) async fn find_of(
+    client: &Client,
+    kind: GroupKind,
+    group: &str,
+    limit: Duration,
+) -> Result<GroupCoordinator> {
+    if let Some(known) = client.coordinators().get(kind, group) {
         return Ok(known);
     }
     let request = FindCoordinatorRequest {
@@ -130,64 +190,75 @@ pub(crate) async fn find(client: &Client, group: &str, limit: Duration) -> Resul
     let limit = limit.clamp(Duration::from_millis(1), FIND_TIMEOUT);
     let response = client
         .cluster()
-        .any(|channel| {
-            let request = request.clone();
-            async move {
-                let mut grpc = GroupsClient::new(channel);
-                answer_within(limit, "FindCoordinator", grpc.find_coordinator(request)).await
-            }
-        })
+        .any(|channel| kind.find(channel, request.clone(), limit))
         .await?;
     if response.coordinator <= 0 || response.address.is_empty() {
-        return Err(ClientError::CoordinatorNotAvailable {
-            group: group.to_string(),
-            reason: "the broker asked named no coordinator".into(),
-        });
+        return Err(kind.not_available(group, "the broker asked named no coordinator".into()));
     }
     let found = GroupCoordinator {
         id: response.coordinator,
         address: response.address,
     };
-    client.coordinators().set(group, found.clone());
+    client.coordinators().set(kind, group, found.clone());
     Ok(found)
 }
 
-/// Runs `call` on `group`'s coordinator, following redirects, coordinator moves and
-/// loading, until it answers or `deadline` passed. `what` names the call in errors.
+/// Runs `call` on consumer group `group`'s coordinator: [`route`] for the `Groups` service.
 pub(crate) async fn call<T, F, Fut>(
     client: &Client,
     group: &str,
     what: &'static str,
     deadline: Duration,
-    mut call: F,
+    call: F,
 ) -> Result<T>
 where
     F: FnMut(GroupsClient<Channel>) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    route(
+        client,
+        GroupKind::Consumer,
+        group,
+        what,
+        deadline,
+        GroupsClient::new,
+        call,
+    )
+    .await
+}
+
+/// Runs `call` on the coordinator of `group` of `kind` (reached through a gRPC client that
+/// `connect` makes of a channel), following redirects, coordinator moves and loading, until
+/// it answers or `deadline` passed. `what` names the call in errors.
+pub(crate) async fn route<C, T, F, Fut>(
+    client: &Client,
+    kind: GroupKind,
+    group: &str,
+    what: &'static str,
+    deadline: Duration,
+    connect: fn(Channel) -> C,
+    mut call: F,
+) -> Result<T>
+where
+    F: FnMut(C) -> Fut,
     Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 {
     let started = Instant::now();
     let mut backoff = RETRY_BACKOFF;
     loop {
         let left = deadline.saturating_sub(started.elapsed());
-        let error = match attempt(client, group, what, left, &mut call).await {
+        let target = Target { kind, group, what };
+        let error = match attempt(client, target, left, connect, &mut call).await {
             Ok(answer) => return Ok(answer),
             Err(e) => e,
         };
-        let pause = match classify(&error) {
-            Action::Fail => return Err(error),
-            Action::Redirect(to) => {
-                tracing::debug!(group, coordinator = to.id, address = %to.address, "{what}: redirected to the coordinator");
-                client.coordinators().set(group, to);
-                REDIRECT_BACKOFF
-            }
-            Action::Refind => {
-                client.coordinators().forget(group);
-                backoff
-            }
-            Action::Retry => backoff,
+        let pause = match follow(client, kind, group, what, &error) {
+            None => return Err(error),
+            Some(Action::Redirect(_)) => REDIRECT_BACKOFF,
+            Some(_) => backoff,
         };
         if started.elapsed() + pause >= deadline {
-            return Err(given_up(group, what, deadline, error));
+            return Err(given_up(kind, group, what, deadline, error));
         }
         tracing::debug!(group, error = %error, "{what}: retrying in {pause:?}");
         tokio::time::sleep(pause).await;
@@ -197,15 +268,74 @@ where
     }
 }
 
-async fn attempt<T, F, Fut>(client: &Client, group: &str, what: &'static str, left: Duration, call: &mut F) -> Result<T>
+/// One attempt of `call` at the coordinator of `group` of `kind` as cached (or found within
+/// `limit`), taking at most `limit`. A failure still updates the cache as [`route`] would
+/// (a redirect learned, a lost coordinator forgotten), so the next attempt goes to the
+/// right broker; deciding whether and when to try again is the caller's.
+pub(crate) async fn route_once<C, T, Fut>(
+    client: &Client,
+    kind: GroupKind,
+    group: &str,
+    what: &'static str,
+    limit: Duration,
+    connect: fn(Channel) -> C,
+    call: impl FnOnce(C) -> Fut,
+) -> Result<T>
 where
-    F: FnMut(GroupsClient<Channel>) -> Fut,
     Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 {
-    let coordinator = find(client, group, left).await?;
+    let answer = async {
+        let coordinator = find_of(client, kind, group, limit).await?;
+        let channel = client.cluster().channel_to(&coordinator.address);
+        answer_within(limit.max(Duration::from_millis(1)), what, call(connect(channel)))
+            .await
+            .map_err(|e| e.at(&coordinator.address))
+    }
+    .await;
+    if let Err(e) = &answer {
+        follow(client, kind, group, what, e);
+    }
+    answer
+}
+
+/// Which group's coordinator a call is for, and what the call is.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    kind: GroupKind,
+    group: &'a str,
+    what: &'static str,
+}
+
+/// Updates the cache after `error`; the action to take next, or `None` when the error stands.
+fn follow(client: &Client, kind: GroupKind, group: &str, what: &str, error: &ClientError) -> Option<Action> {
+    let action = classify(error);
+    match &action {
+        Action::Fail => return None,
+        Action::Redirect(to) => {
+            tracing::debug!(group, coordinator = to.id, address = %to.address, "{what}: redirected to the coordinator");
+            client.coordinators().set(kind, group, to.clone());
+        }
+        Action::Refind => client.coordinators().forget(kind, group),
+        Action::Retry => {}
+    }
+    Some(action)
+}
+
+async fn attempt<C, T, F, Fut>(
+    client: &Client,
+    target: Target<'_>,
+    left: Duration,
+    connect: fn(Channel) -> C,
+    call: &mut F,
+) -> Result<T>
+where
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let coordinator = find_of(client, target.kind, target.group, left).await?;
     let channel = client.cluster().channel_to(&coordinator.address);
     let limit = left.clamp(Duration::from_millis(1), ATTEMPT_TIMEOUT);
-    answer_within(limit, what, call(GroupsClient::new(channel)))
+    answer_within(limit, target.what, call(connect(channel)))
         .await
         .map_err(|e| e.at(&coordinator.address))
 }
@@ -213,16 +343,14 @@ where
 /// The error a call that ran out of time ends with: still a broker's own answer when it
 /// was one (its code says what the coordinator was doing), otherwise the coordinator
 /// counts as not available.
-fn given_up(group: &str, what: &str, deadline: Duration, last: ClientError) -> ClientError {
+fn given_up(kind: GroupKind, group: &str, what: &str, deadline: Duration, last: ClientError) -> ClientError {
     match last {
         e @ ClientError::Broker { detail: Some(_), .. } if e.code() != Some(ErrorCode::NotCoordinator) => e,
-        ClientError::CoordinatorNotAvailable { group, reason } => {
-            ClientError::CoordinatorNotAvailable { group, reason }
-        }
-        other => ClientError::CoordinatorNotAvailable {
-            group: group.to_string(),
-            reason: format!("{what} did not succeed within {deadline:?} (last: {other})"),
-        },
+        e @ (ClientError::CoordinatorNotAvailable { .. } | ClientError::ShareCoordinatorNotAvailable { .. }) => e,
+        other => kind.not_available(
+            group,
+            format!("{what} did not succeed within {deadline:?} (last: {other})"),
+        ),
     }
 }
 
@@ -296,6 +424,7 @@ mod tests {
     #[test]
     fn a_call_that_ran_out_of_time_keeps_the_brokers_answer_or_says_no_coordinator_answered() {
         let loading = given_up(
+            GroupKind::Consumer,
             "g",
             "Heartbeat",
             Duration::from_secs(1),
@@ -306,12 +435,21 @@ mod tests {
             address: "10.0.0.3:9292".into(),
             reason: "connection refused".into(),
         };
-        let e = given_up("g", "Heartbeat", Duration::from_secs(1), unreachable);
+        let e = given_up(
+            GroupKind::Consumer,
+            "g",
+            "Heartbeat",
+            Duration::from_secs(1),
+            unreachable.clone(),
+        );
         assert!(matches!(e, ClientError::CoordinatorNotAvailable { .. }), "{e:?}");
         assert!(e.is_retriable());
         assert!(
             e.to_string().contains("connection refused") && e.to_string().contains("'g'"),
             "{e}"
         );
+        let e = given_up(GroupKind::Share, "g", "ShareFetch", Duration::from_secs(1), unreachable);
+        assert!(matches!(e, ClientError::ShareCoordinatorNotAvailable { .. }), "{e:?}");
+        assert!(e.is_retriable() && e.to_string().contains("__share_state"), "{e}");
     }
 }

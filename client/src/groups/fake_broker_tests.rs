@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use conveyor_proto::v1::{GroupDescription, GroupSummary};
 
+use super::coordinator::GroupKind;
 use super::fake::{self, Call};
 use crate::Client;
 
@@ -40,7 +41,11 @@ async fn a_call_goes_to_the_coordinator_any_broker_names_and_waits_while_it_load
     assert_eq!(described.state, "stable");
     assert!(matches!(a.calls()[..], [Call::FindCoordinator]), "{:?}", a.calls());
     assert_eq!(b.calls().len(), 3, "two loading answers, then the description");
-    assert_eq!(client.coordinators().get("g").map(|c| c.id), Some(2), "cached");
+    assert_eq!(
+        client.coordinators().get(GroupKind::Consumer, "g").map(|c| c.id),
+        Some(2),
+        "cached"
+    );
 }
 
 #[tokio::test]
@@ -57,7 +62,10 @@ async fn a_moved_coordinator_is_followed_to_the_broker_its_refusal_names() {
     // The group moves to broker 1: broker 2 now refuses, naming it.
     *b.redirect_to.lock().expect("lock") = Some((1, a_address.clone()));
     assert_eq!(groups.describe_group("g").await.expect("at a").state, "reconciling");
-    assert_eq!(client.coordinators().get("g").map(|c| c.id), Some(1));
+    assert_eq!(
+        client.coordinators().get(GroupKind::Consumer, "g").map(|c| c.id),
+        Some(1)
+    );
     let finds = a.calls().iter().filter(|c| matches!(c, Call::FindCoordinator)).count();
     assert_eq!(finds, 1, "the redirect named the coordinator: no second lookup");
 }
@@ -82,7 +90,10 @@ async fn a_coordinator_that_cannot_be_reached_is_looked_up_again() {
         .expect("in time")
         .expect("described by the new coordinator");
     assert_eq!(described.state, "empty");
-    assert_eq!(client.coordinators().get("g").map(|c| c.id), Some(1));
+    assert_eq!(
+        client.coordinators().get(GroupKind::Consumer, "g").map(|c| c.id),
+        Some(1)
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,200 @@
+//! The share consumer against an in-process fake share coordinator.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use conveyor_proto::v1::{AcquiredRange, ErrorCode, ShareAck, ShareAckKind, SharePartitionData};
+use futures::StreamExt;
+
+use super::fake::{self, Call, Fake, batches};
+use super::{Delivery, ShareConfig, ShareConsumer};
+use crate::Client;
+
+/// How long a test waits for something the consumer does at once.
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+fn range(first_offset: u64, last_offset: u64, delivery_count: u32, token: u64) -> AcquiredRange {
+    AcquiredRange {
+        first_offset,
+        last_offset,
+        delivery_count,
+        token,
+    }
+}
+
+fn partition(partition: i32, records: u64, acquired: Vec<AcquiredRange>) -> SharePartitionData {
+    SharePartitionData {
+        partition,
+        batches: batches(0, records, 4),
+        acquired,
+    }
+}
+
+async fn consumer(config: ShareConfig) -> (std::sync::Arc<Fake>, ShareConsumer) {
+    let (fake, address) = fake::start().await;
+    let client = Client::connect(&address).await.expect("connect");
+    let consumer = client.share_consumer("g", "orders", config).await.expect("joined");
+    (fake, consumer)
+}
+
+async fn take(consumer: &mut ShareConsumer, n: usize) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = tokio::time::timeout(PROMPTLY, consumer.next())
+            .await
+            .expect("a delivery in time");
+        out.push(next.expect("stream open").expect("a delivery"));
+    }
+    out
+}
+
+/// Every acknowledgement the fake received, by the call that carried it.
+fn acks(fake: &Fake) -> (Vec<ShareAck>, Vec<ShareAck>) {
+    let (mut piggybacked, mut acknowledged) = (Vec::new(), Vec::new());
+    for call in fake.calls() {
+        match call {
+            Call::Fetch(f) => piggybacked.extend(f.acks),
+            Call::Acknowledge(a) => acknowledged.extend(a.acks),
+            Call::Join(_) => {}
+        }
+    }
+    (piggybacked, acknowledged)
+}
+
+fn accept(partition: i32, first_offset: u64, last_offset: u64, token: u64) -> ShareAck {
+    ShareAck {
+        partition,
+        first_offset,
+        last_offset,
+        token,
+        kind: ShareAckKind::Accept as i32,
+        ..ShareAck::default()
+    }
+}
+
+#[tokio::test]
+async fn only_records_inside_the_acquired_ranges_are_delivered_each_with_its_ranges_token_and_count() {
+    let (fake, address) = fake::start().await;
+    fake.script(vec![partition(0, 10, vec![range(2, 4, 1, 7), range(7, 7, 2, 8)])]);
+    let client = Client::connect(&address).await.expect("connect");
+    let mut consumer = client
+        .share_consumer("g", "orders", ShareConfig::default())
+        .await
+        .expect("joined");
+    assert_eq!(
+        consumer.settings().lock_duration_ms,
+        Some(30_000),
+        "the session's settings"
+    );
+    let got: Vec<(u64, u64, u32)> = take(&mut consumer, 4)
+        .await
+        .iter()
+        .map(|d| (d.record().offset, d.token(), d.delivery_count()))
+        .collect();
+    assert_eq!(got, [(2, 7, 1), (3, 7, 1), (4, 7, 1), (7, 8, 2)]);
+    let more = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(more.is_err(), "nothing else was acquired: {more:?}");
+    consumer.close().await.expect("closed");
+}
+
+#[tokio::test]
+async fn acknowledgements_are_coalesced_into_ranges_and_ride_on_the_next_fetch() {
+    // Acknowledgements wait for the next fetch rather than 10 s for an Acknowledge call.
+    let config = ShareConfig::default().ack_linger(Duration::from_secs(10));
+    let (fake, mut consumer) = consumer(config).await;
+    fake.script(vec![partition(1, 8, vec![range(0, 5, 1, 3), range(6, 7, 1, 4)])]);
+    let deliveries = take(&mut consumer, 8).await;
+    let (first_six, last_two): (Vec<_>, Vec<_>) = deliveries.into_iter().partition(|d| d.record().offset < 6);
+    let results = futures::future::join_all(first_six.into_iter().map(Delivery::accept));
+    let results = tokio::time::timeout(PROMPTLY, results).await.expect("answered in time");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let (piggybacked, acknowledged) = acks(&fake);
+    assert_eq!(piggybacked, [accept(1, 0, 5, 3)], "one range, on a fetch");
+    assert!(acknowledged.is_empty(), "{acknowledged:?}");
+    drop(last_two);
+    consumer.close().await.expect("closed");
+}
+
+#[tokio::test]
+async fn a_refused_acknowledgement_is_the_error_of_its_accept_and_the_others_succeed() {
+    let (fake, mut consumer) = consumer(ShareConfig::default()).await;
+    fake.refuse.lock().expect("lock").insert((0, 1));
+    fake.script(vec![partition(
+        0,
+        3,
+        vec![range(0, 0, 1, 1), range(1, 1, 1, 2), range(2, 2, 1, 3)],
+    )]);
+    let deliveries = take(&mut consumer, 3).await;
+    let results = futures::future::join_all(deliveries.into_iter().map(Delivery::accept));
+    let results = tokio::time::timeout(PROMPTLY, results).await.expect("answered in time");
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    let refused = results[1].as_ref().expect_err("refused");
+    assert_eq!(refused.code(), Some(ErrorCode::FencedMemberEpoch));
+    assert!(refused.to_string().contains("partition 0 offset 1"), "{refused}");
+    consumer.close().await.expect("closed");
+}
+
+#[tokio::test]
+async fn the_session_is_joined_again_after_the_coordinator_ends_its_stream() {
+    let (fake, consumer) = consumer(ShareConfig::default()).await;
+    assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 1);
+    fake.end_sessions();
+    let joins = |fake: &Fake| {
+        fake.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Join(j) => Some(j),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    fake.wait_for(PROMPTLY, "a second join", |f| {
+        joins(f).len() == 2 && f.sessions_open.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let joined = joins(&fake);
+    assert_eq!(fake.sessions_ended.load(Ordering::SeqCst), 1);
+    assert_eq!(joined[0].member_id, joined[1].member_id, "the same member");
+    assert!(joined[0].member_id.starts_with("s-"), "{}", joined[0].member_id);
+    assert_eq!(joined[1].topic, "orders");
+    consumer.close().await.expect("closed");
+}
+
+#[tokio::test]
+async fn closing_sends_the_queued_acknowledgements_and_then_ends_the_join_stream() {
+    let config = ShareConfig::default().ack_linger(Duration::from_secs(60));
+    let (fake, mut consumer) = consumer(config).await;
+    fake.script(vec![partition(2, 1, vec![range(0, 0, 1, 5)])]);
+    let delivery = take(&mut consumer, 1).await.remove(0);
+    let accepted = tokio::spawn(delivery.accept());
+    // The acknowledgement is queued, waiting for its linger or the next fetch.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::timeout(PROMPTLY, consumer.close())
+        .await
+        .expect("closed in time")
+        .expect("closed");
+    let accepted = tokio::time::timeout(PROMPTLY, accepted).await.expect("answered");
+    assert!(matches!(accepted, Ok(Ok(()))), "{accepted:?}");
+    let (piggybacked, acknowledged) = acks(&fake);
+    assert_eq!([piggybacked, acknowledged].concat(), [accept(2, 0, 0, 5)]);
+    fake.wait_for(PROMPTLY, "the Join stream to end", |f| {
+        f.sessions_ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_join_the_coordinator_refuses_is_the_error_of_creating_the_consumer() {
+    let (fake, address) = fake::start().await;
+    *fake.join_refusal.lock().expect("lock") = Some(ErrorCode::InvalidRequest);
+    let client = Client::connect(&address).await.expect("connect");
+    let e = client
+        .share_consumer("g", "orders", ShareConfig::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest));
+    assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 0);
+    let joins = fake.calls().iter().filter(|c| matches!(c, Call::Join(_))).count();
+    assert_eq!(joins, 1, "a refusal is not retried");
+}

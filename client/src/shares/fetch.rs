@@ -1,0 +1,220 @@
+//! Turning a `ShareFetch` answer into deliveries.
+//!
+//! Each partition's answer holds stored batches, exactly as a plain fetch returns them, and
+//! the ranges of offsets this member acquired. The batches are CRC-checked and decoded by
+//! the consumer's decoder (`consumer/decode.rs`); a record becomes a [`Delivery`] only when
+//! an acquired range holds its offset: the rest of those batches belongs to other members.
+//!
+//! Acquired offsets that yield no delivery are acknowledged here, so they do not come back
+//! until they are dead-lettered: an offset inside a returned batch but with no record there
+//! (a control record, a record compaction removed) is accepted; one beyond the returned
+//! batches is released, to be delivered again at once.
+//!
+//! A batch that fails its CRC check (or cannot be decoded) delivers nothing of its
+//! partition: the partition's acquired records are released and the stream yields
+//! [`ClientError::CorruptBatch`], which is retriable.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use conveyor_proto::v1::{AcquiredRange, SharePartitionData};
+use conveyor_storage::batch::BatchIter;
+use tokio::sync::mpsc;
+
+use super::delivery::{AckKind, AckRequest, Delivery, Held};
+use crate::consumer::decode::{Chunk, Decoder};
+use crate::error::ClientError;
+
+/// What one fetch answer gave: deliveries, the acknowledgements of acquired offsets that
+/// gave none, and the errors of partitions that could not be read.
+#[derive(Debug, Default)]
+pub(crate) struct Decoded {
+    pub(crate) deliveries: Vec<Delivery>,
+    pub(crate) gaps: Vec<AckRequest>,
+    pub(crate) errors: Vec<ClientError>,
+}
+
+/// Decodes the partitions of one answer. `locked_until_ms` is the answer's lock end;
+/// acknowledgements of the deliveries go to `acks`.
+pub(crate) fn decode(
+    topic: &Arc<str>,
+    partitions: Vec<SharePartitionData>,
+    locked_until_ms: i64,
+    acks: &mpsc::Sender<AckRequest>,
+) -> Decoded {
+    let mut decoded = Decoded::default();
+    for data in partitions {
+        let mut ranges = data.acquired;
+        if ranges.is_empty() {
+            continue;
+        }
+        ranges.sort_by_key(|r| r.first_offset);
+        let partition = data.partition;
+        let held = |offset: u64, token: u64| Arc::new(Held::new(partition, offset, token, locked_until_ms));
+        let gap = |offset: u64, token: u64, kind: AckKind| AckRequest {
+            held: held(offset, token),
+            kind,
+            reply: None,
+        };
+        let read = check(topic, partition, &data.batches).and_then(|spans| {
+            let records = records_of(topic, partition, &data.batches, &ranges)?;
+            Ok((spans, records))
+        });
+        let (spans, records) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                for r in &ranges {
+                    decoded
+                        .gaps
+                        .extend((r.first_offset..=r.last_offset).map(|o| gap(o, r.token, AckKind::Release(0))));
+                }
+                decoded.errors.push(e);
+                continue;
+            }
+        };
+        let mut delivered = records.iter().map(|(_, offset)| *offset).peekable();
+        for r in &ranges {
+            for offset in r.first_offset..=r.last_offset {
+                while delivered.next_if(|&d| d < offset).is_some() {}
+                if delivered.next_if_eq(&offset).is_some() {
+                    continue;
+                }
+                let in_a_batch = spans.iter().any(|&(base, last)| base <= offset && offset <= last);
+                let kind = if in_a_batch {
+                    AckKind::Accept
+                } else {
+                    AckKind::Release(0)
+                };
+                decoded.gaps.push(gap(offset, r.token, kind));
+            }
+        }
+        decoded
+            .deliveries
+            .extend(records.into_iter().map(|((record, range), offset)| Delivery {
+                record,
+                delivery_count: range.delivery_count,
+                held: held(offset, range.token),
+                acks: acks.clone(),
+            }));
+    }
+    decoded
+}
+
+/// The offset spans of a partition's batches, `(base, last)`, each batch CRC-checked.
+fn check(topic: &Arc<str>, partition: i32, batches: &Bytes) -> Result<Vec<(u64, u64)>, ClientError> {
+    let mut spans = Vec::new();
+    for batch in BatchIter::new(batches.clone()) {
+        let batch = batch?;
+        let header = batch.header();
+        if let Err(e) = batch.verify_crc() {
+            return Err(ClientError::CorruptBatch {
+                topic: topic.to_string(),
+                partition,
+                offset: header.base_offset,
+                problem: e.to_string(),
+            });
+        }
+        spans.push((header.base_offset, header.last_offset()));
+    }
+    Ok(spans)
+}
+
+type Acquired = ((crate::ConsumerRecord, AcquiredRange), u64);
+
+/// The records of `batches` inside `ranges` (sorted), each with its range, in offset order.
+fn records_of(
+    topic: &Arc<str>,
+    partition: i32,
+    batches: &Bytes,
+    ranges: &[AcquiredRange],
+) -> Result<Vec<Acquired>, ClientError> {
+    let mut decoder = Decoder::default();
+    decoder.push(vec![Chunk {
+        topic: Arc::clone(topic),
+        partition,
+        incarnation: 0,
+        from: ranges[0].first_offset,
+        next: 0,
+        batches: batches.clone(),
+    }]);
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        let record = match decoder.next_record() {
+            Some(record) => record?,
+            None if decoder.advance() => continue,
+            None => break,
+        };
+        let offset = record.offset;
+        while i < ranges.len() && ranges[i].last_offset < offset {
+            i += 1;
+        }
+        if i == ranges.len() {
+            break;
+        }
+        if ranges[i].first_offset <= offset {
+            out.push(((record, ranges[i]), offset));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shares::fake::batches;
+
+    fn range(first_offset: u64, last_offset: u64, token: u64) -> AcquiredRange {
+        AcquiredRange {
+            first_offset,
+            last_offset,
+            delivery_count: 1,
+            token,
+        }
+    }
+
+    #[test]
+    fn only_acquired_records_are_delivered_and_acquired_offsets_past_the_batches_are_released() {
+        let (tx, _rx) = mpsc::channel(1);
+        let topic: Arc<str> = Arc::from("orders");
+        let data = SharePartitionData {
+            partition: 1,
+            batches: batches(0, 10, 4),
+            acquired: vec![range(7, 11, 9), range(2, 3, 8)],
+        };
+        let decoded = decode(&topic, vec![data], 1_000, &tx);
+        let got: Vec<(u64, u64)> = decoded
+            .deliveries
+            .iter()
+            .map(|d| (d.record.offset, d.held.token))
+            .collect();
+        assert_eq!(got, [(2, 8), (3, 8), (7, 9), (8, 9), (9, 9)]);
+        assert_eq!(decoded.deliveries[0].record.value.as_deref(), Some(&b"v2"[..]));
+        let gaps: Vec<(u64, AckKind)> = decoded.gaps.iter().map(|g| (g.held.offset, g.kind.clone())).collect();
+        assert_eq!(gaps, [(10, AckKind::Release(0)), (11, AckKind::Release(0))]);
+        assert!(decoded.errors.is_empty());
+    }
+
+    #[test]
+    fn a_batch_failing_its_crc_delivers_nothing_of_its_partition_and_releases_what_was_acquired() {
+        let (tx, _rx) = mpsc::channel(1);
+        let topic: Arc<str> = Arc::from("orders");
+        let mut bytes = batches(0, 4, 4).to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        let data = SharePartitionData {
+            partition: 0,
+            batches: Bytes::from(bytes),
+            acquired: vec![range(0, 3, 1)],
+        };
+        let decoded = decode(&topic, vec![data], 1_000, &tx);
+        assert!(decoded.deliveries.is_empty());
+        assert_eq!(decoded.gaps.len(), 4);
+        assert!(decoded.gaps.iter().all(|g| g.kind == AckKind::Release(0)));
+        assert!(
+            matches!(decoded.errors[..], [ClientError::CorruptBatch { .. }]),
+            "{:?}",
+            decoded.errors
+        );
+    }
+}
