@@ -23,6 +23,26 @@ pub struct BrokerConfig {
     pub limits: LimitsSection,
     pub cleaner: CleanerSection,
     pub groups: GroupsSection,
+    pub shares: SharesSection,
+}
+
+/// The share group coordinator (see `docs/queues.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharesSection {
+    /// Partitions of `__share_state`, used when it is created (first use).
+    pub state_topic_partitions: u32,
+    /// Its replication factor; 0 for min(3, brokers).
+    pub state_topic_replication_factor: u32,
+}
+
+impl Default for SharesSection {
+    fn default() -> Self {
+        SharesSection {
+            state_topic_partitions: 16,
+            state_topic_replication_factor: 0,
+        }
+    }
 }
 
 /// The consumer group coordinator (see `docs/consumer-groups.md`).
@@ -401,6 +421,12 @@ impl BrokerConfig {
                 && g.session_timeout.0 <= g.max_session_timeout.0
                 && !g.rebalance_timeout.0.is_zero(),
             "[groups] needs a positive heartbeat_interval and rebalance_timeout, and 0 < min_session_timeout <= session_timeout <= max_session_timeout"
+        );
+        anyhow::ensure!(
+            self.shares.state_topic_partitions > 0
+                && self.shares.state_topic_partitions <= self.limits.max_partitions_per_topic,
+            "[shares] state_topic_partitions must be between 1 and [limits] max_partitions_per_topic, got {}",
+            self.shares.state_topic_partitions
         );
         anyhow::ensure!(
             self.log.default_partitions > 0,

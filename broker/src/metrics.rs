@@ -127,6 +127,7 @@ pub struct Metrics {
     pub cleaner: crate::cleaner::CleanerMetrics,
     /// The consumer group coordinator, set when the server starts.
     pub groups: std::sync::OnceLock<Arc<crate::coordinator::groups::GroupCoordinator>>,
+    pub shares: std::sync::OnceLock<Arc<crate::coordinator::shares::ShareCoordinator>>,
     /// The broker's queued-produce-bytes budget, set when the server starts.
     pub produce_queue: std::sync::OnceLock<Arc<crate::byte_budget::ByteBudget>>,
 }
@@ -312,6 +313,9 @@ impl Metrics {
         self.cleaner.register(&mut r);
         if let Some(groups) = self.groups.get() {
             crate::coordinator::groups::gauges::register(groups, &mut r);
+        }
+        if let Some(shares) = self.shares.get() {
+            crate::coordinator::shares::gauges::register(shares, &mut r);
         }
         r.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         r.register_collector(Box::new(RegistryView {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use conveyor_proto::v1::admin_server::AdminServer;
 use conveyor_proto::v1::fetch_server::FetchServer;
 use conveyor_proto::v1::groups_server::GroupsServer;
+use conveyor_proto::v1::shares_server::SharesServer;
 use conveyor_proto::v1::produce_server::ProduceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -26,6 +27,7 @@ use crate::api::admin::AdminService;
 use crate::api::admission::{Admission, BodyDeadline};
 use crate::api::fetch::FetchService;
 use crate::api::groups::GroupsService;
+use crate::api::shares::SharesService;
 use crate::api::produce::ProduceService;
 use crate::api::{Context, blocking};
 use crate::byte_budget::{ByteBudget, MAX_WAIT};
@@ -152,6 +154,16 @@ pub async fn run_until_with(
     ));
     let _ = metrics.groups.set(Arc::clone(&groups));
     let group_timers = tokio::spawn(Arc::clone(&groups).run(stopped(stop_rx.clone())));
+    let shares = Arc::new(crate::coordinator::shares::ShareCoordinator::new(
+        Arc::clone(&registry),
+        Arc::clone(&admin_lock),
+        crate::coordinator::shares::SharesConfig {
+            partitions: config.shares.state_topic_partitions,
+            replication_factor: config.shares.state_topic_replication_factor,
+        },
+    ));
+    let _ = metrics.shares.set(Arc::clone(&shares));
+    let share_timers = tokio::spawn(Arc::clone(&shares).run(stopped(stop_rx.clone())));
     let produce_queue = Arc::new(ByteBudget::new(
         config.limits.produce_queue_bytes.0 as usize,
         MAX_WAIT,
@@ -228,6 +240,16 @@ pub async fn run_until_with(
             serving.clone(),
         ))
         .add_service(InterceptedService::new(
+            SharesServer::new(SharesService {
+                coordinator: Arc::clone(&shares),
+                metrics: Arc::clone(&metrics),
+                stopping: stop_rx.clone(),
+            })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+            serving.clone(),
+        ))
+        .add_service(InterceptedService::new(
             FetchServer::new(FetchService { ctx: Arc::clone(&ctx) })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
@@ -276,6 +298,7 @@ pub async fn run_until_with(
     let _ = maintenance.await;
     let _ = scrub.await;
     let _ = group_timers.await;
+    let _ = share_timers.await;
     let _ = metrics_task.await;
     close_all(&registry).await?;
     tracing::info!("stopped cleanly");

@@ -153,9 +153,117 @@ impl<S: StateMachine> Shard<S> {
             .map_err(|e| BrokerError::Internal(format!("coordinator append task: {e}")))?
     }
 
+    /// For a state machine that changes its memory first (the share coordinator, whose
+    /// acknowledgements must not wait for each other's commits): appends records of changes
+    /// already made to the state. Call it with the state lock held, so records reach the
+    /// log in the order the changes were made; await the returned [`Committed`] after
+    /// releasing the lock. Memory is then ahead of the log, so anything but a commit (an
+    /// error, a timeout, this future or the [`Committed`] dropped before the append was
+    /// queued) marks the shard lost, and the next request rebuilds it from what committed.
+    pub async fn append_ahead(self: &Arc<Self>, changes: &[Change]) -> Result<Committed> {
+        if changes.is_empty() {
+            return Ok(Committed(None));
+        }
+        let refuse = |e: BrokerError| {
+            self.lost.store(true, Ordering::Release);
+            Err(e)
+        };
+        if !self.is_current() {
+            return refuse(BrokerError::CoordinatorLoading {
+                group: String::new(),
+                state: "lost leadership of its partition".into(),
+            });
+        }
+        let batches = match batches_of(changes) {
+            Ok(b) => b,
+            Err(e) => return refuse(e),
+        };
+        let queued = Queueing {
+            shard: Arc::clone(self),
+            done: false,
+        };
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let enqueued = self
+            .partition
+            .enqueue_in(Some(self.term), batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
+            .await;
+        let mut queued = queued;
+        queued.done = true;
+        let reply = match enqueued {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                return refuse(e);
+            }
+        };
+        let shard = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let outcome = match tokio::time::timeout(WRITE_TIMEOUT, reply).await {
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(e),
+                Ok(Err(_)) => Err(BrokerError::ShuttingDown),
+                Err(_) => Err(BrokerError::TimedOut {
+                    what: "a coordinator write".into(),
+                    after: WRITE_TIMEOUT,
+                    state: "not committed by a quorum of its partition's replicas yet; it may still take effect".into(),
+                }),
+            };
+            if outcome.is_err() {
+                shard.lost.store(true, Ordering::Release);
+            }
+            shard.pending.fetch_sub(1, Ordering::AcqRel);
+            outcome
+        });
+        Ok(Committed(Some(task)))
+    }
+
     /// Whether appends of this shard are still under way.
     fn settling(&self) -> bool {
         self.pending.load(Ordering::Acquire) > 0
+    }
+}
+
+/// The commit of records [`Shard::append_ahead`] queued.
+#[derive(Debug)]
+pub struct Committed(Option<tokio::task::JoinHandle<Result<()>>>);
+
+impl Committed {
+    /// Waits for the commit (the shard is marked lost if it fails, whether or not this is
+    /// awaited).
+    pub async fn wait(self) -> Result<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(task) => task
+                .await
+                .map_err(|e| BrokerError::Internal(format!("coordinator append task: {e}")))?,
+        }
+    }
+}
+
+/// Marks a shard lost when an [`Shard::append_ahead`] is dropped while queueing: its
+/// records may or may not be queued, and memory already holds them. The append stays
+/// counted as pending for one write timeout, so a reload does not start before a record
+/// that was queued after all could land.
+struct Queueing<S: StateMachine> {
+    shard: Arc<Shard<S>>,
+    done: bool,
+}
+
+impl<S: StateMachine> Drop for Queueing<S> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.shard.lost.store(true, Ordering::Release);
+        let pending = Arc::clone(&self.shard.pending);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep(WRITE_TIMEOUT).await;
+                pending.fetch_sub(1, Ordering::AcqRel);
+            });
+        } else {
+            pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

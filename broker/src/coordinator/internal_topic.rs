@@ -1,4 +1,5 @@
-//! Internal topics: `__consumer_offsets` (and later `__share_state`, `__transactions`).
+//! Internal topics: `__consumer_offsets`, `__share_state` (and later `__transactions`), and
+//! share groups' dead-letter topics, which coordinators also create on demand.
 //! They are created on first use by the controller, compacted, with a partition count and
 //! replication factor from the broker config, and hidden from producers.
 
@@ -64,11 +65,16 @@ impl Registry {
         name: &str,
         partitions: u32,
         replication_factor: u32,
+        kind: TopicKind,
     ) -> Result<()> {
-        if !is_internal(name) {
-            return Err(BrokerError::InvalidRequest(format!(
-                "'{name}' is not an internal topic"
-            )));
+        match kind {
+            TopicKind::Internal if !is_internal(name) => {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "'{name}' is not an internal topic"
+                )));
+            }
+            TopicKind::DeadLetter => crate::controller::validate_topic_name(name)?,
+            TopicKind::Internal => {}
         }
         match self.metadata_partition().ensure_leader() {
             Ok(()) => {}
@@ -87,14 +93,25 @@ impl Registry {
         let rf = replication_for(replication_factor, self.placeable_brokers().len());
         let partitions = i32::try_from(partitions)
             .map_err(|_| BrokerError::InvalidConfig(format!("{partitions} partitions for {name}")))?;
-        match self
-            .create_topic_unchecked(name, partitions, rf, internal_configs())
-            .await
+        let configs = match kind {
+            TopicKind::Internal => internal_configs(),
+            TopicKind::DeadLetter => BTreeMap::new(),
+        };
+        match self.create_topic_unchecked(name, partitions, rf, configs).await
         {
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
             Err(e) => Err(e),
         }
     }
+}
+
+/// What a coordinator creates on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// `__`-named, compacted, hidden from producers.
+    Internal,
+    /// A share group's dead-letter topic: an ordinary topic with the default configs.
+    DeadLetter,
 }
 
 /// How long a coordinator waits for an internal topic to be created and reach this broker.
@@ -109,6 +126,7 @@ pub async fn ensure_exists(
     name: &str,
     partitions: u32,
     replication_factor: u32,
+    kind: TopicKind,
 ) -> Result<std::sync::Arc<crate::controller::Topic>> {
     let deadline = tokio::time::Instant::now() + CREATE_WAIT;
     let me = registry.transport().node_id();
@@ -128,10 +146,10 @@ pub async fn ensure_exists(
             let controller = registry.controller().await?;
             if controller == me {
                 registry
-                    .ensure_internal_topic(admin_lock, name, partitions, replication_factor)
+                    .ensure_internal_topic(admin_lock, name, partitions, replication_factor, kind)
                     .await
             } else {
-                ask(registry, controller, name, partitions, replication_factor).await
+                ask(registry, controller, name, partitions, replication_factor, kind).await
             }
         };
         match tokio::time::timeout_at(deadline, asked).await {
@@ -143,7 +161,14 @@ pub async fn ensure_exists(
     }
 }
 
-async fn ask(registry: &Registry, controller: u32, name: &str, partitions: u32, replication_factor: u32) -> Result<()> {
+async fn ask(
+    registry: &Registry,
+    controller: u32,
+    name: &str,
+    partitions: u32,
+    replication_factor: u32,
+    kind: TopicKind,
+) -> Result<()> {
     use conveyor_proto::internal::v1::InternalTopicRequest;
     use conveyor_proto::internal::v1::raft_client::RaftClient;
     let address = registry.transport().raft_address(controller);
@@ -153,6 +178,7 @@ async fn ask(registry: &Registry, controller: u32, name: &str, partitions: u32, 
             name: name.to_string(),
             partitions,
             replication_factor,
+            dead_letter: kind == TopicKind::DeadLetter,
         })
         .await;
     match answer {

@@ -16,11 +16,13 @@
 //! - [`end_offsets`]: the high watermarks and offset lookups coordinators need of partitions
 //!   that may be led elsewhere.
 //! - [`groups`]: the consumer group coordinator.
+//! - [`shares`]: the share group coordinator (queues on the log).
 
 pub mod end_offsets;
 pub mod groups;
 pub mod host;
 pub mod internal_topic;
+pub mod shares;
 
 use bytes::Bytes;
 

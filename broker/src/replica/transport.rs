@@ -654,7 +654,17 @@ impl Raft for RaftService {
     ) -> Result<Response<conveyor_proto::internal::v1::InternalTopicResponse>, Status> {
         let r = request.into_inner();
         self.registry
-            .ensure_internal_topic(&self.admin_lock, &r.name, r.partitions, r.replication_factor)
+            .ensure_internal_topic(
+                &self.admin_lock,
+                &r.name,
+                r.partitions,
+                r.replication_factor,
+                if r.dead_letter {
+                    crate::coordinator::internal_topic::TopicKind::DeadLetter
+                } else {
+                    crate::coordinator::internal_topic::TopicKind::Internal
+                },
+            )
             .await
             .map_err(Status::from)?;
         Ok(Response::new(conveyor_proto::internal::v1::InternalTopicResponse {}))

@@ -154,6 +154,7 @@ impl GroupCoordinator {
             CONSUMER_OFFSETS,
             self.config.partitions,
             self.config.replication_factor,
+            internal_topic::TopicKind::Internal,
         )
         .await
     }

@@ -1,0 +1,319 @@
+//! Describing, listing and deleting share groups, and purging or redriving their dead
+//! letters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use conveyor_proto::v1::{
+    DeleteTopicRequest, ShareGroupDescription, ShareGroupSummary, ShareMemberDescription, SharePartitionState,
+};
+use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record};
+
+use super::window::SlotState;
+use super::{ShareCoordinator, dead_letters, name_group, settings_view};
+use crate::coordinator::end_offsets::{self, Spec};
+use crate::coordinator::groups::assignor::TopicPartition;
+use crate::error::{BrokerError, Result};
+
+/// How long a purge or redrive waits for a dead-letter write under way.
+const PAUSE_WAIT: Duration = Duration::from_secs(15);
+/// Most dead letters one redrive republishes.
+const MAX_REDRIVE: u64 = 10_000_000;
+
+impl ShareCoordinator {
+    pub async fn describe(&self, group: &str) -> Result<ShareGroupDescription> {
+        let shard = self.shard_for(group).await?;
+        let now = conveyor_storage::unix_millis();
+        let (mut out, topic, dlq) = {
+            let st = shard.lock().await;
+            let g = st
+                .groups
+                .get(group)
+                .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))?;
+            let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut partitions = Vec::new();
+            for (p, w) in &g.windows {
+                for s in w.slots().filter(|s| s.state == SlotState::Acquired) {
+                    *held.entry(s.member).or_default() += 1;
+                }
+                let c = w.counts(now);
+                partitions.push(SharePartitionState {
+                    partition: *p,
+                    start_offset: w.start,
+                    available: c.available,
+                    acquired: c.acquired,
+                    acknowledged: c.acknowledged,
+                    archived: c.archived + c.dead_lettering,
+                    delayed: c.delayed,
+                    oldest_unacked_ms: c.oldest_unacked_timestamp.map_or(0, |t| (now - t).max(0) as u64),
+                    lag: None,
+                    log_end_offset: None,
+                });
+            }
+            let mut members: Vec<ShareMemberDescription> = g
+                .members
+                .iter()
+                .map(|(n, m)| ShareMemberDescription {
+                    member_id: m.id.clone(),
+                    acquired: held.get(n).copied().unwrap_or(0),
+                })
+                .collect();
+            members.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+            (
+                ShareGroupDescription {
+                    group: group.to_string(),
+                    topic: g.settings.topic.clone(),
+                    settings: Some(settings_view(&g.settings)),
+                    coordinator: self.node_id() as i32,
+                    members,
+                    partitions,
+                    dead_letters: None,
+                    dead_letters_written: g.dead_letters_written,
+                },
+                g.settings.topic.clone(),
+                g.settings.dead_letter_topic.clone(),
+            )
+        };
+        let tps: Vec<TopicPartition> = out
+            .partitions
+            .iter()
+            .map(|p| TopicPartition::new(topic.clone(), p.partition))
+            .collect();
+        let ends = end_offsets::lookup(self.registry(), &tps, Spec::Latest).await;
+        for p in &mut out.partitions {
+            if let Some(end) = ends.get(&TopicPartition::new(topic.clone(), p.partition)) {
+                p.log_end_offset = Some(*end);
+                p.lag = Some(end.saturating_sub(p.start_offset));
+            }
+        }
+        out.dead_letters = self.dead_letter_count(&dlq).await;
+        Ok(out)
+    }
+
+    /// Records in `topic` (high watermarks minus log starts), if it exists and every
+    /// partition could be asked.
+    async fn dead_letter_count(&self, topic: &str) -> Option<u64> {
+        let t = self.registry().get(topic).ok()?;
+        let tps: Vec<TopicPartition> = (0..t.partition_count() as i32)
+            .map(|p| TopicPartition::new(topic.to_string(), p))
+            .collect();
+        let ends = end_offsets::lookup(self.registry(), &tps, Spec::Latest).await;
+        let starts = end_offsets::lookup(self.registry(), &tps, Spec::Earliest).await;
+        let mut total = 0;
+        for tp in &tps {
+            total += ends.get(tp)?.saturating_sub(*starts.get(tp)?);
+        }
+        Some(total)
+    }
+
+    /// The share groups this broker coordinates.
+    pub async fn list(&self) -> Vec<ShareGroupSummary> {
+        let mut out = Vec::new();
+        for shard in self.host.current() {
+            let st = shard.lock().await;
+            for (name, g) in &st.groups {
+                out.push(ShareGroupSummary {
+                    group: name.clone(),
+                    topic: g.settings.topic.clone(),
+                    members: g.members.len() as u32,
+                    coordinator: self.node_id() as i32,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.group.cmp(&b.group));
+        out
+    }
+
+    /// Removes `group` and its state; refused while it has members.
+    pub async fn delete(&self, group: &str) -> Result<()> {
+        let shard = self.shard_for(group).await?;
+        let mut st = shard.lock().await;
+        let g = st
+            .groups
+            .get(group)
+            .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))?;
+        if !g.members.is_empty() {
+            return Err(BrokerError::GroupNotEmpty {
+                group: group.to_string(),
+                members: g.members.len(),
+                what: "deleting a share group".into(),
+            });
+        }
+        let tombstones = g.tombstones(group);
+        shard.write(&mut st, tombstones).await.map_err(|e| name_group(e, group))?;
+        tracing::info!(group, "share group deleted");
+        Ok(())
+    }
+
+    /// Stops `group`'s dead-letter writes and waits for one under way; returns the
+    /// dead-letter topic.
+    async fn pause_dead_letters(&self, group: &str) -> Result<String> {
+        let shard = self.shard_for(group).await?;
+        let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+        loop {
+            {
+                let mut st = shard.lock().await;
+                let g = st
+                    .groups
+                    .get_mut(group)
+                    .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))?;
+                g.dead_letters_paused = true;
+                if !g.dead_lettering {
+                    return Ok(g.settings.dead_letter_topic.clone());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.resume_dead_letters(group).await;
+                return Err(BrokerError::TimedOut {
+                    what: format!("pausing share group '{group}''s dead letters"),
+                    after: PAUSE_WAIT,
+                    state: "a dead-letter write is still under way; retry".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn resume_dead_letters(&self, group: &str) {
+        if let Ok(shard) = self.shard_for(group).await {
+            let mut st = shard.lock().await;
+            if let Some(g) = st.groups.get_mut(group) {
+                g.dead_letters_paused = false;
+            }
+        }
+    }
+
+    /// Deletes `group`'s dead-letter topic; returns how many records it held.
+    pub async fn purge_dead_letters(&self, group: &str) -> Result<u64> {
+        let dlq = self.pause_dead_letters(group).await?;
+        let outcome = async {
+            let count = self.dead_letter_count(&dlq).await.unwrap_or(0);
+            self.delete_topic(&dlq).await?;
+            Ok(count)
+        }
+        .await;
+        self.resume_dead_letters(group).await;
+        outcome
+    }
+
+    /// Publishes `group`'s dead letters back to the source topic, then deletes the
+    /// dead-letter topic; returns how many were republished.
+    pub async fn redrive(&self, group: &str) -> Result<u64> {
+        let dlq = self.pause_dead_letters(group).await?;
+        let outcome = self.redrive_paused(group, &dlq).await;
+        self.resume_dead_letters(group).await;
+        outcome
+    }
+
+    async fn redrive_paused(&self, group: &str, dlq: &str) -> Result<u64> {
+        let source = {
+            let shard = self.shard_for(group).await?;
+            let st = shard.lock().await;
+            st.groups
+                .get(group)
+                .map(|g| g.settings.topic.clone())
+                .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))?
+        };
+        let Ok(t) = self.registry().get(dlq) else { return Ok(0) };
+        let source_partitions = (self.registry().get(&source)?.partition_count() as i32).max(1);
+        let tps: Vec<TopicPartition> = (0..t.partition_count() as i32)
+            .map(|p| TopicPartition::new(dlq.to_string(), p))
+            .collect();
+        let ends = end_offsets::lookup(self.registry(), &tps, Spec::Latest).await;
+        let starts = end_offsets::lookup(self.registry(), &tps, Spec::Earliest).await;
+        let mut republished = 0u64;
+        for tp in &tps {
+            let (Some(&end), Some(&start)) = (ends.get(tp), starts.get(tp)) else {
+                return Err(BrokerError::LeaderNotAvailable {
+                    topic: dlq.to_string(),
+                    partition: tp.partition,
+                });
+            };
+            let mut from = start;
+            while from < end {
+                let read = super::fill::read_once(self.registry(), dlq, tp.partition, from).await?;
+                if read.is_empty() {
+                    break;
+                }
+                let mut by_partition: BTreeMap<i32, BatchBuilder> = BTreeMap::new();
+                for batch in BatchIter::new(read) {
+                    let batch = batch.map_err(|e| BrokerError::from_batch(dlq, tp.partition, e))?;
+                    from = from.max(batch.header().next_offset());
+                    if batch.header().is_control() {
+                        continue;
+                    }
+                    for r in batch.records().map_err(|e| BrokerError::from_batch(dlq, tp.partition, e))? {
+                        let r = r.map_err(|e| BrokerError::from_batch(dlq, tp.partition, e))?;
+                        if r.offset >= end {
+                            break;
+                        }
+                        let partition = header_of(&r.headers, dead_letters::SOURCE_PARTITION)
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .filter(|p| (0..source_partitions).contains(p))
+                            .unwrap_or(tp.partition % source_partitions);
+                        let headers = r
+                            .headers
+                            .into_iter()
+                            .filter(|h| !h.key.starts_with(b"conveyor-dlq-"))
+                            .collect();
+                        by_partition
+                            .entry(partition)
+                            .or_insert_with(|| BatchBuilder::new(Compression::None))
+                            .push(&Record {
+                                timestamp: r.timestamp,
+                                key: r.key,
+                                value: r.value,
+                                headers,
+                            });
+                        republished += 1;
+                    }
+                }
+                for (p, builder) in by_partition {
+                    let bytes: Bytes = builder
+                        .build()
+                        .map_err(|e| BrokerError::Internal(format!("a redriven batch: {e}")))?;
+                    dead_letters::append(self, &source, p, bytes).await?;
+                }
+                if republished > MAX_REDRIVE {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "the dead-letter topic holds more than {MAX_REDRIVE} records; redrive in parts"
+                    )));
+                }
+            }
+        }
+        self.delete_topic(dlq).await?;
+        tracing::info!(group, republished, "share group dead letters redriven");
+        Ok(republished)
+    }
+
+    /// Deletes `topic` through the controller.
+    async fn delete_topic(&self, topic: &str) -> Result<()> {
+        if self.registry().get(topic).is_err() {
+            return Ok(());
+        }
+        let controller = self.registry().controller().await?;
+        let transport = self.registry().transport();
+        let mut admin = crate::api::forward::connect(transport, controller).await?;
+        admin
+            .delete_topic(crate::api::forward::forward(DeleteTopicRequest {
+                name: topic.to_string(),
+            }))
+            .await
+            .map_err(|s| BrokerError::BrokerUnreachable {
+                id: controller,
+                address: transport.client_address(controller).unwrap_or_default(),
+                reason: format!("deleting '{topic}': {}", s.message()),
+            })?;
+        Ok(())
+    }
+}
+
+fn header_of(headers: &[conveyor_storage::batch::Header], key: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.key.as_ref() == key.as_bytes())
+        .and_then(|h| h.value.as_deref())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_string)
+}
