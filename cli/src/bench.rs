@@ -6,6 +6,7 @@
 
 mod group_consume;
 mod groups;
+mod queue;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,15 @@ pub enum BenchCommand {
     /// Time from a member joining a stable group until the group is stable again with it
     /// owning partitions, over several rounds.
     Rebalance(groups::RebalanceArgs),
+    /// A share group draining a fresh topic: produce --records records, then time
+    /// --workers share consumers in this process accepting them all; reports accepted
+    /// records/s, each worker's count (the spread) and duplicate deliveries.
+    ///
+    /// Examples:
+    ///   conveyor bench queue --workers 8 --records 100000
+    ///   conveyor bench queue --workers 8 --records 100000 --ordering key --keys 10000
+    #[command(verbatim_doc_comment)]
+    Queue(queue::QueueBenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -176,6 +186,7 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
         BenchCommand::Flood(a) => return crate::flood::run(client, address, a.clone(), format).await,
         BenchCommand::Groups(a) => return groups::groups(client, address, a.clone(), format).await,
         BenchCommand::Rebalance(a) => return groups::rebalance(client, address, a.clone(), format).await,
+        BenchCommand::Queue(a) => return queue::run(client, a.clone(), format).await,
     };
     let args = &args;
     anyhow::ensure!(args.records > 0, "--records must be positive");
@@ -205,7 +216,7 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
             BenchCommand::Consume(a) if a.group.is_some() => group_consume::run(client, &a).await,
             BenchCommand::Consume(a) => consume(client, &a).await,
             BenchCommand::E2e(a) => e2e(client, &a, idempotence).await,
-            BenchCommand::Flood(_) | BenchCommand::Groups(_) | BenchCommand::Rebalance(_) => {
+            BenchCommand::Flood(_) | BenchCommand::Groups(_) | BenchCommand::Rebalance(_) | BenchCommand::Queue(_) => {
                 anyhow::bail!("run above")
             }
         }

@@ -106,7 +106,7 @@ fn text_or_b64(name: &str, bytes: &Option<Bytes>, out: &mut serde_json::Map<Stri
     }
 }
 
-fn record_json(r: &ConsumerRecord) -> Value {
+pub(crate) fn record_json(r: &ConsumerRecord) -> Value {
     let mut obj = serde_json::Map::new();
     obj.insert("partition".into(), json!(r.partition));
     obj.insert("offset".into(), json!(r.offset));
@@ -128,7 +128,12 @@ fn record_json(r: &ConsumerRecord) -> Value {
     Value::Object(obj)
 }
 
-fn print_record(out: &mut impl Write, record: &ConsumerRecord, print_key: bool, format: Format) -> std::io::Result<()> {
+pub(crate) fn print_record(
+    out: &mut impl Write,
+    record: &ConsumerRecord,
+    print_key: bool,
+    format: Format,
+) -> std::io::Result<()> {
     match format {
         Format::Json => writeln!(out, "{}", record_json(record)),
         Format::Text => {

@@ -9,6 +9,7 @@ mod group;
 mod output;
 mod produce;
 mod producers;
+mod queue;
 mod time;
 mod topic;
 
@@ -25,6 +26,7 @@ use output::Format;
 ///   conveyor consume orders --from-beginning --max-records 10
 ///   conveyor consume orders --group billing --idle-timeout 10s
 ///   conveyor group describe billing
+///   conveyor queue consume orders --group workers --ordering key --max-records 10
 ///   conveyor producers orders --partition 0
 ///   conveyor bench produce --topic bench --records 1000000 --record-size 100
 ///   conveyor --broker 127.0.0.1:9292,127.0.0.1:9392 cluster info
@@ -72,6 +74,26 @@ enum Command {
     ///   conveyor group delete billing
     #[command(subcommand, verbatim_doc_comment)]
     Group(group::GroupCommand),
+    /// Consume a topic as a queue (share groups), and administer share groups
+    ///
+    /// A share group hands each record of its topic to one member at a time, locked to
+    /// it until acknowledged: accepted (done), released (delivered again, maybe after a
+    /// delay) or rejected (written to the group's dead-letter topic). A record not
+    /// acknowledged before its lock runs out goes to another member; one delivered too
+    /// often is dead-lettered. Unlike a consumer group, any number of members may share a
+    /// partition. Members join with `conveyor queue consume TOPIC --group G` or the Rust
+    /// client's `Client::share_consumer`. Each group has a share coordinator broker; these
+    /// commands find it, and `queue list` asks every broker.
+    ///
+    /// Examples:
+    ///   conveyor queue consume orders --group workers --ordering key --max-records 10
+    ///   conveyor queue describe workers
+    ///   conveyor queue list --output json
+    ///   conveyor queue redrive workers
+    ///   conveyor queue purge-dlq workers
+    ///   conveyor queue delete workers
+    #[command(subcommand, verbatim_doc_comment)]
+    Queue(queue::QueueCommand),
     /// Describe the cluster, add and remove brokers, spread replicas.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -119,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Offsets(args) => cluster::offsets(&client, args, cli.output).await,
         Command::Producers(args) => producers::run(&client, args, cli.output).await,
         Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
+        Command::Queue(cmd) => queue::run(&client, cmd, cli.output).await,
         Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
         Command::Partition(cmd) => cluster::partition(&client, cmd, cli.output).await,
         Command::Bench(cmd) => bench::run(&client, first_address(&cli.broker), cmd, cli.output).await,

@@ -191,7 +191,8 @@ impl ClientError {
                 | ErrorCode::NotCoordinator
                 | ErrorCode::UnknownMember
                 | ErrorCode::FencedMemberEpoch
-                | ErrorCode::GroupNotEmpty,
+                | ErrorCode::GroupNotEmpty
+                | ErrorCode::StaleDelivery,
             ) => tonic::Code::FailedPrecondition,
             Ok(ErrorCode::Storage) => tonic::Code::Internal,
             Ok(ErrorCode::TimedOut) => tonic::Code::DeadlineExceeded,

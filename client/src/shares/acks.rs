@@ -130,7 +130,7 @@ fn refused(topic: &str, partition: i32, offset: u64, kind: &AckKind, r: &ShareAc
         AckKind::Reject(_) => "reject",
         AckKind::Renew => "renewal",
     };
-    let hint = if r.error == ErrorCode::FencedMemberEpoch as i32 {
+    let hint = if r.error == ErrorCode::StaleDelivery as i32 {
         " (its lock ran out and it went to another member, or it was acknowledged already)"
     } else {
         ""
@@ -284,7 +284,7 @@ mod tests {
         };
         batch.resolve(
             &[
-                result(2, 9, 9, ErrorCode::FencedMemberEpoch),
+                result(2, 9, 9, ErrorCode::StaleDelivery),
                 result(0, 3, 4, ErrorCode::Unspecified),
             ],
             "orders",
@@ -292,7 +292,14 @@ mod tests {
         assert!(a_rx.await.expect("answered").is_ok());
         assert!(b_rx.await.expect("answered").is_ok());
         let refused = c_rx.await.expect("answered").expect_err("refused");
-        assert_eq!(refused.code(), Some(ErrorCode::FencedMemberEpoch));
+        assert_eq!(refused.code(), Some(ErrorCode::StaleDelivery));
+        assert!(matches!(
+            refused,
+            ClientError::Broker {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }
+        ));
         assert!(
             refused.to_string().contains("partition 2 offset 9: stale token"),
             "{refused}"

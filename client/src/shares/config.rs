@@ -76,7 +76,7 @@ pub struct ShareConfig {
     pub lock_duration: Option<Duration>,
     /// Deliveries before a record is dead-lettered (1 to 100; default 5).
     pub max_delivery_count: Option<u32>,
-    /// Most records per partition in flight in the group (10 to 100,000; default 2,000).
+    /// Most records per partition in flight in the group (10 to 10,000; default 2,000).
     pub max_inflight_records: Option<u32>,
     pub auto_offset_reset: Option<ShareOffsetReset>,
     /// Default `<topic>.<group>.dlq`.

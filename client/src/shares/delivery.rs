@@ -131,8 +131,8 @@ impl Delivery {
     }
 
     /// Done: the record is never delivered again. Resolves when the broker applied it; an
-    /// error when it refused it (FENCED_MEMBER_EPOCH: the lock ran out and the record went
-    /// elsewhere, or it was acknowledged already) or the acknowledgement could not be
+    /// error when it refused it (STALE_DELIVERY: the lock ran out and the record went back
+    /// to the group or to another member, or it was acknowledged already) or the acknowledgement could not be
     /// sent (the record is then delivered again once its lock runs out: at least once).
     pub async fn accept(self) -> Result<()> {
         self.settle(AckKind::Accept).await

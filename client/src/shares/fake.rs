@@ -64,7 +64,7 @@ pub(crate) struct Fake {
     /// Answers to the next fetches, in order; once empty, an empty answer after a short wait.
     pub(crate) fetches: Mutex<VecDeque<Vec<SharePartitionData>>>,
     /// Acknowledgements of ranges holding any of these (partition, offset) are refused
-    /// FENCED_MEMBER_EPOCH.
+    /// STALE_DELIVERY.
     pub(crate) refuse: Mutex<HashSet<(i32, u64)>>,
     /// When set, the next join is refused with it.
     pub(crate) join_refusal: Mutex<Option<ErrorCode>>,
@@ -123,7 +123,7 @@ impl Fake {
                     partition: a.partition,
                     first_offset: a.first_offset,
                     last_offset: a.last_offset,
-                    error: if refuse { ErrorCode::FencedMemberEpoch as i32 } else { 0 },
+                    error: if refuse { ErrorCode::StaleDelivery as i32 } else { 0 },
                     message: if refuse {
                         "stale token (scripted)".into()
                     } else {

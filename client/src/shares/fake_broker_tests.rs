@@ -129,7 +129,7 @@ async fn a_refused_acknowledgement_is_the_error_of_its_accept_and_the_others_suc
     let results = tokio::time::timeout(PROMPTLY, results).await.expect("answered in time");
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
     let refused = results[1].as_ref().expect_err("refused");
-    assert_eq!(refused.code(), Some(ErrorCode::FencedMemberEpoch));
+    assert_eq!(refused.code(), Some(ErrorCode::StaleDelivery));
     assert!(refused.to_string().contains("partition 0 offset 1"), "{refused}");
     consumer.close().await.expect("closed");
 }

@@ -1,0 +1,220 @@
+//! `conveyor bench queue --workers W --records N`: a share group draining a fresh topic. The
+//! records are produced first; then W share consumers in this process, each with its own
+//! connection, accept every delivery, and the time until N records were accepted is the
+//! measure. Per-worker counts show how evenly the group spreads the work; duplicates
+//! (deliveries of a record already delivered) show redeliveries.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use conveyor_client::{Client, Compression, ShareConfig, ShareOffsetReset, ShareOrdering};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::json;
+
+use super::{BenchArgs, progress};
+use crate::output::{self, Format};
+use crate::produce::AcksArg;
+use crate::queue::consume::OrderingArg;
+
+/// Acknowledgements a worker awaits at once.
+const ACKS_IN_FLIGHT: usize = 2000;
+
+#[derive(Debug, Clone, Args)]
+pub struct QueueBenchArgs {
+    /// Share consumers, each with its own connection.
+    #[arg(long, default_value_t = 8)]
+    pub workers: u32,
+    /// Records to produce, then to accept.
+    #[arg(long, default_value_t = 100_000)]
+    pub records: u64,
+    /// Partitions of the fresh topic.
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
+    /// The share group's ordering: key (same-key records one at a time) or none.
+    #[arg(long, value_enum, default_value = "none")]
+    pub ordering: OrderingArg,
+    /// Give records keys from a space of this many distinct keys (default: no keys).
+    #[arg(long, value_name = "N")]
+    pub keys: Option<u64>,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Give up after this long: a duration such as 90s or 10m; a bare number counts seconds.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::time::parse_secs)]
+    pub timeout: Duration,
+}
+
+/// What one worker saw.
+#[derive(Debug, Default)]
+struct Worker {
+    accepted: u64,
+    refused: u64,
+    /// Every (partition, offset) delivered to it, duplicates included.
+    delivered: Vec<(i32, u64)>,
+}
+
+pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyhow::Result<()> {
+    anyhow::ensure!(args.workers > 0, "--workers must be positive");
+    anyhow::ensure!(args.records > 0, "--records must be positive");
+    anyhow::ensure!(args.keys != Some(0), "--keys must be positive");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let topic = format!("bench-queue-{stamp}");
+    let group = format!("bench-queue-{stamp}");
+    let produce = produce_args(&topic, &args);
+    super::ensure_topic(client, &topic, args.partitions, 1, &[]).await?;
+    let produced = tokio::time::timeout(args.timeout, super::produce(client, &produce, true, None))
+        .await
+        .map_err(|_| anyhow::anyhow!("producing did not finish within {:?} (--timeout)", args.timeout))??;
+    if let Some(e) = produced.first_error {
+        anyhow::bail!("{} record(s) could not be produced; first error: {e}", produced.errors);
+    }
+    let target = args.records;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let bar = progress(target, "queue");
+    let mut consumers = Vec::new();
+    for _ in 0..args.workers {
+        // Each worker its own connection, as separate processes would have.
+        let own = Client::connect(client.address()).await?;
+        consumers.push(own.share_consumer(&group, &topic, config(&args)).await?);
+    }
+    let start = Instant::now();
+    let workers: Vec<_> = consumers
+        .into_iter()
+        .map(|consumer| tokio::spawn(work(consumer, target, Arc::clone(&accepted), bar.clone())))
+        .collect();
+    let drained = tokio::time::timeout(args.timeout, futures::future::join_all(workers)).await;
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let mut seen = Vec::new();
+    for w in drained.map_err(|_| {
+        anyhow::anyhow!(
+            "the workers did not accept {target} records within {:?} (--timeout)",
+            args.timeout
+        )
+    })? {
+        seen.push(w??);
+    }
+    report(&args, &topic, &seen, elapsed, format);
+    Ok(())
+}
+
+fn produce_args(topic: &str, args: &QueueBenchArgs) -> BenchArgs {
+    BenchArgs {
+        topic: topic.to_string(),
+        records: args.records,
+        record_size: args.record_size,
+        keys: args.keys,
+        rate: None,
+        producers: 1,
+        partitions: args.partitions,
+        replication_factor: 1,
+        configs: Vec::new(),
+        acks: AcksArg::All,
+        idempotence: None,
+        batch_size: 256 * 1024,
+        linger: Duration::from_millis(1),
+        compression: Compression::None,
+        broker_metrics: Vec::new(),
+        group: None,
+        consumers: 1,
+        timeout: args.timeout,
+    }
+}
+
+fn config(args: &QueueBenchArgs) -> ShareConfig {
+    ShareConfig::default()
+        .auto_offset_reset(ShareOffsetReset::Earliest)
+        .ordering(match args.ordering {
+            OrderingArg::Key => ShareOrdering::Key,
+            OrderingArg::None => ShareOrdering::None,
+        })
+}
+
+/// Accepts every delivery until the workers together accepted `target` records.
+async fn work(
+    mut consumer: conveyor_client::ShareConsumer,
+    target: u64,
+    accepted: Arc<AtomicU64>,
+    bar: indicatif::ProgressBar,
+) -> anyhow::Result<Worker> {
+    let mut me = Worker::default();
+    let mut acks = FuturesUnordered::new();
+    while accepted.load(Ordering::Relaxed) < target {
+        tokio::select! {
+            Some(answer) = acks.next(), if !acks.is_empty() => {
+                let answer: conveyor_client::Result<()> = answer;
+                if answer.is_ok() {
+                    me.accepted += 1;
+                    let now = accepted.fetch_add(1, Ordering::Relaxed) + 1;
+                    if now.is_multiple_of(1000) {
+                        bar.set_position(now);
+                    }
+                } else {
+                    me.refused += 1;
+                }
+            }
+            next = tokio::time::timeout(Duration::from_millis(200), consumer.next()), if acks.len() < ACKS_IN_FLIGHT => {
+                match next {
+                    Err(_idle) => {}
+                    Ok(None) => anyhow::bail!("the share consumer's stream ended"),
+                    Ok(Some(Err(e))) if e.is_retriable() => eprintln!("warning: {e}"),
+                    Ok(Some(Err(e))) => return Err(e.into()),
+                    Ok(Some(Ok(delivery))) => {
+                        me.delivered.push((delivery.record().partition, delivery.record().offset));
+                        acks.push(delivery.accept());
+                    }
+                }
+            }
+        }
+    }
+    // Deliveries still being acknowledged finish, and count, before the worker leaves.
+    while let Some(answer) = acks.next().await {
+        if answer.is_ok() {
+            me.accepted += 1;
+        } else {
+            me.refused += 1;
+        }
+    }
+    consumer.close().await?;
+    Ok(me)
+}
+
+fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Duration, format: Format) {
+    let accepted: u64 = workers.iter().map(|w| w.accepted).sum();
+    let refused: u64 = workers.iter().map(|w| w.refused).sum();
+    let deliveries: usize = workers.iter().map(|w| w.delivered.len()).sum();
+    let distinct: HashSet<(i32, u64)> = workers.iter().flat_map(|w| w.delivered.iter().copied()).collect();
+    let duplicates = deliveries - distinct.len();
+    let per_worker: Vec<u64> = workers.iter().map(|w| w.accepted).collect();
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let rate = accepted as f64 / secs;
+    let ordering = match args.ordering {
+        OrderingArg::Key => "key",
+        OrderingArg::None => "none",
+    };
+    match format {
+        Format::Json => output::json(&json!({
+            "mode": "queue", "topic": topic, "workers": args.workers, "partitions": args.partitions,
+            "ordering": ordering, "keys": args.keys, "record_size": args.record_size,
+            "records": args.records, "accepted": accepted, "seconds": secs, "records_per_sec": rate,
+            "per_worker": per_worker, "deliveries": deliveries, "duplicates": duplicates, "refused_acks": refused,
+        })),
+        Format::Text => {
+            println!(
+                "queue: {accepted} records accepted in {secs:.2} s: {rate:.0} records/s by {} workers ({} partitions, ordering {ordering}{})",
+                args.workers,
+                args.partitions,
+                args.keys.map(|k| format!(", {k} keys")).unwrap_or_default()
+            );
+            let counts: Vec<String> = per_worker.iter().map(u64::to_string).collect();
+            println!("per worker: {}", counts.join(" "));
+            println!("duplicates: {duplicates} (deliveries of a record already delivered); refused acks: {refused}");
+        }
+    }
+}
