@@ -8,6 +8,7 @@
 //! - [`checker`]: compare acknowledged writes with what was read back.
 //! - [`cluster`]: N brokers with a fault proxy on every link between them.
 //! - [`raw_produce`]: idempotent produce of exact batches over raw gRPC.
+//! - [`share_raw`]: share group members over the raw `Shares` protocol.
 //! - [`keyed`]: keyed writes, tombstones and the latest value per key (compaction tests).
 //! - [`group_member`]: consumer group members run in-process through the client, recording
 //!   what they are handed, and producers that feed them.
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod group_member;
 pub mod keyed;
 pub mod raw_produce;
+pub mod share_raw;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
