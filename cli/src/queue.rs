@@ -203,6 +203,7 @@ fn age(ms: u64) -> String {
     match ms {
         0 => "-".into(),
         1..1_000 => format!("{ms}ms"),
+        1_000..60_000 if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
         1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
         60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000),
         _ => format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
@@ -352,6 +353,7 @@ mod tests {
         assert_eq!(age(0), "-");
         assert_eq!(age(850), "850ms");
         assert_eq!(age(12_500), "12.5s");
+        assert_eq!(age(30_000), "30s");
         assert_eq!(age(245_000), "4m05s");
         assert_eq!(age(7_800_000), "2h10m");
     }

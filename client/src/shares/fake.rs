@@ -68,6 +68,9 @@ pub(crate) struct Fake {
     pub(crate) refuse: Mutex<HashSet<(i32, u64)>>,
     /// When set, the next join is refused with it.
     pub(crate) join_refusal: Mutex<Option<ErrorCode>>,
+    /// When set (ms), the group's lock duration: fetches and renewals lock for this long
+    /// from now. Unset, locks end far in the future.
+    pub(crate) lock_ms: std::sync::atomic::AtomicU64,
     /// Join streams open now, and ended so far (by the client or by [`Fake::end_sessions`]).
     pub(crate) sessions_open: AtomicUsize,
     pub(crate) sessions_ended: AtomicUsize,
@@ -114,6 +117,14 @@ impl Fake {
         }
     }
 
+    /// When a lock taken now ends.
+    fn locked_until(&self) -> i64 {
+        match self.lock_ms.load(Ordering::SeqCst) {
+            0 => LOCKED_UNTIL_MS,
+            ms => conveyor_storage::unix_millis() + ms as i64,
+        }
+    }
+
     fn results(&self, acks: &[ShareAck]) -> Vec<ShareAckResult> {
         let refused = Self::lock(&self.refuse);
         acks.iter()
@@ -129,7 +140,7 @@ impl Fake {
                     } else {
                         String::new()
                     },
-                    locked_until_ms: LOCKED_UNTIL_MS,
+                    locked_until_ms: self.locked_until(),
                 }
             })
             .collect()
@@ -138,12 +149,12 @@ impl Fake {
 
 struct SharesService(Arc<Fake>);
 
-fn event(topic: &str) -> ShareSessionEvent {
+fn event(topic: &str, lock_ms: u64) -> ShareSessionEvent {
     ShareSessionEvent {
         topic: topic.to_string(),
         settings: Some(ShareGroupSettings {
             ordering: Some("none".into()),
-            lock_duration_ms: Some(30_000),
+            lock_duration_ms: Some(if lock_ms == 0 { 30_000 } else { lock_ms as u32 }),
             max_delivery_count: Some(5),
             max_inflight_records: Some(2000),
             auto_offset_reset: Some("latest".into()),
@@ -175,7 +186,9 @@ impl Shares for SharesService {
             return Err(refusal(code, None));
         }
         let (tx, rx) = mpsc::channel(4);
-        let _ = tx.send(Ok(event(&request.topic))).await;
+        let _ = tx
+            .send(Ok(event(&request.topic, self.0.lock_ms.load(Ordering::SeqCst))))
+            .await;
         let fake = Arc::clone(&self.0);
         let mut ended = fake.end_sessions.subscribe();
         ended.mark_unchanged();
@@ -208,7 +221,7 @@ impl Shares for SharesService {
         Ok(tonic::Response::new(ShareFetchResponse {
             partitions,
             ack_results,
-            locked_until_ms: LOCKED_UNTIL_MS,
+            locked_until_ms: self.0.locked_until(),
         }))
     }
 

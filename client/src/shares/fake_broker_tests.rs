@@ -198,3 +198,40 @@ async fn a_join_the_coordinator_refuses_is_the_error_of_creating_the_consumer() 
     let joins = fake.calls().iter().filter(|c| matches!(c, Call::Join(_))).count();
     assert_eq!(joins, 1, "a refusal is not retried");
 }
+
+#[tokio::test]
+async fn a_held_delivery_has_its_lock_renewed_before_it_runs_out_and_a_dropped_one_does_not() {
+    let (fake, address) = fake::start().await;
+    // A 600 ms lock: held locks are looked at every 100 ms, renewed with 200 ms or less left.
+    fake.lock_ms.store(600, Ordering::SeqCst);
+    fake.script(vec![partition(0, 2, vec![range(0, 1, 1, 9)])]);
+    let client = Client::connect(&address).await.expect("connect");
+    let config = ShareConfig::default().auto_renew(Some(Duration::from_secs(60)));
+    let mut consumer = client.share_consumer("g", "orders", config).await.expect("joined");
+    let mut deliveries = take(&mut consumer, 2).await;
+    let held = deliveries.remove(0);
+    drop(deliveries);
+    let first_lock = held.locked_until();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let renewals = |offset: u64| {
+        let (piggybacked, acknowledged) = acks(&fake);
+        [piggybacked, acknowledged]
+            .concat()
+            .iter()
+            .filter(|a| a.kind == ShareAckKind::Renew as i32 && a.first_offset <= offset && offset <= a.last_offset)
+            .count()
+    };
+    assert!(
+        renewals(0) >= 2,
+        "renewed through 1.5 s of a 600 ms lock: {:?}",
+        acks(&fake)
+    );
+    assert_eq!(renewals(1), 0, "the dropped delivery is left to run out");
+    assert!(held.locked_until() > first_lock, "the lock moved");
+    assert!(
+        held.locked_until() > conveyor_storage::unix_millis(),
+        "still locked after 1.5 s"
+    );
+    held.accept().await.expect("still ours");
+    consumer.close().await.expect("closed");
+}
