@@ -38,6 +38,8 @@ use crate::groups::coordinator::{self, GroupKind};
 
 /// `Acknowledge` calls in flight at once.
 const MAX_ACK_CALLS: usize = 4;
+/// Acknowledgements taken off the queue in one step of the loop.
+const ACKS_PER_STEP: usize = 4096;
 /// How long an `Acknowledge` call may take.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much longer than its `max_wait` a fetch may take before it counts as lost.
@@ -139,7 +141,16 @@ impl Driver {
             let waiting_for_room = s.fetch.is_none() && !s.closing;
             tokio::select! {
                 _ = &mut close, if !s.closing => s.closing = true,
-                Some(ack) = self.acks_rx.recv() => s.pending.push(ack),
+                Some(ack) = self.acks_rx.recv() => {
+                    s.pending.push(ack);
+                    // Whatever else is queued joins it in one step, so one request carries it.
+                    for _ in 0..ACKS_PER_STEP {
+                        match self.acks_rx.try_recv() {
+                            Ok(ack) => s.pending.push(ack),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Some(answer) = OptionFuture::from(s.fetch.as_mut()), if s.fetch.is_some() => {
                     s.fetch = None;
                     self.fetched(&mut s, answer);

@@ -235,3 +235,15 @@ async fn a_held_delivery_has_its_lock_renewed_before_it_runs_out_and_a_dropped_o
     held.accept().await.expect("still ours");
     consumer.close().await.expect("closed");
 }
+
+#[tokio::test]
+async fn dropping_the_consumer_ends_its_join_stream_too() {
+    let (fake, consumer) = consumer(ShareConfig::default()).await;
+    assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 1);
+    drop(consumer);
+    fake.wait_for(PROMPTLY, "the Join stream to end", |f| {
+        f.sessions_ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 0);
+}
