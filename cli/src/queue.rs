@@ -348,6 +348,35 @@ mod tests {
         );
     }
 
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        queue: QueueCommand,
+    }
+
+    #[test]
+    fn administration_commands_take_the_group_and_are_named_as_documented() {
+        use clap::Parser;
+        let parse = |args: &[&str]| Cli::try_parse_from(std::iter::once("queue").chain(args.iter().copied()));
+        assert!(matches!(
+            parse(&["purge-dlq", "workers"]).expect("purge-dlq").queue,
+            QueueCommand::PurgeDlq { group } if group == "workers"
+        ));
+        assert!(matches!(
+            parse(&["redrive", "workers"]).expect("redrive").queue,
+            QueueCommand::Redrive { .. }
+        ));
+        assert!(parse(&["describe"]).is_err(), "a group is required");
+        let QueueCommand::Consume(c) = parse(&["consume", "orders", "--group", "w", "--ack", "reject"])
+            .expect("consume")
+            .queue
+        else {
+            panic!("consume")
+        };
+        assert_eq!((c.topic.as_str(), c.group.as_str()), ("orders", "w"));
+        assert!(parse(&["consume", "orders"]).is_err(), "--group is required");
+    }
+
     #[test]
     fn ages_read_in_the_unit_that_fits() {
         assert_eq!(age(0), "-");

@@ -1,7 +1,7 @@
 //! `conveyor bench queue --workers W --records N`: a share group draining a fresh topic. The
 //! records are produced first; then W share consumers in this process, each with its own
-//! connection, accept every delivery, and the time until N records were accepted is the
-//! measure. Per-worker counts show how evenly the group spreads the work; duplicates
+//! connection, accept every delivery, and the time from the first join until N records
+//! were accepted is the measure. Per-worker counts show how evenly the group spreads the work; duplicates
 //! (deliveries of a record already delivered) show redeliveries.
 
 use std::collections::HashSet;
@@ -77,13 +77,14 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     let target = args.records;
     let accepted = Arc::new(AtomicU64::new(0));
     let bar = progress(target, "queue");
+    // From before the first join: a worker fetches as soon as it joined.
+    let start = Instant::now();
     let mut consumers = Vec::new();
     for _ in 0..args.workers {
         // Each worker its own connection, as separate processes would have.
         let own = Client::connect(client.address()).await?;
         consumers.push(own.share_consumer(&group, &topic, config(&args)).await?);
     }
-    let start = Instant::now();
     let workers: Vec<_> = consumers
         .into_iter()
         .map(|consumer| tokio::spawn(work(consumer, target, Arc::clone(&accepted), bar.clone())))
