@@ -109,7 +109,7 @@ fn bad_share_requests_are_refused_and_change_nothing() {
                 "ordering",
             ),
         ] {
-            let e = RawMember::join(&addr, "g", "m", "jobs", settings).await.err().expect("refused");
+            let e = RawMember::join(&addr, "g", "m", "jobs", settings).await.expect_err("refused");
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
             assert!(e.message().contains(words), "{e:?}");
         }
@@ -122,8 +122,7 @@ fn bad_share_requests_are_refused_and_change_nothing() {
         assert_eq!(detail(&e).code, ErrorCode::UnknownGroup as i32);
         let e = RawMember::join(&addr, "g", "m", "", ShareGroupSettings::default())
             .await
-            .err()
-            .expect("no topic for a new group");
+            .expect_err("no topic for a new group");
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
         let _m = RawMember::join(&addr, "g", "m", "jobs", earliest()).await.expect("join");
         let e = RawMember::join(
@@ -137,8 +136,7 @@ fn bad_share_requests_are_refused_and_change_nothing() {
             },
         )
         .await
-        .err()
-        .expect("different ordering");
+        .expect_err("different ordering");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("ordering"), "{e:?}");
     });

@@ -295,12 +295,12 @@ impl Worker {
     }
 }
 
+/// A count per record: (partition, offset) → n.
+type PerRecord = HashMap<(i32, u64), u32>;
+
 /// How many times each record was delivered and accepted (answered as applied), over all
 /// workers; panics on a record that is not the one produced at its offset.
-fn counts(
-    tallies: &[Tally],
-    produced: &HashMap<(i32, u64), usize>,
-) -> (HashMap<(i32, u64), u32>, HashMap<(i32, u64), u32>) {
+fn counts(tallies: &[Tally], produced: &HashMap<(i32, u64), usize>) -> (PerRecord, PerRecord) {
     let (mut delivered, mut accepted) = (HashMap::new(), HashMap::new());
     for t in tallies {
         for (r, _) in &t.delivered {
