@@ -547,6 +547,13 @@ fn share_coordinator_sigkilled_mid_stream_redelivers_nothing_acknowledged() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
+        // Then killed just after an accept is answered, while others are on their way: an
+        // answer sent before its records were committed would show as a delivery again.
+        let answered_before = board.accepted();
+        while board.accepted() < answered_before + KILL_AFTER / 10 {
+            assert!(Instant::now() < board.deadline, "accepts stopped before the kill");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let victim = cluster
             .ids()
             .into_iter()
