@@ -7,6 +7,7 @@
 mod group_consume;
 mod groups;
 mod queue;
+mod redis_queue;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +67,13 @@ pub enum BenchCommand {
     ///   conveyor bench queue --workers 8 --records 100000 --ordering key --keys 10000
     #[command(verbatim_doc_comment)]
     Queue(queue::QueueBenchArgs),
+    /// The same work as `bench queue` on Redis Streams (XREADGROUP + XACK, pipelined, one
+    /// connection per worker), for a side-by-side figure; needs a running redis-server.
+    ///
+    /// Example:
+    ///   conveyor bench redis-queue --redis 127.0.0.1:6379 --workers 8 --records 100000
+    #[command(verbatim_doc_comment)]
+    RedisQueue(redis_queue::RedisQueueArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -187,6 +195,7 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
         BenchCommand::Groups(a) => return groups::groups(client, address, a.clone(), format).await,
         BenchCommand::Rebalance(a) => return groups::rebalance(client, address, a.clone(), format).await,
         BenchCommand::Queue(a) => return queue::run(client, a.clone(), format).await,
+        BenchCommand::RedisQueue(a) => return redis_queue::run(a.clone(), format).await,
     };
     let args = &args;
     anyhow::ensure!(args.records > 0, "--records must be positive");
@@ -216,7 +225,11 @@ pub async fn run(client: &Client, address: &str, cmd: BenchCommand, format: Form
             BenchCommand::Consume(a) if a.group.is_some() => group_consume::run(client, &a).await,
             BenchCommand::Consume(a) => consume(client, &a).await,
             BenchCommand::E2e(a) => e2e(client, &a, idempotence).await,
-            BenchCommand::Flood(_) | BenchCommand::Groups(_) | BenchCommand::Rebalance(_) | BenchCommand::Queue(_) => {
+            BenchCommand::Flood(_)
+            | BenchCommand::Groups(_)
+            | BenchCommand::Rebalance(_)
+            | BenchCommand::Queue(_)
+            | BenchCommand::RedisQueue(_) => {
                 anyhow::bail!("run above")
             }
         }

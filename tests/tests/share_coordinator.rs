@@ -30,7 +30,9 @@ fn records_are_acquired_once_and_acknowledged_once() {
     assert!(out.status.success(), "{out:?}");
     produce(&addr, "jobs", 40);
     runtime().block_on(async {
-        let mut a = RawMember::join(&addr, "workers", "a", "jobs", earliest()).await.expect("join a");
+        let mut a = RawMember::join(&addr, "workers", "a", "jobs", earliest())
+            .await
+            .expect("join a");
         assert_eq!(a.first.partitions, 2);
         let mut b = RawMember::join(&addr, "workers", "b", "", ShareGroupSettings::default())
             .await
@@ -39,7 +41,11 @@ fn records_are_acquired_once_and_acknowledged_once() {
         let mut held = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while seen.len() < 40 {
-            assert!(std::time::Instant::now() < deadline, "only {} records acquired", seen.len());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} records acquired",
+                seen.len()
+            );
             for m in [&mut a, &mut b] {
                 let (got, _) = m.fetch(7, Duration::from_millis(200), Vec::new()).await.expect("fetch");
                 for r in got {
@@ -65,7 +71,9 @@ fn records_are_acquired_once_and_acknowledged_once() {
         assert_eq!(results[0].error, ErrorCode::StaleDelivery as i32, "{results:?}");
         let d = a
             .client
-            .describe_share_group(DescribeShareGroupRequest { group: "workers".into() })
+            .describe_share_group(DescribeShareGroupRequest {
+                group: "workers".into(),
+            })
             .await
             .expect("describe")
             .into_inner();
@@ -74,7 +82,10 @@ fn records_are_acquired_once_and_acknowledged_once() {
             assert_eq!((p.available, p.acquired), (0, 0), "{d:?}");
         }
         assert_eq!(d.members.len(), 2);
-        let (more, _) = a.fetch(10, Duration::from_millis(100), Vec::new()).await.expect("fetch");
+        let (more, _) = a
+            .fetch(10, Duration::from_millis(100), Vec::new())
+            .await
+            .expect("fetch");
         assert!(more.is_empty(), "accepted records delivered again: {more:?}");
     });
 }
@@ -109,7 +120,9 @@ fn bad_share_requests_are_refused_and_change_nothing() {
                 "ordering",
             ),
         ] {
-            let e = RawMember::join(&addr, "g", "m", "jobs", settings).await.expect_err("refused");
+            let e = RawMember::join(&addr, "g", "m", "jobs", settings)
+                .await
+                .expect_err("refused");
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
             assert!(e.message().contains(words), "{e:?}");
         }
@@ -124,7 +137,9 @@ fn bad_share_requests_are_refused_and_change_nothing() {
             .await
             .expect_err("no topic for a new group");
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-        let _m = RawMember::join(&addr, "g", "m", "jobs", earliest()).await.expect("join");
+        let _m = RawMember::join(&addr, "g", "m", "jobs", earliest())
+            .await
+            .expect("join");
         let e = RawMember::join(
             &addr,
             "g",

@@ -9,9 +9,9 @@ pub mod admission;
 pub mod fetch;
 pub mod forward;
 pub mod groups;
-pub mod shares;
 pub mod inflate_budget;
 pub mod produce;
+pub mod shares;
 
 use std::sync::Arc;
 

@@ -185,7 +185,14 @@ impl<S: StateMachine> Shard<S> {
         self.pending.fetch_add(1, Ordering::AcqRel);
         let enqueued = self
             .partition
-            .enqueue_in(Some(self.term), batches, Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
+            .enqueue_in(
+                Some(self.term),
+                batches,
+                Acks::All,
+                None,
+                Vec::new(),
+                Some(WRITE_TIMEOUT),
+            )
             .await;
         let mut queued = queued;
         queued.done = true;
@@ -228,6 +235,11 @@ impl<S: StateMachine> Shard<S> {
 pub struct Committed(Option<tokio::task::JoinHandle<Result<()>>>);
 
 impl Committed {
+    /// Nothing to wait for.
+    pub fn done() -> Committed {
+        Committed(None)
+    }
+
     /// Waits for the commit (the shard is marked lost if it fails, whether or not this is
     /// awaited).
     pub async fn wait(self) -> Result<()> {

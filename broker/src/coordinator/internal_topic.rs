@@ -97,8 +97,7 @@ impl Registry {
             TopicKind::Internal => internal_configs(),
             TopicKind::DeadLetter => BTreeMap::new(),
         };
-        match self.create_topic_unchecked(name, partitions, rf, configs).await
-        {
+        match self.create_topic_unchecked(name, partitions, rf, configs).await {
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
             Err(e) => Err(e),
         }

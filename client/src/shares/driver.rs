@@ -1,6 +1,5 @@
 //! The share consumer's background task: fetches while the prefetch buffer has room, sends
-//! acknowledgements (piggybacked on the next fetch, or batched into `Acknowledge` after
-//! `ack_linger`), renews held locks when `auto_renew` asks for it, and on close flushes
+//! acknowledgements (batched into `Acknowledge` calls after `ack_linger`), renews held locks when `auto_renew` asks for it, and on close flushes
 //! every acknowledgement before it ends.
 //!
 //! # Invariants
@@ -164,15 +163,18 @@ impl Driver {
         }
     }
 
-    /// Starts a fetch, carrying every pending acknowledgement, when there is room for its
-    /// deliveries and none is in flight.
+    /// Starts a fetch when there is room for its deliveries and none is in flight.
     fn start_fetch(&self, s: &mut State) {
         let buffered = self.buffered.count();
         if s.fetch.is_some() || s.closing || s.not_before.is_some() || buffered >= self.config.prefetch {
             return;
         }
         let room = u32::try_from(self.config.prefetch - buffered).unwrap_or(u32::MAX);
-        let batch = s.pending.take_batch();
+        // Acknowledgements go in `Acknowledge` calls of their own, never on a fetch: the
+        // coordinator answers acknowledgements after their commit, and a fetch carrying
+        // them would wait for it too, while records are ready (measured in docs/queues.md:
+        // piggybacked acknowledgements cut a group's throughput by the commit latency).
+        let batch = AckBatch::default();
         let request = ShareFetchRequest {
             group: self.group.clone(),
             member_id: self.member_id.clone(),

@@ -25,7 +25,7 @@ impl ShareCoordinator {
     pub async fn describe(&self, group: &str) -> Result<ShareGroupDescription> {
         let shard = self.shard_for(group).await?;
         let now = conveyor_storage::unix_millis();
-        let (mut out, topic, dlq) = {
+        let (mut out, topic) = {
             let st = shard.lock().await;
             let g = st
                 .groups
@@ -68,11 +68,10 @@ impl ShareCoordinator {
                     coordinator: self.node_id() as i32,
                     members,
                     partitions,
-                    dead_letters: None,
+                    dead_letters: Some(g.windows.values().map(|w| w.dead_letters).sum()),
                     dead_letters_written: g.dead_letters_written,
                 },
                 g.settings.topic.clone(),
-                g.settings.dead_letter_topic.clone(),
             )
         };
         let tps: Vec<TopicPartition> = out
@@ -87,24 +86,7 @@ impl ShareCoordinator {
                 p.lag = Some(end.saturating_sub(p.start_offset));
             }
         }
-        out.dead_letters = self.dead_letter_count(&dlq).await;
         Ok(out)
-    }
-
-    /// Records in `topic` (high watermarks minus log starts), if it exists and every
-    /// partition could be asked.
-    async fn dead_letter_count(&self, topic: &str) -> Option<u64> {
-        let t = self.registry().get(topic).ok()?;
-        let tps: Vec<TopicPartition> = (0..t.partition_count() as i32)
-            .map(|p| TopicPartition::new(topic.to_string(), p))
-            .collect();
-        let ends = end_offsets::lookup(self.registry(), &tps, Spec::Latest).await;
-        let starts = end_offsets::lookup(self.registry(), &tps, Spec::Earliest).await;
-        let mut total = 0;
-        for tp in &tps {
-            total += ends.get(tp)?.saturating_sub(*starts.get(tp)?);
-        }
-        Some(total)
     }
 
     /// The share groups this broker coordinates.
@@ -141,7 +123,10 @@ impl ShareCoordinator {
             });
         }
         let tombstones = g.tombstones(group);
-        shard.write(&mut st, tombstones).await.map_err(|e| name_group(e, group))?;
+        shard
+            .write(&mut st, tombstones)
+            .await
+            .map_err(|e| name_group(e, group))?;
         tracing::info!(group, "share group deleted");
         Ok(())
     }
@@ -184,17 +169,43 @@ impl ShareCoordinator {
         }
     }
 
-    /// Deletes `group`'s dead-letter topic; returns how many records it held.
+    /// Deletes `group`'s dead-letter topic; returns how many dead letters it held.
     pub async fn purge_dead_letters(&self, group: &str) -> Result<u64> {
         let dlq = self.pause_dead_letters(group).await?;
         let outcome = async {
-            let count = self.dead_letter_count(&dlq).await.unwrap_or(0);
             self.delete_topic(&dlq).await?;
-            Ok(count)
+            self.reset_dead_letter_counts(group).await
         }
         .await;
         self.resume_dead_letters(group).await;
         outcome
+    }
+
+    /// Sets the group's dead-letter counts to zero (the topic is gone) and writes it;
+    /// returns what they were.
+    async fn reset_dead_letter_counts(&self, group: &str) -> Result<u64> {
+        let shard = self.shard_for(group).await?;
+        let mut st = shard.lock().await;
+        let g = st
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))?;
+        let mut was = 0;
+        let mut changes = Vec::new();
+        let partitions: Vec<i32> = g.windows.keys().copied().collect();
+        for p in partitions {
+            let Some(w) = g.windows.get_mut(&p) else { continue };
+            if w.dead_letters == 0 || !w.started {
+                continue;
+            }
+            was += w.dead_letters;
+            w.dead_letters = 0;
+            changes.extend(g.record_of(group, p, &[]));
+        }
+        let committed = shard.append_ahead(&changes).await.map_err(|e| name_group(e, group))?;
+        drop(st);
+        committed.wait().await.map_err(|e| name_group(e, group))?;
+        Ok(was)
     }
 
     /// Publishes `group`'s dead letters back to the source topic, then deletes the
@@ -243,7 +254,10 @@ impl ShareCoordinator {
                     if batch.header().is_control() {
                         continue;
                     }
-                    for r in batch.records().map_err(|e| BrokerError::from_batch(dlq, tp.partition, e))? {
+                    for r in batch
+                        .records()
+                        .map_err(|e| BrokerError::from_batch(dlq, tp.partition, e))?
+                    {
                         let r = r.map_err(|e| BrokerError::from_batch(dlq, tp.partition, e))?;
                         if r.offset >= end {
                             break;
@@ -283,6 +297,7 @@ impl ShareCoordinator {
             }
         }
         self.delete_topic(dlq).await?;
+        self.reset_dead_letter_counts(group).await?;
         tracing::info!(group, republished, "share group dead letters redriven");
         Ok(republished)
     }

@@ -61,7 +61,9 @@ pub async fn run(coordinator: Arc<ShareCoordinator>, shard: Arc<Shard<SharesStat
 async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, group: &str) -> Result<bool> {
     let (letters, dlq, source, partitions) = {
         let mut st = shard.lock().await;
-        let Some(g) = st.groups.get_mut(group) else { return Ok(false) };
+        let Some(g) = st.groups.get_mut(group) else {
+            return Ok(false);
+        };
         let mut letters = Vec::new();
         for (p, w) in &g.windows {
             for (offset, reason, deliveries) in w.dead_lettering() {
@@ -85,7 +87,12 @@ async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
             .registry()
             .get(&g.settings.topic)
             .map_or(1, |t| t.partition_count() as u32);
-        (letters, g.settings.dead_letter_topic.clone(), g.settings.topic.clone(), partitions)
+        (
+            letters,
+            g.settings.dead_letter_topic.clone(),
+            g.settings.topic.clone(),
+            partitions,
+        )
     };
     let _ = source;
     let topic = internal_topic::ensure_exists(
@@ -113,7 +120,9 @@ async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
         append(coordinator, &dlq, p, bytes).await?;
     }
     let mut st = shard.lock().await;
-    let Some(g) = st.groups.get_mut(group) else { return Ok(false) };
+    let Some(g) = st.groups.get_mut(group) else {
+        return Ok(false);
+    };
     let mut changed: std::collections::BTreeMap<i32, Vec<u64>> = std::collections::BTreeMap::new();
     for l in &letters {
         if let Some(w) = g.windows.get_mut(&l.partition)
@@ -177,7 +186,8 @@ pub async fn append(coordinator: &ShareCoordinator, topic: &str, partition: i32,
     let t = registry.get(topic)?;
     match registry.leader(&t, partition) {
         Ok(replica) => {
-            let batch = ValidatedBatch::new(bytes, 64 << 20).map_err(|e| BrokerError::from_batch(topic, partition, e))?;
+            let batch =
+                ValidatedBatch::new(bytes, 64 << 20).map_err(|e| BrokerError::from_batch(topic, partition, e))?;
             let reply = replica
                 .enqueue_in(None, vec![batch], Acks::All, None, Vec::new(), Some(WRITE_TIMEOUT))
                 .await?;
@@ -193,7 +203,8 @@ pub async fn append(coordinator: &ShareCoordinator, topic: &str, partition: i32,
         }
         Err(BrokerError::NotLeader { leader, .. }) if leader != 0 => {
             let transport = registry.transport();
-            let channel = crate::peer::connect(leader, transport.client_address(leader), Duration::from_secs(2)).await?;
+            let channel =
+                crate::peer::connect(leader, transport.client_address(leader), Duration::from_secs(2)).await?;
             let request = ProduceRequest {
                 request_id: 0,
                 acks: WireAcks::All as i32,

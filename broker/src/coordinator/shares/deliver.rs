@@ -19,6 +19,7 @@ use super::state::SharesState;
 use super::window::{AckKind, Acquired};
 use super::{ShareCoordinator, group_mut, name_group};
 use crate::coordinator::Change;
+use crate::coordinator::host::Committed;
 use crate::error::{BrokerError, Result};
 
 /// Most records one fetch may ask for.
@@ -108,10 +109,28 @@ fn kind_of(a: &ShareAck) -> AckKind {
 
 impl ShareCoordinator {
     /// Applies `acks` of `member` in `group`; answered once their records committed.
-    pub async fn acknowledge(self: &Arc<Self>, group: &str, member: &str, acks: &[ShareAck]) -> Result<Vec<ShareAckResult>> {
+    pub async fn acknowledge(
+        self: &Arc<Self>,
+        group: &str,
+        member: &str,
+        acks: &[ShareAck],
+    ) -> Result<Vec<ShareAckResult>> {
+        let (results, committed) = self.apply_acks(group, member, acks).await?;
+        committed.wait().await.map_err(|e| name_group(e, group))?;
+        Ok(results)
+    }
+
+    /// Applies `acks` to memory and queues their records; the results hold once the
+    /// returned commit does.
+    async fn apply_acks(
+        self: &Arc<Self>,
+        group: &str,
+        member: &str,
+        acks: &[ShareAck],
+    ) -> Result<(Vec<ShareAckResult>, Committed)> {
         check_acks(acks)?;
         if acks.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Committed::done()));
         }
         let shard = self.shard_for(group).await?;
         let mut st = shard.lock().await;
@@ -186,13 +205,20 @@ impl ShareCoordinator {
         if dead {
             self.start_tasks(&shard, group).await;
         }
-        committed.wait().await.map_err(|e| name_group(e, group))?;
-        Ok(results)
+        Ok((results, committed))
     }
 
     /// Applies the fetch's acknowledgements, then acquires records for its member.
+    /// Records are acquired while the acknowledgements commit; the answer waits for both.
     pub async fn fetch(self: &Arc<Self>, f: FetchArgs) -> Result<ShareFetchResponse> {
-        let ack_results = self.acknowledge(&f.group, &f.member, &f.acks).await?;
+        let (ack_results, committed) = self.apply_acks(&f.group, &f.member, &f.acks).await?;
+        let group = f.group.clone();
+        let answer = self.acquire(f, ack_results).await;
+        committed.wait().await.map_err(|e| name_group(e, &group))?;
+        answer
+    }
+
+    async fn acquire(self: &Arc<Self>, f: FetchArgs, ack_results: Vec<ShareAckResult>) -> Result<ShareFetchResponse> {
         let deadline = tokio::time::Instant::now() + f.max_wait.min(MAX_WAIT);
         let shard = self.shard_for(&f.group).await?;
         let max_records = f.max_records.clamp(1, MAX_FETCH_RECORDS) as usize;
@@ -217,10 +243,13 @@ impl ShareCoordinator {
                 let g = groups
                     .get_mut(&f.group)
                     .ok_or_else(|| BrokerError::UnknownGroup(f.group.clone()))?;
-                let number = *g.member_numbers.get(&f.member).ok_or_else(|| BrokerError::UnknownMember {
-                    group: f.group.clone(),
-                    member: f.member.clone(),
-                })?;
+                let number = *g
+                    .member_numbers
+                    .get(&f.member)
+                    .ok_or_else(|| BrokerError::UnknownMember {
+                        group: f.group.clone(),
+                        member: f.member.clone(),
+                    })?;
                 let now = conveyor_storage::unix_millis();
                 let locked_until = now + i64::from(g.settings.lock_ms);
                 let (key_order, max) = (g.settings.key_order, g.settings.max_deliveries);
@@ -300,7 +329,9 @@ impl ShareCoordinator {
                     let _ = tokio::time::timeout_at(wake, n).await;
                 }
                 // The first look: nothing registered yet, so look again soon.
-                None => tokio::time::sleep_until(wake.min(tokio::time::Instant::now() + Duration::from_millis(20))).await,
+                None => {
+                    tokio::time::sleep_until(wake.min(tokio::time::Instant::now() + Duration::from_millis(20))).await
+                }
             }
         }
     }
@@ -314,4 +345,3 @@ fn range_of(a: &Acquired) -> AcquiredRange {
         token: a.token,
     }
 }
-

@@ -48,7 +48,12 @@ pub async fn run(coordinator: Arc<ShareCoordinator>, shard: Arc<Shard<SharesStat
     }
 }
 
-async fn fill(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, group: &str, partition: i32) -> Result<()> {
+async fn fill(
+    coordinator: &ShareCoordinator,
+    shard: &Arc<Shard<SharesState>>,
+    group: &str,
+    partition: i32,
+) -> Result<()> {
     let registry = coordinator.registry();
     loop {
         if !shard.is_current() {
@@ -57,16 +62,14 @@ async fn fill(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
         let (topic, from, room) = {
             let st = shard.lock().await;
             let Some(g) = st.groups.get(group) else { return Ok(()) };
-            let Some(w) = g.windows.get(&partition) else { return Ok(()) };
+            let Some(w) = g.windows.get(&partition) else {
+                return Ok(());
+            };
             let limits = Limits::for_inflight(g.settings.max_inflight as usize);
             let now = conveyor_storage::unix_millis();
             let room = w.has_room(&limits, g.settings.key_order, now);
             let wait_room = (!room).then(|| Arc::clone(&g.room));
-            (
-                g.settings.topic.clone(),
-                w.end.ok_or(g.settings.earliest),
-                wait_room,
-            )
+            (g.settings.topic.clone(), w.end.ok_or(g.settings.earliest), wait_room)
         };
         if let Some(room) = room {
             // Acknowledgements and dead letters open room; delays end by time.
@@ -94,7 +97,14 @@ async fn fill(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
             if from < log_start {
                 let mut st = shard.lock().await;
                 if let Some(w) = st.groups.get_mut(group).and_then(|g| g.windows.get_mut(&partition)) {
-                    tracing::warn!(group, topic, partition, from, log_start, "records left the log before the share group read them");
+                    tracing::warn!(
+                        group,
+                        topic,
+                        partition,
+                        from,
+                        log_start,
+                        "records left the log before the share group read them"
+                    );
                     w.skip_to(log_start);
                 }
             }
@@ -103,8 +113,12 @@ async fn fill(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
         let (topic_name, index) = (topic.clone(), partition);
         let parsed = blocking(move || parse(&topic_name, index, batches, from)).await?;
         let mut st = shard.lock().await;
-        let Some(g) = st.groups.get_mut(group) else { return Ok(()) };
-        let Some(w) = g.windows.get_mut(&partition) else { return Ok(()) };
+        let Some(g) = st.groups.get_mut(group) else {
+            return Ok(());
+        };
+        let Some(w) = g.windows.get_mut(&partition) else {
+            return Ok(());
+        };
         if w.end != Some(from) {
             continue;
         }
@@ -133,8 +147,12 @@ async fn begin(
         return Ok(());
     };
     let mut st = shard.lock().await;
-    let Some(g) = st.groups.get_mut(group) else { return Ok(()) };
-    let Some(w) = g.windows.get_mut(&partition) else { return Ok(()) };
+    let Some(g) = st.groups.get_mut(group) else {
+        return Ok(());
+    };
+    let Some(w) = g.windows.get_mut(&partition) else {
+        return Ok(());
+    };
     if w.end.is_some() {
         return Ok(());
     }
@@ -146,7 +164,12 @@ async fn begin(
 }
 
 /// Stored batches of `topic` `partition` from `from` (empty when there are none yet).
-pub async fn read_once(registry: &crate::controller::Registry, topic: &str, partition: i32, from: u64) -> Result<Bytes> {
+pub async fn read_once(
+    registry: &crate::controller::Registry,
+    topic: &str,
+    partition: i32,
+    from: u64,
+) -> Result<Bytes> {
     Ok(read(registry, topic, partition, from).await?.batches)
 }
 
@@ -191,7 +214,8 @@ async fn read(registry: &crate::controller::Registry, topic: &str, partition: i3
         }
         Err(BrokerError::NotLeader { leader, .. }) if leader != 0 => {
             let transport = registry.transport();
-            let channel = crate::peer::connect(leader, transport.client_address(leader), Duration::from_secs(2)).await?;
+            let channel =
+                crate::peer::connect(leader, transport.client_address(leader), Duration::from_secs(2)).await?;
             let request = FetchRequest {
                 partitions: vec![PartitionFetch {
                     topic: topic.to_string(),
@@ -287,7 +311,10 @@ pub fn parse(topic: &str, partition: i32, bytes: Bytes, from: u64) -> Result<Vec
         };
         let mut records = Vec::new();
         if !header.is_control() && cached.next > from {
-            for record in batch.records().map_err(|e| BrokerError::from_batch(topic, partition, e))? {
+            for record in batch
+                .records()
+                .map_err(|e| BrokerError::from_batch(topic, partition, e))?
+            {
                 let r = record.map_err(|e| BrokerError::from_batch(topic, partition, e))?;
                 if r.offset < from {
                     continue;

@@ -39,13 +39,41 @@ pub fn view(name: &str, g: &ShareGroup, now: i64) -> GroupGauges {
 pub fn register(shares: &Arc<ShareCoordinator>, r: &mut Registry) {
     let m = &shares.metrics;
     let counters = [
-        ("conveyor_share_acquired_records", "Records acquired by share group members (deliveries)", &m.acquired),
-        ("conveyor_share_accepted_records", "Records accepted by share group members", &m.accepted),
-        ("conveyor_share_released_records", "Records released by share group members or left by members that went", &m.released),
-        ("conveyor_share_rejected_records", "Records rejected by share group members", &m.rejected),
-        ("conveyor_share_expired_records", "Acquired records whose lock expired", &m.expired),
-        ("conveyor_share_redelivered_records", "Records acquired again after an earlier delivery", &m.redeliveries),
-        ("conveyor_share_dead_letters_written", "Records written to share groups' dead-letter topics", &m.dead_letters),
+        (
+            "conveyor_share_acquired_records",
+            "Records acquired by share group members (deliveries)",
+            &m.acquired,
+        ),
+        (
+            "conveyor_share_accepted_records",
+            "Records accepted by share group members",
+            &m.accepted,
+        ),
+        (
+            "conveyor_share_released_records",
+            "Records released by share group members or left by members that went",
+            &m.released,
+        ),
+        (
+            "conveyor_share_rejected_records",
+            "Records rejected by share group members",
+            &m.rejected,
+        ),
+        (
+            "conveyor_share_expired_records",
+            "Acquired records whose lock expired",
+            &m.expired,
+        ),
+        (
+            "conveyor_share_redelivered_records",
+            "Records acquired again after an earlier delivery",
+            &m.redeliveries,
+        ),
+        (
+            "conveyor_share_dead_letters_written",
+            "Records written to share groups' dead-letter topics",
+            &m.dead_letters,
+        ),
     ];
     for (name, help, c) in counters {
         r.register(name, help, c.inner().clone());

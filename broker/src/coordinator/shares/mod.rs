@@ -158,7 +158,12 @@ pub fn resolve_settings(topic: &str, group: &str, asked: &ShareGroupSettings, no
     Ok(Settings {
         topic: topic.to_string(),
         key_order,
-        lock_ms: bounded("lock_duration_ms", asked.lock_duration_ms, DEFAULT_LOCK_MS, LOCK_MS_BOUNDS)?,
+        lock_ms: bounded(
+            "lock_duration_ms",
+            asked.lock_duration_ms,
+            DEFAULT_LOCK_MS,
+            LOCK_MS_BOUNDS,
+        )?,
         max_deliveries: bounded(
             "max_delivery_count",
             asked.max_delivery_count,
@@ -201,7 +206,11 @@ fn check_same(group: &str, have: &Settings, topic: &str, asked: &ShareGroupSetti
         return differ("max_inflight_records", have.max_inflight.to_string(), v.to_string());
     }
     let reset = if have.earliest { "earliest" } else { "latest" };
-    if let Some(r) = asked.auto_offset_reset.as_deref().filter(|r| !r.is_empty() && *r != reset) {
+    if let Some(r) = asked
+        .auto_offset_reset
+        .as_deref()
+        .filter(|r| !r.is_empty() && *r != reset)
+    {
         return differ("auto_offset_reset", reset.into(), r.chars().take(64).collect());
     }
     if let Some(t) = asked
@@ -209,7 +218,11 @@ fn check_same(group: &str, have: &Settings, topic: &str, asked: &ShareGroupSetti
         .as_deref()
         .filter(|t| !t.is_empty() && *t != have.dead_letter_topic)
     {
-        return differ("dead_letter_topic", have.dead_letter_topic.clone(), t.chars().take(300).collect());
+        return differ(
+            "dead_letter_topic",
+            have.dead_letter_topic.clone(),
+            t.chars().take(300).collect(),
+        );
     }
     Ok(())
 }
@@ -227,7 +240,11 @@ pub fn settings_view(s: &Settings) -> ShareGroupSettings {
 }
 
 impl ShareCoordinator {
-    pub fn new(registry: Arc<Registry>, admin_lock: Arc<tokio::sync::Mutex<()>>, config: SharesConfig) -> ShareCoordinator {
+    pub fn new(
+        registry: Arc<Registry>,
+        admin_lock: Arc<tokio::sync::Mutex<()>>,
+        config: SharesConfig,
+    ) -> ShareCoordinator {
         ShareCoordinator {
             host: Host::new(SHARE_STATE, Arc::clone(&registry), SharesState::default),
             registry,
@@ -334,7 +351,10 @@ impl ShareCoordinator {
                 }
                 let settings = resolve_settings(topic, group, asked, conveyor_storage::unix_millis())?;
                 let creation = SharesState::creation(group, &settings);
-                shard.write(&mut st, vec![creation]).await.map_err(|e| name_group(e, group))?;
+                shard
+                    .write(&mut st, vec![creation])
+                    .await
+                    .map_err(|e| name_group(e, group))?;
                 tracing::info!(group, topic, "share group created");
             }
         }
@@ -401,17 +421,26 @@ impl ShareCoordinator {
     async fn start_tasks(self: &Arc<Self>, shard: &Arc<Shard<SharesState>>, group: &str) {
         let mut st = shard.lock().await;
         let Some(g) = st.groups.get_mut(group) else { return };
-        let Ok(topic) = self.registry.get(&g.settings.topic) else { return };
+        let Ok(topic) = self.registry.get(&g.settings.topic) else {
+            return;
+        };
         for p in 0..topic.partition_count() as i32 {
             g.windows.entry(p).or_default();
             if g.filling.insert(p) {
                 tokio::spawn(fill::run(Arc::clone(self), Arc::clone(shard), group.to_string(), p));
             }
         }
-        let waiting = g.windows.values().any(|w| w.slots().any(|s| s.state == window::SlotState::DeadLettering));
+        let waiting = g
+            .windows
+            .values()
+            .any(|w| w.slots().any(|s| s.state == window::SlotState::DeadLettering));
         if waiting && !g.dead_lettering && !g.dead_letters_paused {
             g.dead_lettering = true;
-            tokio::spawn(dead_letters::run(Arc::clone(self), Arc::clone(shard), group.to_string()));
+            tokio::spawn(dead_letters::run(
+                Arc::clone(self),
+                Arc::clone(shard),
+                group.to_string(),
+            ));
         }
     }
 
@@ -439,7 +468,10 @@ impl ShareCoordinator {
                 }
             }
             if ticks % 10 == 0 {
-                *self.gauge_view.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = gauges;
+                *self
+                    .gauge_view
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = gauges;
             }
         }
     }
@@ -464,7 +496,11 @@ impl ShareCoordinator {
         });
     }
 
-    async fn tick_shard(self: &Arc<Self>, shard: &Arc<Shard<SharesState>>, gauge: bool) -> Result<Vec<gauges::GroupGauges>> {
+    async fn tick_shard(
+        self: &Arc<Self>,
+        shard: &Arc<Shard<SharesState>>,
+        gauge: bool,
+    ) -> Result<Vec<gauges::GroupGauges>> {
         let now = conveyor_storage::unix_millis();
         let mut st = shard.lock().await;
         let mut changes: Vec<Change> = Vec::new();
@@ -481,7 +517,11 @@ impl ShareCoordinator {
                     self.metrics.expired.add(changed.len() as u64);
                     changes.extend(g.record_of(name, p, &changed));
                     woke = true;
-                } else if g.windows.get(&p).is_some_and(|w| w.next_due(now - TICK.as_millis() as i64).is_some_and(|d| d <= now)) {
+                } else if g
+                    .windows
+                    .get(&p)
+                    .is_some_and(|w| w.next_due(now - TICK.as_millis() as i64).is_some_and(|d| d <= now))
+                {
                     // A delay ended since the last tick.
                     woke = true;
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use conveyor_proto::internal::v1::{SharePartitionValue, ShareGroupValue};
+use conveyor_proto::internal::v1::{ShareGroupValue, SharePartitionValue};
 use prost::Message;
 
 use super::records::{Key, UPDATE_SLOTS};
@@ -235,8 +235,9 @@ impl StateMachine for SharesState {
                     self.groups.remove(&group);
                 }
                 Some(v) => {
-                    let settings =
-                        Settings::from_value(ShareGroupValue::decode(v).map_err(|e| format!("a share group record: {e}"))?);
+                    let settings = Settings::from_value(
+                        ShareGroupValue::decode(v).map_err(|e| format!("a share group record: {e}"))?,
+                    );
                     match self.groups.get_mut(&group) {
                         Some(g) => g.settings = settings,
                         None => {

@@ -162,6 +162,9 @@ pub struct Window {
     /// Whether the log holds a snapshot of this partition (a new one must write one before
     /// its start counts).
     pub started: bool,
+    /// Dead letters written from this partition since the dead-letter topic was last purged
+    /// or redriven.
+    pub dead_letters: u64,
 }
 
 impl Window {
@@ -172,6 +175,7 @@ impl Window {
         self.start = value.start_offset;
         self.end = Some(value.start_offset);
         self.started = true;
+        self.dead_letters = value.dead_letters;
         self.apply_runs(&value.runs);
     }
 
@@ -181,6 +185,7 @@ impl Window {
             return;
         }
         self.sequence = value.sequence;
+        self.dead_letters = value.dead_letters;
         self.start = self.start.max(value.start_offset);
         self.end = Some(self.start);
         self.apply_runs(&value.runs);
@@ -343,8 +348,8 @@ impl Window {
             .filter(|b| offset < b.next)
     }
 
-    /// Acquires up to `max` records for `member` (a batch begun is finished, so records go
-    /// out as whole stored batches where they can), each locked until `locked_until`, with
+    /// Acquires up to `max` records for `member` (a batch begun is finished when that takes
+    /// at most `max` more, so records go out as whole stored batches where they can), each locked until `locked_until`, with
     /// tokens from `next_token`. In key order only the first unfinished record of each key
     /// may be acquired. Records out of deliveries are marked for dead-lettering instead
     /// (returned second).
@@ -417,7 +422,13 @@ impl Window {
             previous_taken = true;
             count += 1;
             if count == max {
-                batch_end = self.batch_of(offset).map(|b| b.next);
+                // Finishing the batch costs at most `max` more records; a batch larger than
+                // that goes out in parts (each fetch ships the whole stored batch, and the
+                // member skips what is not its own).
+                batch_end = self
+                    .batch_of(offset)
+                    .map(|b| b.next)
+                    .filter(|next| next.saturating_sub(offset + 1) <= max as u64);
             }
         }
         (out, exhausted)
@@ -558,6 +569,7 @@ impl Window {
         }
         s.state = SlotState::Archived;
         s.reason = None;
+        self.dead_letters += 1;
         self.advance();
         true
     }
@@ -592,7 +604,8 @@ impl Window {
                 SlotState::Archived => c.archived += 1,
             }
             if !s.state.done() {
-                c.oldest_unacked_timestamp = Some(c.oldest_unacked_timestamp.map_or(s.timestamp, |t| t.min(s.timestamp)));
+                c.oldest_unacked_timestamp =
+                    Some(c.oldest_unacked_timestamp.map_or(s.timestamp, |t| t.min(s.timestamp)));
             }
         }
         c
@@ -610,6 +623,7 @@ impl Window {
             sequence: self.sequence,
             start_offset: self.start,
             runs: runs(durable),
+            dead_letters: self.dead_letters,
         }
     }
 
@@ -631,6 +645,7 @@ impl Window {
             sequence: self.sequence,
             start_offset: self.start,
             runs: runs(durable),
+            dead_letters: self.dead_letters,
         }
     }
 
@@ -646,7 +661,13 @@ impl Window {
 fn make_available(s: &mut Slot, not_before: i64, max_deliveries: u32, why: &str) {
     if s.deliveries >= max_deliveries {
         s.state = SlotState::DeadLettering;
-        s.reason = Some(format!("{why} after {} deliveries, the group's max_delivery_count", s.deliveries).into());
+        s.reason = Some(
+            format!(
+                "{why} after {} deliveries, the group's max_delivery_count",
+                s.deliveries
+            )
+            .into(),
+        );
     } else {
         s.state = SlotState::Available;
         s.not_before = not_before;
@@ -665,7 +686,11 @@ fn durable_of(s: &Slot) -> Durable {
         state,
         deliveries: s.deliveries,
         // Header delays are read again from the record; only a release's delay is stored.
-        not_before: if s.state == SlotState::Available { s.not_before } else { 0 },
+        not_before: if s.state == SlotState::Available {
+            s.not_before
+        } else {
+            0
+        },
         reason,
     }
 }
