@@ -11,13 +11,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use conveyor_client::{Client, ProducerConfig, ProducerRecord};
+use conveyor_client::{Client, ProducerConfig, ProducerRecord, ShareConfig, ShareOffsetReset, ShareOrdering};
+use conveyor_storage::unix_millis;
 use conveyor_tests::{BrokerProcess, cli, cli_bin, cli_json, poll_for, runtime};
+use futures::StreamExt;
 
 const TOPIC: &str = "jobs";
 const GROUP: &str = "workers";
@@ -317,4 +319,303 @@ fn given_four_cli_workers_when_two_are_sigkilled_mid_stream_should_reprint_only_
         "every record printed only {all_printed:?} after the kill: the killed workers' records waited for their locks"
     );
     assert_all_done(&addr);
+}
+
+/// A small seeded generator (SplitMix64): the test's random timing and choices, replayable
+/// from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `CONVEYOR_TEST_SEED` when set (to replay a run), else one from the clock.
+fn seed() -> u64 {
+    std::env::var("CONVEYOR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| unix_millis() as u64)
+}
+
+/// What a key-order worker did with one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    /// Its accept was refused (the lock had run out while it was processed).
+    AcceptRefused,
+    Released,
+    ReleaseRefused,
+    /// Dropped without an acknowledgement: its lock runs out.
+    Dropped,
+}
+
+/// One delivery a key-order worker handled.
+#[derive(Debug, Clone)]
+struct Handled {
+    worker: usize,
+    key: usize,
+    /// The record's place among its key's records.
+    seq: usize,
+    partition: i32,
+    offset: u64,
+    delivery_count: u32,
+    /// When the coordinator acquired it: its lock's end less the lock duration (the
+    /// coordinator's clock, which is this machine's).
+    acquired_ms: i64,
+    locked_until_ms: i64,
+    /// When the worker sent its accept or release.
+    acked_ms: Option<i64>,
+    /// Its place in the order acknowledgements were sent, over all workers.
+    ack_seq: u64,
+    /// Its place in the order acknowledgements were answered, over all workers.
+    answer_seq: u64,
+    outcome: Outcome,
+}
+
+impl Handled {
+    /// When the coordinator may have let the record go at the latest: the worker's
+    /// acknowledgement (applied after it was sent) or the lock's end, whichever came first.
+    fn end_ms(&self) -> i64 {
+        self.acked_ms
+            .map_or(self.locked_until_ms, |a| a.min(self.locked_until_ms))
+    }
+}
+
+/// What the key-order workers share.
+struct Board {
+    records: usize,
+    accepted: AtomicUsize,
+    ack_seq: AtomicU64,
+    answer_seq: AtomicU64,
+    deadline: Instant,
+}
+
+const KEY_ORDER_LOCK: Duration = Duration::from_secs(1);
+/// Deliveries a key-order worker fetches ahead: few, so none waits in its buffer anywhere
+/// near the 1 s lock.
+const KEY_ORDER_PREFETCH: usize = 8;
+
+/// Takes deliveries until `board.records` were accepted: each after 0–20 ms of
+/// "processing", then (by `rng`) accepted (88%), released (10%) or dropped (2%).
+async fn key_order_worker(client: Client, worker: usize, mut rng: Rng, board: Arc<Board>) -> Vec<Handled> {
+    let config = ShareConfig::default()
+        .ordering(ShareOrdering::Key)
+        .lock_duration(KEY_ORDER_LOCK)
+        .max_delivery_count(10)
+        .auto_offset_reset(ShareOffsetReset::Earliest)
+        .prefetch(KEY_ORDER_PREFETCH)
+        .max_records(KEY_ORDER_PREFETCH as u32);
+    let mut consumer = client.share_consumer(GROUP, TOPIC, config).await.expect("join");
+    let mut handled = Vec::new();
+    while board.accepted.load(Ordering::SeqCst) < board.records {
+        assert!(
+            Instant::now() < board.deadline,
+            "worker {worker}: the deadline passed with {} of {} records accepted",
+            board.accepted.load(Ordering::SeqCst),
+            board.records
+        );
+        let d = match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+            Err(_) => continue,
+            Ok(None) => panic!("worker {worker}: the consumer's stream ended"),
+            Ok(Some(Err(e))) if e.is_retriable() => continue,
+            Ok(Some(Err(e))) => panic!("worker {worker}: {e}"),
+            Ok(Some(Ok(d))) => d,
+        };
+        let value = String::from_utf8_lossy(d.record().value.as_deref().unwrap_or_default()).into_owned();
+        let (key, seq) = value
+            .strip_prefix('k')
+            .and_then(|v| v.split_once(':'))
+            .and_then(|(k, s)| Some((k.parse().ok()?, s.parse().ok()?)))
+            .unwrap_or_else(|| panic!("worker {worker}: a value not produced: {value:?}"));
+        let locked_until_ms = d.locked_until();
+        let mut h = Handled {
+            worker,
+            key,
+            seq,
+            partition: d.record().partition,
+            offset: d.record().offset,
+            delivery_count: d.delivery_count(),
+            acquired_ms: locked_until_ms - KEY_ORDER_LOCK.as_millis() as i64,
+            locked_until_ms,
+            acked_ms: None,
+            ack_seq: 0,
+            answer_seq: 0,
+            outcome: Outcome::Dropped,
+        };
+        tokio::time::sleep(Duration::from_millis(rng.below(21))).await;
+        let roll = rng.below(100);
+        if roll < 2 {
+            drop(d);
+        } else {
+            h.acked_ms = Some(unix_millis());
+            h.ack_seq = board.ack_seq.fetch_add(1, Ordering::SeqCst);
+            h.outcome = if roll < 12 {
+                match d.release(Duration::ZERO).await {
+                    Ok(()) => Outcome::Released,
+                    Err(_) => Outcome::ReleaseRefused,
+                }
+            } else {
+                match d.accept().await {
+                    Ok(()) => {
+                        board.accepted.fetch_add(1, Ordering::SeqCst);
+                        Outcome::Accepted
+                    }
+                    Err(_) => Outcome::AcceptRefused,
+                }
+            };
+            h.answer_seq = board.answer_seq.fetch_add(1, Ordering::SeqCst);
+        }
+        handled.push(h);
+    }
+    consumer.close().await.expect("close");
+    handled
+}
+
+#[test]
+fn given_key_order_and_eight_workers_that_accept_release_and_drop_at_random_should_accept_each_key_in_offset_order_one_at_a_time()
+ {
+    const RECORDS: usize = 3_000;
+    const KEYS: usize = 50;
+    const WORKERS: usize = 8;
+    const RUN_DEADLINE: Duration = Duration::from_secs(150);
+    let seed = seed();
+    eprintln!("seed {seed} (CONVEYOR_TEST_SEED={seed} replays the choices)");
+    let broker = start_broker();
+    let addr = broker.addr().to_string();
+    let rt = runtime();
+    // Record i is the (i / KEYS)th of key i % KEYS.
+    let records = (0..RECORDS)
+        .map(|i| {
+            let (key, seq) = (i % KEYS, i / KEYS);
+            ProducerRecord::new(TOPIC, format!("k{key}:{seq}")).key(format!("key-{key}"))
+        })
+        .collect();
+    let produced = rt.block_on(produce(&addr, records));
+    // Per key, its records' (partition, offset) by seq: one partition, offsets rising.
+    let mut of_key: Vec<Vec<(i32, u64)>> = vec![Vec::new(); KEYS];
+    for (i, at) in produced.iter().enumerate() {
+        of_key[i % KEYS].push(*at);
+    }
+    for (k, ats) in of_key.iter().enumerate() {
+        assert!(
+            ats.windows(2).all(|w| w[0].0 == w[1].0 && w[0].1 < w[1].1),
+            "key {k} was not written in order to one partition: {ats:?}"
+        );
+    }
+
+    let board = Arc::new(Board {
+        records: RECORDS,
+        accepted: AtomicUsize::new(0),
+        ack_seq: AtomicU64::new(0),
+        answer_seq: AtomicU64::new(0),
+        deadline: Instant::now() + RUN_DEADLINE,
+    });
+    let began = Instant::now();
+    let handled: Vec<Handled> = rt.block_on(async {
+        let client = Client::connect(&addr).await.expect("connect");
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+                tokio::spawn(key_order_worker(client.clone(), w, rng, Arc::clone(&board)))
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("a worker failed"));
+        }
+        all
+    });
+    let took = began.elapsed();
+
+    let count = |o: Outcome| handled.iter().filter(|h| h.outcome == o).count();
+    let mut per_key: Vec<Vec<&Handled>> = vec![Vec::new(); KEYS];
+    for h in &handled {
+        assert_eq!(
+            of_key[h.key].get(h.seq),
+            Some(&(h.partition, h.offset)),
+            "worker {} was handed k{}:{} at the wrong place",
+            h.worker,
+            h.key,
+            h.seq
+        );
+        per_key[h.key].push(h);
+    }
+    let mut answered_out_of_order = 0;
+    for (k, hs) in per_key.iter_mut().enumerate() {
+        // Accepted (answered Ok), in the order the accepts were sent: each record once,
+        // in offset order, none missing. (Sending is causally ordered: record n+1 can only
+        // be delivered after record n's accept was applied. The answers are not: two
+        // members' answers may cross on their way.)
+        let mut accepted: Vec<&Handled> = hs.iter().copied().filter(|h| h.outcome == Outcome::Accepted).collect();
+        accepted.sort_by_key(|h| h.ack_seq);
+        let seqs: Vec<usize> = accepted.iter().map(|h| h.seq).collect();
+        let expected: Vec<usize> = (0..of_key[k].len()).collect();
+        assert_eq!(seqs, expected, "key {k}: records accepted (in the order accepted)");
+        answered_out_of_order += accepted
+            .windows(2)
+            .filter(|w| w[0].answer_seq > w[1].answer_seq)
+            .count();
+
+        // One record of the key held at a time: in key order its deliveries go record by
+        // record, each acquired only after the one before was let go (acknowledged, or its
+        // lock ran out).
+        hs.sort_by_key(|h| (h.seq, h.delivery_count));
+        for w in hs.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            assert!(
+                b.acquired_ms >= a.end_ms(),
+                "key {k}: k{k}:{} (delivery {}) was acquired at {} ms while k{k}:{} (delivery {}) was held until {} ms: {a:?} {b:?}",
+                b.seq,
+                b.delivery_count,
+                b.acquired_ms,
+                a.seq,
+                a.delivery_count,
+                a.end_ms()
+            );
+            if a.seq == b.seq {
+                assert!(b.delivery_count > a.delivery_count, "key {k}: {a:?} then {b:?}");
+                assert_ne!(
+                    a.outcome,
+                    Outcome::Accepted,
+                    "key {k}: delivered again after an accept: {b:?}"
+                );
+            } else {
+                assert_eq!(
+                    a.outcome,
+                    Outcome::Accepted,
+                    "key {k}: the next record came before this one was accepted: {a:?} then {b:?}"
+                );
+            }
+        }
+    }
+    let redelivered = handled.iter().filter(|h| h.delivery_count > 1).count();
+    eprintln!(
+        "{WORKERS} workers: {RECORDS} records of {KEYS} keys accepted in {took:?}; {} deliveries: {} released, {} dropped, \
+         {} accepts and {} releases refused, {redelivered} redeliveries; {answered_out_of_order} accepts answered after the next record's",
+        handled.len(),
+        count(Outcome::Released),
+        count(Outcome::Dropped),
+        count(Outcome::AcceptRefused),
+        count(Outcome::ReleaseRefused),
+    );
+    // The choices exercised every path.
+    assert!(
+        count(Outcome::Released) > 0 && count(Outcome::Dropped) > 0,
+        "no release or no drop"
+    );
+    let d = cli_json(&addr, &["queue", "describe", GROUP]);
+    assert_all_done(&addr);
+    for p in d["partitions"].as_array().expect("partitions") {
+        assert_eq!(p["archived"].as_u64(), Some(0), "a record was dead-lettered: {d}");
+    }
 }
