@@ -29,6 +29,8 @@ const PARTITIONS: i32 = 3;
 const BATCH_BYTES: usize = 4096;
 /// How long a worker process may take to exit once it should (its idle timeout included).
 const EXIT_DEADLINE: Duration = Duration::from_secs(40);
+/// Header naming when a record may first be delivered (ms since the Unix epoch).
+const DELIVER_AT: &str = "conveyor-deliver-at";
 
 /// One line a worker printed, with when it was read.
 #[derive(Debug, Clone)]
@@ -37,6 +39,8 @@ struct Printed {
     offset: u64,
     delivery_count: u64,
     line: serde_json::Value,
+    /// Wall clock when the line was read, ms since the Unix epoch.
+    read_at_ms: i64,
 }
 
 /// A `conveyor queue consume --output json` process whose lines are read as they come.
@@ -70,6 +74,7 @@ impl WorkerProcess {
             std::thread::spawn(move || {
                 // Ends at EOF: the process exited or was killed (maybe mid-line).
                 for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let read_at_ms = unix_millis();
                     let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                         continue;
                     };
@@ -78,6 +83,7 @@ impl WorkerProcess {
                         offset: v["offset"].as_u64().expect("offset"),
                         delivery_count: v["delivery_count"].as_u64().expect("delivery_count"),
                         line: v,
+                        read_at_ms,
                     };
                     printed.lock().expect("printed").push(p);
                     total.fetch_add(1, Ordering::SeqCst);
@@ -618,4 +624,92 @@ fn given_key_order_and_eight_workers_that_accept_release_and_drop_at_random_shou
     for p in d["partitions"].as_array().expect("partitions") {
         assert_eq!(p["archived"].as_u64(), Some(0), "a record was dead-lettered: {d}");
     }
+}
+
+#[test]
+fn given_records_delayed_by_a_header_when_a_cli_worker_consumes_should_print_none_before_it_is_due() {
+    const EACH: usize = 20;
+    const DELAY: Duration = Duration::from_secs(3);
+    /// A due record is printed within this long (the coordinator wakes its fetches when
+    /// the first delayed record is due).
+    const DUE_DEADLINE: Duration = Duration::from_secs(10);
+    let broker = start_broker();
+    let addr = broker.addr().to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let total = Arc::new(AtomicUsize::new(0));
+    // Started first, so that its join is not part of the delay.
+    let args = ["--from", "earliest", "--idle-timeout", "6s"];
+    let mut worker = WorkerProcess::spawn("worker", &addr, &args, dir.path(), &total);
+    // Delayed and immediate records interleaved in the same batches.
+    let deliver_at = unix_millis() + DELAY.as_millis() as i64;
+    let records = (0..2 * EACH)
+        .map(|i| {
+            let r = ProducerRecord::new(TOPIC, format!("job-{i}")).partition(i as i32 % PARTITIONS);
+            if i.is_multiple_of(2) {
+                r.header(DELIVER_AT, deliver_at.to_string())
+            } else {
+                r
+            }
+        })
+        .collect();
+    let produced = runtime().block_on(produce(&addr, records));
+    poll_for(DELAY + DUE_DEADLINE, || {
+        (total.load(Ordering::SeqCst) >= 2 * EACH).then_some(())
+    })
+    .unwrap_or_else(|| panic!("only {} of {} records printed", total.load(Ordering::SeqCst), 2 * EACH));
+    let status = worker.wait(EXIT_DEADLINE);
+    assert!(status.success(), "the worker failed: {status}\n{}", worker.stderr());
+
+    let printed = worker.printed();
+    let at: BTreeMap<(i32, u64), usize> = produced.iter().enumerate().map(|(i, at)| (*at, i)).collect();
+    let mut seen = BTreeSet::new();
+    for p in &printed {
+        let i = *at
+            .get(&(p.partition, p.offset))
+            .unwrap_or_else(|| panic!("printed a record never produced: {:?}", p.line));
+        assert!(seen.insert(i), "job-{i} printed twice: {:?}", p.line);
+        assert_eq!(
+            p.line["value"].as_str(),
+            Some(format!("job-{i}").as_str()),
+            "{:?}",
+            p.line
+        );
+        assert_eq!(p.delivery_count, 1, "job-{i} was delivered before: {:?}", p.line);
+        if i.is_multiple_of(2) {
+            assert_eq!(
+                p.line["headers"][DELIVER_AT].as_str(),
+                Some(deliver_at.to_string().as_str()),
+                "{:?}",
+                p.line
+            );
+            assert!(
+                p.read_at_ms >= deliver_at,
+                "job-{i} printed {} ms before it was due",
+                deliver_at - p.read_at_ms
+            );
+            assert!(
+                p.read_at_ms <= deliver_at + DUE_DEADLINE.as_millis() as i64,
+                "job-{i} printed {} ms after it was due",
+                p.read_at_ms - deliver_at
+            );
+        } else {
+            // The delayed records hold nothing back: the others go at once.
+            assert!(
+                p.read_at_ms < deliver_at,
+                "job-{i} (not delayed) printed only {} ms after the delayed records were due",
+                p.read_at_ms - deliver_at
+            );
+        }
+    }
+    assert_eq!(seen.len(), 2 * EACH, "every record printed");
+    let first_delayed = printed
+        .iter()
+        .filter(|p| p.line["headers"][DELIVER_AT].is_string())
+        .map(|p| p.read_at_ms)
+        .min();
+    eprintln!(
+        "the delayed records were printed from {} ms after they were due",
+        first_delayed.expect("delayed records printed") - deliver_at
+    );
+    assert_all_done(&addr);
 }
