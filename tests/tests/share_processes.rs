@@ -289,7 +289,10 @@ fn given_four_cli_workers_when_two_are_sigkilled_mid_stream_should_reprint_only_
         .filter(|at| !printings.contains_key(at))
         .take(10)
         .collect();
-    assert!(missing.is_empty(), "records never printed: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "records never printed (the survivors went idle first: did the killed workers' records wait for their locks?): {missing:?}"
+    );
     let all_printed = all_printed.expect("every record printed (the missing ones are listed above)");
     let mut duplicates = 0;
     for (at, ps) in &printings {
@@ -640,6 +643,12 @@ fn given_records_delayed_by_a_header_when_a_cli_worker_consumes_should_print_non
     // Started first, so that its join is not part of the delay.
     let args = ["--from", "earliest", "--idle-timeout", "6s"];
     let mut worker = WorkerProcess::spawn("worker", &addr, &args, dir.path(), &total);
+    poll_for(EXIT_DEADLINE, || {
+        let out = cli(&addr, &["queue", "describe", GROUP, "--output", "json"], "");
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (d["members"].as_array()?.len() == 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the worker never joined:\n{}", worker.stderr()));
     // Delayed and immediate records interleaved in the same batches.
     let deliver_at = unix_millis() + DELAY.as_millis() as i64;
     let records = (0..2 * EACH)
