@@ -138,6 +138,23 @@ impl Delivery {
         self.settle(AckKind::Accept).await
     }
 
+    /// Accepts without waiting for the broker's answer: the acknowledgement is queued (this
+    /// waits only while the bounded queue is full) and goes out batched with the others; a
+    /// refusal is not reported (the record is then delivered again: at least once), and
+    /// `ShareConsumer::close` sends whatever is still queued. For workers that do not act on
+    /// a refusal, it saves the answer's bookkeeping per record.
+    pub async fn accept_unconfirmed(self) -> Result<()> {
+        self.held.settled.store(true, Ordering::Release);
+        self.acks
+            .send(AckRequest {
+                held: Arc::clone(&self.held),
+                kind: AckKind::Accept,
+                reply: None,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
     /// Gives the record back: available to any member again after `delay` (at once for
     /// zero), counting this delivery toward the group's delivery limit.
     pub async fn release(self, delay: Duration) -> Result<()> {

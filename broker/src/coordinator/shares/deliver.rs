@@ -194,7 +194,8 @@ impl ShareCoordinator {
         for (p, offsets) in changed {
             changes.extend(g.record_of(group, p, &offsets));
         }
-        if freed || dead {
+        // In key order an accept frees its key's next record.
+        if freed || dead || (room && g.settings.key_order) {
             g.available.notify_waiters();
         }
         if room || dead {
@@ -301,13 +302,19 @@ impl ShareCoordinator {
                 if available.is_none() {
                     available = Some(Arc::clone(&g.available));
                 }
-                next_due = g.windows.values().filter_map(|w| w.next_due(now)).min();
                 if !changes.is_empty() {
                     // Not awaited: the dead-letter task acts on memory, and a failed write
                     // marks the shard lost (the records are delivered again after a reload).
                     let _ = shard.append_ahead(&changes).await;
                 }
-                if !parts.is_empty() || tokio::time::Instant::now() >= deadline {
+                let answer_now = !parts.is_empty() || tokio::time::Instant::now() >= deadline;
+                // Only a fetch about to wait needs the next delay's end (a scan of the windows).
+                next_due = if answer_now {
+                    None
+                } else {
+                    g.windows.values().filter_map(|w| w.next_due(now)).min()
+                };
+                if answer_now {
                     drop(st);
                     if waiting_dead {
                         self.start_tasks(&shard, &f.group).await;

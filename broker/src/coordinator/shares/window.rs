@@ -165,6 +165,9 @@ pub struct Window {
     /// Dead letters written from this partition since the dead-letter topic was last purged
     /// or redriven.
     pub dead_letters: u64,
+    /// No slot before this index is available (outside key order, where acquisition looks
+    /// at every key from the front, it is where a scan for available records starts).
+    available_from: usize,
 }
 
 impl Window {
@@ -227,6 +230,7 @@ impl Window {
             self.slots.clear();
             self.batches.clear();
             self.bytes = 0;
+            self.available_from = 0;
             self.start = offset;
             self.end = Some(offset);
             self.pending.retain(|o, _| *o >= offset);
@@ -323,6 +327,7 @@ impl Window {
     pub fn advance(&mut self) {
         while self.slots.front().is_some_and(|s| s.state.done()) {
             self.slots.pop_front();
+            self.available_from = self.available_from.saturating_sub(1);
         }
         self.start = match self.slots.front() {
             Some(s) => s.offset,
@@ -370,7 +375,13 @@ impl Window {
         let mut count = 0usize;
         let mut batch_end: Option<u64> = None;
         let mut previous_taken = false;
-        for i in 0..self.slots.len() {
+        let from = if key_order {
+            0
+        } else {
+            self.available_from.min(self.slots.len())
+        };
+        let mut first_available: Option<usize> = None;
+        for i in from..self.slots.len() {
             let (offset, state, key, not_before, deliveries) = {
                 let s = &self.slots[i];
                 (s.offset, s.state, s.key, s.not_before, s.deliveries)
@@ -383,6 +394,9 @@ impl Window {
             let eligible = state == SlotState::Available && not_before <= now && !(keyed && held_keys.contains(&key));
             if keyed && unfinished {
                 held_keys.insert(key);
+            }
+            if state == SlotState::Available && first_available.is_none() && !eligible {
+                first_available = Some(i);
             }
             if !eligible {
                 previous_taken = false;
@@ -431,7 +445,28 @@ impl Window {
                     .filter(|next| next.saturating_sub(offset + 1) <= max as u64);
             }
         }
+        if !key_order {
+            // Everything before where this scan stopped is held or done, save the first
+            // record it passed over (delayed) or stopped at.
+            self.available_from = first_available.unwrap_or(self.slots.len()).min(self.scan_end(&out));
+        }
         (out, exhausted)
+    }
+
+    /// The index after the last slot `acquired` took (where a scan that stopped there ends).
+    fn scan_end(&self, acquired: &[Acquired]) -> usize {
+        match acquired.last() {
+            Some(a) => match self.index_of(a.last) {
+                Ok(i) => i + 1,
+                Err(i) => i,
+            },
+            None => self.slots.len(),
+        }
+    }
+
+    /// A record before the scan hint became available again.
+    fn available_at(&mut self, index: usize) {
+        self.available_from = self.available_from.min(index);
     }
 
     /// The stored batches that hold `acquired`, each once, in offset order.
@@ -520,6 +555,9 @@ impl Window {
             }
             changed.push(s.offset);
         }
+        if matches!(kind, AckKind::Release { .. }) {
+            self.available_at(from);
+        }
         if matches!(kind, AckKind::Accept) {
             self.advance();
         }
@@ -530,11 +568,16 @@ impl Window {
     /// out of deliveries). Returns the offsets changed.
     pub fn expire(&mut self, now: i64, max_deliveries: u32) -> Vec<u64> {
         let mut changed = Vec::new();
-        for s in self.slots.iter_mut() {
+        let mut first = None;
+        for (i, s) in self.slots.iter_mut().enumerate() {
             if s.state == SlotState::Acquired && s.locked_until <= now {
                 make_available(s, 0, max_deliveries, "its lock expired");
                 changed.push(s.offset);
+                first = first.or(Some(i));
             }
+        }
+        if let Some(i) = first {
+            self.available_at(i);
         }
         changed
     }
@@ -542,11 +585,16 @@ impl Window {
     /// Makes every record `member` holds available again.
     pub fn release_member(&mut self, member: u32, max_deliveries: u32) -> Vec<u64> {
         let mut changed = Vec::new();
-        for s in self.slots.iter_mut() {
+        let mut first = None;
+        for (i, s) in self.slots.iter_mut().enumerate() {
             if s.state == SlotState::Acquired && s.member == member {
                 make_available(s, 0, max_deliveries, "its member left");
                 changed.push(s.offset);
+                first = first.or(Some(i));
             }
+        }
+        if let Some(i) = first {
+            self.available_at(i);
         }
         changed
     }
