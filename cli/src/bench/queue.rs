@@ -72,6 +72,7 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     }
     let target = args.records;
     let accepted = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(tokio::sync::watch::Sender::new(false));
     let bar = progress(target, "queue");
     // From before the first join: a worker fetches as soon as it joined.
     let start = Instant::now();
@@ -83,7 +84,15 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     }
     let workers: Vec<_> = consumers
         .into_iter()
-        .map(|consumer| tokio::spawn(work(consumer, target, Arc::clone(&accepted), bar.clone())))
+        .map(|consumer| {
+            tokio::spawn(work(
+                consumer,
+                target,
+                Arc::clone(&accepted),
+                Arc::clone(&done),
+                bar.clone(),
+            ))
+        })
         .collect();
     let drained = tokio::time::timeout(args.timeout, futures::future::join_all(workers)).await;
     let elapsed = start.elapsed();
@@ -143,16 +152,22 @@ async fn work(
     mut consumer: conveyor_client::ShareConsumer,
     target: u64,
     accepted: Arc<AtomicU64>,
+    done: Arc<tokio::sync::watch::Sender<bool>>,
     bar: indicatif::ProgressBar,
 ) -> anyhow::Result<Worker> {
     let mut me = Worker::default();
+    let mut finished = done.subscribe();
     while accepted.load(Ordering::Relaxed) < target {
-        match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
-            Err(_idle) => {}
-            Ok(None) => anyhow::bail!("the share consumer's stream ended"),
-            Ok(Some(Err(e))) if e.is_retriable() => eprintln!("warning: {e}"),
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(Some(Ok(delivery))) => {
+        // No timer per record: the worker that accepts the last record tells the others.
+        let next = tokio::select! {
+            next = consumer.next() => next,
+            _ = finished.wait_for(|d| *d) => continue,
+        };
+        match next {
+            None => anyhow::bail!("the share consumer's stream ended"),
+            Some(Err(e)) if e.is_retriable() => eprintln!("warning: {e}"),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(delivery)) => {
                 me.delivered
                     .push((delivery.record().partition, delivery.record().offset));
                 if delivery.accept_unconfirmed().await.is_ok() {
@@ -160,6 +175,9 @@ async fn work(
                     let now = accepted.fetch_add(1, Ordering::Relaxed) + 1;
                     if now.is_multiple_of(1000) {
                         bar.set_position(now);
+                    }
+                    if now >= target {
+                        done.send_replace(true);
                     }
                 } else {
                     me.refused += 1;

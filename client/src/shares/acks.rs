@@ -204,7 +204,7 @@ mod tests {
     fn ack(partition: i32, offset: u64, token: u64, kind: AckKind) -> (AckRequest, oneshot::Receiver<Result<()>>) {
         let (tx, rx) = oneshot::channel();
         let request = AckRequest {
-            held: Arc::new(Held::new(partition, offset, token, 0)),
+            held: Arc::new(Held::new(partition, offset, token, 0, Instant::now())),
             kind,
             reply: Some(tx),
         };

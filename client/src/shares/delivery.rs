@@ -37,12 +37,13 @@ pub(crate) struct Held {
 }
 
 impl Held {
-    pub(crate) fn new(partition: i32, offset: u64, token: u64, locked_until_ms: i64) -> Held {
+    /// `fetched_at`: when its fetch was answered (read once per fetch, not per record).
+    pub(crate) fn new(partition: i32, offset: u64, token: u64, locked_until_ms: i64, fetched_at: Instant) -> Held {
         Held {
             partition,
             offset,
             token,
-            fetched_at: Instant::now(),
+            fetched_at,
             locked_until_ms: AtomicI64::new(locked_until_ms),
             settled: AtomicBool::new(false),
             renewing: AtomicBool::new(false),

@@ -43,6 +43,7 @@ pub(crate) fn decode(
     acks: &mpsc::Sender<AckRequest>,
 ) -> Decoded {
     let mut decoded = Decoded::default();
+    let fetched_at = std::time::Instant::now();
     for data in partitions {
         let mut ranges = data.acquired;
         if ranges.is_empty() {
@@ -50,7 +51,7 @@ pub(crate) fn decode(
         }
         ranges.sort_by_key(|r| r.first_offset);
         let partition = data.partition;
-        let held = |offset: u64, token: u64| Arc::new(Held::new(partition, offset, token, locked_until_ms));
+        let held = |offset: u64, token: u64| Arc::new(Held::new(partition, offset, token, locked_until_ms, fetched_at));
         let gap = |offset: u64, token: u64, kind: AckKind| AckRequest {
             held: held(offset, token),
             kind,
