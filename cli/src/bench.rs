@@ -7,7 +7,7 @@
 mod group_consume;
 mod groups;
 mod queue;
-mod redis_queue;
+pub mod redis_queue;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -133,6 +133,10 @@ fn first_address(brokers: &str) -> &str {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Redis's side of a comparison needs no broker.
+    if let Command::Bench(bench::BenchCommand::RedisQueue(args)) = cli.command {
+        return bench::redis_queue::run(args, cli.output).await;
+    }
     let client = Client::connect(&cli.broker).await?;
     match cli.command {
         Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
