@@ -27,7 +27,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use conveyor_proto::v1::groups_client::GroupsClient;
-use conveyor_proto::v1::shares_client::SharesClient;
 use conveyor_proto::v1::{ErrorCode, FindCoordinatorRequest, FindCoordinatorResponse};
 use tonic::transport::Channel;
 
@@ -71,7 +70,7 @@ impl GroupKind {
                 answer_within(limit, "FindCoordinator", grpc.find_coordinator(request)).await
             }
             GroupKind::Share => {
-                let mut grpc = SharesClient::new(channel);
+                let mut grpc = crate::shares::grpc(channel);
                 answer_within(limit, "FindShareCoordinator", grpc.find_share_coordinator(request)).await
             }
         }

@@ -19,6 +19,13 @@ use conveyor_proto::v1::{ErrorCode, ErrorDetail, ShareAck, ShareAckResult};
 use super::delivery::{AckKind, AckRequest};
 use crate::error::{ClientError, Result};
 
+/// Most acknowledgements one request carries: each is at most one range, and the broker
+/// takes at most 10,000 ranges per request.
+pub(crate) const MAX_BATCH: usize = 5_000;
+/// Most acknowledgements taken off the queue and not yet sent: past it the task stops
+/// taking more, and the bounded queue holds `accept()` back.
+pub(crate) const MAX_PENDING: usize = 4 * MAX_BATCH;
+
 /// Acknowledgements queued by deliveries and not yet sent, in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct PendingAcks {
@@ -37,6 +44,11 @@ impl PendingAcks {
         self.queue.is_empty()
     }
 
+    /// Whether it holds as many as it may.
+    pub(crate) fn is_full(&self) -> bool {
+        self.queue.len() >= MAX_PENDING
+    }
+
     /// When the oldest waiting acknowledgement arrived.
     pub(crate) fn since(&self) -> Option<Instant> {
         self.since
@@ -44,10 +56,10 @@ impl PendingAcks {
 
     /// Everything that can go in one request (see the module's invariant); the rest waits.
     pub(crate) fn take_batch(&mut self) -> AckBatch {
-        let mut seen = HashSet::with_capacity(self.queue.len());
+        let mut seen = HashSet::with_capacity(self.queue.len().min(MAX_BATCH));
         let (requests, rest): (Vec<AckRequest>, Vec<AckRequest>) = std::mem::take(&mut self.queue)
             .into_iter()
-            .partition(|a| seen.insert((a.held.partition, a.held.offset)));
+            .partition(|a| seen.len() < MAX_BATCH && seen.insert((a.held.partition, a.held.offset)));
         self.queue = rest;
         self.since = if self.queue.is_empty() {
             None

@@ -68,7 +68,7 @@ impl ShareGroups {
         let brokers: Vec<(i32, String)> = cluster.brokers.iter().map(|b| (b.id, b.address.clone())).collect();
         self.client.cluster().learn_brokers(cluster.brokers);
         let asks = brokers.iter().map(|(id, address)| async move {
-            let mut grpc = SharesClient::new(self.client.cluster().channel_to(address));
+            let mut grpc = crate::shares::grpc(self.client.cluster().channel_to(address));
             let call = grpc.list_share_groups(ListShareGroupsRequest {});
             let answer = answer_within(LIST_TIMEOUT, "ListShareGroups", call)
                 .await
@@ -144,7 +144,7 @@ impl ShareGroups {
             group,
             what,
             deadline,
-            SharesClient::new,
+            crate::shares::grpc,
             call,
         )
         .await

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use conveyor_proto::v1::shares_client::SharesClient;
 use conveyor_proto::v1::{
     ErrorCode, ShareAcknowledgeRequest, ShareFetchRequest, ShareFetchResponse, ShareSessionEvent,
 };
@@ -140,10 +139,13 @@ impl Driver {
             let waiting_for_room = s.fetch.is_none() && !s.closing;
             tokio::select! {
                 _ = &mut close, if !s.closing => s.closing = true,
-                Some(ack) = self.acks_rx.recv() => {
+                Some(ack) = self.acks_rx.recv(), if !s.pending.is_full() => {
                     s.pending.push(ack);
                     // Whatever else is queued joins it in one step, so one request carries it.
                     for _ in 0..ACKS_PER_STEP {
+                        if s.pending.is_full() {
+                            break;
+                        }
                         match self.acks_rx.try_recv() {
                             Ok(ack) => s.pending.push(ack),
                             Err(_) => break,
@@ -193,7 +195,7 @@ impl Driver {
                 &group,
                 "ShareFetch",
                 limit,
-                SharesClient::new,
+                crate::shares::grpc,
                 |mut grpc| async move { grpc.fetch(request).await },
             )
             .await;
@@ -226,7 +228,7 @@ impl Driver {
                 &group,
                 "Acknowledge",
                 ACK_TIMEOUT,
-                SharesClient::new,
+                crate::shares::grpc,
                 |mut grpc| async move { grpc.acknowledge(request).await },
             )
             .await;

@@ -66,3 +66,13 @@ pub use admin::{ShareGroupListing, ShareGroups};
 pub use config::{ShareConfig, ShareOffsetReset, ShareOrdering};
 pub use consumer::ShareConsumer;
 pub use delivery::Delivery;
+
+/// A `Shares` client for `channel`, taking answers as large as the broker may send (a share
+/// fetch holds up to 16 MiB of batches, past tonic's 4 MiB default).
+pub(crate) fn grpc(
+    channel: tonic::transport::Channel,
+) -> conveyor_proto::v1::shares_client::SharesClient<tonic::transport::Channel> {
+    conveyor_proto::v1::shares_client::SharesClient::new(channel)
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES)
+}

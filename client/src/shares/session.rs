@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use conveyor_proto::v1::shares_client::SharesClient;
 use conveyor_proto::v1::{ShareJoinRequest, ShareSessionEvent};
 use tokio::sync::{oneshot, watch};
 use tonic::Streaming;
@@ -40,7 +39,7 @@ pub(crate) async fn join(
         &request.group,
         "Join",
         deadline,
-        SharesClient::new,
+        crate::shares::grpc,
         |mut grpc| {
             let request = request.clone();
             async move {

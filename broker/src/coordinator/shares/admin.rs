@@ -10,10 +10,14 @@ use conveyor_proto::v1::{
 };
 use conveyor_storage::batch::{BatchBuilder, BatchIter, Compression, Record};
 
+use std::sync::Arc;
+
+use super::state::SharesState;
 use super::window::SlotState;
 use super::{ShareCoordinator, dead_letters, name_group, settings_view};
 use crate::coordinator::end_offsets::{self, Spec};
 use crate::coordinator::groups::assignor::TopicPartition;
+use crate::coordinator::host::Shard;
 use crate::error::{BrokerError, Result};
 
 /// How long a purge or redrive waits for a dead-letter write under way.
@@ -46,7 +50,9 @@ impl ShareCoordinator {
                     acknowledged: c.acknowledged,
                     archived: c.archived + c.dead_lettering,
                     delayed: c.delayed,
-                    oldest_unacked_ms: c.oldest_unacked_timestamp.map_or(0, |t| (now - t).max(0) as u64),
+                    oldest_unacked_ms: c
+                        .oldest_unacked_timestamp
+                        .map_or(0, |t| now.saturating_sub(t).max(0) as u64),
                     lag: None,
                     log_end_offset: None,
                 });
@@ -107,7 +113,10 @@ impl ShareCoordinator {
         out
     }
 
-    /// Removes `group` and its state; refused while it has members.
+    /// Removes `group` and its state; refused while it has members. The group's record goes
+    /// first (the group is gone once it commits); the tombstones of its partitions' records
+    /// follow in writes of their own, bounded in size, and records they miss (a failover in
+    /// between) name a group that no longer exists and are ignored at replay.
     pub async fn delete(&self, group: &str) -> Result<()> {
         let shard = self.shard_for(group).await?;
         let mut st = shard.lock().await;
@@ -122,18 +131,27 @@ impl ShareCoordinator {
                 what: "deleting a share group".into(),
             });
         }
-        let tombstones = g.tombstones(group);
+        let mut tombstones = g.tombstones(group);
+        let rest = tombstones.split_off(1);
         shard
             .write(&mut st, tombstones)
             .await
             .map_err(|e| name_group(e, group))?;
+        for chunk in rest.chunks(10_000) {
+            shard
+                .write(&mut st, chunk.to_vec())
+                .await
+                .map_err(|e| name_group(e, group))?;
+        }
         tracing::info!(group, "share group deleted");
         Ok(())
     }
 
-    /// Stops `group`'s dead-letter writes and waits for one under way; returns the
-    /// dead-letter topic.
-    async fn pause_dead_letters(&self, group: &str) -> Result<String> {
+    /// Stops `group`'s dead-letter writes and waits for one under way; returns the state it
+    /// paused them in and the dead-letter topic. Refused when the group did not create its
+    /// dead-letter topic (one named at the group's creation that existed already is not the
+    /// group's to delete).
+    async fn pause_dead_letters(&self, group: &str) -> Result<(Arc<Shard<SharesState>>, String)> {
         let shard = self.shard_for(group).await?;
         let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
         loop {
@@ -143,13 +161,19 @@ impl ShareCoordinator {
                     .groups
                     .get_mut(group)
                     .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))?;
+                if !g.settings.dead_letter_topic_created && self.registry().get(&g.settings.dead_letter_topic).is_ok() {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "share group '{group}' did not create topic '{}', so it will not delete it; read or delete it with conveyor consume / conveyor topic delete",
+                        g.settings.dead_letter_topic
+                    )));
+                }
                 g.dead_letters_paused = true;
                 if !g.dead_lettering {
-                    return Ok(g.settings.dead_letter_topic.clone());
+                    return Ok((Arc::clone(&shard), g.settings.dead_letter_topic.clone()));
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                self.resume_dead_letters(group).await;
+                self.resume_dead_letters(&shard, group).await;
                 return Err(BrokerError::TimedOut {
                     what: format!("pausing share group '{group}''s dead letters"),
                     after: PAUSE_WAIT,
@@ -160,31 +184,43 @@ impl ShareCoordinator {
         }
     }
 
-    async fn resume_dead_letters(&self, group: &str) {
-        if let Ok(shard) = self.shard_for(group).await {
-            let mut st = shard.lock().await;
-            if let Some(g) = st.groups.get_mut(group) {
-                g.dead_letters_paused = false;
-            }
+    async fn resume_dead_letters(&self, shard: &Shard<SharesState>, group: &str) {
+        let mut st = shard.lock().await;
+        if let Some(g) = st.groups.get_mut(group) {
+            g.dead_letters_paused = false;
         }
+    }
+
+    /// Refuses to go on when the state the dead letters were paused in is no longer the
+    /// one serving: a reload forgets the pause, and letters written since would be lost by
+    /// the delete.
+    fn still_paused(shard: &Shard<SharesState>, group: &str) -> Result<()> {
+        if shard.is_current() {
+            return Ok(());
+        }
+        Err(BrokerError::CoordinatorLoading {
+            group: group.to_string(),
+            state: "reloaded its state during the operation; nothing was deleted, retry".into(),
+        })
     }
 
     /// Deletes `group`'s dead-letter topic; returns how many dead letters it held.
     pub async fn purge_dead_letters(&self, group: &str) -> Result<u64> {
-        let dlq = self.pause_dead_letters(group).await?;
+        let (shard, dlq) = self.pause_dead_letters(group).await?;
         let outcome = async {
+            Self::still_paused(&shard, group)?;
             self.delete_topic(&dlq).await?;
-            self.reset_dead_letter_counts(group).await
+            self.forget_dead_letters(&shard, group).await
         }
         .await;
-        self.resume_dead_letters(group).await;
+        self.resume_dead_letters(&shard, group).await;
         outcome
     }
 
-    /// Sets the group's dead-letter counts to zero (the topic is gone) and writes it;
-    /// returns what they were.
-    async fn reset_dead_letter_counts(&self, group: &str) -> Result<u64> {
-        let shard = self.shard_for(group).await?;
+    /// After the dead-letter topic was deleted: the counts go to zero and the topic is no
+    /// longer the group's (it creates it anew with its next dead letter). Returns the count
+    /// it had.
+    async fn forget_dead_letters(&self, shard: &Arc<Shard<SharesState>>, group: &str) -> Result<u64> {
         let mut st = shard.lock().await;
         let g = st
             .groups
@@ -203,23 +239,37 @@ impl ShareCoordinator {
             changes.extend(g.record_of(group, p, &[]));
         }
         let committed = shard.append_ahead(&changes).await.map_err(|e| name_group(e, group))?;
+        let mut settings = g.settings.clone();
+        settings.dead_letter_topic_created = false;
+        shard
+            .write(&mut st, vec![SharesState::creation(group, &settings)])
+            .await
+            .map_err(|e| name_group(e, group))?;
         drop(st);
         committed.wait().await.map_err(|e| name_group(e, group))?;
         Ok(was)
     }
 
     /// Publishes `group`'s dead letters back to the source topic, then deletes the
-    /// dead-letter topic; returns how many were republished.
+    /// dead-letter topic; returns how many were republished. Only letters whose
+    /// `conveyor-dlq-topic` header names the group's topic are republished.
     pub async fn redrive(&self, group: &str) -> Result<u64> {
-        let dlq = self.pause_dead_letters(group).await?;
-        let outcome = self.redrive_paused(group, &dlq).await;
-        self.resume_dead_letters(group).await;
+        let (shard, dlq) = self.pause_dead_letters(group).await?;
+        let outcome = async {
+            let republished = self.redrive_paused(&shard, group, &dlq).await?;
+            Self::still_paused(&shard, group)?;
+            self.delete_topic(&dlq).await?;
+            self.forget_dead_letters(&shard, group).await?;
+            tracing::info!(group, republished, "share group dead letters redriven");
+            Ok(republished)
+        }
+        .await;
+        self.resume_dead_letters(&shard, group).await;
         outcome
     }
 
-    async fn redrive_paused(&self, group: &str, dlq: &str) -> Result<u64> {
+    async fn redrive_paused(&self, shard: &Shard<SharesState>, group: &str, dlq: &str) -> Result<u64> {
         let source = {
-            let shard = self.shard_for(group).await?;
             let st = shard.lock().await;
             st.groups
                 .get(group)
@@ -262,6 +312,9 @@ impl ShareCoordinator {
                         if r.offset >= end {
                             break;
                         }
+                        if header_of(&r.headers, dead_letters::SOURCE_TOPIC).as_deref() != Some(source.as_str()) {
+                            continue;
+                        }
                         let partition = header_of(&r.headers, dead_letters::SOURCE_PARTITION)
                             .and_then(|v| v.parse::<i32>().ok())
                             .filter(|p| (0..source_partitions).contains(p))
@@ -296,9 +349,6 @@ impl ShareCoordinator {
                 }
             }
         }
-        self.delete_topic(dlq).await?;
-        self.reset_dead_letter_counts(group).await?;
-        tracing::info!(group, republished, "share group dead letters redriven");
         Ok(republished)
     }
 

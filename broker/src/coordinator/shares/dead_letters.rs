@@ -39,6 +39,13 @@ struct Letter {
     record: Record,
 }
 
+/// Records of one stored batch to dead-letter: (offset, reason, deliveries).
+struct FromBatch {
+    partition: i32,
+    batch: Bytes,
+    records: Vec<(u64, String, u32)>,
+}
+
 /// Writes `group`'s waiting dead letters until none is left (or the state stops being
 /// current, or a purge or redrive pauses them).
 pub async fn run(coordinator: Arc<ShareCoordinator>, shard: Arc<Shard<SharesState>>, group: String) {
@@ -59,27 +66,34 @@ pub async fn run(coordinator: Arc<ShareCoordinator>, shard: Arc<Shard<SharesStat
 
 /// Writes one step of dead letters; false when there was nothing to do (the task ends).
 async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, group: &str) -> Result<bool> {
-    let (letters, dlq, source, partitions) = {
+    let (work, dlq, source, partitions) = {
         let mut st = shard.lock().await;
         let Some(g) = st.groups.get_mut(group) else {
             return Ok(false);
         };
-        let mut letters = Vec::new();
+        // Under the lock only the batches are picked (cheap clones); they are decoded after.
+        let mut work: Vec<FromBatch> = Vec::new();
+        let mut count = 0;
         for (p, w) in &g.windows {
             for (offset, reason, deliveries) in w.dead_lettering() {
-                if letters.len() >= STEP {
+                if count >= STEP {
                     break;
                 }
                 let Some(batch) = w.batch_of(offset) else { continue };
-                let record = letter_of(&batch.bytes, offset, &g.settings.topic, *p, deliveries, &reason)?;
-                letters.push(Letter {
-                    partition: *p,
-                    offset,
-                    record,
-                });
+                match work.last_mut() {
+                    Some(last) if last.partition == *p && last.batch.as_ptr() == batch.bytes.as_ptr() => {
+                        last.records.push((offset, reason, deliveries));
+                    }
+                    _ => work.push(FromBatch {
+                        partition: *p,
+                        batch: batch.bytes.clone(),
+                        records: vec![(offset, reason, deliveries)],
+                    }),
+                }
+                count += 1;
             }
         }
-        if letters.is_empty() || g.dead_letters_paused || !shard.is_current() {
+        if work.is_empty() || g.dead_letters_paused || !shard.is_current() {
             g.dead_lettering = false;
             return Ok(false);
         }
@@ -88,13 +102,15 @@ async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
             .get(&g.settings.topic)
             .map_or(1, |t| t.partition_count() as u32);
         (
-            letters,
+            work,
             g.settings.dead_letter_topic.clone(),
             g.settings.topic.clone(),
             partitions,
         )
     };
-    let _ = source;
+    let (topic_name, letters) = (source.clone(), work);
+    let letters = crate::blocking::blocking(move || letters_of(&topic_name, letters)).await?;
+    let existed = coordinator.registry().get(&dlq).is_ok();
     let topic = internal_topic::ensure_exists(
         coordinator.registry(),
         &coordinator.admin_lock,
@@ -104,20 +120,19 @@ async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
         TopicKind::DeadLetter,
     )
     .await?;
+    if !existed {
+        mark_created(shard, group, &dlq).await?;
+    }
+    let max_batch = (topic.effective.max_message_bytes as usize).clamp(1 << 10, 64 << 20);
     let count = (topic.partition_count() as i32).max(1);
     let mut by_partition: std::collections::BTreeMap<i32, Vec<&Letter>> = std::collections::BTreeMap::new();
     for l in &letters {
         by_partition.entry(l.partition % count).or_default().push(l);
     }
     for (p, ls) in by_partition {
-        let mut builder = BatchBuilder::new(Compression::None);
-        for l in ls {
-            builder.push(&l.record);
+        for bytes in batches_within(&ls, max_batch)? {
+            append(coordinator, &dlq, p, bytes).await?;
         }
-        let bytes = builder
-            .build()
-            .map_err(|e| BrokerError::Internal(format!("a dead-letter batch: {e}")))?;
-        append(coordinator, &dlq, p, bytes).await?;
     }
     let mut st = shard.lock().await;
     let Some(g) = st.groups.get_mut(group) else {
@@ -146,37 +161,93 @@ async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
     Ok(true)
 }
 
-/// The dead letter of the record at `offset` of `batch`.
-fn letter_of(batch: &Bytes, offset: u64, topic: &str, partition: i32, deliveries: u32, reason: &str) -> Result<Record> {
-    let bad = |e| BrokerError::from_batch(topic, partition, e);
-    let parsed = RecordBatch::parse(batch.clone()).map_err(bad)?;
-    for r in parsed.records().map_err(bad)? {
-        let r = r.map_err(bad)?;
-        if r.offset != offset {
-            continue;
-        }
-        let mut headers = r.headers;
-        let mut add = |k: &str, v: String| {
-            headers.push(Header {
-                key: Bytes::copy_from_slice(k.as_bytes()),
-                value: Some(Bytes::from(v)),
-            })
-        };
-        add(SOURCE_TOPIC, topic.to_string());
-        add(SOURCE_PARTITION, partition.to_string());
-        add(SOURCE_OFFSET, offset.to_string());
-        add(DELIVERY_COUNT, deliveries.to_string());
-        add(REASON, reason.to_string());
-        return Ok(Record {
-            timestamp: r.timestamp,
-            key: r.key,
-            value: r.value,
-            headers,
-        });
+/// Records that this group created its dead-letter topic (so a purge or redrive may delete
+/// it).
+async fn mark_created(shard: &Arc<Shard<SharesState>>, group: &str, dlq: &str) -> Result<()> {
+    let mut st = shard.lock().await;
+    let Some(g) = st.groups.get(group) else { return Ok(()) };
+    if g.settings.dead_letter_topic_created || g.settings.dead_letter_topic != dlq {
+        return Ok(());
     }
-    Err(BrokerError::Internal(format!(
-        "record {offset} of {topic} partition {partition} is not in its cached batch"
-    )))
+    let mut settings = g.settings.clone();
+    settings.dead_letter_topic_created = true;
+    let change = SharesState::creation(group, &settings);
+    shard.write(&mut st, vec![change]).await
+}
+
+/// `letters` as batches of at most `max_bytes` each (a letter larger than that alone is one
+/// batch of its own, which the topic then refuses: it is retried, and reported).
+fn batches_within(letters: &[&Letter], max_bytes: usize) -> Result<Vec<Bytes>> {
+    let mut out = Vec::new();
+    let mut builder = BatchBuilder::new(Compression::None);
+    let built = |b: BatchBuilder| {
+        b.build()
+            .map_err(|e| BrokerError::Internal(format!("a dead-letter batch: {e}")))
+    };
+    for l in letters {
+        let size = l.record.key.as_ref().map_or(0, Bytes::len)
+            + l.record.value.as_ref().map_or(0, Bytes::len)
+            + l.record
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len) + 8)
+                .sum::<usize>()
+            + 32;
+        if !builder.is_empty() && builder.estimated_size() + size > max_bytes.saturating_sub(256) {
+            out.push(built(std::mem::replace(
+                &mut builder,
+                BatchBuilder::new(Compression::None),
+            ))?);
+        }
+        builder.push(&l.record);
+    }
+    if !builder.is_empty() {
+        out.push(built(builder)?);
+    }
+    Ok(out)
+}
+
+/// The dead letters of `work`, each stored batch decoded once. Blocking.
+fn letters_of(topic: &str, work: Vec<FromBatch>) -> Result<Vec<Letter>> {
+    let mut out = Vec::new();
+    for w in work {
+        let bad = |e| BrokerError::from_batch(topic, w.partition, e);
+        let parsed = RecordBatch::parse(w.batch.clone()).map_err(bad)?;
+        let mut wanted = w.records.into_iter().peekable();
+        for r in parsed.records().map_err(bad)? {
+            let r = r.map_err(bad)?;
+            let Some((offset, _, _)) = wanted.peek() else { break };
+            if r.offset != *offset {
+                continue;
+            }
+            let Some((offset, reason, deliveries)) = wanted.next() else {
+                break;
+            };
+            let mut headers = r.headers;
+            let mut add = |k: &str, v: String| {
+                headers.push(Header {
+                    key: Bytes::copy_from_slice(k.as_bytes()),
+                    value: Some(Bytes::from(v)),
+                })
+            };
+            add(SOURCE_TOPIC, topic.to_string());
+            add(SOURCE_PARTITION, w.partition.to_string());
+            add(SOURCE_OFFSET, offset.to_string());
+            add(DELIVERY_COUNT, deliveries.to_string());
+            add(REASON, reason);
+            out.push(Letter {
+                partition: w.partition,
+                offset,
+                record: Record {
+                    timestamp: r.timestamp,
+                    key: r.key,
+                    value: r.value,
+                    headers,
+                },
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Appends `bytes` to `topic` `partition` with acks=all: through this broker's replica when

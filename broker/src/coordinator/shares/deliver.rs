@@ -240,6 +240,14 @@ impl ShareCoordinator {
             let next_due;
             {
                 let mut st = shard.lock().await;
+                // A state that stopped serving (a failed write, a new term) must hand out
+                // nothing more: its reload hands the same records out again.
+                if !shard.is_current() {
+                    return Err(BrokerError::CoordinatorLoading {
+                        group: f.group.clone(),
+                        state: "reloads its state; fetch again".into(),
+                    });
+                }
                 let SharesState { groups, next_token } = &mut *st;
                 let g = groups
                     .get_mut(&f.group)
@@ -270,7 +278,7 @@ impl ShareCoordinator {
                     let p = partitions[(start + i) % partitions.len()];
                     let Some(w) = g.windows.get_mut(&p) else { continue };
                     let (acquired, out_of_deliveries) =
-                        w.acquire(number, left, key_order, max, now, locked_until, &mut next);
+                        w.acquire(number, left, bytes_left, key_order, max, now, locked_until, &mut next);
                     if !out_of_deliveries.is_empty() {
                         exhausted.push((p, out_of_deliveries));
                     }
@@ -328,7 +336,8 @@ impl ShareCoordinator {
             }
             let mut wake = deadline;
             if let Some(due) = next_due {
-                let wait = Duration::from_millis((due - conveyor_storage::unix_millis()).max(1) as u64);
+                let wait = Duration::from_millis(due.saturating_sub(conveyor_storage::unix_millis()).max(1) as u64)
+                    .min(MAX_WAIT);
                 wake = wake.min(tokio::time::Instant::now() + wait);
             }
             match notified.as_mut().as_pin_mut() {

@@ -122,7 +122,13 @@ async fn fill(
         if w.end != Some(from) {
             continue;
         }
+        let limits = Limits::for_inflight(g.settings.max_inflight as usize);
+        let (key_order, now) = (g.settings.key_order, conveyor_storage::unix_millis());
         for (batch, records) in parsed {
+            // The window's bounds hold per batch: the rest of the read is read again later.
+            if !w.has_room(&limits, key_order, now) {
+                break;
+            }
             w.push(batch, &records);
         }
         g.available.notify_waiters();

@@ -29,7 +29,9 @@ pub fn view(name: &str, g: &ShareGroup, now: i64) -> GroupGauges {
             .iter()
             .map(|(p, w)| {
                 let c = w.counts(now);
-                let age = c.oldest_unacked_timestamp.map_or(0, |t| (now - t).max(0) as u64);
+                let age = c
+                    .oldest_unacked_timestamp
+                    .map_or(0, |t| now.saturating_sub(t).max(0) as u64);
                 (*p, c.acquired, age)
             })
             .collect(),

@@ -179,6 +179,7 @@ pub fn resolve_settings(topic: &str, group: &str, asked: &ShareGroupSettings, no
         earliest,
         dead_letter_topic,
         created_ms: now_ms,
+        dead_letter_topic_created: false,
     })
 }
 

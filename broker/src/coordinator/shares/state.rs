@@ -25,6 +25,9 @@ pub struct Settings {
     pub earliest: bool,
     pub dead_letter_topic: String,
     pub created_ms: i64,
+    /// Whether the dead-letter topic was created by this group (purge and redrive delete
+    /// only such a topic).
+    pub dead_letter_topic_created: bool,
 }
 
 impl Settings {
@@ -38,6 +41,7 @@ impl Settings {
             auto_offset_reset: if self.earliest { "earliest" } else { "latest" }.to_string(),
             dead_letter_topic: self.dead_letter_topic.clone(),
             created_ms: self.created_ms,
+            dead_letter_topic_created: self.dead_letter_topic_created,
         }
     }
 
@@ -51,6 +55,7 @@ impl Settings {
             earliest: v.auto_offset_reset == "earliest",
             dead_letter_topic: v.dead_letter_topic,
             created_ms: v.created_ms,
+            dead_letter_topic_created: v.dead_letter_topic_created,
         }
     }
 }
@@ -165,13 +170,16 @@ impl ShareGroup {
         })
     }
 
-    /// Tombstones for every record of the group.
+    /// Tombstones for every record of the group, the group's own first.
     pub fn tombstones(&self, group: &str) -> Vec<Change> {
         let mut out = vec![Change {
             key: Key::Group(group.to_string()).encode(),
             value: None,
         }];
-        for p in self.windows.keys() {
+        for (p, w) in &self.windows {
+            if !w.started {
+                continue;
+            }
             out.push(Change {
                 key: Key::Snapshot {
                     group: group.to_string(),
@@ -180,7 +188,8 @@ impl ShareGroup {
                 .encode(),
                 value: None,
             });
-            for slot in 0..UPDATE_SLOTS {
+            // Only the update slots its sequences reached were written.
+            for slot in 1..=w.sequence.min(UPDATE_SLOTS - 1) {
                 out.push(Change {
                     key: Key::Update {
                         group: group.to_string(),

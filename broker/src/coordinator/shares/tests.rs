@@ -102,6 +102,7 @@ fn acquire(w: &mut Window, tokens: &mut Tokens, member: u32, max: usize, key_ord
     let (got, exhausted) = w.acquire(
         member,
         max,
+        usize::MAX,
         key_order,
         MAX_DELIVERIES,
         now,
@@ -527,6 +528,7 @@ fn settings(key_order: bool) -> Settings {
         earliest: true,
         dead_letter_topic: "t.g.dlq".into(),
         created_ms: 1,
+        dead_letter_topic_created: false,
     }
 }
 
@@ -635,8 +637,16 @@ impl Model {
                     *next_token = next_token.wrapping_add(1).max(1);
                     *next_token
                 };
-                let (got, exhausted) =
-                    w.acquire(*member, *max, key_order, MAX_DELIVERIES, now, now + LOCK_MS, &mut next);
+                let (got, exhausted) = w.acquire(
+                    *member,
+                    *max,
+                    usize::MAX,
+                    key_order,
+                    MAX_DELIVERIES,
+                    now,
+                    now + LOCK_MS,
+                    &mut next,
+                );
                 self.held.extend(got.into_iter().map(|a| (*member, a)));
                 self.wrote(&exhausted);
             }
@@ -775,5 +785,114 @@ proptest! {
         let mut after_compaction = replay(compacted(&model.log), &model.batches);
         let cw = after_compaction.groups.get_mut("g").and_then(|g| g.windows.get_mut(&0)).expect("window");
         check_same_durable(live, cw, now)?;
+    }
+}
+
+// ----- Bounds a review found broken -----
+
+/// The fill pushes a read batch by batch while the window has room (a whole 1 MiB read of
+/// small records once overshot `max_inflight` by 13×), and a snapshot of a full window of
+/// records being dead-lettered with 1 KiB reasons still fits one coordinator write
+/// (reasons are kept to DURABLE_REASON_BYTES in the state): before, `batches_of` refused
+/// it, the shard was marked lost and every reload failed again.
+#[test]
+fn a_full_window_of_rejected_records_stays_in_bounds_and_its_snapshot_fits_one_write() {
+    use prost::Message as _;
+    let limits = Limits::for_inflight(10_000);
+    let mut w = Window::default();
+    w.begin_at(0);
+    let mut base = 0u64;
+    // As fill::run: one read of ~1 MiB of small stored batches, pushed while there is room.
+    while w.has_room(&limits, false, 0) {
+        let mut read = Vec::new();
+        while read.len() < (1 << 20) {
+            let b = batch_with_value(base, &[PLAIN; 100], 1);
+            base += 100;
+            read.extend_from_slice(&b);
+        }
+        let from = w.end.expect("begun");
+        for (batch, records) in
+            crate::coordinator::shares::fill::parse("t", 0, Bytes::from(read), from).expect("parses")
+        {
+            if !w.has_room(&limits, false, 0) {
+                break;
+            }
+            w.push(batch, &records);
+        }
+    }
+    let slots = w.slots().count();
+    assert!(
+        slots <= limits.max_inflight + 100,
+        "one batch past the bound at most: {slots} slots"
+    );
+    let mut tokens = Tokens(0);
+    let mut held = Vec::new();
+    loop {
+        let got = acquire(&mut w, &mut tokens, 1, 10_000, false, 0);
+        if got.is_empty() {
+            break;
+        }
+        held.extend(got);
+    }
+    for a in &held {
+        for o in a.first..=a.last {
+            let reason = format!("{o:>1024}");
+            w.acknowledge(
+                1,
+                o,
+                o,
+                a.token,
+                &AckKind::Reject { reason },
+                0,
+                LOCK_MS,
+                MAX_DELIVERIES,
+            )
+            .expect("held");
+        }
+    }
+    let snapshot = w.snapshot();
+    let bytes = snapshot.encoded_len();
+    assert!(
+        bytes <= crate::coordinator::host::MAX_WRITE_BYTES,
+        "{slots} records dead-lettering: a snapshot of {bytes} bytes, more than one write may take"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Outside key order, whenever a record is available now, a fetch gets one (the
+    /// `available_from` scan hint never skips an available record).
+    #[test]
+    fn an_available_record_is_always_acquired(
+        specs in prop::collection::vec(prop::collection::vec(spec(), 1..5), 1..25),
+        ops in prop::collection::vec(op(), 1..200),
+    ) {
+        let mut base = 0;
+        let batches: Vec<Bytes> = specs
+            .iter()
+            .map(|records| {
+                let b = batch_at(base, records);
+                base += records.len() as u64;
+                b
+            })
+            .collect();
+        let mut model = Model::new(false);
+        let mut pending = batches.into_iter();
+        for op in &ops {
+            model.step(op, &mut pending, false);
+            let now = model.now;
+            let w = model.window();
+            if w.any_available(now) {
+                let mut t = Tokens(1 << 40);
+                let (got, exhausted) = w.acquire(99, 1, usize::MAX, false, MAX_DELIVERIES, now, now + LOCK_MS, &mut t.next());
+                prop_assert!(!got.is_empty() || !exhausted.is_empty(), "an available record was skipped after {:?}", op);
+                model.held.extend(got.into_iter().map(|a| (99, a)));
+                if !exhausted.is_empty() {
+                    let g = model.state.groups.get_mut("g").expect("group");
+                    model.log.extend(g.record_of("g", 0, &exhausted));
+                }
+            }
+        }
     }
 }

@@ -103,7 +103,7 @@ impl Limits {
         Limits {
             max_inflight,
             per_key: (max_inflight / 20).max(1),
-            max_span: max_inflight * 8,
+            max_span: max_inflight * 4,
             max_bytes: 8 << 20,
         }
     }
@@ -225,14 +225,18 @@ impl Window {
     }
 
     /// Moves a window whose next record left the log (retention) to the log's start.
+    /// Records waiting for their dead letter stay (with the batches that hold them): their
+    /// letters can still be written.
     pub fn skip_to(&mut self, offset: u64) {
         if self.end.is_some_and(|e| e < offset) {
-            self.slots.clear();
-            self.batches.clear();
-            self.bytes = 0;
+            self.slots.retain(|s| s.state == SlotState::DeadLettering);
+            let slots = &self.slots;
+            self.batches
+                .retain(|b| slots.iter().any(|s| b.base <= s.offset && s.offset < b.next));
+            self.bytes = self.batches.iter().map(|b| b.bytes.len()).sum();
             self.available_from = 0;
-            self.start = offset;
             self.end = Some(offset);
+            self.start = self.slots.front().map_or(offset, |s| s.offset);
             self.pending.retain(|o, _| *o >= offset);
         }
     }
@@ -363,6 +367,7 @@ impl Window {
         &mut self,
         member: u32,
         max: usize,
+        max_bytes: usize,
         key_order: bool,
         max_deliveries: u32,
         now: i64,
@@ -381,6 +386,7 @@ impl Window {
             self.available_from.min(self.slots.len())
         };
         let mut first_available: Option<usize> = None;
+        let (mut bytes, mut last_batch) = (0usize, None);
         for i in from..self.slots.len() {
             let (offset, state, key, not_before, deliveries) = {
                 let s = &self.slots[i];
@@ -409,6 +415,16 @@ impl Window {
                 exhausted.push(offset);
                 previous_taken = false;
                 continue;
+            }
+            // Bytes: each stored batch counts once, and at least one goes out.
+            let batch = self.batches.partition_point(|b| b.base <= offset).checked_sub(1);
+            if batch != last_batch {
+                let size = batch.and_then(|b| self.batches.get(b)).map_or(0, |b| b.bytes.len());
+                if count > 0 && bytes + size > max_bytes {
+                    break;
+                }
+                bytes += size;
+                last_batch = batch;
             }
             let s = &mut self.slots[i];
             s.state = SlotState::Acquired;
@@ -726,7 +742,10 @@ fn make_available(s: &mut Slot, not_before: i64, max_deliveries: u32, why: &str)
 fn durable_of(s: &Slot) -> Durable {
     let (state, reason) = match s.state {
         SlotState::Available | SlotState::Acquired => (DURABLE_AVAILABLE, String::new()),
-        SlotState::DeadLettering => (DURABLE_DEAD_LETTERING, s.reason.as_deref().unwrap_or("").to_string()),
+        SlotState::DeadLettering => (
+            DURABLE_DEAD_LETTERING,
+            durable_reason(s.reason.as_deref().unwrap_or("")),
+        ),
         SlotState::Acknowledged => (DURABLE_ACKNOWLEDGED, String::new()),
         SlotState::Archived => (DURABLE_ARCHIVED, String::new()),
     };
@@ -741,6 +760,21 @@ fn durable_of(s: &Slot) -> Durable {
         },
         reason,
     }
+}
+
+/// Most bytes of a dead-letter reason kept in the share state (a snapshot holds one per
+/// record waiting for its dead letter, so it must stay well within a write's bounds).
+pub const DURABLE_REASON_BYTES: usize = 128;
+
+fn durable_reason(reason: &str) -> String {
+    if reason.len() <= DURABLE_REASON_BYTES {
+        return reason.to_string();
+    }
+    let mut end = DURABLE_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }
 
 /// Consecutive offsets with the same durable state as runs.
