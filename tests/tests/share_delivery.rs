@@ -620,3 +620,83 @@ fn describe_counts_dead_letters_and_a_purge_empties_them() {
         assert!(!out.status.success(), "the dead-letter topic is gone: {out:?}");
     });
 }
+
+#[test]
+fn a_purge_or_redrive_refuses_a_dead_letter_topic_the_group_did_not_create() {
+    let broker = BrokerProcess::start();
+    let addr = broker.addr().to_string();
+    create_topic(&addr, "jobs", 1);
+    create_topic(&addr, "payments", 1);
+    runtime().block_on(async {
+        produce(&addr, "payments", &[rec(None, "p1"), rec(None, "p2")]).await;
+        let mut a = RawMember::join(
+            &addr,
+            "workers",
+            "a",
+            "jobs",
+            settings(|s| s.dead_letter_topic = Some("payments".into())),
+        )
+        .await
+        .expect("join");
+        let e = a
+            .client
+            .purge_dead_letters(PurgeDeadLettersRequest {
+                group: "workers".into(),
+            })
+            .await
+            .expect_err("payments is not the group's");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("did not create"), "{e:?}");
+        let e = a
+            .client
+            .redrive(RedriveRequest {
+                group: "workers".into(),
+            })
+            .await
+            .expect_err("payments is not the group's");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    });
+    assert_eq!(consume_json(&addr, "payments", 2).len(), 2, "payments kept its records");
+}
+
+#[test]
+fn a_fetch_answer_stays_within_its_max_bytes() {
+    let broker = BrokerProcess::start();
+    let addr = broker.addr().to_string();
+    create_topic(&addr, "big", 1);
+    let value = "x".repeat(200 << 10);
+    runtime().block_on(async {
+        for _ in 0..20 {
+            produce(&addr, "big", &[rec(None, &value)]).await;
+        }
+        let mut a = RawMember::join(&addr, "workers", "a", "big", settings(|_| {}))
+            .await
+            .expect("join");
+        let mut total = 0;
+        let deadline = Instant::now() + DELIVERY_DEADLINE;
+        while total < 20 {
+            assert!(Instant::now() < deadline, "only {total} of 20 records delivered");
+            let answer = a
+                .client
+                .fetch(ShareFetchRequest {
+                    group: "workers".into(),
+                    member_id: "a".into(),
+                    max_records: 100,
+                    max_bytes: 1 << 20,
+                    max_wait_ms: 500,
+                    acks: Vec::new(),
+                })
+                .await
+                .expect("fetch")
+                .into_inner();
+            let bytes: usize = answer.partitions.iter().map(|p| p.batches.len()).sum();
+            // At most max_bytes, or one batch when a single batch is larger.
+            assert!(bytes <= (1 << 20) + (210 << 10), "an answer of {bytes} bytes");
+            let got = conveyor_tests::share_raw::records_of(&answer);
+            if !got.is_empty() {
+                assert!(got.len() <= 5, "{} records of 200 KiB in one answer", got.len());
+            }
+            total += got.len();
+        }
+    });
+}
