@@ -463,12 +463,12 @@ impl ShareCoordinator {
             }
             let mut gauges = Vec::new();
             for shard in self.host.current() {
-                match self.tick_shard(&shard, ticks % 10 == 0).await {
+                match self.tick_shard(&shard, ticks.is_multiple_of(10)).await {
                     Ok(g) => gauges.extend(g),
                     Err(e) => tracing::debug!(partition = shard.index, error = %e, "share coordinator timers"),
                 }
             }
-            if ticks % 10 == 0 {
+            if ticks.is_multiple_of(10) {
                 *self
                     .gauge_view
                     .lock()

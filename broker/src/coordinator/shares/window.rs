@@ -539,6 +539,7 @@ impl Window {
 
     /// Applies one acknowledgement by `member`. Returns the offsets whose durable state
     /// changed, or why nothing did.
+    #[allow(clippy::too_many_arguments)]
     pub fn acknowledge(
         &mut self,
         member: u32,
