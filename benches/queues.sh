@@ -6,7 +6,9 @@
 #
 # BIN_DIR holds release `conveyor-broker` and `conveyor` binaries. Every round runs, each on
 # a fresh single broker (fsync before ack, the default) or a fresh redis-server:
-#   - conveyor: `bench queue`, 8 workers, 3 partitions, 100-byte records, no ordering;
+#   - conveyor: `bench queue`, 8 workers, 3 partitions, 100-byte records, no ordering, the
+#     group's default max_inflight_records (2,000 per partition);
+#   - conveyor-5k: the same with max_inflight_records 5,000;
 #   - conveyor-key: the same with ordering key over 10,000 keys;
 #   - redis: `bench redis-queue` (XREADGROUP COUNT 500 + XACK, pipelined, 8 connections)
 #     on redis-server without persistence;
@@ -49,6 +51,7 @@ run_redis() {
 
 for _ in $(seq 1 "$ROUNDS"); do
   run_conveyor conveyor
+  run_conveyor conveyor-5k --max-inflight 5000
   run_conveyor conveyor-key --ordering key --keys 10000
   run_redis redis --appendonly no
   run_redis redis-aof --appendonly yes --appendfsync always

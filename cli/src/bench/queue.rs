@@ -39,6 +39,15 @@ pub struct QueueBenchArgs {
     /// Bytes per record value.
     #[arg(long, default_value_t = 100)]
     pub record_size: usize,
+    /// Deliveries each worker buffers ahead (default: the client's).
+    #[arg(long, value_name = "N")]
+    pub prefetch: Option<usize>,
+    /// The group's max_inflight_records (default: the broker's, 2,000).
+    #[arg(long, value_name = "N")]
+    pub max_inflight: Option<u32>,
+    /// Records each fetch asks for (default: the client's).
+    #[arg(long, value_name = "N")]
+    pub max_records: Option<u32>,
     /// Give up after this long: a duration such as 90s or 10m; a bare number counts seconds.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::time::parse_secs)]
     pub timeout: Duration,
@@ -137,7 +146,17 @@ fn produce_args(topic: &str, args: &QueueBenchArgs) -> BenchArgs {
 }
 
 fn config(args: &QueueBenchArgs) -> ShareConfig {
-    ShareConfig::default()
+    let mut config = ShareConfig::default();
+    if let Some(n) = args.prefetch {
+        config = config.prefetch(n);
+    }
+    if let Some(n) = args.max_records {
+        config = config.max_records(n);
+    }
+    if let Some(n) = args.max_inflight {
+        config = config.max_inflight_records(n);
+    }
+    config
         .auto_offset_reset(ShareOffsetReset::Earliest)
         .ordering(match args.ordering {
             OrderingArg::Key => ShareOrdering::Key,

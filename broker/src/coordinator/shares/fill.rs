@@ -55,25 +55,42 @@ async fn fill(
     partition: i32,
 ) -> Result<()> {
     let registry = coordinator.registry();
+    let mut ahead: std::collections::VecDeque<(CachedBatch, Vec<Parsed>)> = std::collections::VecDeque::new();
+    let mut ahead_from: Option<u64> = None;
+    let mut room_opened: Option<Arc<tokio::sync::Notify>> = None;
     loop {
         if !shard.is_current() {
             return Ok(());
         }
-        let (topic, from, room) = {
+        // Registered before the window is looked at, so room opened after the look wakes it.
+        let notify = room_opened.clone();
+        let notified = notify.as_ref().map(|n| n.notified());
+        let mut notified = std::pin::pin!(notified);
+        if let Some(n) = notified.as_mut().as_pin_mut() {
+            n.enable();
+        }
+        let (topic, from, full) = {
             let st = shard.lock().await;
             let Some(g) = st.groups.get(group) else { return Ok(()) };
             let Some(w) = g.windows.get(&partition) else {
                 return Ok(());
             };
+            if room_opened.is_none() {
+                room_opened = Some(Arc::clone(&g.room));
+            }
             let limits = Limits::for_inflight(g.settings.max_inflight as usize);
             let now = conveyor_storage::unix_millis();
-            let room = w.has_room(&limits, g.settings.key_order, now);
-            let wait_room = (!room).then(|| Arc::clone(&g.room));
-            (g.settings.topic.clone(), w.end.ok_or(g.settings.earliest), wait_room)
+            let full = !w.has_room(&limits, g.settings.key_order, now);
+            (g.settings.topic.clone(), w.end.ok_or(g.settings.earliest), full)
         };
-        if let Some(room) = room {
+        if full {
             // Acknowledgements and dead letters open room; delays end by time.
-            let _ = tokio::time::timeout(Duration::from_millis(100), room.notified()).await;
+            match notified.as_mut().as_pin_mut() {
+                Some(n) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), n).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
             continue;
         }
         let from = match from {
@@ -83,35 +100,43 @@ async fn fill(
                 continue;
             }
         };
-        let read = match read(registry, &topic, partition, from).await {
-            Ok(r) => r,
-            Err(BrokerError::UnknownTopic(_)) => return Ok(()),
-            Err(e) => {
-                tracing::debug!(group, topic, partition, error = %e, "share group read failed; retrying");
-                tokio::time::sleep(RETRY).await;
+        // Batches read but not pushed yet (the window had room for part of a read): pushed
+        // as room opens, so a read is parsed once however slowly it is taken in.
+        if ahead_from != Some(from) {
+            ahead.clear();
+        }
+        if ahead.is_empty() {
+            let read = match read(registry, &topic, partition, from).await {
+                Ok(r) => r,
+                Err(BrokerError::UnknownTopic(_)) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(group, topic, partition, error = %e, "share group read failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            let Read { batches, log_start } = read;
+            if batches.is_empty() {
+                if from < log_start {
+                    let mut st = shard.lock().await;
+                    if let Some(w) = st.groups.get_mut(group).and_then(|g| g.windows.get_mut(&partition)) {
+                        tracing::warn!(
+                            group,
+                            topic,
+                            partition,
+                            from,
+                            log_start,
+                            "records left the log before the share group read them"
+                        );
+                        w.skip_to(log_start);
+                    }
+                }
                 continue;
             }
-        };
-        let Read { batches, log_start } = read;
-        if batches.is_empty() {
-            if from < log_start {
-                let mut st = shard.lock().await;
-                if let Some(w) = st.groups.get_mut(group).and_then(|g| g.windows.get_mut(&partition)) {
-                    tracing::warn!(
-                        group,
-                        topic,
-                        partition,
-                        from,
-                        log_start,
-                        "records left the log before the share group read them"
-                    );
-                    w.skip_to(log_start);
-                }
-            }
-            continue;
+            let (topic_name, index) = (topic.clone(), partition);
+            ahead = blocking(move || parse(&topic_name, index, batches, from)).await?.into();
+            ahead_from = Some(from);
         }
-        let (topic_name, index) = (topic.clone(), partition);
-        let parsed = blocking(move || parse(&topic_name, index, batches, from)).await?;
         let mut st = shard.lock().await;
         let Some(g) = st.groups.get_mut(group) else {
             return Ok(());
@@ -120,17 +145,23 @@ async fn fill(
             return Ok(());
         };
         if w.end != Some(from) {
+            ahead.clear();
             continue;
         }
         let limits = Limits::for_inflight(g.settings.max_inflight as usize);
         let (key_order, now) = (g.settings.key_order, conveyor_storage::unix_millis());
-        for (batch, records) in parsed {
-            // The window's bounds hold per batch: the rest of the read is read again later.
-            if !w.has_room(&limits, key_order, now) {
+        // The window's bounds hold per batch (one scan of the window, then a count).
+        let mut room = w.room(&limits, key_order, now);
+        while let Some((_, records)) = ahead.front() {
+            if room == 0 || !w.fits(&limits) {
                 break;
             }
-            w.push(batch, &records);
+            room = room.saturating_sub(records.len());
+            if let Some((batch, records)) = ahead.pop_front() {
+                w.push(batch, &records);
+            }
         }
+        ahead_from = w.end;
         g.available.notify_waiters();
     }
 }

@@ -103,7 +103,7 @@ impl Limits {
         Limits {
             max_inflight,
             per_key: (max_inflight / 20).max(1),
-            max_span: max_inflight * 4,
+            max_span: max_inflight * 8,
             max_bytes: 8 << 20,
         }
     }
@@ -253,6 +253,22 @@ impl Window {
         self.inflight(limits, key_order, now) < limits.max_inflight
     }
 
+    /// How many more records the fill may add now (0: none), counting each new record as
+    /// in flight; with the span and byte bounds checked per batch by [`Window::fits`].
+    pub fn room(&self, limits: &Limits, key_order: bool, now: i64) -> usize {
+        if !self.fits(limits) {
+            return 0;
+        }
+        limits
+            .max_inflight
+            .saturating_sub(self.inflight(limits, key_order, now))
+    }
+
+    /// Whether the window is within its span and byte bounds.
+    pub fn fits(&self, limits: &Limits) -> bool {
+        self.slots.len() < limits.max_span && self.bytes < limits.max_bytes
+    }
+
     /// Records counting toward `max_inflight`.
     fn inflight(&self, limits: &Limits, key_order: bool, now: i64) -> usize {
         let mut per_key: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
@@ -386,7 +402,7 @@ impl Window {
             self.available_from.min(self.slots.len())
         };
         let mut first_available: Option<usize> = None;
-        let (mut bytes, mut last_batch) = (0usize, None);
+        let (mut bytes, mut batch_next) = (0usize, 0u64);
         for i in from..self.slots.len() {
             let (offset, state, key, not_before, deliveries) = {
                 let s = &self.slots[i];
@@ -417,14 +433,14 @@ impl Window {
                 continue;
             }
             // Bytes: each stored batch counts once, and at least one goes out.
-            let batch = self.batches.partition_point(|b| b.base <= offset).checked_sub(1);
-            if batch != last_batch {
-                let size = batch.and_then(|b| self.batches.get(b)).map_or(0, |b| b.bytes.len());
+            if offset >= batch_next {
+                let batch = self.batch_of(offset);
+                let size = batch.map_or(0, |b| b.bytes.len());
                 if count > 0 && bytes + size > max_bytes {
                     break;
                 }
                 bytes += size;
-                last_batch = batch;
+                batch_next = batch.map_or(offset + 1, |b| b.next);
             }
             let s = &mut self.slots[i];
             s.state = SlotState::Acquired;
