@@ -524,6 +524,52 @@ impl<S: StateMachine> Host<S> {
     }
 }
 
+/// Names `subject` (a group id) in a substrate error that could not (the substrate's own
+/// errors leave it empty).
+pub fn name_subject(e: BrokerError, subject: Subject<'_>) -> BrokerError {
+    match e {
+        BrokerError::CoordinatorLoading { group, state } if group.is_empty() => BrokerError::CoordinatorLoading {
+            group: subject.to_string(),
+            state,
+        },
+        BrokerError::NotCoordinator {
+            group,
+            me,
+            coordinator,
+            address,
+        } if group.is_empty() => BrokerError::NotCoordinator {
+            group: subject.to_string(),
+            me,
+            coordinator,
+            address,
+        },
+        other => other,
+    }
+}
+
+/// Where the coordinator of partition `index` of internal topic `topic` is: the leader of
+/// that partition and its client address; COORDINATOR_LOADING naming `subject` while it has
+/// no leader.
+pub fn coordinator_at(
+    registry: &Registry,
+    topic: &crate::controller::Topic,
+    index: i32,
+    subject: Subject<'_>,
+) -> Result<(u32, String)> {
+    let leader = match registry.replica(topic, index) {
+        Ok(p) => p.leader(),
+        Err(BrokerError::NotLeader { leader, .. }) => leader,
+        Err(e) => return Err(e),
+    };
+    if leader == 0 {
+        return Err(BrokerError::CoordinatorLoading {
+            group: subject.to_string(),
+            state: format!("is being elected (partition {index} of {} has no leader)", topic.name),
+        });
+    }
+    Ok((leader, registry.transport().client_address(leader).unwrap_or_default()))
+}
+
 /// Loads partition `index` of `topic` for `term`: waits for its records to be committed,
 /// replays them, and gives up past [`LOAD_LIMIT`] or if the term moves on.
 async fn load<S: StateMachine>(

@@ -30,6 +30,7 @@ use membership::{Answer, Env, Heartbeat, Settings};
 use state::{Group, GroupsState, at_target};
 
 use crate::controller::Registry;
+use crate::coordinator::host::name_subject as name_group;
 use crate::coordinator::host::{Host, Shard};
 use crate::coordinator::internal_topic::{self, CONSUMER_OFFSETS};
 use crate::error::{BrokerError, Result};
@@ -170,18 +171,7 @@ impl GroupCoordinator {
     pub async fn find(&self, group: &str) -> Result<(u32, String, i32)> {
         let index = self.partition_of(group).await?;
         let topic = self.offsets_topic().await?;
-        let leader = match self.registry.replica(&topic, index) {
-            Ok(p) => p.leader(),
-            Err(BrokerError::NotLeader { leader, .. }) => leader,
-            Err(e) => return Err(e),
-        };
-        if leader == 0 {
-            return Err(BrokerError::CoordinatorLoading {
-                group: group.to_string(),
-                state: format!("is being elected (partition {index} of {CONSUMER_OFFSETS} has no leader)"),
-            });
-        }
-        let address = self.registry.transport().client_address(leader).unwrap_or_default();
+        let (leader, address) = crate::coordinator::host::coordinator_at(&self.registry, &topic, index, group)?;
         Ok((leader, address, index))
     }
 
@@ -389,26 +379,4 @@ fn settle_faster(st: &GroupsState, group: &str, now: Instant, mut answer: Answer
         answer.interval = answer.interval.min(membership::RECONCILE_INTERVAL);
     }
     answer
-}
-
-/// Fills in the group an error from the substrate is about.
-fn name_group(e: BrokerError, group: &str) -> BrokerError {
-    match e {
-        BrokerError::CoordinatorLoading { group: g, state } if g.is_empty() => BrokerError::CoordinatorLoading {
-            group: group.to_string(),
-            state,
-        },
-        BrokerError::NotCoordinator {
-            group: g,
-            me,
-            coordinator,
-            address,
-        } if g.is_empty() => BrokerError::NotCoordinator {
-            group: group.to_string(),
-            me,
-            coordinator,
-            address,
-        },
-        other => other,
-    }
 }

@@ -35,6 +35,7 @@ use state::{Settings, ShareGroup, SharesState};
 
 use crate::controller::Registry;
 use crate::coordinator::Change;
+pub(crate) use crate::coordinator::host::name_subject as name_group;
 use crate::coordinator::host::{Host, Shard};
 use crate::coordinator::internal_topic::{self, TopicKind};
 use crate::error::{BrokerError, Result};
@@ -303,18 +304,7 @@ impl ShareCoordinator {
     pub async fn find(&self, group: &str) -> Result<(u32, String, i32)> {
         let index = self.partition_of(group).await?;
         let topic = self.state_topic().await?;
-        let leader = match self.registry.replica(&topic, index) {
-            Ok(p) => p.leader(),
-            Err(BrokerError::NotLeader { leader, .. }) => leader,
-            Err(e) => return Err(e),
-        };
-        if leader == 0 {
-            return Err(BrokerError::CoordinatorLoading {
-                group: group.to_string(),
-                state: format!("is being elected (partition {index} of {SHARE_STATE} has no leader)"),
-            });
-        }
-        let address = self.registry.transport().client_address(leader).unwrap_or_default();
+        let (leader, address) = crate::coordinator::host::coordinator_at(&self.registry, &topic, index, group)?;
         Ok((leader, address, index))
     }
 
@@ -560,26 +550,4 @@ pub(crate) fn group_mut<'a>(st: &'a mut SharesState, group: &str) -> Result<&'a 
     st.groups
         .get_mut(group)
         .ok_or_else(|| BrokerError::UnknownGroup(group.to_string()))
-}
-
-/// Names `group` in a substrate error that could not.
-pub(crate) fn name_group(e: BrokerError, group: &str) -> BrokerError {
-    match e {
-        BrokerError::CoordinatorLoading { group: g, state } if g.is_empty() => BrokerError::CoordinatorLoading {
-            group: group.to_string(),
-            state,
-        },
-        BrokerError::NotCoordinator {
-            group: g,
-            me,
-            coordinator,
-            address,
-        } if g.is_empty() => BrokerError::NotCoordinator {
-            group: group.to_string(),
-            me,
-            coordinator,
-            address,
-        },
-        other => other,
-    }
 }
