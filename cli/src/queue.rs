@@ -31,7 +31,9 @@ pub enum QueueCommand {
     List,
     /// Delete the group's dead-letter topic, and every dead letter in it.
     ///
-    /// The topic is created again by the next record the group dead-letters.
+    /// The topic is created again by the next record the group dead-letters. Refused for a
+    /// dead-letter topic the group did not create (one named with --dead-letter-topic that
+    /// existed already).
     #[command(name = "purge-dlq")]
     PurgeDlq {
         /// The share group id.
@@ -42,7 +44,8 @@ pub enum QueueCommand {
     ///
     /// Each dead letter goes back with its original key, value and headers into the
     /// partition it came from, and is delivered to the group again like a new record. Fix
-    /// what made the records fail first.
+    /// what made the records fail first. Only letters of this group's topic are published,
+    /// and a dead-letter topic the group did not create is refused.
     Redrive {
         /// The share group id.
         group: String,
