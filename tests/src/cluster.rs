@@ -380,11 +380,22 @@ impl Cluster {
     }
 
     /// Moves leadership of `partition` of `topic` to broker `to` (`conveyor partition
-    /// transfer-leader`); panics with the CLI's error if it is refused.
+    /// transfer-leader`); panics with the CLI's error if it is refused. A transfer the
+    /// broker says to retry (the target still catching up on a loaded machine) is asked
+    /// again until a deadline.
     pub fn transfer_leader(&self, topic: &str, partition: u32, to: u32) {
         let (partition, to) = (partition.to_string(), to.to_string());
         let args = ["partition", "transfer-leader", topic, &partition, "--to", &to];
-        let out = crate::cli(&self.bootstrap(), &args, "");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let out = loop {
+            let out = crate::cli(&self.bootstrap(), &args, "");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() || !stderr.contains("retry") || std::time::Instant::now() >= deadline {
+                break out;
+            }
+            // A pause between attempts (a refusal may come at once), not a synchronization.
+            std::thread::sleep(Duration::from_millis(200));
+        };
         assert!(
             out.status.success(),
             "transfer {topic}/{partition} to {to}: {}",
