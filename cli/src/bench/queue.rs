@@ -45,6 +45,10 @@ pub struct QueueBenchArgs {
     /// The group's max_inflight_records (default: the broker's, 2,000).
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<u32>,
+    /// How long acknowledgements wait to be batched (default: the client's): a duration
+    /// such as 1ms; a bare number counts milliseconds.
+    #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_millis)]
+    pub ack_linger: Option<Duration>,
     /// Records each fetch asks for (default: the client's).
     #[arg(long, value_name = "N")]
     pub max_records: Option<u32>,
@@ -155,6 +159,9 @@ fn config(args: &QueueBenchArgs) -> ShareConfig {
     }
     if let Some(n) = args.max_inflight {
         config = config.max_inflight_records(n);
+    }
+    if let Some(linger) = args.ack_linger {
+        config = config.ack_linger(linger);
     }
     config
         .auto_offset_reset(ShareOffsetReset::Earliest)

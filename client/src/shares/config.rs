@@ -98,8 +98,8 @@ pub struct ShareConfig {
     /// fetched. Unset (the default): locks run out after the group's lock duration and the
     /// records go to another member.
     pub auto_renew: Option<Duration>,
-    /// How long an acknowledgement waits to be sent with others (default 5 ms), unless a
-    /// fetch leaves first, which carries it.
+    /// How long an acknowledgement waits to be sent with others (default 1 ms); at most 4
+    /// calls are in flight, and acknowledgements made meanwhile go out together.
     pub ack_linger: Duration,
     /// Most acknowledgements queued and not yet sent (default 10,000): past it,
     /// [`Delivery::accept`](super::Delivery::accept) and the others wait.
@@ -120,7 +120,7 @@ impl Default for ShareConfig {
             prefetch: 1000,
             max_wait: Duration::from_millis(500),
             auto_renew: None,
-            ack_linger: Duration::from_millis(5),
+            ack_linger: Duration::from_millis(1),
             ack_queue: 10_000,
         }
     }
