@@ -8,8 +8,8 @@
 //! substrate; unlike the group coordinator it changes memory first and answers after the
 //! commit ([`Shard::append_ahead`]), so acknowledgements of many members commit together.
 //!
-//! - [`window`]: one partition's records and their states; [`state`]: groups, members,
-//!   the replay; [`records`]: record keys.
+//! - [`window`]: one partition's records and their states; [`durable`]: what of them is
+//!   written; [`state`]: groups, members, the replay; [`records`]: record keys.
 //! - [`deliver`]: fetches and acknowledgements; [`fill`]: reading partitions into windows;
 //!   [`dead_letters`]: writing dead letters; [`admin`]: describe, list, delete, purge,
 //!   redrive; [`gauges`]: metrics.
@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod dead_letters;
 pub mod deliver;
+pub mod durable;
 pub mod fill;
 pub mod gauges;
 pub mod records;

@@ -16,6 +16,10 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 use conveyor_proto::internal::v1::{SharePartitionValue, ShareRun};
 
+use super::durable::{
+    DURABLE_ACKNOWLEDGED, DURABLE_ARCHIVED, DURABLE_AVAILABLE, DURABLE_DEAD_LETTERING, Durable, durable_of, runs,
+};
+
 /// A record's state in the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
@@ -69,20 +73,6 @@ pub struct CachedBatch {
     pub next: u64,
     pub bytes: Bytes,
 }
-
-/// A record state as written to `__share_state`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Durable {
-    pub state: u32,
-    pub deliveries: u32,
-    pub not_before: i64,
-    pub reason: String,
-}
-
-const DURABLE_AVAILABLE: u32 = 0;
-const DURABLE_DEAD_LETTERING: u32 = 1;
-const DURABLE_ACKNOWLEDGED: u32 = 2;
-const DURABLE_ARCHIVED: u32 = 3;
 
 /// How far the window may reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -754,68 +744,4 @@ fn make_available(s: &mut Slot, not_before: i64, max_deliveries: u32, why: &str)
         s.not_before = not_before;
     }
     s.token = 0;
-}
-
-fn durable_of(s: &Slot) -> Durable {
-    let (state, reason) = match s.state {
-        SlotState::Available | SlotState::Acquired => (DURABLE_AVAILABLE, String::new()),
-        SlotState::DeadLettering => (
-            DURABLE_DEAD_LETTERING,
-            durable_reason(s.reason.as_deref().unwrap_or("")),
-        ),
-        SlotState::Acknowledged => (DURABLE_ACKNOWLEDGED, String::new()),
-        SlotState::Archived => (DURABLE_ARCHIVED, String::new()),
-    };
-    Durable {
-        state,
-        deliveries: s.deliveries,
-        // Header delays are read again from the record; only a release's delay is stored.
-        not_before: if s.state == SlotState::Available {
-            s.not_before
-        } else {
-            0
-        },
-        reason,
-    }
-}
-
-/// Most bytes of a dead-letter reason kept in the share state (a snapshot holds one per
-/// record waiting for its dead letter, so it must stay well within a write's bounds).
-pub const DURABLE_REASON_BYTES: usize = 128;
-
-fn durable_reason(reason: &str) -> String {
-    if reason.len() <= DURABLE_REASON_BYTES {
-        return reason.to_string();
-    }
-    let mut end = DURABLE_REASON_BYTES;
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_string()
-}
-
-/// Consecutive offsets with the same durable state as runs.
-fn runs(durable: Vec<(u64, Durable)>) -> Vec<ShareRun> {
-    let mut out: Vec<ShareRun> = Vec::new();
-    for (offset, d) in durable {
-        if let Some(last) = out.last_mut()
-            && last.last_offset + 1 == offset
-            && last.state == d.state
-            && last.delivery_count == d.deliveries
-            && last.not_before_ms == d.not_before.max(0) as u64
-            && last.reason == d.reason
-        {
-            last.last_offset = offset;
-            continue;
-        }
-        out.push(ShareRun {
-            first_offset: offset,
-            last_offset: offset,
-            state: d.state,
-            delivery_count: d.deliveries,
-            not_before_ms: d.not_before.max(0) as u64,
-            reason: d.reason,
-        });
-    }
-    out
 }
