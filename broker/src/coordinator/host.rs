@@ -92,10 +92,7 @@ impl<S: StateMachine> Shard<S> {
             return Ok(());
         }
         if !self.is_current() {
-            return Err(BrokerError::CoordinatorLoading {
-                group: String::new(),
-                state: "lost leadership of its partition".into(),
-            });
+            return Err(not_current());
         }
         let batches = batches_of(&changes)?;
         let unsettled = Unsettled {
@@ -106,11 +103,7 @@ impl<S: StateMachine> Shard<S> {
         let failed = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
-            Err(_) => Some(BrokerError::TimedOut {
-                what: "a coordinator write".into(),
-                after: WRITE_TIMEOUT,
-                state: "not committed by a quorum of its partition's replicas yet; it may still take effect".into(),
-            }),
+            Err(_) => Some(write_timed_out()),
         };
         if let Some(e) = failed {
             return Err(e);
@@ -169,16 +162,13 @@ impl<S: StateMachine> Shard<S> {
             Err(e)
         };
         if !self.is_current() {
-            return refuse(BrokerError::CoordinatorLoading {
-                group: String::new(),
-                state: "lost leadership of its partition".into(),
-            });
+            return refuse(not_current());
         }
         let batches = match batches_of(changes) {
             Ok(b) => b,
             Err(e) => return refuse(e),
         };
-        let queued = Queueing {
+        let mut queued = Queueing {
             shard: Arc::clone(self),
             done: false,
         };
@@ -194,7 +184,6 @@ impl<S: StateMachine> Shard<S> {
                 Some(WRITE_TIMEOUT),
             )
             .await;
-        let mut queued = queued;
         queued.done = true;
         let reply = match enqueued {
             Ok(reply) => reply,
@@ -209,11 +198,7 @@ impl<S: StateMachine> Shard<S> {
                 Ok(Ok(Ok(_))) => Ok(()),
                 Ok(Ok(Err(e))) => Err(e),
                 Ok(Err(_)) => Err(BrokerError::ShuttingDown),
-                Err(_) => Err(BrokerError::TimedOut {
-                    what: "a coordinator write".into(),
-                    after: WRITE_TIMEOUT,
-                    state: "not committed by a quorum of its partition's replicas yet; it may still take effect".into(),
-                }),
+                Err(_) => Err(write_timed_out()),
             };
             if outcome.is_err() {
                 shard.lost.store(true, Ordering::Release);
@@ -227,6 +212,23 @@ impl<S: StateMachine> Shard<S> {
     /// Whether appends of this shard are still under way.
     fn settling(&self) -> bool {
         self.pending.load(Ordering::Acquire) > 0
+    }
+}
+
+/// A write asked of a shard that no longer serves.
+fn not_current() -> BrokerError {
+    BrokerError::CoordinatorLoading {
+        group: String::new(),
+        state: "lost leadership of its partition".into(),
+    }
+}
+
+/// A write not committed within [`WRITE_TIMEOUT`].
+fn write_timed_out() -> BrokerError {
+    BrokerError::TimedOut {
+        what: "a coordinator write".into(),
+        after: WRITE_TIMEOUT,
+        state: "not committed by a quorum of its partition's replicas yet; it may still take effect".into(),
     }
 }
 

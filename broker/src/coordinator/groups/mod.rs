@@ -146,9 +146,6 @@ impl GroupCoordinator {
 
     /// `__consumer_offsets`, created if it does not exist yet.
     async fn offsets_topic(&self) -> Result<Arc<crate::controller::Topic>> {
-        if let Ok(t) = self.registry.get(CONSUMER_OFFSETS) {
-            return Ok(t);
-        }
         internal_topic::ensure_exists(
             &self.registry,
             &self.admin_lock,

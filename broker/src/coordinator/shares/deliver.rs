@@ -227,16 +227,16 @@ impl ShareCoordinator {
             0 => DEFAULT_FETCH_BYTES,
             b => b.min(MAX_FETCH_BYTES),
         } as usize;
-        let mut available: Option<Arc<tokio::sync::Notify>> = None;
+        let available = {
+            let mut st = shard.lock().await;
+            Arc::clone(&group_mut(&mut st, &f.group)?.available)
+        };
         loop {
             // Registered before the windows are looked at, so a record made available
             // after the look wakes this fetch.
-            let notify = available.clone();
-            let notified = notify.as_ref().map(|n| n.notified());
+            let notified = available.notified();
             let mut notified = std::pin::pin!(notified);
-            if let Some(n) = notified.as_mut().as_pin_mut() {
-                n.enable();
-            }
+            notified.as_mut().enable();
             let next_due;
             {
                 let mut st = shard.lock().await;
@@ -307,9 +307,6 @@ impl ShareCoordinator {
                     changes.extend(g.record_of(&f.group, *p, offsets));
                 }
                 let waiting_dead = !exhausted.is_empty();
-                if available.is_none() {
-                    available = Some(Arc::clone(&g.available));
-                }
                 if !changes.is_empty() {
                     // Not awaited: the dead-letter task acts on memory, and a failed write
                     // marks the shard lost (the records are delivered again after a reload).
@@ -340,15 +337,7 @@ impl ShareCoordinator {
                     .min(MAX_WAIT);
                 wake = wake.min(tokio::time::Instant::now() + wait);
             }
-            match notified.as_mut().as_pin_mut() {
-                Some(n) => {
-                    let _ = tokio::time::timeout_at(wake, n).await;
-                }
-                // The first look: nothing registered yet, so look again soon.
-                None => {
-                    tokio::time::sleep_until(wake.min(tokio::time::Instant::now() + Duration::from_millis(20))).await
-                }
-            }
+            let _ = tokio::time::timeout_at(wake, notified).await;
         }
     }
 }

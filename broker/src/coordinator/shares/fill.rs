@@ -57,27 +57,25 @@ async fn fill(
     let registry = coordinator.registry();
     let mut ahead: std::collections::VecDeque<(CachedBatch, Vec<Parsed>)> = std::collections::VecDeque::new();
     let mut ahead_from: Option<u64> = None;
-    let mut room_opened: Option<Arc<tokio::sync::Notify>> = None;
+    let room_opened = {
+        let st = shard.lock().await;
+        let Some(g) = st.groups.get(group) else { return Ok(()) };
+        Arc::clone(&g.room)
+    };
     loop {
         if !shard.is_current() {
             return Ok(());
         }
         // Registered before the window is looked at, so room opened after the look wakes it.
-        let notify = room_opened.clone();
-        let notified = notify.as_ref().map(|n| n.notified());
+        let notified = room_opened.notified();
         let mut notified = std::pin::pin!(notified);
-        if let Some(n) = notified.as_mut().as_pin_mut() {
-            n.enable();
-        }
+        notified.as_mut().enable();
         let (topic, from, full) = {
             let st = shard.lock().await;
             let Some(g) = st.groups.get(group) else { return Ok(()) };
             let Some(w) = g.windows.get(&partition) else {
                 return Ok(());
             };
-            if room_opened.is_none() {
-                room_opened = Some(Arc::clone(&g.room));
-            }
             let limits = Limits::for_inflight(g.settings.max_inflight as usize);
             let now = conveyor_storage::unix_millis();
             let full = !w.has_room(&limits, g.settings.key_order, now);
@@ -85,12 +83,7 @@ async fn fill(
         };
         if full {
             // Acknowledgements and dead letters open room; delays end by time.
-            match notified.as_mut().as_pin_mut() {
-                Some(n) => {
-                    let _ = tokio::time::timeout(Duration::from_millis(100), n).await;
-                }
-                None => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
             continue;
         }
         let from = match from {

@@ -281,9 +281,6 @@ impl ShareCoordinator {
 
     /// `__share_state`, created if it does not exist yet.
     async fn state_topic(&self) -> Result<Arc<crate::controller::Topic>> {
-        if let Ok(t) = self.registry.get(SHARE_STATE) {
-            return Ok(t);
-        }
         internal_topic::ensure_exists(
             &self.registry,
             &self.admin_lock,
@@ -412,7 +409,13 @@ impl ShareCoordinator {
     /// running.
     async fn start_tasks(self: &Arc<Self>, shard: &Arc<Shard<SharesState>>, group: &str) {
         let mut st = shard.lock().await;
-        let Some(g) = st.groups.get_mut(group) else { return };
+        if let Some(g) = st.groups.get_mut(group) {
+            self.spawn_tasks(shard, group, g);
+        }
+    }
+
+    /// [`ShareCoordinator::start_tasks`] for a group whose state is held already.
+    fn spawn_tasks(self: &Arc<Self>, shard: &Arc<Shard<SharesState>>, group: &str, g: &mut ShareGroup) {
         let Ok(topic) = self.registry.get(&g.settings.topic) else {
             return;
         };
@@ -496,7 +499,6 @@ impl ShareCoordinator {
         let now = conveyor_storage::unix_millis();
         let mut st = shard.lock().await;
         let mut changes: Vec<Change> = Vec::new();
-        let mut groups = Vec::new();
         let mut views = Vec::new();
         for (name, g) in st.groups.iter_mut() {
             let max = g.settings.max_deliveries;
@@ -521,7 +523,8 @@ impl ShareCoordinator {
             if woke {
                 g.available.notify_waiters();
             }
-            groups.push(name.clone());
+            // In the same pass: fills for new partitions, dead letters that wait.
+            self.spawn_tasks(shard, name, g);
             if gauge {
                 views.push(gauges::view(name, g, now));
             }
@@ -530,11 +533,6 @@ impl ShareCoordinator {
             let committed = shard.append_ahead(&changes).await?;
             drop(st);
             committed.wait().await?;
-        } else {
-            drop(st);
-        }
-        for g in groups {
-            self.start_tasks(shard, &g).await;
         }
         Ok(views)
     }

@@ -237,10 +237,7 @@ impl Window {
 
     /// Whether the fill may read more, at `now` (ms since the epoch).
     pub fn has_room(&self, limits: &Limits, key_order: bool, now: i64) -> bool {
-        if self.slots.len() >= limits.max_span || self.bytes >= limits.max_bytes {
-            return false;
-        }
-        self.inflight(limits, key_order, now) < limits.max_inflight
+        self.room(limits, key_order, now) > 0
     }
 
     /// How many more records the fill may add now (0: none), counting each new record as
@@ -493,7 +490,7 @@ impl Window {
 
     /// The stored batches that hold `acquired`, each once, in offset order.
     pub fn batches_for(&self, acquired: &[Acquired]) -> Bytes {
-        let mut out = BytesMut::new();
+        let mut held: Vec<&Bytes> = Vec::new();
         let mut last_base: Option<u64> = None;
         for a in acquired {
             let from = self.batches.partition_point(|b| b.next <= a.first);
@@ -504,11 +501,22 @@ impl Window {
                 if last_base.is_some_and(|l| l >= b.base) {
                     continue;
                 }
-                out.extend_from_slice(&b.bytes);
+                held.push(&b.bytes);
                 last_base = Some(b.base);
             }
         }
-        out.freeze()
+        // One batch goes out as the stored bytes themselves; several are joined once.
+        match held.as_slice() {
+            [] => Bytes::new(),
+            [one] => Bytes::clone(one),
+            many => {
+                let mut out = BytesMut::with_capacity(many.iter().map(|b| b.len()).sum());
+                for b in many {
+                    out.extend_from_slice(b);
+                }
+                out.freeze()
+            }
+        }
     }
 
     /// Checks that every record from `first` to `last` is held by `member` under `token`.
@@ -590,28 +598,22 @@ impl Window {
     /// Makes records whose lock ended by `now` available again (or dead-letters them when
     /// out of deliveries). Returns the offsets changed.
     pub fn expire(&mut self, now: i64, max_deliveries: u32) -> Vec<u64> {
-        let mut changed = Vec::new();
-        let mut first = None;
-        for (i, s) in self.slots.iter_mut().enumerate() {
-            if s.state == SlotState::Acquired && s.locked_until <= now {
-                make_available(s, 0, max_deliveries, "its lock expired");
-                changed.push(s.offset);
-                first = first.or(Some(i));
-            }
-        }
-        if let Some(i) = first {
-            self.available_at(i);
-        }
-        changed
+        self.release_where(|s| s.locked_until <= now, max_deliveries, "its lock expired")
     }
 
     /// Makes every record `member` holds available again.
     pub fn release_member(&mut self, member: u32, max_deliveries: u32) -> Vec<u64> {
+        self.release_where(|s| s.member == member, max_deliveries, "its member left")
+    }
+
+    /// Makes the acquired records `which` picks available again (or dead-letters them when
+    /// out of deliveries). Returns the offsets changed.
+    fn release_where(&mut self, which: impl Fn(&Slot) -> bool, max_deliveries: u32, why: &str) -> Vec<u64> {
         let mut changed = Vec::new();
         let mut first = None;
         for (i, s) in self.slots.iter_mut().enumerate() {
-            if s.state == SlotState::Acquired && s.member == member {
-                make_available(s, 0, max_deliveries, "its member left");
+            if s.state == SlotState::Acquired && which(s) {
+                make_available(s, 0, max_deliveries, why);
                 changed.push(s.offset);
                 first = first.or(Some(i));
             }
