@@ -8,6 +8,7 @@
 //! window while it has room. A new group's partition starts where `auto_offset_reset` says,
 //! written as the partition's first snapshot before anything of it is delivered.
 
+use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use conveyor_storage::batch::{BatchIter, RecordBatch};
 
 use super::ShareCoordinator;
 use super::state::SharesState;
-use super::window::{CachedBatch, Limits, Parsed};
+use super::window::{CachedBatch, Limits, Parsed, Window};
 use crate::blocking::blocking;
 use crate::coordinator::end_offsets::{self, Spec};
 use crate::coordinator::groups::assignor::TopicPartition;
@@ -55,7 +56,7 @@ async fn fill(
     partition: i32,
 ) -> Result<()> {
     let registry = coordinator.registry();
-    let mut ahead: std::collections::VecDeque<(CachedBatch, Vec<Parsed>)> = std::collections::VecDeque::new();
+    let mut ahead: VecDeque<(CachedBatch, Vec<Parsed>)> = VecDeque::new();
     let mut ahead_from: Option<u64> = None;
     let room_opened = {
         let st = shard.lock().await;
@@ -142,20 +143,37 @@ async fn fill(
             continue;
         }
         let limits = Limits::for_inflight(g.settings.max_inflight as usize);
-        let (key_order, now) = (g.settings.key_order, conveyor_storage::unix_millis());
-        // The window's bounds hold per batch (one scan of the window, then a count).
-        let mut room = w.room(&limits, key_order, now);
-        while let Some((_, records)) = ahead.front() {
-            if room == 0 || !w.fits(&limits) {
-                break;
-            }
-            room = room.saturating_sub(records.len());
-            if let Some((batch, records)) = ahead.pop_front() {
-                w.push(batch, &records);
-            }
-        }
+        take_in(
+            w,
+            &mut ahead,
+            &limits,
+            g.settings.key_order,
+            conveyor_storage::unix_millis(),
+        );
         ahead_from = w.end;
         g.available.notify_waiters();
+    }
+}
+
+/// Pushes batches of `ahead` (read from the window's end) into `w` while it has room: the
+/// window's bounds hold per batch (one scan of the window, then a count), and what does not
+/// fit stays in `ahead` for later.
+pub fn take_in(
+    w: &mut Window,
+    ahead: &mut VecDeque<(CachedBatch, Vec<Parsed>)>,
+    limits: &Limits,
+    key_order: bool,
+    now: i64,
+) {
+    let mut room = w.room(limits, key_order, now);
+    while let Some((_, records)) = ahead.front() {
+        if room == 0 || !w.fits(limits) {
+            break;
+        }
+        room = room.saturating_sub(records.len());
+        if let Some((batch, records)) = ahead.pop_front() {
+            w.push(batch, &records);
+        }
     }
 }
 

@@ -802,8 +802,12 @@ fn a_full_window_of_rejected_records_stays_in_bounds_and_its_snapshot_fits_one_w
     let mut w = Window::default();
     w.begin_at(0);
     let mut base = 0u64;
-    // As fill::run: one read of ~1 MiB of small stored batches, pushed while there is room.
-    while w.has_room(&limits, false, 0) {
+    // Reads of ~1 MiB of small stored batches, taken in by the fill's own step, until the
+    // window takes no more (bounded: 200 reads are far more than it may hold).
+    for _ in 0..200 {
+        if !w.has_room(&limits, false, 0) {
+            break;
+        }
         let mut read = Vec::new();
         while read.len() < (1 << 20) {
             let b = batch_with_value(base, &[PLAIN; 100], 1);
@@ -811,15 +815,10 @@ fn a_full_window_of_rejected_records_stays_in_bounds_and_its_snapshot_fits_one_w
             read.extend_from_slice(&b);
         }
         let from = w.end.expect("begun");
-        for (batch, records) in
-            crate::coordinator::shares::fill::parse("t", 0, Bytes::from(read), from).expect("parses")
-        {
-            if !w.has_room(&limits, false, 0) {
-                break;
-            }
-            w.push(batch, &records);
-        }
+        let mut ahead = fill::parse("t", 0, Bytes::from(read), from).expect("parses").into();
+        fill::take_in(&mut w, &mut ahead, &limits, false, 0);
     }
+    assert!(!w.has_room(&limits, false, 0), "the window filled up");
     let slots = w.slots().count();
     assert!(
         slots <= limits.max_inflight + 100,
@@ -827,13 +826,14 @@ fn a_full_window_of_rejected_records_stays_in_bounds_and_its_snapshot_fits_one_w
     );
     let mut tokens = Tokens(0);
     let mut held = Vec::new();
-    loop {
+    for _ in 0..=slots {
         let got = acquire(&mut w, &mut tokens, 1, 10_000, false, 0);
         if got.is_empty() {
             break;
         }
         held.extend(got);
     }
+    assert!(!w.any_available(0), "everything acquired");
     for a in &held {
         for o in a.first..=a.last {
             let reason = format!("{o:>1024}");
