@@ -7,7 +7,7 @@
 //!   no more than the room left; so the channel to the consumer (each message at least one
 //!   delivery) never holds more than `prefetch` messages of deliveries.
 //! - A request carrying acknowledgements is made once: its failure fails those
-//!   acknowledgements (see [`AckBatch::fail`]) rather than resending tokens to a
+//!   acknowledgements (see [`super::acks::AckBatch::fail`]) rather than resending tokens to a
 //!   coordinator that did not issue them.
 //! - At most [`MAX_ACK_CALLS`] `Acknowledge` calls are in flight; behind them acknowledgements
 //!   wait in [`PendingAcks`], behind that in the bounded channel from the deliveries.
@@ -27,7 +27,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::ShareConfig;
-use super::acks::{AckBatch, PendingAcks};
+use super::acks::PendingAcks;
 use super::delivery::{AckKind, AckRequest, Delivery, Held};
 use super::fetch;
 use crate::Client;
@@ -71,7 +71,7 @@ impl Buffered {
 /// What a consumer's stream receives: deliveries of one fetch, or an error.
 pub(crate) type Fetched = Result<Vec<Delivery>>;
 
-type FetchCall = Pin<Box<dyn Future<Output = (Result<ShareFetchResponse>, AckBatch)> + Send>>;
+type FetchCall = Pin<Box<dyn Future<Output = Result<ShareFetchResponse>> + Send>>;
 type AckCall = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Everything the task needs; built by the consumer.
@@ -176,20 +176,19 @@ impl Driver {
         // coordinator answers acknowledgements after their commit, and a fetch carrying
         // them would wait for it too, while records are ready (measured in docs/queues.md:
         // piggybacked acknowledgements cut a group's throughput by the commit latency).
-        let batch = AckBatch::default();
         let request = ShareFetchRequest {
             group: self.group.clone(),
             member_id: self.member_id.clone(),
             max_records: self.config.max_records.min(room).max(1),
             max_bytes: self.config.max_bytes,
             max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
-            acks: batch.wire.clone(),
+            acks: Vec::new(),
         };
         let client = self.client.clone();
         let limit = self.config.max_wait + FETCH_MARGIN;
         s.fetch = Some(Box::pin(async move {
             let group = request.group.clone();
-            let answer = coordinator::route_once(
+            coordinator::route_once(
                 &client,
                 GroupKind::Share,
                 &group,
@@ -198,8 +197,7 @@ impl Driver {
                 crate::shares::grpc,
                 |mut grpc| async move { grpc.fetch(request).await },
             )
-            .await;
-            (answer, batch)
+            .await
         }));
     }
 
@@ -243,18 +241,16 @@ impl Driver {
         true
     }
 
-    /// Takes a fetch's answer: acknowledgement results, deliveries, or the failure.
-    fn fetched(&self, s: &mut State, (answer, batch): (Result<ShareFetchResponse>, AckBatch)) {
+    /// Takes a fetch's answer: deliveries, or the failure.
+    fn fetched(&self, s: &mut State, answer: Result<ShareFetchResponse>) {
         let response = match answer {
             Ok(response) => response,
             Err(e) => {
-                batch.fail(&e);
                 self.fetch_failed(s, e);
                 return;
             }
         };
         s.backoff = FETCH_BACKOFF;
-        batch.resolve(&response.ack_results, &self.topic);
         let locked_until_ms = if response.locked_until_ms > 0 {
             response.locked_until_ms
         } else {

@@ -168,15 +168,17 @@ async fn closing_sends_the_queued_acknowledgements_and_then_ends_the_join_stream
     let (fake, mut consumer) = consumer(config).await;
     fake.script(vec![partition(2, 1, vec![range(0, 0, 1, 5)])]);
     let delivery = take(&mut consumer, 1).await.remove(0);
-    let accepted = tokio::spawn(delivery.accept());
-    // The acknowledgement is queued, waiting for its linger.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    tokio::time::timeout(PROMPTLY, consumer.close())
+    let mut accepted = Box::pin(delivery.accept());
+    // One poll queues the acknowledgement (the queue has room); it then waits for its linger.
+    assert!(
+        futures::poll!(accepted.as_mut()).is_pending(),
+        "answered before it was sent"
+    );
+    let (closed, accepted) = tokio::time::timeout(PROMPTLY, async { tokio::join!(consumer.close(), accepted) })
         .await
-        .expect("closed in time")
-        .expect("closed");
-    let accepted = tokio::time::timeout(PROMPTLY, accepted).await.expect("answered");
-    assert!(matches!(accepted, Ok(Ok(()))), "{accepted:?}");
+        .expect("closed and answered in time");
+    closed.expect("closed");
+    assert!(matches!(accepted, Ok(())), "{accepted:?}");
     let (piggybacked, acknowledged) = acks(&fake);
     assert_eq!([piggybacked, acknowledged].concat(), [accept(2, 0, 0, 5)]);
     fake.wait_for(PROMPTLY, "the Join stream to end", |f| {
