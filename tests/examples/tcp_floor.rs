@@ -1,0 +1,102 @@
+//! The floor under any broker's small request on this machine: a plain TCP echo over
+//! loopback, no HTTP/2, no gRPC, no log. The client sends one 100-byte message at a time on
+//! a fixed schedule of RATE messages/s and waits for its echo; the server is a tokio echo.
+//! Compare the server's CPU per message with a broker's CPU per produce request at the same
+//! rate (benches/request_cost.sh). docs/request_cost.md has the figures.
+//!
+//!   cargo run --release -p conveyor-tests --example tcp_floor -- serve 127.0.0.1:19400 [THREADS]
+//!   cargo run --release -p conveyor-tests --example tcp_floor -- send 127.0.0.1:19400 [RATE] [COUNT]
+//!
+//! The server prints its CPU per message (from getrusage) each time a client disconnects.
+//! Run both under `taskset -c` to put them on the same core or on different ones.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MESSAGE: usize = 100;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&arg(1, "127.0.0.1:19400"), arg(2, "1").parse().context("THREADS")?),
+        Some("send") => send(
+            &arg(1, "127.0.0.1:19400"),
+            arg(2, "10000").parse().context("RATE")?,
+            arg(3, "50000").parse().context("COUNT")?,
+        ),
+        _ => bail!("usage: tcp_floor serve ADDR [THREADS] | send ADDR [RATE] [COUNT]"),
+    }
+}
+
+/// User plus system CPU of the whole process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given and nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn serve(addr: &str, threads: usize) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind(addr).await?;
+        println!("echoing on {addr} with {} runtime thread(s)", threads.max(1));
+        loop {
+            let (mut socket, _) = listener.accept().await?;
+            socket.set_nodelay(true)?;
+            tokio::spawn(async move {
+                let cpu = process_cpu();
+                let mut buf = [0u8; MESSAGE];
+                let mut echoed = 0u64;
+                while socket.read_exact(&mut buf).await.is_ok() && socket.write_all(&buf).await.is_ok() {
+                    echoed += 1;
+                }
+                let spent = process_cpu().saturating_sub(cpu);
+                println!(
+                    "{echoed} messages: server CPU {:.3} s, {:.1} us per message",
+                    spent.as_secs_f64(),
+                    spent.as_secs_f64() * 1e6 / echoed.max(1) as f64
+                );
+            });
+        }
+    })
+}
+
+fn send(addr: &str, rate: u64, count: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(rate > 0 && count > 0, "RATE and COUNT must be positive");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut socket = TcpStream::connect(addr).await?;
+        socket.set_nodelay(true)?;
+        let mut buf = [7u8; MESSAGE];
+        let mut latencies = Vec::with_capacity(count);
+        let start = Instant::now();
+        for i in 0..count as u64 {
+            tokio::time::sleep_until((start + Duration::from_nanos(i * 1_000_000_000 / rate)).into()).await;
+            let sent = Instant::now();
+            socket.write_all(&buf).await?;
+            socket.read_exact(&mut buf).await?;
+            latencies.push(sent.elapsed());
+        }
+        latencies.sort();
+        let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        println!(
+            "{count} messages in {:.2} s: round trip p50 {:?}, p99 {:?}",
+            start.elapsed().as_secs_f64(),
+            at(0.5),
+            at(0.99)
+        );
+        Ok(())
+    })
+}
