@@ -217,25 +217,9 @@ pub struct NodeSection {
     /// How long a broker in a cluster may take, on SIGTERM, to hand leadership of its
     /// partitions to in-sync replicas before it stops; 0 stops without handing over.
     pub drain_timeout: Millis,
-    /// Threads of the async runtime (network, partition tasks); 0: one per core but one
-    /// (see [`NodeSection::runtime_threads`]).
+    /// Threads of the async runtime (network, partition tasks); 0: one per core, or
+    /// `TOKIO_WORKER_THREADS` when that is set.
     pub worker_threads: usize,
-}
-
-impl NodeSection {
-    /// The async runtime's threads: `worker_threads`, or with 0 one per core but one, and at
-    /// least one. The core left over runs the blocking threads (fsyncs, reads from disk,
-    /// large validations) and the kernel's network work. Measured on 2 cores
-    /// (docs/request_cost.md): one runtime thread instead of two cut the CPU of a small
-    /// request by 20-30% (no wakes of an idle second worker), and full-load produce (one
-    /// broker and three), consume and share groups were no slower.
-    pub fn runtime_threads(&self) -> usize {
-        if self.worker_threads > 0 {
-            return self.worker_threads;
-        }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cores.saturating_sub(1).max(1)
-    }
 }
 
 impl Default for NodeSection {
@@ -400,7 +384,7 @@ impl BrokerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.broker.worker_threads <= MAX_WORKER_THREADS,
-            "[broker] worker_threads must be at most {MAX_WORKER_THREADS} (0: one per core but one), got {}",
+            "[broker] worker_threads must be at most {MAX_WORKER_THREADS} (0: one per core), got {}",
             self.broker.worker_threads
         );
         self.topic_defaults()
@@ -541,15 +525,6 @@ mod tests {
             let err = BrokerConfig::parse(&format!("[limits]\n{key} = \"0B\"\n")).expect_err(key);
             assert!(err.to_string().contains(key), "{err}");
         }
-    }
-
-    #[test]
-    fn runtime_threads_leave_a_core_by_default_and_follow_the_setting() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let defaults = BrokerConfig::parse("").expect("defaults");
-        assert_eq!(defaults.broker.runtime_threads(), cores.saturating_sub(1).max(1));
-        let set = BrokerConfig::parse("[broker]\nworker_threads = 3\n").expect("valid");
-        assert_eq!(set.broker.runtime_threads(), 3);
     }
 
     #[test]

@@ -116,11 +116,11 @@ fn main() -> anyhow::Result<()> {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.broker.runtime_threads())
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.broker.worker_threads > 0 {
+        runtime.worker_threads(config.broker.worker_threads);
+    }
+    let runtime = runtime.enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async {
         // Installed before anything else, so a signal during startup is not lost.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -7,16 +7,22 @@
 //!   cargo run --release -p conveyor-tests --example tcp_floor -- serve 127.0.0.1:19400 [THREADS]
 //!   cargo run --release -p conveyor-tests --example tcp_floor -- send 127.0.0.1:19400 [RATE] [COUNT]
 //!
-//! The server prints its CPU per message (from getrusage) each time a client disconnects.
-//! Run both under `taskset -c` to put them on the same core or on different ones.
+//! The server prints its CPU per message (the whole process's, from getrusage) each time a
+//! client disconnects: run one client at a time. Run both under `taskset -c` to put them on
+//! the same core or on different ones. The client paces on a thread of its own with
+//! `std::thread::sleep` (tokio's timer would send in bursts at each millisecond tick), and
+//! measures each round trip from its intended send time, as `conveyor bench` does.
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const MESSAGE: usize = 100;
+/// Round trips a client measures at most (their latencies are kept to sort).
+const MAX_COUNT: usize = 10_000_000;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,16 +51,26 @@ fn process_cpu() -> Duration {
 }
 
 fn serve(addr: &str, threads: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(threads > 0, "THREADS must be at least 1");
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
+        .worker_threads(threads)
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let listener = TcpListener::bind(addr).await?;
-        println!("echoing on {addr} with {} runtime thread(s)", threads.max(1));
+        println!("echoing on {addr} with {threads} runtime thread(s)");
         loop {
-            let (mut socket, _) = listener.accept().await?;
-            socket.set_nodelay(true)?;
+            let mut socket = match listener.accept().await {
+                Ok((socket, _)) => socket,
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = socket.set_nodelay(true) {
+                eprintln!("set_nodelay: {e}");
+                continue;
+            }
             tokio::spawn(async move {
                 let cpu = process_cpu();
                 let mut buf = [0u8; MESSAGE];
@@ -74,29 +90,30 @@ fn serve(addr: &str, threads: usize) -> anyhow::Result<()> {
 }
 
 fn send(addr: &str, rate: u64, count: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(rate > 0 && count > 0, "RATE and COUNT must be positive");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let mut socket = TcpStream::connect(addr).await?;
-        socket.set_nodelay(true)?;
-        let mut buf = [7u8; MESSAGE];
-        let mut latencies = Vec::with_capacity(count);
-        let start = Instant::now();
-        for i in 0..count as u64 {
-            tokio::time::sleep_until((start + Duration::from_nanos(i * 1_000_000_000 / rate)).into()).await;
-            let sent = Instant::now();
-            socket.write_all(&buf).await?;
-            socket.read_exact(&mut buf).await?;
-            latencies.push(sent.elapsed());
+    anyhow::ensure!(rate > 0, "RATE must be positive");
+    anyhow::ensure!((1..=MAX_COUNT).contains(&count), "COUNT must be 1 to {MAX_COUNT}");
+    let mut socket = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    socket.set_nodelay(true)?;
+    let mut buf = [7u8; MESSAGE];
+    let mut latencies = Vec::with_capacity(count);
+    let start = Instant::now();
+    for i in 0..count as u64 {
+        let intended = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        let now = Instant::now();
+        if intended > now {
+            std::thread::sleep(intended - now);
         }
-        latencies.sort();
-        let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-        println!(
-            "{count} messages in {:.2} s: round trip p50 {:?}, p99 {:?}",
-            start.elapsed().as_secs_f64(),
-            at(0.5),
-            at(0.99)
-        );
-        Ok(())
-    })
+        socket.write_all(&buf)?;
+        socket.read_exact(&mut buf)?;
+        latencies.push(intended.elapsed());
+    }
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    println!(
+        "{count} messages in {:.2} s: round trip from the intended send time p50 {:?}, p99 {:?}",
+        start.elapsed().as_secs_f64(),
+        at(0.5),
+        at(0.99)
+    );
+    Ok(())
 }
