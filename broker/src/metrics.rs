@@ -82,6 +82,9 @@ pub struct TopicTraffic {
 pub struct Metrics {
     pub produce_requests: Counter,
     pub fetch_requests: Counter,
+    /// Share groups' fetches (`Shares/Fetch`) and acknowledgements (`Shares/Acknowledge`).
+    pub share_fetch_requests: Counter,
+    pub share_acknowledge_requests: Counter,
     pub admin_requests: Counter,
     /// Failed requests by their `ErrorCode`.
     request_errors: Family<CodeLabel, prometheus_client::metrics::counter::Counter>,
@@ -184,6 +187,16 @@ impl Metrics {
                 "conveyor_fetch_requests",
                 "Fetch requests received",
                 &self.fetch_requests,
+            ),
+            (
+                "conveyor_share_fetch_requests",
+                "Share-group fetch requests received",
+                &self.share_fetch_requests,
+            ),
+            (
+                "conveyor_share_acknowledge_requests",
+                "Share-group acknowledge requests received",
+                &self.share_acknowledge_requests,
             ),
             (
                 "conveyor_admin_requests",

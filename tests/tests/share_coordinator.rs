@@ -39,6 +39,8 @@ fn records_are_acquired_once_and_acknowledged_once() {
             .expect("join b");
         let mut seen = BTreeSet::new();
         let mut held = Vec::new();
+        // The fetches and acknowledgements this test makes, which the broker counts.
+        let (mut fetches, mut acks) = (0u32, 0u32);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while seen.len() < 40 {
             assert!(
@@ -48,6 +50,7 @@ fn records_are_acquired_once_and_acknowledged_once() {
             );
             for m in [&mut a, &mut b] {
                 let (got, _) = m.fetch(7, Duration::from_millis(200), Vec::new()).await.expect("fetch");
+                fetches += 1;
                 for r in got {
                     assert!(seen.insert((r.partition, r.offset)), "acquired twice: {r:?}");
                     assert_eq!(r.delivery_count, 1);
@@ -58,16 +61,19 @@ fn records_are_acquired_once_and_acknowledged_once() {
         // Accept what a holds through b: refused, nothing changes.
         let (_, r) = held.iter().find(|(m, _)| m == "a").expect("a holds something").clone();
         let results = b.ack(vec![ack_of(&r, ShareAckKind::Accept)]).await.expect("ack");
+        acks += 1;
         assert_eq!(results[0].error, ErrorCode::StaleDelivery as i32, "{results:?}");
         for (m, r) in &held {
             let member = if m == "a" { &mut a } else { &mut b };
             let results = member.ack(vec![ack_of(r, ShareAckKind::Accept)]).await.expect("ack");
+            acks += 1;
             assert_eq!(results[0].error, 0, "{results:?}");
         }
         // Accepting again is refused.
         let (_, r) = &held[0];
         let member = if held[0].0 == "a" { &mut a } else { &mut b };
         let results = member.ack(vec![ack_of(r, ShareAckKind::Accept)]).await.expect("ack");
+        acks += 1;
         assert_eq!(results[0].error, ErrorCode::StaleDelivery as i32, "{results:?}");
         let d = a
             .client
@@ -87,6 +93,17 @@ fn records_are_acquired_once_and_acknowledged_once() {
             .await
             .expect("fetch");
         assert!(more.is_empty(), "accepted records delivered again: {more:?}");
+        fetches += 1;
+        assert_eq!(
+            broker.metric("conveyor_share_fetch_requests_total"),
+            Some(f64::from(fetches)),
+            "share fetches counted"
+        );
+        assert_eq!(
+            broker.metric("conveyor_share_acknowledge_requests_total"),
+            Some(f64::from(acks)),
+            "share acknowledgements counted"
+        );
     });
 }
 

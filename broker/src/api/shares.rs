@@ -118,6 +118,7 @@ impl Shares for SharesService {
     }
 
     async fn fetch(&self, request: Request<ShareFetchRequest>) -> Result<Response<ShareFetchResponse>, Status> {
+        self.metrics.share_fetch_requests.add(1);
         let r = request.into_inner();
         let args = FetchArgs {
             group: r.group,
@@ -135,6 +136,7 @@ impl Shares for SharesService {
         &self,
         request: Request<ShareAcknowledgeRequest>,
     ) -> Result<Response<ShareAcknowledgeResponse>, Status> {
+        self.metrics.share_acknowledge_requests.add(1);
         let r = request.into_inner();
         let results = self
             .coordinator

@@ -5,7 +5,9 @@
 //! # Invariants
 //! - A fetch starts only while fewer than `prefetch` deliveries are buffered, and asks for
 //!   no more than the room left; so the channel to the consumer (each message at least one
-//!   delivery) never holds more than `prefetch` messages of deliveries.
+//!   delivery) never holds more than `prefetch` messages of deliveries. It waits for room
+//!   for half the buffer or a whole `max_records`, whichever is less, so that a consumer
+//!   draining a full buffer does not fetch a record at a time.
 //! - A request carrying acknowledgements is made once: its failure fails those
 //!   acknowledgements (see [`super::acks::AckBatch::fail`]) rather than resending tokens to a
 //!   coordinator that did not issue them.
@@ -172,6 +174,16 @@ impl Driver {
             return;
         }
         let room = u32::try_from(self.config.prefetch - buffered).unwrap_or(u32::MAX);
+        // A fetch waits for room for half a buffer (or a whole fetch, if smaller): one
+        // started at every delivery taken from a full buffer would ask for a record or two,
+        // a round trip and a coordinator pass each.
+        let low_water = u32::try_from(self.config.prefetch / 2)
+            .unwrap_or(u32::MAX)
+            .min(self.config.max_records)
+            .max(1);
+        if room < low_water {
+            return;
+        }
         // Acknowledgements go in `Acknowledge` calls of their own, never on a fetch: the
         // coordinator answers acknowledgements after their commit, and a fetch carrying
         // them would wait for it too, while records are ready (measured in docs/queues.md:

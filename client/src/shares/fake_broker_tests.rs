@@ -251,3 +251,38 @@ async fn dropping_the_consumer_ends_its_join_stream_too() {
     .await;
     assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_consumer_draining_a_full_buffer_fetches_again_only_with_room_for_half_of_it() {
+    let (fake, address) = fake::start().await;
+    fake.script(vec![partition(0, 8, vec![range(0, 7, 1, 1)])]);
+    let client = Client::connect(&address).await.expect("connect");
+    let config = ShareConfig::default().prefetch(8).max_records(8);
+    let mut consumer = client.share_consumer("g", "orders", config).await.expect("joined");
+    let fetches = |fake: &Fake| -> Vec<u32> {
+        fake.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::Fetch(f) => Some(f.max_records),
+                _ => None,
+            })
+            .collect()
+    };
+    // One at a time, as a worker takes them: each take makes room for one more, and the
+    // consumer's task (on this single-threaded runtime) runs between two takes.
+    for _ in 0..4 {
+        take(&mut consumer, 1).await;
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    }
+    fake.wait_for(PROMPTLY, "a second fetch", |fake| fetches(fake).len() >= 2)
+        .await;
+    let asked = fetches(&fake);
+    assert_eq!(asked[0], 8, "the first fetch fills the empty buffer");
+    assert!(
+        asked[1..].iter().all(|&n| n >= 4),
+        "no fetch for less than half the buffer: {asked:?}"
+    );
+    consumer.close().await.expect("closed");
+}
