@@ -39,6 +39,7 @@ pub mod controller;
 pub mod coordinator;
 pub mod error;
 pub mod metrics;
+pub mod metrics_endpoint;
 pub mod peer;
 pub mod process_metrics;
 pub mod producer_ids;

@@ -1,4 +1,5 @@
-//! Metrics in the OpenMetrics text format, served on `metrics_listen` at `/metrics`.
+//! Metrics in the OpenMetrics text format, served on `metrics_listen` at `/metrics`
+//! ([`crate::metrics_endpoint`]).
 //!
 //! The Prometheus project's own client (`prometheus-client`) keeps and encodes them; hyper
 //! (already in the tree through tonic) serves them. Counters and histograms are updated on
@@ -9,14 +10,10 @@
 //! Counter names are registered without `_total`: OpenMetrics adds that suffix to the sample
 //! (`conveyor_produce_requests` is scraped as `conveyor_produce_requests_total`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use conveyor_proto::v1::{ErrorCode, ErrorDetail};
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -24,7 +21,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prost::Message as _;
-use tokio::net::TcpListener;
 
 use crate::controller::Registry;
 
@@ -175,7 +171,7 @@ impl Metrics {
     }
 
     /// Everything to encode on a scrape: these metrics and `registry`'s view.
-    fn registry(self: &Arc<Self>, registry: Arc<Registry>) -> prometheus_client::registry::Registry {
+    pub(crate) fn registry(self: &Arc<Self>, registry: Arc<Registry>) -> prometheus_client::registry::Registry {
         let mut r = prometheus_client::registry::Registry::default();
         let counters = [
             (
@@ -577,78 +573,6 @@ fn offline(local: Option<&crate::replica::status::GroupStatus>, replicas: usize,
     match local {
         Some(status) => status.leader == 0,
         None => live < replicas / 2 + 1,
-    }
-}
-
-/// The content type of the OpenMetrics text format.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// How long a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serves `GET /metrics` over HTTP/1 until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let encoded = Arc::new(metrics.registry(registry));
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let encoded = Arc::clone(&encoded);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let encoded = Arc::clone(&encoded);
-                async move { Ok::<_, Infallible>(respond(&req, &encoded)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
-            }
-        });
-    }
-}
-
-fn respond<B>(req: &Request<B>, registry: &prometheus_client::registry::Registry) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-            response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-        }
-        response
-    };
-    if req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, "text/plain", "try GET /metrics\n".into());
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "try GET /metrics\n".into(),
-        );
-    }
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => reply(StatusCode::OK, CONTENT_TYPE, body),
-        Err(_) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            "encoding the metrics failed\n".into(),
-        ),
     }
 }
 

@@ -34,7 +34,7 @@ use crate::byte_budget::{ByteBudget, MAX_WAIT};
 use crate::config::BrokerConfig;
 use crate::controller::{Registry, RegistryOptions};
 use crate::error::BrokerError;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::producer_ids::ProducerIds;
 use crate::replica::transport::{RaftService, Transport};
 use conveyor_proto::internal::v1::raft_server::RaftServer;
@@ -171,7 +171,7 @@ pub async fn run_until_with(
     ));
     // Set before the metrics endpoint starts: it reads the budget once, when it starts.
     let _ = metrics.produce_queue.set(Arc::clone(&produce_queue));
-    let metrics_task = tokio::spawn(metrics::serve(
+    let metrics_task = tokio::spawn(crate::metrics_endpoint::serve(
         metrics_listener,
         Arc::clone(&metrics),
         Arc::clone(&registry),

@@ -1,0 +1,163 @@
+//! The `/metrics` endpoint: HTTP/1 over hyper on `metrics_listen`.
+//!
+//! A scrape reads every partition's gauges, some under locks a slow disk can hold (the
+//! segment list while a snapshot install deletes segments, the Raft log while its state file
+//! is fsynced), and walks every partition: it is encoded on the blocking pool, never on the
+//! reactor, at most [`MAX_ENCODES`] at a time, so that scrapes stuck behind the disk hold a
+//! bounded number of threads and no runtime worker.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
+
+/// The content type of the OpenMetrics text format.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes encoded at once; others wait for a turn without holding a thread.
+const MAX_ENCODES: usize = 2;
+
+/// Serves `GET /metrics` over HTTP/1 until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    registry: Arc<crate::controller::Registry>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let encoded = Arc::new(metrics.registry(registry));
+    let turns = Arc::new(Semaphore::new(MAX_ENCODES));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let (encoded, turns) = (Arc::clone(&encoded), Arc::clone(&turns));
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (encoded, turns) = (Arc::clone(&encoded), Arc::clone(&turns));
+                async move { Ok::<_, Infallible>(respond(&req, encoded, &turns).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+async fn respond<B>(req: &Request<B>, registry: Arc<Registry>, turns: &Semaphore) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "try GET /metrics\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "try GET /metrics\n".into(),
+        );
+    }
+    match encode(registry, turns).await {
+        Some(body) => reply(StatusCode::OK, CONTENT_TYPE, body),
+        None => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "encoding the metrics failed\n".into(),
+        ),
+    }
+}
+
+/// The metrics text, encoded on the blocking pool; `None` if encoding failed.
+async fn encode(registry: Arc<Registry>, turns: &Semaphore) -> Option<String> {
+    // The semaphore is never closed.
+    let _turn = turns.acquire().await.ok()?;
+    tokio::task::spawn_blocking(move || {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).ok()?;
+        Some(body)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::DescriptorEncoder;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    /// A gauge whose read waits until the test lets it go, as a read under a lock that a
+    /// slow fsync holds would; it records whether it was let go or gave up.
+    #[derive(Debug)]
+    struct WaitingGauge {
+        go: Mutex<mpsc::Receiver<()>>,
+        let_go: Arc<AtomicBool>,
+    }
+
+    impl Collector for WaitingGauge {
+        fn encode(&self, _encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+            let go = self.go.lock().map_err(|_| std::fmt::Error)?;
+            let let_go = go.recv_timeout(Duration::from_secs(5)).is_ok();
+            self.let_go.store(let_go, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_scrape_waiting_on_a_gauge_leaves_the_reactor_running() {
+        let (go, wait) = mpsc::channel();
+        let let_go = Arc::new(AtomicBool::new(false));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(WaitingGauge {
+            go: Mutex::new(wait),
+            let_go: Arc::clone(&let_go),
+        }));
+        let registry = Arc::new(registry);
+        let turns = Arc::new(Semaphore::new(MAX_ENCODES));
+        let scrape = {
+            let turns = Arc::clone(&turns);
+            tokio::spawn(async move { encode(registry, &turns).await })
+        };
+        // The scrape runs first; this task, on the same single thread, runs only if the
+        // scrape's wait is not on it.
+        tokio::task::yield_now().await;
+        go.send(()).expect("the gauge is waiting");
+        let body = scrape.await.expect("scrape task");
+        assert!(body.is_some(), "encoded");
+        assert!(
+            let_go.load(Ordering::SeqCst),
+            "the gauge gave up waiting: the scrape held the reactor"
+        );
+    }
+}
