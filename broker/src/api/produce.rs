@@ -3,8 +3,9 @@
 //! Every batch of a request is validated (CRC, lengths, counts, `max.message.bytes`, and what
 //! its records decompress to against `[limits] max_uncompressed_batch_bytes`) before any is
 //! queued, so a bad request changes nothing. Validation of a large or compressed request
-//! (hashing, decompression) runs on the blocking pool, not the reactor; a small plain one is
-//! validated in place, where a thread hop would cost more than the work. On a stream,
+//! (hashing, decompression, packing plain records; large by the bytes of all its parts)
+//! runs on the blocking pool, not the reactor; a small plain one is validated in place,
+//! where a thread hop would cost more than the work. On a stream,
 //! requests are queued to their partitions in the order they arrive, which keeps
 //! per-partition order across pipelined requests; answers go back as each request meets its
 //! acks.
@@ -136,8 +137,33 @@ struct Part {
     index: i32,
     sequence: u64,
     restart: bool,
-    /// The partition and the batches to validate against its rules, or why it failed.
-    work: Result<(Arc<Partition>, Rules, Vec<Bytes>)>,
+    /// The partition and what to validate against its rules, or why it failed.
+    work: Result<Work>,
+}
+
+/// A part's partition and what it brings: batches, and plain records the broker packs into
+/// one more batch when it validates them (off the reactor when the request is heavy).
+struct Work {
+    partition: Arc<Partition>,
+    rules: Rules,
+    batches: Vec<Bytes>,
+    records: Vec<pb::Record>,
+    producer: batch::ProducerInfo,
+}
+
+impl Work {
+    /// About the bytes validating this part walks: its batches and its plain records.
+    fn bytes(&self) -> usize {
+        let record = |r: &pb::Record| {
+            r.key.as_ref().map_or(0, Bytes::len)
+                + r.value.as_ref().map_or(0, Bytes::len)
+                + r.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len))
+                    .sum::<usize>()
+        };
+        self.batches.iter().map(Bytes::len).sum::<usize>() + self.records.iter().map(record).sum::<usize>()
+    }
 }
 
 /// What a topic asks of the batches produced to it.
@@ -197,12 +223,20 @@ fn validate_part(
     Ok(validated)
 }
 
-/// Whether checking `batches` is heavy enough for the blocking pool: many bytes, or a
-/// compressed batch (a few KiB may decompress to `max_uncompressed_batch_bytes`).
-fn heavy(batches: &[Bytes]) -> bool {
+/// Whether checking a request is heavy enough for the blocking pool: many bytes over all
+/// its parts (`(batches, bytes of the part)` each), or a compressed batch (a few KiB may
+/// decompress to `max_uncompressed_batch_bytes`).
+fn heavy<'a>(parts: impl Iterator<Item = (&'a [Bytes], usize)>) -> bool {
     let compressed =
         |b: &Bytes| batch::BatchHeader::parse(b).is_ok_and(|h| !matches!(h.compression(), Ok(Compression::None)));
-    batches.iter().map(Bytes::len).sum::<usize>() > INLINE_VALIDATION_BYTES || batches.iter().any(compressed)
+    let mut total = 0usize;
+    for (batches, bytes) in parts {
+        total = total.saturating_add(bytes);
+        if total > INLINE_VALIDATION_BYTES || batches.iter().any(compressed) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Bytes that validating `batches` holds decompressed at once: batches are inflated one at a
@@ -218,14 +252,14 @@ fn inflating_bytes(batches: &[Bytes], limit: usize) -> usize {
 }
 
 impl ProduceService {
-    /// Looks up one part's partition and packs its plain records; its batches are checked
+    /// Looks up one part's partition; its batches are checked, and its plain records packed,
     /// later, by [`validate_part`].
-    fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<(Arc<Partition>, Rules, Vec<Bytes>)> {
+    fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<Work> {
         let (name, index, sequence) = (part.topic.as_str(), part.partition, part.sequence);
         check_topic_name_length(name)?;
         crate::coordinator::internal_topic::refuse_client_write(name, "write to")?;
         let producer = records_producer(part)?;
-        let mut batches = std::mem::take(&mut part.batches);
+        let batches = std::mem::take(&mut part.batches);
         let records = std::mem::take(&mut part.records);
         if producer != batch::ProducerInfo::NONE && records.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
@@ -246,15 +280,18 @@ impl ProduceService {
             max_batch_bytes: topic.effective.max_message_bytes as usize,
             keys_required: topic.effective.cleanup_policy.compacts(),
         };
-        if !records.is_empty() {
-            batches.push(pack_records(records, producer).map_err(|e| BrokerError::from_batch(name, index, e))?);
-        }
-        if batches.is_empty() {
+        if batches.is_empty() && records.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
                 "topic '{name}' partition {index}: no batches or records"
             )));
         }
-        Ok((partition, rules, batches))
+        Ok(Work {
+            partition,
+            rules,
+            batches,
+            records,
+            producer,
+        })
     }
 
     /// Request-level checks, before anything else is looked at.
@@ -294,22 +331,32 @@ impl ProduceService {
                 .into_iter()
                 .map(|mut part| {
                     let work = std::mem::replace(&mut part.work, Err(BrokerError::ShuttingDown));
-                    let checked = work.and_then(|(p, rules, batches)| {
-                        validate_part(&part.topic, part.index, batches, rules, max_uncompressed, acks).map(|v| (p, v))
+                    let checked = work.and_then(|w| {
+                        let mut batches = w.batches;
+                        if !w.records.is_empty() {
+                            let packed = pack_records(w.records, w.producer)
+                                .map_err(|e| BrokerError::from_batch(&part.topic, part.index, e))?;
+                            batches.push(packed);
+                        }
+                        validate_part(&part.topic, part.index, batches, w.rules, max_uncompressed, acks)
+                            .map(|v| (w.partition, v))
                     });
                     (part, checked)
                 })
                 .collect()
         };
-        let off_reactor = parts
-            .iter()
-            .any(|p| p.work.as_ref().is_ok_and(|(_, _, batches)| heavy(batches)));
+        let off_reactor = heavy(
+            parts
+                .iter()
+                .filter_map(|p| p.work.as_ref().ok())
+                .map(|w| (&w.batches[..], w.bytes())),
+        );
         let checked = if off_reactor {
             // Parts are checked one after another, so the request holds its largest batch.
             let inflating = parts
                 .iter()
                 .filter_map(|p| p.work.as_ref().ok())
-                .map(|(_, _, batches)| inflating_bytes(batches, max_uncompressed))
+                .map(|w| inflating_bytes(&w.batches, max_uncompressed))
                 .max()
                 .unwrap_or(0);
             let names: Vec<(String, i32)> = parts.iter().map(|p| (p.topic.clone(), p.index)).collect();
@@ -748,8 +795,23 @@ mod tests {
             0,
             "already in memory"
         );
-        assert!(heavy(&[zstd]), "a compressed batch is checked off the reactor");
-        assert!(!heavy(&[plain]), "a small plain one in place");
+        let one = |b: &Bytes| heavy(std::iter::once((std::slice::from_ref(b), b.len())));
+        assert!(one(&zstd), "a compressed batch is checked off the reactor");
+        assert!(!one(&plain), "a small plain one in place");
+    }
+
+    #[test]
+    fn a_request_is_heavy_by_the_bytes_of_all_its_parts() {
+        // Each part is below the limit on its own; together they are over it.
+        let batch = batch_of(Compression::None, 600 << 10);
+        let parts = [std::slice::from_ref(&batch), std::slice::from_ref(&batch)];
+        assert!(!heavy(parts[..1].iter().map(|b| (*b, b[0].len()))), "one part in place");
+        assert!(
+            heavy(parts.iter().map(|b| (*b, b[0].len()))),
+            "two parts off the reactor"
+        );
+        // Plain records count too: the broker packs them when it validates.
+        assert!(heavy(std::iter::once((&[][..], 2 << 20))), "2 MiB of plain records");
     }
 
     #[test]
