@@ -3,8 +3,9 @@
 //! A scrape reads every partition's gauges, some under locks a slow disk can hold (the
 //! segment list while a snapshot install deletes segments, the Raft log while its state file
 //! is fsynced), and walks every partition: it is encoded on the blocking pool, never on the
-//! reactor, at most [`MAX_ENCODES`] at a time, so that scrapes stuck behind the disk hold a
-//! bounded number of threads and no runtime worker.
+//! reactor, at most [`MAX_ENCODES`] at a time (the turn goes with the blocking job, so a
+//! scraper that gives up does not free it early), so that scrapes stuck behind the disk hold
+//! a bounded number of threads and no runtime worker. A HEAD is answered without encoding.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -51,7 +52,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let (encoded, turns) = (Arc::clone(&encoded), Arc::clone(&turns));
-                async move { Ok::<_, Infallible>(respond(&req, encoded, &turns).await) }
+                async move { Ok::<_, Infallible>(respond(&req, encoded, turns).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -73,7 +74,7 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     response
 }
 
-async fn respond<B>(req: &Request<B>, registry: Arc<Registry>, turns: &Semaphore) -> Response<Full<Bytes>> {
+async fn respond<B>(req: &Request<B>, registry: Arc<Registry>, turns: Arc<Semaphore>) -> Response<Full<Bytes>> {
     if req.uri().path() != "/metrics" {
         return reply(StatusCode::NOT_FOUND, "text/plain", "try GET /metrics\n".into());
     }
@@ -83,6 +84,9 @@ async fn respond<B>(req: &Request<B>, registry: Arc<Registry>, turns: &Semaphore
             "text/plain",
             "try GET /metrics\n".into(),
         );
+    }
+    if req.method() == Method::HEAD {
+        return reply(StatusCode::OK, CONTENT_TYPE, String::new());
     }
     match encode(registry, turns).await {
         Some(body) => reply(StatusCode::OK, CONTENT_TYPE, body),
@@ -95,17 +99,26 @@ async fn respond<B>(req: &Request<B>, registry: Arc<Registry>, turns: &Semaphore
 }
 
 /// The metrics text, encoded on the blocking pool; `None` if encoding failed.
-async fn encode(registry: Arc<Registry>, turns: &Semaphore) -> Option<String> {
+async fn encode(registry: Arc<Registry>, turns: Arc<Semaphore>) -> Option<String> {
     // The semaphore is never closed.
-    let _turn = turns.acquire().await.ok()?;
-    tokio::task::spawn_blocking(move || {
+    let turn = turns.acquire_owned().await.ok()?;
+    let encoded = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let mut body = String::new();
-        prometheus_client::encoding::text::encode(&mut body, &registry).ok()?;
-        Some(body)
+        prometheus_client::encoding::text::encode(&mut body, &registry).map(|()| body)
     })
-    .await
-    .ok()
-    .flatten()
+    .await;
+    match encoded {
+        Ok(Ok(body)) => Some(body),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "encoding the metrics failed");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding the metrics panicked");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -147,11 +160,12 @@ mod tests {
         let turns = Arc::new(Semaphore::new(MAX_ENCODES));
         let scrape = {
             let turns = Arc::clone(&turns);
-            tokio::spawn(async move { encode(registry, &turns).await })
+            tokio::spawn(async move { encode(registry, turns).await })
         };
-        // The scrape runs first; this task, on the same single thread, runs only if the
-        // scrape's wait is not on it.
-        tokio::task::yield_now().await;
+        // This timer fires on the runtime's one thread: only if the scrape's wait is not on
+        // that thread does the gauge get let go before it gives up. (The test passes with the
+        // encoding off the reactor whatever the timer's length.)
+        tokio::time::sleep(Duration::from_millis(50)).await;
         go.send(()).expect("the gauge is waiting");
         let body = scrape.await.expect("scrape task");
         assert!(body.is_some(), "encoded");
@@ -159,5 +173,57 @@ mod tests {
             let_go.load(Ordering::SeqCst),
             "the gauge gave up waiting: the scrape held the reactor"
         );
+        assert_eq!(turns.available_permits(), MAX_ENCODES, "the turn came back");
+    }
+
+    /// A gauge that holds its encoding until the test lets it go.
+    #[derive(Debug)]
+    struct HeldGauge {
+        go: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Collector for HeldGauge {
+        fn encode(&self, _encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+            // Blocking: this runs on the blocking pool.
+            while self.go.try_acquire().map(|p| p.forget()).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scrape_given_up_keeps_its_turn_until_its_encoding_ends() {
+        let go = Arc::new(tokio::sync::Semaphore::new(0));
+        // Lets the encodings go however the test ends, so that the runtime can stop.
+        struct LetGo(Arc<tokio::sync::Semaphore>);
+        impl Drop for LetGo {
+            fn drop(&mut self) {
+                self.0.add_permits(MAX_ENCODES * 4);
+            }
+        }
+        let _let_go = LetGo(Arc::clone(&go));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(HeldGauge { go: Arc::clone(&go) }));
+        let registry = Arc::new(registry);
+        let turns = Arc::new(Semaphore::new(MAX_ENCODES));
+        // Scrapers that give up: their futures are dropped while the encodings run.
+        for held in 1..=MAX_ENCODES {
+            let scrape = tokio::spawn(encode(Arc::clone(&registry), Arc::clone(&turns)));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while turns.available_permits() > MAX_ENCODES - held {
+                assert!(tokio::time::Instant::now() < deadline, "the scrape took no turn");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            scrape.abort();
+            let _ = scrape.await;
+        }
+        assert_eq!(turns.available_permits(), 0, "both turns held by running encodings");
+        go.add_permits(MAX_ENCODES);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while turns.available_permits() < MAX_ENCODES {
+            assert!(tokio::time::Instant::now() < deadline, "turns not given back");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }

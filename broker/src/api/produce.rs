@@ -151,19 +151,31 @@ struct Work {
     producer: batch::ProducerInfo,
 }
 
+/// What a packed record costs beyond its key, value and headers (its length, attributes,
+/// deltas, and the lengths inside), and a header beyond its key and value: an empty record
+/// still takes packing and hashing.
+const PACKED_RECORD_OVERHEAD: usize = 16;
+const PACKED_HEADER_OVERHEAD: usize = 4;
+
 impl Work {
     /// About the bytes validating this part walks: its batches and its plain records.
     fn bytes(&self) -> usize {
-        let record = |r: &pb::Record| {
-            r.key.as_ref().map_or(0, Bytes::len)
-                + r.value.as_ref().map_or(0, Bytes::len)
-                + r.headers
-                    .iter()
-                    .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len))
-                    .sum::<usize>()
-        };
-        self.batches.iter().map(Bytes::len).sum::<usize>() + self.records.iter().map(record).sum::<usize>()
+        self.batches.iter().map(Bytes::len).sum::<usize>() + plain_bytes(&self.records)
     }
+}
+
+/// About the bytes plain `records` take once packed.
+fn plain_bytes(records: &[pb::Record]) -> usize {
+    let record = |r: &pb::Record| {
+        PACKED_RECORD_OVERHEAD
+            + r.key.as_ref().map_or(0, Bytes::len)
+            + r.value.as_ref().map_or(0, Bytes::len)
+            + r.headers
+                .iter()
+                .map(|h| PACKED_HEADER_OVERHEAD + h.key.len() + h.value.as_ref().map_or(0, Bytes::len))
+                .sum::<usize>()
+    };
+    records.iter().map(record).sum()
 }
 
 /// What a topic asks of the batches produced to it.
@@ -252,8 +264,8 @@ fn inflating_bytes(batches: &[Bytes], limit: usize) -> usize {
 }
 
 impl ProduceService {
-    /// Looks up one part's partition; its batches are checked, and its plain records packed,
-    /// later, by [`validate_part`].
+    /// Looks up one part's partition; its plain records are packed, and its batches checked
+    /// by [`validate_part`], later in [`Self::prepare`] (off the reactor for a heavy request).
     fn look_up(&self, part: &mut pb::PartitionProduce) -> Result<Work> {
         let (name, index, sequence) = (part.topic.as_str(), part.partition, part.sequence);
         check_topic_name_length(name)?;
@@ -812,6 +824,21 @@ mod tests {
         );
         // Plain records count too: the broker packs them when it validates.
         assert!(heavy(std::iter::once((&[][..], 2 << 20))), "2 MiB of plain records");
+    }
+
+    #[test]
+    fn empty_plain_records_still_weigh_what_packing_them_costs() {
+        let empty = vec![pb::Record::default(); 100_000];
+        assert!(
+            plain_bytes(&empty) > INLINE_VALIDATION_BYTES,
+            "a million bytes of packing"
+        );
+        let record = pb::Record {
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::from(vec![0u8; 100])),
+            ..Default::default()
+        };
+        assert_eq!(plain_bytes(&[record]), PACKED_RECORD_OVERHEAD + 101);
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub struct ShareConfig {
     /// Most bytes of batches in one fetch's answer (0: the broker's 4 MiB).
     pub max_bytes: u32,
     /// Most deliveries fetched and not yet handed out (default 1,000): a fetch is made only
-    /// while fewer are buffered. Buffered deliveries are locked to this member too, so a
+    /// once room for half of them (or a whole `max_records`, if less) is free. Buffered deliveries are locked to this member too, so a
     /// large buffer in front of a slow application holds records other members could take.
     pub prefetch: usize,
     /// How long a fetch waits on the broker when nothing is available (default 500 ms, at

@@ -269,7 +269,7 @@ async fn a_consumer_draining_a_full_buffer_fetches_again_only_with_room_for_half
             .collect()
     };
     // One at a time, as a worker takes them: each take makes room for one more, and the
-    // consumer's task (on this single-threaded runtime) runs between two takes.
+    // consumer's driver task (on this single-threaded runtime) runs between two takes.
     for _ in 0..4 {
         take(&mut consumer, 1).await;
         for _ in 0..3 {
