@@ -16,6 +16,10 @@ use tonic::transport::Channel;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one coordinator lookup or join may take before it is tried again elsewhere.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one call may take before it fails instead of hanging the test: longer than the
+/// longest fetch wait a coordinator allows (30 s). A Join's stream is not bounded by it,
+/// only its answer and first event.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between rounds of a lookup or join that found no coordinator.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -24,10 +28,12 @@ pub async fn shares(addr: &str) -> SharesClient<Channel> {
 }
 
 /// A client of `addr`, or UNAVAILABLE when it cannot be reached within [`CONNECT_TIMEOUT`].
+/// Its calls fail after [`CALL_TIMEOUT`].
 pub async fn try_shares(addr: &str) -> Result<SharesClient<Channel>, tonic::Status> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| tonic::Status::invalid_argument(format!("address {addr}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connect {addr}: {e}")))?;
@@ -81,9 +87,9 @@ impl RawMember {
             })
             .await?
             .into_inner();
-        let first = session
-            .message()
-            .await?
+        let first = tokio::time::timeout(CALL_TIMEOUT, session.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no first session event in time"))??
             .ok_or_else(|| tonic::Status::unavailable("the session ended before its first event"))?;
         Ok(RawMember {
             addr: addr.into(),
