@@ -4,13 +4,12 @@
 //! were accepted is the measure. Per-worker counts show how evenly the group spreads the work; duplicates
 //! (deliveries of a record already delivered) show redeliveries.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use conveyor_client::{Client, Compression, ShareConfig, ShareOffsetReset, ShareOrdering};
+use conveyor_client::{Client, Compression, OffsetSpec, ShareConfig, ShareOffsetReset, ShareOrdering};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -62,8 +61,50 @@ pub struct QueueBenchArgs {
 struct Worker {
     accepted: u64,
     refused: u64,
-    /// Every (partition, offset) delivered to it, duplicates included.
-    delivered: Vec<(i32, u64)>,
+    /// Deliveries, and those of a record already delivered (to any worker).
+    delivered: u64,
+    duplicates: u64,
+}
+
+/// The records of the fresh topic delivered so far: one bit each, so the bench's memory is
+/// an eighth of a byte per record, not a list of every delivery.
+#[derive(Debug)]
+struct Delivered {
+    /// Where each partition's records start among the bits, and how many it has.
+    base: Vec<(u64, u64)>,
+    bits: Vec<AtomicU64>,
+}
+
+impl Delivered {
+    /// Bits for `ends[p]` records of each partition `p`, from offset 0 (a fresh topic).
+    fn new(ends: &[u64]) -> Delivered {
+        let mut base = Vec::with_capacity(ends.len());
+        let mut total = 0u64;
+        for end in ends {
+            base.push((total, *end));
+            total += end;
+        }
+        Delivered {
+            base,
+            bits: (0..total.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Marks a delivery; true if the record had been delivered before.
+    fn again(&self, partition: i32, offset: u64) -> bool {
+        let Some(&(base, records)) = usize::try_from(partition).ok().and_then(|p| self.base.get(p)) else {
+            return false;
+        };
+        if offset >= records {
+            return false;
+        }
+        let bit = base + offset;
+        let Some(word) = self.bits.get((bit / 64) as usize) else {
+            return false;
+        };
+        let mask = 1u64 << (bit % 64);
+        word.fetch_or(mask, Ordering::Relaxed) & mask != 0
+    }
 }
 
 pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyhow::Result<()> {
@@ -83,6 +124,11 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     if let Some(e) = produced.first_error {
         anyhow::bail!("{} record(s) could not be produced; first error: {e}", produced.errors);
     }
+    let mut ends = Vec::new();
+    for p in 0..args.partitions {
+        ends.push(client.admin().list_offset(&topic, p, OffsetSpec::Latest).await?.offset);
+    }
+    let delivered = Arc::new(Delivered::new(&ends));
     let target = args.records;
     let accepted = Arc::new(AtomicU64::new(0));
     let done = Arc::new(tokio::sync::watch::Sender::new(false));
@@ -100,6 +146,7 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
         .map(|consumer| {
             tokio::spawn(work(
                 consumer,
+                Arc::clone(&delivered),
                 target,
                 Arc::clone(&accepted),
                 Arc::clone(&done),
@@ -176,6 +223,7 @@ fn config(args: &QueueBenchArgs) -> ShareConfig {
 /// of records accepted, and a refusal would show as a duplicate delivery.
 async fn work(
     mut consumer: conveyor_client::ShareConsumer,
+    delivered: Arc<Delivered>,
     target: u64,
     accepted: Arc<AtomicU64>,
     done: Arc<tokio::sync::watch::Sender<bool>>,
@@ -194,8 +242,10 @@ async fn work(
             Some(Err(e)) if e.is_retriable() => eprintln!("warning: {e}"),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(delivery)) => {
-                me.delivered
-                    .push((delivery.record().partition, delivery.record().offset));
+                me.delivered += 1;
+                if delivered.again(delivery.record().partition, delivery.record().offset) {
+                    me.duplicates += 1;
+                }
                 if delivery.accept_unconfirmed().await.is_ok() {
                     me.accepted += 1;
                     let now = accepted.fetch_add(1, Ordering::Relaxed) + 1;
@@ -219,9 +269,8 @@ async fn work(
 fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Duration, format: Format) {
     let accepted: u64 = workers.iter().map(|w| w.accepted).sum();
     let refused: u64 = workers.iter().map(|w| w.refused).sum();
-    let deliveries: usize = workers.iter().map(|w| w.delivered.len()).sum();
-    let distinct: HashSet<(i32, u64)> = workers.iter().flat_map(|w| w.delivered.iter().copied()).collect();
-    let duplicates = deliveries - distinct.len();
+    let deliveries: u64 = workers.iter().map(|w| w.delivered).sum();
+    let duplicates: u64 = workers.iter().map(|w| w.duplicates).sum();
     let per_worker: Vec<u64> = workers.iter().map(|w| w.accepted).collect();
     let secs = elapsed.as_secs_f64().max(1e-9);
     let rate = accepted as f64 / secs;
@@ -247,5 +296,23 @@ fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Durat
             println!("per worker: {}", counts.join(" "));
             println!("duplicates: {duplicates} (deliveries of a record already delivered); acks not sent: {refused}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Delivered;
+
+    #[test]
+    fn a_record_delivered_again_is_told_apart_per_partition() {
+        let delivered = Delivered::new(&[3, 70]);
+        assert!(!delivered.again(0, 2));
+        assert!(!delivered.again(1, 2), "partition 1's offset 2 is another record");
+        assert!(delivered.again(0, 2));
+        assert!(!delivered.again(1, 69));
+        assert!(delivered.again(1, 69));
+        assert!(!delivered.again(5, 0), "a partition out of range is not counted");
+        assert!(!delivered.again(0, 3), "nor an offset past its partition's records");
+        assert!(!delivered.again(0, 3));
     }
 }
