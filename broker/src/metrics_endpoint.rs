@@ -162,10 +162,9 @@ mod tests {
             let turns = Arc::clone(&turns);
             tokio::spawn(async move { encode(registry, turns).await })
         };
-        // This timer fires on the runtime's one thread: only if the scrape's wait is not on
-        // that thread does the gauge get let go before it gives up. (The test passes with the
-        // encoding off the reactor whatever the timer's length.)
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The scrape runs first; this task, on the runtime's one thread, runs again before the
+        // gauge gives up only if the scrape's wait is not on that thread.
+        tokio::task::yield_now().await;
         go.send(()).expect("the gauge is waiting");
         let body = scrape.await.expect("scrape task");
         assert!(body.is_some(), "encoded");
@@ -176,35 +175,53 @@ mod tests {
         assert_eq!(turns.available_permits(), MAX_ENCODES, "the turn came back");
     }
 
-    /// A gauge that holds its encoding until the test lets it go.
+    /// A gate the encodings wait at (blocking: they run on the blocking pool) until it opens.
+    #[derive(Debug, Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.opened.notify_all();
+        }
+
+        fn wait(&self) {
+            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            drop(self.opened.wait_while(open, |open| !*open));
+        }
+    }
+
+    /// A gauge that holds its encoding until the test opens its gate.
     #[derive(Debug)]
     struct HeldGauge {
-        go: Arc<tokio::sync::Semaphore>,
+        gate: Arc<Gate>,
     }
 
     impl Collector for HeldGauge {
         fn encode(&self, _encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-            // Blocking: this runs on the blocking pool.
-            while self.go.try_acquire().map(|p| p.forget()).is_err() {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            self.gate.wait();
             Ok(())
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_scrape_given_up_keeps_its_turn_until_its_encoding_ends() {
-        let go = Arc::new(tokio::sync::Semaphore::new(0));
-        // Lets the encodings go however the test ends, so that the runtime can stop.
-        struct LetGo(Arc<tokio::sync::Semaphore>);
-        impl Drop for LetGo {
+        let gate = Arc::new(Gate::default());
+        // Opens the gate however the test ends, so that the runtime can stop.
+        struct OpenOnDrop(Arc<Gate>);
+        impl Drop for OpenOnDrop {
             fn drop(&mut self) {
-                self.0.add_permits(MAX_ENCODES * 4);
+                self.0.open();
             }
         }
-        let _let_go = LetGo(Arc::clone(&go));
+        let _open = OpenOnDrop(Arc::clone(&gate));
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(HeldGauge { go: Arc::clone(&go) }));
+        registry.register_collector(Box::new(HeldGauge {
+            gate: Arc::clone(&gate),
+        }));
         let registry = Arc::new(registry);
         let turns = Arc::new(Semaphore::new(MAX_ENCODES));
         // Scrapers that give up: their futures are dropped while the encodings run.
@@ -219,7 +236,7 @@ mod tests {
             let _ = scrape.await;
         }
         assert_eq!(turns.available_permits(), 0, "both turns held by running encodings");
-        go.add_permits(MAX_ENCODES);
+        gate.open();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while turns.available_permits() < MAX_ENCODES {
             assert!(tokio::time::Instant::now() < deadline, "turns not given back");

@@ -38,12 +38,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// User plus system CPU of the whole process so far.
+/// User plus system CPU of the whole process so far (zero if getrusage fails, which it
+/// does not for RUSAGE_SELF).
 fn process_cpu() -> Duration {
     // SAFETY: getrusage fills the struct it is given and nothing else.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return Duration::ZERO;
+        }
         usage
     };
     let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);

@@ -636,23 +636,23 @@ fn a_purge_or_redrive_refuses_a_dead_letter_topic_the_group_did_not_create() {
         )
         .await
         .expect("join");
-        let e = a
-            .client
-            .purge_dead_letters(PurgeDeadLettersRequest {
-                group: "workers".into(),
-            })
-            .await
-            .expect_err("payments is not the group's");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains("did not create"), "{e:?}");
-        let e = a
-            .client
-            .redrive(RedriveRequest {
-                group: "workers".into(),
-            })
-            .await
-            .expect_err("payments is not the group's");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let refused = |e: tonic::Status| {
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains("did not create"), "{e:?}");
+        };
+        let group = || "workers".to_string();
+        refused(
+            a.client
+                .purge_dead_letters(PurgeDeadLettersRequest { group: group() })
+                .await
+                .expect_err("payments is not the group's"),
+        );
+        refused(
+            a.client
+                .redrive(RedriveRequest { group: group() })
+                .await
+                .expect_err("payments is not the group's"),
+        );
     });
     assert_eq!(consume_json(&addr, "payments", 2).len(), 2, "payments kept its records");
 }

@@ -829,10 +829,7 @@ mod tests {
     #[test]
     fn empty_plain_records_still_weigh_what_packing_them_costs() {
         let empty = vec![pb::Record::default(); 100_000];
-        assert!(
-            plain_bytes(&empty) > INLINE_VALIDATION_BYTES,
-            "a million bytes of packing"
-        );
+        assert!(plain_bytes(&empty) > INLINE_VALIDATION_BYTES, "1.6 MB of packing");
         let record = pb::Record {
             key: Some(Bytes::from_static(b"k")),
             value: Some(Bytes::from(vec![0u8; 100])),

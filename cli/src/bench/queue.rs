@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use conveyor_client::{Client, Compression, OffsetSpec, ShareConfig, ShareOffsetReset, ShareOrdering};
+use conveyor_client::{Client, Compression, OffsetSpec, ShareConfig, ShareOffsetReset};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -60,7 +60,7 @@ pub struct QueueBenchArgs {
 #[derive(Debug, Default)]
 struct Worker {
     accepted: u64,
-    refused: u64,
+    not_sent: u64,
     /// Deliveries, and those of a record already delivered (to any worker).
     delivered: u64,
     duplicates: u64,
@@ -98,10 +98,9 @@ impl Delivered {
         if offset >= records {
             return false;
         }
+        // Within the bits: offset < records, and the partitions' records add up to them.
         let bit = base + offset;
-        let Some(word) = self.bits.get((bit / 64) as usize) else {
-            return false;
-        };
+        let word = &self.bits[(bit / 64) as usize];
         let mask = 1u64 << (bit % 64);
         word.fetch_or(mask, Ordering::Relaxed) & mask != 0
     }
@@ -212,10 +211,7 @@ fn config(args: &QueueBenchArgs) -> ShareConfig {
     }
     config
         .auto_offset_reset(ShareOffsetReset::Earliest)
-        .ordering(match args.ordering {
-            OrderingArg::Key => ShareOrdering::Key,
-            OrderingArg::None => ShareOrdering::None,
-        })
+        .ordering(args.ordering.into())
 }
 
 /// Accepts every delivery until the workers together accepted `target` records. Accepts
@@ -256,7 +252,7 @@ async fn work(
                         done.send_replace(true);
                     }
                 } else {
-                    me.refused += 1;
+                    me.not_sent += 1;
                 }
             }
         }
@@ -268,22 +264,19 @@ async fn work(
 
 fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Duration, format: Format) {
     let accepted: u64 = workers.iter().map(|w| w.accepted).sum();
-    let refused: u64 = workers.iter().map(|w| w.refused).sum();
+    let not_sent: u64 = workers.iter().map(|w| w.not_sent).sum();
     let deliveries: u64 = workers.iter().map(|w| w.delivered).sum();
     let duplicates: u64 = workers.iter().map(|w| w.duplicates).sum();
     let per_worker: Vec<u64> = workers.iter().map(|w| w.accepted).collect();
     let secs = elapsed.as_secs_f64().max(1e-9);
     let rate = accepted as f64 / secs;
-    let ordering = match args.ordering {
-        OrderingArg::Key => "key",
-        OrderingArg::None => "none",
-    };
+    let ordering = args.ordering.name();
     match format {
         Format::Json => output::json(&json!({
             "mode": "queue", "topic": topic, "workers": args.workers, "partitions": args.partitions,
             "ordering": ordering, "keys": args.keys, "record_size": args.record_size,
             "records": args.records, "accepted": accepted, "seconds": secs, "records_per_sec": rate,
-            "per_worker": per_worker, "deliveries": deliveries, "duplicates": duplicates, "acks_not_sent": refused,
+            "per_worker": per_worker, "deliveries": deliveries, "duplicates": duplicates, "acks_not_sent": not_sent,
         })),
         Format::Text => {
             println!(
@@ -294,7 +287,7 @@ fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Durat
             );
             let counts: Vec<String> = per_worker.iter().map(u64::to_string).collect();
             println!("per worker: {}", counts.join(" "));
-            println!("duplicates: {duplicates} (deliveries of a record already delivered); acks not sent: {refused}");
+            println!("duplicates: {duplicates} (deliveries of a record already delivered); acks not sent: {not_sent}");
         }
     }
 }

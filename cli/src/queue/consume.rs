@@ -37,6 +37,25 @@ pub enum OrderingArg {
     None,
 }
 
+impl From<OrderingArg> for ShareOrdering {
+    fn from(o: OrderingArg) -> ShareOrdering {
+        match o {
+            OrderingArg::Key => ShareOrdering::Key,
+            OrderingArg::None => ShareOrdering::None,
+        }
+    }
+}
+
+impl OrderingArg {
+    /// The name the command line takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            OrderingArg::Key => "key",
+            OrderingArg::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FromArg {
     Earliest,
@@ -114,10 +133,7 @@ pub struct QueueConsumeArgs {
 impl QueueConsumeArgs {
     fn config(&self) -> ShareConfig {
         let mut config = ShareConfig {
-            ordering: self.ordering.map(|o| match o {
-                OrderingArg::Key => ShareOrdering::Key,
-                OrderingArg::None => ShareOrdering::None,
-            }),
+            ordering: self.ordering.map(Into::into),
             lock_duration: self.lock_duration,
             max_delivery_count: self.max_delivery_count,
             auto_offset_reset: self.from.map(|f| match f {

@@ -74,7 +74,7 @@ impl PendingAcks {
 }
 
 /// Acknowledgements sent in one request: the ranges on the wire and the callers behind them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct AckBatch {
     pub(crate) wire: Vec<ShareAck>,
     requests: Vec<AckRequest>,

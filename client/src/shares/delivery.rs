@@ -146,14 +146,7 @@ impl Delivery {
     /// a refusal, it saves the answer's bookkeeping per record.
     pub async fn accept_unconfirmed(self) -> Result<()> {
         self.held.settled.store(true, Ordering::Release);
-        self.acks
-            .send(AckRequest {
-                held: Arc::clone(&self.held),
-                kind: AckKind::Accept,
-                reply: None,
-            })
-            .await
-            .map_err(|_| ClientError::Closed)
+        queue(&self.acks, self.held, AckKind::Accept, None).await
     }
 
     /// Gives the record back: available to any member again after `delay` (at once for
@@ -183,19 +176,25 @@ impl Delivery {
 
     async fn settle(self, kind: AckKind) -> Result<()> {
         self.held.settled.store(true, Ordering::Release);
-        send(&self.acks, Arc::clone(&self.held), kind).await
+        send(&self.acks, self.held, kind).await
     }
 }
 
 /// Queues one acknowledgement and waits for the broker's answer.
 async fn send(acks: &mpsc::Sender<AckRequest>, held: Arc<Held>, kind: AckKind) -> Result<()> {
     let (reply, answer) = oneshot::channel();
-    acks.send(AckRequest {
-        held,
-        kind,
-        reply: Some(reply),
-    })
-    .await
-    .map_err(|_| ClientError::Closed)?;
+    queue(acks, held, kind, Some(reply)).await?;
     answer.await.map_err(|_| ClientError::Closed)?
+}
+
+/// Queues one acknowledgement (waiting only while the bounded queue is full).
+async fn queue(
+    acks: &mpsc::Sender<AckRequest>,
+    held: Arc<Held>,
+    kind: AckKind,
+    reply: Option<oneshot::Sender<Result<()>>>,
+) -> Result<()> {
+    acks.send(AckRequest { held, kind, reply })
+        .await
+        .map_err(|_| ClientError::Closed)
 }

@@ -223,11 +223,12 @@ impl Driver {
         if !due || s.acking.len() >= MAX_ACK_CALLS {
             return false;
         }
-        let batch = s.pending.take_batch();
+        let mut batch = s.pending.take_batch();
+        // The ranges go on the wire; the batch keeps the callers its answer resolves.
         let request = ShareAcknowledgeRequest {
             group: self.group.clone(),
             member_id: self.member_id.clone(),
-            acks: batch.wire.clone(),
+            acks: std::mem::take(&mut batch.wire),
         };
         let (client, topic) = (self.client.clone(), Arc::clone(&self.topic));
         s.acking.push(Box::pin(async move {

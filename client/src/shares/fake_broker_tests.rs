@@ -252,7 +252,8 @@ async fn dropping_the_consumer_ends_its_join_stream_too() {
     assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test]
+// Single-threaded on purpose: the driver runs between two takes only at the yields.
+#[tokio::test(flavor = "current_thread")]
 async fn a_consumer_draining_a_full_buffer_fetches_again_only_with_room_for_half_of_it() {
     let (fake, address) = fake::start().await;
     fake.script(vec![partition(0, 8, vec![range(0, 7, 1, 1)])]);

@@ -108,8 +108,7 @@ async fn step(coordinator: &ShareCoordinator, shard: &Arc<Shard<SharesState>>, g
             partitions,
         )
     };
-    let (topic_name, letters) = (source.clone(), work);
-    let letters = crate::blocking::blocking(move || letters_of(&topic_name, letters)).await?;
+    let letters = crate::blocking::blocking(move || letters_of(&source, work)).await?;
     let existed = coordinator.registry().get(&dlq).is_ok();
     let topic = internal_topic::ensure_exists(
         coordinator.registry(),
@@ -212,7 +211,7 @@ fn letters_of(topic: &str, work: Vec<FromBatch>) -> Result<Vec<Letter>> {
     let mut out = Vec::new();
     for w in work {
         let bad = |e| BrokerError::from_batch(topic, w.partition, e);
-        let parsed = RecordBatch::parse(w.batch.clone()).map_err(bad)?;
+        let parsed = RecordBatch::parse(w.batch).map_err(bad)?;
         let mut wanted = w.records.into_iter().peekable();
         for r in parsed.records().map_err(bad)? {
             let r = r.map_err(bad)?;
@@ -245,6 +244,14 @@ fn letters_of(topic: &str, work: Vec<FromBatch>) -> Result<Vec<Letter>> {
                     headers,
                 },
             });
+        }
+        // A wanted record missing from its cached batch is an error, not a silent skip:
+        // the writer would find the same records waiting at once and go round without a pause.
+        if let Some((offset, _, _)) = wanted.peek() {
+            return Err(BrokerError::Internal(format!(
+                "record {offset} of '{topic}' partition {} is not in its cached batch",
+                w.partition
+            )));
         }
     }
     Ok(out)

@@ -312,14 +312,7 @@ impl ShareCoordinator {
                     // marks the shard lost (the records are delivered again after a reload).
                     let _ = shard.append_ahead(&changes).await;
                 }
-                let answer_now = !parts.is_empty() || tokio::time::Instant::now() >= deadline;
-                // Only a fetch about to wait needs the next delay's end (a scan of the windows).
-                next_due = if answer_now {
-                    None
-                } else {
-                    g.windows.values().filter_map(|w| w.next_due(now)).min()
-                };
-                if answer_now {
+                if !parts.is_empty() || tokio::time::Instant::now() >= deadline {
                     drop(st);
                     if waiting_dead {
                         self.start_tasks(&shard, &f.group).await;
@@ -330,6 +323,8 @@ impl ShareCoordinator {
                         locked_until_ms: locked_until,
                     });
                 }
+                // Only a fetch about to wait needs the next delay's end (a scan of the windows).
+                next_due = g.windows.values().filter_map(|w| w.next_due(now)).min();
             }
             let mut wake = deadline;
             if let Some(due) = next_due {

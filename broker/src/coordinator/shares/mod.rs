@@ -425,11 +425,13 @@ impl ShareCoordinator {
                 tokio::spawn(fill::run(Arc::clone(self), Arc::clone(shard), group.to_string(), p));
             }
         }
-        let waiting = g
-            .windows
-            .values()
-            .any(|w| w.slots().any(|s| s.state == window::SlotState::DeadLettering));
-        if waiting && !g.dead_lettering && !g.dead_letters_paused {
+        // The slots are scanned only when no writer runs and none is paused (each tick).
+        if !g.dead_lettering
+            && !g.dead_letters_paused
+            && g.windows
+                .values()
+                .any(|w| w.slots().any(|s| s.state == window::SlotState::DeadLettering))
+        {
             g.dead_lettering = true;
             tokio::spawn(dead_letters::run(
                 Arc::clone(self),
