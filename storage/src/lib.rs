@@ -65,7 +65,7 @@ pub mod scrub;
 mod segment;
 mod sync;
 
-pub use batch::unix_millis;
+pub use batch::{unix_millis, unix_millis_coarse};
 pub use cleaner::{CleanBounds, CleanReport, CompactionPolicy, DirtyStats, IoThrottle};
 pub use config::{FlushPolicy, LogConfig};
 pub use error::{BatchError, LogError};

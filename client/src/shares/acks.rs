@@ -56,11 +56,19 @@ impl PendingAcks {
 
     /// Everything that can go in one request (see the module's invariant); the rest waits.
     pub(crate) fn take_batch(&mut self) -> AckBatch {
-        let mut seen = HashSet::with_capacity(self.queue.len().min(MAX_BATCH));
-        let (requests, rest): (Vec<AckRequest>, Vec<AckRequest>) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|a| seen.len() < MAX_BATCH && seen.insert((a.held.partition, a.held.offset)));
-        self.queue = rest;
+        let n = self.queue.len().min(MAX_BATCH);
+        let requests: Vec<AckRequest> = if distinct(&self.queue[..n]) {
+            // The common case: the first `n` acknowledge `n` records. Draining keeps the
+            // queue's room for the next ones.
+            self.queue.drain(..n).collect()
+        } else {
+            let mut seen = HashSet::with_capacity(n);
+            let (requests, rest): (Vec<AckRequest>, Vec<AckRequest>) = std::mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|a| seen.len() < MAX_BATCH && seen.insert((a.held.partition, a.held.offset)));
+            self.queue = rest;
+            requests
+        };
         self.since = if self.queue.is_empty() {
             None
         } else {
@@ -71,6 +79,15 @@ impl PendingAcks {
             requests,
         }
     }
+}
+
+/// Whether no two of `acks` are of one record.
+fn distinct(acks: &[AckRequest]) -> bool {
+    let mut records: Vec<(i32, u64)> = acks.iter().map(|a| (a.held.partition, a.held.offset)).collect();
+    // Acknowledgements mostly arrive in delivery order: a stable sort takes the runs as
+    // they are.
+    records.sort();
+    records.windows(2).all(|w| w[0] != w[1])
 }
 
 /// Acknowledgements sent in one request: the ranges on the wire and the callers behind them.
@@ -87,6 +104,10 @@ impl AckBatch {
         let mut results: Vec<&ShareAckResult> = results.iter().collect();
         results.sort_by_key(|r| (r.partition, r.first_offset));
         for ack in self.requests {
+            if ack.reply.is_none() && ack.kind != AckKind::Renew {
+                // Unconfirmed: nobody waits for this one's result.
+                continue;
+            }
             let (partition, offset) = (ack.held.partition, ack.held.offset);
             // The last range of the partition starting at or before the offset.
             let after = results.partition_point(|r| (r.partition, r.first_offset) <= (partition, offset));

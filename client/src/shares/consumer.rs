@@ -8,7 +8,6 @@
 //! # Thread-safety
 //! The consumer is `Send`; deliveries are `Send` and may be acknowledged from any task.
 
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -49,7 +48,8 @@ pub struct ShareConsumer {
     group: String,
     member_id: String,
     rx: mpsc::Receiver<Fetched>,
-    ready: VecDeque<Delivery>,
+    /// The deliveries of the last fetch not handed out yet.
+    ready: std::vec::IntoIter<Delivery>,
     buffered: Arc<Buffered>,
     session: watch::Receiver<ShareSessionEvent>,
     close_driver: Option<oneshot::Sender<()>>,
@@ -107,7 +107,7 @@ impl ShareConsumer {
             group: group.to_string(),
             member_id: request.member_id,
             rx,
-            ready: VecDeque::new(),
+            ready: Vec::new().into_iter(),
             buffered,
             session,
             close_driver: Some(close_driver),
@@ -149,7 +149,7 @@ impl ShareConsumer {
         }
         // Buffered deliveries hold the acknowledgement channel open; they go back with the
         // session.
-        self.ready.clear();
+        self.ready = Vec::new().into_iter();
         self.rx.close();
         if let Some(stop) = self.stop_session.take() {
             let _ = stop.send(());
@@ -178,16 +178,19 @@ impl Stream for ShareConsumer {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if let Some(delivery) = self.ready.pop_front() {
+            if let Some(delivery) = self.ready.next() {
                 self.buffered.taken();
-                if delivery.locked_until() <= conveyor_storage::unix_millis() {
+                // The coarse clock may be a tick behind: a delivery whose lock just ran out
+                // can still go out, and its acknowledgement is then refused, as one made
+                // a moment later would be.
+                if delivery.locked_until() <= conveyor_storage::unix_millis_coarse() {
                     // Its lock ran out while it waited here: the record is the group's again.
                     continue;
                 }
                 return Poll::Ready(Some(Ok(delivery)));
             }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(deliveries))) => self.ready.extend(deliveries),
+                Poll::Ready(Some(Ok(deliveries))) => self.ready = deliveries.into_iter(),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,

@@ -42,7 +42,16 @@ pub(crate) fn decode(
     locked_until_ms: i64,
     acks: &mpsc::Sender<AckRequest>,
 ) -> Decoded {
-    let mut decoded = Decoded::default();
+    // Room for every acquired record at once (a fetch asks for at most 10,000).
+    let acquired: u64 = partitions
+        .iter()
+        .flat_map(|d| &d.acquired)
+        .map(|r| r.last_offset.saturating_sub(r.first_offset).saturating_add(1))
+        .fold(0, u64::saturating_add);
+    let mut decoded = Decoded {
+        deliveries: Vec::with_capacity(acquired.min(10_000) as usize),
+        ..Decoded::default()
+    };
     let fetched_at = std::time::Instant::now();
     for data in partitions {
         let mut ranges = data.acquired;
@@ -57,13 +66,26 @@ pub(crate) fn decode(
             kind,
             reply: None,
         };
+        // Deliveries go straight into the answer's list; a partition that fails part-way
+        // takes its own back out.
+        let mark = decoded.deliveries.len();
+        let mut delivered: Vec<u64> = Vec::new();
         let read = check(topic, partition, &data.batches).and_then(|spans| {
-            let records = records_of(topic, partition, &data.batches, &ranges)?;
-            Ok((spans, records))
+            records_of(topic, partition, &data.batches, &ranges, |record, range| {
+                delivered.push(record.offset);
+                decoded.deliveries.push(Delivery {
+                    held: held(record.offset, range.token),
+                    delivery_count: range.delivery_count,
+                    record,
+                    acks: acks.clone(),
+                });
+            })?;
+            Ok(spans)
         });
-        let (spans, records) = match read {
-            Ok(read) => read,
+        let spans = match read {
+            Ok(spans) => spans,
             Err(e) => {
+                decoded.deliveries.truncate(mark);
                 for r in &ranges {
                     decoded
                         .gaps
@@ -73,7 +95,7 @@ pub(crate) fn decode(
                 continue;
             }
         };
-        let mut delivered = records.iter().map(|(_, offset)| *offset).peekable();
+        let mut delivered = delivered.into_iter().peekable();
         for r in &ranges {
             for offset in r.first_offset..=r.last_offset {
                 while delivered.next_if(|&d| d < offset).is_some() {}
@@ -89,14 +111,6 @@ pub(crate) fn decode(
                 decoded.gaps.push(gap(offset, r.token, kind));
             }
         }
-        decoded
-            .deliveries
-            .extend(records.into_iter().map(|((record, range), offset)| Delivery {
-                record,
-                delivery_count: range.delivery_count,
-                held: held(offset, range.token),
-                acks: acks.clone(),
-            }));
     }
     decoded
 }
@@ -120,15 +134,15 @@ fn check(topic: &Arc<str>, partition: i32, batches: &Bytes) -> Result<Vec<(u64, 
     Ok(spans)
 }
 
-type Acquired = ((crate::ConsumerRecord, AcquiredRange), u64);
-
-/// The records of `batches` inside `ranges` (sorted), each with its range, in offset order.
+/// Calls `each` with the records of `batches` inside `ranges` (sorted), each with its
+/// range, in offset order.
 fn records_of(
     topic: &Arc<str>,
     partition: i32,
     batches: &Bytes,
     ranges: &[AcquiredRange],
-) -> Result<Vec<Acquired>, ClientError> {
+    mut each: impl FnMut(crate::ConsumerRecord, &AcquiredRange),
+) -> Result<(), ClientError> {
     let mut decoder = Decoder::default();
     decoder.push(vec![Chunk {
         topic: Arc::clone(topic),
@@ -138,7 +152,6 @@ fn records_of(
         next: 0,
         batches: batches.clone(),
     }]);
-    let mut out = Vec::new();
     let mut i = 0;
     loop {
         let record = match decoder.next_record() {
@@ -154,10 +167,10 @@ fn records_of(
             break;
         }
         if ranges[i].first_offset <= offset {
-            out.push(((record, ranges[i]), offset));
+            each(record, &ranges[i]);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ pub(crate) mod varint;
 
 pub use builder::BatchBuilder;
 pub use builder::restamp_producer;
-pub use builder::unix_millis;
+pub use builder::{unix_millis, unix_millis_coarse};
 pub use compact::{Judged, PlainBatch, Rewritten, rewrite_batch};
 pub use compression::Compression;
 pub use records::{Header, Record, RecordIter, StoredRecord};

@@ -1,9 +1,9 @@
 //! How a share-partition's record states are written to `__share_state`: the states that
 //! must survive a failover, and consecutive records with one state as a run.
 
-use conveyor_proto::internal::v1::ShareRun;
+use conveyor_proto::internal::v1::{SharePartitionValue, ShareRun};
 
-use super::window::{Slot, SlotState};
+use super::window::{Slot, SlotState, Window};
 
 /// A record state as written to `__share_state`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,17 +19,27 @@ pub(super) const DURABLE_DEAD_LETTERING: u32 = 1;
 pub(super) const DURABLE_ACKNOWLEDGED: u32 = 2;
 pub(super) const DURABLE_ARCHIVED: u32 = 3;
 
-pub(super) fn durable_of(s: &Slot) -> Durable {
+/// A slot's durable state, borrowed: the reason (cut to [`DURABLE_REASON_BYTES`]) only for
+/// records waiting for their dead letter, the delay only for available ones.
+#[derive(Debug, Clone, Copy)]
+struct DurableRef<'a> {
+    state: u32,
+    deliveries: u32,
+    not_before: i64,
+    reason: &'a str,
+}
+
+fn durable_of(s: &Slot) -> DurableRef<'_> {
     let (state, reason) = match s.state {
-        SlotState::Available | SlotState::Acquired => (DURABLE_AVAILABLE, String::new()),
+        SlotState::Available | SlotState::Acquired => (DURABLE_AVAILABLE, ""),
         SlotState::DeadLettering => (
             DURABLE_DEAD_LETTERING,
             durable_reason(s.reason.as_deref().unwrap_or("")),
         ),
-        SlotState::Acknowledged => (DURABLE_ACKNOWLEDGED, String::new()),
-        SlotState::Archived => (DURABLE_ARCHIVED, String::new()),
+        SlotState::Acknowledged => (DURABLE_ACKNOWLEDGED, ""),
+        SlotState::Archived => (DURABLE_ARCHIVED, ""),
     };
-    Durable {
+    DurableRef {
         state,
         deliveries: s.deliveries,
         // Header delays are read again from the record; only a release's delay is stored.
@@ -42,43 +52,122 @@ pub(super) fn durable_of(s: &Slot) -> Durable {
     }
 }
 
+impl Durable {
+    fn borrowed(&self) -> DurableRef<'_> {
+        DurableRef {
+            state: self.state,
+            deliveries: self.deliveries,
+            not_before: self.not_before,
+            reason: &self.reason,
+        }
+    }
+}
+
 /// Most bytes of a dead-letter reason kept in the share state (a snapshot holds one per
 /// record waiting for its dead letter, so it must stay well within a write's bounds).
 pub const DURABLE_REASON_BYTES: usize = 128;
 
-fn durable_reason(reason: &str) -> String {
+fn durable_reason(reason: &str) -> &str {
     if reason.len() <= DURABLE_REASON_BYTES {
-        return reason.to_string();
+        return reason;
     }
     let mut end = DURABLE_REASON_BYTES;
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    reason[..end].to_string()
+    &reason[..end]
 }
 
-/// Consecutive offsets with the same durable state as runs.
-pub(super) fn runs(durable: Vec<(u64, Durable)>) -> Vec<ShareRun> {
-    let mut out: Vec<ShareRun> = Vec::new();
-    for (offset, d) in durable {
-        if let Some(last) = out.last_mut()
-            && last.last_offset + 1 == offset
-            && last.state == d.state
-            && last.delivery_count == d.deliveries
-            && last.not_before_ms == d.not_before.max(0) as u64
-            && last.reason == d.reason
-        {
-            last.last_offset = offset;
-            continue;
-        }
-        out.push(ShareRun {
-            first_offset: offset,
-            last_offset: offset,
-            state: d.state,
-            delivery_count: d.deliveries,
-            not_before_ms: d.not_before.max(0) as u64,
-            reason: d.reason,
-        });
+/// Adds `offset` to the runs: to the last one when it follows it with the same state,
+/// else as a new one. Offsets come in increasing order.
+fn push_run(out: &mut Vec<ShareRun>, offset: u64, d: DurableRef<'_>) {
+    let not_before_ms = d.not_before.max(0) as u64;
+    if let Some(last) = out.last_mut()
+        && last.last_offset + 1 == offset
+        && last.state == d.state
+        && last.delivery_count == d.deliveries
+        && last.not_before_ms == not_before_ms
+        // Only records to dead-letter carry a reason (every other state's is empty).
+        && (d.state != DURABLE_DEAD_LETTERING || last.reason == d.reason)
+    {
+        last.last_offset = offset;
+        return;
     }
-    out
+    out.push(ShareRun {
+        first_offset: offset,
+        last_offset: offset,
+        state: d.state,
+        delivery_count: d.deliveries,
+        not_before_ms,
+        reason: d.reason.to_string(),
+    });
+}
+
+impl Window {
+    /// An update for `changed` (and the start), with the next sequence. Offsets no longer
+    /// in the window are done and dropped from its front: the start says so.
+    pub fn update(&mut self, changed: &[u64]) -> SharePartitionValue {
+        self.sequence += 1;
+        let sorted_copy;
+        let offsets = if changed.is_sorted() {
+            changed
+        } else {
+            let mut copy = changed.to_vec();
+            copy.sort_unstable();
+            sorted_copy = copy;
+            &sorted_copy
+        };
+        let slots = self.slot_list();
+        let mut out = Vec::new();
+        // Changed offsets come in ranges: the slot after the last found is tried before a search.
+        let mut next = 0;
+        let mut previous = None;
+        for &offset in offsets {
+            if previous == Some(offset) {
+                continue;
+            }
+            previous = Some(offset);
+            let i = match slots.get(next) {
+                Some(s) if s.offset == offset => next,
+                _ => match slots.binary_search_by_key(&offset, |s| s.offset) {
+                    Ok(i) => i,
+                    Err(_) => continue,
+                },
+            };
+            push_run(&mut out, offset, durable_of(&slots[i]));
+            next = i + 1;
+        }
+        SharePartitionValue {
+            sequence: self.sequence,
+            start_offset: self.start,
+            runs: out,
+            dead_letters: self.dead_letters,
+        }
+    }
+
+    /// The whole durable state, with the next sequence.
+    pub fn snapshot(&mut self) -> SharePartitionValue {
+        self.sequence += 1;
+        let mut durable: Vec<(u64, DurableRef<'_>)> = self
+            .slot_list()
+            .iter()
+            .filter_map(|s| {
+                let d = durable_of(s);
+                let default = d.state == DURABLE_AVAILABLE && d.deliveries == 0 && d.not_before == 0;
+                (!default).then_some((s.offset, d))
+            })
+            .collect();
+        durable.extend(self.pending_states().iter().map(|(o, d)| (*o, d.borrowed())));
+        durable.sort_by_key(|(o, _)| *o);
+        let mut out = Vec::new();
+        for (offset, d) in durable {
+            push_run(&mut out, offset, d);
+        }
+        SharePartitionValue {
+            sequence: self.sequence,
+            start_offset: self.start,
+            runs: out,
+            dead_letters: self.dead_letters,
+        }
+    }
 }

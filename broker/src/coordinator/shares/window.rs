@@ -16,9 +16,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 use conveyor_proto::internal::v1::{SharePartitionValue, ShareRun};
 
-use super::durable::{
-    DURABLE_ACKNOWLEDGED, DURABLE_ARCHIVED, DURABLE_AVAILABLE, DURABLE_DEAD_LETTERING, Durable, durable_of, runs,
-};
+use super::durable::{DURABLE_ACKNOWLEDGED, DURABLE_ARCHIVED, DURABLE_DEAD_LETTERING, Durable};
 
 /// A record's state in the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +156,12 @@ pub struct Window {
     /// No slot before this index is available (outside key order, where acquisition looks
     /// at every key from the front, it is where a scan for available records starts).
     available_from: usize,
+    /// Slots not done (available, acquired, waiting for their dead letter): kept as states
+    /// change, so the fill and fetches learn the window's room without a scan.
+    unfinished: usize,
+    /// No available slot's `not_before` is later than this (an upper bound, raised as
+    /// delays are set and made exact by scans): from it on, no record is delayed.
+    delays_until: i64,
 }
 
 impl Window {
@@ -220,6 +224,7 @@ impl Window {
     pub fn skip_to(&mut self, offset: u64) {
         if self.end.is_some_and(|e| e < offset) {
             self.slots.retain(|s| s.state == SlotState::DeadLettering);
+            self.unfinished = self.slots.len();
             let slots = &self.slots;
             self.batches
                 .retain(|b| slots.iter().any(|s| b.base <= s.offset && s.offset < b.next));
@@ -258,6 +263,15 @@ impl Window {
 
     /// Records counting toward `max_inflight`.
     fn inflight(&self, limits: &Limits, key_order: bool, now: i64) -> usize {
+        if !key_order && now >= self.delays_until {
+            // Nothing is delayed: every unfinished record counts.
+            debug_assert_eq!(self.unfinished, self.scan_inflight(limits, key_order, now));
+            return self.unfinished;
+        }
+        self.scan_inflight(limits, key_order, now)
+    }
+
+    fn scan_inflight(&self, limits: &Limits, key_order: bool, now: i64) -> usize {
         let mut per_key: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
         let mut count = 0;
         for s in &self.slots {
@@ -317,6 +331,10 @@ impl Window {
                     slot.reason = Some(d.reason.into_boxed_str());
                 }
             }
+            if !slot.state.done() {
+                self.unfinished += 1;
+            }
+            self.delays_until = self.delays_until.max(slot.not_before);
             self.slots.push_back(slot);
             added = true;
         }
@@ -338,7 +356,10 @@ impl Window {
         }
         self.start = match self.slots.front() {
             Some(s) => s.offset,
-            None => self.end.unwrap_or(self.start),
+            None => {
+                self.delays_until = 0;
+                self.end.unwrap_or(self.start)
+            }
         };
         while self.batches.front().is_some_and(|b| b.next <= self.start) {
             if let Some(b) = self.batches.pop_front() {
@@ -570,13 +591,18 @@ impl Window {
         let mut locked_until = 0;
         for s in self.slots.range_mut(from..to) {
             match kind {
-                AckKind::Accept => s.state = SlotState::Acknowledged,
+                AckKind::Accept => {
+                    s.state = SlotState::Acknowledged;
+                    self.unfinished -= 1;
+                }
                 AckKind::Reject { reason } => {
                     s.state = SlotState::DeadLettering;
                     s.reason = Some(format!("rejected: {reason}").into());
                 }
                 AckKind::Release { delay_ms } => {
-                    make_available(s, now + delay_ms.max(&0), max_deliveries, "released");
+                    let not_before = now + delay_ms.max(&0);
+                    make_available(s, not_before, max_deliveries, "released");
+                    self.delays_until = self.delays_until.max(not_before);
                 }
                 AckKind::Renew => {
                     s.locked_until = now + lock_ms;
@@ -607,17 +633,24 @@ impl Window {
     }
 
     /// Makes the acquired records `which` picks available again (or dead-letters them when
-    /// out of deliveries). Returns the offsets changed.
+    /// out of deliveries). Returns the offsets changed. Its pass over every slot also makes
+    /// the delay bound exact again (a long delay ended or taken would otherwise keep room
+    /// counts scanning).
     fn release_where(&mut self, which: impl Fn(&Slot) -> bool, max_deliveries: u32, why: &str) -> Vec<u64> {
         let mut changed = Vec::new();
         let mut first = None;
+        let mut delays_until = 0;
         for (i, s) in self.slots.iter_mut().enumerate() {
             if s.state == SlotState::Acquired && which(s) {
                 make_available(s, 0, max_deliveries, why);
                 changed.push(s.offset);
                 first = first.or(Some(i));
             }
+            if s.state == SlotState::Available {
+                delays_until = delays_until.max(s.not_before);
+            }
         }
+        self.delays_until = delays_until;
         if let Some(i) = first {
             self.available_at(i);
         }
@@ -642,6 +675,7 @@ impl Window {
         }
         s.state = SlotState::Archived;
         s.reason = None;
+        self.unfinished -= 1;
         self.dead_letters += 1;
         self.advance();
         true
@@ -649,6 +683,9 @@ impl Window {
 
     /// The earliest lock end or delay of the window after `now` (when to look again).
     pub fn next_due(&self, now: i64) -> Option<i64> {
+        if now >= self.delays_until {
+            return None;
+        }
         self.slots
             .iter()
             .filter_map(|s| match s.state {
@@ -684,50 +721,27 @@ impl Window {
         c
     }
 
-    /// An update for `changed` (and the start), with the next sequence.
-    pub fn update(&mut self, changed: &[u64]) -> SharePartitionValue {
-        self.sequence += 1;
-        let mut durable: Vec<(u64, Durable)> = changed
-            .iter()
-            .filter_map(|o| self.durable_at(*o).map(|d| (*o, d)))
-            .collect();
-        durable.sort_by_key(|(o, _)| *o);
-        SharePartitionValue {
-            sequence: self.sequence,
-            start_offset: self.start,
-            runs: runs(durable),
-            dead_letters: self.dead_letters,
-        }
-    }
-
-    /// The whole durable state, with the next sequence.
-    pub fn snapshot(&mut self) -> SharePartitionValue {
-        self.sequence += 1;
-        let mut durable: Vec<(u64, Durable)> = self
+    /// Whether the kept counts agree with the slots (the unfinished count exactly; the delay
+    /// bound at or past every available record's delay).
+    #[cfg(test)]
+    pub(super) fn counts_hold(&self) -> bool {
+        let unfinished = self.slots.iter().filter(|s| !s.state.done()).count();
+        let latest = self
             .slots
             .iter()
-            .filter_map(|s| {
-                let d = durable_of(s);
-                let default = d.state == DURABLE_AVAILABLE && d.deliveries == 0 && d.not_before == 0;
-                (!default).then_some((s.offset, d))
-            })
-            .collect();
-        durable.extend(self.pending.iter().map(|(o, d)| (*o, d.clone())));
-        durable.sort_by_key(|(o, _)| *o);
-        SharePartitionValue {
-            sequence: self.sequence,
-            start_offset: self.start,
-            runs: runs(durable),
-            dead_letters: self.dead_letters,
-        }
+            .filter(|s| s.state == SlotState::Available)
+            .map(|s| s.not_before)
+            .max()
+            .unwrap_or(0);
+        unfinished == self.unfinished && latest <= self.delays_until
     }
 
-    fn durable_at(&self, offset: u64) -> Option<Durable> {
-        match self.index_of(offset) {
-            Ok(i) => Some(durable_of(&self.slots[i])),
-            // Done and dropped from the front: the start says so.
-            Err(_) => None,
-        }
+    pub(super) fn slot_list(&self) -> &VecDeque<Slot> {
+        &self.slots
+    }
+
+    pub(super) fn pending_states(&self) -> &BTreeMap<u64, Durable> {
+        &self.pending
     }
 }
 

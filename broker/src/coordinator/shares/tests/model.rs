@@ -172,6 +172,16 @@ impl Model {
                 self.wrote(&archived);
             }
         }
+        let w = self.window();
+        assert!(
+            w.counts_hold(),
+            "the window's kept counts disagree with its slots after {op:?}"
+        );
+        assert_eq!(
+            w.next_due(now).is_some(),
+            w.slots().any(|s| s.state == SlotState::Available && s.not_before > now),
+            "next_due after {op:?}"
+        );
     }
 }
 
