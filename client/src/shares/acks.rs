@@ -226,18 +226,17 @@ pub(crate) fn coalesce(acks: &[AckRequest]) -> Vec<ShareAck> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use conveyor_proto::v1::ShareAckKind;
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::shares::delivery::Held;
+    use crate::shares::delivery::{Held, HeldRef};
 
     fn ack(partition: i32, offset: u64, token: u64, kind: AckKind) -> (AckRequest, oneshot::Receiver<Result<()>>) {
         let (tx, rx) = oneshot::channel();
         let request = AckRequest {
-            held: Arc::new(Held::new(partition, offset, token, 0, Instant::now())),
+            held: HeldRef::single(Held::new(partition, offset, token, 0, Instant::now())),
             kind,
             reply: Some(tx),
         };

@@ -51,6 +51,64 @@ impl Held {
     }
 }
 
+/// A delivery's [`Held`]: its own allocation, or one of a block allocated together for one
+/// answer's records of a partition (one allocation per block instead of one per record).
+/// A block lives while any of its deliveries or acknowledgements does, so only deliveries
+/// nothing watches share one: automatic renewal tells a dropped delivery by its own
+/// allocation going.
+#[derive(Debug, Clone)]
+pub(crate) struct HeldRef {
+    block: Arc<[Held]>,
+    index: usize,
+}
+
+impl HeldRef {
+    pub(crate) fn single(held: Held) -> HeldRef {
+        HeldRef {
+            block: Arc::from([held]),
+            index: 0,
+        }
+    }
+
+    /// The `index`th of `block`; `None` past its end.
+    pub(crate) fn in_block(block: &Arc<[Held]>, index: usize) -> Option<HeldRef> {
+        (index < block.len()).then(|| HeldRef {
+            block: Arc::clone(block),
+            index,
+        })
+    }
+
+    /// A reference that does not keep the record's state alive.
+    pub(crate) fn downgrade(&self) -> WeakHeld {
+        WeakHeld {
+            block: Arc::downgrade(&self.block),
+            index: self.index,
+        }
+    }
+}
+
+impl std::ops::Deref for HeldRef {
+    type Target = Held;
+
+    fn deref(&self) -> &Held {
+        // In bounds: built only by `single` and `in_block`, which check it.
+        &self.block[self.index]
+    }
+}
+
+/// A [`HeldRef`] that does not keep its record's state alive.
+#[derive(Debug)]
+pub(crate) struct WeakHeld {
+    block: std::sync::Weak<[Held]>,
+    index: usize,
+}
+
+impl WeakHeld {
+    pub(crate) fn upgrade(&self) -> Option<HeldRef> {
+        HeldRef::in_block(&self.block.upgrade()?, self.index)
+    }
+}
+
 /// What an acknowledgement does (the wire's `ShareAckKind`, with its arguments).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum AckKind {
@@ -76,7 +134,7 @@ impl AckKind {
 /// One acknowledgement on its way to the background task.
 #[derive(Debug)]
 pub(crate) struct AckRequest {
-    pub(crate) held: Arc<Held>,
+    pub(crate) held: HeldRef,
     pub(crate) kind: AckKind,
     /// Told the outcome; none for automatic renewals and for the gaps the client
     /// acknowledges itself.
@@ -94,7 +152,7 @@ pub(crate) struct AckRequest {
 pub struct Delivery {
     pub(crate) record: ConsumerRecord,
     pub(crate) delivery_count: u32,
-    pub(crate) held: Arc<Held>,
+    pub(crate) held: HeldRef,
     pub(crate) acks: mpsc::Sender<AckRequest>,
 }
 
@@ -169,7 +227,7 @@ impl Delivery {
         if !self.held.settled.load(Ordering::Acquire) {
             self.held.renewing.store(true, Ordering::Release);
         }
-        let answer = send(&self.acks, Arc::clone(&self.held), AckKind::Renew).await;
+        let answer = send(&self.acks, self.held.clone(), AckKind::Renew).await;
         self.held.renewing.store(false, Ordering::Release);
         answer
     }
@@ -181,7 +239,7 @@ impl Delivery {
 }
 
 /// Queues one acknowledgement and waits for the broker's answer.
-async fn send(acks: &mpsc::Sender<AckRequest>, held: Arc<Held>, kind: AckKind) -> Result<()> {
+async fn send(acks: &mpsc::Sender<AckRequest>, held: HeldRef, kind: AckKind) -> Result<()> {
     let (reply, answer) = oneshot::channel();
     queue(acks, held, kind, Some(reply)).await?;
     answer.await.map_err(|_| ClientError::Closed)?
@@ -190,7 +248,7 @@ async fn send(acks: &mpsc::Sender<AckRequest>, held: Arc<Held>, kind: AckKind) -
 /// Queues one acknowledgement (waiting only while the bounded queue is full).
 async fn queue(
     acks: &mpsc::Sender<AckRequest>,
-    held: Arc<Held>,
+    held: HeldRef,
     kind: AckKind,
     reply: Option<oneshot::Sender<Result<()>>>,
 ) -> Result<()> {

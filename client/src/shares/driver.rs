@@ -16,8 +16,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use conveyor_proto::v1::{
@@ -30,7 +30,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::ShareConfig;
 use super::acks::PendingAcks;
-use super::delivery::{AckKind, AckRequest, Delivery, Held};
+use super::delivery::{AckKind, AckRequest, Delivery, WeakHeld};
 use super::fetch;
 use crate::Client;
 use crate::error::{ClientError, Result};
@@ -97,7 +97,7 @@ struct State {
     fetch: Option<FetchCall>,
     acking: FuturesUnordered<AckCall>,
     /// Deliveries that automatic renewal watches (with `auto_renew`).
-    held: Vec<Weak<Held>>,
+    held: Vec<WeakHeld>,
     /// No fetch before this (after a failure).
     not_before: Option<tokio::time::Instant>,
     backoff: Duration,
@@ -269,7 +269,9 @@ impl Driver {
         } else {
             conveyor_storage::unix_millis() + self.lock_duration().as_millis() as i64
         };
-        let decoded = fetch::decode(&self.topic, response.partitions, locked_until_ms, &self.acks_tx);
+        // Deliveries share blocks of lock states unless automatic renewal watches each.
+        let shared = self.config.auto_renew.is_none();
+        let decoded = fetch::decode(&self.topic, response.partitions, locked_until_ms, &self.acks_tx, shared);
         for gap in decoded.gaps {
             s.pending.push(gap);
         }
@@ -282,8 +284,7 @@ impl Driver {
             return;
         }
         if self.config.auto_renew.is_some() {
-            s.held
-                .extend(decoded.deliveries.iter().map(|d| Arc::downgrade(&d.held)));
+            s.held.extend(decoded.deliveries.iter().map(|d| d.held.downgrade()));
         }
         self.buffered
             .count

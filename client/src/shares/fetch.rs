@@ -21,7 +21,7 @@ use conveyor_proto::v1::{AcquiredRange, SharePartitionData};
 use conveyor_storage::batch::BatchIter;
 use tokio::sync::mpsc;
 
-use super::delivery::{AckKind, AckRequest, Delivery, Held};
+use super::delivery::{AckKind, AckRequest, Delivery, Held, HeldRef};
 use crate::consumer::decode::{Chunk, Decoder};
 use crate::error::ClientError;
 
@@ -34,13 +34,18 @@ pub(crate) struct Decoded {
     pub(crate) errors: Vec<ClientError>,
 }
 
+/// Most acquired offsets of one partition whose lock states are allocated as one block.
+const MAX_BLOCK: u64 = 1 << 16;
+
 /// Decodes the partitions of one answer. `locked_until_ms` is the answer's lock end;
-/// acknowledgements of the deliveries go to `acks`.
+/// acknowledgements of the deliveries go to `acks`. With `shared`, each partition's lock
+/// states are allocated as one block (see [`HeldRef`]).
 pub(crate) fn decode(
     topic: &Arc<str>,
     partitions: Vec<SharePartitionData>,
     locked_until_ms: i64,
     acks: &mpsc::Sender<AckRequest>,
+    shared: bool,
 ) -> Decoded {
     // Room for every acquired record at once (a fetch asks for at most 10,000).
     let acquired: u64 = partitions
@@ -60,9 +65,29 @@ pub(crate) fn decode(
         }
         ranges.sort_by_key(|r| r.first_offset);
         let partition = data.partition;
-        let held = |offset: u64, token: u64| Arc::new(Held::new(partition, offset, token, locked_until_ms, fetched_at));
-        let gap = |offset: u64, token: u64, kind: AckKind| AckRequest {
-            held: held(offset, token),
+        // Where each range's offsets start in the partition's block, if it has one.
+        let mut starts = Vec::with_capacity(ranges.len());
+        let mut total = 0u64;
+        for r in &ranges {
+            starts.push(total as usize);
+            total = total.saturating_add(r.last_offset.saturating_sub(r.first_offset).saturating_add(1));
+        }
+        let new_held = |offset: u64, token: u64| Held::new(partition, offset, token, locked_until_ms, fetched_at);
+        let block: Option<Arc<[Held]>> = (shared && total <= MAX_BLOCK).then(|| {
+            ranges
+                .iter()
+                .flat_map(|r| (r.first_offset..=r.last_offset).map(|o| new_held(o, r.token)))
+                .collect()
+        });
+        let held = |range: usize, offset: u64| {
+            let r = &ranges[range];
+            block
+                .as_ref()
+                .and_then(|b| HeldRef::in_block(b, starts[range] + (offset - r.first_offset) as usize))
+                .unwrap_or_else(|| HeldRef::single(new_held(offset, r.token)))
+        };
+        let gap = |range: usize, offset: u64, kind: AckKind| AckRequest {
+            held: held(range, offset),
             kind,
             reply: None,
         };
@@ -71,11 +96,11 @@ pub(crate) fn decode(
         let mark = decoded.deliveries.len();
         let mut delivered: Vec<u64> = Vec::new();
         let read = check(topic, partition, &data.batches).and_then(|spans| {
-            records_of(topic, partition, &data.batches, &ranges, |record, range| {
+            records_of(topic, partition, &data.batches, &ranges, |record, i| {
                 delivered.push(record.offset);
                 decoded.deliveries.push(Delivery {
-                    held: held(record.offset, range.token),
-                    delivery_count: range.delivery_count,
+                    held: held(i, record.offset),
+                    delivery_count: ranges[i].delivery_count,
                     record,
                     acks: acks.clone(),
                 });
@@ -86,17 +111,17 @@ pub(crate) fn decode(
             Ok(spans) => spans,
             Err(e) => {
                 decoded.deliveries.truncate(mark);
-                for r in &ranges {
+                for (i, r) in ranges.iter().enumerate() {
                     decoded
                         .gaps
-                        .extend((r.first_offset..=r.last_offset).map(|o| gap(o, r.token, AckKind::Release(0))));
+                        .extend((r.first_offset..=r.last_offset).map(|o| gap(i, o, AckKind::Release(0))));
                 }
                 decoded.errors.push(e);
                 continue;
             }
         };
         let mut delivered = delivered.into_iter().peekable();
-        for r in &ranges {
+        for (i, r) in ranges.iter().enumerate() {
             for offset in r.first_offset..=r.last_offset {
                 while delivered.next_if(|&d| d < offset).is_some() {}
                 if delivered.next_if_eq(&offset).is_some() {
@@ -108,7 +133,7 @@ pub(crate) fn decode(
                 } else {
                     AckKind::Release(0)
                 };
-                decoded.gaps.push(gap(offset, r.token, kind));
+                decoded.gaps.push(gap(i, offset, kind));
             }
         }
     }
@@ -134,14 +159,14 @@ fn check(topic: &Arc<str>, partition: i32, batches: &Bytes) -> Result<Vec<(u64, 
     Ok(spans)
 }
 
-/// Calls `each` with the records of `batches` inside `ranges` (sorted), each with its
-/// range, in offset order.
+/// Calls `each` with the records of `batches` inside `ranges` (sorted), each with the index
+/// of its range, in offset order.
 fn records_of(
     topic: &Arc<str>,
     partition: i32,
     batches: &Bytes,
     ranges: &[AcquiredRange],
-    mut each: impl FnMut(crate::ConsumerRecord, &AcquiredRange),
+    mut each: impl FnMut(crate::ConsumerRecord, usize),
 ) -> Result<(), ClientError> {
     let mut decoder = Decoder::default();
     decoder.push(vec![Chunk {
@@ -167,7 +192,7 @@ fn records_of(
             break;
         }
         if ranges[i].first_offset <= offset {
-            each(record, &ranges[i]);
+            each(record, i);
         }
     }
     Ok(())
@@ -191,22 +216,37 @@ mod tests {
     fn only_acquired_records_are_delivered_and_acquired_offsets_past_the_batches_are_released() {
         let (tx, _rx) = mpsc::channel(1);
         let topic: Arc<str> = Arc::from("orders");
-        let data = SharePartitionData {
-            partition: 1,
-            batches: batches(0, 10, 4),
-            acquired: vec![range(7, 11, 9), range(2, 3, 8)],
-        };
-        let decoded = decode(&topic, vec![data], 1_000, &tx);
-        let got: Vec<(u64, u64)> = decoded
-            .deliveries
-            .iter()
-            .map(|d| (d.record.offset, d.held.token))
-            .collect();
-        assert_eq!(got, [(2, 8), (3, 8), (7, 9), (8, 9), (9, 9)]);
-        assert_eq!(decoded.deliveries[0].record.value.as_deref(), Some(&b"v2"[..]));
-        let gaps: Vec<(u64, AckKind)> = decoded.gaps.iter().map(|g| (g.held.offset, g.kind.clone())).collect();
-        assert_eq!(gaps, [(10, AckKind::Release(0)), (11, AckKind::Release(0))]);
-        assert!(decoded.errors.is_empty());
+        // Lock states in blocks and one by one must come out alike.
+        for shared in [true, false] {
+            let data = SharePartitionData {
+                partition: 1,
+                batches: batches(0, 10, 4),
+                acquired: vec![range(7, 11, 9), range(2, 3, 8)],
+            };
+            let decoded = decode(&topic, vec![data], 1_000, &tx, shared);
+            let got: Vec<(u64, u64, u64)> = decoded
+                .deliveries
+                .iter()
+                .map(|d| (d.record.offset, d.held.offset, d.held.token))
+                .collect();
+            assert_eq!(
+                got,
+                [(2, 2, 8), (3, 3, 8), (7, 7, 9), (8, 8, 9), (9, 9, 9)],
+                "shared {shared}"
+            );
+            assert_eq!(decoded.deliveries[0].record.value.as_deref(), Some(&b"v2"[..]));
+            let gaps: Vec<(u64, u64, AckKind)> = decoded
+                .gaps
+                .iter()
+                .map(|g| (g.held.offset, g.held.token, g.kind.clone()))
+                .collect();
+            assert_eq!(
+                gaps,
+                [(10, 9, AckKind::Release(0)), (11, 9, AckKind::Release(0))],
+                "shared {shared}"
+            );
+            assert!(decoded.errors.is_empty());
+        }
     }
 
     #[test]
@@ -221,7 +261,7 @@ mod tests {
             batches: Bytes::from(bytes),
             acquired: vec![range(0, 3, 1)],
         };
-        let decoded = decode(&topic, vec![data], 1_000, &tx);
+        let decoded = decode(&topic, vec![data], 1_000, &tx, true);
         assert!(decoded.deliveries.is_empty());
         assert_eq!(decoded.gaps.len(), 4);
         assert!(decoded.gaps.iter().all(|g| g.kind == AckKind::Release(0)));
