@@ -56,7 +56,7 @@ impl Held {
 /// A block lives while any of its deliveries or acknowledgements does, so only deliveries
 /// nothing watches share one: automatic renewal tells a dropped delivery by its own
 /// allocation going.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct HeldRef {
     block: Arc<[Held]>,
     index: usize,
@@ -84,6 +84,13 @@ impl HeldRef {
             block: Arc::downgrade(&self.block),
             index: self.index,
         }
+    }
+}
+
+impl fmt::Debug for HeldRef {
+    // Its own record's state only, not the whole block.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
     }
 }
 

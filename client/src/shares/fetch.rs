@@ -70,7 +70,12 @@ pub(crate) fn decode(
         let mut total = 0u64;
         for r in &ranges {
             starts.push(total as usize);
-            total = total.saturating_add(r.last_offset.saturating_sub(r.first_offset).saturating_add(1));
+            // As many places as the range's offsets: none for a range ending before it starts.
+            let len = r
+                .last_offset
+                .checked_sub(r.first_offset)
+                .map_or(0, |d| d.saturating_add(1));
+            total = total.saturating_add(len);
         }
         let new_held = |offset: u64, token: u64| Held::new(partition, offset, token, locked_until_ms, fetched_at);
         let block: Option<Arc<[Held]>> = (shared && total <= MAX_BLOCK).then(|| {
@@ -84,6 +89,8 @@ pub(crate) fn decode(
             block
                 .as_ref()
                 .and_then(|b| HeldRef::in_block(b, starts[range] + (offset - r.first_offset) as usize))
+                // The place must hold this very record's state (whatever the answer's ranges).
+                .filter(|h| h.offset == offset && h.token == r.token)
                 .unwrap_or_else(|| HeldRef::single(new_held(offset, r.token)))
         };
         let gap = |range: usize, offset: u64, kind: AckKind| AckRequest {
@@ -247,6 +254,25 @@ mod tests {
             );
             assert!(decoded.errors.is_empty());
         }
+    }
+
+    #[test]
+    fn an_empty_range_in_an_answer_moves_no_other_delivery_onto_another_records_lock_state() {
+        let (tx, _rx) = mpsc::channel(1);
+        let topic: Arc<str> = Arc::from("orders");
+        let data = SharePartitionData {
+            partition: 0,
+            batches: batches(0, 10, 4),
+            // A range whose last offset is before its first names no record.
+            acquired: vec![range(5, 3, 7), range(6, 8, 9)],
+        };
+        let decoded = decode(&topic, vec![data], 1_000, &tx, true);
+        let got: Vec<(u64, u64, u64)> = decoded
+            .deliveries
+            .iter()
+            .map(|d| (d.record.offset, d.held.offset, d.held.token))
+            .collect();
+        assert_eq!(got, [(6, 6, 9), (7, 7, 9), (8, 8, 9)]);
     }
 
     #[test]

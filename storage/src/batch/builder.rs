@@ -208,7 +208,10 @@ pub fn unix_millis_coarse() -> i64 {
     if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } != 0 {
         return unix_millis();
     }
-    ts.tv_sec.saturating_mul(1000).saturating_add(ts.tv_nsec / 1_000_000)
+    #[allow(clippy::useless_conversion)] // `time_t` is 32 bits on some Linux targets.
+    i64::from(ts.tv_sec)
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.tv_nsec) / 1_000_000)
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -635,11 +635,11 @@ impl Window {
     /// Makes the acquired records `which` picks available again (or dead-letters them when
     /// out of deliveries). Returns the offsets changed. Its pass over every slot also makes
     /// the delay bound exact again (a long delay ended or taken would otherwise keep room
-    /// counts scanning).
+    /// counts scanning) and counts the unfinished records anew.
     fn release_where(&mut self, which: impl Fn(&Slot) -> bool, max_deliveries: u32, why: &str) -> Vec<u64> {
         let mut changed = Vec::new();
         let mut first = None;
-        let mut delays_until = 0;
+        let (mut delays_until, mut unfinished) = (0, 0);
         for (i, s) in self.slots.iter_mut().enumerate() {
             if s.state == SlotState::Acquired && which(s) {
                 make_available(s, 0, max_deliveries, why);
@@ -649,8 +649,12 @@ impl Window {
             if s.state == SlotState::Available {
                 delays_until = delays_until.max(s.not_before);
             }
+            if !s.state.done() {
+                unfinished += 1;
+            }
         }
-        self.delays_until = delays_until;
+        debug_assert_eq!(self.unfinished, unfinished);
+        (self.delays_until, self.unfinished) = (delays_until, unfinished);
         if let Some(i) = first {
             self.available_at(i);
         }

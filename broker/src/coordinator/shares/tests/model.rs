@@ -218,6 +218,10 @@ fn compacted(log: &[Change]) -> Vec<&Change> {
 fn check_same_durable(live: &Window, replayed: &Window, now: i64) -> Result<(), TestCaseError> {
     prop_assert_eq!(live.start, replayed.start, "start");
     prop_assert_eq!(live.end, replayed.end, "end");
+    prop_assert!(
+        replayed.counts_hold(),
+        "the replayed window's kept counts disagree with its slots"
+    );
     let due = |t: i64| if t > now { t } else { 0 };
     let theirs: Vec<_> = replayed.slots().collect();
     prop_assert_eq!(live.slots().count(), theirs.len(), "slots");
