@@ -529,6 +529,36 @@ fn has_room_counts_inflight_records_with_a_per_key_cap_and_bounds_span_and_bytes
     assert!(!bytes.has_room(&small, false, 0));
 }
 
+#[test]
+fn records_left_behind_by_retention_leave_only_those_waiting_for_their_dead_letter_counted() {
+    let limits = Limits {
+        max_inflight: 2,
+        per_key: 1,
+        max_span: 100,
+        max_bytes: 1 << 20,
+    };
+    let mut w = window_of(&[&[PLAIN; 4]]);
+    let mut tokens = Tokens(0);
+    let got = acquire(&mut w, &mut tokens, 1, 4, false, 0);
+    let second = Acquired {
+        first: 1,
+        last: 1,
+        count: 1,
+        ..got[0]
+    };
+    let reason = AckKind::Reject { reason: "bad".into() };
+    assert_eq!(ack(&mut w, 1, &second, reason, 0), Ok(vec![1]));
+    assert!(
+        !w.has_room(&limits, false, 0),
+        "four unfinished records fill a window of two"
+    );
+    // The log's start moved past the window: only the record waiting for its dead letter stays.
+    w.skip_to(10);
+    assert!(w.counts_hold());
+    assert_eq!(w.slots().map(|s| s.offset).collect::<Vec<_>>(), [1]);
+    assert_eq!(w.room(&limits, false, 0), 1, "one of two in flight");
+}
+
 // ----- The durability round trip -----
 
 mod model;
