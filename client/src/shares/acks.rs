@@ -40,6 +40,19 @@ impl PendingAcks {
         self.queue.push(ack);
     }
 
+    pub(crate) fn extend(&mut self, acks: impl Iterator<Item = AckRequest>) {
+        let before = self.queue.len();
+        self.queue.extend(acks);
+        if self.queue.len() > before {
+            self.since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// How many more it may take.
+    pub(crate) fn room(&self) -> usize {
+        MAX_PENDING.saturating_sub(self.queue.len())
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -98,6 +111,10 @@ pub(crate) struct AckBatch {
 }
 
 impl AckBatch {
+    #[cfg(test)]
+    pub(crate) fn requests(&self) -> impl Iterator<Item = &AckRequest> {
+        self.requests.iter()
+    }
     /// Tells each caller the result of the range holding its record; `topic` names it in
     /// refusals.
     pub(crate) fn resolve(self, results: &[ShareAckResult], topic: &str) {

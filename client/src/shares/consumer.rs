@@ -18,6 +18,7 @@ use conveyor_proto::v1::{ShareGroupSettings, ShareJoinRequest, ShareSessionEvent
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::ack_queue::AckQueue;
 use super::delivery::Delivery;
 use super::driver::{Buffered, Driver, Fetched};
 use super::{ShareConfig, session};
@@ -86,7 +87,7 @@ impl ShareConsumer {
         let (events, session) = watch::channel(first);
         let (stop_session, stopped) = oneshot::channel();
         let session_task = tokio::spawn(session::hold(client.clone(), request.clone(), stream, events, stopped));
-        let (acks_tx, acks_rx) = mpsc::channel(config.ack_queue);
+        let acks = Arc::new(AckQueue::new(config.ack_queue));
         let (out, rx) = mpsc::channel(config.prefetch + ERROR_ROOM);
         let buffered = Arc::new(Buffered::default());
         let (close_driver, close) = oneshot::channel();
@@ -96,8 +97,7 @@ impl ShareConsumer {
             member_id: request.member_id.clone(),
             topic,
             config,
-            acks_tx,
-            acks_rx,
+            acks,
             out,
             buffered: Arc::clone(&buffered),
             session: session.clone(),

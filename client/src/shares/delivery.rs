@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use conveyor_proto::v1::ShareAckKind;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+use super::ack_queue::{AckQueue, NotQueued};
 
 use crate::ConsumerRecord;
 use crate::error::{ClientError, Result};
@@ -160,7 +162,7 @@ pub struct Delivery {
     pub(crate) record: ConsumerRecord,
     pub(crate) delivery_count: u32,
     pub(crate) held: HeldRef,
-    pub(crate) acks: mpsc::Sender<AckRequest>,
+    pub(crate) acks: Arc<AckQueue>,
 }
 
 impl fmt::Debug for Delivery {
@@ -209,9 +211,28 @@ impl Delivery {
     /// refusal is not reported (the record is then delivered again: at least once), and
     /// `ShareConsumer::close` sends whatever is still queued. For workers that do not act on
     /// a refusal, it saves the answer's bookkeeping per record.
-    pub async fn accept_unconfirmed(self) -> Result<()> {
+    ///
+    /// The acknowledgement is queued when this is called, if the queue has room: the
+    /// future waits only for room, and the record is dropped at once.
+    pub fn accept_unconfirmed(self) -> impl Future<Output = Result<()>> + Send + 'static {
         self.held.settled.store(true, Ordering::Release);
-        queue(&self.acks, self.held, AckKind::Accept, None).await
+        let Delivery { held, acks, .. } = self;
+        let ack = AckRequest {
+            held,
+            kind: AckKind::Accept,
+            reply: None,
+        };
+        let waiting = match acks.try_push(ack) {
+            Ok(()) => Ok(None),
+            Err(NotQueued::Full(ack)) => Ok(Some((acks, ack))),
+            Err(NotQueued::Closed) => Err(ClientError::Closed),
+        };
+        async move {
+            match waiting? {
+                None => Ok(()),
+                Some((acks, ack)) => acks.push(ack).await,
+            }
+        }
     }
 
     /// Gives the record back: available to any member again after `delay` (at once for
@@ -245,21 +266,15 @@ impl Delivery {
     }
 }
 
-/// Queues one acknowledgement and waits for the broker's answer.
-async fn send(acks: &mpsc::Sender<AckRequest>, held: HeldRef, kind: AckKind) -> Result<()> {
+/// Queues one acknowledgement (waiting only while the bounded queue is full) and waits for
+/// the broker's answer.
+async fn send(acks: &AckQueue, held: HeldRef, kind: AckKind) -> Result<()> {
     let (reply, answer) = oneshot::channel();
-    queue(acks, held, kind, Some(reply)).await?;
+    acks.push(AckRequest {
+        held,
+        kind,
+        reply: Some(reply),
+    })
+    .await?;
     answer.await.map_err(|_| ClientError::Closed)?
-}
-
-/// Queues one acknowledgement (waiting only while the bounded queue is full).
-async fn queue(
-    acks: &mpsc::Sender<AckRequest>,
-    held: HeldRef,
-    kind: AckKind,
-    reply: Option<oneshot::Sender<Result<()>>>,
-) -> Result<()> {
-    acks.send(AckRequest { held, kind, reply })
-        .await
-        .map_err(|_| ClientError::Closed)
 }

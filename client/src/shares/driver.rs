@@ -29,6 +29,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::ShareConfig;
+use super::ack_queue::{AckQueue, CloseOnDrop};
 use super::acks::PendingAcks;
 use super::delivery::{AckKind, AckRequest, Delivery, WeakHeld};
 use super::fetch;
@@ -38,8 +39,6 @@ use crate::groups::coordinator::{self, GroupKind};
 
 /// `Acknowledge` calls in flight at once.
 const MAX_ACK_CALLS: usize = 4;
-/// Acknowledgements taken off the queue in one step of the loop.
-const ACKS_PER_STEP: usize = 4096;
 /// How long an `Acknowledge` call may take.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much longer than its `max_wait` a fetch may take before it counts as lost.
@@ -84,8 +83,7 @@ pub(crate) struct Driver {
     pub(crate) member_id: String,
     pub(crate) topic: Arc<str>,
     pub(crate) config: ShareConfig,
-    pub(crate) acks_tx: mpsc::Sender<AckRequest>,
-    pub(crate) acks_rx: mpsc::Receiver<AckRequest>,
+    pub(crate) acks: Arc<AckQueue>,
     pub(crate) out: mpsc::Sender<Fetched>,
     pub(crate) buffered: Arc<Buffered>,
     pub(crate) session: watch::Receiver<ShareSessionEvent>,
@@ -108,7 +106,7 @@ struct State {
 impl Driver {
     /// Runs until `close` fires (or its sender is dropped) and everything is flushed, or a
     /// fetch fails for good.
-    pub(crate) async fn run(mut self, mut close: oneshot::Receiver<()>) {
+    pub(crate) async fn run(self, mut close: oneshot::Receiver<()>) {
         let mut s = State {
             pending: PendingAcks::default(),
             fetch: None,
@@ -118,18 +116,21 @@ impl Driver {
             backoff: FETCH_BACKOFF,
             closing: false,
         };
+        // However the task ends (aborted with its consumer included), deliveries' later
+        // acknowledgements fail with `Closed` and queued ones are answered so.
+        let _close = CloseOnDrop(Arc::clone(&self.acks));
         let mut renew = tokio::time::interval(self.renew_period());
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Whatever deliveries queued joins the pending acknowledgements in one step, so
+            // one request carries it.
+            self.acks.take_into(&mut s.pending);
             self.start_fetch(&mut s);
             if self.start_ack(&mut s) {
                 continue;
             }
             if s.closing && s.fetch.is_none() && s.acking.is_empty() {
-                while let Ok(ack) = self.acks_rx.try_recv() {
-                    s.pending.push(ack);
-                }
-                if s.pending.is_empty() {
+                if s.pending.is_empty() && self.acks.is_empty() {
                     break;
                 }
                 continue;
@@ -141,19 +142,8 @@ impl Driver {
             let waiting_for_room = s.fetch.is_none() && !s.closing;
             tokio::select! {
                 _ = &mut close, if !s.closing => s.closing = true,
-                Some(ack) = self.acks_rx.recv(), if !s.pending.is_full() => {
-                    s.pending.push(ack);
-                    // Whatever else is queued joins it in one step, so one request carries it.
-                    for _ in 0..ACKS_PER_STEP {
-                        if s.pending.is_full() {
-                            break;
-                        }
-                        match self.acks_rx.try_recv() {
-                            Ok(ack) => s.pending.push(ack),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                // Taken at the top of the loop.
+                () = self.acks.arrived(), if !s.pending.is_full() => {}
                 Some(answer) = OptionFuture::from(s.fetch.as_mut()), if s.fetch.is_some() => {
                     s.fetch = None;
                     self.fetched(&mut s, answer);
@@ -271,7 +261,7 @@ impl Driver {
         };
         // Deliveries share blocks of lock states unless automatic renewal watches each.
         let shared = self.config.auto_renew.is_none();
-        let decoded = fetch::decode(&self.topic, response.partitions, locked_until_ms, &self.acks_tx, shared);
+        let decoded = fetch::decode(&self.topic, response.partitions, locked_until_ms, &self.acks, shared);
         for gap in decoded.gaps {
             s.pending.push(gap);
         }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use conveyor_proto::v1::{AcquiredRange, SharePartitionData};
 use conveyor_storage::batch::BatchIter;
-use tokio::sync::mpsc;
 
+use super::ack_queue::AckQueue;
 use super::delivery::{AckKind, AckRequest, Delivery, Held, HeldRef};
 use crate::consumer::decode::{Chunk, Decoder};
 use crate::error::ClientError;
@@ -44,7 +44,7 @@ pub(crate) fn decode(
     topic: &Arc<str>,
     partitions: Vec<SharePartitionData>,
     locked_until_ms: i64,
-    acks: &mpsc::Sender<AckRequest>,
+    acks: &Arc<AckQueue>,
     shared: bool,
 ) -> Decoded {
     // Room for every acquired record at once (a fetch asks for at most 10,000).
@@ -109,7 +109,7 @@ pub(crate) fn decode(
                     held: held(i, record.offset),
                     delivery_count: ranges[i].delivery_count,
                     record,
-                    acks: acks.clone(),
+                    acks: Arc::clone(acks),
                 });
             })?;
             Ok(spans)
@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn only_acquired_records_are_delivered_and_acquired_offsets_past_the_batches_are_released() {
-        let (tx, _rx) = mpsc::channel(1);
+        let tx = Arc::new(AckQueue::new(1));
         let topic: Arc<str> = Arc::from("orders");
         // Lock states in blocks and one by one must come out alike.
         for shared in [true, false] {
@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn an_empty_range_in_an_answer_moves_no_other_delivery_onto_another_records_lock_state() {
-        let (tx, _rx) = mpsc::channel(1);
+        let tx = Arc::new(AckQueue::new(1));
         let topic: Arc<str> = Arc::from("orders");
         let data = SharePartitionData {
             partition: 0,
@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn a_batch_failing_its_crc_delivers_nothing_of_its_partition_and_releases_what_was_acquired() {
-        let (tx, _rx) = mpsc::channel(1);
+        let tx = Arc::new(AckQueue::new(1));
         let topic: Arc<str> = Arc::from("orders");
         let mut bytes = batches(0, 4, 4).to_vec();
         let last = bytes.len() - 1;

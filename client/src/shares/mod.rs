@@ -12,6 +12,7 @@
 //! - `session.rs`: the `Join` stream that holds the member's session, rejoined when lost.
 //! - `driver.rs`: the background task: fetches, batched acknowledgements, lock renewal.
 //! - `fetch.rs`: a fetch answer into deliveries (only the acquired records).
+//! - `ack_queue.rs`: the bounded queue of acknowledgements from deliveries to the driver.
 //! - `acks.rs`: acknowledgements coalesced into ranges, and their results matched back.
 //! - `admin.rs`: [`ShareGroups`]: list, describe, purge or redrive dead letters, delete.
 //!
@@ -48,6 +49,7 @@
 //! tasks' acknowledgements, if any). To go faster, acknowledge from spawned tasks or
 //! collect the acknowledgement futures and await them together: they go out batched.
 
+mod ack_queue;
 mod acks;
 mod admin;
 mod config;
