@@ -65,7 +65,7 @@ pub use builder::restamp_producer;
 pub use builder::{unix_millis, unix_millis_coarse};
 pub use compact::{Judged, PlainBatch, Rewritten, rewrite_batch};
 pub use compression::Compression;
-pub use records::{Header, Record, RecordIter, StoredRecord};
+pub use records::{Header, Record, RecordIter, RecordRef, StoredRecord};
 pub use validate::{ValidatedBatch, validate, validate_within};
 
 use bytes::Bytes;
@@ -302,6 +302,14 @@ impl RecordBatch {
         RecordIter::new(&self.header, &self.bytes, max_uncompressed_bytes)
     }
 
+    /// Calls `visit` with each record, borrowed (decompressing first when needed, to at most
+    /// the default bound): for readers that look at a few fields of every record and keep
+    /// none. Stops with an error at a malformed record.
+    pub fn for_each_record(&self, visit: impl FnMut(RecordRef<'_>)) -> Result<(), BatchError> {
+        let section = records::plain_section(&self.header, &self.bytes, compression::MAX_UNCOMPRESSED_BYTES)?;
+        records::for_each_ref(&self.header, &section, visit)
+    }
+
     /// Checks the CRC, which covers everything after the CRC field: bytes altered on disk
     /// or in transit since the producer built the batch fail it.
     pub fn verify_crc(&self) -> Result<(), BatchError> {
@@ -403,9 +411,49 @@ mod tests {
         }
         if let Ok(batch) = RecordBatch::parse(Bytes::copy_from_slice(buf)) {
             let _ = batch.verify_crc();
-            decoded += batch.records().map_or(0, |r| r.flatten().count());
+            let owned = batch.records().map_or(0, |r| r.flatten().count());
+            // The borrowed walk sees the same records up to the same first malformed one.
+            let mut borrowed = 0;
+            let _ = batch.for_each_record(|r| {
+                let _ = r.header(b"h");
+                borrowed += 1;
+            });
+            assert_eq!(borrowed, owned, "records seen borrowed and decoded");
+            decoded += owned;
         }
         decoded
+    }
+
+    #[test]
+    fn a_borrowed_walk_sees_each_records_offset_timestamp_key_and_headers_as_decoding_does() {
+        for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let mut bytes = sample(codec);
+            stamp(&mut bytes, 100, 1, 1);
+            let batch = RecordBatch::parse(Bytes::from(bytes)).expect("parse");
+            let decoded: Vec<_> = batch
+                .records()
+                .expect("records")
+                .map(|r| {
+                    let r = r.expect("record");
+                    let h = r.headers[0].value.clone().map(|v| v.to_vec());
+                    (r.offset, r.timestamp, r.key.map(|k| k.to_vec()), h)
+                })
+                .collect();
+            let mut borrowed = Vec::new();
+            batch
+                .for_each_record(|r| {
+                    borrowed.push((
+                        r.offset,
+                        r.timestamp,
+                        r.key.map(<[u8]>::to_vec),
+                        r.header(b"h").map(<[u8]>::to_vec),
+                    ));
+                    assert_eq!(r.header(b"missing"), None);
+                })
+                .expect("walk");
+            assert_eq!(borrowed, decoded, "{codec:?}");
+            assert_eq!(borrowed[3].0, 103);
+        }
     }
 
     #[test]

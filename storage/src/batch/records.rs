@@ -205,6 +205,67 @@ pub(crate) fn for_each_view(
     Ok(())
 }
 
+/// One record of a batch, borrowed from its records section: what a reader needs to judge
+/// it (offset, timestamp, key, a header) without decoding it into owned fields.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub offset: u64,
+    pub timestamp: i64,
+    pub key: Option<&'a [u8]>,
+    section: &'a [u8],
+    headers_at: usize,
+    header_count: u64,
+    end: usize,
+}
+
+impl<'a> RecordRef<'a> {
+    /// The value of the first header named `key` (`None` also for a header with a null value).
+    pub fn header(&self, key: &[u8]) -> Option<&'a [u8]> {
+        let mut pos = self.headers_at;
+        // The record was checked whole by `parse_raw`: every length stays inside it.
+        for _ in 0..self.header_count {
+            let key_len = varint::get_u64(&self.section[..self.end], &mut pos)? as usize;
+            let name = self.section.get(pos..pos + key_len)?;
+            pos += key_len;
+            let value = nullable_field(self.section, &mut pos, self.end, 0).ok()?;
+            if name == key {
+                return value.map(|(at, len)| &self.section[at..at + len]);
+            }
+        }
+        None
+    }
+}
+
+/// Calls `visit` with each record of the plain records section of the batch `header` heads,
+/// borrowed, without allocating. Stops with an error at a malformed record.
+pub(crate) fn for_each_ref(
+    header: &BatchHeader,
+    section: &[u8],
+    mut visit: impl FnMut(RecordRef<'_>),
+) -> Result<(), BatchError> {
+    let base = timestamp_base(header);
+    let mut pos = 0;
+    let mut index = 0u32;
+    while pos < section.len() && index < header.record_count {
+        let raw = parse_raw(section, &mut pos, index)?;
+        let offset = header
+            .base_offset
+            .checked_add(raw.offset_delta)
+            .ok_or(invalid(index, "offset overflows"))?;
+        visit(RecordRef {
+            offset,
+            timestamp: base.wrapping_add(raw.timestamp_delta),
+            key: raw.key.map(|(at, len)| &section[at..at + len]),
+            section,
+            headers_at: raw.headers_at,
+            header_count: raw.header_count,
+            end: raw.end,
+        });
+        index += 1;
+    }
+    Ok(())
+}
+
 /// What record timestamp deltas count from: the first timestamp, or on a batch with a delete
 /// horizon (which takes the first timestamp's place) the max timestamp.
 pub(crate) fn timestamp_base(header: &BatchHeader) -> i64 {

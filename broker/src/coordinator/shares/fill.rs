@@ -357,28 +357,22 @@ pub fn parse(topic: &str, partition: i32, bytes: Bytes, from: u64) -> Result<Vec
             next: header.next_offset(),
             bytes: batch.bytes().clone(),
         };
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
         if !header.is_control() && cached.next > from {
-            for record in batch
-                .records()
-                .map_err(|e| BrokerError::from_batch(topic, partition, e))?
-            {
-                let r = record.map_err(|e| BrokerError::from_batch(topic, partition, e))?;
-                if r.offset < from {
-                    continue;
-                }
-                let deliver = r
-                    .headers
-                    .iter()
-                    .find(|h| h.key.as_ref() == DELIVER_AT_HEADER.as_bytes())
-                    .and_then(|h| h.value.as_deref().and_then(deliver_at));
-                records.push(Parsed {
-                    offset: r.offset,
-                    key: r.key.as_deref().map_or(0, key_hash),
-                    timestamp: r.timestamp,
-                    deliver_at: deliver,
-                });
-            }
+            // Borrowed: only the offset, key hash, timestamp and one header are kept.
+            batch
+                .for_each_record(|r| {
+                    if r.offset < from {
+                        return;
+                    }
+                    records.push(Parsed {
+                        offset: r.offset,
+                        key: r.key.map_or(0, key_hash),
+                        timestamp: r.timestamp,
+                        deliver_at: r.header(DELIVER_AT_HEADER.as_bytes()).and_then(deliver_at),
+                    });
+                })
+                .map_err(|e| BrokerError::from_batch(topic, partition, e))?;
         }
         out.push((cached, records));
     }
