@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use conveyor_client::{Client, Compression, OffsetSpec, ShareConfig, ShareOffsetReset};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use super::{BenchArgs, progress};
@@ -54,6 +54,29 @@ pub struct QueueBenchArgs {
     /// Give up after this long: a duration such as 90s or 10m; a bare number counts seconds.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::time::parse_secs)]
     pub timeout: Duration,
+    /// Brokers' metrics endpoints (HOST:PORT, comma-separated): report the CPU they spent
+    /// per record while the workers drained the topic (read from process_cpu_seconds_total
+    /// before and after; the produce phase is not counted).
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    pub broker_metrics: Vec<String>,
+}
+
+/// CPU seconds this process has spent (user and system), from getrusage.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: `rusage` is plain data that getrusage fills in; RUSAGE_SELF is always valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// CPU per record over the drain: this process's, and the brokers' when asked for.
+#[derive(Debug, Default)]
+struct DrainCpu {
+    workers_seconds: f64,
+    broker_seconds: Option<f64>,
 }
 
 /// What one worker saw.
@@ -132,6 +155,12 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     let accepted = Arc::new(AtomicU64::new(0));
     let done = Arc::new(tokio::sync::watch::Sender::new(false));
     let bar = progress(target, "queue");
+    let broker_before = if args.broker_metrics.is_empty() {
+        None
+    } else {
+        Some(crate::broker_usage::scrape_all(&args.broker_metrics).await?)
+    };
+    let cpu_before = own_cpu_seconds();
     // From before the first join: a worker fetches as soon as it joined.
     let start = Instant::now();
     let mut consumers = Vec::new();
@@ -155,6 +184,19 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
         .collect();
     let drained = tokio::time::timeout(args.timeout, futures::future::join_all(workers)).await;
     let elapsed = start.elapsed();
+    let mut cpu = DrainCpu {
+        workers_seconds: own_cpu_seconds() - cpu_before,
+        broker_seconds: None,
+    };
+    if let Some(before) = broker_before {
+        match crate::broker_usage::scrape_all(&args.broker_metrics).await {
+            Ok(after) => {
+                let spent = crate::broker_usage::Spent::between(before, after, args.records, elapsed.as_secs_f64());
+                cpu.broker_seconds = Some(spent.cpu_seconds());
+            }
+            Err(e) => eprintln!("warning: no broker CPU figures: {e:#}"),
+        }
+    }
     bar.finish_and_clear();
     let mut seen = Vec::new();
     for w in drained.map_err(|_| {
@@ -165,7 +207,7 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     })? {
         seen.push(w??);
     }
-    report(&args, &topic, &seen, elapsed, format);
+    report(&args, &topic, &seen, elapsed, &cpu, format);
     Ok(())
 }
 
@@ -229,9 +271,13 @@ async fn work(
     let mut finished = done.subscribe();
     while accepted.load(Ordering::Relaxed) < target {
         // No timer per record: the worker that accepts the last record tells the others.
-        let next = tokio::select! {
-            next = consumer.next() => next,
-            _ = finished.wait_for(|d| *d) => continue,
+        // A delivery already buffered is taken without building the wait for that.
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None => tokio::select! {
+                next = consumer.next() => next,
+                _ = finished.wait_for(|d| *d) => continue,
+            },
         };
         match next {
             None => anyhow::bail!("the share consumer's stream ended"),
@@ -262,7 +308,7 @@ async fn work(
     Ok(me)
 }
 
-fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Duration, format: Format) {
+fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Duration, cpu: &DrainCpu, format: Format) {
     let accepted: u64 = workers.iter().map(|w| w.accepted).sum();
     let not_sent: u64 = workers.iter().map(|w| w.not_sent).sum();
     let deliveries: u64 = workers.iter().map(|w| w.delivered).sum();
@@ -271,12 +317,16 @@ fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Durat
     let secs = elapsed.as_secs_f64().max(1e-9);
     let rate = accepted as f64 / secs;
     let ordering = args.ordering.name();
+    let per_record = |seconds: f64| seconds * 1e6 / accepted.max(1) as f64;
+    let workers_cpu_us = per_record(cpu.workers_seconds);
+    let broker_cpu_us = cpu.broker_seconds.map(per_record);
     match format {
         Format::Json => output::json(&json!({
             "mode": "queue", "topic": topic, "workers": args.workers, "partitions": args.partitions,
             "ordering": ordering, "keys": args.keys, "record_size": args.record_size,
             "records": args.records, "accepted": accepted, "seconds": secs, "records_per_sec": rate,
             "per_worker": per_worker, "deliveries": deliveries, "duplicates": duplicates, "acks_not_sent": not_sent,
+            "workers_cpu_us_per_record": workers_cpu_us, "broker_cpu_us_per_record": broker_cpu_us,
         })),
         Format::Text => {
             println!(
@@ -288,6 +338,8 @@ fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Durat
             let counts: Vec<String> = per_worker.iter().map(u64::to_string).collect();
             println!("per worker: {}", counts.join(" "));
             println!("duplicates: {duplicates} (deliveries of a record already delivered); acks not sent: {not_sent}");
+            let broker = broker_cpu_us.map_or(String::new(), |us| format!(", the brokers {us:.2} µs"));
+            println!("CPU per record accepted: this process (the workers) {workers_cpu_us:.2} µs{broker}");
         }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use conveyor_proto::v1::ShareAckKind;
+use futures::future::Either;
 use tokio::sync::oneshot;
 
 use super::ack_queue::{AckQueue, NotQueued};
@@ -213,7 +214,8 @@ impl Delivery {
     /// a refusal, it saves the answer's bookkeeping per record.
     ///
     /// The acknowledgement is queued when this is called, if the queue has room: the
-    /// future waits only for room, and the record is dropped at once.
+    /// future waits only for room, and the record is dropped at once. (The future is a
+    /// ready value then, and boxed only when it must wait: a worker moves it per record.)
     pub fn accept_unconfirmed(self) -> impl Future<Output = Result<()>> + Send + 'static {
         self.held.settled.store(true, Ordering::Release);
         let Delivery { held, acks, .. } = self;
@@ -222,16 +224,10 @@ impl Delivery {
             kind: AckKind::Accept,
             reply: None,
         };
-        let waiting = match acks.try_push(ack) {
-            Ok(()) => Ok(None),
-            Err(NotQueued::Full(ack)) => Ok(Some((acks, ack))),
-            Err(NotQueued::Closed) => Err(ClientError::Closed),
-        };
-        async move {
-            match waiting? {
-                None => Ok(()),
-                Some((acks, ack)) => acks.push(ack).await,
-            }
+        match acks.try_push(ack) {
+            Ok(()) => Either::Left(std::future::ready(Ok(()))),
+            Err(NotQueued::Closed) => Either::Left(std::future::ready(Err(ClientError::Closed))),
+            Err(NotQueued::Full(ack)) => Either::Right(Box::pin(async move { acks.push(ack).await })),
         }
     }
 
