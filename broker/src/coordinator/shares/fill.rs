@@ -82,13 +82,12 @@ async fn fill(
             let full = !w.has_room(&limits, g.settings.key_order, now);
             (g.settings.topic.clone(), w.end.ok_or(g.settings.earliest), full)
         };
-        if full {
-            // Acknowledgements and dead letters open room; delays end by time.
-            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
-            continue;
-        }
         let from = match from {
             Ok(from) => from,
+            Err(_) if full => {
+                wait_for_room(notified).await;
+                continue;
+            }
             Err(earliest) => {
                 begin(coordinator, shard, group, &topic, partition, earliest).await?;
                 continue;
@@ -99,6 +98,12 @@ async fn fill(
         if ahead_from != Some(from) {
             ahead.clear();
         }
+        if full && !ahead.is_empty() {
+            wait_for_room(notified).await;
+            continue;
+        }
+        // A full window reads its next records ahead (one read, bounded as any), so they
+        // are parsed and ready when room opens rather than read only then.
         if ahead.is_empty() {
             let read = match read(registry, &topic, partition, from).await {
                 Ok(r) => r,
@@ -131,6 +136,11 @@ async fn fill(
             ahead = blocking(move || parse(&topic_name, index, batches, from)).await?.into();
             ahead_from = Some(from);
         }
+        if full {
+            // Room opened while reading wakes this at once (the wait was registered first).
+            wait_for_room(notified).await;
+            continue;
+        }
         let mut st = shard.lock().await;
         let Some(g) = st.groups.get_mut(group) else {
             return Ok(());
@@ -153,6 +163,12 @@ async fn fill(
         ahead_from = w.end;
         g.available.notify_waiters();
     }
+}
+
+/// Waits for acknowledgements or dead letters to open room in the window (delays end by
+/// time: looked at again after 100 ms).
+async fn wait_for_room(notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) {
+    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
 }
 
 /// Pushes batches of `ahead` (read from the window's end) into `w` while it has room: the
