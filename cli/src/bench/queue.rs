@@ -1,7 +1,9 @@
 //! `conveyor bench queue --workers W --records N`: a share group draining a fresh topic. The
 //! records are produced first; then W share consumers in this process, each with its own
-//! connection, accept every delivery, and the time from the first join until N records
-//! were accepted is the measure. Per-worker counts show how evenly the group spreads the work; duplicates
+//! connection, join at once and accept every delivery. The measure is the time from before
+//! the joins until N records were accepted and every worker closed, its acknowledgements
+//! answered (as `bench redis-queue` times from before connecting until every XACK was
+//! answered). Per-worker counts show how evenly the group spreads the work; duplicates
 //! (deliveries of a record already delivered) show redeliveries.
 
 use std::sync::Arc;
@@ -163,12 +165,13 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     let cpu_before = own_cpu_seconds();
     // From before the first join: a worker fetches as soon as it joined.
     let start = Instant::now();
-    let mut consumers = Vec::new();
-    for _ in 0..args.workers {
-        // Each worker its own connection, as separate processes would have.
+    // Each worker its own connection, as separate processes would have, all joining at once
+    // as they would.
+    let consumers = futures::future::try_join_all((0..args.workers).map(|_| async {
         let own = Client::connect(client.address()).await?;
-        consumers.push(own.share_consumer(&group, &topic, config(&args)).await?);
-    }
+        own.share_consumer(&group, &topic, config(&args)).await
+    }))
+    .await?;
     let workers: Vec<_> = consumers
         .into_iter()
         .map(|consumer| {

@@ -141,7 +141,13 @@ impl Driver {
                 .map(|since| tokio::time::Instant::from_std(since + self.config.ack_linger));
             let waiting_for_room = s.fetch.is_none() && !s.closing;
             tokio::select! {
-                _ = &mut close, if !s.closing => s.closing = true,
+                _ = &mut close, if !s.closing => {
+                    s.closing = true;
+                    // A fetch in flight is dropped, not awaited: on an idle group it would
+                    // hold the close for its whole long poll, and whatever it acquires goes
+                    // back to the group when the session ends right after.
+                    s.fetch = None;
+                }
                 // Taken at the top of the loop.
                 () = self.acks.arrived(), if !s.pending.is_full() => {}
                 Some(answer) = OptionFuture::from(s.fetch.as_mut()), if s.fetch.is_some() => {

@@ -72,6 +72,8 @@ pub(crate) struct Fake {
     /// from now. Unset, locks end far in the future.
     pub(crate) lock_ms: std::sync::atomic::AtomicU64,
     /// Join streams open now, and ended so far (by the client or by [`Fake::end_sessions`]).
+    /// Long polls wait the whole `max_wait` they ask for, not just [`FAKE_MAX_WAIT`].
+    pub(crate) full_long_polls: std::sync::atomic::AtomicBool,
     pub(crate) sessions_open: AtomicUsize,
     pub(crate) sessions_ended: AtomicUsize,
     /// Bumped to end every Join stream open at the time.
@@ -214,7 +216,13 @@ impl Shares for SharesService {
         let partitions = match scripted {
             Some(partitions) => partitions,
             None => {
-                tokio::time::sleep(Duration::from_millis(u64::from(request.max_wait_ms)).min(FAKE_MAX_WAIT)).await;
+                let asked = Duration::from_millis(u64::from(request.max_wait_ms));
+                let cap = if self.0.full_long_polls.load(Ordering::SeqCst) {
+                    asked
+                } else {
+                    FAKE_MAX_WAIT
+                };
+                tokio::time::sleep(asked.min(cap)).await;
                 Vec::new()
             }
         };

@@ -189,6 +189,28 @@ async fn closing_sends_the_queued_acknowledgements_and_then_ends_the_join_stream
 }
 
 #[tokio::test]
+async fn closing_does_not_wait_for_a_fetch_long_polling_an_empty_group() {
+    let config = ShareConfig::default().max_wait(Duration::from_secs(30));
+    let (fake, mut consumer) = consumer(config).await;
+    fake.full_long_polls.store(true, Ordering::SeqCst);
+    fake.script(vec![partition(0, 1, vec![range(0, 0, 1, 5)])]);
+    let delivery = take(&mut consumer, 1).await.remove(0);
+    delivery.accept_unconfirmed().await.expect("queued");
+    // The next fetch finds nothing and would wait its 30 s: closing cancels it (what it
+    // might acquire goes back to the group when the session ends).
+    fake.wait_for(PROMPTLY, "the next fetch", |f| {
+        f.calls().iter().filter(|c| matches!(c, Call::Fetch(_))).count() >= 2
+    })
+    .await;
+    tokio::time::timeout(PROMPTLY, consumer.close())
+        .await
+        .expect("closed without waiting out the long poll")
+        .expect("closed");
+    let (_, acknowledged) = acks(&fake);
+    assert_eq!(acknowledged, [accept(0, 0, 0, 5)], "the queued accept went out first");
+}
+
+#[tokio::test]
 async fn a_join_the_coordinator_refuses_is_the_error_of_creating_the_consumer() {
     let (fake, address) = fake::start().await;
     *fake.join_refusal.lock().expect("lock") = Some(ErrorCode::InvalidRequest);
