@@ -3,7 +3,8 @@
 //! pipelined batches, create a consumer group, then W workers, each on its own connection,
 //! loop XREADGROUP (COUNT records, `>`) and XACK every id read, the acknowledgement sent in
 //! the same write as the next read (pipelined, as a tuned Redis worker would). The time from
-//! the first read until N records were acknowledged is the measure.
+//! before the workers connect until the XACK that acknowledged the Nth record was answered
+//! is the measure.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,9 +187,13 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
         other => anyhow::bail!("XGROUP CREATE: {other:?}"),
     }
     let acked = Arc::new(AtomicU64::new(0));
+    // When the last XACK needed was answered: the end of the measure, not the workers'
+    // end, which may wait out one more XREADGROUP BLOCK on the emptied stream.
+    let finished: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..args.workers {
+        let finished = Arc::clone(&finished);
         let (addr, stream, acked, target, count) = (
             args.redis.clone(),
             stream.clone(),
@@ -231,7 +236,9 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
                     match c.reply().await? {
                         Reply::Int(n) => {
                             mine += n as u64;
-                            acked.fetch_add(n as u64, Ordering::Relaxed);
+                            if acked.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= target {
+                                let _ = finished.set(Instant::now());
+                            }
                         }
                         other => anyhow::bail!("XACK: {other:?}"),
                     }
@@ -247,7 +254,9 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
                 c.send(&out).await?;
                 if let Reply::Int(n) = c.reply().await? {
                     mine += n as u64;
-                    acked.fetch_add(n as u64, Ordering::Relaxed);
+                    if acked.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= target {
+                        let _ = finished.set(Instant::now());
+                    }
                 }
             }
             anyhow::Ok(mine)
@@ -262,7 +271,9 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
                 args.timeout
             )
         })?;
-    let elapsed = start.elapsed();
+    let elapsed = finished
+        .get()
+        .map_or_else(|| start.elapsed(), |at| at.duration_since(start));
     let mut per_worker = Vec::new();
     for j in joined {
         per_worker.push(j??);
