@@ -147,8 +147,8 @@ impl ShareConsumer {
         if let Some(mut driver) = self.driver.take() {
             let _ = (&mut driver.0).await;
         }
-        // Buffered deliveries hold the acknowledgement channel open; they go back with the
-        // session.
+        // Buffered deliveries are never handed out now (their acknowledgements would find the
+        // queue closed); their records go back with the session.
         self.ready = Vec::new().into_iter();
         self.rx.close();
         if let Some(stop) = self.stop_session.take() {

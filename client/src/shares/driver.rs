@@ -12,7 +12,8 @@
 //!   acknowledgements (see [`super::acks::AckBatch::fail`]) rather than resending tokens to a
 //!   coordinator that did not issue them.
 //! - At most [`MAX_ACK_CALLS`] `Acknowledge` calls are in flight; behind them acknowledgements
-//!   wait in [`PendingAcks`], behind that in the bounded channel from the deliveries.
+//!   wait in [`PendingAcks`], behind that in the bounded queue from the deliveries
+//!   ([`AckQueue`]).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -207,7 +207,7 @@ pub(crate) fn for_each_view(
 
 /// One record of a batch, borrowed from its records section: what a reader needs to judge
 /// it (offset, timestamp, key, a header) without decoding it into owned fields.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RecordRef<'a> {
     pub offset: u64,
     pub timestamp: i64,
@@ -216,6 +216,18 @@ pub struct RecordRef<'a> {
     headers_at: usize,
     header_count: u64,
     end: usize,
+}
+
+impl std::fmt::Debug for RecordRef<'_> {
+    // The record's own fields, not the whole records section it borrows.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordRef")
+            .field("offset", &self.offset)
+            .field("timestamp", &self.timestamp)
+            .field("key", &self.key)
+            .field("header_count", &self.header_count)
+            .finish()
+    }
 }
 
 impl<'a> RecordRef<'a> {

@@ -373,8 +373,9 @@ pub fn parse(topic: &str, partition: i32, bytes: Bytes, from: u64) -> Result<Vec
             next: header.next_offset(),
             bytes: batch.bytes().clone(),
         };
-        let mut records = Vec::with_capacity(header.record_count.min(1 << 16) as usize);
+        let mut records = Vec::new();
         if !header.is_control() && cached.next > from {
+            records.reserve(header.record_count.min(1 << 16) as usize);
             // Borrowed: only the offset, key hash, timestamp and one header are kept.
             batch
                 .for_each_record(|r| {
