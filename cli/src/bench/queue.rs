@@ -1,9 +1,9 @@
 //! `conveyor bench queue --workers W --records N`: a share group draining a fresh topic. The
 //! records are produced first; then W share consumers in this process, each with its own
 //! connection, join at once and accept every delivery. The measure is the time from before
-//! the joins until N records were accepted and every worker closed, its acknowledgements
-//! answered (as `bench redis-queue` times from before connecting until every XACK was
-//! answered). Per-worker counts show how evenly the group spreads the work; duplicates
+//! the joins (the first creates the group, a durable write) until N records were accepted
+//! and every worker closed, its acknowledgements answered (`bench redis-queue` times from
+//! before connecting, after creating its group, until the last XACK needed was answered). Per-worker counts show how evenly the group spreads the work; duplicates
 //! (deliveries of a record already delivered) show redeliveries.
 
 use std::sync::Arc;

@@ -276,8 +276,8 @@ impl Driver {
             tracing::warn!(group = self.group, error = %e, "share fetch: a partition could not be read; its records were released");
             self.emit(Err(e));
         }
-        // Closing: what was acquired now goes back to the group when the session ends.
-        if decoded.deliveries.is_empty() || s.closing {
+        // (Never closing here: closing drops the fetch in flight.)
+        if decoded.deliveries.is_empty() {
             return;
         }
         if self.config.auto_renew.is_some() {

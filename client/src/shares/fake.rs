@@ -71,9 +71,9 @@ pub(crate) struct Fake {
     /// When set (ms), the group's lock duration: fetches and renewals lock for this long
     /// from now. Unset, locks end far in the future.
     pub(crate) lock_ms: std::sync::atomic::AtomicU64,
-    /// Join streams open now, and ended so far (by the client or by [`Fake::end_sessions`]).
     /// Long polls wait the whole `max_wait` they ask for, not just [`FAKE_MAX_WAIT`].
     pub(crate) full_long_polls: std::sync::atomic::AtomicBool,
+    /// Join streams open now, and ended so far (by the client or by [`Fake::end_sessions`]).
     pub(crate) sessions_open: AtomicUsize,
     pub(crate) sessions_ended: AtomicUsize,
     /// Bumped to end every Join stream open at the time.

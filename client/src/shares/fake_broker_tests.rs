@@ -208,6 +208,10 @@ async fn closing_does_not_wait_for_a_fetch_long_polling_an_empty_group() {
         .expect("closed");
     let (_, acknowledged) = acks(&fake);
     assert_eq!(acknowledged, [accept(0, 0, 0, 5)], "the queued accept went out first");
+    fake.wait_for(PROMPTLY, "the Join stream to end", |f| {
+        f.sessions_ended.load(Ordering::SeqCst) == 1
+    })
+    .await;
 }
 
 #[tokio::test]
