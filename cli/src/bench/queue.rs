@@ -3,9 +3,7 @@
 //! connection, join at once and accept every delivery. The measure is the time from before
 //! the joins (the first creates the group, a durable write) until N records were accepted
 //! and every worker closed, its acknowledgements answered (`bench redis-queue` times from
-//! before connecting, after creating its group, until the last XACK needed was answered).
-//! The share coordinator's one-time start on a new cluster (its internal topic) is made
-//! before the measure by a throwaway group. Per-worker counts show how evenly the group spreads the work; duplicates
+//! before connecting, after creating its group, until the last XACK needed was answered). Per-worker counts show how evenly the group spreads the work; duplicates
 //! (deliveries of a record already delivered) show redeliveries.
 
 use std::sync::Arc;
@@ -158,7 +156,6 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     let target = args.records;
     let accepted = Arc::new(AtomicU64::new(0));
     let done = Arc::new(tokio::sync::watch::Sender::new(false));
-    warm_up(client, &format!("bench-queue-{stamp}-warm-up")).await?;
     let bar = progress(target, "queue");
     let broker_before = if args.broker_metrics.is_empty() {
         None
@@ -214,22 +211,6 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
         seen.push(w??);
     }
     report(&args, &topic, &seen, elapsed, &cpu, format);
-    Ok(())
-}
-
-/// Makes the share coordinator ready outside the measure: on a new cluster the first share
-/// group creates and loads its internal topic (about 150 ms here), once per cluster, as Redis
-/// is ready before its bench starts. A group of its own on a topic of its own, both deleted.
-async fn warm_up(client: &Client, name: &str) -> anyhow::Result<()> {
-    super::ensure_topic(client, name, 1, 1, &[]).await?;
-    let consumer = client.share_consumer(name, name, ShareConfig::default()).await?;
-    consumer.close().await?;
-    // Left behind, they cost nothing but a name; the run goes on.
-    if let Err(e) = client.share_groups().delete(name).await {
-        eprintln!("warning: the warm-up share group '{name}' was not deleted: {e}");
-    } else if let Err(e) = client.admin().delete_topic(name).await {
-        eprintln!("warning: the warm-up topic '{name}' was not deleted: {e}");
-    }
     Ok(())
 }
 
