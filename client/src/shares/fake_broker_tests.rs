@@ -9,6 +9,7 @@ use futures::StreamExt;
 use super::fake::{self, Call, Fake, batches};
 use super::{Delivery, ShareConfig, ShareConsumer};
 use crate::Client;
+use crate::error::ClientError;
 
 /// How long a test waits for something the consumer does at once.
 const PROMPTLY: Duration = Duration::from_secs(5);
@@ -115,6 +116,32 @@ async fn acknowledgements_are_coalesced_into_ranges_in_one_acknowledge_call_neve
     );
     drop(last_two);
     consumer.close().await.expect("closed");
+}
+
+#[tokio::test]
+async fn an_unconfirmed_accept_is_queued_at_the_call_and_refused_once_the_consumer_closed() {
+    let (fake, mut consumer) = consumer(ShareConfig::default()).await;
+    fake.script(vec![partition(0, 3, vec![range(0, 2, 1, 7)])]);
+    let mut deliveries = take(&mut consumer, 3).await.into_iter();
+    let (first, second, third) = (
+        deliveries.next().expect("first"),
+        deliveries.next().expect("second"),
+        deliveries.next().expect("third"),
+    );
+    // Never polled: the call itself queued them.
+    drop(first.accept_unconfirmed());
+    drop(second.accept_unconfirmed());
+    fake.wait_for(PROMPTLY, "the accepts to go out", |f| {
+        f.calls().iter().any(|c| matches!(c, Call::Acknowledge(_)))
+    })
+    .await;
+    let (_, acknowledged) = acks(&fake);
+    assert_eq!(acknowledged, [accept(0, 0, 1, 7)], "both in one range");
+    consumer.close().await.expect("closed");
+    let late = tokio::time::timeout(PROMPTLY, third.accept_unconfirmed())
+        .await
+        .expect("answered at once");
+    assert!(matches!(late, Err(ClientError::Closed)), "{late:?}");
 }
 
 #[tokio::test]
