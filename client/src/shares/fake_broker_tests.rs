@@ -294,6 +294,24 @@ async fn a_held_delivery_has_its_lock_renewed_before_it_runs_out_and_a_dropped_o
 }
 
 #[tokio::test]
+async fn a_delivery_outliving_its_dropped_consumer_is_told_closed_not_left_waiting() {
+    let (fake, mut consumer) = consumer(ShareConfig::default()).await;
+    fake.script(vec![partition(0, 1, vec![range(0, 0, 1, 7)])]);
+    let delivery = take(&mut consumer, 1).await.remove(0);
+    // Dropping the consumer aborts its background task; the acknowledgement queue closes
+    // with it, so a renewal queued before or after is answered, not held forever.
+    drop(consumer);
+    let renewed = tokio::time::timeout(PROMPTLY, delivery.renew())
+        .await
+        .expect("answered, not left waiting");
+    assert!(matches!(renewed, Err(ClientError::Closed)), "{renewed:?}");
+    let accepted = tokio::time::timeout(PROMPTLY, delivery.accept_unconfirmed())
+        .await
+        .expect("answered at once");
+    assert!(matches!(accepted, Err(ClientError::Closed)), "{accepted:?}");
+}
+
+#[tokio::test]
 async fn dropping_the_consumer_ends_its_join_stream_too() {
     let (fake, consumer) = consumer(ShareConfig::default()).await;
     assert_eq!(fake.sessions_open.load(Ordering::SeqCst), 1);
