@@ -125,11 +125,6 @@ impl Spent {
         }
     }
 
-    /// CPU seconds spent, in all.
-    pub fn cpu_seconds(&self) -> f64 {
-        self.usage.cpu_seconds
-    }
-
     fn requests(&self) -> f64 {
         self.usage.produce_requests + self.usage.fetch_requests
     }

@@ -3,8 +3,9 @@
 //! connection, join at once and accept every delivery. The measure is the time from before
 //! the joins (the first creates the group, a durable write) until N records were accepted
 //! and every worker closed, its acknowledgements answered (`bench redis-queue` times from
-//! before connecting, after creating its group, until the last XACK needed was answered). Per-worker counts show how evenly the group spreads the work; duplicates
-//! (deliveries of a record already delivered) show redeliveries.
+//! before connecting, after creating its group, until the last XACK needed was answered).
+//! Per-worker counts show how evenly the group spreads the work; duplicates (deliveries of
+//! a record already delivered) show redeliveries.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,10 +194,7 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     };
     if let Some(before) = broker_before {
         match crate::broker_usage::scrape_all(&args.broker_metrics).await {
-            Ok(after) => {
-                let spent = crate::broker_usage::Spent::between(before, after, args.records, elapsed.as_secs_f64());
-                cpu.broker_seconds = Some(spent.cpu_seconds());
-            }
+            Ok(after) => cpu.broker_seconds = Some(after.cpu_seconds - before.cpu_seconds),
             Err(e) => eprintln!("warning: no broker CPU figures: {e:#}"),
         }
     }

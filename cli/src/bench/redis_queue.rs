@@ -207,6 +207,14 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
             let count = count.to_string();
             let mut pending: Vec<Vec<u8>> = Vec::new();
             let mut mine = 0u64;
+            // Counts `n` acknowledged, the clock stopping at the one that reaches the target.
+            let mut acknowledged = |n: i64| {
+                let n = n as u64;
+                mine += n;
+                if acked.fetch_add(n, Ordering::Relaxed) + n >= target {
+                    let _ = finished.set(Instant::now());
+                }
+            };
             while acked.load(Ordering::Relaxed) < target {
                 let mut out = Vec::new();
                 let acking = !pending.is_empty();
@@ -234,12 +242,7 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
                 c.send(&out).await?;
                 if acking {
                     match c.reply().await? {
-                        Reply::Int(n) => {
-                            mine += n as u64;
-                            if acked.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= target {
-                                let _ = finished.set(Instant::now());
-                            }
-                        }
+                        Reply::Int(n) => acknowledged(n),
                         other => anyhow::bail!("XACK: {other:?}"),
                     }
                     pending.clear();
@@ -253,10 +256,7 @@ pub async fn run(args: RedisQueueArgs, format: Format) -> anyhow::Result<()> {
                 command(&mut out, &args);
                 c.send(&out).await?;
                 if let Reply::Int(n) = c.reply().await? {
-                    mine += n as u64;
-                    if acked.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= target {
-                        let _ = finished.set(Instant::now());
-                    }
+                    acknowledged(n);
                 }
             }
             anyhow::Ok(mine)

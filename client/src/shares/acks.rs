@@ -115,6 +115,7 @@ impl AckBatch {
     pub(crate) fn requests(&self) -> impl Iterator<Item = &AckRequest> {
         self.requests.iter()
     }
+
     /// Tells each caller the result of the range holding its record; `topic` names it in
     /// refusals.
     pub(crate) fn resolve(self, results: &[ShareAckResult], topic: &str) {
@@ -243,7 +244,6 @@ pub(crate) fn coalesce(acks: &[AckRequest]) -> Vec<ShareAck> {
 
 #[cfg(test)]
 mod tests {
-
     use conveyor_proto::v1::ShareAckKind;
     use tokio::sync::oneshot;
 

@@ -51,7 +51,7 @@ pub(crate) fn decode(
     let acquired: u64 = partitions
         .iter()
         .flat_map(|d| &d.acquired)
-        .map(|r| r.last_offset.saturating_sub(r.first_offset).saturating_add(1))
+        .map(offsets_in)
         .fold(0, u64::saturating_add);
     let mut decoded = Decoded {
         deliveries: Vec::with_capacity(acquired.min(10_000) as usize),
@@ -70,12 +70,7 @@ pub(crate) fn decode(
         let mut total = 0u64;
         for r in &ranges {
             starts.push(total as usize);
-            // As many places as the range's offsets: none for a range ending before it starts.
-            let len = r
-                .last_offset
-                .checked_sub(r.first_offset)
-                .map_or(0, |d| d.saturating_add(1));
-            total = total.saturating_add(len);
+            total = total.saturating_add(offsets_in(r));
         }
         let new_held = |offset: u64, token: u64| Held::new(partition, offset, token, locked_until_ms, fetched_at);
         let block: Option<Arc<[Held]>> = (shared && total <= MAX_BLOCK).then(|| {
@@ -101,10 +96,8 @@ pub(crate) fn decode(
         // Deliveries go straight into the answer's list; a partition that fails part-way
         // takes its own back out.
         let mark = decoded.deliveries.len();
-        let mut delivered: Vec<u64> = Vec::new();
         let read = check(topic, partition, &data.batches).and_then(|spans| {
             records_of(topic, partition, &data.batches, &ranges, |record, i| {
-                delivered.push(record.offset);
                 decoded.deliveries.push(Delivery {
                     held: held(i, record.offset),
                     delivery_count: ranges[i].delivery_count,
@@ -127,7 +120,7 @@ pub(crate) fn decode(
                 continue;
             }
         };
-        let mut delivered = delivered.into_iter().peekable();
+        let mut delivered = decoded.deliveries[mark..].iter().map(|d| d.record.offset).peekable();
         for (i, r) in ranges.iter().enumerate() {
             for offset in r.first_offset..=r.last_offset {
                 while delivered.next_if(|&d| d < offset).is_some() {}
@@ -145,6 +138,13 @@ pub(crate) fn decode(
         }
     }
     decoded
+}
+
+/// How many offsets `r` names: none for a range ending before it starts.
+fn offsets_in(r: &AcquiredRange) -> u64 {
+    r.last_offset
+        .checked_sub(r.first_offset)
+        .map_or(0, |d| d.saturating_add(1))
 }
 
 /// The offset spans of a partition's batches, `(base, last)`, each batch CRC-checked.

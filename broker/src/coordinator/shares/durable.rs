@@ -87,8 +87,9 @@ fn push_run(out: &mut Vec<ShareRun>, offset: u64, d: DurableRef<'_>) {
         && last.state == d.state
         && last.delivery_count == d.deliveries
         && last.not_before_ms == not_before_ms
-        // Only records to dead-letter carry a reason (every other state's is empty).
-        && (d.state != DURABLE_DEAD_LETTERING || last.reason == d.reason)
+        // Most reasons are empty: their lengths settle it without a compare call per record.
+        && last.reason.len() == d.reason.len()
+        && (d.reason.is_empty() || last.reason == d.reason)
     {
         last.last_offset = offset;
         return;
@@ -129,7 +130,7 @@ impl Window {
             previous = Some(offset);
             let i = match slots.get(next) {
                 Some(s) if s.offset == offset => next,
-                _ => match slots.binary_search_by_key(&offset, |s| s.offset) {
+                _ => match self.index_of(offset) {
                     Ok(i) => i,
                     Err(_) => continue,
                 },

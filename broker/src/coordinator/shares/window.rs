@@ -369,7 +369,7 @@ impl Window {
     }
 
     /// The index of the slot holding `offset`, or where it would be.
-    fn index_of(&self, offset: u64) -> Result<usize, usize> {
+    pub(super) fn index_of(&self, offset: u64) -> Result<usize, usize> {
         self.slots.binary_search_by_key(&offset, |s| s.offset)
     }
 

@@ -372,10 +372,7 @@ proptest! {
                 let (got, exhausted) = w.acquire(99, 1, usize::MAX, false, MAX_DELIVERIES, now, now + LOCK_MS, &mut t.next());
                 prop_assert!(!got.is_empty() || !exhausted.is_empty(), "an available record was skipped after {:?}", op);
                 model.held.extend(got.into_iter().map(|a| (99, a)));
-                if !exhausted.is_empty() {
-                    let g = model.state.groups.get_mut("g").expect("group");
-                    model.log.extend(g.record_of("g", 0, &exhausted));
-                }
+                model.wrote(&exhausted);
             }
         }
     }
