@@ -123,8 +123,11 @@ impl Window {
         // Changed offsets come in ranges: the slot after the last found is tried before a search.
         let mut next = 0;
         let mut previous = None;
+        // Accepted records are usually gone from the front already (the window advanced
+        // past them): those are passed over without a search each.
+        let front = slots.front().map_or(u64::MAX, |s| s.offset);
         for &offset in offsets {
-            if previous == Some(offset) {
+            if previous == Some(offset) || offset < front {
                 continue;
             }
             previous = Some(offset);
@@ -132,7 +135,10 @@ impl Window {
                 Some(s) if s.offset == offset => next,
                 _ => match self.index_of(offset) {
                     Ok(i) => i,
-                    Err(_) => continue,
+                    Err(at) => {
+                        next = at;
+                        continue;
+                    }
                 },
             };
             push_run(&mut out, offset, durable_of(&slots[i]));
