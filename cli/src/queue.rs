@@ -1,7 +1,9 @@
-//! `conveyor queue consume|describe|list|purge-dlq|redrive|delete`: share groups, the queues
-//! on the log. Reading as a member is in `queue/consume.rs`; the rest is administration.
+//! `conveyor queue create|consume|describe|list|purge-dlq|redrive|delete`: share groups,
+//! the queues on the log. Reading as a member is in `queue/consume.rs`, the group settings
+//! in `queue/settings.rs`; the rest is administration.
 
 pub(crate) mod consume;
+pub(crate) mod settings;
 
 use clap::Subcommand;
 use conveyor_client::proto::{ErrorCode, ShareGroupDescription, ShareGroupSettings};
@@ -14,6 +16,26 @@ pub use consume::QueueConsumeArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
+    /// Create a share group on a topic before any member joins
+    ///
+    /// A group is otherwise created by its first member's join. Creating it first fixes
+    /// its settings in one place and, starting at latest (the default), keeps every record
+    /// produced from now on for the members that join later. Creating a group that exists
+    /// with the same settings changes nothing; with other settings it is refused.
+    ///
+    /// Examples:
+    ///   conveyor queue create orders --group workers
+    ///   conveyor queue create orders --group dispatch --ordering key --lock-duration 2m
+    #[command(verbatim_doc_comment)]
+    Create {
+        /// The topic the group consumes.
+        topic: String,
+        /// The share group id.
+        #[arg(long, value_name = "GROUP")]
+        group: String,
+        #[command(flatten)]
+        settings: settings::GroupSettingsArgs,
+    },
     // Its help, with examples, is on `QueueConsumeArgs`.
     Consume(QueueConsumeArgs),
     /// Show a share group: settings, records by state per partition, members, dead letters
@@ -63,6 +85,29 @@ pub enum QueueCommand {
 pub async fn run(client: &Client, cmd: QueueCommand, format: Format) -> anyhow::Result<()> {
     let shares = client.share_groups();
     match cmd {
+        QueueCommand::Create { topic, group, settings } => {
+            let config = settings.apply(conveyor_client::ShareConfig::default());
+            let answer = shares
+                .create(&group, &topic, &config)
+                .await
+                .map_err(|e| explain(e, &group))?;
+            let settings = answer.settings.as_ref();
+            match format {
+                Format::Json => output::json(&json!({
+                    "group": group, "topic": topic, "created": answer.created,
+                    "settings": settings_json(settings),
+                })),
+                Format::Text => {
+                    if answer.created {
+                        println!("created share group {group} on {topic}");
+                    } else {
+                        println!("share group {group} exists already with these settings; nothing changed");
+                    }
+                    println!("{}", settings_text(settings));
+                }
+            }
+            Ok(())
+        }
         QueueCommand::Consume(args) => consume::run(client, args, format).await,
         QueueCommand::List => {
             print_listing(&shares.list().await?, format);

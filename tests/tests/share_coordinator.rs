@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use conveyor_client::proto::*;
 use conveyor_tests::share_raw::{RawMember, ack_of, detail};
-use conveyor_tests::{BrokerProcess, cli, runtime};
+use conveyor_tests::{BrokerProcess, cli, runtime, stdout};
 
 fn earliest() -> ShareGroupSettings {
     ShareGroupSettings {
@@ -172,4 +172,90 @@ fn bad_share_requests_are_refused_and_change_nothing() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("ordering"), "{e:?}");
     });
+}
+
+#[test]
+fn a_group_created_ahead_of_its_members_keeps_what_is_produced_after_it_and_refuses_other_settings() {
+    let broker = BrokerProcess::start();
+    let addr = broker.addr().to_string();
+    let out = cli(&addr, &["topic", "create", "jobs", "--partitions", "2"], "");
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&addr, &["produce", "jobs"], "before-1\nbefore-2\n");
+    assert!(out.status.success(), "{out:?}");
+    let create = |extra: &[&str]| {
+        let mut args = vec!["queue", "create", "jobs", "--group", "workers", "--output", "json"];
+        args.extend_from_slice(extra);
+        cli(&addr, &args, "")
+    };
+    let out = create(&["--lock-duration", "5s"]);
+    assert!(out.status.success(), "{out:?}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(answer["created"], true, "{answer}");
+    assert_eq!(answer["settings"]["lock_duration_ms"], 5000, "{answer}");
+    assert_eq!(answer["settings"]["auto_offset_reset"], "latest", "{answer}");
+    // Produced with no member yet: a group made by a later join at "latest" would skip them.
+    let lines: String = (0..10).map(|i| format!("after-{i}\n")).collect();
+    let out = cli(&addr, &["produce", "jobs"], &lines);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(
+        &addr,
+        &[
+            "queue",
+            "consume",
+            "jobs",
+            "--group",
+            "workers",
+            "--max-records",
+            "10",
+            "--idle-timeout",
+            "20s",
+            "--output",
+            "json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let mut got: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            v["value"].as_str().expect("value").to_string()
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("after-{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "every record produced after the creation, none before");
+
+    let out = create(&["--lock-duration", "5s"]);
+    assert!(out.status.success(), "{out:?}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(
+        answer["created"], false,
+        "the same settings again change nothing: {answer}"
+    );
+    for (extra, words) in [
+        (&["--ordering", "key"][..], "ordering"),
+        (&["--max-inflight", "5"][..], "max_inflight_records"),
+    ] {
+        let out = create(extra);
+        assert!(!out.status.success(), "{extra:?} was not refused: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(words), "{extra:?}: {err}");
+    }
+    let out = cli(&addr, &["queue", "create", "nosuch", "--group", "other"], "");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"), "{out:?}");
+    let out = cli(&addr, &["queue", "describe", "other", "--output", "json"], "");
+    assert!(!out.status.success(), "a refused create made no group: {out:?}");
+    let out = cli(
+        &addr,
+        &["queue", "create", "jobs", "--group", "fresh", "--max-inflight", "5"],
+        "",
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_inflight_records"),
+        "{out:?}"
+    );
 }

@@ -117,6 +117,22 @@ impl Shares for SharesService {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
+    async fn create_share_group(
+        &self,
+        request: Request<CreateShareGroupRequest>,
+    ) -> Result<Response<CreateShareGroupResponse>, Status> {
+        let r = request.into_inner();
+        let (created, settings) = self
+            .coordinator
+            .create(&r.group, &r.topic, &r.settings.unwrap_or_default())
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(CreateShareGroupResponse {
+            created,
+            settings: Some(settings),
+        }))
+    }
+
     async fn fetch(&self, request: Request<ShareFetchRequest>) -> Result<Response<ShareFetchResponse>, Status> {
         self.metrics.share_fetch_requests.add(1);
         let r = request.into_inner();

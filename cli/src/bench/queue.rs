@@ -1,9 +1,11 @@
 //! `conveyor bench queue --workers W --records N`: a share group draining a fresh topic. The
 //! records are produced first; then W share consumers in this process, each with its own
-//! connection, join at once and accept every delivery. The measure is the time from before
-//! the joins (the first creates the group, a durable write) until N records were accepted
-//! and every worker closed, its acknowledgements answered (`bench redis-queue` times from
-//! before connecting, after creating its group, until the last XACK needed was answered).
+//! connection, join at once and accept every delivery. The group is created before the
+//! measure (`queue create`), as `bench redis-queue` creates its group (XGROUP CREATE)
+//! before its own. The measure is the time from before the workers connect and join until
+//! N records were accepted and every worker closed, its acknowledgements answered
+//! (`bench redis-queue` times from before connecting until the last XACK needed was
+//! answered).
 //! Per-worker counts show how evenly the group spreads the work; duplicates (deliveries of
 //! a record already delivered) show redeliveries.
 
@@ -157,14 +159,20 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     let target = args.records;
     let accepted = Arc::new(AtomicU64::new(0));
     let done = Arc::new(tokio::sync::watch::Sender::new(false));
+    let first: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
     let bar = progress(target, "queue");
     let broker_before = if args.broker_metrics.is_empty() {
         None
     } else {
         Some(crate::broker_usage::scrape_all(&args.broker_metrics).await?)
     };
+    client
+        .share_groups()
+        .create(&group, &topic, &config(&args))
+        .await
+        .map_err(|e| anyhow::anyhow!("creating share group {group}: {e}"))?;
     let cpu_before = own_cpu_seconds();
-    // From before the first join: a worker fetches as soon as it joined.
+    // From before the joins: a worker fetches as soon as it joined.
     let start = Instant::now();
     // Each worker its own connection, as separate processes would have, all joining at once
     // as they would.
@@ -182,6 +190,7 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
                 target,
                 Arc::clone(&accepted),
                 Arc::clone(&done),
+                Arc::clone(&first),
                 bar.clone(),
             ))
         })
@@ -208,7 +217,8 @@ pub async fn run(client: &Client, args: QueueBenchArgs, format: Format) -> anyho
     })? {
         seen.push(w??);
     }
-    report(&args, &topic, &seen, elapsed, &cpu, format);
+    let setup = first.get().map(|at| at.duration_since(start));
+    report(&args, &topic, &seen, elapsed, setup, &cpu, format);
     Ok(())
 }
 
@@ -266,6 +276,7 @@ async fn work(
     target: u64,
     accepted: Arc<AtomicU64>,
     done: Arc<tokio::sync::watch::Sender<bool>>,
+    first: Arc<std::sync::OnceLock<Instant>>,
     bar: indicatif::ProgressBar,
 ) -> anyhow::Result<Worker> {
     let mut me = Worker::default();
@@ -285,6 +296,9 @@ async fn work(
             Some(Err(e)) if e.is_retriable() => eprintln!("warning: {e}"),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(delivery)) => {
+                if me.delivered == 0 {
+                    first.get_or_init(Instant::now);
+                }
                 me.delivered += 1;
                 if delivered.again(delivery.record().partition, delivery.record().offset) {
                     me.duplicates += 1;
@@ -309,7 +323,17 @@ async fn work(
     Ok(me)
 }
 
-fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Duration, cpu: &DrainCpu, format: Format) {
+/// `setup`: from the start of the measure until the first delivery (connections, joins, the
+/// first fetches).
+fn report(
+    args: &QueueBenchArgs,
+    topic: &str,
+    workers: &[Worker],
+    elapsed: Duration,
+    setup: Option<Duration>,
+    cpu: &DrainCpu,
+    format: Format,
+) {
     let accepted: u64 = workers.iter().map(|w| w.accepted).sum();
     let not_sent: u64 = workers.iter().map(|w| w.not_sent).sum();
     let deliveries: u64 = workers.iter().map(|w| w.delivered).sum();
@@ -328,6 +352,7 @@ fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Durat
             "records": args.records, "accepted": accepted, "seconds": secs, "records_per_sec": rate,
             "per_worker": per_worker, "deliveries": deliveries, "duplicates": duplicates, "acks_not_sent": not_sent,
             "workers_cpu_us_per_record": workers_cpu_us, "broker_cpu_us_per_record": broker_cpu_us,
+            "first_delivery_seconds": setup.map(|d| d.as_secs_f64()),
         })),
         Format::Text => {
             println!(
@@ -336,6 +361,14 @@ fn report(args: &QueueBenchArgs, topic: &str, workers: &[Worker], elapsed: Durat
                 args.partitions,
                 args.keys.map(|k| format!(", {k} keys")).unwrap_or_default()
             );
+            if let Some(setup) = setup {
+                let drain = (secs - setup.as_secs_f64()).max(1e-9);
+                println!(
+                    "first delivery after {:.0} ms (connections, joins); from then on {:.0} records/s",
+                    setup.as_secs_f64() * 1e3,
+                    accepted as f64 / drain
+                );
+            }
             let counts: Vec<String> = per_worker.iter().map(u64::to_string).collect();
             println!("per worker: {}", counts.join(" "));
             println!("duplicates: {duplicates} (deliveries of a record already delivered); acks not sent: {not_sent}");

@@ -5,10 +5,11 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use conveyor_client::{Client, Delivery, ShareConfig, ShareConsumer, ShareOffsetReset, ShareOrdering};
+use conveyor_client::{Client, Delivery, ShareConfig, ShareConsumer};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
+pub use super::settings::{GroupSettingsArgs, OrderingArg};
 use crate::consume::{print_record, record_json};
 use crate::output::Format;
 
@@ -29,39 +30,6 @@ pub enum AckArg {
     Reject,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OrderingArg {
-    /// Records with the same key are never in flight together, and go in offset order.
-    Key,
-    /// Any record to any member, in any order.
-    None,
-}
-
-impl From<OrderingArg> for ShareOrdering {
-    fn from(o: OrderingArg) -> ShareOrdering {
-        match o {
-            OrderingArg::Key => ShareOrdering::Key,
-            OrderingArg::None => ShareOrdering::None,
-        }
-    }
-}
-
-impl OrderingArg {
-    /// The name the command line takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            OrderingArg::Key => "key",
-            OrderingArg::None => "none",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FromArg {
-    Earliest,
-    Latest,
-}
-
 /// Print records of a topic as a member of a share group (a queue)
 ///
 /// A share group hands each record of its topic to one member at a time, locked to it
@@ -75,8 +43,8 @@ pub enum FromArg {
 /// Ctrl-C; each of these sends the outstanding acknowledgements and leaves the group,
 /// giving back at once any record fetched but not printed.
 ///
-/// The group settings (--ordering, --lock-duration, --max-delivery-count, --from,
-/// --dead-letter-topic) are fixed when the group is created. Leave them out to join an
+/// The group settings (--ordering, --lock-duration, --max-delivery-count, --max-inflight,
+/// --from, --dead-letter-topic) are fixed when the group is created. Leave them out to join an
 /// existing group; given, they must match the group's.
 ///
 /// Examples:
@@ -102,22 +70,8 @@ pub struct QueueConsumeArgs {
     /// With --ack reject: why, written into the dead letter's headers.
     #[arg(long, value_name = "TEXT", default_value = "rejected with conveyor queue consume")]
     pub reject_reason: String,
-    /// New group: key (same-key records one at a time, in order) or none (the default).
-    #[arg(long, value_enum)]
-    pub ordering: Option<OrderingArg>,
-    /// New group: how long a delivered record stays locked to its member (1s to 1h;
-    /// default 30s).
-    #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_secs)]
-    pub lock_duration: Option<Duration>,
-    /// New group: deliveries before a record is dead-lettered (1 to 100; default 5).
-    #[arg(long, value_name = "N")]
-    pub max_delivery_count: Option<u32>,
-    /// New group: where it starts in each partition (default latest: only new records).
-    #[arg(long, value_enum)]
-    pub from: Option<FromArg>,
-    /// New group: where dead letters go (default TOPIC.GROUP.dlq).
-    #[arg(long, value_name = "TOPIC")]
-    pub dead_letter_topic: Option<String>,
+    #[command(flatten)]
+    pub settings: GroupSettingsArgs,
     /// Stop after this many records.
     #[arg(long, value_name = "N")]
     pub max_records: Option<u64>,
@@ -132,17 +86,7 @@ pub struct QueueConsumeArgs {
 
 impl QueueConsumeArgs {
     fn config(&self) -> ShareConfig {
-        let mut config = ShareConfig {
-            ordering: self.ordering.map(Into::into),
-            lock_duration: self.lock_duration,
-            max_delivery_count: self.max_delivery_count,
-            auto_offset_reset: self.from.map(|f| match f {
-                FromArg::Earliest => ShareOffsetReset::Earliest,
-                FromArg::Latest => ShareOffsetReset::Latest,
-            }),
-            dead_letter_topic: self.dead_letter_topic.clone(),
-            ..ShareConfig::default()
-        };
+        let mut config = self.settings.apply(ShareConfig::default());
         if let Some(max) = self.max_records {
             let ahead = max.clamp(1, PREFETCH);
             config.prefetch = ahead as usize;
@@ -271,6 +215,7 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use conveyor_client::{ShareOffsetReset, ShareOrdering};
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -297,6 +242,8 @@ mod tests {
             "earliest",
             "--max-records",
             "10",
+            "--max-inflight",
+            "500",
             "--ack",
             "release",
         ]);
@@ -305,6 +252,7 @@ mod tests {
         assert_eq!(config.ordering, Some(ShareOrdering::Key));
         assert_eq!(config.lock_duration, Some(Duration::from_secs(90)));
         assert_eq!(config.auto_offset_reset, Some(ShareOffsetReset::Earliest));
+        assert_eq!(config.max_inflight_records, Some(500));
         assert_eq!((config.prefetch, config.max_records), (10, 10));
         assert!(config.validate().is_ok());
     }

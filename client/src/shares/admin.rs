@@ -1,5 +1,5 @@
-//! [`ShareGroups`]: share group administration from outside the group: list, describe,
-//! purge or redrive the dead letters, delete.
+//! [`ShareGroups`]: share group administration from outside the group: create ahead of its
+//! members, list, describe, purge or redrive the dead letters, delete.
 //!
 //! Every call but the listing goes to the group's share coordinator; a broker lists only
 //! the groups it coordinates, so [`ShareGroups::list`] asks every broker and merges.
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use conveyor_proto::v1::shares_client::SharesClient;
 use conveyor_proto::v1::{
-    DeleteGroupRequest, DescribeShareGroupRequest, ListShareGroupsRequest, PurgeDeadLettersRequest, RedriveRequest,
-    ShareGroupDescription, ShareGroupSummary,
+    CreateShareGroupRequest, CreateShareGroupResponse, DeleteGroupRequest, DescribeShareGroupRequest,
+    ListShareGroupsRequest, PurgeDeadLettersRequest, RedriveRequest, ShareGroupDescription, ShareGroupSummary,
 };
 
 use crate::Client;
@@ -84,6 +84,34 @@ impl ShareGroups {
             return Err(first.error.clone());
         }
         Ok(listing)
+    }
+
+    /// Creates `group` on `topic` with the group settings of `config` (ordering, lock
+    /// duration, delivery count, in-flight records, offset reset, dead-letter topic; the
+    /// member settings are not used) before any member joins: starting at "latest", it
+    /// then keeps the records produced from now on. A group that exists with the same
+    /// settings is left as it is (`created` false); with other settings the call is refused
+    /// with `InvalidArgument` naming both.
+    pub async fn create(
+        &self,
+        group: &str,
+        topic: &str,
+        config: &super::ShareConfig,
+    ) -> Result<CreateShareGroupResponse> {
+        config.validate()?;
+        if topic.is_empty() {
+            return Err(ClientError::InvalidArgument("a share group needs a topic".into()));
+        }
+        let request = CreateShareGroupRequest {
+            group: check(group)?,
+            topic: topic.to_string(),
+            settings: Some(config.settings()),
+        };
+        self.call(group, "CreateShareGroup", ADMIN_DEADLINE, |mut grpc| {
+            let request = request.clone();
+            async move { grpc.create_share_group(request).await }
+        })
+        .await
     }
 
     /// Settings, members and what each holds, per partition the records by state and the

@@ -194,8 +194,9 @@ pub fn take_in(
 }
 
 /// Sets a new partition's start (`earliest`: the log start, else the high watermark) and
-/// writes it.
-async fn begin(
+/// writes it; a start already set stays. Where the offset cannot be looked up yet, it
+/// returns after a pause with the start unset.
+pub(super) async fn begin(
     coordinator: &ShareCoordinator,
     shard: &Arc<Shard<SharesState>>,
     group: &str,

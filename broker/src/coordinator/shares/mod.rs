@@ -49,6 +49,8 @@ pub const MAX_ID_LEN: usize = 255;
 pub const MAX_GROUPS_PER_PARTITION: usize = 1_000;
 /// Most members of one share group.
 pub const MAX_MEMBERS: usize = 1_000;
+/// How long creating a group waits for its partitions' starts to be set.
+const START_WAIT: Duration = Duration::from_secs(10);
 /// How often locks are checked and led partitions loaded.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -185,11 +187,11 @@ pub fn resolve_settings(topic: &str, group: &str, asked: &ShareGroupSettings, no
     })
 }
 
-/// Refuses a join whose settings differ from the group's.
+/// Refuses a join or create whose settings differ from the group's.
 fn check_same(group: &str, have: &Settings, topic: &str, asked: &ShareGroupSettings) -> Result<()> {
     let differ = |what: &str, group_has: String, asked: String| {
         Err(BrokerError::InvalidRequest(format!(
-            "share group '{group}' has {what} {group_has}, the join asked for {asked}; leave the setting unset or use another group"
+            "share group '{group}' has {what} {group_has}, this request asked for {asked}; leave the setting unset or use another group"
         )))
     };
     if !topic.is_empty() && topic != have.topic {
@@ -312,6 +314,87 @@ impl ShareCoordinator {
         self.host.shard(index, group).await.map_err(|e| name_group(e, group))
     }
 
+    /// Creates `group` on `topic` with `asked` settings ahead of its members; true when it
+    /// did not exist. An existing group with other settings is refused, as a join would be.
+    pub async fn create(
+        self: &Arc<Self>,
+        group: &str,
+        topic: &str,
+        asked: &ShareGroupSettings,
+    ) -> Result<(bool, ShareGroupSettings)> {
+        if topic.is_empty() {
+            return Err(BrokerError::InvalidRequest(format!(
+                "creating share group '{group}' needs the topic it consumes"
+            )));
+        }
+        let shard = self.shard_for(group).await?;
+        let mut st = shard.lock().await;
+        let created = self.create_held(&shard, &mut st, group, topic, asked).await?;
+        let settings = settings_view(&group_mut(&mut st, group)?.settings);
+        drop(st);
+        self.start_tasks(&shard, group).await;
+        // Also for a group that exists: a retried create may find it made by the first try.
+        self.fix_starts(&shard, group).await?;
+        Ok((created, settings))
+    }
+
+    /// Waits until every partition's start is set and written, so that a group created at
+    /// "latest" keeps every record produced after it answered (otherwise those produced
+    /// before its fills looked the high watermarks up would be skipped).
+    async fn fix_starts(&self, shard: &Arc<Shard<SharesState>>, group: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            let unset = {
+                let st = shard.lock().await;
+                let Some(g) = st.groups.get(group) else { return Ok(()) };
+                let unset = g.windows.iter().find(|(_, w)| w.end.is_none()).map(|(p, _)| *p);
+                unset.map(|p| (p, g.settings.topic.clone(), g.settings.earliest))
+            };
+            let Some((partition, topic, earliest)) = unset else {
+                return Ok(());
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BrokerError::LeaderNotAvailable { topic, partition });
+            }
+            fill::begin(self, shard, group, &topic, partition, earliest).await?;
+        }
+    }
+
+    /// Creates `group` under the shard's lock when it does not exist; otherwise checks that
+    /// `topic` and `asked` agree with it. True when it created it.
+    async fn create_held(
+        &self,
+        shard: &Shard<SharesState>,
+        st: &mut SharesState,
+        group: &str,
+        topic: &str,
+        asked: &ShareGroupSettings,
+    ) -> Result<bool> {
+        if let Some(g) = st.groups.get(group) {
+            check_same(group, &g.settings, topic, asked)?;
+            return Ok(false);
+        }
+        if topic.is_empty() {
+            return Err(BrokerError::UnknownGroup(group.to_string()));
+        }
+        crate::error::check_topic_name_length(topic)?;
+        internal_topic::refuse_client_write(topic, "consume through share groups")?;
+        self.registry.get(topic)?;
+        if st.groups.len() >= MAX_GROUPS_PER_PARTITION {
+            return Err(BrokerError::InvalidRequest(format!(
+                "cannot create share group '{group}': its {SHARE_STATE} partition holds {MAX_GROUPS_PER_PARTITION} groups, the most it may; delete unused ones (conveyor queue delete)"
+            )));
+        }
+        let settings = resolve_settings(topic, group, asked, conveyor_storage::unix_millis())?;
+        let creation = SharesState::creation(group, &settings);
+        shard
+            .write(st, vec![creation])
+            .await
+            .map_err(|e| name_group(e, group))?;
+        tracing::info!(group, topic, "share group created");
+        Ok(true)
+    }
+
     /// Joins `member` to `group`, creating the group with `asked` settings on `topic` when
     /// it does not exist.
     pub async fn join(
@@ -324,29 +407,7 @@ impl ShareCoordinator {
         Self::check_id("member id", member)?;
         let shard = self.shard_for(group).await?;
         let mut st = shard.lock().await;
-        match st.groups.get(group) {
-            Some(g) => check_same(group, &g.settings, topic, asked)?,
-            None => {
-                if topic.is_empty() {
-                    return Err(BrokerError::UnknownGroup(group.to_string()));
-                }
-                crate::error::check_topic_name_length(topic)?;
-                internal_topic::refuse_client_write(topic, "consume through share groups")?;
-                self.registry.get(topic)?;
-                if st.groups.len() >= MAX_GROUPS_PER_PARTITION {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "cannot create share group '{group}': its {SHARE_STATE} partition holds {MAX_GROUPS_PER_PARTITION} groups, the most it may; delete unused ones (conveyor queue delete)"
-                    )));
-                }
-                let settings = resolve_settings(topic, group, asked, conveyor_storage::unix_millis())?;
-                let creation = SharesState::creation(group, &settings);
-                shard
-                    .write(&mut st, vec![creation])
-                    .await
-                    .map_err(|e| name_group(e, group))?;
-                tracing::info!(group, topic, "share group created");
-            }
-        }
+        self.create_held(&shard, &mut st, group, topic, asked).await?;
         let partitions = self.registry.get(topic_of(&st, group)?)?.partition_count() as u32;
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let g = group_mut(&mut st, group)?;
