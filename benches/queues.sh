@@ -9,6 +9,9 @@
 #   - conveyor: `bench queue`, 8 workers, 3 partitions, 100-byte records, no ordering, the
 #     group's default max_inflight_records (2,000 per partition);
 #   - conveyor-5k: the same with max_inflight_records 5,000;
+#   - conveyor-tuned: max_inflight_records 10,000 (the most a group may have), and workers
+#     fetching up to 2,000 records at a time with 4,000 buffered (--max-records,
+#     --prefetch);
 #   - conveyor-key: the same with ordering key over 10,000 keys;
 #   - redis: `bench redis-queue` (XREADGROUP COUNT 500 + XACK, pipelined, 8 connections)
 #     on redis-server without persistence;
@@ -33,7 +36,7 @@ run_conveyor() {
   wait_port 19292
   out=$(timeout 600 "$BIN/conveyor" --broker 127.0.0.1:19292 bench queue --workers 8 --partitions 3 \
     --records "$N" --record-size 100 "$@" 2>&1)
-  echo "$tag: $(grep "records/s" <<<"$out" || echo "no result: $out")"
+  echo "$tag: $(grep "^queue:" <<<"$out" || echo "no result: $out")"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null; rm -rf "$d"
 }
 
@@ -45,13 +48,14 @@ run_redis() {
   wait_port 16379
   out=$(timeout 600 "$BIN/conveyor" bench redis-queue --redis 127.0.0.1:16379 --workers 8 \
     --records "$N" --record-size 100 2>&1)
-  echo "$tag: $(grep "records/s" <<<"$out" || echo "no result: $out")"
+  echo "$tag: $(grep "^redis-queue:" <<<"$out" || echo "no result: $out")"
   redis-cli -p 16379 shutdown nosave >/dev/null 2>&1; rm -rf "$d"
 }
 
 for _ in $(seq 1 "$ROUNDS"); do
   run_conveyor conveyor
   run_conveyor conveyor-5k --max-inflight 5000
+  run_conveyor conveyor-tuned --max-inflight 10000 --max-records 2000 --prefetch 4000
   run_conveyor conveyor-key --ordering key --keys 10000
   run_redis redis --appendonly no
   run_redis redis-aof --appendonly yes --appendfsync always

@@ -21,7 +21,8 @@ pub enum QueueCommand {
     /// A group is otherwise created by its first member's join. Creating it first fixes
     /// its settings in one place and, starting at latest (the default), keeps every record
     /// produced from now on for the members that join later. Creating a group that exists
-    /// with the same settings changes nothing; with other settings it is refused.
+    /// changes nothing when no setting given differs from the group's; one that differs is
+    /// refused.
     ///
     /// Examples:
     ///   conveyor queue create orders --group workers
@@ -101,7 +102,7 @@ pub async fn run(client: &Client, cmd: QueueCommand, format: Format) -> anyhow::
                     if answer.created {
                         println!("created share group {group} on {topic}");
                     } else {
-                        println!("share group {group} exists already with these settings; nothing changed");
+                        println!("share group {group} exists already, with no setting in conflict; nothing changed");
                     }
                     println!("{}", settings_text(settings));
                 }

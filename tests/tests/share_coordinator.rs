@@ -193,6 +193,20 @@ fn a_group_created_ahead_of_its_members_keeps_what_is_produced_after_it_and_refu
     assert_eq!(answer["created"], true, "{answer}");
     assert_eq!(answer["settings"]["lock_duration_ms"], 5000, "{answer}");
     assert_eq!(answer["settings"]["auto_offset_reset"], "latest", "{answer}");
+    // Every partition starts where its log ended when the create answered.
+    let out = cli(&addr, &["queue", "describe", "workers", "--output", "json"], "");
+    assert!(out.status.success(), "{out:?}");
+    let described: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let partitions = described["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), 2, "{described}");
+    let ends: u64 = partitions
+        .iter()
+        .map(|p| p["log_end_offset"].as_u64().expect("end"))
+        .sum();
+    assert!(ends >= 2, "the records produced before are in the logs: {described}");
+    for p in partitions {
+        assert_eq!(p["start_offset"], p["log_end_offset"], "{described}");
+    }
     // Produced with no member yet: a group made by a later join at "latest" would skip them.
     let lines: String = (0..10).map(|i| format!("after-{i}\n")).collect();
     let out = cli(&addr, &["produce", "jobs"], &lines);
@@ -258,4 +272,6 @@ fn a_group_created_ahead_of_its_members_keeps_what_is_produced_after_it_and_refu
         String::from_utf8_lossy(&out.stderr).contains("max_inflight_records"),
         "{out:?}"
     );
+    let out = cli(&addr, &["queue", "describe", "fresh", "--output", "json"], "");
+    assert!(!out.status.success(), "a refused create made no group: {out:?}");
 }

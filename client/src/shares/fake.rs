@@ -255,6 +255,10 @@ impl Shares for SharesService {
         Err(tonic::Status::unimplemented("not faked"))
     }
 
+    async fn create_share_group(&self, _: tonic::Request<CreateShareGroupRequest>) -> Answer<CreateShareGroupResponse> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
     async fn redrive(&self, _: tonic::Request<RedriveRequest>) -> Answer<RedriveResponse> {
         Err(tonic::Status::unimplemented("not faked"))
     }

@@ -322,6 +322,7 @@ impl ShareCoordinator {
         topic: &str,
         asked: &ShareGroupSettings,
     ) -> Result<(bool, ShareGroupSettings)> {
+        Self::check_id("group id", group)?;
         if topic.is_empty() {
             return Err(BrokerError::InvalidRequest(format!(
                 "creating share group '{group}' needs the topic it consumes"
@@ -338,21 +339,27 @@ impl ShareCoordinator {
         Ok((created, settings))
     }
 
-    /// Waits until every partition's start is set and written, so that a group created at
-    /// "latest" keeps every record produced after it answered (otherwise those produced
+    /// Waits until every partition's start is set and committed, so that a group created
+    /// at "latest" keeps every record produced after it answered (otherwise those produced
     /// before its fills looked the high watermarks up would be skipped).
     async fn fix_starts(&self, shard: &Arc<Shard<SharesState>>, group: &str) -> Result<()> {
         let deadline = tokio::time::Instant::now() + START_WAIT;
+        let gone = || BrokerError::UnknownGroup(group.to_string());
         loop {
-            let unset = {
-                let st = shard.lock().await;
-                let Some(g) = st.groups.get(group) else { return Ok(()) };
-                let unset = g.windows.iter().find(|(_, w)| w.end.is_none()).map(|(p, _)| *p);
-                unset.map(|p| (p, g.settings.topic.clone(), g.settings.earliest))
+            let mut st = shard.lock().await;
+            let g = st.groups.get_mut(group).ok_or_else(gone)?;
+            let unset = g.windows.iter().find(|(_, w)| w.end.is_none()).map(|(p, _)| *p);
+            let Some(partition) = unset else {
+                // A start a fill set may not be committed yet: its write is before this one
+                // in the log, so this one's commit is that one's too.
+                let partitions: Vec<i32> = g.windows.keys().copied().collect();
+                let changes: Vec<_> = partitions.iter().filter_map(|p| g.record_of(group, *p, &[])).collect();
+                let committed = shard.append_ahead(&changes).await?;
+                drop(st);
+                return committed.wait().await;
             };
-            let Some((partition, topic, earliest)) = unset else {
-                return Ok(());
-            };
+            let (topic, earliest) = (g.settings.topic.clone(), g.settings.earliest);
+            drop(st);
             if tokio::time::Instant::now() >= deadline {
                 return Err(BrokerError::LeaderNotAvailable { topic, partition });
             }
