@@ -81,12 +81,14 @@ enum Command {
     /// delay) or rejected (written to the group's dead-letter topic). A record not
     /// acknowledged before its lock runs out goes to another member; one delivered too
     /// often is dead-lettered. Unlike a consumer group, any number of members may share a
-    /// partition. Members join with `conveyor queue consume TOPIC --group G` or the Rust
-    /// client's `Client::share_consumer`. Each group has a share coordinator broker; these
-    /// commands find it, and `queue list` asks every broker.
+    /// partition. A group is created by `queue create` or by its first member's join.
+    /// Members join with `conveyor queue consume TOPIC --group G` or the Rust client's
+    /// `Client::share_consumer`. Each group has a share coordinator broker; these commands
+    /// find it, and `queue list` asks every broker.
     ///
     /// Examples:
-    ///   conveyor queue consume orders --group workers --ordering key --max-records 10
+    ///   conveyor queue create orders --group workers --ordering key
+    ///   conveyor queue consume orders --group workers --max-records 10
     ///   conveyor queue describe workers
     ///   conveyor queue list --output json
     ///   conveyor queue redrive workers
