@@ -283,6 +283,14 @@ impl ShareCoordinator {
             .collect();
         let ends = end_offsets::lookup(self.registry(), &tps, Spec::Latest).await;
         let starts = end_offsets::lookup(self.registry(), &tps, Spec::Earliest).await;
+        let held: u64 = tps
+            .iter()
+            .map(|tp| {
+                let end = ends.get(tp).copied().unwrap_or(0);
+                end.saturating_sub(starts.get(tp).copied().unwrap_or(end))
+            })
+            .fold(0, u64::saturating_add);
+        check_redrive_size(dlq, held)?;
         let mut republished = 0u64;
         for tp in &tps {
             let (Some(&end), Some(&start)) = (ends.get(tp), starts.get(tp)) else {
@@ -342,11 +350,6 @@ impl ShareCoordinator {
                         .map_err(|e| BrokerError::Internal(format!("a redriven batch: {e}")))?;
                     dead_letters::append(self, &source, p, bytes).await?;
                 }
-                if republished > MAX_REDRIVE {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "the dead-letter topic holds more than {MAX_REDRIVE} records; redrive in parts"
-                    )));
-                }
             }
         }
         Ok(republished)
@@ -374,6 +377,18 @@ impl ShareCoordinator {
     }
 }
 
+/// Refuses, before anything is republished, a dead-letter topic holding more than one
+/// redrive republishes (a refusal part-way would leave the copies made, and a retry would
+/// make them again).
+fn check_redrive_size(dlq: &str, held: u64) -> Result<()> {
+    if held > MAX_REDRIVE {
+        return Err(BrokerError::InvalidRequest(format!(
+            "dead-letter topic '{dlq}' holds {held} records, more than the {MAX_REDRIVE} one redrive republishes; read it with conveyor consume and produce what should go back, then purge it (conveyor queue purge-dlq)"
+        )));
+    }
+    Ok(())
+}
+
 fn header_of(headers: &[conveyor_storage::batch::Header], key: &str) -> Option<String> {
     headers
         .iter()
@@ -381,4 +396,14 @@ fn header_of(headers: &[conveyor_storage::batch::Header], key: &str) -> Option<S
         .and_then(|h| h.value.as_deref())
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_redrive_past_its_bound_is_refused_before_it_copies_anything() {
+        assert!(super::check_redrive_size("jobs.w.dlq", super::MAX_REDRIVE).is_ok());
+        let e = super::check_redrive_size("jobs.w.dlq", super::MAX_REDRIVE + 1).expect_err("too many");
+        assert!(e.to_string().contains("purge-dlq"), "{e}");
+    }
 }
