@@ -12,7 +12,7 @@
 #   - conveyor-tuned: max_inflight_records 10,000 (the most a group may have), and workers
 #     fetching up to 2,000 records at a time with 4,000 buffered (--max-records,
 #     --prefetch);
-#   - conveyor-key: the same with ordering key over 10,000 keys;
+#   - conveyor-key: the defaults with ordering key over 10,000 keys;
 #   - redis: `bench redis-queue` (XREADGROUP COUNT 500 + XACK, pipelined, 8 connections)
 #     on redis-server without persistence;
 #   - redis-aof: the same with appendonly yes, appendfsync always (fsync per write, as the

@@ -126,7 +126,8 @@ impl Client {
         Groups::new(self.clone())
     }
 
-    /// Share group administration: list, describe, purge or redrive dead letters, delete.
+    /// Share group administration: create, list, describe, purge or redrive dead letters,
+    /// delete.
     pub fn share_groups(&self) -> ShareGroups {
         ShareGroups::new(self.clone())
     }

@@ -51,8 +51,8 @@ pub struct GroupSettingsArgs {
     /// New group: deliveries before a record is dead-lettered (1 to 100; default 5).
     #[arg(long, value_name = "N")]
     pub max_delivery_count: Option<u32>,
-    /// New group: most records per partition in flight, delivered and not yet acknowledged
-    /// (10 to 10,000; default 2,000).
+    /// New group: most records per partition read and not yet done: available, acquired
+    /// or being dead-lettered (10 to 10,000; default 2,000).
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<u32>,
     /// New group: where it starts in each partition (default latest: only new records).

@@ -89,8 +89,8 @@ impl ShareGroups {
     /// Creates `group` on `topic` with the group settings of `config` (ordering, lock
     /// duration, delivery count, in-flight records, offset reset, dead-letter topic; the
     /// member settings are not used) before any member joins: starting at "latest", it
-    /// then keeps the records produced from now on. A group that exists with the same
-    /// settings is left as it is (`created` false); with other settings the call is refused
+    /// then keeps the records produced from now on. A group that exists is left as it is
+    /// (`created` false) unless a setting given differs from the group's: that is refused
     /// with `InvalidArgument` naming both.
     pub async fn create(
         &self,

@@ -350,20 +350,33 @@ impl ShareCoordinator {
             let g = st.groups.get_mut(group).ok_or_else(gone)?;
             let unset = g.windows.iter().find(|(_, w)| w.end.is_none()).map(|(p, _)| *p);
             let Some(partition) = unset else {
-                // A start a fill set may not be committed yet: its write is before this one
-                // in the log, so this one's commit is that one's too.
+                let topic = self.registry.get(&g.settings.topic)?;
+                if g.windows.len() != topic.partition_count() as usize {
+                    return Err(BrokerError::LeaderNotAvailable {
+                        topic: g.settings.topic.clone(),
+                        partition: 0,
+                    });
+                }
+                // A start a fill set may not be committed yet, and its write may even be
+                // refused on its own: a snapshot of each window carries the start whole,
+                // whatever became of earlier writes.
                 let partitions: Vec<i32> = g.windows.keys().copied().collect();
+                for w in g.windows.values_mut() {
+                    w.started = false;
+                }
                 let changes: Vec<_> = partitions.iter().filter_map(|p| g.record_of(group, *p, &[])).collect();
-                let committed = shard.append_ahead(&changes).await?;
+                let committed = shard.append_ahead(&changes).await.map_err(|e| name_group(e, group))?;
                 drop(st);
-                return committed.wait().await;
+                return committed.wait().await.map_err(|e| name_group(e, group));
             };
             let (topic, earliest) = (g.settings.topic.clone(), g.settings.earliest);
             drop(st);
             if tokio::time::Instant::now() >= deadline {
                 return Err(BrokerError::LeaderNotAvailable { topic, partition });
             }
-            fill::begin(self, shard, group, &topic, partition, earliest).await?;
+            fill::begin(self, shard, group, &topic, partition, earliest)
+                .await
+                .map_err(|e| name_group(e, group))?;
         }
     }
 
