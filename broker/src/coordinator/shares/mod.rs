@@ -350,11 +350,11 @@ impl ShareCoordinator {
             let g = st.groups.get_mut(group).ok_or_else(gone)?;
             let unset = g.windows.iter().find(|(_, w)| w.end.is_none()).map(|(p, _)| *p);
             let Some(partition) = unset else {
-                let topic = self.registry.get(&g.settings.topic)?;
-                if g.windows.len() != topic.partition_count() as usize {
+                let count = self.registry.get(&g.settings.topic)?.partition_count() as i32;
+                if let Some(partition) = (0..count).find(|p| !g.windows.contains_key(p)) {
                     return Err(BrokerError::LeaderNotAvailable {
                         topic: g.settings.topic.clone(),
-                        partition: 0,
+                        partition,
                     });
                 }
                 // A start a fill set may not be committed yet, and its write may even be
