@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use conveyor_client::proto::*;
-use conveyor_tests::share_raw::{RawMember, ack_of, detail};
+use conveyor_tests::cluster::Cluster;
+use conveyor_tests::share_raw::{RawMember, ack_of, detail, find_share_coordinator};
 use conveyor_tests::{BrokerProcess, cli, runtime, stdout};
 
 fn earliest() -> ShareGroupSettings {
@@ -274,4 +275,96 @@ fn a_group_created_ahead_of_its_members_keeps_what_is_produced_after_it_and_refu
     );
     let out = cli(&addr, &["queue", "describe", "fresh", "--output", "json"], "");
     assert!(!out.status.success(), "a refused create made no group: {out:?}");
+}
+
+#[test]
+fn a_purge_whose_caller_gave_up_while_the_controller_hung_still_ends_and_dead_letters_go_on() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.create_topic("jobs", 1, 3, &[]);
+    let controller = cluster.wait_for_controller(None);
+    let addrs: Vec<String> = cluster
+        .ids()
+        .iter()
+        .map(|id| cluster.broker(*id).addr().to_string())
+        .collect();
+    let bootstrap = cluster.bootstrap();
+    let out = cli(&bootstrap, &["produce", "jobs"], "poison-1\npoison-2\n");
+    assert!(out.status.success(), "{out:?}");
+    runtime().block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        // A group whose coordinator is not the controller, so the controller can hang
+        // while the coordinator answers.
+        let controller_addr = cluster.broker(controller).addr().to_string();
+        let mut chosen = None;
+        for i in 0..64 {
+            let group = format!("workers-{i}");
+            let at = find_share_coordinator(&addrs, &group, deadline).await;
+            if at != controller_addr {
+                chosen = Some((group, at));
+                break;
+            }
+        }
+        let (group, at) = chosen.expect("some group is coordinated away from the controller");
+        let mut a = RawMember::join(&at, &group, "a", "jobs", earliest())
+            .await
+            .expect("join");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "only {got:?} delivered");
+            let (more, _) = a.fetch(2, Duration::from_millis(200), Vec::new()).await.expect("fetch");
+            got.extend(more);
+        }
+        got.sort_by_key(|r| r.offset);
+        let reject = |r| {
+            let mut ack = ack_of(r, ShareAckKind::Reject);
+            ack.reason = "poison".into();
+            ack
+        };
+        let results = a.ack(vec![reject(&got[0])]).await.expect("reject");
+        assert_eq!(results[0].error, 0, "{results:?}");
+        let describe = |client: &mut conveyor_client::proto::shares_client::SharesClient<_>| {
+            let request = DescribeShareGroupRequest { group: group.clone() };
+            let mut client = client.clone();
+            async move {
+                client
+                    .describe_share_group(request)
+                    .await
+                    .expect("describe")
+                    .into_inner()
+            }
+        };
+        while describe(&mut a.client).await.dead_letters_written < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first dead letter was never written"
+            );
+            tokio::time::sleep(conveyor_tests::POLL_INTERVAL).await;
+        }
+        // The purge pauses the group's dead letters, then asks the hung controller to
+        // delete their topic; its caller gives up first.
+        cluster.broker(controller).pause();
+        let mut purge = tonic::Request::new(PurgeDeadLettersRequest { group: group.clone() });
+        purge.set_timeout(Duration::from_secs(2));
+        let gave_up = a.client.clone().purge_dead_letters(purge).await;
+        cluster.broker(controller).resume();
+        assert!(
+            gave_up.is_err(),
+            "the purge answered while the controller hung: {gave_up:?}"
+        );
+        let results = a.ack(vec![reject(&got[1])]).await.expect("reject");
+        assert_eq!(results[0].error, 0, "{results:?}");
+        // Left paused, the second would never be written nor archived: the window would
+        // not move past it.
+        loop {
+            let d = describe(&mut a.client).await;
+            if d.partitions[0].start_offset == got[1].offset + 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second dead letter never went: {d:?}"
+            );
+            tokio::time::sleep(conveyor_tests::POLL_INTERVAL).await;
+        }
+    });
 }

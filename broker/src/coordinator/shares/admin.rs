@@ -204,8 +204,14 @@ impl ShareCoordinator {
         })
     }
 
-    /// Deletes `group`'s dead-letter topic; returns how many dead letters it held.
-    pub async fn purge_dead_letters(&self, group: &str) -> Result<u64> {
+    /// Deletes `group`'s dead-letter topic; returns how many dead letters it held. Runs to
+    /// its end even when its caller gives up (see [`to_the_end`]).
+    pub async fn purge_dead_letters(self: &Arc<Self>, group: &str) -> Result<u64> {
+        let (this, group) = (Arc::clone(self), group.to_string());
+        to_the_end(async move { this.purge_now(&group).await }).await
+    }
+
+    async fn purge_now(&self, group: &str) -> Result<u64> {
         let (shard, dlq) = self.pause_dead_letters(group).await?;
         let outcome = async {
             Self::still_paused(&shard, group)?;
@@ -252,8 +258,14 @@ impl ShareCoordinator {
 
     /// Publishes `group`'s dead letters back to the source topic, then deletes the
     /// dead-letter topic; returns how many were republished. Only letters whose
-    /// `conveyor-dlq-topic` header names the group's topic are republished.
-    pub async fn redrive(&self, group: &str) -> Result<u64> {
+    /// `conveyor-dlq-topic` header names the group's topic are republished. Runs to its end
+    /// even when its caller gives up (see [`to_the_end`]).
+    pub async fn redrive(self: &Arc<Self>, group: &str) -> Result<u64> {
+        let (this, group) = (Arc::clone(self), group.to_string());
+        to_the_end(async move { this.redrive_now(&group).await }).await
+    }
+
+    async fn redrive_now(&self, group: &str) -> Result<u64> {
         let (shard, dlq) = self.pause_dead_letters(group).await?;
         let outcome = async {
             let republished = self.redrive_paused(&shard, group, &dlq).await?;
@@ -375,6 +387,15 @@ impl ShareCoordinator {
             })?;
         Ok(())
     }
+}
+
+/// Runs `op` in a task of its own: a purge or redrive pauses the group's dead letters
+/// until it ends, so one dropped part-way (its caller gave up, and the request's future
+/// with it) would leave them paused until the coordinator reloads.
+async fn to_the_end<T: Send + 'static>(op: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("a dead-letter administration task failed: {e}")))?
 }
 
 /// Refuses, before anything is republished, a dead-letter topic holding more than one
